@@ -38,13 +38,16 @@ done
 
 if need kwok; then
   log "building kwok $KWOK_VERSION"
-  go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
+  GOFLAGS="$GOFLAGS" go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
 fi
 if [ ! -d "$dest/kwok-stages" ]; then
   # KWOK's default node and pod lifecycle stages ship in its module.
   moddir=$(cd "$here/etcd" && go mod download -json "sigs.k8s.io/kwok@$KWOK_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
   mkdir -p "$dest/kwok-stages.tmp"
-  cp "$moddir"/kustomize/stage/node/fast/*.yaml "$moddir"/kustomize/stage/pod/fast/*.yaml "$dest/kwok-stages.tmp/"
+  for f in node/fast/node-initialize node/heartbeat-with-lease/node-heartbeat-with-lease \
+           pod/fast/pod-ready pod/fast/pod-complete pod/fast/pod-delete; do
+    cp "$moddir/kustomize/stage/$f.yaml" "$dest/kwok-stages.tmp/"
+  done
   chmod -R u+w "$dest/kwok-stages.tmp" && mv "$dest/kwok-stages.tmp" "$dest/kwok-stages"
 fi
 if need helm; then

@@ -1,0 +1,52 @@
+# The two commands a newcomer needs are `make demo` and `make test`; each brings
+# up everything it depends on (virtualenv, control-plane binaries) by itself.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+CLUSTER_DIR := .cluster
+
+.DEFAULT_GOAL := help
+.PHONY: help setup tools test lint unit crds cluster-up cluster-down demo bench clean
+
+help: ## List the targets.
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+# The stamp is newer than pyproject.toml once installed, so a second run is a no-op.
+# PyTorch is the big download: pip keeps an installed torch that satisfies the pin.
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[operator,server,dev]'
+	@touch $@
+
+setup: $(VENV)/.installed ## Create .venv with the project and everything its tests need.
+
+tools: ## Build the pinned control plane, kwok, helm and kubeconform once (cached in ~/.cache).
+	@hack/build-tools.sh >/dev/null
+
+lint: setup ## Ruff over the whole repo.
+	$(VENV)/bin/ruff check .
+
+test: setup tools lint ## The whole suite: lint, unit, server and cluster tests.
+	$(PY) -m pytest
+
+unit: setup ## Only the tests that need neither the control plane nor a model.
+	$(PY) -m pytest tests/unit
+
+crds: setup ## Regenerate crds/ (and the chart's copy) from the API models.
+	$(PY) -m imagegen_operator.crd --write
+
+cluster-up: setup tools ## Start the local control plane; kubeconfig at .cluster/kubeconfig.
+	$(PY) hack/localcluster.py up --dir $(CLUSTER_DIR)
+
+cluster-down: ## Stop the local control plane; leaves no process behind.
+	@test ! -x $(PY) || $(PY) hack/localcluster.py down --dir $(CLUSTER_DIR)
+
+demo: setup tools ## The end-to-end demo on the local control plane (see README).
+	$(PY) hack/demo.py
+
+bench: setup tools ## Benchmarks; results in bench/results/.
+	$(PY) bench/run_all.py
+
+clean: cluster-down ## Remove the virtualenv and local cluster state (not the binary cache).
+	rm -rf $(VENV) $(CLUSTER_DIR)

@@ -1,0 +1,426 @@
+"""A local Kubernetes control plane for tests and the demo.
+
+Runs the real etcd, kube-apiserver, kube-controller-manager and kube-scheduler
+built by ``hack/build-tools.sh``, plus KWOK standing in for kubelets: nodes and
+pods are fake (nothing runs in them, their IPs are made up), everything else is
+the real thing. All listeners are on 127.0.0.1 with free ports.
+
+    python hack/localcluster.py up [--dir .cluster]
+    python hack/localcluster.py down [--dir .cluster]
+
+``up`` writes a token kubeconfig to ``DIR/kubeconfig``, links kubectl, helm and
+kubeconform into ``DIR/bin`` and leaves logs in ``DIR/logs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import datetime
+import ipaddress
+import json
+import os
+import secrets
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+HACK = Path(__file__).resolve().parent
+SERVICE_CIDR = "10.96.0.0/16"
+POD_CIDR = "10.244.0.0/16"
+ADMIN_USER = "imagegen-admin"
+
+
+def build_tools() -> Path:
+    """Build (first time only) the pinned binaries; return their cache directory."""
+    out = subprocess.run(
+        [str(HACK / "build-tools.sh")], check=True, stdout=subprocess.PIPE, text=True
+    )
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- certificates -------------------------------------------------------------
+
+
+def _write_pki(pki: Path) -> None:
+    """A CA, the API server's serving cert and the service-account signing key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.x509.oid import NameOID
+
+    pki.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    valid_until = now + datetime.timedelta(days=365)
+
+    def pem_key(key) -> bytes:
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "imagegen-local-ca")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(valid_until)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True,
+                content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    # 10.96.0.1 is the first address of the service range: the in-cluster
+    # `kubernetes` Service, which some clients check the certificate against.
+    sans = [
+        x509.DNSName("localhost"),
+        x509.DNSName("kubernetes.default.svc"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address("10.96.0.1")),
+    ]
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(valid_until)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (pki / "ca.crt").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    (pki / "ca.key").write_bytes(pem_key(ca_key))
+    (pki / "apiserver.crt").write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    (pki / "apiserver.key").write_bytes(pem_key(server_key))
+    (pki / "sa.key").write_bytes(pem_key(sa_key))
+    (pki / "sa.pub").write_bytes(
+        sa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    for key in ("ca.key", "apiserver.key", "sa.key"):
+        (pki / key).chmod(0o600)
+
+
+def write_kubeconfig(path: Path, server: str, ca_pem: bytes, user: str, token: str) -> None:
+    """A kubeconfig that authenticates with a bearer token (JSON is valid YAML)."""
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{
+            "name": "local",
+            "cluster": {
+                "server": server,
+                "certificate-authority-data": base64.b64encode(ca_pem).decode(),
+            },
+        }],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [{"name": "local", "context": {"cluster": "local", "user": user}}],
+        "current-context": "local",
+    }
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    path.chmod(0o600)
+
+
+# --- processes ----------------------------------------------------------------
+
+
+@dataclass
+class LocalCluster:
+    """A running control plane, described by the files in its directory."""
+
+    dir: Path
+    bin: Path
+    server: str
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.dir / "kubeconfig"
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the built kubectl against this cluster; text output."""
+        return subprocess.run(
+            [str(self.bin / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args],
+            input=input, capture_output=True, text=True, check=check, timeout=timeout,
+        )
+
+
+def _spawn(cluster_dir: Path, name: str, argv: list[str]) -> subprocess.Popen:
+    logs = cluster_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    log = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+    # Own session, so `down` can stop the process and anything it started.
+    proc = subprocess.Popen(
+        argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    with open(cluster_dir / "pids", "a") as f:
+        f.write(f"{proc.pid} {name}\n")
+    return proc
+
+
+def _wait_ready(url: str, ca: Path, token: str, timeout: float, proc: subprocess.Popen,
+                log: Path) -> None:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{log.stem} exited with {proc.returncode}; see {log}")
+        try:
+            req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(req, context=ctx, timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except Exception as exc:  # noqa: BLE001 - keep polling until the deadline
+            last = str(exc)
+        time.sleep(0.25)
+    raise TimeoutError(f"{url} not ready after {timeout}s ({last}); see {log}")
+
+
+def _wait_etcd(port: int, proc: subprocess.Popen, log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"etcd exited with {proc.returncode}; see {log}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if json.load(r).get("health") == "true":
+                    return
+        except Exception:  # noqa: BLE001
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"etcd not healthy after {timeout}s; see {log}")
+
+
+def up(cluster_dir: Path, tools: Path | None = None) -> LocalCluster:
+    """Start the control plane in ``cluster_dir``; return when /readyz answers."""
+    cluster_dir = cluster_dir.resolve()
+    if (cluster_dir / "pids").exists():
+        down(cluster_dir)
+    tools = tools or build_tools()
+    tool_bin = tools / "bin"
+    cluster_dir.mkdir(parents=True, exist_ok=True)
+    pki = cluster_dir / "pki"
+    _write_pki(pki)
+
+    token = secrets.token_hex(24)
+    (cluster_dir / "tokens.csv").write_text(f"{token},{ADMIN_USER},{ADMIN_USER},system:masters\n")
+    (cluster_dir / "tokens.csv").chmod(0o600)
+
+    etcd_port, etcd_peer, api_port = free_port(), free_port(), free_port()
+    server = f"https://127.0.0.1:{api_port}"
+    try:
+        etcd = _spawn(cluster_dir, "etcd", [
+            str(tool_bin / "etcd"),
+            "--data-dir", str(cluster_dir / "etcd"),
+            "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
+            "--advertise-client-urls", f"http://127.0.0.1:{etcd_port}",
+            "--listen-peer-urls", f"http://127.0.0.1:{etcd_peer}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{etcd_peer}",
+            "--initial-cluster", f"default=http://127.0.0.1:{etcd_peer}",
+            # A throwaway test store: durability is not worth the fsync latency.
+            "--unsafe-no-fsync",
+            "--log-level", "warn",
+        ])
+        _wait_etcd(etcd_port, etcd, cluster_dir / "logs" / "etcd.log")
+
+        apiserver = _spawn(cluster_dir, "kube-apiserver", [
+            str(tool_bin / "kube-apiserver"),
+            f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={api_port}",
+            f"--tls-cert-file={pki / 'apiserver.crt'}",
+            f"--tls-private-key-file={pki / 'apiserver.key'}",
+            f"--client-ca-file={pki / 'ca.crt'}",
+            f"--token-auth-file={cluster_dir / 'tokens.csv'}",
+            f"--service-account-key-file={pki / 'sa.pub'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--authorization-mode=RBAC",
+            "--allow-privileged=true",
+            "--profiling=false",
+            "--v=1",
+        ])
+        write_kubeconfig(cluster_dir / "kubeconfig", server, (pki / "ca.crt").read_bytes(),
+                         ADMIN_USER, token)
+        _wait_ready(f"{server}/readyz", pki / "ca.crt", token, 90, apiserver,
+                    cluster_dir / "logs" / "kube-apiserver.log")
+
+        kubeconfig = str(cluster_dir / "kubeconfig")
+        _spawn(cluster_dir, "kube-controller-manager", [
+            str(tool_bin / "kube-controller-manager"),
+            f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={free_port()}",
+            f"--service-account-private-key-file={pki / 'sa.key'}",
+            f"--root-ca-file={pki / 'ca.crt'}",
+            f"--cluster-signing-cert-file={pki / 'ca.crt'}",
+            f"--cluster-signing-key-file={pki / 'ca.key'}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            f"--cluster-cidr={POD_CIDR}",
+            "--leader-elect=false",
+            "--use-service-account-credentials=true",
+            "--v=1",
+        ])
+        _spawn(cluster_dir, "kube-scheduler", [
+            str(tool_bin / "kube-scheduler"),
+            f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={free_port()}",
+            "--leader-elect=false",
+            "--v=1",
+        ])
+        stages = sorted((tools / "kwok-stages").glob("*.yaml"))
+        _spawn(cluster_dir, "kwok", [
+            str(tool_bin / "kwok"),
+            f"--kubeconfig={kubeconfig}",
+            *[f"--config={s}" for s in stages],
+            # Only nodes created as fake are KWOK's; anything else is left alone.
+            "--manage-all-nodes=false",
+            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+            f"--cidr={POD_CIDR.replace('0.0/16', '0.1/16')}",
+            "--node-ip=10.240.0.1",
+            "--node-lease-duration-seconds=40",
+            f"--server-address=127.0.0.1:{free_port()}",
+        ])
+    except BaseException:
+        down(cluster_dir)
+        raise
+
+    link_dir = cluster_dir / "bin"
+    link_dir.mkdir(exist_ok=True)
+    for tool in ("kubectl", "helm", "kubeconform", "kwok"):
+        link = link_dir / tool
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(tool_bin / tool)
+    cluster = LocalCluster(dir=cluster_dir, bin=link_dir, server=server)
+    _wait_for_default_service_account(cluster)
+    return cluster
+
+
+def _wait_for_default_service_account(cluster: LocalCluster, timeout: float = 60) -> None:
+    """Pods are refused until the controller-manager has made `default`'s account."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = cluster.kubectl("get", "serviceaccount", "default", "-n", "default", check=False)
+        if r.returncode == 0:
+            return
+        time.sleep(0.5)
+    raise TimeoutError("the default service account never appeared; is the controller-manager up?")
+
+
+def attach(cluster_dir: Path) -> LocalCluster:
+    """Describe an already running cluster from its directory."""
+    cluster_dir = cluster_dir.resolve()
+    config = json.loads((cluster_dir / "kubeconfig").read_text())
+    return LocalCluster(
+        dir=cluster_dir, bin=cluster_dir / "bin",
+        server=config["clusters"][0]["cluster"]["server"],
+    )
+
+
+def down(cluster_dir: Path, grace: float = 5) -> None:
+    """Stop every process started by ``up`` (whole process groups) and wait for them."""
+    cluster_dir = cluster_dir.resolve()
+    pid_file = cluster_dir / "pids"
+    if not pid_file.exists():
+        return
+    pids = [int(line.split()[0]) for line in pid_file.read_text().splitlines() if line.strip()]
+    # Reverse order: clients first, etcd last, so nothing logs a storm of errors.
+    for pid in reversed(pids):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for pid in pids:
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+    pid_file.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        # Reap it if it is our child, so a zombie does not count as alive.
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return False
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["up", "down", "build"])
+    parser.add_argument("--dir", type=Path, default=Path(".cluster"))
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        print(build_tools())
+    elif args.command == "up":
+        t0 = time.monotonic()
+        cluster = up(args.dir)
+        print(f"control plane ready at {cluster.server} in {time.monotonic() - t0:.1f}s")
+        print(f"  export KUBECONFIG={cluster.kubeconfig}")
+        print(f"  export PATH={cluster.bin}:$PATH")
+    else:
+        down(args.dir)
+        print(f"stopped the control plane in {args.dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The real scheduler places serving pods on the right shared-GPU nodes.
+
+Two fake L4 nodes share their GPU differently (time-sharing and MPS, two
+clients each). Pods that select GKE's time-sharing labels must land on the
+time-sharing node only, and once its two slots are taken the next replica
+must stay Pending for want of nvidia.com/gpu.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from imagegen_operator import gke
+from support.gpu_nodes import fake_gpu_node
+from support.kube import apply, eventually, get_json
+
+pytestmark = pytest.mark.cluster
+
+NS = "sched"
+
+
+def serving_deployment(replicas: int) -> dict:
+    selector = {
+        gke.LABEL_ACCELERATOR: "nvidia-l4",
+        gke.LABEL_SHARING_STRATEGY: gke.SHARING_LABEL_TIME_SHARING,
+        gke.LABEL_MAX_SHARED_CLIENTS: "2",
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "server", "namespace": NS},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": "server"}},
+            "template": {
+                "metadata": {"labels": {"app": "server"}},
+                "spec": {
+                    "nodeSelector": selector,
+                    "tolerations": [{
+                        "key": gke.GPU_TAINT_KEY, "operator": "Exists",
+                        "effect": gke.GPU_TAINT_EFFECT,
+                    }],
+                    "containers": [{
+                        "name": "server",
+                        "image": "registry.invalid/imagegen-server:test",
+                        "resources": {"limits": {gke.GPU_RESOURCE: "1"}},
+                    }],
+                },
+            },
+        },
+    }
+
+
+def pods(cluster) -> list[dict]:
+    return get_json(cluster, "pods", "-n", NS, "-l", "app=server")["items"]
+
+
+def test_time_shared_pods_land_on_matching_node_and_overflow_stays_pending(cluster):
+    apply(
+        cluster,
+        fake_gpu_node("l4-ts", "nvidia-l4", strategy="TimeSharing", clients=2),
+        fake_gpu_node("l4-mps", "nvidia-l4", strategy="MPS", clients=2),
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}},
+    )
+    node = eventually(
+        lambda: get_json(cluster, "node", "l4-ts")["status"].get("allocatable"),
+        what="l4-ts registered",
+    )
+    assert node[gke.GPU_RESOURCE] == "2"
+    eventually(
+        lambda: all(
+            any(c["type"] == "Ready" and c["status"] == "True"
+                for c in get_json(cluster, "node", n)["status"].get("conditions", []))
+            for n in ("l4-ts", "l4-mps")
+        ),
+        what="KWOK marks the fake nodes Ready",
+    )
+
+    apply(cluster, serving_deployment(2))
+
+    def running():
+        items = pods(cluster)
+        ok = [p for p in items if p["status"].get("phase") == "Running"]
+        return ok if len(ok) == 2 else None
+
+    placed = eventually(running, timeout=90, what="two pods Running")
+    assert {p["spec"]["nodeName"] for p in placed} == {"l4-ts"}
+
+    apply(cluster, serving_deployment(3))
+
+    def pending_with_reason():
+        for p in pods(cluster):
+            for cond in p["status"].get("conditions", []):
+                if cond["type"] == "PodScheduled" and cond.get("reason") == "Unschedulable":
+                    return p, cond
+        return None
+
+    pod, cond = eventually(pending_with_reason, timeout=90, what="third pod unschedulable")
+    assert pod["status"]["phase"] == "Pending"
+    assert "nodeName" not in pod["spec"]
+    # The scheduler names both reasons: the time-sharing node is full and the
+    # MPS node does not match the pod's node selector.
+    assert "Insufficient nvidia.com/gpu" in cond["message"], cond["message"]
+    assert "didn't match Pod's node affinity/selector" in cond["message"], cond["message"]
+    assert len([p for p in pods(cluster) if p["status"].get("phase") == "Running"]) == 2

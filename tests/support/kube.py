@@ -1,0 +1,35 @@
+"""Small helpers for tests that drive the local control plane with kubectl."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import yaml
+
+
+def apply(cluster, *objects: dict[str, Any], namespace: str | None = None) -> None:
+    """Server-side apply a list of objects with the built kubectl."""
+    args = ["apply", "--server-side", "--field-manager=tests", "-f", "-"]
+    if namespace:
+        args += ["-n", namespace]
+    cluster.kubectl(*args, input=yaml.safe_dump_all(objects))
+
+
+def get_json(cluster, *args: str) -> dict[str, Any]:
+    return json.loads(cluster.kubectl("get", *args, "-o", "json").stdout)
+
+
+def eventually(check: Callable[[], Any], timeout: float = 60, interval: float = 0.5,
+               what: str = "condition") -> Any:
+    """Poll until ``check`` returns something truthy; fail with its last value."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"{what} not met after {timeout}s; last: {last!r}")
