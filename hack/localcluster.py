@@ -22,6 +22,7 @@ import ipaddress
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import ssl
@@ -36,6 +37,19 @@ HACK = Path(__file__).resolve().parent
 SERVICE_CIDR = "10.96.0.0/16"
 POD_CIDR = "10.244.0.0/16"
 ADMIN_USER = "imagegen-admin"
+# A second identity, so tests can tell the operator's API calls from their own
+# in the audit log (both are cluster admins; RBAC is tested with real accounts).
+OPERATOR_USER = "imagegen-operator-dev"
+
+# Every write, by anyone, at Metadata level: enough to count an actor's writes.
+AUDIT_POLICY = """apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  verbs: [create, update, patch, delete, deletecollection]
+- level: None
+"""
 
 
 def build_tools() -> Path:
@@ -169,6 +183,15 @@ class LocalCluster:
     def kubeconfig(self) -> Path:
         return self.dir / "kubeconfig"
 
+    @property
+    def operator_kubeconfig(self) -> Path:
+        """Credentials for an operator run by hand or by tests (user OPERATOR_USER)."""
+        return self.dir / "operator.kubeconfig"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.dir / "logs" / "audit.log"
+
     def env(self) -> dict[str, str]:
         return {
             **os.environ,
@@ -242,11 +265,19 @@ def up(cluster_dir: Path, tools: Path | None = None) -> LocalCluster:
     tools = tools or build_tools()
     tool_bin = tools / "bin"
     cluster_dir.mkdir(parents=True, exist_ok=True)
+    # Every `up` is a new cluster: no objects left from the last one.
+    shutil.rmtree(cluster_dir / "etcd", ignore_errors=True)
+    shutil.rmtree(cluster_dir / "logs", ignore_errors=True)
     pki = cluster_dir / "pki"
     _write_pki(pki)
 
-    token = secrets.token_hex(24)
-    (cluster_dir / "tokens.csv").write_text(f"{token},{ADMIN_USER},{ADMIN_USER},system:masters\n")
+    token, operator_token = secrets.token_hex(24), secrets.token_hex(24)
+    (cluster_dir / "tokens.csv").write_text(
+        f"{token},{ADMIN_USER},{ADMIN_USER},system:masters\n"
+        f"{operator_token},{OPERATOR_USER},{OPERATOR_USER},system:masters\n"
+    )
+    (cluster_dir / "audit-policy.yaml").write_text(AUDIT_POLICY)
+    (cluster_dir / "logs").mkdir(exist_ok=True)
     (cluster_dir / "tokens.csv").chmod(0o600)
 
     etcd_port, etcd_peer, api_port = free_port(), free_port(), free_port()
@@ -283,10 +314,15 @@ def up(cluster_dir: Path, tools: Path | None = None) -> LocalCluster:
             "--authorization-mode=RBAC",
             "--allow-privileged=true",
             "--profiling=false",
+            f"--audit-policy-file={cluster_dir / 'audit-policy.yaml'}",
+            f"--audit-log-path={cluster_dir / 'logs' / 'audit.log'}",
+            "--audit-log-format=json",
             "--v=1",
         ])
-        write_kubeconfig(cluster_dir / "kubeconfig", server, (pki / "ca.crt").read_bytes(),
-                         ADMIN_USER, token)
+        ca_pem = (pki / "ca.crt").read_bytes()
+        write_kubeconfig(cluster_dir / "kubeconfig", server, ca_pem, ADMIN_USER, token)
+        write_kubeconfig(cluster_dir / "operator.kubeconfig", server, ca_pem,
+                         OPERATOR_USER, operator_token)
         _wait_ready(f"{server}/readyz", pki / "ca.crt", token, 90, apiserver,
                     cluster_dir / "logs" / "kube-apiserver.log")
 

@@ -28,3 +28,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         yield running
     finally:
         localcluster.down(cluster_dir)
+
+
+@pytest.fixture(scope="session")
+def crd(cluster):
+    """The ImageGenService CRD from crds/, installed and established."""
+    root = Path(__file__).resolve().parents[2]
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(root / "crds"))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                    "crd/imagegenservices.imagegen.dev")
+    return "imagegenservices.imagegen.dev"

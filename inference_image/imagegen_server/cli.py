@@ -1,0 +1,119 @@
+"""``imagegen-server``: serve a model, or write a tiny one.
+
+    imagegen-server --model DIR [--host H] [--port P] [...]      (or: imagegen-server serve ...)
+    imagegen-server make-tiny-model DIR [--family sd15|sdxl|flux] [--size tiny|small] [--seed N]
+
+Every serve flag has an ``IMAGEGEN_*`` environment variable (see config.py); flags win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from .config import Attention, DType, Family, ServerSettings, StageMode
+
+# flag -> settings field, for the flags whose names differ only by dashes
+SERVE_FLAGS: dict[str, dict] = {
+    "model": {"help": "model directory or URI (file://, pvc://, gs://, hf://)"},
+    "host": {},
+    "port": {"type": int},
+    "family": {"choices": [f.value for f in Family]},
+    "dtype": {"choices": [d.value for d in DType]},
+    "device": {"help": "auto, cpu, cuda or cuda:N"},
+    "stage_mode": {"choices": [m.value for m in StageMode]},
+    "max_batch_size": {"type": int},
+    "batch_window_ms": {"type": float},
+    "queue_capacity": {"type": int},
+    "attention": {"choices": [a.value for a in Attention]},
+    "compile_mode": {},
+    "compile_cache_dir": {},
+    "default_steps": {"type": int},
+    "default_width": {"type": int},
+    "default_height": {"type": int},
+    "request_timeout_s": {"type": float},
+    "auth_token_file": {},
+    "torch_threads": {"type": int},
+    "log_level": {},
+}
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imagegen-server", description="Serve a diffusers model over the OpenAI Images API."
+    )
+    for field, options in SERVE_FLAGS.items():
+        parser.add_argument("--" + field.replace("_", "-"), dest=field, default=None, **options)
+    parser.add_argument(
+        "--compile", dest="compile_enabled", action=argparse.BooleanOptionalAction, default=None
+    )
+    parser.add_argument(
+        "--warmup", dest="warmup", action=argparse.BooleanOptionalAction, default=None
+    )
+    return parser
+
+
+def tiny_parser() -> argparse.ArgumentParser:
+    from .tiny import FAMILIES, SIZES
+
+    parser = argparse.ArgumentParser(
+        prog="imagegen-server make-tiny-model",
+        description="Write a tiny random-weight pipeline that diffusers' from_pretrained loads.",
+    )
+    parser.add_argument("directory")
+    parser.add_argument("--family", choices=FAMILIES, default="sd15")
+    parser.add_argument(
+        "--size", choices=SIZES, default="tiny", help="small: ~1M-parameter denoiser at 128x128"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    return ServerSettings(**given)
+
+
+def serve(argv: Sequence[str]) -> int:
+    settings = settings_from_args(serve_parser().parse_args(argv))
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    import uvicorn
+
+    from .api import create_app
+
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        # uvicorn stops accepting on SIGTERM and waits this long for requests in flight.
+        timeout_graceful_shutdown=int(settings.drain_timeout_s),
+    )
+    return 0
+
+
+def make_tiny(argv: Sequence[str]) -> int:
+    from .tiny import make_tiny_model
+
+    args = tiny_parser().parse_args(argv)
+    path = make_tiny_model(args.directory, args.family, seed=args.seed, size=args.size)
+    print(path)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "make-tiny-model":
+        return make_tiny(argv[1:])
+    if argv and argv[0] == "serve":
+        argv = argv[1:]
+    return serve(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

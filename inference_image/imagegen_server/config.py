@@ -1,0 +1,166 @@
+"""Server settings: one pydantic-settings model, read from ``IMAGEGEN_*`` environment variables.
+
+This module imports neither torch nor diffusers on purpose: the operator imports it to render
+the Deployment's environment, so a renamed setting breaks an operator test instead of a pod.
+"""
+
+from __future__ import annotations
+
+from enum import Enum, StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "IMAGEGEN_"
+
+
+class Family(StrEnum):
+    """Model families, spelled as in the ImageGenService API."""
+
+    AUTO = "Auto"
+    SD15 = "SD15"
+    SDXL = "SDXL"
+    SD3 = "SD3"
+    FLUX = "Flux"
+
+
+class DType(StrEnum):
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+
+
+class Attention(StrEnum):
+    """Scaled-dot-product-attention backends (``torch.nn.attention.SDPBackend``)."""
+
+    FLASH = "Flash"
+    EFFICIENT = "Efficient"
+    MATH = "Math"
+    AUTO = "Auto"
+
+
+class StageMode(StrEnum):
+    """Pipelined: one thread per stage with queues between; Stacked: one worker runs all stages."""
+
+    PIPELINED = "Pipelined"
+    STACKED = "Stacked"
+
+
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+
+class ServerSettings(BaseSettings):
+    """Every knob of the inference server. Each field ``x`` is read from ``IMAGEGEN_X``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, case_sensitive=False, extra="ignore", use_enum_values=False
+    )
+
+    # What to serve.
+    model: str = Field(
+        default="",
+        description="Model directory or URI: file://, pvc://, gs://, hf://org/name[@rev].",
+    )
+    model_name: str | None = Field(
+        default=None,
+        description="Id reported by /v1/models; defaults to the model's last path part.",
+    )
+    family: Family = Field(default=Family.AUTO, description="Auto reads model_index.json.")
+    dtype: DType = DType.BFLOAT16
+    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
+    pvc_root: Path = Field(
+        default=Path("/mnt/models"),
+        description="Where pvc://CLAIM/sub/path is mounted: PVC_ROOT/CLAIM/sub/path.",
+    )
+    gcs_root: Path = Field(
+        default=Path("/mnt/gcs"),
+        description="Where gs://BUCKET/path is mounted (GCS FUSE CSI driver): GCS_ROOT/BUCKET/path.",
+    )
+    hf_cache_dir: Path | None = Field(default=None, description="Cache for hf:// downloads.")
+
+    # HTTP.
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=1, le=65535)
+    auth_token_file: Path | None = Field(
+        default=None, description="File holding the bearer token required on /v1/* routes."
+    )
+    auth_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token given directly; auth_token_file wins when both are set.",
+    )
+    request_timeout_s: float = Field(default=300.0, gt=0)
+    drain_timeout_s: float = Field(
+        default=120.0, gt=0, description="How long SIGTERM waits for accepted requests to finish."
+    )
+    max_prompt_chars: int = Field(default=2000, ge=1)
+    max_images_per_request: int = Field(default=4, ge=1, le=64)
+
+    # Speed levers.
+    compile_enabled: bool = False
+    compile_mode: CompileMode = "max-autotune-no-cudagraphs"
+    compile_regional: bool = Field(
+        default=True,
+        description="Compile only the repeated blocks (diffusers compile_repeated_blocks).",
+    )
+    compile_cache_dir: Path | None = Field(
+        default=None,
+        description="Inductor cache (TORCHINDUCTOR_CACHE_DIR); a volume makes warm starts fast.",
+    )
+    channels_last: bool = True
+    attention: Attention = Attention.AUTO
+    warmup: bool = Field(default=True, description="Run one generation before /readyz turns ready.")
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="torch.set_num_threads on CPU."
+    )
+
+    # The stage pipeline.
+    stage_mode: StageMode = StageMode.PIPELINED
+    max_batch_size: int = Field(default=4, ge=1, le=64)
+    batch_window_ms: float = Field(default=5.0, ge=0)
+    queue_capacity: int = Field(default=64, ge=1)
+
+    # Request defaults; width/height None means the model's native size.
+    default_steps: int = Field(default=30, ge=1, le=200)
+    default_guidance_scale: float = Field(default=7.0, ge=0)
+    default_width: int | None = Field(default=None, ge=64, le=4096, multiple_of=8)
+    default_height: int | None = Field(default=None, ge=64, le=4096, multiple_of=8)
+
+    log_level: str = "info"
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
+            raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        return value
+
+    def to_env(self, *, only_set: bool = True) -> dict[str, str]:
+        """The environment that reproduces these settings (what a Deployment would carry).
+
+        Secrets are left out: the token travels as a mounted file, never as a plain env value.
+        """
+        fields = self.model_fields_set if only_set else set(type(self).model_fields)
+        env: dict[str, str] = {}
+        for name in sorted(fields):
+            value = getattr(self, name)
+            if value is None or isinstance(value, SecretStr):
+                continue
+            env[env_var_name(name)] = _env_value(value)
+        return env
+
+
+def _env_value(value: Any) -> str:
+    if isinstance(value, Enum):
+        return str(value.value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def env_var_name(field: str) -> str:
+    """The environment variable a settings field is read from, e.g. ``IMAGEGEN_MAX_BATCH_SIZE``."""
+    if field not in ServerSettings.model_fields:
+        raise KeyError(f"ServerSettings has no field {field!r}")
+    return ENV_PREFIX + field.upper()

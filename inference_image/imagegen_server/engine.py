@@ -1,0 +1,205 @@
+"""Engines: the same stage steps run Pipelined (a thread per stage) or Stacked (one worker).
+
+The engine owns admission control: at most ``queue_capacity`` requests are in flight, and a
+request beyond that is refused at once with ``QueueFullError`` (HTTP 429) instead of waiting in
+an unbounded queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from typing import Any
+
+from .config import ServerSettings, StageMode
+from .families import FamilySteps
+from .metrics import ServerMetrics
+from .request import GenerationParams, Job
+from .stages import Stage
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    def __init__(self, retry_after_s: int):
+        super().__init__(f"server busy, retry in {retry_after_s}s")
+        self.retry_after_s = retry_after_s
+
+
+class EngineClosedError(RuntimeError):
+    """The engine is draining or stopped and takes no new work."""
+
+
+class InvalidRequest(ValueError):
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def check_request(params: GenerationParams, steps: FamilySteps, settings: ServerSettings) -> None:
+    """The checks that depend on the model or the server's limits, before any device work."""
+    multiple = steps.size_multiple
+    for name, value in (("width", params.width), ("height", params.height)):
+        if value % multiple or not 64 <= value <= 4096:
+            raise InvalidRequest(
+                "size", f"{name} {value} must be a multiple of {multiple} in 64..4096"
+            )
+    if not 1 <= params.n <= settings.max_images_per_request:
+        raise InvalidRequest("n", f"n must be in 1..{settings.max_images_per_request}")
+    if not 1 <= params.steps <= 200:
+        raise InvalidRequest("steps", "steps must be in 1..200")
+    if len(params.prompt) > settings.max_prompt_chars:
+        raise InvalidRequest(
+            "prompt", f"prompt is longer than {settings.max_prompt_chars} characters"
+        )
+    if (
+        params.negative_prompt is not None
+        and len(params.negative_prompt) > settings.max_prompt_chars
+    ):
+        raise InvalidRequest(
+            "negative_prompt",
+            f"negative_prompt is longer than {settings.max_prompt_chars} characters",
+        )
+
+
+class Engine:
+    """Admission, hand-off to the first stage, and drain; subclasses choose the stages."""
+
+    mode: StageMode
+
+    def __init__(self, steps: FamilySteps, settings: ServerSettings, metrics: ServerMetrics):
+        self.steps = steps
+        self.settings = settings
+        self.metrics = metrics
+        self._lock = threading.Condition()
+        self._in_flight = 0
+        self._closed = False
+        self._recent_seconds = 1.0  # running estimate of one request's latency, for Retry-After
+        self.stages = self._build_stages()
+
+    def _build_stages(self) -> list[Stage]:
+        raise NotImplementedError
+
+    def _stage(self, name, step, key, on_output) -> Stage:
+        s = self.settings
+        return Stage(
+            name,
+            step,
+            key,
+            max_batch_size=s.max_batch_size,
+            batch_window_s=s.batch_window_ms / 1000.0,
+            capacity=s.queue_capacity,
+            metrics=self.metrics,
+            device=self.steps.device,
+            on_output=on_output,
+        )
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> Engine:
+        for stage in self.stages:
+            stage.start()
+        return self
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Refuse new work, let accepted work finish (up to ``timeout``), stop the threads.
+
+        Returns whether everything accepted was finished.
+        """
+        with self._lock:
+            self._closed = True
+            drained = self._lock.wait_for(lambda: self._in_flight == 0, timeout)
+        for stage in self.stages:
+            stage.stop(timeout=5)
+        return drained
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def accepting(self) -> bool:
+        return not self._closed
+
+    # --- requests -----------------------------------------------------------------------------
+    def submit(self, params: GenerationParams, timeout_s: float | None = None) -> Job:
+        """Accept a request or refuse it now; the job's future resolves to a list of images."""
+        check_request(params, self.steps, self.settings)
+        with self._lock:
+            if self._closed:
+                raise EngineClosedError("server is shutting down")
+            if self._in_flight >= self.settings.queue_capacity:
+                raise QueueFullError(self.retry_after_s())
+            self._in_flight += 1
+            self.metrics.in_flight.set(self._in_flight)
+        deadline = time.monotonic() + timeout_s if timeout_s else None
+        job = Job(params, deadline=deadline)
+        job.future.add_done_callback(lambda _f, job=job: self._finished(job))
+        self.stages[0].put(job)
+        return job
+
+    def generate(self, params: GenerationParams, timeout_s: float | None = None) -> list:
+        """Submit and wait: the blocking form for warm-up, benchmarks and tests."""
+        return self.submit(params, timeout_s).future.result(timeout_s)
+
+    def retry_after_s(self) -> int:
+        batches_ahead = self._in_flight / max(1, self.settings.max_batch_size)
+        return max(1, math.ceil(batches_ahead * self._recent_seconds))
+
+    def _finished(self, job: Job) -> None:
+        seconds = time.monotonic() - job.submitted_at
+        with self._lock:
+            self._in_flight -= 1
+            self.metrics.in_flight.set(self._in_flight)
+            if not job.future.cancelled() and job.future.exception() is None:
+                self._recent_seconds = 0.8 * self._recent_seconds + 0.2 * seconds
+            self._lock.notify_all()
+
+    def _complete(self, job: Job, images: Any) -> None:
+        self.metrics.images.inc(len(images))
+        job.finish(images)
+
+
+class PipelinedEngine(Engine):
+    """encode -> denoise -> decode, each on its own thread, so requests overlap on the device."""
+
+    mode = StageMode.PIPELINED
+
+    def _build_stages(self) -> list[Stage]:
+        steps = self.steps
+        decode = self._stage("decode", steps.decode, steps.decode_key, self._complete)
+        denoise = self._stage(
+            "denoise", steps.denoise, steps.denoise_key, lambda job, _: decode.put(job)
+        )
+        encode = self._stage(
+            "encode", steps.encode, steps.encode_key, lambda job, _: denoise.put(job)
+        )
+        return [encode, denoise, decode]
+
+
+class StackedEngine(Engine):
+    """One worker runs a batch through all three steps before taking the next: the baseline."""
+
+    mode = StageMode.STACKED
+
+    def _build_stages(self) -> list[Stage]:
+        return [self._stage("stacked", self._all_steps, self.steps.denoise_key, self._complete)]
+
+    def _all_steps(self, jobs: list[Job]) -> list:
+        timings = self.metrics.stage_seconds
+        started = time.perf_counter()
+        self.steps.encode(jobs)
+        encoded = time.perf_counter()
+        self.steps.denoise(jobs)
+        denoised = time.perf_counter()
+        images = self.steps.decode(jobs)
+        timings.labels(stage="encode").observe(encoded - started)
+        timings.labels(stage="denoise").observe(denoised - encoded)
+        timings.labels(stage="decode").observe(time.perf_counter() - denoised)
+        return images
+
+
+def build_engine(steps: FamilySteps, settings: ServerSettings, metrics: ServerMetrics) -> Engine:
+    cls = PipelinedEngine if settings.stage_mode == StageMode.PIPELINED else StackedEngine
+    return cls(steps, settings, metrics).start()

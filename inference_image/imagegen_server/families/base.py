@@ -1,0 +1,88 @@
+"""The contract every family implements: three stage steps over a batch of jobs."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Hashable
+
+import torch
+
+from ..request import GenerationParams, Job
+
+
+class FamilySteps:
+    """encode -> denoise -> decode for one loaded pipeline.
+
+    Each step takes a list of jobs the stage batched together (jobs with equal ``*_key``), reads
+    what the previous step left on each job and writes its own output there. The pipeline's
+    modules are shared and read-only; per-request state (scheduler, generator) lives on the job.
+    """
+
+    #: images are a multiple of this many pixels on each side
+    size_multiple: int = 8
+
+    def __init__(self, pipeline, device: torch.device):
+        self.pipeline = pipeline
+        self.device = device
+        self.vae_scale_factor: int = pipeline.vae_scale_factor
+        self._step_accepts = _step_parameters(pipeline.scheduler)
+
+    # --- what can be batched together -------------------------------------------------------
+    def encode_key(self, job: Job) -> Hashable:
+        return None
+
+    def denoise_key(self, job: Job) -> Hashable:
+        p = job.params
+        # Same size and step count means same shapes and the same timestep sequence.
+        return (p.width, p.height, p.steps)
+
+    def decode_key(self, job: Job) -> Hashable:
+        return (job.params.width, job.params.height)
+
+    # --- the steps ----------------------------------------------------------------------------
+    def encode(self, jobs: list[Job]) -> None:
+        raise NotImplementedError
+
+    def denoise(self, jobs: list[Job]) -> None:
+        raise NotImplementedError
+
+    def decode(self, jobs: list[Job]) -> list[list]:
+        raise NotImplementedError
+
+    # --- helpers ------------------------------------------------------------------------------
+    @property
+    def native_size(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def reference_kwargs(self, params: GenerationParams) -> dict:
+        """Arguments for the diffusers pipeline's own ``__call__`` giving the same images."""
+        raise NotImplementedError
+
+    def new_scheduler(self):
+        """A fresh scheduler per request: diffusers schedulers keep step state on themselves."""
+        base = self.pipeline.scheduler
+        return type(base).from_config(base.config)
+
+    def new_generator(self, seed: int) -> torch.Generator:
+        # A CPU generator, as diffusers recommends for reproducibility: the same seed gives the
+        # same image on any device. Only the initial noise is drawn there.
+        return torch.Generator(device="cpu").manual_seed(seed)
+
+    def step_kwargs(self, job: Job) -> dict:
+        kwargs = {}
+        if "eta" in self._step_accepts:
+            kwargs["eta"] = 0.0
+        if "generator" in self._step_accepts:
+            kwargs["generator"] = job.generator
+        return kwargs
+
+    def postprocess(self, image: torch.Tensor) -> list:
+        return self.pipeline.image_processor.postprocess(image, output_type="pil")
+
+
+def _step_parameters(scheduler) -> set[str]:
+    return set(inspect.signature(scheduler.step).parameters)
+
+
+def split_rows(tensor: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    return list(torch.split(tensor, sizes, dim=0))

@@ -1,0 +1,137 @@
+"""FLUX.1 as stage steps, mirroring diffusers' ``FluxPipeline``.
+
+Guidance is the distilled kind (an embedding of ``guidance_scale`` fed to the transformer), so a
+request costs one transformer row per image and negative prompts are not used, as in diffusers
+when ``true_cfg_scale`` is left at 1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..request import GenerationParams, Job
+from .base import FamilySteps, split_rows
+
+MAX_SEQUENCE_LENGTH = 512  # diffusers' default for FluxPipeline
+
+
+class FluxSteps(FamilySteps):
+    @property
+    def size_multiple(self) -> int:  # type: ignore[override]
+        # Latents are packed in 2x2 patches.
+        return max(8, self.vae_scale_factor * 2)
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        side = self.pipeline.default_sample_size * self.vae_scale_factor
+        return side, side
+
+    def reference_kwargs(self, params: GenerationParams) -> dict:
+        return {
+            "prompt": params.prompt,
+            "width": params.width,
+            "height": params.height,
+            "num_inference_steps": params.steps,
+            "guidance_scale": params.guidance_scale,
+            "num_images_per_prompt": params.n,
+            "max_sequence_length": MAX_SEQUENCE_LENGTH,
+            "generator": self.new_generator(params.seed),
+        }
+
+    # 1. Encode -------------------------------------------------------------------------------
+    def encode(self, jobs: list[Job]) -> None:
+        embeds, pooled, text_ids = self.pipeline.encode_prompt(
+            prompt=[job.params.prompt for job in jobs],
+            prompt_2=None,
+            device=self.device,
+            num_images_per_prompt=1,
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+        )
+        for i, job in enumerate(jobs):
+            n = job.params.n
+            job.conditioning = {
+                "embeds": embeds[i : i + 1].repeat_interleave(n, dim=0),
+                "pooled": pooled[i : i + 1].repeat_interleave(n, dim=0),
+                "text_ids": text_ids,
+            }
+
+    # 2. Denoise ------------------------------------------------------------------------------
+    def _latent_side(self, pixels: int) -> int:
+        return 2 * (pixels // (self.vae_scale_factor * 2))
+
+    def prepare(self, job: Job) -> torch.Tensor:
+        pipe, p = self.pipeline, job.params
+        channels = pipe.transformer.config.in_channels // 4
+        h, w = self._latent_side(p.height), self._latent_side(p.width)
+        dtype = job.conditioning["embeds"].dtype
+        job.generator = self.new_generator(p.seed)
+        noise = randn_tensor(
+            (p.n, channels, h, w), generator=job.generator, device=self.device, dtype=dtype
+        )
+        job.latents = pipe._pack_latents(noise, p.n, channels, h, w)
+        scheduler = self.new_scheduler()
+        sigmas = np.linspace(1.0, 1 / p.steps, p.steps)
+        if getattr(scheduler.config, "use_flow_sigmas", False):
+            sigmas = None
+        config = scheduler.config
+        mu = calculate_shift(
+            job.latents.shape[1],
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        retrieve_timesteps(scheduler, p.steps, self.device, sigmas=sigmas, mu=mu)
+        scheduler.set_begin_index(0)
+        job.scheduler = scheduler
+        return pipe._prepare_latent_image_ids(p.n, h // 2, w // 2, self.device, dtype)
+
+    def denoise(self, jobs: list[Job]) -> None:
+        image_ids = [self.prepare(job) for job in jobs][0]
+        transformer = self.pipeline.transformer
+        rows = [job.params.n for job in jobs]
+        embeds = torch.cat([job.conditioning["embeds"] for job in jobs])
+        pooled = torch.cat([job.conditioning["pooled"] for job in jobs])
+        guidance = None
+        if transformer.config.guidance_embeds:
+            guidance = torch.cat(
+                [
+                    torch.full([job.params.n], job.params.guidance_scale, dtype=torch.float32)
+                    for job in jobs
+                ]
+            ).to(self.device)
+        for step, t in enumerate(jobs[0].scheduler.timesteps):
+            latents = torch.cat([job.latents for job in jobs])
+            timestep = t.expand(latents.shape[0]).to(latents.dtype)
+            noise_pred = transformer(
+                hidden_states=latents,
+                timestep=timestep / 1000,
+                guidance=guidance,
+                pooled_projections=pooled,
+                encoder_hidden_states=embeds,
+                txt_ids=jobs[0].conditioning["text_ids"],
+                img_ids=image_ids,
+                return_dict=False,
+            )[0]
+            for job, pred in zip(jobs, split_rows(noise_pred, rows), strict=True):
+                job.latents = job.scheduler.step(
+                    pred, job.scheduler.timesteps[step], job.latents, return_dict=False
+                )[0]
+
+    # 3. Decode -------------------------------------------------------------------------------
+    def decode(self, jobs: list[Job]) -> list[list]:
+        pipe = self.pipeline
+        p = jobs[0].params  # a decode batch shares one size
+        latents = torch.cat([job.latents for job in jobs])
+        latents = pipe._unpack_latents(latents, p.height, p.width, self.vae_scale_factor)
+        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        image = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
+        images = self.postprocess(image)
+        out, start = [], 0
+        for job in jobs:
+            out.append(images[start : start + job.params.n])
+            start += job.params.n
+        return out

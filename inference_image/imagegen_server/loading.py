@@ -1,0 +1,153 @@
+"""Model URI -> local directory -> loaded diffusers pipeline on the chosen device and dtype."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from .config import DType, Family, ServerSettings
+
+log = logging.getLogger(__name__)
+
+# model_index.json `_class_name` -> family. Only the text-to-image pipelines the server drives.
+PIPELINE_FAMILIES: dict[str, Family] = {
+    "StableDiffusionPipeline": Family.SD15,
+    "StableDiffusionXLPipeline": Family.SDXL,
+    "StableDiffusion3Pipeline": Family.SD3,
+    "FluxPipeline": Family.FLUX,
+}
+
+
+class ModelError(ValueError):
+    """The model URI or directory cannot be served; the message says why."""
+
+
+def resolve_model_uri(uri: str, settings: ServerSettings) -> Path:
+    """Map a model URI of the ImageGenService API to a local directory.
+
+    ``pvc://`` and ``gs://`` are mounted by the pod (a PVC volume, the GCS FUSE CSI driver) under
+    ``settings.pvc_root`` and ``settings.gcs_root``; ``hf://`` downloads a snapshot when a hub is
+    reachable; ``file://`` and plain paths are used as they are.
+    """
+    if not uri:
+        raise ModelError("no model given: set --model or IMAGEGEN_MODEL")
+    parsed = urlparse(uri)
+    scheme = parsed.scheme
+    if scheme in ("", "file"):
+        path = Path(parsed.path if scheme else uri)
+        if scheme == "file" and parsed.netloc:
+            raise ModelError(f"file:// URIs must be absolute (file:///abs/path), got {uri!r}")
+    elif scheme == "pvc":
+        path = settings.pvc_root / parsed.netloc / parsed.path.lstrip("/")
+    elif scheme == "gs":
+        path = settings.gcs_root / parsed.netloc / parsed.path.lstrip("/")
+    elif scheme == "hf":
+        return _download_hf(parsed.netloc + parsed.path, settings)
+    else:
+        raise ModelError(f"unsupported model URI scheme {scheme!r} in {uri!r}")
+    if not (path / "model_index.json").is_file():
+        raise ModelError(f"{uri!r} resolves to {path}, which holds no model_index.json")
+    return path
+
+
+def _download_hf(repo: str, settings: ServerSettings) -> Path:
+    from huggingface_hub import snapshot_download
+
+    repo_id, _, revision = repo.strip("/").partition("@")
+    try:
+        local = snapshot_download(
+            repo_id=repo_id,
+            revision=revision or None,
+            cache_dir=settings.hf_cache_dir,
+            allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors"],
+        )
+    except Exception as exc:  # the hub client raises many kinds; all mean "not available"
+        raise ModelError(f"cannot fetch hf://{repo}: {exc}") from exc
+    return Path(local)
+
+
+def detect_family(model_dir: Path) -> Family:
+    """The family named by ``model_index.json``'s ``_class_name``."""
+    try:
+        index = json.loads((model_dir / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read {model_dir / 'model_index.json'}: {exc}") from exc
+    class_name = index.get("_class_name", "")
+    if class_name not in PIPELINE_FAMILIES:
+        raise ModelError(
+            f"pipeline class {class_name!r} is not served; supported: {', '.join(PIPELINE_FAMILIES)}"
+        )
+    return PIPELINE_FAMILIES[class_name]
+
+
+def torch_dtype(dtype: DType):
+    import torch
+
+    return {
+        DType.BFLOAT16: torch.bfloat16,
+        DType.FLOAT16: torch.float16,
+        DType.FLOAT32: torch.float32,
+    }[dtype]
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class LoadedModel:
+    pipeline: object
+    family: Family
+    path: Path
+    name: str
+    device: object
+    dtype: object
+
+
+def load_model(settings: ServerSettings) -> LoadedModel:
+    """Resolve, detect and load the pipeline once, on its device, ready for the stage steps."""
+    from diffusers import DiffusionPipeline
+
+    path = resolve_model_uri(settings.model, settings)
+    detected = detect_family(path)
+    if settings.family not in (Family.AUTO, detected):
+        raise ModelError(
+            f"family is {settings.family.value} but {path} holds a {detected.value} model"
+        )
+    device = resolve_device(settings.device)
+    dtype = torch_dtype(settings.dtype)
+    log.info("loading %s (%s) as %s on %s", path, detected.value, settings.dtype.value, device)
+    pipeline = DiffusionPipeline.from_pretrained(path, dtype=dtype)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.to(device)
+    vae = getattr(pipeline, "vae", None)
+    if vae is not None and dtype == _fp16() and getattr(vae.config, "force_upcast", False):
+        # diffusers upcasts the VAE around each decode and casts it back, mutating a shared
+        # module; with decodes running on their own thread it stays float32 instead.
+        vae.to(dtype=_fp32())
+    name = settings.model_name or _model_name(settings.model, path)
+    return LoadedModel(pipeline, detected, path, name, device, dtype)
+
+
+def _model_name(uri: str, path: Path) -> str:
+    tail = uri.rstrip("/").rsplit("/", 1)[-1].split("@")[0]
+    return tail or path.name
+
+
+def _fp16():
+    import torch
+
+    return torch.float16
+
+
+def _fp32():
+    import torch
+
+    return torch.float32

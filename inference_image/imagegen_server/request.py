@@ -1,0 +1,70 @@
+"""A generation request and the state it carries through the stages."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """What one request asks for, already validated and with defaults filled in."""
+
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    n: int = 1
+    negative_prompt: str | None = None
+
+
+class JobTimeout(TimeoutError):
+    """The request's deadline passed before a stage reached it."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One request in flight. Each stage reads what the one before wrote, on the same device.
+
+    The job owns its scheduler and its generator, so nothing mutable is shared between requests
+    and the result does not depend on which other requests it was batched with.
+    """
+
+    params: GenerationParams
+    future: Future = field(default_factory=Future)
+    deadline: float | None = None
+    submitted_at: float = field(default_factory=time.monotonic)
+    generator: Any = None
+    scheduler: Any = None
+    # Written by encode, read by denoise: text embeddings and friends, on the device.
+    conditioning: dict[str, Any] = field(default_factory=dict)
+    # Written by denoise, read by decode; never copied to the host.
+    latents: Any = None
+    # When stages run on their own CUDA streams: recorded after a stage, waited on by the next.
+    ready_event: Any = None
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def finish(self, images: list) -> None:
+        # The caller may have cancelled (timed out) meanwhile; its answer no longer matters.
+        with contextlib.suppress(InvalidStateError):
+            self.future.set_result(images)
+        self._release()
+
+    def fail(self, error: BaseException) -> None:
+        with contextlib.suppress(InvalidStateError):
+            self.future.set_exception(error)
+        self._release()
+
+    def _release(self) -> None:
+        # Drop device tensors as soon as the job is over, not when the caller lets go of it.
+        self.conditioning = {}
+        self.latents = None
+        self.scheduler = None
+        self.ready_event = None

@@ -1,0 +1,140 @@
+"""From settings to a warmed-up engine: load once, optimize, start the stages, warm up.
+
+The HTTP layer talks only to this object, which keeps the model apart from the routes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import threading
+import time
+
+from .config import ServerSettings
+from .engine import Engine, build_engine
+from .families import FamilySteps, steps_for
+from .loading import LoadedModel, load_model
+from .metrics import ServerMetrics
+from .optimize import AttentionSelection, OptimizationReport, apply_optimizations
+from .request import GenerationParams
+
+log = logging.getLogger(__name__)
+
+
+class ModelRuntime:
+    def __init__(self, settings: ServerSettings, metrics: ServerMetrics | None = None):
+        self.settings = settings
+        self.metrics = metrics or ServerMetrics()
+        self.model: LoadedModel | None = None
+        self.steps: FamilySteps | None = None
+        self.engine: Engine | None = None
+        self.report: OptimizationReport | None = None
+        self.attention: AttentionSelection | None = None
+        self.error: BaseException | None = None
+        self.warmup_seconds: float | None = None
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def load(self) -> ModelRuntime:
+        """Load, optimize and warm up; blocking. Raises what went wrong and remembers it."""
+        try:
+            self._load()
+        except BaseException as exc:
+            self.error = exc
+            log.exception("model failed to load")
+            raise
+        return self
+
+    def load_in_background(self) -> threading.Thread:
+        """Load on a thread so /healthz answers while a large model loads and compiles."""
+
+        def run() -> None:
+            # A failure is already logged and kept in self.error, where /healthz reports it.
+            with contextlib.suppress(BaseException):
+                self.load()
+
+        self._thread = threading.Thread(target=run, name="model-loader", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def _load(self) -> None:
+        s = self.settings
+        self.model = load_model(s)
+        m = self.model
+        self.steps = steps_for(m.family, m.pipeline, m.device)
+        self.report, self.attention = apply_optimizations(m.pipeline, s, m.device, m.dtype)
+        self.report.log()
+        self.engine = build_engine(self.steps, s, self.metrics)
+        if s.warmup:
+            started = time.perf_counter()
+            # The first call pays for compilation and kernel selection; pay it before /readyz.
+            self.engine.generate(
+                self.params(prompt="warm-up", seed=0, steps=min(2, s.default_steps))
+            )
+            self.warmup_seconds = time.perf_counter() - started
+            log.info("warm-up took %.2fs", self.warmup_seconds)
+        self.metrics.info.info(
+            {
+                "model": m.name,
+                "family": m.family.value,
+                "dtype": self.report.dtype,
+                "device": self.report.device,
+                "stage_mode": s.stage_mode.value,
+                "attention": self.report.attention_active,
+                "compiled": "true" if self.report.compiled else "false",
+            }
+        )
+        self._ready.set()
+        self.metrics.ready.set(1)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and self.engine is not None and self.engine.accepting
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Drain accepted work and stop; returns whether everything finished in time."""
+        self.metrics.ready.set(0)
+        drained = True
+        if self.engine is not None:
+            drained = self.engine.close(timeout)
+        if self.attention is not None:
+            self.attention.deactivate()
+        return drained
+
+    # --- requests -----------------------------------------------------------------------------
+    @property
+    def default_size(self) -> tuple[int, int]:
+        assert self.steps is not None
+        native_w, native_h = self.steps.native_size
+        return (self.settings.default_width or native_w, self.settings.default_height or native_h)
+
+    def params(
+        self,
+        prompt: str,
+        *,
+        n: int = 1,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        negative_prompt: str | None = None,
+    ) -> GenerationParams:
+        """A request with the server's defaults filled in; a missing seed is drawn at random."""
+        s = self.settings
+        default_w, default_h = self.default_size
+        return GenerationParams(
+            prompt=prompt,
+            n=n,
+            width=width or default_w,
+            height=height or default_h,
+            steps=steps or s.default_steps,
+            guidance_scale=s.default_guidance_scale if guidance_scale is None else guidance_scale,
+            seed=secrets.randbits(63) if seed is None else seed,
+            negative_prompt=negative_prompt,
+        )

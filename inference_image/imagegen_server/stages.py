@@ -1,0 +1,185 @@
+"""Stage threads: each takes batches of jobs from a bounded queue, runs one step, hands on.
+
+A stage batches dynamically: it waits for one job, then keeps collecting for up to
+``batch_window_s`` or until ``max_batch_size`` jobs, splits the batch into groups the step can
+run together (equal ``key``) and runs each group. On a GPU each stage has its own CUDA stream;
+a job carries an event recorded after its last stage, and the next stage's stream waits on that
+event, so hand-offs never block the host.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+
+from .metrics import ServerMetrics
+from .request import Job, JobTimeout
+
+log = logging.getLogger(__name__)
+
+StepFn = Callable[[list[Job]], list[Any] | None]
+KeyFn = Callable[[Job], Hashable]
+OutputFn = Callable[[Job, Any], None]
+
+_STOP = object()
+
+
+class Stage:
+    def __init__(
+        self,
+        name: str,
+        step: StepFn,
+        key: KeyFn,
+        *,
+        max_batch_size: int,
+        batch_window_s: float,
+        capacity: int,
+        metrics: ServerMetrics,
+        device: torch.device,
+        on_output: OutputFn,
+    ):
+        self.name = name
+        self.step = step
+        self.key = key
+        self.max_batch_size = max_batch_size
+        self.batch_window_s = batch_window_s
+        self.metrics = metrics
+        self.on_output = on_output
+        # Admission control upstream keeps the total in flight at most `capacity`, so a put
+        # here never blocks; the bound is a guard, not the back-pressure mechanism.
+        self.queue: queue.Queue = queue.Queue(maxsize=capacity)
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._pending_timings: list[tuple[Any, Any]] = []
+        self._thread = threading.Thread(target=self._run, name=f"stage-{name}", daemon=True)
+        metrics.queue_depth.labels(stage=name).set_function(self.queue.qsize)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, job: Job) -> None:
+        self.queue.put(job)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish what is queued, then end the thread."""
+        if self._thread.is_alive():
+            self.queue.put(_STOP)
+            self._thread.join(timeout)
+
+    # --- the loop -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        # Inference mode is thread-local, so each stage thread enters it itself.
+        with torch.inference_mode():
+            while True:
+                batch, stop = self._collect()
+                for group in _groups(batch, self.key):
+                    self._process(group)
+                self._flush_timings(block=stop)
+                if stop:
+                    return
+
+    def _collect(self) -> tuple[list[Job], bool]:
+        first = self.queue.get()
+        if first is _STOP:
+            return [], True
+        batch = [first]
+        deadline = time.monotonic() + self.batch_window_s
+        while len(batch) < self.max_batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                item = (
+                    self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
+                )
+            except queue.Empty:
+                break
+            if item is _STOP:
+                # Run what was collected, then stop.
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _process(self, group: list[Job]) -> None:
+        live = []
+        for job in group:
+            if job.future.done():  # cancelled or already failed
+                continue
+            if job.expired():
+                job.fail(JobTimeout(f"request timed out before the {self.name} stage"))
+                continue
+            live.append(job)
+        if not live:
+            return
+        self.metrics.batch_size.labels(stage=self.name).observe(len(live))
+        started = time.perf_counter()
+        try:
+            on_host_clock = self.stream is None
+            outputs = self.step(live) if on_host_clock else self._step_on_stream(live)
+        except Exception as exc:
+            log.exception("%s stage failed for a batch of %d", self.name, len(live))
+            for job in live:
+                job.fail(exc)
+            return
+        if self.stream is None:
+            self.metrics.stage_seconds.labels(stage=self.name).observe(
+                time.perf_counter() - started
+            )
+        outputs = outputs if outputs is not None else [None] * len(live)
+        for job, output in zip(live, outputs, strict=True):
+            try:
+                self.on_output(job, output)
+            except Exception as exc:
+                job.fail(exc)
+
+    def _step_on_stream(self, jobs: list[Job]) -> list[Any] | None:
+        stream = self.stream
+        start = torch.cuda.Event(enable_timing=True)
+        done = torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(stream):
+            for job in jobs:
+                if job.ready_event is not None:
+                    stream.wait_event(job.ready_event)
+                _record_tensors_on(stream, job)
+            start.record(stream)
+            outputs = self.step(jobs)
+            done.record(stream)
+        for job in jobs:
+            job.ready_event = done
+        self._pending_timings.append((start, done))
+        return outputs
+
+    def _flush_timings(self, block: bool) -> None:
+        """Observe GPU-side stage durations whose end events have completed, without syncing."""
+        still_pending = []
+        for start, done in self._pending_timings:
+            if block:
+                done.synchronize()
+            if done.query():
+                seconds = start.elapsed_time(done) / 1000.0
+                self.metrics.stage_seconds.labels(stage=self.name).observe(seconds)
+            else:
+                still_pending.append((start, done))
+        self._pending_timings = still_pending
+
+
+def _groups(batch: list[Job], key: KeyFn) -> list[list[Job]]:
+    groups: dict[Hashable, list[Job]] = {}
+    for job in batch:
+        groups.setdefault(key(job), []).append(job)
+    return list(groups.values())
+
+
+def _record_tensors_on(stream, job: Job) -> None:
+    # Tensors made on another stage's stream are used on this one: tell the caching allocator,
+    # so their memory is not reused before this stream is done with them.
+    tensors = [v for v in job.conditioning.values() if isinstance(v, torch.Tensor)]
+    if isinstance(job.latents, torch.Tensor):
+        tensors.append(job.latents)
+    for tensor in tensors:
+        if tensor.is_cuda:
+            tensor.record_stream(stream)

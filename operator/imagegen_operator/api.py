@@ -1,0 +1,551 @@
+"""The ImageGenService resource (imagegen.dev/v1alpha1): spec and status as typed models.
+
+These models are the one source of truth for the API: ``crd.py`` generates the
+CRD from them, and the operator reads every object through :func:`parse`, which
+applies the same defaults and cross-field rules as the API server. Field names
+are snake_case in Python and camelCase on the wire; attribute docstrings become
+the descriptions ``kubectl explain`` shows.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, PlainValidator, ValidationError, WithJsonSchema
+
+from imagegen_operator import gke
+from imagegen_operator.schema import KubeModel, Rule, StatusModel, defaulted
+
+GROUP = "imagegen.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "ImageGenService"
+PLURAL = "imagegenservices"
+SINGULAR = "imagegenservice"
+SHORT_NAMES = ("igs",)
+CATEGORIES = ("imagegen",)
+
+# --- enums -------------------------------------------------------------------------
+# The GPU types and MIG sizes come from gke.py, the one table of GKE facts.
+
+GpuType = Literal[tuple(gke.ACCELERATORS)]  # type: ignore[valid-type]
+MIG_GPU_TYPES: tuple[str, ...] = tuple(t for t, a in gke.ACCELERATORS.items() if a.mig_capable)
+ALL_MIG_SIZES: tuple[str, ...] = tuple(
+    dict.fromkeys(size for a in gke.ACCELERATORS.values() for size in a.mig_partitions)
+)
+MigSize = Literal[ALL_MIG_SIZES]  # type: ignore[valid-type]
+GpuCount = Literal[gke.GPU_COUNTS_PER_NODE]  # type: ignore[valid-type]
+
+ModelFamily = Literal["Auto", "SD15", "SDXL", "SD3", "Flux"]
+DType = Literal["bfloat16", "float16", "float32"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+Attention = Literal["Flash", "Efficient", "Math", "Auto"]
+StageMode = Literal["Pipelined", "Stacked"]
+SharingStrategy = Literal["TimeSharing", "MPS"]
+Provider = Literal["GKE", "ConfigConnector", "Existing", "Local"]
+# Providers that create the pool in a GKE cluster, and so must be told which one.
+CLOUD_PROVIDERS: tuple[str, ...] = ("GKE", "ConfigConnector")
+
+# Anchored patterns in the common subset of RE2 (API server) and Rust regex (pydantic).
+MODEL_URI_PATTERN = (
+    r"^(gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/[^\t\n\v\f\r ]*)?"
+    r"|hf://[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
+    r"(@[A-Za-z0-9._/-]{1,255})?"
+    r"|pvc://[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?(/[^\t\n\v\f\r ]*)?"
+    r"|file:///[^\t\n\v\f\r ]+)$"
+)
+CLUSTER_PATTERN = (
+    r"^projects/[a-z][-a-z0-9]{4,28}[a-z0-9]"
+    r"/locations/[a-z0-9-]{1,63}"
+    r"/clusters/[a-z]([-a-z0-9]{0,38}[a-z0-9])?$"
+)
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
+MACHINE_TYPE_PATTERN = r"^[a-z0-9]+(-[a-z0-9]+)*$"
+# metav1.Condition's type: CamelCase, optionally prefixed with a DNS subdomain and '/'.
+CONDITION_TYPE_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$"
+)
+# Kubernetes' resource.Quantity grammar, as in the built-in types' OpenAPI.
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+
+
+def _quantity(value: Any) -> int | str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(QUANTITY_PATTERN, value):
+        return value
+    raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 500m, 2, 16Gi)")
+
+
+# int-or-string, validated as one type so an error names one path (no union branches).
+Quantity = Annotated[
+    int | str,
+    PlainValidator(_quantity),
+    WithJsonSchema(
+        {"anyOf": [{"type": "integer"}, {"type": "string"}], "pattern": QUANTITY_PATTERN}
+    ),
+]
+
+
+def _cel_string(value: str) -> str:
+    # A CEL raw string: backslashes reach the regex engine as written.
+    assert "'" not in value
+    return f"r'{value}'"
+
+
+def _cel_list(values: tuple[str, ...] | list[str]) -> str:
+    return "[" + ", ".join(_cel_string(v) for v in values) + "]"
+
+
+# --- spec: model ---------------------------------------------------------------------
+
+
+class ModelSource(KubeModel):
+    """Which diffusion model to serve and how to load it."""
+
+    uri: str = Field(min_length=1, max_length=2048)
+    """Where the model lives: gs://bucket/path, hf://org/name[@revision],
+    pvc://claim/sub/path or file:///abs/path."""
+    family: ModelFamily = "Auto"
+    """Model family (Auto detects it from the pipeline's model_index.json)."""
+    dtype: DType = "bfloat16"
+    """Weight and activation dtype on the GPU."""
+    memory_gib: float | None = Field(default=None, alias="memoryGiB", gt=0, le=1024)
+    """GPU memory one replica needs, in GiB; overrides the planner's estimate from the
+    model size."""
+
+    # A rule rather than a schema pattern: the API server's pattern error prints the
+    # whole regex, this one says what a valid URI looks like.
+    rules = (
+        Rule(
+            cel=f"self.uri.matches({_cel_string(MODEL_URI_PATTERN)})",
+            check=lambda m: re.fullmatch(MODEL_URI_PATTERN, m.uri) is not None,
+            field=".uri",
+            message=(
+                "uri must be gs://bucket/path, hf://org/name[@revision], "
+                "pvc://claim[/sub/path] or file:///absolute/path"
+            ),
+        ),
+    )
+
+
+# --- spec: pipeline ------------------------------------------------------------------
+
+
+class CompileCache(KubeModel):
+    """Persistent cache for compiled kernels, so a restart does not recompile."""
+
+    pvc_name: str = Field(max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    """PersistentVolumeClaim (same namespace) mounted as the torch.compile / Inductor cache."""
+
+
+class CompileSpec(KubeModel):
+    """torch.compile settings for the denoiser."""
+
+    enabled: bool = True
+    """Compile the denoiser with torch.compile."""
+    mode: CompileMode = "max-autotune-no-cudagraphs"
+    """torch.compile mode."""
+    regional: bool = True
+    """Compile one repeated block and reuse it (regional compilation): much shorter cold starts."""
+    cache: CompileCache | None = None
+    """Where compiled artifacts persist across restarts; none keeps them in the pod."""
+
+
+class StagesSpec(KubeModel):
+    """How requests flow through the encode, denoise and decode stages."""
+
+    mode: StageMode = "Pipelined"
+    """Pipelined runs one thread per stage with queues between; Stacked runs one request
+    at a time through all stages."""
+    max_batch_size: int = Field(default=4, ge=1, le=64)
+    """Most requests batched together in one stage step."""
+    batch_window_ms: int = Field(default=5, ge=0, le=1000)
+    """How long a stage waits for more requests to fill a batch, in milliseconds."""
+    queue_capacity: int = Field(default=64, ge=1, le=4096)
+    """Requests admitted and waiting; beyond it the server answers 429 with Retry-After."""
+
+
+class GenerationDefaults(KubeModel):
+    """Generation parameters used when a request does not set them."""
+
+    steps: int = Field(default=30, ge=1, le=200)
+    """Denoising steps."""
+    guidance_scale: float = Field(default=7.0, ge=0, le=50)
+    """Classifier-free guidance scale."""
+    width: int = Field(default=1024, ge=64, le=4096, multiple_of=8)
+    """Image width in pixels: a multiple of 8 in 64..4096."""
+    height: int = Field(default=1024, ge=64, le=4096, multiple_of=8)
+    """Image height in pixels: a multiple of 8 in 64..4096."""
+
+
+class PipelineSpec(KubeModel):
+    """How the inference server runs the pipeline."""
+
+    compile: CompileSpec = defaulted()
+    """torch.compile settings."""
+    attention: Attention = "Flash"
+    """Scaled-dot-product attention backend (Auto lets PyTorch choose)."""
+    stages: StagesSpec = defaulted()
+    """Stage threading and batching."""
+    defaults: GenerationDefaults = defaulted()
+    """Defaults for requests that leave parameters out."""
+
+
+# --- spec: GPU -----------------------------------------------------------------------
+
+
+class GpuSharing(KubeModel):
+    """Time-sharing or NVIDIA MPS on each GPU (or on each MIG slice); both fields are required."""
+
+    strategy: SharingStrategy
+    """TimeSharing (GPU time slices, full memory each) or MPS (concurrent kernels, memory
+    split per client)."""
+    max_shared_clients_per_gpu: int = Field(ge=gke.MIN_SHARED_CLIENTS, le=gke.MAX_SHARED_CLIENTS)
+    """Pods sharing each GPU (or each MIG slice): 2..48."""
+
+
+def _mig_rules() -> tuple[Rule, ...]:
+    only_mig_types = Rule(
+        cel=f"!has(self.partitionSize) || self.type in {_cel_list(MIG_GPU_TYPES)}",
+        check=lambda g: g.partition_size is None or g.type in MIG_GPU_TYPES,
+        field=".partitionSize",
+        reason="FieldValueForbidden",
+        message=(
+            "partitionSize (multi-instance GPU) needs a MIG-capable gpu.type: "
+            + ", ".join(MIG_GPU_TYPES)
+        ),
+    )
+    per_type = tuple(
+        Rule(
+            cel=(
+                f"self.type != '{gpu_type}' || !has(self.partitionSize)"
+                f" || self.partitionSize in {_cel_list(list(gke.mig_sizes(gpu_type)))}"
+            ),
+            check=lambda g, t=gpu_type: (
+                g.type != t or g.partition_size is None or g.partition_size in gke.mig_sizes(t)
+            ),
+            field=".partitionSize",
+            message=f"partitionSize on {gpu_type} must be one of "
+            + ", ".join(gke.mig_sizes(gpu_type)),
+        )
+        for gpu_type in MIG_GPU_TYPES
+    )
+    return (only_mig_types, *per_type)
+
+
+class GpuSpec(KubeModel):
+    """The GPUs each replica runs on, and how they are shared."""
+
+    type: GpuType
+    """GKE accelerator type (the cloud.google.com/gke-accelerator node label)."""
+    count_per_node: GpuCount = 1
+    """Physical GPUs per node; each serving pod still uses one GPU (or slice)."""
+    partition_size: MigSize | None = None
+    """Multi-instance GPU (MIG) slice size, e.g. 1g.10gb; only on A100, H100 and H200,
+    with that type's sizes."""
+    sharing: GpuSharing | None = None
+    """Time-sharing or MPS on each GPU, or on each MIG slice when partitionSize is set."""
+
+    rules = _mig_rules()
+
+    def sharing_summary(self) -> str:
+        """Short form for status.sharing (the Sharing column).
+
+        exclusive, mig:1g.10gb, ts:2, mps:4 or mig:1g.10gb+ts:2.
+        """
+        parts = []
+        if self.partition_size:
+            parts.append(f"mig:{self.partition_size}")
+        if self.sharing:
+            tag = "ts" if self.sharing.strategy == "TimeSharing" else "mps"
+            parts.append(f"{tag}:{self.sharing.max_shared_clients_per_gpu}")
+        return "+".join(parts) or "exclusive"
+
+
+# --- spec: node pool, scaling, server ------------------------------------------------
+
+
+class NodePoolSpec(KubeModel):
+    """Where the GPU nodes come from."""
+
+    provider: Provider = "GKE"
+    """GKE (the GKE API), ConfigConnector (a ContainerNodePool object), Existing (a pool
+    or node auto-provisioning already there) or Local (simulated nodes for development)."""
+    name: str | None = Field(
+        default=None, max_length=gke.NODEPOOL_NAME_MAX, pattern=gke.NODEPOOL_NAME_RE.pattern
+    )
+    """Node pool name; by default derived from the GPU configuration, so services with
+    identical GPU settings share a pool."""
+    cluster: str | None = Field(default=None, max_length=256, pattern=CLUSTER_PATTERN)
+    """GKE cluster, projects/P/locations/L/clusters/C; required for the GKE and
+    ConfigConnector providers."""
+    machine_type: str | None = Field(default=None, max_length=63, pattern=MACHINE_TYPE_PATTERN)
+    """Compute Engine machine type; by default derived from gpu.type and gpu.countPerNode."""
+    spot: bool = False
+    """Use Spot VMs (cheaper, may be preempted)."""
+    min_nodes: int = Field(default=0, ge=0, le=1000)
+    """Fewest nodes the pool autoscaler keeps."""
+    max_nodes: int = Field(default=4, ge=1, le=1000)
+    """Most nodes the pool autoscaler may create."""
+
+    rules = (
+        Rule(
+            cel=f"!(self.provider in {_cel_list(CLOUD_PROVIDERS)}) || has(self.cluster)",
+            check=lambda p: p.provider not in CLOUD_PROVIDERS or p.cluster is not None,
+            field=".cluster",
+            reason="FieldValueRequired",
+            message=(
+                "cluster (projects/P/locations/L/clusters/C) is required when provider is "
+                "GKE or ConfigConnector; GKE is the default provider"
+            ),
+        ),
+        Rule(
+            # has(): rules also run on partial objects (a default, an old stored object).
+            cel="!has(self.minNodes) || !has(self.maxNodes) || self.minNodes <= self.maxNodes",
+            check=lambda p: p.min_nodes <= p.max_nodes,
+            field=".minNodes",
+            message="minNodes must not exceed maxNodes",
+        ),
+    )
+
+
+class AutoscalingSpec(KubeModel):
+    """Replica autoscaling on queue depth (a HorizontalPodAutoscaler on the scale subresource)."""
+
+    min_replicas: int = Field(default=1, ge=1, le=1000)
+    """Fewest replicas."""
+    max_replicas: int = Field(ge=1, le=1000)
+    """Most replicas."""
+    target_queue_depth: int = Field(default=4, ge=1, le=4096)
+    """Queued requests per replica the autoscaler aims for."""
+
+    rules = (
+        Rule(
+            cel="!has(self.minReplicas) || self.minReplicas <= self.maxReplicas",
+            check=lambda a: a.min_replicas <= a.max_replicas,
+            field=".minReplicas",
+            message="minReplicas must not exceed maxReplicas",
+        ),
+    )
+
+
+class SecretKeyRef(KubeModel):
+    """A key of a Secret in the same namespace."""
+
+    name: str = Field(max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    """Secret name."""
+    key: str = Field(default="token", min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
+    """Key in the Secret."""
+
+
+class ResourceRequirements(KubeModel):
+    """CPU, memory and extra resources for the server container (nvidia.com/gpu is set
+    by the operator)."""
+
+    requests: dict[str, Quantity] | None = Field(default=None, max_length=16)
+    """Minimum resources, e.g. cpu: 4, memory: 32Gi."""
+    limits: dict[str, Quantity] | None = Field(default=None, max_length=16)
+    """Maximum resources, e.g. memory: 48Gi."""
+
+
+class ServerSpec(KubeModel):
+    """The inference server container."""
+
+    image: str | None = Field(default=None, max_length=512)
+    """Container image; the operator's configured server image when unset."""
+    port: int = Field(default=8080, ge=1, le=65535)
+    """HTTP port of the server and its Service."""
+    auth_secret_ref: SecretKeyRef | None = None
+    """Secret holding the bearer token clients must send; no authentication when unset."""
+    resources: ResourceRequirements | None = None
+    """Container resources beyond the GPU."""
+
+
+class ImageGenServiceSpec(KubeModel):
+    """Desired state of an ImageGenService."""
+
+    model: ModelSource
+    """The model to serve."""
+    pipeline: PipelineSpec = defaulted()
+    """How the server runs the pipeline."""
+    gpu: GpuSpec
+    """GPU type and sharing."""
+    # Required rather than defaulted: the default provider (GKE) needs a cluster, and the
+    # API server checks a default object against the rules, so {} would not pass.
+    node_pool: NodePoolSpec
+    """Where the GPU nodes come from: the provider, and for GKE and ConfigConnector the cluster."""
+    replicas: int = Field(default=1, ge=0, le=1000)
+    """Serving pods (the scale subresource; managed by the autoscaler when autoscaling is set)."""
+    autoscaling: AutoscalingSpec | None = None
+    """Scale replicas on queue depth; a fixed replica count when unset."""
+    server: ServerSpec = defaulted()
+    """The inference server container."""
+
+
+# --- status --------------------------------------------------------------------------
+
+
+class Condition(StatusModel):
+    """One aspect of the service's state, in the shape of metav1.Condition."""
+
+    type: str = Field(max_length=316, pattern=CONDITION_TYPE_PATTERN)
+    """Condition type: Ready, NodePoolReady, Available, ..."""
+    status: Literal["True", "False", "Unknown"]
+    """Whether the condition holds."""
+    reason: str = Field(max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    """CamelCase reason for the last transition."""
+    message: str = Field(default="", max_length=32768)
+    """Human-readable details."""
+    last_transition_time: datetime
+    """When status last changed."""
+    observed_generation: int | None = Field(default=None, ge=0)
+    """The metadata.generation this condition was computed from."""
+
+
+class NodePoolStatus(StatusModel):
+    """The node pool serving this service."""
+
+    name: str | None = None
+    """Node pool name."""
+    provider: str | None = None
+    """Provider that manages it."""
+    ready_nodes: int | None = None
+    """Nodes ready to run pods."""
+
+
+class CapacityStatus(StatusModel):
+    """Serving slots the node pool offers."""
+
+    slots_per_gpu: int | None = None
+    """Pods per physical GPU (MIG partitions x shared clients)."""
+    gpus: int | None = None
+    """Physical GPUs in the pool."""
+    slots: int | None = None
+    """Pods the pool can host (slotsPerGpu x gpus)."""
+
+
+class ImageGenServiceStatus(StatusModel):
+    """Observed state of an ImageGenService, written by the operator."""
+
+    observed_generation: int | None = None
+    """The metadata.generation the operator last acted on."""
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=16,
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"],
+        },
+    )
+    """Ready, NodePoolReady, Available and more, each with its observedGeneration."""
+    replicas: int | None = None
+    """Serving pods that exist (the scale subresource's status replicas)."""
+    ready_replicas: int | None = None
+    """Serving pods that are ready."""
+    selector: str | None = None
+    """Label selector of the serving pods, as a string (for the scale subresource and HPA)."""
+    sharing: str | None = None
+    """GPU sharing in short form: exclusive, mig:1g.10gb, ts:2, mps:4, mig:1g.10gb+ts:2."""
+    node_pool: NodePoolStatus | None = None
+    """The node pool serving this service."""
+    capacity: CapacityStatus | None = None
+    """Serving slots the node pool offers."""
+    endpoint: str | None = None
+    """In-cluster URL of the service."""
+
+
+# --- the resource --------------------------------------------------------------------
+
+
+class ObjectMeta(StatusModel):
+    """The parts of metadata the operator reads; the rest is ignored."""
+
+    name: str = ""
+    """Object name."""
+    namespace: str | None = None
+    """Object namespace."""
+    uid: str | None = None
+    """Object UID (for owner references)."""
+    generation: int | None = None
+    """Spec generation (for observedGeneration)."""
+    resource_version: str | None = None
+    """Resource version."""
+    labels: dict[str, str] = Field(default_factory=dict)
+    """Object labels."""
+    annotations: dict[str, str] = Field(default_factory=dict)
+    """Object annotations."""
+
+
+class ImageGenService(KubeModel):
+    """A diffusion-model serving deployment on (shared) GPUs."""
+
+    model_config = {"extra": "ignore"}
+
+    api_version: Literal["imagegen.dev/v1alpha1"] = API_VERSION
+    """API group and version."""
+    kind: Literal["ImageGenService"] = KIND
+    """Resource kind."""
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    """Standard object metadata."""
+    spec: ImageGenServiceSpec
+    """Desired state."""
+    status: ImageGenServiceStatus | None = None
+    """Observed state, written by the operator."""
+
+
+class InvalidSpec(ValueError):
+    """An object that breaks the API's rules; ``problems`` are ``path: message`` strings."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def parse(body: Mapping[str, Any]) -> ImageGenService:
+    """Read an ImageGenService body (as kopf or YAML gives it) with defaults applied.
+
+    Raises InvalidSpec whose messages start with the offending field's path
+    (``spec.gpu.partitionSize: ...``), as the API server's do.
+    """
+    try:
+        return ImageGenService.model_validate(_plain(body))
+    except ValidationError as err:
+        raise InvalidSpec([_describe(e) for e in err.errors()]) from None
+
+
+def _plain(value: Any) -> Any:
+    # kopf hands over mapping views, not dicts; strict models accept only dicts.
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+# Errors in defaulted nested objects carry Python field names; users know the wire names.
+_WIRE_NAMES = {
+    name: field.alias or name
+    for model in list(globals().values())
+    if isinstance(model, type) and issubclass(model, KubeModel)
+    for name, field in model.model_fields.items()
+}
+
+
+def _describe(error: Any) -> str:
+    path = ""
+    for part in error["loc"]:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            part = _WIRE_NAMES.get(part, part)
+            path += f".{part}" if path else part
+    path += (error.get("ctx") or {}).get("field_path", "")
+    return f"{path}: {error['msg'].removeprefix('Value error, ')}"

@@ -1,0 +1,244 @@
+"""``imagegen-operator``: run the operator, or render and plan offline.
+
+- ``render -f FILE``: every object the operator would create for the
+  ImageGenService(s) in FILE, as one YAML stream (byte-identical for the same
+  input, so it can be committed and diffed). Refuses, with exit status 1 and
+  nothing on stdout, when a spec cannot give a running Deployment.
+- ``plan -f FILE [-o table|json]``: the capacity math and cost estimate.
+- ``run``: the operator itself (a kopf process), from ``imagegen_operator.handlers``.
+
+``render`` and ``plan`` need no cluster and no credentials.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any, TextIO
+
+import yaml
+
+from imagegen_operator import api, gke
+from imagegen_operator.planner import Plan, plan
+from imagegen_operator.render import DEFAULT_SERVER_IMAGE, UnworkableSpec, render_all
+
+EXIT_OK = 0
+EXIT_REFUSED = 1  # a spec is invalid or cannot run
+EXIT_USAGE = 2  # argparse's own status for bad arguments
+
+
+class InputError(Exception):
+    """A file that cannot be read as ImageGenService objects."""
+
+
+def load_resources(paths: Sequence[str], stdin: TextIO) -> list[api.ImageGenService]:
+    """Every ImageGenService in the files (``-`` is stdin); other kinds are skipped."""
+    resources = []
+    for path in paths:
+        try:
+            text = stdin.read() if path == "-" else open(path, encoding="utf-8").read()  # noqa: SIM115
+            documents = [d for d in yaml.safe_load_all(text) if d]
+        except (OSError, yaml.YAMLError) as err:
+            raise InputError(f"{path}: {err}") from None
+        for doc in documents:
+            if not isinstance(doc, dict) or doc.get("kind") != api.KIND:
+                continue
+            try:
+                resources.append(api.parse(doc))
+            except api.InvalidSpec as err:
+                name = (doc.get("metadata") or {}).get("name", "?")
+                raise InputError(f"{path}: {api.KIND} {name}: " + "; ".join(err.problems)) from None
+    if not resources:
+        raise InputError(f"no {api.KIND} objects in {', '.join(paths)}")
+    return resources
+
+
+def dump_stream(objects: Iterable[dict[str, Any]]) -> str:
+    """A YAML stream with sorted keys: the same objects always give the same bytes."""
+    return "".join(
+        "---\n" + yaml.safe_dump(obj, sort_keys=True, default_flow_style=False, width=1000)
+        for obj in objects
+    )
+
+
+def _qualified(resource: api.ImageGenService) -> str:
+    return f"{resource.metadata.namespace or 'default'}/{resource.metadata.name}"
+
+
+def cmd_render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    objects: list[dict[str, Any]] = []
+    refused = []
+    for resource in load_resources(args.filename, sys.stdin):
+        the_plan = plan(resource.spec)
+        try:
+            objects += render_all(resource, the_plan, args.server_image)
+        except UnworkableSpec as problem:
+            refused.append((resource, problem))
+            continue
+        # Warnings go to stderr: stdout stays the exact, committable stream.
+        for finding in the_plan.warnings:
+            err.write(
+                f"warning: {api.KIND} {_qualified(resource)}: {finding.reason} "
+                f"[{', '.join(finding.fields)}]: {finding.message}\n"
+            )
+    if refused:
+        # Nothing on stdout: a partial stream applied by GitOps would be worse than none.
+        for resource, problem in refused:
+            err.write(f"error: {api.KIND} {_qualified(resource)} cannot run:\n")
+            for finding in problem.findings:
+                err.write(f"  {finding.reason} [{', '.join(finding.fields)}]: {finding.message}\n")
+        return EXIT_REFUSED
+    out.write(dump_stream(objects))
+    return EXIT_OK
+
+
+def _money(value: float) -> str:
+    return f"${value:,.2f}"
+
+
+def plan_table(resource: api.ImageGenService, p: Plan) -> str:
+    """A readable summary of one plan."""
+    rows: list[tuple[str, str]] = [
+        (
+            "accelerator",
+            f"{p.accelerator} ({p.gpu_type}), {p.count_per_node} per node, "
+            f"machine {p.machine_type or 'none'}",
+        ),
+        (
+            "sharing",
+            f"{p.sharing}: {p.partitions_per_gpu} partition(s) x {p.clients_per_gpu} "
+            f"client(s) = {p.slots_per_gpu} slot(s) per GPU, {p.slots_per_node} per node",
+        ),
+        (
+            "replicas",
+            f"{p.replicas}"
+            + (
+                f" (autoscaling up to {p.target_replicas})"
+                if p.target_replicas != p.replicas
+                else ""
+            )
+            + f": {p.gpus_needed} GPU(s) on {p.nodes_needed} node(s)",
+        ),
+        (
+            "node pool",
+            f"{p.nodepool_name}"
+            + (
+                f", maxNodes {p.max_nodes} holds {p.replicas_at_max_nodes} replica(s)"
+                if p.max_nodes is not None
+                else ""
+            )
+            + (", Spot" if p.spot else ""),
+        ),
+        (
+            "memory",
+            f"model {p.footprint_gib:g} GiB ({p.footprint_source}) vs {p.slot_memory_gib:g} GiB "
+            f"per slot (GPU {p.gpu_memory_gib} GiB)",
+        ),
+    ]
+    if p.sharing_strategy == "MPS":
+        rows.append(
+            (
+                "mps limits",
+                f"{p.mps_thread_percentage}% of SMs, {p.mps_pinned_memory_mib} MiB pinned per client",
+            )
+        )
+    chosen = "Spot" if p.spot else "on-demand"
+    cost = f"{_money(p.cost.on_demand)} on-demand, {_money(p.cost.spot)} Spot for {p.cost.nodes} node(s)"
+    if p.cost_at_max_nodes is not None:
+        at_max = p.cost_at_max_nodes
+        cost += f"; at maxNodes {_money(at_max.spot if p.spot else at_max.on_demand)} {chosen}"
+    rows.append(("cost/hour", cost))
+    rows.append(("", f"estimate: {gke.PRICE_REGION} list prices as of {gke.PRICE_TABLE_DATE}"))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{api.KIND} {_qualified(resource)}"]
+    lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+    if p.findings:
+        lines.append("  findings:")
+        for f in p.findings:
+            lines.append(f"    {f.severity}: {f.reason} [{', '.join(f.fields)}]: {f.message}")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_plan(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    resources = load_resources(args.filename, sys.stdin)
+    plans = [(r, plan(r.spec)) for r in resources]
+    if args.output == "json":
+        doc = [
+            {"name": r.metadata.name, "namespace": r.metadata.namespace, "plan": p.to_dict()}
+            for r, p in plans
+        ]
+        out.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    else:
+        out.write("\n".join(plan_table(r, p) for r, p in plans))
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """The operator process. Imported lazily: kopf and the Kubernetes client are only
+    needed here, so render and plan stay light and offline."""
+    try:
+        from imagegen_operator import handlers
+    except ImportError as problem:
+        err.write(f"error: the operator is not available: {problem}\n")
+        return EXIT_USAGE
+    return handlers.run(args.operator_args) or EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imagegen-operator",
+        description="Diffusion-model serving on shared GKE GPUs.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the operator (a kopf process)", add_help=False)
+    run.add_argument(
+        "operator_args", nargs=argparse.REMAINDER, help="arguments for the operator process"
+    )
+    run.set_defaults(func=cmd_run)
+
+    render = commands.add_parser(
+        "render", help="print every object the operator would create, as YAML (offline)"
+    )
+    render.add_argument(
+        "-f", "--filename", action="append", required=True, help="ImageGenService YAML ('-': stdin)"
+    )
+    render.add_argument(
+        "--server-image",
+        default=DEFAULT_SERVER_IMAGE,
+        help="server image for services that set no spec.server.image (default: %(default)s)",
+    )
+    render.set_defaults(func=cmd_render)
+
+    plan_ = commands.add_parser("plan", help="show the capacity math and cost (offline)")
+    plan_.add_argument(
+        "-f", "--filename", action="append", required=True, help="ImageGenService YAML ('-': stdin)"
+    )
+    plan_.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    plan_.set_defaults(func=cmd_plan)
+    return parser
+
+
+def main(
+    argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    parser = build_parser()
+    # The operator's own options (kopf's) pass through `run` untouched.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "run":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "run":
+        args.operator_args = unknown + args.operator_args
+    try:
+        return args.func(args, out, err)
+    except InputError as problem:
+        err.write(f"error: {problem}\n")
+        return EXIT_REFUSED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""Every GKE fact the operator relies on, as data.
+
+The planner, the renderers, the CRD generator and the providers read GPU
+types, MIG sizes, machine types, node labels and prices from here and nowhere
+else, so a change in GKE is a change in this one module.
+
+Where each fact was checked (November 2026):
+
+- Node labels ``cloud.google.com/gke-gpu-sharing-strategy: time-sharing`` and
+  ``cloud.google.com/gke-max-shared-clients-per-gpu: "3"`` (a string), and that a
+  time-shared pod may request at most one ``nvidia.com/gpu``: GKE's
+  "Time-sharing GPUs on GKE" and "About GPU sharing strategies" pages.
+- GPU sharing strategies ``TIME_SHARING`` and ``MPS`` and the field
+  ``max_shared_clients_per_gpu``: the ``google.cloud.container_v1``
+  ``GPUSharingConfig`` reference (enum values 1 and 2).
+- MPS: GKE's "Share GPUs with multiple workloads using NVIDIA MPS" page
+  (Standard clusters, GKE 1.27.7-gke.1088000 and later, all NVIDIA GPU types;
+  per-container pinned device memory limit and active thread percentage come
+  from ``max-shared-clients-per-gpu``). ``hostIPC: true`` on MPS pods: the
+  page's example workload, as quoted by a secondary source (the excerpts of
+  the page itself reachable here stop before the example); the MPS clients
+  need the node's IPC namespace to reach the MPS control daemon, so this is
+  kept. Those pods select ``cloud.google.com/gke-gpu-sharing-strategy: mps``
+  and ``cloud.google.com/gke-max-shared-clients-per-gpu``.
+- ``CUDA_MPS_PINNED_DEVICE_MEM_LIMIT`` format ``<device>=<size>`` with ``G``
+  or ``M`` suffixes (``0=1G``, ``0=512M``): NVIDIA's MPS documentation,
+  "Volta MPS execution resource provisioning".
+- MIG-capable types and partition syntax ``[compute]g.[memory]gb``: GKE's
+  "Running multi-instance GPUs" page (A100 40GB, A100 80GB, H100 80GB,
+  H200 141GB; seven compute units and eight memory units each).
+- Partitions per GPU for each size: NVIDIA's MIG user guide, "Supported MIG
+  profiles" (A100 and H100 tables), and for the H200 141GB the profile set of
+  NVIDIA's mig-parted default configuration: 1g.18gb x7, 1g.35gb x4,
+  2g.35gb x3, 3g.71gb x2, 7g.141gb x1. This agrees with GKE.md. NVIDIA also
+  offers 4g.* profiles (one per GPU); GKE's table does not list them, so they
+  are left out here.
+- A3 Ultra (``a3-ultragpu-8g``) carries 8 H200 141GB GPUs and is the only
+  H200 shape: Google Cloud's accelerator-optimized machine family page and the
+  Cluster Toolkit v1.44.1 release notes. A countPerNode other than 8 on an H200
+  therefore has no machine type (the planner reports it).
+- N1 with T4: N1 machines take 1, 2 or 4 T4s; the machine types chosen here
+  (n1-standard-8/16/32) are this project's defaults, not a GKE rule.
+
+Not checked, taken from GKE.md: the node taint ``nvidia.com/gpu=present:NoSchedule``
+and that node auto-provisioning may label pools ``TIME_SHARING``/``MPS``.
+
+Prices (``PRICE_TABLE_DATE``) are ESTIMATES in USD per hour for us-central1,
+list prices without discounts, rounded; Spot prices move up to once a day.
+T4 and the A2 host figures follow SkyPilot's GCP catalog snapshot of
+2026-09-25 (T4 on demand 0.35, Spot 0.2088; a2-highgpu-1g host 0.73948,
+Spot 0.44371); the others are approximate list prices that were not
+re-checked against Google's pricing pages for this table. They are for
+comparing configurations, not for billing: check the pricing pages before
+spending money on the difference.
+
+Node-pool names: 1 to 40 characters, a lowercase letter first, then lowercase
+letters, digits or hyphens, not ending in a hyphen (the gcloud/API rule).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+# --- node labels and taints -------------------------------------------------
+
+LABEL_ACCELERATOR = "cloud.google.com/gke-accelerator"
+LABEL_PARTITION_SIZE = "cloud.google.com/gke-gpu-partition-size"
+LABEL_SHARING_STRATEGY = "cloud.google.com/gke-gpu-sharing-strategy"
+LABEL_MAX_SHARED_CLIENTS = "cloud.google.com/gke-max-shared-clients-per-gpu"
+LABEL_NODEPOOL = "cloud.google.com/gke-nodepool"
+LABEL_SPOT = "cloud.google.com/gke-spot"
+
+# Values of LABEL_SHARING_STRATEGY on pools created by hand or by the API.
+SHARING_LABEL_TIME_SHARING = "time-sharing"
+SHARING_LABEL_MPS = "mps"
+
+# The GKE API (container_v1.GPUSharingConfig.GPUSharingStrategy) spelling.
+API_STRATEGY_TIME_SHARING = "TIME_SHARING"
+API_STRATEGY_MPS = "MPS"
+
+# spec.gpu.sharing.strategy (API.md) -> node label value and API enum name.
+SHARING_LABEL_VALUES = {"TimeSharing": SHARING_LABEL_TIME_SHARING, "MPS": SHARING_LABEL_MPS}
+SHARING_API_VALUES = {"TimeSharing": API_STRATEGY_TIME_SHARING, "MPS": API_STRATEGY_MPS}
+
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_TAINT_KEY = "nvidia.com/gpu"
+GPU_TAINT_VALUE = "present"
+GPU_TAINT_EFFECT = "NoSchedule"
+# Config Connector and the GKE API spell taint effects as an enum.
+GPU_TAINT_EFFECT_API = "NO_SCHEDULE"
+
+MIN_SHARED_CLIENTS = 2
+MAX_SHARED_CLIENTS = 48
+# NVIDIA's MPS client limit per device (Volta and later); on a MIG slice it is
+# lowered in proportion to the compute instance's share of the GPU's 7 units
+# (NVIDIA MIG user guide, "CUDA MPS" section).
+MPS_MAX_CLIENTS = 48
+MIG_COMPUTE_UNITS = 7
+
+GPU_COUNTS_PER_NODE = (1, 2, 4, 8)
+
+# GKE node-pool names: lowercase letters, digits and hyphens, starting with a
+# letter, at most 40 characters (the API rejects longer names).
+NODEPOOL_NAME_MAX = 40
+NODEPOOL_NAME_RE = re.compile(r"^[a-z](?:[-a-z0-9]{0,38}[a-z0-9])?$")
+
+PRICE_TABLE_DATE = "2026-11-26"
+PRICE_REGION = "us-central1"
+
+
+@dataclass(frozen=True)
+class MachinePrice:
+    """Hourly USD estimate for the host part (vCPUs, memory, bundled SSD) of a machine."""
+
+    on_demand: float
+    spot: float
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """One ``gpu.type``: its memory, MIG sizes, machine shapes and GPU price."""
+
+    name: str  # the gpu.type value, also the cloud.google.com/gke-accelerator label value
+    display_name: str
+    memory_gib: int
+    # MIG size -> partitions per GPU; empty when the GPU has no MIG.
+    mig_partitions: dict[str, int] = field(hash=False)
+    # GPUs per node -> machine type; a missing count has no machine shape.
+    machine_types: dict[int, str] = field(hash=False)
+    gpu_usd_hour: float
+    gpu_spot_usd_hour: float
+    # A short tag for derived node-pool names (``h100``, ``l4``).
+    short_name: str
+
+    @property
+    def mig_capable(self) -> bool:
+        return bool(self.mig_partitions)
+
+
+ACCELERATORS: dict[str, Accelerator] = {
+    a.name: a
+    for a in (
+        Accelerator(
+            name="nvidia-tesla-t4",
+            display_name="NVIDIA T4 16GB",
+            memory_gib=16,
+            mig_partitions={},
+            machine_types={1: "n1-standard-8", 2: "n1-standard-16", 4: "n1-standard-32"},
+            gpu_usd_hour=0.35,
+            gpu_spot_usd_hour=0.21,
+            short_name="t4",
+        ),
+        Accelerator(
+            name="nvidia-l4",
+            display_name="NVIDIA L4 24GB",
+            memory_gib=24,
+            mig_partitions={},
+            machine_types={
+                1: "g2-standard-8",
+                2: "g2-standard-24",
+                4: "g2-standard-48",
+                8: "g2-standard-96",
+            },
+            gpu_usd_hour=0.56,
+            gpu_spot_usd_hour=0.22,
+            short_name="l4",
+        ),
+        Accelerator(
+            name="nvidia-tesla-a100",
+            display_name="NVIDIA A100 40GB",
+            memory_gib=40,
+            mig_partitions={"1g.5gb": 7, "2g.10gb": 3, "3g.20gb": 2, "7g.40gb": 1},
+            machine_types={
+                1: "a2-highgpu-1g",
+                2: "a2-highgpu-2g",
+                4: "a2-highgpu-4g",
+                8: "a2-highgpu-8g",
+            },
+            gpu_usd_hour=2.93,
+            gpu_spot_usd_hour=1.17,
+            short_name="a100",
+        ),
+        Accelerator(
+            name="nvidia-a100-80gb",
+            display_name="NVIDIA A100 80GB",
+            memory_gib=80,
+            mig_partitions={"1g.10gb": 7, "2g.20gb": 3, "3g.40gb": 2, "7g.80gb": 1},
+            machine_types={
+                1: "a2-ultragpu-1g",
+                2: "a2-ultragpu-2g",
+                4: "a2-ultragpu-4g",
+                8: "a2-ultragpu-8g",
+            },
+            gpu_usd_hour=3.93,
+            gpu_spot_usd_hour=1.57,
+            short_name="a100-80",
+        ),
+        Accelerator(
+            name="nvidia-h100-80gb",
+            display_name="NVIDIA H100 80GB",
+            memory_gib=80,
+            mig_partitions={"1g.10gb": 7, "1g.20gb": 4, "2g.20gb": 3, "3g.40gb": 2, "7g.80gb": 1},
+            machine_types={
+                1: "a3-highgpu-1g",
+                2: "a3-highgpu-2g",
+                4: "a3-highgpu-4g",
+                8: "a3-highgpu-8g",
+            },
+            gpu_usd_hour=9.80,
+            gpu_spot_usd_hour=2.25,
+            short_name="h100",
+        ),
+        Accelerator(
+            name="nvidia-h200-141gb",
+            display_name="NVIDIA H200 141GB",
+            memory_gib=141,
+            mig_partitions={
+                "1g.18gb": 7,
+                "1g.35gb": 4,
+                "2g.35gb": 3,
+                "3g.71gb": 2,
+                "7g.141gb": 1,
+            },
+            machine_types={8: "a3-ultragpu-8g"},
+            gpu_usd_hour=10.60,
+            gpu_spot_usd_hour=3.72,
+            short_name="h200",
+        ),
+    )
+}
+
+# Host part of each machine type (what the machine costs beyond its GPUs).
+MACHINE_PRICES: dict[str, MachinePrice] = {
+    "n1-standard-8": MachinePrice(0.38, 0.08),
+    "n1-standard-16": MachinePrice(0.76, 0.16),
+    "n1-standard-32": MachinePrice(1.52, 0.32),
+    "g2-standard-8": MachinePrice(0.29, 0.12),
+    "g2-standard-24": MachinePrice(0.88, 0.35),
+    "g2-standard-48": MachinePrice(1.76, 0.70),
+    "g2-standard-96": MachinePrice(3.52, 1.40),
+    "a2-highgpu-1g": MachinePrice(0.74, 0.44),
+    "a2-highgpu-2g": MachinePrice(1.48, 0.89),
+    "a2-highgpu-4g": MachinePrice(2.96, 1.77),
+    "a2-highgpu-8g": MachinePrice(5.92, 3.55),
+    "a2-ultragpu-1g": MachinePrice(1.14, 0.46),
+    "a2-ultragpu-2g": MachinePrice(2.28, 0.91),
+    "a2-ultragpu-4g": MachinePrice(4.56, 1.82),
+    "a2-ultragpu-8g": MachinePrice(9.12, 3.65),
+    "a3-highgpu-1g": MachinePrice(1.26, 0.44),
+    "a3-highgpu-2g": MachinePrice(2.52, 0.88),
+    "a3-highgpu-4g": MachinePrice(5.04, 1.76),
+    "a3-highgpu-8g": MachinePrice(10.08, 3.52),
+    "a3-ultragpu-8g": MachinePrice(11.20, 3.92),
+}
+
+_MIG_SIZE_RE = re.compile(r"^(\d+)g\.(\d+)gb$")
+
+
+def accelerator(gpu_type: str) -> Accelerator:
+    """The Accelerator for a gpu.type value; KeyError names the known types."""
+    try:
+        return ACCELERATORS[gpu_type]
+    except KeyError:
+        raise KeyError(
+            f"unknown gpu.type {gpu_type!r}; known: {', '.join(sorted(ACCELERATORS))}"
+        ) from None
+
+
+def mig_sizes(gpu_type: str) -> dict[str, int]:
+    """MIG size -> partitions per GPU for a gpu.type; empty when it has no MIG."""
+    return dict(accelerator(gpu_type).mig_partitions)
+
+
+def mig_slice_memory_gib(partition_size: str) -> int:
+    """The memory of one MIG slice, read from its name (``3g.40gb`` -> 40).
+
+    Names round to whole GB (3g.71gb is half of an H200's 141 GB), so this is
+    nominal; the planner's footprint figures carry more slack than the rounding.
+    """
+    match = _MIG_SIZE_RE.match(partition_size)
+    if not match:
+        raise ValueError(f"not a MIG partition size: {partition_size!r}")
+    return int(match.group(2))
+
+
+def mig_compute_units(partition_size: str) -> int:
+    """The compute units of a MIG size (``3g.40gb`` -> 3)."""
+    match = _MIG_SIZE_RE.match(partition_size)
+    if not match:
+        raise ValueError(f"not a MIG partition size: {partition_size!r}")
+    return int(match.group(1))
+
+
+def mps_client_limit(partition_size: str | None) -> int:
+    """MPS clients one device (a whole GPU, or a MIG slice) accepts."""
+    if not partition_size:
+        return MPS_MAX_CLIENTS
+    return max(1, MPS_MAX_CLIENTS * mig_compute_units(partition_size) // MIG_COMPUTE_UNITS)
+
+
+def machine_type(gpu_type: str, gpus_per_node: int) -> str | None:
+    """The machine type carrying that many GPUs of this type, or None if GKE has none."""
+    return accelerator(gpu_type).machine_types.get(gpus_per_node)
+
+
+def machine_price(machine: str) -> MachinePrice | None:
+    return MACHINE_PRICES.get(machine)

@@ -1,0 +1,300 @@
+"""Thin kopf handlers: take the event, call the one reconcile, report.
+
+Every trigger (create, update, resume, a timer, an event on a child such as a
+Deployment deleted or scaled by hand) ends in :meth:`Reconciler.reconcile` on
+the owning ImageGenService, one at a time per object. Handlers return nothing,
+so kopf writes no result stanza into status; its bookkeeping goes into
+``imagegen.dev`` annotations, written only when the spec changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+
+from imagegen_operator import metrics
+from imagegen_operator.kube import Kube, PermanentKubeError, TransientKubeError
+from imagegen_operator.providers import build_providers
+from imagegen_operator.reconcile import Reconciler
+from imagegen_operator.render.common import API_VERSION, GROUP, KIND, MANAGED_BY, VERSION
+
+PLURAL = "imagegenservices"
+FINALIZER = "imagegen.dev/node-pool"
+# (group, version, plural) as kopf takes them; the core group has no name.
+CHILD_KINDS = (
+    ("apps", "v1", "deployments"),
+    ("v1", "services"),
+    ("policy", "v1", "poddisruptionbudgets"),
+    ("autoscaling", "v2", "horizontalpodautoscalers"),
+)
+log = logging.getLogger("imagegen_operator")
+
+
+@dataclass
+class OperatorConfig:
+    """Settings of the operator process (flags, each also from the environment)."""
+
+    resync_seconds: float = 30.0
+    metrics_port: int = 8080
+    health_port: int = 8081
+    namespaces: tuple[str, ...] = ()
+    peering: str | None = None
+    priority: int = 0
+
+
+class Operator:
+    """The reconciler plus what makes it safe to call from many handlers at once."""
+
+    def __init__(self, reconciler: Reconciler):
+        self.reconciler = reconciler
+        self._locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._guard = threading.Lock()
+        self._seen: set[str] = set()
+        self._pools_waiting: set[str] = set()
+        self._writes_reported = 0
+
+    def _lock(self, uid: str) -> threading.Lock:
+        with self._guard:
+            return self._locks[uid]
+
+    def reconcile(self, body: dict[str, Any], trigger: str) -> None:
+        uid = body["metadata"]["uid"]
+        started = time.monotonic()
+        with self._lock(uid):
+            try:
+                # The event's copy may predate our own last status write: start
+                # from the live object, or we would write the same status twice.
+                body = self._fresh(body)
+                if body is None:
+                    return
+                outcome = self.reconciler.reconcile(body)
+            except TransientKubeError as exc:
+                metrics.ERRORS.labels("transient").inc()
+                metrics.RECONCILES.labels(trigger, "error").inc()
+                raise kopf.TemporaryError(str(exc), delay=5) from exc
+            except PermanentKubeError as exc:
+                metrics.ERRORS.labels("permanent").inc()
+                metrics.RECONCILES.labels(trigger, "error").inc()
+                raise kopf.PermanentError(str(exc)) from exc
+            finally:
+                metrics.RECONCILE_SECONDS.labels(trigger).observe(time.monotonic() - started)
+                self._count_writes()
+        metrics.RECONCILES.labels(trigger, outcome.result).inc()
+        with self._guard:
+            self._seen.add(uid)
+            pool_ready = outcome.ready or outcome.result == "invalid"
+            (self._pools_waiting.discard if pool_ready else self._pools_waiting.add)(uid)
+            metrics.MANAGED.set(len(self._seen))
+            metrics.POOLS_IN_FLIGHT.set(len(self._pools_waiting))
+
+    def _fresh(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        meta = body["metadata"]
+        live = self.reconciler.kube.get(API_VERSION, KIND, meta["name"], meta.get("namespace"))
+        if live is None or live["metadata"].get("uid") != meta["uid"]:
+            return None
+        return live
+
+    def finalize(self, body: dict[str, Any]) -> None:
+        uid = body["metadata"]["uid"]
+        with self._lock(uid):
+            try:
+                done = self.reconciler.finalize(body)
+            except TransientKubeError as exc:
+                raise kopf.TemporaryError(str(exc), delay=5) from exc
+            finally:
+                self._count_writes()
+        if not done:
+            raise kopf.TemporaryError("waiting for the node pool to be deleted", delay=5)
+        with self._guard:
+            self._seen.discard(uid)
+            self._pools_waiting.discard(uid)
+            self._locks.pop(uid, None)
+            metrics.MANAGED.set(len(self._seen))
+            metrics.POOLS_IN_FLIGHT.set(len(self._pools_waiting))
+
+    def _count_writes(self) -> None:
+        writes = self.reconciler.kube.writes
+        with self._guard:
+            metrics.API_WRITES.inc(writes - self._writes_reported)
+            self._writes_reported = writes
+
+    def owner_of(self, child: dict[str, Any]) -> dict[str, Any] | None:
+        ref = next(
+            (
+                r
+                for r in child["metadata"].get("ownerReferences") or []
+                if r.get("controller") and r.get("kind") == KIND
+            ),
+            None,
+        )
+        if ref is None:
+            return None
+        owner = self.reconciler.kube.get(
+            API_VERSION, KIND, ref["name"], child["metadata"].get("namespace")
+        )
+        if owner is None or owner["metadata"].get("uid") != ref.get("uid"):
+            return None
+        return owner
+
+
+def _record(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+    kopf.event(body, type=type_, reason=reason, message=message)
+
+
+def register(registry: kopf.OperatorRegistry, operator: Operator, config: OperatorConfig) -> None:
+    """Attach the handlers to ``registry``."""
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.persistence.finalizer = FINALIZER
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=GROUP, key="last-handled-configuration"
+        )
+        # Our own events say what happened; kopf's per-handler ones would only add noise.
+        settings.posting.level = logging.WARNING
+        settings.execution.max_workers = 8
+        if config.peering:
+            settings.peering.name = config.peering
+            settings.peering.priority = config.priority
+            settings.peering.mandatory = True
+            settings.peering.clusterwide = not config.namespaces
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # The same credentials as the Kubernetes client (in-cluster or kubeconfig).
+        return kopf.login_via_client(**kwargs)
+
+    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
+    @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry)
+    @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
+    def on_change(body: kopf.Body, reason: str, **_: Any) -> None:
+        operator.reconcile(_plain(body), trigger=str(reason))
+
+    @kopf.timer(
+        GROUP,
+        VERSION,
+        PLURAL,
+        interval=config.resync_seconds,
+        initial_delay=config.resync_seconds,
+        registry=registry,
+        when=lambda body, **_: not body["metadata"].get("deletionTimestamp"),
+    )
+    def on_timer(body: kopf.Body, **_: Any) -> None:
+        operator.reconcile(_plain(body), trigger="timer")
+
+    @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry)
+    def on_delete(body: kopf.Body, **_: Any) -> None:
+        operator.finalize(_plain(body))
+
+    for child in CHILD_KINDS:
+
+        @kopf.on.event(
+            *child,
+            registry=registry,
+            id=f"child-{child[-1]}",
+            labels={"app.kubernetes.io/managed-by": MANAGED_BY},
+        )
+        def on_child(body: kopf.Body, type: str | None, **_: Any) -> None:  # noqa: A002
+            # A child changed or vanished: reconcile its owner, which restores
+            # what was edited by hand (and is a no-op for our own writes).
+            if type is None:
+                return  # the initial listing; resume covers it
+            owner = operator.owner_of(_plain(body))
+            if owner is not None and not owner["metadata"].get("deletionTimestamp"):
+                operator.reconcile(owner, trigger="child")
+
+
+def _plain(body: kopf.Body) -> dict[str, Any]:
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": dict(body.get("metadata", {})),
+        "spec": dict(body.get("spec", {})),
+        "status": dict(body.get("status", {})),
+    }
+
+
+def parse_args(argv: Sequence[str]) -> OperatorConfig:
+    env = os.environ.get
+    p = argparse.ArgumentParser(
+        prog="imagegen-operator run", description="Run the ImageGenService operator."
+    )
+    p.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=float(env("IMAGEGEN_OPERATOR_RESYNC_SECONDS", "30")),
+        help="reconcile every service at least this often",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(env("IMAGEGEN_OPERATOR_METRICS_PORT", "8080")),
+        help="serve Prometheus /metrics here (0: off)",
+    )
+    p.add_argument(
+        "--health-port",
+        type=int,
+        default=int(env("IMAGEGEN_OPERATOR_HEALTH_PORT", "8081")),
+        help="serve /healthz here (0: off)",
+    )
+    p.add_argument(
+        "--namespace",
+        action="append",
+        default=None,
+        help="watch only this namespace (repeatable); default: all",
+    )
+    p.add_argument(
+        "--peering",
+        default=env("IMAGEGEN_OPERATOR_PEERING"),
+        help="kopf peering name: only one operator of the peering acts at a time",
+    )
+    p.add_argument("--priority", type=int, default=int(env("IMAGEGEN_OPERATOR_PRIORITY", "0")))
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(list(argv))
+    namespaces = tuple(
+        args.namespace or [n for n in env("IMAGEGEN_OPERATOR_NAMESPACES", "").split(",") if n]
+    )
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return OperatorConfig(
+        resync_seconds=args.resync_seconds,
+        metrics_port=args.metrics_port,
+        health_port=args.health_port,
+        namespaces=namespaces,
+        peering=args.peering,
+        priority=args.priority,
+    )
+
+
+def run(argv: Sequence[str]) -> int:
+    config = parse_args(argv)
+    kube = Kube()
+    operator = Operator(Reconciler(kube, build_providers(kube), recorder=_record))
+    registry = kopf.OperatorRegistry()
+    register(registry, operator, config)
+    if config.metrics_port:
+        metrics.serve(config.metrics_port)
+    kopf.run(
+        registry=registry,
+        clusterwide=not config.namespaces,
+        namespaces=config.namespaces,
+        standalone=not config.peering,
+        priority=config.priority,
+        peering_name=config.peering,
+        liveness_endpoint=(
+            f"http://0.0.0.0:{config.health_port}/healthz" if config.health_port else None
+        ),
+    )
+    return 0

@@ -1,0 +1,212 @@
+"""The storage layer: every call the operator makes to the Kubernetes API.
+
+Children are written with server-side apply under one field manager, and only
+when the live object differs from the desired one in a field we own: a
+steady-state reconcile reads and never writes. API errors are turned into two
+kinds the reconciler acts on: :class:`TransientKubeError` (retry later) and
+:class:`PermanentKubeError` (the object we asked for is wrong).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic import DynamicClient
+from kubernetes.dynamic.exceptions import ResourceNotFoundError
+from kubernetes.utils.quantity import parse_quantity
+
+FIELD_MANAGER = "imagegen-operator"
+log = logging.getLogger(__name__)
+
+
+class TransientKubeError(Exception):
+    """The API server could not do it now (conflict, timeout, 5xx): try again."""
+
+
+class PermanentKubeError(Exception):
+    """The API server refused the object itself (invalid, forbidden)."""
+
+
+class MissingKind(PermanentKubeError):
+    """The cluster does not serve this kind (a CRD that is not installed)."""
+
+
+def new_api_client() -> client.ApiClient:
+    """In-cluster credentials when running in a pod, else the kubeconfig."""
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+def _error(exc: ApiException, what: str) -> Exception:
+    text = f"{what}: {exc.status} {exc.reason}: {_message(exc)}"
+    if exc.status in (409, 429) or exc.status >= 500:
+        return TransientKubeError(text)
+    return PermanentKubeError(text)
+
+
+def _message(exc: ApiException) -> str:
+    import json
+
+    try:
+        return json.loads(exc.body).get("message", exc.body)
+    except (TypeError, ValueError, AttributeError):
+        return str(exc.body)
+
+
+def _same_scalar(want: Any, have: Any) -> bool:
+    if want == have or str(want) == str(have):
+        return True
+    # The API server rewrites quantities in canonical form ("1024Mi" -> "1Gi").
+    try:
+        return parse_quantity(want) == parse_quantity(have)
+    except (ValueError, TypeError):
+        return False
+
+
+def is_subset(want: Any, have: Any) -> bool:
+    """True when every field of ``want`` is already so in ``have``.
+
+    The server adds defaults and other managers add fields; neither counts as a
+    difference. Lists are compared item by item (same length): we own them whole.
+    """
+    if isinstance(want, dict):
+        if not isinstance(have, dict):
+            return not want
+        return all(
+            is_subset(v, have.get(k)) if k in have else v in (None, {}, []) for k, v in want.items()
+        )
+    if isinstance(want, list):
+        if not isinstance(have, list):
+            return not want
+        return len(want) == len(have) and all(
+            is_subset(w, h) for w, h in zip(want, have, strict=True)
+        )
+    if want is None:
+        return True
+    return _same_scalar(want, have)
+
+
+class Kube:
+    """Thin, typed-error access to the API through the dynamic client.
+
+    ``writes`` counts the write calls this process made (for /metrics).
+    """
+
+    def __init__(self, api_client: client.ApiClient | None = None):
+        self.api_client = api_client or new_api_client()
+        self._dynamic: DynamicClient | None = None
+        self._lock = threading.Lock()
+        self._resources: dict[tuple[str, str], Any] = {}
+        self.writes = 0
+
+    @property
+    def dynamic(self) -> DynamicClient:
+        if self._dynamic is None:
+            self._dynamic = DynamicClient(self.api_client)
+        return self._dynamic
+
+    def _resource(self, api_version: str, kind: str):
+        # The dynamic client's discovery cache is not thread-safe, and handlers
+        # run in several threads: look kinds up one at a time, and once.
+        key = (api_version, kind)
+        with self._lock:
+            if key in self._resources:
+                return self._resources[key]
+            try:
+                res = self.dynamic.resources.get(api_version=api_version, kind=kind)
+            except ResourceNotFoundError:
+                # Discovery is cached: look again in case the CRD was just installed.
+                self.dynamic.resources.invalidate_cache()
+                try:
+                    res = self.dynamic.resources.get(api_version=api_version, kind=kind)
+                except ResourceNotFoundError as exc:
+                    raise MissingKind(
+                        f"the cluster does not serve {kind} ({api_version})") from exc
+            self._resources[key] = res
+            return res
+
+    @contextmanager
+    def _calling(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except ApiException as exc:
+            raise _error(exc, what) from exc
+
+    def get(
+        self, api_version: str, kind: str, name: str, namespace: str | None = None
+    ) -> dict[str, Any] | None:
+        res = self._resource(api_version, kind)
+        try:
+            return res.get(name=name, namespace=namespace).to_dict()
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise _error(exc, f"get {kind} {name}") from exc
+
+    def list(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+    ) -> list[dict[str, Any]]:
+        res = self._resource(api_version, kind)
+        with self._calling(f"list {kind}"):
+            out = res.get(namespace=namespace, label_selector=label_selector)
+        return [item.to_dict() for item in out.items]
+
+    def apply(self, obj: dict[str, Any], live: dict[str, Any] | None = None) -> bool:
+        """Server-side apply ``obj`` unless the live object already matches; True if written."""
+        meta = obj["metadata"]
+        if live is None:
+            live = self.get(obj["apiVersion"], obj["kind"], meta["name"], meta.get("namespace"))
+        if live is not None and is_subset(obj, live):
+            return False
+        res = self._resource(obj["apiVersion"], obj["kind"])
+        with self._calling(f"apply {obj['kind']} {meta['name']}"):
+            self.writes += 1
+            res.server_side_apply(
+                body=obj,
+                name=meta["name"],
+                namespace=meta.get("namespace"),
+                field_manager=FIELD_MANAGER,
+                force_conflicts=True,
+            )
+        log.info("applied %s %s", obj["kind"], meta["name"])
+        return True
+
+    def delete(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> bool:
+        """Ask for deletion; True when it is already gone."""
+        res = self._resource(api_version, kind)
+        try:
+            self.writes += 1
+            res.delete(name=name, namespace=namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return True
+            raise _error(exc, f"delete {kind} {name}") from exc
+        return False
+
+    def patch_status(
+        self, api_version: str, kind: str, name: str, namespace: str | None, status: dict[str, Any]
+    ) -> None:
+        """Replace ``status`` through the status subresource (a merge patch)."""
+        res = self._resource(api_version, kind)
+        with self._calling(f"patch status of {kind} {name}"):
+            self.writes += 1
+            res.status.patch(
+                body={"status": status},
+                name=name,
+                namespace=namespace,
+                content_type="application/merge-patch+json",
+                field_manager=FIELD_MANAGER,
+            )

@@ -1,0 +1,46 @@
+"""The operator's own Prometheus metrics, from one registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REGISTRY = CollectorRegistry()
+
+RECONCILES = Counter(
+    "imagegen_operator_reconcile_total",
+    "Reconciles of ImageGenServices, by trigger and result.",
+    ["trigger", "result"],
+    registry=REGISTRY,
+)
+RECONCILE_SECONDS = Histogram(
+    "imagegen_operator_reconcile_duration_seconds",
+    "Time one reconcile took.",
+    ["trigger"],
+    registry=REGISTRY,
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+ERRORS = Counter(
+    "imagegen_operator_reconcile_errors_total",
+    "Reconciles that failed, by kind of error.",
+    ["kind"],
+    registry=REGISTRY,
+)
+MANAGED = Gauge(
+    "imagegen_operator_managed_services",
+    "ImageGenServices this operator manages.",
+    registry=REGISTRY,
+)
+POOLS_IN_FLIGHT = Gauge(
+    "imagegen_operator_nodepool_operations_in_flight",
+    "Services whose node pool is being created or changed.",
+    registry=REGISTRY,
+)
+API_WRITES = Counter(
+    "imagegen_operator_api_writes_total",
+    "Write calls made to the Kubernetes API.",
+    registry=REGISTRY,
+)
+
+
+def serve(port: int, addr: str = "0.0.0.0") -> None:
+    start_http_server(port, addr=addr, registry=REGISTRY)

@@ -1,0 +1,645 @@
+"""Capacity planning: from an ImageGenService spec to a Plan, with typed findings.
+
+Pure arithmetic over the facts in ``gke.py``: how many serving pods ("slots")
+one GPU holds, how many GPUs and nodes the replicas need, how many replicas the
+pool holds at ``maxNodes``, whether the model fits one slot's memory, what the
+nodes cost and which machine type and node-pool name the config maps to.
+
+``plan(spec)`` takes the API model (or anything with the same attribute
+names); ``make_plan(PlanInputs(...))`` works on plain values,
+which is what the property tests and the CLI table use.
+
+Memory footprint estimate (used only when ``model.memoryGiB`` is unset), in GiB::
+
+    footprint = weights[family] * dtype_factor
+              + activations_per_megapixel[family] * dtype_factor
+                * maxBatchSize * (width * height / 2**20)
+              + CUDA_CONTEXT_GIB
+
+``weights`` are the 16-bit weights of the whole pipeline (text encoders, the
+denoiser and the VAE), rounded up: SD 1.5 about 1.1B parameters, SDXL about
+3.5B, SD3 medium with its T5-XXL encoder about 7.5B, Flux.1 with T5-XXL about
+17B. ``activations_per_megapixel`` is the peak working memory of one image
+during denoise and VAE decode at one megapixel, rounded up from what diffusers
+pipelines use with SDPA attention. ``dtype_factor`` is 1 for bfloat16/float16
+and 2 for float32. ``Auto`` means the family is only known at load time: the
+planner then assumes SDXL and says so in a finding. These are estimates to catch
+configurations that cannot work; set ``model.memoryGiB`` to plan on a measured
+figure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+from imagegen_operator import gke
+
+# family -> (16-bit weights GiB, activations GiB per megapixel image)
+FOOTPRINT_TABLE: dict[str, tuple[float, float]] = {
+    "SD15": (2.5, 1.5),
+    "SDXL": (7.0, 2.0),
+    "SD3": (15.0, 2.5),
+    "Flux": (33.0, 3.0),
+}
+AUTO_FAMILY_ASSUMED = "SDXL"
+DTYPE_FACTOR = {"bfloat16": 1, "float16": 1, "float32": 2}
+CUDA_CONTEXT_GIB = 0.75
+# A model using more than this share of its slot leaves little room for
+# fragmentation and compile workspaces: worth a warning.
+TIGHT_FIT_SHARE = 0.9
+
+PROVIDERS_THAT_CREATE_POOLS = ("GKE", "ConfigConnector")
+
+
+# --- findings ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A problem with a spec: ``reason`` (CamelCase) names its kind for conditions.
+
+    ``blocking`` findings mean the Deployment cannot run as specified: the
+    operator creates nothing and ``render`` refuses. ``fields`` are the spec
+    paths a user would change.
+    """
+
+    message: str
+    fields: tuple[str, ...]
+    blocking: bool = True
+
+    # Informational findings describe the plan rather than a problem with it.
+    informational: ClassVar[bool] = False
+
+    @property
+    def reason(self) -> str:
+        return type(self).__name__
+
+    @property
+    def severity(self) -> str:
+        """error (blocks the Deployment), warning, or info."""
+        if self.blocking:
+            return "error"
+        return "info" if self.informational else "warning"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "reason": self.reason,
+            "severity": self.severity,
+            "blocking": self.blocking,
+            "fields": list(self.fields),
+            "message": self.message,
+        }
+
+
+class ModelDoesNotFitSlice(Finding):
+    """The model's footprint exceeds the memory of one slot (slice or share of a GPU)."""
+
+
+class ModelFitsTightly(Finding):
+    """The model fits its slot with less than 10% to spare."""
+
+
+class FootprintEstimated(Finding):
+    """No model.memoryGiB: the plan uses the estimate table (informational)."""
+
+    informational = True
+
+
+class PoolTooSmall(Finding):
+    """maxNodes cannot hold the replicas (or the autoscaler's maximum)."""
+
+
+class NoMachineType(Finding):
+    """GKE has no machine type with that many GPUs of this type."""
+
+
+class MigNotSupported(Finding):
+    """partitionSize on a GPU type without MIG."""
+
+
+class UnknownPartitionSize(Finding):
+    """partitionSize not offered by this GPU type."""
+
+
+class SharingClientsOutOfRange(Finding):
+    """maxSharedClientsPerGpu outside 2..48, or a strategy without a client count."""
+
+
+class MpsClientsAboveSliceLimit(Finding):
+    """NVIDIA lowers MPS's 48-client limit in proportion to a MIG compute instance's size."""
+
+
+class UnknownGpuType(Finding):
+    """gpu.type not one of the six GKE accelerator names."""
+
+
+# --- inputs and plan ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """Everything the planner reads, as plain values (API.md names in comments)."""
+
+    gpu_type: str  # gpu.type
+    count_per_node: int = 1  # gpu.countPerNode
+    partition_size: str | None = None  # gpu.partitionSize
+    sharing_strategy: str | None = None  # gpu.sharing.strategy: TimeSharing | MPS
+    max_shared_clients: int | None = None  # gpu.sharing.maxSharedClientsPerGpu
+    replicas: int = 1  # replicas
+    max_replicas: int | None = None  # autoscaling.maxReplicas
+    provider: str = "GKE"  # nodePool.provider
+    nodepool_name: str | None = None  # nodePool.name
+    machine_type: str | None = None  # nodePool.machineType
+    spot: bool = False  # nodePool.spot
+    min_nodes: int = 0  # nodePool.minNodes
+    max_nodes: int | None = None  # nodePool.maxNodes
+    family: str = "Auto"  # model.family
+    dtype: str = "bfloat16"  # model.dtype
+    memory_gib: float | None = None  # model.memoryGiB
+    max_batch_size: int = 1  # pipeline.stages.maxBatchSize
+    width: int = 1024  # pipeline.defaults.width
+    height: int = 1024  # pipeline.defaults.height
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Estimated USD per hour for a number of nodes (see gke.PRICE_TABLE_DATE)."""
+
+    nodes: int
+    on_demand: float
+    spot: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    gpu_type: str
+    accelerator: str
+    count_per_node: int
+    partition_size: str | None
+    sharing_strategy: str | None
+    clients_per_gpu: int  # clients per physical GPU, or per MIG slice when both are set
+    sharing: str  # short form for printer columns: exclusive, mig:1g.10gb+ts:2, mps:4
+    partitions_per_gpu: int
+    slots_per_gpu: int
+    slots_per_node: int
+    replicas: int
+    target_replicas: int  # replicas, or autoscaling.maxReplicas when autoscaling is set
+    gpus_needed: int  # whole GPUs holding target_replicas
+    nodes_needed: int
+    max_nodes: int | None
+    replicas_at_max_nodes: int | None
+    gpu_memory_gib: int
+    slot_memory_gib: float
+    footprint_gib: float
+    footprint_source: str  # "spec.model.memoryGiB" or "estimate:<family>/<dtype>"
+    mps_thread_percentage: int | None
+    mps_pinned_memory_mib: int | None
+    machine_type: str | None
+    nodepool_name: str
+    spot: bool
+    cost: Cost  # for nodes_needed
+    cost_at_max_nodes: Cost | None
+    findings: tuple[Finding, ...] = field(default_factory=tuple)
+
+    @property
+    def blocking(self) -> tuple[Finding, ...]:
+        return tuple(f for f in self.findings if f.blocking)
+
+    @property
+    def warnings(self) -> tuple[Finding, ...]:
+        """Problems that do not stop the Deployment (degraded, risky), without the notes."""
+        return tuple(f for f in self.findings if not f.blocking and not f.informational)
+
+    @property
+    def workable(self) -> bool:
+        return not self.blocking
+
+    @property
+    def slots(self) -> int:
+        """Slots on the GPUs the plan provisions (status.capacity.slots)."""
+        return self.nodes_needed * self.slots_per_node
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["findings"] = [f.to_dict() for f in self.findings]
+        out["workable"] = self.workable
+        out["slots"] = self.slots
+        return out
+
+
+# --- arithmetic ---------------------------------------------------------------
+
+
+def sharing_clients(strategy: str | None, clients: int | None) -> int:
+    """Pods per GPU (or per MIG slice) that sharing adds: 1 without a strategy."""
+    return clients if strategy and clients else 1
+
+
+def partitions_per_gpu(gpu_type: str, partition_size: str | None) -> int:
+    if not partition_size:
+        return 1
+    return gke.mig_sizes(gpu_type).get(partition_size, 0)
+
+
+def slots_per_gpu(
+    gpu_type: str,
+    partition_size: str | None,
+    strategy: str | None,
+    clients: int | None,
+) -> int:
+    """Allocatable nvidia.com/gpu per physical GPU: partitions x clients (GKE.md)."""
+    return partitions_per_gpu(gpu_type, partition_size) * sharing_clients(strategy, clients)
+
+
+def slot_memory_gib(
+    gpu_type: str, partition_size: str | None, strategy: str | None, clients: int | None
+) -> float:
+    """Memory one pod can count on: the slice (or GPU) divided among its sharing clients.
+
+    Time-sharing does not partition memory, but every client loads its own
+    copy of the model, so each can only rely on an equal share.
+    """
+    whole = (
+        gke.mig_slice_memory_gib(partition_size)
+        if partition_size
+        else gke.accelerator(gpu_type).memory_gib
+    )
+    return whole / sharing_clients(strategy, clients)
+
+
+def mps_thread_percentage(clients: int) -> int:
+    """CUDA_MPS_ACTIVE_THREAD_PERCENTAGE for an equal share: 100 / clients, floored."""
+    return max(1, 100 // clients)
+
+
+def mps_pinned_memory_mib(slot_gib: float) -> int:
+    """Per-client device memory limit in MiB (floored, so the clients' sum fits)."""
+    return int(slot_gib * 1024)
+
+
+def estimate_footprint_gib(
+    family: str, dtype: str, max_batch_size: int, width: int, height: int
+) -> float:
+    weights, activations = FOOTPRINT_TABLE.get(family, FOOTPRINT_TABLE[AUTO_FAMILY_ASSUMED])
+    factor = DTYPE_FACTOR.get(dtype, 1)
+    megapixels = width * height / 2**20
+    total = weights * factor + activations * factor * max_batch_size * megapixels + CUDA_CONTEXT_GIB
+    return round(total, 2)
+
+
+def sharing_summary(partition_size: str | None, strategy: str | None, clients: int | None) -> str:
+    """The printer-column form of API.md: ``mig:1g.10gb+ts:2``, ``mps:4``, ``exclusive``."""
+    parts = []
+    if partition_size:
+        parts.append(f"mig:{partition_size}")
+    if strategy and clients:
+        parts.append(f"{'ts' if strategy == 'TimeSharing' else 'mps'}:{clients}")
+    return "+".join(parts) or "exclusive"
+
+
+def default_nodepool_name(
+    gpu_type: str,
+    count_per_node: int,
+    partition_size: str | None,
+    strategy: str | None,
+    clients: int | None,
+    spot: bool,
+    machine_type: str | None = None,
+) -> str:
+    """A stable pool name from the GPU config, so identical configs share one pool.
+
+    ``igs-h100x1-mig1g10gb-ts2-spot``: the accelerator, GPUs per node, MIG size,
+    sharing and Spot. A machine type other than the derived one is part of the
+    config too; it is folded into a short hash to stay within GKE's 40 characters.
+    """
+    try:
+        short = gke.accelerator(gpu_type).short_name
+    except KeyError:
+        short = "gpu"
+    parts = [f"igs-{short}x{count_per_node}"]
+    if partition_size:
+        parts.append("mig" + partition_size.replace(".", ""))
+    if strategy and clients:
+        parts.append(f"{'ts' if strategy == 'TimeSharing' else 'mps'}{clients}")
+    if spot:
+        parts.append("spot")
+    derived = gke.ACCELERATORS.get(gpu_type)
+    derived_machine = derived.machine_types.get(count_per_node) if derived else None
+    if machine_type and machine_type != derived_machine:
+        parts.append(hashlib.sha256(machine_type.encode()).hexdigest()[:6])
+    return "-".join(parts)[: gke.NODEPOOL_NAME_MAX].rstrip("-")
+
+
+def nodes_cost(gpu_type: str, count_per_node: int, machine: str | None, nodes: int) -> Cost:
+    acc = gke.accelerator(gpu_type)
+    host = gke.machine_price(machine) if machine else None
+    host_on_demand = host.on_demand if host else 0.0
+    host_spot = host.spot if host else 0.0
+    on_demand = nodes * (count_per_node * acc.gpu_usd_hour + host_on_demand)
+    spot = nodes * (count_per_node * acc.gpu_spot_usd_hour + host_spot)
+    return Cost(nodes=nodes, on_demand=round(on_demand, 2), spot=round(spot, 2))
+
+
+# --- the planner --------------------------------------------------------------
+
+
+def make_plan(inputs: PlanInputs) -> Plan:
+    """The Plan for plain inputs; never raises on a bad spec, reports findings instead."""
+    i = inputs
+    findings: list[Finding] = []
+    if i.gpu_type not in gke.ACCELERATORS:
+        findings.append(
+            UnknownGpuType(
+                f"spec.gpu.type {i.gpu_type!r} is not a GKE accelerator; use one of "
+                f"{', '.join(sorted(gke.ACCELERATORS))}",
+                ("spec.gpu.type",),
+            )
+        )
+        return _unplannable(i, findings)
+    acc = gke.accelerator(i.gpu_type)
+    findings += _check_gpu_config(i, acc)
+    strategy = i.sharing_strategy if i.max_shared_clients else None
+    clients = sharing_clients(strategy, i.max_shared_clients)
+    partitions = partitions_per_gpu(i.gpu_type, i.partition_size)
+    per_gpu = partitions * clients
+    per_node = per_gpu * i.count_per_node
+    target = max(i.replicas, i.max_replicas or 0)
+
+    nodes_needed = math.ceil(target / per_node) if per_node else 0
+    gpus_needed = math.ceil(target / per_gpu) if per_gpu else 0
+    at_max = i.max_nodes * per_node if i.max_nodes is not None else None
+
+    slot_gib = (
+        slot_memory_gib(i.gpu_type, i.partition_size, strategy, i.max_shared_clients)
+        if partitions
+        else 0.0
+    )
+    if i.memory_gib is not None:
+        footprint, source = float(i.memory_gib), "spec.model.memoryGiB"
+    else:
+        family = i.family if i.family in FOOTPRINT_TABLE else AUTO_FAMILY_ASSUMED
+        footprint = estimate_footprint_gib(family, i.dtype, i.max_batch_size, i.width, i.height)
+        source = f"estimate:{family}/{i.dtype}"
+        findings.append(_footprint_estimated(i, family, footprint))
+    if partitions:
+        findings += _check_fit(i, footprint, slot_gib, source)
+    if at_max is not None and per_node:
+        findings += _check_pool(i, target, at_max, per_node)
+
+    machine = i.machine_type or gke.machine_type(i.gpu_type, i.count_per_node)
+    if machine is None:
+        shapes = ", ".join(str(n) for n in sorted(acc.machine_types))
+        findings.append(
+            NoMachineType(
+                f"GKE has no machine type with {i.count_per_node} {i.gpu_type} GPU(s); "
+                f"spec.gpu.countPerNode must be one of {shapes} for this type",
+                ("spec.gpu.countPerNode", "spec.nodePool.machineType"),
+                blocking=i.provider in PROVIDERS_THAT_CREATE_POOLS,
+            )
+        )
+    mps = strategy == "MPS"
+    return Plan(
+        gpu_type=i.gpu_type,
+        accelerator=acc.display_name,
+        count_per_node=i.count_per_node,
+        partition_size=i.partition_size,
+        sharing_strategy=strategy,
+        clients_per_gpu=clients,
+        sharing=sharing_summary(i.partition_size, strategy, i.max_shared_clients),
+        partitions_per_gpu=partitions,
+        slots_per_gpu=per_gpu,
+        slots_per_node=per_node,
+        replicas=i.replicas,
+        target_replicas=target,
+        gpus_needed=gpus_needed,
+        nodes_needed=nodes_needed,
+        max_nodes=i.max_nodes,
+        replicas_at_max_nodes=at_max,
+        gpu_memory_gib=acc.memory_gib,
+        slot_memory_gib=round(slot_gib, 3),
+        footprint_gib=footprint,
+        footprint_source=source,
+        mps_thread_percentage=mps_thread_percentage(clients) if mps else None,
+        mps_pinned_memory_mib=mps_pinned_memory_mib(slot_gib) if mps else None,
+        machine_type=machine,
+        nodepool_name=i.nodepool_name
+        or default_nodepool_name(
+            i.gpu_type,
+            i.count_per_node,
+            i.partition_size,
+            strategy,
+            i.max_shared_clients,
+            i.spot,
+            i.machine_type,
+        ),
+        spot=i.spot,
+        cost=nodes_cost(i.gpu_type, i.count_per_node, machine, nodes_needed),
+        cost_at_max_nodes=nodes_cost(i.gpu_type, i.count_per_node, machine, i.max_nodes)
+        if i.max_nodes is not None
+        else None,
+        findings=tuple(findings),
+    )
+
+
+def _check_gpu_config(i: PlanInputs, acc: gke.Accelerator) -> list[Finding]:
+    """The API server enforces these too; the planner repeats them for plain inputs."""
+    out: list[Finding] = []
+    if i.partition_size and not acc.mig_capable:
+        out.append(
+            MigNotSupported(
+                f"spec.gpu.partitionSize {i.partition_size!r} needs a MIG-capable GPU; "
+                f"{i.gpu_type} has no MIG (use A100, H100 or H200, or drop partitionSize)",
+                ("spec.gpu.partitionSize", "spec.gpu.type"),
+            )
+        )
+    elif i.partition_size and i.partition_size not in acc.mig_partitions:
+        out.append(
+            UnknownPartitionSize(
+                f"spec.gpu.partitionSize {i.partition_size!r} is not offered by {i.gpu_type}; "
+                f"use one of {', '.join(acc.mig_partitions)}",
+                ("spec.gpu.partitionSize",),
+            )
+        )
+    clients = i.max_shared_clients
+    if i.sharing_strategy and not (
+        clients and gke.MIN_SHARED_CLIENTS <= clients <= gke.MAX_SHARED_CLIENTS
+    ):
+        out.append(
+            SharingClientsOutOfRange(
+                f"spec.gpu.sharing.maxSharedClientsPerGpu must be "
+                f"{gke.MIN_SHARED_CLIENTS}..{gke.MAX_SHARED_CLIENTS} with strategy "
+                f"{i.sharing_strategy}; got {clients}",
+                ("spec.gpu.sharing.maxSharedClientsPerGpu",),
+            )
+        )
+    if (
+        i.sharing_strategy == "MPS"
+        and clients
+        and i.partition_size in acc.mig_partitions
+        and clients > (limit := gke.mps_client_limit(i.partition_size))
+    ):
+        out.append(
+            MpsClientsAboveSliceLimit(
+                f"spec.gpu.sharing.maxSharedClientsPerGpu {clients} exceeds the MPS client "
+                f"limit of a {i.partition_size} slice (about {limit}); clients past it may "
+                f"fail to start",
+                ("spec.gpu.sharing.maxSharedClientsPerGpu", "spec.gpu.partitionSize"),
+                # NVIDIA states the proportion, not an exact per-profile figure: warn only.
+                blocking=False,
+            )
+        )
+    return out
+
+
+def _footprint_estimated(i: PlanInputs, family: str, footprint: float) -> Finding:
+    assumed = f" (family Auto: assumed {family})" if i.family not in FOOTPRINT_TABLE else ""
+    return FootprintEstimated(
+        f"model footprint estimated at {footprint:g} GiB for {family}/{i.dtype}, batch "
+        f"{i.max_batch_size} at {i.width}x{i.height}{assumed}; set spec.model.memoryGiB "
+        f"to plan on a measured figure",
+        ("spec.model.memoryGiB", "spec.model.family"),
+        blocking=False,
+    )
+
+
+def _slot_words(i: PlanInputs, slot_gib: float) -> str:
+    where = f"a {i.partition_size} MIG slice" if i.partition_size else f"a {i.gpu_type} GPU"
+    if i.sharing_strategy and i.max_shared_clients:
+        return f"{slot_gib:g} GiB ({where} shared by {i.max_shared_clients} clients)"
+    return f"{slot_gib:g} GiB ({where})"
+
+
+def _check_fit(i: PlanInputs, footprint: float, slot_gib: float, source: str) -> list[Finding]:
+    fields = (
+        "spec.model.memoryGiB" if source == "spec.model.memoryGiB" else "spec.model.family",
+        "spec.gpu.partitionSize",
+        "spec.gpu.sharing.maxSharedClientsPerGpu",
+        "spec.gpu.type",
+    )
+    if footprint > slot_gib:
+        return [
+            ModelDoesNotFitSlice(
+                f"the model needs {footprint:g} GiB ({source}) but one slot has "
+                f"{_slot_words(i, slot_gib)}; choose a larger spec.gpu.partitionSize, fewer "
+                f"spec.gpu.sharing.maxSharedClientsPerGpu or a larger spec.gpu.type",
+                fields,
+            )
+        ]
+    if footprint > TIGHT_FIT_SHARE * slot_gib:
+        return [
+            ModelFitsTightly(
+                f"the model needs {footprint:g} GiB ({source}) of a slot's "
+                f"{_slot_words(i, slot_gib)}: less than 10% headroom",
+                fields,
+                blocking=False,
+            )
+        ]
+    return []
+
+
+def _check_pool(i: PlanInputs, target: int, at_max: int, per_node: int) -> list[Finding]:
+    if target <= at_max:
+        return []
+    wanted = "spec.autoscaling.maxReplicas" if i.max_replicas else "spec.replicas"
+    needed = math.ceil(target / per_node)
+    return [
+        PoolTooSmall(
+            f"{wanted}={target} needs {needed} node(s) of {per_node} slot(s) but "
+            f"spec.nodePool.maxNodes={i.max_nodes} holds {at_max} replica(s); raise "
+            f"spec.nodePool.maxNodes to {needed} or lower {wanted}",
+            (wanted, "spec.nodePool.maxNodes"),
+            # Some replicas pending is degraded, not broken; no capacity at all is broken.
+            blocking=at_max == 0 and target > 0,
+        )
+    ]
+
+
+def _unplannable(i: PlanInputs, findings: list[Finding]) -> Plan:
+    return Plan(
+        gpu_type=i.gpu_type,
+        accelerator="unknown",
+        count_per_node=i.count_per_node,
+        partition_size=i.partition_size,
+        sharing_strategy=i.sharing_strategy,
+        clients_per_gpu=sharing_clients(i.sharing_strategy, i.max_shared_clients),
+        sharing=sharing_summary(i.partition_size, i.sharing_strategy, i.max_shared_clients),
+        partitions_per_gpu=0,
+        slots_per_gpu=0,
+        slots_per_node=0,
+        replicas=i.replicas,
+        target_replicas=max(i.replicas, i.max_replicas or 0),
+        gpus_needed=0,
+        nodes_needed=0,
+        max_nodes=i.max_nodes,
+        replicas_at_max_nodes=None,
+        gpu_memory_gib=0,
+        slot_memory_gib=0.0,
+        footprint_gib=float(i.memory_gib or 0),
+        footprint_source="unknown",
+        mps_thread_percentage=None,
+        mps_pinned_memory_mib=None,
+        machine_type=i.machine_type,
+        nodepool_name=i.nodepool_name
+        or default_nodepool_name(
+            i.gpu_type,
+            i.count_per_node,
+            i.partition_size,
+            i.sharing_strategy,
+            i.max_shared_clients,
+            i.spot,
+            i.machine_type,
+        ),
+        spot=i.spot,
+        cost=Cost(0, 0.0, 0.0),
+        cost_at_max_nodes=None,
+        findings=tuple(findings),
+    )
+
+
+# --- from the API model -------------------------------------------------------
+
+
+def _value(x: Any) -> Any:
+    """An enum member's value, or the thing itself (the API may use str enums)."""
+    return getattr(x, "value", x)
+
+
+def inputs_from_spec(spec: Any) -> PlanInputs:
+    """PlanInputs from an ImageGenService spec (api.py's model, snake_case attributes)."""
+    gpu = spec.gpu
+    sharing = getattr(gpu, "sharing", None)
+    pool = getattr(spec, "node_pool", None)
+    autoscaling = getattr(spec, "autoscaling", None)
+    model = spec.model
+    pipeline = getattr(spec, "pipeline", None)
+    stages = getattr(pipeline, "stages", None) if pipeline else None
+    defaults = getattr(pipeline, "defaults", None) if pipeline else None
+    return PlanInputs(
+        gpu_type=_value(gpu.type),
+        count_per_node=getattr(gpu, "count_per_node", None) or 1,
+        partition_size=_value(getattr(gpu, "partition_size", None)),
+        sharing_strategy=_value(sharing.strategy) if sharing else None,
+        max_shared_clients=sharing.max_shared_clients_per_gpu if sharing else None,
+        replicas=spec.replicas if getattr(spec, "replicas", None) is not None else 1,
+        max_replicas=autoscaling.max_replicas if autoscaling else None,
+        provider=_value(pool.provider) if pool else "Existing",
+        nodepool_name=getattr(pool, "name", None) if pool else None,
+        machine_type=getattr(pool, "machine_type", None) if pool else None,
+        spot=bool(getattr(pool, "spot", False)) if pool else False,
+        min_nodes=(getattr(pool, "min_nodes", None) or 0) if pool else 0,
+        max_nodes=getattr(pool, "max_nodes", None) if pool else None,
+        family=_value(getattr(model, "family", None)) or "Auto",
+        dtype=_value(getattr(model, "dtype", None)) or "bfloat16",
+        memory_gib=getattr(model, "memory_gib", None),
+        max_batch_size=(getattr(stages, "max_batch_size", None) or 1) if stages else 1,
+        width=(getattr(defaults, "width", None) or 1024) if defaults else 1024,
+        height=(getattr(defaults, "height", None) or 1024) if defaults else 1024,
+    )
+
+
+def plan(spec: Any) -> Plan:
+    """The Plan for an ImageGenService spec."""
+    return make_plan(inputs_from_spec(spec))

@@ -1,0 +1,54 @@
+"""Node-pool providers: GKE (API), ConfigConnector, Existing and Local (KWOK)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from imagegen_operator.kube import Kube
+from imagegen_operator.planner import Plan
+from imagegen_operator.providers.base import NodePoolProvider, PoolState, ProviderError
+from imagegen_operator.providers.config_connector import ConfigConnectorProvider
+from imagegen_operator.providers.existing import ExistingProvider
+from imagegen_operator.providers.local import LocalProvider
+
+__all__ = ["NodePoolProvider", "PoolState", "ProviderError", "build_providers"]
+
+
+class _Lazy:
+    """Builds a provider on first use, so a cluster that never asks for GKE never
+    needs Google credentials or the client library."""
+
+    def __init__(self, name: str, factory: Callable[[], NodePoolProvider]):
+        self.name = name
+        self._factory = factory
+        self._provider: NodePoolProvider | None = None
+
+    def _get(self) -> NodePoolProvider:
+        if self._provider is None:
+            self._provider = self._factory()
+        return self._provider
+
+    def ensure(self, resource: Any, plan: Plan, target_nodes: int) -> PoolState:
+        return self._get().ensure(resource, plan, target_nodes)
+
+    def delete(self, resource: Any, plan: Plan) -> bool:
+        return self._get().delete(resource, plan)
+
+
+def _gke() -> NodePoolProvider:
+    from imagegen_operator.providers.gke import GkeProvider
+
+    return GkeProvider()
+
+
+def build_providers(
+    kube: Kube, gke: Callable[[], NodePoolProvider] = _gke
+) -> dict[str, NodePoolProvider]:
+    """One provider per ``spec.nodePool.provider`` value."""
+    return {
+        "GKE": _Lazy("GKE", gke),
+        "ConfigConnector": ConfigConnectorProvider(kube),
+        "Existing": ExistingProvider(kube),
+        "Local": LocalProvider(kube),
+    }

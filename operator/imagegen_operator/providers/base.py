@@ -1,0 +1,62 @@
+"""The one small interface every node-pool provider implements.
+
+A provider makes sure the node pool a plan asks for exists (without blocking:
+it starts what must be started and reports how far it got) and deletes it when
+the last service using it is gone. What a pool is shared by is the operator's
+business, not the provider's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from imagegen_operator.planner import Plan
+
+
+@dataclass(frozen=True)
+class PoolState:
+    """What a provider observed about one pool.
+
+    ``reason`` is a CamelCase word for the NodePoolReady condition
+    (``Ready``, ``Provisioning``, ``QuotaExceeded``...), ``message`` a sentence a
+    user can act on.
+    """
+
+    name: str
+    ready: bool
+    ready_nodes: int
+    reason: str
+    message: str = ""
+
+
+class ProviderError(Exception):
+    """A pool operation failed; ``retry_after`` is set when trying again can help."""
+
+    def __init__(self, reason: str, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.retry_after = retry_after
+
+    @property
+    def transient(self) -> bool:
+        return self.retry_after is not None
+
+
+class NodePoolProvider(Protocol):
+    """``ensure`` and ``delete`` are idempotent and keyed by ``plan.nodepool_name``."""
+
+    name: str
+
+    def ensure(self, resource: Any, plan: Plan, target_nodes: int) -> PoolState:
+        """Create the pool if it is missing, start nothing twice, report its state.
+
+        ``target_nodes`` is what every service sharing the pool needs together,
+        within the pool's min/max (a hint: GKE's autoscaler decides by itself).
+        """
+        ...
+
+    def delete(self, resource: Any, plan: Plan) -> bool:
+        """Start deleting the pool; True once it is gone."""
+        ...

@@ -1,0 +1,55 @@
+"""The Existing provider: use GPU nodes that are already there; create nothing.
+
+It reports how many Ready nodes match the serving pods' node selector. With
+both sharing labels in that selector, GKE's node auto-provisioning can create a
+matching pool by itself once pods are Pending, so no nodes yet is not an error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from imagegen_operator.kube import Kube
+from imagegen_operator.planner import Plan
+from imagegen_operator.providers.base import PoolState
+from imagegen_operator.providers.local import node_ready
+from imagegen_operator.render.deployment import nodeselector
+
+
+class ExistingProvider:
+    name = "Existing"
+
+    def __init__(self, kube: Kube):
+        self.kube = kube
+
+    def ensure(self, resource: Any, plan: Plan, target_nodes: int) -> PoolState:
+        selector = ",".join(f"{k}={v}" for k, v in sorted(nodeselector(plan).items()))
+        nodes = [n for n in self.kube.list("v1", "Node", label_selector=selector) if node_ready(n)]
+        if nodes:
+            return PoolState(
+                plan.nodepool_name,
+                True,
+                len(nodes),
+                "Ready",
+                f"{len(nodes)} existing node(s) match {selector}",
+            )
+        if plan.sharing_strategy:
+            return PoolState(
+                plan.nodepool_name,
+                False,
+                0,
+                "AwaitingAutoProvisioning",
+                f"no Ready node matches {selector} yet; GKE node auto-provisioning "
+                "can create one for the pending pods",
+            )
+        return PoolState(
+            plan.nodepool_name,
+            False,
+            0,
+            "NoMatchingNodes",
+            f"no Ready node matches {selector}; create a GPU node pool with "
+            "these labels or use provider GKE",
+        )
+
+    def delete(self, resource: Any, plan: Plan) -> bool:
+        return True  # not ours to delete

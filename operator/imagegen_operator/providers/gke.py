@@ -1,0 +1,487 @@
+"""The ``GKE`` provider: node pools made through GKE's API (google-cloud-container).
+
+Level-based and non-blocking: every call to :meth:`GkeProvider.ensure` reads the
+pool, starts what is missing and returns at once; the operator calls again on
+its timer, and the next call sees how far GKE got. Nothing here waits for a
+long-running operation.
+
+- The pool's name is the key: a pool that exists is never created again, and
+  ``AlreadyExists`` from a create that raced another one is success.
+- GKE runs one operation at a time per cluster and refuses a second with
+  ``FAILED_PRECONDITION``/``409`` "Operation ... is currently ... Please wait and
+  try again once it is done." That is ``ClusterBusy``, transient, with an
+  exponential backoff counted per pool.
+- Errors become :class:`ProviderError` with a reason for the NodePoolReady
+  condition and GKE's own words as the message.
+
+What the provider remembers between calls (the last operation it started, the
+backoff counter, a failed create) is only an optimisation: after an operator
+restart it starts from what GKE reports, and still creates nothing twice.
+
+The client: by default a ``ClusterManagerClient`` with Application Default
+Credentials (Workload Identity on GKE), built on first use. ``IMAGEGEN_GKE_API_ENDPOINT``
+points it elsewhere (see :func:`build_client`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from imagegen_operator.planner import Plan
+from imagegen_operator.providers.base import PoolState, ProviderError
+from imagegen_operator.render.nodepool import (
+    create_node_pool_request,
+    parse_cluster,
+    render_gke_nodepool,
+)
+
+log = logging.getLogger(__name__)
+
+ENDPOINT_ENV = "IMAGEGEN_GKE_API_ENDPOINT"
+
+# Seconds per API call. The library's defaults retry reads for 20 s and allow a
+# create 45 s; the operator's own loop is the retry, so each call fails fast.
+CALL_TIMEOUT_S = 30.0
+BACKOFF_BASE_S = 15.0
+BACKOFF_MAX_S = 300.0
+# How long a failed create operation is reported before the pool is tried again:
+# GPU stockouts and quota raises take minutes, not seconds.
+FAILED_CREATE_HOLD_S = 300.0
+_MAX_ATTEMPTS = 16  # caps the backoff exponent
+
+# GKE's wording for "another operation is running on this cluster or pool".
+_BUSY = re.compile(
+    r"operation \S+ is currently|please wait and try again|incompatible operation"
+    r"|cluster is currently being|is currently (creating|deleting|upgrading|updating)",
+    re.IGNORECASE,
+)
+# Resource quotas: "Insufficient regional quota to satisfy request: ...",
+# "Quota 'NVIDIA_H100_GPUS' exceeded", reason QUOTA_EXCEEDED.
+_QUOTA = re.compile(r"quota", re.IGNORECASE)
+# API request-rate quotas ("Quota exceeded for quota metric 'Read requests' and
+# limit 'Read requests per minute'") pass by themselves: transient, unlike resource quotas.
+_RATE_LIMIT = re.compile(r"quota metric|per minute|rate limit", re.IGNORECASE)
+# google.rpc.Code numbers found in Operation.error.code.
+_RPC_RESOURCE_EXHAUSTED = 8
+
+
+def build_client(endpoint: str | None = None) -> Any:
+    """A ``ClusterManagerClient``.
+
+    - no endpoint (the default, and what production uses): GKE itself, gRPC,
+      Application Default Credentials.
+    - ``http://HOST:PORT``: a plain-HTTP endpoint with anonymous credentials,
+      for local test doubles of the REST API; never GKE.
+    - ``https://HOST``: another HTTPS endpoint (a private or regional API
+      endpoint), REST, Application Default Credentials.
+    """
+    from google.cloud import container_v1
+
+    if not endpoint:
+        return container_v1.ClusterManagerClient()
+    from google.cloud.container_v1.services.cluster_manager.transports.rest import (
+        ClusterManagerRestTransport,
+    )
+
+    scheme, _, host = endpoint.rpartition("://")
+    if scheme == "http":
+        from google.auth.credentials import AnonymousCredentials
+
+        transport = ClusterManagerRestTransport(
+            host=host, url_scheme="http", credentials=AnonymousCredentials()
+        )
+    else:
+        transport = ClusterManagerRestTransport(host=host)
+    return container_v1.ClusterManagerClient(transport=transport)
+
+
+@dataclass
+class _PoolMemory:
+    """What the provider remembers about one pool between calls."""
+
+    operation: str | None = None  # full name of the last operation it started
+    kind: str | None = None  # "create" or "delete"
+    attempts: int = 0  # consecutive transient failures, for the backoff
+    failure: ProviderError | None = None  # a failed create, reported until failed_until
+    failed_until: float = 0.0
+
+
+class GkeProvider:
+    """Creates, reads and deletes GKE node pools; see the module docstring."""
+
+    name = "GKE"
+
+    def __init__(
+        self,
+        client: Any | None = None,
+        *,
+        timeout: float = CALL_TIMEOUT_S,
+        backoff_base: float = BACKOFF_BASE_S,
+        backoff_max: float = BACKOFF_MAX_S,
+        failed_create_hold: float = FAILED_CREATE_HOLD_S,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._client = client
+        self.timeout = timeout
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.failed_create_hold = failed_create_hold
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._memory: dict[str, _PoolMemory] = {}
+        self._pool_locks: dict[str, threading.Lock] = {}
+
+    @property
+    def client(self) -> Any:
+        # Built on first use: importing the library and finding credentials is
+        # only worth it once a service asks for a GKE pool.
+        if self._client is None:
+            try:
+                self._client = build_client(os.environ.get(ENDPOINT_ENV))
+            except Exception as exc:  # google.auth.exceptions.DefaultCredentialsError, mostly
+                raise ProviderError(
+                    "CredentialsUnavailable",
+                    f"cannot build a GKE API client: {exc}",
+                ) from exc
+        return self._client
+
+    # --- the interface ---------------------------------------------------------
+
+    def ensure(self, resource: Any, plan: Plan, target_nodes: int) -> PoolState:
+        cluster = _cluster_of(resource)
+        name = f"{cluster}/nodePools/{plan.nodepool_name}"
+        with self._pool_lock(name):
+            try:
+                pool = self._call(name, self.client.get_node_pool, name=name)
+            except _NotFound:
+                return self._create(resource, plan, cluster, name)
+            self._memory_of(name).attempts = 0
+            return self._observe(name, plan.nodepool_name, pool, target_nodes)
+
+    def delete(self, resource: Any, plan: Plan) -> bool:
+        cluster = _cluster_of(resource)
+        name = f"{cluster}/nodePools/{plan.nodepool_name}"
+        with self._pool_lock(name):
+            memory = self._memory_of(name)
+            try:
+                pool = self._call(name, self.client.get_node_pool, name=name)
+            except _NotFound:
+                self._forget(name)
+                return True
+            if _status_name(pool.status) == "STOPPING":
+                # Our delete (or someone's) is running: asking again would only
+                # earn a "currently deleting" refusal.
+                return False
+            if memory.kind == "delete":
+                # Not stopping any more, yet still there: did our delete fail?
+                self._raise_if_failed(name, memory)
+            try:
+                operation = self._call(name, self.client.delete_node_pool, name=name)
+            except _NotFound:
+                self._forget(name)
+                return True
+            memory.operation, memory.kind = _operation_name(cluster, operation), "delete"
+            memory.attempts = 0
+            log.info("deleting node pool %s (%s)", name, memory.operation)
+            return False
+
+    # --- ensure, step by step ----------------------------------------------------
+
+    def _create(self, resource: Any, plan: Plan, cluster: str, name: str) -> PoolState:
+        memory = self._memory_of(name)
+        if memory.failure is not None:
+            if self._clock() < memory.failed_until:
+                raise self._still_failed(memory)
+            memory.failure = None
+        if memory.kind == "create":
+            # The pool is not there: maybe our create is still starting, or it
+            # failed and GKE rolled the pool back.
+            operation = self._poll(name, memory)
+            if operation is not None and _status_name(operation.status) != "DONE":
+                return _provisioning(plan.nodepool_name, f"GKE is creating node pool {name}.")
+            self._raise_if_failed(name, memory, operation)
+        # No create of ours under way (or it succeeded and the pool was deleted since).
+        memory.operation = memory.kind = None
+
+        request = create_node_pool_request(render_gke_nodepool(resource, plan))
+        try:
+            operation = self._call(name, self.client.create_node_pool, **request)
+        except _AlreadyExists:
+            # Another create won the race (another operator replica before the
+            # lease moved, or a call whose answer was lost): the pool is there.
+            return _provisioning(plan.nodepool_name, f"GKE is creating node pool {name}.")
+        except _NotFound as exc:
+            raise ProviderError(
+                "ClusterNotFound", f"GKE cluster {cluster} not found: {exc.message}"
+            ) from None
+        memory.operation, memory.kind = _operation_name(cluster, operation), "create"
+        memory.attempts = 0
+        log.info("creating node pool %s (%s)", name, memory.operation)
+        return _provisioning(
+            plan.nodepool_name,
+            f"GKE is creating node pool {name} (operation {operation.name}).",
+        )
+
+    def _observe(self, name: str, short_name: str, pool: Any, target_nodes: int) -> PoolState:
+        memory = self._memory_of(name)
+        status = _status_name(pool.status)
+        if status in ("PROVISIONING", "STATUS_UNSPECIFIED"):
+            if memory.kind == "create":
+                # The pool shows up at once; its create operation tells first if it failed.
+                operation = self._poll(name, memory)
+                self._raise_if_failed(name, memory, operation)
+            return _provisioning(short_name, f"GKE is creating node pool {name}.")
+        if status == "STOPPING":
+            return PoolState(
+                short_name, False, 0, "Deleting",
+                f"Node pool {name} is being deleted; it is created again once it is gone.",
+            )
+        # Settled: whatever was started is over.
+        memory.operation = memory.kind = None
+        memory.failure = None
+        if status == "RUNNING":
+            return PoolState(
+                short_name, True, _ready_nodes(pool, target_nodes), "Ready",
+                f"Node pool {name} is running.",
+            )
+        if status == "RECONCILING":
+            # An upgrade or resize: the nodes keep serving while GKE works, so
+            # a service on them stays Ready.
+            return PoolState(
+                short_name, True, _ready_nodes(pool, target_nodes), "Reconciling",
+                f"GKE is updating node pool {name}; its nodes keep serving.",
+            )
+        # ERROR and RUNNING_WITH_ERROR
+        return PoolState(
+            short_name, False, 0, "PoolError",
+            f"Node pool {name} is in state {status}: {_pool_problem(pool)}",
+        )
+
+    # --- operations --------------------------------------------------------------
+
+    def _poll(self, name: str, memory: _PoolMemory) -> Any | None:
+        """The remembered operation, or None when GKE no longer knows it."""
+        try:
+            return self._call(name, self.client.get_operation, name=memory.operation)
+        except _NotFound:
+            memory.operation = memory.kind = None
+            return None
+
+    def _raise_if_failed(
+        self, name: str, memory: _PoolMemory, operation: Any | None = None
+    ) -> None:
+        """Report the remembered operation if it ended in an error."""
+        if operation is None and memory.operation:
+            operation = self._poll(name, memory)
+        if operation is None or _status_name(operation.status) != "DONE":
+            return
+        # Operation.error is a google.rpc.Status, all defaults when it succeeded.
+        code, message = operation.error.code, operation.error.message
+        kind = memory.kind
+        memory.operation = memory.kind = None
+        if not code and not message:
+            return
+        message = message or operation.status_message
+        if kind == "delete":
+            raise self._transient(
+                name, "DeleteFailed", f"Deleting node pool {name} failed: {message}"
+            )
+        what = f"Creating node pool {name} failed: {message}"
+        if code == _RPC_RESOURCE_EXHAUSTED or _QUOTA.search(message):
+            failure = ProviderError("QuotaExceeded", what)
+        else:
+            # Stockouts of GPUs and transient GCE errors end here: worth another
+            # try, but not at once.
+            failure = ProviderError("CreateFailed", what, retry_after=self.failed_create_hold)
+        memory.failure = failure
+        memory.failed_until = self._clock() + self.failed_create_hold
+        raise failure
+
+    def _still_failed(self, memory: _PoolMemory) -> ProviderError:
+        failure = memory.failure
+        assert failure is not None
+        left = max(1.0, memory.failed_until - self._clock())
+        return ProviderError(
+            failure.reason,
+            f"{failure.message} (trying again in {left:.0f}s)",
+            retry_after=left if failure.transient else None,
+        )
+
+    # --- calls and errors --------------------------------------------------------
+
+    def _call(self, key: str, method: Callable[..., Any], /, **request: Any) -> Any:
+        """One API call, fail-fast, with GKE's errors turned into ProviderErrors.
+
+        ``NotFound`` and ``AlreadyExists`` come back as the private exceptions
+        callers branch on; everything else is a :class:`ProviderError`.
+        """
+        from google.api_core import exceptions as gexc
+
+        try:
+            return method(**request, retry=None, timeout=self.timeout)
+        except gexc.GoogleAPICallError as exc:
+            status, message = _error_status(exc), _error_message(exc)
+            if status == "NOT_FOUND" or isinstance(exc, gexc.NotFound):
+                raise _NotFound(message) from None
+            if status == "ALREADY_EXISTS" or isinstance(exc, gexc.AlreadyExists):
+                raise _AlreadyExists(message) from None
+            raise self._classify(key, exc, status, message) from exc
+        except ProviderError:
+            raise
+        except Exception as exc:
+            if _is_transport_error(exc):
+                raise self._transient(
+                    key, "GkeUnavailable", f"GKE API unreachable: {exc}"
+                ) from exc
+            raise
+
+    def _classify(self, name: str, exc: Any, status: str, message: str) -> ProviderError:
+        code = getattr(exc, "code", None)
+        if _BUSY.search(message) or code == 409 or status == "ABORTED":
+            return self._transient(
+                name, "ClusterBusy", f"another operation is running on the cluster: {message}"
+            )
+        if code in (403, 429) or status in ("PERMISSION_DENIED", "RESOURCE_EXHAUSTED"):
+            if _QUOTA.search(message) or getattr(exc, "reason", None) == "QUOTA_EXCEEDED":
+                if _RATE_LIMIT.search(message):
+                    return self._transient(name, "RateLimited", message)
+                return ProviderError("QuotaExceeded", f"GKE quota exceeded: {message}")
+            if code == 429 or status == "RESOURCE_EXHAUSTED":
+                return self._transient(name, "RateLimited", message)
+        if code in (401, 403) or status in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
+            return ProviderError(
+                "PermissionDenied",
+                f"the operator's Google service account may not manage node pools: {message}",
+            )
+        if status == "FAILED_PRECONDITION":
+            return ProviderError("RequestRejected", f"GKE refused the request: {message}")
+        if code == 400 or status in ("INVALID_ARGUMENT", "OUT_OF_RANGE"):
+            return ProviderError("InvalidNodePool", f"GKE rejected the node pool: {message}")
+        if (code or 0) >= 500 or status in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL"):
+            return self._transient(name, "GkeUnavailable", f"GKE API unavailable: {message}")
+        return ProviderError("GkeError", f"GKE API error {code or status}: {message}")
+
+    def _transient(self, name: str, reason: str, message: str) -> ProviderError:
+        memory = self._memory_of(name)
+        memory.attempts = min(memory.attempts + 1, _MAX_ATTEMPTS)
+        delay = min(self.backoff_base * 2 ** (memory.attempts - 1), self.backoff_max)
+        return ProviderError(reason, message, retry_after=delay)
+
+    # --- memory ------------------------------------------------------------------
+
+    def _memory_of(self, name: str) -> _PoolMemory:
+        with self._lock:
+            return self._memory.setdefault(name, _PoolMemory())
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            self._memory.pop(name, None)
+
+    def _pool_lock(self, name: str) -> threading.Lock:
+        # One call at a time per pool within this process: two services sharing
+        # a pool, reconciled in two worker threads, must not both create it.
+        with self._lock:
+            return self._pool_locks.setdefault(name, threading.Lock())
+
+
+class _NotFound(Exception):
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class _AlreadyExists(_NotFound):
+    pass
+
+
+def _cluster_of(resource: Any) -> str:
+    cluster = resource.spec.node_pool.cluster
+    try:
+        parse_cluster(cluster)
+    except ValueError as exc:
+        raise ProviderError("InvalidCluster", str(exc)) from None
+    return cluster
+
+
+def _operation_name(cluster: str, operation: Any) -> str:
+    """``projects/P/locations/L/operations/ID``: GKE answers only the ID in ``name``."""
+    if operation.name.startswith("projects/"):
+        return operation.name
+    project, location, _ = parse_cluster(cluster)
+    location = operation.location or location
+    return f"projects/{project}/locations/{location}/operations/{operation.name}"
+
+
+def _provisioning(short_name: str, message: str) -> PoolState:
+    return PoolState(short_name, False, 0, "Provisioning", message)
+
+
+def _status_name(status: Any) -> str:
+    return getattr(status, "name", None) or str(status)
+
+
+def _ready_nodes(pool: Any, target_nodes: int) -> int:
+    """The v1 NodePool carries no live node count: the target, within the pool's bounds.
+
+    The autoscaler, not the operator, sizes the pool; what the pool can hold is
+    the best figure the API gives without reading Compute Engine.
+    """
+    autoscaling = pool.autoscaling
+    if autoscaling and autoscaling.enabled:
+        high = autoscaling.total_max_node_count or autoscaling.max_node_count
+        low = autoscaling.total_min_node_count or autoscaling.min_node_count
+        return max(low, min(target_nodes, high)) if high else max(low, target_nodes)
+    return pool.initial_node_count or target_nodes
+
+
+def _pool_problem(pool: Any) -> str:
+    messages = [c.message for c in pool.conditions if c.message]
+    return pool.status_message or "; ".join(messages) or "GKE gave no detail"
+
+
+def _error_status(exc: Any) -> str:
+    """The canonical status name (``FAILED_PRECONDITION``...) of an API error."""
+    response = getattr(exc, "response", None)
+    if response is not None and hasattr(response, "json"):
+        try:
+            status = response.json().get("error", {}).get("status")
+        except Exception:  # not JSON: a proxy's HTML page, say
+            status = None
+        if status:
+            return str(status)
+    grpc_code = getattr(exc, "grpc_status_code", None)
+    return grpc_code.name if grpc_code is not None else ""
+
+
+def _error_message(exc: Any) -> str:
+    """GKE's own words, without the ``METHOD URL:`` the REST transport puts in front."""
+    response = getattr(exc, "response", None)
+    if response is not None and hasattr(response, "json"):
+        try:
+            message = response.json().get("error", {}).get("message")
+        except Exception:
+            message = None
+        if message:
+            return str(message)
+    return re.sub(r"^[A-Z]+ \S+: ", "", str(getattr(exc, "message", exc)))
+
+
+def _is_transport_error(exc: Exception) -> bool:
+    """Connection refused, resets, timeouts: the API could not be reached at all."""
+    from google.api_core import exceptions as gexc
+    from google.auth import exceptions as auth_exc
+
+    if isinstance(exc, gexc.RetryError | auth_exc.TransportError | ConnectionError | TimeoutError):
+        return True
+    try:
+        import requests
+    except ImportError:  # the gRPC transport alone
+        return False
+    return isinstance(exc, requests.RequestException)

@@ -1,0 +1,69 @@
+"""The Local provider: a node pool made of KWOK nodes, for demos and tests.
+
+A SIMULATOR, not a cloud: the nodes are Node objects that KWOK keeps Ready and
+whose pods it pretends to run. They carry GKE's labels, taint and allocatable
+``nvidia.com/gpu``, so the real scheduler places pods as it would on GKE. The
+pool grows to what all services sharing it need (a stand-in for GKE's cluster
+autoscaler) and never shrinks while in use.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from imagegen_operator.kube import Kube
+from imagegen_operator.planner import Plan
+from imagegen_operator.providers.base import PoolState
+from imagegen_operator.render.nodepool import POOL_LABEL, render_kwok_nodes
+
+
+def node_ready(node: dict[str, Any]) -> bool:
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in (node.get("status") or {}).get("conditions") or []
+    )
+
+
+class LocalProvider:
+    name = "Local"
+
+    def __init__(self, kube: Kube):
+        self.kube = kube
+
+    def _nodes(self, pool: str) -> list[dict[str, Any]]:
+        return self.kube.list("v1", "Node", label_selector=f"{POOL_LABEL}={pool}")
+
+    def ensure(self, resource: Any, plan: Plan, target_nodes: int) -> PoolState:
+        live = {n["metadata"]["name"]: n for n in self._nodes(plan.nodepool_name)}
+        template = render_kwok_nodes(resource, plan)
+        if template:
+            for index in range(max(target_nodes, len(template))):
+                node = copy.deepcopy(template[0])
+                name = f"{plan.nodepool_name}-{index}"
+                node["metadata"]["name"] = name
+                node["metadata"]["labels"]["kubernetes.io/hostname"] = name
+                if name not in live:
+                    self.kube.apply(node, live=None)
+        ready = sum(1 for n in self._nodes(plan.nodepool_name) if node_ready(n))
+        if target_nodes and ready == 0:
+            return PoolState(
+                plan.nodepool_name,
+                False,
+                0,
+                "Provisioning",
+                f"waiting for the simulated nodes of pool {plan.nodepool_name}",
+            )
+        return PoolState(
+            plan.nodepool_name,
+            True,
+            ready,
+            "Ready",
+            f"{ready} simulated node(s) Ready in pool {plan.nodepool_name}",
+        )
+
+    def delete(self, resource: Any, plan: Plan) -> bool:
+        nodes = self._nodes(plan.nodepool_name)
+        for node in nodes:
+            self.kube.delete("v1", "Node", node["metadata"]["name"])
+        return not nodes

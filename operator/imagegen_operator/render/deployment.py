@@ -1,0 +1,299 @@
+"""The serving Deployment: one pod per slot, on the GPUs the plan describes.
+
+Scheduling follows GKE's rules (gke.py): each pod asks for exactly one
+``nvidia.com/gpu`` and selects its nodes with GKE's own labels, the MIG
+partition label when partitioned and both sharing labels when shared. The GPU
+taint's toleration is rendered although GKE adds it itself, so the same pods
+schedule on KWOK nodes and on pools GKE did not label for us.
+
+Security: the pod runs under the Pod Security "restricted" profile (non-root,
+no privilege escalation, all capabilities dropped, RuntimeDefault seccomp, a
+read-only root filesystem with writable emptyDirs where the server writes).
+The one exception is MPS: its clients talk to the node's MPS control daemon
+over host IPC, so MPS pods set ``hostIPC: true``, which the "baseline" and
+"restricted" profiles forbid; a namespace that enforces either rejects MPS
+pods, and the namespace must allow the "privileged" level for them.
+
+Models: ``pvc://claim/path`` mounts the claim read-only under the server's
+``pvc_root``; ``gs://bucket/path`` mounts the bucket with GKE's Cloud Storage
+FUSE CSI driver under ``gcs_root`` (the pod's service account needs read
+access to the bucket through Workload Identity); ``hf://`` downloads into an
+emptyDir cache; ``file://`` reads from the image.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from imagegen_operator import gke
+from imagegen_operator.planner import Plan
+from imagegen_operator.render import server_env as env
+from imagegen_operator.render.common import (
+    HTTP_PORT_NAME,
+    SERVER_CONTAINER,
+    common_labels,
+    object_meta,
+    selector_labels,
+    server_port,
+)
+
+# The image used when spec.server.image is unset and the caller names none
+# (the operator's configuration and `render --server-image` may).
+DEFAULT_SERVER_IMAGE = "ghcr.io/imagegen-operator/imagegen-server:0.1.0"
+
+# The server image's non-root user (numeric, so runAsNonRoot can verify it).
+RUN_AS_USER = 1000
+
+# Startup budget: model download and load, plus compile warm-up when enabled.
+# max-autotune tries kernel variants and can take tens of minutes on a cold
+# cache; a persistent compile cache makes restarts fast again.
+STARTUP_PERIOD_S = 10
+STARTUP_BUDGET_S = {"load": 15 * 60, "compile": 30 * 60, "max-autotune": 60 * 60}
+
+# Leave time for accepted requests to finish after SIGTERM (server drain_timeout_s is 120).
+TERMINATION_GRACE_S = 150
+
+GCSFUSE_DRIVER = "gcsfuse.csi.storage.gke.io"
+
+
+def nodeselector(plan: Plan) -> dict[str, str]:
+    """GKE's node labels for this GPU config (GKE.md, "Node labels and pod scheduling")."""
+    labels = {gke.LABEL_ACCELERATOR: plan.gpu_type}
+    if plan.partition_size:
+        labels[gke.LABEL_PARTITION_SIZE] = plan.partition_size
+    if plan.sharing_strategy:
+        labels[gke.LABEL_SHARING_STRATEGY] = gke.SHARING_LABEL_VALUES[plan.sharing_strategy]
+        labels[gke.LABEL_MAX_SHARED_CLIENTS] = str(plan.clients_per_gpu)
+    return labels
+
+
+def gpu_toleration() -> dict[str, str]:
+    return {"key": gke.GPU_TAINT_KEY, "operator": "Exists", "effect": gke.GPU_TAINT_EFFECT}
+
+
+def mps_pinned_memory_limit(mib: int) -> str:
+    """CUDA_MPS_PINNED_DEVICE_MEM_LIMIT for device 0, in NVIDIA's ``0=<n>G`` / ``0=<n>M`` form.
+
+    The pod sees its one GPU (or slice) as device 0.
+    """
+    if mib % 1024 == 0:
+        return f"0={mib // 1024}G"
+    return f"0={mib}M"
+
+
+def mps_env(plan: Plan) -> list[dict[str, str]]:
+    """Per-client MPS limits: an equal share of the SMs and of the slot's memory."""
+    if plan.sharing_strategy != "MPS":
+        return []
+    return [
+        {"name": "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "value": str(plan.mps_thread_percentage)},
+        {
+            "name": "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT",
+            "value": mps_pinned_memory_limit(plan.mps_pinned_memory_mib or 0),
+        },
+    ]
+
+
+def startup_failure_threshold(resource: Any) -> int:
+    compile_ = resource.spec.pipeline.compile
+    if not compile_.enabled:
+        budget = STARTUP_BUDGET_S["load"]
+    elif "max-autotune" in compile_.mode:
+        budget = STARTUP_BUDGET_S["max-autotune"]
+    else:
+        budget = STARTUP_BUDGET_S["compile"]
+    return math.ceil(budget / STARTUP_PERIOD_S)
+
+
+def probes(resource: Any) -> dict[str, Any]:
+    def get(path: str) -> dict[str, Any]:
+        return {"path": path, "port": HTTP_PORT_NAME}
+
+    return {
+        # Until it first answers, the server is loading or compiling: don't restart it.
+        "startupProbe": {
+            "httpGet": get("/healthz"),
+            "periodSeconds": STARTUP_PERIOD_S,
+            "timeoutSeconds": 5,
+            "failureThreshold": startup_failure_threshold(resource),
+        },
+        "livenessProbe": {
+            "httpGet": get("/healthz"),
+            "periodSeconds": 10,
+            "timeoutSeconds": 5,
+            "failureThreshold": 6,
+        },
+        # Ready only when the model is loaded and warmed up.
+        "readinessProbe": {
+            "httpGet": get("/readyz"),
+            "periodSeconds": 5,
+            "timeoutSeconds": 3,
+            "failureThreshold": 2,
+        },
+    }
+
+
+def _model_volume(uri: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The volume and mount that make a pvc:// or gs:// model visible where the server looks."""
+    if uri.startswith("pvc://"):
+        claim = uri[len("pvc://") :].split("/", 1)[0]
+        return (
+            {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}},
+            {"name": "model", "mountPath": f"{env.MODEL_PVC_ROOT}/{claim}", "readOnly": True},
+        )
+    if uri.startswith("gs://"):
+        bucket = uri[len("gs://") :].split("/", 1)[0]
+        return (
+            {
+                "name": "model",
+                "csi": {
+                    "driver": GCSFUSE_DRIVER,
+                    "readOnly": True,
+                    "volumeAttributes": {"bucketName": bucket, "mountOptions": "implicit-dirs"},
+                },
+            },
+            {"name": "model", "mountPath": f"{env.MODEL_GCS_ROOT}/{bucket}", "readOnly": True},
+        )
+    return None
+
+
+def volumes_and_mounts(resource: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    spec = resource.spec
+    # The root filesystem is read-only: everything the server writes gets a volume.
+    volumes: list[dict[str, Any]] = [
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "cache", "emptyDir": {}},
+        # PyTorch's data loaders and NCCL use /dev/shm; the default 64Mi is too small.
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "cache", "mountPath": "/var/cache/imagegen"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    model = _model_volume(spec.model.uri)
+    if model:
+        volumes.append(model[0])
+        mounts.append(model[1])
+    cache = spec.pipeline.compile.cache
+    if spec.pipeline.compile.enabled and cache is not None:
+        volumes.append(
+            {"name": "compile-cache", "persistentVolumeClaim": {"claimName": cache.pvc_name}}
+        )
+        mounts.append({"name": "compile-cache", "mountPath": env.COMPILE_CACHE_DIR})
+    auth = spec.server.auth_secret_ref
+    if auth is not None:
+        volumes.append(
+            {
+                "name": "auth-token",
+                "secret": {
+                    "secretName": auth.name,
+                    "items": [{"key": auth.key, "path": "token"}],
+                    "defaultMode": 0o440,
+                },
+            }
+        )
+        mounts.append({"name": "auth-token", "mountPath": env.AUTH_TOKEN_DIR, "readOnly": True})
+    return volumes, mounts
+
+
+def container_resources(resource: Any) -> dict[str, Any]:
+    """The user's CPU/memory, plus exactly one GPU (or slice) as request and limit."""
+    res = resource.spec.server.resources
+    requests = dict(res.requests or {}) if res else {}
+    limits = dict(res.limits or {}) if res else {}
+    # A pod on shared GPUs must ask for exactly 1; GKE rejects more for time-sharing and MIG.
+    requests[gke.GPU_RESOURCE] = 1
+    limits[gke.GPU_RESOURCE] = 1
+    return {"requests": dict(sorted(requests.items())), "limits": dict(sorted(limits.items()))}
+
+
+def pod_security_context() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "fsGroup": RUN_AS_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def topology_spread(resource: Any) -> list[dict[str, Any]]:
+    """Spread replicas over nodes and zones, softly.
+
+    Shared GPUs exist to pack several pods per node, so a hard per-node skew
+    limit would fight the packing (and the autoscaler); ScheduleAnyway only
+    breaks ties towards spreading.
+    """
+    return [
+        {
+            "maxSkew": 1,
+            "topologyKey": key,
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": selector_labels(resource)},
+        }
+        for key in ("kubernetes.io/hostname", "topology.kubernetes.io/zone")
+    ]
+
+
+def render_deployment(
+    resource: Any, plan: Plan, default_image: str = DEFAULT_SERVER_IMAGE
+) -> dict[str, Any]:
+    """``default_image`` is used when spec.server.image is unset (the operator's setting)."""
+    spec = resource.spec
+    volumes, mounts = volumes_and_mounts(resource)
+    container: dict[str, Any] = {
+        "name": SERVER_CONTAINER,
+        "image": spec.server.image or default_image,
+        "ports": [{"name": HTTP_PORT_NAME, "containerPort": server_port(resource)}],
+        "env": env.server_env(resource) + mps_env(plan),
+        "resources": container_resources(resource),
+        **probes(resource),
+        "securityContext": container_security_context(),
+        "volumeMounts": mounts,
+    }
+    pod_spec: dict[str, Any] = {
+        "nodeSelector": nodeselector(plan),
+        "tolerations": [gpu_toleration()],
+        "topologySpreadConstraints": topology_spread(resource),
+        "securityContext": pod_security_context(),
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if plan.sharing_strategy == "MPS":
+        # MPS clients reach the node's MPS control daemon through host IPC (see module docstring).
+        pod_spec["hostIPC"] = True
+    template_meta: dict[str, Any] = {"labels": common_labels(resource)}
+    if spec.model.uri.startswith("gs://"):
+        # Asks GKE to inject the Cloud Storage FUSE sidecar that serves the csi volume.
+        template_meta["annotations"] = {"gke-gcsfuse/volumes": "true"}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": object_meta(resource),
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": selector_labels(resource)},
+            # Slots are scarce: surge one pod (the autoscaler adds a node if needed)
+            # rather than take serving capacity away during a rollout.
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+            },
+            "template": {"metadata": template_meta, "spec": pod_spec},
+        },
+    }

@@ -1,0 +1,255 @@
+"""The node pool, per provider, as documents.
+
+- ``GKE``: the body of ``ClusterManagerClient.create_node_pool`` as a
+  ``container.googleapis.com/v1`` ``NodePool`` document. ``spec`` is
+  ``google.cloud.container_v1.NodePool`` in proto3 JSON (camelCase), and the
+  ``parent`` annotation is the cluster; :func:`create_node_pool_request` turns
+  the document into the client's request.
+- ``ConfigConnector``: a ``ContainerNodePool`` (container.cnrm.cloud.google.com/v1beta1).
+- ``Local``: KWOK Node objects that look like the GKE pool would: GKE's labels,
+  the GPU taint and ``nvidia.com/gpu`` allocatable of partitions x clients x GPUs.
+- ``Existing``: nothing; the pods' node selectors are enough for node
+  auto-provisioning to create a matching pool (GKE.md).
+
+The accelerator settings of a pool are immutable in GKE: a different MIG size
+or sharing mode is a different pool, which the derived name reflects.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from imagegen_operator import gke
+from imagegen_operator.planner import Plan
+from imagegen_operator.render.common import MANAGED_BY, namespace_of, value
+
+GKE_DOC_API_VERSION = "container.googleapis.com/v1"
+PARENT_ANNOTATION = "container.googleapis.com/parent"
+CNRM_API_VERSION = "container.cnrm.cloud.google.com/v1beta1"
+CNRM_PROJECT_ANNOTATION = "cnrm.cloud.google.com/project-id"
+KWOK_ANNOTATION = "kwok.x-k8s.io/node"
+POOL_LABEL = "imagegen.dev/node-pool"
+GPU_DRIVER_VERSION = "DEFAULT"
+# ANY lets the autoscaler take GPUs from whichever zone has them (scarce, and Spot).
+LOCATION_POLICY = "ANY"
+
+_CLUSTER_RE = re.compile(r"^projects/([^/]+)/locations/([^/]+)/clusters/([^/]+)$")
+
+
+def parse_cluster(cluster: str) -> tuple[str, str, str]:
+    """``projects/P/locations/L/clusters/C`` -> (P, L, C)."""
+    match = _CLUSTER_RE.match(cluster or "")
+    if not match:
+        raise ValueError(
+            f"spec.nodePool.cluster must be projects/P/locations/L/clusters/C, got {cluster!r}"
+        )
+    return match.group(1), match.group(2), match.group(3)
+
+
+def _node_labels(plan: Plan) -> dict[str, str]:
+    """Labels the pool adds to its nodes (GKE adds its own accelerator labels itself)."""
+    return {POOL_LABEL: plan.nodepool_name}
+
+
+def _resource_labels() -> dict[str, str]:
+    # Compute Engine labels: lowercase keys without '/' or '.'.
+    return {"managed-by": MANAGED_BY}
+
+
+def _pool_sizes(resource: Any) -> tuple[int, int]:
+    pool = resource.spec.node_pool
+    return pool.min_nodes, pool.max_nodes
+
+
+def render_gke_nodepool(resource: Any, plan: Plan) -> dict[str, Any]:
+    pool = resource.spec.node_pool
+    min_nodes, max_nodes = _pool_sizes(resource)
+    accelerator: dict[str, Any] = {
+        "acceleratorCount": str(plan.count_per_node),
+        "acceleratorType": plan.gpu_type,
+        "gpuDriverInstallationConfig": {"gpuDriverVersion": GPU_DRIVER_VERSION},
+    }
+    if plan.partition_size:
+        accelerator["gpuPartitionSize"] = plan.partition_size
+    if plan.sharing_strategy:
+        accelerator["gpuSharingConfig"] = {
+            "gpuSharingStrategy": gke.SHARING_API_VALUES[plan.sharing_strategy],
+            # int64 fields are strings in proto3 JSON.
+            "maxSharedClientsPerGpu": str(plan.clients_per_gpu),
+        }
+    body = {
+        "name": plan.nodepool_name,
+        "initialNodeCount": min_nodes,
+        "config": {
+            "machineType": plan.machine_type,
+            "spot": bool(pool.spot),
+            "labels": _node_labels(plan),
+            "resourceLabels": _resource_labels(),
+            "accelerators": [accelerator],
+        },
+        "autoscaling": {
+            "enabled": True,
+            "totalMinNodeCount": min_nodes,
+            "totalMaxNodeCount": max_nodes,
+            "locationPolicy": LOCATION_POLICY,
+        },
+        "management": {"autoRepair": True, "autoUpgrade": True},
+    }
+    return {
+        "apiVersion": GKE_DOC_API_VERSION,
+        "kind": "NodePool",
+        "metadata": {
+            "name": plan.nodepool_name,
+            "annotations": {PARENT_ANNOTATION: pool.cluster},
+        },
+        "spec": body,
+    }
+
+
+def create_node_pool_request(document: dict[str, Any]) -> dict[str, Any]:
+    """``{"parent": ..., "node_pool": container_v1.NodePool}`` for ``create_node_pool(**req)``.
+
+    Strict: a field the client library does not know is an error, not dropped.
+    """
+    from google.cloud import container_v1  # heavy; only the GKE provider needs it
+
+    node_pool = container_v1.NodePool.from_json(
+        json.dumps(document["spec"]), ignore_unknown_fields=False
+    )
+    return {
+        "parent": document["metadata"]["annotations"][PARENT_ANNOTATION],
+        "node_pool": node_pool,
+    }
+
+
+def render_config_connector_nodepool(resource: Any, plan: Plan) -> dict[str, Any]:
+    pool = resource.spec.node_pool
+    project, location, cluster = parse_cluster(pool.cluster)
+    min_nodes, max_nodes = _pool_sizes(resource)
+    accelerator: dict[str, Any] = {
+        "type": plan.gpu_type,
+        "count": plan.count_per_node,
+        "gpuDriverInstallationConfig": {"gpuDriverVersion": GPU_DRIVER_VERSION},
+    }
+    if plan.partition_size:
+        accelerator["gpuPartitionSize"] = plan.partition_size
+    if plan.sharing_strategy:
+        accelerator["gpuSharingConfig"] = {
+            "gpuSharingStrategy": gke.SHARING_API_VALUES[plan.sharing_strategy],
+            "maxSharedClientsPerGpu": plan.clients_per_gpu,
+        }
+    return {
+        "apiVersion": CNRM_API_VERSION,
+        "kind": "ContainerNodePool",
+        "metadata": {
+            "name": plan.nodepool_name,
+            "namespace": namespace_of(resource),
+            "labels": {"app.kubernetes.io/managed-by": MANAGED_BY},
+            "annotations": {CNRM_PROJECT_ANNOTATION: project},
+        },
+        "spec": {
+            "location": location,
+            "clusterRef": {"external": pool.cluster},
+            "initialNodeCount": min_nodes,
+            "autoscaling": {
+                "totalMinNodeCount": min_nodes,
+                "totalMaxNodeCount": max_nodes,
+                "locationPolicy": LOCATION_POLICY,
+            },
+            "management": {"autoRepair": True, "autoUpgrade": True},
+            "nodeConfig": {
+                "machineType": plan.machine_type,
+                "spot": bool(pool.spot),
+                "labels": _node_labels(plan),
+                "resourceLabels": _resource_labels(),
+                "guestAccelerator": [accelerator],
+            },
+        },
+    }
+
+
+def kwok_node_count(resource: Any, plan: Plan) -> int:
+    """Nodes a Local pool shows: what the replicas need, within minNodes..maxNodes."""
+    min_nodes, max_nodes = _pool_sizes(resource)
+    return max(min_nodes, min(plan.nodes_needed, max_nodes))
+
+
+def kwok_node_labels(plan: Plan, node_name: str, spot: bool) -> dict[str, str]:
+    """The labels GKE puts on a node of this pool, plus the usual well-known ones."""
+    labels = {
+        "kubernetes.io/hostname": node_name,
+        "kubernetes.io/os": "linux",
+        "kubernetes.io/arch": "amd64",
+        "node.kubernetes.io/instance-type": plan.machine_type or "kwok",
+        "type": "kwok",
+        gke.LABEL_NODEPOOL: plan.nodepool_name,
+        gke.LABEL_ACCELERATOR: plan.gpu_type,
+        POOL_LABEL: plan.nodepool_name,
+    }
+    if plan.partition_size:
+        labels[gke.LABEL_PARTITION_SIZE] = plan.partition_size
+    if plan.sharing_strategy:
+        labels[gke.LABEL_SHARING_STRATEGY] = gke.SHARING_LABEL_VALUES[plan.sharing_strategy]
+        labels[gke.LABEL_MAX_SHARED_CLIENTS] = str(plan.clients_per_gpu)
+    if spot:
+        labels[gke.LABEL_SPOT] = "true"
+    return dict(sorted(labels.items()))
+
+
+def kwok_allocatable(plan: Plan) -> dict[str, str]:
+    """What one simulated node offers: the GPU slots, and room for every slot's pod."""
+    slots = plan.slots_per_node
+    return {
+        "cpu": str(max(16, 4 * slots)),
+        "memory": f"{max(64, 16 * slots)}Gi",
+        "ephemeral-storage": "500Gi",
+        "pods": str(max(110, slots + 16)),
+        gke.GPU_RESOURCE: str(slots),
+    }
+
+
+def render_kwok_nodes(resource: Any, plan: Plan) -> list[dict[str, Any]]:
+    spot = bool(resource.spec.node_pool.spot)
+    nodes = []
+    for index in range(kwok_node_count(resource, plan)):
+        node_name = f"{plan.nodepool_name}-{index}"
+        allocatable = kwok_allocatable(plan)
+        nodes.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": node_name,
+                    "labels": kwok_node_labels(plan, node_name, spot),
+                    "annotations": {
+                        KWOK_ANNOTATION: "fake",
+                        "node.alpha.kubernetes.io/ttl": "0",
+                    },
+                },
+                "spec": {
+                    "taints": [
+                        {
+                            "key": gke.GPU_TAINT_KEY,
+                            "value": gke.GPU_TAINT_VALUE,
+                            "effect": gke.GPU_TAINT_EFFECT,
+                        }
+                    ]
+                },
+                "status": {"allocatable": allocatable, "capacity": dict(allocatable)},
+            }
+        )
+    return nodes
+
+
+def render_nodepool(resource: Any, plan: Plan) -> list[dict[str, Any]]:
+    """The node-pool objects of spec.nodePool.provider (none for Existing)."""
+    provider = value(resource.spec.node_pool.provider)
+    if provider == "GKE":
+        return [render_gke_nodepool(resource, plan)]
+    if provider == "ConfigConnector":
+        return [render_config_connector_nodepool(resource, plan)]
+    if provider == "Local":
+        return render_kwok_nodes(resource, plan)
+    return []

@@ -1,0 +1,72 @@
+"""The inference server's configuration, as the Deployment's environment.
+
+The variable names and value spellings come from the server's own settings
+model (``imagegen_server.config.ServerSettings``): a renamed or retyped setting
+fails here, at render time and in the unit tests, instead of in a pod. Values
+are validated by that model too, read from the spec only: the environment of
+the process that renders is never consulted, so output is reproducible.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from imagegen_operator.render.common import server_port, value
+from imagegen_server.config import ServerSettings
+
+# Where the Deployment mounts things the settings point at.
+MODEL_PVC_ROOT = "/mnt/models"
+MODEL_GCS_ROOT = "/mnt/gcs"
+HF_CACHE_DIR = "/var/cache/imagegen/huggingface"
+COMPILE_CACHE_DIR = "/var/cache/imagegen/compile"
+AUTH_TOKEN_DIR = "/var/run/secrets/imagegen"
+AUTH_TOKEN_FILE = f"{AUTH_TOKEN_DIR}/token"
+
+
+class _SpecOnlySettings(ServerSettings):
+    """ServerSettings validated from explicit values only, never from os.environ."""
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, *args, **kwargs):
+        return (init_settings,)
+
+
+def settings_values(resource: Any) -> dict[str, Any]:
+    """ServerSettings field -> value, derived from spec.model, spec.pipeline and spec.server."""
+    spec = resource.spec
+    model, pipeline = spec.model, spec.pipeline
+    compile_, stages, defaults = pipeline.compile, pipeline.stages, pipeline.defaults
+    values: dict[str, Any] = {
+        "model": model.uri,
+        "family": value(model.family),
+        "dtype": value(model.dtype),
+        "device": "cuda",
+        "port": server_port(resource),
+        "pvc_root": MODEL_PVC_ROOT,
+        "gcs_root": MODEL_GCS_ROOT,
+        "hf_cache_dir": HF_CACHE_DIR,
+        "compile_enabled": compile_.enabled,
+        "attention": value(pipeline.attention),
+        "stage_mode": value(stages.mode),
+        "max_batch_size": stages.max_batch_size,
+        "batch_window_ms": stages.batch_window_ms,
+        "queue_capacity": stages.queue_capacity,
+        "default_steps": defaults.steps,
+        "default_guidance_scale": defaults.guidance_scale,
+        "default_width": defaults.width,
+        "default_height": defaults.height,
+    }
+    if compile_.enabled:
+        values["compile_mode"] = value(compile_.mode)
+        values["compile_regional"] = compile_.regional
+        if compile_.cache is not None:
+            values["compile_cache_dir"] = COMPILE_CACHE_DIR
+    if spec.server.auth_secret_ref is not None:
+        values["auth_token_file"] = AUTH_TOKEN_FILE
+    return values
+
+
+def server_env(resource: Any) -> list[dict[str, str]]:
+    """The container's env entries for the server settings, sorted by name."""
+    settings = _SpecOnlySettings(**settings_values(resource))
+    return [{"name": k, "value": v} for k, v in sorted(settings.to_env(only_set=True).items())]

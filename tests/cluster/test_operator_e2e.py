@@ -1,0 +1,229 @@
+"""The operator end to end: real API server, scheduler, controller-manager, KWOK nodes.
+
+Each test uses its own namespace and its own GPU configuration, so the node
+pools (shared by configuration, cluster-wide) of one test never meet another's.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from support.kube import apply, eventually, get_json
+from support.operator_process import OperatorProcess, audit_writes
+
+from imagegen_operator import gke
+from imagegen_operator.render.nodepool import POOL_LABEL
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def operator(cluster, crd, tmp_path_factory):
+    proc = OperatorProcess(cluster, tmp_path_factory.mktemp("operator") / "operator.log").start()
+    yield proc
+    proc.stop()
+    print(proc.log())
+
+
+def service(name: str, ns: str, gpu: dict, replicas: int = 1, **spec) -> dict:
+    return {
+        "apiVersion": "imagegen.dev/v1alpha1",
+        "kind": "ImageGenService",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "model": {"uri": "file:///models/tiny-sd15", "family": "SD15", "memoryGiB": 4},
+            "gpu": gpu,
+            "nodePool": {"provider": "Local", "maxNodes": 3},
+            "replicas": replicas,
+            **spec,
+        },
+    }
+
+
+def namespace(cluster, name: str) -> str:
+    apply(cluster, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    return name
+
+
+def igs(cluster, ns: str, name: str) -> dict:
+    return get_json(cluster, "igs", name, "-n", ns)
+
+
+def condition(obj: dict, type_: str) -> dict | None:
+    return next((c for c in (obj.get("status") or {}).get("conditions", [])
+                 if c["type"] == type_), None)
+
+
+def wait_ready(cluster, ns: str, *names: str, timeout: int = 90) -> None:
+    cluster.kubectl("wait", "-n", ns, "--for=condition=Ready", f"--timeout={timeout}s",
+                    *[f"igs/{n}" for n in names], timeout=timeout + 10)
+
+
+def pool_nodes(cluster, pool: str) -> list[dict]:
+    return get_json(cluster, "nodes", "-l", f"{POOL_LABEL}={pool}")["items"]
+
+
+def exists(cluster, *args: str) -> bool:
+    return cluster.kubectl("get", *args, check=False).returncode == 0
+
+
+TS2_L4 = {"type": "nvidia-l4", "sharing": {"strategy": "TimeSharing", "maxSharedClientsPerGpu": 2}}
+
+
+def test_two_services_share_one_pool_which_goes_with_the_last(cluster, operator):
+    ns = namespace(cluster, "e2e-shared")
+    apply(cluster, service("alpha", ns, TS2_L4), service("beta", ns, TS2_L4, replicas=2))
+    wait_ready(cluster, ns, "alpha", "beta")
+
+    alpha, beta = igs(cluster, ns, "alpha"), igs(cluster, ns, "beta")
+    pool = alpha["status"]["nodePool"]["name"]
+    assert beta["status"]["nodePool"]["name"] == pool
+    assert alpha["status"]["observedGeneration"] == alpha["metadata"]["generation"]
+    assert condition(alpha, "Ready")["observedGeneration"] == alpha["metadata"]["generation"]
+    assert alpha["status"]["capacity"]["slotsPerGpu"] == 2
+    assert alpha["status"]["sharing"] == "ts:2"
+    assert beta["status"]["readyReplicas"] == 2
+    # Three pods need two time-shared L4s: the one pool grew to two nodes.
+    nodes = pool_nodes(cluster, pool)
+    assert len(nodes) == 2
+    assert {n["metadata"]["labels"][gke.LABEL_SHARING_STRATEGY] for n in nodes} == {"time-sharing"}
+
+    pods = get_json(cluster, "pods", "-n", ns)["items"]
+    assert len(pods) == 3
+    node_names = {n["metadata"]["name"] for n in nodes}
+    for pod in pods:
+        assert pod["status"]["phase"] == "Running"
+        assert pod["spec"]["nodeName"] in node_names
+        assert pod["spec"]["nodeSelector"][gke.LABEL_MAX_SHARED_CLIENTS] == "2"
+
+    cluster.kubectl("delete", "igs", "alpha", "-n", ns, "--wait=true", "--timeout=60s")
+    assert pool_nodes(cluster, pool), "the pool went while beta still uses it"
+    cluster.kubectl("delete", "igs", "beta", "-n", ns, "--wait=true", "--timeout=60s")
+    eventually(lambda: not pool_nodes(cluster, pool), timeout=30, what="pool deleted")
+
+
+def test_model_that_does_not_fit_its_slice_creates_nothing(cluster, operator):
+    ns = namespace(cluster, "e2e-nofit")
+    gpu = {"type": "nvidia-h100-80gb", "partitionSize": "1g.10gb"}
+    body = service("too-big", ns, gpu)
+    body["spec"]["model"]["memoryGiB"] = 40
+    apply(cluster, body)
+
+    def not_ready():
+        cond = condition(igs(cluster, ns, "too-big"), "Ready")
+        return cond if cond and cond["status"] == "False" else None
+
+    cond = eventually(not_ready, timeout=30, what="Ready=False")
+    assert cond["reason"] == "ModelDoesNotFitSlice"
+    assert "memoryGiB" in cond["message"] and "1g.10gb" in cond["message"]
+    assert cond["observedGeneration"] == 1
+    time.sleep(2)  # a couple of resyncs: still nothing created
+    assert not exists(cluster, "deployment", "too-big", "-n", ns)
+    assert get_json(cluster, "nodes", "-l", f"{gke.LABEL_PARTITION_SIZE}=1g.10gb")["items"] == []
+    cluster.kubectl("delete", "igs", "too-big", "-n", ns, "--wait=true", "--timeout=60s")
+
+
+def test_hand_edits_are_undone_and_steady_state_writes_nothing(cluster, operator):
+    ns = namespace(cluster, "e2e-drift")
+    apply(cluster, service("drift", ns, {"type": "nvidia-tesla-t4"}, replicas=2))
+    wait_ready(cluster, ns, "drift")
+
+    # Steady state: once the last status update after Ready has landed, reconciles
+    # keep running (a timer every second) and write nothing at all.
+    settle_quietly(cluster, quiet_s=1.5, timeout=20)
+    before = operator.metrics()
+    since = cluster.audit_log.stat().st_size
+    time.sleep(4)
+    writes = audit_writes(cluster, since)
+    assert writes == [], [(w["verb"], w["requestURI"]) for w in writes]
+    assert _timer_reconciles(operator.metrics()) >= _timer_reconciles(before) + 2
+
+    # A replica count edited by hand is put back.
+    cluster.kubectl("scale", "deployment/drift", "-n", ns, "--replicas=5")
+    eventually(lambda: get_json(cluster, "deployment", "drift", "-n", ns)["spec"]["replicas"] == 2,
+               timeout=30, what="replicas restored to 2")
+
+    # A Deployment deleted by hand comes back.
+    uid = get_json(cluster, "deployment", "drift", "-n", ns)["metadata"]["uid"]
+    cluster.kubectl("delete", "deployment", "drift", "-n", ns, "--wait=true")
+    eventually(
+        lambda: exists(cluster, "deployment", "drift", "-n", ns)
+        and get_json(cluster, "deployment", "drift", "-n", ns)["metadata"]["uid"] != uid,
+        timeout=30, what="Deployment recreated",
+    )
+    wait_ready(cluster, ns, "drift")
+    cluster.kubectl("delete", "igs", "drift", "-n", ns, "--wait=true", "--timeout=60s")
+
+
+def settle_quietly(cluster, quiet_s: float, timeout: float) -> None:
+    """Wait for a window of ``quiet_s`` with no operator writes; fail if it never comes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        since = cluster.audit_log.stat().st_size
+        time.sleep(quiet_s)
+        if not audit_writes(cluster, since):
+            return
+    raise AssertionError(f"the operator kept writing for {timeout}s")
+
+
+def _timer_reconciles(metrics_text: str) -> float:
+    total = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith("imagegen_operator_reconcile_total{") and 'trigger="timer"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_operator_killed_mid_reconcile_converges_without_duplicates(cluster, operator):
+    ns = namespace(cluster, "e2e-restart")
+    gpu = {"type": "nvidia-a100-80gb", "partitionSize": "2g.20gb"}
+    apply(cluster, service("restart", ns, gpu, replicas=4))
+    time.sleep(0.3)
+    operator.kill()
+    operator.start()
+    wait_ready(cluster, ns, "restart")
+
+    status = igs(cluster, ns, "restart")["status"]
+    pool = status["nodePool"]["name"]
+    # 4 replicas, 3 slots per A100 with 2g.20gb: two nodes, no more.
+    assert len(pool_nodes(cluster, pool)) == 2
+    deployments = get_json(cluster, "deployments", "-n", ns)["items"]
+    assert [d["metadata"]["name"] for d in deployments] == ["restart"]
+    assert len(get_json(cluster, "pods", "-n", ns)["items"]) == 4
+    cluster.kubectl("delete", "igs", "restart", "-n", ns, "--wait=true", "--timeout=60s")
+    eventually(lambda: not pool_nodes(cluster, pool), timeout=30, what="no orphaned pool")
+
+
+def test_sharing_change_moves_to_a_new_pool_without_downtime(cluster, operator):
+    ns = namespace(cluster, "e2e-move")
+    old_gpu = {"type": "nvidia-h100-80gb", "partitionSize": "1g.20gb",
+               "sharing": {"strategy": "TimeSharing", "maxSharedClientsPerGpu": 2}}
+    apply(cluster, service("mover", ns, old_gpu, replicas=2))
+    wait_ready(cluster, ns, "mover")
+    old_pool = igs(cluster, ns, "mover")["status"]["nodePool"]["name"]
+
+    new_gpu = {**old_gpu, "sharing": {"strategy": "TimeSharing", "maxSharedClientsPerGpu": 3}}
+    apply(cluster, service("mover", ns, new_gpu, replicas=2))
+    lowest_ready = 2
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        dep = get_json(cluster, "deployment", "mover", "-n", ns)
+        lowest_ready = min(lowest_ready, dep["status"].get("readyReplicas") or 0)
+        current = igs(cluster, ns, "mover")
+        if (current["status"]["nodePool"]["name"] != old_pool
+                and (condition(current, "Ready") or {}).get("status") == "True"
+                and condition(current, "Ready")["observedGeneration"] == 2):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"never moved off {old_pool}: {current['status']}")
+
+    new_pool = current["status"]["nodePool"]["name"]
+    assert lowest_ready >= 1, "the move left no ready replica"
+    for pod in get_json(cluster, "pods", "-n", ns)["items"]:
+        if pod["status"]["phase"] == "Running":
+            node = get_json(cluster, "node", pod["spec"]["nodeName"])
+            assert node["metadata"]["labels"][POOL_LABEL] == new_pool
+    eventually(lambda: not pool_nodes(cluster, old_pool), timeout=30, what="old pool retired")
+    cluster.kubectl("delete", "igs", "mover", "-n", ns, "--wait=true", "--timeout=60s")

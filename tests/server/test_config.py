@@ -1,0 +1,89 @@
+"""Settings: env names the operator renders, parsing, and no torch at import time."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from imagegen_server.config import Attention, ServerSettings, StageMode, env_var_name
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("field", "env"),
+    [
+        ("max_batch_size", "IMAGEGEN_MAX_BATCH_SIZE"),
+        ("model", "IMAGEGEN_MODEL"),
+        ("compile_cache_dir", "IMAGEGEN_COMPILE_CACHE_DIR"),
+        ("stage_mode", "IMAGEGEN_STAGE_MODE"),
+        ("auth_token_file", "IMAGEGEN_AUTH_TOKEN_FILE"),
+    ],
+)
+def test_env_var_name(field, env):
+    assert env_var_name(field) == env
+
+
+def test_env_var_name_rejects_unknown_field():
+    with pytest.raises(KeyError, match="no_such_field"):
+        env_var_name("no_such_field")
+
+
+def test_settings_read_from_environment(monkeypatch):
+    monkeypatch.setenv("IMAGEGEN_MAX_BATCH_SIZE", "8")
+    monkeypatch.setenv("IMAGEGEN_STAGE_MODE", "Stacked")
+    monkeypatch.setenv("IMAGEGEN_ATTENTION", "Flash")
+    monkeypatch.setenv("IMAGEGEN_COMPILE_ENABLED", "true")
+    s = ServerSettings()
+    assert (s.max_batch_size, s.stage_mode, s.attention, s.compile_enabled) == (
+        8,
+        StageMode.STACKED,
+        Attention.FLASH,
+        True,
+    )
+
+
+def test_to_env_round_trips(monkeypatch):
+    original = ServerSettings(
+        model="gs://b/m",
+        max_batch_size=2,
+        attention="Math",
+        compile_enabled=True,
+        default_width=512,
+    )
+    env = original.to_env()
+    assert env["IMAGEGEN_ATTENTION"] == "Math"
+    assert env["IMAGEGEN_COMPILE_ENABLED"] == "true"
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert ServerSettings() == original
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_batch_size", 0),
+        ("max_batch_size", 65),
+        ("default_width", 100),
+        ("attention", "Fast"),
+        ("dtype", "int8"),
+        ("device", "tpu"),
+        ("compile_mode", "fastest"),
+    ],
+)
+def test_bad_settings_name_the_field(field, value):
+    with pytest.raises(ValidationError) as info:
+        ServerSettings(**{field: value})
+    assert field in str(info.value)
+
+
+def test_config_imports_without_torch():
+    code = "import sys, imagegen_server.config; assert 'torch' not in sys.modules, 'torch imported'"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "inference_image")}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

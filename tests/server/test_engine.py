@@ -1,0 +1,170 @@
+"""The stage pipeline against diffusers' own pipeline: same seed, same image, any batching."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from server_testlib import STEPS, mean_abs_diff
+
+from imagegen_server.engine import EngineClosedError, InvalidRequest, QueueFullError
+from imagegen_server.request import GenerationParams, JobTimeout
+
+# Requests that exercise the branches: guidance on/off, negative prompt, several images.
+CASES = [
+    {"prompt": "a red cat", "seed": 1},
+    {"prompt": "a blue house", "seed": 2, "guidance_scale": 1.0},
+    {"prompt": "a green tree", "seed": 3, "negative_prompt": "blurry", "n": 2},
+]
+
+
+def assert_matches_reference(images, reference_images) -> list[float]:
+    assert len(images) == len(reference_images)
+    diffs = [mean_abs_diff(a, b) for a, b in zip(images, reference_images, strict=True)]
+    # Mean absolute difference under 1/255 of the range (1.0 in 8-bit units).
+    assert max(diffs) < 1.0, diffs
+    return diffs
+
+
+def reference(pipe, runtime, params: GenerationParams):
+    return pipe(**runtime.steps.reference_kwargs(params)).images
+
+
+@pytest.mark.parametrize("mode", ["Pipelined", "Stacked"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "flux"])
+def test_single_requests_equal_diffusers_exactly(make_runtime, reference_pipeline, family, mode):
+    # channels_last off: NHWC convolutions round differently (a pixel off by one in 8 bits).
+    runtime = make_runtime(
+        family, stage_mode=mode, default_width=64, default_height=64, channels_last=False
+    )
+    pipe = reference_pipeline(family)
+    exact = 0
+    for case in CASES:
+        params = runtime.params(**case)
+        images = runtime.engine.generate(params, timeout_s=60)
+        diffs = assert_matches_reference(images, reference(pipe, runtime, params))
+        exact += sum(d == 0.0 for d in diffs)
+        assert np.asarray(images[0]).std() > 0  # a real image, not a constant
+    # One request at a time runs the very same arithmetic as diffusers: identical pixels.
+    assert exact == 4
+
+
+def test_different_seeds_give_different_images(make_runtime):
+    runtime = make_runtime("sd15")
+    a = runtime.engine.generate(runtime.params("same prompt", seed=1))[0]
+    b = runtime.engine.generate(runtime.params("same prompt", seed=2))[0]
+    assert mean_abs_diff(a, b) > 1.0
+
+
+@pytest.mark.parametrize("mode", ["Pipelined", "Stacked"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "flux"])
+def test_batched_requests_equal_diffusers(make_runtime, reference_pipeline, family, mode):
+    # A long window so that everything submitted together lands in one batch.
+    runtime = make_runtime(
+        family,
+        stage_mode=mode,
+        max_batch_size=4,
+        batch_window_ms=300,
+        default_width=64,
+        default_height=64,
+    )
+    pipe = reference_pipeline(family)
+    params = [runtime.params(**case) for case in CASES] + [runtime.params("a fourth", seed=4)]
+    jobs = [runtime.engine.submit(p, timeout_s=60) for p in params]
+    results = [job.future.result(60) for job in jobs]
+    for p, images in zip(params, results, strict=True):
+        assert_matches_reference(images, reference(pipe, runtime, p))
+    denoise_stage = "denoise" if mode == "Pipelined" else "stacked"
+    # 5 batches' worth of requests (warm-up + 4) in at most 3 batches means real batching.
+    count = _sample(runtime, "imagegen_stage_batch_size_count", denoise_stage)
+    total = _sample(runtime, "imagegen_stage_batch_size_sum", denoise_stage)
+    assert total == 5 and count <= 3, (count, total)
+
+
+def test_sixteen_concurrent_requests_have_no_cross_talk(make_runtime, reference_pipeline):
+    runtime = make_runtime("sd15", max_batch_size=4, batch_window_ms=20)
+    pipe = reference_pipeline("sd15")
+    # Mixed sizes and step counts, so batches split into groups as well.
+    params = [
+        runtime.params(
+            f"prompt number {i}",
+            seed=100 + i,
+            width=64 if i % 3 else 96,
+            steps=STEPS if i % 4 else STEPS + 1,
+            guidance_scale=[1.0, 4.0, 7.5][i % 3],
+        )
+        for i in range(16)
+    ]
+    start_together = threading.Barrier(len(params))
+
+    def call(p):
+        start_together.wait(timeout=30)
+        return runtime.engine.generate(p, timeout_s=120)
+
+    with ThreadPoolExecutor(max_workers=len(params)) as pool:
+        results = list(pool.map(call, params))
+    for p, images in zip(params, results, strict=True):
+        assert images[0].size == (p.width, p.height)
+        assert_matches_reference(images, reference(pipe, runtime, p))
+
+
+def _sample(runtime, name: str, stage: str) -> float:
+    for family in runtime.metrics.registry.collect():
+        for sample in family.samples:
+            if sample.name == name and sample.labels.get("stage") == stage:
+                return sample.value
+    raise AssertionError(f"no sample {name}{{stage={stage}}}")
+
+
+def test_full_queue_is_refused_at_once(make_runtime):
+    runtime = make_runtime("sd15", queue_capacity=2, max_batch_size=1)
+    slow = [runtime.engine.submit(runtime.params("slow", seed=i, steps=40)) for i in range(2)]
+    with pytest.raises(QueueFullError) as info:
+        runtime.engine.submit(runtime.params("one too many", seed=3))
+    assert info.value.retry_after_s >= 1
+    for job in slow:
+        assert len(job.future.result(120)) == 1
+    # Capacity comes back once the work is done.
+    assert runtime.engine.generate(runtime.params("again", seed=4), timeout_s=60)
+
+
+def test_deadline_passed_in_queue_fails_the_job(make_runtime):
+    runtime = make_runtime("sd15", stage_mode="Stacked", max_batch_size=1)
+    slow = runtime.engine.submit(runtime.params("slow", seed=1, steps=40))
+    late = runtime.engine.submit(runtime.params("late", seed=2), timeout_s=0.001)
+    with pytest.raises(JobTimeout):
+        late.future.result(120)
+    assert slow.future.result(120)
+
+
+def test_close_drains_accepted_work_then_refuses(make_runtime):
+    runtime = make_runtime("sd15", max_batch_size=2)
+    jobs = [runtime.engine.submit(runtime.params(f"p{i}", seed=i, steps=20)) for i in range(4)]
+    assert runtime.engine.close(timeout=120) is True
+    assert all(job.future.done() and len(job.future.result()) == 1 for job in jobs)
+    with pytest.raises(EngineClosedError):
+        runtime.engine.submit(runtime.params("after close", seed=9))
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"width": 60}, "size"),
+        ({"height": 4104}, "size"),
+        ({"width": 68}, "size"),
+        ({"n": 5}, "n"),
+        ({"steps": 0}, "steps"),
+        ({"prompt": "x" * 2001}, "prompt"),
+        ({"negative_prompt": "x" * 2001}, "negative_prompt"),
+    ],
+)
+def test_engine_checks_requests_before_device_work(make_runtime, change, field):
+    runtime = make_runtime("sd15", warmup=False)
+    base = runtime.params("ok", seed=1)
+    params = GenerationParams(**{**base.__dict__, **change})
+    with pytest.raises(InvalidRequest) as info:
+        runtime.engine.submit(params)
+    assert info.value.field == field
+    assert runtime.engine.in_flight == 0

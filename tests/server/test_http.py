@@ -1,0 +1,202 @@
+"""The HTTP contract: OpenAI images schema, errors naming the field, 429, auth, probes, metrics."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+from server_testlib import mean_abs_diff
+
+from imagegen_server.api import create_app
+from imagegen_server.config import ServerSettings
+
+GENERATE = "/v1/images/generations"
+
+
+@pytest.fixture
+def client_for(make_runtime):
+    clients = []
+
+    def make(**overrides) -> TestClient:
+        runtime = make_runtime("sd15", **overrides)
+        client = TestClient(create_app(runtime.settings, runtime))
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+def decode_png(b64: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    assert image.format == "PNG"
+    return image.convert("RGB")
+
+
+def test_generation_returns_pngs_equal_to_diffusers(client_for, reference_pipeline):
+    client = client_for()
+    body = {
+        "prompt": "a red cat",
+        "n": 2,
+        "size": "64x64",
+        "seed": 7,
+        "steps": 3,
+        "guidance_scale": 6.0,
+    }
+    response = client.post(GENERATE, json=body)
+    assert response.status_code == 200, response.text
+    payload = response.json()
+    assert payload["seed"] == 7 and isinstance(payload["created"], int)
+    images = [decode_png(item["b64_json"]) for item in payload["data"]]
+    runtime = client.app.state.runtime
+    params = runtime.params(
+        "a red cat", n=2, width=64, height=64, seed=7, steps=3, guidance_scale=6.0
+    )
+    expected = reference_pipeline("sd15")(**runtime.steps.reference_kwargs(params)).images
+    assert [mean_abs_diff(a, b) < 1.0 for a, b in zip(images, expected, strict=True)] == [
+        True,
+        True,
+    ]
+
+
+def test_defaults_fill_in_and_seed_is_reported(client_for):
+    response = client_for().post(GENERATE, json={"prompt": "defaults"})
+    assert response.status_code == 200
+    payload = response.json()
+    assert decode_png(payload["data"][0]["b64_json"]).size == (64, 64)  # the model's native size
+    assert 0 <= payload["seed"] < 2**63
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"prompt": "x", "size": "64"}, 422, "size"),
+        ({"prompt": "x", "size": "65x64"}, 422, "size"),
+        ({"prompt": "x", "size": "8x8"}, 422, "size"),
+        ({"prompt": "x", "size": "9000x64"}, 422, "size"),
+        ({"prompt": "x", "n": 0}, 422, "n"),
+        ({"prompt": "x", "n": 5}, 422, "n"),
+        ({"prompt": "x", "n": "two"}, 422, "n"),
+        ({"prompt": "x", "n": 1.5}, 422, "n"),
+        ({"prompt": "x", "steps": 0}, 422, "steps"),
+        ({"prompt": "x", "steps": 201}, 422, "steps"),
+        ({"prompt": "x" * 2001}, 422, "prompt"),
+        ({"prompt": ""}, 422, "prompt"),
+        ({"prompt": 123}, 422, "prompt"),
+        ({"n": 1}, 422, "prompt"),
+        ({"prompt": "x", "negative_prompt": ["a"]}, 422, "negative_prompt"),
+        ({"prompt": "x", "guidance_scale": "high"}, 422, "guidance_scale"),
+        ({"prompt": "x", "guidance_scale": -1}, 422, "guidance_scale"),
+        ({"prompt": "x", "seed": -1}, 422, "seed"),
+        ({"prompt": "x", "response_format": "url"}, 422, "response_format"),
+        ({"prompt": "x", "model": "dall-e-3"}, 404, "model"),
+        (["not", "an", "object"], 422, "body"),
+    ],
+)
+def test_bad_input_names_the_field(client_for, body, status, param):
+    client = client_for(warmup=False)
+    response = client.post(GENERATE, json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert param in error["message"] or param == "body"
+    assert client.app.state.runtime.engine.in_flight == 0
+
+
+def test_malformed_json_is_a_422_on_the_body(client_for):
+    response = client_for(warmup=False).post(
+        GENERATE, content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["param"].startswith("body")
+
+
+def test_full_queue_answers_429_with_retry_after(client_for):
+    client = client_for(queue_capacity=1, max_batch_size=1)
+    engine = client.app.state.runtime.engine
+    slow: dict = {}
+    worker = threading.Thread(
+        target=lambda: slow.setdefault(
+            "r", client.post(GENERATE, json={"prompt": "slow", "steps": 60})
+        )
+    )
+    worker.start()
+    deadline = time.monotonic() + 30
+    while engine.in_flight < 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    response = client.post(GENERATE, json={"prompt": "rejected"})
+    worker.join(60)
+    assert response.status_code == 429, response.text
+    assert int(response.headers["Retry-After"]) >= 1
+    assert response.json()["error"]["type"] == "rate_limit_error"
+    assert slow["r"].status_code == 200
+
+
+def test_bearer_token_guards_the_api_but_not_the_probes(client_for, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    client = client_for(auth_token_file=str(token_file), warmup=False)
+    body = {"prompt": "x", "steps": 1}
+    assert client.post(GENERATE, json=body).status_code == 401
+    wrong = client.post(GENERATE, json=body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.headers["WWW-Authenticate"] == "Bearer"
+    ok = client.post(GENERATE, json=body, headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200
+    assert client.get("/v1/models").status_code == 401
+    for probe in ("/healthz", "/readyz", "/metrics"):
+        assert client.get(probe).status_code == 200, probe
+
+
+def test_models_health_and_readiness(client_for):
+    client = client_for()
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list"
+    assert models["data"][0]["id"] == "sd15" and models["data"][0]["family"] == "SD15"
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready["status"] == "ready"
+    assert ready["optimizations"]["attention_active"] == "Auto"
+
+
+def test_model_that_cannot_load_fails_health_and_readiness(tmp_path):
+    settings = ServerSettings(model=str(tmp_path / "missing"), dtype="float32")
+    with TestClient(create_app(settings)) as client:
+        deadline = time.monotonic() + 30
+        while client.get("/healthz").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        health = client.get("/healthz")
+        assert health.status_code == 500
+        assert "model_index.json" in health.json()["error"]["message"]
+        assert client.get("/readyz").status_code == 503
+        assert client.post(GENERATE, json={"prompt": "x"}).status_code == 503
+
+
+def test_metrics_parse_and_carry_per_stage_series(client_for):
+    client = client_for()
+    assert client.post(GENERATE, json={"prompt": "counted", "n": 2}).status_code == 200
+    client.get("/healthz")
+    text = client.get("/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in families.values()
+        for s in f.samples
+    }
+    for stage in ("encode", "denoise", "decode"):
+        labels = (("stage", stage),)
+        assert samples[("imagegen_stage_duration_seconds_count", labels)] >= 2  # warm-up + request
+        assert samples[("imagegen_stage_batch_size_count", labels)] >= 2
+        assert ("imagegen_stage_queue_depth", labels) in samples
+    assert samples[("imagegen_images_generated_total", ())] == 3  # warm-up 1 + request 2
+    assert samples[("imagegen_requests_total", (("status", "200"),))] == 1  # probes not counted
+    assert samples[("imagegen_request_duration_seconds_count", ())] == 1
+    assert samples[("imagegen_ready", ())] == 1
+    assert families["imagegen_server_info"].samples[0].labels["family"] == "SD15"

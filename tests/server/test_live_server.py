@@ -1,0 +1,150 @@
+"""The server over real sockets on 127.0.0.1: the official openai client, and SIGTERM drain."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from PIL import Image
+from server_testlib import free_port, mean_abs_diff
+
+from imagegen_server.api import create_app
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def live_server(make_runtime, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("client-token")
+    runtime = make_runtime("sd15", auth_token_file=str(token_file), max_batch_size=2)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(runtime.settings, runtime), host="127.0.0.1", port=port, log_level="warning"
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started
+    yield f"http://127.0.0.1:{port}", runtime
+    server.should_exit = True
+    thread.join(30)
+
+
+def test_official_openai_client_generates_and_decodes(live_server, reference_pipeline):
+    base_url, runtime = live_server
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="client-token", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["sd15"]
+    result = client.images.generate(
+        model="sd15",
+        prompt="a lighthouse at dusk",
+        n=2,
+        size="64x64",
+        response_format="b64_json",
+        extra_body={"seed": 11, "steps": 3, "guidance_scale": 5.0, "negative_prompt": "fog"},
+    )
+    images = [
+        Image.open(io.BytesIO(base64.b64decode(d.b64_json))).convert("RGB") for d in result.data
+    ]
+    assert [im.size for im in images] == [(64, 64), (64, 64)]
+    params = runtime.params(
+        "a lighthouse at dusk",
+        n=2,
+        width=64,
+        height=64,
+        seed=11,
+        steps=3,
+        guidance_scale=5.0,
+        negative_prompt="fog",
+    )
+    expected = reference_pipeline("sd15")(**runtime.steps.reference_kwargs(params)).images
+    assert all(mean_abs_diff(a, b) < 1.0 for a, b in zip(images, expected, strict=True))
+
+
+def test_openai_client_sees_errors_with_the_field(live_server):
+    base_url, _ = live_server
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="client-token", max_retries=0)
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        client.images.generate(prompt="x", n=0, response_format="b64_json")
+    assert info.value.body["param"] == "n"
+    wrong = openai.OpenAI(base_url=base_url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.images.generate(prompt="x", response_format="b64_json")
+
+
+def _in_flight(base_url: str) -> float:
+    for line in httpx.get(base_url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith("imagegen_requests_in_flight "):
+            return float(line.split()[1])
+    return -1
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_accepted_requests_then_exits(tiny_models):
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "inference_image"), "IMAGEGEN_TORCH_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "imagegen_server", "--model", str(tiny_models["sd15"]),
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--device", "cpu",
+        "--default-steps", "3", "--max-batch-size", "1", "--log-level", "info",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(base_url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, process.stdout.read().decode()
+            time.sleep(0.2)
+        else:
+            pytest.fail("server never became ready")
+
+        results: dict[int, httpx.Response] = {}
+
+        def call(i: int) -> None:
+            body = {"prompt": f"drain {i}", "seed": i, "steps": 60}
+            results[i] = httpx.post(base_url + "/v1/images/generations", json=body, timeout=120)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while _in_flight(base_url) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _in_flight(base_url) == 4  # all four accepted before the signal
+
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with pytest.raises(httpx.TransportError):  # no longer accepting
+            httpx.post(base_url + "/v1/images/generations", json={"prompt": "late"}, timeout=5)
+        for t in threads:
+            t.join(120)
+        assert sorted(results) == [0, 1, 2, 3]
+        assert [r.status_code for r in results.values()] == [200] * 4
+        assert all(r.json()["data"][0]["b64_json"] for r in results.values())
+        # uvicorn re-raises the signal after its graceful shutdown, so the status names SIGTERM.
+        assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert b"shutdown: drained" in process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -1,0 +1,67 @@
+"""Speed levers: the SDPA backend really used, and torch.compile with a persistent cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from server_testlib import mean_abs_diff
+from torch._C._profiler import _ExperimentalConfig
+from torch.nn.attention import SDPBackend
+from torch.profiler import ProfilerActivity, profile
+
+from imagegen_server.optimize import probe_backend
+
+# The ATen kernel each backend dispatches to on CPU.
+CPU_KERNELS = {
+    "Math": "aten::_scaled_dot_product_attention_math",
+    "Flash": "aten::_scaled_dot_product_flash_attention_for_cpu",
+}
+
+
+def attention_kernels(runtime) -> set[str]:
+    # profile_all_threads: the work runs on the stage threads, not on this one.
+    config = _ExperimentalConfig(profile_all_threads=True)
+    with profile(activities=[ProfilerActivity.CPU], experimental_config=config) as prof:
+        runtime.engine.generate(runtime.params("profiled", seed=1), timeout_s=60)
+    return {e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product")}
+
+
+@pytest.mark.parametrize("backend", ["Math", "Flash"])
+def test_requested_attention_backend_is_the_one_that_runs(make_runtime, backend):
+    runtime = make_runtime("sd15", attention=backend)
+    assert runtime.report.attention_active == backend
+    kernels = attention_kernels(runtime)
+    assert kernels == {CPU_KERNELS[backend]}, kernels
+
+
+def test_unavailable_backend_falls_back_and_says_why(make_runtime):
+    runtime = make_runtime("sd15", attention="Efficient")
+    if probe_backend(SDPBackend.EFFICIENT_ATTENTION, torch.device("cpu"), torch.float32) is None:
+        pytest.skip("this PyTorch build has a CPU memory-efficient kernel")
+    assert runtime.report.attention_requested == "Efficient"
+    assert runtime.report.attention_active == "Auto"
+    assert "Efficient unavailable on cpu" in runtime.report.attention_note
+    assert runtime.engine.generate(runtime.params("still works", seed=1))
+
+
+@pytest.mark.slow
+def test_regional_compile_on_cpu_with_cache_dir(make_runtime, reference_pipeline, request):
+    # pytest's cache dir survives between runs, so only the first run pays for compilation.
+    cache_dir = request.config.cache.mkdir("imagegen-inductor")
+    runtime = make_runtime(
+        "sd15",
+        compile_enabled=True,
+        compile_mode="default",
+        compile_regional=True,
+        compile_cache_dir=str(cache_dir),
+        channels_last=False,
+    )
+    report = runtime.report
+    assert report.compile_regional is True
+    assert "BasicTransformerBlock" in report.compiled[0]
+    assert report.compile_cache_dir == str(cache_dir)
+    assert (cache_dir / "fxgraph").is_dir(), "inductor did not use the cache dir"
+    params = runtime.params("compiled", seed=5)
+    images = runtime.engine.generate(params, timeout_s=300)
+    expected = reference_pipeline("sd15")(**runtime.steps.reference_kwargs(params)).images
+    assert mean_abs_diff(images[0], expected[0]) < 1.0

@@ -1,0 +1,118 @@
+"""make-tiny-model output, model URIs and family detection."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+from imagegen_server.cli import main
+from imagegen_server.config import Family, ServerSettings
+from imagegen_server.loading import ModelError, detect_family, load_model, resolve_model_uri
+from imagegen_server.tiny import parameter_count
+
+PIPELINE_CLASSES = {
+    "sd15": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "flux": "FluxPipeline",
+}
+
+
+def _digest(directory: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(directory.rglob("*.safetensors")):
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("family", list(PIPELINE_CLASSES))
+def test_tiny_models_load_with_diffusers_and_generate(tiny_models, reference_pipeline, family):
+    index = json.loads((tiny_models[family] / "model_index.json").read_text())
+    assert index["_class_name"] == PIPELINE_CLASSES[family]
+    pipe = reference_pipeline(family)
+    assert type(pipe).__name__ == PIPELINE_CLASSES[family]
+    assert sum(parameter_count(pipe).values()) < 300_000
+    image = pipe(
+        "a cat",
+        width=64,
+        height=64,
+        num_inference_steps=1,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert image.size == (64, 64)
+
+
+def test_cli_make_tiny_model_is_deterministic(tmp_path, tiny_models, capsys):
+    assert main(["make-tiny-model", str(tmp_path / "a"), "--family", "sd15"]) == 0
+    assert str(tmp_path / "a") in capsys.readouterr().out
+    main(["make-tiny-model", str(tmp_path / "b"), "--family", "sd15", "--seed", "1"])
+    assert _digest(tmp_path / "a") == _digest(tiny_models["sd15"])  # same seed, same bytes
+    assert _digest(tmp_path / "b") != _digest(tmp_path / "a")
+
+
+def test_small_size_is_about_a_million_parameters_at_128(tmp_path):
+    main(["make-tiny-model", str(tmp_path), "--family", "sd15", "--size", "small"])
+    pipe = DiffusionPipeline.from_pretrained(tmp_path)
+    unet_params = parameter_count(pipe)["unet"]
+    assert 500_000 < unet_params < 2_000_000
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 128
+
+
+def test_resolve_model_uris(tmp_path, tiny_models):
+    model = tiny_models["sd15"]
+    pvc_root, gcs_root = tmp_path / "pvc", tmp_path / "gcs"
+    (pvc_root / "claim" / "models").mkdir(parents=True)
+    (pvc_root / "claim" / "models" / "sd").symlink_to(model)
+    (gcs_root / "bucket").mkdir(parents=True)
+    (gcs_root / "bucket" / "sd").symlink_to(model)
+    s = ServerSettings(pvc_root=pvc_root, gcs_root=gcs_root)
+    assert resolve_model_uri(str(model), s) == model
+    assert resolve_model_uri(f"file://{model}", s) == model
+    assert resolve_model_uri("pvc://claim/models/sd", s) == pvc_root / "claim/models/sd"
+    assert resolve_model_uri("gs://bucket/sd", s) == gcs_root / "bucket/sd"
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("", "no model given"),
+        ("s3://bucket/model", "unsupported model URI scheme 's3'"),
+        ("file://relative/path", "must be absolute"),
+        ("pvc://claim/missing", "holds no model_index.json"),
+        ("hf://no-such-org/no-such-model", "cannot fetch hf://"),
+    ],
+)
+def test_bad_model_uris(tmp_path, monkeypatch, uri, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never reach out from tests
+    with pytest.raises(ModelError, match=message):
+        resolve_model_uri(uri, ServerSettings(pvc_root=tmp_path, hf_cache_dir=tmp_path / "hf"))
+
+
+@pytest.mark.parametrize(
+    ("class_name", "family"),
+    [
+        ("StableDiffusionPipeline", Family.SD15),
+        ("StableDiffusionXLPipeline", Family.SDXL),
+        ("StableDiffusion3Pipeline", Family.SD3),
+        ("FluxPipeline", Family.FLUX),
+    ],
+)
+def test_detect_family(tmp_path, class_name, family):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+    assert detect_family(tmp_path) == family
+
+
+def test_unknown_pipeline_class_is_refused(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "AudioLDMPipeline"}))
+    with pytest.raises(ModelError, match="AudioLDMPipeline"):
+        detect_family(tmp_path)
+
+
+def test_family_mismatch_is_refused(tiny_models):
+    settings = ServerSettings(model=str(tiny_models["sd15"]), family="SDXL", dtype="float32")
+    with pytest.raises(ModelError, match="holds a SD15 model"):
+        load_model(settings)

@@ -1,0 +1,461 @@
+"""A TEST DOUBLE of the node-pool part of GKE's REST API (container.googleapis.com v1).
+
+This is not GKE and talks to nothing outside the test process: a small
+``http.server`` on 127.0.0.1 that answers the four calls the GKE provider makes,
+the way the documented v1 REST contract says GKE answers them, so the provider
+can be tested with the real ``google-cloud-container`` client and its REST
+transport (URL building, proto3 JSON, error conversion) instead of mocks.
+
+The contract it follows (the ``google.api.http`` annotations of
+``google/container/v1/cluster_service.proto``, which the installed client's
+``transports/rest_base.py`` is generated from):
+
+- ``POST   /v1/{parent=projects/*/locations/*/clusters/*}/nodePools``, body
+  ``{"nodePool": NodePool}`` (``body: "*"``, less the fields bound in the path)
+  -> ``Operation`` (CREATE_NODE_POOL)
+- ``GET    /v1/{name=projects/*/locations/*/clusters/*/nodePools/*}`` -> ``NodePool``
+- ``DELETE /v1/{name=projects/*/locations/*/clusters/*/nodePools/*}`` -> ``Operation``
+  (DELETE_NODE_POOL)
+- ``GET    /v1/{name=projects/*/locations/*/operations/*}`` -> ``Operation``
+
+Bodies are proto3 JSON (camelCase; int64 as strings). The client asks with
+``$alt=json;enum-encoding=int``, and then enums are answered as numbers, as
+GKE does; without it, as names.
+
+Errors use Google's JSON error format (AIP-193):
+``{"error": {"code": 400, "message": "...", "status": "FAILED_PRECONDITION"}}``.
+The messages copy the wording GKE is known to use (as seen in public bug
+reports), because callers classify errors by it: a concurrent operation is
+``400 FAILED_PRECONDITION "Operation operation-... is currently creating a node
+pool for cluster C. Please wait and try again once it is done."``; a resource
+quota is ``403 PERMISSION_DENIED "Insufficient regional quota to satisfy
+request: ..."``.
+
+Time is counted in polls, not seconds, so tests are fast and deterministic: an
+operation finishes after ``polls_to_done`` reads of it or of its pool.
+
+Knobs for tests: :meth:`GkeApiTestDouble.busy_next`,
+:meth:`~GkeApiTestDouble.quota_error_next`,
+:meth:`~GkeApiTestDouble.error_next_create`,
+:meth:`~GkeApiTestDouble.fail_next_operation`,
+:meth:`~GkeApiTestDouble.seed_pool`; every request is recorded in
+:attr:`~GkeApiTestDouble.requests`.
+
+Usage::
+
+    with GkeApiTestDouble() as double:
+        client = double.client()          # a real ClusterManagerClient
+        ...
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+_POOLS = re.compile(r"^/v1/(projects/[^/]+/locations/[^/]+/clusters/[^/]+)/nodePools$")
+_POOL = re.compile(r"^/v1/(projects/[^/]+/locations/[^/]+/clusters/[^/]+)/nodePools/([^/:]+)$")
+_OPERATION = re.compile(r"^/v1/(projects/[^/]+/locations/([^/]+))/operations/([^/:]+)$")
+
+# google.rpc.Code values, for Operation.error (a google.rpc.Status).
+RPC_CODES = {
+    "INVALID_ARGUMENT": 3,
+    "NOT_FOUND": 5,
+    "ALREADY_EXISTS": 6,
+    "PERMISSION_DENIED": 7,
+    "RESOURCE_EXHAUSTED": 8,
+    "FAILED_PRECONDITION": 9,
+    "INTERNAL": 13,
+}
+# Enum numbers from cluster_service.proto, for answers to ``enum-encoding=int``.
+POOL_STATUS_NUMBERS = {
+    "PROVISIONING": 1,
+    "RUNNING": 2,
+    "RUNNING_WITH_ERROR": 3,
+    "RECONCILING": 4,
+    "STOPPING": 5,
+    "ERROR": 6,
+}
+OPERATION_STATUS_NUMBERS = {"PENDING": 1, "RUNNING": 2, "DONE": 3, "ABORTING": 4}
+OPERATION_TYPE_NUMBERS = {"CREATE_NODE_POOL": 7, "DELETE_NODE_POOL": 8}
+HTTP_FOR_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "FAILED_PRECONDITION": 400,
+    "PERMISSION_DENIED": 403,
+    "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409,
+    "ABORTED": 409,
+    "RESOURCE_EXHAUSTED": 429,
+    "INTERNAL": 500,
+    "UNAVAILABLE": 503,
+}
+
+DEFAULT_QUOTA_MESSAGE = (
+    "Insufficient regional quota to satisfy request: resource \"NVIDIA_H100_GPUS\": "
+    "request requires '8.0' and is short '8.0'. project has a quota of '0.0' with "
+    "'0.0' available. View and manage quotas at "
+    "https://console.cloud.google.com/iam-admin/quotas?usage=USED&project={project}."
+)
+
+
+@dataclass
+class RecordedRequest:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    body: dict[str, Any] | None
+
+
+@dataclass
+class _Operation:
+    name: str
+    location: str
+    operation_type: str  # CREATE_NODE_POOL | DELETE_NODE_POOL
+    target: str  # the pool's full name
+    polls_left: int
+    fail: tuple[str, str] | None = None  # (google.rpc status name, message) when it fails
+    pool_after_failure: str = "ERROR"  # ERROR: the pool stays, broken; DELETED: it is gone
+    status: str = "RUNNING"
+    error: dict[str, Any] | None = None
+    start_time: str = field(default_factory=lambda: _now())
+    end_time: str | None = None
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class ApiError(Exception):
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "code": HTTP_FOR_STATUS[self.status],
+                "message": self.message,
+                "status": self.status,
+            }
+        }
+
+
+class GkeApiTestDouble:
+    """In-process HTTP test double of GKE's node-pool REST API; see the module docstring."""
+
+    def __init__(self, polls_to_done: int = 2, latency_s: float = 0.0):
+        self.polls_to_done = polls_to_done
+        # Seconds each request waits before it is handled: widens the window in
+        # which concurrent callers can race each other.
+        self.latency_s = latency_s
+        self.requests: list[RecordedRequest] = []
+        self.pools: dict[str, dict[str, Any]] = {}  # full name -> NodePool JSON
+        self.operations: dict[str, _Operation] = {}  # full name -> operation
+        self._lock = threading.RLock()
+        self._ids = itertools.count(1)
+        self._busy: list[str] = []  # what the running operation "is currently" doing, per call
+        self._create_errors: list[ApiError] = []
+        self._next_failure: tuple[str, str, str] | None = None
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle ---------------------------------------------------------
+
+    def start(self) -> GkeApiTestDouble:
+        double = self
+
+        class Handler(_Handler):
+            owner = double
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(
+            # A short poll interval: stop() waits for it, once per test.
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+            name="gke-api-test-double", daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> GkeApiTestDouble:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def host(self) -> str:
+        """``127.0.0.1:PORT``, what the REST transport takes as ``host``."""
+        assert self._server, "start() the double first"
+        return f"127.0.0.1:{self._server.server_address[1]}"
+
+    def client(self) -> Any:
+        """A real ``ClusterManagerClient`` whose REST transport points at this double."""
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import container_v1
+        from google.cloud.container_v1.services.cluster_manager.transports.rest import (
+            ClusterManagerRestTransport,
+        )
+
+        transport = ClusterManagerRestTransport(
+            host=self.host, url_scheme="http", credentials=AnonymousCredentials()
+        )
+        return container_v1.ClusterManagerClient(transport=transport)
+
+    # --- knobs -------------------------------------------------------------
+
+    def busy_next(self, count: int, doing: str = "upgrading cluster") -> None:
+        """The next ``count`` mutating calls fail as GKE does while another operation runs."""
+        with self._lock:
+            self._busy.extend([doing] * count)
+
+    def quota_error_next(self, message: str | None = None) -> None:
+        """The next create fails at once with GKE's 403 resource-quota error."""
+        with self._lock:
+            self._create_errors.append(
+                ApiError("PERMISSION_DENIED", message or DEFAULT_QUOTA_MESSAGE)
+            )
+
+    def error_next_create(self, status: str, message: str) -> None:
+        """The next create fails at once with any Google API error status."""
+        with self._lock:
+            self._create_errors.append(ApiError(status, message))
+
+    def fail_next_operation(
+        self,
+        message: str = "Internal error while creating the node pool.",
+        status: str = "INTERNAL",
+        pool_after_failure: str = "DELETED",
+    ) -> None:
+        """The next create's operation ends DONE with ``error``.
+
+        ``pool_after_failure``: ``DELETED`` (GKE rolled the pool back) or
+        ``ERROR`` (the pool stays, in status ERROR with the message).
+        """
+        with self._lock:
+            self._next_failure = (status, message, pool_after_failure)
+
+    def seed_pool(self, name: str, status: str = "RUNNING", **fields: Any) -> None:
+        """Put a pool in place, as if made earlier (``name``: its full resource name)."""
+        with self._lock:
+            self.pools[name] = {"name": name.rsplit("/", 1)[-1], "status": status, **fields}
+
+    def requests_to(self, method: str, suffix: str = "") -> list[RecordedRequest]:
+        """Recorded requests with this method whose path ends with ``suffix``."""
+        with self._lock:
+            return [r for r in self.requests if r.method == method and r.path.endswith(suffix)]
+
+    # --- the API -----------------------------------------------------------
+
+    def handle(self, method: str, path: str, query: dict[str, list[str]],
+               body: dict[str, Any] | None) -> dict[str, Any]:
+        if self.latency_s:
+            time.sleep(self.latency_s)
+        with self._lock:
+            self.requests.append(RecordedRequest(method, path, query, body))
+            answer = self._route(method, path, body)
+            if "enum-encoding=int" in ";".join(query.get("$alt", [])):
+                answer = _enums_as_numbers(answer)
+            return answer
+
+    def _route(self, method: str, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
+        if method == "POST" and (m := _POOLS.match(path)):
+            return self._create_pool(m.group(1), body or {})
+        if (m := _POOL.match(path)) and method in ("GET", "DELETE"):
+            name = f"{m.group(1)}/nodePools/{m.group(2)}"
+            if method == "GET":
+                return self._get_pool(name)
+            return self._delete_pool(name)
+        if method == "GET" and (m := _OPERATION.match(path)):
+            return self._get_operation(f"{m.group(1)}/operations/{m.group(3)}")
+        raise ApiError("NOT_FOUND", f"Method or path not served by the test double: {path}")
+
+    def _check_busy(self, cluster: str) -> None:
+        if self._busy:
+            doing = self._busy.pop(0)
+            # Same id shape as GKE's: operation-<millis>-<hex>.
+            raise ApiError(
+                "FAILED_PRECONDITION",
+                f"Operation operation-1764150000000-{next(self._ids):08x} is currently "
+                f"{doing} {cluster.rsplit('/', 1)[-1]}. Please wait and try again once it "
+                "is done.",
+            )
+
+    def _new_operation(self, location: str, op_type: str, target: str) -> _Operation:
+        op_id = f"operation-1764150000000-{next(self._ids):08x}"
+        project = target.split("/")[1]
+        op = _Operation(
+            name=f"projects/{project}/locations/{location}/operations/{op_id}",
+            location=location,
+            operation_type=op_type,
+            target=target,
+            polls_left=self.polls_to_done,
+        )
+        self.operations[op.name] = op
+        return op
+
+    def _create_pool(self, parent: str, body: dict[str, Any]) -> dict[str, Any]:
+        self._check_busy(parent)
+        if self._create_errors:
+            error = self._create_errors.pop(0)
+            error.message = error.message.replace("{project}", parent.split("/")[1])
+            raise error
+        pool = body.get("nodePool")
+        if not isinstance(pool, dict) or not pool.get("name"):
+            raise ApiError("INVALID_ARGUMENT", "Node_pool.name must be specified.")
+        name = f"{parent}/nodePools/{pool['name']}"
+        if name in self.pools:
+            raise ApiError("ALREADY_EXISTS", f"Already exists: {name}.")
+        location = parent.split("/")[3]
+        op = self._new_operation(location, "CREATE_NODE_POOL", name)
+        if self._next_failure:
+            status, message, after = self._next_failure
+            op.fail, op.pool_after_failure = (status, message), after
+            self._next_failure = None
+        self.pools[name] = {
+            **pool,
+            "selfLink": f"https://container.googleapis.com/v1/{name}",
+            "status": "PROVISIONING",
+        }
+        return self._operation_json(op)
+
+    def _get_pool(self, name: str) -> dict[str, Any]:
+        self._tick(name)
+        if name not in self.pools:
+            raise ApiError("NOT_FOUND", f"Not found: {name}.")
+        return self.pools[name]
+
+    def _delete_pool(self, name: str) -> dict[str, Any]:
+        if name not in self.pools:
+            raise ApiError("NOT_FOUND", f"Not found: {name}.")
+        self._check_busy(name.split("/nodePools/")[0])
+        if self._running_operation(name):
+            raise ApiError(
+                "FAILED_PRECONDITION",
+                f"Operation {self._running_operation(name).name.rsplit('/', 1)[-1]} is "
+                f"currently operating on node pool {name.rsplit('/', 1)[-1]}. Please wait "
+                "and try again once it is done.",
+            )
+        op = self._new_operation(name.split("/")[3], "DELETE_NODE_POOL", name)
+        self.pools[name]["status"] = "STOPPING"
+        return self._operation_json(op)
+
+    def _get_operation(self, name: str) -> dict[str, Any]:
+        op = self.operations.get(name)
+        if op is None:
+            raise ApiError("NOT_FOUND", f"Not found: {name}.")
+        self._tick(op.target)
+        return self._operation_json(op)
+
+    def _running_operation(self, target: str) -> _Operation | None:
+        return next(
+            (o for o in self.operations.values() if o.target == target and o.status != "DONE"),
+            None,
+        )
+
+    def _tick(self, target: str) -> None:
+        """One poll of a pool or its operation: the running operation moves one step."""
+        op = self._running_operation(target)
+        if op is None:
+            return
+        op.polls_left -= 1
+        if op.polls_left > 0:
+            return
+        op.status, op.end_time = "DONE", _now()
+        if op.operation_type == "DELETE_NODE_POOL":
+            self.pools.pop(target, None)
+        elif op.fail:
+            status, message = op.fail
+            op.error = {"code": RPC_CODES.get(status, 2), "message": message}
+            if op.pool_after_failure == "DELETED":
+                self.pools.pop(target, None)
+            else:
+                self.pools[target].update(status="ERROR", statusMessage=message)
+        else:
+            self.pools[target]["status"] = "RUNNING"
+
+    def _operation_json(self, op: _Operation) -> dict[str, Any]:
+        short = op.name.rsplit("/", 1)[-1]
+        project = op.name.split("/")[1]
+        out: dict[str, Any] = {
+            # GKE answers the short id in ``name``; the full name is in selfLink.
+            "name": short,
+            "zone": op.location,
+            "location": op.location,
+            "operationType": op.operation_type,
+            "status": op.status,
+            "selfLink": (
+                f"https://container.googleapis.com/v1/projects/{project}/locations/"
+                f"{op.location}/operations/{short}"
+            ),
+            "targetLink": f"https://container.googleapis.com/v1/{op.target}",
+            "startTime": op.start_time,
+        }
+        if op.end_time:
+            out["endTime"] = op.end_time
+        if op.error:
+            out["error"] = op.error
+            out["statusMessage"] = op.error["message"]
+        return out
+
+
+def _enums_as_numbers(answer: dict[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(answer))  # a copy: stored pools keep their names
+    if "operationType" in out:
+        out["operationType"] = OPERATION_TYPE_NUMBERS[out["operationType"]]
+        out["status"] = OPERATION_STATUS_NUMBERS[out["status"]]
+    elif "status" in out:
+        out["status"] = POOL_STATUS_NUMBERS[out["status"]]
+    return out
+
+
+class _Handler(BaseHTTPRequestHandler):
+    owner: GkeApiTestDouble
+
+    def _serve(self, method: str) -> None:
+        url = urlsplit(self.path)
+        body = None
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            body = json.loads(self.rfile.read(length))
+        try:
+            status, payload = HTTPStatus.OK, self.owner.handle(
+                method, url.path, parse_qs(url.query), body
+            )
+        except ApiError as error:
+            status, payload = HTTP_FOR_STATUS[error.status], error.payload()
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=UTF-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self._serve("GET")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._serve("POST")
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._serve("DELETE")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # Quiet: the recorded requests are what tests look at.
+        pass

@@ -1,0 +1,97 @@
+"""The operator as a real process against the local control plane."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from localcluster import OPERATOR_USER, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class OperatorProcess:
+    """``imagegen-operator run`` with a fast resync, its log in a file."""
+
+    def __init__(self, cluster, log_path: Path, resync_seconds: float = 1.0,
+                 kubeconfig: Path | None = None):
+        self.cluster = cluster
+        self.log_path = log_path
+        self.resync_seconds = resync_seconds
+        self.kubeconfig = kubeconfig or cluster.operator_kubeconfig
+        self.proc: subprocess.Popen | None = None
+        self.metrics_port = 0
+        self.health_port = 0
+
+    def start(self) -> OperatorProcess:
+        self.metrics_port, self.health_port = free_port(), free_port()
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "PYTHONPATH": os.pathsep.join(
+                [str(ROOT / "operator"), str(ROOT / "inference_image"),
+                 os.environ.get("PYTHONPATH", "")]),
+        }
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "imagegen_operator.cli", "run",
+             f"--resync-seconds={self.resync_seconds}",
+             f"--metrics-port={self.metrics_port}", f"--health-port={self.health_port}"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+        self._wait_healthy()
+        return self
+
+    def _wait_healthy(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"operator exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(
+                        f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"operator not healthy after {timeout}s:\n{self.log()}")
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, no graceful exit, as when a node dies."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as r:
+            return r.read().decode()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+
+def audit_writes(cluster, since_bytes: int, user: str = OPERATOR_USER) -> list[dict]:
+    """Write requests ``user`` made since the audit log had ``since_bytes``."""
+    entries = []
+    with open(cluster.audit_log, "rb") as f:
+        f.seek(since_bytes)
+        for line in f:
+            event = json.loads(line)
+            if event.get("user", {}).get("username") == user and event.get("stage") == "ResponseComplete":
+                entries.append(event)
+    return entries

@@ -1,0 +1,180 @@
+"""The ``imagegen-operator`` command line: render and plan, offline."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imagegen_operator.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = ROOT / "tests" / "data" / "golden"
+H100 = GOLDEN / "mig-timesharing-gke" / "input.yaml"
+L4_MPS = GOLDEN / "mps-configconnector" / "input.yaml"
+REFUSED = GOLDEN / "refused" / "flux-on-1g10gb.yaml"
+
+
+def run(*argv: str, stdin: str | None = None) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    if stdin is not None:
+        old, sys.stdin = sys.stdin, io.StringIO(stdin)
+    try:
+        status = main(list(argv), out=out, err=err)
+    finally:
+        if stdin is not None:
+            sys.stdin = old
+    return status, out.getvalue(), err.getvalue()
+
+
+def test_render_refuses_a_deployment_that_cannot_run() -> None:
+    """Issue 4, must show: non-zero exit, nothing printed, a message naming the fields."""
+    status, out, err = run("render", "-f", str(REFUSED))
+    assert status == 1
+    assert out == ""
+    assert "team-a/flux cannot run" in err
+    assert "ModelDoesNotFitSlice" in err
+    for field in ("spec.gpu.partitionSize", "spec.gpu.sharing.maxSharedClientsPerGpu"):
+        assert field in err
+
+
+def test_render_prints_nothing_if_any_service_in_the_files_cannot_run() -> None:
+    status, out, err = run("render", "-f", str(H100), "-f", str(REFUSED))
+    assert (status, out) == (1, "") and "flux" in err and "sd15-small" not in err
+
+
+def test_render_reads_stdin_and_skips_other_kinds() -> None:
+    text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n---\n" + L4_MPS.read_text()
+    status, out, _ = run("render", "-f", "-", stdin=text)
+    assert status == 0
+    assert out == (GOLDEN / "mps-configconnector" / "expected.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("kind: ConfigMap\n", "no ImageGenService objects"),
+        (
+            L4_MPS.read_text().replace(
+                "sharing: {strategy: MPS", "partitionSize: 1g.10gb\n    sharing: {strategy: MPS"
+            ),
+            "spec.gpu.partitionSize",
+        ),
+        ("kind: [unclosed\n", "-:"),
+    ],
+    ids=["no-services", "invalid-spec", "bad-yaml"],
+)
+def test_bad_input_is_an_error_that_says_where(text: str, message: str) -> None:
+    status, out, err = run("render", "-f", "-", stdin=text)
+    assert status == 1 and out == ""
+    assert message in err
+
+
+def test_missing_file() -> None:
+    status, _, err = run("plan", "-f", "/nonexistent/file.yaml")
+    assert status == 1 and "/nonexistent/file.yaml" in err
+
+
+def test_plan_table_shows_the_capacity_math() -> None:
+    status, out, _ = run("plan", "-f", str(H100))
+    assert status == 0
+    assert "ImageGenService team-a/sd15-small" in out
+    assert "mig:1g.10gb+ts:2: 7 partition(s) x 2 client(s) = 14 slot(s) per GPU" in out
+    assert "machine a3-highgpu-1g" in out
+    assert "igs-h100x1-mig1g10gb-ts2" in out
+    assert "vs 5 GiB per slot" in out
+    assert "on-demand" in out and "Spot" in out and "estimate" in out
+
+
+def test_plan_table_lists_findings() -> None:
+    status, out, _ = run("plan", "-f", str(REFUSED))
+    assert status == 0  # plan reports; render is the one that refuses
+    assert "error: ModelDoesNotFitSlice" in out
+    assert "info: FootprintEstimated" in out
+
+
+def test_plan_table_marks_warnings() -> None:
+    status, out, _ = run(
+        "plan", "-f", "-", stdin=H100.read_text().replace("memoryGiB: 4", "memoryGiB: 4.8")
+    )
+    assert status == 0 and "warning: ModelFitsTightly" in out
+
+
+def test_plan_json() -> None:
+    status, out, _ = run("plan", "-f", str(L4_MPS), "-o", "json")
+    assert status == 0
+    [entry] = json.loads(out)
+    assert (entry["name"], entry["namespace"]) == ("sd15-mps", "team-b")
+    p = entry["plan"]
+    assert p["slots_per_gpu"] == 4 and p["mps_thread_percentage"] == 25
+    assert p["mps_pinned_memory_mib"] == 6144 and p["workable"] is True
+    assert p["cost"]["on_demand"] > p["cost"]["spot"] > 0
+
+
+def test_run_subcommand_is_wired_and_passes_its_arguments(monkeypatch) -> None:
+    """``run`` hands its arguments to imagegen_operator.handlers.run, imported only then."""
+    import types
+
+    received = []
+    handlers = types.ModuleType("imagegen_operator.handlers")
+    handlers.run = lambda argv: received.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "imagegen_operator.handlers", handlers)
+    assert run("run", "--standalone", "-n", "ns")[0] == 0
+    assert received == [["--standalone", "-n", "ns"]]
+
+
+def test_unknown_options_are_still_errors_for_render() -> None:
+    with pytest.raises(SystemExit) as exit_:
+        build_parser()  # the parser itself builds
+        main(["render", "-f", str(H100), "--bogus"], out=io.StringIO(), err=io.StringIO())
+    assert exit_.value.code == 2
+
+
+def test_console_entry_point_is_offline_and_byte_stable(tmp_path: Path) -> None:
+    """The module a console script calls: no kopf or Kubernetes client loaded, same bytes."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'operator'}{os.pathsep}{ROOT / 'inference_image'}"}
+    env.pop("KUBECONFIG", None)
+    code = (
+        "import sys; from imagegen_operator.cli import main; rc = main(sys.argv[1:]);"
+        "loaded = [m for m in ('kopf', 'kubernetes', 'torch') if m in sys.modules];"
+        "sys.stderr.write(repr(loaded)); sys.exit(rc)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, "render", "-f", str(H100)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "[]"
+    assert result.stdout == (GOLDEN / "mig-timesharing-gke" / "expected.yaml").read_text()
+
+
+def test_render_warns_on_stderr_and_keeps_stdout_exact(tmp_path: Path) -> None:
+    text = H100.read_text().replace("maxNodes: 2", "maxNodes: 1")
+    status, out, err = run("render", "-f", "-", stdin=text)
+    assert status == 0
+    assert "warning: ImageGenService team-a/sd15-small: PoolTooSmall" in err
+    assert "spec.nodePool.maxNodes" in err
+    assert out.startswith("---\n") and "warning" not in out
+
+
+def test_render_is_quiet_about_notes() -> None:
+    status, _, err = run("render", "-f", str(L4_MPS))  # footprint estimated: a note only
+    assert (status, err) == (0, "")
+
+
+def test_server_image_flag_applies_only_where_the_spec_sets_none() -> None:
+    image = "registry.example.com/imagegen-server:9.9"
+    _, unset, _ = run("render", "-f", str(L4_MPS), "--server-image", image)
+    spot = GOLDEN / "timesharing-spot-gke" / "input.yaml"
+    _, preset, _ = run("render", "-f", str(spot), "--server-image", image)
+    assert f"image: {image}" in unset
+    assert image not in preset and "image: registry.example.com/imagegen-server:1.2.3" in preset

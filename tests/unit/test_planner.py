@@ -1,0 +1,348 @@
+"""The planner's arithmetic and findings, case by case."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from imagegen_operator import api, gke
+from imagegen_operator.planner import (
+    CUDA_CONTEXT_GIB,
+    FOOTPRINT_TABLE,
+    FootprintEstimated,
+    MigNotSupported,
+    ModelDoesNotFitSlice,
+    ModelFitsTightly,
+    MpsClientsAboveSliceLimit,
+    NoMachineType,
+    PlanInputs,
+    PoolTooSmall,
+    SharingClientsOutOfRange,
+    UnknownGpuType,
+    UnknownPartitionSize,
+    default_nodepool_name,
+    estimate_footprint_gib,
+    make_plan,
+    plan,
+)
+
+
+def inputs(gpu_type: str, **kw) -> PlanInputs:
+    kw.setdefault("memory_gib", 2)
+    return PlanInputs(gpu_type=gpu_type, **kw)
+
+
+def reasons(p) -> list[str]:
+    return [f.reason for f in p.findings]
+
+
+# gpu config -> (partitions per GPU, clients, slots per GPU, slot memory GiB)
+SLOT_CASES = [
+    (
+        dict(
+            gpu_type="nvidia-h100-80gb",
+            partition_size="1g.10gb",
+            sharing_strategy="TimeSharing",
+            max_shared_clients=2,
+        ),
+        (7, 2, 14, 5.0),
+    ),
+    (dict(gpu_type="nvidia-l4", sharing_strategy="MPS", max_shared_clients=4), (1, 4, 4, 6.0)),
+    (dict(gpu_type="nvidia-tesla-a100", partition_size="1g.5gb"), (7, 1, 7, 5.0)),
+    (dict(gpu_type="nvidia-a100-80gb", partition_size="3g.40gb"), (2, 1, 2, 40.0)),
+    (
+        dict(
+            gpu_type="nvidia-h200-141gb",
+            count_per_node=8,
+            partition_size="3g.71gb",
+            sharing_strategy="MPS",
+            max_shared_clients=3,
+        ),
+        (2, 3, 6, 71 / 3),
+    ),
+    (dict(gpu_type="nvidia-tesla-t4"), (1, 1, 1, 16.0)),
+    (
+        dict(gpu_type="nvidia-l4", sharing_strategy="TimeSharing", max_shared_clients=48),
+        (1, 48, 48, 0.5),
+    ),
+]
+
+
+@pytest.mark.parametrize("config, expected", SLOT_CASES, ids=lambda v: str(v)[:40])
+def test_slots_and_slot_memory(config: dict, expected: tuple) -> None:
+    partitions, clients, slots, slot_gib = expected
+    p = make_plan(PlanInputs(memory_gib=0.25, **config))
+    assert (p.partitions_per_gpu, p.clients_per_gpu, p.slots_per_gpu) == (
+        partitions,
+        clients,
+        slots,
+    )
+    assert p.slot_memory_gib == pytest.approx(slot_gib, abs=1e-3)
+    assert p.slots_per_node == slots * p.count_per_node
+
+
+def test_h100_mig_1g10gb_time_sharing_2_gives_14_slots() -> None:
+    """Issue 4, must show: H100 80GB, 1g.10gb, time-sharing 2 -> 14 slots per GPU."""
+    p = make_plan(
+        inputs(
+            "nvidia-h100-80gb",
+            partition_size="1g.10gb",
+            sharing_strategy="TimeSharing",
+            max_shared_clients=2,
+        )
+    )
+    assert p.slots_per_gpu == 14
+    assert p.sharing == "mig:1g.10gb+ts:2"
+    assert p.workable
+
+
+def test_l4_mps_4_gives_a_quarter_of_threads_and_memory() -> None:
+    """Issue 4, must show: L4 MPS 4 -> 25% threads, a quarter of 24 GiB pinned."""
+    p = make_plan(inputs("nvidia-l4", sharing_strategy="MPS", max_shared_clients=4))
+    assert p.mps_thread_percentage == 25
+    assert p.mps_pinned_memory_mib == 24 * 1024 // 4
+    assert p.sharing == "mps:4"
+
+
+def test_time_sharing_has_no_mps_limits() -> None:
+    p = make_plan(inputs("nvidia-l4", sharing_strategy="TimeSharing", max_shared_clients=4))
+    assert p.mps_thread_percentage is None and p.mps_pinned_memory_mib is None
+
+
+@pytest.mark.parametrize("clients, percent", [(2, 50), (3, 33), (7, 14), (48, 2)])
+def test_mps_thread_percentage_is_an_equal_share(clients: int, percent: int) -> None:
+    p = make_plan(
+        inputs("nvidia-l4", sharing_strategy="MPS", max_shared_clients=clients, memory_gib=0.1)
+    )
+    assert p.mps_thread_percentage == percent
+    assert p.mps_thread_percentage * clients <= 100
+
+
+def test_model_that_does_not_fit_its_slice_is_a_blocking_finding() -> None:
+    """Issue 4, must show: a model that does not fit its slice yields a finding."""
+    p = make_plan(
+        inputs(
+            "nvidia-h100-80gb",
+            partition_size="1g.10gb",
+            sharing_strategy="TimeSharing",
+            max_shared_clients=2,
+            memory_gib=6,
+        )
+    )
+    [finding] = [f for f in p.findings if isinstance(f, ModelDoesNotFitSlice)]
+    assert finding.blocking and not p.workable
+    assert "spec.model.memoryGiB" in finding.fields
+    assert "spec.gpu.partitionSize" in finding.fields
+    assert "6 GiB" in finding.message and "5 GiB" in finding.message
+    assert finding.to_dict()["reason"] == "ModelDoesNotFitSlice"
+    assert finding.to_dict()["severity"] == "error"
+
+
+def test_model_fitting_with_little_headroom_is_a_warning() -> None:
+    p = make_plan(inputs("nvidia-l4", memory_gib=23))
+    assert reasons(p) == ["ModelFitsTightly"] and p.workable
+    assert isinstance(p.findings[0], ModelFitsTightly)
+
+
+def test_estimated_footprint_is_reported_and_follows_the_table() -> None:
+    p = make_plan(
+        PlanInputs(
+            gpu_type="nvidia-h100-80gb",
+            family="SDXL",
+            dtype="bfloat16",
+            max_batch_size=1,
+            width=1024,
+            height=1024,
+        )
+    )
+    weights, activations = FOOTPRINT_TABLE["SDXL"]
+    assert p.footprint_gib == pytest.approx(weights + activations + CUDA_CONTEXT_GIB)
+    assert p.footprint_source == "estimate:SDXL/bfloat16"
+    assert any(isinstance(f, FootprintEstimated) and not f.blocking for f in p.findings)
+
+
+def test_footprint_estimate_grows_with_dtype_batch_and_pixels() -> None:
+    base = estimate_footprint_gib("SD15", "float16", 1, 512, 512)
+    assert estimate_footprint_gib("SD15", "float32", 1, 512, 512) > base
+    assert estimate_footprint_gib("SD15", "float16", 4, 512, 512) > base
+    assert estimate_footprint_gib("SD15", "float16", 1, 1024, 1024) > base
+    assert estimate_footprint_gib("Flux", "bfloat16", 1, 1024, 1024) > estimate_footprint_gib(
+        "SDXL", "bfloat16", 1, 1024, 1024
+    )
+
+
+def test_auto_family_assumes_sdxl_and_says_so() -> None:
+    p = make_plan(PlanInputs(gpu_type="nvidia-l4", family="Auto"))
+    assert p.footprint_source.startswith("estimate:SDXL")
+    [note] = [f for f in p.findings if isinstance(f, FootprintEstimated)]
+    assert "Auto" in note.message and "spec.model.memoryGiB" in note.fields
+
+
+def test_replicas_gpus_nodes_and_capacity_at_max_nodes() -> None:
+    p = make_plan(
+        inputs(
+            "nvidia-a100-80gb", count_per_node=2, partition_size="3g.40gb", replicas=5, max_nodes=4
+        )
+    )
+    assert (p.slots_per_node, p.gpus_needed, p.nodes_needed) == (4, 3, 2)
+    assert p.replicas_at_max_nodes == 16
+    assert p.slots == 8
+
+
+def test_autoscaling_maximum_drives_the_size() -> None:
+    p = make_plan(inputs("nvidia-l4", replicas=1, max_replicas=9, max_nodes=10))
+    assert (p.target_replicas, p.nodes_needed) == (9, 9)
+
+
+def test_pool_too_small_warns_and_names_the_fields() -> None:
+    p = make_plan(inputs("nvidia-l4", replicas=1, max_replicas=9, max_nodes=4))
+    [finding] = [f for f in p.findings if isinstance(f, PoolTooSmall)]
+    assert not finding.blocking
+    assert finding.fields == ("spec.autoscaling.maxReplicas", "spec.nodePool.maxNodes")
+    assert "spec.nodePool.maxNodes to 9" in finding.message
+
+
+def test_a_pool_of_zero_nodes_cannot_serve() -> None:
+    p = make_plan(inputs("nvidia-l4", replicas=1, max_nodes=0))
+    assert [f.reason for f in p.blocking] == ["PoolTooSmall"]
+
+
+def test_no_machine_type_blocks_only_providers_that_create_pools() -> None:
+    gke_plan = make_plan(inputs("nvidia-h200-141gb", count_per_node=1, provider="GKE"))
+    local_plan = make_plan(inputs("nvidia-h200-141gb", count_per_node=1, provider="Local"))
+    assert [f.reason for f in gke_plan.blocking] == ["NoMachineType"]
+    assert "8" in gke_plan.blocking[0].message
+    assert local_plan.workable and "NoMachineType" in reasons(local_plan)
+    assert gke_plan.machine_type is None
+
+
+def test_explicit_machine_type_wins() -> None:
+    p = make_plan(inputs("nvidia-l4", machine_type="g2-standard-16"))
+    assert p.machine_type == "g2-standard-16"
+    assert not any(isinstance(f, NoMachineType) for f in p.findings)
+
+
+@pytest.mark.parametrize(
+    "config, finding",
+    [
+        (dict(gpu_type="nvidia-l4", partition_size="1g.10gb"), MigNotSupported),
+        (dict(gpu_type="nvidia-tesla-a100", partition_size="1g.10gb"), UnknownPartitionSize),
+        (
+            dict(gpu_type="nvidia-l4", sharing_strategy="MPS", max_shared_clients=49),
+            SharingClientsOutOfRange,
+        ),
+        (
+            dict(gpu_type="nvidia-l4", sharing_strategy="MPS", max_shared_clients=None),
+            SharingClientsOutOfRange,
+        ),
+        (dict(gpu_type="nvidia-v100"), UnknownGpuType),
+    ],
+    ids=["mig-on-l4", "size-of-another-type", "too-many-clients", "no-clients", "unknown-type"],
+)
+def test_configs_the_api_forbids_are_blocking_findings(config: dict, finding: type) -> None:
+    p = make_plan(PlanInputs(memory_gib=1, **config))
+    assert any(isinstance(f, finding) and f.blocking for f in p.findings), reasons(p)
+
+
+def test_mps_on_a_small_slice_warns_about_the_client_limit() -> None:
+    p = make_plan(
+        inputs(
+            "nvidia-h100-80gb",
+            partition_size="1g.10gb",
+            sharing_strategy="MPS",
+            max_shared_clients=8,
+            memory_gib=1,
+        )
+    )
+    [finding] = [f for f in p.findings if isinstance(f, MpsClientsAboveSliceLimit)]
+    assert not finding.blocking and "6" in finding.message
+
+
+def test_cost_is_nodes_times_gpus_and_host() -> None:
+    p = make_plan(inputs("nvidia-l4", count_per_node=2, replicas=3, max_nodes=5))
+    acc, host = gke.ACCELERATORS["nvidia-l4"], gke.MACHINE_PRICES["g2-standard-24"]
+    assert p.cost.nodes == 2
+    assert p.cost.on_demand == pytest.approx(2 * (2 * acc.gpu_usd_hour + host.on_demand), abs=0.01)
+    assert p.cost.spot == pytest.approx(2 * (2 * acc.gpu_spot_usd_hour + host.spot), abs=0.01)
+    assert p.cost_at_max_nodes.nodes == 5 and p.cost_at_max_nodes.on_demand > p.cost.on_demand
+
+
+# --- node-pool names -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, name",
+    [
+        (("nvidia-h100-80gb", 1, "1g.10gb", "TimeSharing", 2, False), "igs-h100x1-mig1g10gb-ts2"),
+        (("nvidia-l4", 1, None, "MPS", 4, True), "igs-l4x1-mps4-spot"),
+        (("nvidia-tesla-t4", 1, None, None, None, False), "igs-t4x1"),
+        (("nvidia-h200-141gb", 8, "7g.141gb", "MPS", 48, True), "igs-h200x8-mig7g141gb-mps48-spot"),
+    ],
+)
+def test_default_nodepool_names(args: tuple, name: str) -> None:
+    assert default_nodepool_name(*args) == name
+    assert gke.NODEPOOL_NAME_RE.match(name)
+
+
+def test_a_non_default_machine_type_gets_its_own_pool() -> None:
+    base = default_nodepool_name("nvidia-l4", 1, None, None, None, False)
+    same = default_nodepool_name("nvidia-l4", 1, None, None, None, False, "g2-standard-8")
+    other = default_nodepool_name("nvidia-l4", 1, None, None, None, False, "g2-standard-16")
+    assert base == same != other
+    assert other.startswith(base + "-") and gke.NODEPOOL_NAME_RE.match(other)
+
+
+def test_explicit_pool_name_wins() -> None:
+    assert make_plan(inputs("nvidia-l4", nodepool_name="mine")).nodepool_name == "mine"
+
+
+# --- from the API model -----------------------------------------------------------
+
+CR = """
+apiVersion: imagegen.dev/v1alpha1
+kind: ImageGenService
+metadata: {name: sdxl, namespace: team-a}
+spec:
+  model: {uri: gs://bucket/models/sdxl, family: SDXL, dtype: float16}
+  pipeline: {stages: {maxBatchSize: 2}, defaults: {width: 768, height: 768}}
+  gpu:
+    type: nvidia-h100-80gb
+    countPerNode: 2
+    partitionSize: 3g.40gb
+    sharing: {strategy: MPS, maxSharedClientsPerGpu: 2}
+  nodePool:
+    provider: ConfigConnector
+    cluster: projects/demo-project/locations/us-central1/clusters/c
+    spot: true
+    minNodes: 1
+    maxNodes: 3
+  replicas: 3
+  autoscaling: {minReplicas: 2, maxReplicas: 12}
+"""
+
+
+def test_plan_reads_every_field_of_the_api_model() -> None:
+    resource = api.parse(yaml.safe_load(CR))
+    expected = PlanInputs(
+        gpu_type="nvidia-h100-80gb",
+        count_per_node=2,
+        partition_size="3g.40gb",
+        sharing_strategy="MPS",
+        max_shared_clients=2,
+        replicas=3,
+        max_replicas=12,
+        provider="ConfigConnector",
+        spot=True,
+        min_nodes=1,
+        max_nodes=3,
+        family="SDXL",
+        dtype="float16",
+        max_batch_size=2,
+        width=768,
+        height=768,
+    )
+    assert plan(resource.spec) == make_plan(expected)
+    p = plan(resource.spec)
+    assert (p.slots_per_gpu, p.slots_per_node, p.nodes_needed) == (4, 8, 2)
+    assert p.nodepool_name == "igs-h100x2-mig3g40gb-mps2-spot"
+    assert p.sharing == resource.spec.gpu.sharing_summary()

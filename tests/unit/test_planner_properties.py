@@ -1,0 +1,136 @@
+"""Property tests: for any valid GPU config, the capacity math agrees with what is rendered."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from imagegen_operator import api, gke
+from imagegen_operator.planner import PoolTooSmall, default_nodepool_name, plan
+from imagegen_operator.render.deployment import render_deployment
+from imagegen_operator.render.nodepool import render_kwok_nodes
+
+
+@st.composite
+def gpu_configs(draw) -> dict[str, Any]:
+    gpu_type = draw(st.sampled_from(sorted(gke.ACCELERATORS)))
+    gpu: dict[str, Any] = {
+        "type": gpu_type,
+        "countPerNode": draw(st.sampled_from(gke.GPU_COUNTS_PER_NODE)),
+    }
+    sizes = sorted(gke.mig_sizes(gpu_type))
+    if sizes and draw(st.booleans()):
+        gpu["partitionSize"] = draw(st.sampled_from(sizes))
+    if draw(st.booleans()):
+        gpu["sharing"] = {
+            "strategy": draw(st.sampled_from(["TimeSharing", "MPS"])),
+            "maxSharedClientsPerGpu": draw(
+                st.integers(gke.MIN_SHARED_CLIENTS, gke.MAX_SHARED_CLIENTS)
+            ),
+        }
+    return gpu
+
+
+@st.composite
+def local_services(draw) -> api.ImageGenService:
+    max_nodes = draw(st.integers(1, 20))
+    body = {
+        "apiVersion": "imagegen.dev/v1alpha1",
+        "kind": "ImageGenService",
+        "metadata": {"name": "svc", "namespace": "ns"},
+        "spec": {
+            # Smaller than the smallest slot (1g.5gb shared by 48: 0.104 GiB).
+            "model": {"uri": "hf://org/model", "memoryGiB": 0.1},
+            "gpu": draw(gpu_configs()),
+            # Local: any GPU count per node is a valid simulated shape.
+            "nodePool": {
+                "provider": "Local",
+                "minNodes": draw(st.integers(0, max_nodes)),
+                "maxNodes": max_nodes,
+            },
+            "replicas": draw(st.integers(0, 300)),
+        },
+    }
+    return api.parse(body)
+
+
+def expected_slots_per_gpu(gpu: api.GpuSpec) -> int:
+    partitions = gke.mig_sizes(gpu.type)[gpu.partition_size] if gpu.partition_size else 1
+    clients = gpu.sharing.max_shared_clients_per_gpu if gpu.sharing else 1
+    return partitions * clients
+
+
+@settings(max_examples=300, deadline=None)
+@given(local_services())
+def test_rendered_allocatable_is_partitions_times_clients_times_gpus(r: api.ImageGenService):
+    p = plan(r.spec)
+    assert p.workable, [f.to_dict() for f in p.blocking]
+    assert p.slots_per_gpu == expected_slots_per_gpu(r.spec.gpu)
+    nodes = render_kwok_nodes(r, p)
+    for node in nodes:
+        allocatable = int(node["status"]["allocatable"][gke.GPU_RESOURCE])
+        assert allocatable == p.slots_per_gpu * r.spec.gpu.count_per_node == p.slots_per_node
+        # Room for a pod per slot: the scheduler must not run out of pods first.
+        assert int(node["status"]["allocatable"]["pods"]) >= allocatable
+
+
+@settings(max_examples=300, deadline=None)
+@given(local_services())
+def test_the_pods_select_the_nodes_that_are_rendered(r: api.ImageGenService):
+    p = plan(r.spec)
+    selector = render_deployment(r, p)["spec"]["template"]["spec"]["nodeSelector"]
+    for node in render_kwok_nodes(r, p):
+        assert node["metadata"]["labels"].items() >= selector.items()
+
+
+@settings(max_examples=300, deadline=None)
+@given(local_services())
+def test_nodes_needed_is_the_fewest_that_hold_the_replicas(r: api.ImageGenService):
+    p = plan(r.spec)
+    target = r.spec.replicas
+    assert p.nodes_needed * p.slots_per_node >= target
+    assert (p.nodes_needed - 1) * p.slots_per_node < target or p.nodes_needed == 0
+    assert p.gpus_needed * p.slots_per_gpu >= target
+    assert p.replicas_at_max_nodes == r.spec.node_pool.max_nodes * p.slots_per_node
+    too_small = any(isinstance(f, PoolTooSmall) for f in p.findings)
+    assert too_small == (target > p.replicas_at_max_nodes)
+
+
+@settings(max_examples=300, deadline=None)
+@given(local_services())
+def test_mps_limits_never_add_up_to_more_than_the_device(r: api.ImageGenService):
+    p = plan(r.spec)
+    if p.sharing_strategy != "MPS":
+        assert p.mps_thread_percentage is None
+        return
+    clients = p.clients_per_gpu
+    device_gib = (
+        gke.mig_slice_memory_gib(p.partition_size) if p.partition_size else p.gpu_memory_gib
+    )
+    assert p.mps_thread_percentage * clients <= 100
+    assert p.mps_pinned_memory_mib * clients <= device_gib * 1024
+    pod = render_deployment(r, p)["spec"]["template"]["spec"]
+    assert pod["hostIPC"] is True
+
+
+def _name(gpu: dict[str, Any], spot: bool) -> str:
+    sharing = gpu.get("sharing") or {}
+    return default_nodepool_name(
+        gpu["type"],
+        gpu["countPerNode"],
+        gpu.get("partitionSize"),
+        sharing.get("strategy"),
+        sharing.get("maxSharedClientsPerGpu"),
+        spot,
+    )
+
+
+@settings(max_examples=500, deadline=None)
+@given(gpu_configs(), st.booleans(), gpu_configs(), st.booleans())
+def test_pool_names_are_valid_and_equal_exactly_for_equal_configs(a, spot_a, b, spot_b):
+    name_a, name_b = _name(a, spot_a), _name(b, spot_b)
+    assert gke.NODEPOOL_NAME_RE.match(name_a) and len(name_a) <= gke.NODEPOOL_NAME_MAX
+    assert name_a == _name(a, spot_a)  # stable
+    assert (name_a == name_b) == ((a, spot_a) == (b, spot_b))

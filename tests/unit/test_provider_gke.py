@@ -1,0 +1,427 @@
+"""Contract tests of the GKE provider against a local test double of GKE's REST API.
+
+The provider runs with the real ``google-cloud-container`` client and its REST
+transport; only the server is a double (``support.fake_gke``), which answers
+the way GKE's v1 REST contract documents: operations, one operation at a time
+per cluster, quota errors, not-found. Time in the double is counted in polls.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from google.cloud import container_v1
+
+from imagegen_operator import api
+from imagegen_operator.planner import plan as make_plan
+from imagegen_operator.providers.base import PoolState, ProviderError
+from imagegen_operator.providers.gke import ENDPOINT_ENV, GkeProvider, build_client
+from support.fake_gke import GkeApiTestDouble
+
+CLUSTER = "projects/imagegen-test/locations/us-central1/clusters/serving"
+POOLS_PATH = f"/v1/{CLUSTER}/nodePools"
+OPERATIONS_PATH = "/v1/projects/imagegen-test/locations/us-central1/operations/"
+
+
+def service(**pool: Any) -> api.ImageGenService:
+    """An SD 1.5 service on 1g.10gb H100 slices, each time-shared by 2 pods, on Spot."""
+    node_pool = {
+        "provider": "GKE",
+        "cluster": CLUSTER,
+        "spot": True,
+        "minNodes": 0,
+        "maxNodes": 2,
+        **pool,
+    }
+    return api.parse(
+        {
+            "apiVersion": "imagegen.dev/v1alpha1",
+            "kind": "ImageGenService",
+            "metadata": {"name": "sd15", "namespace": "default", "uid": "u-1"},
+            "spec": {
+                "model": {"uri": "gs://imagegen-models/sd15/v1", "family": "SD15"},
+                "gpu": {
+                    "type": "nvidia-h100-80gb",
+                    "partitionSize": "1g.10gb",
+                    "sharing": {"strategy": "TimeSharing", "maxSharedClientsPerGpu": 2},
+                },
+                "nodePool": node_pool,
+                "replicas": 14,
+            },
+        }
+    )
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def double():
+    with GkeApiTestDouble(polls_to_done=2) as running:
+        yield running
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def provider(double: GkeApiTestDouble, clock: FakeClock) -> GkeProvider:
+    return GkeProvider(
+        double.client(), timeout=5, backoff_base=10, backoff_max=80,
+        failed_create_hold=300, clock=clock,
+    )
+
+
+@pytest.fixture
+def resource() -> api.ImageGenService:
+    return service()
+
+
+@pytest.fixture
+def plan(resource):
+    return make_plan(resource.spec)
+
+
+def pool_name(plan) -> str:
+    return f"{CLUSTER}/nodePools/{plan.nodepool_name}"
+
+
+def ensure_until(provider, resource, plan, done, limit: int = 10, target: int = 1):
+    """Call ensure like the operator's timer does until ``done(state)``; every state seen."""
+    seen: list[PoolState | ProviderError] = []
+    for _ in range(limit):
+        try:
+            state: PoolState | ProviderError = provider.ensure(resource, plan, target)
+        except ProviderError as error:
+            state = error
+        seen.append(state)
+        if done(state):
+            return seen
+    raise AssertionError(f"not done after {limit} calls: {seen}")
+
+
+def ready(state) -> bool:
+    return isinstance(state, PoolState) and state.ready
+
+
+# --- create -------------------------------------------------------------------------
+
+
+def test_create_starts_one_operation_and_polls_it_until_ready(double, provider, resource, plan):
+    first = provider.ensure(resource, plan, 1)
+    assert first == PoolState(plan.nodepool_name, False, 0, "Provisioning", first.message)
+    assert "operation-" in first.message
+
+    [create] = double.requests_to("POST")
+    assert create.path == POOLS_PATH
+    # What reached the API is a valid NodePool carrying the whole accelerator config.
+    sent = container_v1.NodePool.from_json(json.dumps(create.body["nodePool"]))
+    [accelerator] = sent.config.accelerators
+    assert sent.name == plan.nodepool_name
+    assert sent.config.machine_type == "a3-highgpu-1g"
+    assert sent.config.spot is True
+    assert accelerator.accelerator_type == "nvidia-h100-80gb"
+    assert accelerator.accelerator_count == 1
+    assert accelerator.gpu_partition_size == "1g.10gb"
+    sharing = accelerator.gpu_sharing_config
+    strategies = container_v1.GPUSharingConfig.GPUSharingStrategy
+    assert sharing.gpu_sharing_strategy == strategies.TIME_SHARING
+    assert sharing.max_shared_clients_per_gpu == 2
+    assert (sent.autoscaling.enabled, sent.autoscaling.total_min_node_count,
+            sent.autoscaling.total_max_node_count) == (True, 0, 2)
+
+    seen = ensure_until(provider, resource, plan, ready, target=5)
+    assert [s.reason for s in seen[:-1]] == ["Provisioning"] * (len(seen) - 1)
+    # Ready, with the node hint held to the pool's maximum (the v1 NodePool has no node count).
+    assert seen[-1] == PoolState(plan.nodepool_name, True, 2, "Ready", seen[-1].message)
+    assert double.requests_to("GET", "/operations/" + create_operation_id(double))
+    assert len(double.requests_to("POST")) == 1
+
+
+def create_operation_id(double: GkeApiTestDouble) -> str:
+    [operation] = [o for o in double.operations.values() if o.operation_type == "CREATE_NODE_POOL"]
+    return operation.name.rsplit("/", 1)[-1]
+
+
+def test_operation_is_polled_at_its_documented_path(double, provider, resource, plan):
+    provider.ensure(resource, plan, 1)
+    provider.ensure(resource, plan, 1)
+    polls = [r.path for r in double.requests_to("GET") if "/operations/" in r.path]
+    assert polls and all(p.startswith(OPERATIONS_PATH + "operation-") for p in polls)
+
+
+def test_ensure_while_provisioning_never_creates_twice(double, resource, plan, clock):
+    double.polls_to_done = 100  # a pool that takes its time
+    first = GkeProvider(double.client(), clock=clock)
+    states = [first.ensure(resource, plan, 1) for _ in range(3)]
+    # An operator restart forgets everything; the pool's name is still the key.
+    restarted = GkeProvider(double.client(), clock=clock)
+    states.append(restarted.ensure(resource, plan, 1))
+
+    assert {(s.ready, s.reason) for s in states} == {(False, "Provisioning")}
+    assert len(double.requests_to("POST")) == 1
+    assert list(double.pools) == [pool_name(plan)]
+
+
+def test_concurrent_ensures_in_one_process_create_once(double, provider, resource, plan):
+    # Two services sharing the pool, reconciled at the same moment in worker threads.
+    double.latency_s = 0.05
+    double.polls_to_done = 100
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        states = list(pool.map(lambda _: provider.ensure(resource, plan, 1), range(4)))
+    assert {s.reason for s in states} == {"Provisioning"}
+    assert len(double.requests_to("POST")) == 1
+
+
+def test_create_answered_already_exists_is_provisioning(double, provider, resource, plan):
+    # The answer to an earlier create got lost, or another replica raced us.
+    double.error_next_create("ALREADY_EXISTS", f"Already exists: {pool_name(plan)}.")
+    state = provider.ensure(resource, plan, 1)
+    assert (state.ready, state.reason) == (False, "Provisioning")
+
+
+# --- conflicts and errors ----------------------------------------------------------------
+
+
+def test_concurrent_operation_is_retried_with_growing_backoff(double, provider, resource, plan):
+    double.busy_next(3)
+    delays = []
+    for _ in range(3):
+        with pytest.raises(ProviderError) as caught:
+            provider.ensure(resource, plan, 1)
+        assert caught.value.reason == "ClusterBusy"
+        assert caught.value.transient
+        assert "Please wait and try again" in caught.value.message
+        delays.append(caught.value.retry_after)
+    assert delays == [10, 20, 40]
+
+    state = provider.ensure(resource, plan, 1)
+    assert state.reason == "Provisioning"
+    assert len(double.requests_to("POST")) == 4  # three refused, one accepted
+    assert len(double.pools) == 1
+
+
+def test_backoff_is_capped_and_starts_over_after_success(double, provider, resource, plan):
+    double.busy_next(6)
+    delays = []
+    for _ in range(6):
+        with pytest.raises(ProviderError) as caught:
+            provider.ensure(resource, plan, 1)
+        delays.append(caught.value.retry_after)
+    assert delays == [10, 20, 40, 80, 80, 80]
+    provider.ensure(resource, plan, 1)  # accepted
+
+    ensure_until(provider, resource, plan, ready)
+    double.busy_next(1)
+    with pytest.raises(ProviderError) as caught:
+        provider.delete(resource, plan)
+    assert (caught.value.reason, caught.value.retry_after) == ("ClusterBusy", 10)
+
+
+def test_quota_error_is_permanent_and_keeps_gkes_words(double, provider, resource, plan):
+    double.quota_error_next()
+    with pytest.raises(ProviderError) as caught:
+        provider.ensure(resource, plan, 1)
+    error = caught.value
+    assert error.reason == "QuotaExceeded"
+    assert not error.transient
+    assert "Insufficient regional quota" in error.message
+    assert 'resource "NVIDIA_H100_GPUS"' in error.message
+    assert "project=imagegen-test" in error.message
+    assert double.pools == {}
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "reason", "transient"),
+    [
+        ("PERMISSION_DENIED", "Required 'container.clusters.update' permission for "
+         "'projects/imagegen-test/locations/us-central1/clusters/serving'.",
+         "PermissionDenied", False),
+        ("RESOURCE_EXHAUSTED", "Quota 'NVIDIA_H100_GPUS' exceeded. Limit: 0.0 in region "
+         "us-central1.", "QuotaExceeded", False),
+        ("RESOURCE_EXHAUSTED", "Quota exceeded for quota metric 'Write requests' and limit "
+         "'Write requests per minute' of service 'container.googleapis.com'.",
+         "RateLimited", True),
+        ("FAILED_PRECONDITION", "Cluster is in an error state and cannot be changed.",
+         "RequestRejected", False),
+        ("INVALID_ARGUMENT", "Accelerator type \"nvidia-h100-80gb\" is not supported in "
+         "zone us-central1-f.", "InvalidNodePool", False),
+        ("NOT_FOUND", f"Not found: {CLUSTER}.", "ClusterNotFound", False),
+        ("ABORTED", "Cluster is currently being updated.", "ClusterBusy", True),
+        ("UNAVAILABLE", "The service is currently unavailable.", "GkeUnavailable", True),
+        ("INTERNAL", "Internal error encountered.", "GkeUnavailable", True),
+    ],
+)
+def test_api_errors_map_to_reasons(double, provider, resource, plan, status, message,
+                                   reason, transient):
+    double.error_next_create(status, message)
+    with pytest.raises(ProviderError) as caught:
+        provider.ensure(resource, plan, 1)
+    assert (caught.value.reason, caught.value.transient) == (reason, transient)
+    # GKE's own sentence, without the client's "POST http://..." prefix.
+    assert message in caught.value.message
+    assert "http://" not in caught.value.message
+
+
+def test_unreachable_api_is_transient(resource, plan):
+    with GkeApiTestDouble() as gone:
+        client = gone.client()
+    # The double has stopped: connection refused, like an API outage.
+    provider = GkeProvider(client, timeout=2)
+    with pytest.raises(ProviderError) as caught:
+        provider.ensure(resource, plan, 1)
+    assert (caught.value.reason, caught.value.transient) == ("GkeUnavailable", True)
+
+
+# --- failed operations ---------------------------------------------------------------
+
+
+STOCKOUT = (
+    "Google Compute Engine: The zone 'projects/imagegen-test/zones/us-central1-a' does not "
+    "have enough resources available to fulfill the request. '(resource type:compute)'."
+)
+
+
+@pytest.mark.parametrize(
+    "polls", [1, 2], ids=["seen-through-the-operation", "seen-while-the-pool-provisions"]
+)
+def test_failed_create_operation_is_reported_then_retried_later(double, provider, resource,
+                                                               plan, clock, polls):
+    # polls=1: the pool is gone by the next ensure, and only the operation tells
+    # why; polls=2: the operation fails while the pool still shows PROVISIONING.
+    double.polls_to_done = polls
+    double.fail_next_operation(STOCKOUT, status="INTERNAL", pool_after_failure="DELETED")
+    seen = ensure_until(provider, resource, plan, lambda s: isinstance(s, ProviderError))
+    failure = seen[-1]
+    assert failure.reason == "CreateFailed"
+    assert STOCKOUT in failure.message
+    assert failure.retry_after == 300
+
+    # Reported, not re-created, until the hold is over.
+    clock.now += 100
+    with pytest.raises(ProviderError) as again:
+        provider.ensure(resource, plan, 1)
+    assert again.value.reason == "CreateFailed"
+    assert again.value.retry_after == pytest.approx(200)
+    assert len(double.requests_to("POST")) == 1
+
+    clock.now += 201
+    ensure_until(provider, resource, plan, ready)
+    assert len(double.requests_to("POST")) == 2
+
+
+def test_quota_failure_inside_the_operation_is_permanent(double, provider, resource, plan):
+    message = "Quota 'PREEMPTIBLE_NVIDIA_H100_GPUS' exceeded. Limit: 0.0 in region us-central1."
+    double.fail_next_operation(message, status="RESOURCE_EXHAUSTED")
+    seen = ensure_until(provider, resource, plan, lambda s: isinstance(s, ProviderError))
+    assert (seen[-1].reason, seen[-1].transient) == ("QuotaExceeded", False)
+    assert message in seen[-1].message
+
+
+def test_pool_left_in_error_reports_its_status_message(double, provider, resource, plan):
+    double.fail_next_operation(STOCKOUT, status="INTERNAL", pool_after_failure="ERROR")
+    ensure_until(provider, resource, plan, lambda s: isinstance(s, ProviderError))
+    # The pool stays, broken: what GKE says about it is the condition's message.
+    state = provider.ensure(resource, plan, 1)
+    assert (state.ready, state.reason) == (False, "PoolError")
+    assert STOCKOUT in state.message
+    assert len(double.requests_to("POST")) == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "expected_ready", "expected_reason"),
+    [
+        ("PROVISIONING", False, "Provisioning"),
+        ("RUNNING", True, "Ready"),
+        ("RECONCILING", True, "Reconciling"),  # an upgrade: the nodes keep serving
+        ("STOPPING", False, "Deleting"),
+        ("RUNNING_WITH_ERROR", False, "PoolError"),
+        ("ERROR", False, "PoolError"),
+    ],
+)
+def test_pool_status_maps_to_state(double, provider, resource, plan, status, expected_ready,
+                                   expected_reason):
+    double.seed_pool(
+        pool_name(plan), status, statusMessage="nodes in us-central1-b could not start",
+        autoscaling={"enabled": True, "totalMinNodeCount": 0, "totalMaxNodeCount": 2},
+    )
+    state = provider.ensure(resource, plan, 1)
+    assert (state.ready, state.reason) == (expected_ready, expected_reason)
+    assert state.ready_nodes == (1 if expected_ready else 0)
+    if expected_reason == "PoolError":
+        assert "nodes in us-central1-b could not start" in state.message
+    assert double.requests_to("POST") == []
+
+
+# --- delete --------------------------------------------------------------------------
+
+
+def test_delete_runs_until_the_pool_is_gone(double, provider, resource, plan):
+    ensure_until(provider, resource, plan, ready)
+
+    results = []
+    for _ in range(10):
+        results.append(provider.delete(resource, plan))
+        if results[-1]:
+            break
+    assert results[0] is False and results[-1] is True
+    assert set(results[:-1]) == {False}
+    # One DELETE: while it runs the provider only looks.
+    [delete] = double.requests_to("DELETE")
+    assert delete.path == f"/v1/{pool_name(plan)}"
+    assert double.pools == {}
+
+
+def test_missing_credentials_are_reported(resource, plan, monkeypatch, tmp_path):
+    monkeypatch.delenv(ENDPOINT_ENV, raising=False)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
+    with pytest.raises(ProviderError) as caught:
+        GkeProvider().ensure(resource, plan, 1)
+    assert caught.value.reason == "CredentialsUnavailable"
+    assert "missing.json" in caught.value.message
+
+
+def test_delete_of_a_missing_pool_is_done(double, provider, resource, plan):
+    assert provider.delete(resource, plan) is True
+    assert double.requests_to("DELETE") == []
+
+
+def test_delete_while_the_create_runs_is_cluster_busy(double, provider, resource, plan):
+    provider.ensure(resource, plan, 1)
+    with pytest.raises(ProviderError) as caught:
+        provider.delete(resource, plan)
+    assert (caught.value.reason, caught.value.transient) == ("ClusterBusy", True)
+
+
+def test_ensure_of_a_pool_being_deleted_waits_then_creates_it_again(double, provider,
+                                                                    resource, plan):
+    ensure_until(provider, resource, plan, ready)
+    assert provider.delete(resource, plan) is False
+    seen = ensure_until(provider, resource, plan, ready)
+    assert seen[0].reason == "Deleting"
+    assert len(double.requests_to("POST")) == 2
+
+
+# --- the client ------------------------------------------------------------------
+
+
+def test_default_client_follows_the_endpoint_variable(double, resource, plan, monkeypatch):
+    monkeypatch.setenv(ENDPOINT_ENV, f"http://{double.host}")
+    provider = GkeProvider()  # what the operator builds
+    assert provider.ensure(resource, plan, 1).reason == "Provisioning"
+    assert len(double.requests_to("POST")) == 1
+
+
+def test_build_client_for_a_plain_http_endpoint_uses_rest(double):
+    client = build_client(f"http://{double.host}")
+    assert client.transport.kind == "rest"

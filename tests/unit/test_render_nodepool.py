@@ -1,0 +1,160 @@
+"""The node pool per provider: GKE API body, Config Connector object, KWOK nodes."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import yaml
+
+from imagegen_operator import api
+from imagegen_operator.planner import plan
+from imagegen_operator.render.nodepool import (
+    create_node_pool_request,
+    kwok_node_count,
+    parse_cluster,
+    render_config_connector_nodepool,
+    render_gke_nodepool,
+    render_kwok_nodes,
+    render_nodepool,
+)
+
+CLUSTER = "projects/demo-project/locations/us-central1/clusters/gpus"
+BASE: dict[str, Any] = yaml.safe_load(
+    f"""
+apiVersion: imagegen.dev/v1alpha1
+kind: ImageGenService
+metadata: {{name: svc, namespace: team-a}}
+spec:
+  model: {{uri: hf://org/model, memoryGiB: 4}}
+  gpu:
+    type: nvidia-h100-80gb
+    countPerNode: 2
+    partitionSize: 1g.10gb
+    sharing: {{strategy: TimeSharing, maxSharedClientsPerGpu: 2}}
+  nodePool: {{provider: GKE, cluster: {CLUSTER}, spot: true, minNodes: 1, maxNodes: 3}}
+  replicas: 30
+"""
+)
+
+
+def resource(provider: str = "GKE", **gpu: Any) -> api.ImageGenService:
+    body = copy.deepcopy(BASE)
+    body["spec"]["nodePool"]["provider"] = provider
+    if provider in ("Existing", "Local"):
+        body["spec"]["nodePool"].pop("cluster")
+    body["spec"]["gpu"].update(gpu)
+    body["spec"]["gpu"] = {k: v for k, v in body["spec"]["gpu"].items() if v is not None}
+    return api.parse(body)
+
+
+def test_gke_nodepool_document_is_the_create_request() -> None:
+    r = resource()
+    doc = render_gke_nodepool(r, plan(r.spec))
+    request = create_node_pool_request(doc)
+    assert request["parent"] == CLUSTER
+    pool = request["node_pool"]
+    assert pool.name == "igs-h100x2-mig1g10gb-ts2-spot" == doc["metadata"]["name"]
+    assert pool.config.machine_type == "a3-highgpu-2g"
+    assert pool.config.spot is True
+    [acc] = pool.config.accelerators
+    assert (acc.accelerator_type, acc.accelerator_count) == ("nvidia-h100-80gb", 2)
+    assert acc.gpu_partition_size == "1g.10gb"
+    assert acc.gpu_sharing_config.gpu_sharing_strategy.name == "TIME_SHARING"
+    assert acc.gpu_sharing_config.max_shared_clients_per_gpu == 2
+    assert acc.gpu_driver_installation_config.gpu_driver_version.name == "DEFAULT"
+    auto = pool.autoscaling
+    assert (auto.enabled, auto.total_min_node_count, auto.total_max_node_count) == (True, 1, 3)
+    assert auto.location_policy.name == "ANY"
+
+
+def test_gke_document_fails_on_a_field_the_client_does_not_know() -> None:
+    r = resource()
+    doc = render_gke_nodepool(r, plan(r.spec))
+    doc["spec"]["config"]["gpuCount"] = 2
+    with pytest.raises(Exception, match="gpuCount"):
+        create_node_pool_request(doc)
+
+
+def test_exclusive_pool_has_no_partition_or_sharing() -> None:
+    r = resource(partitionSize=None, sharing=None)
+    [acc] = render_gke_nodepool(r, plan(r.spec))["spec"]["config"]["accelerators"]
+    assert "gpuPartitionSize" not in acc and "gpuSharingConfig" not in acc
+
+
+def test_config_connector_nodepool() -> None:
+    r = resource("ConfigConnector", sharing={"strategy": "MPS", "maxSharedClientsPerGpu": 3})
+    pool = render_config_connector_nodepool(r, plan(r.spec))
+    assert (pool["apiVersion"], pool["kind"]) == (
+        "container.cnrm.cloud.google.com/v1beta1",
+        "ContainerNodePool",
+    )
+    assert pool["metadata"]["annotations"]["cnrm.cloud.google.com/project-id"] == "demo-project"
+    spec = pool["spec"]
+    assert spec["location"] == "us-central1" and spec["clusterRef"] == {"external": CLUSTER}
+    assert spec["autoscaling"]["totalMinNodeCount"] == 1
+    assert spec["autoscaling"]["totalMaxNodeCount"] == 3
+    [acc] = spec["nodeConfig"]["guestAccelerator"]
+    assert acc == {
+        "type": "nvidia-h100-80gb",
+        "count": 2,
+        "gpuPartitionSize": "1g.10gb",
+        "gpuSharingConfig": {"gpuSharingStrategy": "MPS", "maxSharedClientsPerGpu": 3},
+        "gpuDriverInstallationConfig": {"gpuDriverVersion": "DEFAULT"},
+    }
+    assert spec["nodeConfig"]["spot"] is True
+
+
+def test_kwok_nodes_look_like_the_gke_pool() -> None:
+    r = resource("Local")
+    p = plan(r.spec)
+    nodes = render_kwok_nodes(r, p)
+    # 30 replicas at 28 slots per node need 2 nodes (within minNodes 1..maxNodes 3).
+    assert [n["metadata"]["name"] for n in nodes] == [
+        "igs-h100x2-mig1g10gb-ts2-spot-0",
+        "igs-h100x2-mig1g10gb-ts2-spot-1",
+    ]
+    node = nodes[0]
+    labels = node["metadata"]["labels"]
+    assert labels["cloud.google.com/gke-accelerator"] == "nvidia-h100-80gb"
+    assert labels["cloud.google.com/gke-gpu-partition-size"] == "1g.10gb"
+    assert labels["cloud.google.com/gke-gpu-sharing-strategy"] == "time-sharing"
+    assert labels["cloud.google.com/gke-max-shared-clients-per-gpu"] == "2"
+    assert labels["cloud.google.com/gke-nodepool"] == p.nodepool_name
+    assert node["metadata"]["annotations"]["kwok.x-k8s.io/node"] == "fake"
+    assert node["spec"]["taints"] == [
+        {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+    ]
+    # partitions x clients x GPUs = 7 x 2 x 2
+    assert node["status"]["allocatable"]["nvidia.com/gpu"] == "28"
+    assert node["status"]["capacity"] == node["status"]["allocatable"]
+
+
+@pytest.mark.parametrize("replicas, count", [(0, 1), (1, 1), (29, 2), (500, 3)])
+def test_kwok_node_count_stays_within_min_and_max(replicas: int, count: int) -> None:
+    body = copy.deepcopy(BASE)
+    body["spec"]["nodePool"] = {"provider": "Local", "minNodes": 1, "maxNodes": 3}
+    body["spec"]["replicas"] = replicas
+    r = api.parse(body)
+    assert kwok_node_count(r, plan(r.spec)) == count == len(render_kwok_nodes(r, plan(r.spec)))
+
+
+@pytest.mark.parametrize(
+    "provider, kinds",
+    [
+        ("GKE", ["NodePool"]),
+        ("ConfigConnector", ["ContainerNodePool"]),
+        ("Local", ["Node", "Node"]),
+        ("Existing", []),
+    ],
+)
+def test_render_nodepool_per_provider(provider: str, kinds: list[str]) -> None:
+    r = resource(provider)
+    assert [o["kind"] for o in render_nodepool(r, plan(r.spec))] == kinds
+
+
+def test_parse_cluster() -> None:
+    assert parse_cluster(CLUSTER) == ("demo-project", "us-central1", "gpus")
+    with pytest.raises(ValueError, match="spec.nodePool.cluster"):
+        parse_cluster("gpus")

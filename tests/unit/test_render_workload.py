@@ -1,0 +1,404 @@
+"""The Deployment, Service, PDB, HPA and monitors, field by field."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import yaml
+
+from imagegen_operator import api
+from imagegen_operator.planner import plan
+from imagegen_operator.render import UnworkableSpec, render_all, render_workload
+from imagegen_operator.render.autoscaling import QUEUE_DEPTH_METRIC, render_hpa
+from imagegen_operator.render.deployment import mps_pinned_memory_limit, render_deployment
+from imagegen_operator.render.monitoring import render_monitor, requested_monitors
+from imagegen_operator.render.pdb import render_pdb
+from imagegen_operator.render.server_env import server_env, settings_values
+from imagegen_operator.render.service import endpoint, render_service
+from imagegen_server.config import ServerSettings, env_var_name
+
+BASE: dict[str, Any] = yaml.safe_load(
+    """
+apiVersion: imagegen.dev/v1alpha1
+kind: ImageGenService
+metadata: {name: svc, namespace: team-a}
+spec:
+  model: {uri: gs://bucket/models/sd15, family: SD15, memoryGiB: 4}
+  gpu: {type: nvidia-l4}
+  nodePool: {provider: Existing}
+  replicas: 2
+"""
+)
+
+
+def resource(**spec: Any) -> api.ImageGenService:
+    body = copy.deepcopy(BASE)
+    for key, value in spec.items():
+        body["spec"][key] = value
+    return api.parse(body)
+
+
+def deployment(r: api.ImageGenService) -> dict[str, Any]:
+    return render_deployment(r, plan(r.spec))
+
+
+def pod_spec(r: api.ImageGenService) -> dict[str, Any]:
+    return deployment(r)["spec"]["template"]["spec"]
+
+
+def env_of(r: api.ImageGenService) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in pod_spec(r)["containers"][0]["env"]}
+
+
+# --- scheduling ---------------------------------------------------------------------
+
+H100_MIG_TS2 = {
+    "type": "nvidia-h100-80gb",
+    "partitionSize": "1g.10gb",
+    "sharing": {"strategy": "TimeSharing", "maxSharedClientsPerGpu": 2},
+}
+
+
+@pytest.mark.parametrize(
+    "gpu, selector",
+    [
+        (
+            H100_MIG_TS2,
+            {
+                "cloud.google.com/gke-accelerator": "nvidia-h100-80gb",
+                "cloud.google.com/gke-gpu-partition-size": "1g.10gb",
+                "cloud.google.com/gke-gpu-sharing-strategy": "time-sharing",
+                "cloud.google.com/gke-max-shared-clients-per-gpu": "2",
+            },
+        ),
+        (
+            {"type": "nvidia-l4", "sharing": {"strategy": "MPS", "maxSharedClientsPerGpu": 4}},
+            {
+                "cloud.google.com/gke-accelerator": "nvidia-l4",
+                "cloud.google.com/gke-gpu-sharing-strategy": "mps",
+                "cloud.google.com/gke-max-shared-clients-per-gpu": "4",
+            },
+        ),
+        (
+            {"type": "nvidia-tesla-a100", "partitionSize": "3g.20gb"},
+            {
+                "cloud.google.com/gke-accelerator": "nvidia-tesla-a100",
+                "cloud.google.com/gke-gpu-partition-size": "3g.20gb",
+            },
+        ),
+        ({"type": "nvidia-tesla-t4"}, {"cloud.google.com/gke-accelerator": "nvidia-tesla-t4"}),
+    ],
+    ids=["mig+time-sharing", "mps", "mig", "exclusive"],
+)
+def test_node_selector_is_exactly_gkes_labels(gpu: dict, selector: dict) -> None:
+    """Issue 4, must show: the H100 1g.10gb ts2 selectors (and every other mode's)."""
+    assert pod_spec(resource(gpu=gpu))["nodeSelector"] == selector
+
+
+@pytest.mark.parametrize("gpu", [H100_MIG_TS2, {"type": "nvidia-l4"}])
+def test_every_pod_asks_for_exactly_one_gpu_and_tolerates_the_taint(gpu: dict) -> None:
+    spec = pod_spec(resource(gpu=gpu))
+    resources = spec["containers"][0]["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == 1
+    assert resources["requests"]["nvidia.com/gpu"] == 1
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec[
+        "tolerations"
+    ]
+
+
+def test_user_resources_are_kept_next_to_the_gpu() -> None:
+    r = resource(server={"resources": {"requests": {"cpu": "2", "memory": "8Gi"}}})
+    resources = pod_spec(r)["containers"][0]["resources"]
+    assert resources["requests"] == {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": 1}
+
+
+def test_mps_pod_sets_host_ipc_and_per_client_limits() -> None:
+    """Issue 4, must show: L4 MPS 4 -> hostIPC, 25%, a quarter of the memory pinned."""
+    r = resource(
+        gpu={"type": "nvidia-l4", "sharing": {"strategy": "MPS", "maxSharedClientsPerGpu": 4}}
+    )
+    assert pod_spec(r)["hostIPC"] is True
+    env = env_of(r)
+    assert env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "25"
+    assert env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=6G"  # 24 GiB / 4
+
+
+@pytest.mark.parametrize("gpu", [H100_MIG_TS2, {"type": "nvidia-tesla-t4"}])
+def test_pods_without_mps_keep_host_ipc_off(gpu: dict) -> None:
+    spec = pod_spec(resource(gpu=gpu))
+    assert "hostIPC" not in spec
+    assert not any(e["name"].startswith("CUDA_MPS") for e in spec["containers"][0]["env"])
+
+
+@pytest.mark.parametrize("mib, value", [(6144, "0=6G"), (17920, "0=17920M"), (512, "0=512M")])
+def test_pinned_memory_limit_format(mib: int, value: str) -> None:
+    assert mps_pinned_memory_limit(mib) == value
+
+
+def test_topology_spread_is_soft_over_nodes_and_zones() -> None:
+    constraints = pod_spec(resource())["topologySpreadConstraints"]
+    assert {c["topologyKey"] for c in constraints} == {
+        "kubernetes.io/hostname",
+        "topology.kubernetes.io/zone",
+    }
+    assert all(c["whenUnsatisfiable"] == "ScheduleAnyway" for c in constraints)
+
+
+# --- security and probes ------------------------------------------------------------
+
+
+def test_restricted_security_context() -> None:
+    spec = pod_spec(resource())
+    pod, container = spec["securityContext"], spec["containers"][0]["securityContext"]
+    assert pod["runAsNonRoot"] is True and pod["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["allowPrivilegeEscalation"] is False
+    assert container["capabilities"] == {"drop": ["ALL"]}
+    assert container["readOnlyRootFilesystem"] is True
+    assert spec["automountServiceAccountToken"] is False
+    writable = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+    assert {"/tmp", "/var/cache/imagegen"} <= writable
+
+
+def test_probes_use_the_server_routes() -> None:
+    container = pod_spec(resource())["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def startup_budget_s(r: api.ImageGenService) -> int:
+    probe = pod_spec(r)["containers"][0]["startupProbe"]
+    return probe["periodSeconds"] * probe["failureThreshold"]
+
+
+def test_startup_probe_waits_longer_for_compile_warm_up() -> None:
+    no_compile = resource(pipeline={"compile": {"enabled": False}})
+    default = resource(pipeline={"compile": {"enabled": True, "mode": "default"}})
+    autotune = resource(pipeline={"compile": {"enabled": True, "mode": "max-autotune"}})
+    assert startup_budget_s(no_compile) >= 10 * 60
+    assert startup_budget_s(no_compile) < startup_budget_s(default) < startup_budget_s(autotune)
+    assert startup_budget_s(autotune) >= 45 * 60
+
+
+# --- server configuration -------------------------------------------------------------
+
+
+def test_env_comes_from_the_pipeline_spec_under_the_servers_own_names() -> None:
+    r = resource(
+        pipeline={
+            "compile": {"enabled": True, "mode": "max-autotune", "regional": False},
+            "attention": "Efficient",
+            "stages": {
+                "mode": "Stacked",
+                "maxBatchSize": 8,
+                "batchWindowMs": 20,
+                "queueCapacity": 16,
+            },
+            "defaults": {"steps": 12, "guidanceScale": 3.5, "width": 768, "height": 512},
+        }
+    )
+    env = env_of(r)
+    expected = {
+        "model": "gs://bucket/models/sd15",
+        "family": "SD15",
+        "compile_enabled": "true",
+        "compile_mode": "max-autotune",
+        "compile_regional": "false",
+        "attention": "Efficient",
+        "stage_mode": "Stacked",
+        "max_batch_size": "8",
+        "queue_capacity": "16",
+        "default_steps": "12",
+        "default_width": "768",
+        "default_height": "512",
+        "port": "8080",
+    }
+    for field, value in expected.items():
+        assert env[env_var_name(field)] == value, field
+    assert float(env[env_var_name("batch_window_ms")]) == 20
+    assert float(env[env_var_name("default_guidance_scale")]) == 3.5
+
+
+def test_every_rendered_setting_is_a_server_setting() -> None:
+    """A renamed ServerSettings field breaks this test, not a pod."""
+    values = settings_values(resource(server={"authSecretRef": {"name": "tok"}}))
+    assert set(values) <= set(ServerSettings.model_fields)
+    names = {e["name"] for e in server_env(resource())}
+    assert names <= {env_var_name(f) for f in ServerSettings.model_fields}
+
+
+def test_env_ignores_the_renderers_own_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = server_env(resource())
+    monkeypatch.setenv("IMAGEGEN_QUEUE_CAPACITY", "999")
+    monkeypatch.setenv("IMAGEGEN_LOG_LEVEL", "debug")
+    assert server_env(resource()) == before
+
+
+def test_model_volumes_follow_the_uri_scheme() -> None:
+    gcs = deployment(resource())
+    assert gcs["spec"]["template"]["metadata"]["annotations"] == {"gke-gcsfuse/volumes": "true"}
+    [model] = [v for v in gcs["spec"]["template"]["spec"]["volumes"] if v["name"] == "model"]
+    assert model["csi"]["volumeAttributes"]["bucketName"] == "bucket"
+
+    pvc = resource(model={"uri": "pvc://weights/sd15", "memoryGiB": 4})
+    spec = pod_spec(pvc)
+    [model] = [v for v in spec["volumes"] if v["name"] == "model"]
+    assert model["persistentVolumeClaim"] == {"claimName": "weights", "readOnly": True}
+    [mount] = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "model"]
+    assert mount["mountPath"] == env_of(pvc)[env_var_name("pvc_root")] + "/weights"
+
+    hf = pod_spec(resource(model={"uri": "hf://org/name", "memoryGiB": 4}))
+    assert not any(v["name"] == "model" for v in hf["volumes"])
+
+
+def test_compile_cache_and_auth_token_are_mounted_where_the_settings_point() -> None:
+    r = resource(
+        pipeline={"compile": {"enabled": True, "cache": {"pvcName": "inductor"}}},
+        server={"authSecretRef": {"name": "tok", "key": "secret"}},
+    )
+    spec, env = pod_spec(r), env_of(r)
+    mounts = {m["name"]: m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["compile-cache"]["persistentVolumeClaim"]["claimName"] == "inductor"
+    assert mounts["compile-cache"] == env[env_var_name("compile_cache_dir")]
+    assert volumes["auth-token"]["secret"]["items"] == [{"key": "secret", "path": "token"}]
+    assert env[env_var_name("auth_token_file")] == mounts["auth-token"] + "/token"
+    assert env_var_name("auth_token") not in env  # the secret never travels as plain env
+
+
+# --- the other objects ------------------------------------------------------------------
+
+
+def test_labels_selector_and_owner_reference() -> None:
+    body = copy.deepcopy(BASE)
+    body["metadata"]["uid"] = "1234"
+    r = api.parse(body)
+    dep = deployment(r)
+    selector = dep["spec"]["selector"]["matchLabels"]
+    assert selector == {
+        "app.kubernetes.io/name": "imagegen-server",
+        "app.kubernetes.io/instance": "svc",
+    }
+    assert dep["spec"]["template"]["metadata"]["labels"].items() >= selector.items()
+    assert dep["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "imagegen-operator"
+    [owner] = dep["metadata"]["ownerReferences"]
+    assert owner == {
+        "apiVersion": "imagegen.dev/v1alpha1",
+        "kind": "ImageGenService",
+        "name": "svc",
+        "uid": "1234",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    assert "ownerReferences" not in deployment(resource())["metadata"]  # offline: no uid
+
+
+def test_service_and_endpoint_use_the_server_port() -> None:
+    r = resource(server={"port": 9000})
+    svc = render_service(r)
+    assert (
+        svc["spec"]["ports"][0]["port"] == 9000 and svc["spec"]["ports"][0]["targetPort"] == "http"
+    )
+    assert svc["spec"]["selector"] == deployment(r)["spec"]["selector"]["matchLabels"]
+    assert endpoint(r) == "http://svc.team-a.svc.cluster.local:9000"
+
+
+def test_pdb_lets_one_pod_go_at_a_time() -> None:
+    pdb = render_pdb(resource())
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"] == "svc"
+
+
+def test_hpa_scales_the_imagegenservice_on_queue_depth() -> None:
+    assert render_hpa(resource()) is None
+    hpa = render_hpa(
+        resource(autoscaling={"minReplicas": 2, "maxReplicas": 9, "targetQueueDepth": 3})
+    )
+    spec = hpa["spec"]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert spec["scaleTargetRef"] == {
+        "apiVersion": "imagegen.dev/v1alpha1",
+        "kind": "ImageGenService",
+        "name": "svc",
+    }
+    assert (spec["minReplicas"], spec["maxReplicas"]) == (2, 9)
+    [metric] = spec["metrics"]
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == QUEUE_DEPTH_METRIC
+    assert metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "3"}
+
+
+def test_monitors_render_only_on_request() -> None:
+    r = resource()
+    assert requested_monitors(r) == []
+    service_monitor = render_monitor(r, "ServiceMonitor")
+    pod_monitor = render_monitor(r, "PodMonitor", "15s")
+    assert service_monitor["spec"]["endpoints"][0]["port"] == "http"
+    assert pod_monitor["spec"]["podMetricsEndpoints"][0] == {
+        "port": "http",
+        "path": "/metrics",
+        "interval": "15s",
+        "scheme": "http",
+    }
+    with pytest.raises(ValueError, match="monitor kind"):
+        render_monitor(r, "Probe")
+
+
+def test_workload_objects_in_order() -> None:
+    kinds = [o["kind"] for o in render_workload(resource(autoscaling={"maxReplicas": 4}))]
+    assert kinds == ["Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"]
+
+
+def test_render_refuses_a_model_that_does_not_fit() -> None:
+    """Issue 4, must show: render refuses a Deployment that cannot run."""
+    r = resource(gpu=H100_MIG_TS2, model={"uri": "hf://org/flux", "family": "Flux"})
+    with pytest.raises(UnworkableSpec) as refused:
+        render_all(r)
+    assert [f.reason for f in refused.value.findings] == ["ModelDoesNotFitSlice"]
+    assert "spec.gpu.partitionSize" in str(refused.value)
+
+
+def test_monitor_labels_let_prometheus_select_it() -> None:
+    monitor = render_monitor(resource(), "ServiceMonitor", labels={"release": "prometheus"})
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitor["metadata"]["labels"]["app.kubernetes.io/instance"] == "svc"
+
+
+def test_scale_selector_string_matches_the_pod_labels() -> None:
+    from imagegen_operator.render import selector_string
+
+    r = resource()
+    labels = deployment(r)["spec"]["template"]["metadata"]["labels"]
+    pairs = dict(item.split("=") for item in selector_string(r).split(","))
+    assert pairs and labels.items() >= pairs.items()
+
+
+def test_hpa_metric_is_one_the_server_exports() -> None:
+    """A renamed server metric breaks this test instead of silently stalling the autoscaler."""
+    from imagegen_server.metrics import ServerMetrics
+
+    exported = {family.name for family in ServerMetrics().registry.collect()}
+    assert QUEUE_DEPTH_METRIC in exported
+
+
+@pytest.mark.parametrize(
+    "monitoring, kinds",
+    [
+        ({"kind": "PodMonitor", "interval": "15s", "labels": {"release": "kps"}}, ["PodMonitor"]),
+        ({}, ["ServiceMonitor"]),
+        ({"enabled": False, "kind": "PodMonitor"}, []),
+    ],
+    ids=["pod-monitor", "defaults", "disabled"],
+)
+def test_spec_monitoring_block_is_read_when_the_api_has_one(monitoring: dict, kinds: list) -> None:
+    """The API has no spec.monitoring yet; this pins the shape the renderer reads."""
+    from types import SimpleNamespace
+
+    r = resource()
+    spec = SimpleNamespace(**dict(r.spec), monitoring=SimpleNamespace(**monitoring))
+    monitors = requested_monitors(SimpleNamespace(metadata=r.metadata, spec=spec))
+    assert [m["kind"] for m in monitors] == kinds
+    if kinds == ["PodMonitor"]:
+        assert monitors[0]["spec"]["podMetricsEndpoints"][0]["interval"] == "15s"
+        assert monitors[0]["metadata"]["labels"]["release"] == "kps"
