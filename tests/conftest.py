@@ -4,6 +4,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-for path in (ROOT / "hack", ROOT / "tests"):
+for path in (ROOT / "hack", ROOT / "tests", ROOT / "operator", ROOT / "inference_image"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))

@@ -9,11 +9,11 @@ from __future__ import annotations
 import time
 
 import pytest
-from support.kube import apply, eventually, get_json
-from support.operator_process import OperatorProcess, audit_writes
 
 from imagegen_operator import gke
 from imagegen_operator.render.nodepool import POOL_LABEL
+from support.kube import apply, eventually, get_json
+from support.operator_process import OperatorProcess, audit_writes
 
 pytestmark = pytest.mark.cluster
 
