@@ -39,9 +39,10 @@ class ImageGenerationRequest(BaseModel):
 
     prompt: StrictStr = Field(min_length=1)
     model: StrictStr | None = None
-    n: StrictInt = Field(default=1, ge=1, le=64)
+    # null means "the default" for the optional OpenAI fields, as OpenAI itself treats them.
+    n: StrictInt | None = Field(default=1, ge=1, le=64)
     size: StrictStr | None = Field(default=None, pattern=r"^[0-9]{2,4}x[0-9]{2,4}$")
-    response_format: Literal["b64_json"] = "b64_json"
+    response_format: Literal["b64_json"] | None = "b64_json"
     seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
     steps: StrictInt | None = Field(default=None, ge=1, le=200)
     guidance_scale: float | None = Field(default=None, ge=0, le=100)
@@ -134,7 +135,7 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
             width, height = (int(v) for v in body.size.split("x"))
         params = runtime.params(
             body.prompt,
-            n=body.n,
+            n=body.n or 1,
             width=width,
             height=height,
             steps=body.steps,

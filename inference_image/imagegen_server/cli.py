@@ -1,7 +1,7 @@
 """``imagegen-server``: serve a model, or write a tiny one.
 
     imagegen-server --model DIR [--host H] [--port P] [...]      (or: imagegen-server serve ...)
-    imagegen-server make-tiny-model DIR [--family sd15|sdxl|flux] [--size tiny|small] [--seed N]
+    imagegen-server make-tiny-model DIR [--family sd15|sdxl|sd3|flux] [--size tiny|small] [--seed N]
 
 Every serve flag has an ``IMAGEGEN_*`` environment variable (see config.py); flags win.
 """

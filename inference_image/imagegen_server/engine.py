@@ -134,8 +134,9 @@ class Engine:
             self._in_flight += 1
             self.metrics.in_flight.set(self._in_flight)
         deadline = time.monotonic() + timeout_s if timeout_s else None
-        job = Job(params, deadline=deadline)
-        job.future.add_done_callback(lambda _f, job=job: self._finished(job))
+        # The slot is given back when the engine lets go of the job, not when the caller stops
+        # waiting: a timed-out request still occupies the device until a stage drops it.
+        job = Job(params, deadline=deadline, on_release=self._released)
         self.stages[0].put(job)
         return job
 
@@ -147,12 +148,12 @@ class Engine:
         batches_ahead = self._in_flight / max(1, self.settings.max_batch_size)
         return max(1, math.ceil(batches_ahead * self._recent_seconds))
 
-    def _finished(self, job: Job) -> None:
+    def _released(self, job: Job, succeeded: bool) -> None:
         seconds = time.monotonic() - job.submitted_at
         with self._lock:
             self._in_flight -= 1
             self.metrics.in_flight.set(self._in_flight)
-            if not job.future.cancelled() and job.future.exception() is None:
+            if succeeded:
                 self._recent_seconds = 0.8 * self._recent_seconds + 0.2 * seconds
             self._lock.notify_all()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,24 +48,33 @@ class Job:
     latents: Any = None
     # When stages run on their own CUDA streams: recorded after a stage, waited on by the next.
     ready_event: Any = None
+    # Called once when the engine is done with the job (answered, failed or dropped).
+    on_release: Callable[[Job, bool], None] | None = None
+    released: bool = False
 
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
 
     def finish(self, images: list) -> None:
+        # Release first, so a caller woken by the result already finds its slot free again.
+        self._release(succeeded=True)
         # The caller may have cancelled (timed out) meanwhile; its answer no longer matters.
         with contextlib.suppress(InvalidStateError):
             self.future.set_result(images)
-        self._release()
 
     def fail(self, error: BaseException) -> None:
+        self._release(succeeded=False)
         with contextlib.suppress(InvalidStateError):
             self.future.set_exception(error)
-        self._release()
 
-    def _release(self) -> None:
+    def _release(self, succeeded: bool) -> None:
+        if self.released:
+            return
+        self.released = True
         # Drop device tensors as soon as the job is over, not when the caller lets go of it.
         self.conditioning = {}
         self.latents = None
         self.scheduler = None
         self.ready_event = None
+        if self.on_release is not None:
+            self.on_release(self, succeeded)

@@ -54,6 +54,7 @@ class Stage:
         # Admission control upstream keeps the total in flight at most `capacity`, so a put
         # here never blocks; the bound is a guard, not the back-pressure mechanism.
         self.queue: queue.Queue = queue.Queue(maxsize=capacity)
+        self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._pending_timings: list[tuple[Any, Any]] = []
         self._thread = threading.Thread(target=self._run, name=f"stage-{name}", daemon=True)
@@ -74,6 +75,9 @@ class Stage:
 
     # --- the loop -----------------------------------------------------------------------------
     def _run(self) -> None:
+        if self.stream is not None:
+            # The current device is per thread; a new thread starts on cuda:0.
+            torch.cuda.set_device(self.device)
         # Inference mode is thread-local, so each stage thread enters it itself.
         with torch.inference_mode():
             while True:
@@ -107,7 +111,9 @@ class Stage:
     def _process(self, group: list[Job]) -> None:
         live = []
         for job in group:
-            if job.future.done():  # cancelled or already failed
+            if job.future.done():
+                # The caller gave up (timeout): drop the job here, which frees its slot.
+                job.fail(JobTimeout("request cancelled"))
                 continue
             if job.expired():
                 job.fail(JobTimeout(f"request timed out before the {self.name} stage"))
@@ -118,8 +124,7 @@ class Stage:
         self.metrics.batch_size.labels(stage=self.name).observe(len(live))
         started = time.perf_counter()
         try:
-            on_host_clock = self.stream is None
-            outputs = self.step(live) if on_host_clock else self._step_on_stream(live)
+            outputs = self.step(live) if self.stream is None else self._step_on_stream(live)
         except Exception as exc:
             log.exception("%s stage failed for a batch of %d", self.name, len(live))
             for job in live:

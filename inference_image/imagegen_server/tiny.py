@@ -12,9 +12,9 @@ from typing import Literal
 
 import torch
 
-TinyFamily = Literal["sd15", "sdxl", "flux"]
+TinyFamily = Literal["sd15", "sdxl", "sd3", "flux"]
 TinySize = Literal["tiny", "small"]
-FAMILIES: tuple[str, ...] = ("sd15", "sdxl", "flux")
+FAMILIES: tuple[str, ...] = ("sd15", "sdxl", "sd3", "flux")
 SIZES: tuple[str, ...] = ("tiny", "small")
 
 
@@ -198,6 +198,83 @@ def build_sdxl(seed: int = 0, size: TinySize = "tiny"):
     )
 
 
+def build_sd3(seed: int = 0, size: TinySize = "tiny"):
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    small = size == "small"
+    _seeded(seed, 1)
+    transformer = SD3Transformer2DModel(
+        sample_size=64 if small else 32,
+        patch_size=2 if small else 1,
+        in_channels=4,
+        num_layers=2 if small else 1,
+        attention_head_dim=16 if small else 8,
+        num_attention_heads=4,
+        caption_projection_dim=64 if small else 32,  # the transformer width: heads x head dim
+        joint_attention_dim=32,  # the T5 width; CLIP states are padded or cut to it
+        pooled_projection_dim=64,  # both CLIP pooled outputs side by side
+        out_channels=4,
+    )
+    _seeded(seed, 2)
+    vae = AutoencoderKL(
+        sample_size=128 if small else 64,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16) if small else (4, 8),
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=2,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    _seeded(seed, 3)
+    text_encoder = CLIPTextModelWithProjection(_clip_config())
+    _seeded(seed, 4)
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config())
+    _seeded(seed, 5)
+    text_encoder_3 = T5EncoderModel(_t5_config())
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=t5_tokenizer(),
+        image_encoder=None,
+        feature_extractor=None,
+    )
+
+
+def _t5_config():
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=100,
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+
+
 def build_flux(seed: int = 0, size: TinySize = "tiny"):
     from diffusers import (
         AutoencoderKL,
@@ -205,7 +282,7 @@ def build_flux(seed: int = 0, size: TinySize = "tiny"):
         FluxPipeline,
         FluxTransformer2DModel,
     )
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, T5EncoderModel
 
     small = size == "small"
     _seeded(seed, 1)
@@ -240,20 +317,7 @@ def build_flux(seed: int = 0, size: TinySize = "tiny"):
     _seeded(seed, 3)
     text_encoder = CLIPTextModel(_clip_config())
     _seeded(seed, 4)
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=100,
-            d_model=32,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    )
+    text_encoder_2 = T5EncoderModel(_t5_config())
     return FluxPipeline(
         transformer=transformer,
         vae=vae,
@@ -267,7 +331,7 @@ def build_flux(seed: int = 0, size: TinySize = "tiny"):
     )
 
 
-BUILDERS = {"sd15": build_sd15, "sdxl": build_sdxl, "flux": build_flux}
+BUILDERS = {"sd15": build_sd15, "sdxl": build_sdxl, "sd3": build_sd3, "flux": build_flux}
 
 
 def make_tiny_model(

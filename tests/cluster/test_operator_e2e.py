@@ -227,3 +227,17 @@ def test_sharing_change_moves_to_a_new_pool_without_downtime(cluster, operator):
             assert node["metadata"]["labels"][POOL_LABEL] == new_pool
     eventually(lambda: not pool_nodes(cluster, old_pool), timeout=30, what="old pool retired")
     cluster.kubectl("delete", "igs", "mover", "-n", ns, "--wait=true", "--timeout=60s")
+
+
+def test_whole_gpu_pods_stay_off_shared_nodes_of_the_same_accelerator(cluster, operator):
+    ns = namespace(cluster, "e2e-exclusive")
+    mps = {"type": "nvidia-l4", "sharing": {"strategy": "MPS", "maxSharedClientsPerGpu": 4}}
+    apply(cluster, service("shared", ns, mps, replicas=1))
+    wait_ready(cluster, ns, "shared")
+    # Two whole-GPU replicas: the MPS node has free slots, but they are not whole GPUs.
+    apply(cluster, service("whole", ns, {"type": "nvidia-l4"}, replicas=2))
+    wait_ready(cluster, ns, "whole")
+    for pod in get_json(cluster, "pods", "-n", ns, "-l", "app.kubernetes.io/instance=whole")["items"]:
+        labels = get_json(cluster, "node", pod["spec"]["nodeName"])["metadata"]["labels"]
+        assert gke.LABEL_SHARING_STRATEGY not in labels, pod["spec"]["nodeName"]
+    cluster.kubectl("delete", "igs", "--all", "-n", ns, "--wait=true", "--timeout=60s")

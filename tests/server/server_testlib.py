@@ -7,7 +7,7 @@ import socket
 
 import numpy as np
 
-FAMILIES = ("sd15", "sdxl", "flux")
+FAMILIES = ("sd15", "sdxl", "sd3", "flux")
 STEPS = 3
 
 

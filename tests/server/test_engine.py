@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from server_testlib import STEPS, mean_abs_diff
+from server_testlib import FAMILIES, STEPS, mean_abs_diff
 
 from imagegen_server.engine import EngineClosedError, InvalidRequest, QueueFullError
 from imagegen_server.request import GenerationParams, JobTimeout
@@ -33,7 +33,7 @@ def reference(pipe, runtime, params: GenerationParams):
 
 
 @pytest.mark.parametrize("mode", ["Pipelined", "Stacked"])
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "flux"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_single_requests_equal_diffusers_exactly(make_runtime, reference_pipeline, family, mode):
     # channels_last off: NHWC convolutions round differently (a pixel off by one in 8 bits).
     runtime = make_runtime(
@@ -59,7 +59,7 @@ def test_different_seeds_give_different_images(make_runtime):
 
 
 @pytest.mark.parametrize("mode", ["Pipelined", "Stacked"])
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "flux"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_batched_requests_equal_diffusers(make_runtime, reference_pipeline, family, mode):
     # A long window so that everything submitted together lands in one batch.
     runtime = make_runtime(

@@ -68,7 +68,8 @@ def test_generation_returns_pngs_equal_to_diffusers(client_for, reference_pipeli
 
 
 def test_defaults_fill_in_and_seed_is_reported(client_for):
-    response = client_for().post(GENERATE, json={"prompt": "defaults"})
+    body = {"prompt": "defaults", "n": None, "size": None, "response_format": None, "user": "u1"}
+    response = client_for().post(GENERATE, json=body)
     assert response.status_code == 200
     payload = response.json()
     assert decode_png(payload["data"][0]["b64_json"]).size == (64, 64)  # the model's native size
@@ -200,3 +201,19 @@ def test_metrics_parse_and_carry_per_stage_series(client_for):
     assert samples[("imagegen_request_duration_seconds_count", ())] == 1
     assert samples[("imagegen_ready", ())] == 1
     assert families["imagegen_server_info"].samples[0].labels["family"] == "SD15"
+    # Declared even without a GPU, so dashboards need no special case.
+    for name in ("imagegen_gpu_utilization_ratio", "imagegen_gpu_memory_used_bytes"):
+        assert name in families
+
+
+def test_request_timeout_answers_504_and_frees_the_slot(client_for):
+    client = client_for(request_timeout_s=0.3, queue_capacity=1)
+    response = client.post(GENERATE, json={"prompt": "too slow", "steps": 200})
+    assert response.status_code == 504
+    assert response.json()["error"]["type"] == "timeout_error"
+    engine = client.app.state.runtime.engine
+    deadline = time.monotonic() + 60
+    while engine.in_flight and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.in_flight == 0  # the abandoned job was dropped at a stage boundary
+    assert client.post(GENERATE, json={"prompt": "fits", "steps": 1}).status_code == 200

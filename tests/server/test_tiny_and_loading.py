@@ -18,6 +18,7 @@ from imagegen_server.tiny import parameter_count
 PIPELINE_CLASSES = {
     "sd15": "StableDiffusionPipeline",
     "sdxl": "StableDiffusionXLPipeline",
+    "sd3": "StableDiffusion3Pipeline",
     "flux": "FluxPipeline",
 }
 

@@ -16,11 +16,15 @@ def steps_for(family: Family, pipeline, device) -> FamilySteps:
         from .stable_diffusion import StableDiffusionXLSteps
 
         return StableDiffusionXLSteps(pipeline, device)
+    if family == Family.SD3:
+        from .sd3 import StableDiffusion3Steps
+
+        return StableDiffusion3Steps(pipeline, device)
     if family == Family.FLUX:
         from .flux import FluxSteps
 
         return FluxSteps(pipeline, device)
-    raise NotImplementedError(f"the {family.value} family is detected but not served yet")
+    raise NotImplementedError(f"no stage steps for the {family.value} family")
 
 
 __all__ = ["FamilySteps", "steps_for"]

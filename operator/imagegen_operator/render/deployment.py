@@ -68,6 +68,30 @@ def nodeselector(plan: Plan) -> dict[str, str]:
     return labels
 
 
+def node_affinity(plan: Plan) -> dict[str, Any] | None:
+    """Keep pods off nodes shared in a way the spec did not ask for.
+
+    A node selector only says what a node must have: without this, a pod that
+    wants a whole GPU could land on a time-shared or MIG node of the same
+    accelerator and take one of its slots (and the other way round).
+    """
+    absent = []
+    if not plan.partition_size:
+        absent.append(gke.LABEL_PARTITION_SIZE)
+    if not plan.sharing_strategy:
+        absent += [gke.LABEL_SHARING_STRATEGY, gke.LABEL_MAX_SHARED_CLIENTS]
+    if not absent:
+        return None
+    expressions = [{"key": key, "operator": "DoesNotExist"} for key in absent]
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": expressions}]
+            }
+        }
+    }
+
+
 def gpu_toleration() -> dict[str, str]:
     return {"key": gke.GPU_TAINT_KEY, "operator": "Exists", "effect": gke.GPU_TAINT_EFFECT}
 
@@ -274,6 +298,9 @@ def render_deployment(
         "containers": [container],
         "volumes": volumes,
     }
+    affinity = node_affinity(plan)
+    if affinity:
+        pod_spec["affinity"] = affinity
     if plan.sharing_strategy == "MPS":
         # MPS clients reach the node's MPS control daemon through host IPC (see module docstring).
         pod_spec["hostIPC"] = True

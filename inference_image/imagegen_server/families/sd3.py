@@ -1,0 +1,102 @@
+"""Stable Diffusion 3 as stage steps, mirroring diffusers' ``StableDiffusion3Pipeline``.
+
+Text conditioning as in SD/SDXL (classifier-free guidance, negative rows first), denoising with
+a flow-matching transformer as in Flux, latents unscaled and shifted on decode.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+    calculate_shift,
+    retrieve_timesteps,
+)
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..request import GenerationParams, Job
+from .base import split_rows
+from .stable_diffusion import StableDiffusionSteps
+
+MAX_SEQUENCE_LENGTH = 256  # diffusers' default for StableDiffusion3Pipeline
+
+
+class StableDiffusion3Steps(StableDiffusionSteps):
+    @property
+    def native_size(self) -> tuple[int, int]:
+        side = self.pipeline.default_sample_size * self.vae_scale_factor
+        return side, side
+
+    def reference_kwargs(self, params: GenerationParams) -> dict:
+        return {**super().reference_kwargs(params), "max_sequence_length": MAX_SEQUENCE_LENGTH}
+
+    # 1. Encode: StableDiffusionSteps.encode, with SD3's three text encoders.
+    def _encode_texts(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        embeds, _, pooled, _ = self.pipeline.encode_prompt(
+            prompt=texts,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+        )
+        return {"embeds": embeds, "pooled": pooled}
+
+    # 2. Denoise ------------------------------------------------------------------------------
+    def prepare(self, job: Job) -> None:
+        pipe, p = self.pipeline, job.params
+        shape = (
+            p.n,
+            pipe.transformer.config.in_channels,
+            p.height // self.vae_scale_factor,
+            p.width // self.vae_scale_factor,
+        )
+        job.generator = self.new_generator(p.seed)
+        dtype = job.conditioning["embeds"].dtype
+        job.latents = randn_tensor(shape, generator=job.generator, device=self.device, dtype=dtype)
+        scheduler = self.new_scheduler()
+        kwargs = {}
+        config = scheduler.config
+        if config.get("use_dynamic_shifting", None):
+            patch = pipe.transformer.config.patch_size
+            kwargs["mu"] = calculate_shift(
+                (shape[2] // patch) * (shape[3] // patch),
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.16),
+            )
+        retrieve_timesteps(scheduler, p.steps, self.device, **kwargs)
+        job.scheduler = scheduler
+
+    def denoise(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self.prepare(job)
+        transformer = self.pipeline.transformer
+        embeds = torch.cat([job.conditioning["embeds"] for job in jobs])
+        pooled = torch.cat([job.conditioning["pooled"] for job in jobs])
+        rows = [job.conditioning["embeds"].shape[0] for job in jobs]
+        for step, t in enumerate(jobs[0].scheduler.timesteps):
+            inputs = [
+                torch.cat([job.latents] * 2) if self.uses_guidance(job) else job.latents
+                for job in jobs
+            ]
+            noise_pred = transformer(
+                hidden_states=torch.cat(inputs),
+                timestep=t.expand(sum(rows)),
+                encoder_hidden_states=embeds,
+                pooled_projections=pooled,
+                return_dict=False,
+            )[0]
+            for job, pred in zip(jobs, split_rows(noise_pred, rows), strict=True):
+                if self.uses_guidance(job):
+                    uncond, text = pred.chunk(2)
+                    pred = uncond + job.params.guidance_scale * (text - uncond)
+                job.latents = job.scheduler.step(
+                    pred, job.scheduler.timesteps[step], job.latents, return_dict=False
+                )[0]
+
+    # 3. Decode -------------------------------------------------------------------------------
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        config = self.pipeline.vae.config
+        return latents / config.scaling_factor + config.shift_factor
