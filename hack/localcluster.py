@@ -203,10 +203,20 @@ class LocalCluster:
         self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120
     ) -> subprocess.CompletedProcess[str]:
         """Run the built kubectl against this cluster; text output."""
-        return subprocess.run(
+        result = subprocess.run(
             [str(self.bin / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args],
-            input=input, capture_output=True, text=True, check=check, timeout=timeout,
+            input=input, capture_output=True, text=True, timeout=timeout,
         )
+        if check and result.returncode:
+            raise KubectlError(result.returncode, result.args, result.stdout, result.stderr)
+        return result
+
+
+class KubectlError(subprocess.CalledProcessError):
+    """A failed kubectl call that shows what kubectl said."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\n{self.stderr.strip()}"
 
 
 def _spawn(cluster_dir: Path, name: str, argv: list[str]) -> subprocess.Popen:

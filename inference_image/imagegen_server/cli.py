@@ -2,6 +2,7 @@
 
     imagegen-server --model DIR [--host H] [--port P] [...]      (or: imagegen-server serve ...)
     imagegen-server make-tiny-model DIR [--family sd15|sdxl|sd3|flux] [--size tiny|small] [--seed N]
+    imagegen-server bench --model DIR [--requests N] [--concurrency C] [serve flags...]
 
 Every serve flag has an ``IMAGEGEN_*`` environment variable (see config.py); flags win.
 """
@@ -71,6 +72,25 @@ def tiny_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def bench(argv: Sequence[str]) -> int:
+    import json
+
+    from .benchmark import run_benchmark
+
+    parser = serve_parser()
+    parser.prog = "imagegen-server bench"
+    parser.description = "Load a model and measure the engine's throughput and latency."
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=None)
+    args = parser.parse_args(argv)
+    load = {k: vars(args).pop(k) for k in ("requests", "concurrency", "steps")}
+    settings = settings_from_args(args)
+    logging.basicConfig(level=settings.log_level.upper())
+    print(json.dumps(run_benchmark(settings, **load), indent=2))
+    return 0
+
+
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     given = {k: v for k, v in vars(args).items() if v is not None}
     return ServerSettings(**given)
@@ -110,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "make-tiny-model":
         return make_tiny(argv[1:])
+    if argv and argv[0] == "bench":
+        return bench(argv[1:])
     if argv and argv[0] == "serve":
         argv = argv[1:]
     return serve(argv)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from server_testlib import mean_abs_diff
@@ -45,9 +47,18 @@ def test_unavailable_backend_falls_back_and_says_why(make_runtime):
 
 
 @pytest.mark.slow
-def test_regional_compile_on_cpu_with_cache_dir(make_runtime, reference_pipeline, request):
+def test_regional_compile_on_cpu_with_cache_dir(
+    make_runtime, reference_pipeline, request, monkeypatch
+):
     # pytest's cache dir survives between runs, so only the first run pays for compilation.
     cache_dir = request.config.cache.mkdir("imagegen-inductor")
+    # The server sets these process-wide; restore them for whatever runs after this test.
+    for name in (
+        "TORCHINDUCTOR_CACHE_DIR",
+        "TORCHINDUCTOR_FX_GRAPH_CACHE",
+        "TORCHINDUCTOR_AUTOGRAD_CACHE",
+    ):
+        monkeypatch.setenv(name, os.environ.get(name, ""))
     runtime = make_runtime(
         "sd15",
         compile_enabled=True,

@@ -117,3 +117,22 @@ def test_family_mismatch_is_refused(tiny_models):
     settings = ServerSettings(model=str(tiny_models["sd15"]), family="SDXL", dtype="float32")
     with pytest.raises(ModelError, match="holds a SD15 model"):
         load_model(settings)
+
+
+@pytest.mark.parametrize("mode", ["Pipelined", "Stacked"])
+def test_bench_cli_reports_throughput(tiny_models, capsys, mode):
+    argv = [
+        "bench",
+        "--model",
+        str(tiny_models["sd15"]),
+        "--dtype",
+        "float32",
+        "--stage-mode",
+        mode,
+    ]
+    argv += ["--requests", "6", "--concurrency", "3", "--steps", "2", "--log-level", "warning"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["stage_mode"] == mode and report["requests"] == 6
+    assert report["images_per_s"] > 0
+    assert 0 < report["latency_p50_s"] <= report["latency_p95_s"] <= report["wall_s"]

@@ -20,8 +20,9 @@ class OperatorProcess:
     """``imagegen-operator run`` with a fast resync, its log in a file."""
 
     def __init__(self, cluster, log_path: Path, resync_seconds: float = 1.0,
-                 kubeconfig: Path | None = None):
+                 kubeconfig: Path | None = None, env: dict[str, str] | None = None):
         self.cluster = cluster
+        self.extra_env = env or {}
         self.log_path = log_path
         self.resync_seconds = resync_seconds
         self.kubeconfig = kubeconfig or cluster.operator_kubeconfig
@@ -37,6 +38,7 @@ class OperatorProcess:
             "PYTHONPATH": os.pathsep.join(
                 [str(ROOT / "operator"), str(ROOT / "inference_image"),
                  os.environ.get("PYTHONPATH", "")]),
+            **self.extra_env,
         }
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(
