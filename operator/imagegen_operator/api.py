@@ -369,6 +369,20 @@ class ServerSpec(KubeModel):
     """Container resources beyond the GPU."""
 
 
+class MonitoringSpec(KubeModel):
+    """A Prometheus operator monitor for the servers' /metrics."""
+
+    enabled: bool = True
+    """Create the monitor; the cluster must run the Prometheus operator."""
+    kind: Literal["ServiceMonitor", "PodMonitor"] = "ServiceMonitor"
+    """ServiceMonitor scrapes through the Service, PodMonitor each pod directly."""
+    interval: str = Field(default="30s", max_length=16, pattern=r"^[0-9]+(ms|s|m|h)$")
+    """How often Prometheus scrapes, e.g. 15s."""
+    labels: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
+        default=None, max_length=16)
+    """Extra labels on the monitor, e.g. the one your Prometheus selects monitors by."""
+
+
 class ImageGenServiceSpec(KubeModel):
     """Desired state of an ImageGenService."""
 
@@ -388,6 +402,8 @@ class ImageGenServiceSpec(KubeModel):
     """Scale replicas on queue depth; a fixed replica count when unset."""
     server: ServerSpec = defaulted()
     """The inference server container."""
+    monitoring: MonitoringSpec | None = None
+    """A ServiceMonitor or PodMonitor for the servers; none when unset."""
 
 
 # --- status --------------------------------------------------------------------------

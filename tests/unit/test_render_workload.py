@@ -388,16 +388,12 @@ def test_hpa_metric_is_one_the_server_exports() -> None:
         ({"kind": "PodMonitor", "interval": "15s", "labels": {"release": "kps"}}, ["PodMonitor"]),
         ({}, ["ServiceMonitor"]),
         ({"enabled": False, "kind": "PodMonitor"}, []),
+        (None, []),
     ],
-    ids=["pod-monitor", "defaults", "disabled"],
+    ids=["pod-monitor", "defaults", "disabled", "absent"],
 )
-def test_spec_monitoring_block_is_read_when_the_api_has_one(monitoring: dict, kinds: list) -> None:
-    """The API has no spec.monitoring yet; this pins the shape the renderer reads."""
-    from types import SimpleNamespace
-
-    r = resource()
-    spec = SimpleNamespace(**dict(r.spec), monitoring=SimpleNamespace(**monitoring))
-    monitors = requested_monitors(SimpleNamespace(metadata=r.metadata, spec=spec))
+def test_spec_monitoring_block_picks_the_monitor(monitoring: dict, kinds: list) -> None:
+    monitors = requested_monitors(resource(monitoring=monitoring))
     assert [m["kind"] for m in monitors] == kinds
     if kinds == ["PodMonitor"]:
         assert monitors[0]["spec"]["podMetricsEndpoints"][0]["interval"] == "15s"
