@@ -42,8 +42,8 @@ from imagegen_operator.render.common import (
 # (the operator's configuration and `render --server-image` may).
 DEFAULT_SERVER_IMAGE = "ghcr.io/imagegen-operator/imagegen-server:0.1.0"
 
-# The server image's non-root user (numeric, so runAsNonRoot can verify it).
-RUN_AS_USER = 1000
+# The server image's non-root user (inference_image/Dockerfile; numeric, so runAsNonRoot can verify it).
+RUN_AS_USER = 10001
 
 # Startup budget: model download and load, plus compile warm-up when enabled.
 # max-autotune tries kernel variants and can take tens of minutes on a cold
