@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 import yaml
+from unit.test_chart import CHART, template_args
+from unit.test_render_kubeconform import CRDS, SCHEMA_LOCATION, crd_schemas, kubernetes_schemas
 
 from imagegen_operator import crd
 from support.kube import apply, eventually, get_json
-from unit.test_chart import CHART, template_args
-from unit.test_render_kubeconform import CRDS, SCHEMA_LOCATION, crd_schemas, kubernetes_schemas
 
 pytestmark = pytest.mark.cluster
 
@@ -54,7 +54,19 @@ def adopt_crd(cluster, name: str, release: str, namespace: str) -> None:
 
 # --- kubeconform: the rendered chart against the pinned API server's own schemas ---------
 
-HIDDEN_REF = "x-imagegen-property-named-ref"
+HIDDEN = {"$ref": "x-property-named-ref", "description": "x-property-named-description"}
+
+
+def with_object_meta(definition: dict[str, Any]) -> dict[str, Any]:
+    """The API server accepts apiVersion, kind and metadata on every custom object, even
+    when a CRD's schema (kopf's) does not list them; say so for the strict schema."""
+    definition = json.loads(json.dumps(definition))
+    for version in definition["spec"]["versions"]:
+        properties = version["schema"]["openAPIV3Schema"].setdefault("properties", {})
+        properties.setdefault("apiVersion", {"type": "string"})
+        properties.setdefault("kind", {"type": "string"})
+        properties.setdefault("metadata", {"type": "object"})
+    return definition
 
 
 def rename_property(node: Any, old: str, new: str) -> Any:
@@ -92,14 +104,17 @@ def kubeconform(cluster, tmp_path_factory):
         or {(g["group"], g["version"], g["kind"]) for g in d["x-kubernetes-group-version-kind"]}
         & wanted
     }
-    # JSONSchemaProps (inside the CRD kind) has a property named "$ref", which the
-    # converter would take for a reference: hide it under another name meanwhile.
-    schemas = rename_property(kubernetes_schemas(rename_property(openapi, "$ref", HIDDEN_REF)),
-                              HIDDEN_REF, "$ref")
+    # The CRD kind's own schema has properties named "$ref" and "description", which the
+    # converter takes for a reference and for documentation: hide them meanwhile.
+    for name, hidden in HIDDEN.items():
+        openapi = rename_property(openapi, name, hidden)
+    schemas = kubernetes_schemas(openapi)
+    for name, hidden in HIDDEN.items():
+        schemas = rename_property(schemas, hidden, name)
     kopf_crds = yaml.safe_load_all((CHART / "crds" / "kopf-peering.yaml").read_text())
     third_party = [yaml.safe_load(p.read_text()) for p in sorted(CRDS.glob("*.yaml"))]
     for definition in [crd.crd(), *[d for d in kopf_crds if d], *third_party]:
-        schemas.update(crd_schemas(definition))
+        schemas.update(crd_schemas(with_object_meta(definition)))
     directory = tmp_path_factory.mktemp("chart-schemas")
     for relative, schema in schemas.items():
         (directory / relative).write_text(json.dumps(schema))

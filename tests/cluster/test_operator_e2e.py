@@ -97,6 +97,13 @@ def test_two_services_share_one_pool_which_goes_with_the_last(cluster, operator)
         assert pod["spec"]["nodeName"] in node_names
         assert pod["spec"]["nodeSelector"][gke.LABEL_MAX_SHARED_CLIENTS] == "2"
 
+    # The transitions are Kubernetes Events on the service (kubectl describe shows them).
+    events = get_json(cluster, "events", "-n", ns,
+                      "--field-selector", "involvedObject.name=alpha")["items"]
+    messages = [e["message"] for e in events if e["involvedObject"]["kind"] == "ImageGenService"]
+    assert any(m.startswith("Ready=True") for m in messages), messages
+    assert any(m.startswith("NodePoolReady=True") for m in messages), messages
+
     cluster.kubectl("delete", "igs", "alpha", "-n", ns, "--wait=true", "--timeout=60s")
     assert pool_nodes(cluster, pool), "the pool went while beta still uses it"
     cluster.kubectl("delete", "igs", "beta", "-n", ns, "--wait=true", "--timeout=60s")

@@ -55,13 +55,21 @@ def pods(cluster) -> list[dict]:
     return get_json(cluster, "pods", "-n", NS, "-l", "app=server")["items"]
 
 
-def test_time_shared_pods_land_on_matching_node_and_overflow_stays_pending(cluster):
+@pytest.fixture
+def two_l4_nodes(cluster):
     apply(
         cluster,
         fake_gpu_node("l4-ts", "nvidia-l4", strategy="TimeSharing", clients=2),
         fake_gpu_node("l4-mps", "nvidia-l4", strategy="MPS", clients=2),
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}},
     )
+    yield
+    cluster.kubectl("delete", "namespace", NS, "--wait=false")
+    cluster.kubectl("delete", "node", "l4-ts", "l4-mps")
+
+
+def test_time_shared_pods_land_on_matching_node_and_overflow_stays_pending(
+        cluster, two_l4_nodes):
     node = eventually(
         lambda: get_json(cluster, "node", "l4-ts")["status"].get("allocatable"),
         what="l4-ts registered",

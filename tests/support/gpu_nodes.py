@@ -1,9 +1,10 @@
-"""Fake GKE GPU nodes for the local control plane.
+"""Fake GKE GPU nodes for the local control plane, for any GPU configuration.
 
-KWOK manages every node annotated ``kwok.x-k8s.io/node=fake``: it marks it
-Ready and runs (pretends to run) the pods the real scheduler binds to it. The
-labels, taint and allocatable ``nvidia.com/gpu`` follow GKE's, so the
-scheduler's decisions are the ones GKE would make.
+The nodes are built by the same renderer the `Local` provider uses, so they
+carry GKE's labels, the ``nvidia.com/gpu`` taint and allocatable
+``nvidia.com/gpu`` of partitions x clients x GPUs. KWOK manages every node
+annotated ``kwok.x-k8s.io/node=fake``: it marks it Ready and pretends to run
+the pods the real scheduler binds to it.
 """
 
 from __future__ import annotations
@@ -11,12 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from imagegen_operator import gke
-
-
-def slots_per_gpu(gpu_type: str, partition_size: str | None, clients: int | None) -> int:
-    """Allocatable nvidia.com/gpu per physical GPU: partitions x clients."""
-    partitions = gke.mig_sizes(gpu_type)[partition_size] if partition_size else 1
-    return partitions * (clients or 1)
+from imagegen_operator.planner import PlanInputs, make_plan
+from imagegen_operator.render.nodepool import POOL_LABEL, kwok_node
 
 
 def fake_gpu_node(
@@ -29,42 +26,12 @@ def fake_gpu_node(
     clients: int | None = None,
     pool: str = "test-pool",
 ) -> dict[str, Any]:
-    """A Node as GKE would register it for this GPU configuration.
-
-    ``strategy`` is the API's spelling (``TimeSharing`` or ``MPS``).
-    """
-    labels = {
-        "kubernetes.io/hostname": name,
-        "kubernetes.io/os": "linux",
-        "kubernetes.io/arch": "amd64",
-        "type": "kwok",
-        gke.LABEL_NODEPOOL: pool,
-        gke.LABEL_ACCELERATOR: gpu_type,
-    }
-    if partition_size:
-        labels[gke.LABEL_PARTITION_SIZE] = partition_size
-    if strategy:
-        labels[gke.LABEL_SHARING_STRATEGY] = gke.SHARING_LABEL_VALUES[strategy]
-        labels[gke.LABEL_MAX_SHARED_CLIENTS] = str(clients)
-    resources = {
-        "cpu": "8",
-        "memory": "32Gi",
-        "pods": "110",
-        gke.GPU_RESOURCE: str(gpus * slots_per_gpu(gpu_type, partition_size, clients)),
-    }
-    return {
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {
-            "name": name,
-            "labels": labels,
-            "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
-        },
-        "spec": {
-            "taints": [{
-                "key": gke.GPU_TAINT_KEY, "value": gke.GPU_TAINT_VALUE,
-                "effect": gke.GPU_TAINT_EFFECT,
-            }],
-        },
-        "status": {"allocatable": resources, "capacity": resources},
-    }
+    """A Node as GKE would register it; ``strategy`` is ``TimeSharing`` or ``MPS``."""
+    plan = make_plan(PlanInputs(
+        gpu_type=gpu_type, count_per_node=gpus, partition_size=partition_size,
+        sharing_strategy=strategy, max_shared_clients=clients, provider="Local",
+    ))
+    node = kwok_node(plan, name, spot=False)
+    # A pool of the test's own: never one the operator derives and manages.
+    node["metadata"]["labels"].update({gke.LABEL_NODEPOOL: pool, POOL_LABEL: pool})
+    return node

@@ -9,13 +9,12 @@ autoscaler) and never shrinks while in use.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from imagegen_operator.kube import Kube
 from imagegen_operator.planner import Plan
 from imagegen_operator.providers.base import PoolState
-from imagegen_operator.render.nodepool import POOL_LABEL, render_kwok_nodes
+from imagegen_operator.render.nodepool import POOL_LABEL, kwok_node
 
 
 def node_ready(node: dict[str, Any]) -> bool:
@@ -35,16 +34,12 @@ class LocalProvider:
         return self.kube.list("v1", "Node", label_selector=f"{POOL_LABEL}={pool}")
 
     def ensure(self, resource: Any, plan: Plan, target_nodes: int) -> PoolState:
-        live = {n["metadata"]["name"]: n for n in self._nodes(plan.nodepool_name)}
-        template = render_kwok_nodes(resource, plan)
-        if template:
-            for index in range(max(target_nodes, len(template))):
-                node = copy.deepcopy(template[0])
-                name = f"{plan.nodepool_name}-{index}"
-                node["metadata"]["name"] = name
-                node["metadata"]["labels"]["kubernetes.io/hostname"] = name
-                if name not in live:
-                    self.kube.apply(node, live=None)
+        live = {n["metadata"]["name"] for n in self._nodes(plan.nodepool_name)}
+        spot = bool(resource.spec.node_pool.spot)
+        for index in range(target_nodes):
+            name = f"{plan.nodepool_name}-{index}"
+            if name not in live:
+                self.kube.apply(kwok_node(plan, name, spot), live=None)
         ready = sum(1 for n in self._nodes(plan.nodepool_name) if node_ready(n))
         if target_nodes and ready == 0:
             return PoolState(

@@ -210,37 +210,39 @@ def kwok_allocatable(plan: Plan) -> dict[str, str]:
     }
 
 
+def kwok_node(plan: Plan, node_name: str, spot: bool) -> dict[str, Any]:
+    """One simulated node of the pool, as GKE would register it."""
+    allocatable = kwok_allocatable(plan)
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": node_name,
+            "labels": kwok_node_labels(plan, node_name, spot),
+            "annotations": {
+                KWOK_ANNOTATION: "fake",
+                "node.alpha.kubernetes.io/ttl": "0",
+            },
+        },
+        "spec": {
+            "taints": [
+                {
+                    "key": gke.GPU_TAINT_KEY,
+                    "value": gke.GPU_TAINT_VALUE,
+                    "effect": gke.GPU_TAINT_EFFECT,
+                }
+            ]
+        },
+        "status": {"allocatable": allocatable, "capacity": dict(allocatable)},
+    }
+
+
 def render_kwok_nodes(resource: Any, plan: Plan) -> list[dict[str, Any]]:
     spot = bool(resource.spec.node_pool.spot)
-    nodes = []
-    for index in range(kwok_node_count(resource, plan)):
-        node_name = f"{plan.nodepool_name}-{index}"
-        allocatable = kwok_allocatable(plan)
-        nodes.append(
-            {
-                "apiVersion": "v1",
-                "kind": "Node",
-                "metadata": {
-                    "name": node_name,
-                    "labels": kwok_node_labels(plan, node_name, spot),
-                    "annotations": {
-                        KWOK_ANNOTATION: "fake",
-                        "node.alpha.kubernetes.io/ttl": "0",
-                    },
-                },
-                "spec": {
-                    "taints": [
-                        {
-                            "key": gke.GPU_TAINT_KEY,
-                            "value": gke.GPU_TAINT_VALUE,
-                            "effect": gke.GPU_TAINT_EFFECT,
-                        }
-                    ]
-                },
-                "status": {"allocatable": allocatable, "capacity": dict(allocatable)},
-            }
-        )
-    return nodes
+    return [
+        kwok_node(plan, f"{plan.nodepool_name}-{index}", spot)
+        for index in range(kwok_node_count(resource, plan))
+    ]
 
 
 def render_nodepool(resource: Any, plan: Plan) -> list[dict[str, Any]]:

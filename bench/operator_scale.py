@@ -1,0 +1,346 @@
+"""Item 5: the operator's speed and footprint on a fresh local control plane.
+
+(Named operator_scale.py, not operator.py: a script's folder comes first on sys.path, and a
+bench/operator.py would shadow the standard library's ``operator`` module.)
+
+Brings up the local control plane (real kube-apiserver, scheduler, controller-manager, KWOK
+nodes), installs the CRD, starts ``imagegen-operator run`` as its own process and measures:
+
+1. apply -> Deployment exists, one service at a time (``--singles`` of them);
+2. the same for ``--batch`` services applied in one ``kubectl apply``;
+3. time until ``--fleet`` services applied at once all report Ready;
+4. steady state: API writes per timer reconcile once everything is Ready;
+5. the operator's peak RSS (VmHWM from /proc) over the whole run.
+
+Latencies come from the API server's audit log, not from polling: the time between the
+ResponseComplete of the client's apply of the ImageGenService and that of the operator's first
+write of its Deployment, both stamped by the API server in microseconds. The cluster is always
+torn down, also on failure.
+
+    .venv/bin/python bench/operator_scale.py [--singles 10] [--batch 100] [--fleet 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import common
+
+P50_BAR_S = 0.5
+READY_BAR_S = 60.0
+RSS_BAR_MB = 200.0
+
+# Many pods per GPU and room for all of them, so the bench measures the operator, not capacity.
+GPU = {"type": "nvidia-l4", "sharing": {"strategy": "TimeSharing", "maxSharedClientsPerGpu": 48}}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--singles", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--fleet", type=int, default=200)
+    parser.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=10.0,
+        help="the operator's timer; steady state is watched for 1.2 of these",
+    )
+    parser.add_argument("--ready-timeout", type=float, default=300.0)
+    common.add_output_argument(parser)
+    return parser.parse_args(argv)
+
+
+def service(name: str, namespace: str) -> dict:
+    return {
+        "apiVersion": "imagegen.dev/v1alpha1",
+        "kind": "ImageGenService",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "model": {"uri": "file:///models/tiny-sd15", "family": "SD15", "memoryGiB": 0.25},
+            "gpu": GPU,
+            "nodePool": {"provider": "Local", "maxNodes": 20},
+            "replicas": 1,
+        },
+    }
+
+
+# --- the audit log -----------------------------------------------------------------------------
+def _stamp(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def audit_events(cluster, since_bytes: int = 0) -> list[dict]:
+    events = []
+    with open(cluster.audit_log, "rb") as f:
+        f.seek(since_bytes)
+        for line in f:
+            event = json.loads(line)
+            if event.get("stage") == "ResponseComplete":
+                events.append(event)
+    return events
+
+
+def apply_latencies(cluster, namespace: str, names: list[str], since_bytes: int) -> dict:
+    """Seconds from each service's apply to the operator's first write of its Deployment."""
+    from localcluster import OPERATOR_USER
+
+    applied: dict[str, float] = {}
+    deployed: dict[str, float] = {}
+    for event in audit_events(cluster, since_bytes):
+        ref = event.get("objectRef", {})
+        if ref.get("namespace") != namespace or event.get("verb") not in ("create", "patch"):
+            continue
+        if event.get("responseStatus", {}).get("code", 500) >= 300:
+            continue
+        user = event.get("user", {}).get("username")
+        name = ref.get("name")
+        when = _stamp(event["stageTimestamp"])
+        if ref.get("resource") == "imagegenservices" and user != OPERATOR_USER:
+            if not ref.get("subresource"):
+                applied.setdefault(name, when)
+        elif ref.get("resource") == "deployments" and user == OPERATOR_USER:
+            deployed.setdefault(name, when)
+    return {n: deployed[n] - applied[n] for n in names if n in applied and n in deployed}
+
+
+def wait_for(check, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not reached in {timeout}s")
+
+
+def ready_count(cluster, namespace: str) -> int:
+    from support.kube import get_json
+
+    items = get_json(cluster, "igs", "-n", namespace)["items"]
+    return sum(
+        any(
+            c["type"] == "Ready" and c["status"] == "True"
+            for c in (item.get("status") or {}).get("conditions", [])
+        )
+        for item in items
+    )
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM: the kernel's own high-water mark of the process's resident set."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def timer_reconciles(metrics_text: str) -> float:
+    total = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith("imagegen_operator_reconcile_total{") and 'trigger="timer"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# --- the scenarios -----------------------------------------------------------------------------
+def make_namespace(cluster, name: str) -> str:
+    from support.kube import apply
+
+    apply(cluster, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    return name
+
+
+def deployments_exist(cluster, ns: str, names: list[str], since: int) -> dict | None:
+    latencies = apply_latencies(cluster, ns, names, since)
+    return latencies if len(latencies) == len(names) else None
+
+
+def singles(cluster, count: int) -> list[float]:
+    from support.kube import apply
+
+    ns = make_namespace(cluster, "bench-single")
+    out = []
+    for i in range(count):
+        name = f"single-{i}"
+        since = cluster.audit_log.stat().st_size
+        apply(cluster, service(name, ns))
+        latencies = wait_for(
+            lambda name=name, since=since: deployments_exist(cluster, ns, [name], since),
+            60,
+            f"Deployment {name}",
+        )
+        out.append(latencies[name])
+    return out
+
+
+def batch(cluster, count: int, ns_name: str, prefix: str) -> tuple[str, list[str], float, int]:
+    from support.kube import apply
+
+    ns = make_namespace(cluster, ns_name)
+    names = [f"{prefix}-{i}" for i in range(count)]
+    since = cluster.audit_log.stat().st_size
+    started = time.monotonic()
+    apply(cluster, *[service(n, ns) for n in names])
+    return ns, names, started, since
+
+
+def steady_writes(cluster, operator, resync_s: float) -> dict:
+    from support.operator_process import audit_writes
+
+    # Quiet first: the last status updates after Ready may still be landing.
+    wait_for(
+        lambda: not audit_writes(cluster, _size_after(cluster, 2.0)), 120, "a quiet window"
+    )
+    before = timer_reconciles(operator.metrics())
+    since = cluster.audit_log.stat().st_size
+    time.sleep(resync_s * 1.2)
+    writes = audit_writes(cluster, since)
+    reconciles = timer_reconciles(operator.metrics()) - before
+    return {
+        "window_s": resync_s * 1.2,
+        "timer_reconciles": reconciles,
+        "writes": len(writes),
+        "writes_per_reconcile": len(writes) / reconciles if reconciles else float("nan"),
+        "write_examples": [(w["verb"], w["requestURI"]) for w in writes[:10]],
+    }
+
+
+def _size_after(cluster, seconds: float) -> int:
+    size = cluster.audit_log.stat().st_size
+    time.sleep(seconds)
+    return size
+
+
+def run(cluster, args, workdir: Path) -> dict:
+    from support.operator_process import OperatorProcess
+
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(common.ROOT / "crds"))
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s",
+        "crd/imagegenservices.imagegen.dev",
+    )  # fmt: skip
+    operator = OperatorProcess(
+        cluster, workdir / "operator.log", resync_seconds=args.resync_seconds
+    ).start()
+    try:
+        single = singles(cluster, args.singles)
+        print(
+            f"1 service:   apply -> Deployment p50 {common.percentile(single, 50):.3f}s "
+            f"p95 {common.percentile(single, 95):.3f}s (n={len(single)})",
+            flush=True,
+        )
+        ns, names, _, since = batch(cluster, args.batch, "bench-batch", "batch")
+        many = wait_for(
+            lambda: deployments_exist(cluster, ns, names, since), 120, "batch Deployments", 0.5
+        )
+        many_s = list(many.values())
+        print(
+            f"{args.batch} at once: apply -> Deployment p50 {common.percentile(many_s, 50):.3f}s "
+            f"p95 {common.percentile(many_s, 95):.3f}s",
+            flush=True,
+        )
+        ns, names, started, _ = batch(cluster, args.fleet, "bench-fleet", "fleet")
+        wait_for(
+            lambda: ready_count(cluster, ns) >= len(names) or None,
+            args.ready_timeout,
+            f"{args.fleet} Ready",
+            0.5,
+        )
+        fleet_ready_s = time.monotonic() - started
+        print(f"{args.fleet} at once: all Ready after {fleet_ready_s:.1f}s", flush=True)
+        steady = steady_writes(cluster, operator, args.resync_seconds)
+        print(
+            f"steady state: {steady['writes']} writes in {steady['timer_reconciles']:.0f} "
+            f"timer reconciles",
+            flush=True,
+        )
+        rss = peak_rss_mb(operator.proc.pid)
+        print(f"operator peak RSS {rss:.0f} MB", flush=True)
+    finally:
+        operator.stop()
+    return {
+        "single": {"latencies_s": single, **common.latency_summary(single)},
+        "batch": {"latencies_s": many_s, **common.latency_summary(many_s)},
+        "fleet_ready_s": fleet_ready_s,
+        "steady_state": steady,
+        "operator_peak_rss_mb": rss,
+        "services_total": args.singles + args.batch + args.fleet,
+    }
+
+
+def bars(result: dict, args) -> list[dict]:
+    single, many = result["single"], result["batch"]
+    steady = result["steady_state"]
+    return [
+        common.bar(
+            "5. operator: apply -> Deployment, 1 service",
+            f"p50 < {P50_BAR_S} s",
+            f"p50 {single['p50_s']:.3f} s, p95 {single['p95_s']:.3f} s",
+            single["p50_s"] < P50_BAR_S,
+        ),
+        common.bar(
+            f"5. operator: apply -> Deployment, {args.batch} at once",
+            f"p50 < {P50_BAR_S} s",
+            f"p50 {many['p50_s']:.3f} s, p95 {many['p95_s']:.3f} s",
+            many["p50_s"] < P50_BAR_S,
+        ),
+        common.bar(
+            f"5. operator: {args.fleet} services Ready",
+            f"within {READY_BAR_S:g} s",
+            f"{result['fleet_ready_s']:.1f} s",
+            result["fleet_ready_s"] < READY_BAR_S,
+        ),
+        common.bar(
+            "5. operator: peak RSS",
+            f"< {RSS_BAR_MB:g} MB",
+            f"{result['operator_peak_rss_mb']:.0f} MB with {result['services_total']} services",
+            result["operator_peak_rss_mb"] < RSS_BAR_MB,
+        ),
+        common.bar(
+            "5. operator: API writes per steady-state reconcile",
+            "0",
+            f"{steady['writes']} writes in {steady['timer_reconciles']:.0f} timer reconciles",
+            steady["writes"] == 0 and steady["timer_reconciles"] > 0,
+        ),
+    ]
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import localcluster
+
+    with tempfile.TemporaryDirectory(prefix="bench-operator-") as tmp:
+        workdir = Path(tmp)
+        cluster_dir = workdir / "cluster"
+        started = time.monotonic()
+        cluster = localcluster.up(cluster_dir)
+        up_s = time.monotonic() - started
+        print(f"control plane up in {up_s:.1f}s", flush=True)
+        try:
+            measured = run(cluster, args, workdir)
+        finally:
+            localcluster.down(cluster_dir)
+    result = {
+        "settings": {
+            "singles": args.singles,
+            "batch": args.batch,
+            "fleet": args.fleet,
+            "resync_seconds": args.resync_seconds,
+            "gpu": GPU,
+        },
+        "control_plane_up_s": up_s,
+        **measured,
+    }
+    result["bars"] = bars(result, args)
+    path = common.write_result("operator_scale", result, args.out_dir)
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
