@@ -139,6 +139,18 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def metric_totals(metrics_text: str) -> dict[str, float]:
+    """Each operator metric summed over its labels: where its reconcile time went, for the report."""
+    totals: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        if line.startswith("imagegen_operator_") and " " in line:
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if name.endswith("_bucket"):
+                continue
+            totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return totals
+
+
 def timer_reconciles(metrics_text: str) -> float:
     total = 0.0
     for line in metrics_text.splitlines():
@@ -260,6 +272,14 @@ def run(cluster, args, workdir: Path) -> dict:
             flush=True,
         )
         rss = peak_rss_mb(operator.proc.pid)
+        totals = metric_totals(operator.metrics())
+        count = totals.get("imagegen_operator_reconcile_duration_seconds_count", 0)
+        mean_reconcile = (
+            totals.get("imagegen_operator_reconcile_duration_seconds_sum", 0) / count
+            if count
+            else float("nan")
+        )
+        print(f"mean reconcile {mean_reconcile * 1000:.0f} ms over {count:.0f}", flush=True)
         print(f"operator peak RSS {rss:.0f} MB", flush=True)
     finally:
         operator.stop()
@@ -269,6 +289,8 @@ def run(cluster, args, workdir: Path) -> dict:
         "fleet_ready_s": fleet_ready_s,
         "steady_state": steady,
         "operator_peak_rss_mb": rss,
+        "mean_reconcile_s": mean_reconcile,
+        "operator_metric_totals": totals,
         "services_total": args.singles + args.batch + args.fleet,
     }
 

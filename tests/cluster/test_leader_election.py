@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from support.kube import apply, eventually, get_json
 from support.operator_process import OperatorProcess
 
@@ -55,8 +56,8 @@ def test_only_the_leader_reconciles_and_the_other_takes_over(cluster, crd, tmp_p
                                    "IMAGEGEN_OPERATOR_PRIORITY": "50"}).start()
     try:
         # Both have announced themselves before any work exists.
-        eventually(lambda: len((get_json(cluster, "clusterkopfpeering", PEERING)
-                                .get("status") or {})) >= 2, what="two peers registered")
+        eventually(lambda: len(get_json(cluster, "clusterkopfpeering", PEERING)
+                                .get("status") or {}) >= 2, what="two peers registered")
         apply(cluster, svc("led", 1))
         cluster.kubectl("wait", "-n", "e2e-peering", "--for=condition=Ready", "--timeout=60s",
                         "igs/led")
