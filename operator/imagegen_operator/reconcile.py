@@ -248,12 +248,16 @@ class Reconciler:
         if not users:
             resource = parse(body)
             provider = self.providers[resource.spec.node_pool.provider]
-            provider.delete(resource, dataclasses.replace(the_plan, nodepool_name=previous))
+            gone = provider.delete(resource, dataclasses.replace(the_plan, nodepool_name=previous))
+            if not gone:
+                # Still named in status until it is gone, so a later reconcile (or
+                # an operator restart) finishes the deletion instead of orphaning it.
+                return previous
             self.record(
                 body,
                 "Normal",
                 "NodePoolRetired",
-                f"moved to node pool {the_plan.nodepool_name}; released {previous}",
+                f"moved to node pool {the_plan.nodepool_name}; deleted {previous}",
             )
         return the_plan.nodepool_name
 
