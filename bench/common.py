@@ -179,9 +179,7 @@ def write_result(name: str, payload: dict[str, Any], out_dir: Path | None = None
 
 
 def add_output_argument(parser) -> None:
-    parser.add_argument(
-        "--out-dir", type=Path, default=RESULTS, help="where the JSON result goes"
-    )
+    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON result goes")
 
 
 def quiet_libraries() -> None:

@@ -9,7 +9,8 @@ nodes), installs the CRD, starts ``imagegen-operator run`` as its own process an
 1. apply -> Deployment exists, one service at a time (``--singles`` of them);
 2. the same for ``--batch`` services applied in one ``kubectl apply``;
 3. time until ``--fleet`` services applied at once all report Ready;
-4. steady state: API writes per timer reconcile once everything is Ready;
+4. steady state: API writes per timer reconcile, over one resync period once the singles are
+   Ready and nothing else happens (and again at the end, if the whole fleet became Ready);
 5. the operator's peak RSS (VmHWM from /proc) over the whole run.
 
 Latencies come from the API server's audit log, not from polling: the time between the
@@ -45,12 +46,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--fleet", type=int, default=200)
     parser.add_argument(
-        "--resync-seconds",
-        type=float,
-        default=10.0,
-        help="the operator's timer; steady state is watched for 1.2 of these",
+        "--resync-seconds", type=float, default=30.0, help="the operator's timer (its default)"
     )
-    parser.add_argument("--ready-timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--steady-window",
+        type=float,
+        default=15.0,
+        help="seconds watched at scale (the singles are watched for a resync period)",
+    )
+    parser.add_argument(
+        "--ready-timeout", type=float, default=120.0, help="longest wait for each scenario"
+    )
     common.add_output_argument(parser)
     return parser.parse_args(argv)
 
@@ -109,13 +115,23 @@ def apply_latencies(cluster, namespace: str, names: list[str], since_bytes: int)
 
 
 def wait_for(check, timeout: float, what: str, interval: float = 0.1):
+    value = poll(check, timeout, interval)
+    if not value:
+        raise TimeoutError(f"{what} not reached in {timeout}s")
+    return value
+
+
+def poll(check, timeout: float, interval: float = 0.1):
+    """``check()`` until it is truthy or ``timeout`` passes; returns its last value.
+
+    A slow operator is a result to report, not an error: callers record how far it got.
+    """
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         value = check()
-        if value:
+        if value or time.monotonic() >= deadline:
             return value
         time.sleep(interval)
-    raise TimeoutError(f"{what} not reached in {timeout}s")
 
 
 def ready_count(cluster, namespace: str) -> int:
@@ -139,16 +155,17 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def metric_totals(metrics_text: str) -> dict[str, float]:
-    """Each operator metric summed over its labels: where its reconcile time went, for the report."""
-    totals: dict[str, float] = {}
+def operator_metrics(metrics_text: str) -> dict[str, float]:
+    """The operator's own samples (reconciles and their seconds by trigger), for the report."""
+    samples: dict[str, float] = {}
     for line in metrics_text.splitlines():
-        if line.startswith("imagegen_operator_") and " " in line:
-            name = line.split("{", 1)[0].split(" ", 1)[0]
-            if name.endswith("_bucket"):
-                continue
-            totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-    return totals
+        if not line.startswith("imagegen_operator_"):
+            continue
+        key, _, value = line.rpartition(" ")
+        if "_bucket" in key or "_created" in key:
+            continue
+        samples[key] = float(value)
+    return samples
 
 
 def timer_reconciles(metrics_text: str) -> float:
@@ -201,20 +218,20 @@ def batch(cluster, count: int, ns_name: str, prefix: str) -> tuple[str, list[str
     return ns, names, started, since
 
 
-def steady_writes(cluster, operator, resync_s: float) -> dict:
+def steady_writes(cluster, operator, window_s: float) -> dict:
     from support.operator_process import audit_writes
 
-    # Quiet first: the last status updates after Ready may still be landing.
-    wait_for(
-        lambda: not audit_writes(cluster, _size_after(cluster, 2.0)), 120, "a quiet window"
-    )
+    # Quiet first: the last status updates after Ready may still be landing. If no quiet
+    # window comes, the writes measured below say so.
+    quiet = poll(lambda: not audit_writes(cluster, _size_after(cluster, 2.0)), 60)
     before = timer_reconciles(operator.metrics())
     since = cluster.audit_log.stat().st_size
-    time.sleep(resync_s * 1.2)
+    time.sleep(window_s)
     writes = audit_writes(cluster, since)
     reconciles = timer_reconciles(operator.metrics()) - before
     return {
-        "window_s": resync_s * 1.2,
+        "quiet_before": bool(quiet),
+        "window_s": window_s,
         "timer_reconciles": reconciles,
         "writes": len(writes),
         "writes_per_reconcile": len(writes) / reconciles if reconciles else float("nan"),
@@ -246,39 +263,58 @@ def run(cluster, args, workdir: Path) -> dict:
             f"p95 {common.percentile(single, 95):.3f}s (n={len(single)})",
             flush=True,
         )
-        ns, names, _, since = batch(cluster, args.batch, "bench-batch", "batch")
-        many = wait_for(
-            lambda: deployments_exist(cluster, ns, names, since), 120, "batch Deployments", 0.5
+        # Steady state while nothing else happens: the singles Ready, then one full resync
+        # period, so every one of them gets at least one timer reconcile in the window.
+        poll(lambda: ready_count(cluster, "bench-single") >= args.singles, args.ready_timeout, 0.5)
+        steady = steady_writes(cluster, operator, args.resync_seconds + 2)
+        print(
+            f"steady state ({args.singles} services): {steady['writes']} writes in "
+            f"{steady['timer_reconciles']:.0f} timer reconciles",
+            flush=True,
         )
-        many_s = list(many.values())
+        ns, names, started, since = batch(cluster, args.batch, "bench-batch", "batch")
+        poll(lambda: deployments_exist(cluster, ns, names, since), args.ready_timeout, 0.5)
+        many = apply_latencies(cluster, ns, names, since)
+        # A Deployment still missing at the timeout counts as the timeout: a lower bound.
+        missing = len(names) - len(many)
+        many_s = list(many.values()) + [time.monotonic() - started] * missing
         print(
             f"{args.batch} at once: apply -> Deployment p50 {common.percentile(many_s, 50):.3f}s "
-            f"p95 {common.percentile(many_s, 95):.3f}s",
+            f"p95 {common.percentile(many_s, 95):.3f}s ({missing} missing at the timeout)",
             flush=True,
         )
         ns, names, started, _ = batch(cluster, args.fleet, "bench-fleet", "fleet")
-        wait_for(
-            lambda: ready_count(cluster, ns) >= len(names) or None,
-            args.ready_timeout,
-            f"{args.fleet} Ready",
-            0.5,
+        fleet_ready = poll(
+            lambda: ready_count(cluster, ns) >= len(names) or None, args.ready_timeout, 0.5
         )
         fleet_ready_s = time.monotonic() - started
-        print(f"{args.fleet} at once: all Ready after {fleet_ready_s:.1f}s", flush=True)
-        steady = steady_writes(cluster, operator, args.resync_seconds)
+        fleet_ready_count = ready_count(cluster, ns)
         print(
-            f"steady state: {steady['writes']} writes in {steady['timer_reconciles']:.0f} "
-            f"timer reconciles",
+            f"{args.fleet} at once: {fleet_ready_count} Ready after {fleet_ready_s:.1f}s",
             flush=True,
         )
+        # Again at scale, but only if the fleet got there: before that, status still changes.
+        steady_at_scale = None
+        if fleet_ready:
+            steady_at_scale = steady_writes(cluster, operator, args.steady_window)
+            print(
+                f"steady state (all services): {steady_at_scale['writes']} writes in "
+                f"{steady_at_scale['timer_reconciles']:.0f} timer reconciles",
+                flush=True,
+            )
         rss = peak_rss_mb(operator.proc.pid)
-        totals = metric_totals(operator.metrics())
-        count = totals.get("imagegen_operator_reconcile_duration_seconds_count", 0)
-        mean_reconcile = (
-            totals.get("imagegen_operator_reconcile_duration_seconds_sum", 0) / count
-            if count
-            else float("nan")
+        samples = operator_metrics(operator.metrics())
+        count = sum(
+            v
+            for k, v in samples.items()
+            if k.startswith("imagegen_operator_reconcile_duration_seconds_count")
         )
+        seconds = sum(
+            v
+            for k, v in samples.items()
+            if k.startswith("imagegen_operator_reconcile_duration_seconds_sum")
+        )
+        mean_reconcile = seconds / count if count else float("nan")
         print(f"mean reconcile {mean_reconcile * 1000:.0f} ms over {count:.0f}", flush=True)
         print(f"operator peak RSS {rss:.0f} MB", flush=True)
     finally:
@@ -287,10 +323,14 @@ def run(cluster, args, workdir: Path) -> dict:
         "single": {"latencies_s": single, **common.latency_summary(single)},
         "batch": {"latencies_s": many_s, **common.latency_summary(many_s)},
         "fleet_ready_s": fleet_ready_s,
+        "fleet_all_ready": bool(fleet_ready),
+        "fleet_ready_count": fleet_ready_count,
+        "batch_missing_at_timeout": missing,
         "steady_state": steady,
+        "steady_state_at_scale": steady_at_scale,
         "operator_peak_rss_mb": rss,
         "mean_reconcile_s": mean_reconcile,
-        "operator_metric_totals": totals,
+        "operator_metrics": samples,
         "services_total": args.singles + args.batch + args.fleet,
     }
 
@@ -308,14 +348,22 @@ def bars(result: dict, args) -> list[dict]:
         common.bar(
             f"5. operator: apply -> Deployment, {args.batch} at once",
             f"p50 < {P50_BAR_S} s",
-            f"p50 {many['p50_s']:.3f} s, p95 {many['p95_s']:.3f} s",
+            f"p50 {many['p50_s']:.3f} s, p95 {many['p95_s']:.3f} s"
+            + (
+                f" ({result['batch_missing_at_timeout']} missing: lower bound)"
+                if result["batch_missing_at_timeout"]
+                else ""
+            ),
             many["p50_s"] < P50_BAR_S,
         ),
         common.bar(
             f"5. operator: {args.fleet} services Ready",
             f"within {READY_BAR_S:g} s",
-            f"{result['fleet_ready_s']:.1f} s",
-            result["fleet_ready_s"] < READY_BAR_S,
+            f"{result['fleet_ready_s']:.1f} s ({args.singles + args.batch} already present)"
+            if result["fleet_all_ready"]
+            else f"{result['fleet_ready_count']} of {args.fleet} after {result['fleet_ready_s']:.0f} s "
+            f"({args.singles + args.batch} already present)",
+            result["fleet_all_ready"] and result["fleet_ready_s"] < READY_BAR_S,
         ),
         common.bar(
             "5. operator: peak RSS",
@@ -326,9 +374,26 @@ def bars(result: dict, args) -> list[dict]:
         common.bar(
             "5. operator: API writes per steady-state reconcile",
             "0",
-            f"{steady['writes']} writes in {steady['timer_reconciles']:.0f} timer reconciles",
+            f"{steady['writes']} writes in {steady['timer_reconciles']:.0f} timer reconciles "
+            f"({args.singles} services)",
             steady["writes"] == 0 and steady["timer_reconciles"] > 0,
         ),
+    ] + _at_scale_bar(result)
+
+
+def _at_scale_bar(result: dict) -> list[dict]:
+    scale = result.get("steady_state_at_scale")
+    if not scale:
+        return []
+    return [
+        common.bar(
+            "5. operator: API writes per steady-state reconcile, at scale",
+            "0",
+            f"{scale['writes']} writes in {scale['timer_reconciles']:.0f} timer reconciles "
+            f"({result['services_total']} services)",
+            scale["writes"] == 0 and scale["timer_reconciles"] > 0,
+            "extra",
+        )
     ]
 
 

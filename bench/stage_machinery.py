@@ -221,9 +221,7 @@ def main(argv=None) -> dict:
     bars = []
     for name in ("measured", "balanced"):
         rows = [
-            r
-            for r in results[name]["rows"]
-            if r["mode"] == "Pipelined" and r["concurrency"] >= 4
+            r for r in results[name]["rows"] if r["mode"] == "Pipelined" and r["concurrency"] >= 4
         ]
         if rows:
             worst = min(r["share_of_pipeline_bound"] for r in rows)

@@ -28,7 +28,7 @@ BAR_RATIO = 2.0
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8, help="denoising steps per request")
+    parser.add_argument("--steps", type=int, default=6, help="denoising steps per request")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument(
         "--requests-per-client", type=int, default=2, help="requests = max(4, this x concurrency)"

@@ -16,9 +16,12 @@ READY = "Ready"
 NODE_POOL_READY = "NodePoolReady"
 AVAILABLE = "Available"
 PROGRESSING = "Progressing"
+# kstatus' "abnormal-true" pair, read by kpt, Config Sync and Flux's default checks.
+RECONCILING = "Reconciling"
+STALLED = "Stalled"
 
 # Ready first: it is the one `kubectl wait` and GitOps tools read.
-ORDER = (READY, NODE_POOL_READY, AVAILABLE, PROGRESSING)
+ORDER = (READY, NODE_POOL_READY, AVAILABLE, PROGRESSING, RECONCILING, STALLED)
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,21 @@ class Observed:
     @property
     def status_text(self) -> str:
         return {True: "True", False: "False", None: "Unknown"}[self.status]
+
+
+def kstatus(ready: Observed, stalled: bool) -> list[Observed]:
+    """Reconciling and Stalled, derived from Ready (kstatus conventions).
+
+    Not ready and still on its way: Reconciling=True (InProgress). Not ready and
+    waiting for a person (a spec that cannot run, a quota): Stalled=True (Failed).
+    """
+    if ready.status:
+        return [Observed(RECONCILING, False, "Ready"), Observed(STALLED, False, "Ready")]
+    if stalled:
+        return [Observed(RECONCILING, False, "Stalled", ready.message),
+                Observed(STALLED, True, ready.reason, ready.message)]
+    return [Observed(RECONCILING, True, ready.reason, ready.message),
+            Observed(STALLED, False, "Reconciling")]
 
 
 def now() -> str:

@@ -59,6 +59,7 @@ class Outcome:
     status_written: bool = False
     requeue_after: float | None = None
     result: str = "ok"  # ok | waiting | invalid | error
+    stalled: bool = False  # blocked until a person acts (kstatus' Stalled)
     notes: list[str] = field(default_factory=list)
 
 
@@ -103,7 +104,8 @@ class Reconciler:
         rolled_out = _rolled_out(deployment, resource.spec.replicas)
         current_pool = self._current_pool(body, the_plan, pool, rolled_out)
         status = self._status(
-            body, resource, the_plan, pool, deployment, rolled_out, current_pool, generation
+            body, resource, the_plan, pool, deployment, rolled_out, current_pool, generation,
+            stalled=outcome.stalled,
         )
         outcome.ready = cond.is_true(status["conditions"], cond.READY)
         if not outcome.ready and outcome.requeue_after is None:
@@ -199,6 +201,8 @@ class Reconciler:
         except ProviderError as exc:
             if exc.transient:
                 outcome.requeue_after = exc.retry_after
+            else:
+                outcome.stalled = True  # quota, permissions: waiting will not help
             return PoolState(the_plan.nodepool_name, False, 0, exc.reason, exc.message)
 
     def _apply_workload(self, resource: Any, the_plan: Plan, outcome: Outcome) -> None:
@@ -273,6 +277,7 @@ class Reconciler:
         rolled_out: bool,
         current_pool: str,
         generation: int | None,
+        stalled: bool,
     ) -> dict[str, Any]:
         dep_status = (deployment or {}).get("status") or {}
         want = resource.spec.replicas
@@ -301,6 +306,7 @@ class Reconciler:
                 cond.READY, True, "Ready", f"{ready_replicas}/{want} replicas ready"
             )
         previous = body.get("status") or {}
+        observed += cond.kstatus(ready, stalled)
         conditions = cond.merge(previous.get("conditions"), [ready, *observed], generation)
         return {
             "observedGeneration": generation,
@@ -343,6 +349,7 @@ class Reconciler:
             ),
             cond.Observed(cond.AVAILABLE, False, reason, "no Deployment was created"),
         ]
+        observed += cond.kstatus(observed[0], stalled=True)
         status = {
             **{k: None for k in previous if k != "conditions"},
             "observedGeneration": generation,

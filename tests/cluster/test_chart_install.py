@@ -94,6 +94,7 @@ def kubeconform(cluster, tmp_path_factory):
     wanted = {
         ("", "v1", "ServiceAccount"), ("", "v1", "Service"), ("", "v1", "Pod"),
         ("apps", "v1", "Deployment"), ("networking.k8s.io", "v1", "NetworkPolicy"),
+        ("policy", "v1", "PodDisruptionBudget"),
         ("rbac.authorization.k8s.io", "v1", "ClusterRole"),
         ("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding"),
         ("apiextensions.k8s.io", "v1", "CustomResourceDefinition"),
@@ -140,7 +141,7 @@ def rendered_with_everything(cluster) -> list[dict[str, Any]]:
 def test_rendered_chart_passes_kubeconform(cluster, kubeconform, tmp_path):
     docs = rendered_with_everything(cluster)
     assert {"ServiceMonitor", "NetworkPolicy", "ClusterKopfPeering", "Pod",
-            "CustomResourceDefinition"} <= {d["kind"] for d in docs}
+            "CustomResourceDefinition", "PodDisruptionBudget"} <= {d["kind"] for d in docs}
     path = tmp_path / "chart.yaml"
     path.write_text(yaml.safe_dump_all(docs))
     result = kubeconform(path)
@@ -199,7 +200,7 @@ def test_install_creates_every_object(cluster, release):
     docs = manifest(cluster)
     assert {d["kind"] for d in docs} == {
         "CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
-        "Service", "Deployment", "NetworkPolicy", "ClusterKopfPeering"}
+        "Service", "Deployment", "NetworkPolicy", "ClusterKopfPeering", "PodDisruptionBudget"}
     for doc in docs:
         name = doc["metadata"]["name"]
         ns = ["-n", NAMESPACE] if doc["metadata"].get("namespace") else []
@@ -241,6 +242,20 @@ def test_operator_pods_are_admitted_under_the_restricted_standard(cluster, relea
     result = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump(pod),
                              check=False)
     assert result.returncode != 0 and "violates PodSecurity" in result.stderr
+
+
+def test_helm_test_pod_is_admitted_under_the_restricted_standard(cluster, release):
+    # `helm test` cannot run here (KWOK runs no containers), but its pod can be admitted.
+    args = template_args(*INSTALL_SETS)
+    args[1] = RELEASE
+    args[args.index("--namespace") + 1] = NAMESPACE
+    out = subprocess.run([str(cluster.bin / "helm"), *args, "--show-only",
+                          "templates/tests/test-healthz.yaml"],
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    assert "helm.sh/hook: test" in out
+    result = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=out, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "Warning" not in result.stderr, result.stderr
 
 
 def test_service_account_is_annotated_for_workload_identity(cluster, release):

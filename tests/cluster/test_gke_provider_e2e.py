@@ -18,6 +18,8 @@ from support.operator_process import OperatorProcess
 
 pytestmark = pytest.mark.cluster
 
+QUOTA_ERRORS = 4
+NS = "e2e-gke"
 CLUSTER = "projects/imagegen-test/locations/us-central1/clusters/serving"
 
 
@@ -31,7 +33,10 @@ def gke_api():
 def gke_operator(cluster, crd, gke_api, tmp_path_factory):
     proc = OperatorProcess(
         cluster, tmp_path_factory.mktemp("gke-operator") / "operator.log",
-        env={"IMAGEGEN_GKE_API_ENDPOINT": f"http://{gke_api.host}"},
+        # Its own namespace only: other tests leave GKE-provider services behind
+        # (their API-validation examples) that must not reach this double.
+        env={"IMAGEGEN_GKE_API_ENDPOINT": f"http://{gke_api.host}",
+             "IMAGEGEN_OPERATOR_NAMESPACES": NS},
     ).start()
     yield proc
     proc.stop()
@@ -46,16 +51,17 @@ def pool_condition(cluster, ns: str, name: str) -> dict | None:
 
 def test_quota_error_is_a_condition_then_the_pool_is_created_and_deleted(
         cluster, gke_api, gke_operator):
-    ns = "e2e-gke"
+    ns = NS
     apply(cluster, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
-    for _ in range(4):
+    for _ in range(QUOTA_ERRORS):
         gke_api.quota_error_next()
     apply(cluster, {
         "apiVersion": "imagegen.dev/v1alpha1", "kind": "ImageGenService",
         "metadata": {"name": "on-gke", "namespace": ns},
         "spec": {
             "model": {"uri": "gs://models/sdxl", "family": "SDXL", "memoryGiB": 4},
-            "gpu": {"type": "nvidia-h100-80gb", "partitionSize": "1g.10gb",
+            # A config no other test uses, so the pool is this service's alone.
+            "gpu": {"type": "nvidia-h200-141gb", "countPerNode": 8, "partitionSize": "1g.18gb",
                     "sharing": {"strategy": "TimeSharing", "maxSharedClientsPerGpu": 2}},
             "nodePool": {"provider": "GKE", "cluster": CLUSTER, "spot": True, "maxNodes": 2},
             "replicas": 3,
@@ -69,6 +75,10 @@ def test_quota_error_is_a_condition_then_the_pool_is_created_and_deleted(
     cond = eventually(quota_reported, timeout=30, interval=0.1, what="QuotaExceeded condition")
     assert cond["status"] == "False"
     assert "quota" in cond["message"].lower()
+    # kstatus: waiting will not fix a quota, a person must.
+    stalled = next(c for c in get_json(cluster, "igs", "on-gke", "-n", ns)["status"]["conditions"]
+                   if c["type"] == "Stalled")
+    assert (stalled["status"], stalled["reason"]) == ("True", "QuotaExceeded")
 
     # The injected errors run out: the next reconcile creates the pool once and
     # polls its operation until GKE reports it RUNNING.
@@ -77,20 +87,28 @@ def test_quota_error_is_a_condition_then_the_pool_is_created_and_deleted(
         return cond if cond and cond["status"] == "True" else None
 
     eventually(pool_ready, timeout=60, what="NodePoolReady=True")
-    creates = gke_api.requests_to("POST", "/nodePools")
-    bodies = [r.body for r in creates]
-    accelerator = bodies[-1]["nodePool"]["config"]["accelerators"][0]
-    assert accelerator["gpuPartitionSize"] == "1g.10gb"
+    # Other tests' services may use the double too (the operator watches the whole
+    # cluster): look at this service's pool only.
+    pool = get_json(cluster, "igs", "on-gke", "-n", ns)["status"]["nodePool"]["name"]
+    creates = [r for r in gke_api.requests_to("POST", "/nodePools")
+               if r.body["nodePool"]["name"] == pool]
+    # Four refused for quota, then one accepted; none once the pool existed.
+    assert len(creates) == QUOTA_ERRORS + 1
+    request = creates[0].body["nodePool"]
+    accelerator = request["config"]["accelerators"][0]
+    assert accelerator["gpuPartitionSize"] == "1g.18gb"
+    assert request["config"]["machineType"] == "a3-ultragpu-8g"
     assert accelerator["gpuSharingConfig"]["gpuSharingStrategy"] in ("TIME_SHARING", 1)
-    assert bodies[-1]["nodePool"]["config"]["spot"] is True
-    assert len(gke_api.pools) == 1
+    assert request["config"]["spot"] is True
+    assert [name for name in gke_api.pools if name.endswith("/" + pool)]
     # The serving Deployment exists meanwhile: GKE's autoscaler adds nodes for its pods.
     deployment = get_json(cluster, "deployment", "on-gke", "-n", ns)
     assert deployment["spec"]["replicas"] == 3
 
     cluster.kubectl("delete", "igs", "on-gke", "-n", ns, "--wait=true", "--timeout=60s")
-    # The finalizer held the object until the last user's pool was deleted in GKE.
-    assert not gke_api.pools
-    assert len(gke_api.requests_to("DELETE")) >= 1
+    # The finalizer held the object until its pool was deleted in GKE.
+    assert not [name for name in gke_api.pools if name.endswith("/" + pool)]
+    assert [r for r in gke_api.requests_to("DELETE") if r.path.endswith("/" + pool)]
     time.sleep(0.5)
-    assert len(gke_api.requests_to("POST", "/nodePools")) == len(creates)
+    assert len([r for r in gke_api.requests_to("POST", "/nodePools")
+                if r.body["nodePool"]["name"] == pool]) == QUOTA_ERRORS + 1

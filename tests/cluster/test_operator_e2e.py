@@ -82,6 +82,8 @@ def test_two_services_share_one_pool_which_goes_with_the_last(cluster, operator)
     assert alpha["status"]["observedGeneration"] == alpha["metadata"]["generation"]
     assert condition(alpha, "Ready")["observedGeneration"] == alpha["metadata"]["generation"]
     assert alpha["status"]["capacity"]["slotsPerGpu"] == 2
+    assert condition(alpha, "Reconciling")["status"] == "False"
+    assert condition(alpha, "Stalled")["status"] == "False"
     assert alpha["status"]["sharing"] == "ts:2"
     assert beta["status"]["readyReplicas"] == 2
     # Three pods need two time-shared L4s: the one pool grew to two nodes.
@@ -125,6 +127,8 @@ def test_model_that_does_not_fit_its_slice_creates_nothing(cluster, operator):
     assert cond["reason"] == "ModelDoesNotFitSlice"
     assert "memoryGiB" in cond["message"] and "1g.10gb" in cond["message"]
     assert cond["observedGeneration"] == 1
+    stalled = condition(igs(cluster, ns, "too-big"), "Stalled")
+    assert (stalled["status"], stalled["reason"]) == ("True", "ModelDoesNotFitSlice")
     time.sleep(2)  # a couple of resyncs: still nothing created
     assert not exists(cluster, "deployment", "too-big", "-n", ns)
     assert get_json(cluster, "nodes", "-l", f"{gke.LABEL_PARTITION_SIZE}=1g.10gb")["items"] == []

@@ -341,6 +341,16 @@ def test_two_replicas_with_peering_each_get_their_own_priority():
     assert find(docs, "ClusterKopfPeering")["metadata"]["name"] == FULLNAME
 
 
+def test_disruption_budget_only_with_more_than_one_replica():
+    assert "PodDisruptionBudget" not in kinds(render())
+    docs = render("replicaCount=2", "peering.enabled=true")
+    budget = find(docs, "PodDisruptionBudget")
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"] == find(docs, "Service")["spec"]["selector"]
+    assert "PodDisruptionBudget" not in kinds(
+        render("replicaCount=2", "peering.enabled=true", "podDisruptionBudget.enabled=false"))
+
+
 def test_image_reference():
     assert container(render())["image"] == "ghcr.io/imagegen-operator/imagegen-operator:0.1.0"
     digest = "sha256:" + "a" * 64

@@ -16,7 +16,7 @@ from imagegen_operator.schema import KubeModel
 
 ROOT = Path(__file__).resolve().parents[2]
 CHECKED_IN = ROOT / "crds" / crd.CRD_FILENAME
-CHART_COPY = ROOT / "charts" / "imagegen-operator" / "crds" / crd.CRD_FILENAME
+CHART_COPY = ROOT / crd.CHART_CRD_DIR / crd.CRD_FILENAME
 
 
 def version() -> dict[str, Any]:
@@ -46,7 +46,7 @@ def test_checked_in_crd_matches_generator():
 
 
 def test_chart_copy_matches_generator():
-    if not CHART_COPY.parent.parent.is_dir():
+    if not (ROOT / crd.CHART_DIR).is_dir():
         pytest.skip("the chart does not exist yet")
     assert CHART_COPY.is_file(), "the chart has no copy of the CRD: run `make crds`"
     assert CHART_COPY.read_text() == crd.render(), "run `make crds` and commit the result"

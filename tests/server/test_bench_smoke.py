@@ -1,0 +1,55 @@
+"""The benchmark scripts run end to end on small inputs: shapes of results, never speed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_bench(script: str, *args: str, out_dir: Path, timeout: float = 300) -> None:
+    command = [sys.executable, str(ROOT / "bench" / script), *args, "--out-dir", str(out_dir)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_smoke_runs_on_the_cpu(tmp_path):
+    run_bench("gpu.py", "--smoke", out_dir=tmp_path)
+    result = json.loads((tmp_path / "gpu_smoke.json").read_text())
+    assert result["command"].startswith(".venv/bin/python bench/gpu.py --smoke")
+    for name in ("sd15", "sdxl"):
+        model = result["models"][name]
+        assert (
+            model["flops"]["unet_step"] > 0 and model["flops"]["image"] > model["flops"]["decode"]
+        )
+        measured = {v: r for v, r in model["variants"].items() if "seconds_per_image" in r}
+        assert set(measured) == {"eager", "bf16+flash"}
+        assert model["variants"]["bf16+flash+compile"] == {
+            "skipped": "--smoke without --smoke-compile"
+        }
+        modes = {(row["mode"], row["concurrency"]) for row in model["concurrency"]}
+        assert modes == {(m, c) for m in ("Stacked", "Pipelined") for c in (1, 4)}
+    # A smoke run measures nothing: every bar says so instead of claiming met or not met.
+    assert result["bars"] and all(b["met"] is None for b in result["bars"])
+
+
+def test_stage_machinery_runs_the_real_engines_with_a_given_profile(tmp_path):
+    run_bench(
+        "stage_machinery.py", "--profile", "1", "8", "1", "--total-ms", "5", "--requests", "12",
+        "--concurrency", "1", "4", "--overhead-requests", "40", out_dir=tmp_path,
+    )  # fmt: skip
+    result = json.loads((tmp_path / "stage_machinery.json").read_text())
+    assert result["real_profile_share"]["denoise"] == pytest.approx(0.8)
+    for profile in ("measured", "balanced"):
+        rows = result["profiles"][profile]["rows"]
+        assert {(r["mode"], r["concurrency"]) for r in rows} == {
+            (m, c) for m in ("Stacked", "Pipelined") for c in (1, 4)
+        }
+        assert all(r["requests"] == 12 for r in rows)
+    assert {b["item"] for b in result["bars"]} >= {"2. stage machinery overhead"}
