@@ -56,13 +56,19 @@ def _inline(node: Any, definitions: dict[str, Any], stack: tuple[str, ...] = ())
         return [_inline(n, definitions, stack) for n in node]
     if not isinstance(node, dict):
         return node
+    # Only a string is a reference or a description: a schema may also have
+    # *properties* named "$ref" or "description" (the CRD kind's own schema does).
     ref = node.get("$ref")
-    if ref:
+    if isinstance(ref, str):
         name = ref.rsplit("/", 1)[-1]
         if name in stack:  # a recursive type: accept anything below this point
             return {}
         return _inline(definitions[name], definitions, (*stack, name))
-    out = {k: _inline(v, definitions, stack) for k, v in node.items() if k != "description"}
+    out = {
+        k: _inline(v, definitions, stack)
+        for k, v in node.items()
+        if not (k == "description" and isinstance(v, str))
+    }
     if out.get("format") == "int-or-string":
         out.pop("type", None)
         out["type"] = ["integer", "string"]
