@@ -75,6 +75,27 @@ def _clip_config(projection_dim: int = 32, layers: int = 2):
     )
 
 
+def _flow_matching_vae(small: bool):
+    """The VAE SD3 and Flux share: no quant convs, with a shift and scale of its own."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        sample_size=128 if small else 64,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16) if small else (4, 8),
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=2,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+
+
 def _seeded(seed: int, offset: int) -> None:
     # Each component gets its own seed so adding one never changes the weights of another.
     torch.manual_seed(seed * 1000 + offset)
@@ -200,7 +221,6 @@ def build_sdxl(seed: int = 0, size: TinySize = "tiny"):
 
 def build_sd3(seed: int = 0, size: TinySize = "tiny"):
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
@@ -222,21 +242,7 @@ def build_sd3(seed: int = 0, size: TinySize = "tiny"):
         out_channels=4,
     )
     _seeded(seed, 2)
-    vae = AutoencoderKL(
-        sample_size=128 if small else 64,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16) if small else (4, 8),
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=2,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    )
+    vae = _flow_matching_vae(small)
     _seeded(seed, 3)
     text_encoder = CLIPTextModelWithProjection(_clip_config())
     _seeded(seed, 4)
@@ -277,7 +283,6 @@ def _t5_config():
 
 def build_flux(seed: int = 0, size: TinySize = "tiny"):
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         FluxPipeline,
         FluxTransformer2DModel,
@@ -299,21 +304,7 @@ def build_flux(seed: int = 0, size: TinySize = "tiny"):
         axes_dims_rope=[4, 4, 8],
     )
     _seeded(seed, 2)
-    vae = AutoencoderKL(
-        sample_size=128 if small else 64,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16) if small else (4, 8),
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=2,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    )
+    vae = _flow_matching_vae(small)
     _seeded(seed, 3)
     text_encoder = CLIPTextModel(_clip_config())
     _seeded(seed, 4)
