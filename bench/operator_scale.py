@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="seconds watched at scale (the singles are watched for a resync period)",
     )
     parser.add_argument(
-        "--ready-timeout", type=float, default=120.0, help="longest wait for each scenario"
+        "--ready-timeout", type=float, default=180.0, help="longest wait for each scenario"
     )
     common.add_output_argument(parser)
     return parser.parse_args(argv)

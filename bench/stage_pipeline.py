@@ -31,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=6, help="denoising steps per request")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument(
-        "--requests-per-client", type=int, default=2, help="requests = max(4, this x concurrency)"
+        "--requests-per-client", type=int, default=3, help="requests = max(6, this x concurrency)"
     )
     parser.add_argument("--batch-window-ms", type=float, default=10.0)
     parser.add_argument(
@@ -88,9 +88,13 @@ def measure_profile(runtimes: dict) -> dict[str, float]:
 
 def run_grid(runtimes: dict, args) -> list[dict]:
     rows = []
-    for concurrency in args.concurrency:
-        requests = max(4, args.requests_per_client * concurrency)
-        for name, runtime in runtimes.items():
+    names = list(runtimes)
+    for level, concurrency in enumerate(args.concurrency):
+        requests = max(6, args.requests_per_client * concurrency)
+        # The modes take turns in a rotating order, so none always runs first after a pause.
+        turn = level % len(names)
+        for name in names[turn:] + names[:turn]:
+            runtime = runtimes[name]
 
             def call(i: int, runtime=runtime) -> None:
                 runtime.engine.generate(runtime.params(f"a small red house {i}", seed=i))

@@ -73,6 +73,9 @@ class Reconciler:
         self.kube = kube
         self.providers = providers
         self.record = recorder or (lambda body, type_, reason, message: None)
+        # uid -> (generation, plan): sharing a pool means planning every service
+        # on each reconcile, and a spec only changes with its generation.
+        self._plans: dict[str, tuple[int | None, Plan | None]] = {}
 
     # --- the entry points ---------------------------------------------------
 
@@ -168,13 +171,25 @@ class Reconciler:
             meta = body["metadata"]
             if meta.get("uid") == exclude_uid or meta.get("deletionTimestamp"):
                 continue
-            try:
-                the_plan = plan(parse(body).spec)
-            except InvalidSpec:
-                the_plan = None
-            if pool_name in self._pools_of(body, the_plan):
+            if pool_name in self._pools_of(body, self._plan_of(body)):
                 users.append(f"{meta.get('namespace')}/{meta['name']}")
         return users
+
+    def _plan_of(self, body: dict[str, Any]) -> Plan | None:
+        """The plan of another service's body (None when its spec is invalid), memoized."""
+        meta = body["metadata"]
+        key, generation = meta.get("uid", ""), meta.get("generation")
+        cached = self._plans.get(key)
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        try:
+            the_plan = plan(parse(body).spec)
+        except InvalidSpec:
+            the_plan = None
+        if len(self._plans) > 10_000:
+            self._plans.clear()  # deleted services' entries; cheap to rebuild
+        self._plans[key] = (generation, the_plan)
+        return the_plan
 
     def _target_nodes(self, resource: Any, the_plan: Plan) -> int:
         """Nodes every service sharing this pool needs together, within min/max nodes."""
@@ -182,11 +197,8 @@ class Reconciler:
         for body in self._all_services():
             if body["metadata"].get("deletionTimestamp"):
                 continue
-            try:
-                other = plan(parse(body).spec)
-            except InvalidSpec:
-                continue
-            if other.nodepool_name == the_plan.nodepool_name and other.workable:
+            other = self._plan_of(body)
+            if other and other.nodepool_name == the_plan.nodepool_name and other.workable:
                 replicas += other.target_replicas
         pool = resource.spec.node_pool
         needed = math.ceil(replicas / the_plan.slots_per_node) if the_plan.slots_per_node else 0
