@@ -60,6 +60,8 @@ class Operator:
         self._guard = threading.Lock()
         self._seen: set[str] = set()
         self._pools_waiting: set[str] = set()
+        self._running: set[str] = set()
+        self._dirty: set[str] = set()
         self._writes_reported = 0
 
     def _lock(self, uid: str) -> threading.Lock:
@@ -67,6 +69,32 @@ class Operator:
             return self._locks[uid]
 
     def reconcile(self, body: dict[str, Any], trigger: str) -> None:
+        """Reconcile one service; triggers that arrive meanwhile fold into one more run.
+
+        A rollout sends a burst of child events; each would otherwise queue a full
+        reconcile of the same service behind the running one. Since every run reads
+        the live object, one run after the burst sees everything the burst changed.
+        """
+        uid = body["metadata"]["uid"]
+        with self._guard:
+            if uid in self._running:
+                self._dirty.add(uid)
+                return
+            self._running.add(uid)
+        try:
+            while True:
+                self._reconcile_once(body, trigger)
+                with self._guard:
+                    if uid not in self._dirty:
+                        break
+                    self._dirty.discard(uid)
+                trigger = "coalesced"
+        finally:
+            with self._guard:
+                self._running.discard(uid)
+                self._dirty.discard(uid)
+
+    def _reconcile_once(self, body: dict[str, Any], trigger: str) -> None:
         uid = body["metadata"]["uid"]
         started = time.monotonic()
         with self._lock(uid):
@@ -162,7 +190,8 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, config: Operat
         )
         # Our own events say what happened; kopf's per-handler ones would only add noise.
         settings.posting.level = logging.WARNING
-        settings.execution.max_workers = 8
+        # Reconciles mostly wait on the API server: more threads than cores pay off.
+        settings.execution.max_workers = 16
         if config.peering:
             settings.peering.name = config.peering
             settings.peering.priority = config.priority
