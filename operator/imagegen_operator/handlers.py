@@ -28,6 +28,7 @@ from imagegen_operator.reconcile import Reconciler
 from imagegen_operator.render.common import API_VERSION, GROUP, KIND, MANAGED_BY, VERSION
 
 PLURAL = "imagegenservices"
+ALL_SERVICES = "all"
 FINALIZER = "imagegen.dev/node-pool"
 # (group, version, plural) as kopf takes them; the core group has no name.
 CHILD_KINDS = (
@@ -124,6 +125,11 @@ class Operator:
             metrics.MANAGED.set(len(self._seen))
             metrics.POOLS_IN_FLIGHT.set(len(self._pools_waiting))
 
+    def use_index(self, index: kopf.Index) -> None:
+        """Let the reconciler read every service from kopf's index instead of a LIST."""
+        if self.reconciler.services is None:
+            self.reconciler.services = lambda: list(index.get(ALL_SERVICES, ()))
+
     def _fresh(self, body: dict[str, Any]) -> dict[str, Any] | None:
         meta = body["metadata"]
         live = self.reconciler.kube.get(API_VERSION, KIND, meta["name"], meta.get("namespace"))
@@ -198,6 +204,18 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, config: Operat
             settings.peering.mandatory = True
             settings.peering.clusterwide = not config.namespaces
 
+    @kopf.index(GROUP, VERSION, PLURAL, registry=registry, id="services_index")
+    def services_index(body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
+        # What pool sizing needs of every service, kept current by the watch kopf
+        # already has: no LIST per reconcile. kopf fills it before any handler runs.
+        meta = body["metadata"]
+        return {ALL_SERVICES: {
+            "metadata": {k: meta.get(k) for k in
+                         ("name", "namespace", "uid", "generation", "deletionTimestamp")},
+            "spec": dict(body.get("spec", {})),
+            "status": {"nodePool": dict(body.get("status", {}).get("nodePool") or {})},
+        }}
+
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         # The same credentials as the Kubernetes client (in-cluster or kubeconfig).
@@ -206,7 +224,8 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, config: Operat
     @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
     @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry)
     @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
-    def on_change(body: kopf.Body, reason: str, **_: Any) -> None:
+    def on_change(body: kopf.Body, reason: str, services_index: kopf.Index, **_: Any) -> None:
+        operator.use_index(services_index)
         operator.reconcile(_plain(body), trigger=str(reason))
 
     @kopf.timer(
@@ -218,7 +237,8 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, config: Operat
         registry=registry,
         when=lambda body, **_: not body["metadata"].get("deletionTimestamp"),
     )
-    def on_timer(body: kopf.Body, **_: Any) -> None:
+    def on_timer(body: kopf.Body, services_index: kopf.Index, **_: Any) -> None:
+        operator.use_index(services_index)
         operator.reconcile(_plain(body), trigger="timer")
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry)
@@ -233,7 +253,9 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, config: Operat
             id=f"child-{child[-1]}",
             labels={"app.kubernetes.io/managed-by": MANAGED_BY},
         )
-        def on_child(body: kopf.Body, type: str | None, **_: Any) -> None:  # noqa: A002
+        def on_child(body: kopf.Body, type: str | None, services_index: kopf.Index,  # noqa: A002
+                     **_: Any) -> None:
+            operator.use_index(services_index)
             # A child changed or vanished: reconcile its owner, which restores
             # what was edited by hand (and is a no-op for our own writes).
             if type is None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,8 +69,10 @@ class Reconciler:
         kube: Kube,
         providers: Mapping[str, NodePoolProvider],
         recorder: Recorder | None = None,
+        services: Callable[[], Iterable[dict[str, Any]]] | None = None,
     ):
         self.kube = kube
+        self.services = services
         self.providers = providers
         self.record = recorder or (lambda body, type_, reason, message: None)
         # uid -> (generation, plan): sharing a pool means planning every service
@@ -151,7 +153,16 @@ class Reconciler:
 
     # --- who uses which pool (read from the cluster, every time) -------------
 
-    def _all_services(self) -> list[dict[str, Any]]:
+    def _all_services(self, fresh: bool = False) -> Iterable[dict[str, Any]]:
+        """Every ImageGenService: from the watch-fed cache when there is one.
+
+        Sizing a shared pool reads every service on every reconcile, which as a
+        LIST would cost O(services) per reconcile. Deciding to delete a pool reads
+        the API server itself (``fresh``): a cache a few milliseconds behind must
+        not delete a pool a new service has just started to use.
+        """
+        if self.services is not None and not fresh:
+            return list(self.services())
         return self.kube.list(API_VERSION, KIND)
 
     @staticmethod
@@ -167,7 +178,7 @@ class Reconciler:
     def pool_users(self, pool_name: str, exclude_uid: str | None = None) -> list[str]:
         """namespace/name of every live service that runs on or is moving to ``pool_name``."""
         users = []
-        for body in self._all_services():
+        for body in self._all_services(fresh=True):
             meta = body["metadata"]
             if meta.get("uid") == exclude_uid or meta.get("deletionTimestamp"):
                 continue
