@@ -182,25 +182,30 @@ class Kube:
         # List items carry no apiVersion/kind of their own.
         return [{"apiVersion": api_version, "kind": kind, **item} for item in out["items"]]
 
-    def apply(self, obj: dict[str, Any], live: dict[str, Any] | None = None) -> bool:
-        """Server-side apply ``obj`` unless the live object already matches; True if written."""
+    def apply(self, obj: dict[str, Any], live: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Server-side apply ``obj`` unless the live object already matches it.
+
+        Returns the object as it now is in the cluster (the live one when nothing
+        was written), so callers need not read it again.
+        """
         meta = obj["metadata"]
         if live is None:
             live = self.get(obj["apiVersion"], obj["kind"], meta["name"], meta.get("namespace"))
         if live is not None and is_subset(obj, live):
-            return False
+            return live
         res = self._resource(obj["apiVersion"], obj["kind"])
         with self._calling(f"apply {obj['kind']} {meta['name']}"):
             self.writes += 1
-            res.server_side_apply(
+            applied = res.server_side_apply(
                 body=obj,
                 name=meta["name"],
                 namespace=meta.get("namespace"),
                 field_manager=FIELD_MANAGER,
                 force_conflicts=True,
+                serialize=False,
             )
         log.info("applied %s %s", obj["kind"], meta["name"])
-        return True
+        return _json(applied)
 
     def delete(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> bool:
         """Ask for deletion; True when it is already gone."""

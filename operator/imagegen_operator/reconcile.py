@@ -102,10 +102,7 @@ class Reconciler:
             return outcome
 
         pool = self._ensure_pool(resource, the_plan, outcome)
-        self._apply_workload(resource, the_plan, outcome)
-        deployment = self.kube.get(
-            "apps/v1", "Deployment", name_of(resource), namespace_of(resource)
-        )
+        deployment = self._apply_workload(resource, the_plan, outcome)
         rolled_out = _rolled_out(deployment, resource.spec.replicas)
         current_pool = self._current_pool(body, the_plan, pool, rolled_out)
         status = self._status(
@@ -228,17 +225,25 @@ class Reconciler:
                 outcome.stalled = True  # quota, permissions: waiting will not help
             return PoolState(the_plan.nodepool_name, False, 0, exc.reason, exc.message)
 
-    def _apply_workload(self, resource: Any, the_plan: Plan, outcome: Outcome) -> None:
+    def _apply_workload(
+        self, resource: Any, the_plan: Plan, outcome: Outcome
+    ) -> dict[str, Any] | None:
+        """Apply the children; return the Deployment as it now is."""
         desired = render_workload(resource, the_plan)
         wanted = {(o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in desired}
+        deployment = None
         for obj in desired:
             try:
-                self.kube.apply(obj)
+                current = self.kube.apply(obj)
             except MissingKind as exc:
                 # A monitor asked for on a cluster without the Prometheus operator.
                 outcome.notes.append(str(exc))
                 log.warning("%s: %s", name_of(resource), exc)
+                continue
+            if obj["kind"] == "Deployment":
+                deployment = current
         self._delete_unwanted(resource, wanted)
+        return deployment
 
     def _delete_unwanted(self, resource: Any, wanted: set[tuple[str, str, str]]) -> None:
         selector = f"app.kubernetes.io/instance={name_of(resource)},"
