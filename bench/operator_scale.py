@@ -85,6 +85,8 @@ def audit_events(cluster, since_bytes: int = 0) -> list[dict]:
     with open(cluster.audit_log, "rb") as f:
         f.seek(since_bytes)
         for line in f:
+            if not line.endswith(b"\n"):
+                break  # the API server is still writing this entry
             event = json.loads(line)
             if event.get("stage") == "ResponseComplete":
                 events.append(event)
@@ -168,10 +170,12 @@ def operator_metrics(metrics_text: str) -> dict[str, float]:
     return samples
 
 
-def timer_reconciles(metrics_text: str) -> float:
+def reconciles(metrics_text: str) -> float:
+    """Reconciles the operator ran, whatever the trigger (timer ticks that arrive while one
+    runs are folded into it and counted under another trigger)."""
     total = 0.0
     for line in metrics_text.splitlines():
-        if line.startswith("imagegen_operator_reconcile_total{") and 'trigger="timer"' in line:
+        if line.startswith("imagegen_operator_reconcile_total{"):
             total += float(line.rsplit(" ", 1)[1])
     return total
 
@@ -224,17 +228,17 @@ def steady_writes(cluster, operator, window_s: float) -> dict:
     # Quiet first: the last status updates after Ready may still be landing. If no quiet
     # window comes, the writes measured below say so.
     quiet = poll(lambda: not audit_writes(cluster, _size_after(cluster, 2.0)), 60)
-    before = timer_reconciles(operator.metrics())
+    before = reconciles(operator.metrics())
     since = cluster.audit_log.stat().st_size
     time.sleep(window_s)
     writes = audit_writes(cluster, since)
-    reconciles = timer_reconciles(operator.metrics()) - before
+    ran = reconciles(operator.metrics()) - before
     return {
         "quiet_before": bool(quiet),
         "window_s": window_s,
-        "timer_reconciles": reconciles,
+        "reconciles": ran,
         "writes": len(writes),
-        "writes_per_reconcile": len(writes) / reconciles if reconciles else float("nan"),
+        "writes_per_reconcile": len(writes) / ran if ran else float("nan"),
         "write_examples": [(w["verb"], w["requestURI"]) for w in writes[:10]],
     }
 
@@ -269,7 +273,7 @@ def run(cluster, args, workdir: Path) -> dict:
         steady = steady_writes(cluster, operator, args.resync_seconds + 2)
         print(
             f"steady state ({args.singles} services): {steady['writes']} writes in "
-            f"{steady['timer_reconciles']:.0f} timer reconciles",
+            f"{steady['reconciles']:.0f} reconciles",
             flush=True,
         )
         ns, names, started, since = batch(cluster, args.batch, "bench-batch", "batch")
@@ -299,7 +303,7 @@ def run(cluster, args, workdir: Path) -> dict:
             steady_at_scale = steady_writes(cluster, operator, args.steady_window)
             print(
                 f"steady state (all services): {steady_at_scale['writes']} writes in "
-                f"{steady_at_scale['timer_reconciles']:.0f} timer reconciles",
+                f"{steady_at_scale['reconciles']:.0f} reconciles",
                 flush=True,
             )
         rss = peak_rss_mb(operator.proc.pid)
@@ -374,11 +378,18 @@ def bars(result: dict, args) -> list[dict]:
         common.bar(
             "5. operator: API writes per steady-state reconcile",
             "0",
-            f"{steady['writes']} writes in {steady['timer_reconciles']:.0f} timer reconciles "
+            f"{steady['writes']} writes in {steady['reconciles']:.0f} reconciles "
             f"({args.singles} services)",
-            steady["writes"] == 0 and steady["timer_reconciles"] > 0,
+            _no_writes(steady),
         ),
     ] + _at_scale_bar(result)
+
+
+def _no_writes(window: dict) -> bool | None:
+    # Without a reconcile in the window there is nothing to judge: not measured, not met.
+    if window["writes"]:
+        return False
+    return True if window["reconciles"] else None
 
 
 def _at_scale_bar(result: dict) -> list[dict]:
@@ -389,9 +400,9 @@ def _at_scale_bar(result: dict) -> list[dict]:
         common.bar(
             "5. operator: API writes per steady-state reconcile, at scale",
             "0",
-            f"{scale['writes']} writes in {scale['timer_reconciles']:.0f} timer reconciles "
+            f"{scale['writes']} writes in {scale['reconciles']:.0f} reconciles "
             f"({result['services_total']} services)",
-            scale["writes"] == 0 and scale["timer_reconciles"] > 0,
+            _no_writes(scale),
             "extra",
         )
     ]

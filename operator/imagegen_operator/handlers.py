@@ -10,6 +10,7 @@ so kopf writes no result stanza into status; its bookkeeping goes into
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import threading
@@ -22,12 +23,15 @@ from typing import Any
 import kopf
 
 from imagegen_operator import metrics
-from imagegen_operator.kube import Kube, PermanentKubeError, TransientKubeError
+from imagegen_operator.kube import CONNECTIONS, Kube, PermanentKubeError, TransientKubeError
 from imagegen_operator.providers import build_providers
 from imagegen_operator.reconcile import Reconciler
 from imagegen_operator.render.common import API_VERSION, GROUP, KIND, MANAGED_BY, VERSION
 
 PLURAL = "imagegenservices"
+# The Deployment status fields the service's own status is computed from.
+DEPLOYMENT_STATUS_FIELDS = ("observedGeneration", "replicas", "readyReplicas",
+                            "updatedReplicas", "availableReplicas")
 ALL_SERVICES = "all"
 FINALIZER = "imagegen.dev/node-pool"
 # (group, version, plural) as kopf takes them; the core group has no name.
@@ -63,13 +67,39 @@ class Operator:
         self._pools_waiting: set[str] = set()
         self._running: set[str] = set()
         self._dirty: set[str] = set()
+        self._children: dict[str, str] = {}  # child uid -> what of it we last reacted to
         self._writes_reported = 0
 
     def _lock(self, uid: str) -> threading.Lock:
         with self._guard:
             return self._locks[uid]
 
-    def reconcile(self, body: dict[str, Any], trigger: str) -> None:
+    def child_changed(self, event_type: str, child: dict[str, Any]) -> bool:
+        """Whether a child's event can change what the owner's reconcile does.
+
+        Children's status moves all the time (a PDB counts healthy pods, an HPA its
+        metrics); of it only a Deployment's replica counts feed the service's
+        status. Anything else is a reconcile that would find nothing to do.
+        """
+        key = child["metadata"].get("uid", "")
+        if event_type == "DELETED":
+            with self._guard:
+                self._children.pop(key, None)
+            return True
+        status = child.get("status") or {}
+        fingerprint = json.dumps(
+            [child["metadata"].get("labels"), child.get("spec"),
+             {k: status.get(k) for k in DEPLOYMENT_STATUS_FIELDS}
+             if child.get("kind") == "Deployment" else None],
+            sort_keys=True, default=str,
+        )
+        with self._guard:
+            if self._children.get(key) == fingerprint:
+                return False
+            self._children[key] = fingerprint
+        return True
+
+    def reconcile(self, body: dict[str, Any], trigger: str, fresh: bool = False) -> None:
         """Reconcile one service; triggers that arrive meanwhile fold into one more run.
 
         A rollout sends a burst of child events; each would otherwise queue a full
@@ -84,7 +114,8 @@ class Operator:
             self._running.add(uid)
         try:
             while True:
-                self._reconcile_once(body, trigger)
+                self._reconcile_once(body, trigger, fresh)
+                fresh = False
                 with self._guard:
                     if uid not in self._dirty:
                         break
@@ -95,14 +126,14 @@ class Operator:
                 self._running.discard(uid)
                 self._dirty.discard(uid)
 
-    def _reconcile_once(self, body: dict[str, Any], trigger: str) -> None:
+    def _reconcile_once(self, body: dict[str, Any], trigger: str, fresh: bool) -> None:
         uid = body["metadata"]["uid"]
         started = time.monotonic()
         with self._lock(uid):
             try:
                 # The event's copy may predate our own last status write: start
                 # from the live object, or we would write the same status twice.
-                body = self._fresh(body)
+                body = body if fresh else self._fresh(body)
                 if body is None:
                     return
                 outcome = self.reconciler.reconcile(body)
@@ -197,7 +228,7 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, config: Operat
         # Our own events say what happened; kopf's per-handler ones would only add noise.
         settings.posting.level = logging.WARNING
         # Reconciles mostly wait on the API server: more threads than cores pay off.
-        settings.execution.max_workers = 16
+        settings.execution.max_workers = CONNECTIONS
         if config.peering:
             settings.peering.name = config.peering
             settings.peering.priority = config.priority
@@ -260,9 +291,11 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, config: Operat
             # what was edited by hand (and is a no-op for our own writes).
             if type is None:
                 return  # the initial listing; resume covers it
+            if not operator.child_changed(type, _plain(body)):
+                return  # only its status moved, in a way the service's status ignores
             owner = operator.owner_of(_plain(body))
             if owner is not None and not owner["metadata"].get("deletionTimestamp"):
-                operator.reconcile(owner, trigger="child")
+                operator.reconcile(owner, trigger="child", fresh=True)
 
 
 def _plain(body: kopf.Body) -> dict[str, Any]:

@@ -27,6 +27,8 @@ FIELD_MANAGER = "imagegen-operator"
 # How long a kind the cluster does not serve (say, no Prometheus operator) is
 # believed missing before discovery is asked again.
 MISSING_KIND_TTL_S = 60.0
+# Handler threads (kopf's executor) and HTTP connections to the API server.
+CONNECTIONS = 32
 log = logging.getLogger(__name__)
 
 
@@ -44,11 +46,14 @@ class MissingKind(PermanentKubeError):
 
 def new_api_client() -> client.ApiClient:
     """In-cluster credentials when running in a pod, else the kubeconfig."""
+    configuration = client.Configuration()
     try:
-        config.load_incluster_config()
+        config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException:
-        config.load_kube_config()
-    return client.ApiClient()
+        config.load_kube_config(client_configuration=configuration)
+    # One connection per handler thread, so none waits for another's socket.
+    configuration.connection_pool_maxsize = CONNECTIONS
+    return client.ApiClient(configuration)
 
 
 def _error(exc: ApiException, what: str) -> Exception:

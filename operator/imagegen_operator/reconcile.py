@@ -1,6 +1,6 @@
 """One idempotent reconcile of an ImageGenService, as ordered small steps.
 
-    validate/plan -> node pool -> workload (Deployment, Service, PDB, HPA, monitors)
+    validate/plan -> workload (Deployment, Service, PDB, HPA, monitors) -> node pool
                   -> retire the previous pool -> status
 
 Level, not edge: each step compares what should be with what is, so running it
@@ -101,8 +101,10 @@ class Reconciler:
             self._write_status(body, status, outcome)
             return outcome
 
-        pool = self._ensure_pool(resource, the_plan, outcome)
+        # The workload first: its pods wait (Pending) for the pool's nodes anyway,
+        # and on GKE their pending is what the cluster autoscaler scales up for.
         deployment = self._apply_workload(resource, the_plan, outcome)
+        pool = self._ensure_pool(resource, the_plan, outcome)
         rolled_out = _rolled_out(deployment, resource.spec.replicas)
         current_pool = self._current_pool(body, the_plan, pool, rolled_out)
         status = self._status(

@@ -93,6 +93,8 @@ def audit_writes(cluster, since_bytes: int, user: str = OPERATOR_USER) -> list[d
     with open(cluster.audit_log, "rb") as f:
         f.seek(since_bytes)
         for line in f:
+            if not line.endswith(b"\n"):
+                break  # the API server is still writing this entry
             event = json.loads(line)
             if event.get("user", {}).get("username") == user and event.get("stage") == "ResponseComplete":
                 entries.append(event)
