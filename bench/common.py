@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import threading
 import time
@@ -140,6 +141,10 @@ def machine() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "load_average_1m_at_start": os.getloadavg()[0],
     }
+    info["git_commit"] = _git("rev-parse", "--short", "HEAD")
+    # Uncommitted changes outside bench/results mean the commit alone does not reproduce it.
+    changed = _git("status", "--porcelain", "--", ".", ":(exclude)bench/results")
+    info["git_uncommitted_changes"] = bool(changed)
     try:
         import torch
 
@@ -150,6 +155,16 @@ def machine() -> dict[str, Any]:
     except ImportError:
         pass
     return info
+
+
+def _git(*args: str) -> str:
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout.strip()
 
 
 def command_line() -> str:

@@ -32,6 +32,7 @@ BENCHMARKS = {
     "operator_scale": ("operator_scale.py", 570),
 }
 CHART = "benchmarks.png"
+RUN_LOG = "run_all.json"  # how long each benchmark of the last run took
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -215,7 +216,8 @@ def write_summary(results: dict[str, dict], runs: list[dict], path: Path) -> Non
     ]
     if runs:
         total = sum(r["seconds"] for r in runs)
-        lines.append(f"Total time of this `make bench` run: {total / 60:.1f} min.")
+        each = ", ".join(f"{r['name']} {r['seconds']:.0f} s" for r in runs)
+        lines.append(f"Total time of the last `make bench` run: {total / 60:.1f} min ({each}).")
         lines.append("")
     lines += [
         "| item | bar | measured | met | command |",
@@ -244,7 +246,10 @@ def write_summary(results: dict[str, dict], runs: list[dict], path: Path) -> Non
         lines.append(
             f"- {name}: finished {r['finished_at']}; {m['cpus']} CPUs, "
             f"1-minute load average {m['load_average_1m_at_start']:.2f} at its start, "
-            f"torch {m.get('torch', '?')}" + (f", {m['gpu']}" if m.get("gpu") else "")
+            f"torch {m.get('torch', '?')}"
+            + (f", {m['gpu']}" if m.get("gpu") else "")
+            + (f", commit {m['git_commit']}" if m.get("git_commit") else "")
+            + (" with uncommitted changes" if m.get("git_uncommitted_changes") else "")
         )
     lines += [
         "",
@@ -286,17 +291,24 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out_dir: Path = args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = [] if args.no_run else [run_one(name, out_dir) for name in args.only]
+    log = out_dir / RUN_LOG
+    if args.no_run:
+        # Keep the timings of the last real run: a redraw measures nothing itself.
+        runs = json.loads(log.read_text())["runs"] if log.exists() else []
+        fresh = []
+    else:
+        runs = fresh = [run_one(name, out_dir) for name in args.only]
+        log.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
     results = load_results(out_dir)
     draw_chart(results, out_dir / CHART)
     write_summary(results, runs, out_dir / "SUMMARY.md")
     print(f"\nwrote {out_dir / 'SUMMARY.md'} and {out_dir / CHART}")
-    for r in runs:
+    for r in fresh:
         status = r["error"] or "ok"
         print(f"  {r['name']:<16} {r['seconds']:6.1f}s  {status}")
-    if runs:
-        print(f"  total {sum(r['seconds'] for r in runs) / 60:.1f} min")
-    return 1 if any(r["error"] for r in runs) else 0
+    if fresh:
+        print(f"  total {sum(r['seconds'] for r in fresh) / 60:.1f} min")
+    return 1 if any(r["error"] for r in fresh) else 0
 
 
 if __name__ == "__main__":

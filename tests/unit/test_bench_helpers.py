@@ -100,7 +100,7 @@ def test_summary_has_a_row_per_bar_with_met_and_command(tmp_path):
     # Without a GPU result the GPU bars are listed as not run, with the command to run them.
     assert "not run: no GPU" in text and "bench/gpu.py" in text
     assert "operator_scale: exit status 1" in text
-    assert "Total time of this `make bench` run: 1.1 min." in text
+    assert "Total time of the last `make bench` run: 1.1 min (stage_machinery 60 s," in text
 
 
 def test_chart_is_written_even_when_results_are_missing(tmp_path):
