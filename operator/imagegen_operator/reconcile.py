@@ -78,6 +78,7 @@ class Reconciler:
         # uid -> (generation, plan): sharing a pool means planning every service
         # on each reconcile, and a spec only changes with its generation.
         self._plans: dict[str, tuple[int | None, Plan | None]] = {}
+        self._cleaned: dict[str, int | None] = {}  # uid -> generation last cleaned up
 
     # --- the entry points ---------------------------------------------------
 
@@ -244,7 +245,12 @@ class Reconciler:
                 continue
             if obj["kind"] == "Deployment":
                 deployment = current
-        self._delete_unwanted(resource, wanted)
+        # Optional children only go away when the spec changes (its generation):
+        # look for leftovers once per generation, not on every reconcile.
+        uid, generation = resource.metadata.uid, resource.metadata.generation
+        if self._cleaned.get(uid) != generation:
+            self._delete_unwanted(resource, wanted)
+            self._cleaned[uid] = generation
         return deployment
 
     def _delete_unwanted(self, resource: Any, wanted: set[tuple[str, str, str]]) -> None:

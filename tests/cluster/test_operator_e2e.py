@@ -252,3 +252,20 @@ def test_whole_gpu_pods_stay_off_shared_nodes_of_the_same_accelerator(cluster, o
         labels = get_json(cluster, "node", pod["spec"]["nodeName"])["metadata"]["labels"]
         assert gke.LABEL_SHARING_STRATEGY not in labels, pod["spec"]["nodeName"]
     cluster.kubectl("delete", "igs", "--all", "-n", ns, "--wait=true", "--timeout=60s")
+
+
+def test_autoscaling_switched_off_removes_the_hpa(cluster, operator):
+    ns = namespace(cluster, "e2e-hpa")
+    gpu = {"type": "nvidia-tesla-t4", "sharing": {"strategy": "MPS", "maxSharedClientsPerGpu": 2}}
+    scaled = service("scaled", ns, gpu, replicas=1,
+                     autoscaling={"minReplicas": 1, "maxReplicas": 4, "targetQueueDepth": 2})
+    apply(cluster, scaled)
+    hpa = eventually(lambda: exists(cluster, "hpa", "scaled", "-n", ns)
+                     and get_json(cluster, "hpa", "scaled", "-n", ns), what="HPA created")
+    assert hpa["spec"]["scaleTargetRef"]["kind"] == "ImageGenService"
+    assert hpa["spec"]["maxReplicas"] == 4
+    cluster.kubectl("patch", "igs", "scaled", "-n", ns, "--type=json",
+                    "-p", '[{"op": "remove", "path": "/spec/autoscaling"}]')
+    eventually(lambda: not exists(cluster, "hpa", "scaled", "-n", ns), timeout=30,
+               what="HPA deleted")
+    cluster.kubectl("delete", "igs", "scaled", "-n", ns, "--wait=true", "--timeout=60s")
