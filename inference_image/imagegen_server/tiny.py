@@ -75,6 +75,22 @@ def _clip_config(projection_dim: int = 32, layers: int = 2):
     )
 
 
+def _latent_diffusion_vae(small: bool):
+    """The VAE SD1.5 and SDXL share (diffusers' defaults for shift and scale)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=[8, 16] if small else [4, 8],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=2,
+        sample_size=128 if small else 64,
+    )
+
+
 def _flow_matching_vae(small: bool):
     """The VAE SD3 and Flux share: no quant convs, with a shift and scale of its own."""
     from diffusers import AutoencoderKL
@@ -103,7 +119,6 @@ def _seeded(seed: int, offset: int) -> None:
 
 def build_sd15(seed: int = 0, size: TinySize = "tiny"):
     from diffusers import (
-        AutoencoderKL,
         EulerAncestralDiscreteScheduler,
         StableDiffusionPipeline,
         UNet2DConditionModel,
@@ -125,16 +140,7 @@ def build_sd15(seed: int = 0, size: TinySize = "tiny"):
         norm_num_groups=8 if small else 2,
     )
     _seeded(seed, 2)
-    vae = AutoencoderKL(
-        block_out_channels=[8, 16] if small else [4, 8],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        norm_num_groups=2,
-        sample_size=128 if small else 64,
-    )
+    vae = _latent_diffusion_vae(small)
     _seeded(seed, 3)
     text_encoder = CLIPTextModel(_clip_config())
     # An ancestral scheduler draws noise at every step, which makes the per-request generator
@@ -157,7 +163,6 @@ def build_sd15(seed: int = 0, size: TinySize = "tiny"):
 
 def build_sdxl(seed: int = 0, size: TinySize = "tiny"):
     from diffusers import (
-        AutoencoderKL,
         EulerDiscreteScheduler,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
@@ -184,16 +189,7 @@ def build_sdxl(seed: int = 0, size: TinySize = "tiny"):
         norm_num_groups=8 if small else 1,
     )
     _seeded(seed, 2)
-    vae = AutoencoderKL(
-        block_out_channels=[8, 16] if small else [4, 8],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        norm_num_groups=2,
-        sample_size=128 if small else 64,
-    )
+    vae = _latent_diffusion_vae(small)
     _seeded(seed, 3)
     text_encoder = CLIPTextModel(_clip_config())
     _seeded(seed, 4)
