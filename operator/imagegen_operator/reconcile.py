@@ -125,6 +125,9 @@ class Reconciler:
         Returns True when done (the finalizer may go). Children go with their
         owner through Kubernetes' garbage collector.
         """
+        uid = body["metadata"].get("uid")
+        self._plans.pop(uid, None)
+        self._cleaned.pop(uid, None)
         try:
             resource = parse(body)
         except InvalidSpec:
