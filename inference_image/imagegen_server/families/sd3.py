@@ -89,11 +89,8 @@ class StableDiffusion3Steps(StableDiffusionSteps):
                 return_dict=False,
             )[0]
             for job, pred in zip(jobs, split_rows(noise_pred, rows), strict=True):
-                if self.uses_guidance(job):
-                    uncond, text = pred.chunk(2)
-                    pred = uncond + job.params.guidance_scale * (text - uncond)
                 job.latents = job.scheduler.step(
-                    pred, job.scheduler.timesteps[step], job.latents, return_dict=False
+                    self.guided(job, pred), job.scheduler.timesteps[step], job.latents, return_dict=False
                 )[0]
 
     # 3. Decode -------------------------------------------------------------------------------

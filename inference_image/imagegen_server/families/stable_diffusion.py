@@ -39,6 +39,14 @@ class StableDiffusionSteps(FamilySteps):
         # diffusers: do_classifier_free_guidance = guidance_scale > 1
         return job.params.guidance_scale > 1
 
+    @classmethod
+    def guided(cls, job: Job, pred: torch.Tensor) -> torch.Tensor:
+        """The noise prediction after classifier-free guidance, combined as diffusers does."""
+        if not cls.uses_guidance(job):
+            return pred
+        uncond, text = pred.chunk(2)
+        return uncond + job.params.guidance_scale * (text - uncond)
+
     # 1. Encode -------------------------------------------------------------------------------
     def encode(self, jobs: list[Job]) -> None:
         # Positive and negative prompts go through the text encoder as one batch; diffusers
@@ -123,11 +131,8 @@ class StableDiffusionSteps(FamilySteps):
                 return_dict=False,
             )[0]
             for job, pred in zip(jobs, split_rows(noise_pred, rows), strict=True):
-                if self.uses_guidance(job):
-                    uncond, text = pred.chunk(2)
-                    pred = uncond + job.params.guidance_scale * (text - uncond)
                 job.latents = job.scheduler.step(
-                    pred,
+                    self.guided(job, pred),
                     job.scheduler.timesteps[step],
                     job.latents,
                     **self.step_kwargs(job),
