@@ -51,6 +51,12 @@ rules:
 - level: None
 """
 
+# The client-side rate limits Kubernetes' own scalability tests give the controller-manager
+# and the scheduler (CONTROLLER_MANAGER_TEST_ARGS / SCHEDULER_TEST_ARGS in kubernetes/test-infra
+# and perf-tests). At the defaults (20 QPS, burst 30) the deployment controller alone needs
+# ~50 s for the ~1000 writes that 200 new Deployments take; the operator is not what that measures.
+SCALE_TEST_CLIENT_LIMITS = ("--kube-api-qps=100", "--kube-api-burst=100")
+
 
 def build_tools() -> Path:
     """Build (first time only) the pinned binaries; return their cache directory."""
@@ -352,6 +358,7 @@ def up(cluster_dir: Path, tools: Path | None = None) -> LocalCluster:
             f"--cluster-cidr={POD_CIDR}",
             "--leader-elect=false",
             "--use-service-account-credentials=true",
+            *SCALE_TEST_CLIENT_LIMITS,
             "--v=1",
         ])
         _spawn(cluster_dir, "kube-scheduler", [
@@ -362,6 +369,7 @@ def up(cluster_dir: Path, tools: Path | None = None) -> LocalCluster:
             "--bind-address=127.0.0.1",
             f"--secure-port={free_port()}",
             "--leader-elect=false",
+            *SCALE_TEST_CLIENT_LIMITS,
             "--v=1",
         ])
         stages = sorted((tools / "kwok-stages").glob("*.yaml"))

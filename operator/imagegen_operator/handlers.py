@@ -33,6 +33,7 @@ PLURAL = "imagegenservices"
 DEPLOYMENT_STATUS_FIELDS = ("observedGeneration", "replicas", "readyReplicas",
                             "updatedReplicas", "availableReplicas")
 ALL_SERVICES = "all"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 FINALIZER = "imagegen.dev/node-pool"
 # (group, version, plural) as kopf takes them; the core group has no name.
 CHILD_KINDS = (
@@ -225,6 +226,13 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, config: Operat
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
             prefix=GROUP, key="last-handled-configuration"
         )
+        # After kopf stores that a change was handled, it waits for its own patch to
+        # come back through the watch before it looks at the object again. Under load
+        # (hundreds of services created at once) the stream runs more than the default
+        # 5 s behind, and kopf would take an older copy for a new change and run the
+        # create handler a second time. Waiting longer costs nothing: newer events
+        # still wake it, and a reconcile in between gains nothing from a stale copy.
+        settings.persistence.consistency_timeout = 30.0
         # Our own events say what happened; kopf's per-handler ones would only add noise.
         settings.posting.level = logging.WARNING
         # Reconciles mostly wait on the API server: more threads than cores pay off.
@@ -291,8 +299,11 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, config: Operat
             # what was edited by hand (and is a no-op for our own writes).
             if type is None:
                 return  # the initial listing; resume covers it
-            if not operator.child_changed(type, _plain(body)):
+            child = _plain(body)
+            if not operator.child_changed(type, child):
                 return  # only its status moved, in a way the service's status ignores
+            if type != "DELETED" and operator.reconciler.kube.own_write(child):
+                return  # the echo of our own apply: the reconcile that made it saw it
             owner = operator.owner_of(_plain(body))
             if owner is not None and not owner["metadata"].get("deletionTimestamp"):
                 operator.reconcile(owner, trigger="child", fresh=True)
@@ -343,14 +354,22 @@ def parse_args(argv: Sequence[str]) -> OperatorConfig:
         help="kopf peering name: only one operator of the peering acts at a time",
     )
     p.add_argument("--priority", type=int, default=int(env("IMAGEGEN_OPERATOR_PRIORITY", "0")))
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=env("IMAGEGEN_OPERATOR_LOG_FORMAT", "text"),
+        help="one line of text or one JSON object per message",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(list(argv))
     namespaces = tuple(
         args.namespace or [n for n in env("IMAGEGEN_OPERATOR_NAMESPACES", "").split(",") if n]
     )
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    # kopf's formatter: the same format, plus "[namespace/name]" on every object's message.
+    kopf.configure(
+        verbose=args.verbose,
+        log_format=kopf.LogFormat.JSON if args.log_format == "json" else LOG_FORMAT,
+        log_prefix=True,
     )
     return OperatorConfig(
         resync_seconds=args.resync_seconds,

@@ -113,6 +113,8 @@ class Kube:
     """Thin, typed-error access to the API through the dynamic client.
 
     ``writes`` counts the write calls this process made (for /metrics).
+    :meth:`own_write` tells a watch event that echoes one of our own applies
+    from one that carries someone else's change.
     """
 
     def __init__(self, api_client: client.ApiClient | None = None):
@@ -122,6 +124,27 @@ class Kube:
         self._resources: dict[tuple[str, str], Any] = {}
         self._missing: dict[tuple[str, str], float] = {}  # kind -> when found missing
         self.writes = 0
+        # uid -> resourceVersion of the objects we last applied (bounded: see own_write)
+        self._applied: dict[str, str] = {}
+
+    def own_write(self, obj: dict[str, Any]) -> bool:
+        """Whether ``obj`` (from a watch event) is exactly the version our last apply made.
+
+        The reconcile that applied it already read that version back, so the echo
+        needs no reconcile of its own. Anything newer (a controller's status update,
+        an edit by hand) carries another resourceVersion.
+        """
+        meta = obj.get("metadata") or {}
+        with self._lock:
+            return bool(meta.get("uid")) and self._applied.get(meta["uid"]) == meta.get(
+                "resourceVersion")
+
+    def _remember(self, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        with self._lock:
+            if len(self._applied) > 50_000:
+                self._applied.clear()  # deleted objects' entries; the cost is one reconcile
+            self._applied[meta.get("uid", "")] = meta.get("resourceVersion", "")
 
     @property
     def dynamic(self) -> DynamicClient:
@@ -210,7 +233,9 @@ class Kube:
                 serialize=False,
             )
         log.info("applied %s %s", obj["kind"], meta["name"])
-        return _json(applied)
+        applied = _json(applied)
+        self._remember(applied)
+        return applied
 
     def delete(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> bool:
         """Ask for deletion; True when it is already gone."""

@@ -413,15 +413,28 @@ class Reconciler:
     def _record_transitions(
         self, body: dict[str, Any], before: dict[str, Any], after: dict[str, Any]
     ) -> None:
+        """An Event when Ready or NodePoolReady turns True, or turns False for a reason.
+
+        A new service is not ready at first and its conditions say why; that first
+        False is no news. A warning is for a condition that was True and no longer
+        is, or for a service that is stuck (Stalled), which waiting will not fix.
+        """
+        stalled = (cond.find(after.get("conditions"), cond.STALLED) or {}).get("status") == "True"
         for new in after.get("conditions") or []:
             old = cond.find(before.get("conditions"), new["type"])
             if new["type"] not in (cond.READY, cond.NODE_POOL_READY):
                 continue
-            if old is None or old.get("status") != new["status"]:
-                type_ = "Normal" if new["status"] == "True" else "Warning"
-                self.record(
-                    body, type_, new["reason"], f"{new['type']}={new['status']}: {new['message']}"
-                )
+            if old is not None and old.get("status") == new["status"]:
+                continue
+            if new["status"] == "True":
+                type_ = "Normal"
+            elif stalled or (old is not None and old.get("status") == "True"):
+                type_ = "Warning"
+            else:
+                continue
+            self.record(
+                body, type_, new["reason"], f"{new['type']}={new['status']}: {new['message']}"
+            )
 
 
 def _available(want: int, ready: int) -> cond.Observed:

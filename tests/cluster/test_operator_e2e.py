@@ -105,6 +105,9 @@ def test_two_services_share_one_pool_which_goes_with_the_last(cluster, operator)
     messages = [e["message"] for e in events if e["involvedObject"]["kind"] == "ImageGenService"]
     assert any(m.startswith("Ready=True") for m in messages), messages
     assert any(m.startswith("NodePoolReady=True") for m in messages), messages
+    # Not ready while it rolled out is what status says; nothing went wrong, so no warning.
+    warnings = [e["message"] for e in events if e["type"] == "Warning"]
+    assert warnings == [], warnings
 
     cluster.kubectl("delete", "igs", "alpha", "-n", ns, "--wait=true", "--timeout=60s")
     assert pool_nodes(cluster, pool), "the pool went while beta still uses it"
@@ -129,6 +132,13 @@ def test_model_that_does_not_fit_its_slice_creates_nothing(cluster, operator):
     assert cond["observedGeneration"] == 1
     stalled = condition(igs(cluster, ns, "too-big"), "Stalled")
     assert (stalled["status"], stalled["reason"]) == ("True", "ModelDoesNotFitSlice")
+    # Stuck, not waiting: that is worth a warning.
+    events = eventually(
+        lambda: [e for e in get_json(cluster, "events", "-n", ns)["items"]
+                 if e["type"] == "Warning" and e["reason"] == "ModelDoesNotFitSlice"],
+        timeout=10, what="a Warning event",
+    )
+    assert events[0]["involvedObject"]["name"] == "too-big"
     time.sleep(2)  # a couple of resyncs: still nothing created
     assert not exists(cluster, "deployment", "too-big", "-n", ns)
     assert get_json(cluster, "nodes", "-l", f"{gke.LABEL_PARTITION_SIZE}=1g.10gb")["items"] == []

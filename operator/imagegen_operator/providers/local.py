@@ -34,13 +34,15 @@ class LocalProvider:
         return self.kube.list("v1", "Node", label_selector=f"{POOL_LABEL}={pool}")
 
     def ensure(self, resource: Any, plan: Plan, target_nodes: int) -> PoolState:
-        live = {n["metadata"]["name"] for n in self._nodes(plan.nodepool_name)}
+        nodes = self._nodes(plan.nodepool_name)
+        live = {n["metadata"]["name"] for n in nodes}
         spot = bool(resource.spec.node_pool.spot)
         for index in range(target_nodes):
             name = f"{plan.nodepool_name}-{index}"
             if name not in live:
                 self.kube.apply(kwok_node(plan, name, spot), live=None)
-        ready = sum(1 for n in self._nodes(plan.nodepool_name) if node_ready(n))
+        # A node made just now is not Ready yet: the list from before counts them all.
+        ready = sum(1 for n in nodes if node_ready(n))
         if target_nodes and ready == 0:
             return PoolState(
                 plan.nodepool_name,
