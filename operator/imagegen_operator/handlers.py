@@ -265,7 +265,11 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, config: Operat
     @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
     def on_change(body: kopf.Body, reason: str, services_index: kopf.Index, **_: Any) -> None:
         operator.use_index(services_index)
-        operator.reconcile(_plain(body), trigger=str(reason))
+        # kopf hands a creation over once its own finalizer patch has come back, and
+        # before that nothing of ours touched the object: no need to read it again.
+        # (Should kopf give up waiting for that echo, a stale copy costs one status
+        # rewrite with new transition times, nothing more.)
+        operator.reconcile(_plain(body), trigger=str(reason), fresh=reason == "create")
 
     @kopf.timer(
         GROUP,

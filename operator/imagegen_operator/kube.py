@@ -210,14 +210,17 @@ class Kube:
         # List items carry no apiVersion/kind of their own.
         return [{"apiVersion": api_version, "kind": kind, **item} for item in out["items"]]
 
-    def apply(self, obj: dict[str, Any], live: dict[str, Any] | None = None) -> dict[str, Any]:
+    def apply(
+        self, obj: dict[str, Any], live: dict[str, Any] | None = None, read_first: bool = True
+    ) -> dict[str, Any]:
         """Server-side apply ``obj`` unless the live object already matches it.
 
         Returns the object as it now is in the cluster (the live one when nothing
-        was written), so callers need not read it again.
+        was written), so callers need not read it again. ``read_first=False``
+        skips the comparison (one GET) where a write is expected anyway.
         """
         meta = obj["metadata"]
-        if live is None:
+        if live is None and read_first:
             live = self.get(obj["apiVersion"], obj["kind"], meta["name"], meta.get("namespace"))
         if live is not None and is_subset(obj, live):
             return live

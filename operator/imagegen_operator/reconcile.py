@@ -104,7 +104,10 @@ class Reconciler:
 
         # The workload first: its pods wait (Pending) for the pool's nodes anyway,
         # and on GKE their pending is what the cluster autoscaler scales up for.
-        deployment = self._apply_workload(resource, the_plan, outcome)
+        observed = (body.get("status") or {}).get("observedGeneration")
+        deployment = self._apply_workload(
+            resource, the_plan, outcome, spec_changed=observed != generation
+        )
         pool = self._ensure_pool(resource, the_plan, outcome)
         rolled_out = _rolled_out(deployment, resource.spec.replicas)
         current_pool = self._current_pool(body, the_plan, pool, rolled_out)
@@ -232,15 +235,21 @@ class Reconciler:
             return PoolState(the_plan.nodepool_name, False, 0, exc.reason, exc.message)
 
     def _apply_workload(
-        self, resource: Any, the_plan: Plan, outcome: Outcome
+        self, resource: Any, the_plan: Plan, outcome: Outcome, spec_changed: bool
     ) -> dict[str, Any] | None:
-        """Apply the children; return the Deployment as it now is."""
+        """Apply the children; return the Deployment as it now is.
+
+        A spec not yet acted on (a new service, an edit) nearly always means
+        writes: apply straight away (server-side apply creates or updates alike)
+        instead of reading each child first. Otherwise read, and write only what
+        drifted, so a steady-state reconcile writes nothing.
+        """
         desired = render_workload(resource, the_plan)
         wanted = {(o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in desired}
         deployment = None
         for obj in desired:
             try:
-                current = self.kube.apply(obj)
+                current = self.kube.apply(obj, read_first=not spec_changed)
             except MissingKind as exc:
                 # A monitor asked for on a cluster without the Prometheus operator.
                 outcome.notes.append(str(exc))
