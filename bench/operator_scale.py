@@ -116,6 +116,38 @@ def apply_latencies(cluster, namespace: str, names: list[str], since_bytes: int)
     return {n: deployed[n] - applied[n] for n in names if n in applied and n in deployed}
 
 
+def fleet_timeline(cluster, namespace: str, since_bytes: int) -> dict:
+    """Where the time to Ready went: seconds from the first apply until the last of each step.
+
+    Writes only (the audit log records no reads): the operator's Deployments, the
+    deployment controller's last status update (the rollouts done), the operator's
+    last status patch (Ready reported).
+    """
+    from localcluster import OPERATOR_USER
+
+    first = None
+    last: dict[str, float] = {}
+    for event in audit_events(cluster, since_bytes):
+        ref = event.get("objectRef", {})
+        if ref.get("namespace") != namespace or event.get("responseStatus", {}).get("code", 500) >= 300:
+            continue
+        when = _stamp(event["stageTimestamp"])
+        user = event.get("user", {}).get("username", "")
+        resource, sub = ref.get("resource"), ref.get("subresource")
+        step = None
+        if resource == "imagegenservices" and user != OPERATOR_USER and not sub:
+            first = when if first is None else min(first, when)
+        elif resource == "deployments" and user == OPERATOR_USER and not sub:
+            step = "operator_wrote_all_deployments_s"
+        elif resource == "deployments" and sub == "status" and user.endswith("deployment-controller"):
+            step = "controllers_finished_rollouts_s"
+        elif resource == "imagegenservices" and sub == "status" and user == OPERATOR_USER:
+            step = "operator_reported_ready_s"
+        if step:
+            last[step] = max(last.get(step, when), when)
+    return {k: round(v - first, 2) for k, v in last.items()} if first else {}
+
+
 def wait_for(check, timeout: float, what: str, interval: float = 0.1):
     value = poll(check, timeout, interval)
     if not value:
@@ -287,14 +319,16 @@ def run(cluster, args, workdir: Path) -> dict:
             f"p95 {common.percentile(many_s, 95):.3f}s ({missing} missing at the timeout)",
             flush=True,
         )
-        ns, names, started, _ = batch(cluster, args.fleet, "bench-fleet", "fleet")
+        ns, names, started, fleet_since = batch(cluster, args.fleet, "bench-fleet", "fleet")
         fleet_ready = poll(
             lambda: ready_count(cluster, ns) >= len(names) or None, args.ready_timeout, 0.5
         )
         fleet_ready_s = time.monotonic() - started
         fleet_ready_count = ready_count(cluster, ns)
+        timeline = fleet_timeline(cluster, ns, fleet_since)
         print(
-            f"{args.fleet} at once: {fleet_ready_count} Ready after {fleet_ready_s:.1f}s",
+            f"{args.fleet} at once: {fleet_ready_count} Ready after {fleet_ready_s:.1f}s "
+            f"(last of each step, from the first apply: {timeline})",
             flush=True,
         )
         # Again at scale, but only if the fleet got there: before that, status still changes.
@@ -329,6 +363,7 @@ def run(cluster, args, workdir: Path) -> dict:
         "fleet_ready_s": fleet_ready_s,
         "fleet_all_ready": bool(fleet_ready),
         "fleet_ready_count": fleet_ready_count,
+        "fleet_timeline": timeline,
         "batch_missing_at_timeout": missing,
         "steady_state": steady,
         "steady_state_at_scale": steady_at_scale,
