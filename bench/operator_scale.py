@@ -119,7 +119,8 @@ def apply_latencies(cluster, namespace: str, names: list[str], since_bytes: int)
 def fleet_timeline(cluster, namespace: str, since_bytes: int) -> dict:
     """Where the time to Ready went: seconds from the first apply until the last of each step.
 
-    Writes only (the audit log records no reads): the operator's Deployments, the
+    Writes only (the audit log records no reads): the client's applies (one
+    ``kubectl apply`` of them all, which itself takes a while), the operator's Deployments, the
     deployment controller's last status update (the rollouts done), the operator's
     last status patch (Ready reported).
     """
@@ -137,6 +138,7 @@ def fleet_timeline(cluster, namespace: str, since_bytes: int) -> dict:
         step = None
         if resource == "imagegenservices" and user != OPERATOR_USER and not sub:
             first = when if first is None else min(first, when)
+            step = "client_applied_all_s"
         elif resource == "deployments" and user == OPERATOR_USER and not sub:
             step = "operator_wrote_all_deployments_s"
         elif resource == "deployments" and sub == "status" and user.endswith("deployment-controller"):
@@ -399,6 +401,7 @@ def bars(result: dict, args) -> list[dict]:
             f"5. operator: {args.fleet} services Ready",
             f"within {READY_BAR_S:g} s",
             f"{result['fleet_ready_s']:.1f} s ({args.singles + args.batch} already present)"
+            + _timeline_text(result.get("fleet_timeline") or {})
             if result["fleet_all_ready"]
             else f"{result['fleet_ready_count']} of {args.fleet} after {result['fleet_ready_s']:.0f} s "
             f"({args.singles + args.batch} already present)",
@@ -418,6 +421,17 @@ def bars(result: dict, args) -> list[dict]:
             _no_writes(steady),
         ),
     ] + _at_scale_bar(result)
+
+
+def _timeline_text(timeline: dict) -> str:
+    steps = (
+        ("client_applied_all_s", "last apply landed"),
+        ("operator_wrote_all_deployments_s", "last Deployment written"),
+        ("controllers_finished_rollouts_s", "rollouts done"),
+        ("operator_reported_ready_s", "Ready reported"),
+    )
+    parts = [f"{label} {timeline[key]:.1f} s" for key, label in steps if key in timeline]
+    return f"; {', '.join(parts)}" if parts else ""
 
 
 def _no_writes(window: dict) -> bool | None:
