@@ -124,6 +124,11 @@ def test_run_subcommand_is_wired_and_passes_its_arguments(monkeypatch) -> None:
     handlers = types.ModuleType("imagegen_operator.handlers")
     handlers.run = lambda argv: received.append(argv) or 0
     monkeypatch.setitem(sys.modules, "imagegen_operator.handlers", handlers)
+    # Another test may have imported the real module, which then is also an attribute
+    # of the package: ``from imagegen_operator import handlers`` reads that first.
+    import imagegen_operator
+
+    monkeypatch.setattr(imagegen_operator, "handlers", handlers, raising=False)
     assert run("run", "--standalone", "-n", "ns")[0] == 0
     assert received == [["--standalone", "-n", "ns"]]
 
