@@ -299,8 +299,10 @@ def test_dockerfile_runs_the_operator():
 
 
 def test_probes_and_ports_follow_the_values():
-    c = container(render("metrics.port=9090", "health.port=9091", "operator.resyncSeconds=12"))
-    assert c["args"] == ["run", "--resync-seconds=12", "--metrics-port=9090", "--health-port=9091"]
+    c = container(render("metrics.port=9090", "health.port=9091", "operator.resyncSeconds=12",
+                         "operator.logFormat=json"))
+    assert c["args"] == ["run", "--resync-seconds=12", "--metrics-port=9090", "--health-port=9091",
+                         "--log-format=json"]
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": 9090, "health": 9091}
     for probe in ("livenessProbe", "readinessProbe"):
         assert c[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
@@ -459,6 +461,7 @@ TYPOS = [
     ({"replicaCount": "two"}, "replicaCount"),
     ({"replicaCount": 2}, "peering"),
     ({"metrics": {"port": 80800}}, "port"),
+    ({"operator": {"logFormat": "yaml"}}, "logFormat"),
     ({"gke": {"workloadIdentity": {"gcpServiceAccount": "not-an-email"}}}, "gcpServiceAccount"),
 ]
 
