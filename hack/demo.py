@@ -91,8 +91,11 @@ def show(cluster: localcluster.LocalCluster, *args: str) -> None:
 
 def generate_image(model_dir: Path, out: Path) -> None:
     server = VENV_BIN / "imagegen-server"
+    # The libraries' import-time notes (torchvision is not needed here) and progress bars
+    # would bury the demo's own output; the server log keeps everything.
+    quiet = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     subprocess.run([str(server), "make-tiny-model", str(model_dir), "--family", "sd15"],
-                   check=True)
+                   check=True, env=quiet)
     port = localcluster.free_port()
     log = open(CLUSTER_DIR / "logs" / "server.log", "ab")  # noqa: SIM115
     proc = subprocess.Popen(
