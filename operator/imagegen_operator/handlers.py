@@ -22,6 +22,7 @@ from typing import Any
 
 import kopf
 
+from imagegen_operator import conditions as cond
 from imagegen_operator import metrics
 from imagegen_operator.kube import CONNECTIONS, Kube, PermanentKubeError, TransientKubeError
 from imagegen_operator.providers import build_providers
@@ -33,6 +34,9 @@ PLURAL = "imagegenservices"
 DEPLOYMENT_STATUS_FIELDS = ("observedGeneration", "replicas", "readyReplicas",
                             "updatedReplicas", "availableReplicas")
 ALL_SERVICES = "all"
+# How often a service whose node pool is on its way looks again: nothing in Kubernetes
+# says when a GKE operation ends or simulated nodes turn Ready.
+POOL_POLL_SECONDS = 5.0
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 FINALIZER = "imagegen.dev/node-pool"
 # (group, version, plural) as kopf takes them; the core group has no name.
@@ -284,6 +288,22 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, config: Operat
         operator.use_index(services_index)
         operator.reconcile(_plain(body), trigger="timer")
 
+    @kopf.timer(
+        GROUP,
+        VERSION,
+        PLURAL,
+        id="pool_poll",
+        interval=min(POOL_POLL_SECONDS, config.resync_seconds),
+        initial_delay=min(POOL_POLL_SECONDS, config.resync_seconds),
+        registry=registry,
+        when=lambda body, **_: waiting_for_pool(body),
+    )
+    def on_pool_poll(body: kopf.Body, services_index: kopf.Index, **_: Any) -> None:
+        # kopf starts and stops this timer as the status changes, and pauses it with
+        # every other handler when a peer takes over.
+        operator.use_index(services_index)
+        operator.reconcile(_plain(body), trigger="pool-poll")
+
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry)
     def on_delete(body: kopf.Body, **_: Any) -> None:
         operator.finalize(_plain(body))
@@ -311,6 +331,17 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, config: Operat
             owner = operator.owner_of(_plain(body))
             if owner is not None and not owner["metadata"].get("deletionTimestamp"):
                 operator.reconcile(owner, trigger="child", fresh=True)
+
+
+def waiting_for_pool(body: Any) -> bool:
+    """Planned, its node pool not Ready yet, and not stuck on something only a person fixes."""
+    conditions = (body.get("status") or {}).get("conditions")
+    return bool(
+        conditions
+        and not body["metadata"].get("deletionTimestamp")
+        and not cond.is_true(conditions, cond.NODE_POOL_READY)
+        and not cond.is_true(conditions, cond.STALLED)
+    )
 
 
 def _plain(body: kopf.Body) -> dict[str, Any]:

@@ -124,8 +124,10 @@ class Kube:
         self._resources: dict[tuple[str, str], Any] = {}
         self._missing: dict[tuple[str, str], float] = {}  # kind -> when found missing
         self.writes = 0
-        # uid -> resourceVersion of the objects we last applied (bounded: see own_write)
+        # uid -> resourceVersion of the objects we last applied (bounded: see _remember);
+        # its own lock, so child events never wait behind discovery.
         self._applied: dict[str, str] = {}
+        self._applied_lock = threading.Lock()
 
     def own_write(self, obj: dict[str, Any]) -> bool:
         """Whether ``obj`` (from a watch event) is exactly the version our last apply made.
@@ -135,13 +137,13 @@ class Kube:
         an edit by hand) carries another resourceVersion.
         """
         meta = obj.get("metadata") or {}
-        with self._lock:
+        with self._applied_lock:
             return bool(meta.get("uid")) and self._applied.get(meta["uid"]) == meta.get(
                 "resourceVersion")
 
     def _remember(self, obj: dict[str, Any]) -> None:
         meta = obj.get("metadata") or {}
-        with self._lock:
+        with self._applied_lock:
             if len(self._applied) > 50_000:
                 self._applied.clear()  # deleted objects' entries; the cost is one reconcile
             self._applied[meta.get("uid", "")] = meta.get("resourceVersion", "")

@@ -45,8 +45,6 @@ OPTIONAL_CHILDREN = (
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.coreos.com/v1", "PodMonitor"),
 )
-# How soon to look again while something is on its way (a pool, a rollout).
-WAITING_REQUEUE_S = 5.0
 
 Recorder = Callable[[dict[str, Any], str, str, str], None]  # body, type, reason, message
 
@@ -57,7 +55,6 @@ class Outcome:
 
     ready: bool = False
     status_written: bool = False
-    requeue_after: float | None = None
     result: str = "ok"  # ok | waiting | invalid | error
     stalled: bool = False  # blocked until a person acts (kstatus' Stalled)
     notes: list[str] = field(default_factory=list)
@@ -79,6 +76,7 @@ class Reconciler:
         # on each reconcile, and a spec only changes with its generation.
         self._plans: dict[str, tuple[int | None, Plan | None]] = {}
         self._cleaned: dict[str, int | None] = {}  # uid -> generation last cleaned up
+        self._applied: dict[str, int | None] = {}  # uid -> generation last applied unread
 
     # --- the entry points ---------------------------------------------------
 
@@ -106,7 +104,9 @@ class Reconciler:
         # and on GKE their pending is what the cluster autoscaler scales up for.
         observed = (body.get("status") or {}).get("observedGeneration")
         deployment = self._apply_workload(
-            resource, the_plan, outcome, spec_changed=observed != generation
+            resource, the_plan, outcome,
+            spec_changed=observed != generation
+            and self._applied.get(body["metadata"].get("uid")) != generation,
         )
         pool = self._ensure_pool(resource, the_plan, outcome)
         rolled_out = _rolled_out(deployment, resource.spec.replicas)
@@ -116,8 +116,7 @@ class Reconciler:
             stalled=outcome.stalled,
         )
         outcome.ready = cond.is_true(status["conditions"], cond.READY)
-        if not outcome.ready and outcome.requeue_after is None:
-            outcome.requeue_after = WAITING_REQUEUE_S
+        if not outcome.ready:
             outcome.result = "waiting"
         self._write_status(body, status, outcome)
         return outcome
@@ -131,6 +130,7 @@ class Reconciler:
         uid = body["metadata"].get("uid")
         self._plans.pop(uid, None)
         self._cleaned.pop(uid, None)
+        self._applied.pop(uid, None)
         try:
             resource = parse(body)
         except InvalidSpec:
@@ -228,9 +228,7 @@ class Reconciler:
         try:
             return provider.ensure(resource, the_plan, self._target_nodes(resource, the_plan))
         except ProviderError as exc:
-            if exc.transient:
-                outcome.requeue_after = exc.retry_after
-            else:
+            if not exc.transient:
                 outcome.stalled = True  # quota, permissions: waiting will not help
             return PoolState(the_plan.nodepool_name, False, 0, exc.reason, exc.message)
 
@@ -247,6 +245,7 @@ class Reconciler:
         desired = render_workload(resource, the_plan)
         wanted = {(o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in desired}
         deployment = None
+        uid, generation = resource.metadata.uid, resource.metadata.generation
         for obj in desired:
             try:
                 current = self.kube.apply(obj, read_first=not spec_changed)
@@ -257,9 +256,11 @@ class Reconciler:
                 continue
             if obj["kind"] == "Deployment":
                 deployment = current
+        # Once per generation: should the status write that records it fail, the
+        # next reconcile reads before it writes.
+        self._applied[uid] = generation
         # Optional children only go away when the spec changes (its generation):
         # look for leftovers once per generation, not on every reconcile.
-        uid, generation = resource.metadata.uid, resource.metadata.generation
         if self._cleaned.get(uid) != generation:
             self._delete_unwanted(resource, wanted)
             self._cleaned[uid] = generation
@@ -426,21 +427,26 @@ class Reconciler:
 
         A new service is not ready at first and its conditions say why; that first
         False is no news. A warning is for a condition that was True and no longer
-        is, or for a service that is stuck (Stalled), which waiting will not fix.
+        is, and for a service that turns Stalled, which waiting will not fix.
         """
-        stalled = (cond.find(after.get("conditions"), cond.STALLED) or {}).get("status") == "True"
         for new in after.get("conditions") or []:
             old = cond.find(before.get("conditions"), new["type"])
-            if new["type"] not in (cond.READY, cond.NODE_POOL_READY):
+            was = (old or {}).get("status")
+            if was == new["status"]:
                 continue
-            if old is not None and old.get("status") == new["status"]:
+            if new["type"] == cond.STALLED:
+                # Stuck, also when Ready was already False: the one warning for it.
+                if new["status"] != "True":
+                    continue
+                type_ = "Warning"
+            elif new["type"] not in (cond.READY, cond.NODE_POOL_READY):
                 continue
-            if new["status"] == "True":
+            elif new["status"] == "True":
                 type_ = "Normal"
-            elif stalled or (old is not None and old.get("status") == "True"):
+            elif was == "True":
                 type_ = "Warning"
             else:
-                continue
+                continue  # not ready yet: the conditions say why, and Stalled if it is stuck
             self.record(
                 body, type_, new["reason"], f"{new['type']}={new['status']}: {new['message']}"
             )

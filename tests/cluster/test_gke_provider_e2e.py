@@ -112,3 +112,46 @@ def test_quota_error_is_a_condition_then_the_pool_is_created_and_deleted(
     time.sleep(0.5)
     assert len([r for r in gke_api.requests_to("POST", "/nodePools")
                 if r.body["nodePool"]["name"] == pool]) == QUOTA_ERRORS + 1
+
+
+def test_a_pool_on_its_way_is_polled_sooner_than_the_resync(cluster, crd, tmp_path):
+    """Nothing in Kubernetes says when a GKE operation ends: the operator looks again
+    every few seconds while the pool is on its way, not once a resync period."""
+    ns = "e2e-gke-poll"
+    apply(cluster, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    with GkeApiTestDouble(polls_to_done=6) as gke_api:
+        proc = OperatorProcess(
+            cluster, tmp_path / "operator.log", resync_seconds=600,
+            env={"IMAGEGEN_GKE_API_ENDPOINT": f"http://{gke_api.host}",
+                 "IMAGEGEN_OPERATOR_NAMESPACES": ns},
+        ).start()
+        try:
+            apply(cluster, {
+                "apiVersion": "imagegen.dev/v1alpha1", "kind": "ImageGenService",
+                "metadata": {"name": "polled", "namespace": ns},
+                "spec": {
+                    "model": {"uri": "gs://models/sd15", "family": "SD15", "memoryGiB": 4},
+                    "gpu": {"type": "nvidia-l4"},
+                    "nodePool": {"provider": "GKE", "cluster": CLUSTER, "maxNodes": 1},
+                    "replicas": 0,  # no pods, so no Deployment events to wake the operator
+                },
+            })
+
+            def pool_ready():
+                cond = pool_condition(cluster, ns, "polled")
+                return cond if cond and cond["status"] == "True" else None
+
+            def reads() -> list[str]:
+                return [r.path for r in gke_api.requests if r.method == "GET"]
+
+            eventually(pool_ready, timeout=40, what="NodePoolReady=True well before the resync")
+            polls = [p for p in reads() if "/operations/" in p]
+            assert len(polls) >= 3, reads()
+            # Once Ready, the polling stops: GKE is not asked again.
+            seen = len(reads())
+            time.sleep(6)
+            assert len(reads()) == seen, reads()[seen:]
+            gke_api.polls_to_done = 1  # a quick deletion: it is not what this test is about
+            cluster.kubectl("delete", "igs", "polled", "-n", ns, "--wait=true", "--timeout=60s")
+        finally:
+            proc.stop()

@@ -106,7 +106,8 @@ def test_two_services_share_one_pool_which_goes_with_the_last(cluster, operator)
     assert any(m.startswith("Ready=True") for m in messages), messages
     assert any(m.startswith("NodePoolReady=True") for m in messages), messages
     # Not ready while it rolled out is what status says; nothing went wrong, so no warning.
-    warnings = [e["message"] for e in events if e["type"] == "Warning"]
+    warnings = [e["message"] for e in events
+                if e["type"] == "Warning" and e["involvedObject"]["kind"] == "ImageGenService"]
     assert warnings == [], warnings
 
     cluster.kubectl("delete", "igs", "alpha", "-n", ns, "--wait=true", "--timeout=60s")

@@ -51,3 +51,55 @@ def test_only_the_exact_version_we_applied_is_our_own_echo() -> None:
     assert not kube.own_write({"metadata": {"uid": "u1", "resourceVersion": "42"}})
     assert not kube.own_write({"metadata": {"uid": "u2", "resourceVersion": "41"}})
     assert not kube.own_write({"metadata": {}})
+
+
+# --- Events: news only ---------------------------------------------------------------------
+
+def _status(**conditions: tuple[str, str]) -> dict:
+    return {"conditions": [{"type": t, "status": s, "reason": r, "message": f"{t} says {r}"}
+                           for t, (s, r) in conditions.items()]}
+
+
+def _events(before: dict, after: dict) -> list[tuple[str, str, str]]:
+    from imagegen_operator.reconcile import Reconciler
+
+    recorded = []
+    reconciler = Reconciler(kube=None, providers={},
+                            recorder=lambda body, *event: recorded.append(event[:2]))
+    reconciler._record_transitions({"metadata": {"name": "x"}}, before, after)
+    return recorded
+
+
+WAITING = _status(Ready=("False", "ReplicasNotReady"), NodePoolReady=("False", "Provisioning"),
+                  Stalled=("False", "Reconciling"))
+READY = _status(Ready=("True", "Ready"), NodePoolReady=("True", "Ready"),
+                Stalled=("False", "Ready"))
+STUCK = _status(Ready=("False", "QuotaExceeded"), NodePoolReady=("False", "QuotaExceeded"),
+                Stalled=("True", "QuotaExceeded"))
+
+
+@pytest.mark.parametrize("before, after, expected", [
+    ({}, WAITING, []),  # a new service is not ready yet: its status says so, no news
+    (WAITING, READY, [("Normal", "Ready"), ("Normal", "Ready")]),
+    (READY, READY, []),
+    (READY, WAITING, [("Warning", "ReplicasNotReady"), ("Warning", "Provisioning")]),
+    ({}, STUCK, [("Warning", "QuotaExceeded")]),  # stuck from the start: one warning
+    (WAITING, STUCK, [("Warning", "QuotaExceeded")]),  # stuck after a first False
+    (STUCK, STUCK, []),
+], ids=["new", "ready", "steady", "regressed", "stuck-at-once", "stuck-later", "still-stuck"])
+def test_events_are_recorded_for_news_only(before, after, expected) -> None:
+    assert _events(before, after) == expected
+
+
+def test_the_pool_is_polled_only_while_it_is_on_its_way() -> None:
+    from imagegen_operator.handlers import waiting_for_pool
+
+    def body(status: dict, deleting: bool = False) -> dict:
+        meta = {"name": "x", **({"deletionTimestamp": "2026-01-01T00:00:00Z"} if deleting else {})}
+        return {"metadata": meta, "status": status}
+
+    assert waiting_for_pool(body(WAITING))
+    assert not waiting_for_pool(body({}))  # never planned: the create handler runs first
+    assert not waiting_for_pool(body(READY))
+    assert not waiting_for_pool(body(STUCK))  # a person has to act
+    assert not waiting_for_pool(body(WAITING, deleting=True))
