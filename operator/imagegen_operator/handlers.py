@@ -400,11 +400,13 @@ def parse_args(argv: Sequence[str]) -> OperatorConfig:
     namespaces = tuple(
         args.namespace or [n for n in env("IMAGEGEN_OPERATOR_NAMESPACES", "").split(",") if n]
     )
-    # kopf's formatter: the same format, plus "[namespace/name]" on every object's message.
+    # kopf's formatter: the object of each message as "[namespace/name]" before it in
+    # text, as an "object" field in JSON.
+    json_logs = args.log_format == "json"
     kopf.configure(
         verbose=args.verbose,
-        log_format=kopf.LogFormat.JSON if args.log_format == "json" else LOG_FORMAT,
-        log_prefix=True,
+        log_format=kopf.LogFormat.JSON if json_logs else LOG_FORMAT,
+        log_prefix=not json_logs,
     )
     return OperatorConfig(
         resync_seconds=args.resync_seconds,

@@ -38,7 +38,7 @@ def test_every_object_message_names_its_object(root_logging) -> None:
 def test_json_log_lines_carry_the_object(root_logging) -> None:
     parse_args(["--log-format", "json"])
     record = json.loads(_format(root_logging, "applied Deployment sd15"))
-    assert record["message"].endswith("applied Deployment sd15")
+    assert record["message"] == "applied Deployment sd15"
     assert record["object"] == {"namespace": "team-a", "name": "sd15"}
 
 
