@@ -1,12 +1,17 @@
 """Item 4: time to /readyz with torch.compile on, empty inductor cache vs a persisted one.
 
-Starts the real ``imagegen-server`` process three times on the same tiny model: without
+Starts the real ``imagegen-server`` process three times on the same model: without
 compile (the floor: import, load, warm-up), with compile and an empty cache directory (cold),
 then again with the directory the cold start filled (warm), as a pod restarting on a
 persistent volume would. The clock runs from process start to the first 200 from /readyz;
 warm-up is on, so compilation happens before ready.
 
-    .venv/bin/python bench/cold_start.py [--size tiny]
+    .venv/bin/python bench/cold_start.py [--size tiny]           # item 4, on the CPU
+    python3 bench/cold_start.py --size sd15 --device cuda         # the same on a GPU
+
+``--size sd15`` writes the full SD 1.5 architecture with random weights (the configs of
+``gpu.py``, saved in float16) and loads it the way a real model is loaded; a result from a
+device other than the CPU goes to ``cold_start_gpu.json``.
 """
 
 from __future__ import annotations
@@ -30,8 +35,14 @@ BAR_SHARE = 0.20
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=["tiny", "small"], default="tiny")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per start")
+    parser.add_argument("--size", choices=["tiny", "small", "sd15"], default="tiny")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    parser.add_argument("--dtype", help="default: float32 on the CPU, bfloat16 elsewhere")
+    parser.add_argument("--compile-mode", help="default: the server's")
+    parser.add_argument(
+        "--smoke", action="store_true", help="with --size sd15: its toy-width twin (for tests)"
+    )
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per start")
     common.add_output_argument(parser)
     return parser.parse_args(argv)
 
@@ -41,13 +52,31 @@ def server_binary() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "imagegen_server"]
 
 
-def time_to_ready(model: Path, log: Path, extra: list[str], env: dict, timeout: float) -> float:
+def write_model(directory: Path, size: str, smoke: bool) -> Path:
+    """The model the starts load: a make-tiny-model pipeline, or SD 1.5's architecture."""
+    if size != "sd15":
+        return common.make_model(directory, "sd15", size)
+    import gpu
+    import torch
+
+    common.quiet_libraries()
+    pipe = gpu.build_pipeline("sd15", "cpu", smoke)
+    pipe.to(torch.float16).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def time_to_ready(model: Path, log: Path, extra: list[str], env: dict, args) -> float:
     port = free_port()
     command = [
         *server_binary(), "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
-        "--device", "cpu", "--dtype", "float32", "--default-steps", "2", "--torch-threads", "1",
+        "--device", args.device, "--dtype", args.dtype, "--default-steps", "2",
         "--log-level", "warning", *extra,
     ]  # fmt: skip
+    if args.device == "cpu":
+        command += ["--torch-threads", "1"]
+    if args.compile_mode and "--compile" in extra:
+        command += ["--compile-mode", args.compile_mode]
+    timeout = args.timeout
     started = time.perf_counter()
     with open(log, "ab") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -78,7 +107,8 @@ def main(argv=None) -> dict:
     common.quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="bench-cold-") as tmp:
         tmp_path = Path(tmp)
-        model = common.make_model(tmp_path / "model", "sd15", args.size)
+        args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+        model = write_model(tmp_path / "model", args.size, args.smoke)
         cache = tmp_path / "inductor-cache"
         log = tmp_path / "server.log"
         # Every inductor and Triton cache goes under `cache`, so "empty" really is empty and
@@ -94,13 +124,13 @@ def main(argv=None) -> dict:
         }
         compile_flags = ["--compile", "--compile-cache-dir", str(cache)]
         try:
-            eager = time_to_ready(model, log, ["--no-compile"], env, args.timeout)
+            eager = time_to_ready(model, log, ["--no-compile"], env, args)
             print(f"no compile            {eager:6.1f} s to ready", flush=True)
             shutil.rmtree(cache, ignore_errors=True)
-            cold = time_to_ready(model, log, compile_flags, env, args.timeout)
+            cold = time_to_ready(model, log, compile_flags, env, args)
             print(f"compile, empty cache  {cold:6.1f} s to ready", flush=True)
             cache_mb = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) / 1e6
-            warm = time_to_ready(model, log, compile_flags, env, args.timeout)
+            warm = time_to_ready(model, log, compile_flags, env, args)
             print(f"compile, warm cache   {warm:6.1f} s to ready ({warm / cold:.0%} of cold)")
         except (RuntimeError, TimeoutError):
             print(log.read_text(errors="replace")[-4000:])
@@ -108,7 +138,13 @@ def main(argv=None) -> dict:
     share = warm / cold
     # What compile itself costs is the part a cache can save; the rest is the same either way.
     result = {
-        "settings": {"size": args.size, "warmup_steps": 2, "device": "cpu", "dtype": "float32"},
+        "settings": {
+            "size": args.size + (" (smoke)" if args.smoke else ""),
+            "warmup_steps": 2,
+            "device": args.device,
+            "dtype": args.dtype,
+            "compile_mode": args.compile_mode or "the server's default",
+        },
         "seconds_to_ready": {"no_compile": eager, "compile_cold": cold, "compile_warm": warm},
         "warm_share_of_cold": share,
         "compile_cost_cold_s": cold - eager,
@@ -116,14 +152,19 @@ def main(argv=None) -> dict:
         "cache_size_mb": cache_mb,
         "bars": [
             common.bar(
-                "4. cold start with torch.compile",
+                "4. cold start with torch.compile"
+                + ("" if args.device == "cpu" else f" ({args.size} on {args.device})"),
                 f"warm-cache start < {BAR_SHARE:.0%} of empty-cache start",
                 f"{warm:.1f} s vs {cold:.1f} s = {share:.0%} (no compile: {eager:.1f} s)",
-                share < BAR_SHARE,
+                None if args.smoke else share < BAR_SHARE,
+                "smoke: toy shapes, measures nothing" if args.smoke else "",
             )
         ],
     }
-    path = common.write_result("cold_start", result, args.out_dir)
+    name = "cold_start" if args.device == "cpu" else "cold_start_gpu"
+    if args.smoke:
+        name += "_smoke"
+    path = common.write_result(name, result, args.out_dir)
     print(f"wrote {path}")
     return result
 

@@ -74,7 +74,7 @@ def run_one(name: str, out_dir: Path) -> dict:
 
 def load_results(out_dir: Path) -> dict[str, dict]:
     results = {}
-    for name in [*BENCHMARKS, "gpu"]:
+    for name in [*BENCHMARKS, "gpu", "cold_start_gpu"]:  # the last two: from a GPU machine
         path = out_dir / f"{name}.json"
         if path.exists():
             results[name] = json.loads(path.read_text())

@@ -53,3 +53,19 @@ def test_stage_machinery_runs_the_real_engines_with_a_given_profile(tmp_path):
         }
         assert all(r["requests"] == 12 for r in rows)
     assert {b["item"] for b in result["bars"]} >= {"2. stage machinery overhead"}
+
+
+def test_cold_start_writes_sd15s_architecture_that_the_server_loads(tmp_path, monkeypatch):
+    """--size sd15 (here its toy-width twin) is saved in float16 and loaded like a real model."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import cold_start
+    import common
+    model = cold_start.write_model(tmp_path / "model", "sd15", smoke=True)
+    assert (model / "model_index.json").exists()
+    runtime = common.runtime_for(model, compile_enabled=False, default_steps=2)
+    try:
+        assert runtime.model.family == "SD15"
+        images = runtime.engine.generate(runtime.params("a red fox", seed=1))
+        assert len(images) == 1 and images[0].size == runtime.default_size
+    finally:
+        runtime.close()

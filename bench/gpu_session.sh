@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU benchmarks on a machine that has PyTorch but cannot reach PyPI, run from the
+# repository root with the wheels of bench/gpu_wheels.sh in .whl/:
+#
+#   bench/gpu_session.sh gpu          # item 6: bench/gpu.py (stops itself after ~7 minutes)
+#   bench/gpu_session.sh cold-start   # item 4 on the GPU: full SD 1.5, empty vs warm cache
+#   bench/gpu_session.sh all          # both, one after the other
+#
+# Results go to $OUT (default bench/results); copy gpu.json and cold_start_gpu.json into
+# bench/results/ here and run `.venv/bin/python bench/run_all.py --no-run`.
+set -uo pipefail
+what=${1:-all}
+out=${OUT:-bench/results}
+site=/tmp/imagegen-site
+if [ ! -d "$site" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$site" .whl/*.whl || exit 1
+fi
+export PYTHONPATH="$site:inference_image" PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+status=0
+if [ "$what" = gpu ] || [ "$what" = all ]; then
+    timeout 540 python3 bench/gpu.py --out-dir "$out" || status=$?
+fi
+if [ "$what" = cold-start ] || [ "$what" = all ]; then
+    # The inductor's default mode: max-autotune would spend the whole session tuning.
+    timeout 540 python3 bench/cold_start.py --size sd15 --device cuda --compile-mode default \
+        --timeout 240 --out-dir "$out" || status=$?
+fi
+exit $status
