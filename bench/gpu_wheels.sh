@@ -17,7 +17,7 @@ pins=(
     pydantic==2.14.4 pydantic_core==2.50.5 pydantic-settings==2.16.3
     annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0
     python-dotenv==1.2.4
-    fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 sniffio==1.3.1
+    fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 sniffio==1.3.1 opentelemetry-api==1.45.2
 )
 platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64; do
