@@ -53,7 +53,8 @@ rules:
 
 # The client-side rate limits Kubernetes' own scalability tests give the controller-manager
 # and the scheduler (CONTROLLER_MANAGER_TEST_ARGS / SCHEDULER_TEST_ARGS in kubernetes/test-infra
-# and perf-tests). At the defaults (20 QPS, burst 30) the deployment controller alone needs
+# and perf-tests). At the controller-manager's defaults (20 QPS, burst 30; the scheduler's are
+# 50/100) the deployment controller alone needs
 # ~50 s for the ~1000 writes that 200 new Deployments take; the operator is not what that measures.
 SCALE_TEST_CLIENT_LIMITS = ("--kube-api-qps=100", "--kube-api-burst=100")
 
