@@ -24,7 +24,6 @@ torn down, also on failure.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from datetime import datetime
@@ -81,16 +80,9 @@ def _stamp(text: str) -> float:
 
 
 def audit_events(cluster, since_bytes: int = 0) -> list[dict]:
-    events = []
-    with open(cluster.audit_log, "rb") as f:
-        f.seek(since_bytes)
-        for line in f:
-            if not line.endswith(b"\n"):
-                break  # the API server is still writing this entry
-            event = json.loads(line)
-            if event.get("stage") == "ResponseComplete":
-                events.append(event)
-    return events
+    from support.operator_process import audit_events as read
+
+    return read(cluster, since_bytes)
 
 
 def apply_latencies(cluster, namespace: str, names: list[str], since_bytes: int) -> dict:

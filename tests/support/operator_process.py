@@ -87,15 +87,21 @@ class OperatorProcess:
         return self.log_path.read_text(errors="replace")[-6000:]
 
 
-def audit_writes(cluster, since_bytes: int, user: str = OPERATOR_USER) -> list[dict]:
-    """Write requests ``user`` made since the audit log had ``since_bytes``."""
-    entries = []
+def audit_events(cluster, since_bytes: int = 0) -> list[dict]:
+    """Completed requests in the audit log (writes only: see localcluster's policy)."""
+    events = []
     with open(cluster.audit_log, "rb") as f:
         f.seek(since_bytes)
         for line in f:
             if not line.endswith(b"\n"):
                 break  # the API server is still writing this entry
             event = json.loads(line)
-            if event.get("user", {}).get("username") == user and event.get("stage") == "ResponseComplete":
-                entries.append(event)
-    return entries
+            if event.get("stage") == "ResponseComplete":
+                events.append(event)
+    return events
+
+
+def audit_writes(cluster, since_bytes: int, user: str = OPERATOR_USER) -> list[dict]:
+    """Write requests ``user`` made since the audit log had ``since_bytes``."""
+    return [e for e in audit_events(cluster, since_bytes)
+            if e.get("user", {}).get("username") == user]
