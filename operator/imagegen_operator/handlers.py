@@ -231,11 +231,13 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, config: Operat
             prefix=GROUP, key="last-handled-configuration"
         )
         # After kopf stores that a change was handled, it waits for its own patch to
-        # come back through the watch before it looks at the object again. Under load
-        # (hundreds of services created at once) the stream runs more than the default
-        # 5 s behind, and kopf would take an older copy for a new change and run the
-        # create handler a second time. Waiting longer costs nothing: newer events
-        # still wake it, and a reconcile in between gains nothing from a stale copy.
+        # come back through the watch before it runs change handlers on the object
+        # again. Under load (hundreds of services created at once) the stream ran more
+        # than the default 5 s behind, and kopf took an older copy for a new change
+        # and ran the create handler a second time. The watch is ordered, so the echo
+        # normally arrives before any later edit and nothing waits; only an echo that
+        # never comes (a relist that skips it) holds a later edit for the whole
+        # timeout. Timers and child events are not held either way.
         settings.persistence.consistency_timeout = 30.0
         # Our own events say what happened; kopf's per-handler ones would only add noise.
         settings.posting.level = logging.WARNING

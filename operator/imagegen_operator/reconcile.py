@@ -76,7 +76,7 @@ class Reconciler:
         # on each reconcile, and a spec only changes with its generation.
         self._plans: dict[str, tuple[int | None, Plan | None]] = {}
         self._cleaned: dict[str, int | None] = {}  # uid -> generation last cleaned up
-        self._applied: dict[str, int | None] = {}  # uid -> generation last applied unread
+        self._applied_generation: dict[str, int | None] = {}  # uid -> generation last applied unread
 
     # --- the entry points ---------------------------------------------------
 
@@ -106,7 +106,7 @@ class Reconciler:
         deployment = self._apply_workload(
             resource, the_plan, outcome,
             spec_changed=observed != generation
-            and self._applied.get(body["metadata"].get("uid")) != generation,
+            and self._applied_generation.get(body["metadata"].get("uid")) != generation,
         )
         pool = self._ensure_pool(resource, the_plan, outcome)
         rolled_out = _rolled_out(deployment, resource.spec.replicas)
@@ -130,7 +130,7 @@ class Reconciler:
         uid = body["metadata"].get("uid")
         self._plans.pop(uid, None)
         self._cleaned.pop(uid, None)
-        self._applied.pop(uid, None)
+        self._applied_generation.pop(uid, None)
         try:
             resource = parse(body)
         except InvalidSpec:
@@ -258,7 +258,7 @@ class Reconciler:
                 deployment = current
         # Once per generation: should the status write that records it fail, the
         # next reconcile reads before it writes.
-        self._applied[uid] = generation
+        self._applied_generation[uid] = generation
         # Optional children only go away when the spec changes (its generation):
         # look for leftovers once per generation, not on every reconcile.
         if self._cleaned.get(uid) != generation:
