@@ -94,12 +94,7 @@ def time_to_ready(model: Path, log: Path, extra: list[str], env: dict, args) -> 
             time.sleep(0.05)
         raise TimeoutError(f"not ready after {timeout}s; see {log}")
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        common.stop(process, signal.SIGTERM, 30)
 
 
 def main(argv=None) -> dict:

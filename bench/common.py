@@ -193,6 +193,16 @@ def write_result(name: str, payload: dict[str, Any], out_dir: Path | None = None
     return path
 
 
+def stop(process: subprocess.Popen, sig: int, grace_s: float) -> None:
+    """Send ``sig`` so the process can clean up; kill it if it has not exited in ``grace_s``."""
+    process.send_signal(sig)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def add_output_argument(parser) -> None:
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON result goes")
 

@@ -62,12 +62,7 @@ def run_one(name: str, out_dir: Path) -> dict:
     except subprocess.TimeoutExpired:
         # SIGINT first: the benchmark's finally blocks run, so the operator benchmark still
         # tears its control plane down instead of leaving it running.
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        common.stop(process, signal.SIGINT, 60)
         error = f"over its {limit}s limit"
     return {"name": name, "seconds": time.monotonic() - started, "error": error}
 
