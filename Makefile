@@ -6,20 +6,35 @@ PY     := $(VENV)/bin/python
 CLUSTER_DIR := .cluster
 
 .DEFAULT_GOAL := help
-.PHONY: help setup tools test lint unit crds cluster-up cluster-down demo bench clean
+.PHONY: help setup lock lock-upgrade tools test lint unit crds cluster-up cluster-down demo bench clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-# The stamp is newer than pyproject.toml once installed, so a second run is a no-op.
-# PyTorch is the big download: pip keeps an installed torch that satisfies the pin.
-$(VENV)/.installed: pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[operator,server,dev]'
+# requirements.lock pins every dependency of every extra, torch included, with hashes;
+# `uv pip sync` installs exactly that set (and removes anything else), then the project
+# itself goes in editable without touching the pins. The stamp makes a second run a no-op.
+UV_VERSION := $(shell sed -n 's/^uv==\([^ ]*\).*/\1/p' requirements.lock)
+export UV_PYTHON_DOWNLOADS := never
+$(VENV)/.installed: pyproject.toml requirements.lock
+	@test -x $(VENV)/bin/uv || { $(PYTHON) -m venv $(VENV) && $(PY) -m pip install --quiet 'uv==$(UV_VERSION)'; }
+	$(VENV)/bin/uv pip sync --quiet --python $(PY) requirements.lock
+	$(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps -e .
 	@touch $@
 
 setup: $(VENV)/.installed ## Create .venv with the project and everything its tests need.
+
+# Universal: one lock for every platform and Python the project supports (>= 3.11).
+LOCK_CMD = $(VENV)/bin/uv pip compile pyproject.toml --all-extras --universal \
+	--python-version 3.11 --generate-hashes --no-header --quiet -o requirements.lock
+
+lock: ## Update requirements.lock after editing pyproject.toml; pins that still fit stay.
+	@test -x $(VENV)/bin/uv || $(MAKE) setup
+	$(LOCK_CMD)
+
+lock-upgrade: ## Re-resolve requirements.lock to the newest versions pyproject.toml allows.
+	@test -x $(VENV)/bin/uv || $(MAKE) setup
+	$(LOCK_CMD) --upgrade
 
 tools: ## Build the pinned control plane, kwok, helm and kubeconform once (cached in ~/.cache).
 	@hack/build-tools.sh >/dev/null

@@ -1,4 +1,4 @@
-"""Item 4: time to /readyz with torch.compile on, empty inductor cache vs a persisted one.
+"""Cold start: time to /readyz with torch.compile on, empty inductor cache vs a persisted one.
 
 Starts the real ``imagegen-server`` process three times on the same model: without
 compile (the floor: import, load, warm-up), with compile and an empty cache directory (cold),
@@ -6,7 +6,7 @@ then again with the directory the cold start filled (warm), as a pod restarting 
 persistent volume would. The clock runs from process start to the first 200 from /readyz;
 warm-up is on, so compilation happens before ready.
 
-    .venv/bin/python bench/cold_start.py [--size tiny]           # item 4, on the CPU
+    .venv/bin/python bench/cold_start.py [--size tiny]           # on the CPU
     python3 bench/cold_start.py --size sd15 --device cuda         # the same on a GPU
 
 ``--size sd15`` writes the full SD 1.5 architecture with random weights (the configs of
@@ -147,7 +147,7 @@ def main(argv=None) -> dict:
         "cache_size_mb": cache_mb,
         "bars": [
             common.bar(
-                "4. cold start with torch.compile"
+                "cold start with torch.compile"
                 + ("" if args.device == "cpu" else f" ({args.size} on {args.device})"),
                 f"warm-cache start < {BAR_SHARE:.0%} of empty-cache start",
                 f"{warm:.1f} s vs {cold:.1f} s = {share:.0%} (no compile: {eager:.1f} s)",

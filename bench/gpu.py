@@ -1,4 +1,4 @@
-"""Item 6: SD 1.5 and SDXL architectures on one GPU, with random weights, through the server.
+"""GPU benchmark: SD 1.5 and SDXL architectures on one GPU, with random weights, through the server.
 
 One command, no downloads: the UNet, VAE and text-encoder configs below are those of
 diffusers' published model configs (stable-diffusion-v1-5 and stable-diffusion-xl-base-1.0),
@@ -466,7 +466,7 @@ def bars(results: dict, args) -> list[dict]:
             variant, best = min(measured, key=lambda x: x[1])
             out.append(
                 common.bar(
-                    f"6. GPU: SDXL {args.steps} steps at {sdxl['size']}px",
+                    f"GPU: SDXL {args.steps} steps at {sdxl['size']}px",
                     f"< {SDXL_BAR_S} s per image on an H100",
                     f"{best:.3f} s ({variant})",
                     None if args.smoke else best < SDXL_BAR_S,
@@ -480,7 +480,7 @@ def bars(results: dict, args) -> list[dict]:
             ratio = p["throughput_per_s"] / s["throughput_per_s"]
             out.append(
                 common.bar(
-                    f"6. GPU: {name} Pipelined vs Stacked at c=4",
+                    f"GPU: {name} Pipelined vs Stacked at c=4",
                     f">= {PIPELINE_BAR}x throughput",
                     f"{ratio:.2f}x",
                     None if args.smoke else ratio >= PIPELINE_BAR,

@@ -2,8 +2,8 @@
 # The GPU benchmarks on a machine that has PyTorch but cannot reach PyPI, run from the
 # repository root with the wheels of bench/gpu_wheels.sh in .whl/:
 #
-#   bench/gpu_session.sh gpu          # item 6: bench/gpu.py (stops itself after ~7 minutes)
-#   bench/gpu_session.sh cold-start   # item 4 on the GPU: full SD 1.5, empty vs warm cache
+#   bench/gpu_session.sh gpu          # GPU benchmark: bench/gpu.py (stops itself after ~7 minutes)
+#   bench/gpu_session.sh cold-start   # cold start on the GPU: full SD 1.5, empty vs warm cache
 #   bench/gpu_session.sh all          # both, one after the other
 #
 # Results go to $OUT (default bench/results); copy gpu.json and cold_start_gpu.json into

@@ -1,4 +1,4 @@
-"""Item 5: the operator's speed and footprint on a fresh local control plane.
+"""Operator at scale: the operator's speed and footprint on a fresh local control plane.
 
 (Named operator_scale.py, not operator.py: a script's folder comes first on sys.path, and a
 bench/operator.py would shadow the standard library's ``operator`` module.)
@@ -373,13 +373,13 @@ def bars(result: dict, args) -> list[dict]:
     steady = result["steady_state"]
     return [
         common.bar(
-            "5. operator: apply -> Deployment, 1 service",
+            "operator: apply -> Deployment, 1 service",
             f"p50 < {P50_BAR_S} s",
             f"p50 {single['p50_s']:.3f} s, p95 {single['p95_s']:.3f} s",
             single["p50_s"] < P50_BAR_S,
         ),
         common.bar(
-            f"5. operator: apply -> Deployment, {args.batch} at once",
+            f"operator: apply -> Deployment, {args.batch} at once",
             f"p50 < {P50_BAR_S} s",
             f"p50 {many['p50_s']:.3f} s, p95 {many['p95_s']:.3f} s"
             + (
@@ -390,7 +390,7 @@ def bars(result: dict, args) -> list[dict]:
             many["p50_s"] < P50_BAR_S,
         ),
         common.bar(
-            f"5. operator: {args.fleet} services Ready",
+            f"operator: {args.fleet} services Ready",
             f"within {READY_BAR_S:g} s",
             f"{result['fleet_ready_s']:.1f} s ({args.singles + args.batch} already present)"
             + _timeline_text(result.get("fleet_timeline") or {})
@@ -400,13 +400,13 @@ def bars(result: dict, args) -> list[dict]:
             result["fleet_all_ready"] and result["fleet_ready_s"] < READY_BAR_S,
         ),
         common.bar(
-            "5. operator: peak RSS",
+            "operator: peak RSS",
             f"< {RSS_BAR_MB:g} MB",
             f"{result['operator_peak_rss_mb']:.0f} MB with {result['services_total']} services",
             result["operator_peak_rss_mb"] < RSS_BAR_MB,
         ),
         common.bar(
-            "5. operator: API writes per steady-state reconcile",
+            "operator: API writes per steady-state reconcile",
             "0",
             f"{steady['writes']} writes in {steady['reconciles']:.0f} reconciles "
             f"({args.singles} services)",
@@ -439,7 +439,7 @@ def _at_scale_bar(result: dict) -> list[dict]:
         return []
     return [
         common.bar(
-            "5. operator: API writes per steady-state reconcile, at scale",
+            "operator: API writes per steady-state reconcile, at scale",
             "0",
             f"{scale['writes']} writes in {scale['reconciles']:.0f} reconciles "
             f"({result['services_total']} services)",

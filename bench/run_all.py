@@ -1,9 +1,9 @@
-"""``make bench``: items 1-5 of the benchmarks, then a chart and a summary of every bar.
+"""``make bench``: the CPU benchmarks, then a chart and a summary of every bar.
 
 Each benchmark runs as its own process (a fresh interpreter, torch threads and caches of its
 own) and writes its JSON to ``bench/results/``; this script then draws
 ``bench/results/benchmarks.png`` and writes ``bench/results/SUMMARY.md``: one row per bar with
-the measured figure, met or not, and the command that produced it. The GPU benchmark (item 6)
+the measured figure, met or not, and the command that produced it. The GPU benchmark
 is not run here; its rows come from ``bench/results/gpu.json`` when a GPU run left one.
 
     .venv/bin/python bench/run_all.py [--only stage_pipeline ...] [--no-run]
@@ -117,7 +117,7 @@ def _stage_pipeline(ax, r: dict) -> None:
     ax.set_ylim(bottom=0)  # from zero: the modes differ by a few percent, not by the axis
     ax.set_xlabel("concurrent requests")
     ax.set_ylabel("images / s")
-    ax.set_title("1. small SD model on 2 CPU cores")
+    ax.set_title("stage pipeline: small SD model on 2 CPU cores")
     ax.legend(fontsize=8)
 
 
@@ -139,7 +139,7 @@ def _stage_machinery(ax, r: dict) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent requests")
     ax.set_ylabel("requests / s (grey: 1/max(stage))")
-    ax.set_title("2. stage machinery, sleeping stages")
+    ax.set_title("stage machinery, sleeping stages")
     ax.legend(fontsize=8)
 
 
@@ -152,7 +152,7 @@ def _server_overhead(ax, r: dict) -> None:
     ax.bar([i + 0.2 for i in x], allowed, 0.4, label="allowed: 5% + 3 ms")
     ax.set_xticks(list(x), [f"{n} model" for n in names])
     ax.set_ylabel("ms per request")
-    ax.set_title("3. server overhead at concurrency 1")
+    ax.set_title("server overhead at concurrency 1")
     ax.legend(fontsize=8)
 
 
@@ -163,7 +163,7 @@ def _cold_start(ax, r: dict) -> None:
     ax.bar(labels, values, color=["grey", "tab:red", "tab:green"])
     ax.axhline(0.2 * s["compile_cold"], color="black", linestyle="--", linewidth=0.8)
     ax.set_ylabel("seconds to /readyz (dashed: 20% of cold)")
-    ax.set_title("4. cold start, tiny model on the CPU")
+    ax.set_title("cold start, tiny model on the CPU")
 
 
 def _operator_latency(ax, r: dict) -> None:
@@ -175,7 +175,7 @@ def _operator_latency(ax, r: dict) -> None:
     ax.axhline(0.5, color="black", linestyle="--", linewidth=0.8, label="bar: p50 0.5 s")
     ax.set_xticks([0, 1], labels)
     ax.set_ylabel("seconds, apply -> Deployment exists")
-    ax.set_title("5. operator latency")
+    ax.set_title("operator latency")
     ax.legend(fontsize=8)
 
 
@@ -192,7 +192,7 @@ def _operator_scale(ax, r: dict) -> None:
     ax.plot([-0.4, 0.4], [60, 60], "k--", linewidth=0.8)
     ax.plot([0.6, 1.4], [200, 200], "k--", linewidth=0.8)
     writes = r["steady_state"]["writes"]
-    ax.set_title(f"5. operator scale (dashed: bars); steady-state writes: {writes}")
+    ax.set_title(f"operator scale (dashed: bars); steady-state writes: {writes}")
 
 
 # --- the summary -------------------------------------------------------------------------------
@@ -215,7 +215,7 @@ def write_summary(results: dict[str, dict], runs: list[dict], path: Path) -> Non
         lines.append(f"Total time of the last `make bench` run: {total / 60:.1f} min ({each}).")
         lines.append("")
     lines += [
-        "| item | bar | measured | met | command |",
+        "| benchmark | bar | measured | met | command |",
         "| --- | --- | --- | --- | --- |",
     ]
     for r in results.values():
@@ -262,7 +262,7 @@ def _stage_pipeline_table(r: dict) -> list[str]:
     by = {(x["mode"], x["concurrency"]): x for x in r["rows"]}
     share = r.get("stage_profile_share", {})
     lines = [
-        "## Item 1 in detail: images/s (p50 / p95 latency in s)",
+        "## Stage pipeline in detail: images/s (p50 / p95 latency in s)",
         "",
         "Stage profile of the small model on this CPU: "
         + ", ".join(f"{k} {v:.1%}" for k, v in share.items())

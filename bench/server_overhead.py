@@ -1,4 +1,4 @@
-"""Item 3: what HTTP adds: a POST through uvicorn on 127.0.0.1 vs calling the same engine.
+"""Server overhead: what HTTP adds: a POST through uvicorn on 127.0.0.1 vs calling the same engine.
 
 One ModelRuntime serves both paths, one request at a time; the two paths alternate request by
 request so that load from elsewhere lands on both alike. The HTTP figure is everything a client
@@ -133,7 +133,7 @@ def main(argv=None) -> dict:
             )
     bars = [
         common.bar(
-            f"3. server overhead ({size} model, c=1)",
+            f"server overhead ({size} model, c=1)",
             f"HTTP - direct (median of pairs) < {BAR_SHARE:.0%} + {BAR_FIXED_MS:g} ms",
             f"+{r['overhead_ms']:.1f} ms ({r['overhead_share']:.1%} of "
             f"{r['direct']['p50_s'] * 1000:.0f} ms); allowed {r['allowed_ms']:.1f} ms",

@@ -1,4 +1,4 @@
-"""Item 2: the stage machinery alone, with stages that release the GIL the way GPU work does.
+"""Stage machinery: the stage machinery alone, with stages that release the GIL the way GPU work does.
 
 The server's own ``PipelinedEngine`` and ``StackedEngine`` (real ``Stage`` threads, queues,
 admission and futures) drive synthetic steps that ``time.sleep``: the host thread waits and
@@ -227,7 +227,7 @@ def main(argv=None) -> dict:
             worst = min(r["share_of_pipeline_bound"] for r in rows)
             bars.append(
                 common.bar(
-                    f"2. stage machinery ({name} profile)",
+                    f"stage machinery ({name} profile)",
                     f">= {BOUND_SHARE:.0%} of 1/max(stage) at concurrency >= 4",
                     f"{worst:.1%} (worst of c>=4)",
                     worst >= BOUND_SHARE,
@@ -237,7 +237,7 @@ def main(argv=None) -> dict:
     worst_overhead = max(overhead["Stacked_p50_ms"], overhead["Pipelined_p50_ms"])
     bars.append(
         common.bar(
-            "2. stage machinery overhead",
+            "stage machinery overhead",
             f"< {OVERHEAD_BAR_MS:g} ms per request",
             f"{overhead['Pipelined_p50_ms']:.3f} ms Pipelined, "
             f"{overhead['Stacked_p50_ms']:.3f} ms Stacked (p50)",

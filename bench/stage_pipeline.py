@@ -1,4 +1,4 @@
-"""Item 1: the real stage pipeline on the CPU, Stacked vs Pipelined vs Pipelined + batching.
+"""Stage pipeline: the real stage pipeline on the CPU, Stacked vs Pipelined vs Pipelined + batching.
 
 A small random-weight SD 1.5 pipeline (``make-tiny-model --size small``: a ~1M-parameter UNet
 at 128x128) serves requests from a closed loop of 1, 2, 4 and 8 clients. Every engine is
@@ -130,7 +130,7 @@ def summarize(rows: list[dict], profile: dict[str, float], args) -> dict:
     if ratio is not None:
         bars.append(
             common.bar(
-                "1. stage pipeline (CPU, small SD model)",
+                "stage pipeline (CPU, small SD model)",
                 f"Pipelined+batching >= {BAR_RATIO:g}x Stacked throughput at concurrency {top}",
                 f"{ratio:.2f}x",
                 ratio >= BAR_RATIO,

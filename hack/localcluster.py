@@ -59,10 +59,10 @@ rules:
 SCALE_TEST_CLIENT_LIMITS = ("--kube-api-qps=100", "--kube-api-burst=100")
 
 
-def build_tools() -> Path:
-    """Build (first time only) the pinned binaries; return their cache directory."""
+def build_tools(*tools: str) -> Path:
+    """Build (first time only) the pinned binaries, or only ``tools``; return their cache."""
     out = subprocess.run(
-        [str(HACK / "build-tools.sh")], check=True, stdout=subprocess.PIPE, text=True
+        [str(HACK / "build-tools.sh"), *tools], check=True, stdout=subprocess.PIPE, text=True
     )
     return Path(out.stdout.strip().splitlines()[-1])
 
@@ -235,8 +235,9 @@ def _spawn(cluster_dir: Path, name: str, argv: list[str]) -> subprocess.Popen:
         argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         start_new_session=True,
     )
+    stat = _proc_stat(proc.pid)
     with open(cluster_dir / "pids", "a") as f:
-        f.write(f"{proc.pid} {name}\n")
+        f.write(f"{proc.pid} {name} {stat[2] if stat else ''}\n")
     return proc
 
 
@@ -423,39 +424,87 @@ def attach(cluster_dir: Path) -> LocalCluster:
     )
 
 
-def down(cluster_dir: Path, grace: float = 5) -> None:
-    """Stop every process started by ``up`` (whole process groups) and wait for them."""
+def down(cluster_dir: Path, grace: float = 15, kill_wait: float = 15) -> None:
+    """Stop every process started by ``up`` and return only once all of them are gone.
+
+    Newest first, one at a time: the API server stops in about a second while etcd is still
+    there, and in over 20 s when etcd went first. Each process was started in its own process
+    group: SIGTERM to the group, up to ``grace`` seconds for it to exit, then SIGKILL and up to
+    ``kill_wait`` more. One still there after that is an error, not a silent return.
+    """
     cluster_dir = cluster_dir.resolve()
     pid_file = cluster_dir / "pids"
     if not pid_file.exists():
         return
-    pids = [int(line.split()[0]) for line in pid_file.read_text().splitlines() if line.strip()]
-    # Reverse order: clients first, etcd last, so nothing logs a storm of errors.
-    for pid in reversed(pids):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for pid in pids:
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if _alive(pid):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
+    started = [_Started.parse(line) for line in pid_file.read_text().splitlines() if line.strip()]
+    stuck: list[_Started] = []
+    for proc in reversed(started):
+        proc.signal(signal.SIGTERM)
+        if _wait_gone([proc], grace):
+            proc.signal(signal.SIGKILL)
+            stuck += _wait_gone([proc], kill_wait)
+    if stuck:
+        names = ", ".join(f"{p.name} ({p.pid})" for p in stuck)
+        raise RuntimeError(f"still running {kill_wait:.0f}s after SIGKILL: {names}")
     pid_file.unlink()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        # Reap it if it is our child, so a zombie does not count as alive.
+@dataclass(frozen=True)
+class _Started:
+    """A process ``up`` started: the leader of its own process group."""
+
+    pid: int
+    name: str
+    start_ticks: int | None  # from /proc/PID/stat, so a reused pid is not taken for ours
+
+    @classmethod
+    def parse(cls, line: str) -> _Started:
+        fields = line.split()
+        ticks = int(fields[2]) if len(fields) > 2 else None
+        return cls(int(fields[0]), fields[1], ticks)
+
+    def signal(self, sig: int) -> None:
+        if self.running():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, sig)
+
+    def running(self) -> bool:
+        """The leader or anything else in its group is still running (zombies are not)."""
         with contextlib.suppress(ChildProcessError):
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return False
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+            os.waitpid(self.pid, os.WNOHANG)  # reap it if it is our own child
+        leader = _proc_stat(self.pid)
+        if leader is not None and self.start_ticks is not None and leader[2] != self.start_ticks:
+            return False  # reused: Linux gives out no pid that still names a process group
+        if leader is not None and leader[0] != "Z":
+            return True
+        return any(state != "Z" and pgid == self.pid for state, pgid, _ in _all_proc_stats())
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, process group, start time in clock ticks) of a process, None if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # The command name is in parentheses and may hold spaces: split after it.
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    return fields[0], int(fields[2]), int(fields[19])
+
+
+def _all_proc_stats():
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (stat := _proc_stat(int(entry))) is not None:
+            yield stat
+
+
+def _wait_gone(procs: list[_Started], timeout: float) -> list[_Started]:
+    """Wait up to ``timeout`` for all of ``procs`` to exit; return those still running."""
+    deadline = time.monotonic() + timeout
+    left = [p for p in procs if p.running()]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = [p for p in left if p.running()]
+    return left
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ Where each fact was checked (November 2026):
 - Partitions per GPU for each size: NVIDIA's MIG user guide, "Supported MIG
   profiles" (A100 and H100 tables), and for the H200 141GB the profile set of
   NVIDIA's mig-parted default configuration: 1g.18gb x7, 1g.35gb x4,
-  2g.35gb x3, 3g.71gb x2, 7g.141gb x1. This agrees with GKE.md. NVIDIA also
+  2g.35gb x3, 3g.71gb x2, 7g.141gb x1. NVIDIA also
   offers 4g.* profiles (one per GPU); GKE's table does not list them, so they
   are left out here.
 - A3 Ultra (``a3-ultragpu-8g``) carries 8 H200 141GB GPUs and is the only
@@ -41,8 +41,14 @@ Where each fact was checked (November 2026):
 - N1 with T4: N1 machines take 1, 2 or 4 T4s; the machine types chosen here
   (n1-standard-8/16/32) are this project's defaults, not a GKE rule.
 
-Not checked, taken from GKE.md: the node taint ``nvidia.com/gpu=present:NoSchedule``
-and that node auto-provisioning may label pools ``TIME_SHARING``/``MPS``.
+- The node taint ``nvidia.com/gpu=present:NoSchedule`` on GPU nodes: GKE's "Run GPUs in
+  GKE Standard node pools" page (cloud.google.com/kubernetes-engine/docs/how-to/gpus).
+- That node auto-provisioning creates pools from pending pods' GPU requests and node
+  selectors: GKE's "About node auto-provisioning" page
+  (cloud.google.com/kubernetes-engine/docs/concepts/node-auto-provisioning); that it does so
+  for time-shared GPUs: "Share GPUs with multiple workloads using GPU time-sharing"
+  (cloud.google.com/kubernetes-engine/docs/how-to/timesharing-gpus). Not checked against GKE
+  itself, which this project's tests cannot reach.
 
 Prices (``PRICE_TABLE_DATE``) are ESTIMATES in USD per hour for us-central1,
 list prices without discounts, rounded; Spot prices move up to once a day.
@@ -79,7 +85,7 @@ SHARING_LABEL_MPS = "mps"
 API_STRATEGY_TIME_SHARING = "TIME_SHARING"
 API_STRATEGY_MPS = "MPS"
 
-# spec.gpu.sharing.strategy (API.md) -> node label value and API enum name.
+# spec.gpu.sharing.strategy -> node label value and API enum name.
 SHARING_LABEL_VALUES = {"TimeSharing": SHARING_LABEL_TIME_SHARING, "MPS": SHARING_LABEL_MPS}
 SHARING_API_VALUES = {"TimeSharing": API_STRATEGY_TIME_SHARING, "MPS": API_STRATEGY_MPS}
 

@@ -141,7 +141,7 @@ class UnknownGpuType(Finding):
 
 @dataclass(frozen=True)
 class PlanInputs:
-    """Everything the planner reads, as plain values (API.md names in comments)."""
+    """Everything the planner reads, as plain values (the spec's field paths in comments)."""
 
     gpu_type: str  # gpu.type
     count_per_node: int = 1  # gpu.countPerNode
@@ -250,7 +250,7 @@ def slots_per_gpu(
     strategy: str | None,
     clients: int | None,
 ) -> int:
-    """Allocatable nvidia.com/gpu per physical GPU: partitions x clients (GKE.md)."""
+    """Allocatable nvidia.com/gpu per physical GPU: partitions x clients, as GKE reports it."""
     return partitions_per_gpu(gpu_type, partition_size) * sharing_clients(strategy, clients)
 
 
@@ -291,7 +291,7 @@ def estimate_footprint_gib(
 
 
 def sharing_summary(partition_size: str | None, strategy: str | None, clients: int | None) -> str:
-    """The printer-column form of API.md: ``mig:1g.10gb+ts:2``, ``mps:4``, ``exclusive``."""
+    """The ``Sharing`` printer column: ``mig:1g.10gb+ts:2``, ``mps:4``, ``exclusive``."""
     parts = []
     if partition_size:
         parts.append(f"mig:{partition_size}")

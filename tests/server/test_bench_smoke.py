@@ -52,7 +52,7 @@ def test_stage_machinery_runs_the_real_engines_with_a_given_profile(tmp_path):
             (m, c) for m in ("Stacked", "Pipelined") for c in (1, 4)
         }
         assert all(r["requests"] == 12 for r in rows)
-    assert {b["item"] for b in result["bars"]} >= {"2. stage machinery overhead"}
+    assert {b["item"] for b in result["bars"]} >= {"stage machinery overhead"}
 
 
 def test_cold_start_writes_sd15s_architecture_that_the_server_loads(tmp_path, monkeypatch):

@@ -78,11 +78,11 @@ def test_summary_has_a_row_per_bar_with_met_and_command(tmp_path):
         "stage_machinery": _result(
             "stage_machinery",
             [
-                common.bar("2. machinery", ">= 90%", "97%", True),
-                common.bar("2. overhead", "< 1 ms", "2 ms", False, "a note"),
+                common.bar("stage machinery", ">= 90%", "97%", True),
+                common.bar("stage machinery overhead", "< 1 ms", "2 ms", False, "a note"),
             ],
         ),
-        "cold_start": _result("cold_start", [common.bar("4. cold", "< 20%", "n/a", None)]),
+        "cold_start": _result("cold_start", [common.bar("cold start", "< 20%", "n/a", None)]),
     }
     runs = [
         {"name": "stage_machinery", "seconds": 60.0, "error": None},
@@ -92,11 +92,11 @@ def test_summary_has_a_row_per_bar_with_met_and_command(tmp_path):
     run_all.write_summary(results, runs, path)
     text = path.read_text()
     assert (
-        "| 2. machinery | >= 90% | 97% | met | `.venv/bin/python bench/stage_machinery.py` |"
+        "| stage machinery | >= 90% | 97% | met | `.venv/bin/python bench/stage_machinery.py` |"
         in text
     )
-    assert "| 2. overhead (a note) | < 1 ms | 2 ms | **not met** |" in text
-    assert "| 4. cold | < 20% | n/a | not measured |" in text
+    assert "| stage machinery overhead (a note) | < 1 ms | 2 ms | **not met** |" in text
+    assert "| cold start | < 20% | n/a | not measured |" in text
     # Without a GPU result the GPU bars are listed as not run, with the command to run them.
     assert "not run: no GPU" in text and "bench/gpu.py" in text
     assert "operator_scale: exit status 1" in text

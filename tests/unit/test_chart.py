@@ -39,7 +39,7 @@ def find_tool(name: str) -> Path:
         pytest.skip(f"{name} is built from source with Go, and Go is not installed")
     import localcluster
 
-    return localcluster.build_tools() / "bin" / name
+    return localcluster.build_tools(name) / "bin" / name
 
 
 def find_helm() -> Path:

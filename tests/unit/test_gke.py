@@ -1,4 +1,10 @@
-"""gke.py holds GKE's facts; these tests pin them to GKE.md and to each other."""
+"""gke.py holds GKE's facts; these tests pin them to GKE's published tables and each other.
+
+Sources: GKE's "Running multi-instance GPUs" page (MIG sizes per GPU,
+cloud.google.com/kubernetes-engine/docs/how-to/gpus-multi), NVIDIA's MIG user guide
+("Supported MIG profiles") and Google Cloud's accelerator-optimized machine family page
+(machine types per GPU, cloud.google.com/compute/docs/accelerator-optimized-machines).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import pytest
 
 from imagegen_operator import gke
 
-# GKE.md, "MIG": sizes and partitions per GPU, row by row.
+# MIG sizes and partitions per GPU, row by row.
 MIG_TABLE = {
     "nvidia-tesla-a100": {"1g.5gb": 7, "2g.10gb": 3, "3g.20gb": 2, "7g.40gb": 1},
     "nvidia-a100-80gb": {"1g.10gb": 7, "2g.20gb": 3, "3g.40gb": 2, "7g.80gb": 1},
@@ -16,7 +22,7 @@ MIG_TABLE = {
     "nvidia-l4": {},
 }
 
-# GKE.md, "Machine types": the 1-GPU shape (H200: the only shape, 8 GPUs).
+# The 1-GPU machine shape (H200: the only shape, 8 GPUs).
 SMALLEST_MACHINE = {
     "nvidia-h100-80gb": (1, "a3-highgpu-1g"),
     "nvidia-h200-141gb": (8, "a3-ultragpu-8g"),

@@ -232,7 +232,7 @@ def find_kubeconform() -> Path:
     if shutil.which("go") is None:
         pytest.skip("kubeconform is built from source with Go, and Go is not installed")
     out = subprocess.run(
-        [str(ROOT / "hack" / "build-tools.sh")],
+        [str(ROOT / "hack" / "build-tools.sh"), "kubeconform"],
         check=True,
         stdout=subprocess.PIPE,
         text=True,

@@ -49,21 +49,26 @@ class StableDiffusionSteps(FamilySteps):
 
     # 1. Encode -------------------------------------------------------------------------------
     def encode(self, jobs: list[Job]) -> None:
-        # Positive and negative prompts go through the text encoder as one batch; diffusers
-        # encodes a negative prompt exactly like a positive one.
-        texts = [job.params.prompt for job in jobs]
-        negative_of: dict[int, int] = {}
+        # Prompts go through the text encoder as one batch and negative prompts as another,
+        # each as diffusers encodes them: one request alone then runs diffusers' very
+        # arithmetic. One batch of both would round differently on some CPU kernels (a GEMM of
+        # 2 rows is not two GEMMs of 1 row), for a gain too small to measure.
+        positives = self._encode_texts([job.params.prompt for job in jobs])
+        encoded_negative = [
+            i for i, job in enumerate(jobs) if self.uses_guidance(job) and not self._zero_negative(job)
+        ]
+        negatives = {}
+        if encoded_negative:
+            negatives = self._encode_texts(
+                [jobs[i].params.negative_prompt or "" for i in encoded_negative]
+            )
+        row_of_negative = {i: row for row, i in enumerate(encoded_negative)}
         for i, job in enumerate(jobs):
-            if self.uses_guidance(job) and not self._zero_negative(job):
-                negative_of[i] = len(texts)
-                texts.append(job.params.negative_prompt or "")
-        encoded = self._encode_texts(texts)
-        for i, job in enumerate(jobs):
-            positive = {k: v[i : i + 1] for k, v in encoded.items()}
+            positive = {k: v[i : i + 1] for k, v in positives.items()}
             negative = None
-            if i in negative_of:
-                j = negative_of[i]
-                negative = {k: v[j : j + 1] for k, v in encoded.items()}
+            if i in row_of_negative:
+                row = row_of_negative[i]
+                negative = {k: v[row : row + 1] for k, v in negatives.items()}
             elif self.uses_guidance(job):
                 negative = {k: torch.zeros_like(v) for k, v in positive.items()}
             job.conditioning = self._conditioning(positive, negative, job.params.n)

@@ -58,7 +58,7 @@ GCSFUSE_DRIVER = "gcsfuse.csi.storage.gke.io"
 
 
 def nodeselector(plan: Plan) -> dict[str, str]:
-    """GKE's node labels for this GPU config (GKE.md, "Node labels and pod scheduling")."""
+    """GKE's node labels for this GPU config (the labels :mod:`imagegen_operator.gke` lists)."""
     labels = {gke.LABEL_ACCELERATOR: plan.gpu_type}
     if plan.partition_size:
         labels[gke.LABEL_PARTITION_SIZE] = plan.partition_size

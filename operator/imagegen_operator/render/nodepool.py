@@ -9,7 +9,7 @@
 - ``Local``: KWOK Node objects that look like the GKE pool would: GKE's labels,
   the GPU taint and ``nvidia.com/gpu`` allocatable of partitions x clients x GPUs.
 - ``Existing``: nothing; the pods' node selectors are enough for node
-  auto-provisioning to create a matching pool (GKE.md).
+  auto-provisioning to create a matching pool (GKE's "About node auto-provisioning").
 
 The accelerator settings of a pool are immutable in GKE: a different MIG size
 or sharing mode is a different pool, which the derived name reflects.
