@@ -10,16 +10,26 @@ import asyncio
 import base64
 import hmac
 import io
+import json
 import logging
+import re
 import time
 from contextlib import asynccontextmanager
-from typing import Literal
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import ServerSettings
 from .engine import EngineClosedError, InvalidRequest, QueueFullError
@@ -31,8 +41,17 @@ log = logging.getLogger(__name__)
 GENERATIONS_PATH = "/v1/images/generations"
 
 
+SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
+# A number, strictly: "7" is not one, nor NaN or infinity; 7 is 7.0.
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
 class ImageGenerationRequest(BaseModel):
-    """OpenAI's ``images.generate`` body plus seed, steps, guidance_scale and negative_prompt."""
+    """OpenAI's ``images.generate`` body plus seed, steps, guidance_scale and negative_prompt.
+
+    Only types and the size grammar are checked here; every limit (how many images, pixels,
+    steps) is the engine's ``check_request``, so each has one message.
+    """
 
     # OpenAI clients send fields this server has no use for (quality, style, user): ignore them.
     model_config = ConfigDict(extra="ignore")
@@ -40,29 +59,109 @@ class ImageGenerationRequest(BaseModel):
     prompt: StrictStr = Field(min_length=1)
     model: StrictStr | None = None
     # null means "the default" for the optional OpenAI fields, as OpenAI itself treats them.
-    n: StrictInt | None = Field(default=1, ge=1, le=64)
-    size: StrictStr | None = Field(default=None, pattern=r"^[0-9]{2,4}x[0-9]{2,4}$")
-    response_format: Literal["b64_json"] | None = "b64_json"
+    n: StrictInt | None = 1
+    size: StrictStr | None = None
+    response_format: StrictStr | None = "b64_json"
     seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
-    steps: StrictInt | None = Field(default=None, ge=1, le=200)
-    guidance_scale: float | None = Field(default=None, ge=0, le=100)
+    steps: StrictInt | None = None
+    guidance_scale: Number | None = None
     negative_prompt: StrictStr | None = None
+
+    @field_validator("size")
+    @classmethod
+    def _size_grammar(cls, value: str | None) -> str | None:
+        if value is None or SIZE.match(value):
+            return value
+        if value == "auto":
+            raise ValueError(
+                "size 'auto' is not supported here: give WIDTHxHEIGHT in pixels, such as "
+                "'512x512', or leave size out for the model's native size"
+            )
+        raise ValueError(f"size {value!r} is not WIDTHxHEIGHT in pixels, such as '512x512'")
+
+    @field_validator("response_format")
+    @classmethod
+    def _inline_only(cls, value: str | None) -> str | None:
+        if value not in (None, "b64_json"):
+            raise ValueError(
+                f"response_format {value!r} is not supported: this server returns images "
+                "inline, as 'b64_json', and hosts no URLs"
+            )
+        return value
 
 
 class ApiError(Exception):
     def __init__(
-        self, status: int, message: str, *, param: str | None = None, kind: str = "", headers=None
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        kind: str = "",
+        code: str | None = None,
+        headers=None,
     ):
         super().__init__(message)
         self.status = status
         self.param = param
         self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+        self.code = code
         self.headers = headers or {}
 
 
-def error_response(status: int, message: str, param: str | None, kind: str, headers=None):
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+def error_response(
+    status: int, message: str, param: str | None, kind: str, headers=None, code: str | None = None
+):
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+# pydantic's error types -> OpenAI-style codes.
+VALIDATION_CODES = {"missing": "missing_required_parameter", "value_error": "invalid_value"}
+
+
+def validation_error(exc: ValidationError) -> ApiError:
+    """The first problem of a body, as OpenAI reports it: 400, the field, a sentence."""
+    first = exc.errors(include_url=False)[0]
+    loc = [str(part) for part in first.get("loc", ())]
+    param = ".".join(loc) or None
+    kind = first.get("type", "")
+    message = first.get("msg", "invalid value")
+    if kind == "value_error":
+        message = str(first.get("ctx", {}).get("error", message))
+    elif kind == "model_type":
+        message = "the request body must be a JSON object"
+    elif param:
+        message = f"{param}: {message}"
+    code = VALIDATION_CODES.get(kind, "invalid_type" if kind.endswith("_type") else "invalid_value")
+    return ApiError(400, message, param=param, code=code)
+
+
+async def read_json_body(request: Request, limit: int) -> Any:
+    """The body as JSON, or the error a client should see: 415, 413 or 400."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        raise ApiError(
+            415,
+            f"Content-Type must be application/json, not {content_type or 'missing'!r}",
+            code="unsupported_media_type",
+        )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body is larger than {limit} bytes", code="body_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:  # a body without a length, or one that lied about it
+            raise ApiError(413, f"request body is larger than {limit} bytes", code="body_too_large")
+    try:
+        return json.loads(bytes(body).decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, "request body is not valid UTF-8", code="invalid_json") from exc
+    except RecursionError as exc:
+        raise ApiError(400, "request body is nested too deeply", code="invalid_json") from exc
+    except ValueError as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
 
 
 def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) -> FastAPI:
@@ -84,43 +183,46 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
     app = FastAPI(title="imagegen-server", lifespan=lifespan)
     app.state.runtime = runtime
 
-    def require_token(request: Request) -> None:
+    def authorized(request: Request) -> bool:
         if token is None:
-            return
+            return True
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
-            raise ApiError(
-                401,
-                "missing or wrong bearer token",
-                param="authorization",
-                kind="authentication_error",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+        # Constant-time, so the comparison does not tell how much of a guess was right.
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), token.encode())
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError):
-        return error_response(exc.status, str(exc), exc.param, exc.kind, exc.headers)
+        return error_response(exc.status, str(exc), exc.param, exc.kind, exc.headers, exc.code)
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_request: Request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-        # A JSON syntax error's location is a character offset, not a field.
-        param = "body" if first.get("type") == "json_invalid" else ".".join(loc) or "body"
-        return error_response(422, f"{param}: {first.get('msg')}", param, "invalid_request_error")
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException):
+        # 404 and 405 from routing, in OpenAI's shape like every other error.
+        message = {404: "no such route", 405: "method not allowed"}.get(exc.status_code)
+        return error_response(
+            exc.status_code, message or str(exc.detail), None,
+            "invalid_request_error" if exc.status_code < 500 else "server_error",
+            getattr(exc, "headers", None),
+        )
 
-    @app.middleware("http")
-    async def count_generations(request: Request, call_next):
-        # Only the generation route is counted: probes and scrapes would drown the signal.
-        if request.url.path != GENERATIONS_PATH:
-            return await call_next(request)
-        response = await call_next(request)
-        metrics.requests.labels(status=str(response.status_code)).inc()
-        return response
+    # Plain ASGI, not @app.middleware: that wrapper hides a client's disconnect from the route.
+    app.add_middleware(TokenAndCount, authorized=authorized, metrics=metrics)
 
-    @app.post(GENERATIONS_PATH, dependencies=[Depends(require_token)])
-    async def generate(body: ImageGenerationRequest):
+    @app.post(
+        GENERATIONS_PATH,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ImageGenerationRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def generate(request: Request):
+        raw = await read_json_body(request, settings.max_body_bytes)
+        try:
+            body = ImageGenerationRequest.model_validate(raw)
+        except ValidationError as exc:
+            raise validation_error(exc) from exc
         if not runtime.ready:
             raise ApiError(
                 503, "model is not ready", kind="server_error", headers={"Retry-After": "5"}
@@ -128,14 +230,15 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         model = runtime.model
         if body.model not in (None, model.name):
             raise ApiError(
-                404, f"model {body.model!r} is not served here; use {model.name!r}", param="model"
+                404, f"model {body.model!r} is not served here; use {model.name!r}",
+                param="model", code="model_not_found",
             )
         width = height = None
         if body.size is not None:
             width, height = (int(v) for v in body.size.split("x"))
         params = runtime.params(
             body.prompt,
-            n=body.n or 1,
+            n=1 if body.n is None else body.n,
             width=width,
             height=height,
             steps=body.steps,
@@ -147,7 +250,7 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         try:
             job = runtime.engine.submit(params, settings.request_timeout_s)
         except InvalidRequest as exc:
-            raise ApiError(422, f"{exc.field}: {exc}", param=exc.field) from exc
+            raise ApiError(400, str(exc), param=exc.field, code="invalid_value") from exc
         except QueueFullError as exc:
             raise ApiError(
                 429,
@@ -160,11 +263,11 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
                 503, str(exc), kind="server_error", headers={"Retry-After": "5"}
             ) from exc
         try:
-            images = await asyncio.wait_for(
-                asyncio.wrap_future(job.future), settings.request_timeout_s
-            )
+            images = await wait_for_images(job, request, settings.request_timeout_s)
+        except ClientGone:
+            # Nobody to answer; the engine drops the job at its next step boundary.
+            return Response(status_code=499)
         except (TimeoutError, JobTimeout) as exc:
-            job.future.cancel()
             raise ApiError(504, "request timed out", kind="timeout_error") from exc
         except Exception as exc:
             log.exception("generation failed")
@@ -177,7 +280,7 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
             "seed": params.seed,
         }
 
-    @app.get("/v1/models", dependencies=[Depends(require_token)])
+    @app.get("/v1/models")
     async def models():
         if runtime.model is None:
             return {"object": "list", "data": []}
@@ -219,6 +322,68 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
     return app
 
 
+class TokenAndCount:
+    """The bearer token check, before anything reads the body; and the generation counter.
+
+    Counting here, outermost, includes the 401s the check itself answers.
+    """
+
+    def __init__(self, app, authorized, metrics):
+        self.app = app
+        self.authorized = authorized
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        counted = path == GENERATIONS_PATH
+        status = {}
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        if path.startswith("/v1/") and not self.authorized(Request(scope)):
+            response = error_response(
+                401, "missing or wrong bearer token", "authorization", "authentication_error",
+                {"WWW-Authenticate": "Bearer"}, "invalid_api_key",
+            )
+            await response(scope, receive, send_and_note)
+        else:
+            await self.app(scope, receive, send_and_note if counted else send)
+        if counted and "code" in status:
+            self.metrics.requests.labels(status=str(status["code"])).inc()
+
+
+class ClientGone(Exception):
+    """The client closed its connection before the images were ready."""
+
+
+async def wait_for_images(job, request: Request, timeout_s: float, poll_s: float = 0.25):
+    """The job's images; cancels the job when the deadline passes or the client goes away.
+
+    A cancelled job is dropped by the engine at its next stage or denoising step, which gives
+    its batch rows and its admission slot back instead of finishing work nobody waits for.
+    """
+    future = asyncio.wrap_future(job.future)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            done, _ = await asyncio.wait({future}, timeout=min(poll_s, remaining))
+            if done:
+                return future.result()
+            if await request.is_disconnected():
+                raise ClientGone
+    finally:
+        if not job.future.done():
+            job.future.cancel()
+
+
 def _png_base64(images) -> list[str]:
     out = []
     for image in images:
@@ -228,9 +393,25 @@ def _png_base64(images) -> list[str]:
     return out
 
 
+class ConfigError(ValueError):
+    """A setting the server cannot start with; the message says which and why."""
+
+
 def _read_token(settings: ServerSettings) -> str | None:
+    """The bearer token, or None when none is configured. Fails closed: a token file that is
+    empty or unreadable stops the server instead of leaving the API open."""
     if settings.auth_token_file is not None:
-        return settings.auth_token_file.read_text().strip() or None
+        path = settings.auth_token_file
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"auth_token_file {path} cannot be read: {exc.strerror}") from exc
+        if not token:
+            raise ConfigError(f"auth_token_file {path} is empty: refusing to serve without auth")
+        return token
     if settings.auth_token is not None:
-        return settings.auth_token.get_secret_value() or None
+        token = settings.auth_token.get_secret_value().strip()
+        if not token:
+            raise ConfigError("auth_token is set but empty: refusing to serve without auth")
+        return token
     return None

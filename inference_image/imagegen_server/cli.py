@@ -103,9 +103,13 @@ def serve(argv: Sequence[str]) -> int:
     )
     import uvicorn
 
-    from .api import create_app
+    from .api import ConfigError, create_app
 
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ConfigError as exc:
+        print(f"imagegen-server: {exc}", file=sys.stderr)
+        return 2
     uvicorn.run(
         app,
         host=settings.host,

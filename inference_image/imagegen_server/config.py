@@ -94,8 +94,21 @@ class ServerSettings(BaseSettings):
     drain_timeout_s: float = Field(
         default=120.0, gt=0, description="How long SIGTERM waits for accepted requests to finish."
     )
+    max_body_bytes: int = Field(
+        default=1 << 20, ge=1024, description="Largest request body read; more is a 413."
+    )
+
+    # What one request may ask for: anything beyond is a 400 naming the field, before any
+    # device work. These bound the work a single valid request can cost.
     max_prompt_chars: int = Field(default=2000, ge=1)
     max_images_per_request: int = Field(default=4, ge=1, le=64)
+    max_pixels: int | None = Field(
+        default=None,
+        ge=64 * 64,
+        description="Largest width x height a request may ask for; unset: the model's native size.",
+    )
+    max_steps: int = Field(default=200, ge=1, le=1000)
+    max_guidance_scale: float = Field(default=100.0, gt=0)
 
     # Speed levers.
     compile_enabled: bool = False

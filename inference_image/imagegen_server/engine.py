@@ -38,30 +38,55 @@ class InvalidRequest(ValueError):
         self.field = field
 
 
+def max_pixels(steps: FamilySteps, settings: ServerSettings) -> int:
+    """The largest width x height a request may ask for: the setting, or the native size."""
+    if settings.max_pixels is not None:
+        return settings.max_pixels
+    width, height = steps.native_size
+    return width * height
+
+
 def check_request(params: GenerationParams, steps: FamilySteps, settings: ServerSettings) -> None:
-    """The checks that depend on the model or the server's limits, before any device work."""
+    """Every limit on what one request may ask for, in one place, before any device work.
+
+    Each message says what was asked and what is allowed, and ``field`` names the request
+    field (OpenAI's ``param``).
+    """
     multiple = steps.size_multiple
+    size = f"{params.width}x{params.height}"
     for name, value in (("width", params.width), ("height", params.height)):
-        if value % multiple or not 64 <= value <= 4096:
+        if value % multiple or value < 64:
             raise InvalidRequest(
-                "size", f"{name} {value} must be a multiple of {multiple} in 64..4096"
+                "size", f"size {size}: the {name} must be a multiple of {multiple}, at least 64"
             )
+    limit = max_pixels(steps, settings)
+    if params.width * params.height > limit:
+        native_w, native_h = steps.native_size
+        raise InvalidRequest(
+            "size",
+            f"size {size} is {params.width * params.height} pixels; this server admits at most "
+            f"{limit} (the model's native size is {native_w}x{native_h})",
+        )
     if not 1 <= params.n <= settings.max_images_per_request:
-        raise InvalidRequest("n", f"n must be in 1..{settings.max_images_per_request}")
-    if not 1 <= params.steps <= 200:
-        raise InvalidRequest("steps", "steps must be in 1..200")
-    if len(params.prompt) > settings.max_prompt_chars:
         raise InvalidRequest(
-            "prompt", f"prompt is longer than {settings.max_prompt_chars} characters"
+            "n", f"n must be between 1 and {settings.max_images_per_request}, not {params.n}"
         )
-    if (
-        params.negative_prompt is not None
-        and len(params.negative_prompt) > settings.max_prompt_chars
-    ):
+    if not 1 <= params.steps <= settings.max_steps:
         raise InvalidRequest(
-            "negative_prompt",
-            f"negative_prompt is longer than {settings.max_prompt_chars} characters",
+            "steps", f"steps must be between 1 and {settings.max_steps}, not {params.steps}"
         )
+    if not 0 <= params.guidance_scale <= settings.max_guidance_scale:
+        raise InvalidRequest(
+            "guidance_scale",
+            f"guidance_scale must be between 0 and {settings.max_guidance_scale:g}, "
+            f"not {params.guidance_scale:g}",
+        )
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(params, name)
+        if text is not None and len(text) > settings.max_prompt_chars:
+            raise InvalidRequest(
+                name, f"{name} is longer than {settings.max_prompt_chars} characters"
+            )
 
 
 class Engine:

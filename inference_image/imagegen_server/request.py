@@ -25,7 +25,7 @@ class GenerationParams:
 
 
 class JobTimeout(TimeoutError):
-    """The request's deadline passed before a stage reached it."""
+    """The request's deadline passed, or its caller went away, before the work was done."""
 
 
 @dataclass(eq=False)
@@ -54,6 +54,14 @@ class Job:
 
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
+
+    def drop_reason(self) -> str | None:
+        """Why no more work should be spent on this job, or None while it is wanted."""
+        if self.future.done():
+            return "request cancelled"  # the caller gave up: timed out or disconnected
+        if self.expired():
+            return "request timed out"
+        return None
 
     def finish(self, images: list) -> None:
         # Release first, so a caller woken by the result already finds its slot free again.

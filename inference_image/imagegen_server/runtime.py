@@ -131,9 +131,9 @@ class ModelRuntime:
         return GenerationParams(
             prompt=prompt,
             n=n,
-            width=width or default_w,
-            height=height or default_h,
-            steps=steps or s.default_steps,
+            width=default_w if width is None else width,
+            height=default_h if height is None else height,
+            steps=s.default_steps if steps is None else steps,
             guidance_scale=s.default_guidance_scale if guidance_scale is None else guidance_scale,
             seed=secrets.randbits(63) if seed is None else seed,
             negative_prompt=negative_prompt,

@@ -111,12 +111,10 @@ class Stage:
     def _process(self, group: list[Job]) -> None:
         live = []
         for job in group:
-            if job.future.done():
-                # The caller gave up (timeout): drop the job here, which frees its slot.
-                job.fail(JobTimeout("request cancelled"))
-                continue
-            if job.expired():
-                job.fail(JobTimeout(f"request timed out before the {self.name} stage"))
+            # A caller that gave up, or a deadline that passed: drop the job before any work,
+            # which frees its slot.
+            if reason := job.drop_reason():
+                job.fail(JobTimeout(f"{reason} before the {self.name} stage"))
                 continue
             live.append(job)
         if not live:
@@ -136,6 +134,8 @@ class Stage:
             )
         outputs = outputs if outputs is not None else [None] * len(live)
         for job, output in zip(live, outputs, strict=True):
+            if job.released:
+                continue  # dropped by the step itself (cancelled between denoising steps)
             try:
                 self.on_output(job, output)
             except Exception as exc:

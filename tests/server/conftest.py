@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from server_testlib import FAMILIES, STEPS
+from server_testlib import FAMILIES, tiny_settings
 
-from imagegen_server.config import ServerSettings
 from imagegen_server.runtime import ModelRuntime
 from imagegen_server.tiny import make_tiny_model
 
@@ -38,19 +37,6 @@ def reference_pipeline(tiny_models) -> Callable:
         return cache[family]
 
     return get
-
-
-def tiny_settings(model: Path, **overrides) -> ServerSettings:
-    values = {
-        "model": str(model),
-        "dtype": "float32",
-        "device": "cpu",
-        "default_steps": STEPS,
-        "default_guidance_scale": 5.0,
-        "batch_window_ms": 2,
-    }
-    values.update(overrides)
-    return ServerSettings(**values)
 
 
 @pytest.fixture

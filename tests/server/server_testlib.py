@@ -7,6 +7,8 @@ import socket
 
 import numpy as np
 
+from imagegen_server.config import ServerSettings
+
 FAMILIES = ("sd15", "sdxl", "sd3", "flux")
 STEPS = 3
 
@@ -20,3 +22,29 @@ def free_port() -> int:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tiny_settings(model, **overrides) -> ServerSettings:
+    values = {
+        "model": str(model),
+        "dtype": "float32",
+        "device": "cpu",
+        "default_steps": STEPS,
+        "default_guidance_scale": 5.0,
+        "batch_window_ms": 2,
+        # The tiny models' native size is 64x64; the tests also ask for a few larger sizes.
+        "max_pixels": 128 * 128,
+    }
+    values.update(overrides)
+    return ServerSettings(**values)
+
+
+def count_calls(module):
+    """A forward hook that counts a module's calls; returns a function reading the count."""
+    calls = [0]
+
+    def hook(*_):
+        calls[0] += 1
+
+    module.register_forward_hook(hook)
+    return lambda: calls[0]

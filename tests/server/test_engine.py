@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from server_testlib import FAMILIES, STEPS, mean_abs_diff
+from server_testlib import FAMILIES, STEPS, count_calls, mean_abs_diff
 
 from imagegen_server.engine import EngineClosedError, InvalidRequest, QueueFullError
 from imagegen_server.request import GenerationParams, JobTimeout
@@ -167,4 +168,38 @@ def test_engine_checks_requests_before_device_work(make_runtime, change, field):
     with pytest.raises(InvalidRequest) as info:
         runtime.engine.submit(params)
     assert info.value.field == field
+    assert runtime.engine.in_flight == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_deadline_drops_the_job_between_denoising_steps(make_runtime, family):
+    runtime = make_runtime(family, max_batch_size=2, warmup=False)
+    denoiser = getattr(runtime.steps.pipeline, "unet", None) or runtime.steps.pipeline.transformer
+    calls = count_calls(denoiser)
+    big = runtime.params("large", width=128, height=128, steps=200, seed=1)
+    job = runtime.engine.submit(big, timeout_s=0.5)
+    with pytest.raises(JobTimeout, match=r"at denoising step (\d+)") as info:
+        job.future.result(60)
+    dropped_at = int(info.value.args[0].rsplit(" ", 1)[1])
+    assert 0 < dropped_at < 200 and calls() == dropped_at  # not one step more
+    assert runtime.engine.in_flight == 0  # its slot is free again
+    # A small request right after is served (how fast: bench/, not here).
+    small = runtime.params("small", width=64, height=64, steps=2, seed=2)
+    assert len(runtime.engine.generate(small, timeout_s=60)) == 1
+
+
+def test_a_cancelled_job_leaves_its_batch_mates_alone(make_runtime, reference_pipeline):
+    # Two requests denoised in one batch; one is cancelled mid-loop, the other finishes with
+    # the same pixels as diffusers.
+    runtime = make_runtime("sd15", max_batch_size=2, batch_window_ms=300, warmup=False)
+    keep = runtime.params("keep", steps=40, seed=5)
+    drop = runtime.params("drop", steps=40, seed=6)
+    kept, dropped = runtime.engine.submit(keep, 60), runtime.engine.submit(drop, 60)
+    calls = count_calls(runtime.steps.pipeline.unet)
+    while calls() < 5:
+        time.sleep(0.005)
+    dropped.future.cancel()  # what the HTTP layer does when a client goes away
+    images = kept.future.result(60)
+    assert dropped.released
+    assert_matches_reference(images, reference(reference_pipeline("sd15"), runtime, keep))
     assert runtime.engine.in_flight == 0

@@ -17,7 +17,7 @@ import openai
 import pytest
 import uvicorn
 from PIL import Image
-from server_testlib import free_port, mean_abs_diff
+from server_testlib import count_calls, free_port, mean_abs_diff
 
 from imagegen_server.api import create_app
 
@@ -76,15 +76,56 @@ def test_official_openai_client_generates_and_decodes(live_server, reference_pip
     assert all(mean_abs_diff(a, b) < 1.0 for a, b in zip(images, expected, strict=True))
 
 
-def test_openai_client_sees_errors_with_the_field(live_server):
-    base_url, _ = live_server
+@pytest.mark.parametrize(
+    ("kwargs", "error", "param"),
+    [
+        ({"n": 0}, openai.BadRequestError, "n"),
+        ({"size": "1024x1792"}, openai.BadRequestError, "size"),
+        ({"size": "auto"}, openai.BadRequestError, "size"),
+        ({"response_format": "url"}, openai.BadRequestError, "response_format"),
+        ({"extra_body": {"guidance_scale": "7"}}, openai.BadRequestError, "guidance_scale"),
+        ({"extra_body": {"steps": 0}}, openai.BadRequestError, "steps"),
+        ({"model": "dall-e-3"}, openai.NotFoundError, "model"),
+        ({"extra_body": {"prompt": "x" * 2_000_000}}, openai.APIStatusError, None),
+    ],
+)
+def test_openai_client_raises_the_class_for_each_error(live_server, kwargs, error, param):
+    base_url, runtime = live_server
     client = openai.OpenAI(base_url=base_url + "/v1", api_key="client-token", max_retries=0)
-    with pytest.raises(openai.UnprocessableEntityError) as info:
-        client.images.generate(prompt="x", n=0, response_format="b64_json")
-    assert info.value.body["param"] == "n"
+    kwargs = {"prompt": "x", "response_format": "b64_json", **kwargs}
+    with pytest.raises(error) as info:
+        client.images.generate(**kwargs)
+    assert info.value.body["param"] == param
+    assert info.value.body["message"]
+    if error is openai.APIStatusError:
+        assert info.value.status_code == 413
+    assert runtime.engine.in_flight == 0
+
+
+def test_openai_client_without_the_token_is_refused(live_server):
+    base_url, _ = live_server
     wrong = openai.OpenAI(base_url=base_url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         wrong.images.generate(prompt="x", response_format="b64_json")
+
+
+def test_a_client_that_goes_away_cancels_its_work(live_server):
+    base_url, runtime = live_server
+    engine = runtime.engine
+    denoiser_calls = count_calls(runtime.steps.pipeline.unet)
+    body = {"prompt": "long", "steps": 200, "size": "128x128"}
+    headers = {"Authorization": "Bearer client-token"}
+    with pytest.raises(httpx.ReadTimeout):
+        # The client stops waiting (and closes the connection) long before 200 steps are done.
+        httpx.post(base_url + "/v1/images/generations", json=body, headers=headers, timeout=1.0)
+    deadline = time.monotonic() + 60
+    while engine.in_flight and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.in_flight == 0
+    assert 0 < denoiser_calls() < 200  # dropped between steps, not run to the end
+    ok = httpx.post(base_url + "/v1/images/generations", json={"prompt": "next", "steps": 2},
+                    headers=headers, timeout=60)
+    assert ok.status_code == 200
 
 
 def _in_flight(base_url: str) -> float:

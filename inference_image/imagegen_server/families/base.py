@@ -7,7 +7,7 @@ from collections.abc import Hashable
 
 import torch
 
-from ..request import GenerationParams, Job
+from ..request import GenerationParams, Job, JobTimeout
 
 
 class FamilySteps:
@@ -67,6 +67,21 @@ class FamilySteps:
         # A CPU generator, as diffusers recommends for reproducibility: the same seed gives the
         # same image on any device. Only the initial noise is drawn there.
         return torch.Generator(device="cpu").manual_seed(seed)
+
+    @staticmethod
+    def still_wanted(jobs: list[Job], step: int) -> list[Job]:
+        """The jobs of a batch still worth a denoising step; the others are dropped now.
+
+        Checked at every step boundary, so a request whose deadline passed or whose client went
+        away gives back its batch rows and its slot within one step, not after the whole loop.
+        """
+        wanted = []
+        for job in jobs:
+            if reason := job.drop_reason():
+                job.fail(JobTimeout(f"{reason} at denoising step {step}"))
+            else:
+                wanted.append(job)
+        return wanted
 
     def step_kwargs(self, job: Job) -> dict:
         kwargs = {}

@@ -92,18 +92,17 @@ class FluxSteps(FamilySteps):
     def denoise(self, jobs: list[Job]) -> None:
         image_ids = [self.prepare(job) for job in jobs][0]
         transformer = self.pipeline.transformer
-        rows = [job.params.n for job in jobs]
-        embeds = torch.cat([job.conditioning["embeds"] for job in jobs])
-        pooled = torch.cat([job.conditioning["pooled"] for job in jobs])
-        guidance = None
-        if transformer.config.guidance_embeds:
-            guidance = torch.cat(
-                [
-                    torch.full([job.params.n], job.params.guidance_scale, dtype=torch.float32)
-                    for job in jobs
-                ]
-            ).to(self.device)
+        rows = None
         for step, t in enumerate(jobs[0].scheduler.timesteps):
+            wanted = self.still_wanted(jobs, step)
+            if not wanted:
+                return
+            if rows is None or len(wanted) < len(jobs):
+                jobs = wanted
+                rows = [job.params.n for job in jobs]
+                embeds = torch.cat([job.conditioning["embeds"] for job in jobs])
+                pooled = torch.cat([job.conditioning["pooled"] for job in jobs])
+                guidance = self._guidance(jobs, transformer)
             latents = torch.cat([job.latents for job in jobs])
             timestep = t.expand(latents.shape[0]).to(latents.dtype)
             noise_pred = transformer(
@@ -120,6 +119,16 @@ class FluxSteps(FamilySteps):
                 job.latents = job.scheduler.step(
                     pred, job.scheduler.timesteps[step], job.latents, return_dict=False
                 )[0]
+
+    def _guidance(self, jobs: list[Job], transformer) -> torch.Tensor | None:
+        if not transformer.config.guidance_embeds:
+            return None
+        return torch.cat(
+            [
+                torch.full([job.params.n], job.params.guidance_scale, dtype=torch.float32)
+                for job in jobs
+            ]
+        ).to(self.device)
 
     # 3. Decode -------------------------------------------------------------------------------
     def decode(self, jobs: list[Job]) -> list[list]:

@@ -73,10 +73,16 @@ class StableDiffusion3Steps(StableDiffusionSteps):
         for job in jobs:
             self.prepare(job)
         transformer = self.pipeline.transformer
-        embeds = torch.cat([job.conditioning["embeds"] for job in jobs])
-        pooled = torch.cat([job.conditioning["pooled"] for job in jobs])
-        rows = [job.conditioning["embeds"].shape[0] for job in jobs]
+        rows = None
         for step, t in enumerate(jobs[0].scheduler.timesteps):
+            wanted = self.still_wanted(jobs, step)
+            if not wanted:
+                return
+            if rows is None or len(wanted) < len(jobs):
+                jobs = wanted
+                embeds = torch.cat([job.conditioning["embeds"] for job in jobs])
+                pooled = torch.cat([job.conditioning["pooled"] for job in jobs])
+                rows = [job.conditioning["embeds"].shape[0] for job in jobs]
             inputs = [
                 torch.cat([job.latents] * 2) if self.uses_guidance(job) else job.latents
                 for job in jobs

@@ -119,11 +119,17 @@ class StableDiffusionSteps(FamilySteps):
         for job in jobs:
             self.prepare(job)
         unet = self.pipeline.unet
-        embeds = torch.cat([job.conditioning["embeds"] for job in jobs])
-        added = self.added_conditions(jobs)
-        rows = [job.conditioning["embeds"].shape[0] for job in jobs]
+        rows = None
         # All jobs in a batch share size and step count, hence the timestep sequence.
         for step, t in enumerate(jobs[0].scheduler.timesteps):
+            wanted = self.still_wanted(jobs, step)
+            if not wanted:
+                return
+            if rows is None or len(wanted) < len(jobs):
+                jobs = wanted
+                embeds = torch.cat([job.conditioning["embeds"] for job in jobs])
+                added = self.added_conditions(jobs)
+                rows = [job.conditioning["embeds"].shape[0] for job in jobs]
             inputs = []
             for job in jobs:
                 x = torch.cat([job.latents] * 2) if self.uses_guidance(job) else job.latents

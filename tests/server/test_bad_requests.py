@@ -1,0 +1,198 @@
+"""Bad requests, one table: each answers OpenAI's error shape with the right status and
+``param``, before any device work, and the server keeps serving after all of them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+from server_testlib import tiny_settings
+
+from imagegen_server.api import create_app
+from imagegen_server.runtime import ModelRuntime
+
+GENERATE = "/v1/images/generations"
+TOKEN = "table-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+JSON = {"content-type": "application/json"}
+BODY_LIMIT = 4096
+
+
+def case(body, status, param, **kw):
+    """A JSON body posted to the generation route with the right token."""
+    return {"json": body, "status": status, "param": param, **kw}
+
+
+def raw(content: bytes, status, param=None, headers=None, **kw):
+    return {"content": content, "headers": {**AUTH, **JSON, **(headers or {})}, "status": status,
+            "param": param, **kw}
+
+
+CASES = {
+    # size: grammar, multiples, limits
+    "size-one-number": case({"prompt": "x", "size": "64"}, 400, "size"),
+    "size-not-multiple-of-8": case({"prompt": "x", "size": "65x64"}, 400, "size"),
+    "size-too-small": case({"prompt": "x", "size": "8x8"}, 400, "size"),
+    "size-too-many-pixels": case({"prompt": "x", "size": "9000x64"}, 400, "size"),
+    "size-zeros": case({"prompt": "x", "size": "00x00"}, 400, "size"),
+    "size-zero-width": case({"prompt": "x", "size": "0x64"}, 400, "size"),
+    "size-auto": case({"prompt": "x", "size": "auto"}, 400, "size", says="auto"),
+    "size-dalle3": case({"prompt": "x", "size": "1024x1792"}, 400, "size", says="pixels"),
+    "size-three-parts": case({"prompt": "x", "size": "64x64x64"}, 400, "size"),
+    "size-number": case({"prompt": "x", "size": 64}, 400, "size"),
+    "size-negative": case({"prompt": "x", "size": "-64x64"}, 400, "size"),
+    "size-space": case({"prompt": "x", "size": " 64x64"}, 400, "size"),
+    "size-capital-x": case({"prompt": "x", "size": "64X64"}, 400, "size"),
+    "size-huge-digits": case({"prompt": "x", "size": "999999999x64"}, 400, "size"),
+    # n: one limit, one message
+    "n-zero": case({"prompt": "x", "n": 0}, 400, "n", says="between 1 and 4"),
+    "n-five": case({"prompt": "x", "n": 5}, 400, "n", says="between 1 and 4"),
+    "n-sixty-five": case({"prompt": "x", "n": 65}, 400, "n", says="between 1 and 4"),
+    "n-negative": case({"prompt": "x", "n": -1}, 400, "n"),
+    "n-word": case({"prompt": "x", "n": "two"}, 400, "n"),
+    "n-float": case({"prompt": "x", "n": 1.5}, 400, "n"),
+    "n-numeric-string": case({"prompt": "x", "n": "2"}, 400, "n"),
+    "n-bool": case({"prompt": "x", "n": True}, 400, "n"),
+    # steps
+    "steps-zero": case({"prompt": "x", "steps": 0}, 400, "steps"),
+    "steps-too-many": case({"prompt": "x", "steps": 201}, 400, "steps"),
+    "steps-string": case({"prompt": "x", "steps": "3"}, 400, "steps"),
+    "steps-float": case({"prompt": "x", "steps": 2.5}, 400, "steps"),
+    # prompt and negative prompt
+    "prompt-too-long": case({"prompt": "x" * 2001}, 400, "prompt"),
+    "prompt-empty": case({"prompt": ""}, 400, "prompt"),
+    "prompt-number": case({"prompt": 123}, 400, "prompt"),
+    "prompt-missing": case({"n": 1}, 400, "prompt", code="missing_required_parameter"),
+    "prompt-null": case({"prompt": None}, 400, "prompt"),
+    "prompt-list": case({"prompt": ["a"]}, 400, "prompt"),
+    "negative-list": case({"prompt": "x", "negative_prompt": ["a"]}, 400, "negative_prompt"),
+    "negative-too-long": case({"prompt": "x", "negative_prompt": "y" * 2001}, 400,
+                              "negative_prompt"),
+    # guidance_scale: strict and finite
+    "guidance-word": case({"prompt": "x", "guidance_scale": "high"}, 400, "guidance_scale"),
+    "guidance-numeric-string": case({"prompt": "x", "guidance_scale": "7"}, 400,
+                                    "guidance_scale"),
+    "guidance-negative": case({"prompt": "x", "guidance_scale": -1}, 400, "guidance_scale"),
+    "guidance-too-big": case({"prompt": "x", "guidance_scale": 101}, 400, "guidance_scale"),
+    "guidance-nan": raw(b'{"prompt": "x", "guidance_scale": NaN}', 400, "guidance_scale",
+                        says="finite"),
+    "guidance-infinity": raw(b'{"prompt": "x", "guidance_scale": Infinity}', 400,
+                             "guidance_scale"),
+    "guidance-bool": case({"prompt": "x", "guidance_scale": True}, 400, "guidance_scale"),
+    # seed
+    "seed-negative": case({"prompt": "x", "seed": -1}, 400, "seed"),
+    "seed-too-big": case({"prompt": "x", "seed": 2**63}, 400, "seed"),
+    "seed-string": case({"prompt": "x", "seed": "1"}, 400, "seed"),
+    # response_format, model
+    "format-url": case({"prompt": "x", "response_format": "url"}, 400, "response_format",
+                       says="inline"),
+    "format-number": case({"prompt": "x", "response_format": 1}, 400, "response_format"),
+    "model-unknown": case({"prompt": "x", "model": "dall-e-3"}, 404, "model"),
+    "model-number": case({"prompt": "x", "model": 3}, 400, "model"),
+    # the body as a whole
+    "body-list": case(["not", "an", "object"], 400, None, says="JSON object"),
+    "body-string": case("prompt", 400, None),
+    "body-null": raw(b"null", 400),
+    "body-number": case(3, 400, None),
+    "json-invalid": raw(b"{not json", 400, code="invalid_json"),
+    "json-trailing-garbage": raw(b'{"prompt": "x"} x', 400, code="invalid_json"),
+    "json-empty": raw(b"", 400, code="invalid_json"),
+    "json-bad-utf8": raw(b'{"prompt": "\xff\xfe"}', 400, says="UTF-8"),
+    "json-too-deep": raw(b"[" * 100_000 + b"]" * 100_000, 413),
+    "json-deep-within-limit": raw(b"[" * 1500 + b"]" * 1500, 400, says="nested too deeply"),
+    # content type and size
+    "form-encoded": raw(b"prompt=x", 415, headers={"content-type":
+                                                   "application/x-www-form-urlencoded"}),
+    "text-plain": raw(b'{"prompt": "x"}', 415, headers={"content-type": "text/plain"}),
+    "no-content-type": {"content": b'{"prompt": "x"}', "headers": AUTH, "status": 415,
+                        "param": None},
+    "body-over-limit": raw(json.dumps({"prompt": "x" * BODY_LIMIT}).encode(), 413),
+    "body-over-limit-chunked": {"chunked": True, "status": 413, "param": None},
+    # routing
+    "get-generations": {"method": "GET", "path": GENERATE, "status": 405, "param": None},
+    "put-generations": {"method": "PUT", "path": GENERATE, "status": 405, "param": None},
+    "no-such-route": {"method": "POST", "path": "/v1/images/edits", "status": 404,
+                      "param": None},
+    "no-such-page": {"method": "GET", "path": "/nope", "status": 404, "param": None},
+    "delete-models": {"method": "DELETE", "path": "/v1/models", "status": 405, "param": None},
+    # auth: checked before anything about the body
+    "no-token": {"json": {"prompt": "x"}, "headers": {}, "status": 401,
+                 "param": "authorization"},
+    "wrong-token": {"json": {"prompt": "x"}, "headers": {"Authorization": "Bearer no"},
+                    "status": 401, "param": "authorization"},
+    "basic-scheme": {"json": {"prompt": "x"}, "headers": {"Authorization": f"Basic {TOKEN}"},
+                     "status": 401, "param": "authorization"},
+    "no-token-invalid-json": {"content": b"{not json", "headers": JSON, "status": 401,
+                              "param": "authorization"},
+    "no-token-huge-body": {"content": b"x" * (BODY_LIMIT * 4), "headers": JSON, "status": 401,
+                           "param": "authorization"},
+    "no-token-models": {"method": "GET", "path": "/v1/models", "headers": {}, "status": 401,
+                        "param": "authorization"},
+}
+
+
+@pytest.fixture(scope="module")
+def client(tiny_models, tmp_path_factory):
+    token_file = tmp_path_factory.mktemp("auth") / "token"
+    token_file.write_text(TOKEN + "\n")
+    settings = tiny_settings(tiny_models["sd15"], warmup=False, max_body_bytes=BODY_LIMIT,
+                             auth_token_file=str(token_file))
+    runtime = ModelRuntime(settings).load()
+    with TestClient(create_app(settings, runtime)) as test_client:
+        yield test_client
+    runtime.close(timeout=30)
+
+
+def send(client: TestClient, spec: dict):
+    method = spec.get("method", "POST")
+    path = spec.get("path", GENERATE)
+    headers = spec.get("headers", AUTH)
+    if spec.get("chunked"):
+        def chunks():
+            for _ in range(8):
+                yield b'{"prompt": "' + b"x" * BODY_LIMIT
+
+        return client.post(path, content=chunks(), headers={**AUTH, **JSON})
+    if "content" in spec:
+        return client.request(method, path, content=spec["content"], headers=headers)
+    if "json" in spec:
+        return client.request(method, path, json=spec["json"], headers=headers)
+    return client.request(method, path, headers=headers)
+
+
+def test_the_table_is_large_enough():
+    assert len(CASES) >= 60
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_request(client, name):
+    spec = CASES[name]
+    response = send(client, spec)
+    assert response.status_code == spec["status"], response.text
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert error["param"] == spec["param"], error
+    assert error["message"] and isinstance(error["message"], str)
+    assert error["type"] == ("authentication_error" if spec["status"] == 401
+                             else "invalid_request_error")
+    if spec["param"] not in (None, "authorization"):
+        assert spec["param"] in error["message"], error  # the message names the field too
+    if "says" in spec:
+        assert spec["says"] in error["message"], error
+    if "code" in spec:
+        assert error["code"] == spec["code"], error
+    if spec["status"] == 401:
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+    # Nothing reached the engine, and the server still serves.
+    assert client.app.state.runtime.engine.in_flight == 0
+
+
+def test_still_serving_after_the_table(client):
+    for spec in CASES.values():
+        send(client, spec)
+    ok = client.post(GENERATE, json={"prompt": "after all that", "steps": 1}, headers=AUTH)
+    assert ok.status_code == 200, ok.text
+    assert len(ok.json()["data"]) == 1
