@@ -32,7 +32,7 @@ from pydantic import (
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import ServerSettings
-from .engine import EngineClosedError, InvalidRequest, QueueFullError
+from .engine import EngineClosedError, InvalidRequest, QueueFullError, ShutdownError
 from .request import JobTimeout
 from .runtime import ModelRuntime
 
@@ -175,10 +175,10 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         if runtime.engine is None and runtime.error is None:
             runtime.load_in_background()
         yield
-        # uvicorn runs this after SIGTERM once in-flight HTTP requests are answered; whatever
-        # was accepted but is still queued inside the engine finishes here.
+        # After SIGTERM the engine has drained already (shutdown.DrainingServer); elsewhere
+        # (tests, embedding) whatever is still accepted finishes here.
         drained = await asyncio.to_thread(runtime.close, settings.drain_timeout_s)
-        log.info("shutdown: %s", "drained" if drained else "drain timed out")
+        log.info("engine stopped: %s", "drained" if drained else "drain timed out")
 
     app = FastAPI(title="imagegen-server", lifespan=lifespan)
     app.state.runtime = runtime
@@ -267,6 +267,10 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         except ClientGone:
             # Nobody to answer; the engine drops the job at its next step boundary.
             return Response(status_code=499)
+        except ShutdownError as exc:
+            raise ApiError(
+                503, str(exc), kind="server_error", headers={"Retry-After": "1"}
+            ) from exc
         except (TimeoutError, JobTimeout) as exc:
             raise ApiError(504, "request timed out", kind="timeout_error") from exc
         except Exception as exc:

@@ -35,6 +35,7 @@ SERVE_FLAGS: dict[str, dict] = {
     "default_width": {"type": int},
     "default_height": {"type": int},
     "request_timeout_s": {"type": float},
+    "drain_timeout_s": {"type": float},
     "auth_token_file": {},
     "torch_threads": {"type": int},
     "log_level": {},
@@ -104,20 +105,23 @@ def serve(argv: Sequence[str]) -> int:
     import uvicorn
 
     from .api import ConfigError, create_app
+    from .config import SHUTDOWN_FLUSH_S
+    from .shutdown import DrainingServer
 
     try:
         app = create_app(settings)
     except ConfigError as exc:
         print(f"imagegen-server: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
-        # uvicorn stops accepting on SIGTERM and waits this long for requests in flight.
-        timeout_graceful_shutdown=int(settings.drain_timeout_s),
+        # The drain is over when uvicorn is told to exit: this is only for the last answers.
+        timeout_graceful_shutdown=SHUTDOWN_FLUSH_S,
     )
+    DrainingServer(config, app.state.runtime, settings.drain_timeout_s).run()
     return 0
 
 

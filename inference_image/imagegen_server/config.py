@@ -15,6 +15,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "IMAGEGEN_"
 
+# After the drain, how long the HTTP server may take to write the last answers and close
+# connections. A pod's grace period must hold the drain timeout plus this (the operator's does).
+SHUTDOWN_FLUSH_S = 5
+
 
 class Family(StrEnum):
     """Model families, spelled as in the ImageGenService API."""
@@ -92,7 +96,10 @@ class ServerSettings(BaseSettings):
     )
     request_timeout_s: float = Field(default=300.0, gt=0)
     drain_timeout_s: float = Field(
-        default=120.0, gt=0, description="How long SIGTERM waits for accepted requests to finish."
+        default=120.0,
+        gt=0,
+        description="After SIGTERM, the one deadline for accepted requests; then they are "
+        "cancelled and answered 503.",
     )
     max_body_bytes: int = Field(
         default=1 << 20, ge=1024, description="Largest request body read; more is a 413."

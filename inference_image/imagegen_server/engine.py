@@ -7,10 +7,12 @@ an unbounded queue.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
 import time
+from concurrent.futures import InvalidStateError
 from typing import Any
 
 from .config import ServerSettings, StageMode
@@ -30,6 +32,10 @@ class QueueFullError(RuntimeError):
 
 class EngineClosedError(RuntimeError):
     """The engine is draining or stopped and takes no new work."""
+
+
+class ShutdownError(RuntimeError):
+    """An accepted request the drain deadline cut short."""
 
 
 class InvalidRequest(ValueError):
@@ -100,6 +106,7 @@ class Engine:
         self.metrics = metrics
         self._lock = threading.Condition()
         self._in_flight = 0
+        self._jobs: set[Job] = set()
         self._closed = False
         self._recent_seconds = 1.0  # running estimate of one request's latency, for Retry-After
         self.stages = self._build_stages()
@@ -127,14 +134,36 @@ class Engine:
             stage.start()
         return self
 
+    def stop_accepting(self) -> None:
+        """From now on ``submit`` refuses (503); accepted work goes on."""
+        with self._lock:
+            self._closed = True
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        """Wait until nothing accepted is left; returns whether that happened in time."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self._in_flight == 0, timeout)
+
+    def cancel_all(self, error: BaseException) -> int:
+        """Answer every accepted request with ``error`` now; returns how many there were.
+
+        The stages drop each job at its next step boundary, which frees its slot; its device
+        work stops there.
+        """
+        with self._lock:
+            jobs = list(self._jobs)
+        for job in jobs:
+            with contextlib.suppress(InvalidStateError):
+                job.future.set_exception(error)
+        return len(jobs)
+
     def close(self, timeout: float | None = None) -> bool:
         """Refuse new work, let accepted work finish (up to ``timeout``), stop the threads.
 
         Returns whether everything accepted was finished.
         """
-        with self._lock:
-            self._closed = True
-            drained = self._lock.wait_for(lambda: self._in_flight == 0, timeout)
+        self.stop_accepting()
+        drained = self.wait_idle(timeout)
         for stage in self.stages:
             stage.stop(timeout=5)
         return drained
@@ -162,6 +191,8 @@ class Engine:
         # The slot is given back when the engine lets go of the job, not when the caller stops
         # waiting: a timed-out request still occupies the device until a stage drops it.
         job = Job(params, deadline=deadline, on_release=self._released)
+        with self._lock:
+            self._jobs.add(job)
         self.stages[0].put(job)
         return job
 
@@ -176,6 +207,7 @@ class Engine:
     def _released(self, job: Job, succeeded: bool) -> None:
         seconds = time.monotonic() - job.submitted_at
         with self._lock:
+            self._jobs.discard(job)
             self._in_flight -= 1
             self.metrics.in_flight.set(self._in_flight)
             if succeeded:

@@ -12,7 +12,7 @@ import threading
 import time
 
 from .config import ServerSettings
-from .engine import Engine, build_engine
+from .engine import Engine, ShutdownError, build_engine
 from .families import FamilySteps, steps_for
 from .loading import LoadedModel, load_model
 from .metrics import ServerMetrics
@@ -95,6 +95,24 @@ class ModelRuntime:
     @property
     def ready(self) -> bool:
         return self._ready.is_set() and self.engine is not None and self.engine.accepting
+
+    def drain(self, timeout: float) -> bool:
+        """SIGTERM's work, within one deadline: refuse new requests (503, and /readyz 503), let
+        accepted ones finish until shortly before ``timeout``, then cancel what is left (its
+        callers get 503) and wait for the stages to drop it. Returns whether all finished."""
+        self.metrics.ready.set(0)
+        engine = self.engine
+        if engine is None:
+            return True
+        engine.stop_accepting()
+        # Cancelled jobs leave at their next step boundary: keep a little time for that.
+        cancel_grace = min(5.0, timeout / 4)
+        if engine.wait_idle(timeout - cancel_grace):
+            return True
+        cancelled = engine.cancel_all(ShutdownError("the server shut down before this finished"))
+        log.warning("drain deadline: cancelled %d request(s)", cancelled)
+        engine.wait_idle(cancel_grace)
+        return False
 
     def close(self, timeout: float | None = None) -> bool:
         """Drain accepted work and stop; returns whether everything finished in time."""

@@ -69,3 +69,15 @@ def test_cold_start_writes_sd15s_architecture_that_the_server_loads(tmp_path, mo
         assert len(images) == 1 and images[0].size == runtime.default_size
     finally:
         runtime.close()
+
+
+@pytest.mark.slow
+def test_large_request_benchmark_runs_every_case(tmp_path):
+    run_bench("large_request.py", "--size", "128", "--large-steps", "2", "--small", "2",
+              out_dir=tmp_path)
+    result = json.loads((tmp_path / "large_request.json").read_text())
+    outcomes = {case: r["large"] for case, r in result["cases"].items()}
+    assert outcomes["no large request"] == "none"
+    assert outcomes["refused by max_pixels"] == "refused (400)"
+    assert outcomes["admitted, runs to the end"] == "finished"
+    assert set(result["p95_ratio_to_no_large_request"]) == set(outcomes)

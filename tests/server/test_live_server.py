@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import signal
@@ -20,6 +21,7 @@ from PIL import Image
 from server_testlib import count_calls, free_port, mean_abs_diff
 
 from imagegen_server.api import create_app
+from imagegen_server.config import SHUTDOWN_FLUSH_S
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -136,14 +138,17 @@ def _in_flight(base_url: str) -> float:
 
 
 @pytest.mark.slow
-def test_sigterm_finishes_accepted_requests_then_exits(tiny_models):
+@contextlib.contextmanager
+def server_process(model, *flags: str, env: dict | None = None):
+    """The real `imagegen-server` process on 127.0.0.1, ready; yields (base_url, process)."""
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": str(REPO / "inference_image"), "IMAGEGEN_TORCH_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "inference_image"), "IMAGEGEN_TORCH_THREADS": "1",
+           **(env or {})}
     command = [
-        sys.executable, "-m", "imagegen_server", "--model", str(tiny_models["sd15"]),
+        sys.executable, "-m", "imagegen_server", "--model", str(model),
         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--device", "cpu",
-        "--default-steps", "3", "--max-batch-size", "1", "--log-level", "info",
+        "--default-steps", "3", "--max-batch-size", "1", "--log-level", "info", *flags,
     ]  # fmt: skip
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -158,7 +163,15 @@ def test_sigterm_finishes_accepted_requests_then_exits(tiny_models):
             time.sleep(0.2)
         else:
             pytest.fail("server never became ready")
+        yield base_url, process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
+
+def test_sigterm_finishes_accepted_requests_then_exits(tiny_models):
+    with server_process(tiny_models["sd15"]) as (base_url, process):
         results: dict[int, httpx.Response] = {}
 
         def call(i: int) -> None:
@@ -175,8 +188,13 @@ def test_sigterm_finishes_accepted_requests_then_exits(tiny_models):
 
         process.send_signal(signal.SIGTERM)
         time.sleep(0.3)
-        with pytest.raises(httpx.TransportError):  # no longer accepting
-            httpx.post(base_url + "/v1/images/generations", json={"prompt": "late"}, timeout=5)
+        # Still listening while it drains: a new request is told to go elsewhere, and the
+        # readiness probe takes the pod out of the Service.
+        late = httpx.post(base_url + "/v1/images/generations", json={"prompt": "late"}, timeout=5)
+        assert late.status_code == 503, late.text
+        assert int(late.headers["Retry-After"]) >= 1
+        assert late.json()["error"]["type"] == "server_error"
+        assert httpx.get(base_url + "/readyz", timeout=5).status_code == 503
         for t in threads:
             t.join(120)
         assert sorted(results) == [0, 1, 2, 3]
@@ -184,8 +202,37 @@ def test_sigterm_finishes_accepted_requests_then_exits(tiny_models):
         assert all(r.json()["data"][0]["b64_json"] for r in results.values())
         # uvicorn re-raises the signal after its graceful shutdown, so the status names SIGTERM.
         assert process.wait(timeout=60) in (0, -signal.SIGTERM)
-        assert b"shutdown: drained" in process.stdout.read()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        output = process.stdout.read()
+        assert b"shutdown: drained" in output
+        assert b"Traceback" not in output and b"ERROR" not in output, output.decode()
+
+
+def test_sigterm_cancels_what_cannot_finish_by_the_drain_deadline(tiny_models):
+    drain_s = 4.0
+    with server_process(
+        tiny_models["sd15"], "--drain-timeout-s", str(drain_s),
+        env={"IMAGEGEN_MAX_PIXELS": str(256 * 256)},
+    ) as (base_url, process):
+        result: dict = {}
+        body = {"prompt": "too long to finish", "steps": 200, "size": "256x256"}
+        worker = threading.Thread(target=lambda: result.setdefault("r", httpx.post(
+            base_url + "/v1/images/generations", json=body, timeout=120)))
+        worker.start()
+        deadline = time.monotonic() + 30
+        while _in_flight(base_url) < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        worker.join(120)
+        exit_status = process.wait(timeout=120)
+        took = time.monotonic() - signalled
+        output = process.stdout.read().decode()
+    # The client is told, rather than cut off; the process is gone within the drain deadline
+    # plus the flush time and the stages' stop: well inside a pod's grace period.
+    response = result["r"]
+    assert response.status_code == 503, response.text
+    assert "shut down" in response.json()["error"]["message"]
+    assert exit_status in (0, -signal.SIGTERM)
+    assert took < drain_s + SHUTDOWN_FLUSH_S + 15, (took, output)
+    assert "drain deadline: cancelled 1 request(s)" in output
+    assert "Traceback" not in output, output

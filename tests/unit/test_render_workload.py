@@ -161,6 +161,18 @@ def test_restricted_security_context() -> None:
     assert {"/tmp", "/var/cache/imagegen"} <= writable
 
 
+def test_the_grace_period_holds_the_pause_the_drain_and_the_last_answers() -> None:
+    from imagegen_server.config import SHUTDOWN_FLUSH_S
+
+    spec = pod_spec(resource())
+    container = spec["containers"][0]
+    pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    drain = float(env_of(resource())[env_var_name("drain_timeout_s")])  # rendered, not a default
+    assert pause > 0
+    # The kubelet counts the preStop pause inside the grace period; SIGKILL comes at its end.
+    assert spec["terminationGracePeriodSeconds"] >= pause + drain + SHUTDOWN_FLUSH_S + 10
+
+
 def test_probes_use_the_server_routes() -> None:
     container = pod_spec(resource())["containers"][0]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"

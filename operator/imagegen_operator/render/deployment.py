@@ -37,6 +37,7 @@ from imagegen_operator.render.common import (
     selector_labels,
     server_port,
 )
+from imagegen_server.config import SHUTDOWN_FLUSH_S
 
 # The image used when spec.server.image is unset and the caller names none
 # (the operator's configuration and `render --server-image` may).
@@ -51,8 +52,12 @@ RUN_AS_USER = 10001
 STARTUP_PERIOD_S = 10
 STARTUP_BUDGET_S = {"load": 15 * 60, "compile": 30 * 60, "max-autotune": 60 * 60}
 
-# Leave time for accepted requests to finish after SIGTERM (server drain_timeout_s is 120).
-TERMINATION_GRACE_S = 150
+# The preStop pause, the server's drain and its last answers, and a margin: the kubelet
+# kills the container only once all of that is over.
+SHUTDOWN_MARGIN_S = 20
+TERMINATION_GRACE_S = (
+    env.PRESTOP_PAUSE_S + env.DRAIN_TIMEOUT_S + SHUTDOWN_FLUSH_S + SHUTDOWN_MARGIN_S
+)
 
 GCSFUSE_DRIVER = "gcsfuse.csi.storage.gke.io"
 
@@ -284,6 +289,8 @@ def render_deployment(
         "env": env.server_env(resource) + mps_env(plan),
         "resources": container_resources(resource),
         **probes(resource),
+        # The kubelet's own sleep (no shell in the image needed); SIGTERM follows it.
+        "lifecycle": {"preStop": {"sleep": {"seconds": env.PRESTOP_PAUSE_S}}},
         "securityContext": container_security_context(),
         "volumeMounts": mounts,
     }

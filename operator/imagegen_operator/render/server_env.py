@@ -22,6 +22,13 @@ COMPILE_CACHE_DIR = "/var/cache/imagegen/compile"
 AUTH_TOKEN_DIR = "/var/run/secrets/imagegen"
 AUTH_TOKEN_FILE = f"{AUTH_TOKEN_DIR}/token"
 
+# Shutdown: the kubelet runs the preStop pause first, so the pod leaves the Service's
+# endpoints before the server hears SIGTERM; the server then drains for DRAIN_TIMEOUT_S (new
+# requests 503, accepted ones finish or are cancelled at the deadline) and writes its last
+# answers. The Deployment's grace period holds all of it (render/deployment.py).
+PRESTOP_PAUSE_S = 5
+DRAIN_TIMEOUT_S = 120
+
 
 class _SpecOnlySettings(ServerSettings):
     """ServerSettings validated from explicit values only, never from os.environ."""
@@ -55,6 +62,7 @@ def settings_values(resource: Any) -> dict[str, Any]:
         "default_guidance_scale": defaults.guidance_scale,
         "default_width": defaults.width,
         "default_height": defaults.height,
+        "drain_timeout_s": DRAIN_TIMEOUT_S,
     }
     if compile_.enabled:
         values["compile_mode"] = value(compile_.mode)
