@@ -6,6 +6,7 @@ the Deployment's environment, so a renamed setting breaks an operator test inste
 
 from __future__ import annotations
 
+import json
 from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -114,6 +115,11 @@ class ServerSettings(BaseSettings):
         ge=64 * 64,
         description="Largest width x height a request may ask for; unset: the model's native size.",
     )
+    allowed_sizes: list[str] | None = Field(
+        default=None,
+        description="The only sizes (WIDTHxHEIGHT) a request may ask for besides the default "
+        "size; unset: any within max_pixels. In the environment, a JSON list.",
+    )
     max_steps: int = Field(default=200, ge=1, le=1000)
     max_guidance_scale: float = Field(default=100.0, gt=0)
 
@@ -149,6 +155,15 @@ class ServerSettings(BaseSettings):
 
     log_level: str = "info"
 
+    @field_validator("allowed_sizes")
+    @classmethod
+    def _check_sizes(cls, value: list[str] | None) -> list[str] | None:
+        for size in value or []:
+            parts = size.split("x")
+            if len(parts) != 2 or not all(p.isdigit() and int(p) >= 64 for p in parts):
+                raise ValueError(f"allowed size {size!r} is not WIDTHxHEIGHT, each at least 64")
+        return value
+
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
@@ -172,6 +187,8 @@ class ServerSettings(BaseSettings):
 
 
 def _env_value(value: Any) -> str:
+    if isinstance(value, list):
+        return json.dumps(value)  # how pydantic-settings reads a list from the environment
     if isinstance(value, Enum):
         return str(value.value)
     if isinstance(value, bool):

@@ -1,8 +1,10 @@
 """Engines: the same stage steps run Pipelined (a thread per stage) or Stacked (one worker).
 
-The engine owns admission control: at most ``queue_capacity`` requests are in flight, and a
-request beyond that is refused at once with ``QueueFullError`` (HTTP 429) instead of waiting in
-an unbounded queue.
+The engine owns admission control, by cost rather than by count: a request's cost is its
+pixels x steps x images, in units of one request at the default size and step count, and at
+most ``queue_capacity`` units are in flight. A request beyond that is refused at once with
+``QueueFullError`` (HTTP 429), with a Retry-After from the work ahead, instead of waiting in an
+unbounded queue. One request is always admitted into an idle engine, whatever it costs.
 """
 
 from __future__ import annotations
@@ -45,11 +47,21 @@ class InvalidRequest(ValueError):
 
 
 def max_pixels(steps: FamilySteps, settings: ServerSettings) -> int:
-    """The largest width x height a request may ask for: the setting, or the native size."""
+    """The largest width x height a request may ask for: the setting, or else the native size
+    (the configured default size, when that is larger: the defaults are always admitted)."""
     if settings.max_pixels is not None:
         return settings.max_pixels
     width, height = steps.native_size
-    return width * height
+    default = (settings.default_width or width) * (settings.default_height or height)
+    return max(width * height, default)
+
+
+def admitted_sizes(steps: FamilySteps, settings: ServerSettings) -> list[str]:
+    """With a list of sizes: those, and the default size (what a request without one gets)."""
+    native_w, native_h = steps.native_size
+    default = f"{settings.default_width or native_w}x{settings.default_height or native_h}"
+    listed = list(settings.allowed_sizes or [])
+    return listed if default in listed else [default, *listed]
 
 
 def check_request(params: GenerationParams, steps: FamilySteps, settings: ServerSettings) -> None:
@@ -65,6 +77,12 @@ def check_request(params: GenerationParams, steps: FamilySteps, settings: Server
             raise InvalidRequest(
                 "size", f"size {size}: the {name} must be a multiple of {multiple}, at least 64"
             )
+    if settings.allowed_sizes and size not in admitted_sizes(steps, settings):
+        raise InvalidRequest(
+            "size",
+            f"size {size} is not one this service admits: "
+            + ", ".join(admitted_sizes(steps, settings)),
+        )
     limit = max_pixels(steps, settings)
     if params.width * params.height > limit:
         native_w, native_h = steps.native_size
@@ -108,7 +126,15 @@ class Engine:
         self._in_flight = 0
         self._jobs: set[Job] = set()
         self._closed = False
-        self._recent_seconds = 1.0  # running estimate of one request's latency, for Retry-After
+        self._cost = 0.0  # units in flight
+        native_w, native_h = steps.native_size
+        self._unit = (
+            (settings.default_width or native_w) * (settings.default_height or native_h)
+            * settings.default_steps
+        )
+        # Running estimate of the seconds one unit of work takes, for Retry-After.
+        self._seconds_per_unit = 1.0
+        self._last_done: float | None = None
         self.stages = self._build_stages()
 
     def _build_stages(self) -> list[Stage]:
@@ -180,17 +206,20 @@ class Engine:
     def submit(self, params: GenerationParams, timeout_s: float | None = None) -> Job:
         """Accept a request or refuse it now; the job's future resolves to a list of images."""
         check_request(params, self.steps, self.settings)
+        cost = self.cost(params)
+        capacity = self.settings.queue_capacity
         with self._lock:
             if self._closed:
                 raise EngineClosedError("server is shutting down")
-            if self._in_flight >= self.settings.queue_capacity:
+            if self._in_flight >= capacity or (self._in_flight and self._cost + cost > capacity):
                 raise QueueFullError(self.retry_after_s())
             self._in_flight += 1
+            self._cost += cost
             self.metrics.in_flight.set(self._in_flight)
         deadline = time.monotonic() + timeout_s if timeout_s else None
         # The slot is given back when the engine lets go of the job, not when the caller stops
         # waiting: a timed-out request still occupies the device until a stage drops it.
-        job = Job(params, deadline=deadline, on_release=self._released)
+        job = Job(params, deadline=deadline, cost=cost, on_release=self._released)
         with self._lock:
             self._jobs.add(job)
         self.stages[0].put(job)
@@ -200,18 +229,32 @@ class Engine:
         """Submit and wait: the blocking form for warm-up, benchmarks and tests."""
         return self.submit(params, timeout_s).future.result(timeout_s)
 
+    def cost(self, params: GenerationParams) -> float:
+        """Pixels x steps x images, in units of one request at the default size and steps."""
+        return params.width * params.height * params.steps * params.n / self._unit
+
+    @property
+    def work_in_flight(self) -> float:
+        return self._cost
+
     def retry_after_s(self) -> int:
-        batches_ahead = self._in_flight / max(1, self.settings.max_batch_size)
-        return max(1, math.ceil(batches_ahead * self._recent_seconds))
+        """Seconds until the work ahead is done, at the rate recent requests went."""
+        return max(1, math.ceil(self._cost * self._seconds_per_unit))
 
     def _released(self, job: Job, succeeded: bool) -> None:
-        seconds = time.monotonic() - job.submitted_at
+        now = time.monotonic()
         with self._lock:
+            if succeeded:
+                # The time since the last answer is this job's share of the device while work
+                # queued; its latency bounds that when the engine sat idle in between.
+                latency = now - job.submitted_at
+                share = latency if self._last_done is None else min(latency, now - self._last_done)
+                self._seconds_per_unit = 0.8 * self._seconds_per_unit + 0.2 * share / job.cost
+                self._last_done = now
             self._jobs.discard(job)
             self._in_flight -= 1
+            self._cost = max(0.0, self._cost - job.cost)
             self.metrics.in_flight.set(self._in_flight)
-            if succeeded:
-                self._recent_seconds = 0.8 * self._recent_seconds + 0.2 * seconds
             self._lock.notify_all()
 
     def _complete(self, job: Job, images: Any) -> None:

@@ -39,6 +39,8 @@ class Job:
     params: GenerationParams
     future: Future = field(default_factory=Future)
     deadline: float | None = None
+    # Its work in units of one request at the default size and step count (see engine.py).
+    cost: float = 1.0
     submitted_at: float = field(default_factory=time.monotonic)
     generator: Any = None
     scheduler: Any = None

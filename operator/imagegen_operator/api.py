@@ -186,6 +186,28 @@ class GenerationDefaults(KubeModel):
     """Image height in pixels: a multiple of 8 in 64..4096."""
 
 
+# WIDTHxHEIGHT in pixels, as requests spell a size (the server's own grammar).
+SIZE_PATTERN = r"^[1-9][0-9]{1,3}x[1-9][0-9]{1,3}$"
+
+
+class RequestLimits(KubeModel):
+    """What one request may ask for; the server answers anything beyond with a 400 naming the
+    field, before any GPU work."""
+
+    sizes: list[Annotated[str, Field(pattern=SIZE_PATTERN, max_length=9)]] | None = Field(
+        default=None, max_length=32
+    )
+    """The only sizes a request may ask for besides the default size, as WIDTHxHEIGHT
+    (multiples of 8); unset: any size up to maxPixels."""
+    max_pixels: int | None = Field(default=None, ge=64 * 64, le=4096 * 4096)
+    """Largest width x height of one request; unset: the model's native size (or the default
+    size, when that is larger)."""
+    max_steps: int = Field(default=200, ge=1, le=1000)
+    """Most denoising steps one request may ask for."""
+    max_images_per_request: int = Field(default=4, ge=1, le=64)
+    """Largest n of one request."""
+
+
 class PipelineSpec(KubeModel):
     """How the inference server runs the pipeline."""
 
@@ -197,6 +219,31 @@ class PipelineSpec(KubeModel):
     """Stage threading and batching."""
     defaults: GenerationDefaults = defaulted()
     """Defaults for requests that leave parameters out."""
+    limits: RequestLimits = defaulted()
+    """What one request may ask for: the work a single request can cost."""
+
+    # The defaults must be a request the limits admit: the server warms up with them.
+    rules = (
+        Rule(
+            cel=(
+                "!has(self.limits) || !has(self.limits.maxPixels) || !has(self.defaults)"
+                " || self.defaults.width * self.defaults.height <= self.limits.maxPixels"
+            ),
+            check=lambda p: p.limits.max_pixels is None
+            or p.defaults.width * p.defaults.height <= p.limits.max_pixels,
+            field=".limits.maxPixels",
+            message="limits.maxPixels must hold defaults.width x defaults.height",
+        ),
+        Rule(
+            cel=(
+                "!has(self.limits) || !has(self.defaults) || !has(self.limits.maxSteps)"
+                " || !has(self.defaults.steps) || self.defaults.steps <= self.limits.maxSteps"
+            ),
+            check=lambda p: p.defaults.steps <= p.limits.max_steps,
+            field=".limits.maxSteps",
+            message="limits.maxSteps must not be below defaults.steps",
+        ),
+    )
 
 
 # --- spec: GPU -----------------------------------------------------------------------

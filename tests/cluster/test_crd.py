@@ -167,6 +167,7 @@ def test_server_applies_the_documented_defaults(cluster, ns):
         "attention": "Flash",
         "stages": {"mode": "Pipelined", "maxBatchSize": 4, "batchWindowMs": 5, "queueCapacity": 64},
         "defaults": {"steps": 30, "guidanceScale": 7, "width": 1024, "height": 1024},
+        "limits": {"maxSteps": 200, "maxImagesPerRequest": 4},
     }
     assert spec["gpu"] == {"type": "nvidia-l4", "countPerNode": 1}
     assert spec["nodePool"] == {"provider": "Local", "spot": False, "minNodes": 0, "maxNodes": 4}

@@ -121,7 +121,8 @@ def _sample(runtime, name: str, stage: str) -> float:
 
 def test_full_queue_is_refused_at_once(make_runtime):
     runtime = make_runtime("sd15", queue_capacity=2, max_batch_size=1)
-    slow = [runtime.engine.submit(runtime.params("slow", seed=i, steps=40)) for i in range(2)]
+    # Two requests at the default size and steps: two units of work, all there is room for.
+    slow = [runtime.engine.submit(runtime.params("slow", seed=i)) for i in range(2)]
     with pytest.raises(QueueFullError) as info:
         runtime.engine.submit(runtime.params("one too many", seed=3))
     assert info.value.retry_after_s >= 1
@@ -203,3 +204,27 @@ def test_a_cancelled_job_leaves_its_batch_mates_alone(make_runtime, reference_pi
     assert dropped.released
     assert_matches_reference(images, reference(reference_pipeline("sd15"), runtime, keep))
     assert runtime.engine.in_flight == 0
+
+
+def test_admission_counts_work_not_requests(make_runtime):
+    # Room for 4 units of work: a unit is one request at the default size (64x64) and steps.
+    runtime = make_runtime("sd15", queue_capacity=4, max_batch_size=1, warmup=False)
+    engine = runtime.engine
+    big = runtime.params("big", width=128, height=128, steps=4 * STEPS, seed=1)  # 16 units
+    small = [runtime.params(f"small {i}", seed=10 + i) for i in range(5)]  # 1 unit each
+
+    # An idle engine takes any one request, however costly.
+    job = engine.submit(big, timeout_s=120)
+    assert engine.work_in_flight == pytest.approx(16)
+    # By count there would be room for three more; by work there is none.
+    with pytest.raises(QueueFullError) as refused:
+        engine.submit(small[0])
+    assert refused.value.retry_after_s >= 1
+    job.future.result(120)
+
+    jobs = [engine.submit(p, timeout_s=120) for p in small[:4]]  # 4 units: exactly full
+    with pytest.raises(QueueFullError):
+        engine.submit(small[4])
+    for j in jobs:
+        j.future.result(120)
+    assert engine.work_in_flight == pytest.approx(0) and engine.in_flight == 0

@@ -214,3 +214,15 @@ def test_the_cli_exits_with_a_clear_message_on_an_empty_token_file(tmp_path):
     )
     assert result.returncode == 2
     assert f"auth_token_file {token_file} is empty" in result.stderr
+
+
+def test_a_list_of_sizes_admits_only_those(client_for):
+    client = client_for(allowed_sizes=["128x64"], warmup=False)  # the default is 64x64
+    refused = client.post(GENERATE, json={"prompt": "x", "size": "64x128", "steps": 1})
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["param"] == "size" and "64x64, 128x64" in error["message"]
+    # The default size is always admitted, listed or not.
+    for size in ("64x64", "128x64"):
+        response = client.post(GENERATE, json={"prompt": "x", "size": size, "steps": 1})
+        assert response.status_code == 200, response.text

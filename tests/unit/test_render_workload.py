@@ -173,6 +173,18 @@ def test_the_grace_period_holds_the_pause_the_drain_and_the_last_answers() -> No
     assert spec["terminationGracePeriodSeconds"] >= pause + drain + SHUTDOWN_FLUSH_S + 10
 
 
+def test_request_limits_reach_the_server_as_it_reads_them(monkeypatch) -> None:
+    limits = {"sizes": ["1024x1024", "768x1344"], "maxPixels": 1024 * 1344, "maxSteps": 60,
+              "maxImagesPerRequest": 2}
+    rendered = env_of(resource(pipeline={"limits": limits}))
+    for name, value in rendered.items():
+        monkeypatch.setenv(name, value)
+    settings = ServerSettings()  # from the environment, as in the pod
+    assert settings.allowed_sizes == limits["sizes"]
+    assert settings.max_pixels == limits["maxPixels"]
+    assert settings.max_steps == 60 and settings.max_images_per_request == 2
+
+
 def test_probes_use_the_server_routes() -> None:
     container = pod_spec(resource())["containers"][0]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"

@@ -63,7 +63,13 @@ def settings_values(resource: Any) -> dict[str, Any]:
         "default_width": defaults.width,
         "default_height": defaults.height,
         "drain_timeout_s": DRAIN_TIMEOUT_S,
+        "max_steps": pipeline.limits.max_steps,
+        "max_images_per_request": pipeline.limits.max_images_per_request,
     }
+    if pipeline.limits.max_pixels is not None:
+        values["max_pixels"] = pipeline.limits.max_pixels
+    if pipeline.limits.sizes is not None:
+        values["allowed_sizes"] = pipeline.limits.sizes
     if compile_.enabled:
         values["compile_mode"] = value(compile_.mode)
         values["compile_regional"] = compile_.regional
