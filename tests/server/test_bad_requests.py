@@ -196,3 +196,27 @@ def test_still_serving_after_the_table(client):
     ok = client.post(GENERATE, json={"prompt": "after all that", "steps": 1}, headers=AUTH)
     assert ok.status_code == 200, ok.text
     assert len(ok.json()["data"]) == 1
+
+
+OPENAI_CLASSES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError"}
+# Every JSON case sent with the default token, the way the openai client sends bodies.
+OPENAI_CASES = [name for name, spec in CASES.items()
+                if "json" in spec and "headers" not in spec and "method" not in spec]
+
+
+@pytest.mark.parametrize("name", OPENAI_CASES)
+def test_the_openai_client_raises_its_class_for_the_case(client, name):
+    import openai
+
+    spec = CASES[name]
+    sdk = openai.OpenAI(api_key=TOKEN, base_url="http://testserver/v1", http_client=client,
+                        max_retries=0)
+    with pytest.raises(openai.APIStatusError) as info:
+        sdk.post("/images/generations", cast_to=object, body=spec["json"])
+    assert type(info.value).__name__ == OPENAI_CLASSES[spec["status"]], info.value
+    assert info.value.status_code == spec["status"]
+    assert info.value.body["param"] == spec["param"]
+
+
+def test_most_json_cases_go_through_the_openai_client_too():
+    assert len(OPENAI_CASES) >= 45
