@@ -35,6 +35,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
+from pydantic.alias_generators import to_camel
+
 from imagegen_operator import gke
 
 # family -> (16-bit weights GiB, activations GiB per megapixel image)
@@ -223,11 +225,30 @@ class Plan:
         return self.nodes_needed * self.slots_per_node
 
     def to_dict(self) -> dict[str, Any]:
+        """The plan in the API's dialect: camelCase keys, as status and the spec spell them."""
         out = asdict(self)
         out["findings"] = [f.to_dict() for f in self.findings]
         out["workable"] = self.workable
         out["slots"] = self.slots
-        return out
+        return _camel_keys(out)
+
+
+# Where the API spells a word its own way (nodePool, memoryGiB), the plan does too.
+_API_SPELLING = {
+    "nodepool_name": "nodePoolName",
+    "footprint_gib": "footprintGiB",
+    "gpu_memory_gib": "gpuMemoryGiB",
+    "mps_pinned_memory_mib": "mpsPinnedMemoryMiB",
+    "slot_memory_gib": "slotMemoryGiB",
+}
+
+
+def _camel_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {_API_SPELLING.get(k) or to_camel(k): _camel_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_camel_keys(v) for v in value]
+    return value
 
 
 # --- arithmetic ---------------------------------------------------------------

@@ -111,9 +111,19 @@ def test_plan_json() -> None:
     [entry] = json.loads(out)
     assert (entry["name"], entry["namespace"]) == ("sd15-mps", "team-b")
     p = entry["plan"]
-    assert p["slots_per_gpu"] == 4 and p["mps_thread_percentage"] == 25
-    assert p["mps_pinned_memory_mib"] == 6144 and p["workable"] is True
-    assert p["cost"]["on_demand"] > p["cost"]["spot"] > 0
+    # The API's dialect: status says slotsPerGpu, so does the plan.
+    assert p["slotsPerGpu"] == 4 and p["mpsThreadPercentage"] == 25
+    assert p["mpsPinnedMemoryMiB"] == 6144 and p["workable"] is True
+    assert p["cost"]["onDemand"] > p["cost"]["spot"] > 0
+
+    def keys(value):
+        if isinstance(value, dict):
+            return set(value) | {k for v in value.values() for k in keys(v)}
+        if isinstance(value, list):
+            return {k for v in value for k in keys(v)}
+        return set()
+
+    assert [k for k in keys(p) if "_" in k] == []
 
 
 def test_run_subcommand_is_wired_and_passes_its_arguments(monkeypatch) -> None:
