@@ -111,3 +111,67 @@ def test_time_shared_pods_land_on_matching_node_and_overflow_stays_pending(
     assert "Insufficient nvidia.com/gpu" in cond["message"], cond["message"]
     assert "didn't match Pod's node affinity/selector" in cond["message"], cond["message"]
     assert len([p for p in pods(cluster) if p["status"].get("phase") == "Running"]) == 2
+
+
+# --- pods stay on their own pool --------------------------------------------------------
+
+STRAY_NS = "stray"
+
+
+def local_service(name: str, spot: bool):
+    from imagegen_operator import api
+
+    return api.parse({
+        "apiVersion": api.API_VERSION, "kind": api.KIND,
+        "metadata": {"name": name, "namespace": STRAY_NS},
+        "spec": {
+            "model": {"uri": "gs://bucket/sd15", "family": "SD15", "memoryGiB": 4},
+            "gpu": {"type": "nvidia-l4", "sharing": {"strategy": "MPS",
+                                                     "maxSharedClientsPerGpu": 4}},
+            "nodePool": {"provider": "Local", "spot": spot, "maxNodes": 1},
+            "replicas": 1,
+        },
+    })
+
+
+def test_a_spot_service_never_lands_on_another_pools_on_demand_node(cluster):
+    """Same GPUs, same sharing: only the pool name and Spot tell the two pools apart."""
+    from imagegen_operator.planner import plan
+    from imagegen_operator.render.deployment import render_deployment
+    from imagegen_operator.render.nodepool import render_kwok_nodes
+
+    on_demand, spot = local_service("on-demand", False), local_service("spot", True)
+    on_demand_plan, spot_plan = plan(on_demand.spec), plan(spot.spec)
+    assert on_demand_plan.nodepool_name != spot_plan.nodepool_name
+    other_pool = render_kwok_nodes(on_demand, on_demand_plan)
+    apply(cluster, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": STRAY_NS}},
+          *other_pool)
+    try:
+        apply(cluster, render_deployment(spot, spot_plan))
+
+        def unschedulable():
+            for p in get_json(cluster, "pods", "-n", STRAY_NS)["items"]:
+                for cond in p["status"].get("conditions", []):
+                    if cond["type"] == "PodScheduled" and cond.get("reason") == "Unschedulable":
+                        return p
+            return None
+
+        # Free GPU slots of the right kind are there, on the other pool: still Pending.
+        pod = eventually(unschedulable, timeout=90, what="the spot pod unschedulable")
+        assert "nodeName" not in pod["spec"]
+
+        own_pool = render_kwok_nodes(spot, spot_plan)
+        apply(cluster, *own_pool)
+
+        def placed():
+            for p in get_json(cluster, "pods", "-n", STRAY_NS)["items"]:
+                if p["spec"].get("nodeName"):
+                    return p["spec"]["nodeName"]
+            return None
+
+        node = eventually(placed, timeout=90, what="the spot pod scheduled")
+        assert node in {n["metadata"]["name"] for n in own_pool}
+    finally:
+        cluster.kubectl("delete", "namespace", STRAY_NS, "--wait=false")
+        names = [n["metadata"]["name"] for n in other_pool + render_kwok_nodes(spot, spot_plan)]
+        cluster.kubectl("delete", "node", *names, "--ignore-not-found")

@@ -61,10 +61,24 @@ TERMINATION_GRACE_S = (
 
 GCSFUSE_DRIVER = "gcsfuse.csi.storage.gke.io"
 
+# The providers whose pool the operator creates, with a name it knows.
+POOL_PROVIDERS = ("GKE", "ConfigConnector", "Local")
 
-def nodeselector(plan: Plan) -> dict[str, str]:
-    """GKE's node labels for this GPU config (the labels :mod:`imagegen_operator.gke` lists)."""
+
+def nodeselector(plan: Plan, provider: str = "Existing") -> dict[str, str]:
+    """GKE's node labels for this GPU config (the labels :mod:`imagegen_operator.gke` lists).
+
+    With a pool the operator makes (GKE, ConfigConnector, Local) the pods also select that
+    pool by name, so they never land on another pool with the same GPUs (another service's,
+    or an on-demand one when this one is Spot). An Existing pool's name is not known (node
+    auto-provisioning names its own), so there the GPU labels alone select. Spot pods select
+    Spot nodes with either.
+    """
     labels = {gke.LABEL_ACCELERATOR: plan.gpu_type}
+    if provider in POOL_PROVIDERS:
+        labels[gke.LABEL_NODEPOOL] = plan.nodepool_name
+    if plan.spot:
+        labels[gke.LABEL_SPOT] = "true"
     if plan.partition_size:
         labels[gke.LABEL_PARTITION_SIZE] = plan.partition_size
     if plan.sharing_strategy:
@@ -295,7 +309,7 @@ def render_deployment(
         "volumeMounts": mounts,
     }
     pod_spec: dict[str, Any] = {
-        "nodeSelector": nodeselector(plan),
+        "nodeSelector": nodeselector(plan, spec.node_pool.provider),
         "tolerations": [gpu_toleration()],
         "topologySpreadConstraints": topology_spread(resource),
         "securityContext": pod_security_context(),
