@@ -89,7 +89,8 @@ Quantity = Annotated[
     int | str,
     PlainValidator(_quantity),
     WithJsonSchema(
-        {"anyOf": [{"type": "integer"}, {"type": "string"}], "pattern": QUANTITY_PATTERN}
+        {"anyOf": [{"type": "integer"}, {"type": "string"}], "pattern": QUANTITY_PATTERN,
+         "maxLength": 64}
     ),
 ]
 
@@ -401,6 +402,32 @@ class ResourceRequirements(KubeModel):
     """Minimum resources, e.g. cpu: 4, memory: 32Gi."""
     limits: dict[str, Quantity] | None = Field(default=None, max_length=16)
     """Maximum resources, e.g. memory: 48Gi."""
+
+    # The API server refuses such a Deployment; here it is refused where the user wrote it.
+    rules = (
+        Rule(
+            cel=(
+                "!has(self.requests) || !has(self.limits) || self.requests.all(k,"
+                " !(k in self.limits) || quantity(string(self.requests[k]))"
+                ".compareTo(quantity(string(self.limits[k]))) <= 0)"
+            ),
+            check=lambda r: _requests_within_limits(r.requests, r.limits),
+            field=".requests",
+            message="resources.requests must not exceed resources.limits for the same resource",
+        ),
+    )
+
+
+def _requests_within_limits(requests: dict | None, limits: dict | None) -> bool:
+    from kubernetes.utils import parse_quantity  # the client's own parser, as the API server's
+
+    if not requests or not limits:
+        return True
+    return all(
+        parse_quantity(value) <= parse_quantity(limits[key])
+        for key, value in requests.items()
+        if key in limits
+    )
 
 
 class ServerSpec(KubeModel):
