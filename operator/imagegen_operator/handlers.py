@@ -56,6 +56,7 @@ class OperatorConfig:
     resync_seconds: float = 30.0
     metrics_port: int = 8080
     health_port: int = 8081
+    bind_address: str = "0.0.0.0"  # where the metrics and health ports listen
     namespaces: tuple[str, ...] = ()
     peering: str | None = None
     priority: int = 0
@@ -380,6 +381,11 @@ def parse_args(argv: Sequence[str]) -> OperatorConfig:
         help="serve /healthz here (0: off)",
     )
     p.add_argument(
+        "--bind-address",
+        default=env("IMAGEGEN_OPERATOR_BIND_ADDRESS", "0.0.0.0"),
+        help="address the metrics and health ports listen on (127.0.0.1: this host only)",
+    )
+    p.add_argument(
         "--namespace",
         action="append",
         default=None,
@@ -414,10 +420,16 @@ def parse_args(argv: Sequence[str]) -> OperatorConfig:
         resync_seconds=args.resync_seconds,
         metrics_port=args.metrics_port,
         health_port=args.health_port,
+        bind_address=args.bind_address,
         namespaces=namespaces,
         peering=args.peering,
         priority=args.priority,
     )
+
+
+def _host(address: str) -> str:
+    """An address as a URL's host: IPv6 in brackets."""
+    return f"[{address}]" if ":" in address and not address.startswith("[") else address
 
 
 def run(argv: Sequence[str]) -> int:
@@ -427,7 +439,7 @@ def run(argv: Sequence[str]) -> int:
     registry = kopf.OperatorRegistry()
     register(registry, operator, config)
     if config.metrics_port:
-        metrics.serve(config.metrics_port)
+        metrics.serve(config.metrics_port, config.bind_address)
     kopf.run(
         registry=registry,
         clusterwide=not config.namespaces,
@@ -436,7 +448,9 @@ def run(argv: Sequence[str]) -> int:
         priority=config.priority,
         peering_name=config.peering,
         liveness_endpoint=(
-            f"http://0.0.0.0:{config.health_port}/healthz" if config.health_port else None
+            f"http://{_host(config.bind_address)}:{config.health_port}/healthz"
+            if config.health_port
+            else None
         ),
     )
     return 0

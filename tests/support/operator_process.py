@@ -29,6 +29,8 @@ class OperatorProcess:
         self.proc: subprocess.Popen | None = None
         self.metrics_port = 0
         self.health_port = 0
+        # Where its ports listen (--bind-address); tests reach them there.
+        self.host = self.extra_env.get("IMAGEGEN_OPERATOR_BIND_ADDRESS", "127.0.0.1")
 
     def start(self) -> OperatorProcess:
         self.metrics_port, self.health_port = free_port(), free_port()
@@ -57,7 +59,7 @@ class OperatorProcess:
                 raise RuntimeError(f"operator exited {self.proc.returncode}:\n{self.log()}")
             try:
                 with urllib.request.urlopen(
-                        f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as r:
+                        f"http://{self.host}:{self.health_port}/healthz", timeout=2) as r:
                     if r.status == 200:
                         return
             except OSError:
@@ -80,7 +82,7 @@ class OperatorProcess:
                 self.kill()
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as r:
+        with urllib.request.urlopen(f"http://{self.host}:{self.metrics_port}/metrics") as r:
             return r.read().decode()
 
     def log(self) -> str:

@@ -300,9 +300,9 @@ def test_dockerfile_runs_the_operator():
 
 def test_probes_and_ports_follow_the_values():
     c = container(render("metrics.port=9090", "health.port=9091", "operator.resyncSeconds=12",
-                         "operator.logFormat=json"))
+                         "operator.logFormat=json", "operator.bindAddress=::"))
     assert c["args"] == ["run", "--resync-seconds=12", "--metrics-port=9090", "--health-port=9091",
-                         "--log-format=json"]
+                         "--log-format=json", "--bind-address=::"]
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": 9090, "health": 9091}
     for probe in ("livenessProbe", "readinessProbe"):
         assert c[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
