@@ -171,7 +171,8 @@ class StagesSpec(KubeModel):
     batch_window_ms: int = Field(default=5, ge=0, le=1000)
     """How long a stage waits for more requests to fill a batch, in milliseconds."""
     queue_capacity: int = Field(default=64, ge=1, le=4096)
-    """Requests admitted and waiting; beyond it the server answers 429 with Retry-After."""
+    """Work admitted and waiting, in requests at the default size and steps (a larger request
+    counts for more); beyond it the server answers 429 with Retry-After."""
 
 
 class GenerationDefaults(KubeModel):

@@ -137,7 +137,6 @@ def _in_flight(base_url: str) -> float:
     return -1
 
 
-@pytest.mark.slow
 @contextlib.contextmanager
 def server_process(model, *flags: str, env: dict | None = None):
     """The real `imagegen-server` process on 127.0.0.1, ready; yields (base_url, process)."""
@@ -170,8 +169,10 @@ def server_process(model, *flags: str, env: dict | None = None):
             process.wait()
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_accepted_requests_then_exits(tiny_models):
-    with server_process(tiny_models["sd15"]) as (base_url, process):
+    # Room for the four 60-step requests: admission counts work (each is 20 default requests).
+    with server_process(tiny_models["sd15"], "--queue-capacity", "100") as (base_url, process):
         results: dict[int, httpx.Response] = {}
 
         def call(i: int) -> None:
@@ -207,6 +208,7 @@ def test_sigterm_finishes_accepted_requests_then_exits(tiny_models):
         assert b"Traceback" not in output and b"ERROR" not in output, output.decode()
 
 
+@pytest.mark.slow
 def test_sigterm_cancels_what_cannot_finish_by_the_drain_deadline(tiny_models):
     drain_s = 4.0
     with server_process(
