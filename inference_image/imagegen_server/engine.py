@@ -46,20 +46,26 @@ class InvalidRequest(ValueError):
         self.field = field
 
 
+def default_size(steps: FamilySteps, settings: ServerSettings) -> tuple[int, int]:
+    """What a request that names no size gets: the configured default, else the native size."""
+    native_w, native_h = steps.native_size
+    return (settings.default_width or native_w, settings.default_height or native_h)
+
+
 def max_pixels(steps: FamilySteps, settings: ServerSettings) -> int:
     """The largest width x height a request may ask for: the setting, or else the native size
     (the configured default size, when that is larger: the defaults are always admitted)."""
     if settings.max_pixels is not None:
         return settings.max_pixels
-    width, height = steps.native_size
-    default = (settings.default_width or width) * (settings.default_height or height)
-    return max(width * height, default)
+    native_w, native_h = steps.native_size
+    width, height = default_size(steps, settings)
+    return max(native_w * native_h, width * height)
 
 
 def admitted_sizes(steps: FamilySteps, settings: ServerSettings) -> list[str]:
     """With a list of sizes: those, and the default size (what a request without one gets)."""
-    native_w, native_h = steps.native_size
-    default = f"{settings.default_width or native_w}x{settings.default_height or native_h}"
+    width, height = default_size(steps, settings)
+    default = f"{width}x{height}"
     listed = list(settings.allowed_sizes or [])
     return listed if default in listed else [default, *listed]
 
@@ -77,11 +83,10 @@ def check_request(params: GenerationParams, steps: FamilySteps, settings: Server
             raise InvalidRequest(
                 "size", f"size {size}: the {name} must be a multiple of {multiple}, at least 64"
             )
-    if settings.allowed_sizes and size not in admitted_sizes(steps, settings):
+    admitted = admitted_sizes(steps, settings) if settings.allowed_sizes else None
+    if admitted is not None and size not in admitted:
         raise InvalidRequest(
-            "size",
-            f"size {size} is not one this service admits: "
-            + ", ".join(admitted_sizes(steps, settings)),
+            "size", f"size {size} is not one this service admits: {', '.join(admitted)}"
         )
     limit = max_pixels(steps, settings)
     if params.width * params.height > limit:
@@ -127,11 +132,8 @@ class Engine:
         self._jobs: set[Job] = set()
         self._closed = False
         self._cost = 0.0  # units in flight
-        native_w, native_h = steps.native_size
-        self._unit = (
-            (settings.default_width or native_w) * (settings.default_height or native_h)
-            * settings.default_steps
-        )
+        width, height = default_size(steps, settings)
+        self._unit = width * height * settings.default_steps
         # Running estimate of the seconds one unit of work takes, for Retry-After.
         self._seconds_per_unit = 1.0
         self._last_done: float | None = None

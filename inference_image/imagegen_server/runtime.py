@@ -12,7 +12,7 @@ import threading
 import time
 
 from .config import ServerSettings
-from .engine import Engine, ShutdownError, build_engine
+from .engine import Engine, ShutdownError, build_engine, default_size
 from .families import FamilySteps, steps_for
 from .loading import LoadedModel, load_model
 from .metrics import ServerMetrics
@@ -128,8 +128,7 @@ class ModelRuntime:
     @property
     def default_size(self) -> tuple[int, int]:
         assert self.steps is not None
-        native_w, native_h = self.steps.native_size
-        return (self.settings.default_width or native_w, self.settings.default_height or native_h)
+        return default_size(self.steps, self.settings)
 
     def params(
         self,

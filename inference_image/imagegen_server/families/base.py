@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
+from typing import Any
 
 import torch
 
@@ -69,19 +70,26 @@ class FamilySteps:
         return torch.Generator(device="cpu").manual_seed(seed)
 
     @staticmethod
-    def still_wanted(jobs: list[Job], step: int) -> list[Job]:
-        """The jobs of a batch still worth a denoising step; the others are dropped now.
+    def denoising_steps(jobs: list[Job], timesteps) -> Iterator[tuple[int, Any, list[Job], bool]]:
+        """``(step, t, jobs, changed)`` for each denoising step of a batch.
 
-        Checked at every step boundary, so a request whose deadline passed or whose client went
-        away gives back its batch rows and its slot within one step, not after the whole loop.
+        At every step boundary the jobs whose deadline passed or whose client went away are
+        dropped (failed now, giving back their batch rows and their slot within one step, not
+        after the whole loop); ``changed`` says the batch is new or smaller, so the step's
+        concatenated inputs must be built again. The loop ends early when no job is left.
         """
-        wanted = []
-        for job in jobs:
-            if reason := job.drop_reason():
-                job.fail(JobTimeout(f"{reason} at denoising step {step}"))
-            else:
-                wanted.append(job)
-        return wanted
+        for step, t in enumerate(timesteps):
+            wanted = []
+            for job in jobs:
+                if reason := job.drop_reason():
+                    job.fail(JobTimeout(f"{reason} at denoising step {step}"))
+                else:
+                    wanted.append(job)
+            if not wanted:
+                return
+            changed = step == 0 or len(wanted) < len(jobs)
+            jobs = wanted
+            yield step, t, jobs, changed
 
     def step_kwargs(self, job: Job) -> dict:
         kwargs = {}

@@ -92,18 +92,13 @@ class FluxSteps(FamilySteps):
     def denoise(self, jobs: list[Job]) -> None:
         image_ids = [self.prepare(job) for job in jobs][0]
         transformer = self.pipeline.transformer
-        rows = None
-        for step, t in enumerate(jobs[0].scheduler.timesteps):
-            wanted = self.still_wanted(jobs, step)
-            if not wanted:
-                return
-            if rows is None or len(wanted) < len(jobs):
-                jobs = wanted
-                rows = [job.params.n for job in jobs]
-                embeds = torch.cat([job.conditioning["embeds"] for job in jobs])
-                pooled = torch.cat([job.conditioning["pooled"] for job in jobs])
-                guidance = self._guidance(jobs, transformer)
-            latents = torch.cat([job.latents for job in jobs])
+        for step, t, live, changed in self.denoising_steps(jobs, jobs[0].scheduler.timesteps):
+            if changed:
+                rows = [job.params.n for job in live]
+                embeds = torch.cat([job.conditioning["embeds"] for job in live])
+                pooled = torch.cat([job.conditioning["pooled"] for job in live])
+                guidance = self._guidance(live, transformer)
+            latents = torch.cat([job.latents for job in live])
             timestep = t.expand(latents.shape[0]).to(latents.dtype)
             noise_pred = transformer(
                 hidden_states=latents,
@@ -111,11 +106,11 @@ class FluxSteps(FamilySteps):
                 guidance=guidance,
                 pooled_projections=pooled,
                 encoder_hidden_states=embeds,
-                txt_ids=jobs[0].conditioning["text_ids"],
+                txt_ids=live[0].conditioning["text_ids"],
                 img_ids=image_ids,
                 return_dict=False,
             )[0]
-            for job, pred in zip(jobs, split_rows(noise_pred, rows), strict=True):
+            for job, pred in zip(live, split_rows(noise_pred, rows), strict=True):
                 job.latents = job.scheduler.step(
                     pred, job.scheduler.timesteps[step], job.latents, return_dict=False
                 )[0]

@@ -73,19 +73,14 @@ class StableDiffusion3Steps(StableDiffusionSteps):
         for job in jobs:
             self.prepare(job)
         transformer = self.pipeline.transformer
-        rows = None
-        for step, t in enumerate(jobs[0].scheduler.timesteps):
-            wanted = self.still_wanted(jobs, step)
-            if not wanted:
-                return
-            if rows is None or len(wanted) < len(jobs):
-                jobs = wanted
-                embeds = torch.cat([job.conditioning["embeds"] for job in jobs])
-                pooled = torch.cat([job.conditioning["pooled"] for job in jobs])
-                rows = [job.conditioning["embeds"].shape[0] for job in jobs]
+        for step, t, live, changed in self.denoising_steps(jobs, jobs[0].scheduler.timesteps):
+            if changed:
+                embeds = torch.cat([job.conditioning["embeds"] for job in live])
+                pooled = torch.cat([job.conditioning["pooled"] for job in live])
+                rows = [job.conditioning["embeds"].shape[0] for job in live]
             inputs = [
                 torch.cat([job.latents] * 2) if self.uses_guidance(job) else job.latents
-                for job in jobs
+                for job in live
             ]
             noise_pred = transformer(
                 hidden_states=torch.cat(inputs),
@@ -94,7 +89,7 @@ class StableDiffusion3Steps(StableDiffusionSteps):
                 pooled_projections=pooled,
                 return_dict=False,
             )[0]
-            for job, pred in zip(jobs, split_rows(noise_pred, rows), strict=True):
+            for job, pred in zip(live, split_rows(noise_pred, rows), strict=True):
                 job.latents = job.scheduler.step(
                     self.guided(job, pred), job.scheduler.timesteps[step], job.latents, return_dict=False
                 )[0]

@@ -119,19 +119,14 @@ class StableDiffusionSteps(FamilySteps):
         for job in jobs:
             self.prepare(job)
         unet = self.pipeline.unet
-        rows = None
         # All jobs in a batch share size and step count, hence the timestep sequence.
-        for step, t in enumerate(jobs[0].scheduler.timesteps):
-            wanted = self.still_wanted(jobs, step)
-            if not wanted:
-                return
-            if rows is None or len(wanted) < len(jobs):
-                jobs = wanted
-                embeds = torch.cat([job.conditioning["embeds"] for job in jobs])
-                added = self.added_conditions(jobs)
-                rows = [job.conditioning["embeds"].shape[0] for job in jobs]
+        for step, t, live, changed in self.denoising_steps(jobs, jobs[0].scheduler.timesteps):
+            if changed:
+                embeds = torch.cat([job.conditioning["embeds"] for job in live])
+                added = self.added_conditions(live)
+                rows = [job.conditioning["embeds"].shape[0] for job in live]
             inputs = []
-            for job in jobs:
+            for job in live:
                 x = torch.cat([job.latents] * 2) if self.uses_guidance(job) else job.latents
                 inputs.append(job.scheduler.scale_model_input(x, job.scheduler.timesteps[step]))
             noise_pred = unet(
@@ -141,7 +136,7 @@ class StableDiffusionSteps(FamilySteps):
                 added_cond_kwargs=added,
                 return_dict=False,
             )[0]
-            for job, pred in zip(jobs, split_rows(noise_pred, rows), strict=True):
+            for job, pred in zip(live, split_rows(noise_pred, rows), strict=True):
                 job.latents = job.scheduler.step(
                     self.guided(job, pred),
                     job.scheduler.timesteps[step],
