@@ -128,10 +128,9 @@ class Engine:
         self.settings = settings
         self.metrics = metrics
         self._lock = threading.Condition()
-        self._in_flight = 0
+        # Every job accepted and not yet let go of; the count and the work in flight are its own.
         self._jobs: set[Job] = set()
         self._closed = False
-        self._cost = 0.0  # units in flight
         width, height = default_size(steps, settings)
         self._unit = width * height * settings.default_steps
         # Running estimate of the seconds one unit of work takes, for Retry-After.
@@ -170,7 +169,7 @@ class Engine:
     def wait_idle(self, timeout: float | None) -> bool:
         """Wait until nothing accepted is left; returns whether that happened in time."""
         with self._lock:
-            return self._lock.wait_for(lambda: self._in_flight == 0, timeout)
+            return self._lock.wait_for(lambda: not self._jobs, timeout)
 
     def cancel_all(self, error: BaseException) -> int:
         """Answer every accepted request with ``error`` now; returns how many there were.
@@ -198,7 +197,7 @@ class Engine:
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        return len(self._jobs)
 
     @property
     def accepting(self) -> bool:
@@ -208,22 +207,19 @@ class Engine:
     def submit(self, params: GenerationParams, timeout_s: float | None = None) -> Job:
         """Accept a request or refuse it now; the job's future resolves to a list of images."""
         check_request(params, self.steps, self.settings)
-        cost = self.cost(params)
+        deadline = time.monotonic() + timeout_s if timeout_s else None
+        # The slot is given back when the engine lets go of the job, not when the caller stops
+        # waiting: a timed-out request still occupies the device until a stage drops it.
+        job = Job(params, deadline=deadline, cost=self.cost(params), on_release=self._released)
         capacity = self.settings.queue_capacity
         with self._lock:
             if self._closed:
                 raise EngineClosedError("server is shutting down")
-            if self._in_flight >= capacity or (self._in_flight and self._cost + cost > capacity):
+            busy = bool(self._jobs)
+            if len(self._jobs) >= capacity or (busy and self.work_in_flight + job.cost > capacity):
                 raise QueueFullError(self.retry_after_s())
-            self._in_flight += 1
-            self._cost += cost
-            self.metrics.in_flight.set(self._in_flight)
-        deadline = time.monotonic() + timeout_s if timeout_s else None
-        # The slot is given back when the engine lets go of the job, not when the caller stops
-        # waiting: a timed-out request still occupies the device until a stage drops it.
-        job = Job(params, deadline=deadline, cost=cost, on_release=self._released)
-        with self._lock:
             self._jobs.add(job)
+            self.metrics.in_flight.set(len(self._jobs))
         self.stages[0].put(job)
         return job
 
@@ -237,11 +233,12 @@ class Engine:
 
     @property
     def work_in_flight(self) -> float:
-        return self._cost
+        with self._lock:  # reentrant: submit and retry_after_s read it holding the lock
+            return sum(job.cost for job in self._jobs)
 
     def retry_after_s(self) -> int:
         """Seconds until the work ahead is done, at the rate recent requests went."""
-        return max(1, math.ceil(self._cost * self._seconds_per_unit))
+        return max(1, math.ceil(self.work_in_flight * self._seconds_per_unit))
 
     def _released(self, job: Job, succeeded: bool) -> None:
         now = time.monotonic()
@@ -254,9 +251,7 @@ class Engine:
                 self._seconds_per_unit = 0.8 * self._seconds_per_unit + 0.2 * share / job.cost
                 self._last_done = now
             self._jobs.discard(job)
-            self._in_flight -= 1
-            self._cost = max(0.0, self._cost - job.cost)
-            self.metrics.in_flight.set(self._in_flight)
+            self.metrics.in_flight.set(len(self._jobs))
             self._lock.notify_all()
 
     def _complete(self, job: Job, images: Any) -> None:
