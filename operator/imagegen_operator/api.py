@@ -95,6 +95,16 @@ Quantity = Annotated[
 ]
 
 
+def sharing_summary(partition_size: str | None, strategy: str | None, clients: int | None) -> str:
+    """status.sharing, the Sharing column: exclusive, mig:1g.10gb, ts:2, mps:4, mig:1g.10gb+ts:2."""
+    parts = []
+    if partition_size:
+        parts.append(f"mig:{partition_size}")
+    if strategy and clients:
+        parts.append(f"{'ts' if strategy == 'TimeSharing' else 'mps'}:{clients}")
+    return "+".join(parts) or "exclusive"
+
+
 def _cel_string(value: str) -> str:
     # A CEL raw string: backslashes reach the regex engine as written.
     assert "'" not in value
@@ -306,17 +316,13 @@ class GpuSpec(KubeModel):
     rules = _mig_rules()
 
     def sharing_summary(self) -> str:
-        """Short form for status.sharing (the Sharing column).
-
-        exclusive, mig:1g.10gb, ts:2, mps:4 or mig:1g.10gb+ts:2.
-        """
-        parts = []
-        if self.partition_size:
-            parts.append(f"mig:{self.partition_size}")
-        if self.sharing:
-            tag = "ts" if self.sharing.strategy == "TimeSharing" else "mps"
-            parts.append(f"{tag}:{self.sharing.max_shared_clients_per_gpu}")
-        return "+".join(parts) or "exclusive"
+        """Short form for status.sharing (the Sharing column)."""
+        sharing = self.sharing
+        return sharing_summary(
+            self.partition_size,
+            sharing.strategy if sharing else None,
+            sharing.max_shared_clients_per_gpu if sharing else None,
+        )
 
 
 # --- spec: node pool, scaling, server ------------------------------------------------
@@ -334,8 +340,9 @@ class NodePoolSpec(KubeModel):
     """Node pool name; by default derived from the GPU configuration, so services with
     identical GPU settings share a pool."""
     cluster: str | None = Field(default=None, max_length=256, pattern=CLUSTER_PATTERN)
-    """GKE cluster, projects/P/locations/L/clusters/C; required for the GKE and
-    ConfigConnector providers."""
+    """GKE cluster, projects/P/locations/L/clusters/C, for the GKE and ConfigConnector
+    providers; by default the cluster the operator runs in (its gke.cluster chart value,
+    or GKE's metadata server)."""
     machine_type: str | None = Field(default=None, max_length=63, pattern=MACHINE_TYPE_PATTERN)
     """Compute Engine machine type; by default derived from gpu.type and gpu.countPerNode."""
     spot: bool = False
@@ -346,16 +353,6 @@ class NodePoolSpec(KubeModel):
     """Most nodes the pool autoscaler may create."""
 
     rules = (
-        Rule(
-            cel=f"!(self.provider in {_cel_list(CLOUD_PROVIDERS)}) || has(self.cluster)",
-            check=lambda p: p.provider not in CLOUD_PROVIDERS or p.cluster is not None,
-            field=".cluster",
-            reason="FieldValueRequired",
-            message=(
-                "cluster (projects/P/locations/L/clusters/C) is required when provider is "
-                "GKE or ConfigConnector; GKE is the default provider"
-            ),
-        ),
         Rule(
             # has(): rules also run on partial objects (a default, an old stored object).
             cel="!has(self.minNodes) || !has(self.maxNodes) || self.minNodes <= self.maxNodes",
@@ -434,7 +431,7 @@ def _requests_within_limits(requests: dict | None, limits: dict | None) -> bool:
 class ServerSpec(KubeModel):
     """The inference server container."""
 
-    image: str | None = Field(default=None, max_length=512)
+    image: str | None = Field(default=None, max_length=512, pattern=r"^[^\s]+$")
     """Container image; the operator's configured server image when unset."""
     port: int = Field(default=8080, ge=1, le=65535)
     """HTTP port of the server and its Service."""
@@ -467,10 +464,9 @@ class ImageGenServiceSpec(KubeModel):
     """How the server runs the pipeline."""
     gpu: GpuSpec
     """GPU type and sharing."""
-    # Required rather than defaulted: the default provider (GKE) needs a cluster, and the
-    # API server checks a default object against the rules, so {} would not pass.
-    node_pool: NodePoolSpec
-    """Where the GPU nodes come from: the provider, and for GKE and ConfigConnector the cluster."""
+    node_pool: NodePoolSpec = defaulted()
+    """Where the GPU nodes come from: by default a GKE node pool in the operator's own
+    cluster."""
     replicas: int = Field(default=1, ge=0, le=1000)
     """Serving pods (the scale subresource; managed by the autoscaler when autoscaling is set)."""
     autoscaling: AutoscalingSpec | None = None
@@ -508,6 +504,8 @@ class NodePoolStatus(StatusModel):
     """Node pool name."""
     provider: str | None = None
     """Provider that manages it."""
+    cluster: str | None = None
+    """The GKE cluster it is in (GKE and ConfigConnector providers)."""
     ready_nodes: int | None = None
     """Nodes ready to run pods."""
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
@@ -21,6 +23,7 @@ from typing import Any, TextIO
 import yaml
 
 from imagegen_operator import api, gke
+from imagegen_operator.cluster_default import CLUSTER_ENV
 from imagegen_operator.planner import Plan, plan
 from imagegen_operator.render import DEFAULT_SERVER_IMAGE, UnworkableSpec, render_all
 
@@ -72,6 +75,18 @@ def cmd_render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     refused = []
     for resource in load_resources(args.filename, sys.stdin):
         the_plan = plan(resource.spec)
+        pool = resource.spec.node_pool
+        if pool.provider in api.CLOUD_PROVIDERS and not pool.cluster:
+            if not args.cluster:
+                err.write(
+                    f"error: {api.KIND} {_qualified(resource)}: spec.nodePool.cluster is unset "
+                    "(the operator would use its own cluster): pass --cluster "
+                    "projects/P/locations/L/clusters/C\n"
+                )
+                return EXIT_REFUSED
+            pool = pool.model_copy(update={"cluster": args.cluster})
+            spec = resource.spec.model_copy(update={"node_pool": pool})
+            resource = resource.model_copy(update={"spec": spec})
         try:
             objects += render_all(resource, the_plan, args.server_image)
         except UnworkableSpec as problem:
@@ -186,6 +201,12 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return handlers.run(args.operator_args) or EXIT_OK
 
 
+def _cluster(text: str) -> str:
+    if not re.fullmatch(api.CLUSTER_PATTERN, text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not projects/P/locations/L/clusters/C")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imagegen-operator",
@@ -209,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--server-image",
         default=DEFAULT_SERVER_IMAGE,
         help="server image for services that set no spec.server.image (default: %(default)s)",
+    )
+    render.add_argument(
+        "--cluster",
+        default=os.environ.get(CLUSTER_ENV),
+        type=_cluster,
+        help="GKE cluster for services that name none, as the operator's own "
+        f"(default: ${CLUSTER_ENV})",
     )
     render.set_defaults(func=cmd_render)
 

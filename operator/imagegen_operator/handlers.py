@@ -15,21 +15,21 @@ import logging
 import os
 import threading
 import time
-from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
 
 from imagegen_operator import conditions as cond
 from imagegen_operator import metrics
+from imagegen_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from imagegen_operator.cluster_default import ClusterDefault
 from imagegen_operator.kube import CONNECTIONS, Kube, PermanentKubeError, TransientKubeError
 from imagegen_operator.providers import build_providers
 from imagegen_operator.reconcile import Reconciler
-from imagegen_operator.render.common import API_VERSION, GROUP, KIND, MANAGED_BY, VERSION
+from imagegen_operator.render.common import MANAGED_BY
 
-PLURAL = "imagegenservices"
 # The Deployment status fields the service's own status is computed from.
 DEPLOYMENT_STATUS_FIELDS = ("observedGeneration", "replicas", "readyReplicas",
                             "updatedReplicas", "availableReplicas")
@@ -62,23 +62,45 @@ class OperatorConfig:
     priority: int = 0
 
 
+@dataclass
+class _Service:
+    """What the operator tracks of one service between handler calls."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one reconcile at a time
+    running: bool = False
+    dirty: bool = False  # a trigger arrived while running: run once more
+    waiting: bool = False  # for its node pool (the pools-in-flight gauge)
+    not_before: float = 0.0  # monotonic: timers wait until then (a provider's backoff)
+    started: float | None = None  # monotonic start of the reconcile in progress
+
+
 class Operator:
     """The reconciler plus what makes it safe to call from many handlers at once."""
 
-    def __init__(self, reconciler: Reconciler):
+    def __init__(self, reconciler: Reconciler, clock: Callable[[], float] = time.monotonic):
         self.reconciler = reconciler
-        self._locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._clock = clock
         self._guard = threading.Lock()
-        self._seen: set[str] = set()
-        self._pools_waiting: set[str] = set()
-        self._running: set[str] = set()
-        self._dirty: set[str] = set()
+        self._services: dict[str, _Service] = {}
         self._children: dict[str, str] = {}  # child uid -> what of it we last reacted to
         self._writes_reported = 0
 
-    def _lock(self, uid: str) -> threading.Lock:
+    def _service(self, uid: str) -> _Service:
         with self._guard:
-            return self._locks[uid]
+            return self._services.setdefault(uid, _Service())
+
+    def due(self, uid: str) -> bool:
+        """Whether a timer may reconcile the service now (no backoff still running)."""
+        with self._guard:
+            service = self._services.get(uid)
+            return service is None or self._clock() >= service.not_before
+
+    def stuck_for(self) -> float:
+        """Seconds the oldest reconcile in progress has been running (0: none)."""
+        now = self._clock()
+        with self._guard:
+            starts = [s.started for s in self._services.values() if s.started is not None]
+        return max((now - t for t in starts), default=0.0)
 
     def child_changed(self, event_type: str, child: dict[str, Any]) -> bool:
         """Whether a child's event can change what the owner's reconcile does.
@@ -112,30 +134,31 @@ class Operator:
         reconcile of the same service behind the running one. Since every run reads
         the live object, one run after the burst sees everything the burst changed.
         """
-        uid = body["metadata"]["uid"]
+        service = self._service(body["metadata"]["uid"])
         with self._guard:
-            if uid in self._running:
-                self._dirty.add(uid)
+            if service.running:
+                service.dirty = True
                 return
-            self._running.add(uid)
+            service.running = True
         try:
             while True:
-                self._reconcile_once(body, trigger, fresh)
+                self._reconcile_once(service, body, trigger, fresh)
                 fresh = False
                 with self._guard:
-                    if uid not in self._dirty:
+                    if not service.dirty:
                         break
-                    self._dirty.discard(uid)
+                    service.dirty = False
                 trigger = "coalesced"
         finally:
             with self._guard:
-                self._running.discard(uid)
-                self._dirty.discard(uid)
+                service.running = service.dirty = False
 
-    def _reconcile_once(self, body: dict[str, Any], trigger: str, fresh: bool) -> None:
-        uid = body["metadata"]["uid"]
-        started = time.monotonic()
-        with self._lock(uid):
+    def _reconcile_once(
+        self, service: _Service, body: dict[str, Any], trigger: str, fresh: bool
+    ) -> None:
+        started = self._clock()
+        with service.lock:
+            service.started = started
             try:
                 # The event's copy may predate our own last status write: start
                 # from the live object, or we would write the same status twice.
@@ -152,15 +175,18 @@ class Operator:
                 metrics.RECONCILES.labels(trigger, "error").inc()
                 raise kopf.PermanentError(str(exc)) from exc
             finally:
-                metrics.RECONCILE_SECONDS.labels(trigger).observe(time.monotonic() - started)
+                service.started = None
+                metrics.RECONCILE_SECONDS.labels(trigger).observe(self._clock() - started)
                 self._count_writes()
         metrics.RECONCILES.labels(trigger, outcome.result).inc()
         with self._guard:
-            self._seen.add(uid)
-            pool_ready = outcome.ready or outcome.result == "invalid"
-            (self._pools_waiting.discard if pool_ready else self._pools_waiting.add)(uid)
-            metrics.MANAGED.set(len(self._seen))
-            metrics.POOLS_IN_FLIGHT.set(len(self._pools_waiting))
+            service.not_before = started + (outcome.requeue_after or 0.0)
+            service.waiting = not (outcome.ready or outcome.result == "invalid")
+            self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        metrics.MANAGED.set(len(self._services))
+        metrics.POOLS_IN_FLIGHT.set(sum(s.waiting for s in self._services.values()))
 
     def use_index(self, index: kopf.Index) -> None:
         """Let the reconciler read every service from kopf's index instead of a LIST."""
@@ -176,7 +202,7 @@ class Operator:
 
     def finalize(self, body: dict[str, Any]) -> None:
         uid = body["metadata"]["uid"]
-        with self._lock(uid):
+        with self._service(uid).lock:
             try:
                 done = self.reconciler.finalize(body)
             except TransientKubeError as exc:
@@ -186,11 +212,8 @@ class Operator:
         if not done:
             raise kopf.TemporaryError("waiting for the node pool to be deleted", delay=5)
         with self._guard:
-            self._seen.discard(uid)
-            self._pools_waiting.discard(uid)
-            self._locks.pop(uid, None)
-            metrics.MANAGED.set(len(self._seen))
-            metrics.POOLS_IN_FLIGHT.set(len(self._pools_waiting))
+            self._services.pop(uid, None)
+            self._update_gauges()
 
     def _count_writes(self) -> None:
         writes = self.reconciler.kube.writes
@@ -289,6 +312,8 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, config: Operat
     )
     def on_timer(body: kopf.Body, services_index: kopf.Index, **_: Any) -> None:
         operator.use_index(services_index)
+        if not operator.due(body["metadata"]["uid"]):
+            return  # a provider asked to wait; edits and child events still reconcile
         operator.reconcile(_plain(body), trigger="timer")
 
     @kopf.timer(
@@ -305,6 +330,8 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, config: Operat
         # kopf starts and stops this timer as the status changes, and pauses it with
         # every other handler when a peer takes over.
         operator.use_index(services_index)
+        if not operator.due(body["metadata"]["uid"]):
+            return
         operator.reconcile(_plain(body), trigger="pool-poll")
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry)
@@ -337,12 +364,15 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, config: Operat
 
 
 def waiting_for_pool(body: Any) -> bool:
-    """Planned, its node pool not Ready yet, and not stuck on something only a person fixes."""
+    """Planned, its node pool not Ready yet or a move off the old one under way, and not
+    stuck on something only a person fixes."""
     conditions = (body.get("status") or {}).get("conditions")
+    moving = cond.find(conditions, cond.PROGRESSING) or {}
     return bool(
         conditions
         and not body["metadata"].get("deletionTimestamp")
-        and not cond.is_true(conditions, cond.NODE_POOL_READY)
+        and (not cond.is_true(conditions, cond.NODE_POOL_READY)
+             or (moving.get("status") == "True" and moving.get("reason") == "MovingPool"))
         and not cond.is_true(conditions, cond.STALLED)
     )
 
@@ -434,8 +464,14 @@ def _host(address: str) -> str:
 
 def run(argv: Sequence[str]) -> int:
     config = parse_args(argv)
+    try:
+        default_cluster = ClusterDefault()
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     kube = Kube()
-    operator = Operator(Reconciler(kube, build_providers(kube), recorder=_record))
+    operator = Operator(Reconciler(kube, build_providers(kube), recorder=_record,
+                                   default_cluster=default_cluster))
     registry = kopf.OperatorRegistry()
     register(registry, operator, config)
     if config.metrics_port:

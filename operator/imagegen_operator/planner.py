@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 from pydantic.alias_generators import to_camel
 
 from imagegen_operator import gke
+from imagegen_operator.api import CLOUD_PROVIDERS, sharing_summary
 
 # family -> (16-bit weights GiB, activations GiB per megapixel image)
 FOOTPRINT_TABLE: dict[str, tuple[float, float]] = {
@@ -53,7 +54,6 @@ CUDA_CONTEXT_GIB = 0.75
 # fragmentation and compile workspaces: worth a warning.
 TIGHT_FIT_SHARE = 0.9
 
-PROVIDERS_THAT_CREATE_POOLS = ("GKE", "ConfigConnector")
 
 
 # --- findings ---------------------------------------------------------------
@@ -71,6 +71,9 @@ class Finding:
     message: str
     fields: tuple[str, ...]
     blocking: bool = True
+    # The service can run, but never as specified: it waits for a person (kstatus'
+    # Stalled), e.g. more replicas than the pool can ever hold.
+    stalls: bool = False
 
     # Informational findings describe the plan rather than a problem with it.
     informational: ClassVar[bool] = False
@@ -152,6 +155,7 @@ class PlanInputs:
     max_shared_clients: int | None = None  # gpu.sharing.maxSharedClientsPerGpu
     replicas: int = 1  # replicas
     max_replicas: int | None = None  # autoscaling.maxReplicas
+    min_replicas: int | None = None  # autoscaling.minReplicas
     provider: str = "GKE"  # nodePool.provider
     nodepool_name: str | None = None  # nodePool.name
     machine_type: str | None = None  # nodePool.machineType
@@ -209,6 +213,11 @@ class Plan:
     @property
     def blocking(self) -> tuple[Finding, ...]:
         return tuple(f for f in self.findings if f.blocking)
+
+    @property
+    def stalling(self) -> tuple[Finding, ...]:
+        """Findings that leave the service running short of its spec until a person acts."""
+        return tuple(f for f in self.findings if f.stalls and not f.blocking)
 
     @property
     def warnings(self) -> tuple[Finding, ...]:
@@ -311,16 +320,6 @@ def estimate_footprint_gib(
     return round(total, 2)
 
 
-def sharing_summary(partition_size: str | None, strategy: str | None, clients: int | None) -> str:
-    """The ``Sharing`` printer column: ``mig:1g.10gb+ts:2``, ``mps:4``, ``exclusive``."""
-    parts = []
-    if partition_size:
-        parts.append(f"mig:{partition_size}")
-    if strategy and clients:
-        parts.append(f"{'ts' if strategy == 'TimeSharing' else 'mps'}:{clients}")
-    return "+".join(parts) or "exclusive"
-
-
 def default_nodepool_name(
     gpu_type: str,
     count_per_node: int,
@@ -418,7 +417,7 @@ def make_plan(inputs: PlanInputs) -> Plan:
                 f"GKE has no machine type with {i.count_per_node} {i.gpu_type} GPU(s); "
                 f"spec.gpu.countPerNode must be one of {shapes} for this type",
                 ("spec.gpu.countPerNode", "spec.nodePool.machineType"),
-                blocking=i.provider in PROVIDERS_THAT_CREATE_POOLS,
+                blocking=i.provider in CLOUD_PROVIDERS,
             )
         )
     mps = strategy == "MPS"
@@ -564,16 +563,24 @@ def _check_fit(i: PlanInputs, footprint: float, slot_gib: float, source: str) ->
 def _check_pool(i: PlanInputs, target: int, at_max: int, per_node: int) -> list[Finding]:
     if target <= at_max:
         return []
-    wanted = "spec.autoscaling.maxReplicas" if i.max_replicas else "spec.replicas"
-    needed = math.ceil(target / per_node)
+    # What must run whatever the load: replicas, or the autoscaler's floor.
+    floor = i.replicas if i.max_replicas is None else (i.min_replicas or 1)
+    stalls = floor > at_max
+    if stalls:
+        wanted = "spec.autoscaling.minReplicas" if i.max_replicas is not None else "spec.replicas"
+        count = floor
+    else:
+        wanted, count = "spec.autoscaling.maxReplicas", target
+    needed = math.ceil(count / per_node)
     return [
         PoolTooSmall(
-            f"{wanted}={target} needs {needed} node(s) of {per_node} slot(s) but "
+            f"{wanted}={count} needs {needed} node(s) of {per_node} slot(s) but "
             f"spec.nodePool.maxNodes={i.max_nodes} holds {at_max} replica(s); raise "
             f"spec.nodePool.maxNodes to {needed} or lower {wanted}",
             (wanted, "spec.nodePool.maxNodes"),
             # Some replicas pending is degraded, not broken; no capacity at all is broken.
             blocking=at_max == 0 and target > 0,
+            stalls=stalls,
         )
     ]
 
@@ -646,7 +653,8 @@ def inputs_from_spec(spec: Any) -> PlanInputs:
         max_shared_clients=sharing.max_shared_clients_per_gpu if sharing else None,
         replicas=spec.replicas if getattr(spec, "replicas", None) is not None else 1,
         max_replicas=autoscaling.max_replicas if autoscaling else None,
-        provider=_value(pool.provider) if pool else "Existing",
+        min_replicas=autoscaling.min_replicas if autoscaling else None,
+        provider=_value(pool.provider) if pool else "GKE",  # the API's default
         nodepool_name=getattr(pool, "name", None) if pool else None,
         machine_type=getattr(pool, "machine_type", None) if pool else None,
         spot=bool(getattr(pool, "spot", False)) if pool else False,

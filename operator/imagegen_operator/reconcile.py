@@ -1,14 +1,16 @@
 """One idempotent reconcile of an ImageGenService, as ordered small steps.
 
-    validate/plan -> workload (Deployment, Service, PDB, HPA, monitors) -> node pool
-                  -> retire the previous pool -> status
+    parse -> cluster default -> plan -> workload (Deployment, Service, PDB, HPA, monitors)
+          -> node pool -> retire the previous pool -> observe -> status
 
 Level, not edge: each step compares what should be with what is, so running it
 on create, update, resume, a timer or a child's event converges to the same
 state, and a run that finds nothing to do writes nothing (status included).
-The node pool is shared by every service whose GPU config derives the same pool
-name; who uses a pool is read from the cluster each time, never kept in memory,
-so it survives operator restarts.
+A node pool is known by (provider, cluster, name) and shared by every service
+whose spec derives the same three; who uses a pool is read from the cluster
+each time, never kept in memory, so it survives operator restarts. What is
+kept in memory is an optimisation only: one bounded :class:`Memo` per service,
+and the backoff of pools whose provider asked to wait.
 """
 
 from __future__ import annotations
@@ -16,25 +18,31 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from imagegen_operator import conditions as cond
-from imagegen_operator.api import InvalidSpec, parse
-from imagegen_operator.kube import Kube, MissingKind
+from imagegen_operator import status as st
+from imagegen_operator.api import (
+    API_VERSION,
+    CLOUD_PROVIDERS,
+    KIND,
+    ImageGenService,
+    InvalidSpec,
+    parse,
+)
+from imagegen_operator.cluster_default import HOW_TO_SET
+from imagegen_operator.kube import Kube, MissingKind, PermanentKubeError
 from imagegen_operator.planner import Plan, plan
 from imagegen_operator.providers.base import NodePoolProvider, PoolState, ProviderError
 from imagegen_operator.render import render_workload
-from imagegen_operator.render.common import (
-    API_VERSION,
-    KIND,
-    MANAGED_BY,
-    name_of,
-    namespace_of,
-    selector_string,
-)
+from imagegen_operator.render.common import MANAGED_BY, name_of, namespace_of, selector_string
 from imagegen_operator.render.service import endpoint
+from imagegen_operator.status import Observation, PoolKey
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +53,8 @@ OPTIONAL_CHILDREN = (
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.coreos.com/v1", "PodMonitor"),
 )
+# Services remembered at most; a forgotten one costs a re-plan and one GET per child.
+MEMO_LIMIT = 10_000
 
 Recorder = Callable[[dict[str, Any], str, str, str], None]  # body, type, reason, message
 
@@ -57,7 +67,24 @@ class Outcome:
     status_written: bool = False
     result: str = "ok"  # ok | waiting | invalid | error
     stalled: bool = False  # blocked until a person acts (kstatus' Stalled)
+    requeue_after: float | None = None  # run again no sooner than this (a provider's backoff)
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Memo:
+    """What the operator remembers of one service between reconciles."""
+
+    generation: int | None = None
+    plan: Plan | None = None  # of that generation; None when its spec is invalid
+    applied: int | None = None  # generation last applied (apply without reading first)
+    cleaned: int | None = None  # generation whose leftover optional children were removed
+
+
+@dataclass
+class _Backoff:
+    until: float  # monotonic
+    state: PoolState  # what to report until then
 
 
 class Reconciler:
@@ -67,55 +94,84 @@ class Reconciler:
         providers: Mapping[str, NodePoolProvider],
         recorder: Recorder | None = None,
         services: Callable[[], Iterable[dict[str, Any]]] | None = None,
+        default_cluster: Callable[[], str | None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.kube = kube
         self.services = services
         self.providers = providers
         self.record = recorder or (lambda body, type_, reason, message: None)
-        # uid -> (generation, plan): sharing a pool means planning every service
-        # on each reconcile, and a spec only changes with its generation.
-        self._plans: dict[str, tuple[int | None, Plan | None]] = {}
-        self._cleaned: dict[str, int | None] = {}  # uid -> generation last cleaned up
-        self._applied_generation: dict[str, int | None] = {}  # uid -> generation last applied unread
+        self.default_cluster = default_cluster
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._memos: OrderedDict[str, Memo] = OrderedDict()
+        self._backoff: dict[PoolKey, _Backoff] = {}
+        self._pool_locks: dict[PoolKey, threading.Lock] = {}
 
     # --- the entry points ---------------------------------------------------
 
     def reconcile(self, body: dict[str, Any]) -> Outcome:
         outcome = Outcome()
         generation = body["metadata"].get("generation")
+        previous = body.get("status") or {}
         try:
             resource = parse(body)
         except InvalidSpec as exc:
             outcome.result = "invalid"
-            self._write_status(
-                body, self._not_planned_status(body, "InvalidSpec", str(exc)), outcome
-            )
+            status = st.not_planned_status(previous, generation, "InvalidSpec", str(exc))
+            self._write_status(body, status, outcome)
             return outcome
-        the_plan = plan(resource.spec)
+        the_plan = self._plan_of(body, resource)
+        assert the_plan is not None
         if the_plan.blocking:
             outcome.result = "invalid"
             finding = the_plan.blocking[0]
             message = "; ".join(f.message for f in the_plan.blocking)
-            status = self._not_planned_status(body, finding.reason, message, the_plan)
+            status = st.not_planned_status(previous, generation, finding.reason, message, the_plan)
             self._write_status(body, status, outcome)
             return outcome
+        resolved = self._with_cluster(resource)
+        if resolved is None:
+            outcome.result, outcome.stalled = "invalid", True
+            status = st.not_planned_status(previous, generation, "ClusterUnknown", HOW_TO_SET,
+                                           the_plan, pool_message=HOW_TO_SET)
+            self._write_status(body, status, outcome)
+            return outcome
+        resource = resolved
 
         # The workload first: its pods wait (Pending) for the pool's nodes anyway,
         # and on GKE their pending is what the cluster autoscaler scales up for.
-        observed = (body.get("status") or {}).get("observedGeneration")
-        deployment = self._apply_workload(
-            resource, the_plan, outcome,
-            spec_changed=observed != generation
-            and self._applied_generation.get(body["metadata"].get("uid")) != generation,
+        deployment, rejected = self._apply_workload(
+            resource, the_plan, outcome, spec_changed=previous.get("observedGeneration") != generation
         )
-        pool = self._ensure_pool(resource, the_plan, outcome)
-        rolled_out = _rolled_out(deployment, resource.spec.replicas)
-        current_pool = self._current_pool(body, the_plan, pool, rolled_out)
-        status = self._status(
-            body, resource, the_plan, pool, deployment, rolled_out, current_pool, generation,
-            stalled=outcome.stalled,
+        target = self.pool_key(resource, the_plan)
+        pool, pool_stalled = self._ensure_pool(resource, the_plan, target, outcome)
+        want = resource.spec.replicas
+        rolled_out = st.rolled_out(deployment, want)
+        current = self._retire_previous_pool(body, resource, the_plan, target,
+                                             pool.ready and rolled_out)
+        observation = Observation(
+            generation=generation,
+            previous=previous,
+            plan=the_plan,
+            want=want,
+            pool=pool,
+            target=target,
+            current=current,
+            deployment=deployment,
+            selector=selector_string(resource),
+            endpoint=endpoint(resource),
+            rolled_out=rolled_out,
+            pool_stalled=pool_stalled,
+            rejected=tuple(rejected),
+            unschedulable=None if rolled_out else self._unschedulable(resource),
         )
-        outcome.ready = cond.is_true(status["conditions"], cond.READY)
+        status = st.compute_status(observation)
+        ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+        outcome.ready = ready["status"] == "True"
+        outcome.stalled = any(
+            c["type"] == "Stalled" and c["status"] == "True" for c in status["conditions"]
+        )
         if not outcome.ready:
             outcome.result = "waiting"
         self._write_status(body, status, outcome)
@@ -128,36 +184,92 @@ class Reconciler:
         owner through Kubernetes' garbage collector.
         """
         uid = body["metadata"].get("uid")
-        self._plans.pop(uid, None)
-        self._cleaned.pop(uid, None)
-        self._applied_generation.pop(uid, None)
+        with self._lock:
+            self._memos.pop(uid, None)
         try:
             resource = parse(body)
         except InvalidSpec:
             return True  # never planned, so it never made a pool
         the_plan = plan(resource.spec)
-        if the_plan.blocking:
-            return True
-        provider = self.providers[resource.spec.node_pool.provider]
+        resolved = self._with_cluster(resource)
+        if the_plan.blocking or resolved is None:
+            # Never planned, or no cluster to make a pool in: only a pool recorded in
+            # status can exist.
+            keys = {k for k in [self.recorded_pool(body)] if k is not None}
+        else:
+            keys = self._pools_of(body, resolved, the_plan)
         done = True
-        for pool_name in self._pools_of(body, the_plan):
-            users = self.pool_users(pool_name, exclude_uid=body["metadata"].get("uid"))
+        for key in keys:
+            users = self.pool_users(key, exclude_uid=uid)
             if users:
-                log.info("pool %s still used by %s; keeping it", pool_name, ", ".join(users))
+                log.info("pool %s still used by %s; keeping it", key, ", ".join(users))
                 continue
-            pool_plan = dataclasses.replace(the_plan, nodepool_name=pool_name)
-            gone = provider.delete(resource, pool_plan)
+            gone = self._delete_pool(body, resource, the_plan, key)
             if gone:
-                self.record(
-                    body,
-                    "Normal",
-                    "NodePoolDeleted",
-                    f"node pool {pool_name} deleted: no service uses it any more",
-                )
+                self.record(body, "Normal", "NodePoolDeleted",
+                            f"node pool {key} deleted: no service uses it any more")
             done = done and gone
         return done
 
-    # --- who uses which pool (read from the cluster, every time) -------------
+    # --- identity: which pool, and who uses it --------------------------------
+
+    def _with_cluster(self, resource: ImageGenService) -> ImageGenService | None:
+        """The resource with spec.nodePool.cluster set where its provider needs one.
+
+        None when it needs one, names none and the operator knows no default.
+        """
+        pool = resource.spec.node_pool
+        if pool.provider not in CLOUD_PROVIDERS or pool.cluster:
+            return resource
+        cluster = self.default_cluster()
+        if cluster is None:
+            return None
+        spec = resource.spec.model_copy(
+            update={"node_pool": pool.model_copy(update={"cluster": cluster})})
+        return resource.model_copy(update={"spec": spec})
+
+    def recorded_pool(self, body: dict[str, Any]) -> PoolKey | None:
+        """The pool a service's status says it runs on (None before its first status)."""
+        recorded = (body.get("status") or {}).get("nodePool") or {}
+        if not recorded.get("name"):
+            return None
+        spec_pool = (body.get("spec") or {}).get("nodePool") or {}
+        provider = recorded.get("provider") or spec_pool.get("provider") or "GKE"
+        scope = ""
+        if provider in CLOUD_PROVIDERS:
+            # Older statuses name no cluster: the spec's, or the default, was it.
+            scope = (recorded.get("cluster") or spec_pool.get("cluster")
+                     or self.default_cluster() or "")
+        return PoolKey(provider, scope, recorded["name"])
+
+    @staticmethod
+    def pool_key(resource: ImageGenService, the_plan: Plan) -> PoolKey:
+        pool = resource.spec.node_pool
+        scope = (pool.cluster or "") if pool.provider in CLOUD_PROVIDERS else ""
+        return PoolKey(pool.provider, scope, the_plan.nodepool_name)
+
+    def _pools_of(self, body: dict[str, Any], resource: ImageGenService | None,
+                  the_plan: Plan | None) -> set[PoolKey]:
+        """The pool a service's spec asks for and the one its status says it runs on."""
+        keys = set()
+        if resource is not None and the_plan is not None and the_plan.workable:
+            keys.add(self.pool_key(resource, the_plan))
+        recorded = self.recorded_pool(body)
+        if recorded is not None:
+            keys.add(recorded)
+        return keys
+
+    def pool_users(self, key: PoolKey, exclude_uid: str | None = None) -> list[str]:
+        """namespace/name of every live service that runs on or is moving to pool ``key``."""
+        users = []
+        for body in self._all_services(fresh=True):
+            meta = body["metadata"]
+            if meta.get("uid") == exclude_uid or meta.get("deletionTimestamp"):
+                continue
+            resource, the_plan = self._parsed_plan(body)
+            if key in self._pools_of(body, resource, the_plan):
+                users.append(f"{meta.get('namespace')}/{meta['name']}")
+        return users
 
     def _all_services(self, fresh: bool = False) -> Iterable[dict[str, Any]]:
         """Every ImageGenService: from the watch-fed cache when there is one.
@@ -171,102 +283,97 @@ class Reconciler:
             return list(self.services())
         return self.kube.list(API_VERSION, KIND)
 
-    @staticmethod
-    def _pools_of(body: dict[str, Any], the_plan: Plan | None) -> set[str]:
-        pools = set()
-        if the_plan is not None:
-            pools.add(the_plan.nodepool_name)
-        previous = ((body.get("status") or {}).get("nodePool") or {}).get("name")
-        if previous:
-            pools.add(previous)
-        return pools
-
-    def pool_users(self, pool_name: str, exclude_uid: str | None = None) -> list[str]:
-        """namespace/name of every live service that runs on or is moving to ``pool_name``."""
-        users = []
-        for body in self._all_services(fresh=True):
-            meta = body["metadata"]
-            if meta.get("uid") == exclude_uid or meta.get("deletionTimestamp"):
-                continue
-            if pool_name in self._pools_of(body, self._plan_of(body)):
-                users.append(f"{meta.get('namespace')}/{meta['name']}")
-        return users
-
-    def _plan_of(self, body: dict[str, Any]) -> Plan | None:
-        """The plan of another service's body (None when its spec is invalid), memoized."""
-        meta = body["metadata"]
-        key, generation = meta.get("uid", ""), meta.get("generation")
-        cached = self._plans.get(key)
-        if cached is not None and cached[0] == generation:
-            return cached[1]
+    def _parsed_plan(self, body: dict[str, Any]) -> tuple[ImageGenService | None, Plan | None]:
+        """Another service's resource (its cluster resolved) and plan; Nones when invalid."""
         try:
-            the_plan = plan(parse(body).spec)
+            resource = parse(body)
         except InvalidSpec:
-            the_plan = None
-        if len(self._plans) > 10_000:
-            self._plans.clear()  # deleted services' entries; cheap to rebuild
-        self._plans[key] = (generation, the_plan)
-        return the_plan
+            return None, None
+        return self._with_cluster(resource), self._plan_of(body, resource)
 
-    def _target_nodes(self, resource: Any, the_plan: Plan) -> int:
+    def _memo(self, uid: str) -> Memo:
+        with self._lock:
+            memo = self._memos.pop(uid, None) or Memo()
+            self._memos[uid] = memo  # most recently used last
+            while len(self._memos) > MEMO_LIMIT:
+                self._memos.popitem(last=False)
+            return memo
+
+    def _plan_of(self, body: dict[str, Any], resource: ImageGenService) -> Plan | None:
+        """The plan of a service's spec, memoized per generation (sharing a pool means
+        planning every service on each reconcile, and a spec changes with its generation)."""
+        meta = body["metadata"]
+        memo = self._memo(meta.get("uid", ""))
+        if memo.plan is None or memo.generation != meta.get("generation"):
+            memo.generation, memo.plan = meta.get("generation"), plan(resource.spec)
+        return memo.plan
+
+    def _target_nodes(self, resource: ImageGenService, key: PoolKey, the_plan: Plan) -> int:
         """Nodes every service sharing this pool needs together, within min/max nodes."""
         replicas = 0
         for body in self._all_services():
             if body["metadata"].get("deletionTimestamp"):
                 continue
-            other = self._plan_of(body)
-            if other and other.nodepool_name == the_plan.nodepool_name and other.workable:
-                replicas += other.target_replicas
+            other, other_plan = self._parsed_plan(body)
+            if other is None or other_plan is None or not other_plan.workable:
+                continue
+            if self.pool_key(other, other_plan) == key:
+                replicas += other_plan.target_replicas
         pool = resource.spec.node_pool
         needed = math.ceil(replicas / the_plan.slots_per_node) if the_plan.slots_per_node else 0
         return max(pool.min_nodes, min(needed, pool.max_nodes))
 
     # --- the steps ------------------------------------------------------------
 
-    def _ensure_pool(self, resource: Any, the_plan: Plan, outcome: Outcome) -> PoolState:
-        provider = self.providers[resource.spec.node_pool.provider]
-        try:
-            return provider.ensure(resource, the_plan, self._target_nodes(resource, the_plan))
-        except ProviderError as exc:
-            if not exc.transient:
-                outcome.stalled = True  # quota, permissions: waiting will not help
-            return PoolState(the_plan.nodepool_name, False, 0, exc.reason, exc.message)
-
     def _apply_workload(
-        self, resource: Any, the_plan: Plan, outcome: Outcome, spec_changed: bool
-    ) -> dict[str, Any] | None:
-        """Apply the children; return the Deployment as it now is.
+        self, resource: ImageGenService, the_plan: Plan, outcome: Outcome, spec_changed: bool
+    ) -> tuple[dict[str, Any] | None, list[str]]:
+        """Apply the children; return the Deployment as it now is, and what was refused.
 
         A spec not yet acted on (a new service, an edit) nearly always means
         writes: apply straight away (server-side apply creates or updates alike)
         instead of reading each child first. Otherwise read, and write only what
-        drifted, so a steady-state reconcile writes nothing.
+        drifted, so a steady-state reconcile writes nothing. A child the API
+        server refuses (403, 422) is reported in status, not raised: the rest
+        still converges, and fixing the spec recovers on the next reconcile.
         """
         desired = render_workload(resource, the_plan)
         wanted = {(o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in desired}
-        deployment = None
-        uid, generation = resource.metadata.uid, resource.metadata.generation
+        memo = self._memo(resource.metadata.uid or "")
+        generation = resource.metadata.generation
+        blind = spec_changed and memo.applied != generation
+        deployment, rejected = None, []
         for obj in desired:
             try:
-                current = self.kube.apply(obj, read_first=not spec_changed)
+                current = self.kube.apply(obj, read_first=not blind)
             except MissingKind as exc:
                 # A monitor asked for on a cluster without the Prometheus operator.
                 outcome.notes.append(str(exc))
                 log.warning("%s: %s", name_of(resource), exc)
                 continue
+            except PermanentKubeError as exc:
+                log.warning("%s: %s", name_of(resource), exc)
+                rejected.append(str(exc))
+                if obj["kind"] == "Deployment":  # what still runs, for status
+                    current = self.kube.get(obj["apiVersion"], obj["kind"],
+                                            obj["metadata"]["name"], namespace_of(resource))
+                else:
+                    continue
             if obj["kind"] == "Deployment":
                 deployment = current
+        if rejected:
+            return deployment, rejected
         # Once per generation: should the status write that records it fail, the
         # next reconcile reads before it writes.
-        self._applied_generation[uid] = generation
+        memo.applied = generation
         # Optional children only go away when the spec changes (its generation):
         # look for leftovers once per generation, not on every reconcile.
-        if self._cleaned.get(uid) != generation:
+        if memo.cleaned != generation:
             self._delete_unwanted(resource, wanted)
-            self._cleaned[uid] = generation
-        return deployment
+            memo.cleaned = generation
+        return deployment, rejected
 
-    def _delete_unwanted(self, resource: Any, wanted: set[tuple[str, str, str]]) -> None:
+    def _delete_unwanted(self, resource: ImageGenService, wanted: set[tuple[str, str, str]]) -> None:
         selector = f"app.kubernetes.io/instance={name_of(resource)},"
         selector += f"app.kubernetes.io/managed-by={MANAGED_BY}"
         uid = resource.metadata.uid
@@ -283,210 +390,126 @@ class Reconciler:
                 if owned and key not in wanted:
                     self.kube.delete(api_version, kind, key[2], namespace_of(resource))
 
-    def _current_pool(
-        self, body: dict[str, Any], the_plan: Plan, pool: PoolState, rolled_out: bool
-    ) -> str:
+    def _ensure_pool(
+        self, resource: ImageGenService, the_plan: Plan, key: PoolKey, outcome: Outcome
+    ) -> tuple[PoolState, bool]:
+        """The pool's state, and whether it is stuck until a person acts.
+
+        A provider that failed in a way that passes (GKE busy, rate-limited,
+        unreachable) named a delay: until it ends the provider is not asked again,
+        by this service or any other on the same pool, and status keeps the one
+        message (with the time of the next try) instead of a countdown.
+        """
+        with self._pool_lock(key):  # the pool's users ask one at a time, and see the backoff
+            with self._lock:
+                backoff = self._backoff.get(key)
+            now = self._clock()
+            if backoff is not None and now < backoff.until:
+                outcome.requeue_after = backoff.until - now
+                return backoff.state, False
+            provider = self.providers[key.provider]
+            target_nodes = self._target_nodes(resource, key, the_plan)
+            try:
+                state = provider.ensure(resource, the_plan, target_nodes)
+            except ProviderError as exc:
+                if exc.retry_after is None:
+                    state = PoolState(the_plan.nodepool_name, False, 0, exc.reason, exc.message)
+                    return state, True
+                at = datetime.now(UTC) + timedelta(seconds=exc.retry_after)
+                state = PoolState(
+                    the_plan.nodepool_name, False, 0, exc.reason,
+                    f"{exc.message} (next try at {at.strftime('%H:%M:%SZ')})",
+                )
+                with self._lock:
+                    self._backoff[key] = _Backoff(now + exc.retry_after, state)
+                outcome.requeue_after = exc.retry_after
+                return state, False
+            with self._lock:
+                self._backoff.pop(key, None)
+            return state, False
+
+    def _pool_lock(self, key: PoolKey) -> threading.Lock:
+        with self._lock:
+            lock = self._pool_locks.get(key)
+            if lock is None:
+                if len(self._pool_locks) > MEMO_LIMIT:
+                    # Locks of pools long gone; one in use is re-made at worst, which
+                    # costs one duplicate provider call, never a wrong state.
+                    self._pool_locks = {k: v for k, v in self._pool_locks.items() if v.locked()}
+                lock = self._pool_locks[key] = threading.Lock()
+            return lock
+
+    def _delete_pool(self, body: dict[str, Any], resource: ImageGenService, the_plan: Plan,
+                     key: PoolKey) -> bool:
+        """Ask the pool's provider to delete it; True once gone. Honours its backoff."""
+        with self._lock:
+            backoff = self._backoff.get(key)
+        if backoff is not None and self._clock() < backoff.until:
+            return False
+        pool = resource.spec.node_pool.model_copy(
+            update={"provider": key.provider, "cluster": key.scope or None})
+        owner = resource.model_copy(
+            update={"spec": resource.spec.model_copy(update={"node_pool": pool})})
+        try:
+            gone = self.providers[key.provider].delete(
+                owner, dataclasses.replace(the_plan, nodepool_name=key.name))
+        except ProviderError as exc:
+            log.warning("deleting pool %s: %s", key, exc.message)
+            delay = exc.retry_after if exc.retry_after is not None else 60.0
+            state = PoolState(key.name, False, 0, exc.reason, exc.message)
+            with self._lock:
+                self._backoff[key] = _Backoff(self._clock() + delay, state)
+            return False
+        if gone:
+            with self._lock:
+                self._backoff.pop(key, None)
+        return gone
+
+    def _retire_previous_pool(
+        self, body: dict[str, Any], resource: ImageGenService, the_plan: Plan, target: PoolKey,
+        moved: bool,
+    ) -> PoolKey:
         """The pool the service runs on; a new one takes over once the rollout is done.
 
         GKE cannot change a pool's accelerator settings, so a new sharing config
         means a new pool: the Deployment moves (surge first, nothing taken away),
-        and only then is the old pool released, if no other service uses it.
+        and only then is the old pool released, if no other service uses it. The
+        old pool stays named in status until it is gone, so a later reconcile (or
+        an operator restart) finishes the deletion instead of orphaning it.
         """
-        previous = ((body.get("status") or {}).get("nodePool") or {}).get("name")
-        if not previous or previous == the_plan.nodepool_name:
-            return the_plan.nodepool_name
-        if not (pool.ready and rolled_out):
+        previous = self.recorded_pool(body)
+        if previous is None or previous == target:
+            return target
+        if not moved:
             return previous
-        users = self.pool_users(previous, exclude_uid=body["metadata"].get("uid"))
-        if not users:
-            resource = parse(body)
-            provider = self.providers[resource.spec.node_pool.provider]
-            gone = provider.delete(resource, dataclasses.replace(the_plan, nodepool_name=previous))
-            if not gone:
-                # Still named in status until it is gone, so a later reconcile (or
-                # an operator restart) finishes the deletion instead of orphaning it.
-                return previous
-            self.record(
-                body,
-                "Normal",
-                "NodePoolRetired",
-                f"moved to node pool {the_plan.nodepool_name}; deleted {previous}",
-            )
-        return the_plan.nodepool_name
+        if self.pool_users(previous, exclude_uid=body["metadata"].get("uid")):
+            return target
+        if not self._delete_pool(body, resource, the_plan, previous):
+            return previous
+        self.record(body, "Normal", "NodePoolRetired",
+                    f"moved to node pool {target}; deleted {previous}")
+        return target
 
-    # --- status ---------------------------------------------------------------
-
-    def _status(
-        self,
-        body: dict[str, Any],
-        resource: Any,
-        the_plan: Plan,
-        pool: PoolState,
-        deployment: dict[str, Any] | None,
-        rolled_out: bool,
-        current_pool: str,
-        generation: int | None,
-        stalled: bool,
-    ) -> dict[str, Any]:
-        dep_status = (deployment or {}).get("status") or {}
-        want = resource.spec.replicas
-        ready_replicas = dep_status.get("readyReplicas") or 0
-        observed = [
-            cond.Observed(cond.NODE_POOL_READY, pool.ready, pool.reason, pool.message),
-            _available(want, ready_replicas),
-            cond.Observed(
-                cond.PROGRESSING,
-                not rolled_out,
-                "RolloutComplete" if rolled_out else "RollingOut",
-                f"{ready_replicas}/{want} replicas ready on pool {current_pool}",
-            ),
-        ]
-        if not pool.ready:
-            ready = cond.Observed(cond.READY, False, pool.reason, pool.message)
-        elif not rolled_out:
-            ready = cond.Observed(
-                cond.READY,
-                False,
-                "ReplicasNotReady",
-                self._why_not_ready(resource, ready_replicas, want),
-            )
-        else:
-            ready = cond.Observed(
-                cond.READY, True, "Ready", f"{ready_replicas}/{want} replicas ready"
-            )
-        previous = body.get("status") or {}
-        observed += cond.kstatus(ready, stalled)
-        conditions = cond.merge(previous.get("conditions"), [ready, *observed], generation)
-        return {
-            "observedGeneration": generation,
-            "conditions": conditions,
-            "replicas": dep_status.get("replicas") or 0,
-            "readyReplicas": ready_replicas,
-            "selector": selector_string(resource),
-            "sharing": the_plan.sharing,
-            "nodePool": {
-                "name": current_pool,
-                "provider": resource.spec.node_pool.provider,
-                "readyNodes": pool.ready_nodes,
-            },
-            "capacity": _capacity(the_plan),
-            "endpoint": endpoint(resource),
-        }
-
-    def _why_not_ready(self, resource: Any, ready: int, want: int) -> str:
-        """The replica count, and the scheduler's own words when a pod cannot be placed."""
-        message = f"{ready}/{want} replicas ready"
+    def _unschedulable(self, resource: ImageGenService) -> str | None:
+        """The scheduler's own words when a serving pod cannot be placed."""
         pods = self.kube.list("v1", "Pod", namespace_of(resource), selector_string(resource))
         for pod in pods:
             for c in (pod.get("status") or {}).get("conditions") or []:
                 if c.get("type") == "PodScheduled" and c.get("reason") == "Unschedulable":
-                    return f"{message}; pod {pod['metadata']['name']}: {c.get('message')}"
-        return message
+                    return f"{pod['metadata']['name']}: {c.get('message')}"
+        return None
 
-    def _not_planned_status(
-        self, body: dict[str, Any], reason: str, message: str, the_plan: Plan | None = None
-    ) -> dict[str, Any]:
-        generation = body["metadata"].get("generation")
-        previous = body.get("status") or {}
-        observed = [
-            cond.Observed(cond.READY, False, reason, message),
-            cond.Observed(
-                cond.NODE_POOL_READY,
-                False,
-                reason,
-                "nothing was created: the spec cannot run as written",
-            ),
-            cond.Observed(cond.AVAILABLE, False, reason, "no Deployment was created"),
-        ]
-        observed += cond.kstatus(observed[0], stalled=True)
-        status = {
-            **{k: None for k in previous if k != "conditions"},
-            "observedGeneration": generation,
-            "conditions": cond.merge(previous.get("conditions"), observed, generation),
-        }
-        if the_plan is not None:
-            status["sharing"] = the_plan.sharing
-            status["capacity"] = _capacity(the_plan)
-        return status
+    # --- status ---------------------------------------------------------------
 
     def _write_status(self, body: dict[str, Any], status: dict[str, Any], outcome: Outcome) -> None:
         previous = body.get("status") or {}
-        if _prune(status) == _prune(previous):
+        if st.unchanged(status, previous):
             return
         meta = body["metadata"]
         # Keys we no longer report are removed (a merge patch deletes on null).
         patch = {**{k: None for k in previous}, **status}
         self.kube.patch_status(API_VERSION, KIND, meta["name"], meta.get("namespace"), patch)
         outcome.status_written = True
-        self._record_transitions(body, previous, status)
+        for type_, reason, message in st.events_for(previous, status):
+            self.record(body, type_, reason, message)
 
-    def _record_transitions(
-        self, body: dict[str, Any], before: dict[str, Any], after: dict[str, Any]
-    ) -> None:
-        """An Event when Ready or NodePoolReady turns True, or turns False for a reason.
-
-        A new service is not ready at first and its conditions say why; that first
-        False is no news. A warning is for a condition that was True and no longer
-        is, and for a service that turns Stalled, which waiting will not fix.
-        """
-        for new in after.get("conditions") or []:
-            old = cond.find(before.get("conditions"), new["type"])
-            was = (old or {}).get("status")
-            if was == new["status"]:
-                continue
-            if new["type"] == cond.STALLED:
-                # Stuck, also when Ready was already False: the one warning for it.
-                if new["status"] != "True":
-                    continue
-                type_ = "Warning"
-            elif new["type"] not in (cond.READY, cond.NODE_POOL_READY):
-                continue
-            elif new["status"] == "True":
-                type_ = "Normal"
-            elif was == "True":
-                type_ = "Warning"
-            else:
-                continue  # not ready yet: the conditions say why, and Stalled if it is stuck
-            self.record(
-                body, type_, new["reason"], f"{new['type']}={new['status']}: {new['message']}"
-            )
-
-
-def _available(want: int, ready: int) -> cond.Observed:
-    if want == 0 or ready > 0:
-        return cond.Observed(
-            cond.AVAILABLE, True, "MinimumReplicasAvailable", f"{ready} replica(s) serving"
-        )
-    return cond.Observed(cond.AVAILABLE, False, "NoReplicasAvailable", "no replica is ready yet")
-
-
-def _rolled_out(deployment: dict[str, Any] | None, want: int) -> bool:
-    """The Deployment has caught up with its spec and every wanted replica is ready."""
-    if deployment is None:
-        return False
-    status = deployment.get("status") or {}
-    meta = deployment["metadata"]
-    return (
-        (status.get("observedGeneration") or 0) >= (meta.get("generation") or 0)
-        and (status.get("updatedReplicas") or 0) == want
-        and (status.get("readyReplicas") or 0) == want
-        and (status.get("replicas") or 0) == want
-    )
-
-
-def _capacity(the_plan: Plan) -> dict[str, int]:
-    return {
-        "slotsPerGpu": the_plan.slots_per_gpu,
-        "gpus": the_plan.nodes_needed * the_plan.count_per_node,
-        "slots": the_plan.slots,
-    }
-
-
-def _prune(value: Any) -> Any:
-    """Drop nulls and empties, so a stored status compares equal to a computed one."""
-    if isinstance(value, dict):
-        out = {k: _prune(v) for k, v in value.items()}
-        return {k: v for k, v in out.items() if v not in (None, {}, [])}
-    if isinstance(value, list):
-        return [_prune(v) for v in value]
-    return value

@@ -113,6 +113,7 @@ class RecordedRequest:
     path: str
     query: dict[str, list[str]]
     body: dict[str, Any] | None
+    at: float = field(default_factory=time.monotonic)  # when it arrived
 
 
 @dataclass
@@ -166,6 +167,7 @@ class GkeApiTestDouble:
         self._busy: list[str] = []  # what the running operation "is currently" doing, per call
         self._create_errors: list[ApiError] = []
         self._next_failure: tuple[str, str, str] | None = None
+        self._outage: ApiError | None = None
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -251,6 +253,13 @@ class GkeApiTestDouble:
         with self._lock:
             self._next_failure = (status, message, pool_after_failure)
 
+    def outage(self, status: str | None = "UNAVAILABLE",
+               message: str = "The service is currently unavailable.") -> None:
+        """Every request fails with ``status`` (UNAVAILABLE: 503, RESOURCE_EXHAUSTED: 429)
+        until ``outage(None)``."""
+        with self._lock:
+            self._outage = ApiError(status, message) if status else None
+
     def seed_pool(self, name: str, status: str = "RUNNING", **fields: Any) -> None:
         """Put a pool in place, as if made earlier (``name``: its full resource name)."""
         with self._lock:
@@ -269,6 +278,8 @@ class GkeApiTestDouble:
             time.sleep(self.latency_s)
         with self._lock:
             self.requests.append(RecordedRequest(method, path, query, body))
+            if self._outage is not None:
+                raise self._outage
             answer = self._route(method, path, body)
             if "enum-encoding=int" in ";".join(query.get("$alt", [])):
                 answer = _enums_as_numbers(answer)

@@ -33,3 +33,12 @@ def eventually(check: Callable[[], Any], timeout: float = 60, interval: float = 
             return last
         time.sleep(interval)
     raise AssertionError(f"{what} not met after {timeout}s; last: {last!r}")
+
+
+def free_port_refusing() -> str:
+    """``127.0.0.1:PORT`` where nothing listens: connections are refused at once."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"

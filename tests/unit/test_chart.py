@@ -398,6 +398,15 @@ def test_workload_identity_annotation():
     assert env["IMAGEGEN_GKE_API_ENDPOINT"] == "https://gke.example"
 
 
+def test_default_cluster_value_reaches_the_operator_and_is_checked():
+    assert "IMAGEGEN_GKE_CLUSTER" not in {e["name"] for e in container(render())["env"]}
+    cluster = "projects/my-project/locations/us-central1/clusters/serving"
+    env = {e["name"]: e.get("value") for e in container(render(f"gke.cluster={cluster}"))["env"]}
+    assert env["IMAGEGEN_GKE_CLUSTER"] == cluster
+    refused = helm(*template_args("gke.cluster=serving"), check=False)
+    assert refused.returncode != 0 and "/gke/cluster" in refused.stderr
+
+
 def test_network_policy_is_optional_and_tight():
     assert "NetworkPolicy" not in kinds(render())
     docs = render("networkPolicy.enabled=true")

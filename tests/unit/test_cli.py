@@ -193,3 +193,26 @@ def test_server_image_flag_applies_only_where_the_spec_sets_none() -> None:
     _, preset, _ = run("render", "-f", str(spot), "--server-image", image)
     assert f"image: {image}" in unset
     assert image not in preset and "image: registry.example.com/imagegen-server:1.2.3" in preset
+
+
+MINIMAL = """apiVersion: imagegen.dev/v1alpha1
+kind: ImageGenService
+metadata: {name: minimal, namespace: team-a}
+spec:
+  model: {uri: gs://models/sd15}
+  gpu: {type: nvidia-l4}
+"""
+
+
+def test_render_of_a_minimal_spec_asks_for_the_cluster_the_operator_would_use(
+        monkeypatch) -> None:
+    monkeypatch.delenv("IMAGEGEN_GKE_CLUSTER", raising=False)
+    status, out, err = run("render", "-f", "-", stdin=MINIMAL)
+    assert (status, out) == (1, "")
+    assert "spec.nodePool.cluster is unset" in err and "--cluster" in err
+    cluster = "projects/my-project/locations/us-central1/clusters/serving"
+    status, out, _ = run("render", "-f", "-", "--cluster", cluster, stdin=MINIMAL)
+    assert status == 0
+    assert f"container.googleapis.com/parent: {cluster}" in out
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["render", "-f", "-", "--cluster", "serving"])

@@ -60,14 +60,10 @@ def _status(**conditions: tuple[str, str]) -> dict:
                            for t, (s, r) in conditions.items()]}
 
 
-def _events(before: dict, after: dict) -> list[tuple[str, str, str]]:
-    from imagegen_operator.reconcile import Reconciler
+def _events(before: dict, after: dict) -> list[tuple[str, str]]:
+    from imagegen_operator.status import events_for
 
-    recorded = []
-    reconciler = Reconciler(kube=None, providers={},
-                            recorder=lambda body, *event: recorded.append(event[:2]))
-    reconciler._record_transitions({"metadata": {"name": "x"}}, before, after)
-    return recorded
+    return [event[:2] for event in events_for(before, after)]
 
 
 WAITING = _status(Ready=("False", "ReplicasNotReady"), NodePoolReady=("False", "Provisioning"),

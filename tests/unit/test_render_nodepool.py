@@ -123,8 +123,10 @@ def test_kwok_nodes_look_like_the_gke_pool() -> None:
     assert labels["cloud.google.com/gke-max-shared-clients-per-gpu"] == "2"
     assert labels["cloud.google.com/gke-nodepool"] == p.nodepool_name
     assert node["metadata"]["annotations"]["kwok.x-k8s.io/node"] == "fake"
+    # GKE's GPU taint, and the one that keeps pods of non-Local services off.
     assert node["spec"]["taints"] == [
-        {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+        {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"},
+        {"key": "imagegen.dev/simulated", "value": "true", "effect": "NoSchedule"},
     ]
     # partitions x clients x GPUs = 7 x 2 x 2
     assert node["status"]["allocatable"]["nvidia.com/gpu"] == "28"

@@ -37,9 +37,15 @@ class _Lazy:
 
 
 def _gke() -> NodePoolProvider:
-    from imagegen_operator.providers.gke import GkeProvider
+    import os
 
-    return GkeProvider()
+    from imagegen_operator.providers.gke import BACKOFF_BASE_S, BACKOFF_MAX_S, GkeProvider
+
+    # The backoff of calls that failed in a way that passes (busy, rate-limited, down).
+    return GkeProvider(
+        backoff_base=float(os.environ.get("IMAGEGEN_GKE_BACKOFF_BASE_S", BACKOFF_BASE_S)),
+        backoff_max=float(os.environ.get("IMAGEGEN_GKE_BACKOFF_MAX_S", BACKOFF_MAX_S)),
+    )
 
 
 def build_providers(

@@ -2,19 +2,21 @@
 
 A SIMULATOR, not a cloud: the nodes are Node objects that KWOK keeps Ready and
 whose pods it pretends to run. They carry GKE's labels, taint and allocatable
-``nvidia.com/gpu``, so the real scheduler places pods as it would on GKE. The
-pool grows to what all services sharing it need (a stand-in for GKE's cluster
-autoscaler) and never shrinks while in use.
+``nvidia.com/gpu``, so the real scheduler places pods as it would on GKE, and one
+taint more that only Local services tolerate, so nothing meant for a real pool
+lands on them. The pool grows to what all services sharing it need (a stand-in
+for GKE's cluster autoscaler) and never shrinks while in use.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from imagegen_operator.kube import Kube
 from imagegen_operator.planner import Plan
 from imagegen_operator.providers.base import PoolState
-from imagegen_operator.render.nodepool import POOL_LABEL, kwok_node
+from imagegen_operator.render.nodepool import POOL_LABEL, local_node
 
 
 def node_ready(node: dict[str, Any]) -> bool:
@@ -29,18 +31,28 @@ class LocalProvider:
 
     def __init__(self, kube: Kube):
         self.kube = kube
+        self._lock = threading.Lock()
+        self._pool_locks: dict[str, threading.Lock] = {}
 
     def _nodes(self, pool: str) -> list[dict[str, Any]]:
         return self.kube.list("v1", "Node", label_selector=f"{POOL_LABEL}={pool}")
 
+    def _pool_lock(self, pool: str) -> threading.Lock:
+        # Services sharing a pool reconcile in parallel: one at a time per pool, so
+        # a node is written once per change, not once per service.
+        with self._lock:
+            return self._pool_locks.setdefault(pool, threading.Lock())
+
     def ensure(self, resource: Any, plan: Plan, target_nodes: int) -> PoolState:
-        nodes = self._nodes(plan.nodepool_name)
-        live = {n["metadata"]["name"] for n in nodes}
-        spot = bool(resource.spec.node_pool.spot)
-        for index in range(target_nodes):
-            name = f"{plan.nodepool_name}-{index}"
-            if name not in live:
-                self.kube.apply(kwok_node(plan, name, spot), live=None)
+        with self._pool_lock(plan.nodepool_name):
+            nodes = self._nodes(plan.nodepool_name)
+            live = {n["metadata"]["name"]: n for n in nodes}
+            spot = bool(resource.spec.node_pool.spot)
+            for index in range(target_nodes):
+                name = f"{plan.nodepool_name}-{index}"
+                # Compared with the listed node: written only when missing or changed.
+                self.kube.apply(local_node(plan, name, spot), live=live.get(name),
+                                read_first=False)
         # A node made just now is not Ready yet: the list from before counts them all.
         ready = sum(1 for n in nodes if node_ready(n))
         if target_nodes and ready == 0:
@@ -60,7 +72,8 @@ class LocalProvider:
         )
 
     def delete(self, resource: Any, plan: Plan) -> bool:
-        nodes = self._nodes(plan.nodepool_name)
-        for node in nodes:
-            self.kube.delete("v1", "Node", node["metadata"]["name"])
+        with self._pool_lock(plan.nodepool_name):
+            nodes = self._nodes(plan.nodepool_name)
+            for node in nodes:
+                self.kube.delete("v1", "Node", node["metadata"]["name"])
         return not nodes

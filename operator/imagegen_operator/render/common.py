@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-GROUP = "imagegen.dev"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-KIND = "ImageGenService"
+from imagegen_operator.api import API_VERSION, GROUP, KIND, VERSION
+
+__all__ = ["API_VERSION", "GROUP", "KIND", "VERSION"]  # re-exported for the renderers
 
 APP_NAME = "imagegen-server"
 MANAGED_BY = "imagegen-operator"

@@ -37,6 +37,7 @@ from imagegen_operator.render.common import (
     selector_labels,
     server_port,
 )
+from imagegen_operator.render.nodepool import SIMULATED_TAINT
 from imagegen_server.config import SHUTDOWN_FLUSH_S
 
 # The image used when spec.server.image is unset and the caller names none
@@ -113,6 +114,15 @@ def node_affinity(plan: Plan) -> dict[str, Any] | None:
 
 def gpu_toleration() -> dict[str, str]:
     return {"key": gke.GPU_TAINT_KEY, "operator": "Exists", "effect": gke.GPU_TAINT_EFFECT}
+
+
+def tolerations(provider: str) -> list[dict[str, str]]:
+    """The GPU taint everywhere; the simulated nodes' taint for Local services only."""
+    out = [gpu_toleration()]
+    if provider == "Local":
+        out.append({"key": SIMULATED_TAINT["key"], "operator": "Exists",
+                    "effect": SIMULATED_TAINT["effect"]})
+    return out
 
 
 def mps_pinned_memory_limit(mib: int) -> str:
@@ -310,7 +320,7 @@ def render_deployment(
     }
     pod_spec: dict[str, Any] = {
         "nodeSelector": nodeselector(plan, spec.node_pool.provider),
-        "tolerations": [gpu_toleration()],
+        "tolerations": tolerations(spec.node_pool.provider),
         "topologySpreadConstraints": topology_spread(resource),
         "securityContext": pod_security_context(),
         "terminationGracePeriodSeconds": TERMINATION_GRACE_S,

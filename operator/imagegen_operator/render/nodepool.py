@@ -31,6 +31,9 @@ CNRM_API_VERSION = "container.cnrm.cloud.google.com/v1beta1"
 CNRM_PROJECT_ANNOTATION = "cnrm.cloud.google.com/project-id"
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 POOL_LABEL = "imagegen.dev/node-pool"
+# On every simulated (Local) node: only pods of Local services tolerate it, so a
+# service meant for a GKE pool never runs, Available, on a node that is not one.
+SIMULATED_TAINT = {"key": "imagegen.dev/simulated", "value": "true", "effect": "NoSchedule"}
 GPU_DRIVER_VERSION = "DEFAULT"
 # ANY lets the autoscaler take GPUs from whichever zone has them (scarce, and Spot).
 LOCATION_POLICY = "ANY"
@@ -237,10 +240,17 @@ def kwok_node(plan: Plan, node_name: str, spot: bool) -> dict[str, Any]:
     }
 
 
+def local_node(plan: Plan, node_name: str, spot: bool) -> dict[str, Any]:
+    """A node of a Local pool: GKE's node, plus the taint that marks it simulated."""
+    node = kwok_node(plan, node_name, spot)
+    node["spec"]["taints"].append(dict(SIMULATED_TAINT))
+    return node
+
+
 def render_kwok_nodes(resource: Any, plan: Plan) -> list[dict[str, Any]]:
     spot = bool(resource.spec.node_pool.spot)
     return [
-        kwok_node(plan, f"{plan.nodepool_name}-{index}", spot)
+        local_node(plan, f"{plan.nodepool_name}-{index}", spot)
         for index in range(kwok_node_count(resource, plan))
     ]
 

@@ -1,0 +1,98 @@
+"""The GKE cluster the operator runs in: the default of ``spec.nodePool.cluster``.
+
+A service that asks for a GKE (or Config Connector) pool without naming a
+cluster means the operator's own, found in this order:
+
+1. ``IMAGEGEN_GKE_CLUSTER`` (the chart's ``gke.cluster`` value),
+   ``projects/P/locations/L/clusters/C``;
+2. on GKE, the metadata server: ``project/project-id`` and the instance
+   attributes ``cluster-name`` and ``cluster-location`` that GKE sets on every
+   node (https://cloud.google.com/kubernetes-engine/docs/concepts/workload-identity#instance_metadata).
+   ``GCE_METADATA_HOST`` points elsewhere, as it does for google-auth.
+
+Nothing found means no default: such a service reports ``NodePoolReady=False``,
+reason ``ClusterUnknown``, with what to set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+
+from imagegen_operator.api import CLUSTER_PATTERN
+
+log = logging.getLogger(__name__)
+
+CLUSTER_ENV = "IMAGEGEN_GKE_CLUSTER"
+METADATA_HOST_ENV = "GCE_METADATA_HOST"
+METADATA_HOST = "metadata.google.internal"
+# Off GKE the metadata host does not resolve or answer: give up fast, and ask
+# again only now and then (a node pool is not created every second).
+METADATA_TIMEOUT_S = 1.0
+RETRY_AFTER_S = 300.0
+HOW_TO_SET = (
+    "spec.nodePool.cluster is unset and the operator knows no default cluster: set "
+    "spec.nodePool.cluster (projects/P/locations/L/clusters/C), or install the operator "
+    "with --set gke.cluster=projects/P/locations/L/clusters/C, or run it on GKE, whose "
+    "metadata server names the cluster"
+)
+
+
+class ClusterDefault:
+    """Callable: the default cluster, or None when none is known (see the module docstring)."""
+
+    def __init__(
+        self,
+        environ: Mapping[str, str] = os.environ,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._configured = environ.get(CLUSTER_ENV) or None
+        self._metadata_host = environ.get(METADATA_HOST_ENV) or METADATA_HOST
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._found: str | None = None
+        self._next_try = 0.0
+        if self._configured and not re.fullmatch(CLUSTER_PATTERN, self._configured):
+            raise ValueError(
+                f"{CLUSTER_ENV}={self._configured!r} is not projects/P/locations/L/clusters/C"
+            )
+
+    def __call__(self) -> str | None:
+        if self._configured:
+            return self._configured
+        with self._lock:
+            if self._found or self._clock() < self._next_try:
+                return self._found
+            self._found = self._from_metadata()
+            if self._found is None:
+                self._next_try = self._clock() + RETRY_AFTER_S
+            return self._found
+
+    def _from_metadata(self) -> str | None:
+        try:
+            project = self._read("project/project-id")
+            location = self._read("instance/attributes/cluster-location")
+            name = self._read("instance/attributes/cluster-name")
+        except (OSError, urllib.error.URLError) as exc:
+            log.info("no default GKE cluster: metadata server %s: %s", self._metadata_host, exc)
+            return None
+        cluster = f"projects/{project}/locations/{location}/clusters/{name}"
+        if not re.fullmatch(CLUSTER_PATTERN, cluster):
+            log.warning("metadata server named an invalid cluster %r; no default", cluster)
+            return None
+        log.info("default GKE cluster from the metadata server: %s", cluster)
+        return cluster
+
+    def _read(self, path: str) -> str:
+        request = urllib.request.Request(
+            f"http://{self._metadata_host}/computeMetadata/v1/{path}",
+            headers={"Metadata-Flavor": "Google"},
+        )
+        with urllib.request.urlopen(request, timeout=METADATA_TIMEOUT_S) as response:  # noqa: S310
+            return response.read().decode().strip()

@@ -1,0 +1,222 @@
+"""The status of an ImageGenService, computed from what one reconcile observed.
+
+Pure functions: no API calls, no clock but the condition timestamps. The
+reconcile gathers an :class:`Observation`; :func:`compute_status` turns it into
+the status document; :func:`events_for` says which transitions are news.
+Kept apart so the rules (when is a service Ready, Stalled, Progressing) are
+unit-tested in milliseconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from imagegen_operator import conditions as cond
+from imagegen_operator.planner import Plan
+from imagegen_operator.providers.base import PoolState
+
+
+@dataclass(frozen=True)
+class PoolKey:
+    """A node pool's identity: who makes it, where, and its name.
+
+    ``scope`` is the GKE cluster for GKE and ConfigConnector pools, empty for pools
+    in the operator's own cluster (Local, Existing). Two services share a pool only
+    when all three agree.
+    """
+
+    provider: str
+    scope: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.provider} in {self.scope})" if self.scope else self.name
+
+    def status(self) -> dict[str, Any]:
+        return {"name": self.name, "provider": self.provider, "cluster": self.scope or None}
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything one reconcile saw that status is made of."""
+
+    generation: int | None
+    previous: dict[str, Any]  # the stored status
+    plan: Plan
+    want: int  # spec.replicas
+    pool: PoolState  # the pool the spec asks for, as its provider reports it
+    target: PoolKey  # that pool
+    current: PoolKey  # where the service runs: target, or the pool it is moving from
+    deployment: dict[str, Any] | None
+    selector: str
+    endpoint: str
+    rolled_out: bool
+    pool_stalled: bool = False  # the provider's error will not pass by waiting
+    rejected: tuple[str, ...] = ()  # children the API server refused, in its words
+    unschedulable: str | None = None  # the scheduler's words for a pending pod
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def moving(self) -> bool:
+        return self.current != self.target
+
+
+def compute_status(o: Observation) -> dict[str, Any]:
+    """The status document for an observation (conditions merged with the stored ones)."""
+    dep_status = (o.deployment or {}).get("status") or {}
+    ready_replicas = dep_status.get("readyReplicas") or 0
+    serving = f"{ready_replicas}/{o.want} replicas ready"
+    where = f"{serving} on pool {o.current.name}"
+    if o.moving:
+        where += f", moving to pool {o.target.name}"
+    progressing = not o.rolled_out or o.moving
+    # Fully serving while a rollout or a pool move goes on (the new pool may still be
+    # coming up): neither ready nor not, kstatus' InProgress, and no warning.
+    serving_meanwhile = progressing and o.want > 0 and ready_replicas >= o.want
+    pool_ready: bool | None = o.pool.ready
+    if not o.pool.ready and o.moving and serving_meanwhile and not o.pool_stalled:
+        pool_ready = None
+    observed = [
+        cond.Observed(cond.NODE_POOL_READY, pool_ready, o.pool.reason, o.pool.message),
+        _available(o.want, ready_replicas),
+        cond.Observed(
+            cond.PROGRESSING,
+            progressing,
+            ("MovingPool" if o.moving else "RollingOut") if progressing else "RolloutComplete",
+            where,
+        ),
+    ]
+    stalled = False
+    if o.rejected:
+        stalled = True
+        ready = cond.Observed(
+            cond.READY, False, "ApplyRejected",
+            "the API server refused " + "; ".join(o.rejected),
+        )
+    elif not o.pool.ready and (o.pool_stalled or not serving_meanwhile):
+        stalled = o.pool_stalled
+        ready = cond.Observed(cond.READY, False, o.pool.reason, o.pool.message)
+    elif o.plan.stalling and not o.rolled_out:
+        stalled = True
+        finding = o.plan.stalling[0]
+        ready = cond.Observed(cond.READY, False, finding.reason, f"{serving}; {finding.message}")
+    elif serving_meanwhile:
+        ready = cond.Observed(cond.READY, None, "Progressing", where)
+    elif not o.rolled_out:
+        message = f"{serving}; pod {o.unschedulable}" if o.unschedulable else serving
+        ready = cond.Observed(cond.READY, False, "ReplicasNotReady", message)
+    else:
+        ready = cond.Observed(cond.READY, True, "Ready", serving)
+    observed += cond.kstatus(ready, stalled)
+    return {
+        "observedGeneration": o.generation,
+        "conditions": cond.merge(o.previous.get("conditions"), [ready, *observed], o.generation),
+        "replicas": dep_status.get("replicas") or 0,
+        "readyReplicas": ready_replicas,
+        "selector": o.selector,
+        "sharing": o.plan.sharing,
+        "nodePool": {**o.current.status(), "readyNodes": o.pool.ready_nodes},
+        "capacity": capacity(o.plan),
+        "endpoint": o.endpoint,
+    }
+
+
+def not_planned_status(
+    previous: dict[str, Any],
+    generation: int | None,
+    reason: str,
+    message: str,
+    the_plan: Plan | None = None,
+    pool_message: str = "nothing was created: the spec cannot run as written",
+) -> dict[str, Any]:
+    """Status of a spec that cannot run as written: nothing was created, a person must act."""
+    observed = [
+        cond.Observed(cond.READY, False, reason, message),
+        cond.Observed(cond.NODE_POOL_READY, False, reason, pool_message),
+        cond.Observed(cond.AVAILABLE, False, reason, "no Deployment was created"),
+    ]
+    observed += cond.kstatus(observed[0], stalled=True)
+    status = {
+        **{k: None for k in previous if k != "conditions"},
+        "observedGeneration": generation,
+        "conditions": cond.merge(previous.get("conditions"), observed, generation),
+    }
+    if the_plan is not None:
+        status["sharing"] = the_plan.sharing
+        status["capacity"] = capacity(the_plan)
+    return status
+
+
+def unchanged(status: dict[str, Any], previous: dict[str, Any]) -> bool:
+    return _prune(status) == _prune(previous)
+
+
+def events_for(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(type, reason, message) of the Events a status change is worth.
+
+    An Event when Ready or NodePoolReady turns True, or turns False after being
+    True. A new service is not ready at first and its conditions say why; that
+    first False is no news, nor is Ready going Unknown while a rollout serves.
+    A warning is also due when a service turns Stalled, which waiting will not fix.
+    """
+    events = []
+    for new in after.get("conditions") or []:
+        old = cond.find(before.get("conditions"), new["type"])
+        was = (old or {}).get("status")
+        if was == new["status"]:
+            continue
+        if new["type"] == cond.STALLED:
+            if new["status"] != "True":
+                continue
+            type_ = "Warning"
+        elif new["type"] not in (cond.READY, cond.NODE_POOL_READY):
+            continue
+        elif new["status"] == "True":
+            type_ = "Normal"
+        elif was == "True" and new["status"] == "False":
+            type_ = "Warning"
+        else:
+            continue
+        events.append((type_, new["reason"], f"{new['type']}={new['status']}: {new['message']}"))
+    return events
+
+
+def capacity(the_plan: Plan) -> dict[str, int]:
+    return {
+        "slotsPerGpu": the_plan.slots_per_gpu,
+        "gpus": the_plan.nodes_needed * the_plan.count_per_node,
+        "slots": the_plan.slots,
+    }
+
+
+def rolled_out(deployment: dict[str, Any] | None, want: int) -> bool:
+    """The Deployment has caught up with its spec and every wanted replica is ready."""
+    if deployment is None:
+        return False
+    status = deployment.get("status") or {}
+    meta = deployment["metadata"]
+    return (
+        (status.get("observedGeneration") or 0) >= (meta.get("generation") or 0)
+        and (status.get("updatedReplicas") or 0) == want
+        and (status.get("readyReplicas") or 0) == want
+        and (status.get("replicas") or 0) == want
+    )
+
+
+def _available(want: int, ready: int) -> cond.Observed:
+    if want == 0 or ready > 0:
+        return cond.Observed(
+            cond.AVAILABLE, True, "MinimumReplicasAvailable", f"{ready} replica(s) serving"
+        )
+    return cond.Observed(cond.AVAILABLE, False, "NoReplicasAvailable", "no replica is ready yet")
+
+
+def _prune(value: Any) -> Any:
+    """Drop nulls and empties, so a stored status compares equal to a computed one."""
+    if isinstance(value, dict):
+        out = {k: _prune(v) for k, v in value.items()}
+        return {k: v for k, v in out.items() if v not in (None, {}, [])}
+    if isinstance(value, list):
+        return [_prune(v) for v in value]
+    return value

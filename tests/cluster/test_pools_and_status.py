@@ -1,0 +1,271 @@
+"""Which pool is whose, where pods may land, and what status says when things go wrong.
+
+The operator as a real process against the real API server, scheduler and KWOK;
+the GKE provider against the local test double of GKE's REST API (GKE itself
+cannot be reached from here). The operator's default cluster comes from the
+chart's ``gke.cluster`` value, read out of the chart as helm renders it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+import yaml
+from unit.test_chart import template_args
+
+from imagegen_operator import api
+from imagegen_operator.planner import plan
+from support.fake_gke import GkeApiTestDouble
+from support.gpu_nodes import fake_gpu_node
+from support.kube import apply, eventually, get_json
+from support.operator_process import OperatorProcess
+
+pytestmark = pytest.mark.cluster
+
+NS = "v2-pools"
+BACKOFF_NS = "v2-backoff"
+CLUSTER = "projects/imagegen-test/locations/us-central1/clusters/home"
+OTHER_CLUSTER = "projects/imagegen-test/locations/europe-west4/clusters/away"
+# A configuration no other test module uses: its pools are this module's alone.
+GPU = {"type": "nvidia-a100-80gb", "sharing": {"strategy": "MPS", "maxSharedClientsPerGpu": 3}}
+
+
+def chart_env(cluster, *sets: str) -> dict[str, str]:
+    """The operator container's environment as the chart renders it."""
+    rendered = subprocess.run([str(cluster.bin / "helm"), *template_args(*sets)],
+                              capture_output=True, text=True, check=True, timeout=120).stdout
+    deployment = next(d for d in yaml.safe_load_all(rendered)
+                      if d and d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+
+@pytest.fixture(scope="module")
+def gke_api():
+    with GkeApiTestDouble(polls_to_done=1) as double:
+        yield double
+
+
+@pytest.fixture(scope="module")
+def operator(cluster, crd, gke_api, tmp_path_factory):
+    for ns in (NS, BACKOFF_NS):
+        apply(cluster, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    env = chart_env(cluster, f"gke.cluster={CLUSTER}")
+    assert env["IMAGEGEN_GKE_CLUSTER"] == CLUSTER
+    proc = OperatorProcess(
+        cluster, tmp_path_factory.mktemp("v2-operator") / "operator.log",
+        env={"IMAGEGEN_GKE_CLUSTER": env["IMAGEGEN_GKE_CLUSTER"],
+             "IMAGEGEN_GKE_API_ENDPOINT": f"http://{gke_api.host}",
+             "IMAGEGEN_OPERATOR_NAMESPACES": f"{NS},{BACKOFF_NS}",
+             "IMAGEGEN_GKE_BACKOFF_BASE_S": "1", "IMAGEGEN_GKE_BACKOFF_MAX_S": "4"},
+    ).start()
+    yield proc
+    proc.stop()
+    print(proc.log())
+
+
+def service(name: str, ns: str = NS, gpu: dict | None = None, **spec) -> dict:
+    return {
+        "apiVersion": api.API_VERSION, "kind": api.KIND,
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"model": {"uri": "gs://models/sd15", "family": "SD15", "memoryGiB": 4},
+                 "gpu": gpu or GPU, **spec},
+    }
+
+
+def igs(cluster, name: str, ns: str = NS) -> dict:
+    return get_json(cluster, "igs", name, "-n", ns)
+
+
+def condition(cluster, name: str, type_: str, ns: str = NS) -> dict:
+    conditions = (igs(cluster, name, ns).get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c["type"] == type_), {})
+
+
+def events(cluster, name: str, ns: str = NS) -> list[dict]:
+    return [e for e in get_json(cluster, "events", "-n", ns,
+                                "--field-selector", f"involvedObject.name={name}")["items"]
+            if e["involvedObject"]["kind"] == api.KIND]
+
+
+def pool_name(spec_service: dict) -> str:
+    return plan(api.parse(spec_service).spec).nodepool_name
+
+
+def test_a_minimal_spec_is_accepted_and_ready_in_the_operators_cluster(cluster, operator, gke_api):
+    minimal = {"apiVersion": api.API_VERSION, "kind": api.KIND,
+               "metadata": {"name": "minimal", "namespace": NS},
+               "spec": {"model": {"uri": "gs://models/sd15"}, "gpu": {"type": "nvidia-l4"}}}
+    apply(cluster, minimal)
+    name = pool_name(minimal)
+    eventually(lambda: condition(cluster, "minimal", "NodePoolReady").get("status") == "True",
+               timeout=60, what="the GKE pool made in the default cluster")
+    assert f"{CLUSTER}/nodePools/{name}" in gke_api.pools
+    status = igs(cluster, "minimal")["status"]
+    assert status["nodePool"] == {"name": name, "provider": "GKE", "cluster": CLUSTER,
+                                  "readyNodes": 1}
+    # GKE's autoscaler would add a node for the pending pod: here, a node as GKE registers it.
+    apply(cluster, fake_gpu_node(f"{name}-gke-0", "nvidia-l4", pool=name))
+    cluster.kubectl("wait", "-n", NS, "--for=condition=Ready", "--timeout=60s", "igs/minimal",
+                    timeout=70)
+    cluster.kubectl("delete", "igs", "minimal", "-n", NS, "--wait=true", "--timeout=60s")
+    cluster.kubectl("delete", "node", f"{name}-gke-0")
+    assert f"{CLUSTER}/nodePools/{name}" not in gke_api.pools
+
+
+def test_a_gke_pool_goes_with_its_last_user_and_its_pods_stay_off_simulated_nodes(
+        cluster, operator, gke_api):
+    on_gke = service("on-gke", nodePool={"provider": "GKE", "cluster": OTHER_CLUSTER})
+    on_local = service("on-local", nodePool={"provider": "Local"})
+    name = pool_name(on_gke)
+    assert pool_name(on_local) == name  # the same derived name, two different pools
+    apply(cluster, on_gke, on_local)
+    cluster.kubectl("wait", "-n", NS, "--for=condition=Ready", "--timeout=60s", "igs/on-local",
+                    timeout=70)
+    eventually(lambda: condition(cluster, "on-gke", "NodePoolReady").get("status") == "True",
+               timeout=60, what="the GKE pool")
+    assert f"{OTHER_CLUSTER}/nodePools/{name}" in gke_api.pools
+
+    # The GKE service's pod selects its pool by name, and the Local nodes carrying that
+    # name are marked simulated: the real scheduler keeps it Pending.
+    def pending_reason():
+        pods = get_json(cluster, "pods", "-n", NS,
+                        "-l", "app.kubernetes.io/instance=on-gke")["items"]
+        for pod in pods:
+            for c in pod["status"].get("conditions") or []:
+                if c["type"] == "PodScheduled" and c.get("reason") == "Unschedulable":
+                    return c["message"]
+        return None
+
+    message = eventually(pending_reason, timeout=30, what="the GKE pod left unscheduled")
+    # 1 node: the simulated one of the same name (the selector rules out all others).
+    assert "0/1 nodes are available: 1 node(s) had untolerated taint" in message, message
+    local_pods = get_json(cluster, "pods", "-n", NS,
+                          "-l", "app.kubernetes.io/instance=on-local")["items"]
+    assert [p["status"]["phase"] for p in local_pods] == ["Running"]
+
+    cluster.kubectl("delete", "igs", "on-gke", "-n", NS, "--wait=true", "--timeout=60s")
+    # The Local service with the same pool name does not keep the GKE pool alive.
+    assert f"{OTHER_CLUSTER}/nodePools/{name}" not in gke_api.pools
+    assert [r for r in gke_api.requests_to("DELETE") if r.path.endswith(f"/{name}")]
+    assert get_json(cluster, "nodes", "-l", f"imagegen.dev/node-pool={name}")["items"]
+    cluster.kubectl("delete", "igs", "on-local", "-n", NS, "--wait=true", "--timeout=60s")
+
+
+POLICY = {
+    "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+    "metadata": {"name": "v2-at-most-two-replicas"},
+    "spec": {
+        "failurePolicy": "Fail",
+        "matchConstraints": {"resourceRules": [{
+            "apiGroups": ["apps"], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"],
+            "resources": ["deployments"]}]},
+        "validations": [{"expression": "object.spec.replicas <= 2",
+                         "message": "spec.replicas: at most 2 replicas in this namespace"}],
+    },
+}
+BINDING = {
+    "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+    "metadata": {"name": "v2-at-most-two-replicas"},
+    "spec": {"policyName": "v2-at-most-two-replicas", "validationActions": ["Deny"],
+             "matchResources": {"namespaceSelector": {"matchLabels": {
+                 "kubernetes.io/metadata.name": NS}}}},
+}
+
+
+def test_a_refused_deployment_is_stalled_in_status_and_recovers_when_fixed(cluster, operator):
+    """A cluster policy (a ValidatingAdmissionPolicy, as Gatekeeper or Kyverno would be)
+    refuses the Deployment: only the API server can know, so status must say it."""
+    apply(cluster, POLICY, BINDING)
+    try:
+        # The policy takes a moment to reach the admission plugin: wait until it bites.
+        probe = {"apiVersion": "apps/v1", "kind": "Deployment",
+                 "metadata": {"name": "probe", "namespace": NS},
+                 "spec": {"replicas": 3, "selector": {"matchLabels": {"app": "probe"}},
+                          "template": {"metadata": {"labels": {"app": "probe"}},
+                                       "spec": {"containers": [{"name": "c", "image": "x"}]}}}}
+
+        def policy_bites():
+            out = cluster.kubectl("create", "--dry-run=server", "-f", "-",
+                                  input=yaml.safe_dump(probe), check=False)
+            return out.returncode != 0 and "at most 2 replicas" in out.stderr
+
+        eventually(policy_bites, timeout=30, what="the admission policy in force")
+        too_many = service("refused", nodePool={"provider": "Local", "maxNodes": 2}, replicas=3)
+        apply(cluster, too_many)
+
+        def rejected():
+            ready = condition(cluster, "refused", "Ready")
+            return ready if ready.get("reason") == "ApplyRejected" else None
+
+        ready = eventually(rejected, timeout=60, what="Ready=False ApplyRejected")
+        assert ready["status"] == "False"
+        assert "at most 2 replicas" in ready["message"]
+        body = igs(cluster, "refused")
+        assert body["status"]["observedGeneration"] == body["metadata"]["generation"]
+        assert condition(cluster, "refused", "Stalled")["status"] == "True"
+        warnings = [e for e in events(cluster, "refused") if e["type"] == "Warning"]
+        assert [e for e in warnings if e["reason"] == "ApplyRejected"], warnings
+
+        cluster.kubectl("patch", "igs", "refused", "-n", NS, "--type=merge",
+                        "-p", '{"spec":{"replicas":2}}')  # no operator restart
+        cluster.kubectl("wait", "-n", NS, "--for=condition=Ready", "--timeout=60s",
+                        "igs/refused", timeout=70)
+        assert condition(cluster, "refused", "Stalled")["status"] == "False"
+        assert operator.proc.poll() is None
+    finally:
+        cluster.kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy",
+                        "v2-at-most-two-replicas", check=False)
+        cluster.kubectl("delete", "igs", "refused", "-n", NS, "--wait=true", "--timeout=60s",
+                        check=False)
+
+
+def test_a_spec_that_can_never_fit_is_stalled_naming_the_fields(cluster, operator):
+    apply(cluster, service("never-fits", gpu={"type": "nvidia-l4"},
+                           nodePool={"provider": "Local", "maxNodes": 2}, replicas=3))
+
+    def stalled():
+        found = condition(cluster, "never-fits", "Stalled")
+        return found if found.get("status") == "True" else None
+
+    found = eventually(stalled, timeout=60, what="Stalled=True")
+    assert found["reason"] == "PoolTooSmall"
+    ready = condition(cluster, "never-fits", "Ready")
+    assert ready["status"] == "False"
+    assert "spec.replicas=3" in ready["message"] and "spec.nodePool.maxNodes=2" in ready["message"]
+    # What fits still serves.
+    eventually(lambda: igs(cluster, "never-fits")["status"].get("readyReplicas") == 2,
+               timeout=60, what="two replicas serving")
+    cluster.kubectl("delete", "igs", "never-fits", "-n", NS, "--wait=true", "--timeout=60s")
+
+
+def test_a_failing_gke_api_is_called_less_and_less_by_all_users_of_a_pool(
+        cluster, operator, gke_api):
+    """Five services on one pool; the GKE API answers 503 to everything. The operator
+    polls the pool every second (its resync here), yet GKE sees calls spaced 1, 2, 4, 4 s:
+    the provider's backoff (base 1 s, cap 4 s for this test), shared by the pool's users."""
+    gke_api.outage("UNAVAILABLE")
+    names = [f"user-{i}" for i in range(5)]
+    gpu = {"type": "nvidia-h100-80gb", "partitionSize": "1g.10gb"}
+    try:
+        start = time.monotonic()
+        apply(cluster, *[service(n, ns=BACKOFF_NS, gpu=gpu,
+                                 nodePool={"provider": "GKE", "maxNodes": 3}) for n in names])
+        time.sleep(20)
+        calls = [r.at - start for r in gke_api.requests if r.at > start]
+        print("GKE API calls at (s):", [round(c, 1) for c in calls])
+        gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
+        # Without the backoff: 5 services x 20 polls. With it: 1 + 1 + 2 + 4 + 4 + 4 + 4.
+        assert 4 <= len(calls) <= 9, calls
+        assert all(g >= 0.9 for g in gaps), gaps
+        assert sorted(gaps)[-2:] >= [3.6, 3.6], gaps  # it reached the cap
+        reason = condition(cluster, "user-0", "NodePoolReady", BACKOFF_NS)
+        assert reason["reason"] == "GkeUnavailable" and "next try at" in reason["message"]
+        assert condition(cluster, "user-0", "Stalled", BACKOFF_NS)["status"] == "False"
+    finally:
+        gke_api.outage(None)
+    eventually(lambda: condition(cluster, "user-0", "NodePoolReady", BACKOFF_NS).get("status")
+               == "True", timeout=30, what="recovered once GKE answers")
+    cluster.kubectl("delete", "igs", "--all", "-n", BACKOFF_NS, "--wait=true", "--timeout=60s")

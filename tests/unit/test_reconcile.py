@@ -1,0 +1,323 @@
+"""The reconcile's main paths in milliseconds, on an in-memory Kube (a FAKE).
+
+The same paths run end to end against the real API server, scheduler and KWOK
+in tests/cluster; these pin the rules: which pool a service uses and when it
+goes, what a refusal or a never-fitting spec puts in status, when a provider
+is asked again. The GKE provider here is the real one, on its real client
+library, against the local test double of GKE's REST API.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from imagegen_operator import api
+from imagegen_operator.planner import plan
+from imagegen_operator.providers import build_providers
+from imagegen_operator.providers.gke import GkeProvider
+from imagegen_operator.reconcile import Reconciler
+from imagegen_operator.render.nodepool import POOL_LABEL
+from support.fake_gke import GkeApiTestDouble
+from support.memory_kube import InMemoryKube
+
+CLUSTER_A = "projects/imagegen-test/locations/us-central1/clusters/a"
+CLUSTER_B = "projects/imagegen-test/locations/europe-west4/clusters/b"
+TS2_L4 = {"type": "nvidia-l4", "sharing": {"strategy": "TimeSharing", "maxSharedClientsPerGpu": 2}}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def world():
+    with GkeApiTestDouble(polls_to_done=1) as double:
+        yield World(double)
+
+
+class World:
+    """The fake Kube, the real providers, a reconciler, and what it recorded."""
+
+    def __init__(self, double: GkeApiTestDouble, default_cluster: str | None = CLUSTER_A):
+        self.kube = InMemoryKube()
+        self.clock = Clock()
+        self.double = double
+        self.gke = GkeProvider(double.client(), timeout=5, backoff_base=15, backoff_max=300,
+                               clock=self.clock)
+        self.events: list[tuple[str, str, str, str]] = []
+        self.default_cluster = default_cluster
+        self.reconciler = Reconciler(
+            self.kube,
+            build_providers(self.kube, gke=lambda: self.gke),  # type: ignore[arg-type]
+            recorder=lambda body, *event: self.events.append((body["metadata"]["name"], *event)),
+            default_cluster=lambda: self.default_cluster,
+            clock=self.clock,
+        )
+
+    def create(self, name: str, gpu: dict | None = None, replicas: int = 1,
+               node_pool: dict | None = None, **spec: Any) -> dict:
+        body = {
+            "apiVersion": api.API_VERSION, "kind": api.KIND,
+            "metadata": {"name": name, "namespace": "ns"},
+            "spec": {"model": {"uri": "gs://models/sd15", "family": "SD15", "memoryGiB": 4},
+                     "gpu": gpu or TS2_L4, "replicas": replicas, **spec},
+        }
+        if node_pool is not None:
+            body["spec"]["nodePool"] = node_pool
+        return self.kube.put(body)
+
+    def body(self, name: str) -> dict:
+        found = self.kube.get(api.API_VERSION, api.KIND, name, "ns")
+        assert found is not None
+        return found
+
+    def edit(self, name: str, **spec: Any) -> dict:
+        body = self.body(name)
+        body["spec"].update(spec)
+        body["metadata"]["generation"] += 1
+        return self.kube.put(body)
+
+    def reconcile(self, *names: str):
+        return [self.reconciler.reconcile(self.body(n)) for n in names][-1]
+
+    def delete(self, name: str) -> bool:
+        done = self.reconciler.finalize(self.body(name))
+        if done:
+            self.kube.objects.pop((api.API_VERSION, api.KIND, "ns", name))
+        return done
+
+    def condition(self, name: str, type_: str) -> dict:
+        return next(c for c in self.body(name)["status"]["conditions"] if c["type"] == type_)
+
+    def nodes_ready(self) -> None:
+        """What KWOK does: every Node turns Ready."""
+        for obj in self.kube.objects.values():
+            if obj["kind"] == "Node":
+                obj.setdefault("status", {})["conditions"] = [{"type": "Ready", "status": "True"}]
+
+    def rolled_out(self, name: str, ready: int | None = None) -> None:
+        """What the Deployment controller does once its pods are Ready."""
+        deployment = self.kube.objects[("apps/v1", "Deployment", "ns", name)]
+        want = deployment["spec"]["replicas"]
+        ready = want if ready is None else ready
+        deployment["status"] = {
+            "observedGeneration": deployment["metadata"]["generation"],
+            "replicas": want, "updatedReplicas": ready, "readyReplicas": ready,
+        }
+
+    def gke_pools(self) -> set[str]:
+        return set(self.double.pools)
+
+
+def test_a_local_service_converges_then_a_reconcile_writes_nothing(world) -> None:
+    world.create("alpha", node_pool={"provider": "Local", "maxNodes": 3}, replicas=3)
+    outcome = world.reconcile("alpha")
+    assert not outcome.ready
+    assert world.condition("alpha", "NodePoolReady")["reason"] == "Provisioning"
+    assert world.condition("alpha", "Reconciling")["status"] == "True"
+    kinds = {k for (_, k, _, _) in world.kube.objects}
+    assert {"Deployment", "Service", "PodDisruptionBudget", "Node"} <= kinds
+
+    world.nodes_ready()
+    world.rolled_out("alpha")
+    assert world.reconcile("alpha").ready
+    assert world.condition("alpha", "Ready")["reason"] == "Ready"
+    assert ("alpha", "Normal", "Ready", "Ready=True: 3/3 replicas ready") in world.events
+
+    writes = world.kube.writes
+    world.reconcile("alpha")
+    assert world.kube.writes == writes
+
+
+def test_services_sharing_a_local_pool_write_each_node_once(world) -> None:
+    names = [f"svc-{i}" for i in range(5)]
+    for name in names:
+        world.create(name, node_pool={"provider": "Local", "maxNodes": 4}, replicas=1)
+    for _ in range(3):
+        world.reconcile(*names)
+    # 5 replicas at 2 slots per node: 3 nodes, each written once.
+    nodes = world.kube.writes_of("Node")
+    assert len(nodes) == 3, nodes
+
+
+def test_a_gke_pool_goes_with_its_last_gke_user_not_with_local_namesakes(world) -> None:
+    world.create("on-gke", node_pool={"provider": "GKE", "cluster": CLUSTER_A})
+    world.create("on-local", node_pool={"provider": "Local"})
+    world.reconcile("on-gke", "on-local")
+    name = plan(api.parse(world.body("on-gke")).spec).nodepool_name
+    assert world.body("on-local")["status"]["nodePool"]["name"] == name  # the same derived name
+    assert world.gke_pools() == {f"{CLUSTER_A}/nodePools/{name}"}
+
+    assert world.delete("on-gke") is False  # DELETE sent; GKE is on it
+    assert world.double.requests_to("DELETE", f"/nodePools/{name}")
+    world.delete("on-gke")
+    assert world.gke_pools() == set()
+    # The Local pool of the same name is untouched.
+    assert world.kube.list("v1", "Node", label_selector=f"{POOL_LABEL}={name}")
+
+
+def test_the_same_config_in_two_clusters_is_two_pools(world) -> None:
+    world.create("in-a", node_pool={"provider": "GKE", "cluster": CLUSTER_A})
+    world.create("in-b", node_pool={"provider": "GKE", "cluster": CLUSTER_B})
+    world.reconcile("in-a", "in-b")
+    assert len(world.gke_pools()) == 2
+    while not world.delete("in-a"):
+        pass
+    assert [p for p in world.gke_pools() if p.startswith(CLUSTER_B)] == list(world.gke_pools())
+    assert world.body("in-b")["status"]["nodePool"]["cluster"] == CLUSTER_B
+
+
+def test_a_minimal_spec_uses_the_operators_cluster(world) -> None:
+    world.create("minimal")  # no nodePool at all: provider GKE, the default cluster
+    world.reconcile("minimal")
+    status = world.body("minimal")["status"]
+    assert status["nodePool"]["provider"] == "GKE"
+    assert status["nodePool"]["cluster"] == CLUSTER_A
+    assert [p for p in world.gke_pools() if p.startswith(CLUSTER_A + "/")]
+
+
+def test_no_default_cluster_says_how_to_set_one(world) -> None:
+    world.default_cluster = None
+    world.create("minimal")
+    outcome = world.reconcile("minimal")
+    assert outcome.stalled
+    pool = world.condition("minimal", "NodePoolReady")
+    assert (pool["status"], pool["reason"]) == ("False", "ClusterUnknown")
+    assert "spec.nodePool.cluster" in pool["message"] and "gke.cluster" in pool["message"]
+    assert world.condition("minimal", "Stalled")["status"] == "True"
+    assert not world.double.requests
+    # Set once the operator learns one: the same service goes ahead.
+    world.default_cluster = CLUSTER_B
+    world.reconcile("minimal")
+    assert world.body("minimal")["status"]["nodePool"]["cluster"] == CLUSTER_B
+
+
+def test_a_refused_child_is_stalled_with_the_api_servers_words_and_recovers(world) -> None:
+    world.create("refused", node_pool={"provider": "Local"})
+    message = ('Deployment.apps "refused" is invalid: spec.template.spec.containers[0].image: '
+               "Invalid value: \" bad\": must not have leading or trailing whitespace")
+    world.kube.refuse("Deployment", message)
+    outcome = world.reconcile("refused")
+    assert outcome.stalled and not outcome.ready
+    ready = world.condition("refused", "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "ApplyRejected")
+    assert "spec.template.spec.containers[0].image" in ready["message"]
+    assert world.condition("refused", "Stalled")["reason"] == "ApplyRejected"
+    assert world.body("refused")["status"]["observedGeneration"] == 1
+    assert [e for e in world.events if e[1] == "Warning" and e[2] == "ApplyRejected"]
+    # The other children were still applied.
+    assert ("v1", "Service", "ns", "refused") in world.kube.objects
+
+    world.kube.accept("Deployment")  # the user fixed the spec
+    world.edit("refused", replicas=1)
+    world.reconcile("refused")
+    world.nodes_ready()
+    world.rolled_out("refused")
+    assert world.reconcile("refused").ready
+    assert world.condition("refused", "Stalled")["status"] == "False"
+
+
+@pytest.mark.parametrize("spec, field", [
+    ({"replicas": 5}, "spec.replicas"),
+    ({"replicas": 1, "autoscaling": {"minReplicas": 5, "maxReplicas": 6}},
+     "spec.autoscaling.minReplicas"),
+])
+def test_a_spec_that_can_never_fit_is_stalled_naming_the_fields(world, spec, field) -> None:
+    world.create("too-big", node_pool={"provider": "Local", "maxNodes": 1}, **spec)
+    world.reconcile("too-big")
+    world.nodes_ready()
+    world.rolled_out("too-big", ready=2)  # the pool holds two
+    outcome = world.reconcile("too-big")
+    assert outcome.stalled
+    ready = world.condition("too-big", "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "PoolTooSmall")
+    assert field in ready["message"] and "spec.nodePool.maxNodes" in ready["message"]
+    assert world.condition("too-big", "Stalled")["status"] == "True"
+
+
+def test_autoscaling_beyond_the_pool_is_a_warning_not_stalled(world) -> None:
+    world.create("elastic", node_pool={"provider": "Local", "maxNodes": 1},
+                 autoscaling={"minReplicas": 1, "maxReplicas": 6})
+    world.reconcile("elastic")
+    world.nodes_ready()
+    world.rolled_out("elastic")
+    assert world.reconcile("elastic").ready
+
+
+def test_a_pool_move_reads_progressing_then_retires_the_old_pool(world) -> None:
+    world.create("mover", node_pool={"provider": "Local", "maxNodes": 2}, replicas=2)
+    world.reconcile("mover")
+    world.nodes_ready()
+    world.rolled_out("mover")
+    world.reconcile("mover")
+    old = world.body("mover")["status"]["nodePool"]["name"]
+    world.events.clear()
+
+    world.edit("mover", gpu={"type": "nvidia-l4", "sharing": {
+        "strategy": "MPS", "maxSharedClientsPerGpu": 2}})
+    world.reconcile("mover")  # the Deployment changed; the old replicas still serve
+    world.rolled_out("mover", ready=2)
+    deployment = world.kube.objects[("apps/v1", "Deployment", "ns", "mover")]
+    deployment["status"]["updatedReplicas"] = 1  # half way
+    world.nodes_ready()
+    world.reconcile("mover")
+    ready = world.condition("mover", "Ready")
+    assert (ready["status"], ready["reason"]) == ("Unknown", "Progressing")
+    assert world.condition("mover", "Progressing")["reason"] == "MovingPool"
+    assert world.body("mover")["status"]["nodePool"]["name"] == old
+    assert not [e for e in world.events if e[1] == "Warning"], world.events
+
+    world.rolled_out("mover")
+    world.reconcile("mover")  # moved: the old pool's nodes are asked to go
+    assert world.reconcile("mover").ready  # and once gone, it is retired
+    new = world.body("mover")["status"]["nodePool"]["name"]
+    assert new != old
+    assert not world.kube.list("v1", "Node", label_selector=f"{POOL_LABEL}={old}")
+    assert [e for e in world.events if e[2] == "NodePoolRetired"]
+
+
+def test_a_failing_gke_api_is_asked_with_exponential_backoff_by_all_its_users(world) -> None:
+    """Five services on one pool, the API answering 503, a reconcile of each every 5 s
+    (the pool poll) for 30 minutes: GKE sees one call per backoff step, not 5 per poll."""
+    names = [f"user-{i}" for i in range(5)]
+    for name in names:
+        world.create(name, node_pool={"provider": "GKE", "cluster": CLUSTER_A, "maxNodes": 5})
+    world.double.outage("UNAVAILABLE")
+    asked_at, status_writes = [], 0
+    for _ in range(360):
+        before = len(world.double.requests)
+        status_writes += sum(world.reconcile(n).status_written for n in names)
+        if len(world.double.requests) > before:
+            assert len(world.double.requests) == before + 1  # one service asked, once
+            asked_at.append(world.clock.now)
+        world.clock.now += 5
+    gaps = [b - a for a, b in zip(asked_at, asked_at[1:], strict=False)]
+    assert gaps[:6] == [15, 30, 60, 120, 240, 300], gaps
+    assert set(gaps[5:]) == {300}, gaps
+    # Status changes when a try fails (the time of the next one), not on every poll.
+    assert status_writes <= len(names) * len(asked_at), status_writes
+    pool = world.condition("user-0", "NodePoolReady")
+    assert pool["reason"] == "GkeUnavailable" and "next try at" in pool["message"]
+    assert world.condition("user-0", "Stalled")["status"] == "False"  # it passes by itself
+
+
+def test_providers_are_not_asked_again_before_their_delay(world) -> None:
+    world.create("waits", node_pool={"provider": "GKE", "cluster": CLUSTER_A})
+    world.double.outage("RESOURCE_EXHAUSTED", "Too many requests: rate limit")
+    outcome = world.reconcile("waits")
+    assert outcome.requeue_after == 15
+    asked = len(world.double.requests)
+    world.clock.now += 14
+    assert world.reconcile("waits").requeue_after == pytest.approx(1)
+    assert len(world.double.requests) == asked
+    world.double.outage(None)
+    world.clock.now += 1
+    world.reconcile("waits")
+    assert len(world.double.requests) > asked
+    assert world.condition("waits", "NodePoolReady")["reason"] in ("Provisioning", "Ready")
