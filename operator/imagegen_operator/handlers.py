@@ -25,7 +25,14 @@ from imagegen_operator import conditions as cond
 from imagegen_operator import metrics
 from imagegen_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from imagegen_operator.cluster_default import ClusterDefault
-from imagegen_operator.kube import CONNECTIONS, Kube, PermanentKubeError, TransientKubeError
+from imagegen_operator.kube import (
+    CONNECT_TIMEOUT_S,
+    CONNECTIONS,
+    REQUEST_TIMEOUT_S,
+    Kube,
+    PermanentKubeError,
+    TransientKubeError,
+)
 from imagegen_operator.providers import build_providers
 from imagegen_operator.reconcile import Reconciler
 from imagegen_operator.render.common import MANAGED_BY
@@ -60,6 +67,12 @@ class OperatorConfig:
     namespaces: tuple[str, ...] = ()
     peering: str | None = None
     priority: int = 0
+    # A reconcile running longer than this turns /healthz unhealthy (the kubelet restarts
+    # the pod): every API call has a timeout, so only a hang gets there.
+    stuck_seconds: float = 300.0
+    # The API server ends each watch after this, and the client gives up on a silent one
+    # a little later: a dead connection under a watch is noticed within that time.
+    watch_timeout_seconds: float = 120.0
 
 
 @dataclass
@@ -142,7 +155,16 @@ class Operator:
             service.running = True
         try:
             while True:
-                self._reconcile_once(service, body, trigger, fresh)
+                try:
+                    self._reconcile_once(service, body, trigger, fresh)
+                except Exception:
+                    with self._guard:
+                        retry, service.dirty = service.dirty, False
+                    if not retry:
+                        raise
+                    # A trigger folded into the failed run is not lost with it: once more
+                    # (a child event's handler is not retried by kopf).
+                    self._reconcile_once(service, body, "coalesced", False)
                 fresh = False
                 with self._guard:
                     if not service.dirty:
@@ -267,11 +289,27 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, config: Operat
         settings.posting.level = logging.WARNING
         # Reconciles mostly wait on the API server: more threads than cores pay off.
         settings.execution.max_workers = CONNECTIONS
+        # No wait without an end: kopf's own calls and its watches time out too.
+        settings.networking.request_timeout = REQUEST_TIMEOUT_S
+        settings.networking.connect_timeout = CONNECT_TIMEOUT_S
+        settings.watching.connect_timeout = CONNECT_TIMEOUT_S
+        settings.watching.server_timeout = int(config.watch_timeout_seconds)  # whole seconds
+        settings.watching.client_timeout = config.watch_timeout_seconds + 30
         if config.peering:
             settings.peering.name = config.peering
             settings.peering.priority = config.priority
             settings.peering.mandatory = True
             settings.peering.clusterwide = not config.namespaces
+
+    @kopf.on.probe(registry=registry, id="reconcile_progress")
+    def reconcile_progress(**_: Any) -> float:
+        # /healthz answers 500 when a probe fails: a reconcile stuck past the limit
+        # means a hang no timeout caught, and a restart is the way out.
+        stuck = operator.stuck_for()
+        if stuck > config.stuck_seconds:
+            raise kopf.PermanentError(
+                f"a reconcile has been running for {stuck:.0f}s (limit {config.stuck_seconds:.0f}s)")
+        return round(stuck, 1)
 
     @kopf.index(GROUP, VERSION, PLURAL, registry=registry, id="services_index")
     def services_index(body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
@@ -428,6 +466,18 @@ def parse_args(argv: Sequence[str]) -> OperatorConfig:
     )
     p.add_argument("--priority", type=int, default=int(env("IMAGEGEN_OPERATOR_PRIORITY", "0")))
     p.add_argument(
+        "--stuck-seconds",
+        type=float,
+        default=float(env("IMAGEGEN_OPERATOR_STUCK_SECONDS", "300")),
+        help="/healthz fails while a reconcile has run longer than this",
+    )
+    p.add_argument(
+        "--watch-timeout-seconds",
+        type=float,
+        default=float(env("IMAGEGEN_OPERATOR_WATCH_TIMEOUT_SECONDS", "120")),
+        help="the API server ends each watch after this; a silent one is dropped 30 s later",
+    )
+    p.add_argument(
         "--log-format",
         choices=("text", "json"),
         default=env("IMAGEGEN_OPERATOR_LOG_FORMAT", "text"),
@@ -454,6 +504,8 @@ def parse_args(argv: Sequence[str]) -> OperatorConfig:
         namespaces=namespaces,
         peering=args.peering,
         priority=args.priority,
+        stuck_seconds=args.stuck_seconds,
+        watch_timeout_seconds=args.watch_timeout_seconds,
     )
 
 

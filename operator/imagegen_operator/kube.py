@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
@@ -29,6 +31,11 @@ FIELD_MANAGER = "imagegen-operator"
 MISSING_KIND_TTL_S = 60.0
 # Handler threads (kopf's executor) and HTTP connections to the API server.
 CONNECTIONS = 32
+# Seconds to connect, and to wait for each answer, of every API call: a dead
+# connection (a frozen proxy, a lost NAT entry) becomes a transient error instead
+# of a reconcile that never ends.
+CONNECT_TIMEOUT_S = 10.0
+REQUEST_TIMEOUT_S = float(os.environ.get("IMAGEGEN_OPERATOR_API_TIMEOUT_S", "30"))
 log = logging.getLogger(__name__)
 
 
@@ -38,6 +45,15 @@ class TransientKubeError(Exception):
 
 class PermanentKubeError(Exception):
     """The API server refused the object itself (invalid, forbidden)."""
+
+
+def _timeout() -> tuple[float, float]:
+    return (min(CONNECT_TIMEOUT_S, REQUEST_TIMEOUT_S), REQUEST_TIMEOUT_S)
+
+
+def _unreachable(exc: Exception) -> bool:
+    """Connection refused, reset or timed out: the API server could not be reached."""
+    return isinstance(exc, urllib3.exceptions.HTTPError | OSError)
 
 
 class MissingKind(PermanentKubeError):
@@ -155,6 +171,10 @@ class Kube:
         return self._dynamic
 
     def _resource(self, api_version: str, kind: str):
+        with self._calling(f"discover {kind}"):
+            return self._discover(api_version, kind)
+
+    def _discover(self, api_version: str, kind: str):
         # The dynamic client's discovery cache is not thread-safe, and handlers
         # run in several threads: look kinds up one at a time, and once.
         key = (api_version, kind)
@@ -186,17 +206,23 @@ class Kube:
             yield
         except ApiException as exc:
             raise _error(exc, what) from exc
+        except Exception as exc:
+            if _unreachable(exc):
+                raise TransientKubeError(f"{what}: API server unreachable: {exc}") from exc
+            raise
 
     def get(
         self, api_version: str, kind: str, name: str, namespace: str | None = None
     ) -> dict[str, Any] | None:
         res = self._resource(api_version, kind)
-        try:
-            return _json(res.get(name=name, namespace=namespace, serialize=False))
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise _error(exc, f"get {kind} {name}") from exc
+        with self._calling(f"get {kind} {name}"):
+            try:
+                return _json(res.get(name=name, namespace=namespace, serialize=False,
+                                     _request_timeout=_timeout()))
+            except ApiException as exc:
+                if exc.status == 404:
+                    return None
+                raise
 
     def list(
         self,
@@ -208,7 +234,7 @@ class Kube:
         res = self._resource(api_version, kind)
         with self._calling(f"list {kind}"):
             out = _json(res.get(namespace=namespace, label_selector=label_selector,
-                                serialize=False))
+                                serialize=False, _request_timeout=_timeout()))
         # List items carry no apiVersion/kind of their own.
         return [{"apiVersion": api_version, "kind": kind, **item} for item in out["items"]]
 
@@ -236,6 +262,7 @@ class Kube:
                 field_manager=FIELD_MANAGER,
                 force_conflicts=True,
                 serialize=False,
+                _request_timeout=_timeout(),
             )
         log.info("applied %s %s", obj["kind"], meta["name"])
         applied = _json(applied)
@@ -245,13 +272,14 @@ class Kube:
     def delete(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> bool:
         """Ask for deletion; True when it is already gone."""
         res = self._resource(api_version, kind)
-        try:
-            self.writes += 1
-            res.delete(name=name, namespace=namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return True
-            raise _error(exc, f"delete {kind} {name}") from exc
+        with self._calling(f"delete {kind} {name}"):
+            try:
+                self.writes += 1
+                res.delete(name=name, namespace=namespace, _request_timeout=_timeout())
+            except ApiException as exc:
+                if exc.status == 404:
+                    return True
+                raise
         return False
 
     def patch_status(
@@ -267,4 +295,5 @@ class Kube:
                 namespace=namespace,
                 content_type="application/merge-patch+json",
                 field_manager=FIELD_MANAGER,
+                _request_timeout=_timeout(),
             )
