@@ -125,6 +125,61 @@ def is_subset(want: Any, have: Any) -> bool:
     return _same_scalar(want, have)
 
 
+# What a person may still change by hand in a pod template the operator owns:
+# `kubectl rollout restart` stamps this annotation to roll the pods.
+HAND_EDITS_KEPT = ("kubectl.kubernetes.io/restartedAt",)
+_KEPT_FIELDS = {f"f:{key}" for key in HAND_EDITS_KEPT}
+
+
+def foreign_template_managers(obj: dict[str, Any]) -> list[str]:
+    """Field managers other than ours that own something in ``spec.template``.
+
+    Server-side apply never removes a field another manager owns (a nodeSelector key
+    added with kubectl edit), so such a field would stay for good; the pod template
+    is the operator's, whole.
+    """
+    managers = []
+    for entry in (obj.get("metadata") or {}).get("managedFields") or []:
+        if entry.get("manager") == FIELD_MANAGER:
+            continue
+        template = ((entry.get("fieldsV1") or {}).get("f:spec") or {}).get("f:template")
+        if template and _owns_more_than_kept(template):
+            managers.append(entry.get("manager") or "?")
+    return managers
+
+
+def _split_kept(template: dict[str, Any]) -> dict[str, Any]:
+    """Remove the kept hand edits from a template field set; return them as one.
+
+    In a field set ``{}`` means "owns this field", so a map emptied here is
+    removed, not left behind as a claim on the whole map.
+    """
+    metadata = template.get("f:metadata") or {}
+    annotations = metadata.get("f:annotations") or {}
+    kept = {k: annotations.pop(k) for k in list(annotations) if k in _KEPT_FIELDS}
+    if kept and not [k for k in annotations if k != "."]:
+        metadata.pop("f:annotations", None)
+        if not [k for k in metadata if k != "."]:
+            template.pop("f:metadata", None)
+    return {"f:metadata": {"f:annotations": kept}} if kept else {}
+
+
+def _merge_fields(into: dict[str, Any], more: dict[str, Any]) -> None:
+    for key, value in more.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge_fields(into[key], value)
+        else:
+            into[key] = value
+
+
+def _owns_more_than_kept(template: dict[str, Any]) -> bool:
+    rest = {k: v for k, v in template.items() if k not in (".", "f:metadata")}
+    metadata = {k: v for k, v in (template.get("f:metadata") or {}).items() if k != "."}
+    annotations = {k: v for k, v in (metadata.pop("f:annotations", None) or {}).items()
+                   if k != "." and k not in _KEPT_FIELDS}
+    return bool(rest or metadata or annotations)
+
+
 class Kube:
     """Thin, typed-error access to the API through the dynamic client.
 
@@ -250,7 +305,10 @@ class Kube:
         meta = obj["metadata"]
         if live is None and read_first:
             live = self.get(obj["apiVersion"], obj["kind"], meta["name"], meta.get("namespace"))
-        if live is not None and is_subset(obj, live):
+        managers = foreign_template_managers(live) if live and "template" in obj["spec"] else []
+        if managers:
+            live = self._reclaim_template(obj, live, managers)
+        if live and is_subset(obj, live):
             return live
         res = self._resource(obj["apiVersion"], obj["kind"])
         with self._calling(f"apply {obj['kind']} {meta['name']}"):
@@ -268,6 +326,54 @@ class Kube:
         applied = _json(applied)
         self._remember(applied)
         return applied
+
+    def _reclaim_template(
+        self, obj: dict[str, Any], live: dict[str, Any], managers: list[str]
+    ) -> dict[str, Any]:
+        """Take over what other managers own in the pod template, then apply without it.
+
+        Server-side apply removes a field only when its last owner stops applying
+        it: move the other managers' template fields into our own entry of
+        managedFields (one patch), and our next apply, which omits them, drops them.
+        Kept hand edits (HAND_EDITS_KEPT) stay theirs.
+        """
+        meta = obj["metadata"]
+        entries = json.loads(json.dumps(live["metadata"].get("managedFields") or []))
+        ours = next((e for e in entries
+                     if e.get("manager") == FIELD_MANAGER and e.get("operation") == "Apply"), None)
+        if ours is None:
+            return live  # never applied by us: nothing of ours to take over into
+        taken: dict[str, Any] = {}
+        for entry in entries:
+            if entry.get("manager") == FIELD_MANAGER:
+                continue
+            fields = entry.get("fieldsV1") or {}
+            spec = fields.get("f:spec") or {}
+            template = spec.pop("f:template", None)
+            if not template:
+                continue
+            kept = _split_kept(template)
+            _merge_fields(taken, template)
+            if kept:
+                spec["f:template"] = kept
+            elif not spec:
+                fields.pop("f:spec", None)
+        _merge_fields(ours.setdefault("fieldsV1", {}).setdefault("f:spec", {}),
+                      {"f:template": taken})
+        # An entry left owning nothing goes (the API server refuses empty field sets).
+        entries = [e for e in entries if e.get("fieldsV1")]
+        res = self._resource(obj["apiVersion"], obj["kind"])
+        what = f"take over the pod template of {obj['kind']} {meta['name']}"
+        with self._calling(what):
+            self.writes += 1
+            res.patch(
+                body={"metadata": {"managedFields": entries,
+                                   "resourceVersion": live["metadata"]["resourceVersion"]}},
+                name=meta["name"], namespace=meta.get("namespace"),
+                content_type="application/merge-patch+json", _request_timeout=_timeout())
+        log.info("%s %s: undoing what %s changed in its pod template",
+                 obj["kind"], meta["name"], ", ".join(sorted(set(managers))))
+        return {}  # differs from anything: the caller applies
 
     def delete(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> bool:
         """Ask for deletion; True when it is already gone."""

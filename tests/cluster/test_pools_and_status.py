@@ -269,3 +269,30 @@ def test_a_failing_gke_api_is_called_less_and_less_by_all_users_of_a_pool(
     eventually(lambda: condition(cluster, "user-0", "NodePoolReady", BACKOFF_NS).get("status")
                == "True", timeout=30, what="recovered once GKE answers")
     cluster.kubectl("delete", "igs", "--all", "-n", BACKOFF_NS, "--wait=true", "--timeout=60s")
+
+
+def test_a_field_added_by_hand_to_the_pod_template_is_removed(cluster, operator):
+    """kubebuilder's Owns() users expect the whole pod template to be the operator's:
+    a nodeSelector key added with kubectl (another field manager) goes again, while
+    `kubectl rollout restart` keeps working."""
+    apply(cluster, service("owned", gpu={"type": "nvidia-l4"},
+                           nodePool={"provider": "Local", "maxNodes": 1}))
+    cluster.kubectl("wait", "-n", NS, "--for=condition=Ready", "--timeout=60s", "igs/owned",
+                    timeout=70)
+    cluster.kubectl("patch", "deployment", "owned", "-n", NS, "--type=merge", "-p",
+                    '{"spec":{"template":{"spec":{"nodeSelector":{"disk":"ssd"}}}}}')
+
+    def selector():
+        return get_json(cluster, "deployment", "owned", "-n", NS)[
+            "spec"]["template"]["spec"]["nodeSelector"]
+
+    eventually(lambda: "disk" not in selector(), timeout=30, what="the hand-added key removed")
+    assert selector()["cloud.google.com/gke-accelerator"] == "nvidia-l4"  # ours stay
+    cluster.kubectl("wait", "-n", NS, "--for=condition=Ready", "--timeout=60s", "igs/owned",
+                    timeout=70)
+
+    cluster.kubectl("rollout", "restart", "deployment/owned", "-n", NS)
+    time.sleep(3)  # several reconciles (resync 1 s)
+    template = get_json(cluster, "deployment", "owned", "-n", NS)["spec"]["template"]
+    assert "kubectl.kubernetes.io/restartedAt" in template["metadata"].get("annotations", {})
+    cluster.kubectl("delete", "igs", "owned", "-n", NS, "--wait=true", "--timeout=60s")
