@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 import tomllib
+
+import pytest
 from pathlib import Path
 
 from packaging.markers import Marker
@@ -74,3 +76,16 @@ def test_a_changed_pyproject_is_caught():
     problems = mismatches(declared(changed), pins)
     assert any(p.startswith(f"torch=={torch} is outside") for p in problems), problems
     assert any(p.startswith("not-a-locked-package ") for p in problems), problems
+
+
+def test_setup_is_a_no_op_once_installed():
+    """`make cluster-up`, `make demo` and the rest depend on setup: with nothing changed
+    it must not install again (a stamp newer than pyproject.toml and the lock)."""
+    import shutil
+    import subprocess
+
+    if not (ROOT / ".venv" / ".installed").exists() or shutil.which("make") is None:
+        pytest.skip("needs `make setup` to have run (make test and make unit do)")
+    dry = subprocess.run(["make", "-n", "setup", "cluster-up"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    assert "uv pip" not in dry and "venv" not in dry.replace(".venv/bin/python", ""), dry
