@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import re
 import tomllib
-
-import pytest
 from pathlib import Path
 
+import pytest
 from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
