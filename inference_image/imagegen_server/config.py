@@ -7,6 +7,7 @@ the Deployment's environment, so a renamed setting breaks an operator test inste
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,37 @@ ENV_PREFIX = "IMAGEGEN_"
 SHUTDOWN_FLUSH_S = 5
 
 
+@dataclass(frozen=True)
+class Limit:
+    """The default and bounds of one setting that the ImageGenService API also sets."""
+
+    default: int | float | None
+    ge: int | float | None = None
+    le: int | float | None = None
+
+
+# The one table of request limits and defaults, read by these settings and by the
+# operator's API (spec.pipeline.limits, .defaults, .stages), so the two cannot disagree.
+LIMITS: dict[str, Limit] = {
+    "max_images_per_request": Limit(4, 1, 64),
+    "max_steps": Limit(200, 1, 1000),
+    "max_pixels": Limit(None, 64 * 64, 4096 * 4096),  # None: the model's native size
+    "default_steps": Limit(30, 1, 200),
+    "default_guidance_scale": Limit(7.0, 0, 50),
+    "max_batch_size": Limit(4, 1, 64),
+    "batch_window_ms": Limit(5, 0, 1000),
+    "queue_capacity": Limit(64, 1, 4096),
+}
+# WIDTHxHEIGHT, as requests spell a size and limits list them.
+SIZE_PATTERN = r"^[1-9][0-9]{1,3}x[1-9][0-9]{1,3}$"
+
+
+def limited(name: str, **kwargs: Any) -> Any:
+    """A pydantic Field with the shared default and bounds of ``LIMITS[name]``."""
+    limit = LIMITS[name]
+    return Field(default=limit.default, ge=limit.ge, le=limit.le, **kwargs)
+
+
 class Family(StrEnum):
     """Model families, spelled as in the ImageGenService API."""
 
@@ -29,6 +61,27 @@ class Family(StrEnum):
     SDXL = "SDXL"
     SD3 = "SD3"
     FLUX = "Flux"
+
+
+@dataclass(frozen=True)
+class FamilyEntry:
+    """How the server serves one family: diffusers' pipeline class (``_class_name`` in
+    model_index.json) and the stage steps that drive it (``families.<module>.<steps>``)."""
+
+    pipeline_class: str
+    module: str
+    steps: str
+
+
+# The one family registry: loading detects a family by it, the stages are built from it,
+# and the API's spec.model.family values are Family's.
+FAMILIES: dict[Family, FamilyEntry] = {
+    Family.SD15: FamilyEntry("StableDiffusionPipeline", "stable_diffusion", "StableDiffusionSteps"),
+    Family.SDXL: FamilyEntry(
+        "StableDiffusionXLPipeline", "stable_diffusion", "StableDiffusionXLSteps"),
+    Family.SD3: FamilyEntry("StableDiffusion3Pipeline", "sd3", "StableDiffusion3Steps"),
+    Family.FLUX: FamilyEntry("FluxPipeline", "flux", "FluxSteps"),
+}
 
 
 class DType(StrEnum):
@@ -109,10 +162,9 @@ class ServerSettings(BaseSettings):
     # What one request may ask for: anything beyond is a 400 naming the field, before any
     # device work. These bound the work a single valid request can cost.
     max_prompt_chars: int = Field(default=2000, ge=1)
-    max_images_per_request: int = Field(default=4, ge=1, le=64)
-    max_pixels: int | None = Field(
-        default=None,
-        ge=64 * 64,
+    max_images_per_request: int = limited("max_images_per_request")
+    max_pixels: int | None = limited(
+        "max_pixels",
         description="Largest width x height a request may ask for; unset: the model's native size.",
     )
     allowed_sizes: list[str] | None = Field(
@@ -120,7 +172,7 @@ class ServerSettings(BaseSettings):
         description="The only sizes (WIDTHxHEIGHT) a request may ask for besides the default "
         "size; unset: any within max_pixels. In the environment, a JSON list.",
     )
-    max_steps: int = Field(default=200, ge=1, le=1000)
+    max_steps: int = limited("max_steps")
     max_guidance_scale: float = Field(default=100.0, gt=0)
 
     # Speed levers.
@@ -143,13 +195,13 @@ class ServerSettings(BaseSettings):
 
     # The stage pipeline.
     stage_mode: StageMode = StageMode.PIPELINED
-    max_batch_size: int = Field(default=4, ge=1, le=64)
-    batch_window_ms: float = Field(default=5.0, ge=0)
-    queue_capacity: int = Field(default=64, ge=1)
+    max_batch_size: int = limited("max_batch_size")
+    batch_window_ms: float = limited("batch_window_ms")
+    queue_capacity: int = limited("queue_capacity")
 
     # Request defaults; width/height None means the model's native size.
-    default_steps: int = Field(default=30, ge=1, le=200)
-    default_guidance_scale: float = Field(default=7.0, ge=0)
+    default_steps: int = limited("default_steps")
+    default_guidance_scale: float = limited("default_guidance_scale")
     default_width: int | None = Field(default=None, ge=64, le=4096, multiple_of=8)
     default_height: int | None = Field(default=None, ge=64, le=4096, multiple_of=8)
 

@@ -8,17 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .config import DType, Family, ServerSettings
+from .config import FAMILIES, DType, Family, ServerSettings
 
 log = logging.getLogger(__name__)
 
 # model_index.json `_class_name` -> family. Only the text-to-image pipelines the server drives.
-PIPELINE_FAMILIES: dict[str, Family] = {
-    "StableDiffusionPipeline": Family.SD15,
-    "StableDiffusionXLPipeline": Family.SDXL,
-    "StableDiffusion3Pipeline": Family.SD3,
-    "FluxPipeline": Family.FLUX,
-}
+PIPELINE_FAMILIES: dict[str, Family] = {e.pipeline_class: f for f, e in FAMILIES.items()}
 
 
 class ModelError(ValueError):

@@ -18,6 +18,7 @@ from pydantic import Field, PlainValidator, ValidationError, WithJsonSchema
 
 from imagegen_operator import gke
 from imagegen_operator.schema import KubeModel, Rule, StatusModel, defaulted
+from imagegen_server.config import SIZE_PATTERN, Family, limited
 
 GROUP = "imagegen.dev"
 VERSION = "v1alpha1"
@@ -39,7 +40,7 @@ ALL_MIG_SIZES: tuple[str, ...] = tuple(
 MigSize = Literal[ALL_MIG_SIZES]  # type: ignore[valid-type]
 GpuCount = Literal[gke.GPU_COUNTS_PER_NODE]  # type: ignore[valid-type]
 
-ModelFamily = Literal["Auto", "SD15", "SDXL", "SD3", "Flux"]
+ModelFamily = Literal[tuple(f.value for f in Family)]  # type: ignore[valid-type]
 DType = Literal["bfloat16", "float16", "float32"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 Attention = Literal["Flash", "Efficient", "Math", "Auto"]
@@ -176,11 +177,11 @@ class StagesSpec(KubeModel):
     mode: StageMode = "Pipelined"
     """Pipelined runs one thread per stage with queues between; Stacked runs one request
     at a time through all stages."""
-    max_batch_size: int = Field(default=4, ge=1, le=64)
+    max_batch_size: int = limited("max_batch_size")
     """Most requests batched together in one stage step."""
-    batch_window_ms: int = Field(default=5, ge=0, le=1000)
+    batch_window_ms: int = limited("batch_window_ms")
     """How long a stage waits for more requests to fill a batch, in milliseconds."""
-    queue_capacity: int = Field(default=64, ge=1, le=4096)
+    queue_capacity: int = limited("queue_capacity")
     """Work admitted and waiting, in requests at the default size and steps (a larger request
     counts for more); beyond it the server answers 429 with Retry-After."""
 
@@ -188,18 +189,15 @@ class StagesSpec(KubeModel):
 class GenerationDefaults(KubeModel):
     """Generation parameters used when a request does not set them."""
 
-    steps: int = Field(default=30, ge=1, le=200)
+    steps: int = limited("default_steps")
     """Denoising steps."""
-    guidance_scale: float = Field(default=7.0, ge=0, le=50)
+    guidance_scale: float = limited("default_guidance_scale")
     """Classifier-free guidance scale."""
     width: int = Field(default=1024, ge=64, le=4096, multiple_of=8)
     """Image width in pixels: a multiple of 8 in 64..4096."""
     height: int = Field(default=1024, ge=64, le=4096, multiple_of=8)
     """Image height in pixels: a multiple of 8 in 64..4096."""
 
-
-# WIDTHxHEIGHT in pixels, as requests spell a size (the server's own grammar).
-SIZE_PATTERN = r"^[1-9][0-9]{1,3}x[1-9][0-9]{1,3}$"
 
 
 class RequestLimits(KubeModel):
@@ -211,12 +209,12 @@ class RequestLimits(KubeModel):
     )
     """The only sizes a request may ask for besides the default size, as WIDTHxHEIGHT
     (multiples of 8); unset: any size up to maxPixels."""
-    max_pixels: int | None = Field(default=None, ge=64 * 64, le=4096 * 4096)
+    max_pixels: int | None = limited("max_pixels")
     """Largest width x height of one request; unset: the model's native size (or the default
     size, when that is larger)."""
-    max_steps: int = Field(default=200, ge=1, le=1000)
+    max_steps: int = limited("max_steps")
     """Most denoising steps one request may ask for."""
-    max_images_per_request: int = Field(default=4, ge=1, le=64)
+    max_images_per_request: int = limited("max_images_per_request")
     """Largest n of one request."""
 
 

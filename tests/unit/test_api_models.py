@@ -219,3 +219,26 @@ def test_parse_takes_read_only_mappings_like_kopf_bodies():
         return value
 
     assert api.parse(frozen(MINIMAL)) == api.parse(MINIMAL)
+
+
+@pytest.mark.parametrize("model, field, limit", [
+    ("RequestLimits", "max_steps", "max_steps"),
+    ("RequestLimits", "max_pixels", "max_pixels"),
+    ("RequestLimits", "max_images_per_request", "max_images_per_request"),
+    ("GenerationDefaults", "steps", "default_steps"),
+    ("GenerationDefaults", "guidance_scale", "default_guidance_scale"),
+    ("StagesSpec", "max_batch_size", "max_batch_size"),
+    ("StagesSpec", "queue_capacity", "queue_capacity"),
+])
+def test_the_api_and_the_server_take_limits_from_one_table(model, field, limit) -> None:
+    """spec.pipeline's limits and the server settings they become agree on every bound."""
+    from imagegen_server.config import LIMITS, ServerSettings
+
+    def bounds(info) -> tuple:
+        ge = next((m.ge for m in info.metadata if hasattr(m, "ge")), None)
+        le = next((m.le for m in info.metadata if hasattr(m, "le")), None)
+        return info.default, ge, le
+
+    expected = (LIMITS[limit].default, LIMITS[limit].ge, LIMITS[limit].le)
+    assert bounds(getattr(api, model).model_fields[field]) == expected
+    assert bounds(ServerSettings.model_fields[limit]) == expected
