@@ -10,6 +10,7 @@ import yaml
 
 from imagegen_operator import api
 from imagegen_operator.planner import plan
+from imagegen_operator.providers import render_pool
 from imagegen_operator.render.nodepool import (
     create_node_pool_request,
     kwok_node_count,
@@ -17,7 +18,6 @@ from imagegen_operator.render.nodepool import (
     render_config_connector_nodepool,
     render_gke_nodepool,
     render_kwok_nodes,
-    render_nodepool,
 )
 
 CLUSTER = "projects/demo-project/locations/us-central1/clusters/gpus"
@@ -153,7 +153,7 @@ def test_kwok_node_count_stays_within_min_and_max(replicas: int, count: int) -> 
 )
 def test_render_nodepool_per_provider(provider: str, kinds: list[str]) -> None:
     r = resource(provider)
-    assert [o["kind"] for o in render_nodepool(r, plan(r.spec))] == kinds
+    assert [o["kind"] for o in render_pool(r, plan(r.spec))] == kinds
 
 
 def test_parse_cluster() -> None:

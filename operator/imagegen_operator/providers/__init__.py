@@ -3,16 +3,32 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from imagegen_operator.kube import Kube
 from imagegen_operator.planner import Plan
 from imagegen_operator.providers.base import NodePoolProvider, PoolState, ProviderError
 from imagegen_operator.providers.config_connector import ConfigConnectorProvider
 from imagegen_operator.providers.existing import ExistingProvider
 from imagegen_operator.providers.local import LocalProvider
 
-__all__ = ["NodePoolProvider", "PoolState", "ProviderError", "build_providers"]
+if TYPE_CHECKING:  # the Kubernetes client stays out of `render` and `plan`
+    from imagegen_operator.kube import Kube
+
+__all__ = ["PROVIDER_CLASSES", "NodePoolProvider", "PoolState", "ProviderError",
+           "build_providers", "render_pool"]
+
+
+def _gke_class() -> type:
+    from imagegen_operator.providers.gke import GkeProvider
+
+    return GkeProvider
+
+
+def render_pool(resource: Any, plan: Plan) -> list[dict[str, Any]]:
+    """The node-pool documents of the resource's provider (each provider renders its own)."""
+    provider = resource.spec.node_pool.provider
+    cls = _gke_class() if provider == "GKE" else PROVIDER_CLASSES[provider]
+    return cls.render(resource, plan)
 
 
 class _Lazy:
@@ -48,13 +64,16 @@ def _gke() -> NodePoolProvider:
     )
 
 
+# The providers that need nothing heavy to import; GKE's is imported on first use.
+PROVIDER_CLASSES: dict[str, type] = {
+    "ConfigConnector": ConfigConnectorProvider,
+    "Existing": ExistingProvider,
+    "Local": LocalProvider,
+}
+
+
 def build_providers(
     kube: Kube, gke: Callable[[], NodePoolProvider] = _gke
 ) -> dict[str, NodePoolProvider]:
     """One provider per ``spec.nodePool.provider`` value."""
-    return {
-        "GKE": _Lazy("GKE", gke),
-        "ConfigConnector": ConfigConnectorProvider(kube),
-        "Existing": ExistingProvider(kube),
-        "Local": LocalProvider(kube),
-    }
+    return {"GKE": _Lazy("GKE", gke), **{n: cls(kube) for n, cls in PROVIDER_CLASSES.items()}}

@@ -49,6 +49,12 @@ class NodePoolProvider(Protocol):
 
     name: str
 
+    @staticmethod
+    def render(resource: Any, plan: Plan) -> list[dict[str, Any]]:
+        """The pool as documents (what ``imagegen-operator render`` prints); none when
+        the provider makes no object of its own."""
+        ...
+
     def ensure(self, resource: Any, plan: Plan, target_nodes: int) -> PoolState:
         """Create the pool if it is missing, start nothing twice, report its state.
 

@@ -6,14 +6,16 @@ read its ``Ready`` condition. Nodes are counted by GKE's node-pool label.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imagegen_operator import gke
-from imagegen_operator.kube import Kube, MissingKind
 from imagegen_operator.planner import Plan
 from imagegen_operator.providers.base import PoolState, ProviderError
 from imagegen_operator.providers.local import node_ready
 from imagegen_operator.render.nodepool import CNRM_API_VERSION, render_config_connector_nodepool
+
+if TYPE_CHECKING:  # the Kubernetes client stays out of `render` and `plan`
+    from imagegen_operator.kube import Kube
 
 KIND = "ContainerNodePool"
 
@@ -21,10 +23,16 @@ KIND = "ContainerNodePool"
 class ConfigConnectorProvider:
     name = "ConfigConnector"
 
+    @staticmethod
+    def render(resource: Any, plan: Plan) -> list[dict[str, Any]]:
+        return [render_config_connector_nodepool(resource, plan)]
+
     def __init__(self, kube: Kube):
         self.kube = kube
 
     def ensure(self, resource: Any, plan: Plan, target_nodes: int) -> PoolState:
+        from imagegen_operator.kube import MissingKind
+
         desired = render_config_connector_nodepool(resource, plan)
         meta = desired["metadata"]
         try:
@@ -58,6 +66,8 @@ class ConfigConnectorProvider:
         return PoolState(meta["name"], False, ready_nodes, _camel(reason), message)
 
     def delete(self, resource: Any, plan: Plan) -> bool:
+        from imagegen_operator.kube import MissingKind
+
         desired = render_config_connector_nodepool(resource, plan)
         meta = desired["metadata"]
         try:

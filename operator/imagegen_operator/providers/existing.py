@@ -7,17 +7,23 @@ matching pool by itself once pods are Pending, so no nodes yet is not an error.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from imagegen_operator.kube import Kube
 from imagegen_operator.planner import Plan
 from imagegen_operator.providers.base import PoolState
 from imagegen_operator.providers.local import node_ready
 from imagegen_operator.render.deployment import nodeselector
 
+if TYPE_CHECKING:  # the Kubernetes client stays out of `render` and `plan`
+    from imagegen_operator.kube import Kube
+
 
 class ExistingProvider:
     name = "Existing"
+
+    @staticmethod
+    def render(resource: Any, plan: Plan) -> list[dict[str, Any]]:
+        return []  # node auto-provisioning, or a pool already there
 
     def __init__(self, kube: Kube):
         self.kube = kube

@@ -118,6 +118,10 @@ class GkeProvider:
 
     name = "GKE"
 
+    @staticmethod
+    def render(resource: Any, plan: Plan) -> list[dict[str, Any]]:
+        return [render_gke_nodepool(resource, plan)]
+
     def __init__(
         self,
         client: Any | None = None,

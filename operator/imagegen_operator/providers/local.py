@@ -11,12 +11,14 @@ for GKE's cluster autoscaler) and never shrinks while in use.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from imagegen_operator.kube import Kube
 from imagegen_operator.planner import Plan
 from imagegen_operator.providers.base import PoolState
-from imagegen_operator.render.nodepool import POOL_LABEL, local_node
+from imagegen_operator.render.nodepool import POOL_LABEL, local_node, render_kwok_nodes
+
+if TYPE_CHECKING:  # the Kubernetes client stays out of `render` and `plan`
+    from imagegen_operator.kube import Kube
 
 
 def node_ready(node: dict[str, Any]) -> bool:
@@ -28,6 +30,10 @@ def node_ready(node: dict[str, Any]) -> bool:
 
 class LocalProvider:
     name = "Local"
+
+    @staticmethod
+    def render(resource: Any, plan: Plan) -> list[dict[str, Any]]:
+        return render_kwok_nodes(resource, plan)
 
     def __init__(self, kube: Kube):
         self.kube = kube

@@ -19,7 +19,6 @@ from imagegen_operator.render.nodepool import (
     render_config_connector_nodepool,
     render_gke_nodepool,
     render_kwok_nodes,
-    render_nodepool,
 )
 from imagegen_operator.render.pdb import render_pdb
 from imagegen_operator.render.service import endpoint, render_service
@@ -37,7 +36,6 @@ __all__ = [
     "render_hpa",
     "render_kwok_nodes",
     "render_monitor",
-    "render_nodepool",
     "render_pdb",
     "render_service",
     "render_workload",
@@ -81,6 +79,8 @@ def render_all(
     resource: Any, the_plan: Plan | None = None, default_image: str = DEFAULT_SERVER_IMAGE
 ) -> list[dict[str, Any]]:
     """Every object for one ImageGenService: node pool first, then the workload."""
+    from imagegen_operator.providers import render_pool  # providers render their own pools
+
     the_plan = the_plan or plan(resource.spec)
     _check(resource, the_plan)
-    return render_nodepool(resource, the_plan) + render_workload(resource, the_plan, default_image)
+    return render_pool(resource, the_plan) + render_workload(resource, the_plan, default_image)

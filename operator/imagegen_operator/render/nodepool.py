@@ -23,7 +23,7 @@ from typing import Any
 
 from imagegen_operator import gke
 from imagegen_operator.planner import Plan
-from imagegen_operator.render.common import MANAGED_BY, namespace_of, value
+from imagegen_operator.render.common import MANAGED_BY, namespace_of
 
 GKE_DOC_API_VERSION = "container.googleapis.com/v1"
 PARENT_ANNOTATION = "container.googleapis.com/parent"
@@ -253,15 +253,3 @@ def render_kwok_nodes(resource: Any, plan: Plan) -> list[dict[str, Any]]:
         local_node(plan, f"{plan.nodepool_name}-{index}", spot)
         for index in range(kwok_node_count(resource, plan))
     ]
-
-
-def render_nodepool(resource: Any, plan: Plan) -> list[dict[str, Any]]:
-    """The node-pool objects of spec.nodePool.provider (none for Existing)."""
-    provider = value(resource.spec.node_pool.provider)
-    if provider == "GKE":
-        return [render_gke_nodepool(resource, plan)]
-    if provider == "ConfigConnector":
-        return [render_config_connector_nodepool(resource, plan)]
-    if provider == "Local":
-        return render_kwok_nodes(resource, plan)
-    return []
