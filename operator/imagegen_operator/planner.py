@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 from pydantic.alias_generators import to_camel
 
 from imagegen_operator import gke
-from imagegen_operator.api import CLOUD_PROVIDERS, sharing_summary
+from imagegen_operator.api import CLOUD_PROVIDERS, ImageGenServiceSpec, sharing_summary
 
 # family -> (16-bit weights GiB, activations GiB per megapixel image)
 FOOTPRINT_TABLE: dict[str, tuple[float, float]] = {
@@ -630,45 +630,35 @@ def _unplannable(i: PlanInputs, findings: list[Finding]) -> Plan:
 # --- from the API model -------------------------------------------------------
 
 
-def _value(x: Any) -> Any:
-    """An enum member's value, or the thing itself (the API may use str enums)."""
-    return getattr(x, "value", x)
-
-
-def inputs_from_spec(spec: Any) -> PlanInputs:
-    """PlanInputs from an ImageGenService spec (api.py's model, snake_case attributes)."""
-    gpu = spec.gpu
-    sharing = getattr(gpu, "sharing", None)
-    pool = getattr(spec, "node_pool", None)
-    autoscaling = getattr(spec, "autoscaling", None)
-    model = spec.model
-    pipeline = getattr(spec, "pipeline", None)
-    stages = getattr(pipeline, "stages", None) if pipeline else None
-    defaults = getattr(pipeline, "defaults", None) if pipeline else None
+def inputs_from_spec(spec: ImageGenServiceSpec) -> PlanInputs:
+    """PlanInputs from a parsed spec (api.parse applied every default already)."""
+    gpu, pool, autoscaling = spec.gpu, spec.node_pool, spec.autoscaling
+    sharing = gpu.sharing
+    pipeline = spec.pipeline
     return PlanInputs(
-        gpu_type=_value(gpu.type),
-        count_per_node=getattr(gpu, "count_per_node", None) or 1,
-        partition_size=_value(getattr(gpu, "partition_size", None)),
-        sharing_strategy=_value(sharing.strategy) if sharing else None,
+        gpu_type=gpu.type,
+        count_per_node=gpu.count_per_node,
+        partition_size=gpu.partition_size,
+        sharing_strategy=sharing.strategy if sharing else None,
         max_shared_clients=sharing.max_shared_clients_per_gpu if sharing else None,
-        replicas=spec.replicas if getattr(spec, "replicas", None) is not None else 1,
+        replicas=spec.replicas,
         max_replicas=autoscaling.max_replicas if autoscaling else None,
         min_replicas=autoscaling.min_replicas if autoscaling else None,
-        provider=_value(pool.provider) if pool else "GKE",  # the API's default
-        nodepool_name=getattr(pool, "name", None) if pool else None,
-        machine_type=getattr(pool, "machine_type", None) if pool else None,
-        spot=bool(getattr(pool, "spot", False)) if pool else False,
-        min_nodes=(getattr(pool, "min_nodes", None) or 0) if pool else 0,
-        max_nodes=getattr(pool, "max_nodes", None) if pool else None,
-        family=_value(getattr(model, "family", None)) or "Auto",
-        dtype=_value(getattr(model, "dtype", None)) or "bfloat16",
-        memory_gib=getattr(model, "memory_gib", None),
-        max_batch_size=(getattr(stages, "max_batch_size", None) or 1) if stages else 1,
-        width=(getattr(defaults, "width", None) or 1024) if defaults else 1024,
-        height=(getattr(defaults, "height", None) or 1024) if defaults else 1024,
+        provider=pool.provider,
+        nodepool_name=pool.name,
+        machine_type=pool.machine_type,
+        spot=pool.spot,
+        min_nodes=pool.min_nodes,
+        max_nodes=pool.max_nodes,
+        family=spec.model.family,
+        dtype=spec.model.dtype,
+        memory_gib=spec.model.memory_gib,
+        max_batch_size=pipeline.stages.max_batch_size,
+        width=pipeline.defaults.width,
+        height=pipeline.defaults.height,
     )
 
 
-def plan(spec: Any) -> Plan:
+def plan(spec: ImageGenServiceSpec) -> Plan:
     """The Plan for an ImageGenService spec."""
     return make_plan(inputs_from_spec(spec))

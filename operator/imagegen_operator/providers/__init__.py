@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from imagegen_operator.api import ImageGenService
 from imagegen_operator.planner import Plan
 from imagegen_operator.providers.base import NodePoolProvider, PoolState, ProviderError
 from imagegen_operator.providers.config_connector import ConfigConnectorProvider
@@ -24,7 +25,7 @@ def _gke_class() -> type:
     return GkeProvider
 
 
-def render_pool(resource: Any, plan: Plan) -> list[dict[str, Any]]:
+def render_pool(resource: ImageGenService, plan: Plan) -> list[dict[str, Any]]:
     """The node-pool documents of the resource's provider (each provider renders its own)."""
     provider = resource.spec.node_pool.provider
     cls = _gke_class() if provider == "GKE" else PROVIDER_CLASSES[provider]
@@ -45,10 +46,10 @@ class _Lazy:
             self._provider = self._factory()
         return self._provider
 
-    def ensure(self, resource: Any, plan: Plan, target_nodes: int) -> PoolState:
+    def ensure(self, resource: ImageGenService, plan: Plan, target_nodes: int) -> PoolState:
         return self._get().ensure(resource, plan, target_nodes)
 
-    def delete(self, resource: Any, plan: Plan) -> bool:
+    def delete(self, resource: ImageGenService, plan: Plan) -> bool:
         return self._get().delete(resource, plan)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from imagegen_operator.api import ImageGenService
 from imagegen_operator.planner import Plan
 
 
@@ -50,12 +51,12 @@ class NodePoolProvider(Protocol):
     name: str
 
     @staticmethod
-    def render(resource: Any, plan: Plan) -> list[dict[str, Any]]:
+    def render(resource: ImageGenService, plan: Plan) -> list[dict[str, Any]]:
         """The pool as documents (what ``imagegen-operator render`` prints); none when
         the provider makes no object of its own."""
         ...
 
-    def ensure(self, resource: Any, plan: Plan, target_nodes: int) -> PoolState:
+    def ensure(self, resource: ImageGenService, plan: Plan, target_nodes: int) -> PoolState:
         """Create the pool if it is missing, start nothing twice, report its state.
 
         ``target_nodes`` is what every service sharing the pool needs together,
@@ -63,6 +64,6 @@ class NodePoolProvider(Protocol):
         """
         ...
 
-    def delete(self, resource: Any, plan: Plan) -> bool:
+    def delete(self, resource: ImageGenService, plan: Plan) -> bool:
         """Start deleting the pool; True once it is gone."""
         ...

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from imagegen_operator import gke
+from imagegen_operator.api import ImageGenService
 from imagegen_operator.planner import Plan
 from imagegen_operator.providers.base import PoolState, ProviderError
 from imagegen_operator.providers.local import node_ready
@@ -24,13 +25,13 @@ class ConfigConnectorProvider:
     name = "ConfigConnector"
 
     @staticmethod
-    def render(resource: Any, plan: Plan) -> list[dict[str, Any]]:
+    def render(resource: ImageGenService, plan: Plan) -> list[dict[str, Any]]:
         return [render_config_connector_nodepool(resource, plan)]
 
     def __init__(self, kube: Kube):
         self.kube = kube
 
-    def ensure(self, resource: Any, plan: Plan, target_nodes: int) -> PoolState:
+    def ensure(self, resource: ImageGenService, plan: Plan, target_nodes: int) -> PoolState:
         from imagegen_operator.kube import MissingKind
 
         desired = render_config_connector_nodepool(resource, plan)
@@ -65,7 +66,7 @@ class ConfigConnectorProvider:
         message = (ready or {}).get("message") or "waiting for Config Connector"
         return PoolState(meta["name"], False, ready_nodes, _camel(reason), message)
 
-    def delete(self, resource: Any, plan: Plan) -> bool:
+    def delete(self, resource: ImageGenService, plan: Plan) -> bool:
         from imagegen_operator.kube import MissingKind
 
         desired = render_config_connector_nodepool(resource, plan)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from imagegen_operator.api import ImageGenService
 from imagegen_operator.planner import Plan
 from imagegen_operator.providers.base import PoolState
 from imagegen_operator.providers.local import node_ready
@@ -22,13 +23,13 @@ class ExistingProvider:
     name = "Existing"
 
     @staticmethod
-    def render(resource: Any, plan: Plan) -> list[dict[str, Any]]:
+    def render(resource: ImageGenService, plan: Plan) -> list[dict[str, Any]]:
         return []  # node auto-provisioning, or a pool already there
 
     def __init__(self, kube: Kube):
         self.kube = kube
 
-    def ensure(self, resource: Any, plan: Plan, target_nodes: int) -> PoolState:
+    def ensure(self, resource: ImageGenService, plan: Plan, target_nodes: int) -> PoolState:
         selector = ",".join(f"{k}={v}" for k, v in sorted(nodeselector(plan).items()))
         nodes = [n for n in self.kube.list("v1", "Node", label_selector=selector) if node_ready(n)]
         if nodes:
@@ -57,5 +58,5 @@ class ExistingProvider:
             "these labels or use provider GKE",
         )
 
-    def delete(self, resource: Any, plan: Plan) -> bool:
+    def delete(self, resource: ImageGenService, plan: Plan) -> bool:
         return True  # not ours to delete

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from imagegen_operator.api import ImageGenService
 from imagegen_operator.planner import Plan
 from imagegen_operator.providers.base import PoolState, ProviderError
 from imagegen_operator.render.nodepool import (
@@ -119,7 +120,7 @@ class GkeProvider:
     name = "GKE"
 
     @staticmethod
-    def render(resource: Any, plan: Plan) -> list[dict[str, Any]]:
+    def render(resource: ImageGenService, plan: Plan) -> list[dict[str, Any]]:
         return [render_gke_nodepool(resource, plan)]
 
     def __init__(
@@ -158,7 +159,7 @@ class GkeProvider:
 
     # --- the interface ---------------------------------------------------------
 
-    def ensure(self, resource: Any, plan: Plan, target_nodes: int) -> PoolState:
+    def ensure(self, resource: ImageGenService, plan: Plan, target_nodes: int) -> PoolState:
         cluster = _cluster_of(resource)
         name = f"{cluster}/nodePools/{plan.nodepool_name}"
         with self._pool_lock(name):
@@ -169,7 +170,7 @@ class GkeProvider:
             self._memory_of(name).attempts = 0
             return self._observe(name, plan.nodepool_name, pool, target_nodes)
 
-    def delete(self, resource: Any, plan: Plan) -> bool:
+    def delete(self, resource: ImageGenService, plan: Plan) -> bool:
         cluster = _cluster_of(resource)
         name = f"{cluster}/nodePools/{plan.nodepool_name}"
         with self._pool_lock(name):
@@ -198,7 +199,7 @@ class GkeProvider:
 
     # --- ensure, step by step ----------------------------------------------------
 
-    def _create(self, resource: Any, plan: Plan, cluster: str, name: str) -> PoolState:
+    def _create(self, resource: ImageGenService, plan: Plan, cluster: str, name: str) -> PoolState:
         memory = self._memory_of(name)
         if memory.failure is not None:
             if self._clock() < memory.failed_until:
@@ -405,7 +406,7 @@ class _AlreadyExists(_NotFound):
     pass
 
 
-def _cluster_of(resource: Any) -> str:
+def _cluster_of(resource: ImageGenService) -> str:
     cluster = resource.spec.node_pool.cluster
     try:
         parse_cluster(cluster)

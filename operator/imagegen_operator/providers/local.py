@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
+from imagegen_operator.api import ImageGenService
 from imagegen_operator.planner import Plan
 from imagegen_operator.providers.base import PoolState
 from imagegen_operator.render.nodepool import POOL_LABEL, local_node, render_kwok_nodes
@@ -32,7 +33,7 @@ class LocalProvider:
     name = "Local"
 
     @staticmethod
-    def render(resource: Any, plan: Plan) -> list[dict[str, Any]]:
+    def render(resource: ImageGenService, plan: Plan) -> list[dict[str, Any]]:
         return render_kwok_nodes(resource, plan)
 
     def __init__(self, kube: Kube):
@@ -49,7 +50,7 @@ class LocalProvider:
         with self._lock:
             return self._pool_locks.setdefault(pool, threading.Lock())
 
-    def ensure(self, resource: Any, plan: Plan, target_nodes: int) -> PoolState:
+    def ensure(self, resource: ImageGenService, plan: Plan, target_nodes: int) -> PoolState:
         with self._pool_lock(plan.nodepool_name):
             nodes = self._nodes(plan.nodepool_name)
             live = {n["metadata"]["name"]: n for n in nodes}
@@ -77,7 +78,7 @@ class LocalProvider:
             f"{ready} simulated node(s) Ready in pool {plan.nodepool_name}",
         )
 
-    def delete(self, resource: Any, plan: Plan) -> bool:
+    def delete(self, resource: ImageGenService, plan: Plan) -> bool:
         with self._pool_lock(plan.nodepool_name):
             nodes = self._nodes(plan.nodepool_name)
             for node in nodes:

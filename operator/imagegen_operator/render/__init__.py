@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from imagegen_operator.api import ImageGenService
 from imagegen_operator.planner import Finding, Plan, plan
 from imagegen_operator.render.autoscaling import render_hpa
 from imagegen_operator.render.common import common_labels, selector_labels, selector_string
@@ -53,13 +54,13 @@ class UnworkableSpec(ValueError):
         super().__init__(f"{name}: " + "; ".join(f"{f.reason}: {f.message}" for f in findings))
 
 
-def _check(resource: Any, the_plan: Plan) -> None:
+def _check(resource: ImageGenService, the_plan: Plan) -> None:
     if the_plan.blocking:
         raise UnworkableSpec(resource.metadata.name, the_plan.blocking)
 
 
 def render_workload(
-    resource: Any, the_plan: Plan | None = None, default_image: str = DEFAULT_SERVER_IMAGE
+    resource: ImageGenService, the_plan: Plan | None = None, default_image: str = DEFAULT_SERVER_IMAGE
 ) -> list[dict[str, Any]]:
     """Deployment, Service, PDB, HPA (with autoscaling) and monitors (when requested)."""
     the_plan = the_plan or plan(resource.spec)
@@ -76,7 +77,7 @@ def render_workload(
 
 
 def render_all(
-    resource: Any, the_plan: Plan | None = None, default_image: str = DEFAULT_SERVER_IMAGE
+    resource: ImageGenService, the_plan: Plan | None = None, default_image: str = DEFAULT_SERVER_IMAGE
 ) -> list[dict[str, Any]]:
     """Every object for one ImageGenService: node pool first, then the workload."""
     from imagegen_operator.providers import render_pool  # providers render their own pools

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from imagegen_operator.api import ImageGenService
 from imagegen_operator.render.common import API_VERSION, KIND, name_of, object_meta
 
 # The server's Prometheus gauge (imagegen_server.metrics) of requests admitted
@@ -22,7 +23,7 @@ QUEUE_DEPTH_METRIC = "imagegen_requests_in_flight"
 SCALE_DOWN_STABILIZATION_S = 300
 
 
-def render_hpa(resource: Any) -> dict[str, Any] | None:
+def render_hpa(resource: ImageGenService) -> dict[str, Any] | None:
     autoscaling = resource.spec.autoscaling
     if autoscaling is None:
         return None

@@ -1,14 +1,13 @@
 """What every rendered object shares: names, labels, owner references.
 
-Renderers read the resource through these helpers so they work on api.py's
-model and on any object with the same attribute names.
+Renderers take the parsed resource (api.py's ImageGenService, every default applied).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from imagegen_operator.api import API_VERSION, GROUP, KIND, VERSION
+from imagegen_operator.api import API_VERSION, GROUP, KIND, VERSION, ImageGenService
 
 __all__ = ["API_VERSION", "GROUP", "KIND", "VERSION"]  # re-exported for the renderers
 
@@ -27,22 +26,19 @@ def value(x: Any) -> Any:
     return getattr(x, "value", x)
 
 
-def _meta_field(resource: Any, key: str) -> Any:
-    meta = resource.metadata
-    if isinstance(meta, dict):
-        return meta.get(key)
-    return getattr(meta, key, None)
+def _meta_field(resource: ImageGenService, key: str) -> Any:
+    return getattr(resource.metadata, key, None)
 
 
-def name_of(resource: Any) -> str:
+def name_of(resource: ImageGenService) -> str:
     return _meta_field(resource, "name")
 
 
-def namespace_of(resource: Any) -> str:
+def namespace_of(resource: ImageGenService) -> str:
     return _meta_field(resource, "namespace") or "default"
 
 
-def selector_labels(resource: Any) -> dict[str, str]:
+def selector_labels(resource: ImageGenService) -> dict[str, str]:
     """The labels that pick this service's pods; immutable once a Deployment exists."""
     return {
         "app.kubernetes.io/name": APP_NAME,
@@ -50,7 +46,7 @@ def selector_labels(resource: Any) -> dict[str, str]:
     }
 
 
-def common_labels(resource: Any) -> dict[str, str]:
+def common_labels(resource: ImageGenService) -> dict[str, str]:
     return {
         **selector_labels(resource),
         "app.kubernetes.io/component": COMPONENT,
@@ -59,12 +55,12 @@ def common_labels(resource: Any) -> dict[str, str]:
     }
 
 
-def selector_string(resource: Any) -> str:
+def selector_string(resource: ImageGenService) -> str:
     """status.selector for the scale subresource (what an HPA uses to find the pods)."""
     return ",".join(f"{k}={v}" for k, v in sorted(selector_labels(resource).items()))
 
 
-def owner_references(resource: Any) -> list[dict[str, Any]]:
+def owner_references(resource: ImageGenService) -> list[dict[str, Any]]:
     """A controller reference to the ImageGenService; none offline, where there is no uid."""
     uid = _meta_field(resource, "uid")
     if not uid:
@@ -81,7 +77,7 @@ def owner_references(resource: Any) -> list[dict[str, Any]]:
     ]
 
 
-def object_meta(resource: Any, name: str | None = None, **extra: Any) -> dict[str, Any]:
+def object_meta(resource: ImageGenService, name: str | None = None, **extra: Any) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "name": name or name_of(resource),
         "namespace": namespace_of(resource),
@@ -94,6 +90,6 @@ def object_meta(resource: Any, name: str | None = None, **extra: Any) -> dict[st
     return meta
 
 
-def server_port(resource: Any) -> int:
+def server_port(resource: ImageGenService) -> int:
     server = getattr(resource.spec, "server", None)
     return getattr(server, "port", None) or DEFAULT_PORT

@@ -27,6 +27,7 @@ import math
 from typing import Any
 
 from imagegen_operator import gke
+from imagegen_operator.api import ImageGenService
 from imagegen_operator.planner import Plan
 from imagegen_operator.render import server_env as env
 from imagegen_operator.render.common import (
@@ -148,7 +149,7 @@ def mps_env(plan: Plan) -> list[dict[str, str]]:
     ]
 
 
-def startup_failure_threshold(resource: Any) -> int:
+def startup_failure_threshold(resource: ImageGenService) -> int:
     compile_ = resource.spec.pipeline.compile
     if not compile_.enabled:
         budget = STARTUP_BUDGET_S["load"]
@@ -159,7 +160,7 @@ def startup_failure_threshold(resource: Any) -> int:
     return math.ceil(budget / STARTUP_PERIOD_S)
 
 
-def probes(resource: Any) -> dict[str, Any]:
+def probes(resource: ImageGenService) -> dict[str, Any]:
     def get(path: str) -> dict[str, Any]:
         return {"path": path, "port": HTTP_PORT_NAME}
 
@@ -211,7 +212,7 @@ def _model_volume(uri: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
     return None
 
 
-def volumes_and_mounts(resource: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def volumes_and_mounts(resource: ImageGenService) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     spec = resource.spec
     # The root filesystem is read-only: everything the server writes gets a volume.
     volumes: list[dict[str, Any]] = [
@@ -251,7 +252,7 @@ def volumes_and_mounts(resource: Any) -> tuple[list[dict[str, Any]], list[dict[s
     return volumes, mounts
 
 
-def container_resources(resource: Any) -> dict[str, Any]:
+def container_resources(resource: ImageGenService) -> dict[str, Any]:
     """The user's CPU/memory, plus exactly one GPU (or slice) as request and limit."""
     res = resource.spec.server.resources
     requests = dict(res.requests or {}) if res else {}
@@ -282,7 +283,7 @@ def container_security_context() -> dict[str, Any]:
     }
 
 
-def topology_spread(resource: Any) -> list[dict[str, Any]]:
+def topology_spread(resource: ImageGenService) -> list[dict[str, Any]]:
     """Spread replicas over nodes and zones, softly.
 
     Shared GPUs exist to pack several pods per node, so a hard per-node skew
@@ -301,7 +302,7 @@ def topology_spread(resource: Any) -> list[dict[str, Any]]:
 
 
 def render_deployment(
-    resource: Any, plan: Plan, default_image: str = DEFAULT_SERVER_IMAGE
+    resource: ImageGenService, plan: Plan, default_image: str = DEFAULT_SERVER_IMAGE
 ) -> dict[str, Any]:
     """``default_image`` is used when spec.server.image is unset (the operator's setting)."""
     spec = resource.spec

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from imagegen_operator.api import ImageGenService
 from imagegen_operator.render.common import (
     HTTP_PORT_NAME,
     namespace_of,
@@ -26,7 +27,7 @@ def _endpoint(interval: str) -> dict[str, Any]:
 
 
 def render_monitor(
-    resource: Any,
+    resource: ImageGenService,
     kind: str,
     interval: str = DEFAULT_INTERVAL,
     labels: dict[str, str] | None = None,
@@ -49,7 +50,7 @@ def render_monitor(
     }
 
 
-def requested_monitors(resource: Any) -> list[dict[str, Any]]:
+def requested_monitors(resource: ImageGenService) -> list[dict[str, Any]]:
     """The monitors spec.monitoring asks for; none when the API has no such field or it is off.
 
     Reads ``monitoring.kind`` (ServiceMonitor | PodMonitor), ``monitoring.enabled``

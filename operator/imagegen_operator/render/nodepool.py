@@ -22,6 +22,7 @@ import re
 from typing import Any
 
 from imagegen_operator import gke
+from imagegen_operator.api import ImageGenService
 from imagegen_operator.planner import Plan
 from imagegen_operator.render.common import MANAGED_BY, namespace_of
 
@@ -61,12 +62,12 @@ def _resource_labels() -> dict[str, str]:
     return {"managed-by": MANAGED_BY}
 
 
-def _pool_sizes(resource: Any) -> tuple[int, int]:
+def _pool_sizes(resource: ImageGenService) -> tuple[int, int]:
     pool = resource.spec.node_pool
     return pool.min_nodes, pool.max_nodes
 
 
-def render_gke_nodepool(resource: Any, plan: Plan) -> dict[str, Any]:
+def render_gke_nodepool(resource: ImageGenService, plan: Plan) -> dict[str, Any]:
     pool = resource.spec.node_pool
     min_nodes, max_nodes = _pool_sizes(resource)
     accelerator: dict[str, Any] = {
@@ -127,7 +128,7 @@ def create_node_pool_request(document: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def render_config_connector_nodepool(resource: Any, plan: Plan) -> dict[str, Any]:
+def render_config_connector_nodepool(resource: ImageGenService, plan: Plan) -> dict[str, Any]:
     pool = resource.spec.node_pool
     project, location, cluster = parse_cluster(pool.cluster)
     min_nodes, max_nodes = _pool_sizes(resource)
@@ -173,7 +174,7 @@ def render_config_connector_nodepool(resource: Any, plan: Plan) -> dict[str, Any
     }
 
 
-def kwok_node_count(resource: Any, plan: Plan) -> int:
+def kwok_node_count(resource: ImageGenService, plan: Plan) -> int:
     """Nodes a Local pool shows: what the replicas need, within minNodes..maxNodes."""
     min_nodes, max_nodes = _pool_sizes(resource)
     return max(min_nodes, min(plan.nodes_needed, max_nodes))
@@ -247,7 +248,7 @@ def local_node(plan: Plan, node_name: str, spot: bool) -> dict[str, Any]:
     return node
 
 
-def render_kwok_nodes(resource: Any, plan: Plan) -> list[dict[str, Any]]:
+def render_kwok_nodes(resource: ImageGenService, plan: Plan) -> list[dict[str, Any]]:
     spot = bool(resource.spec.node_pool.spot)
     return [
         local_node(plan, f"{plan.nodepool_name}-{index}", spot)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from imagegen_operator.api import ImageGenService
 from imagegen_operator.render.common import object_meta, selector_labels
 
 
-def render_pdb(resource: Any) -> dict[str, Any]:
+def render_pdb(resource: ImageGenService) -> dict[str, Any]:
     # maxUnavailable rather than minAvailable: with one replica a drain can still
     # proceed (and GPU node upgrades are not blocked forever), with more it is
     # one pod at a time.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from imagegen_operator.api import ImageGenService
 from imagegen_operator.render.common import server_port, value
 from imagegen_server.config import ServerSettings
 
@@ -38,7 +39,7 @@ class _SpecOnlySettings(ServerSettings):
         return (init_settings,)
 
 
-def settings_values(resource: Any) -> dict[str, Any]:
+def settings_values(resource: ImageGenService) -> dict[str, Any]:
     """ServerSettings field -> value, derived from spec.model, spec.pipeline and spec.server."""
     spec = resource.spec
     model, pipeline = spec.model, spec.pipeline
@@ -80,7 +81,7 @@ def settings_values(resource: Any) -> dict[str, Any]:
     return values
 
 
-def server_env(resource: Any) -> list[dict[str, str]]:
+def server_env(resource: ImageGenService) -> list[dict[str, str]]:
     """The container's env entries for the server settings, sorted by name."""
     settings = _SpecOnlySettings(**settings_values(resource))
     return [{"name": k, "value": v} for k, v in sorted(settings.to_env(only_set=True).items())]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from imagegen_operator.api import ImageGenService
 from imagegen_operator.render.common import (
     HTTP_PORT_NAME,
     name_of,
@@ -14,7 +15,7 @@ from imagegen_operator.render.common import (
 )
 
 
-def render_service(resource: Any) -> dict[str, Any]:
+def render_service(resource: ImageGenService) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -35,7 +36,7 @@ def render_service(resource: Any) -> dict[str, Any]:
     }
 
 
-def endpoint(resource: Any) -> str:
+def endpoint(resource: ImageGenService) -> str:
     """status.endpoint: the Service's in-cluster URL."""
     return (
         f"http://{name_of(resource)}.{namespace_of(resource)}.svc.cluster.local:"
