@@ -29,6 +29,8 @@ FIELD_MANAGER = "imagegen-operator"
 # How long a kind the cluster does not serve (say, no Prometheus operator) is
 # believed missing before discovery is asked again.
 MISSING_KIND_TTL_S = 60.0
+# Objects whose last applied version is remembered (to skip the echo of our own write).
+APPLIED_LIMIT = 50_000
 # Handler threads (kopf's executor) and HTTP connections to the API server.
 CONNECTIONS = 32
 # Seconds to connect, and to wait for each answer, of every API call: a dead
@@ -214,10 +216,14 @@ class Kube:
 
     def _remember(self, obj: dict[str, Any]) -> None:
         meta = obj.get("metadata") or {}
+        uid = meta.get("uid", "")
         with self._applied_lock:
-            if len(self._applied) > 50_000:
-                self._applied.clear()  # deleted objects' entries; the cost is one reconcile
-            self._applied[meta.get("uid", "")] = meta.get("resourceVersion", "")
+            self._applied.pop(uid, None)
+            self._applied[uid] = meta.get("resourceVersion", "")
+            while len(self._applied) > APPLIED_LIMIT:
+                # The oldest entry: most likely a deleted object's; forgetting a live one
+                # costs one reconcile of its echo.
+                self._applied.pop(next(iter(self._applied)))
 
     @property
     def dynamic(self) -> DynamicClient:

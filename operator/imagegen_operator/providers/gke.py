@@ -386,8 +386,12 @@ class GkeProvider:
             return self._memory.setdefault(name, _PoolMemory())
 
     def _forget(self, name: str) -> None:
+        """The pool is gone: drop what was remembered of it (its lock too, once free)."""
         with self._lock:
             self._memory.pop(name, None)
+            for other, lock in list(self._pool_locks.items()):
+                if other not in self._memory and not lock.locked():
+                    del self._pool_locks[other]
 
     def _pool_lock(self, name: str) -> threading.Lock:
         # One call at a time per pool within this process: two services sharing
