@@ -6,13 +6,13 @@
 #   hack/build-tools.sh helm kubectl only those (what a test of one tool needs)
 #
 # Tools: etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm
-# kubeconform. Each is built once; a second call returns at once.
+# kubeconform actionlint. Each is built once; a second call returns at once.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
 source "$here/versions.env"
 
-all_tools=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm kubeconform)
+all_tools=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm kubeconform actionlint)
 k8s_cmds=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
 wanted=("$@")
 [ ${#wanted[@]} -gt 0 ] || wanted=("${all_tools[@]}")
@@ -73,6 +73,10 @@ fi
 if need helm; then
   log "building helm $HELM_VERSION"
   go install -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+fi
+if need actionlint; then
+  log "building actionlint $ACTIONLINT_VERSION"
+  go install -trimpath -ldflags "-s -w" "github.com/rhysd/actionlint/cmd/actionlint@$ACTIONLINT_VERSION"
 fi
 if need kubeconform; then
   log "building kubeconform $KUBECONFORM_VERSION"

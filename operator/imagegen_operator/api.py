@@ -49,6 +49,8 @@ SharingStrategy = Literal["TimeSharing", "MPS"]
 Provider = Literal["GKE", "ConfigConnector", "Existing", "Local"]
 # Providers that create the pool in a GKE cluster, and so must be told which one.
 CLOUD_PROVIDERS: tuple[str, ...] = ("GKE", "ConfigConnector")
+# Providers whose pool the operator makes, under a name it knows (Existing: neither).
+POOL_PROVIDERS: tuple[str, ...] = (*CLOUD_PROVIDERS, "Local")
 
 # Anchored patterns in the common subset of RE2 (API server) and Rust regex (pydantic).
 MODEL_URI_PATTERN = (

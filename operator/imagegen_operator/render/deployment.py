@@ -27,7 +27,7 @@ import math
 from typing import Any
 
 from imagegen_operator import gke
-from imagegen_operator.api import ImageGenService
+from imagegen_operator.api import POOL_PROVIDERS, ImageGenService
 from imagegen_operator.planner import Plan
 from imagegen_operator.render import server_env as env
 from imagegen_operator.render.common import (
@@ -63,8 +63,6 @@ TERMINATION_GRACE_S = (
 
 GCSFUSE_DRIVER = "gcsfuse.csi.storage.gke.io"
 
-# The providers whose pool the operator creates, with a name it knows.
-POOL_PROVIDERS = ("GKE", "ConfigConnector", "Local")
 
 
 def nodeselector(plan: Plan, provider: str = "Existing") -> dict[str, str]:

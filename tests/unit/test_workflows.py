@@ -1,0 +1,44 @@
+"""The release workflow passes actionlint (it cannot run here: no registry is reachable)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from unit.test_chart import find_tool
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yaml"))
+
+
+def actionlint(*paths: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(find_tool("actionlint")), "-no-color", *map(str, paths)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def test_workflows_pass_actionlint() -> None:
+    assert WORKFLOWS, "no workflow under .github/workflows"
+    result = actionlint(*WORKFLOWS)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_actionlint_would_catch_a_broken_workflow(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("on: push\njobs:\n  x:\n    runs-on: ubuntu-24.04\n"
+                      "    steps:\n      - run: echo ${{ github.nope }}\n")
+    result = actionlint(broken)
+    assert result.returncode != 0 and "nope" in result.stdout
+
+
+def test_release_pushes_both_images_with_sbom_and_provenance_and_the_chart() -> None:
+    release = yaml.safe_load((ROOT / ".github" / "workflows" / "release.yaml").read_text())
+    assert release[True]["push"]["tags"] == ["v*.*.*"]  # YAML reads the key `on` as True
+    images = release["jobs"]["images"]
+    names = {m["name"]: m["dockerfile"] for m in images["strategy"]["matrix"]["include"]}
+    assert names == {"imagegen-operator": "operator/Dockerfile",
+                     "imagegen-server": "inference_image/Dockerfile"}
+    build = next(s for s in images["steps"] if s.get("id") == "build")["with"]
+    assert build["sbom"] is True and build["provenance"] == "mode=max"
+    assert "helm push" in release["jobs"]["chart"]["steps"][-1]["run"]
