@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 CLUSTER_DIR := .cluster
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock lock-upgrade tools test lint unit crds cluster-up cluster-down demo bench clean
+.PHONY: help setup lock lock-upgrade tools test lint unit crds cluster-up cluster-down demo bench clean images test-images
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -44,6 +44,13 @@ lint: setup ## Ruff over the whole repo.
 
 test: setup tools lint ## The whole suite: lint, unit, server and cluster tests.
 	$(PY) -m pytest
+
+images: ## Build both images from their Dockerfiles (docker, else podman); see hack/images.sh.
+	hack/images.sh
+
+test-images: setup tools ## Run the operator image as the chart does, against the local control plane.
+	hack/images.sh operator
+	$(PY) -m pytest -m images
 
 unit: setup ## Only the tests that need neither the control plane nor a model.
 	$(PY) -m pytest tests/unit

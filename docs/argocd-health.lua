@@ -22,6 +22,9 @@ local needs_a_person = {
   InvalidNodePool = true,
   GkeError = true,
   ConfigConnectorMissing = true,
+  ClusterUnknown = true,
+  ApplyRejected = true,
+  PoolTooSmall = true,
 }
 
 local function condition(status, type_)

@@ -121,16 +121,17 @@ def forbidden_requests(cluster, since: int) -> list[str]:
 def test_end_to_end_under_the_charts_service_account(cluster, operator):
     apply(cluster, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
 
-    # Four replicas, one node of three slots: the fourth pod cannot be placed, so the
-    # service stays on its way (Progressing) for as long as we like to look.
+    # Four replicas, one node of three slots: the fourth pod can never be placed, so the
+    # service is Stalled, naming the fields to change, and Argo CD calls it Degraded
+    # while three replicas serve.
     apply(cluster, service("rbac-t4", GPU, replicas=4))
     waiting = eventually(
-        lambda: when(igs(cluster, "rbac-t4"), lambda c: c["reason"] == "ReplicasNotReady"
+        lambda: when(igs(cluster, "rbac-t4"), lambda c: c["reason"] == "PoolTooSmall"
                      and c["message"].startswith("3/4")),
-        timeout=60, what="3 of 4 replicas ready")
+        timeout=60, what="3 of 4 replicas ready, the pool too small")
     assert waiting["status"]["observedGeneration"] == 1
-    assert argocd_health(waiting)["status"] == "Progressing"
-    assert "Insufficient nvidia.com/gpu" in argocd_health(waiting)["message"]  # pods listed
+    health = argocd_health(waiting)
+    assert health["status"] == "Degraded" and "spec.nodePool.maxNodes" in health["message"]
 
     # Three fit: Ready, and Healthy for Argo CD.
     cluster.kubectl("patch", "igs", "rbac-t4", "-n", NS, "--type=merge",

@@ -76,7 +76,26 @@ CASES = [
         condition("Ready", "False", "RateLimited"), PROGRESSING]}), "Progressing", ""),
     ("rolled out, yet not ready", igs(status={"observedGeneration": 1, "conditions": [
         condition("Ready", "False", "NoMatchingNodes"), PROGRESSING_DONE]}), "Degraded", ""),
+    ("a child refused by the API server", igs(status={"observedGeneration": 1, "conditions": [
+        condition("Ready", "False", "ApplyRejected", message="the API server refused ..."),
+        PROGRESSING]}), "Degraded", "ApplyRejected"),
+    ("more replicas than the pool can hold", igs(status={"observedGeneration": 1, "conditions": [
+        condition("Ready", "False", "PoolTooSmall", message="3/4 replicas ready; raise ..."),
+        PROGRESSING]}), "Degraded", "PoolTooSmall: 3/4"),
+    ("no cluster to make the pool in", igs(status={"observedGeneration": 1, "conditions": [
+        condition("Ready", "False", "ClusterUnknown")]}), "Degraded", "ClusterUnknown"),
+    ("serving while a pool move goes on", igs(status={"observedGeneration": 1, "conditions": [
+        condition("Ready", "Unknown", "Progressing", message="2/2 replicas ready on pool a"),
+        condition("Progressing", "True", "MovingPool")]}), "Progressing", "2/2"),
 ]
+
+
+def test_every_reason_the_operator_stalls_on_is_degraded():
+    """Each Ready reason that comes with Stalled=True is in the check's needs_a_person."""
+    lua = (ROOT / "docs" / "argocd-health.lua").read_text()
+    for reason in ("ApplyRejected", "PoolTooSmall", "ClusterUnknown", "QuotaExceeded",
+                   "PermissionDenied"):
+        assert f"  {reason} = true," in lua, reason
 
 
 @pytest.mark.parametrize("obj, health, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Builds both images from their Dockerfiles, the ones users build:
+#
+#   hack/images.sh [operator|server]...       (make images)
+#
+# With docker when there is one, else podman. Base images are build arguments
+# (PYTHON_IMAGE for the operator, BASE_IMAGE for the server); unset, the official
+# ones are pulled. IMAGEGEN_LOCAL_BASE=1 makes the Python base locally from Debian
+# packages instead (mmdebstrap + podman import), for machines that reach Debian's
+# mirrors and PyPI but no image registry. Prints one line per image: name, size, seconds.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+tag=${IMAGEGEN_IMAGE_TAG:-dev}
+wanted=("$@")
+[ ${#wanted[@]} -gt 0 ] || wanted=(operator server)
+log() { echo "[images] $*" >&2; }
+
+engine=${CONTAINER_ENGINE:-}
+if [ -z "$engine" ]; then
+  if command -v docker >/dev/null && docker info >/dev/null 2>&1; then engine=docker
+  elif command -v podman >/dev/null; then engine=podman
+  else echo "images: neither docker nor podman found" >&2; exit 2
+  fi
+fi
+
+build_args=()
+if [ "$engine" = podman ]; then
+  # Settings of our own, so nothing global changes: runc (crun needs a cgroup layout some
+  # sandboxes lack), cgroupfs, file events, and ulimits a sandbox lets us keep.
+  conf_dir=${XDG_CACHE_HOME:-$HOME/.cache}/imagegen-operator/podman
+  mkdir -p "$conf_dir"
+  cat > "$conf_dir/containers.conf" <<'EOF'
+[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+EOF
+  export CONTAINERS_CONF="$conf_dir/containers.conf"
+  build_args+=(--network host)
+fi
+# An intercepting proxy's CA, when the host has one for pip: mounted for the build's
+# RUN steps only, never copied into an image.
+if [ -f /etc/pip.conf ] && [ "$engine" = podman ]; then
+  build_args+=(-v /etc/pip.conf:/etc/pip.conf:ro)
+  ca=$(sed -n 's/^cert *= *//p' /etc/pip.conf | head -1)
+  [ -z "$ca" ] || [ ! -f "$ca" ] || build_args+=(-v "$ca:$ca:ro")
+fi
+
+local_base() {
+  # python3 from Debian bookworm: what python:3.x-slim-bookworm is, made from packages.
+  local name=localhost/imagegen-python:bookworm
+  if $engine image exists "$name" 2>/dev/null; then echo "$name"; return; fi
+  log "making $name from Debian packages (mmdebstrap)"
+  local tarball
+  tarball=$(mktemp --suffix=.tar)
+  mmdebstrap --variant=minbase --include=python3,python3-venv,python-is-python3,ca-certificates \
+    bookworm "$tarball" >&2
+  $engine import --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' "$tarball" "$name" >&2
+  rm -f "$tarball"
+  echo "$name"
+}
+
+build() {  # name dockerfile base-arg
+  local name=$1 dockerfile=$2 base_arg=$3 args=("${build_args[@]}")
+  if [ "${IMAGEGEN_LOCAL_BASE:-0}" = 1 ]; then
+    args+=(--build-arg "$base_arg=$(local_base)")
+    [ "$engine" = podman ] && args+=(--pull=never)
+  elif [ -n "${!base_arg:-}" ]; then
+    args+=(--build-arg "$base_arg=${!base_arg}")
+  fi
+  local start=$SECONDS
+  log "building $name:$tag from $dockerfile with $engine"
+  $engine build "${args[@]}" -f "$dockerfile" -t "$name:$tag" . >&2
+  local size
+  size=$($engine image inspect "$name:$tag" --format '{{.Size}}')
+  echo "$name:$tag $((size / 1000000))MB $((SECONDS - start))s"
+}
+
+for image in "${wanted[@]}"; do
+  case $image in
+    operator) build localhost/imagegen-operator operator/Dockerfile PYTHON_IMAGE ;;
+    server) build localhost/imagegen-server inference_image/Dockerfile BASE_IMAGE ;;
+    *) echo "images: unknown image $image (operator or server)" >&2; exit 2 ;;
+  esac
+done

@@ -1,0 +1,166 @@
+"""The operator image, run as the chart runs it, against the local control plane.
+
+Everything the container gets is read from the rendered chart, not restated: the
+user and group, the read-only root filesystem, the dropped capabilities, no new
+privileges, /tmp as the chart mounts it, the environment, the arguments and the
+ports its probes and Service point at. In-cluster configuration as the kubelet
+gives it: KUBERNETES_SERVICE_HOST/PORT and the chart ServiceAccount's token, CA
+and namespace under /var/run/secrets/kubernetes.io/serviceaccount.
+
+Needs the image (`make images`, podman or docker) and runs with `make test-images`;
+`make test` does not select it (`-m "not images"`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+from unit.test_chart import CHART, template_args
+
+from localcluster import free_port
+from support.containers import engine
+from support.kube import apply, eventually, get_json
+
+pytestmark = [pytest.mark.cluster, pytest.mark.images]
+
+IMAGE = os.environ.get("IMAGEGEN_OPERATOR_IMAGE", "localhost/imagegen-operator:dev")
+RELEASE, SYSTEM_NS, NS = "img", "imagegen-image-system", "image-e2e"
+FULLNAME = f"{RELEASE}-imagegen-operator"
+SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+GPU = {"type": "nvidia-tesla-p4"}
+
+
+def helm(cluster, *args: str) -> str:
+    return subprocess.run([str(cluster.bin / "helm"), "--kubeconfig", str(cluster.kubeconfig),
+                           *args], capture_output=True, text=True, check=True, timeout=180).stdout
+
+
+def container_run_args(deployment: dict, name: str) -> list[str]:
+    """`run` options that give the container what the chart's pod spec gives it."""
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    pod_sc, sc = pod.get("securityContext") or {}, container.get("securityContext") or {}
+    args = ["--name", name, "--network", "host", "--user",
+            f"{pod_sc['runAsUser']}:{pod_sc.get('runAsGroup', pod_sc['runAsUser'])}"]
+    if sc.get("readOnlyRootFilesystem"):
+        args.append("--read-only")
+    for cap in (sc.get("capabilities") or {}).get("drop") or []:
+        args.append(f"--cap-drop={cap}")
+    if sc.get("allowPrivilegeEscalation") is False:
+        args += ["--security-opt", "no-new-privileges"]
+    volumes = {v["name"]: v for v in pod.get("volumes") or []}
+    for mount in container.get("volumeMounts") or []:
+        volume = volumes[mount["name"]]
+        assert "emptyDir" in volume, f"only emptyDir volumes are mapped here: {volume}"
+        limit = (volume["emptyDir"] or {}).get("sizeLimit", "64Mi").replace("Mi", "m")
+        args += ["--tmpfs", f"{mount['mountPath']}:rw,size={limit},mode=1777"]
+    for env in container.get("env") or []:
+        if "value" in env:
+            args += ["--env", f"{env['name']}={env['value']}"]
+    args += ["--env", f"POD_ID={name}", "--env", "POD_UID=00000000-0000-0000-0000-000000000000"]
+    return args
+
+
+@pytest.fixture(scope="module")
+def running_image(cluster, crd, tmp_path_factory):
+    run = engine()
+    if subprocess.run([*run, "image", "exists", IMAGE]).returncode != 0:
+        pytest.fail(f"{IMAGE} is not built: run `make images` first")
+    apply(cluster, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SYSTEM_NS}})
+    metrics_port, health_port = free_port(), free_port()
+    sets = ["crds.enabled=false", "providers.local.enabled=true", f"image.repository={IMAGE}",
+            f"metrics.port={metrics_port}", f"health.port={health_port}",
+            "operator.resyncSeconds=2"]
+    # The chart's ServiceAccount and RBAC, without its pod (KWOK would not run it).
+    helm(cluster, "upgrade", "--install", RELEASE, str(CHART), "--namespace", SYSTEM_NS,
+         *[x for s in [*sets, "replicaCount=0"] for x in ("--set", s)])
+    rendered = subprocess.run([str(cluster.bin / "helm"), *template_args(*sets)],
+                              capture_output=True, text=True, check=True, timeout=120).stdout
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    service = next(d for d in docs if d["kind"] == "Service")
+
+    secrets = tmp_path_factory.mktemp("serviceaccount")
+    token = cluster.kubectl("create", "token", FULLNAME, "-n", SYSTEM_NS, "--duration=1h")
+    (secrets / "token").write_text(token.stdout.strip())
+    (secrets / "ca.crt").write_bytes((cluster.dir / "pki" / "ca.crt").read_bytes())
+    (secrets / "namespace").write_text(SYSTEM_NS)
+    for path in [secrets, *secrets.iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    server = urlsplit(cluster.server)
+    name = f"imagegen-operator-test-{os.getpid()}"
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    command = [*(container.get("command") or []), *(container.get("args") or [])]
+    entrypoint = ["--entrypoint", command.pop(0)] if container.get("command") else []
+    subprocess.run([*run, "rm", "-f", name], capture_output=True)
+    subprocess.run([
+        *run, "run", "-d", *container_run_args(deployment, name),
+        "--env", f"KUBERNETES_SERVICE_HOST={server.hostname}",
+        "--env", f"KUBERNETES_SERVICE_PORT={server.port}",
+        "--volume", f"{secrets}:{SA_DIR}:ro", *entrypoint, IMAGE, *command,
+    ], check=True, capture_output=True, text=True)
+    try:
+        yield {"deployment": deployment, "service": service, "name": name}
+    finally:
+        print(subprocess.run([*run, "logs", name], capture_output=True, text=True).stdout[-6000:])
+        subprocess.run([*run, "rm", "-f", "-t", "5", name], capture_output=True)
+        helm(cluster, "uninstall", RELEASE, "--namespace", SYSTEM_NS, "--wait")
+
+
+def http_status(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as r:
+            return r.status
+    except OSError:
+        return 0
+
+
+def named_port(container: dict, name: str) -> int:
+    return next(p["containerPort"] for p in container["ports"] if p["name"] == name)
+
+
+def test_the_image_runs_the_end_to_end_scenario_as_the_chart_runs_it(cluster, running_image):
+    deployment = running_image["deployment"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    probe = container["livenessProbe"]["httpGet"]
+    health = named_port(container, probe["port"])
+    eventually(lambda: http_status(health, probe["path"]) == 200, timeout=60,
+               what="the liveness probe's endpoint")
+    metrics_target = running_image["service"]["spec"]["ports"][0]["targetPort"]
+    metrics = named_port(container, metrics_target) if isinstance(metrics_target, str) \
+        else metrics_target
+    assert http_status(metrics, "/metrics") == 200
+
+    apply(cluster, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
+    apply(cluster, {
+        "apiVersion": "imagegen.dev/v1alpha1", "kind": "ImageGenService",
+        "metadata": {"name": "in-image", "namespace": NS},
+        "spec": {"model": {"uri": "gs://models/sd15", "family": "SD15", "memoryGiB": 4},
+                 "gpu": GPU, "nodePool": {"provider": "Local", "maxNodes": 1}, "replicas": 1},
+    })
+    cluster.kubectl("wait", "-n", NS, "--for=condition=Ready", "--timeout=90s",
+                    "igs/in-image", timeout=100)
+    pool = get_json(cluster, "igs", "in-image", "-n", NS)["status"]["nodePool"]["name"]
+
+    cluster.kubectl("delete", "deployment", "in-image", "-n", NS, "--wait=true")
+    eventually(lambda: cluster.kubectl("get", "deployment", "in-image", "-n", NS,
+                                       check=False).returncode == 0,
+               timeout=30, what="the deleted Deployment restored")
+    cluster.kubectl("wait", "-n", NS, "--for=condition=Ready", "--timeout=90s",
+                    "igs/in-image", timeout=100)
+
+    cluster.kubectl("delete", "igs", "in-image", "-n", NS, "--wait=true", "--timeout=60s")
+    eventually(lambda: not get_json(cluster, "nodes", "-l",
+                                    f"imagegen.dev/node-pool={pool}")["items"],
+               timeout=30, what="no orphaned node")
+    time.sleep(1)
+    assert json.loads(cluster.kubectl("get", "deployment", "-n", NS, "-o", "json").stdout)[
+        "items"] == []
