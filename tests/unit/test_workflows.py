@@ -6,7 +6,6 @@ import subprocess
 from pathlib import Path
 
 import yaml
-
 from unit.test_chart import find_tool
 
 ROOT = Path(__file__).resolve().parents[2]
