@@ -27,14 +27,20 @@ setup: $(VENV)/.installed ## Create .venv with the project and everything its te
 # Universal: one lock for every platform and Python the project supports (>= 3.11).
 LOCK_CMD = $(VENV)/bin/uv pip compile pyproject.toml --all-extras --universal \
 	--python-version 3.11 --generate-hashes --no-header --quiet -o requirements.lock
+# The server image's own lock: the `server` extra alone, at the main lock's versions.
+SERVER_LOCK_CMD = $(VENV)/bin/uv pip compile pyproject.toml --extra server --universal \
+	--python-version 3.11 --generate-hashes --no-header --quiet -c requirements.lock \
+	-o inference_image/requirements.lock
 
 lock: ## Update requirements.lock after editing pyproject.toml; pins that still fit stay.
 	@test -x $(VENV)/bin/uv || $(MAKE) setup
 	$(LOCK_CMD)
+	$(SERVER_LOCK_CMD)
 
 lock-upgrade: ## Re-resolve requirements.lock to the newest versions pyproject.toml allows.
 	@test -x $(VENV)/bin/uv || $(MAKE) setup
 	$(LOCK_CMD) --upgrade
+	$(SERVER_LOCK_CMD)
 
 tools: ## Build the pinned control plane, kwok, helm and kubeconform once (cached in ~/.cache).
 	@hack/build-tools.sh >/dev/null
@@ -48,8 +54,7 @@ test: setup tools lint ## The whole suite: lint, unit, server and cluster tests.
 images: ## Build both images from their Dockerfiles (docker, else podman); see hack/images.sh.
 	hack/images.sh
 
-test-images: setup tools ## Run the operator image as the chart does, against the local control plane.
-	hack/images.sh operator
+test-images: setup tools images ## Both images, run as the chart and the operator run them.
 	$(PY) -m pytest -m images
 
 unit: setup ## Only the tests that need neither the control plane nor a model.

@@ -4,7 +4,7 @@
 #   hack/images.sh [operator|server]...       (make images)
 #
 # With docker when there is one, else podman. Base images are build arguments
-# (PYTHON_IMAGE for the operator, BASE_IMAGE for the server); unset, the official
+# (PYTHON_IMAGE for both); unset, the official
 # ones are pulled. IMAGEGEN_LOCAL_BASE=1 makes the Python base locally from Debian
 # packages instead (mmdebstrap + podman import), for machines that reach Debian's
 # mirrors and PyPI but no image registry. Prints one line per image: name, size, seconds.
@@ -72,9 +72,15 @@ build() {  # name dockerfile base-arg
   elif [ -n "${!base_arg:-}" ]; then
     args+=(--build-arg "$base_arg=${!base_arg}")
   fi
-  local start=$SECONDS
+  local start=$SECONDS previous
+  previous=$($engine image inspect "$name:$tag" --format '{{.Id}}' 2>/dev/null || true)
   log "building $name:$tag from $dockerfile with $engine"
   $engine build "${args[@]}" -f "$dockerfile" -t "$name:$tag" . >&2
+  # The image this tag named before is left untagged: gigabytes for the server. Drop it
+  # (and only it) unless something else still uses it.
+  if [ -n "$previous" ] && [ "$previous" != "$($engine image inspect "$name:$tag" --format '{{.Id}}')" ]; then
+    $engine rmi "$previous" >/dev/null 2>&1 || true
+  fi
   local size
   size=$($engine image inspect "$name:$tag" --format '{{.Size}}')
   echo "$name:$tag $((size / 1000000))MB $((SECONDS - start))s"
@@ -83,7 +89,7 @@ build() {  # name dockerfile base-arg
 for image in "${wanted[@]}"; do
   case $image in
     operator) build localhost/imagegen-operator operator/Dockerfile PYTHON_IMAGE ;;
-    server) build localhost/imagegen-server inference_image/Dockerfile BASE_IMAGE ;;
+    server) build localhost/imagegen-server inference_image/Dockerfile PYTHON_IMAGE ;;
     *) echo "images: unknown image $image (operator or server)" >&2; exit 2 ;;
   esac
 done

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -92,6 +93,10 @@ class AttentionSelection:
         self.active = Attention.AUTO
         self.note = ""
         self._stack = contextlib.ExitStack()
+        # sdpa_kernel keeps a context variable beside the process-wide switches: entered
+        # in the loading thread, it must be left in that same context, whichever thread
+        # shuts the server down (else: "Token ... was created in a different Context").
+        self._context = contextvars.copy_context()
         if requested == Attention.AUTO:
             self.note = "PyTorch chooses per call"
             return
@@ -108,10 +113,10 @@ class AttentionSelection:
         backends = [SDPA_BACKENDS[self.active]]
         if self.active != Attention.MATH:
             backends.append(SDPBackend.MATH)
-        self._stack.enter_context(sdpa_kernel(backends, set_priority=True))
+        self._context.run(self._stack.enter_context, sdpa_kernel(backends, set_priority=True))
 
     def deactivate(self) -> None:
-        self._stack.close()
+        self._context.run(self._stack.close)
 
 
 def probe_backend(backend: SDPBackend, device: torch.device, dtype: torch.dtype) -> str | None:

@@ -24,7 +24,7 @@ import yaml
 from unit.test_chart import CHART, template_args
 
 from localcluster import free_port
-from support.containers import engine
+from support.containers import engine, run_args
 from support.kube import apply, eventually, get_json
 
 pytestmark = [pytest.mark.cluster, pytest.mark.images]
@@ -39,32 +39,6 @@ GPU = {"type": "nvidia-tesla-a100", "sharing": {"strategy": "MPS", "maxSharedCli
 def helm(cluster, *args: str) -> str:
     return subprocess.run([str(cluster.bin / "helm"), "--kubeconfig", str(cluster.kubeconfig),
                            *args], capture_output=True, text=True, check=True, timeout=180).stdout
-
-
-def container_run_args(deployment: dict, name: str) -> list[str]:
-    """`run` options that give the container what the chart's pod spec gives it."""
-    pod = deployment["spec"]["template"]["spec"]
-    container = pod["containers"][0]
-    pod_sc, sc = pod.get("securityContext") or {}, container.get("securityContext") or {}
-    args = ["--name", name, "--network", "host", "--user",
-            f"{pod_sc['runAsUser']}:{pod_sc.get('runAsGroup', pod_sc['runAsUser'])}"]
-    if sc.get("readOnlyRootFilesystem"):
-        args.append("--read-only")
-    for cap in (sc.get("capabilities") or {}).get("drop") or []:
-        args.append(f"--cap-drop={cap}")
-    if sc.get("allowPrivilegeEscalation") is False:
-        args += ["--security-opt", "no-new-privileges"]
-    volumes = {v["name"]: v for v in pod.get("volumes") or []}
-    for mount in container.get("volumeMounts") or []:
-        volume = volumes[mount["name"]]
-        assert "emptyDir" in volume, f"only emptyDir volumes are mapped here: {volume}"
-        limit = (volume["emptyDir"] or {}).get("sizeLimit", "64Mi").replace("Mi", "m")
-        args += ["--tmpfs", f"{mount['mountPath']}:rw,size={limit},mode=1777"]
-    for env in container.get("env") or []:
-        if "value" in env:
-            args += ["--env", f"{env['name']}={env['value']}"]
-    args += ["--env", f"POD_ID={name}", "--env", "POD_UID=00000000-0000-0000-0000-000000000000"]
-    return args
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +74,8 @@ def running_image(cluster, crd, tmp_path_factory):
     entrypoint = ["--entrypoint", command.pop(0)] if container.get("command") else []
     subprocess.run([*run, "rm", "-f", name], capture_output=True)
     subprocess.run([
-        *run, "run", "-d", *container_run_args(deployment, name),
+        *run, "run", "-d", *run_args(deployment["spec"]["template"]["spec"], name),
+        "--env", f"POD_ID={name}", "--env", "POD_UID=00000000-0000-0000-0000-000000000000",
         "--env", f"KUBERNETES_SERVICE_HOST={server.hostname}",
         "--env", f"KUBERNETES_SERVICE_PORT={server.port}",
         "--volume", f"{secrets}:{SA_DIR}:ro", *entrypoint, IMAGE, *command,

@@ -76,3 +76,20 @@ def test_regional_compile_on_cpu_with_cache_dir(
     images = runtime.engine.generate(params, timeout_s=300)
     expected = reference_pipeline("sd15")(**runtime.steps.reference_kwargs(params)).images
     assert mean_abs_diff(images[0], expected[0]) < 1.0
+
+
+def test_an_attention_selection_made_while_loading_ends_in_the_thread_that_shuts_down():
+    """The model loads in a background thread; shutdown runs on the event loop's. Leaving
+    the selection there once failed with "Token ... was created in a different Context"."""
+    import threading
+
+    from imagegen_server.config import Attention
+    from imagegen_server.optimize import AttentionSelection
+
+    selection = AttentionSelection(Attention.MATH, torch.device("cpu"), torch.float32)
+    loader = threading.Thread(target=selection.activate)
+    loader.start()
+    loader.join()
+    assert not torch.backends.cuda.flash_sdp_enabled()  # process-wide: math only
+    selection.deactivate()
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored

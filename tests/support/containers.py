@@ -21,3 +21,41 @@ def engine() -> list[str]:
         if conf.exists():
             os.environ.setdefault("CONTAINERS_CONF", str(conf))
     return [chosen]
+
+
+def run_args(pod_spec: dict, name: str, claims: dict[str, str] | None = None) -> list[str]:
+    """`run` options that give a container what a Kubernetes pod spec gives its first one.
+
+    Read from the pod spec itself (the chart's or the operator's rendering), not restated:
+    user and group, read-only root, dropped capabilities, no new privileges, emptyDir
+    volumes as tmpfs, PersistentVolumeClaims as the host directories in ``claims``, and
+    the environment's plain values.
+    """
+    container = pod_spec["containers"][0]
+    pod_sc, sc = pod_spec.get("securityContext") or {}, container.get("securityContext") or {}
+    args = ["--name", name, "--network", "host", "--user",
+            f"{pod_sc['runAsUser']}:{pod_sc.get('runAsGroup', pod_sc['runAsUser'])}"]
+    if sc.get("readOnlyRootFilesystem"):
+        args.append("--read-only")
+    for cap in (sc.get("capabilities") or {}).get("drop") or []:
+        args.append(f"--cap-drop={cap}")
+    if sc.get("allowPrivilegeEscalation") is False:
+        args += ["--security-opt", "no-new-privileges"]
+    volumes = {v["name"]: v for v in pod_spec.get("volumes") or []}
+    for mount in container.get("volumeMounts") or []:
+        volume = volumes[mount["name"]]
+        if "emptyDir" in volume:
+            limit = (volume["emptyDir"] or {}).get("sizeLimit", "1Gi")
+            size = limit.replace("Gi", "g").replace("Mi", "m")
+            # World-writable with the sticky bit: what fsGroup makes of an emptyDir for the pod.
+            args += ["--tmpfs", f"{mount['mountPath']}:rw,size={size},mode=1777"]
+        elif "persistentVolumeClaim" in volume:
+            host = (claims or {})[volume["persistentVolumeClaim"]["claimName"]]
+            ro = ":ro" if mount.get("readOnly") else ""
+            args += ["--volume", f"{host}:{mount['mountPath']}{ro}"]
+        else:
+            raise AssertionError(f"no local stand-in for volume {volume}")
+    for env in container.get("env") or []:
+        if "value" in env:
+            args += ["--env", f"{env['name']}={env['value']}"]
+    return args

@@ -6,6 +6,7 @@ lock was not refreshed with `make lock`.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -20,11 +21,11 @@ ROOT = Path(__file__).resolve().parents[2]
 PIN = re.compile(r"^(?P<name>[A-Za-z0-9._-]+)==(?P<version>[^\s;\\]+)\s*(?:;\s*(?P<marker>[^\\]+?))?\s*\\?$")
 
 
-def locked() -> dict[str, list[tuple[Version, Marker | None, int]]]:
+def locked(path: str = "requirements.lock") -> dict[str, list[tuple[Version, Marker | None, int]]]:
     """Package -> [(version, marker, hash count)]: a package may be pinned per platform."""
     pins: dict[str, list] = {}
     current = None
-    for line in (ROOT / "requirements.lock").read_text().splitlines():
+    for line in (ROOT / path).read_text().splitlines():
         if match := PIN.match(line):
             marker = Marker(match["marker"]) if match["marker"] else None
             current = [Version(match["version"]), marker, 0]
@@ -77,14 +78,37 @@ def test_a_changed_pyproject_is_caught():
     assert any(p.startswith("not-a-locked-package ") for p in problems), problems
 
 
-def test_setup_is_a_no_op_once_installed():
+def test_setup_is_a_no_op_once_installed(tmp_path):
     """`make cluster-up`, `make demo` and the rest depend on setup: with nothing changed
-    it must not install again (a stamp newer than pyproject.toml and the lock)."""
+    since the last install (its stamp is newer than pyproject.toml and the lock) it must
+    not install again."""
     import shutil
     import subprocess
 
-    if not (ROOT / ".venv" / ".installed").exists() or shutil.which("make") is None:
-        pytest.skip("needs `make setup` to have run (make test and make unit do)")
-    dry = subprocess.run(["make", "-n", "setup", "cluster-up"], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
-    assert "uv pip" not in dry and "venv" not in dry.replace(".venv/bin/python", ""), dry
+    if shutil.which("make") is None:
+        pytest.fail("make is needed (the README's two commands are make targets)")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "uv").touch(mode=0o755)
+    (venv / ".installed").touch()  # installed just now
+
+    def dry(*targets: str) -> str:
+        return subprocess.run(["make", "-n", f"VENV={venv}", *targets], cwd=ROOT,
+                              capture_output=True, text=True, check=True).stdout
+
+    assert "uv pip" not in dry("setup", "cluster-up")
+    old = (ROOT / "pyproject.toml").stat().st_mtime - 10
+    os.utime(venv / ".installed", (old, old))  # older than pyproject.toml: install again
+    assert "uv pip sync" in dry("setup")
+
+
+def test_the_server_images_lock_is_the_server_extra_at_the_main_locks_versions():
+    main, server = locked(), locked("inference_image/requirements.lock")
+    assert {"torch", "diffusers", "fastapi"} <= set(server)
+    assert "pytest" not in server and "ruff" not in server  # the server extra only
+    differ = [name for name, entries in server.items()
+              if {v for v, *_ in entries} - {v for v, *_ in main.get(name, [])}]
+    assert differ == [], "run `make lock`: " + ", ".join(differ)
+    server_reqs = [r for r in declared((ROOT / "pyproject.toml").read_text())
+                   if r[0] in ("dependencies", "optional-dependencies.server")]
+    assert mismatches(server_reqs, server) == []
