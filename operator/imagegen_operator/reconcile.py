@@ -204,7 +204,7 @@ class Reconciler:
             if users:
                 log.info("pool %s still used by %s; keeping it", key, ", ".join(users))
                 continue
-            gone = self._delete_pool(body, resource, the_plan, key)
+            gone = self._delete_pool(resource, the_plan, key)
             if gone:
                 self.record(body, "Normal", "NodePoolDeleted",
                             f"node pool {key} deleted: no service uses it any more")
@@ -439,8 +439,7 @@ class Reconciler:
                 lock = self._pool_locks[key] = threading.Lock()
             return lock
 
-    def _delete_pool(self, body: dict[str, Any], resource: ImageGenService, the_plan: Plan,
-                     key: PoolKey) -> bool:
+    def _delete_pool(self, resource: ImageGenService, the_plan: Plan, key: PoolKey) -> bool:
         """Ask the pool's provider to delete it; True once gone. Honours its backoff."""
         with self._lock:
             backoff = self._backoff.get(key)
@@ -484,7 +483,7 @@ class Reconciler:
             return previous
         if self.pool_users(previous, exclude_uid=body["metadata"].get("uid")):
             return target
-        if not self._delete_pool(body, resource, the_plan, previous):
+        if not self._delete_pool(resource, the_plan, previous):
             return previous
         self.record(body, "Normal", "NodePoolRetired",
                     f"moved to node pool {target}; deleted {previous}")

@@ -9,7 +9,7 @@ unit-tested in milliseconds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from imagegen_operator import conditions as cond
@@ -55,7 +55,6 @@ class Observation:
     pool_stalled: bool = False  # the provider's error will not pass by waiting
     rejected: tuple[str, ...] = ()  # children the API server refused, in its words
     unschedulable: str | None = None  # the scheduler's words for a pending pod
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def moving(self) -> bool:

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
-import urllib.request
 from urllib.parse import urlsplit
 
 import pytest
 
-from support.kube import apply, eventually, get_json
+from support.kube import apply, eventually, get_json, http_status
 from support.operator_process import OperatorProcess
 from support.tcp_proxy import FreezableProxy
 
@@ -29,14 +27,7 @@ STUCK_S = 2
 
 
 def healthz(proc: OperatorProcess) -> int:
-    try:
-        with urllib.request.urlopen(
-                f"http://{proc.host}:{proc.health_port}/healthz", timeout=5) as response:
-            return response.status
-    except urllib.error.HTTPError as error:
-        return error.code
-    except OSError:
-        return 0
+    return http_status(f"http://{proc.host}:{proc.health_port}/healthz", timeout=5)
 
 
 def test_frozen_api_connections_time_out_and_the_operator_recovers(cluster, crd, tmp_path):

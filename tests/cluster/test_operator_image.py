@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import urllib.request
 from urllib.parse import urlsplit
 
 import pytest
@@ -25,7 +24,7 @@ from unit.test_chart import CHART, template_args
 
 from localcluster import free_port
 from support.containers import engine, run_args
-from support.kube import apply, eventually, get_json
+from support.kube import apply, eventually, get_json, http_status
 
 pytestmark = [pytest.mark.cluster, pytest.mark.images]
 
@@ -88,14 +87,6 @@ def running_image(cluster, crd, tmp_path_factory):
         helm(cluster, "uninstall", RELEASE, "--namespace", SYSTEM_NS, "--wait")
 
 
-def http_status(port: int, path: str) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as r:
-            return r.status
-    except OSError:
-        return 0
-
-
 def named_port(container: dict, name: str) -> int:
     return next(p["containerPort"] for p in container["ports"] if p["name"] == name)
 
@@ -105,12 +96,12 @@ def test_the_image_runs_the_end_to_end_scenario_as_the_chart_runs_it(cluster, ru
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     probe = container["livenessProbe"]["httpGet"]
     health = named_port(container, probe["port"])
-    eventually(lambda: http_status(health, probe["path"]) == 200, timeout=60,
+    eventually(lambda: http_status(f"http://127.0.0.1:{health}{probe['path']}") == 200, timeout=60,
                what="the liveness probe's endpoint")
     metrics_target = running_image["service"]["spec"]["ports"][0]["targetPort"]
     metrics = named_port(container, metrics_target) if isinstance(metrics_target, str) \
         else metrics_target
-    assert http_status(metrics, "/metrics") == 200
+    assert http_status(f"http://127.0.0.1:{metrics}/metrics") == 200
 
     apply(cluster, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
     apply(cluster, {

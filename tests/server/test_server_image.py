@@ -17,7 +17,6 @@ import os
 import subprocess
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import openai
@@ -30,7 +29,7 @@ from imagegen_operator.render.deployment import render_deployment
 from imagegen_server.tiny import make_tiny_model
 from localcluster import free_port
 from support.containers import engine, run_args
-from support.kube import eventually
+from support.kube import eventually, http_status
 
 pytestmark = pytest.mark.images
 
@@ -49,16 +48,6 @@ def served_pod_spec(port: int) -> dict:
     })
     deployment = render_deployment(resource, plan(resource.spec), IMAGE)
     return deployment["spec"]["template"]["spec"]
-
-
-def http_status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=3) as response:
-            return response.status
-    except urllib.error.HTTPError as error:
-        return error.code
-    except OSError:
-        return 0
 
 
 @pytest.fixture

@@ -5,17 +5,11 @@ from __future__ import annotations
 import pytest
 
 from imagegen_operator.cluster_default import ClusterDefault
+from support.clock import FakeClock
 from support.fake_metadata import MetadataServerTestDouble
 from support.kube import free_port_refusing
 
 CLUSTER = "projects/my-project/locations/us-central1/clusters/serving"
-
-
-class Clock:
-    now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_the_chart_value_wins_and_asks_no_metadata_server() -> None:
@@ -42,7 +36,7 @@ def test_on_gke_the_metadata_server_names_the_cluster_once() -> None:
 
 
 def test_without_either_there_is_no_default_and_it_is_asked_again_later() -> None:
-    clock = Clock()
+    clock = FakeClock(0.0)
     default = ClusterDefault({"GCE_METADATA_HOST": free_port_refusing()}, clock=clock)
     assert default() is None
     clock.now += 10

@@ -19,6 +19,7 @@ from imagegen_operator import api
 from imagegen_operator.planner import plan as make_plan
 from imagegen_operator.providers.base import PoolState, ProviderError
 from imagegen_operator.providers.gke import ENDPOINT_ENV, GkeProvider, build_client
+from support.clock import FakeClock
 from support.fake_gke import GkeApiTestDouble
 
 CLUSTER = "projects/imagegen-test/locations/us-central1/clusters/serving"
@@ -53,14 +54,6 @@ def service(**pool: Any) -> api.ImageGenService:
             },
         }
     )
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -19,20 +19,13 @@ from imagegen_operator.providers import build_providers
 from imagegen_operator.providers.gke import GkeProvider
 from imagegen_operator.reconcile import Reconciler
 from imagegen_operator.render.nodepool import POOL_LABEL
+from support.clock import FakeClock
 from support.fake_gke import GkeApiTestDouble
 from support.memory_kube import InMemoryKube
 
 CLUSTER_A = "projects/imagegen-test/locations/us-central1/clusters/a"
 CLUSTER_B = "projects/imagegen-test/locations/europe-west4/clusters/b"
 TS2_L4 = {"type": "nvidia-l4", "sharing": {"strategy": "TimeSharing", "maxSharedClientsPerGpu": 2}}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -46,7 +39,7 @@ class World:
 
     def __init__(self, double: GkeApiTestDouble, default_cluster: str | None = CLUSTER_A):
         self.kube = InMemoryKube()
-        self.clock = Clock()
+        self.clock = FakeClock()
         self.double = double
         self.gke = GkeProvider(double.client(), timeout=5, backoff_base=15, backoff_max=300,
                                clock=self.clock)
