@@ -1,25 +1,48 @@
 #!/usr/bin/env bash
 # Builds both images from their Dockerfiles, the ones users build:
 #
-#   hack/images.sh [operator|server]...       (make images)
+#   hack/images.sh [--optional] [operator|server]...       (make images, make test)
 #
 # With docker when there is one, else podman. Base images are build arguments
-# (PYTHON_IMAGE for both); unset, the official
-# ones are pulled. IMAGEGEN_LOCAL_BASE=1 makes the Python base locally from Debian
-# packages instead (mmdebstrap + podman import), for machines that reach Debian's
-# mirrors and PyPI but no image registry. Prints one line per image: name, size, seconds.
+# (PYTHON_IMAGE for both); unset, the official one is used, pulled when it is not here.
+# Where no registry answers (or with IMAGEGEN_LOCAL_BASE=1) the Python base is made
+# locally from Debian packages instead (mmdebstrap + import), for machines that reach
+# Debian's mirrors and PyPI but no image registry. Prints one line per image: name,
+# size, seconds.
+#
+# --optional (make test): without a container engine, say so and build nothing; the
+# image tests then report themselves skipped. IMAGEGEN_INSTALL_ENGINE=1 (CI) first
+# installs podman from Debian's packages where there is none and apt-get may run.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 tag=${IMAGEGEN_IMAGE_TAG:-dev}
+optional=0
+if [ "${1:-}" = --optional ]; then optional=1; shift; fi
 wanted=("$@")
 [ ${#wanted[@]} -gt 0 ] || wanted=(operator server)
 log() { echo "[images] $*" >&2; }
 
+# What rootful podman needs on Debian; runc because crun wants a cgroup layout some
+# sandboxes lack, mmdebstrap for the local base.
+PODMAN_PACKAGES=(podman buildah runc uidmap fuse-overlayfs mmdebstrap)
+install_podman() {
+  [ "${IMAGEGEN_INSTALL_ENGINE:-0}" = 1 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+    || return 1
+  log "installing ${PODMAN_PACKAGES[*]} from Debian's packages"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    "${PODMAN_PACKAGES[@]}" >&2 \
+    || { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+         --no-install-recommends "${PODMAN_PACKAGES[@]}" >&2; }
+}
+
 engine=${CONTAINER_ENGINE:-}
 if [ -z "$engine" ]; then
   if command -v docker >/dev/null && docker info >/dev/null 2>&1; then engine=docker
-  elif command -v podman >/dev/null; then engine=podman
+  elif command -v podman >/dev/null || install_podman; then engine=podman
+  elif [ $optional = 1 ]; then
+    log "neither docker nor podman: no images built, the image tests will be skipped"
+    exit 0
   else echo "images: neither docker nor podman found" >&2; exit 2
   fi
 fi
@@ -52,7 +75,9 @@ fi
 local_base() {
   # python3 from Debian bookworm: what python:3.x-slim-bookworm is, made from packages.
   local name=localhost/imagegen-python:bookworm
-  if $engine image exists "$name" 2>/dev/null; then echo "$name"; return; fi
+  if $engine image inspect "$name" >/dev/null 2>&1; then echo "$name"; return; fi
+  command -v mmdebstrap >/dev/null || install_podman \
+    || { echo "images: no registry answers and mmdebstrap is missing for a local base" >&2; exit 2; }
   log "making $name from Debian packages (mmdebstrap)"
   local tarball
   tarball=$(mktemp --suffix=.tar)
@@ -64,9 +89,25 @@ local_base() {
   echo "$name"
 }
 
+# The Dockerfiles' default base, read from them so it is stated once.
+default_base() {
+  sed -n "s/^ARG $2=//p" "$1" | head -1
+}
+
+# Local base when asked, or when the default base is neither here nor pullable.
+use_local_base() {
+  [ "${IMAGEGEN_LOCAL_BASE:-0}" = 1 ] && return 0
+  [ -z "${!2:-}" ] || return 1
+  local base
+  base=$(default_base "$1" "$2")
+  $engine image inspect "$base" >/dev/null 2>&1 && return 1
+  if $engine pull "$base" >&2; then return 1; fi
+  log "$base cannot be pulled: making the Python base from Debian packages"
+}
+
 build() {  # name dockerfile base-arg
   local name=$1 dockerfile=$2 base_arg=$3 args=("${build_args[@]}")
-  if [ "${IMAGEGEN_LOCAL_BASE:-0}" = 1 ]; then
+  if use_local_base "$dockerfile" "$base_arg"; then
     args+=(--build-arg "$base_arg=$(local_base)")
     [ "$engine" = podman ] && args+=(--pull=never)
   elif [ -n "${!base_arg:-}" ]; then

@@ -7,8 +7,8 @@ ports its probes and Service point at. In-cluster configuration as the kubelet
 gives it: KUBERNETES_SERVICE_HOST/PORT and the chart ServiceAccount's token, CA
 and namespace under /var/run/secrets/kubernetes.io/serviceaccount.
 
-Needs the image (`make images`, podman or docker) and runs with `make test-images`;
-`make test` does not select it (`-m "not images"`).
+Needs the image: `make test` builds it first (podman or docker; skipped without
+either), `make test-images` runs only the image tests.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import yaml
 from unit.test_chart import CHART, template_args
 
 from localcluster import free_port
-from support.containers import engine, run_args
+from support.containers import built, run_args
 from support.kube import apply, eventually, get_json, http_status
 
 pytestmark = [pytest.mark.cluster, pytest.mark.images]
@@ -42,9 +42,7 @@ def helm(cluster, *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def running_image(cluster, crd, tmp_path_factory):
-    run = engine()
-    if subprocess.run([*run, "image", "exists", IMAGE]).returncode != 0:
-        pytest.fail(f"{IMAGE} is not built: run `make images` first")
+    run = built(IMAGE)
     apply(cluster, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SYSTEM_NS}})
     metrics_port, health_port = free_port(), free_port()
     sets = ["crds.enabled=false", "providers.local.enabled=true", f"image.repository={IMAGE}",

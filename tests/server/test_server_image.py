@@ -6,7 +6,8 @@ model's PersistentVolumeClaim, here a host directory, and the environment); it
 loads the model, turns ready, answers the official OpenAI client and drains on
 SIGTERM. On the CPU: the image's torch also drives a GPU where the node has one.
 
-Needs the image (`make images`) and runs with `make test-images`.
+Needs the image: `make test` builds it first (podman or docker; skipped without
+either), `make test-images` runs only the image tests.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from imagegen_operator.planner import plan
 from imagegen_operator.render.deployment import render_deployment
 from imagegen_server.tiny import make_tiny_model
 from localcluster import free_port
-from support.containers import engine, run_args
+from support.containers import built, run_args
 from support.kube import eventually, http_status
 
 pytestmark = pytest.mark.images
@@ -52,9 +53,7 @@ def served_pod_spec(port: int) -> dict:
 
 @pytest.fixture
 def server(tmp_path: Path):
-    run = engine()
-    if subprocess.run([*run, "image", "exists", IMAGE]).returncode != 0:
-        pytest.fail(f"{IMAGE} is not built: run `make images` first")
+    run = built(IMAGE)
     claim = tmp_path / "claim"
     make_tiny_model(claim / "tiny-sd15", "sd15", seed=0)
     for path in [claim, *claim.rglob("*")]:

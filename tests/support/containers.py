@@ -7,13 +7,21 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 
 def engine() -> list[str]:
-    """``docker`` when a daemon answers, else ``podman`` with hack/images.sh's settings."""
+    """``docker`` when a daemon answers, else ``podman`` with hack/images.sh's settings.
+
+    Without either the test is skipped, as `make test` announces when it builds no
+    images; with one, the image must have been built (`make images`).
+    """
     chosen = os.environ.get("CONTAINER_ENGINE")
     if chosen is None and shutil.which("docker"):
         ok = subprocess.run(["docker", "info"], capture_output=True).returncode == 0
         chosen = "docker" if ok else None
+    if chosen is None and not shutil.which("podman"):
+        pytest.skip("neither docker nor podman is installed: the images cannot be built here")
     chosen = chosen or "podman"
     if chosen == "podman":
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
@@ -21,6 +29,14 @@ def engine() -> list[str]:
         if conf.exists():
             os.environ.setdefault("CONTAINERS_CONF", str(conf))
     return [chosen]
+
+
+def built(image: str) -> list[str]:
+    """The engine's command line, once `image` is known to exist in its storage."""
+    run = engine()
+    if subprocess.run([*run, "image", "inspect", image], capture_output=True).returncode != 0:
+        pytest.fail(f"{image} is not built: run `make images` first")
+    return run
 
 
 def run_args(pod_spec: dict, name: str, claims: dict[str, str] | None = None) -> list[str]:
