@@ -24,21 +24,27 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictInt,
     StrictStr,
     ValidationError,
     field_validator,
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
 
 from .config import ServerSettings
 from .engine import EngineClosedError, InvalidRequest, QueueFullError, ShutdownError
-from .request import JobTimeout
+from .request import EditInput, GenerationParams, JobTimeout
 from .runtime import ModelRuntime
+from .uploads import UploadError, edit_image, edit_mask, open_image
 
 log = logging.getLogger(__name__)
 
 GENERATIONS_PATH = "/v1/images/generations"
+EDITS_PATH = "/v1/images/edits"
+# The routes whose answers imagegen_requests_total counts, by its route label.
+COUNTED_ROUTES = {GENERATIONS_PATH: "generations", EDITS_PATH: "edits"}
 
 
 SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
@@ -46,28 +52,13 @@ SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
 
-class ImageGenerationRequest(BaseModel):
-    """OpenAI's ``images.generate`` body plus seed, steps, guidance_scale and negative_prompt.
-
-    Only types and the size grammar are checked here; every limit (how many images, pixels,
-    steps) is the engine's ``check_request``, so each has one message.
-    """
+class _ImageRequest(BaseModel):
+    """What generations and edits share: the size grammar, inline answers, no streaming."""
 
     # OpenAI clients send fields this server has no use for (quality, style, user): ignore them.
     model_config = ConfigDict(extra="ignore")
 
-    prompt: StrictStr = Field(min_length=1)
-    model: StrictStr | None = None
-    # null means "the default" for the optional OpenAI fields, as OpenAI itself treats them.
-    n: StrictInt | None = 1
-    size: StrictStr | None = None
-    response_format: StrictStr | None = "b64_json"
-    seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
-    steps: StrictInt | None = None
-    guidance_scale: Number | None = None
-    negative_prompt: StrictStr | None = None
-
-    @field_validator("size")
+    @field_validator("size", check_fields=False)
     @classmethod
     def _size_grammar(cls, value: str | None) -> str | None:
         if value is None or SIZE.match(value):
@@ -75,11 +66,11 @@ class ImageGenerationRequest(BaseModel):
         if value == "auto":
             raise ValueError(
                 "size 'auto' is not supported here: give WIDTHxHEIGHT in pixels, such as "
-                "'512x512', or leave size out for the model's native size"
+                "'512x512', or leave size out for the default size"
             )
         raise ValueError(f"size {value!r} is not WIDTHxHEIGHT in pixels, such as '512x512'")
 
-    @field_validator("response_format")
+    @field_validator("response_format", check_fields=False)
     @classmethod
     def _inline_only(cls, value: str | None) -> str | None:
         if value not in (None, "b64_json"):
@@ -88,6 +79,51 @@ class ImageGenerationRequest(BaseModel):
                 "inline, as 'b64_json', and hosts no URLs"
             )
         return value
+
+    @field_validator("stream", check_fields=False)
+    @classmethod
+    def _no_stream(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("stream is not supported yet: leave it out for one JSON answer")
+        return value
+
+
+class ImageGenerationRequest(_ImageRequest):
+    """OpenAI's ``images.generate`` body plus seed, steps, guidance_scale and negative_prompt.
+
+    Only types and the size grammar are checked here; every limit (how many images, pixels,
+    steps) is the engine's ``check_request``, so each has one message.
+    """
+
+    prompt: StrictStr = Field(min_length=1)
+    model: StrictStr | None = None
+    # null means "the default" for the optional OpenAI fields, as OpenAI itself treats them.
+    n: StrictInt | None = 1
+    size: StrictStr | None = None
+    response_format: StrictStr | None = "b64_json"
+    stream: StrictBool | None = None
+    seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
+    steps: StrictInt | None = None
+    guidance_scale: Number | None = None
+    negative_prompt: StrictStr | None = None
+
+
+class ImageEditForm(_ImageRequest):
+    """The text fields of OpenAI's ``images.edit`` form, plus strength, seed, steps,
+    guidance_scale and negative_prompt. A form's values are strings: "2" is read as 2."""
+
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    n: int | None = 1
+    size: str | None = None
+    response_format: str | None = "b64_json"
+    stream: bool | None = None
+    # diffusers' defaults: 0.8 for image-to-image, 1.0 (repaint fully) under a mask.
+    strength: float | None = Field(default=None, allow_inf_nan=False)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    steps: int | None = None
+    guidance_scale: float | None = Field(default=None, allow_inf_nan=False)
+    negative_prompt: str | None = None
 
 
 class ApiError(Exception):
@@ -137,15 +173,8 @@ def validation_error(exc: ValidationError) -> ApiError:
     return ApiError(400, message, param=param, code=code)
 
 
-async def read_json_body(request: Request, limit: int) -> Any:
-    """The body as JSON, or the error a client should see: 415, 413 or 400."""
-    content_type = request.headers.get("content-type", "")
-    if content_type.split(";")[0].strip().lower() != "application/json":
-        raise ApiError(
-            415,
-            f"Content-Type must be application/json, not {content_type or 'missing'!r}",
-            code="unsupported_media_type",
-        )
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, or a 413 once it is known to be larger than ``limit``."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"request body is larger than {limit} bytes", code="body_too_large")
@@ -154,14 +183,102 @@ async def read_json_body(request: Request, limit: int) -> Any:
         body += chunk
         if len(body) > limit:  # a body without a length, or one that lied about it
             raise ApiError(413, f"request body is larger than {limit} bytes", code="body_too_large")
+    return bytes(body)
+
+
+def _require_media_type(request: Request, expected: str) -> None:
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != expected:
+        raise ApiError(
+            415,
+            f"Content-Type must be {expected}, not {content_type or 'missing'!r}",
+            code="unsupported_media_type",
+        )
+
+
+async def read_json_body(request: Request, limit: int) -> Any:
+    """The body as JSON, or the error a client should see: 415, 413 or 400."""
+    _require_media_type(request, "application/json")
+    body = await read_body(request, limit)
     try:
-        return json.loads(bytes(body).decode("utf-8"))
+        return json.loads(body.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ApiError(400, "request body is not valid UTF-8", code="invalid_json") from exc
     except RecursionError as exc:
         raise ApiError(400, "request body is nested too deeply", code="invalid_json") from exc
     except ValueError as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+
+
+# A form has a few text fields and at most these files (image and mask).
+FORM_FILES = ("image", "mask")
+
+
+async def read_form(request: Request, limit: int) -> tuple[dict[str, str], dict[str, bytes]]:
+    """A multipart form's text fields and files, within ``limit`` bytes in all: 415, 413, 400.
+
+    A file field sent twice (OpenAI's client sends a list of images as ``image[]``) is a 400:
+    an edit starts from one image.
+    """
+    _require_media_type(request, "multipart/form-data")
+    body = await read_body(request, limit)
+
+    async def replay():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(
+            max_files=len(FORM_FILES), max_fields=64, max_part_size=limit
+        )
+    except (StarletteHTTPException, MultiPartException) as exc:
+        detail = getattr(exc, "detail", None) or getattr(exc, "message", str(exc))
+        raise ApiError(400, f"request body is not a valid multipart form: {detail}",
+                       code="invalid_form") from exc
+    try:
+        fields: dict[str, str] = {}
+        files: dict[str, bytes] = {}
+        for key, value in form.multi_items():
+            name = key.removesuffix("[]")
+            if name in fields or name in files:
+                raise ApiError(400, f"{name} is given more than once: send one", param=name,
+                               code="invalid_value")
+            if isinstance(value, str):
+                if name in FORM_FILES:
+                    raise ApiError(400, f"{name} must be a file upload, not a text field",
+                                   param=name, code="invalid_type")
+                fields[name] = value
+            elif name in FORM_FILES:
+                files[name] = await value.read()
+            else:
+                raise ApiError(400, f"{name} is a file; only {' and '.join(FORM_FILES)} are",
+                               param=name, code="invalid_type")
+        return fields, files
+    finally:
+        await form.close()
+
+
+def parse(model: type[BaseModel], raw: Any):
+    """A body validated by ``model``, or the 400 naming its first bad field."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise validation_error(exc) from exc
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    if size is None:
+        return None, None
+    width, height = (int(v) for v in size.split("x"))
+    return width, height
+
+
+def decode_uploads(files: dict[str, bytes], max_pixels: int):
+    """The edit's RGB image and grayscale mask (None without one), checked and decoded."""
+    image = open_image(files["image"], "image", max_pixels)
+    mask = None
+    if "mask" in files:
+        mask = edit_mask(open_image(files["mask"], "mask", max_pixels), image)
+    return edit_image(image), mask
 
 
 def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) -> FastAPI:
@@ -219,23 +336,9 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
     )
     async def generate(request: Request):
         raw = await read_json_body(request, settings.max_body_bytes)
-        try:
-            body = ImageGenerationRequest.model_validate(raw)
-        except ValidationError as exc:
-            raise validation_error(exc) from exc
-        if not runtime.ready:
-            raise ApiError(
-                503, "model is not ready", kind="server_error", headers={"Retry-After": "5"}
-            )
-        model = runtime.model
-        if body.model not in (None, model.name):
-            raise ApiError(
-                404, f"model {body.model!r} is not served here; use {model.name!r}",
-                param="model", code="model_not_found",
-            )
-        width = height = None
-        if body.size is not None:
-            width, height = (int(v) for v in body.size.split("x"))
+        body = parse(ImageGenerationRequest, raw)
+        check_served(body.model)
+        width, height = parse_size(body.size)
         params = runtime.params(
             body.prompt,
             n=1 if body.n is None else body.n,
@@ -246,6 +349,63 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
             seed=body.seed,
             negative_prompt=body.negative_prompt,
         )
+        return await serve(request, params)
+
+    @app.post(
+        EDITS_PATH,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"multipart/form-data": {"schema": ImageEditForm.model_json_schema()}},
+            }
+        },
+    )
+    async def edit(request: Request):
+        fields, files = await read_form(request, settings.max_upload_bytes)
+        body = parse(ImageEditForm, fields)
+        if "image" not in files:
+            raise ApiError(400, "image is required: the picture to edit, as a file",
+                           param="image", code="missing_required_parameter")
+        check_served(body.model)
+        try:
+            image, mask = await asyncio.to_thread(
+                decode_uploads, files, settings.max_upload_pixels
+            )
+        except UploadError as exc:
+            raise ApiError(400, str(exc), param=exc.field, code="invalid_image") from exc
+        width, height = parse_size(body.size)
+        if width is None:
+            # The image's own size, down to what the model can make (diffusers does the same).
+            multiple = runtime.steps.size_multiple
+            width, height = (side - side % multiple for side in image.size)
+        strength = body.strength if body.strength is not None else (0.8 if mask is None else 1.0)
+        params = runtime.params(
+            body.prompt,
+            n=1 if body.n is None else body.n,
+            width=width,
+            height=height,
+            steps=body.steps,
+            guidance_scale=body.guidance_scale,
+            seed=body.seed,
+            negative_prompt=body.negative_prompt,
+            edit=EditInput(image, strength, mask),
+        )
+        return await serve(request, params)
+
+    def check_served(name: str | None) -> None:
+        """503 until the model is ready; 404 when ``name`` (a request's ``model``) is another."""
+        if not runtime.ready:
+            raise ApiError(
+                503, "model is not ready", kind="server_error", headers={"Retry-After": "5"}
+            )
+        if name not in (None, runtime.model.name):
+            raise ApiError(
+                404, f"model {name!r} is not served here; use {runtime.model.name!r}",
+                param="model", code="model_not_found",
+            )
+
+    async def serve(request: Request, params: GenerationParams) -> dict:
+        """Submit, wait and answer: what generations and edits share once parsed."""
         started = time.monotonic()
         try:
             job = runtime.engine.submit(params, settings.request_timeout_s)
@@ -340,8 +500,9 @@ class TokenAndCount:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        route = COUNTED_ROUTES.get(scope["path"])
+        counted = route is not None
         path = scope["path"]
-        counted = path == GENERATIONS_PATH
         status = {}
 
         async def send_and_note(message):
@@ -358,7 +519,7 @@ class TokenAndCount:
         else:
             await self.app(scope, receive, send_and_note if counted else send)
         if counted and "code" in status:
-            self.metrics.requests.labels(status=str(status["code"])).inc()
+            self.metrics.requests.labels(route=route, status=str(status["code"])).inc()
 
 
 class ClientGone(Exception):

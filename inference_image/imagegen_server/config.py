@@ -156,7 +156,16 @@ class ServerSettings(BaseSettings):
         "cancelled and answered 503.",
     )
     max_body_bytes: int = Field(
-        default=1 << 20, ge=1024, description="Largest request body read; more is a 413."
+        default=1 << 20, ge=1024, description="Largest JSON request body read; more is a 413."
+    )
+    max_upload_bytes: int = Field(
+        default=32 << 20, ge=1024,
+        description="Largest edit form (image, mask and fields) read; more is a 413.",
+    )
+    max_upload_pixels: int = Field(
+        default=4096 * 4096, ge=64 * 64,
+        description="Most pixels an uploaded image or mask may have; read from its header, "
+        "before it is decoded.",
     )
 
     # What one request may ask for: anything beyond is a 400 naming the field, before any

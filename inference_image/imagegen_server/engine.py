@@ -116,6 +116,24 @@ def check_request(params: GenerationParams, steps: FamilySteps, settings: Server
             raise InvalidRequest(
                 name, f"{name} is longer than {settings.max_prompt_chars} characters"
             )
+    if params.edit is not None:
+        check_edit(params, steps)
+
+
+def check_edit(params: GenerationParams, steps: FamilySteps) -> None:
+    if not steps.supports_edits:
+        raise InvalidRequest(
+            "image", f"this model ({type(steps).__name__.removesuffix('Steps')}) serves "
+            "text-to-image only: image edits are not supported for it"
+        )
+    strength = params.edit.strength
+    if not 0 < strength <= 1:
+        raise InvalidRequest("strength", f"strength must be above 0 and at most 1, not {strength:g}")
+    if params.denoising_steps < 1:
+        raise InvalidRequest(
+            "strength", f"strength {strength:g} of {params.steps} steps leaves no denoising "
+            f"step: raise strength or steps so that strength x steps is at least 1"
+        )
 
 
 class Engine:
@@ -228,8 +246,9 @@ class Engine:
         return self.submit(params, timeout_s).future.result(timeout_s)
 
     def cost(self, params: GenerationParams) -> float:
-        """Pixels x steps x images, in units of one request at the default size and steps."""
-        return params.width * params.height * params.steps * params.n / self._unit
+        """Pixels x steps x images, in units of one request at the default size and steps
+        (an edit counts the steps it runs)."""
+        return params.width * params.height * params.denoising_steps * params.n / self._unit
 
     @property
     def work_in_flight(self) -> float:

@@ -26,7 +26,8 @@ class ServerMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "imagegen_requests", "Generation requests by outcome.", ["status"], registry=r
+            "imagegen_requests", "Generation and edit requests by route and outcome.",
+            ["route", "status"], registry=r
         )
         self.request_seconds = Histogram(
             "imagegen_request_duration_seconds",

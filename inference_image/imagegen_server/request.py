@@ -10,6 +10,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+@dataclass(frozen=True, eq=False)
+class EditInput:
+    """What an edit starts from: the uploaded image, and where to repaint.
+
+    ``image`` is an RGB PIL image; ``mask``, when given, a grayscale one of the same size,
+    white where the image is repainted (inpainting) and black where it is kept; without a
+    mask the whole image is transformed (image-to-image). ``strength`` is how far from the
+    image the result may go: the share of the denoising steps that run.
+    """
+
+    image: Any
+    strength: float
+    mask: Any = None
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """What one request asks for, already validated and with defaults filled in."""
@@ -22,6 +37,15 @@ class GenerationParams:
     seed: int
     n: int = 1
     negative_prompt: str | None = None
+    # Image edits: the image to start from (None: text-to-image).
+    edit: EditInput | None = None
+
+    @property
+    def denoising_steps(self) -> int:
+        """The steps that run: all of them, or for an edit ``strength`` of them (diffusers)."""
+        if self.edit is None:
+            return self.steps
+        return min(int(self.steps * self.edit.strength), self.steps)
 
 
 class JobTimeout(TimeoutError):
@@ -48,6 +72,8 @@ class Job:
     conditioning: dict[str, Any] = field(default_factory=dict)
     # Written by denoise, read by decode; never copied to the host.
     latents: Any = None
+    # The timesteps this job's denoising runs through (an edit's start later).
+    timesteps: Any = None
     # When stages run on their own CUDA streams: recorded after a stage, waited on by the next.
     ready_event: Any = None
     # Called once when the engine is done with the job (answered, failed or dropped).
@@ -85,6 +111,7 @@ class Job:
         self.conditioning = {}
         self.latents = None
         self.scheduler = None
+        self.timesteps = None
         self.ready_event = None
         if self.on_release is not None:
             self.on_release(self, succeeded)

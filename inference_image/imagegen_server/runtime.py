@@ -17,7 +17,7 @@ from .families import FamilySteps, steps_for
 from .loading import LoadedModel, load_model
 from .metrics import ServerMetrics
 from .optimize import AttentionSelection, OptimizationReport, apply_optimizations
-from .request import GenerationParams
+from .request import EditInput, GenerationParams
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,7 @@ class ModelRuntime:
         guidance_scale: float | None = None,
         seed: int | None = None,
         negative_prompt: str | None = None,
+        edit: EditInput | None = None,
     ) -> GenerationParams:
         """A request with the server's defaults filled in; a missing seed is drawn at random."""
         s = self.settings
@@ -154,4 +155,5 @@ class ModelRuntime:
             guidance_scale=s.default_guidance_scale if guidance_scale is None else guidance_scale,
             seed=secrets.randbits(63) if seed is None else seed,
             negative_prompt=negative_prompt,
+            edit=edit,
         )

@@ -1,14 +1,20 @@
-"""Shared fixtures: tiny models built once per session, runtimes and diffusers references."""
+"""Shared fixtures: tiny models built once per session, runtimes, diffusers references, and
+the app behind a test client or a live server on 127.0.0.1."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from server_testlib import FAMILIES, tiny_settings
+import uvicorn
+from fastapi.testclient import TestClient
+from server_testlib import FAMILIES, free_port, tiny_settings
 
+from imagegen_server.api import create_app
 from imagegen_server.runtime import ModelRuntime
 from imagegen_server.tiny import make_tiny_model
 
@@ -52,3 +58,41 @@ def make_runtime(tiny_models) -> Iterator[Callable[..., ModelRuntime]]:
     yield make
     for runtime in made:
         runtime.close(timeout=30)
+
+
+@pytest.fixture
+def client_for(make_runtime):
+    clients = []
+
+    def make(**overrides) -> TestClient:
+        runtime = make_runtime("sd15", **overrides)
+        client = TestClient(create_app(runtime.settings, runtime))
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def live_server(make_runtime, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("client-token")
+    runtime = make_runtime("sd15", auth_token_file=str(token_file), max_batch_size=2)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(runtime.settings, runtime), host="127.0.0.1", port=port, log_level="warning"
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started
+    yield f"http://127.0.0.1:{port}", runtime
+    server.should_exit = True
+    thread.join(30)

@@ -6,6 +6,7 @@ import contextlib
 import socket
 
 import numpy as np
+from PIL import Image
 
 from imagegen_server.config import ServerSettings
 
@@ -48,3 +49,18 @@ def count_calls(module):
 
     module.register_forward_hook(hook)
     return lambda: calls[0]
+
+
+def source_image(size: int = 64, seed: int = 7) -> Image.Image:
+    """A picture with structure (a gradient and a square), not flat noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size]
+    rgb = np.stack([x * 255 // size, y * 255 // size, (x + y) * 127 // size], axis=-1)
+    rgb[size // 4 : size // 2, size // 4 : size // 2] = rng.integers(0, 255, 3)
+    return Image.fromarray(rgb.astype(np.uint8), "RGB")
+
+
+def left_half_mask(size: int = 64) -> Image.Image:
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[:, : size // 2] = 255
+    return Image.fromarray(mask, "L")

@@ -90,6 +90,9 @@ CASES = {
     "format-number": case({"prompt": "x", "response_format": 1}, 400, "response_format"),
     "model-unknown": case({"prompt": "x", "model": "dall-e-3"}, 404, "model"),
     "model-number": case({"prompt": "x", "model": 3}, 400, "model"),
+    # streaming: refused rather than answered with what a streaming client cannot read
+    "stream": case({"prompt": "x", "stream": True}, 400, "stream", says="not supported"),
+    "stream-string": case({"prompt": "x", "stream": "yes"}, 400, "stream"),
     # the body as a whole
     "body-list": case(["not", "an", "object"], 400, None, says="JSON object"),
     "body-string": case("prompt", 400, None),
@@ -112,8 +115,11 @@ CASES = {
     # routing
     "get-generations": {"method": "GET", "path": GENERATE, "status": 405, "param": None},
     "put-generations": {"method": "PUT", "path": GENERATE, "status": 405, "param": None},
-    "no-such-route": {"method": "POST", "path": "/v1/images/edits", "status": 404,
+    "no-such-route": {"method": "POST", "path": "/v1/images/variations", "status": 404,
                       "param": None},
+    "get-edits": {"method": "GET", "path": "/v1/images/edits", "status": 405, "param": None},
+    "edits-as-json": {"method": "POST", "path": "/v1/images/edits", "json": {"prompt": "x"},
+                      "status": 415, "param": None},
     "no-such-page": {"method": "GET", "path": "/nope", "status": 404, "param": None},
     "delete-models": {"method": "DELETE", "path": "/v1/models", "status": 405, "param": None},
     # auth: checked before anything about the body

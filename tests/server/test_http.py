@@ -21,22 +21,6 @@ from imagegen_server.config import ServerSettings
 GENERATE = "/v1/images/generations"
 
 
-@pytest.fixture
-def client_for(make_runtime):
-    clients = []
-
-    def make(**overrides) -> TestClient:
-        runtime = make_runtime("sd15", **overrides)
-        client = TestClient(create_app(runtime.settings, runtime))
-        client.__enter__()
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.__exit__(None, None, None)
-
-
 def decode_png(b64: str) -> Image.Image:
     image = Image.open(io.BytesIO(base64.b64decode(b64)))
     assert image.format == "PNG"
@@ -167,7 +151,8 @@ def test_metrics_parse_and_carry_per_stage_series(client_for):
         assert samples[("imagegen_stage_batch_size_count", labels)] >= 2
         assert ("imagegen_stage_queue_depth", labels) in samples
     assert samples[("imagegen_images_generated_total", ())] == 3  # warm-up 1 + request 2
-    assert samples[("imagegen_requests_total", (("status", "200"),))] == 1  # probes not counted
+    # Probes not counted.
+    assert samples[("imagegen_requests_total", (("route", "generations"), ("status", "200")))] == 1
     assert samples[("imagegen_request_duration_seconds_count", ())] == 1
     assert samples[("imagegen_ready", ())] == 1
     assert families["imagegen_server_info"].samples[0].labels["family"] == "SD15"

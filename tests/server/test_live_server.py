@@ -16,36 +16,12 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import uvicorn
 from PIL import Image
 from server_testlib import count_calls, free_port, mean_abs_diff
 
-from imagegen_server.api import create_app
 from imagegen_server.config import SHUTDOWN_FLUSH_S
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def live_server(make_runtime, tmp_path):
-    token_file = tmp_path / "token"
-    token_file.write_text("client-token")
-    runtime = make_runtime("sd15", auth_token_file=str(token_file), max_batch_size=2)
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(runtime.settings, runtime), host="127.0.0.1", port=port, log_level="warning"
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started
-    yield f"http://127.0.0.1:{port}", runtime
-    server.should_exit = True
-    thread.join(30)
 
 
 def test_official_openai_client_generates_and_decodes(live_server, reference_pipeline):

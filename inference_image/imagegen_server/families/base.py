@@ -21,6 +21,8 @@ class FamilySteps:
 
     #: images are a multiple of this many pixels on each side
     size_multiple: int = 8
+    #: whether requests may start from an image (POST /v1/images/edits)
+    supports_edits: bool = False
 
     def __init__(self, pipeline, device: torch.device):
         self.pipeline = pipeline

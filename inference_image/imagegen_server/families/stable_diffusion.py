@@ -2,12 +2,19 @@
 
 Numbered as in ``StableDiffusionPipeline.__call__`` so the two read side by side; the
 difference is that a batch holds several requests, each with its own scheduler, generator,
-guidance scale and negative prompt.
+guidance scale and negative prompt. Edits follow ``StableDiffusionImg2ImgPipeline`` (no
+mask) and ``StableDiffusionInpaintPipeline`` (a mask, a 4-channel UNet): the encode step
+also encodes the image to latents, denoising starts part way, and with a mask every step
+puts the kept region back.
 """
 
 from __future__ import annotations
 
 import torch
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import (
+    retrieve_latents,
+)
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..request import GenerationParams, Job
@@ -17,13 +24,25 @@ from .base import FamilySteps, split_rows
 class StableDiffusionSteps(FamilySteps):
     """SD 1.5 (and 2.x): one CLIP text encoder, a UNet, classifier-free guidance."""
 
+    supports_edits = True
+
+    def __init__(self, pipeline, device: torch.device):
+        super().__init__(pipeline, device)
+        # As diffusers' inpainting pipeline makes it: grayscale, binarized at 0.5.
+        self.mask_processor = VaeImageProcessor(
+            vae_scale_factor=self.vae_scale_factor,
+            do_normalize=False,
+            do_binarize=True,
+            do_convert_grayscale=True,
+        )
+
     @property
     def native_size(self) -> tuple[int, int]:
         side = self.pipeline.unet.config.sample_size * self.vae_scale_factor
         return side, side
 
     def reference_kwargs(self, params: GenerationParams) -> dict:
-        return {
+        kwargs = {
             "prompt": params.prompt,
             "negative_prompt": params.negative_prompt,
             "width": params.width,
@@ -33,6 +52,14 @@ class StableDiffusionSteps(FamilySteps):
             "num_images_per_prompt": params.n,
             "generator": self.new_generator(params.seed),
         }
+        edit = params.edit
+        if edit is not None:
+            kwargs.update(image=edit.image, strength=edit.strength)
+            if edit.mask is None:  # the img2img pipeline takes the image's own size
+                del kwargs["width"], kwargs["height"]
+            else:
+                kwargs["mask_image"] = edit.mask
+        return kwargs
 
     @staticmethod
     def uses_guidance(job: Job) -> bool:
@@ -72,6 +99,28 @@ class StableDiffusionSteps(FamilySteps):
             elif self.uses_guidance(job):
                 negative = {k: torch.zeros_like(v) for k, v in positive.items()}
             job.conditioning = self._conditioning(positive, negative, job.params.n)
+            if job.params.edit is not None:
+                self._encode_image(job)
+
+    def _encode_image(self, job: Job) -> None:
+        """The image to latents (and the mask to latent size), as diffusers' edit pipelines.
+
+        The VAE samples its latents with the request's generator: the first draw from it, so
+        the generator is made here rather than in denoise.
+        """
+        p, edit = job.params, job.params.edit
+        vae = self.pipeline.vae
+        dtype = job.conditioning["embeds"].dtype
+        job.generator = self.new_generator(p.seed)
+        image = self.pipeline.image_processor.preprocess(edit.image, height=p.height, width=p.width)
+        image = image.to(device=self.device, dtype=dtype)
+        latents = retrieve_latents(vae.encode(image), generator=job.generator)
+        job.conditioning["image_latents"] = vae.config.scaling_factor * latents
+        if edit.mask is not None:
+            mask = self.mask_processor.preprocess(edit.mask, height=p.height, width=p.width)
+            size = (p.height // self.vae_scale_factor, p.width // self.vae_scale_factor)
+            mask = torch.nn.functional.interpolate(mask, size=size)
+            job.conditioning["mask"] = mask.to(device=self.device, dtype=dtype)
 
     def _zero_negative(self, job: Job) -> bool:
         return False
@@ -94,14 +143,23 @@ class StableDiffusionSteps(FamilySteps):
         return out
 
     # 2. Denoise ------------------------------------------------------------------------------
+    def denoise_key(self, job: Job) -> tuple:
+        # An edit's strength decides where its timestep sequence starts.
+        edit = job.params.edit
+        return (*super().denoise_key(job), None if edit is None else edit.strength)
+
     def prepare(self, job: Job) -> None:
         p = job.params
         scheduler = self.new_scheduler()
         scheduler.set_timesteps(p.steps, device=self.device)
+        # An edit skips the first steps (diffusers' get_timesteps): it starts from its image.
+        start = (p.steps - p.denoising_steps) * scheduler.order
+        job.timesteps = scheduler.timesteps[start:]
         if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(0)
+            scheduler.set_begin_index(start)
         job.scheduler = scheduler
-        job.generator = self.new_generator(p.seed)
+        if job.generator is None:
+            job.generator = self.new_generator(p.seed)
         shape = (
             p.n,
             self.pipeline.unet.config.in_channels,
@@ -110,7 +168,38 @@ class StableDiffusionSteps(FamilySteps):
         )
         dtype = job.conditioning["embeds"].dtype
         noise = randn_tensor(shape, generator=job.generator, device=self.device, dtype=dtype)
-        job.latents = noise * scheduler.init_noise_sigma
+        if p.edit is None:
+            job.latents = noise * scheduler.init_noise_sigma
+        else:
+            self._noised_image(job, noise)
+
+    def _noised_image(self, job: Job, noise: torch.Tensor) -> None:
+        """An edit's first latents: its image's, noised to where its timesteps start."""
+        c, p = job.conditioning, job.params
+        c["image_latents"] = c["image_latents"].repeat(p.n, 1, 1, 1)
+        first = job.timesteps[:1].repeat(p.n)
+        if "mask" not in c:
+            job.latents = job.scheduler.add_noise(c["image_latents"], noise, first)
+            return
+        c["mask"] = c["mask"].repeat(p.n, 1, 1, 1)
+        c["noise"] = noise
+        if p.edit.strength == 1.0:
+            job.latents = noise * job.scheduler.init_noise_sigma
+        else:
+            job.latents = job.scheduler.add_noise(c["image_latents"], noise, first)
+        # diffusers' inpainting then encodes the masked image, sampling from the generator,
+        # though a 4-channel UNet never reads those latents. The same draw, without the VAE,
+        # keeps the generator's later draws (an ancestral scheduler's) equal to diffusers'.
+        randn_tensor(c["image_latents"][:1].shape, generator=job.generator, device=self.device,
+                     dtype=c["image_latents"].dtype)
+
+    def keep_unmasked(self, job: Job, step: int) -> None:
+        """Inpainting: the kept region back from the image, noised to the next timestep."""
+        c = job.conditioning
+        kept = c["image_latents"]
+        if step < len(job.timesteps) - 1:
+            kept = job.scheduler.add_noise(kept, c["noise"], torch.tensor([job.timesteps[step + 1]]))
+        job.latents = (1 - c["mask"]) * kept + c["mask"] * job.latents
 
     def added_conditions(self, jobs: list[Job]) -> dict | None:
         return None
@@ -119,8 +208,8 @@ class StableDiffusionSteps(FamilySteps):
         for job in jobs:
             self.prepare(job)
         unet = self.pipeline.unet
-        # All jobs in a batch share size and step count, hence the timestep sequence.
-        for step, t, live, changed in self.denoising_steps(jobs, jobs[0].scheduler.timesteps):
+        # All jobs in a batch share size, step count and strength, hence the timesteps.
+        for step, t, live, changed in self.denoising_steps(jobs, jobs[0].timesteps):
             if changed:
                 embeds = torch.cat([job.conditioning["embeds"] for job in live])
                 added = self.added_conditions(live)
@@ -128,7 +217,7 @@ class StableDiffusionSteps(FamilySteps):
             inputs = []
             for job in live:
                 x = torch.cat([job.latents] * 2) if self.uses_guidance(job) else job.latents
-                inputs.append(job.scheduler.scale_model_input(x, job.scheduler.timesteps[step]))
+                inputs.append(job.scheduler.scale_model_input(x, job.timesteps[step]))
             noise_pred = unet(
                 torch.cat(inputs),
                 t,
@@ -139,11 +228,13 @@ class StableDiffusionSteps(FamilySteps):
             for job, pred in zip(live, split_rows(noise_pred, rows), strict=True):
                 job.latents = job.scheduler.step(
                     self.guided(job, pred),
-                    job.scheduler.timesteps[step],
+                    job.timesteps[step],
                     job.latents,
                     **self.step_kwargs(job),
                     return_dict=False,
                 )[0]
+                if "mask" in job.conditioning:
+                    self.keep_unmasked(job, step)
 
     # 3. Decode -------------------------------------------------------------------------------
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -164,6 +255,10 @@ class StableDiffusionSteps(FamilySteps):
 
 class StableDiffusionXLSteps(StableDiffusionSteps):
     """SDXL: two text encoders, pooled text embeddings and size/crop time ids."""
+
+    # SDXL's img2img and inpainting pipelines differ (aesthetic-score time ids, denoising
+    # start and end): not served yet.
+    supports_edits = False
 
     def _zero_negative(self, job: Job) -> bool:
         # diffusers' SDXL uses zeros, not the encoded empty string, when no negative prompt is

@@ -1,0 +1,67 @@
+"""The uploads of ``POST /v1/images/edits``: the image and its mask, checked and decoded.
+
+Every problem is an ``UploadError`` naming the form field, raised before the request reaches
+the engine: a file that is not an image, one with more pixels than the server admits (read
+from the header, before the pixels are decoded), a truncated one, a mask of another size.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, UnidentifiedImageError
+
+# What OpenAI's edits endpoint accepts.
+FORMATS = {"PNG", "JPEG", "WEBP"}
+
+
+class UploadError(ValueError):
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def open_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
+    """The decoded image of an upload, once its format and pixel count are known to be fine."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise UploadError(field, f"{field} is not a PNG, JPEG or WebP image") from None
+    if image.format not in FORMATS:
+        raise UploadError(field, f"{field} is a {image.format} image: send PNG, JPEG or WebP")
+    width, height = image.size
+    if width * height > max_pixels:
+        raise UploadError(
+            field, f"{field} is {width}x{height}, {width * height} pixels; this server admits "
+            f"uploads of at most {max_pixels} pixels"
+        )
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UploadError(field, f"{field} cannot be decoded: {exc}") from None
+    return image
+
+
+def edit_image(image: Image.Image) -> Image.Image:
+    """RGB, as the VAE takes it; an alpha channel is dropped (the mask says what to edit)."""
+    return image.convert("RGB")
+
+
+def edit_mask(mask: Image.Image, image: Image.Image) -> Image.Image:
+    """The mask as diffusers reads one: grayscale, white where the image is repainted.
+
+    A mask with transparency follows OpenAI's rule: its fully transparent pixels are the ones
+    edited. One without (grayscale or RGB) is read as diffusers reads masks: white repaints.
+    """
+    if mask.size != image.size:
+        raise UploadError(
+            "mask", f"mask is {mask.width}x{mask.height} but image is "
+            f"{image.width}x{image.height}: they must be the same size"
+        )
+    if mask.mode in ("RGBA", "LA", "PA") or "transparency" in mask.info:
+        alpha = mask.convert("RGBA").getchannel("A")
+        return alpha.point(lambda a: 255 if a == 0 else 0)
+    return mask.convert("L")

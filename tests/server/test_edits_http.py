@@ -1,0 +1,144 @@
+"""POST /v1/images/edits over HTTP: the official openai client, and every bad upload refused
+with a 400 naming its field before any device work."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+from server_testlib import count_calls, left_half_mask, mean_abs_diff, source_image
+
+EDITS = "/v1/images/edits"
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def transparent_left_half(size: int = 64) -> Image.Image:
+    """OpenAI's mask convention: fully transparent where the image is edited."""
+    rgba = np.full((size, size, 4), 255, dtype=np.uint8)
+    rgba[:, : size // 2, 3] = 0
+    return Image.fromarray(rgba, "RGBA")
+
+
+def decoded(item) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(item.b64_json)))
+    assert image.format == "PNG"
+    return image.convert("RGB")
+
+
+@pytest.fixture
+def diffusers_edit(reference_pipeline):
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+
+    components = reference_pipeline("sd15").components
+    pipes = {False: StableDiffusionImg2ImgPipeline(**components),
+             True: StableDiffusionInpaintPipeline(**components)}
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
+
+    def run(runtime, **kwargs):
+        import torch
+
+        pipe = pipes["mask_image" in kwargs]
+        kwargs["generator"] = torch.Generator("cpu").manual_seed(kwargs.pop("seed"))
+        return pipe(num_inference_steps=runtime.settings.default_steps,
+                    guidance_scale=runtime.settings.default_guidance_scale, **kwargs).images
+
+    return run
+
+
+@pytest.mark.filterwarnings("ignore:You have passed 2 text prompts:FutureWarning")
+def test_openai_client_edits_equal_diffusers(live_server, diffusers_edit):
+    base_url, runtime = live_server
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="client-token", max_retries=0)
+    image = source_image()
+    # Image-to-image: no mask.
+    result = client.images.edit(
+        image=("source.png", png(image), "image/png"), prompt="a red cat", n=2,
+        size="64x64", response_format="b64_json", extra_body={"seed": 5, "strength": 0.6},
+    )
+    expected = diffusers_edit(runtime, prompt="a red cat", image=image, strength=0.6,
+                              num_images_per_prompt=2, seed=5)
+    got = [decoded(item) for item in result.data]
+    assert len(got) == 2
+    assert max(mean_abs_diff(a, b) for a, b in zip(got, expected, strict=True)) < 1.0
+    # Inpainting with OpenAI's transparent mask: diffusers with the white-where-edited one.
+    result = client.images.edit(
+        image=("source.png", png(image), "image/png"), prompt="a boat",
+        mask=("mask.png", png(transparent_left_half()), "image/png"),
+        extra_body={"seed": 6, "strength": 0.75},
+    )
+    expected = diffusers_edit(runtime, prompt="a boat", image=image, mask_image=left_half_mask(),
+                              strength=0.75, width=64, height=64, seed=6)
+    assert mean_abs_diff(decoded(result.data[0]), expected[0]) < 1.0
+
+
+def form(**files):
+    return {name: (f"{name}.png", data, "image/png") for name, data in files.items()}
+
+
+GOOD = png(source_image())
+
+
+@pytest.mark.parametrize(
+    ("data", "files", "param", "words"),
+    [
+        ({"prompt": "x"}, {"mask": GOOD}, "image", "required"),
+        ({"prompt": "x", "image": "not a file"}, {"mask": GOOD}, "image", "file upload"),
+        ({"prompt": "x"}, {"image": b"not an image at all"}, "image", "not a PNG"),
+        ({"prompt": "x"}, {"image": GOOD[:200]}, "image", "cannot be decoded"),
+        ({"prompt": "x"}, {"image": png(source_image(128))}, "image", "pixels"),
+        ({"prompt": "x"}, {"image": GOOD, "mask": png(left_half_mask(32))}, "mask", "same size"),
+        ({}, {"image": GOOD}, "prompt", "prompt"),
+        ({"prompt": "x", "strength": "0"}, {"image": GOOD}, "strength", "strength"),
+        ({"prompt": "x", "strength": "1.5"}, {"image": GOOD}, "strength", "strength"),
+        ({"prompt": "x", "strength": "abc"}, {"image": GOOD}, "strength", "strength"),
+        ({"prompt": "x", "n": "99"}, {"image": GOOD}, "n", "n must be"),
+        ({"prompt": "x", "size": "100x100"}, {"image": GOOD}, "size", "multiple"),
+        ({"prompt": "x", "stream": "true"}, {"image": GOOD}, "stream", "stream"),
+        ({"prompt": "x", "response_format": "url"}, {"image": GOOD}, "response_format", "inline"),
+    ],
+)
+def test_bad_uploads_are_400s_naming_the_field(client_for, data, files, param, words):
+    client = client_for(max_upload_pixels=96 * 96)
+    encoder_calls = count_calls(client.app.state.runtime.steps.pipeline.vae.encoder)
+    response = client.post(EDITS, data=data, files=form(**files))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param, error
+    assert words in error["message"], error
+    assert encoder_calls() == 0 and client.app.state.runtime.engine.in_flight == 0
+
+
+def test_two_images_and_other_bodies_are_refused(client_for):
+    client = client_for()
+    twice = [("image[]", ("a.png", GOOD, "image/png")), ("image[]", ("b.png", GOOD, "image/png"))]
+    response = client.post(EDITS, data={"prompt": "x"}, files=twice)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "image"
+    response = client.post(EDITS, json={"prompt": "x"})
+    assert response.status_code == 415
+    small = client_for(max_upload_bytes=4096)
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    response = small.post(EDITS, data={"prompt": "x"}, files=form(image=png(Image.fromarray(noise))))
+    assert response.status_code == 413, response.text
+
+
+def test_a_family_without_edits_refuses_them(make_runtime):
+    from fastapi.testclient import TestClient
+
+    from imagegen_server.api import create_app
+
+    runtime = make_runtime("sdxl")
+    with TestClient(create_app(runtime.settings, runtime)) as client:
+        response = client.post(EDITS, data={"prompt": "x"}, files=form(image=GOOD))
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "image"
+    assert "not supported" in response.json()["error"]["message"]
