@@ -102,7 +102,7 @@ use_local_base() {
   base=$(default_base "$1" "$2")
   $engine image inspect "$base" >/dev/null 2>&1 && return 1
   if $engine pull "$base" >&2; then return 1; fi
-  log "$base cannot be pulled: making the Python base from Debian packages"
+  log "$base cannot be pulled: using a Python base made from Debian packages"
 }
 
 build() {  # name dockerfile base-arg

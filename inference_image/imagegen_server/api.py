@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
-import io
 import json
 import logging
 import re
@@ -33,6 +32,7 @@ from pydantic import (
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
+from . import provenance
 from .config import ServerSettings
 from .engine import EngineClosedError, InvalidRequest, QueueFullError, ShutdownError
 from .request import EditInput, GenerationParams, JobTimeout
@@ -80,6 +80,20 @@ class _ImageRequest(BaseModel):
             )
         return value
 
+    @field_validator("output_format", check_fields=False)
+    @classmethod
+    def _png_only(cls, value: str | None) -> str | None:
+        if value not in (None, "png"):
+            raise ValueError(f"output_format {value!r} is not supported: this server returns PNG")
+        return value
+
+    @field_validator("background", check_fields=False)
+    @classmethod
+    def _opaque_only(cls, value: str | None) -> str | None:
+        if value == "transparent":
+            raise ValueError("background 'transparent' is not supported: the images are opaque")
+        return value
+
     @field_validator("stream", check_fields=False)
     @classmethod
     def _no_stream(cls, value: bool | None) -> bool | None:
@@ -101,6 +115,8 @@ class ImageGenerationRequest(_ImageRequest):
     n: StrictInt | None = 1
     size: StrictStr | None = None
     response_format: StrictStr | None = "b64_json"
+    output_format: StrictStr | None = None
+    background: StrictStr | None = None
     stream: StrictBool | None = None
     seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
     steps: StrictInt | None = None
@@ -117,6 +133,8 @@ class ImageEditForm(_ImageRequest):
     n: int | None = 1
     size: str | None = None
     response_format: str | None = "b64_json"
+    output_format: str | None = None
+    background: str | None = None
     stream: bool | None = None
     # diffusers' defaults: 0.8 for image-to-image, 1.0 (repaint fully) under a mask.
     strength: float | None = Field(default=None, allow_inf_nan=False)
@@ -436,7 +454,8 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         except Exception as exc:
             log.exception("generation failed")
             raise ApiError(500, f"generation failed: {type(exc).__name__}") from exc
-        encoded = await asyncio.to_thread(_png_base64, images)
+        marked = runtime.model.name if settings.provenance else None
+        encoded = await asyncio.to_thread(_png_base64, images, params, marked)
         metrics.request_seconds.observe(time.monotonic() - started)
         return {
             "created": int(time.time()),
@@ -549,12 +568,12 @@ async def wait_for_images(job, request: Request, timeout_s: float, poll_s: float
             job.future.cancel()
 
 
-def _png_base64(images) -> list[str]:
+def _png_base64(images, params: GenerationParams, model: str | None) -> list[str]:
+    """Each image as base64 PNG; with ``model`` set, carrying its provenance chunks."""
     out = []
-    for image in images:
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        out.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+    for index, image in enumerate(images):
+        record = None if model is None else provenance.parameters(params, model, index)
+        out.append(base64.b64encode(provenance.encode_png(image, record)).decode("ascii"))
     return out
 
 

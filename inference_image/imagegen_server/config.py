@@ -184,6 +184,13 @@ class ServerSettings(BaseSettings):
     max_steps: int = limited("max_steps")
     max_guidance_scale: float = Field(default=100.0, gt=0)
 
+    # What the answers carry.
+    provenance: bool = Field(
+        default=True,
+        description="Mark each PNG: its generation parameters and IPTC's "
+        "trainedAlgorithmicMedia source type (see provenance.py).",
+    )
+
     # Speed levers.
     compile_enabled: bool = False
     compile_mode: CompileMode = "max-autotune-no-cudagraphs"

@@ -428,6 +428,15 @@ def _requests_within_limits(requests: dict | None, limits: dict | None) -> bool:
     )
 
 
+class ProvenanceSpec(KubeModel):
+    """What each generated PNG says about how it was made."""
+
+    metadata: bool = True
+    """PNG text chunks with the generation parameters (prompt, seed, steps, size, model) and an
+    XMP packet with IPTC's trainedAlgorithmicMedia digital source type. Metadata, not a
+    watermark: it can be stripped."""
+
+
 class ServerSpec(KubeModel):
     """The inference server container."""
 
@@ -439,6 +448,8 @@ class ServerSpec(KubeModel):
     """Secret holding the bearer token clients must send; no authentication when unset."""
     resources: ResourceRequirements | None = None
     """Container resources beyond the GPU."""
+    provenance: ProvenanceSpec = defaulted()
+    """How generated images are marked as made by a model."""
 
 
 class MonitoringSpec(KubeModel):

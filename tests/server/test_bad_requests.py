@@ -93,6 +93,11 @@ CASES = {
     # streaming: refused rather than answered with what a streaming client cannot read
     "stream": case({"prompt": "x", "stream": True}, 400, "stream", says="not supported"),
     "stream-string": case({"prompt": "x", "stream": "yes"}, 400, "stream"),
+    # formats: PNG, opaque
+    "format-jpeg": case({"prompt": "x", "output_format": "jpeg"}, 400, "output_format",
+                        says="PNG"),
+    "background-transparent": case({"prompt": "x", "background": "transparent"}, 400,
+                                   "background"),
     # the body as a whole
     "body-list": case(["not", "an", "object"], 400, None, says="JSON object"),
     "body-string": case("prompt", 400, None),

@@ -105,6 +105,8 @@ GOOD = png(source_image())
         ({"prompt": "x", "size": "100x100"}, {"image": GOOD}, "size", "multiple"),
         ({"prompt": "x", "stream": "true"}, {"image": GOOD}, "stream", "stream"),
         ({"prompt": "x", "response_format": "url"}, {"image": GOOD}, "response_format", "inline"),
+        ({"prompt": "x", "output_format": "webp"}, {"image": GOOD}, "output_format", "PNG"),
+        ({"prompt": "x"}, {"image": GOOD, "markup": GOOD}, "markup", "only image and mask"),
     ],
 )
 def test_bad_uploads_are_400s_naming_the_field(client_for, data, files, param, words):

@@ -66,6 +66,7 @@ def settings_values(resource: ImageGenService) -> dict[str, Any]:
         "drain_timeout_s": DRAIN_TIMEOUT_S,
         "max_steps": pipeline.limits.max_steps,
         "max_images_per_request": pipeline.limits.max_images_per_request,
+        "provenance": spec.server.provenance.metadata,
     }
     if pipeline.limits.max_pixels is not None:
         values["max_pixels"] = pipeline.limits.max_pixels
