@@ -52,6 +52,16 @@ SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
 
+class LoraChoice(BaseModel):
+    """One LoRA adapter a request asks for: a name the service declared, and its scale
+    (the declared scale when left out)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr
+    scale: Number | None = None
+
+
 class _ImageRequest(BaseModel):
     """What generations and edits share: the size grammar, inline answers, no streaming."""
 
@@ -122,6 +132,7 @@ class ImageGenerationRequest(_ImageRequest):
     steps: StrictInt | None = None
     guidance_scale: Number | None = None
     negative_prompt: StrictStr | None = None
+    lora: list[LoraChoice] | None = Field(default=None, max_length=16)
 
 
 class ImageEditForm(_ImageRequest):
@@ -142,6 +153,20 @@ class ImageEditForm(_ImageRequest):
     steps: int | None = None
     guidance_scale: float | None = Field(default=None, allow_inf_nan=False)
     negative_prompt: str | None = None
+    # A form field holds text: the same list as on generations, as JSON.
+    lora: list[LoraChoice] | None = Field(default=None, max_length=16)
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _lora_json(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise ValueError(
+                'lora must be a JSON list such as [{"name": "ink", "scale": 0.8}]'
+            ) from None
 
 
 class ApiError(Exception):
@@ -366,6 +391,7 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
             guidance_scale=body.guidance_scale,
             seed=body.seed,
             negative_prompt=body.negative_prompt,
+            lora=[(choice.name, choice.scale) for choice in body.lora or []],
         )
         return await serve(request, params)
 
@@ -406,6 +432,7 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
             guidance_scale=body.guidance_scale,
             seed=body.seed,
             negative_prompt=body.negative_prompt,
+            lora=[(choice.name, choice.scale) for choice in body.lora or []],
             edit=EditInput(image, strength, mask),
         )
         return await serve(request, params)

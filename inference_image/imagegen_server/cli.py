@@ -2,6 +2,7 @@
 
     imagegen-server --model DIR [--host H] [--port P] [...]      (or: imagegen-server serve ...)
     imagegen-server make-tiny-model DIR [--family sd15|sdxl|sd3|flux] [--size tiny|small] [--seed N]
+    imagegen-server make-tiny-model DIR --lora-for MODEL_DIR [--rank R] [--seed N]
     imagegen-server bench --model DIR [--requests N] [--concurrency C] [serve flags...]
 
 Every serve flag has an ``IMAGEGEN_*`` environment variable (see config.py); flags win.
@@ -70,6 +71,11 @@ def tiny_parser() -> argparse.ArgumentParser:
         "--size", choices=SIZES, default="tiny", help="small: ~1M-parameter denoiser at 128x128"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--lora-for", metavar="MODEL_DIR",
+        help="write a random LoRA adapter for the model at MODEL_DIR into DIRECTORY instead",
+    )
+    parser.add_argument("--rank", type=int, default=4, help="the LoRA's rank (with --lora-for)")
     return parser
 
 
@@ -126,10 +132,13 @@ def serve(argv: Sequence[str]) -> int:
 
 
 def make_tiny(argv: Sequence[str]) -> int:
-    from .tiny import make_tiny_model
+    from .tiny import make_tiny_lora, make_tiny_model
 
     args = tiny_parser().parse_args(argv)
-    path = make_tiny_model(args.directory, args.family, seed=args.seed, size=args.size)
+    if args.lora_for:
+        path = make_tiny_lora(args.directory, args.lora_for, seed=args.seed, rank=args.rank)
+    else:
+        path = make_tiny_model(args.directory, args.family, seed=args.seed, size=args.size)
     print(path)
     return 0
 

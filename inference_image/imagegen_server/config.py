@@ -12,7 +12,7 @@ from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "IMAGEGEN_"
@@ -42,7 +42,12 @@ LIMITS: dict[str, Limit] = {
     "max_batch_size": Limit(4, 1, 64),
     "batch_window_ms": Limit(5, 0, 1000),
     "queue_capacity": Limit(64, 1, 4096),
+    "lora_scale": Limit(1.0, -10, 10),
 }
+# A LoRA adapter's name, as requests and spec.model.loras spell it: a DNS label.
+LORA_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# At most this many adapters declared per service.
+MAX_LORAS = 16
 # WIDTHxHEIGHT, as requests spell a size and limits list them.
 SIZE_PATTERN = r"^[1-9][0-9]{1,3}x[1-9][0-9]{1,3}$"
 
@@ -109,6 +114,18 @@ class StageMode(StrEnum):
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
+class LoraSource(BaseModel):
+    """A LoRA adapter the server loads at start, which requests may then name."""
+
+    name: str = Field(max_length=63, pattern=LORA_NAME_PATTERN)
+    uri: str = Field(
+        min_length=1,
+        description="A .safetensors file or a directory holding pytorch_lora_weights.safetensors; "
+        "the model's URI schemes.",
+    )
+    scale: float = limited("lora_scale", description="When a request names it without a scale.")
+
+
 class ServerSettings(BaseSettings):
     """Every knob of the inference server. Each field ``x`` is read from ``IMAGEGEN_X``."""
 
@@ -137,6 +154,11 @@ class ServerSettings(BaseSettings):
         description="Where gs://BUCKET/path is mounted (GCS FUSE CSI driver): GCS_ROOT/BUCKET/path.",
     )
     hf_cache_dir: Path | None = Field(default=None, description="Cache for hf:// downloads.")
+    loras: list[LoraSource] = Field(
+        default_factory=list, max_length=MAX_LORAS,
+        description="LoRA adapters for the denoiser, loaded at start; in the environment, a JSON "
+        'list such as [{"name": "ink", "uri": "pvc://models/ink.safetensors", "scale": 0.8}].',
+    )
 
     # HTTP.
     host: str = "0.0.0.0"
@@ -232,6 +254,14 @@ class ServerSettings(BaseSettings):
                 raise ValueError(f"allowed size {size!r} is not WIDTHxHEIGHT, each at least 64")
         return value
 
+    @field_validator("loras")
+    @classmethod
+    def _unique_loras(cls, value: list[LoraSource]) -> list[LoraSource]:
+        names = [lora.name for lora in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"LoRA names must be unique: {', '.join(names)}")
+        return value
+
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
@@ -256,7 +286,8 @@ class ServerSettings(BaseSettings):
 
 def _env_value(value: Any) -> str:
     if isinstance(value, list):
-        return json.dumps(value)  # how pydantic-settings reads a list from the environment
+        # How pydantic-settings reads a list from the environment.
+        return json.dumps([v.model_dump() if isinstance(v, BaseModel) else v for v in value])
     if isinstance(value, Enum):
         return str(value.value)
     if isinstance(value, bool):

@@ -17,7 +17,7 @@ import time
 from concurrent.futures import InvalidStateError
 from typing import Any
 
-from .config import ServerSettings, StageMode
+from .config import LIMITS, ServerSettings, StageMode
 from .families import FamilySteps
 from .metrics import ServerMetrics
 from .request import GenerationParams, Job
@@ -118,6 +118,28 @@ def check_request(params: GenerationParams, steps: FamilySteps, settings: Server
             )
     if params.edit is not None:
         check_edit(params, steps)
+    if params.loras:
+        check_loras(params, steps)
+
+
+def check_loras(params: GenerationParams, steps: FamilySteps) -> None:
+    declared = list(steps.adapters.names) if steps.adapters is not None else []
+    low, high = LIMITS["lora_scale"].ge, LIMITS["lora_scale"].le
+    seen = set()
+    for i, (name, scale) in enumerate(params.loras):
+        if name not in declared:
+            have = f"one of {', '.join(declared)}" if declared else "none are declared"
+            raise InvalidRequest(
+                f"lora.{i}.name", f"lora {name!r} is not an adapter this service serves: {have}"
+            )
+        if name in seen:
+            raise InvalidRequest(f"lora.{i}.name", f"lora {name!r} is named twice")
+        seen.add(name)
+        if not low <= scale <= high:
+            raise InvalidRequest(
+                f"lora.{i}.scale", f"lora {name!r}: scale must be between {low} and {high}, "
+                f"not {scale:g}"
+            )
 
 
 def check_edit(params: GenerationParams, steps: FamilySteps) -> None:

@@ -29,23 +29,41 @@ def resolve_model_uri(uri: str, settings: ServerSettings) -> Path:
     """
     if not uri:
         raise ModelError("no model given: set --model or IMAGEGEN_MODEL")
-    parsed = urlparse(uri)
-    scheme = parsed.scheme
-    if scheme in ("", "file"):
-        path = Path(parsed.path if scheme else uri)
-        if scheme == "file" and parsed.netloc:
-            raise ModelError(f"file:// URIs must be absolute (file:///abs/path), got {uri!r}")
-    elif scheme == "pvc":
-        path = settings.pvc_root / parsed.netloc / parsed.path.lstrip("/")
-    elif scheme == "gs":
-        path = settings.gcs_root / parsed.netloc / parsed.path.lstrip("/")
-    elif scheme == "hf":
-        return _download_hf(parsed.netloc + parsed.path, settings)
-    else:
-        raise ModelError(f"unsupported model URI scheme {scheme!r} in {uri!r}")
+    path = _local_path(uri, settings)
     if not (path / "model_index.json").is_file():
         raise ModelError(f"{uri!r} resolves to {path}, which holds no model_index.json")
     return path
+
+
+def resolve_lora_uri(uri: str, settings: ServerSettings) -> Path:
+    """A LoRA's URI (the model's schemes) -> a .safetensors file, or a directory holding
+    diffusers' pytorch_lora_weights.safetensors."""
+    path = _local_path(uri, settings)
+    if path.is_file() and path.suffix == ".safetensors":
+        return path
+    if (path / "pytorch_lora_weights.safetensors").is_file():
+        return path
+    raise ModelError(
+        f"{uri!r} resolves to {path}: neither a .safetensors file nor a directory holding "
+        "pytorch_lora_weights.safetensors"
+    )
+
+
+def _local_path(uri: str, settings: ServerSettings) -> Path:
+    """Where a URI's files are on this machine: mounted, in the image, or downloaded."""
+    parsed = urlparse(uri)
+    scheme = parsed.scheme
+    if scheme in ("", "file"):
+        if scheme == "file" and parsed.netloc:
+            raise ModelError(f"file:// URIs must be absolute (file:///abs/path), got {uri!r}")
+        return Path(parsed.path if scheme else uri)
+    if scheme == "pvc":
+        return settings.pvc_root / parsed.netloc / parsed.path.lstrip("/")
+    if scheme == "gs":
+        return settings.gcs_root / parsed.netloc / parsed.path.lstrip("/")
+    if scheme == "hf":
+        return _download_hf(parsed.netloc + parsed.path, settings)
+    raise ModelError(f"unsupported URI scheme {scheme!r} in {uri!r}")
 
 
 def _download_hf(repo: str, settings: ServerSettings) -> Path:

@@ -39,6 +39,8 @@ class GenerationParams:
     negative_prompt: str | None = None
     # Image edits: the image to start from (None: text-to-image).
     edit: EditInput | None = None
+    # LoRA adapters and their scales, as (name, scale) in the request's order.
+    loras: tuple[tuple[str, float], ...] = ()
 
     @property
     def denoising_steps(self) -> int:

@@ -10,13 +10,15 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Sequence
 
 from .config import ServerSettings
 from .engine import Engine, ShutdownError, build_engine, default_size
 from .families import FamilySteps, steps_for
-from .loading import LoadedModel, load_model
+from .loading import LoadedModel, load_model, resolve_lora_uri
+from .lora import AdapterSlot
 from .metrics import ServerMetrics
-from .optimize import AttentionSelection, OptimizationReport, apply_optimizations
+from .optimize import AttentionSelection, OptimizationReport, apply_optimizations, denoiser
 from .request import EditInput, GenerationParams
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,10 @@ class ModelRuntime:
         self.model = load_model(s)
         m = self.model
         self.steps = steps_for(m.family, m.pipeline, m.device)
+        if s.loras:
+            # Before compiling: the slot's modules are part of the graph from the start.
+            adapters = {lora.name: resolve_lora_uri(lora.uri, s) for lora in s.loras}
+            self.steps.adapters = AdapterSlot(m.pipeline, denoiser(m.pipeline), adapters)
         self.report, self.attention = apply_optimizations(m.pipeline, s, m.device, m.dtype)
         self.report.log()
         self.engine = build_engine(self.steps, s, self.metrics)
@@ -142,9 +148,15 @@ class ModelRuntime:
         seed: int | None = None,
         negative_prompt: str | None = None,
         edit: EditInput | None = None,
+        lora: Sequence[tuple[str, float | None]] = (),
     ) -> GenerationParams:
-        """A request with the server's defaults filled in; a missing seed is drawn at random."""
+        """A request with the server's defaults filled in; a missing seed is drawn at random,
+        a LoRA named without a scale gets the one the service declared."""
         s = self.settings
+        declared = {source.name: source.scale for source in s.loras}
+        loras = tuple(
+            (name, declared.get(name, 1.0) if scale is None else scale) for name, scale in lora
+        )
         default_w, default_h = self.default_size
         return GenerationParams(
             prompt=prompt,
@@ -156,4 +168,5 @@ class ModelRuntime:
             seed=secrets.randbits(63) if seed is None else seed,
             negative_prompt=negative_prompt,
             edit=edit,
+            loras=loras,
         )

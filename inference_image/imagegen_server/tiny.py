@@ -336,6 +336,48 @@ def make_tiny_model(
     return directory
 
 
+# The attention projections: what most LoRAs for these denoisers train.
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def make_tiny_lora(
+    directory: str | Path, model_dir: str | Path, *, seed: int = 0, rank: int = 4,
+    targets: list[str] | None = None,
+) -> Path:
+    """Write a random LoRA (peft) for the denoiser of the pipeline at ``model_dir``.
+
+    Saved the way diffusers' training scripts save one (``save_lora_weights``), so
+    ``load_lora_weights`` reads it. A and B are both random (a trained LoRA's B is not zero),
+    B scaled up so that the adapter visibly changes a tiny model's image (about ten 8-bit
+    levels on average).
+    """
+    import json
+
+    import diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    model_dir = Path(model_dir)
+    pipeline_class = getattr(diffusers, json.loads((model_dir / "model_index.json").read_text())
+                             ["_class_name"])
+    part = "unet" if (model_dir / "unet").is_dir() else "transformer"
+    denoiser = diffusers.DiffusionPipeline.from_pretrained(model_dir).components[part]
+    _seeded(seed, 100)
+    denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                    target_modules=targets or LORA_TARGETS))
+    with torch.no_grad():
+        for name, param in denoiser.named_parameters():
+            if "lora_B" in name:
+                param.mul_(8.0)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    pipeline_class.save_lora_weights(
+        directory, **{f"{part}_lora_layers": get_peft_model_state_dict(denoiser)},
+        safe_serialization=True,
+    )
+    return directory
+
+
 def parameter_count(pipeline) -> dict[str, int]:
     """Parameters per component, for reports."""
     counts = {}

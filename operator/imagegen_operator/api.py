@@ -18,7 +18,13 @@ from pydantic import Field, PlainValidator, ValidationError, WithJsonSchema
 
 from imagegen_operator import gke
 from imagegen_operator.schema import KubeModel, Rule, StatusModel, defaulted
-from imagegen_server.config import SIZE_PATTERN, Family, limited
+from imagegen_server.config import (
+    LORA_NAME_PATTERN,
+    MAX_LORAS,
+    SIZE_PATTERN,
+    Family,
+    limited,
+)
 
 GROUP = "imagegen.dev"
 VERSION = "v1alpha1"
@@ -121,6 +127,34 @@ def _cel_list(values: tuple[str, ...] | list[str]) -> str:
 # --- spec: model ---------------------------------------------------------------------
 
 
+def _uri_rule(what: str) -> Rule:
+    # A rule rather than a schema pattern: the API server's pattern error prints the
+    # whole regex, this one says what a valid URI looks like.
+    return Rule(
+        cel=f"self.uri.matches({_cel_string(MODEL_URI_PATTERN)})",
+        check=lambda m: re.fullmatch(MODEL_URI_PATTERN, m.uri) is not None,
+        field=".uri",
+        message=(
+            f"uri must be gs://bucket/path, hf://org/name[@revision], "
+            f"pvc://claim[/sub/path] or file:///absolute/path{what}"
+        ),
+    )
+
+
+class LoraAdapter(KubeModel):
+    """A LoRA adapter for the denoiser, loaded at start; requests name it in `lora`."""
+
+    name: str = Field(max_length=63, pattern=LORA_NAME_PATTERN)
+    """How requests name it (a DNS label)."""
+    uri: str = Field(min_length=1, max_length=2048)
+    """Where it lives, with the model's URI schemes: a .safetensors file, or a directory
+    holding pytorch_lora_weights.safetensors."""
+    scale: float = limited("lora_scale")
+    """Its scale when a request names it without one."""
+
+    rules = (_uri_rule(", to a .safetensors file or a directory"),)
+
+
 class ModelSource(KubeModel):
     """Which diffusion model to serve and how to load it."""
 
@@ -134,20 +168,19 @@ class ModelSource(KubeModel):
     memory_gib: float | None = Field(default=None, alias="memoryGiB", gt=0, le=1024)
     """GPU memory one replica needs, in GiB; overrides the planner's estimate from the
     model size."""
-
-    # A rule rather than a schema pattern: the API server's pattern error prints the
-    # whole regex, this one says what a valid URI looks like.
-    rules = (
-        Rule(
-            cel=f"self.uri.matches({_cel_string(MODEL_URI_PATTERN)})",
-            check=lambda m: re.fullmatch(MODEL_URI_PATTERN, m.uri) is not None,
-            field=".uri",
-            message=(
-                "uri must be gs://bucket/path, hf://org/name[@revision], "
-                "pvc://claim[/sub/path] or file:///absolute/path"
-            ),
-        ),
+    loras: list[LoraAdapter] | None = Field(
+        default=None,
+        max_length=MAX_LORAS,
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["name"],
+        },
     )
+    """LoRA adapters for the denoiser (names unique), loaded when a server starts; a request
+    names the ones it wants, with scales, in `lora`. Only requests with the same adapters
+    share a denoising batch."""
+
+    rules = (_uri_rule(""),)
 
 
 # --- spec: pipeline ------------------------------------------------------------------

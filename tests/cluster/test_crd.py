@@ -172,7 +172,7 @@ def test_server_applies_the_documented_defaults(cluster, ns):
     assert spec["gpu"] == {"type": "nvidia-l4", "countPerNode": 1}
     assert spec["nodePool"] == {"provider": "Local", "spot": False, "minNodes": 0, "maxNodes": 4}
     assert spec["replicas"] == 1
-    assert spec["server"] == {"port": 8080}
+    assert spec["server"] == {"port": 8080, "provenance": {"metadata": True}}
 
 
 def test_explain_shows_the_descriptions(cluster, ns):
@@ -183,6 +183,15 @@ def test_explain_shows_the_descriptions(cluster, ns):
         description = " ".join(model.model_fields[field].description.split())
         assert description in text
     assert "maxSharedClientsPerGpu" in text and "strategy" in text
+
+
+
+def test_explain_describes_the_lora_list(cluster, ns):
+    result = eventually(cluster, "explain", "imagegenservice.spec.model.loras", timeout=60)
+    text = " ".join(result.stdout.split())
+    for model, field in [(api.ModelSource, "loras"), (api.LoraAdapter, "uri"),
+                         (api.LoraAdapter, "scale")]:
+        assert " ".join(model.model_fields[field].description.split()) in text
 
 
 def test_kubectl_scale_sets_spec_replicas(cluster, ns):

@@ -77,22 +77,35 @@ def client_for(make_runtime):
 
 
 @pytest.fixture
-def live_server(make_runtime, tmp_path):
+def serve_live() -> Iterator[Callable[[ModelRuntime], str]]:
+    """Serve a runtime's app with uvicorn on 127.0.0.1; returns its base URL."""
+    servers = []
+
+    def serve(runtime: ModelRuntime) -> str:
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(
+            create_app(runtime.settings, runtime), host="127.0.0.1", port=port,
+            log_level="warning",
+        ))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.started
+        return f"http://127.0.0.1:{port}"
+
+    yield serve
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture
+def live_server(make_runtime, serve_live, tmp_path):
+    """The sd15 tiny model behind a bearer token ("client-token"), on a real socket."""
     token_file = tmp_path / "token"
     token_file.write_text("client-token")
     runtime = make_runtime("sd15", auth_token_file=str(token_file), max_batch_size=2)
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(runtime.settings, runtime), host="127.0.0.1", port=port, log_level="warning"
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started
-    yield f"http://127.0.0.1:{port}", runtime
-    server.should_exit = True
-    thread.join(30)
+    return serve_live(runtime), runtime

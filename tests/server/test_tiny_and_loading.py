@@ -81,7 +81,7 @@ def test_resolve_model_uris(tmp_path, tiny_models):
     ("uri", "message"),
     [
         ("", "no model given"),
-        ("s3://bucket/model", "unsupported model URI scheme 's3'"),
+        ("s3://bucket/model", "unsupported URI scheme 's3'"),
         ("file://relative/path", "must be absolute"),
         ("pvc://claim/missing", "holds no model_index.json"),
         ("hf://no-such-org/no-such-model", "cannot fetch hf://"),

@@ -29,6 +29,8 @@ class FamilySteps:
         self.device = device
         self.vae_scale_factor: int = pipeline.vae_scale_factor
         self._step_accepts = _step_parameters(pipeline.scheduler)
+        # The LoRA slot on the denoiser, when the service declares adapters (lora.py).
+        self.adapters = None
 
     # --- what can be batched together -------------------------------------------------------
     def encode_key(self, job: Job) -> Hashable:
@@ -36,8 +38,9 @@ class FamilySteps:
 
     def denoise_key(self, job: Job) -> Hashable:
         p = job.params
-        # Same size and step count means same shapes and the same timestep sequence.
-        return (p.width, p.height, p.steps)
+        # Same size and step count means same shapes and the same timestep sequence; the
+        # same adapters, the same denoiser weights.
+        return (p.width, p.height, p.steps, p.loras)
 
     def decode_key(self, job: Job) -> Hashable:
         return (job.params.width, job.params.height)
@@ -53,6 +56,11 @@ class FamilySteps:
         raise NotImplementedError
 
     # --- helpers ------------------------------------------------------------------------------
+    def use_adapters(self, jobs: list[Job]) -> None:
+        """Put the batch's LoRA adapters on the denoiser (one set per batch: its key)."""
+        if self.adapters is not None:
+            self.adapters.activate(jobs[0].params.loras)
+
     @property
     def native_size(self) -> tuple[int, int]:
         raise NotImplementedError

@@ -90,6 +90,7 @@ class FluxSteps(FamilySteps):
         return pipe._prepare_latent_image_ids(p.n, h // 2, w // 2, self.device, dtype)
 
     def denoise(self, jobs: list[Job]) -> None:
+        self.use_adapters(jobs)
         image_ids = [self.prepare(job) for job in jobs][0]
         transformer = self.pipeline.transformer
         for step, t, live, changed in self.denoising_steps(jobs, jobs[0].scheduler.timesteps):

@@ -70,6 +70,7 @@ class StableDiffusion3Steps(StableDiffusionSteps):
         job.scheduler = scheduler
 
     def denoise(self, jobs: list[Job]) -> None:
+        self.use_adapters(jobs)
         for job in jobs:
             self.prepare(job)
         transformer = self.pipeline.transformer

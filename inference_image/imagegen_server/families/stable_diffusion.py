@@ -205,6 +205,7 @@ class StableDiffusionSteps(FamilySteps):
         return None
 
     def denoise(self, jobs: list[Job]) -> None:
+        self.use_adapters(jobs)
         for job in jobs:
             self.prepare(job)
         unet = self.pipeline.unet

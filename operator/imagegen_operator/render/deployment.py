@@ -14,11 +14,12 @@ over host IPC, so MPS pods set ``hostIPC: true``, which the "baseline" and
 "restricted" profiles forbid; a namespace that enforces either rejects MPS
 pods, and the namespace must allow the "privileged" level for them.
 
-Models: ``pvc://claim/path`` mounts the claim read-only under the server's
-``pvc_root``; ``gs://bucket/path`` mounts the bucket with GKE's Cloud Storage
-FUSE CSI driver under ``gcs_root`` (the pod's service account needs read
-access to the bucket through Workload Identity); ``hf://`` downloads into an
-emptyDir cache; ``file://`` reads from the image.
+Models and LoRA adapters: ``pvc://claim/path`` mounts the claim read-only under
+the server's ``pvc_root``; ``gs://bucket/path`` mounts the bucket with GKE's Cloud
+Storage FUSE CSI driver under ``gcs_root`` (the pod's service account needs read
+access to the bucket through Workload Identity); each claim or bucket once, however
+many of them live there; ``hf://`` downloads into an emptyDir cache; ``file://``
+reads from the image.
 """
 
 from __future__ import annotations
@@ -186,28 +187,47 @@ def probes(resource: ImageGenService) -> dict[str, Any]:
     }
 
 
-def _model_volume(uri: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """The volume and mount that make a pvc:// or gs:// model visible where the server looks."""
-    if uri.startswith("pvc://"):
-        claim = uri[len("pvc://") :].split("/", 1)[0]
-        return (
-            {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}},
-            {"name": "model", "mountPath": f"{env.MODEL_PVC_ROOT}/{claim}", "readOnly": True},
-        )
-    if uri.startswith("gs://"):
-        bucket = uri[len("gs://") :].split("/", 1)[0]
-        return (
-            {
-                "name": "model",
-                "csi": {
-                    "driver": GCSFUSE_DRIVER,
-                    "readOnly": True,
-                    "volumeAttributes": {"bucketName": bucket, "mountOptions": "implicit-dirs"},
-                },
-            },
-            {"name": "model", "mountPath": f"{env.MODEL_GCS_ROOT}/{bucket}", "readOnly": True},
-        )
+def _source(uri: str) -> tuple[str, str] | None:
+    """("pvc", claim) or ("gs", bucket) for a URI the pod must mount; None for hf:// and file://."""
+    for scheme in ("pvc", "gs"):
+        if uri.startswith(f"{scheme}://"):
+            return scheme, uri[len(scheme) + 3 :].split("/", 1)[0]
     return None
+
+
+def _source_volume(source: tuple[str, str], name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The volume and mount that make a claim or bucket visible where the server looks."""
+    scheme, place = source
+    if scheme == "pvc":
+        return (
+            {"name": name, "persistentVolumeClaim": {"claimName": place, "readOnly": True}},
+            {"name": name, "mountPath": f"{env.MODEL_PVC_ROOT}/{place}", "readOnly": True},
+        )
+    return (
+        {
+            "name": name,
+            "csi": {
+                "driver": GCSFUSE_DRIVER,
+                "readOnly": True,
+                "volumeAttributes": {"bucketName": place, "mountOptions": "implicit-dirs"},
+            },
+        },
+        {"name": name, "mountPath": f"{env.MODEL_GCS_ROOT}/{place}", "readOnly": True},
+    )
+
+
+def source_volumes(resource: ImageGenService) -> dict[tuple[str, str], str]:
+    """Each claim or bucket the model and its LoRA adapters live on -> its volume's name:
+    ``model`` for the model's, ``lora-N`` for others; one volume per claim or bucket."""
+    model = resource.spec.model
+    named: dict[tuple[str, str], str] = {}
+    if (source := _source(model.uri)) is not None:
+        named[source] = "model"
+    for lora in model.loras or []:
+        source = _source(lora.uri)
+        if source is not None and source not in named:
+            named[source] = f"lora-{sum(n.startswith('lora-') for n in named.values())}"
+    return named
 
 
 def volumes_and_mounts(resource: ImageGenService) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -224,10 +244,10 @@ def volumes_and_mounts(resource: ImageGenService) -> tuple[list[dict[str, Any]],
         {"name": "cache", "mountPath": "/var/cache/imagegen"},
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
-    model = _model_volume(spec.model.uri)
-    if model:
-        volumes.append(model[0])
-        mounts.append(model[1])
+    for source, name in source_volumes(resource).items():
+        volume, mount = _source_volume(source, name)
+        volumes.append(volume)
+        mounts.append(mount)
     cache = spec.pipeline.compile.cache
     if spec.pipeline.compile.enabled and cache is not None:
         volumes.append(
@@ -335,7 +355,7 @@ def render_deployment(
         # MPS clients reach the node's MPS control daemon through host IPC (see module docstring).
         pod_spec["hostIPC"] = True
     template_meta: dict[str, Any] = {"labels": common_labels(resource)}
-    if spec.model.uri.startswith("gs://"):
+    if any(scheme == "gs" for scheme, _ in source_volumes(resource)):
         # Asks GKE to inject the Cloud Storage FUSE sidecar that serves the csi volume.
         template_meta["annotations"] = {"gke-gcsfuse/volumes": "true"}
     return {

@@ -77,6 +77,9 @@ def settings_values(resource: ImageGenService) -> dict[str, Any]:
         values["compile_regional"] = compile_.regional
         if compile_.cache is not None:
             values["compile_cache_dir"] = COMPILE_CACHE_DIR
+    if model.loras:
+        values["loras"] = [{"name": lora.name, "uri": lora.uri, "scale": lora.scale}
+                           for lora in model.loras]
     if spec.server.auth_secret_ref is not None:
         values["auth_token_file"] = AUTH_TOKEN_FILE
     return values
