@@ -29,7 +29,8 @@ BENCHMARKS = {
     "stage_machinery": ("stage_machinery.py", 120),
     "server_overhead": ("server_overhead.py", 90),
     "cold_start": ("cold_start.py", 150),
-    "operator_scale": ("operator_scale.py", 570),
+    "operator_scale": ("operator_scale.py", 450),
+    "streaming": ("streaming.py", 120),
 }
 CHART = "benchmarks.png"
 RUN_LOG = "run_all.json"  # how long each benchmark of the last run took

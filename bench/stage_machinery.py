@@ -37,6 +37,7 @@ class SleepSteps:
 
     size_multiple = 8
     native_size = (64, 64)  # what the engine's request limits read; the requests are 64x64
+    latent_rgb = None  # no streamed previews, so the engine starts no preview thread
 
     def __init__(self, costs_s: dict[str, float]):
         import torch

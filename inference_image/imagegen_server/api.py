@@ -29,6 +29,7 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
@@ -63,7 +64,7 @@ class LoraChoice(BaseModel):
 
 
 class _ImageRequest(BaseModel):
-    """What generations and edits share: the size grammar, inline answers, no streaming."""
+    """What generations and edits share: the size grammar, inline PNG answers."""
 
     # OpenAI clients send fields this server has no use for (quality, style, user): ignore them.
     model_config = ConfigDict(extra="ignore")
@@ -104,12 +105,6 @@ class _ImageRequest(BaseModel):
             raise ValueError("background 'transparent' is not supported: the images are opaque")
         return value
 
-    @field_validator("stream", check_fields=False)
-    @classmethod
-    def _no_stream(cls, value: bool | None) -> bool | None:
-        if value:
-            raise ValueError("stream is not supported yet: leave it out for one JSON answer")
-        return value
 
 
 class ImageGenerationRequest(_ImageRequest):
@@ -128,6 +123,7 @@ class ImageGenerationRequest(_ImageRequest):
     output_format: StrictStr | None = None
     background: StrictStr | None = None
     stream: StrictBool | None = None
+    partial_images: StrictInt | None = None
     seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
     steps: StrictInt | None = None
     guidance_scale: Number | None = None
@@ -147,6 +143,7 @@ class ImageEditForm(_ImageRequest):
     output_format: str | None = None
     background: str | None = None
     stream: bool | None = None
+    partial_images: int | None = None
     # diffusers' defaults: 0.8 for image-to-image, 1.0 (repaint fully) under a mask.
     strength: float | None = Field(default=None, allow_inf_nan=False)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
@@ -300,6 +297,37 @@ async def read_form(request: Request, limit: int) -> tuple[dict[str, str], dict[
         await form.close()
 
 
+# How long a finished stream waits for a preview still being made before the final image.
+PREVIEW_WAIT_S = 2.0
+# OpenAI's completed events carry token usage; a diffusion model counts no tokens.
+NO_TOKENS = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+             "output_tokens": 0, "total_tokens": 0}
+
+
+def streamed_previews(body: _ImageRequest) -> int:
+    """How many previews a request streams; a streamed request makes one image."""
+    if not body.stream:
+        return 0  # partial_images without stream: ignored, as OpenAI ignores it
+    if body.n not in (None, 1):
+        raise ApiError(400, f"a streamed request makes one image: n must be 1, not {body.n}",
+                       param="n", code="invalid_value")
+    return body.partial_images or 0
+
+
+def stream_error(exc: BaseException) -> ServerSentEvent:
+    """An error once the stream has started: an ``error`` event in OpenAI's error shape,
+    which the openai client raises as an APIError."""
+    if isinstance(exc, JobTimeout | TimeoutError):
+        error = {"message": "request timed out", "type": "timeout_error"}
+    elif isinstance(exc, ShutdownError):
+        error = {"message": str(exc), "type": "server_error"}
+    else:
+        log.error("streamed generation failed: %r", exc)
+        error = {"message": f"generation failed: {type(exc).__name__}", "type": "server_error"}
+    return ServerSentEvent(json.dumps({"error": {**error, "param": None, "code": None}}),
+                           event="error")
+
+
 def parse(model: type[BaseModel], raw: Any):
     """A body validated by ``model``, or the 400 naming its first bad field."""
     try:
@@ -392,7 +420,10 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
             seed=body.seed,
             negative_prompt=body.negative_prompt,
             lora=[(choice.name, choice.scale) for choice in body.lora or []],
+            partial_images=streamed_previews(body),
         )
+        if body.stream:
+            return stream(request, params, "image_generation")
         return await serve(request, params)
 
     @app.post(
@@ -434,7 +465,10 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
             negative_prompt=body.negative_prompt,
             lora=[(choice.name, choice.scale) for choice in body.lora or []],
             edit=EditInput(image, strength, mask),
+            partial_images=streamed_previews(body),
         )
+        if body.stream:
+            return stream(request, params, "image_edit")
         return await serve(request, params)
 
     def check_served(name: str | None) -> None:
@@ -449,11 +483,10 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
                 param="model", code="model_not_found",
             )
 
-    async def serve(request: Request, params: GenerationParams) -> dict:
-        """Submit, wait and answer: what generations and edits share once parsed."""
-        started = time.monotonic()
+    def submit(params: GenerationParams, on_preview=None):
+        """The engine's job for ``params``, or the 400, 429 or 503 that refuses it."""
         try:
-            job = runtime.engine.submit(params, settings.request_timeout_s)
+            return runtime.engine.submit(params, settings.request_timeout_s, on_preview)
         except InvalidRequest as exc:
             raise ApiError(400, str(exc), param=exc.field, code="invalid_value") from exc
         except QueueFullError as exc:
@@ -467,6 +500,11 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
             raise ApiError(
                 503, str(exc), kind="server_error", headers={"Retry-After": "5"}
             ) from exc
+
+    async def serve(request: Request, params: GenerationParams) -> dict:
+        """Submit, wait and answer: what generations and edits share once parsed."""
+        started = time.monotonic()
+        job = submit(params)
         try:
             images = await wait_for_images(job, request, settings.request_timeout_s)
         except ClientGone:
@@ -481,14 +519,82 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         except Exception as exc:
             log.exception("generation failed")
             raise ApiError(500, f"generation failed: {type(exc).__name__}") from exc
-        marked = runtime.model.name if settings.provenance else None
-        encoded = await asyncio.to_thread(_png_base64, images, params, marked)
+        encoded = await asyncio.to_thread(_png_base64, images, params, marked())
         metrics.request_seconds.observe(time.monotonic() - started)
         return {
             "created": int(time.time()),
             "data": [{"b64_json": b, "revised_prompt": None} for b in encoded],
             "seed": params.seed,
         }
+
+    def marked() -> str | None:
+        """The model name provenance records, or None when the PNGs carry none."""
+        return runtime.model.name if settings.provenance else None
+
+    def stream(request: Request, params: GenerationParams, kind: str) -> EventSourceResponse:
+        """Server-sent events as OpenAI streams images: ``{kind}.partial_image`` for each
+        preview as it is made, then ``{kind}.completed`` with the final image. Refusals
+        (400, 429, 503) come before the stream starts, as plain errors."""
+        loop = asyncio.get_running_loop()
+        previews: asyncio.Queue = asyncio.Queue()
+
+        def deliver(index: int, images: list) -> None:  # on the preview thread
+            loop.call_soon_threadsafe(previews.put_nowait, (index, images))
+
+        job = submit(params, deliver)
+        started = time.monotonic()
+
+        async def event(name: str, image, **fields) -> ServerSentEvent:
+            (b64,) = await asyncio.to_thread(_png_base64, [image], params, marked())
+            body = {"type": f"{kind}.{name}", "b64_json": b64, "created_at": int(time.time()),
+                    "size": f"{params.width}x{params.height}", "quality": "auto",
+                    "background": "opaque", "output_format": "png", **fields}
+            return ServerSentEvent(json.dumps(body), event=body["type"])
+
+        async def events():
+            future = asyncio.wrap_future(job.future)
+            deadline = started + settings.request_timeout_s
+            sent = 0
+            try:
+                while not future.done():
+                    waiting = asyncio.ensure_future(previews.get())
+                    done, _ = await asyncio.wait(
+                        {future, waiting}, timeout=max(0.0, deadline - time.monotonic()),
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    if waiting in done:
+                        index, images = waiting.result()
+                        sent += 1
+                        yield await event("partial_image", images[0], partial_image_index=index)
+                    else:
+                        waiting.cancel()
+                    if not done:
+                        raise TimeoutError
+                try:
+                    images = future.result()
+                except Exception as exc:
+                    yield stream_error(exc)
+                    return
+                # Previews the denoise loop handed over before it finished come first, in
+                # order; the preview thread may still be making the last of them.
+                handed = job.preview.handed if job.preview is not None else 0
+                while sent < handed:
+                    try:
+                        index, preview = await asyncio.wait_for(previews.get(), PREVIEW_WAIT_S)
+                    except TimeoutError:
+                        break  # a preview that failed; the image does not wait for it
+                    sent += 1
+                    yield await event("partial_image", preview[0], partial_image_index=index)
+                yield await event("completed", images[0], usage=NO_TOKENS)
+                metrics.request_seconds.observe(time.monotonic() - started)
+            except TimeoutError:
+                yield stream_error(JobTimeout("request timed out"))
+            finally:
+                # A client that left (sse-starlette cancels this generator) frees the work.
+                if not job.future.done():
+                    job.future.cancel()
+
+        return EventSourceResponse(events(), ping=15)
 
     @app.get("/v1/models")
     async def models():

@@ -14,12 +14,14 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import InvalidStateError
 from typing import Any
 
 from .config import LIMITS, ServerSettings, StageMode
 from .families import FamilySteps
 from .metrics import ServerMetrics
+from .previews import MAX_PARTIAL_IMAGES, Previewer, PreviewRequest, preview_steps
 from .request import GenerationParams, Job
 from .stages import Stage
 
@@ -120,6 +122,16 @@ def check_request(params: GenerationParams, steps: FamilySteps, settings: Server
         check_edit(params, steps)
     if params.loras:
         check_loras(params, steps)
+    if not 0 <= params.partial_images <= MAX_PARTIAL_IMAGES:
+        raise InvalidRequest(
+            "partial_images",
+            f"partial_images must be between 0 and {MAX_PARTIAL_IMAGES}, not {params.partial_images}",
+        )
+    if params.partial_images and steps.latent_rgb is None:
+        raise InvalidRequest(
+            "partial_images", f"this model ({type(steps).__name__.removesuffix('Steps')}) "
+            "streams no previews yet: ask for partial_images 0"
+        )
 
 
 def check_loras(params: GenerationParams, steps: FamilySteps) -> None:
@@ -176,6 +188,9 @@ class Engine:
         # Running estimate of the seconds one unit of work takes, for Retry-After.
         self._seconds_per_unit = 1.0
         self._last_done: float | None = None
+        # Streamed previews are made on a thread of their own (previews.py).
+        self.previewer = Previewer() if steps.latent_rgb is not None else None
+        steps.previews = self.previewer
         self.stages = self._build_stages()
 
     def _build_stages(self) -> list[Stage]:
@@ -233,6 +248,8 @@ class Engine:
         drained = self.wait_idle(timeout)
         for stage in self.stages:
             stage.stop(timeout=5)
+        if self.previewer is not None:
+            self.previewer.stop()
         return drained
 
     @property
@@ -244,13 +261,25 @@ class Engine:
         return not self._closed
 
     # --- requests -----------------------------------------------------------------------------
-    def submit(self, params: GenerationParams, timeout_s: float | None = None) -> Job:
-        """Accept a request or refuse it now; the job's future resolves to a list of images."""
+    def submit(
+        self,
+        params: GenerationParams,
+        timeout_s: float | None = None,
+        on_preview: Callable[[int, list], None] | None = None,
+    ) -> Job:
+        """Accept a request or refuse it now; the job's future resolves to a list of images.
+
+        With ``on_preview``, the request's ``partial_images`` previews are handed to it (from
+        the preview thread) as they are made, each with its index.
+        """
         check_request(params, self.steps, self.settings)
         deadline = time.monotonic() + timeout_s if timeout_s else None
         # The slot is given back when the engine lets go of the job, not when the caller stops
         # waiting: a timed-out request still occupies the device until a stage drops it.
         job = Job(params, deadline=deadline, cost=self.cost(params), on_release=self._released)
+        if on_preview is not None and params.partial_images:
+            steps = preview_steps(params.denoising_steps, params.partial_images)
+            job.preview = PreviewRequest(steps, on_preview)
         capacity = self.settings.queue_capacity
         with self._lock:
             if self._closed:

@@ -41,6 +41,8 @@ class GenerationParams:
     edit: EditInput | None = None
     # LoRA adapters and their scales, as (name, scale) in the request's order.
     loras: tuple[tuple[str, float], ...] = ()
+    # Streamed previews before the final image (0..3, OpenAI's partial_images).
+    partial_images: int = 0
 
     @property
     def denoising_steps(self) -> int:
@@ -78,6 +80,8 @@ class Job:
     timesteps: Any = None
     # When stages run on their own CUDA streams: recorded after a stage, waited on by the next.
     ready_event: Any = None
+    # A streaming request's previews: after which steps, and where to (previews.py).
+    preview: Any = None
     # Called once when the engine is done with the job (answered, failed or dropped).
     on_release: Callable[[Job, bool], None] | None = None
     released: bool = False

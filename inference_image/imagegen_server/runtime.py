@@ -149,6 +149,7 @@ class ModelRuntime:
         negative_prompt: str | None = None,
         edit: EditInput | None = None,
         lora: Sequence[tuple[str, float | None]] = (),
+        partial_images: int = 0,
     ) -> GenerationParams:
         """A request with the server's defaults filled in; a missing seed is drawn at random,
         a LoRA named without a scale gets the one the service declared."""
@@ -169,4 +170,5 @@ class ModelRuntime:
             negative_prompt=negative_prompt,
             edit=edit,
             loras=loras,
+            partial_images=partial_images,
         )

@@ -90,9 +90,13 @@ CASES = {
     "format-number": case({"prompt": "x", "response_format": 1}, 400, "response_format"),
     "model-unknown": case({"prompt": "x", "model": "dall-e-3"}, 404, "model"),
     "model-number": case({"prompt": "x", "model": 3}, 400, "model"),
-    # streaming: refused rather than answered with what a streaming client cannot read
-    "stream": case({"prompt": "x", "stream": True}, 400, "stream", says="not supported"),
+    # streaming
     "stream-string": case({"prompt": "x", "stream": "yes"}, 400, "stream"),
+    "stream-many": case({"prompt": "x", "stream": True, "n": 2}, 400, "n", says="one image"),
+    "partial-images-4": case({"prompt": "x", "stream": True, "partial_images": 4}, 400,
+                             "partial_images"),
+    "partial-images-string": case({"prompt": "x", "stream": True, "partial_images": "2"}, 400,
+                                  "partial_images"),
     # formats: PNG, opaque
     "format-jpeg": case({"prompt": "x", "output_format": "jpeg"}, 400, "output_format",
                         says="PNG"),

@@ -81,3 +81,12 @@ def test_large_request_benchmark_runs_every_case(tmp_path):
     assert outcomes["refused by max_pixels"] == "refused (400)"
     assert outcomes["admitted, runs to the end"] == "finished"
     assert set(result["p95_ratio_to_no_large_request"]) == set(outcomes)
+
+
+@pytest.mark.slow
+def test_streaming_benchmark_reads_every_preview(tmp_path):
+    run_bench("streaming.py", "--size", "tiny", "--requests", "2", "--rounds", "1",
+              "--concurrency", "2", out_dir=tmp_path)
+    result = json.loads((tmp_path / "streaming.json").read_text())
+    assert result["previews_per_stream"] == [3, 3]  # 8 steps: previews after steps 1, 3, 5
+    assert result["ratio_stream_to_plain"] > 0 and len(result["bars"]) == 1

@@ -104,9 +104,10 @@ def test_edits_out_of_range_are_refused_before_device_work(make_runtime, strengt
     assert runtime.engine.in_flight == 0
 
 
-def test_families_without_edits_refuse_them(make_runtime):
-    runtime = make_runtime("sdxl")
-    params = runtime.params("x", edit=EditInput(source_image(), 0.5))
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_families_without_edits_refuse_them(make_runtime, family):
+    runtime = make_runtime(family, warmup=False)
+    params = runtime.params("x", width=64, height=64, edit=EditInput(source_image(), 0.5))
     with pytest.raises(InvalidRequest, match="not supported") as caught:
         runtime.engine.submit(params)
     assert caught.value.field == "image"

@@ -103,7 +103,7 @@ GOOD = png(source_image())
         ({"prompt": "x", "strength": "abc"}, {"image": GOOD}, "strength", "strength"),
         ({"prompt": "x", "n": "99"}, {"image": GOOD}, "n", "n must be"),
         ({"prompt": "x", "size": "100x100"}, {"image": GOOD}, "size", "multiple"),
-        ({"prompt": "x", "stream": "true"}, {"image": GOOD}, "stream", "stream"),
+        ({"prompt": "x", "stream": "true", "n": "2"}, {"image": GOOD}, "n", "one image"),
         ({"prompt": "x", "response_format": "url"}, {"image": GOOD}, "response_format", "inline"),
         ({"prompt": "x", "output_format": "webp"}, {"image": GOOD}, "output_format", "PNG"),
         ({"prompt": "x"}, {"image": GOOD, "markup": GOOD}, "markup", "only image and mask"),

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..previews import LatentRGB, latents_for_preview
 from ..request import GenerationParams, Job, JobTimeout
 
 
@@ -23,6 +24,8 @@ class FamilySteps:
     size_multiple: int = 8
     #: whether requests may start from an image (POST /v1/images/edits)
     supports_edits: bool = False
+    #: the latent-to-RGB map streamed previews use; None: this family streams none
+    latent_rgb: LatentRGB | None = None
 
     def __init__(self, pipeline, device: torch.device):
         self.pipeline = pipeline
@@ -31,6 +34,8 @@ class FamilySteps:
         self._step_accepts = _step_parameters(pipeline.scheduler)
         # The LoRA slot on the denoiser, when the service declares adapters (lora.py).
         self.adapters = None
+        # The engine's preview thread, for streaming requests (previews.py).
+        self.previews = None
 
     # --- what can be batched together -------------------------------------------------------
     def encode_key(self, job: Job) -> Hashable:
@@ -56,6 +61,15 @@ class FamilySteps:
         raise NotImplementedError
 
     # --- helpers ------------------------------------------------------------------------------
+    def hand_preview(self, job: Job, step: int, step_output) -> None:
+        """After a denoising step: give the preview thread this job's latents if it wants a
+        preview here. Only a hand-over: the denoise loop never waits for a preview."""
+        wanted = job.preview
+        if wanted is None or self.previews is None or step not in wanted.steps:
+            return
+        latents = latents_for_preview(step_output, job.latents)
+        self.previews.submit(job, wanted.steps.index(step), latents, self.latent_rgb)
+
     def use_adapters(self, jobs: list[Job]) -> None:
         """Put the batch's LoRA adapters on the denoiser (one set per batch: its key)."""
         if self.adapters is not None:

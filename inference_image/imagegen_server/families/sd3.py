@@ -21,6 +21,12 @@ MAX_SEQUENCE_LENGTH = 256  # diffusers' default for StableDiffusion3Pipeline
 
 
 class StableDiffusion3Steps(StableDiffusionSteps):
+    """SD3: three text encoders and a flow-matching transformer on 16-channel latents."""
+
+    # Not inherited: SD3's edit pipelines and its latent space are its own.
+    supports_edits = False
+    latent_rgb = None
+
     @property
     def native_size(self) -> tuple[int, int]:
         side = self.pipeline.default_sample_size * self.vae_scale_factor

@@ -17,6 +17,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img impo
 )
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..previews import SD15_RGB, SDXL_RGB
 from ..request import GenerationParams, Job
 from .base import FamilySteps, split_rows
 
@@ -25,6 +26,7 @@ class StableDiffusionSteps(FamilySteps):
     """SD 1.5 (and 2.x): one CLIP text encoder, a UNet, classifier-free guidance."""
 
     supports_edits = True
+    latent_rgb = SD15_RGB
 
     def __init__(self, pipeline, device: torch.device):
         super().__init__(pipeline, device)
@@ -227,15 +229,17 @@ class StableDiffusionSteps(FamilySteps):
                 return_dict=False,
             )[0]
             for job, pred in zip(live, split_rows(noise_pred, rows), strict=True):
-                job.latents = job.scheduler.step(
+                output = job.scheduler.step(
                     self.guided(job, pred),
                     job.timesteps[step],
                     job.latents,
                     **self.step_kwargs(job),
                     return_dict=False,
-                )[0]
+                )
+                job.latents = output[0]
                 if "mask" in job.conditioning:
                     self.keep_unmasked(job, step)
+                self.hand_preview(job, step, output)
 
     # 3. Decode -------------------------------------------------------------------------------
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -260,6 +264,7 @@ class StableDiffusionXLSteps(StableDiffusionSteps):
     # SDXL's img2img and inpainting pipelines differ (aesthetic-score time ids, denoising
     # start and end): not served yet.
     supports_edits = False
+    latent_rgb = SDXL_RGB
 
     def _zero_negative(self, job: Job) -> bool:
         # diffusers' SDXL uses zeros, not the encoded empty string, when no negative prompt is

@@ -1,0 +1,97 @@
+"""stream: true with partial_images, as OpenAI streams images: server-sent events that the
+official client reads into its own event types, previews made off the denoise thread."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+
+import httpx
+import openai
+import pytest
+from openai.types import (
+    ImageEditCompletedEvent,
+    ImageEditPartialImageEvent,
+    ImageGenCompletedEvent,
+    ImageGenPartialImageEvent,
+)
+from PIL import Image
+from server_testlib import mean_abs_diff, source_image
+
+from imagegen_server.engine import InvalidRequest
+from imagegen_server.previews import preview_steps
+
+
+def png(b64: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    assert image.format == "PNG"
+    return image.convert("RGB")
+
+
+@pytest.fixture
+def client(make_runtime, serve_live):
+    runtime = make_runtime("sd15", default_width=64, default_height=64)
+    base = serve_live(runtime)
+    return openai.OpenAI(base_url=base + "/v1", api_key="-", max_retries=0), runtime, base
+
+
+def test_the_openai_client_reads_previews_then_the_image(client):
+    openai_client, runtime, _ = client
+    events = list(openai_client.images.generate(
+        prompt="a lighthouse", size="64x64", stream=True, partial_images=2,
+        extra_body={"seed": 9, "steps": 6},
+    ))
+    assert [type(e) for e in events] == [ImageGenPartialImageEvent] * 2 + [ImageGenCompletedEvent]
+    assert [e.partial_image_index for e in events[:2]] == [0, 1]
+    for event in events:  # every field of OpenAI's own event types, strictly
+        type(event).model_validate(event.model_dump(), strict=True)
+        assert event.size == "64x64" and event.output_format == "png"
+    previews = [png(e.b64_json) for e in events[:2]]
+    assert all(p.size == (64, 64) for p in previews)
+    final = png(events[-1].b64_json)
+    # The streamed image is the image the same request makes without streaming.
+    params = runtime.params("a lighthouse", seed=9, steps=6)
+    assert mean_abs_diff(final, runtime.engine.generate(params, timeout_s=60)[0]) == 0.0
+    assert mean_abs_diff(previews[0], previews[1]) > 0  # each from its own step
+
+
+def test_edits_stream_their_own_event_types(client):
+    openai_client, _, _ = client
+    buffer = io.BytesIO()
+    source_image().save(buffer, format="PNG")
+    events = list(openai_client.images.edit(
+        image=("s.png", buffer.getvalue(), "image/png"), prompt="ink", stream=True,
+        partial_images=1, extra_body={"seed": 2, "steps": 4, "strength": 0.75},
+    ))
+    assert [type(e) for e in events] == [ImageEditPartialImageEvent, ImageEditCompletedEvent]
+
+
+def test_no_partial_images_is_one_completed_event_on_the_wire(client):
+    _, _, base = client
+    with httpx.stream("POST", base + "/v1/images/generations", timeout=60,
+                      json={"prompt": "x", "size": "64x64", "stream": True}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        text = "".join(response.iter_text())
+    assert text.count("event: image_generation.completed") == 1
+    assert "partial_image" not in text
+
+
+def test_previews_are_made_on_their_own_thread_at_even_steps(make_runtime):
+    runtime = make_runtime("sd15", default_width=64, default_height=64)
+    seen = []
+    params = runtime.params("x", seed=1, steps=8, partial_images=3)
+    job = runtime.engine.submit(
+        params, 60, lambda index, images: seen.append((index, threading.current_thread().name)))
+    job.future.result(60)
+    runtime.engine.close(10)  # the preview thread has delivered all it was handed
+    assert seen == [(0, "previews"), (1, "previews"), (2, "previews")]
+    assert preview_steps(8, 3) == (1, 3, 5) and preview_steps(2, 3) == (0,)
+    assert preview_steps(30, 0) == ()
+
+
+def test_a_family_without_a_latent_map_refuses_previews(make_runtime):
+    runtime = make_runtime("sd3", warmup=False)
+    with pytest.raises(InvalidRequest) as caught:
+        runtime.engine.submit(runtime.params("x", partial_images=1), 60, lambda *_: None)
+    assert caught.value.field == "partial_images"
