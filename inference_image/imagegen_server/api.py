@@ -357,6 +357,7 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
     runtime = runtime or ModelRuntime(settings)
     metrics = runtime.metrics
     token = _read_token(settings)
+    signer = _read_signer(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -519,7 +520,7 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         except Exception as exc:
             log.exception("generation failed")
             raise ApiError(500, f"generation failed: {type(exc).__name__}") from exc
-        encoded = await asyncio.to_thread(_png_base64, images, params, marked())
+        encoded = await asyncio.to_thread(_png_base64, images, params, marked(), signer)
         metrics.request_seconds.observe(time.monotonic() - started)
         return {
             "created": int(time.time()),
@@ -545,7 +546,7 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         started = time.monotonic()
 
         async def event(name: str, image, **fields) -> ServerSentEvent:
-            (b64,) = await asyncio.to_thread(_png_base64, [image], params, marked())
+            (b64,) = await asyncio.to_thread(_png_base64, [image], params, marked(), signer)
             body = {"type": f"{kind}.{name}", "b64_json": b64, "created_at": int(time.time()),
                     "size": f"{params.width}x{params.height}", "quality": "auto",
                     "background": "opaque", "output_format": "png", **fields}
@@ -701,12 +702,15 @@ async def wait_for_images(job, request: Request, timeout_s: float, poll_s: float
             job.future.cancel()
 
 
-def _png_base64(images, params: GenerationParams, model: str | None) -> list[str]:
-    """Each image as base64 PNG; with ``model`` set, carrying its provenance chunks."""
+def _png_base64(images, params: GenerationParams, model: str | None,
+                signer: provenance.ManifestSigner | None) -> list[str]:
+    """Each image as base64 PNG; with ``model`` set, carrying its provenance chunks; with a
+    ``signer``, its signed C2PA manifest."""
     out = []
     for index, image in enumerate(images):
         record = None if model is None else provenance.parameters(params, model, index)
-        out.append(base64.b64encode(provenance.encode_png(image, record)).decode("ascii"))
+        png = provenance.encode_png(image, record, signer)
+        out.append(base64.b64encode(png).decode("ascii"))
     return out
 
 
@@ -732,3 +736,15 @@ def _read_token(settings: ServerSettings) -> str | None:
             raise ConfigError("auth_token is set but empty: refusing to serve without auth")
         return token
     return None
+
+
+def _read_signer(settings: ServerSettings) -> provenance.ManifestSigner | None:
+    """The C2PA signer, or None without a certificate. Fails closed, as the token does: a
+    certificate that cannot sign stops the server rather than serving unsigned images."""
+    if settings.c2pa_cert_file is None:
+        return None
+    try:
+        return provenance.ManifestSigner(settings.c2pa_cert_file, settings.c2pa_key_file,
+                                         settings.c2pa_algorithm, settings.c2pa_timestamp_url)
+    except provenance.SigningError as exc:
+        raise ConfigError(f"c2pa_cert_file: {exc}") from exc

@@ -12,7 +12,7 @@ from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "IMAGEGEN_"
@@ -212,6 +212,18 @@ class ServerSettings(BaseSettings):
         description="Mark each PNG: its generation parameters and IPTC's "
         "trainedAlgorithmicMedia source type (see provenance.py).",
     )
+    c2pa_cert_file: Path | None = Field(
+        default=None,
+        description="PEM certificate chain, leaf first, that signs a C2PA manifest into each "
+        "PNG (with c2pa_key_file); unset: no manifest.",
+    )
+    c2pa_key_file: Path | None = Field(default=None, description="PEM private key of the leaf.")
+    c2pa_algorithm: Literal["es256", "es384", "es512", "ps256", "ps384", "ps512", "ed25519"] = (
+        "es256"
+    )
+    c2pa_timestamp_url: str | None = Field(
+        default=None, description="RFC 3161 time-stamp authority the signatures are stamped by."
+    )
 
     # Speed levers.
     compile_enabled: bool = False
@@ -261,6 +273,12 @@ class ServerSettings(BaseSettings):
         if len(set(names)) != len(names):
             raise ValueError(f"LoRA names must be unique: {', '.join(names)}")
         return value
+
+    @model_validator(mode="after")
+    def _c2pa_pair(self) -> ServerSettings:
+        if (self.c2pa_cert_file is None) != (self.c2pa_key_file is None):
+            raise ValueError("c2pa_cert_file and c2pa_key_file are set together or not at all")
+        return self
 
     @field_validator("device")
     @classmethod

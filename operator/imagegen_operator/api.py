@@ -416,6 +416,13 @@ class AutoscalingSpec(KubeModel):
     )
 
 
+class SecretRef(KubeModel):
+    """A Secret in the same namespace."""
+
+    name: str = Field(max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    """Secret name."""
+
+
 class SecretKeyRef(KubeModel):
     """A key of a Secret in the same namespace."""
 
@@ -468,6 +475,13 @@ class ProvenanceSpec(KubeModel):
     """PNG text chunks with the generation parameters (prompt, seed, steps, size, model) and an
     XMP packet with IPTC's trainedAlgorithmicMedia digital source type. Metadata, not a
     watermark: it can be stripped."""
+    signing_secret_ref: SecretRef | None = None
+    """A kubernetes.io/tls Secret (tls.crt: the PEM certificate chain, leaf first; tls.key: its
+    key) with which each PNG gets a signed C2PA manifest declaring it trainedAlgorithmicMedia;
+    no manifest when unset. A certificate that cannot sign keeps the server from starting."""
+    signing_algorithm: Literal["ES256", "ES384", "ES512", "PS256", "PS384", "PS512",
+                               "Ed25519"] = "ES256"
+    """The signature algorithm; it must match the key."""
 
 
 class ServerSpec(KubeModel):

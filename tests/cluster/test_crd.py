@@ -172,7 +172,8 @@ def test_server_applies_the_documented_defaults(cluster, ns):
     assert spec["gpu"] == {"type": "nvidia-l4", "countPerNode": 1}
     assert spec["nodePool"] == {"provider": "Local", "spot": False, "minNodes": 0, "maxNodes": 4}
     assert spec["replicas"] == 1
-    assert spec["server"] == {"port": 8080, "provenance": {"metadata": True}}
+    assert spec["server"] == {
+        "port": 8080, "provenance": {"metadata": True, "signingAlgorithm": "ES256"}}
 
 
 def test_explain_shows_the_descriptions(cluster, ns):

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import io
 import json
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
+import c2pa
+import pytest
 from PIL import Image
 from server_testlib import source_image
 
+from imagegen_server.api import ConfigError, create_app
 from imagegen_server.provenance import SOFTWARE, TRAINED_ALGORITHMIC_MEDIA
 
 GENERATE, EDITS = "/v1/images/generations", "/v1/images/edits"
@@ -60,3 +65,100 @@ def test_switched_off_the_pngs_carry_nothing(client_for):
     (image,) = pngs(client.post(GENERATE, json={"prompt": "x", "size": "64x64"}))
     assert "parameters" not in image.info and "XML:com.adobe.xmp" not in image.info
     assert not getattr(image, "text", {})
+
+
+def signing_chain(directory: Path) -> tuple[Path, Path]:
+    """A test CA and an ES256 leaf it issued (PEM chain, leaf first, and the leaf's key):
+    what an organisation's signing certificate looks like to C2PA, minus the trust list."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common),
+                          x509.NameAttribute(NameOID.ORGANIZATION_NAME, "imagegen tests")])
+
+    def usage(**allowed) -> x509.KeyUsage:
+        flags = dict.fromkeys(["digital_signature", "content_commitment", "key_encipherment",
+                               "data_encipherment", "key_agreement", "key_cert_sign",
+                               "crl_sign", "encipher_only", "decipher_only"], False)
+        return x509.KeyUsage(**(flags | allowed))
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(
+        ec.SECP256R1())
+
+    def issue(subject, key, ca: bool):
+        builder = (x509.CertificateBuilder().subject_name(name(subject))
+                   .issuer_name(name("imagegen test CA")).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(days=1))
+                   .not_valid_after(now + datetime.timedelta(days=30))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if ca:
+            builder = builder.add_extension(usage(key_cert_sign=True, crl_sign=True), True)
+        else:
+            # C2PA's certificate profile: a signing leaf with the key identifiers.
+            aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
+            builder = (builder.add_extension(usage(digital_signature=True), True)
+                       .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]),
+                                      False)
+                       .add_extension(aki, False)
+                       .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                                      False))
+        return builder.sign(ca_key, hashes.SHA256())
+
+    pem = serialization.Encoding.PEM
+    cert, key = directory / "tls.crt", directory / "tls.key"
+    cert.write_bytes(issue("imagegen-server", leaf_key, False).public_bytes(pem)
+                     + issue("imagegen test CA", ca_key, True).public_bytes(pem))
+    key.write_bytes(leaf_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert, key
+
+
+def read_manifest(png: bytes) -> tuple[str, dict]:
+    with c2pa.Reader("image/png", io.BytesIO(png)) as reader:
+        return reader.get_validation_state(), json.loads(reader.json())
+
+
+def test_a_signing_certificate_adds_a_c2pa_manifest_that_c2pa_reads(client_for, tmp_path):
+    cert, key = signing_chain(tmp_path)
+    client = client_for(c2pa_cert_file=str(cert), c2pa_key_file=str(key))
+    response = client.post(GENERATE, json={"prompt": "x", "size": "64x64", "seed": 4})
+    png = base64.b64decode(response.json()["data"][0]["b64_json"])
+    state, report = read_manifest(png)
+    assert state == "Valid"  # signed and intact; the test CA is on no trust list:
+    assert {s["code"] for s in report.get("validation_status", [])} <= {
+        "signingCredential.untrusted"}
+    manifest = report["manifests"][report["active_manifest"]]
+    (actions,) = [a["data"]["actions"] for a in manifest["assertions"]
+                  if a["label"].startswith("c2pa.actions")]
+    assert actions[0]["action"] == "c2pa.created"
+    assert actions[0]["digitalSourceType"] == TRAINED_ALGORITHMIC_MEDIA
+    assert manifest["signature_info"]["common_name"] == "imagegen-server"
+    # The text chunks are still there, and the pixels are the ones generated.
+    image = Image.open(io.BytesIO(png))
+    assert json.loads(image.text["parameters"])["seed"] == 4
+    # One changed pixel byte breaks the signed hash.
+    tampered = bytearray(png)
+    tampered[png.index(b"IDAT") + 12] ^= 0xFF
+    state, report = read_manifest(bytes(tampered))
+    assert state == "Invalid"
+    assert "assertion.dataHash.mismatch" in {s["code"] for s in report["validation_status"]}
+
+
+def test_a_certificate_that_cannot_sign_stops_the_server(make_runtime, tmp_path):
+    cert, key = signing_chain(tmp_path)
+    (tmp_path / "other").mkdir()
+    other = signing_chain(tmp_path / "other")
+    runtime = make_runtime("sd15", warmup=False)
+    settings = runtime.settings.model_copy(update={"c2pa_cert_file": cert,
+                                                   "c2pa_key_file": other[1]})
+    with pytest.raises(ConfigError, match="cannot sign"):
+        create_app(settings, runtime)
+    settings = runtime.settings.model_copy(update={"c2pa_cert_file": tmp_path / "missing",
+                                                   "c2pa_key_file": key})
+    with pytest.raises(ConfigError, match="cannot read"):
+        create_app(settings, runtime)

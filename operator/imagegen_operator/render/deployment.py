@@ -267,6 +267,19 @@ def volumes_and_mounts(resource: ImageGenService) -> tuple[list[dict[str, Any]],
             }
         )
         mounts.append({"name": "auth-token", "mountPath": env.AUTH_TOKEN_DIR, "readOnly": True})
+    signing = spec.server.provenance.signing_secret_ref
+    if signing is not None:
+        volumes.append(
+            {
+                "name": "c2pa-signing",
+                "secret": {
+                    "secretName": signing.name,
+                    "items": [{"key": k, "path": k} for k in ("tls.crt", "tls.key")],
+                    "defaultMode": 0o440,
+                },
+            }
+        )
+        mounts.append({"name": "c2pa-signing", "mountPath": env.C2PA_DIR, "readOnly": True})
     return volumes, mounts
 
 

@@ -22,6 +22,7 @@ HF_CACHE_DIR = "/var/cache/imagegen/huggingface"
 COMPILE_CACHE_DIR = "/var/cache/imagegen/compile"
 AUTH_TOKEN_DIR = "/var/run/secrets/imagegen"
 AUTH_TOKEN_FILE = f"{AUTH_TOKEN_DIR}/token"
+C2PA_DIR = "/var/run/secrets/imagegen-c2pa"
 
 # Shutdown: the kubelet runs the preStop pause first, so the pod leaves the Service's
 # endpoints before the server hears SIGTERM; the server then drains for DRAIN_TIMEOUT_S (new
@@ -80,6 +81,10 @@ def settings_values(resource: ImageGenService) -> dict[str, Any]:
     if model.loras:
         values["loras"] = [{"name": lora.name, "uri": lora.uri, "scale": lora.scale}
                            for lora in model.loras]
+    if spec.server.provenance.signing_secret_ref is not None:
+        values["c2pa_cert_file"] = f"{C2PA_DIR}/tls.crt"
+        values["c2pa_key_file"] = f"{C2PA_DIR}/tls.key"
+        values["c2pa_algorithm"] = spec.server.provenance.signing_algorithm.lower()
     if spec.server.auth_secret_ref is not None:
         values["auth_token_file"] = AUTH_TOKEN_FILE
     return values
