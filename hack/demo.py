@@ -5,8 +5,10 @@
 2. Installs the CRD, runs the operator with the `Local` provider and applies
    the examples that use it; waits until every one reports Ready and shows how
    the pods were packed onto shared (simulated) GPUs.
-3. Starts the real inference server on a tiny random-weight pipeline on this
-   CPU and writes a generated PNG to demo-output/.
+3. Starts the real inference server on a tiny random-weight pipeline and a
+   random LoRA adapter on this CPU and, through the official openai client,
+   writes a generated PNG, the same with the adapter, and an inpainting edit to
+   demo-output/, then streams a request with two previews.
 
 The cluster and the operator keep running afterwards for you to explore;
 `make cluster-down` stops both.
@@ -15,6 +17,7 @@ The cluster and the operator keep running afterwards for you to explore;
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import subprocess
@@ -24,6 +27,7 @@ import urllib.request
 from pathlib import Path
 
 import yaml
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "hack"))
@@ -89,19 +93,27 @@ def show(cluster: localcluster.LocalCluster, *args: str) -> None:
     print(cluster.kubectl(*args).stdout, flush=True)
 
 
-def generate_image(model_dir: Path, out: Path) -> None:
+def generate_images(model_dir: Path, out_dir: Path) -> None:
+    """The server on a tiny model with one LoRA adapter, through the official openai client:
+    a generation, the same with the adapter, an inpainting edit, and a streamed request."""
+    import openai
+
     server = VENV_BIN / "imagegen-server"
     # The libraries' import-time notes (torchvision is not needed here) and progress bars
     # would bury the demo's own output; the server log keeps everything.
     quiet = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     subprocess.run([str(server), "make-tiny-model", str(model_dir), "--family", "sd15"],
-                   check=True, env=quiet)
+                   check=True, env=quiet, stdout=subprocess.DEVNULL)
+    lora_dir = model_dir.with_name(model_dir.name + "-lora-ink")
+    subprocess.run([str(server), "make-tiny-model", str(lora_dir), "--lora-for", str(model_dir)],
+                   check=True, env=quiet, stdout=subprocess.DEVNULL)
     port = localcluster.free_port()
     log = open(CLUSTER_DIR / "logs" / "server.log", "ab")  # noqa: SIM115
     proc = subprocess.Popen(
         [str(server), "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT,
-        env={**os.environ, "IMAGEGEN_COMPILE_ENABLED": "false", "IMAGEGEN_DTYPE": "float32"},
+        env={**quiet, "IMAGEGEN_COMPILE_ENABLED": "false", "IMAGEGEN_DTYPE": "float32",
+             "IMAGEGEN_LORAS": json.dumps([{"name": "ink", "uri": str(lora_dir)}])},
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -118,21 +130,44 @@ def generate_image(model_dir: Path, out: Path) -> None:
             if time.monotonic() > deadline:
                 raise TimeoutError("the server never became ready")
             time.sleep(0.5)
-        body = json.dumps({
-            "prompt": "a lighthouse on a cliff at dusk", "size": "64x64", "n": 1,
-            "response_format": "b64_json", "seed": 7, "steps": 4,
-        }).encode()
-        request = urllib.request.Request(f"{base}/v1/images/generations", data=body,
-                                         headers={"Content-Type": "application/json"})
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        out_dir.mkdir(exist_ok=True)
+        prompt = "a lighthouse on a cliff at dusk"
+
+        def save(name: str, b64: str, what: str, started: float) -> None:
+            path = out_dir / name
+            path.write_bytes(base64.b64decode(b64))
+            print(f"wrote {path.relative_to(ROOT)} ({path.stat().st_size} bytes, "
+                  f"{time.monotonic() - started:.2f}s): {what}")
+
         started = time.monotonic()
-        with urllib.request.urlopen(request, timeout=120) as r:
-            answer = json.load(r)
-        out.parent.mkdir(exist_ok=True)
-        out.write_bytes(base64.b64decode(answer["data"][0]["b64_json"]))
-        print(f"wrote {out.relative_to(ROOT)} ({out.stat().st_size} bytes) in "
-              f"{time.monotonic() - started:.2f}s")
+        plain = client.images.generate(prompt=prompt, size="64x64",
+                                       extra_body={"seed": 7, "steps": 4})
+        save("demo.png", plain.data[0].b64_json, "images.generate", started)
+        started = time.monotonic()
+        styled = client.images.generate(prompt=prompt, size="64x64",
+                                        extra_body={"seed": 7, "steps": 4,
+                                                    "lora": [{"name": "ink", "scale": 0.8}]})
+        save("demo-lora.png", styled.data[0].b64_json, "the same seed with the ink LoRA", started)
+        started = time.monotonic()
+        mask = io.BytesIO()
+        white_left = Image.new("L", (64, 64), 0)
+        white_left.paste(255, (0, 0, 32, 64))  # white: repainted
+        white_left.save(mask, format="PNG")
+        edited = client.images.edit(
+            image=("demo.png", (out_dir / "demo.png").read_bytes(), "image/png"),
+            mask=("mask.png", mask.getvalue(), "image/png"), prompt="a red boat",
+            extra_body={"seed": 8, "steps": 4},
+        )
+        save("demo-edit.png", edited.data[0].b64_json, "images.edit, left half repainted", started)
+        started = time.monotonic()
+        events = list(client.images.generate(prompt=prompt, size="64x64", stream=True,
+                                             partial_images=2,
+                                             extra_body={"seed": 7, "steps": 6}))
+        print(f"streamed in {time.monotonic() - started:.2f}s: "
+              + ", ".join(e.type for e in events))
         with urllib.request.urlopen(f"{base}/metrics") as r:
-            wanted = ("imagegen_images_generated_total", "imagegen_stage_duration_seconds_count")
+            wanted = ("imagegen_images_generated_total", "imagegen_requests_total")
             for line in r.read().decode().splitlines():
                 if line.startswith(wanted):
                     print("  " + line)
@@ -178,8 +213,8 @@ def main() -> int:
                           check=True, capture_output=True, text=True)
     print(plan.stdout)
 
-    step("The inference server on a tiny random-weight pipeline (CPU)")
-    generate_image(CLUSTER_DIR / "demo-model", OUTPUT / "demo.png")
+    step("The inference server on a tiny random-weight pipeline (CPU), with a LoRA")
+    generate_images(CLUSTER_DIR / "demo-model", OUTPUT)
 
     step("Done")
     print(f"export KUBECONFIG={cluster.kubeconfig}; export PATH={cluster.bin}:$PATH")

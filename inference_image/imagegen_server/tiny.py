@@ -361,7 +361,9 @@ def make_tiny_lora(
     pipeline_class = getattr(diffusers, json.loads((model_dir / "model_index.json").read_text())
                              ["_class_name"])
     part = "unet" if (model_dir / "unet").is_dir() else "transformer"
-    denoiser = diffusers.DiffusionPipeline.from_pretrained(model_dir).components[part]
+    model_class = getattr(diffusers, json.loads((model_dir / part / "config.json").read_text())
+                          ["_class_name"])
+    denoiser = model_class.from_pretrained(model_dir / part)
     _seeded(seed, 100)
     denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
                                     target_modules=targets or LORA_TARGETS))
