@@ -138,7 +138,7 @@ def test_a_family_without_edits_refuses_them(make_runtime):
 
     from imagegen_server.api import create_app
 
-    runtime = make_runtime("sdxl")
+    runtime = make_runtime("sd3", warmup=False)
     with TestClient(create_app(runtime.settings, runtime)) as client:
         response = client.post(EDITS, data={"prompt": "x"}, files=form(image=GOOD))
     assert response.status_code == 400

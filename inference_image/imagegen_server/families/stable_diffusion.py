@@ -115,14 +115,19 @@ class StableDiffusionSteps(FamilySteps):
         dtype = job.conditioning["embeds"].dtype
         job.generator = self.new_generator(p.seed)
         image = self.pipeline.image_processor.preprocess(edit.image, height=p.height, width=p.width)
-        image = image.to(device=self.device, dtype=dtype)
-        latents = retrieve_latents(vae.encode(image), generator=job.generator)
-        job.conditioning["image_latents"] = vae.config.scaling_factor * latents
+        # In the VAE's dtype: float32 where loading keeps an fp16 model's VAE upcast.
+        image = image.to(device=self.device, dtype=vae.dtype)
+        latents = retrieve_latents(vae.encode(image), generator=job.generator).to(dtype)
+        job.conditioning["image_latents"] = self.image_latents(latents, masked=edit.mask is not None)
         if edit.mask is not None:
             mask = self.mask_processor.preprocess(edit.mask, height=p.height, width=p.width)
             size = (p.height // self.vae_scale_factor, p.width // self.vae_scale_factor)
             mask = torch.nn.functional.interpolate(mask, size=size)
             job.conditioning["mask"] = mask.to(device=self.device, dtype=dtype)
+
+    def image_latents(self, latents: torch.Tensor, masked: bool) -> torch.Tensor:
+        """The VAE's sample in the denoiser's latent space."""
+        return self.pipeline.vae.config.scaling_factor * latents
 
     def _zero_negative(self, job: Job) -> bool:
         return False
@@ -193,7 +198,7 @@ class StableDiffusionSteps(FamilySteps):
         # though a 4-channel UNet never reads those latents. The same draw, without the VAE,
         # keeps the generator's later draws (an ancestral scheduler's) equal to diffusers'.
         randn_tensor(c["image_latents"][:1].shape, generator=job.generator, device=self.device,
-                     dtype=c["image_latents"].dtype)
+                     dtype=self.pipeline.vae.dtype)
 
     def keep_unmasked(self, job: Job, step: int) -> None:
         """Inpainting: the kept region back from the image, noised to the next timestep."""
@@ -261,10 +266,23 @@ class StableDiffusionSteps(FamilySteps):
 class StableDiffusionXLSteps(StableDiffusionSteps):
     """SDXL: two text encoders, pooled text embeddings and size/crop time ids."""
 
-    # SDXL's img2img and inpainting pipelines differ (aesthetic-score time ids, denoising
-    # start and end): not served yet.
-    supports_edits = False
+    # As StableDiffusionXLImg2ImgPipeline and StableDiffusionXLInpaintPipeline for a base model
+    # (no aesthetic-score conditioning, no denoising_start or _end): the same time ids as
+    # text-to-image, and the latents scaled as below.
+    supports_edits = True
     latent_rgb = SDXL_RGB
+
+    def image_latents(self, latents: torch.Tensor, masked: bool) -> torch.Tensor:
+        # diffusers' SDXL img2img normalizes by the VAE's latents_mean/_std where the config
+        # has them; its inpainting pipeline only scales. Mirrored, so each equals its own.
+        config = self.pipeline.vae.config
+        mean = getattr(config, "latents_mean", None)
+        std = getattr(config, "latents_std", None)
+        if masked or mean is None or std is None:
+            return config.scaling_factor * latents
+        mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+        std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+        return (latents - mean) * config.scaling_factor / std
 
     def _zero_negative(self, job: Job) -> bool:
         # diffusers' SDXL uses zeros, not the encoded empty string, when no negative prompt is
