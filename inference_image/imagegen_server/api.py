@@ -23,8 +23,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    StrictBool,
-    StrictInt,
     StrictStr,
     ValidationError,
     field_validator,
@@ -64,10 +62,32 @@ class LoraChoice(BaseModel):
 
 
 class _ImageRequest(BaseModel):
-    """What generations and edits share: the size grammar, inline PNG answers."""
+    """What generations and edits share: OpenAI's fields plus seed, steps, guidance_scale,
+    negative_prompt and lora; the size grammar; inline PNG answers.
+
+    Only types and the size grammar are checked here; every limit (how many images, pixels,
+    steps) is the engine's ``check_request``, so each has one message. A JSON body is read
+    strictly (``"2"`` is no number); a form's values are text and are read as such.
+    """
 
     # OpenAI clients send fields this server has no use for (quality, style, user): ignore them.
     model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    # null means "the default" for the optional OpenAI fields, as OpenAI itself treats them.
+    n: int | None = 1
+    size: str | None = None
+    response_format: str | None = "b64_json"
+    output_format: str | None = None
+    background: str | None = None
+    stream: bool | None = None
+    partial_images: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    steps: int | None = None
+    guidance_scale: float | None = Field(default=None, allow_inf_nan=False)
+    negative_prompt: str | None = None
+    lora: list[LoraChoice] | None = Field(default=None, max_length=16)
 
     @field_validator("size", check_fields=False)
     @classmethod
@@ -108,51 +128,16 @@ class _ImageRequest(BaseModel):
 
 
 class ImageGenerationRequest(_ImageRequest):
-    """OpenAI's ``images.generate`` body plus seed, steps, guidance_scale and negative_prompt.
-
-    Only types and the size grammar are checked here; every limit (how many images, pixels,
-    steps) is the engine's ``check_request``, so each has one message.
-    """
-
-    prompt: StrictStr = Field(min_length=1)
-    model: StrictStr | None = None
-    # null means "the default" for the optional OpenAI fields, as OpenAI itself treats them.
-    n: StrictInt | None = 1
-    size: StrictStr | None = None
-    response_format: StrictStr | None = "b64_json"
-    output_format: StrictStr | None = None
-    background: StrictStr | None = None
-    stream: StrictBool | None = None
-    partial_images: StrictInt | None = None
-    seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
-    steps: StrictInt | None = None
-    guidance_scale: Number | None = None
-    negative_prompt: StrictStr | None = None
-    lora: list[LoraChoice] | None = Field(default=None, max_length=16)
+    """OpenAI's ``images.generate`` body, with the extensions; validated strictly."""
 
 
 class ImageEditForm(_ImageRequest):
-    """The text fields of OpenAI's ``images.edit`` form, plus strength, seed, steps,
-    guidance_scale and negative_prompt. A form's values are strings: "2" is read as 2."""
+    """The text fields of OpenAI's ``images.edit`` form, with the extensions and strength."""
 
-    prompt: str = Field(min_length=1)
-    model: str | None = None
-    n: int | None = 1
-    size: str | None = None
-    response_format: str | None = "b64_json"
-    output_format: str | None = None
-    background: str | None = None
-    stream: bool | None = None
-    partial_images: int | None = None
     # diffusers' defaults: 0.8 for image-to-image, 1.0 (repaint fully) under a mask.
     strength: float | None = Field(default=None, allow_inf_nan=False)
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    steps: int | None = None
-    guidance_scale: float | None = Field(default=None, allow_inf_nan=False)
-    negative_prompt: str | None = None
-    # A form field holds text: the same list as on generations, as JSON.
-    lora: list[LoraChoice] | None = Field(default=None, max_length=16)
 
+    # A form field holds text: the same list as on generations, as JSON.
     @field_validator("lora", mode="before")
     @classmethod
     def _lora_json(cls, value: Any) -> Any:
@@ -328,10 +313,10 @@ def stream_error(exc: BaseException) -> ServerSentEvent:
                            event="error")
 
 
-def parse(model: type[BaseModel], raw: Any):
+def parse(model: type[BaseModel], raw: Any, *, strict: bool = False):
     """A body validated by ``model``, or the 400 naming its first bad field."""
     try:
-        return model.model_validate(raw)
+        return model.model_validate(raw, strict=strict)
     except ValidationError as exc:
         raise validation_error(exc) from exc
 
@@ -408,7 +393,7 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
     )
     async def generate(request: Request):
         raw = await read_json_body(request, settings.max_body_bytes)
-        body = parse(ImageGenerationRequest, raw)
+        body = parse(ImageGenerationRequest, raw, strict=True)
         check_served(body.model)
         width, height = parse_size(body.size)
         params = runtime.params(
