@@ -395,22 +395,8 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         raw = await read_json_body(request, settings.max_body_bytes)
         body = parse(ImageGenerationRequest, raw, strict=True)
         check_served(body.model)
-        width, height = parse_size(body.size)
-        params = runtime.params(
-            body.prompt,
-            n=1 if body.n is None else body.n,
-            width=width,
-            height=height,
-            steps=body.steps,
-            guidance_scale=body.guidance_scale,
-            seed=body.seed,
-            negative_prompt=body.negative_prompt,
-            lora=[(choice.name, choice.scale) for choice in body.lora or []],
-            partial_images=streamed_previews(body),
-        )
-        if body.stream:
-            return stream(request, params, "image_generation")
-        return await serve(request, params)
+        params = params_of(body, parse_size(body.size))
+        return await answer(request, params, "image_generation", body.stream)
 
     @app.post(
         EDITS_PATH,
@@ -434,27 +420,37 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
             )
         except UploadError as exc:
             raise ApiError(400, str(exc), param=exc.field, code="invalid_image") from exc
-        width, height = parse_size(body.size)
-        if width is None:
+        size = parse_size(body.size)
+        if size[0] is None:
             # The image's own size, down to what the model can make (diffusers does the same).
             multiple = runtime.steps.size_multiple
-            width, height = (side - side % multiple for side in image.size)
+            size = tuple(side - side % multiple for side in image.size)
         strength = body.strength if body.strength is not None else (0.8 if mask is None else 1.0)
-        params = runtime.params(
+        params = params_of(body, size, EditInput(image, strength, mask))
+        return await answer(request, params, "image_edit", body.stream)
+
+    def params_of(body: _ImageRequest, size: tuple[int | None, int | None],
+                  edit: EditInput | None = None) -> GenerationParams:
+        """The engine's request for a parsed body, the server's defaults filled in."""
+        return runtime.params(
             body.prompt,
             n=1 if body.n is None else body.n,
-            width=width,
-            height=height,
+            width=size[0],
+            height=size[1],
             steps=body.steps,
             guidance_scale=body.guidance_scale,
             seed=body.seed,
             negative_prompt=body.negative_prompt,
             lora=[(choice.name, choice.scale) for choice in body.lora or []],
-            edit=EditInput(image, strength, mask),
+            edit=edit,
             partial_images=streamed_previews(body),
         )
-        if body.stream:
-            return stream(request, params, "image_edit")
+
+    async def answer(request: Request, params: GenerationParams, kind: str,
+                     streamed: bool | None):
+        """A stream of events when the request asked for one, else one JSON answer."""
+        if streamed:
+            return stream(request, params, kind)
         return await serve(request, params)
 
     def check_served(name: str | None) -> None:
