@@ -1,7 +1,6 @@
 """HTTP routes: the OpenAI Images API plus health, readiness and metrics.
 
-Errors follow OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with
-``param`` naming the offending field.
+The bodies and their errors are bodies.py's, streamed answers streaming.py's.
 """
 
 from __future__ import annotations
@@ -9,34 +8,36 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
-import json
 import logging
-import re
 import time
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictStr,
-    ValidationError,
-    field_validator,
-)
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.formparsers import MultiPartException
 
 from . import provenance
+from .bodies import (
+    ApiError,
+    ImageEditForm,
+    ImageGenerationRequest,
+    ImageRequest,
+    decode_uploads,
+    error_response,
+    parse,
+    parse_size,
+    read_form,
+    read_json_body,
+    streamed_previews,
+)
 from .config import ServerSettings
 from .engine import EngineClosedError, InvalidRequest, QueueFullError, ShutdownError
 from .request import EditInput, GenerationParams, JobTimeout
 from .runtime import ModelRuntime
-from .uploads import UploadError, edit_image, edit_mask, open_image
+from .streaming import Previews, image_events
+from .uploads import UploadError
 
 log = logging.getLogger(__name__)
 
@@ -44,297 +45,6 @@ GENERATIONS_PATH = "/v1/images/generations"
 EDITS_PATH = "/v1/images/edits"
 # The routes whose answers imagegen_requests_total counts, by its route label.
 COUNTED_ROUTES = {GENERATIONS_PATH: "generations", EDITS_PATH: "edits"}
-
-
-SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
-# A number, strictly: "7" is not one, nor NaN or infinity; 7 is 7.0.
-Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-
-
-class LoraChoice(BaseModel):
-    """One LoRA adapter a request asks for: a name the service declared, and its scale
-    (the declared scale when left out)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: StrictStr
-    scale: Number | None = None
-
-
-class _ImageRequest(BaseModel):
-    """What generations and edits share: OpenAI's fields plus seed, steps, guidance_scale,
-    negative_prompt and lora; the size grammar; inline PNG answers.
-
-    Only types and the size grammar are checked here; every limit (how many images, pixels,
-    steps) is the engine's ``check_request``, so each has one message. A JSON body is read
-    strictly (``"2"`` is no number); a form's values are text and are read as such.
-    """
-
-    # OpenAI clients send fields this server has no use for (quality, style, user): ignore them.
-    model_config = ConfigDict(extra="ignore")
-
-    prompt: str = Field(min_length=1)
-    model: str | None = None
-    # null means "the default" for the optional OpenAI fields, as OpenAI itself treats them.
-    n: int | None = 1
-    size: str | None = None
-    response_format: str | None = "b64_json"
-    output_format: str | None = None
-    background: str | None = None
-    stream: bool | None = None
-    partial_images: int | None = None
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    steps: int | None = None
-    guidance_scale: float | None = Field(default=None, allow_inf_nan=False)
-    negative_prompt: str | None = None
-    lora: list[LoraChoice] | None = Field(default=None, max_length=16)
-
-    @field_validator("size", check_fields=False)
-    @classmethod
-    def _size_grammar(cls, value: str | None) -> str | None:
-        if value is None or SIZE.match(value):
-            return value
-        if value == "auto":
-            raise ValueError(
-                "size 'auto' is not supported here: give WIDTHxHEIGHT in pixels, such as "
-                "'512x512', or leave size out for the default size"
-            )
-        raise ValueError(f"size {value!r} is not WIDTHxHEIGHT in pixels, such as '512x512'")
-
-    @field_validator("response_format", check_fields=False)
-    @classmethod
-    def _inline_only(cls, value: str | None) -> str | None:
-        if value not in (None, "b64_json"):
-            raise ValueError(
-                f"response_format {value!r} is not supported: this server returns images "
-                "inline, as 'b64_json', and hosts no URLs"
-            )
-        return value
-
-    @field_validator("output_format", check_fields=False)
-    @classmethod
-    def _png_only(cls, value: str | None) -> str | None:
-        if value not in (None, "png"):
-            raise ValueError(f"output_format {value!r} is not supported: this server returns PNG")
-        return value
-
-    @field_validator("background", check_fields=False)
-    @classmethod
-    def _opaque_only(cls, value: str | None) -> str | None:
-        if value == "transparent":
-            raise ValueError("background 'transparent' is not supported: the images are opaque")
-        return value
-
-
-
-class ImageGenerationRequest(_ImageRequest):
-    """OpenAI's ``images.generate`` body, with the extensions; validated strictly."""
-
-
-class ImageEditForm(_ImageRequest):
-    """The text fields of OpenAI's ``images.edit`` form, with the extensions and strength."""
-
-    # diffusers' defaults: 0.8 for image-to-image, 1.0 (repaint fully) under a mask.
-    strength: float | None = Field(default=None, allow_inf_nan=False)
-
-    # A form field holds text: the same list as on generations, as JSON.
-    @field_validator("lora", mode="before")
-    @classmethod
-    def _lora_json(cls, value: Any) -> Any:
-        if not isinstance(value, str):
-            return value
-        try:
-            return json.loads(value)
-        except ValueError:
-            raise ValueError(
-                'lora must be a JSON list such as [{"name": "ink", "scale": 0.8}]'
-            ) from None
-
-
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        kind: str = "",
-        code: str | None = None,
-        headers=None,
-    ):
-        super().__init__(message)
-        self.status = status
-        self.param = param
-        self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
-        self.code = code
-        self.headers = headers or {}
-
-
-def error_response(
-    status: int, message: str, param: str | None, kind: str, headers=None, code: str | None = None
-):
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-# pydantic's error types -> OpenAI-style codes.
-VALIDATION_CODES = {"missing": "missing_required_parameter", "value_error": "invalid_value"}
-
-
-def validation_error(exc: ValidationError) -> ApiError:
-    """The first problem of a body, as OpenAI reports it: 400, the field, a sentence."""
-    first = exc.errors(include_url=False)[0]
-    loc = [str(part) for part in first.get("loc", ())]
-    param = ".".join(loc) or None
-    kind = first.get("type", "")
-    message = first.get("msg", "invalid value")
-    if kind == "value_error":
-        message = str(first.get("ctx", {}).get("error", message))
-    elif kind == "model_type":
-        message = "the request body must be a JSON object"
-    elif param:
-        message = f"{param}: {message}"
-    code = VALIDATION_CODES.get(kind, "invalid_type" if kind.endswith("_type") else "invalid_value")
-    return ApiError(400, message, param=param, code=code)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, or a 413 once it is known to be larger than ``limit``."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"request body is larger than {limit} bytes", code="body_too_large")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:  # a body without a length, or one that lied about it
-            raise ApiError(413, f"request body is larger than {limit} bytes", code="body_too_large")
-    return bytes(body)
-
-
-def _require_media_type(request: Request, expected: str) -> None:
-    content_type = request.headers.get("content-type", "")
-    if content_type.split(";")[0].strip().lower() != expected:
-        raise ApiError(
-            415,
-            f"Content-Type must be {expected}, not {content_type or 'missing'!r}",
-            code="unsupported_media_type",
-        )
-
-
-async def read_json_body(request: Request, limit: int) -> Any:
-    """The body as JSON, or the error a client should see: 415, 413 or 400."""
-    _require_media_type(request, "application/json")
-    body = await read_body(request, limit)
-    try:
-        return json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ApiError(400, "request body is not valid UTF-8", code="invalid_json") from exc
-    except RecursionError as exc:
-        raise ApiError(400, "request body is nested too deeply", code="invalid_json") from exc
-    except ValueError as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
-
-
-# A form has a few text fields and at most these files (image and mask).
-FORM_FILES = ("image", "mask")
-
-
-async def read_form(request: Request, limit: int) -> tuple[dict[str, str], dict[str, bytes]]:
-    """A multipart form's text fields and files, within ``limit`` bytes in all: 415, 413, 400.
-
-    A file field sent twice (OpenAI's client sends a list of images as ``image[]``) is a 400:
-    an edit starts from one image.
-    """
-    _require_media_type(request, "multipart/form-data")
-    body = await read_body(request, limit)
-
-    async def replay():
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    try:
-        form = await Request(request.scope, replay).form(
-            max_files=len(FORM_FILES), max_fields=64, max_part_size=limit
-        )
-    except (StarletteHTTPException, MultiPartException) as exc:
-        detail = getattr(exc, "detail", None) or getattr(exc, "message", str(exc))
-        raise ApiError(400, f"request body is not a valid multipart form: {detail}",
-                       code="invalid_form") from exc
-    try:
-        fields: dict[str, str] = {}
-        files: dict[str, bytes] = {}
-        for key, value in form.multi_items():
-            name = key.removesuffix("[]")
-            if name in fields or name in files:
-                raise ApiError(400, f"{name} is given more than once: send one", param=name,
-                               code="invalid_value")
-            if isinstance(value, str):
-                if name in FORM_FILES:
-                    raise ApiError(400, f"{name} must be a file upload, not a text field",
-                                   param=name, code="invalid_type")
-                fields[name] = value
-            elif name in FORM_FILES:
-                files[name] = await value.read()
-            else:
-                raise ApiError(400, f"{name} is a file; only {' and '.join(FORM_FILES)} are",
-                               param=name, code="invalid_type")
-        return fields, files
-    finally:
-        await form.close()
-
-
-# How long a finished stream waits for a preview still being made before the final image.
-PREVIEW_WAIT_S = 2.0
-# OpenAI's completed events carry token usage; a diffusion model counts no tokens.
-NO_TOKENS = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
-             "output_tokens": 0, "total_tokens": 0}
-
-
-def streamed_previews(body: _ImageRequest) -> int:
-    """How many previews a request streams; a streamed request makes one image."""
-    if not body.stream:
-        return 0  # partial_images without stream: ignored, as OpenAI ignores it
-    if body.n not in (None, 1):
-        raise ApiError(400, f"a streamed request makes one image: n must be 1, not {body.n}",
-                       param="n", code="invalid_value")
-    return body.partial_images or 0
-
-
-def stream_error(exc: BaseException) -> ServerSentEvent:
-    """An error once the stream has started: an ``error`` event in OpenAI's error shape,
-    which the openai client raises as an APIError."""
-    if isinstance(exc, JobTimeout | TimeoutError):
-        error = {"message": "request timed out", "type": "timeout_error"}
-    elif isinstance(exc, ShutdownError):
-        error = {"message": str(exc), "type": "server_error"}
-    else:
-        log.error("streamed generation failed: %r", exc)
-        error = {"message": f"generation failed: {type(exc).__name__}", "type": "server_error"}
-    return ServerSentEvent(json.dumps({"error": {**error, "param": None, "code": None}}),
-                           event="error")
-
-
-def parse(model: type[BaseModel], raw: Any, *, strict: bool = False):
-    """A body validated by ``model``, or the 400 naming its first bad field."""
-    try:
-        return model.model_validate(raw, strict=strict)
-    except ValidationError as exc:
-        raise validation_error(exc) from exc
-
-
-def parse_size(size: str | None) -> tuple[int | None, int | None]:
-    if size is None:
-        return None, None
-    width, height = (int(v) for v in size.split("x"))
-    return width, height
-
-
-def decode_uploads(files: dict[str, bytes], max_pixels: int):
-    """The edit's RGB image and grayscale mask (None without one), checked and decoded."""
-    image = open_image(files["image"], "image", max_pixels)
-    mask = None
-    if "mask" in files:
-        mask = edit_mask(open_image(files["mask"], "mask", max_pixels), image)
-    return edit_image(image), mask
 
 
 def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) -> FastAPI:
@@ -429,7 +139,7 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         params = params_of(body, size, EditInput(image, strength, mask))
         return await answer(request, params, "image_edit", body.stream)
 
-    def params_of(body: _ImageRequest, size: tuple[int | None, int | None],
+    def params_of(body: ImageRequest, size: tuple[int | None, int | None],
                   edit: EditInput | None = None) -> GenerationParams:
         """The engine's request for a parsed body, the server's defaults filled in."""
         return runtime.params(
@@ -514,67 +224,20 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         return runtime.model.name if settings.provenance else None
 
     def stream(request: Request, params: GenerationParams, kind: str) -> EventSourceResponse:
-        """Server-sent events as OpenAI streams images: ``{kind}.partial_image`` for each
-        preview as it is made, then ``{kind}.completed`` with the final image. Refusals
-        (400, 429, 503) come before the stream starts, as plain errors."""
-        loop = asyncio.get_running_loop()
-        previews: asyncio.Queue = asyncio.Queue()
-
-        def deliver(index: int, images: list) -> None:  # on the preview thread
-            loop.call_soon_threadsafe(previews.put_nowait, (index, images))
-
-        job = submit(params, deliver)
+        """The answer as OpenAI streams images (streaming.py); refusals come first, plain."""
+        previews = Previews()
+        job = submit(params, previews.deliver)
         started = time.monotonic()
 
-        async def event(name: str, image, **fields) -> ServerSentEvent:
-            (b64,) = await asyncio.to_thread(_png_base64, [image], params, marked(), signer)
-            body = {"type": f"{kind}.{name}", "b64_json": b64, "created_at": int(time.time()),
-                    "size": f"{params.width}x{params.height}", "quality": "auto",
-                    "background": "opaque", "output_format": "png", **fields}
-            return ServerSentEvent(json.dumps(body), event=body["type"])
+        def encode(image) -> str:
+            return _png_base64([image], params, marked(), signer)[0]
 
         async def events():
-            future = asyncio.wrap_future(job.future)
-            deadline = started + settings.request_timeout_s
-            sent = 0
-            try:
-                while not future.done():
-                    waiting = asyncio.ensure_future(previews.get())
-                    done, _ = await asyncio.wait(
-                        {future, waiting}, timeout=max(0.0, deadline - time.monotonic()),
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
-                    if waiting in done:
-                        index, images = waiting.result()
-                        sent += 1
-                        yield await event("partial_image", images[0], partial_image_index=index)
-                    else:
-                        waiting.cancel()
-                    if not done:
-                        raise TimeoutError
-                try:
-                    images = future.result()
-                except Exception as exc:
-                    yield stream_error(exc)
-                    return
-                # Previews the denoise loop handed over before it finished come first, in
-                # order; the preview thread may still be making the last of them.
-                handed = job.preview.handed if job.preview is not None else 0
-                while sent < handed:
-                    try:
-                        index, preview = await asyncio.wait_for(previews.get(), PREVIEW_WAIT_S)
-                    except TimeoutError:
-                        break  # a preview that failed; the image does not wait for it
-                    sent += 1
-                    yield await event("partial_image", preview[0], partial_image_index=index)
-                yield await event("completed", images[0], usage=NO_TOKENS)
-                metrics.request_seconds.observe(time.monotonic() - started)
-            except TimeoutError:
-                yield stream_error(JobTimeout("request timed out"))
-            finally:
-                # A client that left (sse-starlette cancels this generator) frees the work.
-                if not job.future.done():
-                    job.future.cancel()
+            async for event in image_events(job, previews, params, kind, encode,
+                                            settings.request_timeout_s):
+                yield event
+                if event.event == f"{kind}.completed":
+                    metrics.request_seconds.observe(time.monotonic() - started)
 
         return EventSourceResponse(events(), ping=15)
 

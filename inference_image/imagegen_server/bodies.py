@@ -1,0 +1,295 @@
+"""Request bodies of the image routes: reading them, validating them, and the errors.
+
+Errors follow OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with
+``param`` naming the offending field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
+
+from .uploads import edit_image, edit_mask, open_image
+
+SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
+# A number, strictly: "7" is not one, nor NaN or infinity; 7 is 7.0.
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+class LoraChoice(BaseModel):
+    """One LoRA adapter a request asks for: a name the service declared, and its scale
+    (the declared scale when left out)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr
+    scale: Number | None = None
+
+
+class ImageRequest(BaseModel):
+    """What generations and edits share: OpenAI's fields plus seed, steps, guidance_scale,
+    negative_prompt and lora; the size grammar; inline PNG answers.
+
+    Only types and the size grammar are checked here; every limit (how many images, pixels,
+    steps) is the engine's ``check_request``, so each has one message. A JSON body is read
+    strictly (``"2"`` is no number); a form's values are text and are read as such.
+    """
+
+    # OpenAI clients send fields this server has no use for (quality, style, user): ignore them.
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    # null means "the default" for the optional OpenAI fields, as OpenAI itself treats them.
+    n: int | None = 1
+    size: str | None = None
+    response_format: str | None = "b64_json"
+    output_format: str | None = None
+    background: str | None = None
+    stream: bool | None = None
+    partial_images: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    steps: int | None = None
+    guidance_scale: float | None = Field(default=None, allow_inf_nan=False)
+    negative_prompt: str | None = None
+    lora: list[LoraChoice] | None = Field(default=None, max_length=16)
+
+    @field_validator("size", check_fields=False)
+    @classmethod
+    def _size_grammar(cls, value: str | None) -> str | None:
+        if value is None or SIZE.match(value):
+            return value
+        if value == "auto":
+            raise ValueError(
+                "size 'auto' is not supported here: give WIDTHxHEIGHT in pixels, such as "
+                "'512x512', or leave size out for the default size"
+            )
+        raise ValueError(f"size {value!r} is not WIDTHxHEIGHT in pixels, such as '512x512'")
+
+    @field_validator("response_format", check_fields=False)
+    @classmethod
+    def _inline_only(cls, value: str | None) -> str | None:
+        if value not in (None, "b64_json"):
+            raise ValueError(
+                f"response_format {value!r} is not supported: this server returns images "
+                "inline, as 'b64_json', and hosts no URLs"
+            )
+        return value
+
+    @field_validator("output_format", check_fields=False)
+    @classmethod
+    def _png_only(cls, value: str | None) -> str | None:
+        if value not in (None, "png"):
+            raise ValueError(f"output_format {value!r} is not supported: this server returns PNG")
+        return value
+
+    @field_validator("background", check_fields=False)
+    @classmethod
+    def _opaque_only(cls, value: str | None) -> str | None:
+        if value == "transparent":
+            raise ValueError("background 'transparent' is not supported: the images are opaque")
+        return value
+
+
+
+class ImageGenerationRequest(ImageRequest):
+    """OpenAI's ``images.generate`` body, with the extensions; validated strictly."""
+
+
+class ImageEditForm(ImageRequest):
+    """The text fields of OpenAI's ``images.edit`` form, with the extensions and strength."""
+
+    # diffusers' defaults: 0.8 for image-to-image, 1.0 (repaint fully) under a mask.
+    strength: float | None = Field(default=None, allow_inf_nan=False)
+
+    # A form field holds text: the same list as on generations, as JSON.
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _lora_json(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise ValueError(
+                'lora must be a JSON list such as [{"name": "ink", "scale": 0.8}]'
+            ) from None
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        kind: str = "",
+        code: str | None = None,
+        headers=None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.param = param
+        self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+        self.code = code
+        self.headers = headers or {}
+
+
+def error_response(
+    status: int, message: str, param: str | None, kind: str, headers=None, code: str | None = None
+):
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+# pydantic's error types -> OpenAI-style codes.
+VALIDATION_CODES = {"missing": "missing_required_parameter", "value_error": "invalid_value"}
+
+
+def validation_error(exc: ValidationError) -> ApiError:
+    """The first problem of a body, as OpenAI reports it: 400, the field, a sentence."""
+    first = exc.errors(include_url=False)[0]
+    loc = [str(part) for part in first.get("loc", ())]
+    param = ".".join(loc) or None
+    kind = first.get("type", "")
+    message = first.get("msg", "invalid value")
+    if kind == "value_error":
+        message = str(first.get("ctx", {}).get("error", message))
+    elif kind == "model_type":
+        message = "the request body must be a JSON object"
+    elif param:
+        message = f"{param}: {message}"
+    code = VALIDATION_CODES.get(kind, "invalid_type" if kind.endswith("_type") else "invalid_value")
+    return ApiError(400, message, param=param, code=code)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, or a 413 once it is known to be larger than ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body is larger than {limit} bytes", code="body_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:  # a body without a length, or one that lied about it
+            raise ApiError(413, f"request body is larger than {limit} bytes", code="body_too_large")
+    return bytes(body)
+
+
+def _require_media_type(request: Request, expected: str) -> None:
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != expected:
+        raise ApiError(
+            415,
+            f"Content-Type must be {expected}, not {content_type or 'missing'!r}",
+            code="unsupported_media_type",
+        )
+
+
+async def read_json_body(request: Request, limit: int) -> Any:
+    """The body as JSON, or the error a client should see: 415, 413 or 400."""
+    _require_media_type(request, "application/json")
+    body = await read_body(request, limit)
+    try:
+        return json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, "request body is not valid UTF-8", code="invalid_json") from exc
+    except RecursionError as exc:
+        raise ApiError(400, "request body is nested too deeply", code="invalid_json") from exc
+    except ValueError as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+
+
+# A form has a few text fields and at most these files (image and mask).
+FORM_FILES = ("image", "mask")
+
+
+async def read_form(request: Request, limit: int) -> tuple[dict[str, str], dict[str, bytes]]:
+    """A multipart form's text fields and files, within ``limit`` bytes in all: 415, 413, 400.
+
+    A file field sent twice (OpenAI's client sends a list of images as ``image[]``) is a 400:
+    an edit starts from one image.
+    """
+    _require_media_type(request, "multipart/form-data")
+    body = await read_body(request, limit)
+
+    async def replay():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(
+            max_files=len(FORM_FILES), max_fields=64, max_part_size=limit
+        )
+    except (StarletteHTTPException, MultiPartException) as exc:
+        detail = getattr(exc, "detail", None) or getattr(exc, "message", str(exc))
+        raise ApiError(400, f"request body is not a valid multipart form: {detail}",
+                       code="invalid_form") from exc
+    try:
+        fields: dict[str, str] = {}
+        files: dict[str, bytes] = {}
+        for key, value in form.multi_items():
+            name = key.removesuffix("[]")
+            if name in fields or name in files:
+                raise ApiError(400, f"{name} is given more than once: send one", param=name,
+                               code="invalid_value")
+            if isinstance(value, str):
+                if name in FORM_FILES:
+                    raise ApiError(400, f"{name} must be a file upload, not a text field",
+                                   param=name, code="invalid_type")
+                fields[name] = value
+            elif name in FORM_FILES:
+                files[name] = await value.read()
+            else:
+                raise ApiError(400, f"{name} is a file; only {' and '.join(FORM_FILES)} are",
+                               param=name, code="invalid_type")
+        return fields, files
+    finally:
+        await form.close()
+
+
+def streamed_previews(body: ImageRequest) -> int:
+    """How many previews a request streams; a streamed request makes one image."""
+    if not body.stream:
+        return 0  # partial_images without stream: ignored, as OpenAI ignores it
+    if body.n not in (None, 1):
+        raise ApiError(400, f"a streamed request makes one image: n must be 1, not {body.n}",
+                       param="n", code="invalid_value")
+    return body.partial_images or 0
+
+
+def parse(model: type[BaseModel], raw: Any, *, strict: bool = False):
+    """A body validated by ``model``, or the 400 naming its first bad field."""
+    try:
+        return model.model_validate(raw, strict=strict)
+    except ValidationError as exc:
+        raise validation_error(exc) from exc
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    if size is None:
+        return None, None
+    width, height = (int(v) for v in size.split("x"))
+    return width, height
+
+
+def decode_uploads(files: dict[str, bytes], max_pixels: int):
+    """The edit's RGB image and grayscale mask (None without one), checked and decoded."""
+    image = open_image(files["image"], "image", max_pixels)
+    mask = None
+    if "mask" in files:
+        mask = edit_mask(open_image(files["mask"], "mask", max_pixels), image)
+    return edit_image(image), mask
