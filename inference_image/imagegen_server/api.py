@@ -33,11 +33,17 @@ from .bodies import (
     streamed_previews,
 )
 from .config import ServerSettings
-from .engine import EngineClosedError, InvalidRequest, QueueFullError, ShutdownError
+from .engine import (
+    EngineClosedError,
+    InvalidRequest,
+    QueueFullError,
+    ShutdownError,
+    max_pixels,
+)
 from .request import EditInput, GenerationParams, JobTimeout
 from .runtime import ModelRuntime
 from .streaming import Previews, image_events
-from .uploads import UploadError
+from .uploads import UploadError, edit_size
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +138,8 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
             raise ApiError(400, str(exc), param=exc.field, code="invalid_image") from exc
         size = parse_size(body.size)
         if size[0] is None:
-            # The image's own size, down to what the model can make (diffusers does the same).
-            multiple = runtime.steps.size_multiple
-            size = tuple(side - side % multiple for side in image.size)
+            steps = runtime.steps
+            size = edit_size(image.size, steps.size_multiple, max_pixels(steps, settings))
         strength = body.strength if body.strength is not None else (0.8 if mask is None else 1.0)
         params = params_of(body, size, EditInput(image, strength, mask))
         return await answer(request, params, "image_edit", body.stream)
@@ -211,7 +216,11 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         except Exception as exc:
             log.exception("generation failed")
             raise ApiError(500, f"generation failed: {type(exc).__name__}") from exc
-        encoded = await asyncio.to_thread(_png_base64, images, params, marked(), signer)
+        try:
+            encoded = await asyncio.to_thread(_png_base64, images, params, marked(), signer)
+        except Exception as exc:
+            log.exception("encoding the answer failed")
+            raise ApiError(500, f"encoding the images failed: {type(exc).__name__}") from exc
         metrics.request_seconds.observe(time.monotonic() - started)
         return {
             "created": int(time.time()),
@@ -353,7 +362,8 @@ def _png_base64(images, params: GenerationParams, model: str | None,
     out = []
     for index, image in enumerate(images):
         record = None if model is None else provenance.parameters(params, model, index)
-        png = provenance.encode_png(image, record, signer)
+        parent = params.edit.image if params.edit is not None else None
+        png = provenance.encode_png(image, record, signer, parent)
         out.append(base64.b64encode(png).decode("ascii"))
     return out
 

@@ -21,7 +21,7 @@ from typing import Any
 from .config import LIMITS, ServerSettings, StageMode
 from .families import FamilySteps
 from .metrics import ServerMetrics
-from .previews import MAX_PARTIAL_IMAGES, Previewer, PreviewRequest, preview_steps
+from .previews import MAX_PARTIAL_IMAGES, Previewer, PreviewRequest
 from .request import GenerationParams, Job
 from .stages import Stage
 
@@ -278,8 +278,7 @@ class Engine:
         # waiting: a timed-out request still occupies the device until a stage drops it.
         job = Job(params, deadline=deadline, cost=self.cost(params), on_release=self._released)
         if on_preview is not None and params.partial_images:
-            steps = preview_steps(params.denoising_steps, params.partial_images)
-            job.preview = PreviewRequest(steps, on_preview)
+            job.preview = PreviewRequest(on_preview)
         capacity = self.settings.queue_capacity
         with self._lock:
             if self._closed:

@@ -61,12 +61,11 @@ def preview_steps(denoising_steps: int, partial_images: int) -> tuple[int, ...]:
 
 @dataclass
 class PreviewRequest:
-    """What a streaming job asks for: previews after ``steps``, delivered to ``deliver``
-    (called on the preview thread with the preview's index and its RGB images). ``handed``
-    counts the previews the denoise loop has handed over, so the caller knows how many
-    are still to come once the final image is there."""
+    """A streaming job's previews (``partial_images`` of them, at ``preview_steps``) go to
+    ``deliver``, called on the preview thread with the preview's index and its RGB images.
+    ``handed`` counts the previews the denoise loop has handed over, so the caller knows how
+    many are still to come once the final image is there."""
 
-    steps: tuple[int, ...]
     deliver: Callable[[int, list[Image.Image]], None]
     handed: int = 0
 

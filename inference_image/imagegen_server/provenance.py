@@ -5,15 +5,17 @@ Each PNG carries, unless the server is told not to (``provenance=false``):
 - a ``parameters`` text chunk: the generation parameters as JSON (prompt, negative prompt,
   seed, steps, guidance, size, model, and for an edit its strength and whether it was masked);
 - an XMP packet (the ``XML:com.adobe.xmp`` iTXt chunk) with IPTC's digital source type
-  ``trainedAlgorithmicMedia``, the machine-readable "made by a generative model" mark that
-  IPTC defines and C2PA and the major platforms read
-  (https://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia);
+  ``trainedAlgorithmicMedia`` (an edit: ``compositeWithTrainedAlgorithmicMedia``), the
+  machine-readable "made by a generative model" mark that IPTC defines and C2PA and the
+  major platforms read (https://cv.iptc.org/newscodes/digitalsourcetype/);
 - ``Software``: this server and its version.
 
 Metadata is not a watermark: anyone can strip or rewrite it. With a signing certificate
 (``c2pa_cert_file`` and ``c2pa_key_file``), each PNG also carries a C2PA manifest signed with
 ``c2pa-python``: a ``c2pa.created`` action whose digital source type is
-``trainedAlgorithmicMedia``, naming this server as the software agent. A reader (any C2PA
+``trainedAlgorithmicMedia``, naming this server as the software agent; an edit is instead
+``c2pa.opened`` (the upload, as the parent ingredient) and ``c2pa.edited``
+(``compositeWithTrainedAlgorithmicMedia``). A reader (any C2PA
 tool) then sees who signed it, and a changed pixel breaks the hash the signature covers.
 """
 
@@ -34,6 +36,15 @@ from .request import GenerationParams
 TRAINED_ALGORITHMIC_MEDIA = (
     "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 )
+# An edit: a model's work composited with the uploaded picture (inpainting, image-to-image).
+COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA = (
+    "http://cv.iptc.org/newscodes/digitalsourcetype/compositeWithTrainedAlgorithmicMedia"
+)
+
+
+def source_type(edited: bool) -> str:
+    """IPTC's digital source type for an image this server made."""
+    return COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA if edited else TRAINED_ALGORITHMIC_MEDIA
 SOFTWARE = f"imagegen-server {__version__}"
 
 _XMP = """<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>
@@ -61,6 +72,8 @@ def parameters(params: GenerationParams, model: str, index: int) -> dict:
         "guidance_scale": params.guidance_scale,
         "size": f"{params.width}x{params.height}",
     }
+    if params.loras:
+        record["lora"] = [{"name": name, "scale": scale} for name, scale in params.loras]
     if params.edit is not None:
         record["edit"] = {"strength": params.edit.strength, "masked": params.edit.mask is not None}
     return record
@@ -70,19 +83,24 @@ def png_info(record: dict) -> PngInfo:
     info = PngInfo()
     info.add_text("parameters", json.dumps(record, ensure_ascii=False))
     info.add_text("Software", SOFTWARE)
-    xmp = _XMP.format(source=quoteattr(TRAINED_ALGORITHMIC_MEDIA), tool=quoteattr(SOFTWARE))
+    source = source_type("edit" in record)
+    xmp = _XMP.format(source=quoteattr(source), tool=quoteattr(SOFTWARE))
     info.add_itxt("XML:com.adobe.xmp", xmp)
     return info
 
 
-def encode_png(image: Image.Image, record: dict | None,
-               signer: ManifestSigner | None = None) -> bytes:
-    """The PNG, with the provenance chunks of ``record`` (none when it is None), signed with
-    a C2PA manifest when there is a ``signer``."""
+def _png(image: Image.Image, info: PngInfo | None = None) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=None if record is None else png_info(record))
-    png = buffer.getvalue()
-    return png if signer is None else signer.sign(png, record)
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def encode_png(image: Image.Image, record: dict | None,
+               signer: ManifestSigner | None = None, parent: Image.Image | None = None) -> bytes:
+    """The PNG, with the provenance chunks of ``record`` (none when it is None), signed with
+    a C2PA manifest when there is a ``signer``; ``parent`` is an edit's uploaded image."""
+    png = _png(image, None if record is None else png_info(record))
+    return png if signer is None else signer.sign(png, record, parent)
 
 
 class SigningError(ValueError):
@@ -115,26 +133,35 @@ class ManifestSigner:
             raise SigningError(f"{cert_file} and {key_file} cannot sign: {exc}") from exc
         # One signature at a time: the native signer is shared by the encoding threads.
         self._lock = threading.Lock()
-        probe = io.BytesIO()
-        Image.new("RGB", (8, 8)).save(probe, format="PNG")
         try:
-            self.sign(probe.getvalue(), None)
+            self.sign(_png(Image.new("RGB", (8, 8))), None)
         except Exception as exc:
             raise SigningError(f"{cert_file} and {key_file} cannot sign: {exc}") from exc
 
-    def sign(self, png: bytes, record: dict | None) -> bytes:
+    def sign(self, png: bytes, record: dict | None, parent: Image.Image | None = None) -> bytes:
+        """``png`` with a signed manifest: created by a model, or with a ``parent`` (an edit's
+        upload, hashed as the parent ingredient, not embedded) opened and edited by one."""
         import c2pa
 
-        action = {"action": "c2pa.created", "digitalSourceType": TRAINED_ALGORITHMIC_MEDIA,
-                  "softwareAgent": {"name": "imagegen-server", "version": __version__}}
+        made = {"digitalSourceType": source_type(parent is not None),
+                "softwareAgent": {"name": "imagegen-server", "version": __version__}}
         if record is not None:
-            action["parameters"] = {"model": record["model"]}
+            made["parameters"] = {"model": record["model"]}
+        if parent is None:
+            actions = [{"action": "c2pa.created", **made}]
+        else:
+            actions = [{"action": "c2pa.opened", "parameters": {"ingredientIds": ["upload"]}},
+                       {"action": "c2pa.edited", **made}]
         manifest = {
             "claim_generator_info": [{"name": "imagegen-server", "version": __version__}],
             "format": "image/png",
-            "assertions": [{"label": "c2pa.actions", "data": {"actions": [action]}}],
+            "assertions": [{"label": "c2pa.actions", "data": {"actions": actions}}],
         }
         out = io.BytesIO()
         with self._lock, c2pa.Builder(manifest) as builder:
+            if parent is not None:
+                builder.add_ingredient(
+                    {"title": "upload.png", "relationship": "parentOf", "label": "upload"},
+                    "image/png", io.BytesIO(_png(parent)))
             builder.sign(self._signer, "image/png", io.BytesIO(png), out)
         return out.getvalue()

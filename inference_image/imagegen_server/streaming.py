@@ -75,6 +75,7 @@ async def image_events(
     future = asyncio.wrap_future(job.future)
     deadline = started + timeout_s
     sent = 0
+    waiting = None
     try:
         while not future.done():
             waiting = asyncio.ensure_future(previews.queue.get())
@@ -108,6 +109,10 @@ async def image_events(
         yield await event("completed", images[0], usage=NO_TOKENS)
     except TimeoutError:
         yield stream_error(JobTimeout("request timed out"))
+    except Exception as exc:  # encoding or signing an image: still an answer in OpenAI's shape
+        yield stream_error(exc)
     finally:
+        if waiting is not None:
+            waiting.cancel()
         if not job.future.done():
             job.future.cancel()

@@ -8,9 +8,9 @@ from the header, before the pixels are decoded), a truncated one, a mask of anot
 from __future__ import annotations
 
 import io
-import warnings
+import math
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # What OpenAI's edits endpoint accepts.
 FORMATS = {"PNG", "JPEG", "WEBP"}
@@ -25,11 +25,11 @@ class UploadError(ValueError):
 def open_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
     """The decoded image of an upload, once its format and pixel count are known to be fine."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError):
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
         raise UploadError(field, f"{field} is not a PNG, JPEG or WebP image") from None
+    except Image.DecompressionBombError:  # far beyond any limit: Pillow's own guard
+        raise UploadError(field, f"{field} has far more pixels than this server admits") from None
     if image.format not in FORMATS:
         raise UploadError(field, f"{field} is a {image.format} image: send PNG, JPEG or WebP")
     width, height = image.size
@@ -42,7 +42,9 @@ def open_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
         image.load()
     except (OSError, SyntaxError, ValueError) as exc:
         raise UploadError(field, f"{field} cannot be decoded: {exc}") from None
-    return image
+    # As shown, not as stored: a phone's portrait JPEG is stored sideways with an EXIF
+    # orientation (diffusers' load_image turns it the same way).
+    return ImageOps.exif_transpose(image)
 
 
 def edit_image(image: Image.Image) -> Image.Image:
@@ -53,8 +55,9 @@ def edit_image(image: Image.Image) -> Image.Image:
 def edit_mask(mask: Image.Image, image: Image.Image) -> Image.Image:
     """The mask as diffusers reads one: grayscale, white where the image is repainted.
 
-    A mask with transparency follows OpenAI's rule: its fully transparent pixels are the ones
-    edited. One without (grayscale or RGB) is read as diffusers reads masks: white repaints.
+    A mask with transparent pixels follows OpenAI's rule: its fully transparent pixels are the
+    ones edited. One without (grayscale, RGB, or RGBA all opaque) is read as diffusers reads
+    masks: white repaints.
     """
     if mask.size != image.size:
         raise UploadError(
@@ -63,5 +66,18 @@ def edit_mask(mask: Image.Image, image: Image.Image) -> Image.Image:
         )
     if mask.mode in ("RGBA", "LA", "PA") or "transparency" in mask.info:
         alpha = mask.convert("RGBA").getchannel("A")
-        return alpha.point(lambda a: 255 if a == 0 else 0)
+        if alpha.getextrema()[0] == 0:
+            return alpha.point(lambda a: 255 if a == 0 else 0)
+        # An alpha channel with nothing transparent: a black-and-white mask saved as RGBA.
     return mask.convert("L")
+
+
+def edit_size(upload: tuple[int, int], multiple: int, max_pixels: int) -> tuple[int, int]:
+    """An edit's size when the request names none: the upload's, scaled down (aspect kept)
+    to what the service admits, then down to a multiple of ``multiple`` (as diffusers
+    rounds). A phone's photo then edits at the largest size allowed, not a 400."""
+    width, height = upload
+    if width * height > max_pixels:
+        factor = math.sqrt(max_pixels / (width * height))
+        width, height = int(width * factor), int(height * factor)
+    return width - width % multiple, height - height % multiple

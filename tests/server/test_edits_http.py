@@ -144,3 +144,36 @@ def test_a_family_without_edits_refuses_them(make_runtime):
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "image"
     assert "not supported" in response.json()["error"]["message"]
+
+
+def edit(client, files, **data):
+    response = client.post(EDITS, data={"prompt": "a boat", "seed": "3", **data}, files=files)
+    assert response.status_code == 200, response.text
+    return [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))) for d in response.json()["data"]]
+
+
+def test_a_large_upload_without_a_size_edits_at_the_largest_size_admitted(client_for):
+    client = client_for()  # max_pixels 128x128
+    (image,) = edit(client, form(image=png(source_image(256).resize((256, 192)))))
+    assert image.size == (144, 104)  # 256x192 scaled to fit 16384 pixels, then to 8s
+
+
+def test_an_exif_rotated_photo_is_edited_as_shown(client_for):
+    stored = source_image(128).resize((128, 64))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to display
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", exif=exif)
+    client = client_for()
+    (image,) = edit(client, {"image": ("photo.jpg", buffer.getvalue(), "image/jpeg")})
+    assert image.size == (64, 128)
+
+
+def test_an_opaque_rgba_mask_is_read_by_brightness(client_for):
+    client = client_for()
+    opaque = left_half_mask().convert("RGBA")
+    (a,) = edit(client, form(image=GOOD, mask=png(opaque)))
+    (b,) = edit(client, form(image=GOOD, mask=png(left_half_mask())))
+    (c,) = edit(client, form(image=GOOD))
+    assert mean_abs_diff(a.convert("RGB"), b.convert("RGB")) == 0.0
+    assert mean_abs_diff(a.convert("RGB"), c.convert("RGB")) > 0.0

@@ -151,6 +151,7 @@ def test_openai_client_names_adapters_on_generations_and_edits(
 ):
     import base64
     import io
+    import json
 
     import openai
     from PIL import Image
@@ -162,7 +163,11 @@ def test_openai_client_names_adapters_on_generations_and_edits(
     lora = [{"name": "ink"}, {"name": "film", "scale": -0.5}]
     result = client.images.generate(prompt="a lighthouse", size="64x64",
                                     extra_body={"seed": 3, "lora": lora})
-    got = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))).convert("RGB")
+    png = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
+    # The adapters are part of how the image was made, so its record names them.
+    assert json.loads(png.text["parameters"])["lora"] == [{"name": "ink", "scale": 0.8},
+                                                          {"name": "film", "scale": -0.5}]
+    got = png.convert("RGB")
     params = runtime.params("a lighthouse", seed=3, lora=[("ink", None), ("film", -0.5)])
     assert mean_abs_diff(got, diffusers_with_loras(runtime, params)[0]) < 1.0
     buffer = io.BytesIO()

@@ -15,7 +15,11 @@ from PIL import Image
 from server_testlib import source_image
 
 from imagegen_server.api import ConfigError, create_app
-from imagegen_server.provenance import SOFTWARE, TRAINED_ALGORITHMIC_MEDIA
+from imagegen_server.provenance import (
+    COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA,
+    SOFTWARE,
+    TRAINED_ALGORITHMIC_MEDIA,
+)
 
 GENERATE, EDITS = "/v1/images/generations", "/v1/images/edits"
 IPTC = "{http://iptc.org/std/Iptc4xmpExt/2008-02-29/}"
@@ -57,7 +61,8 @@ def test_edits_record_strength_and_mask(client_for):
     (image,) = pngs(response)
     record = json.loads(image.text["parameters"])
     assert record["edit"] == {"strength": 0.5, "masked": False} and record["seed"] == 3
-    assert digital_source_type(image) == TRAINED_ALGORITHMIC_MEDIA
+    # The upload composited with a model's work, as IPTC names it.
+    assert digital_source_type(image) == COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA
 
 
 def test_switched_off_the_pngs_carry_nothing(client_for):
@@ -162,3 +167,21 @@ def test_a_certificate_that_cannot_sign_stops_the_server(make_runtime, tmp_path)
                                                    "c2pa_key_file": key})
     with pytest.raises(ConfigError, match="cannot read"):
         create_app(settings, runtime)
+
+
+def test_a_signed_edit_names_the_upload_as_its_parent(client_for, tmp_path):
+    cert, key = signing_chain(tmp_path)
+    client = client_for(c2pa_cert_file=str(cert), c2pa_key_file=str(key))
+    buffer = io.BytesIO()
+    source_image().save(buffer, format="PNG")
+    response = client.post(EDITS, data={"prompt": "x", "seed": "1"},
+                           files={"image": ("i.png", buffer.getvalue(), "image/png")})
+    png = base64.b64decode(response.json()["data"][0]["b64_json"])
+    state, report = read_manifest(png)
+    assert state == "Valid"
+    manifest = report["manifests"][report["active_manifest"]]
+    (actions,) = [a["data"]["actions"] for a in manifest["assertions"]
+                  if a["label"].startswith("c2pa.actions")]
+    assert [a["action"] for a in actions] == ["c2pa.opened", "c2pa.edited"]
+    assert actions[1]["digitalSourceType"] == COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA
+    assert [i["relationship"] for i in manifest["ingredients"]] == ["parentOf"]

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..previews import LatentRGB, latents_for_preview
+from ..previews import LatentRGB, latents_for_preview, preview_steps
 from ..request import GenerationParams, Job, JobTimeout
 
 
@@ -64,11 +64,13 @@ class FamilySteps:
     def hand_preview(self, job: Job, step: int, step_output) -> None:
         """After a denoising step: give the preview thread this job's latents if it wants a
         preview here. Only a hand-over: the denoise loop never waits for a preview."""
-        wanted = job.preview
-        if wanted is None or self.previews is None or step not in wanted.steps:
+        if job.preview is None or self.previews is None:
             return
-        latents = latents_for_preview(step_output, job.latents)
-        self.previews.submit(job, wanted.steps.index(step), latents, self.latent_rgb)
+        # Over the loop's own steps: a second-order scheduler runs about twice its step count.
+        steps = preview_steps(len(job.timesteps), job.params.partial_images)
+        if step in steps:
+            latents = latents_for_preview(step_output, job.latents)
+            self.previews.submit(job, steps.index(step), latents, self.latent_rgb)
 
     def use_adapters(self, jobs: list[Job]) -> None:
         """Put the batch's LoRA adapters on the denoiser (one set per batch: its key)."""

@@ -205,7 +205,9 @@ class StableDiffusionSteps(FamilySteps):
         c = job.conditioning
         kept = c["image_latents"]
         if step < len(job.timesteps) - 1:
-            kept = job.scheduler.add_noise(kept, c["noise"], torch.tensor([job.timesteps[step + 1]]))
+            # The next timestep as a slice: on the device, no wait for it (diffusers makes a
+            # CPU tensor of it, the same value).
+            kept = job.scheduler.add_noise(kept, c["noise"], job.timesteps[step + 1 : step + 2])
         job.latents = (1 - c["mask"]) * kept + c["mask"] * job.latents
 
     def added_conditions(self, jobs: list[Job]) -> dict | None:
