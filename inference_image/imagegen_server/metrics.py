@@ -10,7 +10,7 @@ import logging
 import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,41 @@ class ServerMetrics:
             self.batch_size.labels(stage=stage)
             self.queue_depth.labels(stage=stage)
         r.register(GpuCollector())
+        self.recompiles = RecompileCollector()
+        r.register(self.recompiles)
+
+
+class RecompileCollector:
+    """``imagegen_recompiles_total``: graphs torch.compile made after the server turned ready.
+
+    Every graph dynamo makes, a recompile for a new shape or a changed guard too, counts in
+    its ``unique_graphs`` statistic; the figure is how far it moved since ``mark_ready``.
+    In service it should stay 0: each one is a request that waited for a compiler.
+    """
+
+    def __init__(self) -> None:
+        self._baseline: int | None = None
+
+    @staticmethod
+    def _graphs() -> int:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+
+    def mark_ready(self) -> None:
+        self._baseline = self._graphs()
+
+    @property
+    def since_ready(self) -> int:
+        return 0 if self._baseline is None else self._graphs() - self._baseline
+
+    HELP = "Graphs torch.compile made after the server turned ready."
+
+    def describe(self):
+        return [CounterMetricFamily("imagegen_recompiles", self.HELP)]
+
+    def collect(self):
+        yield CounterMetricFamily("imagegen_recompiles", self.HELP, value=self.since_ready)
 
 
 class GpuCollector:

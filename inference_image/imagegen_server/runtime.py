@@ -92,6 +92,8 @@ class ModelRuntime:
                 "compiled": "true" if self.report.compiled else "false",
             }
         )
+        # From here on every graph torch.compile makes is a request waiting for it.
+        self.metrics.recompiles.mark_ready()
         self._ready.set()
         self.metrics.ready.set(1)
 

@@ -76,6 +76,16 @@ def test_regional_compile_on_cpu_with_cache_dir(
     images = runtime.engine.generate(params, timeout_s=300)
     expected = reference_pipeline("sd15")(**runtime.steps.reference_kwargs(params)).images
     assert mean_abs_diff(images[0], expected[0]) < 1.0
+    # The shape warm-up compiled for: nothing new. A size it never saw: a recompile, counted.
+    recompiles = runtime.metrics.recompiles
+    assert recompiles.since_ready == 0
+    runtime.engine.generate(runtime.params("new size", seed=6, width=128, height=64),
+                            timeout_s=300)
+    assert recompiles.since_ready > 0
+    from prometheus_client import generate_latest
+
+    text = generate_latest(runtime.metrics.registry).decode()
+    assert f"imagegen_recompiles_total {float(recompiles.since_ready)}" in text
 
 
 def test_an_attention_selection_made_while_loading_ends_in_the_thread_that_shuts_down():
