@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -51,6 +52,12 @@ GENERATIONS_PATH = "/v1/images/generations"
 EDITS_PATH = "/v1/images/edits"
 # The routes whose answers imagegen_requests_total counts, by its route label.
 COUNTED_ROUTES = {GENERATIONS_PATH: "generations", EDITS_PATH: "edits"}
+
+
+def request_body(media_type: str, model: type[BaseModel]) -> dict:
+    """The OpenAPI request body of a route that reads its own body (to bound and check it)."""
+    return {"requestBody": {"required": True,
+                            "content": {media_type: {"schema": model.model_json_schema()}}}}
 
 
 def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) -> FastAPI:
@@ -100,12 +107,7 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
 
     @app.post(
         GENERATIONS_PATH,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": ImageGenerationRequest.model_json_schema()}},
-            }
-        },
+        openapi_extra=request_body("application/json", ImageGenerationRequest),
     )
     async def generate(request: Request):
         raw = await read_json_body(request, settings.max_body_bytes)
@@ -116,12 +118,7 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
 
     @app.post(
         EDITS_PATH,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"multipart/form-data": {"schema": ImageEditForm.model_json_schema()}},
-            }
-        },
+        openapi_extra=request_body("multipart/form-data", ImageEditForm),
     )
     async def edit(request: Request):
         fields, files = await read_form(request, settings.max_upload_bytes)

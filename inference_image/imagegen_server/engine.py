@@ -129,9 +129,14 @@ def check_request(params: GenerationParams, steps: FamilySteps, settings: Server
         )
     if params.partial_images and steps.latent_rgb is None:
         raise InvalidRequest(
-            "partial_images", f"this model ({type(steps).__name__.removesuffix('Steps')}) "
+            "partial_images", f"this model ({family_name(steps)}) "
             "streams no previews yet: ask for partial_images 0"
         )
+
+
+def family_name(steps: FamilySteps) -> str:
+    """How messages name the model family: StableDiffusionXLSteps -> StableDiffusionXL."""
+    return type(steps).__name__.removesuffix("Steps")
 
 
 def check_loras(params: GenerationParams, steps: FamilySteps) -> None:
@@ -157,7 +162,7 @@ def check_loras(params: GenerationParams, steps: FamilySteps) -> None:
 def check_edit(params: GenerationParams, steps: FamilySteps) -> None:
     if not steps.supports_edits:
         raise InvalidRequest(
-            "image", f"this model ({type(steps).__name__.removesuffix('Steps')}) serves "
+            "image", f"this model ({family_name(steps)}) serves "
             "text-to-image only: image edits are not supported for it"
         )
     strength = params.edit.strength

@@ -4,8 +4,8 @@ A preview is the latents (the scheduler's estimate of the clean latents where it
 projected to RGB by a fixed linear map per latent space, the approximation ComfyUI's
 previewer uses (``comfy/latent_formats.py``), then scaled up to the requested size: no VAE,
 a few microseconds of device work. The denoise loop only hands the tensor over; the
-projection and the PNG are made on the preview thread, beside the decode stage, so
-denoising never waits for a client's previews.
+projection is made on the preview thread, beside the decode stage (the route encodes the
+PNG), so denoising never waits for a client's previews.
 """
 
 from __future__ import annotations

@@ -109,3 +109,25 @@ def live_server(make_runtime, serve_live, tmp_path):
     token_file.write_text("client-token")
     runtime = make_runtime("sd15", auth_token_file=str(token_file), max_batch_size=2)
     return serve_live(runtime), runtime
+
+
+@pytest.fixture
+def references(reference_pipeline):
+    """diffusers' edit pipelines for a family, built from the components of its text one."""
+    import diffusers
+
+    classes = {"sd15": ("StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"),
+               "sdxl": ("StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")}
+    built = {}
+
+    def reference(runtime, params, family="sd15"):
+        if family not in built:
+            components = reference_pipeline(family).components
+            built[family] = [getattr(diffusers, name)(**components) for name in classes[family]]
+            for pipe in built[family]:
+                pipe.set_progress_bar_config(disable=True)
+        img2img, inpaint = built[family]
+        chosen = img2img if params.edit.mask is None else inpaint
+        return chosen(**runtime.steps.reference_kwargs(params)).images
+
+    return reference

@@ -33,28 +33,6 @@ def edit_params(runtime, case: dict):
     return runtime.params(case.pop("prompt"), edit=edit, **case)
 
 
-@pytest.fixture
-def references(reference_pipeline):
-    """diffusers' edit pipelines for a family, built from the components of its text one."""
-    import diffusers
-
-    classes = {"sd15": ("StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"),
-               "sdxl": ("StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")}
-    built = {}
-
-    def reference(runtime, params, family="sd15"):
-        if family not in built:
-            components = reference_pipeline(family).components
-            built[family] = [getattr(diffusers, name)(**components) for name in classes[family]]
-            for pipe in built[family]:
-                pipe.set_progress_bar_config(disable=True)
-        img2img, inpaint = built[family]
-        chosen = img2img if params.edit.mask is None else inpaint
-        return chosen(**runtime.steps.reference_kwargs(params)).images
-
-    return reference
-
-
 @pytest.mark.parametrize(("family", "mode"),
                          [("sd15", "Pipelined"), ("sd15", "Stacked"), ("sdxl", "Pipelined")])
 def test_single_edits_equal_diffusers_exactly(make_runtime, references, family, mode):

@@ -12,6 +12,8 @@ import pytest
 from PIL import Image
 from server_testlib import count_calls, left_half_mask, mean_abs_diff, source_image
 
+from imagegen_server.request import EditInput
+
 EDITS = "/v1/images/edits"
 
 
@@ -34,29 +36,8 @@ def decoded(item) -> Image.Image:
     return image.convert("RGB")
 
 
-@pytest.fixture
-def diffusers_edit(reference_pipeline):
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
-
-    components = reference_pipeline("sd15").components
-    pipes = {False: StableDiffusionImg2ImgPipeline(**components),
-             True: StableDiffusionInpaintPipeline(**components)}
-    for pipe in pipes.values():
-        pipe.set_progress_bar_config(disable=True)
-
-    def run(runtime, **kwargs):
-        import torch
-
-        pipe = pipes["mask_image" in kwargs]
-        kwargs["generator"] = torch.Generator("cpu").manual_seed(kwargs.pop("seed"))
-        return pipe(num_inference_steps=runtime.settings.default_steps,
-                    guidance_scale=runtime.settings.default_guidance_scale, **kwargs).images
-
-    return run
-
-
 @pytest.mark.filterwarnings("ignore:You have passed 2 text prompts:FutureWarning")
-def test_openai_client_edits_equal_diffusers(live_server, diffusers_edit):
+def test_openai_client_edits_equal_diffusers(live_server, references):
     base_url, runtime = live_server
     client = openai.OpenAI(base_url=base_url + "/v1", api_key="client-token", max_retries=0)
     image = source_image()
@@ -65,8 +46,8 @@ def test_openai_client_edits_equal_diffusers(live_server, diffusers_edit):
         image=("source.png", png(image), "image/png"), prompt="a red cat", n=2,
         size="64x64", response_format="b64_json", extra_body={"seed": 5, "strength": 0.6},
     )
-    expected = diffusers_edit(runtime, prompt="a red cat", image=image, strength=0.6,
-                              num_images_per_prompt=2, seed=5)
+    expected = references(runtime, runtime.params("a red cat", n=2, seed=5, width=64, height=64,
+                                                  edit=EditInput(image, 0.6)))
     got = [decoded(item) for item in result.data]
     assert len(got) == 2
     assert max(mean_abs_diff(a, b) for a, b in zip(got, expected, strict=True)) < 1.0
@@ -76,8 +57,8 @@ def test_openai_client_edits_equal_diffusers(live_server, diffusers_edit):
         mask=("mask.png", png(transparent_left_half()), "image/png"),
         extra_body={"seed": 6, "strength": 0.75},
     )
-    expected = diffusers_edit(runtime, prompt="a boat", image=image, mask_image=left_half_mask(),
-                              strength=0.75, width=64, height=64, seed=6)
+    expected = references(runtime, runtime.params(
+        "a boat", seed=6, width=64, height=64, edit=EditInput(image, 0.75, left_half_mask())))
     assert mean_abs_diff(decoded(result.data[0]), expected[0]) < 1.0
 
 

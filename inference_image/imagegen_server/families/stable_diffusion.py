@@ -277,14 +277,12 @@ class StableDiffusionXLSteps(StableDiffusionSteps):
     def image_latents(self, latents: torch.Tensor, masked: bool) -> torch.Tensor:
         # diffusers' SDXL img2img normalizes by the VAE's latents_mean/_std where the config
         # has them; its inpainting pipeline only scales. Mirrored, so each equals its own.
-        config = self.pipeline.vae.config
-        mean = getattr(config, "latents_mean", None)
-        std = getattr(config, "latents_std", None)
-        if masked or mean is None or std is None:
-            return config.scaling_factor * latents
-        mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
-        std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
-        return (latents - mean) * config.scaling_factor / std
+        factor = self.pipeline.vae.config.scaling_factor
+        statistics = None if masked else self._latent_statistics(latents)
+        if statistics is None:
+            return factor * latents
+        mean, std = statistics
+        return (latents - mean) * factor / std
 
     def _zero_negative(self, job: Job) -> bool:
         # diffusers' SDXL uses zeros, not the encoded empty string, when no negative prompt is
@@ -320,12 +318,20 @@ class StableDiffusionXLSteps(StableDiffusionSteps):
             "time_ids": torch.cat([self._time_ids(job, dtype) for job in jobs]),
         }
 
-    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+    def _latent_statistics(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The VAE's latents_mean and latents_std, shaped and placed like ``like``, if any."""
         config = self.pipeline.vae.config
         mean = getattr(config, "latents_mean", None)
         std = getattr(config, "latents_std", None)
-        if mean is not None and std is not None:
-            mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
-            std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
-            return latents * std / config.scaling_factor + mean
-        return latents / config.scaling_factor
+        if mean is None or std is None:
+            return None
+        return tuple(torch.tensor(v).view(1, 4, 1, 1).to(like.device, like.dtype)
+                     for v in (mean, std))
+
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        factor = self.pipeline.vae.config.scaling_factor
+        statistics = self._latent_statistics(latents)
+        if statistics is not None:
+            mean, std = statistics
+            return latents * std / factor + mean
+        return latents / factor
