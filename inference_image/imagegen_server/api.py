@@ -39,7 +39,9 @@ from .engine import (
     InvalidRequest,
     QueueFullError,
     ShutdownError,
+    admitted_sizes,
     max_pixels,
+    sizes_are_listed,
 )
 from .request import EditInput, GenerationParams, JobTimeout
 from .runtime import ModelRuntime
@@ -136,7 +138,8 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         size = parse_size(body.size)
         if size[0] is None:
             steps = runtime.steps
-            size = edit_size(image.size, steps.size_multiple, max_pixels(steps, settings))
+            listed = admitted_sizes(steps, settings) if sizes_are_listed(settings) else None
+            size = edit_size(image.size, steps.size_multiple, max_pixels(steps, settings), listed)
         strength = body.strength if body.strength is not None else (0.8 if mask is None else 1.0)
         params = params_of(body, size, EditInput(image, strength, mask))
         return await answer(request, params, "image_edit", body.stream)

@@ -64,8 +64,14 @@ def max_pixels(steps: FamilySteps, settings: ServerSettings) -> int:
     return max(native_w * native_h, width * height)
 
 
+def sizes_are_listed(settings: ServerSettings) -> bool:
+    """Whether only listed sizes are admitted: with a list, and always with compile on, where
+    each size is compiled before ready (warmup.py) and any other would wait for a recompile."""
+    return bool(settings.allowed_sizes) or settings.compile_enabled
+
+
 def admitted_sizes(steps: FamilySteps, settings: ServerSettings) -> list[str]:
-    """With a list of sizes: those, and the default size (what a request without one gets)."""
+    """The listed sizes and the default size (what a request without one gets)."""
     width, height = default_size(steps, settings)
     default = f"{width}x{height}"
     listed = list(settings.allowed_sizes or [])
@@ -85,10 +91,14 @@ def check_request(params: GenerationParams, steps: FamilySteps, settings: Server
             raise InvalidRequest(
                 "size", f"size {size}: the {name} must be a multiple of {multiple}, at least 64"
             )
-    admitted = admitted_sizes(steps, settings) if settings.allowed_sizes else None
+    admitted = admitted_sizes(steps, settings) if sizes_are_listed(settings) else None
     if admitted is not None and size not in admitted:
+        why = "" if settings.allowed_sizes else (
+            " (its denoiser is compiled for the default size only; the service's size list, "
+            "spec.pipeline.limits.sizes, adds more)"
+        )
         raise InvalidRequest(
-            "size", f"size {size} is not one this service admits: {', '.join(admitted)}"
+            "size", f"size {size} is not one this service admits: {', '.join(admitted)}{why}"
         )
     limit = max_pixels(steps, settings)
     if params.width * params.height > limit:

@@ -9,7 +9,6 @@ import contextlib
 import logging
 import secrets
 import threading
-import time
 from collections.abc import Sequence
 
 from .config import ServerSettings
@@ -20,6 +19,7 @@ from .lora import AdapterSlot
 from .metrics import ServerMetrics
 from .optimize import AttentionSelection, OptimizationReport, apply_optimizations, denoiser
 from .request import EditInput, GenerationParams
+from .warmup import WarmupReport, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ class ModelRuntime:
         self.report: OptimizationReport | None = None
         self.attention: AttentionSelection | None = None
         self.error: BaseException | None = None
+        self.warmup: WarmupReport | None = None
         self.warmup_seconds: float | None = None
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
@@ -74,13 +75,9 @@ class ModelRuntime:
         self.report.log()
         self.engine = build_engine(self.steps, s, self.metrics)
         if s.warmup:
-            started = time.perf_counter()
-            # The first call pays for compilation and kernel selection; pay it before /readyz.
-            self.engine.generate(
-                self.params(prompt="warm-up", seed=0, steps=min(2, s.default_steps))
-            )
-            self.warmup_seconds = time.perf_counter() - started
-            log.info("warm-up took %.2fs", self.warmup_seconds)
+            # Compilation and kernel selection for every admitted shape, paid before /readyz.
+            self.warmup = warm_up(self.steps, s)
+            self.warmup_seconds = self.warmup.seconds
         self.metrics.info.info(
             {
                 "model": m.name,

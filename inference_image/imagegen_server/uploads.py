@@ -72,11 +72,19 @@ def edit_mask(mask: Image.Image, image: Image.Image) -> Image.Image:
     return mask.convert("L")
 
 
-def edit_size(upload: tuple[int, int], multiple: int, max_pixels: int) -> tuple[int, int]:
+def edit_size(
+    upload: tuple[int, int], multiple: int, max_pixels: int, admitted: list[str] | None = None
+) -> tuple[int, int]:
     """An edit's size when the request names none: the upload's, scaled down (aspect kept)
     to what the service admits, then down to a multiple of ``multiple`` (as diffusers
-    rounds). A phone's photo then edits at the largest size allowed, not a 400."""
+    rounds). A phone's photo then edits at the largest size allowed, not a 400. Where only
+    listed sizes are ``admitted``: the one nearest the upload's aspect ratio (the larger, on
+    a tie)."""
     width, height = upload
+    if admitted:
+        sizes = [tuple(int(side) for side in size.split("x")) for size in admitted]
+        aspect = math.log(width / height)
+        return min(sizes, key=lambda s: (abs(math.log(s[0] / s[1]) - aspect), -s[0] * s[1]))
     if width * height > max_pixels:
         factor = math.sqrt(max_pixels / (width * height))
         width, height = int(width * factor), int(height * factor)

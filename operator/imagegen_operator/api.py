@@ -243,7 +243,8 @@ class RequestLimits(KubeModel):
         default=None, max_length=32
     )
     """The only sizes a request may ask for besides the default size, as WIDTHxHEIGHT
-    (multiples of 8); unset: any size up to maxPixels."""
+    (multiples of 8); unset: any size up to maxPixels, or with compile enabled the default
+    size only. A compiled server compiles each of them before it turns ready."""
     max_pixels: int | None = limited("max_pixels")
     """Largest width x height of one request; unset: the model's native size (or the default
     size, when that is larger)."""

@@ -139,6 +139,14 @@ def test_a_large_upload_without_a_size_edits_at_the_largest_size_admitted(client
     assert image.size == (144, 104)  # 256x192 scaled to fit 16384 pixels, then to 8s
 
 
+def test_an_upload_without_a_size_edits_at_the_listed_size_nearest_its_aspect(client_for):
+    client = client_for(allowed_sizes=["96x64", "64x96", "128x64"])
+    (image,) = edit(client, form(image=png(source_image(256).resize((256, 192)))))
+    assert image.size == (96, 64)  # 4:3 is nearest 3:2 of 96x64, 64x64 and 128x64
+    (image,) = edit(client, form(image=png(source_image(256).resize((100, 200)))))
+    assert image.size == (64, 96)
+
+
 def test_an_exif_rotated_photo_is_edited_as_shown(client_for):
     stored = source_image(128).resize((128, 64))
     exif = Image.Exif()

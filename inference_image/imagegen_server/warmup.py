@@ -1,0 +1,93 @@
+"""Warm-up: every shape a service admits runs once before /readyz turns ready.
+
+torch.compile traces the denoiser per input shape, and a request that meets a new shape waits
+for the compiler: tens of seconds on a GPU (diffusers#11360, pytorch#150702). Two things vary
+between denoise batches: the size, which a compiled service bounds to a list (engine.py,
+``admitted_sizes``), and the rows, from one up to ``max_batch_size`` x ``max_images_per_request``
+x 2 (classifier-free guidance doubles them).
+
+The rows need three batches per size, not one per count. Dynamo compiles the first shape it
+sees as static; when a dimension changes it compiles once more with that dimension symbolic
+("automatic dynamic shapes"), and the symbolic graph holds for every size above 1, which dynamo
+always specializes (its 0/1 specialization). So rows 2, then 3, then 1 cover every count. A size
+after the first makes the spatial dimensions symbolic the same way. ``imagegen_recompiles_total``
+(metrics.py) is how a service sees that this held.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import ServerSettings
+from .engine import admitted_sizes, default_size
+from .families import FamilySteps
+from .request import GenerationParams, Job
+
+log = logging.getLogger(__name__)
+
+# Rows in the order that leaves dynamo one static graph for 2, one symbolic for 2..N, one for 1.
+ROW_ORDER = (2, 3, 1)
+
+
+@dataclass
+class WarmupReport:
+    seconds: float = 0.0
+    #: (width, height, rows) of every batch the warm-up ran, in order
+    batches: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+def most_rows(settings: ServerSettings) -> int:
+    """The most rows one denoise batch can hold."""
+    return settings.max_batch_size * settings.max_images_per_request * 2
+
+
+def warmup_plan(steps: FamilySteps, settings: ServerSettings) -> list[tuple[int, int, int]]:
+    """(width, height, rows) per warm-up batch: with compile on, every admitted size at rows
+    2, 3 and 1 (those a batch can hold); without, one request at the default size, which pays
+    for kernel selection and the first allocations."""
+    if not settings.compile_enabled:
+        width, height = default_size(steps, settings)
+        return [(width, height, 1)]
+    rows = [r for r in ROW_ORDER if r <= most_rows(settings)]
+    plan = []
+    for size in admitted_sizes(steps, settings):
+        width, height = (int(side) for side in size.split("x"))
+        plan.extend((width, height, r) for r in rows)
+    return plan
+
+
+def warm_up(steps: FamilySteps, settings: ServerSettings) -> WarmupReport:
+    """Run the plan through the three steps on this thread, before the stages see a request.
+
+    Each batch is ``rows`` requests of one image without guidance: one row each, whatever the
+    family, so the denoiser sees exactly ``rows`` rows.
+    """
+    report = WarmupReport()
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for width, height, rows in warmup_plan(steps, settings):
+            jobs = [Job(_params(settings, width, height, seed)) for seed in range(rows)]
+            steps.encode(jobs)
+            steps.denoise(jobs)
+            steps.decode(jobs)
+            report.batches.append((width, height, rows))
+    if steps.device.type == "cuda":
+        torch.cuda.synchronize(steps.device)
+    report.seconds = time.perf_counter() - started
+    log.info("warm-up: %d batches in %.2fs", len(report.batches), report.seconds)
+    return report
+
+
+def _params(settings: ServerSettings, width: int, height: int, seed: int) -> GenerationParams:
+    return GenerationParams(
+        prompt="warm-up",
+        width=width,
+        height=height,
+        steps=min(2, settings.default_steps),
+        guidance_scale=0.0,
+        seed=seed,
+    )

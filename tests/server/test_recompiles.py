@@ -1,0 +1,74 @@
+"""No recompiles in service: warm-up compiles every shape a compiled service admits."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from imagegen_server.engine import InvalidRequest
+
+SIZES = ["64x64", "96x64", "64x96"]
+
+
+@pytest.fixture
+def compile_cache(request, monkeypatch):
+    # pytest's cache dir survives between runs, so only the first run pays for compilation.
+    # The server sets these process-wide; restore them for whatever runs after this test.
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE",
+                 "TORCHINDUCTOR_AUTOGRAD_CACHE"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    return str(request.config.cache.mkdir("imagegen-inductor"))
+
+
+def compiled(make_runtime, cache_dir, family="sd15", **overrides):
+    return make_runtime(
+        family, compile_enabled=True, compile_mode="default", compile_regional=True,
+        compile_cache_dir=cache_dir, channels_last=False, **overrides,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_a_mixed_workload_at_concurrency_1_to_8_compiles_nothing_after_ready(
+    make_runtime, compile_cache, family
+):
+    runtime = compiled(make_runtime, compile_cache, family, allowed_sizes=SIZES,
+                       max_batch_size=4, max_images_per_request=2, batch_window_ms=30)
+    # Every admitted size at rows 2, 3 and 1 (warmup.py says why those three).
+    assert runtime.warmup.batches == [
+        (int(w), int(h), rows) for w, h in (s.split("x") for s in SIZES) for rows in (2, 3, 1)
+    ]
+    rng = random.Random(0)
+    seen_rows = set()
+    for concurrency in range(1, 9):
+        asked = []
+        for i in range(concurrency):
+            width, height = (int(side) for side in rng.choice(SIZES).split("x"))
+            asked.append(runtime.params(
+                f"mixed {concurrency}.{i}", seed=i, width=width, height=height,
+                n=rng.choice([1, 2]), steps=rng.choice([1, 2]),
+                guidance_scale=rng.choice([0.0, 1.0, 5.0]),
+            ))
+            rows = asked[-1].n * (2 if asked[-1].guidance_scale > 1 else 1)
+            seen_rows.add(rows)
+        jobs = [runtime.engine.submit(params, timeout_s=300) for params in asked]
+        for job, params in zip(jobs, asked, strict=True):
+            assert len(job.future.result(300)) == params.n
+    assert runtime.metrics.recompiles.since_ready == 0
+    # The workload did batch several requests together, into row counts warm-up never ran.
+    registry, stage = runtime.metrics.registry, {"stage": "denoise"}
+    requests = registry.get_sample_value("imagegen_stage_batch_size_sum", stage)
+    assert requests > registry.get_sample_value("imagegen_stage_batch_size_count", stage)
+    assert seen_rows >= {1, 2, 4}
+
+
+def test_a_compiled_service_without_a_size_list_admits_its_default_size_only(make_runtime,
+                                                                            compile_cache):
+    runtime = compiled(make_runtime, compile_cache, warmup=False)
+    with pytest.raises(InvalidRequest) as refused:
+        runtime.engine.submit(runtime.params("other size", seed=1, width=96, height=64))
+    assert refused.value.field == "size"
+    assert "compiled for the default size only" in str(refused.value)
+    assert "spec.pipeline.limits.sizes" in str(refused.value)
