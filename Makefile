@@ -18,8 +18,8 @@ UV_VERSION := $(shell sed -n 's/^uv==\([^ ]*\).*/\1/p' requirements.lock)
 export UV_PYTHON_DOWNLOADS := never
 $(VENV)/.installed: pyproject.toml requirements.lock
 	@test -x $(VENV)/bin/uv || { $(PYTHON) -m venv $(VENV) && $(PY) -m pip install --quiet 'uv==$(UV_VERSION)'; }
-	$(VENV)/bin/uv pip sync --quiet --python $(PY) requirements.lock
-	$(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps -e .
+	$(VENV)/bin/uv pip sync --quiet --compile-bytecode --python $(PY) requirements.lock
+	$(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY) --no-deps -e .
 	@touch $@
 
 setup: $(VENV)/.installed ## Create .venv with the project and everything its tests need.

@@ -158,13 +158,22 @@ def _server_overhead(ax, r: dict) -> None:
 
 
 def _cold_start(ax, r: dict) -> None:
-    s = r["seconds_to_ready"]
-    labels = ["no compile", "compile,\nempty cache", "compile,\nwarm cache"]
-    values = [s["no_compile"], s["compile_cold"], s["compile_warm"]]
-    ax.bar(labels, values, color=["grey", "tab:red", "tab:green"])
-    ax.axhline(0.2 * s["compile_cold"], color="black", linestyle="--", linewidth=0.8)
+    # One stacked bar per start: where its seconds to /readyz went.
+    names = {"no_compile": "no\ncompile", "compile_cold": "empty\ncache",
+             "compile_warm": "warm", "compile_cold_precompile": "empty,\nprecompile",
+             "compile_warm_precompile": "warm,\nprecompile"}
+    starts = {k: r["starts"][k]["phases"] for k in names if k in r["starts"]}
+    phases = list(dict.fromkeys(phase for p in starts.values() for phase in p))
+    bottom = [0.0] * len(starts)
+    for phase in phases:
+        heights = [p.get(phase, 0.0) for p in starts.values()]
+        ax.bar([names[k] for k in starts], heights, bottom=bottom, label=phase)
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    ax.axhline(0.2 * r["seconds_to_ready"]["compile_cold"], color="black", linestyle="--",
+               linewidth=0.8)
     ax.set_ylabel("seconds to /readyz (dashed: 20% of cold)")
-    ax.set_title("cold start, tiny model on the CPU")
+    ax.set_title(f"cold start, {r['settings']['size']} model on the CPU")
+    ax.legend(fontsize=7)
 
 
 def _operator_latency(ax, r: dict) -> None:

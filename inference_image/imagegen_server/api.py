@@ -283,6 +283,7 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         body = {"status": "ready", "model": runtime.model.name}
         if runtime.report is not None:
             body["optimizations"] = runtime.report.as_dict()
+        body["startup_seconds"] = runtime.startup_seconds
         return body
 
     @app.get("/metrics")

@@ -4,6 +4,7 @@
     imagegen-server make-tiny-model DIR [--family sd15|sdxl|sd3|flux] [--size tiny|small] [--seed N]
     imagegen-server make-tiny-model DIR --lora-for MODEL_DIR [--rank R] [--seed N]
     imagegen-server bench --model DIR [--requests N] [--concurrency C] [serve flags...]
+    imagegen-server precompile --model DIR --compile --compile-cache-dir DIR [serve flags...]
 
 Every serve flag has an ``IMAGEGEN_*`` environment variable (see config.py); flags win.
 """
@@ -55,6 +56,10 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--warmup", dest="warmup", action=argparse.BooleanOptionalAction, default=None
     )
+    parser.add_argument(
+        "--precompile", dest="compile_precompile", action=argparse.BooleanOptionalAction,
+        default=None,
+    )
     return parser
 
 
@@ -95,6 +100,40 @@ def bench(argv: Sequence[str]) -> int:
     settings = settings_from_args(args)
     logging.basicConfig(level=settings.log_level.upper())
     print(json.dumps(run_benchmark(settings, **load), indent=2))
+    return 0
+
+
+def precompile(argv: Sequence[str]) -> int:
+    """Compile every admitted shape once and save the artifacts for this key, then exit:
+    what a Job runs before a Deployment's replicas start, so each of them starts warm."""
+    import json
+
+    from .runtime import ModelRuntime
+
+    parser = serve_parser()
+    parser.prog = "imagegen-server precompile"
+    parser.description = precompile.__doc__.splitlines()[0]
+    settings = settings_from_args(parser.parse_args(argv))
+    logging.basicConfig(level=settings.log_level.upper())
+    needed = {
+        "IMAGEGEN_COMPILE_ENABLED (--compile)": settings.compile_enabled,
+        "IMAGEGEN_COMPILE_CACHE_DIR (--compile-cache-dir)": settings.compile_cache_dir is not None,
+        "IMAGEGEN_WARMUP (--warmup)": settings.warmup,
+    }
+    missing = [name for name, given in needed.items() if not given]
+    if missing:
+        print(f"imagegen-server precompile: needs {' and '.join(missing)}", file=sys.stderr)
+        return 2
+    runtime = ModelRuntime(settings).load()
+    try:
+        report = runtime.report
+        print(json.dumps({
+            "key": report.compile_artifacts_key,
+            "artifacts": report.compile_artifacts,
+            "startup_seconds": runtime.startup_seconds,
+        }))
+    finally:
+        runtime.close(timeout=30)
     return 0
 
 
@@ -149,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return make_tiny(argv[1:])
     if argv and argv[0] == "bench":
         return bench(argv[1:])
+    if argv and argv[0] == "precompile":
+        return precompile(argv[1:])
     if argv and argv[0] == "serve":
         argv = argv[1:]
     return serve(argv)

@@ -236,6 +236,12 @@ class ServerSettings(BaseSettings):
         default=None,
         description="Inductor cache (TORCHINDUCTOR_CACHE_DIR); a volume makes warm starts fast.",
     )
+    compile_precompile: bool = Field(
+        default=False,
+        description="With a cache dir: keep dynamo's traced code in the compiled artifacts too "
+        "(caching_precompile), so a warm start traces nothing; but each compiled block installs "
+        "that code again, so it pays where a denoiser has few repeated blocks.",
+    )
     channels_last: bool = True
     attention: Attention = Attention.AUTO
     warmup: bool = Field(default=True, description="Run one generation before /readyz turns ready.")

@@ -32,6 +32,9 @@ class OptimizationReport:
     compile_mode: str | None = None
     compile_regional: bool | None = None
     compile_cache_dir: str | None = None
+    #: "loaded": this start loaded its compiled artifacts; "saved": it had none, and saved them
+    compile_artifacts: str | None = None
+    compile_artifacts_key: str | None = None
     attention_requested: str = Attention.AUTO.value
     attention_active: str = Attention.AUTO.value
     attention_note: str = ""

@@ -9,8 +9,10 @@ import contextlib
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Sequence
 
+from .compiled_artifacts import CompiledArtifacts, enable_precompile
 from .config import ServerSettings
 from .engine import Engine, ShutdownError, build_engine, default_size
 from .families import FamilySteps, steps_for
@@ -35,6 +37,7 @@ class ModelRuntime:
         self.attention: AttentionSelection | None = None
         self.error: BaseException | None = None
         self.warmup: WarmupReport | None = None
+        self.startup_seconds: dict[str, float] = {}
         self.warmup_seconds: float | None = None
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
@@ -64,6 +67,7 @@ class ModelRuntime:
 
     def _load(self) -> None:
         s = self.settings
+        phase = self._phases()
         self.model = load_model(s)
         m = self.model
         self.steps = steps_for(m.family, m.pipeline, m.device)
@@ -71,13 +75,26 @@ class ModelRuntime:
             # Before compiling: the slot's modules are part of the graph from the start.
             adapters = {lora.name: resolve_lora_uri(lora.uri, s) for lora in s.loras}
             self.steps.adapters = AdapterSlot(m.pipeline, denoiser(m.pipeline), adapters)
+        phase("load")
+        if s.compile_enabled and s.compile_precompile:
+            enable_precompile()
         self.report, self.attention = apply_optimizations(m.pipeline, s, m.device, m.dtype)
         self.report.log()
         self.engine = build_engine(self.steps, s, self.metrics)
+        artifacts = None
+        if s.compile_enabled and s.compile_cache_dir is not None:
+            artifacts = CompiledArtifacts.for_server(self.steps, s, m.dtype)
+            self.report.compile_artifacts = "loaded" if artifacts.load() else "saved"
+            self.report.compile_artifacts_key = artifacts.key
+        phase("optimize")
         if s.warmup:
             # Compilation and kernel selection for every admitted shape, paid before /readyz.
             self.warmup = warm_up(self.steps, s)
             self.warmup_seconds = self.warmup.seconds
+            phase("warmup")
+            if artifacts is not None and not artifacts.loaded:
+                artifacts.save()
+                phase("save_artifacts")
         self.metrics.info.info(
             {
                 "model": m.name,
@@ -93,6 +110,18 @@ class ModelRuntime:
         self.metrics.recompiles.mark_ready()
         self._ready.set()
         self.metrics.ready.set(1)
+
+    def _phases(self):
+        """A clock for the start: each call records the seconds since the last one under a
+        name (``startup_seconds``, in /readyz: where a start's time goes)."""
+        last = [time.perf_counter()]
+
+        def phase(name: str) -> None:
+            now = time.perf_counter()
+            self.startup_seconds[name] = round(now - last[0], 3)
+            last[0] = now
+
+        return phase
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)

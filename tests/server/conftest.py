@@ -61,6 +61,22 @@ def make_runtime(tiny_models) -> Iterator[Callable[..., ModelRuntime]]:
 
 
 @pytest.fixture
+def compile_cache(request, monkeypatch) -> Iterator[str]:
+    """An inductor cache dir for compiled runtimes, kept between runs (pytest's cache), so
+    only a first run pays for compilation. The server sets process-wide state for it, which
+    is put back for whatever test runs next."""
+    import os
+
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE",
+                 "TORCHINDUCTOR_AUTOGRAD_CACHE"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    dynamo = torch._dynamo.config
+    precompile = dynamo.caching_precompile
+    yield str(request.config.cache.mkdir("imagegen-inductor"))
+    dynamo.caching_precompile = precompile
+
+
+@pytest.fixture
 def client_for(make_runtime):
     clients = []
 

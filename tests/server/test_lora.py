@@ -120,25 +120,21 @@ def test_adapters_that_cannot_be_served_stop_the_start(make_runtime, tiny_loras,
 
 @pytest.mark.slow
 def test_switching_adapters_on_a_compiled_denoiser_does_not_recompile(
-    make_runtime, tiny_loras, diffusers_with_loras, request, monkeypatch
+    make_runtime, tiny_loras, diffusers_with_loras, compile_cache
 ):
     from torch._dynamo.utils import counters
 
-    cache_dir = request.config.cache.mkdir("imagegen-inductor")
-    for name in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE",
-                 "TORCHINDUCTOR_AUTOGRAD_CACHE"):
-        monkeypatch.setenv(name, os.environ.get(name, ""))
     runtime = make_runtime("sd15", loras=declared(tiny_loras), compile_enabled=True,
                            compile_mode="default", compile_regional=True,
-                           compile_cache_dir=str(cache_dir), channels_last=False,
+                           compile_cache_dir=compile_cache, channels_last=False,
                            default_width=64, default_height=64)
     assert runtime.report.compiled
     # Warm-up compiled with no adapter; one pass with adapters compiles anything left.
     runtime.engine.generate(runtime.params("x", seed=1, lora=SETS[0]), timeout_s=300)
     # Every graph dynamo makes counts here, a recompile too (a changed Python attribute the
-    # graph guards on, such as peft's scaling, adds one).
+    # graph guards on, such as peft's scaling, adds one). A start that found its compiled
+    # code in the cache (compiled_artifacts.py) traced nothing at all.
     graphs = counters["stats"]["unique_graphs"]
-    assert graphs > 0
     for adapters in SETS * 2:
         params = runtime.params("a lighthouse", seed=3, lora=adapters)
         got = runtime.engine.generate(params, timeout_s=300)[0]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,25 +49,17 @@ def test_unavailable_backend_falls_back_and_says_why(make_runtime):
 
 @pytest.mark.slow
 def test_regional_compile_on_cpu_with_cache_dir(
-    make_runtime, reference_pipeline, request, monkeypatch
+    make_runtime, reference_pipeline, compile_cache
 ):
-    # pytest's cache dir survives between runs, so only the first run pays for compilation.
-    cache_dir = request.config.cache.mkdir("imagegen-inductor")
-    # The server sets these process-wide; restore them for whatever runs after this test.
-    for name in (
-        "TORCHINDUCTOR_CACHE_DIR",
-        "TORCHINDUCTOR_FX_GRAPH_CACHE",
-        "TORCHINDUCTOR_AUTOGRAD_CACHE",
-    ):
-        monkeypatch.setenv(name, os.environ.get(name, ""))
     runtime = make_runtime(
         "sd15",
         compile_enabled=True,
         compile_mode="default",
         compile_regional=True,
-        compile_cache_dir=str(cache_dir),
+        compile_cache_dir=compile_cache,
         channels_last=False,
     )
+    cache_dir = Path(compile_cache)
     report = runtime.report
     assert report.compile_regional is True
     assert "BasicTransformerBlock" in report.compiled[0]

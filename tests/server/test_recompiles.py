@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
@@ -10,16 +9,6 @@ import pytest
 from imagegen_server.engine import InvalidRequest
 
 SIZES = ["64x64", "96x64", "64x96"]
-
-
-@pytest.fixture
-def compile_cache(request, monkeypatch):
-    # pytest's cache dir survives between runs, so only the first run pays for compilation.
-    # The server sets these process-wide; restore them for whatever runs after this test.
-    for name in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE",
-                 "TORCHINDUCTOR_AUTOGRAD_CACHE"):
-        monkeypatch.setenv(name, os.environ.get(name, ""))
-    return str(request.config.cache.mkdir("imagegen-inductor"))
 
 
 def compiled(make_runtime, cache_dir, family="sd15", **overrides):

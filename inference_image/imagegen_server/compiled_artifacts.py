@@ -1,0 +1,128 @@
+"""Compiled artifacts as one file per key on the cache volume, so a warm start loads, not compiles.
+
+Inductor's cache directory alone still leaves a restart tracing every graph and compiling the
+static shapes before dynamo learns which dimensions vary. PyTorch's mega-cache
+(``torch.compiler.save_cache_artifacts`` / ``load_cache_artifacts``) bundles what a compile
+left behind: inductor's FX graphs, AOT-autograd entries, autotuning results and the
+profile-guided dynamic-shape decisions; with ``compile_precompile`` it holds dynamo's traced
+code too, so a warm start traces nothing. One bundle is kept per key: what the compiled code
+depends on (the denoiser's architecture, the torch version, the device, dtype, compile
+settings, the shapes warm-up ran, the LoRA slot). A different key is a different file, never a
+wrong hit. ``imagegen-server precompile`` writes the bundle and exits, for a Job that runs once
+per key before any replica starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ServerSettings
+from .engine import admitted_sizes
+from .families import FamilySteps
+from .optimize import denoiser
+from .warmup import most_rows
+
+log = logging.getLogger(__name__)
+
+SUBDIRECTORY = "artifacts"
+
+
+def enable_precompile() -> None:
+    """Let dynamo keep its traced code in the bundle (``caching_precompile``). Dynamo then
+    drops the guards it cannot write down (object identities), which the server never breaks:
+    its modules and attention processors stay the ones loaded."""
+    torch._dynamo.config.caching_precompile = True
+
+
+def key_parts(steps: FamilySteps, settings: ServerSettings, dtype: torch.dtype) -> dict:
+    """Everything the compiled code depends on; weights are inputs to it, not part of it."""
+    module = denoiser(steps.pipeline)
+    device = steps.device
+    parts = {
+        "denoiser": type(module).__name__,
+        "config": {k: v for k, v in dict(module.config).items() if not k.startswith("_")},
+        "torch": torch.__version__,
+        "device": device.type,
+        "dtype": str(dtype),
+        "compile_mode": settings.compile_mode,
+        "regional": settings.compile_regional,
+        "precompile": settings.compile_precompile,
+        "channels_last": settings.channels_last,
+        "sizes": admitted_sizes(steps, settings),
+        "most_rows": most_rows(settings),
+        "loras": sorted((lora.name, lora.uri) for lora in settings.loras),
+    }
+    if device.type == "cuda":
+        parts["gpu"] = torch.cuda.get_device_name(device)
+        parts["capability"] = list(torch.cuda.get_device_capability(device))
+    return parts
+
+
+def artifact_key(parts: dict) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+@dataclass
+class CompiledArtifacts:
+    """The bundle for one key: ``load`` before warm-up, ``save`` after it."""
+
+    path: Path
+    parts: dict
+    loaded: bool = False
+    load_seconds: float | None = None
+
+    @classmethod
+    def for_server(
+        cls, steps: FamilySteps, settings: ServerSettings, dtype: torch.dtype
+    ) -> CompiledArtifacts:
+        assert settings.compile_cache_dir is not None
+        parts = key_parts(steps, settings, dtype)
+        path = Path(settings.compile_cache_dir) / SUBDIRECTORY / f"{artifact_key(parts)}.bin"
+        return cls(path, parts)
+
+    @property
+    def key(self) -> str:
+        return self.path.stem
+
+    def load(self) -> bool:
+        """Load the bundle if this key has one; a corrupt or foreign file is only logged."""
+        if not self.path.is_file():
+            log.info("compiled artifacts: none yet for key %s", self.key)
+            return False
+        started = time.perf_counter()
+        try:
+            info = torch.compiler.load_cache_artifacts(self.path.read_bytes())
+        except Exception as exc:  # a bundle that cannot be read means compiling, not failing
+            log.warning("compiled artifacts %s not loaded, compiling instead: %s", self.path, exc)
+            return False
+        self.load_seconds = time.perf_counter() - started
+        self.loaded = info is not None
+        log.info("compiled artifacts: loaded %s in %.2fs", self.path, self.load_seconds)
+        return self.loaded
+
+    def save(self) -> int:
+        """Write what this process compiled, atomically (replicas may start together)."""
+        saved = torch.compiler.save_cache_artifacts()
+        if saved is None:
+            return 0
+        data, _ = saved
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=self.path.parent, delete=False) as out:
+            out.write(data)
+        os.replace(out.name, self.path)
+        # Beside it, what the key stands for, for whoever lists the volume.
+        self.path.with_suffix(".json").write_text(
+            json.dumps(self.parts, indent=2, sort_keys=True, default=str)
+        )
+        log.info("compiled artifacts: saved %d bytes to %s", len(data), self.path)
+        return len(data)

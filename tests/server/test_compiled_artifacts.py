@@ -1,0 +1,92 @@
+"""Compiled artifacts: a start saves them per key, the next start loads them and compiles
+nothing, and its images are the same. Each start is its own process, as a pod's is."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from imagegen_server.compiled_artifacts import artifact_key, key_parts
+from imagegen_server.config import ServerSettings
+
+# One start: load, warm up (saving or loading artifacts), one image; prints what it saw.
+START = """
+import json, sys
+import numpy as np
+import torch
+from torch._dynamo.utils import counters
+from imagegen_server.config import ServerSettings
+from imagegen_server.runtime import ModelRuntime
+
+torch.set_num_threads(1)
+settings = ServerSettings(**json.loads(sys.argv[1]))
+runtime = ModelRuntime(settings).load()
+traced = int(counters["stats"]["unique_graphs"])
+image = runtime.engine.generate(runtime.params("a lighthouse", seed=3), timeout_s=300)[0]
+np.save(sys.argv[2], np.asarray(image))
+print(json.dumps({"artifacts": runtime.report.compile_artifacts,
+                  "key": runtime.report.compile_artifacts_key, "traced": traced,
+                  "recompiles": runtime.metrics.recompiles.since_ready,
+                  "startup": runtime.startup_seconds}))
+runtime.close(timeout=30)
+"""
+
+
+def start(settings: dict, image_path) -> dict:
+    done = subprocess.run([sys.executable, "-c", START, json.dumps(settings), str(image_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precompile", [False, True])
+def test_a_second_start_loads_the_artifacts_and_draws_the_same(tiny_models, tmp_path, precompile):
+    cache = tmp_path / "cache"
+    settings = {"model": str(tiny_models["sd15"]), "device": "cpu", "dtype": "float32",
+                "default_steps": 2, "compile_enabled": True, "compile_mode": "default",
+                "compile_cache_dir": str(cache), "channels_last": False,
+                "allowed_sizes": ["96x64"], "max_batch_size": 2,
+                "compile_precompile": precompile}
+    cold = start(settings, tmp_path / "cold.npy")
+    assert cold["artifacts"] == "saved" and cold["traced"] > 0
+    bundle = cache / "artifacts" / f"{cold['key']}.bin"
+    assert bundle.stat().st_size > 0
+    described = json.loads(bundle.with_suffix(".json").read_text())
+    assert described["sizes"] == ["64x64", "96x64"] and described["most_rows"] == 16
+
+    warm = start(settings, tmp_path / "warm.npy")
+    assert warm["key"] == cold["key"]
+    assert warm["artifacts"] == "loaded"
+    if precompile:
+        # dynamo's traced code came from the bundle: warm-up traced no graph at all.
+        assert warm["traced"] == 0
+    else:
+        # dynamo traced again; what inductor made of the graphs came from the bundle.
+        assert warm["traced"] == cold["traced"] > 0
+    assert warm["recompiles"] == 0
+    assert warm["startup"]["warmup"] < cold["startup"]["warmup"]
+    cold_image = np.load(tmp_path / "cold.npy").astype(int)
+    warm_image = np.load(tmp_path / "warm.npy").astype(int)
+    assert np.abs(cold_image - warm_image).max() <= 1
+
+
+def test_the_key_changes_with_what_the_compiled_code_depends_on(make_runtime, tmp_path):
+    runtime = make_runtime("sd15", warmup=False)
+    steps, dtype = runtime.steps, runtime.model.dtype
+    base = {"model": runtime.settings.model, "device": "cpu", "dtype": "float32",
+            "compile_enabled": True, "compile_cache_dir": str(tmp_path)}
+
+    def key(**changes) -> str:
+        return artifact_key(key_parts(steps, ServerSettings(**base, **changes), dtype))
+
+    assert key() == key()
+    # The weights are not in the key: a retrained model of the same shape reuses its code.
+    changed = [key(compile_mode="max-autotune"), key(compile_regional=False),
+               key(allowed_sizes=["96x64"]), key(max_batch_size=8), key(channels_last=False),
+               key(loras=[{"name": "ink", "uri": "/x.safetensors"}])]
+    assert len({key(), *changed}) == 1 + len(changed)
