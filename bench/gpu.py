@@ -13,7 +13,9 @@ For each model it measures, with the server's own optimizations, stage steps and
   through the Stacked engine, one request at a time;
 * share of the FLOP floor: FLOPs of one image (text encoders + steps x UNet + VAE decode),
   counted with torch.utils.flop_counter, over seconds per image x the GPU's dense bf16 peak;
-* Stacked vs Pipelined at concurrency 1/2/4/8 with the fastest variant: images/s and p50/p95.
+* Stacked vs Pipelined at concurrency 1/2/4/8 with the fastest variant: images/s and p50/p95;
+* that variant with the denoiser quantized (int8 weight-only; FP8 where the GPU has FP8 tensor
+  cores): seconds per image, speedup, and PSNR against the unquantized image of the same seed.
 
 Bars on an H100: SDXL 30 steps at 1024px under 1.5 s per image; Pipelined >= 1.3x Stacked
 throughput at concurrency 4.
@@ -361,6 +363,7 @@ def measure_model(name: str, device, args, deadline: float) -> dict:
         "variants": {},
     }
     steps = attention = settings = None
+    first_images: dict[str, Any] = {}
     for variant in args.variants:
         if variant.endswith("compile") and args.smoke and not args.smoke_compile:
             out["variants"][variant] = {"skipped": "--smoke without --smoke-compile"}
@@ -385,8 +388,10 @@ def measure_model(name: str, device, args, deadline: float) -> dict:
             latencies = []
             for i in range(args.images):
                 t0 = time.perf_counter()
-                stacked.generate(request(steps, size, args.steps, i + 1))
+                images = stacked.generate(request(steps, size, args.steps, i + 1))
                 latencies.append(time.perf_counter() - t0)
+                if i == 0:
+                    first_images[variant] = images[0]
         finally:
             stacked.close(timeout=120)
         per_image = common.percentile(latencies, 50)
@@ -418,6 +423,71 @@ def measure_model(name: str, device, args, deadline: float) -> dict:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    out["quantized"] = measure_quantized(name, family, size, device, args, deadline,
+                                         first_images, out["variants"])
+    return out
+
+
+def measure_quantized(
+    name, family, size, device, args, deadline, first_images: dict, variants: dict
+) -> dict:
+    """The fastest variant again, with the denoiser quantized (int8 weight-only, FP8): a
+    fresh pipeline each (quantization is in place), seconds per image and the PSNR of the
+    first image against the unquantized one of the same seed."""
+    import numpy as np
+    import torch
+
+    from imagegen_server.families import steps_for
+    from imagegen_server.loading import torch_dtype
+    from imagegen_server.optimize import apply_optimizations
+    from imagegen_server.quantization import fp8_problem
+
+    base = "bf16+flash+compile" if not args.smoke or args.smoke_compile else "bf16+flash"
+    out: dict[str, Any] = {}
+    for quantization in args.quantization:
+        if quantization == "Float8" and (problem := fp8_problem(device)):
+            out[quantization] = {"skipped": f"no FP8 tensor cores: {problem}"}
+            continue
+        if time.perf_counter() > deadline or base not in first_images:
+            out[quantization] = {"skipped": "over --budget-s, or no unquantized figure"}
+            continue
+        settings = settings_for(base, device, args, quantization=quantization)
+        dtype = torch_dtype(settings.dtype)
+        pipe = build_pipeline(name, device, args.smoke).to(dtype=dtype)
+        started = time.perf_counter()
+        report, attention = apply_optimizations(pipe, settings, device, dtype)
+        stacked = engine("Stacked", steps_for(family, pipe, device), settings)
+        try:
+            stacked.generate(request(stacked.steps, size, 2, 0))
+            first_s = time.perf_counter() - started
+            latencies, image = [], None
+            for i in range(args.images):
+                t0 = time.perf_counter()
+                images = stacked.generate(request(stacked.steps, size, args.steps, i + 1))
+                latencies.append(time.perf_counter() - t0)
+                image = images[0] if image is None else image
+        finally:
+            stacked.close(timeout=120)
+            attention.deactivate()
+        a = np.asarray(image, dtype=float)
+        b = np.asarray(first_images[base], dtype=float)
+        mse = float(((a - b) ** 2).mean())
+        per_image = common.percentile(latencies, 50)
+        unquantized = variants[base]["seconds_per_image"]
+        out[quantization] = {
+            "base": base,
+            "quantization": report.quantization,
+            "first_request_s": first_s,
+            "seconds_per_image": per_image,
+            "psnr_db": float("inf") if mse == 0 else 10 * float(np.log10(255**2 / mse)),
+            "speedup": unquantized / per_image,
+        }
+        print(f"  {base}+{quantization:<14} {per_image:7.3f} s/image  "
+              f"PSNR {out[quantization]['psnr_db']:.1f} dB", flush=True)
+        del pipe, stacked
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return out
 
 
@@ -502,6 +572,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="+",
         choices=["eager", "bf16+flash", "bf16+flash+compile"],
         default=["eager", "bf16+flash", "bf16+flash+compile"],
+    )
+    parser.add_argument(
+        "--quantization", nargs="*", choices=["Int8WeightOnly", "Float8"],
+        default=["Int8WeightOnly", "Float8"], help="the fastest variant again, quantized",
     )
     parser.add_argument("--steps", type=int, default=None, help="30, or 2 with --smoke")
     parser.add_argument("--images", type=int, default=None, help="timed images per variant")

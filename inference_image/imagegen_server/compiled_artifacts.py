@@ -57,6 +57,8 @@ def key_parts(steps: FamilySteps, settings: ServerSettings, dtype: torch.dtype) 
         "regional": settings.compile_regional,
         "precompile": settings.compile_precompile,
         "channels_last": settings.channels_last,
+        "quantization": settings.quantization.value,
+        "cache": [settings.cache.value, settings.cache_threshold],
         "sizes": admitted_sizes(steps, settings),
         "most_rows": most_rows(settings),
         "loras": sorted((lora.name, lora.uri) for lora in settings.loras),

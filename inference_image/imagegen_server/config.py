@@ -111,6 +111,21 @@ class StageMode(StrEnum):
     STACKED = "Stacked"
 
 
+class Quantization(StrEnum):
+    """How the denoiser's weights are stored (torchao; see quantization.py)."""
+
+    NONE = "None"
+    INT8_WEIGHT_ONLY = "Int8WeightOnly"
+    FLOAT8 = "Float8"
+
+
+class DenoiserCache(StrEnum):
+    """diffusers' cache hooks on the denoiser (see denoiser_cache.py)."""
+
+    NONE = "None"
+    FIRST_BLOCK_CACHE = "FirstBlockCache"
+
+
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
@@ -154,6 +169,11 @@ class ServerSettings(BaseSettings):
         description="Where gs://BUCKET/path is mounted (GCS FUSE CSI driver): GCS_ROOT/BUCKET/path.",
     )
     hf_cache_dir: Path | None = Field(default=None, description="Cache for hf:// downloads.")
+    quantization: Quantization = Field(
+        default=Quantization.NONE,
+        description="The denoiser's weights: Int8WeightOnly anywhere, Float8 on GPUs with FP8 "
+        "tensor cores only.",
+    )
     loras: list[LoraSource] = Field(
         default_factory=list, max_length=MAX_LORAS,
         description="LoRA adapters for the denoiser, loaded at start; in the environment, a JSON "
@@ -242,6 +262,13 @@ class ServerSettings(BaseSettings):
         "(caching_precompile), so a warm start traces nothing; but each compiled block installs "
         "that code again, so it pays where a denoiser has few repeated blocks.",
     )
+    cache: DenoiserCache = Field(
+        default=DenoiserCache.NONE,
+        description="FirstBlockCache: a step whose first block's output changed less than "
+        "cache_threshold reuses the rest of the last step's (denoisers with diffusers' cache "
+        "hooks: Flux).",
+    )
+    cache_threshold: float = Field(default=0.05, gt=0, le=1)
     channels_last: bool = True
     attention: Attention = Attention.AUTO
     warmup: bool = Field(default=True, description="Run one generation before /readyz turns ready.")
@@ -279,6 +306,13 @@ class ServerSettings(BaseSettings):
         if len(set(names)) != len(names):
             raise ValueError(f"LoRA names must be unique: {', '.join(names)}")
         return value
+
+    @model_validator(mode="after")
+    def _quantized_without_loras(self) -> ServerSettings:
+        if self.loras and self.quantization != Quantization.NONE:
+            raise ValueError("loras and quantization are not served together yet: the LoRA "
+                             "slot needs the denoiser's linear layers unquantized")
+        return self
 
     @model_validator(mode="after")
     def _c2pa_pair(self) -> ServerSettings:

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import denoiser_cache
 from .config import Attention, ServerSettings
+from .quantization import quantize_denoiser
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,8 @@ class OptimizationReport:
     device: str
     dtype: str
     channels_last: bool = False
+    quantization: str = "None"
+    cache: str = "None"
     compiled: list[str] = field(default_factory=list)
     compile_mode: str | None = None
     compile_regional: bool | None = None
@@ -139,6 +143,11 @@ def apply_optimizations(
     report = OptimizationReport(device=str(device), dtype=str(dtype).removeprefix("torch."))
     if settings.torch_threads and device.type == "cpu":
         torch.set_num_threads(settings.torch_threads)
+    # Before compiling: the compiled graphs then hold the quantized matmuls.
+    quantize_denoiser(denoiser(pipeline), settings.quantization, device)
+    report.quantization = settings.quantization.value
+    denoiser_cache.enable(denoiser(pipeline), settings.cache, settings.cache_threshold)
+    report.cache = settings.cache.value
     if settings.channels_last:
         # Convolutions in the UNet and VAE run faster in NHWC on tensor cores.
         for name in ("unet", "vae"):

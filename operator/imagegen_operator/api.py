@@ -22,7 +22,9 @@ from imagegen_server.config import (
     LORA_NAME_PATTERN,
     MAX_LORAS,
     SIZE_PATTERN,
+    DenoiserCache,
     Family,
+    Quantization,
     limited,
 )
 
@@ -51,6 +53,8 @@ DType = Literal["bfloat16", "float16", "float32"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 Attention = Literal["Flash", "Efficient", "Math", "Auto"]
 StageMode = Literal["Pipelined", "Stacked"]
+QuantizationName = Literal[tuple(q.value for q in Quantization)]  # type: ignore[valid-type]
+CacheMethod = Literal[tuple(c.value for c in DenoiserCache)]  # type: ignore[valid-type]
 SharingStrategy = Literal["TimeSharing", "MPS"]
 Provider = Literal["GKE", "ConfigConnector", "Existing", "Local"]
 # Providers that create the pool in a GKE cluster, and so must be told which one.
@@ -179,8 +183,22 @@ class ModelSource(KubeModel):
     """LoRA adapters for the denoiser (names unique), loaded when a server starts; a request
     names the ones it wants, with scales, in `lora`. Only requests with the same adapters
     share a denoising batch."""
+    quantization: QuantizationName = "None"
+    """The denoiser's weights (torchao): Int8WeightOnly on any GPU, Float8 on GPU types with
+    FP8 tensor cores (nvidia-l4, nvidia-h100-80gb, nvidia-h200-141gb). Quantized weights take
+    half the memory of 16-bit ones, which the planner counts."""
 
-    rules = (_uri_rule(""),)
+    rules = (
+        _uri_rule(""),
+        Rule(
+            cel="!has(self.quantization) || self.quantization == 'None' || !has(self.loras)"
+            " || size(self.loras) == 0",
+            check=lambda m: m.quantization == "None" or not m.loras,
+            field=".quantization",
+            message="quantization and loras are not served together yet: LoRA adapters need "
+            "the denoiser unquantized",
+        ),
+    )
 
 
 # --- spec: pipeline ------------------------------------------------------------------
@@ -204,6 +222,19 @@ class CompileSpec(KubeModel):
     """Compile one repeated block and reuse it (regional compilation): much shorter cold starts."""
     cache: CompileCache | None = None
     """Where compiled artifacts persist across restarts; none keeps them in the pod."""
+
+
+class DenoiserCacheSpec(KubeModel):
+    """diffusers' cache hooks on the denoiser: fewer denoiser passes, at a small cost in
+    fidelity. Only denoisers with diffusers' cache hooks take one (Flux's transformer); a server
+    of another model reports the field as the reason it did not start."""
+
+    method: CacheMethod = "None"
+    """FirstBlockCache: a step whose first transformer block changed less than the threshold
+    reuses the rest of the last step's output."""
+    threshold: float = Field(default=0.05, gt=0, le=1)
+    """Relative change of the first block's output below which a step is skipped; higher is
+    faster and further from the uncached image."""
 
 
 class StagesSpec(KubeModel):
@@ -261,6 +292,8 @@ class PipelineSpec(KubeModel):
     """torch.compile settings."""
     attention: Attention = "Flash"
     """Scaled-dot-product attention backend (Auto lets PyTorch choose)."""
+    cache: DenoiserCacheSpec = defaulted()
+    """Cache hooks on the denoiser (diffusers'); none by default."""
     stages: StagesSpec = defaulted()
     """Stage threading and batching."""
     defaults: GenerationDefaults = defaulted()

@@ -138,6 +138,8 @@ class Accelerator:
     gpu_spot_usd_hour: float
     # A short tag for derived node-pool names (``h100``, ``l4``).
     short_name: str
+    # FP8 tensor cores: Ada (L4) and Hopper (H100, H200); not Turing (T4) or Ampere (A100).
+    fp8: bool = False
 
     @property
     def mig_capable(self) -> bool:
@@ -171,6 +173,7 @@ ACCELERATORS: dict[str, Accelerator] = {
             gpu_usd_hour=0.56,
             gpu_spot_usd_hour=0.22,
             short_name="l4",
+            fp8=True,
         ),
         Accelerator(
             name="nvidia-tesla-a100",
@@ -216,6 +219,7 @@ ACCELERATORS: dict[str, Accelerator] = {
             gpu_usd_hour=9.80,
             gpu_spot_usd_hour=2.25,
             short_name="h100",
+            fp8=True,
         ),
         Accelerator(
             name="nvidia-h200-141gb",
@@ -232,6 +236,7 @@ ACCELERATORS: dict[str, Accelerator] = {
             gpu_usd_hour=10.60,
             gpu_spot_usd_hour=3.72,
             short_name="h200",
+            fp8=True,
         ),
     )
 }
@@ -271,6 +276,11 @@ def accelerator(gpu_type: str) -> Accelerator:
         raise KeyError(
             f"unknown gpu.type {gpu_type!r}; known: {', '.join(sorted(ACCELERATORS))}"
         ) from None
+
+
+def fp8_types() -> list[str]:
+    """The gpu.type values with FP8 tensor cores."""
+    return [name for name, acc in ACCELERATORS.items() if acc.fp8]
 
 
 def mig_sizes(gpu_type: str) -> dict[str, int]:

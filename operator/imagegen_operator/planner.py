@@ -11,7 +11,8 @@ which is what the property tests and the CLI table use.
 
 Memory footprint estimate (used only when ``model.memoryGiB`` is unset), in GiB::
 
-    footprint = weights[family] * dtype_factor
+    footprint = weights[family] * dtype_factor * (1 - denoiser_share[family])
+              + weights[family] * denoiser_share[family] * quantized_factor
               + activations_per_megapixel[family] * dtype_factor
                 * maxBatchSize * (width * height / 2**20)
               + CUDA_CONTEXT_GIB
@@ -22,7 +23,11 @@ denoiser and the VAE), rounded up: SD 1.5 about 1.1B parameters, SDXL about
 17B. ``activations_per_megapixel`` is the peak working memory of one image
 during denoise and VAE decode at one megapixel, rounded up from what diffusers
 pipelines use with SDPA attention. ``dtype_factor`` is 1 for bfloat16/float16
-and 2 for float32. ``Auto`` means the family is only known at load time: the
+and 2 for float32. ``denoiser_share`` is the UNet's or transformer's part of those weights
+(SD 1.5's UNet 860M of 1.07B, SDXL's 2.6B of 3.5B, SD3 medium's 2B beside a 4.7B T5, Flux's 12B
+of 17B): ``model.quantization`` stores only the denoiser in 8 bits, so its
+``quantized_factor`` is 0.5 (8-bit against 16-bit weights), and ``dtype_factor`` when
+unquantized. ``Auto`` means the family is only known at load time: the
 planner then assumes SDXL and says so in a finding. These are estimates to catch
 configurations that cannot work; set ``model.memoryGiB`` to plan on a measured
 figure.
@@ -47,6 +52,9 @@ FOOTPRINT_TABLE: dict[str, tuple[float, float]] = {
     "SD3": (15.0, 2.5),
     "Flux": (33.0, 3.0),
 }
+# family -> the denoiser's share of those weights (what model.quantization stores in 8 bits)
+DENOISER_SHARE: dict[str, float] = {"SD15": 0.8, "SDXL": 0.75, "SD3": 0.27, "Flux": 0.7}
+QUANTIZED_FACTOR = 0.5
 AUTO_FAMILY_ASSUMED = "SDXL"
 DTYPE_FACTOR = {"bfloat16": 1, "float16": 1, "float32": 2}
 CUDA_CONTEXT_GIB = 0.75
@@ -137,6 +145,10 @@ class MpsClientsAboveSliceLimit(Finding):
     """NVIDIA lowers MPS's 48-client limit in proportion to a MIG compute instance's size."""
 
 
+class QuantizationUnsupported(Finding):
+    """model.quantization Float8 on a GPU type without FP8 tensor cores."""
+
+
 class UnknownGpuType(Finding):
     """gpu.type not one of the six GKE accelerator names."""
 
@@ -165,6 +177,7 @@ class PlanInputs:
     family: str = "Auto"  # model.family
     dtype: str = "bfloat16"  # model.dtype
     memory_gib: float | None = None  # model.memoryGiB
+    quantization: str = "None"  # model.quantization
     max_batch_size: int = 1  # pipeline.stages.maxBatchSize
     width: int = 1024  # pipeline.defaults.width
     height: int = 1024  # pipeline.defaults.height
@@ -311,12 +324,22 @@ def mps_pinned_memory_mib(slot_gib: float) -> int:
 
 
 def estimate_footprint_gib(
-    family: str, dtype: str, max_batch_size: int, width: int, height: int
+    family: str, dtype: str, max_batch_size: int, width: int, height: int,
+    quantization: str = "None",
 ) -> float:
-    weights, activations = FOOTPRINT_TABLE.get(family, FOOTPRINT_TABLE[AUTO_FAMILY_ASSUMED])
+    if family not in FOOTPRINT_TABLE:
+        family = AUTO_FAMILY_ASSUMED
+    weights, activations = FOOTPRINT_TABLE[family]
     factor = DTYPE_FACTOR.get(dtype, 1)
+    share = DENOISER_SHARE[family]
+    denoiser_factor = factor if quantization == "None" else QUANTIZED_FACTOR
     megapixels = width * height / 2**20
-    total = weights * factor + activations * factor * max_batch_size * megapixels + CUDA_CONTEXT_GIB
+    total = (
+        weights * factor * (1 - share)
+        + weights * share * denoiser_factor
+        + activations * factor * max_batch_size * megapixels
+        + CUDA_CONTEXT_GIB
+    )
     return round(total, 2)
 
 
@@ -381,6 +404,14 @@ def make_plan(inputs: PlanInputs) -> Plan:
         return _unplannable(i, findings)
     acc = gke.accelerator(i.gpu_type)
     findings += _check_gpu_config(i, acc)
+    if i.quantization == "Float8" and not acc.fp8:
+        findings.append(
+            QuantizationUnsupported(
+                f"spec.model.quantization Float8 needs FP8 tensor cores, which {i.gpu_type} "
+                f"lacks; use Int8WeightOnly, or spec.gpu.type one of {', '.join(gke.fp8_types())}",
+                ("spec.model.quantization", "spec.gpu.type"),
+            )
+        )
     strategy = i.sharing_strategy if i.max_shared_clients else None
     clients = sharing_clients(strategy, i.max_shared_clients)
     partitions = partitions_per_gpu(i.gpu_type, i.partition_size)
@@ -401,8 +432,12 @@ def make_plan(inputs: PlanInputs) -> Plan:
         footprint, source = float(i.memory_gib), "spec.model.memoryGiB"
     else:
         family = i.family if i.family in FOOTPRINT_TABLE else AUTO_FAMILY_ASSUMED
-        footprint = estimate_footprint_gib(family, i.dtype, i.max_batch_size, i.width, i.height)
-        source = f"estimate:{family}/{i.dtype}"
+        footprint = estimate_footprint_gib(
+            family, i.dtype, i.max_batch_size, i.width, i.height, i.quantization
+        )
+        source = f"estimate:{family}/{i.dtype}" + (
+            "" if i.quantization == "None" else f"/{i.quantization}"
+        )
         findings.append(_footprint_estimated(i, family, footprint))
     if partitions:
         findings += _check_fit(i, footprint, slot_gib, source)
@@ -517,7 +552,8 @@ def _check_gpu_config(i: PlanInputs, acc: gke.Accelerator) -> list[Finding]:
 def _footprint_estimated(i: PlanInputs, family: str, footprint: float) -> Finding:
     assumed = f" (family Auto: assumed {family})" if i.family not in FOOTPRINT_TABLE else ""
     return FootprintEstimated(
-        f"model footprint estimated at {footprint:g} GiB for {family}/{i.dtype}, batch "
+        f"model footprint estimated at {footprint:g} GiB for {family}/{i.dtype}"
+        f"{'' if i.quantization == 'None' else ' with a ' + i.quantization + ' denoiser'}, batch "
         f"{i.max_batch_size} at {i.width}x{i.height}{assumed}; set spec.model.memoryGiB "
         f"to plan on a measured figure",
         ("spec.model.memoryGiB", "spec.model.family"),
@@ -653,6 +689,7 @@ def inputs_from_spec(spec: ImageGenServiceSpec) -> PlanInputs:
         family=spec.model.family,
         dtype=spec.model.dtype,
         memory_gib=spec.model.memory_gib,
+        quantization=spec.model.quantization,
         max_batch_size=pipeline.stages.max_batch_size,
         width=pipeline.defaults.width,
         height=pipeline.defaults.height,

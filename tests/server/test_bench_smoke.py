@@ -35,6 +35,11 @@ def test_gpu_benchmark_smoke_runs_on_the_cpu(tmp_path):
         }
         modes = {(row["mode"], row["concurrency"]) for row in model["concurrency"]}
         assert modes == {(m, c) for m in ("Stacked", "Pipelined") for c in (1, 4)}
+        # Quantized again from a fresh pipeline: int8 runs on the CPU, FP8 says why not.
+        int8 = model["quantized"]["Int8WeightOnly"]
+        assert int8["quantization"] == "Int8WeightOnly" and int8["seconds_per_image"] > 0
+        assert int8["psnr_db"] > 0 and int8["speedup"] > 0
+        assert model["quantized"]["Float8"]["skipped"].startswith("no FP8 tensor cores")
     # A smoke run measures nothing: every bar says so instead of claiming met or not met.
     assert result["bars"] and all(b["met"] is None for b in result["bars"])
 
@@ -90,3 +95,19 @@ def test_streaming_benchmark_reads_every_preview(tmp_path):
     result = json.loads((tmp_path / "streaming.json").read_text())
     assert result["previews_per_stream"] == [3, 3]  # 8 steps: previews after steps 1, 3, 5
     assert result["ratio_stream_to_plain"] > 0 and len(result["bars"]) == 1
+
+
+def test_levers_benchmark_measures_every_setting_against_plain(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import levers
+
+    run_bench("levers.py", "--size", "tiny", "--images", "1", "--rounds", "1", "--steps", "3",
+              out_dir=tmp_path)
+    result = json.loads((tmp_path / "levers.json").read_text())
+    for family, rows in result["families"].items():
+        assert set(rows) == set(levers.SETTINGS[family])
+        assert rows["plain"]["speedup"] == 1.0 and rows["plain"]["psnr_db_min"] == float("inf")
+        assert all(row["seconds_per_image"] > 0 for row in rows.values())
+    # int8 weights change the image, a little: finite PSNR.
+    assert result["families"]["sd15"]["int8 weight-only"]["psnr_db_min"] < float("inf")
+    assert len(result["bars"]) == sum(len(rows) - 1 for rows in result["families"].values())

@@ -17,6 +17,7 @@ from imagegen_operator.planner import (
     NoMachineType,
     PlanInputs,
     PoolTooSmall,
+    QuantizationUnsupported,
     SharingClientsOutOfRange,
     UnknownGpuType,
     UnknownPartitionSize,
@@ -169,6 +170,37 @@ def test_footprint_estimate_grows_with_dtype_batch_and_pixels() -> None:
     assert estimate_footprint_gib("Flux", "bfloat16", 1, 1024, 1024) > estimate_footprint_gib(
         "SDXL", "bfloat16", 1, 1024, 1024
     )
+
+
+def test_a_model_that_fits_a_mig_slice_only_quantized_is_planned_to_fit() -> None:
+    # SDXL, batch 2 at 1024x1024 on an H100 1g.10gb slice: 11.75 GiB with 16-bit weights;
+    # the denoiser's 75% of 7 GiB in 8 bits saves 2.6 GiB, which brings it under 10.
+    config = dict(partition_size="1g.10gb", family="SDXL", max_batch_size=2, memory_gib=None)
+    plain = make_plan(inputs("nvidia-h100-80gb", **config))
+    quantized = make_plan(inputs("nvidia-h100-80gb", quantization="Int8WeightOnly", **config))
+    assert "ModelDoesNotFitSlice" in reasons(plain) and not plain.workable
+    assert "ModelDoesNotFitSlice" not in reasons(quantized) and quantized.workable
+    assert quantized.footprint_gib == pytest.approx(plain.footprint_gib - 7.0 * 0.75 * 0.5, abs=0.01)
+    assert quantized.footprint_source == "estimate:SDXL/bfloat16/Int8WeightOnly"
+    # The same figure for FP8, which also stores a byte per weight.
+    fp8 = make_plan(inputs("nvidia-h100-80gb", quantization="Float8", **config))
+    assert fp8.footprint_gib == quantized.footprint_gib and fp8.workable
+
+
+@pytest.mark.parametrize("gpu_type", ["nvidia-tesla-t4", "nvidia-tesla-a100", "nvidia-a100-80gb"])
+def test_fp8_on_a_gpu_without_fp8_tensor_cores_is_refused_naming_both_fields(gpu_type) -> None:
+    p = make_plan(inputs(gpu_type, quantization="Float8"))
+    [finding] = [f for f in p.findings if isinstance(f, QuantizationUnsupported)]
+    assert finding.blocking and not p.workable
+    assert finding.fields == ("spec.model.quantization", "spec.gpu.type")
+    assert "nvidia-l4, nvidia-h100-80gb, nvidia-h200-141gb" in finding.message
+    assert make_plan(inputs(gpu_type, quantization="Int8WeightOnly")).workable
+
+
+@pytest.mark.parametrize("gpu_type", ["nvidia-l4", "nvidia-h100-80gb", "nvidia-h200-141gb"])
+def test_fp8_on_ada_and_hopper_is_planned(gpu_type) -> None:
+    p = make_plan(inputs(gpu_type, quantization="Float8"))
+    assert "QuantizationUnsupported" not in reasons(p)
 
 
 def test_auto_family_assumes_sdxl_and_says_so() -> None:

@@ -245,6 +245,22 @@ def test_env_comes_from_the_pipeline_spec_under_the_servers_own_names() -> None:
     assert float(env[env_var_name("default_guidance_scale")]) == 3.5
 
 
+def test_quantization_and_the_denoiser_cache_reach_the_server_and_read_back() -> None:
+    r = resource(
+        model={"uri": "gs://bucket/models/flux", "family": "Flux", "quantization": "Float8"},
+        pipeline={"cache": {"method": "FirstBlockCache", "threshold": 0.12}},
+    )
+    env = env_of(r)
+    assert env["IMAGEGEN_QUANTIZATION"] == "Float8"
+    assert env["IMAGEGEN_CACHE"] == "FirstBlockCache"
+    # What the server reads from that environment is what the spec said.
+    settings = ServerSettings(**{k: v for k, v in settings_values(r).items()})
+    assert (settings.quantization.value, settings.cache.value, settings.cache_threshold) == (
+        "Float8", "FirstBlockCache", 0.12)
+    # Unset, neither is rendered: the server's defaults (None) hold.
+    assert not {"IMAGEGEN_QUANTIZATION", "IMAGEGEN_CACHE"} & set(env_of(resource()))
+
+
 def test_every_rendered_setting_is_a_server_setting() -> None:
     """A renamed ServerSettings field breaks this test, not a pod."""
     values = settings_values(resource(server={"authSecretRef": {"name": "tok"}}))

@@ -12,6 +12,7 @@ import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
+from .. import denoiser_cache
 from ..request import GenerationParams, Job
 from .base import FamilySteps, split_rows
 
@@ -95,22 +96,24 @@ class FluxSteps(FamilySteps):
         transformer = self.pipeline.transformer
         for step, t, live, changed in self.denoising_steps(jobs, jobs[0].scheduler.timesteps):
             if changed:
+                denoiser_cache.reset(transformer)
                 rows = [job.params.n for job in live]
                 embeds = torch.cat([job.conditioning["embeds"] for job in live])
                 pooled = torch.cat([job.conditioning["pooled"] for job in live])
                 guidance = self._guidance(live, transformer)
             latents = torch.cat([job.latents for job in live])
             timestep = t.expand(latents.shape[0]).to(latents.dtype)
-            noise_pred = transformer(
-                hidden_states=latents,
-                timestep=timestep / 1000,
-                guidance=guidance,
-                pooled_projections=pooled,
-                encoder_hidden_states=embeds,
-                txt_ids=live[0].conditioning["text_ids"],
-                img_ids=image_ids,
-                return_dict=False,
-            )[0]
+            with denoiser_cache.context(transformer):
+                noise_pred = transformer(
+                    hidden_states=latents,
+                    timestep=timestep / 1000,
+                    guidance=guidance,
+                    pooled_projections=pooled,
+                    encoder_hidden_states=embeds,
+                    txt_ids=live[0].conditioning["text_ids"],
+                    img_ids=image_ids,
+                    return_dict=False,
+                )[0]
             for job, pred in zip(live, split_rows(noise_pred, rows), strict=True):
                 job.latents = job.scheduler.step(
                     pred, job.scheduler.timesteps[step], job.latents, return_dict=False

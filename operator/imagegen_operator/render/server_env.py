@@ -78,6 +78,11 @@ def settings_values(resource: ImageGenService) -> dict[str, Any]:
         values["compile_regional"] = compile_.regional
         if compile_.cache is not None:
             values["compile_cache_dir"] = COMPILE_CACHE_DIR
+    if model.quantization != "None":
+        values["quantization"] = model.quantization
+    if pipeline.cache.method != "None":
+        values["cache"] = pipeline.cache.method
+        values["cache_threshold"] = pipeline.cache.threshold
     if model.loras:
         values["loras"] = [{"name": lora.name, "uri": lora.uri, "scale": lora.scale}
                            for lora in model.loras]

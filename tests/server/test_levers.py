@@ -1,0 +1,89 @@
+"""Quantization and cache levers: each does what it says, on the real tiny models, and a
+lever a model or device cannot take stops the server with a message naming it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+from server_testlib import count_calls, tiny_settings
+
+from imagegen_server.denoiser_cache import DenoiserCacheError
+from imagegen_server.quantization import QuantizationError
+
+
+def psnr(a, b) -> float:
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    mse = ((a - b) ** 2).mean()
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+def test_int8_weight_only_quantizes_the_denoisers_linear_layers_and_stays_close(make_runtime):
+    plain = make_runtime("sd15")
+    quantized = make_runtime("sd15", quantization="Int8WeightOnly")
+    assert quantized.report.quantization == "Int8WeightOnly"
+    linears = [m for m in quantized.steps.pipeline.unet.modules()
+               if isinstance(m, torch.nn.Linear)]
+    assert linears and all("Int8" in type(m.weight).__name__ for m in linears)
+    # The text encoder keeps its weights as they were.
+    encoder = quantized.steps.pipeline.text_encoder
+    assert all(type(p) is torch.nn.Parameter for p in encoder.parameters())
+    params = plain.params("a lighthouse", seed=3)
+    (want,) = plain.engine.generate(params, timeout_s=60)
+    (got,) = quantized.engine.generate(params, timeout_s=60)
+    assert 30 < psnr(got, want) < float("inf")
+
+
+def test_fp8_on_a_device_without_fp8_tensor_cores_stops_the_server_naming_it(tiny_models):
+    from imagegen_server.runtime import ModelRuntime
+
+    with pytest.raises(QuantizationError, match="quantization Float8 needs a GPU with FP8"):
+        ModelRuntime(tiny_settings(tiny_models["sd15"], quantization="Float8")).load()
+
+
+def test_quantization_with_loras_is_refused_by_the_settings(tiny_models):
+    with pytest.raises(ValidationError, match="loras and quantization"):
+        tiny_settings(tiny_models["sd15"], quantization="Int8WeightOnly",
+                      loras=[{"name": "ink", "uri": "/x.safetensors"}])
+
+
+def test_first_block_cache_equals_diffusers_with_the_same_cache_and_skips_blocks(
+    make_runtime, tiny_models
+):
+    from diffusers import DiffusionPipeline
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    # A high threshold, so the random tiny transformer skips steps at all.
+    size = {"default_steps": 6, "default_width": 64, "default_height": 64}
+    cached = make_runtime("flux", cache="FirstBlockCache", cache_threshold=0.3, **size)
+    plain = make_runtime("flux", **size)
+    assert cached.report.cache == "FirstBlockCache"
+    # The cache replaces a skipped block's forward, so count a layer inside it.
+    last_block = count_calls(
+        cached.steps.pipeline.transformer.single_transformer_blocks[-1].proj_out
+    )
+    params = cached.params("a lighthouse", seed=3)
+    (got,) = cached.engine.generate(params, timeout_s=60)
+    # The last block ran on fewer steps than there are: the rest were taken from the cache.
+    assert 0 < last_block() < 6
+    reference = DiffusionPipeline.from_pretrained(tiny_models["flux"], dtype=torch.float32)
+    reference.set_progress_bar_config(disable=True)
+    reference.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.3))
+    (want,) = reference(**cached.steps.reference_kwargs(params)).images
+    assert np.abs(np.asarray(got, int) - np.asarray(want, int)).max() <= 1
+    # Each batch starts from a reset cache: other row counts, then the same image again
+    # (the last step's residuals of 2 rows cannot be compared with 3 rows' first).
+    for n in (2, 3):
+        assert len(cached.engine.generate(cached.params("rows", seed=4, n=n), timeout_s=60)) == n
+    (again,) = cached.engine.generate(params, timeout_s=60)
+    assert np.array_equal(np.asarray(again), np.asarray(got))
+    (uncached,) = plain.engine.generate(params, timeout_s=60)
+    assert psnr(got, uncached) < float("inf")
+
+
+def test_a_cache_on_a_denoiser_without_cache_hooks_stops_the_server_naming_it(tiny_models):
+    from imagegen_server.runtime import ModelRuntime
+
+    with pytest.raises(DenoiserCacheError, match="pipeline cache FirstBlockCache needs"):
+        ModelRuntime(tiny_settings(tiny_models["sd15"], cache="FirstBlockCache")).load()
