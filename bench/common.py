@@ -42,6 +42,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
+def psnr_db(a, b) -> float:
+    """Peak signal-to-noise ratio of two 8-bit images in dB; inf when they are identical."""
+    import numpy as np
+
+    mse = float(((np.asarray(a, dtype=float) - np.asarray(b, dtype=float)) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * float(np.log10(255**2 / mse))
+
+
 def latency_summary(seconds: list[float]) -> dict[str, float]:
     return {
         "p50_s": percentile(seconds, 50),

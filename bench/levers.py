@@ -51,11 +51,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(((a.astype(float) - b.astype(float)) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
-
-
 def measure_family(family: str, model: Path, args) -> dict:
     runtimes = {
         name: common.runtime_for(model, default_steps=args.steps, max_batch_size=1,
@@ -80,7 +75,7 @@ def measure_family(family: str, model: Path, args) -> dict:
     rows = {}
     for name in runtimes:
         per_image = common.percentile(seconds[name], 50)
-        closeness = [psnr(images[name][i], images["plain"][i]) for i in images["plain"]]
+        closeness = [common.psnr_db(images[name][i], images["plain"][i]) for i in images["plain"]]
         rows[name] = {
             "seconds_per_image": per_image,
             "speedup": plain / per_image,

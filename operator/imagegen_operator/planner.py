@@ -553,7 +553,7 @@ def _footprint_estimated(i: PlanInputs, family: str, footprint: float) -> Findin
     assumed = f" (family Auto: assumed {family})" if i.family not in FOOTPRINT_TABLE else ""
     return FootprintEstimated(
         f"model footprint estimated at {footprint:g} GiB for {family}/{i.dtype}"
-        f"{'' if i.quantization == 'None' else ' with a ' + i.quantization + ' denoiser'}, batch "
+        f"{'' if i.quantization == 'None' else ' (denoiser ' + i.quantization + ')'}, batch "
         f"{i.max_batch_size} at {i.width}x{i.height}{assumed}; set spec.model.memoryGiB "
         f"to plan on a measured figure",
         ("spec.model.memoryGiB", "spec.model.family"),
