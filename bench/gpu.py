@@ -15,7 +15,8 @@ For each model it measures, with the server's own optimizations, stage steps and
   counted with torch.utils.flop_counter, over seconds per image x the GPU's dense bf16 peak;
 * Stacked vs Pipelined at concurrency 1/2/4/8 with the fastest variant: images/s and p50/p95;
 * that variant with the denoiser quantized (int8 weight-only; FP8 where the GPU has FP8 tensor
-  cores): seconds per image, speedup, and PSNR against the unquantized image of the same seed.
+  cores): seconds per image, speedup, and PSNR against the unquantized image of the same seed;
+* graphs torch.compile made during the sweep, after the server's own warm-up (should be 0).
 
 Bars on an H100: SDXL 30 steps at 1024px under 1.5 s per image; Pipelined >= 1.3x Stacked
 throughput at concurrency 4.
@@ -416,7 +417,9 @@ def measure_model(name: str, device, args, deadline: float) -> dict:
             f"{row['achieved_tflops']:7.1f} TFLOP/s ({share}); first request {first_s:.1f}s",
             flush=True,
         )
-    out["concurrency"] = concurrency_sweep(name, steps, settings, size, args, deadline)
+    out["concurrency"], out["recompiles_after_warmup"] = concurrency_sweep(
+        name, steps, settings, size, args, deadline
+    )
     if attention is not None:
         attention.deactivate()
     del pipe, steps
@@ -487,10 +490,20 @@ def measure_quantized(
     return out
 
 
-def concurrency_sweep(name: str, steps, settings, size: int, args, deadline: float) -> list:
-    """Stacked vs Pipelined with the last (fastest) variant still loaded, modes interleaved."""
+def concurrency_sweep(
+    name: str, steps, settings, size: int, args, deadline: float
+) -> tuple[list, int | None]:
+    """Stacked vs Pipelined with the last (fastest) variant still loaded, modes interleaved;
+    the server's warm-up first. Returns the rows and how many graphs torch.compile made after
+    warm-up (the server's imagegen_recompiles_total: 0 when warm-up covered every shape)."""
+    from torch._dynamo.utils import counters
+
+    from imagegen_server.warmup import warm_up
+
     if steps is None:
-        return []
+        return [], None
+    warm_up(steps, settings)
+    graphs = int(counters["stats"]["unique_graphs"])
     engines = {mode: engine(mode, steps, settings) for mode in ("Stacked", "Pipelined")}
     rows = []
     try:
@@ -515,7 +528,9 @@ def concurrency_sweep(name: str, steps, settings, size: int, args, deadline: flo
     finally:
         for e in engines.values():
             e.close(timeout=120)
-    return rows
+    compiled = int(counters["stats"]["unique_graphs"]) - graphs
+    print(f"  graphs compiled after warm-up: {compiled}", flush=True)
+    return rows, compiled
 
 
 def bars(results: dict, args) -> list[dict]:
@@ -553,6 +568,17 @@ def bars(results: dict, args) -> list[dict]:
                     note,
                 )
             )
+        if r.get("recompiles_after_warmup") is not None:
+            n = r["recompiles_after_warmup"]
+            out.append(common.bar(f"GPU: {name} graphs compiled after warm-up (Stacked and "
+                                  "Pipelined sweep)", "0", str(n),
+                                  None if args.smoke else n == 0, note))
+        for quantization, q in r.get("quantized", {}).items():
+            measured = ("skipped: " + q["skipped"]) if "skipped" in q else (
+                f"{q['seconds_per_image']:.3f} s, {q['speedup']:.2f}x, PSNR {q['psnr_db']:.1f} dB")
+            out.append(common.bar(f"GPU: {name} {quantization} denoiser",
+                                  "speedup and PSNR against unquantized (no bar)", measured,
+                                  None, note))
     return out
 
 

@@ -35,6 +35,7 @@ def test_gpu_benchmark_smoke_runs_on_the_cpu(tmp_path):
         }
         modes = {(row["mode"], row["concurrency"]) for row in model["concurrency"]}
         assert modes == {(m, c) for m in ("Stacked", "Pipelined") for c in (1, 4)}
+        assert model["recompiles_after_warmup"] == 0
         # Quantized again from a fresh pipeline: int8 runs on the CPU, FP8 says why not.
         int8 = model["quantized"]["Int8WeightOnly"]
         assert int8["quantization"] == "Int8WeightOnly" and int8["seconds_per_image"] > 0
