@@ -119,6 +119,9 @@ def test_models_health_and_readiness(client_for):
     ready = client.get("/readyz").json()
     assert ready["status"] == "ready"
     assert ready["optimizations"]["attention_active"] == "Auto"
+    # Where the start's seconds went, phase by phase (no compile: nothing saved or loaded).
+    assert set(ready["startup_seconds"]) == {"load", "optimize", "warmup"}
+    assert ready["optimizations"]["compile_artifacts"] is None
 
 
 def test_model_that_cannot_load_fails_health_and_readiness(tmp_path):
