@@ -386,13 +386,7 @@ def measure_model(name: str, device, args, deadline: float) -> dict:
             stacked.generate(request(steps, size, 2, 0))
             first_s = time.perf_counter() - compile_started
             its = unet_its(pipe, name, size, device, dtype, args.unet_iterations)
-            latencies = []
-            for i in range(args.images):
-                t0 = time.perf_counter()
-                images = stacked.generate(request(steps, size, args.steps, i + 1))
-                latencies.append(time.perf_counter() - t0)
-                if i == 0:
-                    first_images[variant] = images[0]
+            latencies, first_images[variant] = timed_images(stacked, steps, size, args)
         finally:
             stacked.close(timeout=120)
         per_image = common.percentile(latencies, 50)
@@ -431,6 +425,17 @@ def measure_model(name: str, device, args, deadline: float) -> dict:
     return out
 
 
+def timed_images(stacked, steps, size: int, args) -> tuple[list[float], Any]:
+    """Seconds of each of --images requests one at a time, and the first one's image."""
+    latencies, first = [], None
+    for i in range(args.images):
+        started = time.perf_counter()
+        images = stacked.generate(request(steps, size, args.steps, i + 1))
+        latencies.append(time.perf_counter() - started)
+        first = images[0] if first is None else first
+    return latencies, first
+
+
 def measure_quantized(
     name, family, size, device, args, deadline, first_images: dict, variants: dict
 ) -> dict:
@@ -462,12 +467,7 @@ def measure_quantized(
         try:
             stacked.generate(request(stacked.steps, size, 2, 0))
             first_s = time.perf_counter() - started
-            latencies, image = [], None
-            for i in range(args.images):
-                t0 = time.perf_counter()
-                images = stacked.generate(request(stacked.steps, size, args.steps, i + 1))
-                latencies.append(time.perf_counter() - t0)
-                image = images[0] if image is None else image
+            latencies, image = timed_images(stacked, stacked.steps, size, args)
         finally:
             stacked.close(timeout=120)
             attention.deactivate()

@@ -39,9 +39,8 @@ from .engine import (
     InvalidRequest,
     QueueFullError,
     ShutdownError,
-    admitted_sizes,
+    listed_sizes,
     max_pixels,
-    sizes_are_listed,
 )
 from .request import EditInput, GenerationParams, JobTimeout
 from .runtime import ModelRuntime
@@ -138,8 +137,8 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         size = parse_size(body.size)
         if size[0] is None:
             steps = runtime.steps
-            listed = admitted_sizes(steps, settings) if sizes_are_listed(settings) else None
-            size = edit_size(image.size, steps.size_multiple, max_pixels(steps, settings), listed)
+            size = edit_size(image.size, steps.size_multiple, max_pixels(steps, settings),
+                             listed_sizes(steps, settings))
         strength = body.strength if body.strength is not None else (0.8 if mask is None else 1.0)
         params = params_of(body, size, EditInput(image, strength, mask))
         return await answer(request, params, "image_edit", body.stream)

@@ -64,10 +64,13 @@ def max_pixels(steps: FamilySteps, settings: ServerSettings) -> int:
     return max(native_w * native_h, width * height)
 
 
-def sizes_are_listed(settings: ServerSettings) -> bool:
-    """Whether only listed sizes are admitted: with a list, and always with compile on, where
-    each size is compiled before ready (warmup.py) and any other would wait for a recompile."""
-    return bool(settings.allowed_sizes) or settings.compile_enabled
+def listed_sizes(steps: FamilySteps, settings: ServerSettings) -> list[str] | None:
+    """The only sizes admitted, or None when any within max_pixels is. Only listed sizes are
+    admitted with a list, and always with compile on, where each size is compiled before
+    ready (warmup.py) and any other would wait for a recompile."""
+    if settings.allowed_sizes or settings.compile_enabled:
+        return admitted_sizes(steps, settings)
+    return None
 
 
 def admitted_sizes(steps: FamilySteps, settings: ServerSettings) -> list[str]:
@@ -91,7 +94,7 @@ def check_request(params: GenerationParams, steps: FamilySteps, settings: Server
             raise InvalidRequest(
                 "size", f"size {size}: the {name} must be a multiple of {multiple}, at least 64"
             )
-    admitted = admitted_sizes(steps, settings) if sizes_are_listed(settings) else None
+    admitted = listed_sizes(steps, settings)
     if admitted is not None and size not in admitted:
         why = "" if settings.allowed_sizes else (
             " (its denoiser is compiled for the default size only; the service's size list, "

@@ -79,13 +79,13 @@ class ModelRuntime:
         if s.compile_enabled and s.compile_precompile:
             enable_precompile()
         self.report, self.attention = apply_optimizations(m.pipeline, s, m.device, m.dtype)
-        self.report.log()
         self.engine = build_engine(self.steps, s, self.metrics)
         artifacts = None
         if s.compile_enabled and s.compile_cache_dir is not None:
             artifacts = CompiledArtifacts.for_server(self.steps, s, m.dtype)
             self.report.compile_artifacts = "loaded" if artifacts.load() else "saved"
             self.report.compile_artifacts_key = artifacts.key
+        self.report.log()
         phase("optimize")
         if s.warmup:
             # Compilation and kernel selection for every admitted shape, paid before /readyz.
