@@ -12,7 +12,7 @@ import pytest
 
 from imagegen_operator import gke
 from imagegen_operator.render.nodepool import POOL_LABEL
-from support.kube import apply, eventually, get_json
+from support.kube import apply, delete_services, eventually, get_json
 from support.operator_process import OperatorProcess, audit_writes
 
 pytestmark = pytest.mark.cluster
@@ -110,9 +110,9 @@ def test_two_services_share_one_pool_which_goes_with_the_last(cluster, operator)
                 if e["type"] == "Warning" and e["involvedObject"]["kind"] == "ImageGenService"]
     assert warnings == [], warnings
 
-    cluster.kubectl("delete", "igs", "alpha", "-n", ns, "--wait=true", "--timeout=60s")
+    delete_services(cluster, operator, ns, "alpha")
     assert pool_nodes(cluster, pool), "the pool went while beta still uses it"
-    cluster.kubectl("delete", "igs", "beta", "-n", ns, "--wait=true", "--timeout=60s")
+    delete_services(cluster, operator, ns, "beta")
     eventually(lambda: not pool_nodes(cluster, pool), timeout=30, what="pool deleted")
 
 
@@ -143,7 +143,7 @@ def test_model_that_does_not_fit_its_slice_creates_nothing(cluster, operator):
     time.sleep(2)  # a couple of resyncs: still nothing created
     assert not exists(cluster, "deployment", "too-big", "-n", ns)
     assert get_json(cluster, "nodes", "-l", f"{gke.LABEL_PARTITION_SIZE}=1g.10gb")["items"] == []
-    cluster.kubectl("delete", "igs", "too-big", "-n", ns, "--wait=true", "--timeout=60s")
+    delete_services(cluster, operator, ns, "too-big")
 
 
 def test_hand_edits_are_undone_and_steady_state_writes_nothing(cluster, operator):
@@ -175,7 +175,7 @@ def test_hand_edits_are_undone_and_steady_state_writes_nothing(cluster, operator
         timeout=30, what="Deployment recreated",
     )
     wait_ready(cluster, ns, "drift")
-    cluster.kubectl("delete", "igs", "drift", "-n", ns, "--wait=true", "--timeout=60s")
+    delete_services(cluster, operator, ns, "drift")
 
 
 def settle_quietly(cluster, quiet_s: float, timeout: float) -> None:
@@ -213,7 +213,7 @@ def test_operator_killed_mid_reconcile_converges_without_duplicates(cluster, ope
     deployments = get_json(cluster, "deployments", "-n", ns)["items"]
     assert [d["metadata"]["name"] for d in deployments] == ["restart"]
     assert len(get_json(cluster, "pods", "-n", ns)["items"]) == 4
-    cluster.kubectl("delete", "igs", "restart", "-n", ns, "--wait=true", "--timeout=60s")
+    delete_services(cluster, operator, ns, "restart")
     eventually(lambda: not pool_nodes(cluster, pool), timeout=30, what="no orphaned pool")
 
 
@@ -248,7 +248,7 @@ def test_sharing_change_moves_to_a_new_pool_without_downtime(cluster, operator):
             node = get_json(cluster, "node", pod["spec"]["nodeName"])
             assert node["metadata"]["labels"][POOL_LABEL] == new_pool
     eventually(lambda: not pool_nodes(cluster, old_pool), timeout=30, what="old pool retired")
-    cluster.kubectl("delete", "igs", "mover", "-n", ns, "--wait=true", "--timeout=60s")
+    delete_services(cluster, operator, ns, "mover")
 
 
 def test_whole_gpu_pods_stay_off_shared_nodes_of_the_same_accelerator(cluster, operator):
@@ -262,7 +262,7 @@ def test_whole_gpu_pods_stay_off_shared_nodes_of_the_same_accelerator(cluster, o
     for pod in get_json(cluster, "pods", "-n", ns, "-l", "app.kubernetes.io/instance=whole")["items"]:
         labels = get_json(cluster, "node", pod["spec"]["nodeName"])["metadata"]["labels"]
         assert gke.LABEL_SHARING_STRATEGY not in labels, pod["spec"]["nodeName"]
-    cluster.kubectl("delete", "igs", "--all", "-n", ns, "--wait=true", "--timeout=60s")
+    delete_services(cluster, operator, ns)
 
 
 def test_autoscaling_switched_off_removes_the_hpa(cluster, operator):
@@ -279,4 +279,4 @@ def test_autoscaling_switched_off_removes_the_hpa(cluster, operator):
                     "-p", '[{"op": "remove", "path": "/spec/autoscaling"}]')
     eventually(lambda: not exists(cluster, "hpa", "scaled", "-n", ns), timeout=30,
                what="HPA deleted")
-    cluster.kubectl("delete", "igs", "scaled", "-n", ns, "--wait=true", "--timeout=60s")
+    delete_services(cluster, operator, ns, "scaled")

@@ -17,10 +17,9 @@ from unit.test_chart import template_args
 
 from imagegen_operator import api
 from imagegen_operator.planner import plan
-from localcluster import KubectlError
 from support.fake_gke import GkeApiTestDouble
 from support.gpu_nodes import fake_gpu_node
-from support.kube import apply, eventually, get_json
+from support.kube import apply, delete_services, eventually, get_json
 from support.operator_process import OperatorProcess
 
 pytestmark = pytest.mark.cluster
@@ -111,7 +110,7 @@ def test_a_minimal_spec_is_accepted_and_ready_in_the_operators_cluster(cluster, 
     apply(cluster, fake_gpu_node(f"{name}-gke-0", "nvidia-l4", pool=name))
     cluster.kubectl("wait", "-n", NS, "--for=condition=Ready", "--timeout=60s", "igs/minimal",
                     timeout=70)
-    cluster.kubectl("delete", "igs", "minimal", "-n", NS, "--wait=true", "--timeout=60s")
+    delete_services(cluster, operator, NS, "minimal")
     cluster.kubectl("delete", "node", f"{name}-gke-0")
     assert f"{CLUSTER}/nodePools/{name}" not in gke_api.pools
 
@@ -147,12 +146,12 @@ def test_a_gke_pool_goes_with_its_last_user_and_its_pods_stay_off_simulated_node
                           "-l", "app.kubernetes.io/instance=on-local")["items"]
     assert [p["status"]["phase"] for p in local_pods] == ["Running"]
 
-    cluster.kubectl("delete", "igs", "on-gke", "-n", NS, "--wait=true", "--timeout=60s")
+    delete_services(cluster, operator, NS, "on-gke")
     # The Local service with the same pool name does not keep the GKE pool alive.
     assert f"{OTHER_CLUSTER}/nodePools/{name}" not in gke_api.pools
     assert [r for r in gke_api.requests_to("DELETE") if r.path.endswith(f"/{name}")]
     assert get_json(cluster, "nodes", "-l", f"imagegen.dev/node-pool={name}")["items"]
-    cluster.kubectl("delete", "igs", "on-local", "-n", NS, "--wait=true", "--timeout=60s")
+    delete_services(cluster, operator, NS, "on-local")
 
 
 POLICY = {
@@ -179,20 +178,20 @@ BINDING = {
 def test_a_refused_deployment_is_stalled_in_status_and_recovers_when_fixed(cluster, operator):
     """A cluster policy (a ValidatingAdmissionPolicy, as Gatekeeper or Kyverno would be)
     refuses the Deployment: only the API server can know, so status must say it."""
+    probe = {"apiVersion": "apps/v1", "kind": "Deployment",
+             "metadata": {"name": "probe", "namespace": NS},
+             "spec": {"replicas": 3, "selector": {"matchLabels": {"app": "probe"}},
+                      "template": {"metadata": {"labels": {"app": "probe"}},
+                                   "spec": {"containers": [{"name": "c", "image": "x"}]}}}}
+
+    def policy_bites():
+        out = cluster.kubectl("create", "--dry-run=server", "-f", "-",
+                              input=yaml.safe_dump(probe), check=False)
+        return out.returncode != 0 and "at most 2 replicas" in out.stderr
+
     apply(cluster, POLICY, BINDING)
     try:
         # The policy takes a moment to reach the admission plugin: wait until it bites.
-        probe = {"apiVersion": "apps/v1", "kind": "Deployment",
-                 "metadata": {"name": "probe", "namespace": NS},
-                 "spec": {"replicas": 3, "selector": {"matchLabels": {"app": "probe"}},
-                          "template": {"metadata": {"labels": {"app": "probe"}},
-                                       "spec": {"containers": [{"name": "c", "image": "x"}]}}}}
-
-        def policy_bites():
-            out = cluster.kubectl("create", "--dry-run=server", "-f", "-",
-                                  input=yaml.safe_dump(probe), check=False)
-            return out.returncode != 0 and "at most 2 replicas" in out.stderr
-
         eventually(policy_bites, timeout=30, what="the admission policy in force")
         too_many = service("refused", nodePool={"provider": "Local", "maxNodes": 2}, replicas=3)
         apply(cluster, too_many)
@@ -219,8 +218,10 @@ def test_a_refused_deployment_is_stalled_in_status_and_recovers_when_fixed(clust
     finally:
         cluster.kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy",
                         "v2-at-most-two-replicas", check=False)
-        cluster.kubectl("delete", "igs", "refused", "-n", NS, "--wait=true", "--timeout=60s",
-                        check=False)
+        # And a moment to leave it: the next test's replicas must not meet it.
+        eventually(lambda: not policy_bites(), timeout=30, what="the admission policy gone")
+        cluster.kubectl("delete", "igs", "refused", "-n", NS, "--wait=true", "--timeout=150s",
+                        check=False, timeout=180)
 
 
 def test_a_spec_that_can_never_fit_is_stalled_naming_the_fields(cluster, operator):
@@ -239,7 +240,7 @@ def test_a_spec_that_can_never_fit_is_stalled_naming_the_fields(cluster, operato
     # What fits still serves.
     eventually(lambda: igs(cluster, "never-fits")["status"].get("readyReplicas") == 2,
                timeout=60, what="two replicas serving")
-    cluster.kubectl("delete", "igs", "never-fits", "-n", NS, "--wait=true", "--timeout=60s")
+    delete_services(cluster, operator, NS, "never-fits")
 
 
 def test_a_failing_gke_api_is_called_less_and_less_by_all_users_of_a_pool(
@@ -269,14 +270,8 @@ def test_a_failing_gke_api_is_called_less_and_less_by_all_users_of_a_pool(
         gke_api.outage(None)
     eventually(lambda: condition(cluster, "user-0", "NodePoolReady", BACKOFF_NS).get("status")
                == "True", timeout=30, what="recovered once GKE answers")
-    # Five finalizers and one pool deletion; once in a full-suite run here this took over
-    # 60 s. The operator's log says why, when it happens again.
-    try:
-        cluster.kubectl("delete", "igs", "--all", "-n", BACKOFF_NS, "--wait=true",
-                        "--timeout=150s", timeout=180)
-    except KubectlError:
-        print(operator.log()[-20000:])
-        raise
+    # Five finalizers and one pool deletion.
+    delete_services(cluster, operator, BACKOFF_NS)
 
 
 def test_a_field_added_by_hand_to_the_pod_template_is_removed(cluster, operator):
@@ -303,4 +298,4 @@ def test_a_field_added_by_hand_to_the_pod_template_is_removed(cluster, operator)
     time.sleep(3)  # several reconciles (resync 1 s)
     template = get_json(cluster, "deployment", "owned", "-n", NS)["spec"]["template"]
     assert "kubectl.kubernetes.io/restartedAt" in template["metadata"].get("annotations", {})
-    cluster.kubectl("delete", "igs", "owned", "-n", NS, "--wait=true", "--timeout=60s")
+    delete_services(cluster, operator, NS, "owned")

@@ -56,3 +56,19 @@ def http_status(url: str, timeout: float = 3) -> int:
         return error.code
     except OSError:
         return 0
+
+
+def delete_services(cluster, operator, namespace: str, *names: str) -> None:
+    """Delete ImageGenServices and wait for their finalizers (the operator's pool release).
+
+    150 s, not kubectl's usual 60: in a full-suite run a finalizer has, rarely, taken longer.
+    If it does not finish, the operator's log goes into the test's output to say why.
+    """
+    from localcluster import KubectlError
+
+    try:
+        cluster.kubectl("delete", "igs", *(names or ("--all",)), "-n", namespace, "--wait=true",
+                        "--timeout=150s", timeout=180)
+    except KubectlError:
+        print(operator.log()[-20000:])
+        raise
