@@ -13,10 +13,13 @@ For each model it measures, with the server's own optimizations, stage steps and
   through the Stacked engine, one request at a time;
 * share of the FLOP floor: FLOPs of one image (text encoders + steps x UNet + VAE decode),
   counted with torch.utils.flop_counter, over seconds per image x the GPU's dense bf16 peak;
-* Stacked vs Pipelined at concurrency 1/2/4/8 with the fastest variant: images/s and p50/p95;
+* Stacked vs Pipelined at concurrency 1/2/4/8 with the fastest variant, and Pipelined with
+  batches of 4 per request and per step (step-level batching): images/s and p50/p95;
 * that variant with the denoiser quantized (int8 weight-only; FP8 where the GPU has FP8 tensor
   cores): seconds per image, speedup, and PSNR against the unquantized image of the same seed;
-* graphs torch.compile made during the sweep, after the server's own warm-up (should be 0).
+* graphs torch.compile made during the sweep, after the server's own warm-up (should be 0);
+* the UNet step's cost at 2, 8 and 32 rows, fitted as fixed + per row: the sub-linear curve
+  ``bench/step_batching.py --step-ms`` replays for step-level batching.
 
 Bars on an H100: SDXL 30 steps at 1024px under 1.5 s per image; Pipelined >= 1.3x Stacked
 throughput at concurrency 4.
@@ -212,25 +215,26 @@ def build_pipeline(name: str, device, smoke: bool):
 
 
 # --- measurements ------------------------------------------------------------------------------
-def unet_inputs(pipe, name: str, size: int, device, dtype) -> dict[str, Any]:
-    """One denoising step's UNet inputs at batch 2 (classifier-free guidance)."""
+def unet_inputs(pipe, name: str, size: int, device, dtype, rows: int = 2) -> dict[str, Any]:
+    """One denoising step's UNet inputs: batch 2 is one request with classifier-free guidance."""
     import torch
 
     latent = size // pipe.vae_scale_factor
     unet = pipe.unet
     inputs: dict[str, Any] = {
-        "sample": torch.randn(2, 4, latent, latent, device=device, dtype=dtype),
+        "sample": torch.randn(rows, 4, latent, latent, device=device, dtype=dtype),
         "timestep": torch.tensor(500.0, device=device),
         "encoder_hidden_states": torch.randn(
-            2, 77, unet.config.cross_attention_dim, device=device, dtype=dtype
+            rows, 77, unet.config.cross_attention_dim, device=device, dtype=dtype
         ),
         "return_dict": False,
     }
     if name == "sdxl":
         pooled = pipe.text_encoder_2.config.projection_dim
+        ids = torch.tensor([[size, size, 0, 0, size, size]] * rows, device=device).to(dtype)
         inputs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(2, pooled, device=device, dtype=dtype),
-            "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * 2, device=device).to(dtype),
+            "text_embeds": torch.randn(rows, pooled, device=device, dtype=dtype),
+            "time_ids": ids,
         }
     return inputs
 
@@ -242,11 +246,11 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def unet_its(pipe, name: str, size: int, device, dtype, iterations: int) -> float:
+def unet_its(pipe, name: str, size: int, device, dtype, iterations: int, rows: int = 2) -> float:
     """UNet forward passes per second at batch 2: diffusers' progress-bar it/s."""
     import torch
 
-    inputs = unet_inputs(pipe, name, size, device, dtype)
+    inputs = unet_inputs(pipe, name, size, device, dtype, rows)
     with torch.inference_mode():
         for _ in range(2):
             pipe.unet(**inputs)
@@ -256,6 +260,22 @@ def unet_its(pipe, name: str, size: int, device, dtype, iterations: int) -> floa
             pipe.unet(**inputs)
         synchronize(device)
     return iterations / (time.perf_counter() - started)
+
+
+def step_row_curve(pipe, name: str, size: int, device, dtype, iterations: int) -> dict:
+    """Seconds of one UNet step over 2, 8 and 32 rows (1, 4 and 16 requests with guidance),
+    and the least-squares line fixed + rows x per-row through them: the sub-linear step cost
+    bench/step_batching.py models (its --step-ms takes these two numbers)."""
+    seconds = {rows: 1 / unet_its(pipe, name, size, device, dtype, iterations, rows)
+               for rows in (2, 8, 32)}
+    xs, ys = list(seconds), list(seconds.values())
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    per_row = (sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True))
+               / sum((x - mean_x) ** 2 for x in xs))
+    fixed = mean_y - per_row * mean_x
+    print(f"  step cost: {fixed * 1e3:.2f} ms + {per_row * 1e3:.2f} ms/row "
+          f"(rows 2/8/32: {', '.join(f'{v * 1e3:.1f}' for v in ys)} ms)", flush=True)
+    return {"seconds_by_rows": seconds, "fixed_ms": fixed * 1e3, "per_row_ms": per_row * 1e3}
 
 
 def flop_floor(pipe, name: str, size: int, steps: int, device) -> dict[str, float]:
@@ -411,6 +431,9 @@ def measure_model(name: str, device, args, deadline: float) -> dict:
             f"{row['achieved_tflops']:7.1f} TFLOP/s ({share}); first request {first_s:.1f}s",
             flush=True,
         )
+    if steps is not None and time.perf_counter() < deadline:
+        out["step_rows"] = step_row_curve(pipe, name, size, device, pipe.unet.dtype,
+                                          args.unet_iterations)
     out["concurrency"], out["recompiles_after_warmup"] = concurrency_sweep(
         name, steps, settings, size, args, deadline
     )
@@ -498,13 +521,20 @@ def concurrency_sweep(
     warm-up (the server's imagegen_recompiles_total: 0 when warm-up covered every shape)."""
     from torch._dynamo.utils import counters
 
+    from imagegen_server.config import Batching
     from imagegen_server.warmup import warm_up
 
     if steps is None:
         return [], None
-    warm_up(steps, settings)
+    # Batches of up to 4 requests, per request and per step (step-level batching), beside the
+    # unbatched modes; warm-up covers the larger batches' rows too.
+    batched = settings.model_copy(update={"max_batch_size": 4, "batch_window_ms": 5})
+    stepped = batched.model_copy(update={"batching": Batching.STEP})
+    warm_up(steps, batched)
     graphs = int(counters["stats"]["unique_graphs"])
     engines = {mode: engine(mode, steps, settings) for mode in ("Stacked", "Pipelined")}
+    engines["Pipelined+batch4"] = engine("Pipelined", steps, batched)
+    engines["Pipelined+batch4+Step"] = engine("Pipelined", steps, stepped)
     rows = []
     try:
         for e in engines.values():  # each engine's threads see the shapes once
@@ -521,7 +551,7 @@ def concurrency_sweep(
                 )
                 rows.append({"mode": mode, **load.as_dict()})
                 print(
-                    f"  c={concurrency:<2} {mode:<9} {load.throughput:6.2f} images/s  "
+                    f"  c={concurrency:<2} {mode:<21} {load.throughput:6.2f} images/s  "
                     f"p50 {rows[-1]['p50_s']:.2f}s  p95 {rows[-1]['p95_s']:.2f}s",
                     flush=True,
                 )

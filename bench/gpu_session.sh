@@ -7,7 +7,9 @@
 #   bench/gpu_session.sh all          # both, one after the other
 #
 # Results go to $OUT (default bench/results); copy gpu.json and cold_start_gpu.json into
-# bench/results/ here and run `.venv/bin/python bench/run_all.py --no-run`.
+# bench/results/ here and run `.venv/bin/python bench/run_all.py --no-run`. gpu.json's
+# step_rows is the measured step cost: `.venv/bin/python bench/step_batching.py --gpu-json
+# bench/results/gpu.json` replays step-level batching on it here, without a GPU.
 set -uo pipefail
 what=${1:-all}
 out=${OUT:-bench/results}

@@ -55,6 +55,7 @@ def run_benchmark(
         "model": runtime.model.name,
         "family": runtime.model.family.value,
         "stage_mode": settings.stage_mode.value,
+        "batching": settings.batching.value,
         "max_batch_size": settings.max_batch_size,
         "requests": requests,
         "concurrency": concurrency,

@@ -16,7 +16,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .config import Attention, DType, Family, ServerSettings, StageMode
+from .config import Attention, Batching, DType, Family, ServerSettings, StageMode
 
 # flag -> settings field, for the flags whose names differ only by dashes
 SERVE_FLAGS: dict[str, dict] = {
@@ -27,6 +27,7 @@ SERVE_FLAGS: dict[str, dict] = {
     "dtype": {"choices": [d.value for d in DType]},
     "device": {"help": "auto, cpu, cuda or cuda:N"},
     "stage_mode": {"choices": [m.value for m in StageMode]},
+    "batching": {"choices": [b.value for b in Batching]},
     "max_batch_size": {"type": int},
     "batch_window_ms": {"type": float},
     "queue_capacity": {"type": int},

@@ -111,6 +111,14 @@ class StageMode(StrEnum):
     STACKED = "Stacked"
 
 
+class Batching(StrEnum):
+    """Request: a denoise batch runs all its steps together; Step: requests join the running
+    batch at the next denoising step (step_batching.py)."""
+
+    REQUEST = "Request"
+    STEP = "Step"
+
+
 class Quantization(StrEnum):
     """How the denoiser's weights are stored (torchao; see quantization.py)."""
 
@@ -278,6 +286,11 @@ class ServerSettings(BaseSettings):
 
     # The stage pipeline.
     stage_mode: StageMode = StageMode.PIPELINED
+    batching: Batching = Field(
+        default=Batching.REQUEST,
+        description="Step: requests join the running denoise batch at the next step instead "
+        "of waiting for it to finish (Pipelined stages only).",
+    )
     max_batch_size: int = limited("max_batch_size")
     batch_window_ms: float = limited("batch_window_ms")
     queue_capacity: int = limited("queue_capacity")
@@ -312,6 +325,13 @@ class ServerSettings(BaseSettings):
         if self.loras and self.quantization != Quantization.NONE:
             raise ValueError("loras and quantization are not served together yet: the LoRA "
                              "slot needs the denoiser's linear layers unquantized")
+        return self
+
+    @model_validator(mode="after")
+    def _step_batching_pipelined(self) -> ServerSettings:
+        if self.batching == Batching.STEP and self.stage_mode != StageMode.PIPELINED:
+            raise ValueError("batching Step needs stage_mode Pipelined: it is the denoise "
+                             "stage's own loop")
         return self
 
     @model_validator(mode="after")

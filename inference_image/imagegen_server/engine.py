@@ -18,12 +18,13 @@ from collections.abc import Callable
 from concurrent.futures import InvalidStateError
 from typing import Any
 
-from .config import LIMITS, ServerSettings, StageMode
+from .config import LIMITS, Batching, ServerSettings, StageMode
 from .families import FamilySteps
 from .metrics import ServerMetrics
 from .previews import MAX_PARTIAL_IMAGES, Previewer, PreviewRequest
 from .request import GenerationParams, Job
 from .stages import Stage
+from .step_batching import StepBatchingStage
 
 log = logging.getLogger(__name__)
 
@@ -215,18 +216,17 @@ class Engine:
         raise NotImplementedError
 
     def _stage(self, name, step, key, on_output) -> Stage:
+        return Stage(name, step, key, on_output=on_output, **self._stage_settings())
+
+    def _stage_settings(self) -> dict:
         s = self.settings
-        return Stage(
-            name,
-            step,
-            key,
-            max_batch_size=s.max_batch_size,
-            batch_window_s=s.batch_window_ms / 1000.0,
-            capacity=s.queue_capacity,
-            metrics=self.metrics,
-            device=self.steps.device,
-            on_output=on_output,
-        )
+        return {
+            "max_batch_size": s.max_batch_size,
+            "batch_window_s": s.batch_window_ms / 1000.0,
+            "capacity": s.queue_capacity,
+            "metrics": self.metrics,
+            "device": self.steps.device,
+        }
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -347,16 +347,23 @@ class Engine:
 
 
 class PipelinedEngine(Engine):
-    """encode -> denoise -> decode, each on its own thread, so requests overlap on the device."""
+    """encode -> denoise -> decode, each on its own thread, so requests overlap on the device;
+    the denoise stage batches per request or, with ``batching: Step``, per step."""
 
     mode = StageMode.PIPELINED
 
     def _build_stages(self) -> list[Stage]:
         steps = self.steps
         decode = self._stage("decode", steps.decode, steps.decode_key, self._complete)
-        denoise = self._stage(
-            "denoise", steps.denoise, steps.denoise_key, lambda job, _: decode.put(job)
-        )
+        if self.settings.batching == Batching.STEP:
+            denoise = StepBatchingStage(
+                "denoise", steps, on_output=lambda job, _: decode.put(job),
+                **self._stage_settings(),
+            )
+        else:
+            denoise = self._stage(
+                "denoise", steps.denoise, steps.denoise_key, lambda job, _: decode.put(job)
+            )
         encode = self._stage(
             "encode", steps.encode, steps.encode_key, lambda job, _: denoise.put(job)
         )

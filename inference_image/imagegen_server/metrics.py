@@ -52,6 +52,11 @@ class ServerMetrics:
             buckets=_BATCH,
             registry=r,
         )
+        self.denoise_joins = Counter(
+            "imagegen_denoise_joins",
+            "Requests that joined a denoise batch already under way (step-level batching).",
+            registry=r,
+        )
         self.images = Counter("imagegen_images_generated", "Images generated.", registry=r)
         self.in_flight = Gauge(
             "imagegen_requests_in_flight", "Accepted requests not yet answered.", registry=r

@@ -76,8 +76,10 @@ class Job:
     conditioning: dict[str, Any] = field(default_factory=dict)
     # Written by denoise, read by decode; never copied to the host.
     latents: Any = None
-    # The timesteps this job's denoising runs through (an edit's start later).
+    # The timesteps this job's denoising runs through (an edit's start later), and how many of
+    # them are done: each job keeps its own count, so a batch may hold jobs at different steps.
     timesteps: Any = None
+    step: int = 0
     # When stages run on their own CUDA streams: recorded after a stage, waited on by the next.
     ready_event: Any = None
     # A streaming request's previews: after which steps, and where to (previews.py).
@@ -85,6 +87,10 @@ class Job:
     # Called once when the engine is done with the job (answered, failed or dropped).
     on_release: Callable[[Job, bool], None] | None = None
     released: bool = False
+
+    @property
+    def denoised(self) -> bool:
+        return self.step >= len(self.timesteps)
 
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline

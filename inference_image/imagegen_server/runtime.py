@@ -102,6 +102,7 @@ class ModelRuntime:
                 "dtype": self.report.dtype,
                 "device": self.report.device,
                 "stage_mode": s.stage_mode.value,
+                "batching": s.batching.value,
                 "attention": self.report.attention_active,
                 "compiled": "true" if self.report.compiled else "false",
             }

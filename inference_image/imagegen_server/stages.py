@@ -27,7 +27,8 @@ StepFn = Callable[[list[Job]], list[Any] | None]
 KeyFn = Callable[[Job], Hashable]
 OutputFn = Callable[[Job, Any], None]
 
-_STOP = object()
+# Put on a queue by stop(): finish what is queued, then end.
+STOP = object()
 
 
 class Stage:
@@ -70,7 +71,7 @@ class Stage:
     def stop(self, timeout: float | None = None) -> None:
         """Finish what is queued, then end the thread."""
         if self._thread.is_alive():
-            self.queue.put(_STOP)
+            self.queue.put(STOP)
             self._thread.join(timeout)
 
     # --- the loop -----------------------------------------------------------------------------
@@ -90,7 +91,7 @@ class Stage:
 
     def _collect(self) -> tuple[list[Job], bool]:
         first = self.queue.get()
-        if first is _STOP:
+        if first is STOP:
             return [], True
         batch = [first]
         deadline = time.monotonic() + self.batch_window_s
@@ -102,7 +103,7 @@ class Stage:
                 )
             except queue.Empty:
                 break
-            if item is _STOP:
+            if item is STOP:
                 # Run what was collected, then stop.
                 return batch, True
             batch.append(item)
@@ -122,7 +123,7 @@ class Stage:
         self.metrics.batch_size.labels(stage=self.name).observe(len(live))
         started = time.perf_counter()
         try:
-            outputs = self.step(live) if self.stream is None else self._step_on_stream(live)
+            outputs = self.step(live) if self.stream is None else self._on_stream(self.step, live)
         except Exception as exc:
             log.exception("%s stage failed for a batch of %d", self.name, len(live))
             for job in live:
@@ -141,7 +142,8 @@ class Stage:
             except Exception as exc:
                 job.fail(exc)
 
-    def _step_on_stream(self, jobs: list[Job]) -> list[Any] | None:
+    def _on_stream(self, step: StepFn, jobs: list[Job]) -> list[Any] | None:
+        """``step(jobs)`` on this stage's stream, after the work each job waits on."""
         stream = self.stream
         start = torch.cuda.Event(enable_timing=True)
         done = torch.cuda.Event(enable_timing=True)
@@ -151,7 +153,7 @@ class Stage:
                     stream.wait_event(job.ready_event)
                 _record_tensors_on(stream, job)
             start.record(stream)
-            outputs = self.step(jobs)
+            outputs = step(jobs)
             done.record(stream)
         for job in jobs:
             job.ready_event = done

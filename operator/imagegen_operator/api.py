@@ -53,6 +53,7 @@ DType = Literal["bfloat16", "float16", "float32"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 Attention = Literal["Flash", "Efficient", "Math", "Auto"]
 StageMode = Literal["Pipelined", "Stacked"]
+Batching = Literal["Request", "Step"]
 QuantizationName = Literal[tuple(q.value for q in Quantization)]  # type: ignore[valid-type]
 CacheMethod = Literal[tuple(c.value for c in DenoiserCache)]  # type: ignore[valid-type]
 SharingStrategy = Literal["TimeSharing", "MPS"]
@@ -222,6 +223,21 @@ class CompileSpec(KubeModel):
     """Compile one repeated block and reuse it (regional compilation): much shorter cold starts."""
     cache: CompileCache | None = None
     """Where compiled artifacts persist across restarts; none keeps them in the pod."""
+    precompile_job: bool = False
+    """Compile once in a Job before any replica starts: the Deployment stays at 0 replicas
+    until the Job has left the compiled artifacts on the cache volume, so every replica
+    starts warm. A change to what is compiled (model, image, GPU, sizes, batch size) runs a
+    new Job. Needs `cache`."""
+
+    rules = (
+        Rule(
+            cel="!has(self.precompileJob) || !self.precompileJob || has(self.cache)",
+            check=lambda c: not c.precompile_job or c.cache is not None,
+            field=".precompileJob",
+            message="precompileJob needs cache: the Job leaves the compiled artifacts on the "
+            "cache volume for the replicas to load",
+        ),
+    )
 
 
 class DenoiserCacheSpec(KubeModel):
@@ -243,6 +259,11 @@ class StagesSpec(KubeModel):
     mode: StageMode = "Pipelined"
     """Pipelined runs one thread per stage with queues between; Stacked runs one request
     at a time through all stages."""
+    batching: Batching = "Request"
+    """How the denoise stage batches: Request runs a batch through all its steps together;
+    Step lets requests join the running batch at the next denoising step, each at its own
+    timestep, so a request arriving mid-batch does not wait for the batch to finish
+    (Pipelined only)."""
     max_batch_size: int = limited("max_batch_size")
     """Most requests batched together in one stage step."""
     batch_window_ms: int = limited("batch_window_ms")
@@ -250,6 +271,16 @@ class StagesSpec(KubeModel):
     queue_capacity: int = limited("queue_capacity")
     """Work admitted and waiting, in requests at the default size and steps (a larger request
     counts for more); beyond it the server answers 429 with Retry-After."""
+
+    rules = (
+        Rule(
+            cel="!has(self.batching) || self.batching == 'Request' || !has(self.mode)"
+            " || self.mode == 'Pipelined'",
+            check=lambda s: s.batching == "Request" or s.mode == "Pipelined",
+            field=".batching",
+            message="batching Step needs mode Pipelined: it is the denoise stage's own loop",
+        ),
+    )
 
 
 class GenerationDefaults(KubeModel):

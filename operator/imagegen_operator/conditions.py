@@ -16,12 +16,14 @@ READY = "Ready"
 NODE_POOL_READY = "NodePoolReady"
 AVAILABLE = "Available"
 PROGRESSING = "Progressing"
+# Only with spec.pipeline.compile.precompileJob: the Job that compiles once for all replicas.
+PRECOMPILED = "Precompiled"
 # kstatus' "abnormal-true" pair, read by kpt, Config Sync and Flux's default checks.
 RECONCILING = "Reconciling"
 STALLED = "Stalled"
 
 # Ready first: it is the one `kubectl wait` and GitOps tools read.
-ORDER = (READY, NODE_POOL_READY, AVAILABLE, PROGRESSING, RECONCILING, STALLED)
+ORDER = (READY, NODE_POOL_READY, AVAILABLE, PROGRESSING, PRECOMPILED, RECONCILING, STALLED)
 
 
 @dataclass(frozen=True)

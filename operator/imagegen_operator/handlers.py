@@ -52,6 +52,7 @@ CHILD_KINDS = (
     ("v1", "services"),
     ("policy", "v1", "poddisruptionbudgets"),
     ("autoscaling", "v2", "horizontalpodautoscalers"),
+    ("batch", "v1", "jobs"),  # the precompile Job: its end lets the Deployment scale
 )
 log = logging.getLogger("imagegen_operator")
 
@@ -119,19 +120,17 @@ class Operator:
         """Whether a child's event can change what the owner's reconcile does.
 
         Children's status moves all the time (a PDB counts healthy pods, an HPA its
-        metrics); of it only a Deployment's replica counts feed the service's
-        status. Anything else is a reconcile that would find nothing to do.
+        metrics); of it only a Deployment's replica counts and whether a Job has
+        finished feed the service's status. Anything else is a reconcile that would
+        find nothing to do.
         """
         key = child["metadata"].get("uid", "")
         if event_type == "DELETED":
             with self._guard:
                 self._children.pop(key, None)
             return True
-        status = child.get("status") or {}
         fingerprint = json.dumps(
-            [child["metadata"].get("labels"), child.get("spec"),
-             {k: status.get(k) for k in DEPLOYMENT_STATUS_FIELDS}
-             if child.get("kind") == "Deployment" else None],
+            [child["metadata"].get("labels"), child.get("spec"), _status_that_counts(child)],
             sort_keys=True, default=str,
         )
         with self._guard:
@@ -399,6 +398,15 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, config: Operat
             owner = operator.owner_of(_plain(body))
             if owner is not None and not owner["metadata"].get("deletionTimestamp"):
                 operator.reconcile(owner, trigger="child", fresh=True)
+
+
+def _status_that_counts(child: dict[str, Any]) -> Any:
+    status = child.get("status") or {}
+    if child.get("kind") == "Deployment":
+        return {k: status.get(k) for k in DEPLOYMENT_STATUS_FIELDS}
+    if child.get("kind") == "Job":  # whether it finished, and how
+        return [(c.get("type"), c.get("status")) for c in status.get("conditions") or []]
+    return None
 
 
 def waiting_for_pool(body: Any) -> bool:

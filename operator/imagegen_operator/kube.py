@@ -387,7 +387,9 @@ class Kube:
         with self._calling(f"delete {kind} {name}"):
             try:
                 self.writes += 1
-                res.delete(name=name, namespace=namespace, _request_timeout=_timeout())
+                # Background: a Job's pods go with it (batch/v1 would orphan them by default).
+                res.delete(name=name, namespace=namespace, body={"propagationPolicy": "Background"},
+                           _request_timeout=_timeout())
             except ApiException as exc:
                 if exc.status == 404:
                     return True

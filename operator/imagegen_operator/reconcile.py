@@ -39,16 +39,17 @@ from imagegen_operator.cluster_default import HOW_TO_SET
 from imagegen_operator.kube import Kube, MissingKind, PermanentKubeError
 from imagegen_operator.planner import Plan, plan
 from imagegen_operator.providers.base import NodePoolProvider, PoolState, ProviderError
-from imagegen_operator.render import render_workload
+from imagegen_operator.render import job_state, render_precompile_job, render_workload
 from imagegen_operator.render.common import MANAGED_BY, name_of, namespace_of, selector_string
 from imagegen_operator.render.service import endpoint
-from imagegen_operator.status import Observation, PoolKey
+from imagegen_operator.status import Observation, PoolKey, Precompile
 
 log = logging.getLogger(__name__)
 
 # Kinds the operator may have created for a service and must delete when the
 # spec stops asking for them (autoscaling or monitoring switched off).
 OPTIONAL_CHILDREN = (
+    ("batch/v1", "Job"),  # a precompile Job a spec change superseded, or no longer asked for
     ("autoscaling/v2", "HorizontalPodAutoscaler"),
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.coreos.com/v1", "PodMonitor"),
@@ -141,7 +142,7 @@ class Reconciler:
 
         # The workload first: its pods wait (Pending) for the pool's nodes anyway,
         # and on GKE their pending is what the cluster autoscaler scales up for.
-        deployment, rejected = self._apply_workload(
+        deployment, rejected, precompile = self._apply_workload(
             resource, the_plan, outcome, spec_changed=previous.get("observedGeneration") != generation
         )
         target = self.pool_key(resource, the_plan)
@@ -165,6 +166,7 @@ class Reconciler:
             pool_stalled=pool_stalled,
             rejected=tuple(rejected),
             unschedulable=None if rolled_out else self._unschedulable(resource),
+            precompile=precompile,
         )
         status = st.compute_status(observation)
         ready = next(c for c in status["conditions"] if c["type"] == "Ready")
@@ -327,8 +329,9 @@ class Reconciler:
 
     def _apply_workload(
         self, resource: ImageGenService, the_plan: Plan, outcome: Outcome, spec_changed: bool
-    ) -> tuple[dict[str, Any] | None, list[str]]:
-        """Apply the children; return the Deployment as it now is, and what was refused.
+    ) -> tuple[dict[str, Any] | None, list[str], Precompile | None]:
+        """Apply the children; return the Deployment as it now is, what was refused, and the
+        precompile Job's state (None: none asked for).
 
         A spec not yet acted on (a new service, an edit) nearly always means
         writes: apply straight away (server-side apply creates or updates alike)
@@ -336,14 +339,29 @@ class Reconciler:
         drifted, so a steady-state reconcile writes nothing. A child the API
         server refuses (403, 422) is reported in status, not raised: the rest
         still converges, and fixing the spec recovers on the next reconcile.
+        The precompile Job goes first: while it runs, the Deployment is held at 0.
         """
-        desired = render_workload(resource, the_plan)
-        wanted = {(o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in desired}
         memo = self._memo(resource.metadata.uid or "")
         generation = resource.metadata.generation
         blind = spec_changed and memo.applied != generation
-        deployment, rejected = None, []
+        rejected: list[str] = []
+        precompile = None
+        job = render_precompile_job(resource, the_plan)
+        if job is not None:
+            try:
+                live_job = self.kube.apply(job, read_first=not blind)
+                precompile = Precompile(job["metadata"]["name"], job_state(live_job))
+            except PermanentKubeError as exc:
+                log.warning("%s: %s", name_of(resource), exc)
+                rejected.append(str(exc))
+                precompile = Precompile(job["metadata"]["name"], "Failed", str(exc))
+        held = precompile is not None and precompile.state == "Running"
+        desired = render_workload(resource, the_plan, held=held)
+        wanted = {(o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in desired}
+        deployment = None
         for obj in desired:
+            if obj["kind"] == "Job":
+                continue  # applied above
             try:
                 current = self.kube.apply(obj, read_first=not blind)
             except MissingKind as exc:
@@ -362,7 +380,7 @@ class Reconciler:
             if obj["kind"] == "Deployment":
                 deployment = current
         if rejected:
-            return deployment, rejected
+            return deployment, rejected, precompile
         # Once per generation: should the status write that records it fail, the
         # next reconcile reads before it writes.
         memo.applied = generation
@@ -371,7 +389,7 @@ class Reconciler:
         if memo.cleaned != generation:
             self._delete_unwanted(resource, wanted)
             memo.cleaned = generation
-        return deployment, rejected
+        return deployment, rejected, precompile
 
     def _delete_unwanted(self, resource: ImageGenService, wanted: set[tuple[str, str, str]]) -> None:
         selector = f"app.kubernetes.io/instance={name_of(resource)},"

@@ -38,6 +38,15 @@ class PoolKey:
 
 
 @dataclass(frozen=True)
+class Precompile:
+    """The precompile Job as a reconcile saw it (render/precompile.py)."""
+
+    job: str
+    state: str | None  # Running, Succeeded or Failed
+    message: str = ""
+
+
+@dataclass(frozen=True)
 class Observation:
     """Everything one reconcile saw that status is made of."""
 
@@ -55,10 +64,24 @@ class Observation:
     pool_stalled: bool = False  # the provider's error will not pass by waiting
     rejected: tuple[str, ...] = ()  # children the API server refused, in its words
     unschedulable: str | None = None  # the scheduler's words for a pending pod
+    precompile: Precompile | None = None  # None: no precompile Job asked for
 
     @property
     def moving(self) -> bool:
         return self.current != self.target
+
+
+def _precompiled(p: Precompile) -> cond.Observed:
+    if p.state == "Succeeded":
+        return cond.Observed(cond.PRECOMPILED, True, "JobSucceeded",
+                             f"Job {p.job} saved the compiled artifacts on the cache volume")
+    if p.state == "Failed":
+        return cond.Observed(
+            cond.PRECOMPILED, False, "JobFailed",
+            p.message or f"Job {p.job} failed (its pod's log says why); the replicas compile "
+            "for themselves",
+        )
+    return cond.Observed(cond.PRECOMPILED, False, "JobRunning", f"Job {p.job} is compiling")
 
 
 def compute_status(o: Observation) -> dict[str, Any]:
@@ -96,6 +119,11 @@ def compute_status(o: Observation) -> dict[str, Any]:
     elif not o.pool.ready and (o.pool_stalled or not serving_meanwhile):
         stalled = o.pool_stalled
         ready = cond.Observed(cond.READY, False, o.pool.reason, o.pool.message)
+    elif o.precompile is not None and o.precompile.state == "Running":
+        ready = cond.Observed(
+            cond.READY, False, "Precompiling",
+            f"0/{o.want} replicas until Job {o.precompile.job} has compiled the model once",
+        )
     elif o.plan.stalling and not o.rolled_out:
         stalled = True
         finding = o.plan.stalling[0]
@@ -107,6 +135,8 @@ def compute_status(o: Observation) -> dict[str, Any]:
         ready = cond.Observed(cond.READY, False, "ReplicasNotReady", message)
     else:
         ready = cond.Observed(cond.READY, True, "Ready", serving)
+    if o.precompile is not None:
+        observed.append(_precompiled(o.precompile))
     observed += cond.kstatus(ready, stalled)
     return {
         "observedGeneration": o.generation,

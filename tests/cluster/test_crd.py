@@ -164,10 +164,12 @@ def test_server_applies_the_documented_defaults(cluster, ns):
         "quantization": "None",
     }
     assert spec["pipeline"] == {
-        "compile": {"enabled": True, "mode": "max-autotune-no-cudagraphs", "regional": True},
+        "compile": {"enabled": True, "mode": "max-autotune-no-cudagraphs", "regional": True,
+                    "precompileJob": False},
         "attention": "Flash",
         "cache": {"method": "None", "threshold": 0.05},
-        "stages": {"mode": "Pipelined", "maxBatchSize": 4, "batchWindowMs": 5, "queueCapacity": 64},
+        "stages": {"mode": "Pipelined", "batching": "Request", "maxBatchSize": 4,
+                   "batchWindowMs": 5, "queueCapacity": 64},
         "defaults": {"steps": 30, "guidanceScale": 7, "width": 1024, "height": 1024},
         "limits": {"maxSteps": 200, "maxImagesPerRequest": 4},
     }

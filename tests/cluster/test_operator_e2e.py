@@ -280,3 +280,51 @@ def test_autoscaling_switched_off_removes_the_hpa(cluster, operator):
     eventually(lambda: not exists(cluster, "hpa", "scaled", "-n", ns), timeout=30,
                what="HPA deleted")
     delete_services(cluster, operator, ns, "scaled")
+
+
+def cache_volume(ns: str) -> list[dict]:
+    """A bound claim for the compile cache (KWOK mounts nothing; the scheduler needs it bound)."""
+    return [
+        {
+            "apiVersion": "v1", "kind": "PersistentVolume",
+            "metadata": {"name": f"{ns}-compile-cache"},
+            "spec": {
+                "capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteMany"],
+                "storageClassName": "", "hostPath": {"path": "/var/cache/imagegen"},
+                "claimRef": {"namespace": ns, "name": "compile-cache"},
+            },
+        },
+        {
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "compile-cache", "namespace": ns},
+            "spec": {
+                "accessModes": ["ReadWriteMany"], "storageClassName": "",
+                "volumeName": f"{ns}-compile-cache", "resources": {"requests": {"storage": "10Gi"}},
+            },
+        },
+    ]
+
+
+def test_a_precompile_job_finishes_before_any_replica_starts(cluster, operator):
+    ns = namespace(cluster, "e2e-precompile")
+    gpu = {"type": "nvidia-l4", "sharing": {"strategy": "TimeSharing", "maxSharedClientsPerGpu": 3}}
+    compiled = {"compile": {"enabled": True, "cache": {"pvcName": "compile-cache"},
+                            "precompileJob": True}}
+    apply(cluster, service("warm", ns, gpu, replicas=2, pipeline=compiled))
+    # No cache volume yet: the Job's pod cannot be scheduled, so the Job runs on and on.
+    eventually(lambda: (condition(igs(cluster, ns, "warm"), "Ready") or {}).get("reason")
+               == "Precompiling", timeout=60, what="Ready=False Precompiling")
+    deployment = get_json(cluster, "deployment", "warm", "-n", ns)
+    assert deployment["spec"]["replicas"] == 0
+    assert condition(igs(cluster, ns, "warm"), "Precompiled")["reason"] == "JobRunning"
+
+    apply(cluster, *cache_volume(ns))
+    # The real Job controller runs the Job; KWOK's pod-complete stage ends its pod.
+    wait_ready(cluster, ns, "warm", timeout=150)
+    [job] = get_json(cluster, "jobs", "-n", ns)["items"]
+    assert job["status"].get("succeeded") == 1
+    assert condition(igs(cluster, ns, "warm"), "Precompiled")["status"] == "True"
+    serving = get_json(cluster, "pods", "-n", ns, "-l",
+                       "app.kubernetes.io/name=imagegen-server")["items"]
+    assert len(serving) == 2
+    delete_services(cluster, operator, ns, "warm")

@@ -129,7 +129,8 @@ def live_server(make_runtime, serve_live, tmp_path):
 
 @pytest.fixture
 def references(reference_pipeline):
-    """diffusers' edit pipelines for a family, built from the components of its text one."""
+    """diffusers' edit pipelines for a family, built from the components of its text one (and
+    the text one itself, for a request without an image)."""
     import diffusers
 
     classes = {"sd15": ("StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"),
@@ -143,7 +144,10 @@ def references(reference_pipeline):
             for pipe in built[family]:
                 pipe.set_progress_bar_config(disable=True)
         img2img, inpaint = built[family]
-        chosen = img2img if params.edit.mask is None else inpaint
+        if params.edit is None:
+            chosen = reference_pipeline(family)
+        else:
+            chosen = img2img if params.edit.mask is None else inpaint
         return chosen(**runtime.steps.reference_kwargs(params)).images
 
     return reference

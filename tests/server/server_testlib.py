@@ -25,6 +25,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The engines the equality tests run through: the two stage modes, and the Pipelined one with
+# step-level batching in its denoise stage.
+MODES = {
+    "Pipelined": {"stage_mode": "Pipelined"},
+    "Stacked": {"stage_mode": "Stacked"},
+    "Step": {"stage_mode": "Pipelined", "batching": "Step"},
+}
+
+
 def tiny_settings(model, **overrides) -> ServerSettings:
     values = {
         "model": str(model),

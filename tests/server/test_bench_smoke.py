@@ -34,8 +34,12 @@ def test_gpu_benchmark_smoke_runs_on_the_cpu(tmp_path):
             "skipped": "--smoke without --smoke-compile"
         }
         modes = {(row["mode"], row["concurrency"]) for row in model["concurrency"]}
-        assert modes == {(m, c) for m in ("Stacked", "Pipelined") for c in (1, 4)}
+        assert modes == {(m, c) for m in ("Stacked", "Pipelined", "Pipelined+batch4",
+                                          "Pipelined+batch4+Step") for c in (1, 4)}
         assert model["recompiles_after_warmup"] == 0
+        curve = model["step_rows"]
+        assert sorted(curve["seconds_by_rows"]) == ["2", "32", "8"]  # JSON keys
+        assert all(seconds > 0 for seconds in curve["seconds_by_rows"].values())
         # Quantized again from a fresh pipeline: int8 runs on the CPU, FP8 says why not.
         int8 = model["quantized"]["Int8WeightOnly"]
         assert int8["quantization"] == "Int8WeightOnly" and int8["seconds_per_image"] > 0
@@ -43,6 +47,28 @@ def test_gpu_benchmark_smoke_runs_on_the_cpu(tmp_path):
         assert model["quantized"]["Float8"]["skipped"].startswith("no FP8 tensor cores")
     # A smoke run measures nothing: every bar says so instead of claiming met or not met.
     assert result["bars"] and all(b["met"] is None for b in result["bars"])
+
+
+@pytest.mark.slow
+def test_step_batching_bench_runs_both_batchings_on_every_load(tmp_path):
+    run_bench(
+        "step_batching.py", "--requests", "12", "--requests-at-bar", "12", "--request-ms", "10",
+        "--cpu-requests", "2",
+        "--cpu-repeats", "1", "--cpu-steps", "2", "--cpu-concurrency", "2", out_dir=tmp_path,
+    )  # fmt: skip
+    result = json.loads((tmp_path / "step_batching.json").read_text())
+    for name in ("sd15", "sdxl"):
+        model = result["modelled"][name]
+        # The roofline from the FLOP profile: a shared weight read makes the step sub-linear.
+        assert model["gpu_step_ms"]["fixed"] > 0 and model["gpu_step_ms"]["per_row"] > 0
+        for workload in model["workloads"].values():
+            assert {(r["load"], r["batching"]) for r in workload["rows"]} == {
+                (load, b) for load in (0.3, 0.7, 0.9) for b in ("Request", "Step")
+            }
+            assert all(r["count"] == 12 for r in workload["rows"])
+    assert set(result["cpu"]["mean_throughput_per_s"]) == {"Request", "Step"}
+    # One bar per model and workload at 70% (the other loads in its text), one for the CPU.
+    assert len(result["bars"]) == 5 and all("30%" in b["measured"] for b in result["bars"][:4])
 
 
 def test_stage_machinery_runs_the_real_engines_with_a_given_profile(tmp_path):

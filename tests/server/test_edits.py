@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from server_testlib import left_half_mask, mean_abs_diff, source_image
+from server_testlib import MODES, left_half_mask, mean_abs_diff, source_image
 
 from imagegen_server.engine import InvalidRequest
 from imagegen_server.request import EditInput
@@ -34,9 +34,10 @@ def edit_params(runtime, case: dict):
 
 
 @pytest.mark.parametrize(("family", "mode"),
-                         [("sd15", "Pipelined"), ("sd15", "Stacked"), ("sdxl", "Pipelined")])
+                         [("sd15", "Pipelined"), ("sd15", "Stacked"), ("sd15", "Step"),
+                          ("sdxl", "Pipelined")])
 def test_single_edits_equal_diffusers_exactly(make_runtime, references, family, mode):
-    runtime = make_runtime(family, stage_mode=mode, default_width=64, default_height=64,
+    runtime = make_runtime(family, **MODES[mode], default_width=64, default_height=64,
                            channels_last=False)
     exact = 0
     for case in CASES:
@@ -52,11 +53,15 @@ def test_single_edits_equal_diffusers_exactly(make_runtime, references, family, 
     assert exact >= 4
 
 
-def test_batched_edits_equal_diffusers(make_runtime, references):
-    runtime = make_runtime("sd15", max_batch_size=4, batch_window_ms=300,
+@pytest.mark.parametrize("mode", ["Pipelined", "Step"])
+def test_batched_edits_equal_diffusers(make_runtime, references, mode):
+    runtime = make_runtime("sd15", **MODES[mode], max_batch_size=4, batch_window_ms=300,
                            default_width=64, default_height=64)
-    same_strength = [dict(c, strength=0.75) for c in CASES]
-    params = [edit_params(runtime, c) for c in same_strength]
+    # Request-level batches share a strength; step-level ones mix them (and text-to-image).
+    cases = [dict(c, strength=0.75) for c in CASES] if mode == "Pipelined" else CASES
+    params = [edit_params(runtime, c) for c in cases]
+    if mode == "Step":
+        params.append(runtime.params("no image at all", seed=9))
     jobs = [runtime.engine.submit(p, timeout_s=60) for p in params]
     for p, job in zip(params, jobs, strict=True):
         images = job.future.result(60)

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from server_testlib import FAMILIES, STEPS, count_calls, mean_abs_diff
+from server_testlib import FAMILIES, MODES, STEPS, count_calls, mean_abs_diff
 
 from imagegen_server.engine import EngineClosedError, InvalidRequest, QueueFullError
 from imagegen_server.request import GenerationParams, JobTimeout
@@ -33,12 +33,12 @@ def reference(pipe, runtime, params: GenerationParams):
     return pipe(**runtime.steps.reference_kwargs(params)).images
 
 
-@pytest.mark.parametrize("mode", ["Pipelined", "Stacked"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_single_requests_equal_diffusers_exactly(make_runtime, reference_pipeline, family, mode):
     # channels_last off: NHWC convolutions round differently (a pixel off by one in 8 bits).
     runtime = make_runtime(
-        family, stage_mode=mode, default_width=64, default_height=64, channels_last=False
+        family, **MODES[mode], default_width=64, default_height=64, channels_last=False
     )
     pipe = reference_pipeline(family)
     exact = 0
@@ -59,13 +59,14 @@ def test_different_seeds_give_different_images(make_runtime):
     assert mean_abs_diff(a, b) > 1.0
 
 
-@pytest.mark.parametrize("mode", ["Pipelined", "Stacked"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batched_requests_equal_diffusers(make_runtime, reference_pipeline, family, mode):
-    # A long window so that everything submitted together lands in one batch.
+    # A long window so that everything submitted together lands in one batch (with step-level
+    # batching: the encode stage's batch reaches the denoise stage together).
     runtime = make_runtime(
         family,
-        stage_mode=mode,
+        **MODES[mode],
         max_batch_size=4,
         batch_window_ms=300,
         default_width=64,
@@ -77,15 +78,20 @@ def test_batched_requests_equal_diffusers(make_runtime, reference_pipeline, fami
     results = [job.future.result(60) for job in jobs]
     for p, images in zip(params, results, strict=True):
         assert_matches_reference(images, reference(pipe, runtime, p))
-    denoise_stage = "denoise" if mode == "Pipelined" else "stacked"
-    # 4 requests in at most 2 batches means real batching (warm-up is not counted).
+    denoise_stage = "stacked" if mode == "Stacked" else "denoise"
     count = _sample(runtime, "imagegen_stage_batch_size_count", denoise_stage)
     total = _sample(runtime, "imagegen_stage_batch_size_sum", denoise_stage)
-    assert total == 4 and count <= 2, (count, total)
+    if mode == "Step":
+        # Observed per step: more than two requests per denoiser call on average.
+        assert total / count > 2, (count, total)
+    else:
+        # 4 requests in at most 2 batches means real batching (warm-up is not counted).
+        assert total == 4 and count <= 2, (count, total)
 
 
-def test_sixteen_concurrent_requests_have_no_cross_talk(make_runtime, reference_pipeline):
-    runtime = make_runtime("sd15", max_batch_size=4, batch_window_ms=20)
+@pytest.mark.parametrize("mode", ["Pipelined", "Step"])
+def test_sixteen_concurrent_requests_have_no_cross_talk(make_runtime, reference_pipeline, mode):
+    runtime = make_runtime("sd15", **MODES[mode], max_batch_size=4, batch_window_ms=20)
     pipe = reference_pipeline("sd15")
     # Mixed sizes and step counts, so batches split into groups as well.
     params = [

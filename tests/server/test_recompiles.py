@@ -19,12 +19,15 @@ def compiled(make_runtime, cache_dir, family="sd15", **overrides):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize(("family", "batching"),
+                         [("sd15", "Request"), ("sdxl", "Request"), ("sd15", "Step")])
 def test_a_mixed_workload_at_concurrency_1_to_8_compiles_nothing_after_ready(
-    make_runtime, compile_cache, family
+    make_runtime, compile_cache, family, batching
 ):
+    # With step-level batching, rows also come and go between steps, at mixed timesteps.
     runtime = compiled(make_runtime, compile_cache, family, allowed_sizes=SIZES,
-                       max_batch_size=4, max_images_per_request=2, batch_window_ms=30)
+                       max_batch_size=4, max_images_per_request=2, batch_window_ms=30,
+                       batching=batching)
     # Every admitted size at rows 2, 3 and 1 (warmup.py says why those three).
     assert runtime.warmup.batches == [
         (int(w), int(h), rows) for w, h in (s.split("x") for s in SIZES) for rows in (2, 3, 1)

@@ -198,6 +198,7 @@ REQUIRED = [
     ("", "services", "get list watch create patch"),
     ("policy", "poddisruptionbudgets", "get list watch create patch"),
     ("autoscaling", "horizontalpodautoscalers", "get list watch create patch delete"),
+    ("batch", "jobs", "get list watch create patch delete"),
     ("monitoring.coreos.com", "servicemonitors", "get list create patch delete"),
     ("monitoring.coreos.com", "podmonitors", "get list create patch delete"),
     ("", "pods", "list"),

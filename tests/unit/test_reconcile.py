@@ -314,3 +314,69 @@ def test_providers_are_not_asked_again_before_their_delay(world) -> None:
     world.reconcile("waits")
     assert len(world.double.requests) > asked
     assert world.condition("waits", "NodePoolReady")["reason"] in ("Provisioning", "Ready")
+
+
+PRECOMPILE = {"compile": {"enabled": True, "cache": {"pvcName": "compile-cache"},
+                          "precompileJob": True}}
+
+
+def jobs_of(world) -> list[dict]:
+    return [obj for (_, kind, _, _), obj in world.kube.objects.items() if kind == "Job"]
+
+
+def replicas_of(world, name: str) -> int:
+    return world.kube.objects[("apps/v1", "Deployment", "ns", name)]["spec"]["replicas"]
+
+
+def finish(job: dict, how: str = "Complete") -> None:
+    """What the Job controller does once the pod has exited."""
+    job["status"] = {"conditions": [{"type": how, "status": "True"}]}
+
+
+def test_a_precompile_job_holds_the_deployment_at_zero_until_it_succeeds(world) -> None:
+    world.create("alpha", node_pool={"provider": "Local", "maxNodes": 2}, replicas=2,
+                 pipeline=PRECOMPILE)
+    world.reconcile("alpha")
+    world.nodes_ready()  # the Job's pod runs on the pool's nodes
+    world.reconcile("alpha")
+    [job] = jobs_of(world)
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["precompile"]
+    assert replicas_of(world, "alpha") == 0
+    assert world.condition("alpha", "Ready")["reason"] == "Precompiling"
+    assert world.condition("alpha", "Precompiled")["reason"] == "JobRunning"
+
+    finish(job)
+    world.reconcile("alpha")
+    assert replicas_of(world, "alpha") == 2
+    world.rolled_out("alpha")
+    assert world.reconcile("alpha").ready
+    assert world.condition("alpha", "Precompiled")["status"] == "True"
+
+    # Another model is another compile: a new Job, the old one gone, the replicas held again.
+    world.edit("alpha", model={"uri": "gs://models/other", "family": "SD15", "memoryGiB": 4})
+    world.reconcile("alpha")
+    [again] = jobs_of(world)
+    assert again["metadata"]["name"] != job["metadata"]["name"]
+    assert replicas_of(world, "alpha") == 0
+
+
+def test_a_failed_precompile_job_lets_the_replicas_compile_for_themselves(world) -> None:
+    world.create("beta", node_pool={"provider": "Local", "maxNodes": 2}, replicas=1,
+                 pipeline=PRECOMPILE)
+    world.reconcile("beta")
+    finish(jobs_of(world)[0], "Failed")
+    world.nodes_ready()
+    world.reconcile("beta")
+    assert replicas_of(world, "beta") == 1
+    world.rolled_out("beta")
+    assert world.reconcile("beta").ready
+    failed = world.condition("beta", "Precompiled")
+    assert failed["status"] == "False" and failed["reason"] == "JobFailed"
+
+
+def test_no_precompile_job_unless_asked_for(world) -> None:
+    world.create("gamma", node_pool={"provider": "Local", "maxNodes": 2}, replicas=1,
+                 pipeline={"compile": {"enabled": True, "cache": {"pvcName": "compile-cache"}}})
+    world.reconcile("gamma")
+    assert jobs_of(world) == [] and replicas_of(world, "gamma") == 1
+    assert not any(c["type"] == "Precompiled" for c in world.body("gamma")["status"]["conditions"])

@@ -337,6 +337,7 @@ RENDERED_KINDS = {
     ("", "v1", "Node"),
     ("policy", "v1", "PodDisruptionBudget"),
     ("autoscaling", "v2", "HorizontalPodAutoscaler"),
+    ("batch", "v1", "Job"),
 }
 
 

@@ -438,3 +438,55 @@ def test_spec_monitoring_block_picks_the_monitor(monitoring: dict, kinds: list) 
     if kinds == ["PodMonitor"]:
         assert monitors[0]["spec"]["podMetricsEndpoints"][0]["interval"] == "15s"
         assert monitors[0]["metadata"]["labels"]["release"] == "kps"
+
+
+# --- the precompile Job --------------------------------------------------------------
+
+PRECOMPILE = {"compile": {"enabled": True, "cache": {"pvcName": "compile-cache"},
+                          "precompileJob": True}}
+
+
+def precompile_job(r: api.ImageGenService) -> dict[str, Any]:
+    [job] = [o for o in render_workload(r) if o["kind"] == "Job"]
+    return job
+
+
+def test_the_precompile_job_runs_the_serving_pod_without_serving():
+    r = resource(pipeline=PRECOMPILE, gpu=H100_MIG_TS2)
+    job = precompile_job(r)
+    pod, serving = job["spec"]["template"]["spec"], pod_spec(r)
+    [container], [server] = pod["containers"], serving["containers"]
+    assert container["args"] == ["precompile"] and pod["restartPolicy"] == "Never"
+    # What decides what is compiled, and where it lands, is the serving pod's.
+    for key in ("image", "env", "resources", "volumeMounts", "securityContext"):
+        assert container[key] == server[key], key
+    for key in ("nodeSelector", "tolerations", "volumes", "securityContext"):
+        assert pod[key] == serving[key], key
+    assert not {"ports", "readinessProbe", "startupProbe", "livenessProbe"} & set(container)
+    # The serving pods' selector does not pick the Job's pod: no traffic, no PDB count.
+    selector = deployment(r)["spec"]["selector"]["matchLabels"]
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    assert not selector.items() <= labels.items()
+
+
+def test_the_precompile_job_is_named_for_what_it_compiles():
+    name = precompile_job(resource(pipeline=PRECOMPILE))["metadata"]["name"]
+    assert name == precompile_job(resource(pipeline=PRECOMPILE, replicas=5))["metadata"]["name"]
+    other_model = {"uri": "gs://bucket/models/other", "family": "SD15", "memoryGiB": 4}
+    assert name != precompile_job(resource(pipeline=PRECOMPILE, model=other_model))[
+        "metadata"]["name"]
+    body = copy.deepcopy(BASE)
+    body["metadata"]["name"] = "a" * 63
+    body["spec"]["pipeline"] = PRECOMPILE
+    long_name = precompile_job(api.parse(body))["metadata"]["name"]
+    assert len(long_name) <= 63 and "-precompile-" in long_name
+
+
+def test_a_held_deployment_has_no_replicas_and_no_job_without_asking():
+    r = resource(pipeline=PRECOMPILE)
+    [held] = [o for o in render_workload(r, held=True) if o["kind"] == "Deployment"]
+    assert held["spec"]["replicas"] == 0
+    assert deployment(r)["spec"]["replicas"] == 2
+    unasked = resource(pipeline={"compile": {"enabled": True,
+                                             "cache": {"pvcName": "compile-cache"}}})
+    assert not [o for o in render_workload(unasked) if o["kind"] == "Job"]

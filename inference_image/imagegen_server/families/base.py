@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import torch
@@ -47,6 +47,13 @@ class FamilySteps:
         # same adapters, the same denoiser weights.
         return (p.width, p.height, p.steps, p.loras)
 
+    def join_key(self, job: Job) -> Hashable:
+        """What step-level batching needs equal between rows of one denoiser call: the shapes
+        and the adapters. Each job keeps its own timesteps, so step count, strength and
+        guidance may differ."""
+        p = job.params
+        return (p.width, p.height, p.loras)
+
     def decode_key(self, job: Job) -> Hashable:
         return (job.params.width, job.params.height)
 
@@ -55,6 +62,32 @@ class FamilySteps:
         raise NotImplementedError
 
     def denoise(self, jobs: list[Job]) -> None:
+        """Request-level batching: the batch runs all its steps together, then goes on."""
+        self.use_adapters(jobs)
+        for job in jobs:
+            self.start_denoising(job)
+        inputs = None
+        for live, changed in self.denoising_steps(jobs):
+            if changed:
+                inputs = self.batch_inputs(live)
+            self.denoise_step(live, inputs)
+
+    def start_denoising(self, job: Job) -> None:
+        """The job's scheduler, timesteps and first latents; ``job.step`` back at 0."""
+        self.prepare(job)
+        job.step = 0
+
+    def prepare(self, job: Job) -> None:
+        raise NotImplementedError
+
+    def batch_inputs(self, jobs: list[Job]) -> dict[str, Any]:
+        """The denoiser's inputs that hold while the batch's jobs stay the same (the text
+        conditioning concatenated, each job's row count): built again when the batch changes."""
+        raise NotImplementedError
+
+    def denoise_step(self, jobs: list[Job], inputs: dict[str, Any]) -> None:
+        """One denoiser call over the batch, each job at its own ``job.step``, which it then
+        advances; the rest of the batch does not change what a job computes."""
         raise NotImplementedError
 
     def decode(self, jobs: list[Job]) -> list[list]:
@@ -96,26 +129,44 @@ class FamilySteps:
         return torch.Generator(device="cpu").manual_seed(seed)
 
     @staticmethod
-    def denoising_steps(jobs: list[Job], timesteps) -> Iterator[tuple[int, Any, list[Job], bool]]:
-        """``(step, t, jobs, changed)`` for each denoising step of a batch.
+    def denoising_steps(jobs: list[Job]) -> Iterator[tuple[list[Job], bool]]:
+        """``(jobs, changed)`` before each denoising step of a batch that steps together.
 
         At every step boundary the jobs whose deadline passed or whose client went away are
         dropped (failed now, giving back their batch rows and their slot within one step, not
         after the whole loop); ``changed`` says the batch is new or smaller, so the step's
-        concatenated inputs must be built again. The loop ends early when no job is left.
+        concatenated inputs must be built again. The loop ends when no job is left or all
+        are denoised.
         """
-        for step, t in enumerate(timesteps):
-            wanted = []
-            for job in jobs:
-                if reason := job.drop_reason():
-                    job.fail(JobTimeout(f"{reason} at denoising step {step}"))
-                else:
-                    wanted.append(job)
+        first = True
+        while jobs and not jobs[0].denoised:
+            wanted = drop_unwanted(jobs)
             if not wanted:
                 return
-            changed = step == 0 or len(wanted) < len(jobs)
+            changed = first or len(wanted) < len(jobs)
+            first = False
             jobs = wanted
-            yield step, t, jobs, changed
+            yield jobs, changed
+
+    @staticmethod
+    def timestep_rows(jobs: list[Job], rows: list[int]) -> torch.Tensor:
+        """Each job's current timestep, once per row of it: the denoiser's ``timestep``."""
+        return torch.cat(
+            [job.timesteps[job.step].expand(n) for job, n in zip(jobs, rows, strict=True)]
+        )
+
+    @staticmethod
+    def step_schedulers(jobs: list[Job], noise_pred: torch.Tensor, rows: list[int],
+                        guide: Callable[[Job, torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Each job's scheduler steps its latents with its rows of the prediction (after
+        ``guide``), and the job moves on one step."""
+        for job, pred in zip(jobs, split_rows(noise_pred, rows), strict=True):
+            if guide is not None:
+                pred = guide(job, pred)
+            job.latents = job.scheduler.step(
+                pred, job.timesteps[job.step], job.latents, return_dict=False
+            )[0]
+            job.step += 1
 
     def step_kwargs(self, job: Job) -> dict:
         kwargs = {}
@@ -127,6 +178,17 @@ class FamilySteps:
 
     def postprocess(self, image: torch.Tensor) -> list:
         return self.pipeline.image_processor.postprocess(image, output_type="pil")
+
+
+def drop_unwanted(jobs: list[Job]) -> list[Job]:
+    """The jobs still wanted; the others (deadline passed, caller gone) fail now."""
+    wanted = []
+    for job in jobs:
+        if reason := job.drop_reason():
+            job.fail(JobTimeout(f"{reason} at denoising step {job.step}"))
+        else:
+            wanted.append(job)
+    return wanted
 
 
 def _step_parameters(scheduler) -> set[str]:

@@ -14,7 +14,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .. import denoiser_cache
 from ..request import GenerationParams, Job
-from .base import FamilySteps, split_rows
+from .base import FamilySteps
 
 MAX_SEQUENCE_LENGTH = 512  # diffusers' default for FluxPipeline
 
@@ -63,7 +63,7 @@ class FluxSteps(FamilySteps):
     def _latent_side(self, pixels: int) -> int:
         return 2 * (pixels // (self.vae_scale_factor * 2))
 
-    def prepare(self, job: Job) -> torch.Tensor:
+    def prepare(self, job: Job) -> None:
         pipe, p = self.pipeline, job.params
         channels = pipe.transformer.config.in_channels // 4
         h, w = self._latent_side(p.height), self._latent_side(p.width)
@@ -88,36 +88,42 @@ class FluxSteps(FamilySteps):
         retrieve_timesteps(scheduler, p.steps, self.device, sigmas=sigmas, mu=mu)
         scheduler.set_begin_index(0)
         job.scheduler = scheduler
-        return pipe._prepare_latent_image_ids(p.n, h // 2, w // 2, self.device, dtype)
+        job.timesteps = scheduler.timesteps
+        job.conditioning["image_ids"] = pipe._prepare_latent_image_ids(
+            p.n, h // 2, w // 2, self.device, dtype
+        )
 
-    def denoise(self, jobs: list[Job]) -> None:
-        self.use_adapters(jobs)
-        image_ids = [self.prepare(job) for job in jobs][0]
+    def batch_inputs(self, jobs: list[Job]) -> dict:
         transformer = self.pipeline.transformer
-        for step, t, live, changed in self.denoising_steps(jobs, jobs[0].scheduler.timesteps):
-            if changed:
-                denoiser_cache.reset(transformer)
-                rows = [job.params.n for job in live]
-                embeds = torch.cat([job.conditioning["embeds"] for job in live])
-                pooled = torch.cat([job.conditioning["pooled"] for job in live])
-                guidance = self._guidance(live, transformer)
-            latents = torch.cat([job.latents for job in live])
-            timestep = t.expand(latents.shape[0]).to(latents.dtype)
-            with denoiser_cache.context(transformer):
-                noise_pred = transformer(
-                    hidden_states=latents,
-                    timestep=timestep / 1000,
-                    guidance=guidance,
-                    pooled_projections=pooled,
-                    encoder_hidden_states=embeds,
-                    txt_ids=live[0].conditioning["text_ids"],
-                    img_ids=image_ids,
-                    return_dict=False,
-                )[0]
-            for job, pred in zip(live, split_rows(noise_pred, rows), strict=True):
-                job.latents = job.scheduler.step(
-                    pred, job.scheduler.timesteps[step], job.latents, return_dict=False
-                )[0]
+        # A cached denoiser compares each step with the last step of the same batch.
+        denoiser_cache.reset(transformer)
+        first = jobs[0].conditioning  # one size and one prompt length in a batch
+        return {
+            "embeds": torch.cat([job.conditioning["embeds"] for job in jobs]),
+            "pooled": torch.cat([job.conditioning["pooled"] for job in jobs]),
+            "guidance": self._guidance(jobs, transformer),
+            "text_ids": first["text_ids"],
+            "image_ids": first["image_ids"],
+            "rows": [job.params.n for job in jobs],
+        }
+
+    def denoise_step(self, jobs: list[Job], inputs: dict) -> None:
+        transformer = self.pipeline.transformer
+        rows = inputs["rows"]
+        latents = torch.cat([job.latents for job in jobs])
+        timestep = self.timestep_rows(jobs, rows).to(latents.dtype)
+        with denoiser_cache.context(transformer):
+            noise_pred = transformer(
+                hidden_states=latents,
+                timestep=timestep / 1000,
+                guidance=inputs["guidance"],
+                pooled_projections=inputs["pooled"],
+                encoder_hidden_states=inputs["embeds"],
+                txt_ids=inputs["text_ids"],
+                img_ids=inputs["image_ids"],
+                return_dict=False,
+            )[0]
+        self.step_schedulers(jobs, noise_pred, rows)
 
     def _guidance(self, jobs: list[Job], transformer) -> torch.Tensor | None:
         if not transformer.config.guidance_embeds:

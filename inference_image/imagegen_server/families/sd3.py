@@ -14,7 +14,6 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..request import GenerationParams, Job
-from .base import split_rows
 from .stable_diffusion import StableDiffusionSteps
 
 MAX_SEQUENCE_LENGTH = 256  # diffusers' default for StableDiffusion3Pipeline
@@ -74,32 +73,29 @@ class StableDiffusion3Steps(StableDiffusionSteps):
             )
         retrieve_timesteps(scheduler, p.steps, self.device, **kwargs)
         job.scheduler = scheduler
+        job.timesteps = scheduler.timesteps
 
-    def denoise(self, jobs: list[Job]) -> None:
-        self.use_adapters(jobs)
-        for job in jobs:
-            self.prepare(job)
-        transformer = self.pipeline.transformer
-        for step, t, live, changed in self.denoising_steps(jobs, jobs[0].scheduler.timesteps):
-            if changed:
-                embeds = torch.cat([job.conditioning["embeds"] for job in live])
-                pooled = torch.cat([job.conditioning["pooled"] for job in live])
-                rows = [job.conditioning["embeds"].shape[0] for job in live]
-            inputs = [
-                torch.cat([job.latents] * 2) if self.uses_guidance(job) else job.latents
-                for job in live
-            ]
-            noise_pred = transformer(
-                hidden_states=torch.cat(inputs),
-                timestep=t.expand(sum(rows)),
-                encoder_hidden_states=embeds,
-                pooled_projections=pooled,
-                return_dict=False,
-            )[0]
-            for job, pred in zip(live, split_rows(noise_pred, rows), strict=True):
-                job.latents = job.scheduler.step(
-                    self.guided(job, pred), job.scheduler.timesteps[step], job.latents, return_dict=False
-                )[0]
+    def batch_inputs(self, jobs: list[Job]) -> dict:
+        return {
+            "embeds": torch.cat([job.conditioning["embeds"] for job in jobs]),
+            "pooled": torch.cat([job.conditioning["pooled"] for job in jobs]),
+            "rows": [job.conditioning["embeds"].shape[0] for job in jobs],
+        }
+
+    def denoise_step(self, jobs: list[Job], inputs: dict) -> None:
+        rows = inputs["rows"]
+        samples = [
+            torch.cat([job.latents] * 2) if self.uses_guidance(job) else job.latents
+            for job in jobs
+        ]
+        noise_pred = self.pipeline.transformer(
+            hidden_states=torch.cat(samples),
+            timestep=self.timestep_rows(jobs, rows),
+            encoder_hidden_states=inputs["embeds"],
+            pooled_projections=inputs["pooled"],
+            return_dict=False,
+        )[0]
+        self.step_schedulers(jobs, noise_pred, rows, guide=self.guided)
 
     # 3. Decode -------------------------------------------------------------------------------
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -213,40 +213,40 @@ class StableDiffusionSteps(FamilySteps):
     def added_conditions(self, jobs: list[Job]) -> dict | None:
         return None
 
-    def denoise(self, jobs: list[Job]) -> None:
-        self.use_adapters(jobs)
+    def batch_inputs(self, jobs: list[Job]) -> dict:
+        return {
+            "embeds": torch.cat([job.conditioning["embeds"] for job in jobs]),
+            "added": self.added_conditions(jobs),
+            "rows": [job.conditioning["embeds"].shape[0] for job in jobs],
+        }
+
+    def denoise_step(self, jobs: list[Job], inputs: dict) -> None:
+        rows = inputs["rows"]
+        samples = []
         for job in jobs:
-            self.prepare(job)
-        unet = self.pipeline.unet
-        # All jobs in a batch share size, step count and strength, hence the timesteps.
-        for step, t, live, changed in self.denoising_steps(jobs, jobs[0].timesteps):
-            if changed:
-                embeds = torch.cat([job.conditioning["embeds"] for job in live])
-                added = self.added_conditions(live)
-                rows = [job.conditioning["embeds"].shape[0] for job in live]
-            inputs = []
-            for job in live:
-                x = torch.cat([job.latents] * 2) if self.uses_guidance(job) else job.latents
-                inputs.append(job.scheduler.scale_model_input(x, job.timesteps[step]))
-            noise_pred = unet(
-                torch.cat(inputs),
-                t,
-                encoder_hidden_states=embeds,
-                added_cond_kwargs=added,
+            x = torch.cat([job.latents] * 2) if self.uses_guidance(job) else job.latents
+            samples.append(job.scheduler.scale_model_input(x, job.timesteps[job.step]))
+        noise_pred = self.pipeline.unet(
+            torch.cat(samples),
+            self.timestep_rows(jobs, rows),
+            encoder_hidden_states=inputs["embeds"],
+            added_cond_kwargs=inputs["added"],
+            return_dict=False,
+        )[0]
+        for job, pred in zip(jobs, split_rows(noise_pred, rows), strict=True):
+            step = job.step
+            output = job.scheduler.step(
+                self.guided(job, pred),
+                job.timesteps[step],
+                job.latents,
+                **self.step_kwargs(job),
                 return_dict=False,
-            )[0]
-            for job, pred in zip(live, split_rows(noise_pred, rows), strict=True):
-                output = job.scheduler.step(
-                    self.guided(job, pred),
-                    job.timesteps[step],
-                    job.latents,
-                    **self.step_kwargs(job),
-                    return_dict=False,
-                )
-                job.latents = output[0]
-                if "mask" in job.conditioning:
-                    self.keep_unmasked(job, step)
-                self.hand_preview(job, step, output)
+            )
+            job.latents = output[0]
+            if "mask" in job.conditioning:
+                self.keep_unmasked(job, step)
+            self.hand_preview(job, step, output)
+            job.step = step + 1
 
     # 3. Decode -------------------------------------------------------------------------------
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from imagegen_operator.render.nodepool import (
     render_kwok_nodes,
 )
 from imagegen_operator.render.pdb import render_pdb
+from imagegen_operator.render.precompile import job_state, render_precompile_job
 from imagegen_operator.render.service import endpoint, render_service
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "common_labels",
     "create_node_pool_request",
     "endpoint",
+    "job_state",
     "render_all",
     "render_config_connector_nodepool",
     "render_deployment",
@@ -38,6 +40,7 @@ __all__ = [
     "render_kwok_nodes",
     "render_monitor",
     "render_pdb",
+    "render_precompile_job",
     "render_service",
     "render_workload",
     "selector_labels",
@@ -60,13 +63,19 @@ def _check(resource: ImageGenService, the_plan: Plan) -> None:
 
 
 def render_workload(
-    resource: ImageGenService, the_plan: Plan | None = None, default_image: str = DEFAULT_SERVER_IMAGE
+    resource: ImageGenService,
+    the_plan: Plan | None = None,
+    default_image: str = DEFAULT_SERVER_IMAGE,
+    held: bool = False,
 ) -> list[dict[str, Any]]:
-    """Deployment, Service, PDB, HPA (with autoscaling) and monitors (when requested)."""
+    """The precompile Job (when asked for), Deployment, Service, PDB, HPA (with autoscaling)
+    and monitors (when requested). ``held``: the Deployment at 0 replicas while the Job runs."""
     the_plan = the_plan or plan(resource.spec)
     _check(resource, the_plan)
-    objects = [
-        render_deployment(resource, the_plan, default_image),
+    job = render_precompile_job(resource, the_plan, default_image)
+    objects = [] if job is None else [job]
+    objects += [
+        render_deployment(resource, the_plan, default_image, held=held),
         render_service(resource),
         render_pdb(resource),
     ]

@@ -333,9 +333,13 @@ def topology_spread(resource: ImageGenService) -> list[dict[str, Any]]:
 
 
 def render_deployment(
-    resource: ImageGenService, plan: Plan, default_image: str = DEFAULT_SERVER_IMAGE
+    resource: ImageGenService,
+    plan: Plan,
+    default_image: str = DEFAULT_SERVER_IMAGE,
+    held: bool = False,
 ) -> dict[str, Any]:
-    """``default_image`` is used when spec.server.image is unset (the operator's setting)."""
+    """``default_image`` is used when spec.server.image is unset (the operator's setting);
+    ``held``: 0 replicas for now, while the precompile Job runs (precompile.py)."""
     spec = resource.spec
     volumes, mounts = volumes_and_mounts(resource)
     container: dict[str, Any] = {
@@ -376,7 +380,7 @@ def render_deployment(
         "kind": "Deployment",
         "metadata": object_meta(resource),
         "spec": {
-            "replicas": spec.replicas,
+            "replicas": 0 if held else spec.replicas,
             "selector": {"matchLabels": selector_labels(resource)},
             # Slots are scarce: surge one pod (the autoscaler adds a node if needed)
             # rather than take serving capacity away during a rollout.

@@ -57,6 +57,7 @@ def settings_values(resource: ImageGenService) -> dict[str, Any]:
         "compile_enabled": compile_.enabled,
         "attention": value(pipeline.attention),
         "stage_mode": value(stages.mode),
+        "batching": value(stages.batching),
         "max_batch_size": stages.max_batch_size,
         "batch_window_ms": stages.batch_window_ms,
         "queue_capacity": stages.queue_capacity,

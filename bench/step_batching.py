@@ -1,0 +1,374 @@
+"""Step-level batching against request-level batching: latency under Poisson arrivals.
+
+(a) The stage machinery alone, on a modelled GPU. The server's own ``PipelinedEngine`` (real
+stage threads, queues, admission, and for step-level batching the real ``StepBatchingStage``)
+drives a family whose steps ``time.sleep`` (the GIL released, as while a GPU runs a kernel)
+for what the step would take on an H100. That cost is a roofline from the FLOP profile of
+``bench/gpu.py``: the SD 1.5 and SDXL architectures (diffusers' published configs) counted
+with ``torch.utils.flop_counter`` on the meta device, so no weights and no GPU are needed. A
+denoiser step over ``rows`` rows reads the weights once and computes per row:
+
+    step(rows) = weight bytes / HBM bandwidth + rows x FLOPs per row / (peak x MFU)
+
+which grows sub-linearly with rows (the weight read is shared). The encode and decode steps
+cost the same way. Times are scaled so one request alone takes ``--request-ms``; arrivals
+follow, so the ratios are those of the GPU. Poisson arrivals at 30%, 70% and 90% of capacity
+(``max_batch_size`` requests per full denoise batch, back to back), the same arrival times for
+both modes; latency from arrival to answer. Two workloads: every request at 30 steps, and a
+mix of 20, 30, 40 and 50 steps (a request-level batch holds one step count; a step-level batch
+any). Bar at 70%: step-level p95 at most 0.6x the request-level p95, throughput at least 1.0x.
+
+(b) The real small SD model on the CPU, closed loop at concurrency 4: images/s with step-level
+batching against request-level, alternating runs. Bar: no regression (at least 0.95x, the
+noise of this machine).
+
+    .venv/bin/python bench/step_batching.py [--requests 150] [--requests-at-bar 450]
+        [--request-ms 25] [--mfu 0.5]
+    .venv/bin/python bench/step_batching.py --gpu-json bench/results/gpu.json  # measured steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import common
+
+from imagegen_server.families.base import FamilySteps
+
+LOADS = (0.3, 0.7, 0.9)
+# The step counts requests ask for: all the same, or a mix of common choices (a request-level
+# batch holds one step count only; a step-level one any).
+WORKLOADS = {"uniform": (30,), "mixed": (20, 30, 40, 50)}
+P95_BAR = 0.6
+THROUGHPUT_BAR = 1.0
+CPU_BAR = 0.95
+# H100 SXM data sheet: dense bf16 peak (bench/gpu.py's yardstick) and HBM3 bandwidth.
+H100_PEAK_TFLOPS = 989.4
+H100_BANDWIDTH_TBS = 3.35
+BYTES_PER_WEIGHT = 2  # bf16
+PROFILES = {"sd15": 512, "sdxl": 1024}  # architecture -> image side
+
+
+# --- the modelled GPU ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cost:
+    """Seconds of one call on ``rows`` rows: a fixed part (reading weights) and a per-row one."""
+
+    fixed_s: float
+    per_row_s: float
+
+    def __call__(self, rows: int) -> float:
+        return self.fixed_s + rows * self.per_row_s
+
+    def scaled(self, factor: float) -> Cost:
+        return Cost(self.fixed_s * factor, self.per_row_s * factor)
+
+
+@dataclass(frozen=True)
+class Device:
+    encode: Cost  # per request (both prompts)
+    step: Cost  # per denoiser row (classifier-free guidance: two rows a request)
+    decode: Cost  # per image
+    steps: int
+
+    def request_alone_s(self) -> float:
+        return self.encode(1) + self.steps * self.step(2) + self.decode(1)
+
+    def scaled(self, factor: float) -> Device:
+        return Device(self.encode.scaled(factor), self.step.scaled(factor),
+                      self.decode.scaled(factor), self.steps)
+
+
+def flop_profile(name: str, size: int) -> dict[str, float]:
+    """FLOPs and weight counts of the architecture, from bench/gpu.py, on the meta device."""
+    import gpu
+    import torch
+
+    meta = torch.device("meta")
+    pipe = gpu.build_pipeline(name, meta, smoke=False)
+    flops = gpu.flop_floor(pipe, name, size, 1, meta)
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if name == "sdxl" else [])
+    return {
+        "encode_flops": flops["encode"],
+        "step_flops_per_row": flops["unet_step"] / 2,  # counted at batch 2
+        "decode_flops": flops["decode"],
+        "encode_weights": sum(p.numel() for e in encoders for p in e.parameters()),
+        "unet_weights": sum(p.numel() for p in pipe.unet.parameters()),
+        "vae_weights": sum(p.numel() for p in pipe.vae.decoder.parameters()),
+    }
+
+
+def roofline(profile: dict[str, float], mfu: float, steps: int) -> Device:
+    compute = H100_PEAK_TFLOPS * 1e12 * mfu
+    bandwidth = H100_BANDWIDTH_TBS * 1e12
+
+    def cost(weights: float, flops: float) -> Cost:
+        return Cost(weights * BYTES_PER_WEIGHT / bandwidth, flops / compute)
+
+    return Device(
+        encode=cost(profile["encode_weights"], profile["encode_flops"]),
+        step=cost(profile["unet_weights"], profile["step_flops_per_row"]),
+        decode=cost(profile["vae_weights"], profile["decode_flops"]),
+        steps=steps,
+    )
+
+
+class ModelledSteps(FamilySteps):
+    """A family whose steps wait as long as the modelled GPU would, and compute nothing.
+
+    The engine's own request-level loop (``FamilySteps.denoise``) and the step-level stage both
+    drive it through the family contract: ``prepare``, ``batch_inputs``, ``denoise_step``.
+    """
+
+    native_size = (64, 64)  # what the engine's limits read; the requests are 64x64
+
+    def __init__(self, device: Device):  # no pipeline: FamilySteps.__init__ is not called
+        import torch
+
+        self.device = torch.device("cpu")
+        self.model = device
+        self.adapters = None
+        self.previews = None
+
+    def encode(self, jobs):
+        time.sleep(self.model.encode(len(jobs)))
+
+    def prepare(self, job):
+        job.timesteps = range(job.params.steps)
+
+    def batch_inputs(self, jobs):
+        return {"rows": 2 * len(jobs)}  # guidance on: two rows a request
+
+    def denoise_step(self, jobs, inputs):
+        time.sleep(self.model.step(inputs["rows"]))
+        for job in jobs:
+            job.step += 1
+
+    def decode(self, jobs):
+        time.sleep(self.model.decode(len(jobs)))
+        return [["image"] for _ in jobs]
+
+
+def engine_for(batching: str, device: Device, max_batch_size: int):
+    from imagegen_server.config import ServerSettings
+    from imagegen_server.engine import PipelinedEngine
+    from imagegen_server.metrics import ServerMetrics
+
+    settings = ServerSettings(
+        model="unused", device="cpu", batching=batching, max_batch_size=max_batch_size,
+        default_steps=device.steps, queue_capacity=4096,
+    )  # the default batch window (5 ms) for both
+    return PipelinedEngine(ModelledSteps(device), settings, ServerMetrics()).start()
+
+
+def request(i: int, steps: int):
+    from imagegen_server.request import GenerationParams
+
+    return GenerationParams(prompt=f"p{i}", width=64, height=64, steps=steps,
+                            guidance_scale=7.0, seed=i)
+
+
+def open_loop(engine, rate: float, requests: int, step_counts: tuple[int, ...],
+              seed: int) -> dict:
+    """Poisson arrivals at ``rate`` per second, each asking for one of ``step_counts``: latency
+    from each arrival to its answer. The same seed gives the same arrivals and step counts."""
+    rng = random.Random(seed)
+    arrivals, steps, at = [], [], 0.0
+    for _ in range(requests):
+        at += rng.expovariate(rate)
+        arrivals.append(at)
+        steps.append(rng.choice(step_counts))
+    latencies = [0.0] * requests
+    finished = threading.Semaphore(0)
+    last_done = [0.0]
+    start = time.perf_counter()
+    for i, arrival in enumerate(arrivals):
+        delay = start + arrival - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        job = engine.submit(request(i, steps[i]))
+
+        def done(future, i=i, arrived=start + arrival):
+            now = time.perf_counter()
+            future.result()  # an error ends the benchmark rather than counting as fast
+            latencies[i] = now - arrived
+            last_done[0] = max(last_done[0], now)
+            finished.release()
+
+        job.future.add_done_callback(done)
+    for _ in range(requests):
+        assert finished.acquire(timeout=120), "a request did not finish"
+    return {
+        "offered_per_s": rate,
+        "throughput_per_s": requests / (last_done[0] - start),
+        **common.latency_summary(latencies),
+    }
+
+
+def modelled_runs(args) -> dict:
+    results = {}
+    for name, size in PROFILES.items():
+        profile = flop_profile(name, size)
+        gpu_device = roofline(profile, args.mfu, args.steps)
+        source = f"roofline, MFU {args.mfu:g}"
+        if args.gpu_json is not None:
+            # The step cost a GPU run measured (bench/gpu.py's step_rows) instead.
+            curve = json.loads(args.gpu_json.read_text())["models"][name]["step_rows"]
+            step = Cost(curve["fixed_ms"] / 1e3, curve["per_row_ms"] / 1e3)
+            gpu_device = Device(gpu_device.encode, step, gpu_device.decode, gpu_device.steps)
+            source = f"step cost measured in {args.gpu_json.name}"
+        device = gpu_device.scaled(args.request_ms / 1000 / gpu_device.request_alone_s())
+        full = args.max_batch_size
+        step = gpu_device.step
+        print(f"{name} {size}px on a modelled H100 ({source}): step "
+              f"{step.fixed_s * 1e3:.2f} ms + {step.per_row_s * 1e3:.2f} ms/row; "
+              f"{full} requests per step cost {device.step(2 * full) / device.step(2):.2f}x "
+              f"one; one request of {args.steps} steps alone {args.request_ms:g} ms", flush=True)
+        results[name] = {
+            "size": size,
+            "flops": profile,
+            "gpu_step_ms": {"fixed": step.fixed_s * 1e3, "per_row": step.per_row_s * 1e3},
+            "step_cost_source": source,
+            "workloads": {},
+        }
+        for workload, step_counts in WORKLOADS.items():
+            mean_steps = sum(step_counts) / len(step_counts)
+            # Full batches back to back: the most the device can answer.
+            capacity = full / (mean_steps * device.step(2 * full))
+            print(f" {workload} steps {step_counts}: capacity {capacity:.1f} requests/s",
+                  flush=True)
+            rows = []
+            for load in LOADS:
+                for batching in ("Request", "Step"):
+                    engine = engine_for(batching, device, full)
+                    try:
+                        # More arrivals where the bar is: a p95 over few bursts is noise.
+                        count = args.requests_at_bar if load == 0.7 else args.requests
+                        row = open_loop(engine, load * capacity, count, step_counts, seed=7)
+                    finally:
+                        engine.close(timeout=60)
+                    rows.append({"load": load, "batching": batching, **row})
+                    print(f"  {load:.0%} {batching:<7} p50 {row['p50_s'] * 1e3:6.0f} ms  "
+                          f"p95 {row['p95_s'] * 1e3:6.0f} ms  "
+                          f"{row['throughput_per_s']:5.1f}/s", flush=True)
+            results[name]["workloads"][workload] = {
+                "step_counts": step_counts, "capacity_per_s": capacity, "rows": rows,
+            }
+    return results
+
+
+def ratios(rows: list[dict], load: float) -> tuple[float, float]:
+    by = {r["batching"]: r for r in rows if r["load"] == load}
+    return (by["Step"]["p95_s"] / by["Request"]["p95_s"],
+            by["Step"]["throughput_per_s"] / by["Request"]["throughput_per_s"])
+
+
+# --- (b) the real small model on the CPU --------------------------------------------------------
+def cpu_runs(args) -> dict:
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
+        model = common.make_model(Path(tmp) / "sd15", "sd15", "small")
+        runtimes = {
+            batching: common.runtime_for(model, batching=batching, max_batch_size=4,
+                                         default_steps=args.cpu_steps)
+            for batching in ("Request", "Step")
+        }
+        try:
+            for repeat in range(args.cpu_repeats):
+                for batching, runtime in runtimes.items():
+                    engine = runtime.engine
+                    load = common.closed_loop(
+                        lambda i, engine=engine, r=runtime, repeat=repeat: engine.generate(
+                            r.params(f"cpu {repeat}.{i}", seed=i), timeout_s=600),
+                        args.cpu_concurrency, args.cpu_requests,
+                    )
+                    rows.append({"batching": batching, "repeat": repeat, **load.as_dict()})
+                    print(f"  cpu {batching:<7} run {repeat}: {load.throughput:.2f} images/s",
+                          flush=True)
+        finally:
+            for runtime in runtimes.values():
+                runtime.close(timeout=60)
+    means = {
+        b: sum(r["throughput_per_s"] for r in rows if r["batching"] == b) / args.cpu_repeats
+        for b in ("Request", "Step")
+    }
+    return {"rows": rows, "mean_throughput_per_s": means, "ratio": means["Step"] / means["Request"]}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=150, help="arrivals per load and mode")
+    parser.add_argument("--requests-at-bar", type=int, default=450,
+                        help="arrivals at 70%% load, where the bar is")
+    parser.add_argument("--request-ms", type=float, default=25.0,
+                        help="one request alone, after scaling the modelled GPU's times")
+    parser.add_argument("--mfu", type=float, default=0.5,
+                        help="share of the bf16 peak a denoiser row reaches (bench/gpu.py "
+                        "measures it on a GPU)")
+    parser.add_argument("--gpu-json", type=Path, default=None,
+                        help="a bench/gpu.py result: replay the step cost it measured")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--max-batch-size", type=int, default=4)
+    parser.add_argument("--cpu-steps", type=int, default=8)
+    parser.add_argument("--cpu-requests", type=int, default=16)
+    parser.add_argument("--cpu-concurrency", type=int, default=4)
+    parser.add_argument("--cpu-repeats", type=int, default=3)
+    common.add_output_argument(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    common.quiet_libraries()
+    modelled = modelled_runs(args)
+    print("real small model on the CPU, closed loop:", flush=True)
+    cpu = cpu_runs(args)
+    bars = []
+    for name, result in modelled.items():
+        for workload, runs in result["workloads"].items():
+            p95, throughput = ratios(runs["rows"], 0.7)
+            others = "; ".join(
+                "{:.0%}: p95 {:.2f}x, throughput {:.2f}x".format(load, *ratios(runs["rows"], load))
+                for load in LOADS if load != 0.7
+            )
+            bars.append(common.bar(
+                f"2. step-level batching, {name} {result['size']}px modelled H100, "
+                f"{workload} steps, 70% load",
+                f"p95 <= {P95_BAR}x and throughput >= {THROUGHPUT_BAR}x request-level",
+                f"p95 {p95:.2f}x, throughput {throughput:.2f}x ({others})",
+                p95 <= P95_BAR and throughput >= THROUGHPUT_BAR,
+            ))
+    bars.append(common.bar(
+        "2. step-level batching, real small model (CPU, c=4)",
+        f"throughput >= {CPU_BAR}x request-level (no regression)",
+        f"{cpu['ratio']:.2f}x ({cpu['mean_throughput_per_s']['Step']:.2f} vs "
+        f"{cpu['mean_throughput_per_s']['Request']:.2f} images/s)",
+        cpu["ratio"] >= CPU_BAR,
+    ))
+    for b in bars:
+        print(f"{b['item']}: {b['measured']} ({'met' if b['met'] else b['met']})")
+    result = {
+        "settings": {k: v for k, v in vars(args).items() if k != "out_dir"},
+        "gpu_model": {"peak_tflops": H100_PEAK_TFLOPS, "bandwidth_tbs": H100_BANDWIDTH_TBS,
+                      "bytes_per_weight": BYTES_PER_WEIGHT},
+        "modelled": modelled,
+        "cpu": cpu,
+        "bars": bars,
+    }
+    path = common.write_result("step_batching", result, args.out_dir)
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

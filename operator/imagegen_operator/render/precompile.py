@@ -1,0 +1,110 @@
+"""The precompile Job: compile once, before the Deployment's replicas start.
+
+With ``spec.pipeline.compile.precompileJob`` the operator runs ``imagegen-server precompile``
+in a Job with the serving pod's image, environment, GPU, node placement and cache volume. It
+compiles every shape the service admits, saves the compiled artifacts on the cache volume
+(keyed by model, torch version, device and shapes) and exits. Until the Job has succeeded the
+Deployment is held at 0 replicas, so every replica that starts loads the artifacts instead of
+compiling.
+
+The Job's name carries a hash of its pod template: whatever changes what is compiled (the
+image, hence torch; the model; the settings; the GPU) names a new Job, and the operator deletes
+the one before. A failed Job does not hold the service back: the replicas then compile for
+themselves, and the service's ``Precompiled`` condition says why.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from typing import Any
+
+from imagegen_operator.api import ImageGenService
+from imagegen_operator.planner import Plan
+from imagegen_operator.render.common import (
+    MANAGED_BY,
+    PART_OF,
+    name_of,
+    object_meta,
+)
+from imagegen_operator.render.deployment import (
+    DEFAULT_SERVER_IMAGE,
+    STARTUP_BUDGET_S,
+    render_deployment,
+)
+
+PRECOMPILE_APP = "imagegen-precompile"
+# What a Job's pod drops from the serving container: it serves nothing and is never probed.
+_SERVING_ONLY = ("ports", "lifecycle", "startupProbe", "readinessProbe", "livenessProbe")
+_HASH_CHARS = 10
+_MAX_NAME = 63  # the Job controller puts the name in a label of each pod
+
+
+def precompile_labels(resource: ImageGenService) -> dict[str, str]:
+    """Not the serving pods' selector labels: the Service and the PDB must not count these."""
+    return {
+        "app.kubernetes.io/name": PRECOMPILE_APP,
+        "app.kubernetes.io/instance": name_of(resource),
+        "app.kubernetes.io/component": "precompile",
+        "app.kubernetes.io/part-of": PART_OF,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+    }
+
+
+def wants_precompile(resource: ImageGenService) -> bool:
+    compile_ = resource.spec.pipeline.compile
+    return compile_.enabled and compile_.precompile_job
+
+
+def render_precompile_job(
+    resource: ImageGenService, plan: Plan, default_image: str = DEFAULT_SERVER_IMAGE
+) -> dict[str, Any] | None:
+    """The Job, or None when the service does not ask for one."""
+    if not wants_precompile(resource):
+        return None
+    serving = render_deployment(resource, plan, default_image)["spec"]["template"]
+    pod = copy.deepcopy(serving["spec"])
+    container = pod["containers"][0]
+    for key in _SERVING_ONLY:
+        container.pop(key, None)
+    container["args"] = ["precompile"]
+    pod.pop("topologySpreadConstraints", None)  # they spread the serving pods
+    pod["restartPolicy"] = "Never"
+    digest = hashlib.sha256(json.dumps(pod, sort_keys=True).encode()).hexdigest()[:_HASH_CHARS]
+    prefix = name_of(resource)[: _MAX_NAME - len("-precompile-") - _HASH_CHARS].rstrip("-")
+    # Fresh dicts each: one object in two places would print as a YAML alias.
+    template_meta = {**serving["metadata"], "labels": precompile_labels(resource)}
+    mode = resource.spec.pipeline.compile.mode
+    budget = STARTUP_BUDGET_S["max-autotune" if "max-autotune" in mode else "compile"]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            **object_meta(resource, name=f"{prefix}-precompile-{digest}"),
+            "labels": precompile_labels(resource),
+        },
+        "spec": {
+            # One retry for a lost node or a preempted Spot VM; a model that fails to compile
+            # fails again, and the replicas then compile for themselves.
+            "backoffLimit": 1,
+            # A model download, a load and every admitted shape compiled.
+            "activeDeadlineSeconds": STARTUP_BUDGET_S["load"] + budget,
+            "template": {"metadata": template_meta, "spec": pod},
+        },
+    }
+
+
+def job_state(job: dict[str, Any] | None) -> str | None:
+    """Succeeded, Failed or Running (still to finish), from the Job's conditions; None: no
+    Job."""
+    if job is None:
+        return None
+    for condition in (job.get("status") or {}).get("conditions") or []:
+        if condition.get("status") != "True":
+            continue
+        if condition.get("type") == "Complete":
+            return "Succeeded"
+        if condition.get("type") == "Failed":
+            return "Failed"
+    return "Running"

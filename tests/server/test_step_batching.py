@@ -1,0 +1,149 @@
+"""Step-level batching: requests join a running denoise batch at the next step, and each one's
+image still equals diffusers' own pipeline for its seed.
+
+A gate on the denoiser holds one of its calls until the test has put the next requests in front
+of the denoise stage, so what joins when is decided by the test, not by the machine's speed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from server_testlib import FAMILIES, MODES, STEPS, mean_abs_diff
+
+from imagegen_server.request import JobTimeout
+
+
+class Gate:
+    """Holds the denoiser's ``at``-th call (counted from now) until ``release``."""
+
+    def __init__(self, runtime, at: int = 1, hold_s: float | None = None):
+        pipe = runtime.steps.pipeline
+        denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+        self.calls = 0
+        self.at = at
+        self.hold_s = hold_s
+        self.entered = threading.Event()
+        self.released = threading.Event()
+        self._handle = denoiser.register_forward_pre_hook(self._hook)
+
+    def _hook(self, *_):
+        self.calls += 1
+        if self.calls == self.at:
+            self.entered.set()
+            if self.hold_s is not None:
+                time.sleep(self.hold_s)
+            else:
+                assert self.released.wait(60), "the test never released the gate"
+
+    def close(self) -> None:
+        self.released.set()
+        self._handle.remove()
+
+
+def wait_until(condition, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.005)
+
+
+def joins(runtime) -> float:
+    return runtime.metrics.denoise_joins._value.get()
+
+
+def step_runtime(make_runtime, family="sd15", **overrides):
+    return make_runtime(family, **MODES["Step"], max_batch_size=4, batch_window_ms=2,
+                        default_width=64, default_height=64, **overrides)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_requests_that_join_mid_batch_equal_diffusers(make_runtime, reference_pipeline, family):
+    runtime = step_runtime(make_runtime, family)
+    pipe = reference_pipeline(family)
+    denoise = runtime.engine.stages[1]
+    first = runtime.params("a red cat", seed=1, steps=STEPS + 3)
+    # Other step counts, guidance scales, a negative prompt and two images: rows at other
+    # timesteps with other schedulers, in the same denoiser calls.
+    later = [
+        runtime.params("a blue house", seed=2, guidance_scale=1.0),
+        runtime.params("a green tree", seed=3, n=2, negative_prompt="blurry", steps=STEPS + 1),
+    ]
+    gate = Gate(runtime)
+    try:
+        jobs = [runtime.engine.submit(first, timeout_s=60)]
+        assert gate.entered.wait(30)
+        jobs += [runtime.engine.submit(p, timeout_s=60) for p in later]
+        wait_until(lambda: denoise.queue.qsize() == len(later))
+    finally:
+        gate.close()
+    for params, job in zip([first, *later], jobs, strict=True):
+        images = job.future.result(60)
+        expected = pipe(**runtime.steps.reference_kwargs(params)).images
+        diffs = [mean_abs_diff(a, b) for a, b in zip(images, expected, strict=True)]
+        assert len(images) == params.n and max(diffs) < 1.0, diffs
+    # Both joined the first request's batch after its first step.
+    assert joins(runtime) == 2
+
+
+def test_another_size_waits_its_turn_in_arrival_order(make_runtime, reference_pipeline):
+    runtime = step_runtime(make_runtime)
+    pipe = reference_pipeline("sd15")
+    denoise = runtime.engine.stages[1]
+    done_at: dict[str, float] = {}
+    params = {
+        "running": runtime.params("a red cat", seed=1),
+        "wide": runtime.params("a wide one", seed=2, width=96),
+        # Same size as the running batch, but behind the wide one: it does not overtake it.
+        "behind": runtime.params("a blue house", seed=3),
+    }
+    jobs = {}
+
+    def submit(name):
+        jobs[name] = job = runtime.engine.submit(params[name], timeout_s=60)
+        job.future.add_done_callback(lambda _: done_at.setdefault(name, time.monotonic()))
+
+    gate = Gate(runtime)
+    try:
+        submit("running")
+        assert gate.entered.wait(30)
+        for queued, name in enumerate(("wide", "behind"), start=1):
+            submit(name)
+            # One at a time, so they reach the denoise stage in this order.
+            wait_until(lambda queued=queued: denoise.queue.qsize() == queued)
+    finally:
+        gate.close()
+    for name, job in jobs.items():
+        images = job.future.result(60)
+        expected = pipe(**runtime.steps.reference_kwargs(params[name])).images
+        assert mean_abs_diff(images[0], expected[0]) < 1.0, name
+    assert joins(runtime) == 0
+    assert done_at["running"] < done_at["wide"] < done_at["behind"], done_at
+
+
+def test_a_request_that_times_out_leaves_the_running_batch(make_runtime, reference_pipeline):
+    runtime = step_runtime(make_runtime)
+    pipe = reference_pipeline("sd15")
+    denoise = runtime.engine.stages[1]
+    steady = runtime.params("a red cat", seed=1, steps=STEPS + 2)
+    hasty = runtime.params("a blue house", seed=2)
+    gate = Gate(runtime)
+    # The second call is the first with both: it takes longer than the hasty one's deadline.
+    slow_step = Gate(runtime, at=2, hold_s=1.5)
+    try:
+        kept = runtime.engine.submit(steady, timeout_s=60)
+        assert gate.entered.wait(30)
+        dropped = runtime.engine.submit(hasty, timeout_s=1.0)
+        wait_until(lambda: denoise.queue.qsize() == 1)
+    finally:
+        gate.close()
+    with pytest.raises(JobTimeout, match="at denoising step 1"):
+        dropped.future.result(60)
+    images = kept.future.result(60)
+    expected = pipe(**runtime.steps.reference_kwargs(steady)).images
+    assert mean_abs_diff(images[0], expected[0]) < 1.0
+    slow_step.close()
+    wait_until(lambda: runtime.engine.in_flight == 0)
+    assert joins(runtime) == 1
