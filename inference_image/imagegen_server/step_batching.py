@@ -53,10 +53,24 @@ class StepBatchingStage(Stage):
             torch.cuda.set_device(self.device)
         with torch.inference_mode():
             while not (self._stopping and not self.running and not self.waiting):
-                self._take_arrivals(block=not self.running and not self.waiting)
-                self._advance(self._admit())
-                self._flush_timings(block=False)
+                try:
+                    self._take_arrivals(block=not self.running and not self.waiting)
+                    self._advance(self._admit())
+                    self._flush_timings(block=False)
+                except Exception as exc:  # the loop must outlive any one job
+                    log.exception("%s stage: a step boundary failed", self.name)
+                    self._fail_all(exc)
             self._flush_timings(block=True)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for job in [*self.running, *self.waiting]:
+            job.fail(error)
+        self.running, self.waiting = [], deque()
+        self._forget_batch()
+
+    def _forget_batch(self) -> None:
+        # Nothing runs: let go of the last batch's conditioning (device memory) and jobs.
+        self._members, self._inputs = [], None
 
     def _take_arrivals(self, block: bool) -> None:
         """Everything queued now; when idle, first wait for one."""
@@ -99,8 +113,9 @@ class StepBatchingStage(Stage):
         if joined and under_way:
             self.metrics.denoise_joins.inc(len(joined))
         batch = under_way + joined
-        self.running = []
+        self.running = batch  # held here until the step is done, for _fail_all too
         if not batch:
+            self._forget_batch()
             return
         self.metrics.batch_size.labels(stage=self.name).observe(len(batch))
         started = time.perf_counter()
@@ -113,12 +128,14 @@ class StepBatchingStage(Stage):
             log.exception("%s stage failed for a batch of %d", self.name, len(batch))
             for job in batch:
                 job.fail(exc)
-            self._members = []
+            self.running = []
+            self._forget_batch()
             return
         if self.stream is None:
             self.metrics.stage_seconds.labels(stage=self.name).observe(
                 time.perf_counter() - started
             )
+        self.running = []
         for job in batch:
             if job.released:
                 continue
@@ -132,7 +149,14 @@ class StepBatchingStage(Stage):
 
     def _step(self, batch: list[Job], joined: list[Job]) -> None:
         for job in joined:
-            self.family.start_denoising(job)
+            try:
+                self.family.start_denoising(job)
+            except Exception as exc:  # this job's own inputs: the batch goes on without it
+                log.exception("%s stage: a request could not start denoising", self.name)
+                job.fail(exc)
+        batch = [job for job in batch if not job.released]
+        if not batch:
+            return
         if batch != self._members:
             # Jobs joined or left: the concatenated conditioning is built again.
             self.family.use_adapters(batch)

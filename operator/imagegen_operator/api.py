@@ -224,10 +224,10 @@ class CompileSpec(KubeModel):
     cache: CompileCache | None = None
     """Where compiled artifacts persist across restarts; none keeps them in the pod."""
     precompile_job: bool = False
-    """Compile once in a Job before any replica starts: the Deployment stays at 0 replicas
-    until the Job has left the compiled artifacts on the cache volume, so every replica
-    starts warm. A change to what is compiled (model, image, GPU, sizes, batch size) runs a
-    new Job. Needs `cache`."""
+    """Compile once in a Job before the replicas start: a new service's Deployment stays at
+    0 replicas until the Job has left the compiled artifacts on the cache volume, so every
+    replica starts warm. A change to what is compiled (model, image, GPU, sizes, batch size)
+    runs a new Job; a service already serving is not held meanwhile. Needs `cache`."""
 
     rules = (
         Rule(
@@ -672,6 +672,9 @@ class ImageGenServiceStatus(StatusModel):
     """Serving slots the node pool offers."""
     endpoint: str | None = None
     """In-cluster URL of the service."""
+    precompiled_job: str | None = None
+    """The precompile Job that last succeeded: its artifacts are on the cache volume, and it
+    is not run again, even once the Job itself is gone."""
 
 
 # --- the resource --------------------------------------------------------------------

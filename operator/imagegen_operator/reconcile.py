@@ -143,7 +143,8 @@ class Reconciler:
         # The workload first: its pods wait (Pending) for the pool's nodes anyway,
         # and on GKE their pending is what the cluster autoscaler scales up for.
         deployment, rejected, precompile = self._apply_workload(
-            resource, the_plan, outcome, spec_changed=previous.get("observedGeneration") != generation
+            resource, the_plan, outcome,
+            spec_changed=previous.get("observedGeneration") != generation, previous=previous,
         )
         target = self.pool_key(resource, the_plan)
         pool, pool_stalled = self._ensure_pool(resource, the_plan, target, outcome)
@@ -328,7 +329,8 @@ class Reconciler:
     # --- the steps ------------------------------------------------------------
 
     def _apply_workload(
-        self, resource: ImageGenService, the_plan: Plan, outcome: Outcome, spec_changed: bool
+        self, resource: ImageGenService, the_plan: Plan, outcome: Outcome, spec_changed: bool,
+        previous: dict[str, Any],
     ) -> tuple[dict[str, Any] | None, list[str], Precompile | None]:
         """Apply the children; return the Deployment as it now is, what was refused, and the
         precompile Job's state (None: none asked for).
@@ -345,18 +347,9 @@ class Reconciler:
         generation = resource.metadata.generation
         blind = spec_changed and memo.applied != generation
         rejected: list[str] = []
-        precompile = None
-        job = render_precompile_job(resource, the_plan)
-        if job is not None:
-            try:
-                live_job = self.kube.apply(job, read_first=not blind)
-                precompile = Precompile(job["metadata"]["name"], job_state(live_job))
-            except PermanentKubeError as exc:
-                log.warning("%s: %s", name_of(resource), exc)
-                rejected.append(str(exc))
-                precompile = Precompile(job["metadata"]["name"], "Failed", str(exc))
-        held = precompile is not None and precompile.state == "Running"
-        desired = render_workload(resource, the_plan, held=held)
+        precompile = self._precompile(resource, the_plan, previous, rejected)
+        desired = render_workload(resource, the_plan,
+                                  held=precompile is not None and precompile.held)
         wanted = {(o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in desired}
         deployment = None
         for obj in desired:
@@ -390,6 +383,31 @@ class Reconciler:
             self._delete_unwanted(resource, wanted)
             memo.cleaned = generation
         return deployment, rejected, precompile
+
+    def _precompile(self, resource: ImageGenService, the_plan: Plan, previous: dict[str, Any],
+                    rejected: list[str]) -> Precompile | None:
+        """The precompile Job, created when missing and never re-applied (a Job's template
+        cannot change; its name stands for it). The Deployment is held only while the Job
+        runs and nothing serves yet."""
+        job = render_precompile_job(resource, the_plan)
+        if job is None:
+            return None
+        name, ns = job["metadata"]["name"], namespace_of(resource)
+        if previous.get("precompiledJob") == name:
+            return Precompile(name, "Succeeded")  # done before, even if the Job is gone
+        try:
+            live = (self.kube.get("batch/v1", "Job", name, ns)
+                    or self.kube.apply(job, read_first=False))
+        except PermanentKubeError as exc:
+            log.warning("%s: %s", name_of(resource), exc)
+            rejected.append(str(exc))
+            return Precompile(name, "Failed", str(exc))
+        state = job_state(live)
+        if state != "Running":
+            return Precompile(name, state)
+        serving = self.kube.get("apps/v1", "Deployment", name_of(resource), ns)
+        ready = ((serving or {}).get("status") or {}).get("readyReplicas") or 0
+        return Precompile(name, state, held=ready == 0)
 
     def _delete_unwanted(self, resource: ImageGenService, wanted: set[tuple[str, str, str]]) -> None:
         selector = f"app.kubernetes.io/instance={name_of(resource)},"

@@ -42,8 +42,9 @@ class Precompile:
     """The precompile Job as a reconcile saw it (render/precompile.py)."""
 
     job: str
-    state: str | None  # Running, Succeeded or Failed
+    state: str | None  # Running, Suspended, Succeeded or Failed
     message: str = ""
+    held: bool = False  # the Deployment kept at 0 meanwhile: nothing served yet
 
 
 @dataclass(frozen=True)
@@ -75,13 +76,17 @@ def _precompiled(p: Precompile) -> cond.Observed:
     if p.state == "Succeeded":
         return cond.Observed(cond.PRECOMPILED, True, "JobSucceeded",
                              f"Job {p.job} saved the compiled artifacts on the cache volume")
+    if p.state == "Suspended":
+        return cond.Observed(cond.PRECOMPILED, False, "JobSuspended",
+                             f"Job {p.job} is suspended; the replicas compile for themselves")
     if p.state == "Failed":
         return cond.Observed(
             cond.PRECOMPILED, False, "JobFailed",
             p.message or f"Job {p.job} failed (its pod's log says why); the replicas compile "
             "for themselves",
         )
-    return cond.Observed(cond.PRECOMPILED, False, "JobRunning", f"Job {p.job} is compiling")
+    meanwhile = "" if p.held else "; the replicas serving meanwhile compiled for themselves"
+    return cond.Observed(cond.PRECOMPILED, False, "JobRunning", f"Job {p.job} is compiling{meanwhile}")
 
 
 def compute_status(o: Observation) -> dict[str, Any]:
@@ -119,7 +124,7 @@ def compute_status(o: Observation) -> dict[str, Any]:
     elif not o.pool.ready and (o.pool_stalled or not serving_meanwhile):
         stalled = o.pool_stalled
         ready = cond.Observed(cond.READY, False, o.pool.reason, o.pool.message)
-    elif o.precompile is not None and o.precompile.state == "Running":
+    elif o.precompile is not None and o.precompile.held:
         ready = cond.Observed(
             cond.READY, False, "Precompiling",
             f"0/{o.want} replicas until Job {o.precompile.job} has compiled the model once",
@@ -148,7 +153,15 @@ def compute_status(o: Observation) -> dict[str, Any]:
         "nodePool": {**o.current.status(), "readyNodes": o.pool.ready_nodes},
         "capacity": capacity(o.plan),
         "endpoint": o.endpoint,
+        **_precompiled_job(o),
     }
+
+
+def _precompiled_job(o: Observation) -> dict[str, Any]:
+    if o.precompile is not None and o.precompile.state == "Succeeded":
+        return {"precompiledJob": o.precompile.job}
+    remembered = o.previous.get("precompiledJob")
+    return {"precompiledJob": remembered} if remembered else {}
 
 
 def not_planned_status(

@@ -323,7 +323,9 @@ def test_a_precompile_job_finishes_before_any_replica_starts(cluster, operator):
     wait_ready(cluster, ns, "warm", timeout=150)
     [job] = get_json(cluster, "jobs", "-n", ns)["items"]
     assert job["status"].get("succeeded") == 1
-    assert condition(igs(cluster, ns, "warm"), "Precompiled")["status"] == "True"
+    warm = igs(cluster, ns, "warm")
+    assert condition(warm, "Precompiled")["status"] == "True"
+    assert warm["status"]["precompiledJob"] == job["metadata"]["name"]
     serving = get_json(cluster, "pods", "-n", ns, "-l",
                        "app.kubernetes.io/name=imagegen-server")["items"]
     assert len(serving) == 2

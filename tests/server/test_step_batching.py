@@ -147,3 +147,32 @@ def test_a_request_that_times_out_leaves_the_running_batch(make_runtime, referen
     slow_step.close()
     wait_until(lambda: runtime.engine.in_flight == 0)
     assert joins(runtime) == 1
+
+
+def test_a_request_that_cannot_start_fails_alone(make_runtime, reference_pipeline):
+    runtime = step_runtime(make_runtime)
+    pipe = reference_pipeline("sd15")
+    denoise = runtime.engine.stages[1]
+    start = runtime.steps.start_denoising
+
+    def start_or_fail(job):
+        if job.params.prompt == "broken":
+            raise RuntimeError("cannot start denoising")
+        start(job)
+
+    runtime.steps.start_denoising = start_or_fail
+    steady = runtime.params("a red cat", seed=1)
+    gate = Gate(runtime)
+    try:
+        kept = runtime.engine.submit(steady, timeout_s=60)
+        assert gate.entered.wait(30)
+        broken = runtime.engine.submit(runtime.params("broken", seed=2), timeout_s=60)
+        wait_until(lambda: denoise.queue.qsize() == 1)
+    finally:
+        gate.close()
+    with pytest.raises(RuntimeError, match="cannot start denoising"):
+        broken.future.result(60)
+    # The batch it tried to join went on without it.
+    expected = pipe(**runtime.steps.reference_kwargs(steady)).images
+    assert mean_abs_diff(kept.future.result(60)[0], expected[0]) < 1.0
+    wait_until(lambda: runtime.engine.in_flight == 0)

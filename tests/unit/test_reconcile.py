@@ -352,12 +352,35 @@ def test_a_precompile_job_holds_the_deployment_at_zero_until_it_succeeds(world) 
     assert world.reconcile("alpha").ready
     assert world.condition("alpha", "Precompiled")["status"] == "True"
 
-    # Another model is another compile: a new Job, the old one gone, the replicas held again.
+    assert world.body("alpha")["status"]["precompiledJob"] == job["metadata"]["name"]
+    # Done is done: a Job deleted afterwards (a TTL, by hand) is not run again.
+    world.kube.objects.pop(("batch/v1", "Job", "ns", job["metadata"]["name"]))
+    world.reconcile("alpha")
+    assert jobs_of(world) == [] and replicas_of(world, "alpha") == 2
+
+    # A serving knob is not a new compile.
+    world.edit("alpha", pipeline={**PRECOMPILE, "stages": {"batchWindowMs": 20}})
+    world.reconcile("alpha")
+    assert jobs_of(world) == []
+    # Another model is: a new Job; the service serves on meanwhile (an edit never takes it
+    # down), its new replicas compiling for themselves.
     world.edit("alpha", model={"uri": "gs://models/other", "family": "SD15", "memoryGiB": 4})
     world.reconcile("alpha")
     [again] = jobs_of(world)
     assert again["metadata"]["name"] != job["metadata"]["name"]
-    assert replicas_of(world, "alpha") == 0
+    assert replicas_of(world, "alpha") == 2
+    assert world.condition("alpha", "Ready")["reason"] != "Precompiling"
+    assert world.condition("alpha", "Precompiled")["reason"] == "JobRunning"
+
+
+def test_a_suspended_precompile_job_does_not_hold_the_service(world) -> None:
+    world.create("delta", node_pool={"provider": "Local", "maxNodes": 2}, replicas=1,
+                 pipeline=PRECOMPILE)
+    world.reconcile("delta")
+    finish(jobs_of(world)[0], "Suspended")
+    world.reconcile("delta")
+    assert replicas_of(world, "delta") == 1
+    assert world.condition("delta", "Precompiled")["reason"] == "JobSuspended"
 
 
 def test_a_failed_precompile_job_lets_the_replicas_compile_for_themselves(world) -> None:

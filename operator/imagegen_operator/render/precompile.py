@@ -7,10 +7,13 @@ compiles every shape the service admits, saves the compiled artifacts on the cac
 Deployment is held at 0 replicas, so every replica that starts loads the artifacts instead of
 compiling.
 
-The Job's name carries a hash of its pod template: whatever changes what is compiled (the
-image, hence torch; the model; the settings; the GPU) names a new Job, and the operator deletes
-the one before. A failed Job does not hold the service back: the replicas then compile for
-themselves, and the service's ``Precompiled`` condition says why.
+The Job's name carries a hash of what is compiled (the image, hence torch; the model; the
+settings that shape the denoiser and its inputs; the GPU): a change there names a new Job, and
+the operator deletes the one before. The Deployment is held only while nothing serves yet: a
+service already serving rolls out at once while the new Job runs (its new replicas compile for
+themselves), so an edit never takes it down. A Job that succeeded is remembered in status
+(``precompiledJob``) and not run again. A failed or suspended Job does not hold the service
+back either: the replicas then compile for themselves, and ``Precompiled`` says why.
 """
 
 from __future__ import annotations
@@ -38,6 +41,13 @@ PRECOMPILE_APP = "imagegen-precompile"
 # What a Job's pod drops from the serving container: it serves nothing and is never probed.
 _SERVING_ONLY = ("ports", "lifecycle", "startupProbe", "readinessProbe", "livenessProbe")
 _HASH_CHARS = 10
+# The server settings compiled code depends on (the server's artifacts key is finer: it also
+# holds the torch version and the GPU model, which the image and the node selector decide).
+COMPILE_KEY_ENV = tuple(f"IMAGEGEN_{name}" for name in (
+    "MODEL", "FAMILY", "DTYPE", "QUANTIZATION", "CACHE", "COMPILE", "ATTENTION", "CHANNELS_LAST",
+    "ALLOWED_SIZES", "DEFAULT_WIDTH", "DEFAULT_HEIGHT", "MAX_BATCH_SIZE",
+    "MAX_IMAGES_PER_REQUEST", "MAX_PIXELS", "LORAS", "DEVICE",
+))
 _MAX_NAME = 63  # the Job controller puts the name in a label of each pod
 
 
@@ -50,6 +60,18 @@ def precompile_labels(resource: ImageGenService) -> dict[str, str]:
         "app.kubernetes.io/part-of": PART_OF,
         "app.kubernetes.io/managed-by": MANAGED_BY,
     }
+
+
+def _compile_key(resource: ImageGenService, pod: dict[str, Any]) -> str:
+    """A hash of what the compiled artifacts depend on: the image (torch), the settings that
+    shape the denoiser and its inputs, the GPU the pod lands on; and the service, so two
+    services never share a Job. Not the serving knobs (batch window, queue, timeouts)."""
+    container = pod["containers"][0]
+    settings = {e["name"]: e.get("value") for e in container["env"]
+                if e["name"].startswith(COMPILE_KEY_ENV)}
+    key = [name_of(resource), container["image"], settings, container.get("resources"),
+           pod.get("nodeSelector"), pod.get("affinity")]
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:_HASH_CHARS]
 
 
 def wants_precompile(resource: ImageGenService) -> bool:
@@ -71,7 +93,7 @@ def render_precompile_job(
     container["args"] = ["precompile"]
     pod.pop("topologySpreadConstraints", None)  # they spread the serving pods
     pod["restartPolicy"] = "Never"
-    digest = hashlib.sha256(json.dumps(pod, sort_keys=True).encode()).hexdigest()[:_HASH_CHARS]
+    digest = _compile_key(resource, pod)
     prefix = name_of(resource)[: _MAX_NAME - len("-precompile-") - _HASH_CHARS].rstrip("-")
     # Fresh dicts each: one object in two places would print as a YAML alias.
     template_meta = {**serving["metadata"], "labels": precompile_labels(resource)}
@@ -96,8 +118,8 @@ def render_precompile_job(
 
 
 def job_state(job: dict[str, Any] | None) -> str | None:
-    """Succeeded, Failed or Running (still to finish), from the Job's conditions; None: no
-    Job."""
+    """Succeeded, Failed, Suspended or Running (still to finish), from the Job's conditions;
+    None: no Job."""
     if job is None:
         return None
     for condition in (job.get("status") or {}).get("conditions") or []:
@@ -107,4 +129,7 @@ def job_state(job: dict[str, Any] | None) -> str | None:
             return "Succeeded"
         if condition.get("type") == "Failed":
             return "Failed"
+        if condition.get("type") == "Suspended":
+            # A queue (Kueue) or a policy holds it; its deadline does not run meanwhile.
+            return "Suspended"
     return "Running"
