@@ -373,28 +373,22 @@ def test_a_precompile_job_holds_the_deployment_at_zero_until_it_succeeds(world) 
     assert world.condition("alpha", "Precompiled")["reason"] == "JobRunning"
 
 
-def test_a_suspended_precompile_job_does_not_hold_the_service(world) -> None:
-    world.create("delta", node_pool={"provider": "Local", "maxNodes": 2}, replicas=1,
-                 pipeline=PRECOMPILE)
-    world.reconcile("delta")
-    finish(jobs_of(world)[0], "Suspended")
-    world.reconcile("delta")
-    assert replicas_of(world, "delta") == 1
-    assert world.condition("delta", "Precompiled")["reason"] == "JobSuspended"
-
-
-def test_a_failed_precompile_job_lets_the_replicas_compile_for_themselves(world) -> None:
+@pytest.mark.parametrize(("how", "reason"), [("Failed", "JobFailed"),
+                                             ("Suspended", "JobSuspended")])
+def test_a_failed_or_suspended_precompile_job_lets_the_replicas_compile_for_themselves(
+    world, how, reason
+) -> None:
     world.create("beta", node_pool={"provider": "Local", "maxNodes": 2}, replicas=1,
                  pipeline=PRECOMPILE)
     world.reconcile("beta")
-    finish(jobs_of(world)[0], "Failed")
+    finish(jobs_of(world)[0], how)
     world.nodes_ready()
     world.reconcile("beta")
     assert replicas_of(world, "beta") == 1
     world.rolled_out("beta")
     assert world.reconcile("beta").ready
-    failed = world.condition("beta", "Precompiled")
-    assert failed["status"] == "False" and failed["reason"] == "JobFailed"
+    precompiled = world.condition("beta", "Precompiled")
+    assert precompiled["status"] == "False" and precompiled["reason"] == reason
 
 
 def test_no_precompile_job_unless_asked_for(world) -> None:
