@@ -42,37 +42,54 @@ def step(text: str) -> None:
     print(f"\n\033[1m==> {text}\033[0m", flush=True)
 
 
-def local_examples() -> list[Path]:
-    """The examples that run on the simulated (Local) node pools."""
+def local_examples() -> list[tuple[Path, dict]]:
+    """The services in examples/ that run on the simulated (Local) node pools, each with its
+    file (a file may hold several)."""
     picked = []
     for path in sorted((ROOT / "examples").glob("*.yaml")):
-        doc = yaml.safe_load(path.read_text())
-        if (doc or {}).get("spec", {}).get("nodePool", {}).get("provider") == "Local":
-            picked.append(path)
+        for doc in yaml.safe_load_all(path.read_text()):
+            if (doc or {}).get("spec", {}).get("nodePool", {}).get("provider") == "Local":
+                picked.append((path, doc))
     return picked
 
 
-def model_volume() -> list[dict]:
-    """A PersistentVolume and claim for examples that load `pvc://models/...`."""
-    return [
-        {
-            "apiVersion": "v1", "kind": "PersistentVolume",
-            "metadata": {"name": "demo-models"},
-            "spec": {
-                "capacity": {"storage": "50Gi"}, "accessModes": ["ReadOnlyMany"],
-                "storageClassName": "", "hostPath": {"path": "/var/lib/imagegen/models"},
-                "claimRef": {"namespace": "default", "name": "models"},
+def claims_of(service: dict) -> set[str]:
+    """The PersistentVolumeClaims a service's pods mount: `pvc://CLAIM/...` models and
+    adapters, and the compile cache."""
+    model = service["spec"]["model"]
+    uris = [model["uri"], *(lora["uri"] for lora in model.get("loras") or [])]
+    claims = {uri.removeprefix("pvc://").split("/")[0] for uri in uris if uri.startswith("pvc://")}
+    cache = ((service["spec"].get("pipeline") or {}).get("compile") or {}).get("cache")
+    if cache:
+        claims.add(cache["pvcName"])
+    return claims
+
+
+def volumes(claims: set[str]) -> list[dict]:
+    """A PersistentVolume and a bound claim for each (KWOK's pods mount nothing; the scheduler
+    only needs the claims bound)."""
+    objects = []
+    for claim in sorted(claims):
+        objects += [
+            {
+                "apiVersion": "v1", "kind": "PersistentVolume",
+                "metadata": {"name": f"demo-{claim}"},
+                "spec": {
+                    "capacity": {"storage": "50Gi"}, "accessModes": ["ReadWriteMany"],
+                    "storageClassName": "", "hostPath": {"path": f"/var/lib/imagegen/{claim}"},
+                    "claimRef": {"namespace": "default", "name": claim},
+                },
             },
-        },
-        {
-            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
-            "metadata": {"name": "models", "namespace": "default"},
-            "spec": {
-                "accessModes": ["ReadOnlyMany"], "storageClassName": "",
-                "volumeName": "demo-models", "resources": {"requests": {"storage": "50Gi"}},
+            {
+                "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                "metadata": {"name": claim, "namespace": "default"},
+                "spec": {
+                    "accessModes": ["ReadWriteMany"], "storageClassName": "",
+                    "volumeName": f"demo-{claim}", "resources": {"requests": {"storage": "50Gi"}},
+                },
             },
-        },
-    ]
+        ]
+    return objects
 
 
 def start_operator(cluster: localcluster.LocalCluster) -> None:
@@ -184,14 +201,15 @@ def main() -> int:
     step("Installing the ImageGenService CRD and starting the operator (Local provider)")
     cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
     cluster.kubectl("wait", "--for=condition=Established", "crd/imagegenservices.imagegen.dev")
-    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(model_volume()))
+    services = [doc for _, doc in local_examples()]
+    claims = set().union(*(claims_of(doc) for doc in services))
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(volumes(claims)))
     start_operator(cluster)
 
-    examples = local_examples()
-    step("Applying " + ", ".join(str(p.relative_to(ROOT)) for p in examples))
-    for path in examples:
-        print(cluster.kubectl("apply", "-f", str(path)).stdout.strip())
-    names = [yaml.safe_load(p.read_text())["metadata"]["name"] for p in examples]
+    examples = sorted({path for path, _ in local_examples()})
+    step("Applying the Local services of " + ", ".join(str(p.relative_to(ROOT)) for p in examples))
+    print(cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(services)).stdout.strip())
+    names = [doc["metadata"]["name"] for doc in services]
     cluster.kubectl("wait", "--for=condition=Ready", "--timeout=180s",
                     *[f"igs/{n}" for n in names], timeout=200)
 

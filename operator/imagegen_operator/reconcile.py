@@ -312,8 +312,10 @@ class Reconciler:
         return memo.plan
 
     def _target_nodes(self, resource: ImageGenService, key: PoolKey, the_plan: Plan) -> int:
-        """Nodes every service sharing this pool needs together, within min/max nodes."""
-        replicas = 0
+        """Nodes every service sharing this pool needs together, within the largest min and
+        max nodes any of them allows: whichever of them reconciles, the pool gets one size."""
+        pool = resource.spec.node_pool
+        replicas, min_nodes, max_nodes = 0, pool.min_nodes, pool.max_nodes
         for body in self._all_services():
             if body["metadata"].get("deletionTimestamp"):
                 continue
@@ -322,9 +324,10 @@ class Reconciler:
                 continue
             if self.pool_key(other, other_plan) == key:
                 replicas += other_plan.target_replicas
-        pool = resource.spec.node_pool
+                min_nodes = max(min_nodes, other.spec.node_pool.min_nodes)
+                max_nodes = max(max_nodes, other.spec.node_pool.max_nodes)
         needed = math.ceil(replicas / the_plan.slots_per_node) if the_plan.slots_per_node else 0
-        return max(pool.min_nodes, min(needed, pool.max_nodes))
+        return max(min_nodes, min(needed, max_nodes))
 
     # --- the steps ------------------------------------------------------------
 

@@ -131,11 +131,11 @@ def test_a_request_that_times_out_leaves_the_running_batch(make_runtime, referen
     hasty = runtime.params("a blue house", seed=2)
     gate = Gate(runtime)
     # The second call is the first with both: it takes longer than the hasty one's deadline.
-    slow_step = Gate(runtime, at=2, hold_s=1.5)
+    slow_step = Gate(runtime, at=2, hold_s=3.0)
     try:
         kept = runtime.engine.submit(steady, timeout_s=60)
         assert gate.entered.wait(30)
-        dropped = runtime.engine.submit(hasty, timeout_s=1.0)
+        dropped = runtime.engine.submit(hasty, timeout_s=2.0)
         wait_until(lambda: denoise.queue.qsize() == 1)
     finally:
         gate.close()

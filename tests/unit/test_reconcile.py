@@ -397,3 +397,16 @@ def test_no_precompile_job_unless_asked_for(world) -> None:
     world.reconcile("gamma")
     assert jobs_of(world) == [] and replicas_of(world, "gamma") == 1
     assert not any(c["type"] == "Precompiled" for c in world.body("gamma")["status"]["conditions"])
+
+
+def test_a_shared_local_pool_takes_the_largest_max_nodes_of_its_users(world) -> None:
+    whole_l4 = {"type": "nvidia-l4"}
+    world.create("small", gpu=whole_l4, node_pool={"provider": "Local", "maxNodes": 1},
+                 replicas=2)
+    world.create("large", gpu=whole_l4, node_pool={"provider": "Local", "maxNodes": 3},
+                 replicas=2)
+    for order in (("small", "large"), ("large", "small"), ("small",)):
+        world.reconcile(*order)
+        nodes = [k for k in world.kube.objects if k[1] == "Node"]
+        # 4 replicas of one GPU each want 4 nodes; the pool holds at most 3, whoever asks.
+        assert len(nodes) == 3, (order, nodes)
