@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import time
 from typing import Any
 
@@ -269,10 +270,7 @@ def step_row_curve(pipe, name: str, size: int, device, dtype, iterations: int) -
     seconds = {rows: 1 / unet_its(pipe, name, size, device, dtype, iterations, rows)
                for rows in (2, 8, 32)}
     xs, ys = list(seconds), list(seconds.values())
-    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
-    per_row = (sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True))
-               / sum((x - mean_x) ** 2 for x in xs))
-    fixed = mean_y - per_row * mean_x
+    per_row, fixed = statistics.linear_regression(xs, ys)
     print(f"  step cost: {fixed * 1e3:.2f} ms + {per_row * 1e3:.2f} ms/row "
           f"(rows 2/8/32: {', '.join(f'{v * 1e3:.1f}' for v in ys)} ms)", flush=True)
     return {"seconds_by_rows": seconds, "fixed_ms": fixed * 1e3, "per_row_ms": per_row * 1e3}

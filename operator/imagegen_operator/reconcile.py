@@ -39,7 +39,7 @@ from imagegen_operator.cluster_default import HOW_TO_SET
 from imagegen_operator.kube import Kube, MissingKind, PermanentKubeError
 from imagegen_operator.planner import Plan, plan
 from imagegen_operator.providers.base import NodePoolProvider, PoolState, ProviderError
-from imagegen_operator.render import job_state, render_precompile_job, render_workload
+from imagegen_operator.render import job_state, render_workload
 from imagegen_operator.render.common import MANAGED_BY, name_of, namespace_of, selector_string
 from imagegen_operator.render.service import endpoint
 from imagegen_operator.status import Observation, PoolKey, Precompile
@@ -350,9 +350,12 @@ class Reconciler:
         generation = resource.metadata.generation
         blind = spec_changed and memo.applied != generation
         rejected: list[str] = []
-        precompile = self._precompile(resource, the_plan, previous, rejected)
-        desired = render_workload(resource, the_plan,
-                                  held=precompile is not None and precompile.held)
+        desired = render_workload(resource, the_plan)
+        job = next((o for o in desired if o["kind"] == "Job"), None)
+        precompile = self._precompile(resource, job, previous, rejected)
+        if precompile is not None and precompile.held:
+            # Only while a new service's Job runs: the Deployment again, at 0 replicas.
+            desired = render_workload(resource, the_plan, held=True)
         wanted = {(o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in desired}
         deployment = None
         for obj in desired:
@@ -387,12 +390,11 @@ class Reconciler:
             memo.cleaned = generation
         return deployment, rejected, precompile
 
-    def _precompile(self, resource: ImageGenService, the_plan: Plan, previous: dict[str, Any],
-                    rejected: list[str]) -> Precompile | None:
-        """The precompile Job, created when missing and never re-applied (a Job's template
-        cannot change; its name stands for it). The Deployment is held only while the Job
-        runs and nothing serves yet."""
-        job = render_precompile_job(resource, the_plan)
+    def _precompile(self, resource: ImageGenService, job: dict[str, Any] | None,
+                    previous: dict[str, Any], rejected: list[str]) -> Precompile | None:
+        """The precompile Job (rendered, or None), created when missing and never re-applied
+        (a Job's template cannot change; its name stands for it). The Deployment is held only
+        while the Job runs and nothing serves yet."""
         if job is None:
             return None
         name, ns = job["metadata"]["name"], namespace_of(resource)
