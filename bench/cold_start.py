@@ -109,6 +109,21 @@ def time_to_ready(model: Path, log: Path, extra: list[str], env: dict, args) -> 
         common.stop(process, signal.SIGTERM, 30)
 
 
+PHASE_WORDS = {
+    "start_and_imports": "interpreter, torch and the server",
+    "imports": "diffusers, transformers, peft and torch._dynamo",
+    "load": "reading the weights",
+    "optimize": "compile set-up and loading the artifacts",
+    "warmup": "warm-up",
+}
+
+
+def where_it_went(start: dict) -> str:
+    """A start's phases in words, the largest first."""
+    phases = sorted(start["phases"].items(), key=lambda kv: -kv[1])
+    return ", ".join(f"{PHASE_WORDS.get(k, k)} {v:.1f} s" for k, v in phases if v >= 0.05)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     common.quiet_libraries()
@@ -183,7 +198,8 @@ def main(argv=None) -> dict:
                 f"warm-cache start < {BAR_SHARE:.0%} of empty-cache start",
                 f"{warm:.1f} s vs {cold:.1f} s = {share:.0%}"
                 f"{' with precompile' if best else ''} (artifacts only: {shares['']:.0%}; "
-                f"no compile at all: {eager:.1f} s = {eager / cold:.0%})",
+                f"no compile at all: {eager:.1f} s = {eager / cold:.0%}); the warm start's "
+                f"seconds: {where_it_went(starts[f'compile_warm{best}'])}",
                 None if args.smoke else share < BAR_SHARE,
                 "smoke: toy shapes, measures nothing" if args.smoke else "",
             )

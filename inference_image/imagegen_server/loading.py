@@ -124,6 +124,14 @@ class LoadedModel:
     dtype: object
 
 
+def import_libraries() -> None:
+    """Import diffusers' pipeline machinery and transformers' model base, which pull in
+    torch._dynamo and peft: on a small model most of a start, timed apart from reading the
+    weights (the ``imports`` phase of ``startup_seconds``)."""
+    import diffusers.pipelines.pipeline_utils  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401
+
+
 def load_model(settings: ServerSettings) -> LoadedModel:
     """Resolve, detect and load the pipeline once, on its device, ready for the stage steps."""
     from diffusers import DiffusionPipeline

@@ -16,7 +16,7 @@ from .compiled_artifacts import CompiledArtifacts, enable_precompile
 from .config import ServerSettings
 from .engine import Engine, ShutdownError, build_engine, default_size
 from .families import FamilySteps, steps_for
-from .loading import LoadedModel, load_model, resolve_lora_uri
+from .loading import LoadedModel, import_libraries, load_model, resolve_lora_uri
 from .lora import AdapterSlot
 from .metrics import ServerMetrics
 from .optimize import AttentionSelection, OptimizationReport, apply_optimizations, denoiser
@@ -68,6 +68,8 @@ class ModelRuntime:
     def _load(self) -> None:
         s = self.settings
         phase = self._phases()
+        import_libraries()
+        phase("imports")
         self.model = load_model(s)
         m = self.model
         self.steps = steps_for(m.family, m.pipeline, m.device)

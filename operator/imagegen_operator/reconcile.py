@@ -41,6 +41,7 @@ from imagegen_operator.planner import Plan, plan
 from imagegen_operator.providers.base import NodePoolProvider, PoolState, ProviderError
 from imagegen_operator.render import job_state, render_workload
 from imagegen_operator.render.common import MANAGED_BY, name_of, namespace_of, selector_string
+from imagegen_operator.render.nodepool import NodeBounds
 from imagegen_operator.render.service import endpoint
 from imagegen_operator.status import Observation, PoolKey, Precompile
 
@@ -311,9 +312,12 @@ class Reconciler:
             memo.generation, memo.plan = meta.get("generation"), plan(resource.spec)
         return memo.plan
 
-    def _target_nodes(self, resource: ImageGenService, key: PoolKey, the_plan: Plan) -> int:
-        """Nodes every service sharing this pool needs together, within the largest min and
-        max nodes any of them allows: whichever of them reconciles, the pool gets one size."""
+    def _pool_size(
+        self, resource: ImageGenService, key: PoolKey, the_plan: Plan
+    ) -> tuple[int, NodeBounds]:
+        """Nodes every service sharing this pool needs together, and the bounds they have
+        within: the largest min and max nodes any of them allows. Whichever of them
+        reconciles, the pool gets one size and one pair of autoscaling bounds."""
         pool = resource.spec.node_pool
         replicas, min_nodes, max_nodes = 0, pool.min_nodes, pool.max_nodes
         for body in self._all_services():
@@ -327,7 +331,7 @@ class Reconciler:
                 min_nodes = max(min_nodes, other.spec.node_pool.min_nodes)
                 max_nodes = max(max_nodes, other.spec.node_pool.max_nodes)
         needed = math.ceil(replicas / the_plan.slots_per_node) if the_plan.slots_per_node else 0
-        return max(min_nodes, min(needed, max_nodes))
+        return max(min_nodes, min(needed, max_nodes)), (min_nodes, max_nodes)
 
     # --- the steps ------------------------------------------------------------
 
@@ -449,9 +453,9 @@ class Reconciler:
                 outcome.requeue_after = backoff.until - now
                 return backoff.state, False
             provider = self.providers[key.provider]
-            target_nodes = self._target_nodes(resource, key, the_plan)
+            target_nodes, bounds = self._pool_size(resource, key, the_plan)
             try:
-                state = provider.ensure(resource, the_plan, target_nodes)
+                state = provider.ensure(resource, the_plan, target_nodes, bounds)
             except ProviderError as exc:
                 if exc.retry_after is None:
                     state = PoolState(the_plan.nodepool_name, False, 0, exc.reason, exc.message)

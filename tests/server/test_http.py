@@ -120,7 +120,7 @@ def test_models_health_and_readiness(client_for):
     assert ready["status"] == "ready"
     assert ready["optimizations"]["attention_active"] == "Auto"
     # Where the start's seconds went, phase by phase (no compile: nothing saved or loaded).
-    assert set(ready["startup_seconds"]) == {"load", "optimize", "warmup"}
+    assert set(ready["startup_seconds"]) == {"imports", "load", "optimize", "warmup"}
     assert ready["optimizations"]["compile_artifacts"] is None
 
 

@@ -1,7 +1,7 @@
 """A TEST DOUBLE of the node-pool part of GKE's REST API (container.googleapis.com v1).
 
 This is not GKE and talks to nothing outside the test process: a small
-``http.server`` on 127.0.0.1 that answers the four calls the GKE provider makes,
+``http.server`` on 127.0.0.1 that answers the five calls the GKE provider makes,
 the way the documented v1 REST contract says GKE answers them, so the provider
 can be tested with the real ``google-cloud-container`` client and its REST
 transport (URL building, proto3 JSON, error conversion) instead of mocks.
@@ -17,6 +17,9 @@ The contract it follows (the ``google.api.http`` annotations of
 - ``DELETE /v1/{name=projects/*/locations/*/clusters/*/nodePools/*}`` -> ``Operation``
   (DELETE_NODE_POOL)
 - ``GET    /v1/{name=projects/*/locations/*/operations/*}`` -> ``Operation``
+- ``POST   /v1/{name=projects/*/locations/*/clusters/*/nodePools/*}:setAutoscaling``,
+  body ``{"autoscaling": NodePoolAutoscaling}`` -> ``Operation``; the pool is
+  ``RECONCILING`` until the operation is done, then has the new bounds
 
 Bodies are proto3 JSON (camelCase; int64 as strings). The client asks with
 ``$alt=json;enum-encoding=int``, and then enums are answered as numbers, as
@@ -64,6 +67,9 @@ from urllib.parse import parse_qs, urlsplit
 
 _POOLS = re.compile(r"^/v1/(projects/[^/]+/locations/[^/]+/clusters/[^/]+)/nodePools$")
 _POOL = re.compile(r"^/v1/(projects/[^/]+/locations/[^/]+/clusters/[^/]+)/nodePools/([^/:]+)$")
+_SET_AUTOSCALING = re.compile(
+    r"^/v1/(projects/[^/]+/locations/[^/]+/clusters/[^/]+/nodePools/[^/:]+):setAutoscaling$"
+)
 _OPERATION = re.compile(r"^/v1/(projects/[^/]+/locations/([^/]+))/operations/([^/:]+)$")
 
 # google.rpc.Code values, for Operation.error (a google.rpc.Status).
@@ -86,7 +92,7 @@ POOL_STATUS_NUMBERS = {
     "ERROR": 6,
 }
 OPERATION_STATUS_NUMBERS = {"PENDING": 1, "RUNNING": 2, "DONE": 3, "ABORTING": 4}
-OPERATION_TYPE_NUMBERS = {"CREATE_NODE_POOL": 7, "DELETE_NODE_POOL": 8}
+OPERATION_TYPE_NUMBERS = {"UPDATE_CLUSTER": 6, "CREATE_NODE_POOL": 7, "DELETE_NODE_POOL": 8}
 HTTP_FOR_STATUS = {
     "INVALID_ARGUMENT": 400,
     "FAILED_PRECONDITION": 400,
@@ -120,9 +126,10 @@ class RecordedRequest:
 class _Operation:
     name: str
     location: str
-    operation_type: str  # CREATE_NODE_POOL | DELETE_NODE_POOL
+    operation_type: str  # CREATE_NODE_POOL | DELETE_NODE_POOL | UPDATE_CLUSTER
     target: str  # the pool's full name
     polls_left: int
+    autoscaling: dict[str, Any] | None = None  # what an autoscaling update sets when done
     fail: tuple[str, str] | None = None  # (google.rpc status name, message) when it fails
     pool_after_failure: str = "ERROR"  # ERROR: the pool stays, broken; DELETED: it is gone
     status: str = "RUNNING"
@@ -167,6 +174,7 @@ class GkeApiTestDouble:
         self._busy: list[str] = []  # what the running operation "is currently" doing, per call
         self._create_errors: list[ApiError] = []
         self._next_failure: tuple[str, str, str] | None = None
+        self._next_update_failure: str | None = None
         self._outage: ApiError | None = None
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -253,6 +261,12 @@ class GkeApiTestDouble:
         with self._lock:
             self._next_failure = (status, message, pool_after_failure)
 
+    def fail_next_update(self, message: str = "Internal error while updating the node pool.") -> None:
+        """The next autoscaling update's operation ends DONE with ``error``; the pool keeps
+        its old bounds."""
+        with self._lock:
+            self._next_update_failure = message
+
     def outage(self, status: str | None = "UNAVAILABLE",
                message: str = "The service is currently unavailable.") -> None:
         """Every request fails with ``status`` (UNAVAILABLE: 503, RESOURCE_EXHAUSTED: 429)
@@ -293,6 +307,8 @@ class GkeApiTestDouble:
             if method == "GET":
                 return self._get_pool(name)
             return self._delete_pool(name)
+        if method == "POST" and (m := _SET_AUTOSCALING.match(path)):
+            return self._set_autoscaling(m.group(1), body or {})
         if method == "GET" and (m := _OPERATION.match(path)):
             return self._get_operation(f"{m.group(1)}/operations/{m.group(3)}")
         raise ApiError("NOT_FOUND", f"Method or path not served by the test double: {path}")
@@ -367,6 +383,33 @@ class GkeApiTestDouble:
         self.pools[name]["status"] = "STOPPING"
         return self._operation_json(op)
 
+    def _set_autoscaling(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        if name not in self.pools:
+            raise ApiError("NOT_FOUND", f"Not found: {name}.")
+        self._check_busy(name.split("/nodePools/")[0])
+        if running := self._running_operation(name):
+            raise ApiError(
+                "FAILED_PRECONDITION",
+                f"Operation {running.name.rsplit('/', 1)[-1]} is currently operating on node "
+                f"pool {name.rsplit('/', 1)[-1]}. Please wait and try again once it is done.",
+            )
+        autoscaling = body.get("autoscaling")
+        if not isinstance(autoscaling, dict):
+            raise ApiError("INVALID_ARGUMENT", "Autoscaling must be specified.")
+        low = int(autoscaling.get("totalMinNodeCount", 0))
+        high = int(autoscaling.get("totalMaxNodeCount", 0))
+        if low > high:
+            raise ApiError(
+                "INVALID_ARGUMENT",
+                f"Total min node count {low} must not exceed total max node count {high}.",
+            )
+        op = self._new_operation(name.split("/")[3], "UPDATE_CLUSTER", name)
+        op.autoscaling = autoscaling
+        if self._next_update_failure:
+            op.fail, self._next_update_failure = ("INTERNAL", self._next_update_failure), None
+        self.pools[name]["status"] = "RECONCILING"
+        return self._operation_json(op)
+
     def _get_operation(self, name: str) -> dict[str, Any]:
         op = self.operations.get(name)
         if op is None:
@@ -391,6 +434,12 @@ class GkeApiTestDouble:
         op.status, op.end_time = "DONE", _now()
         if op.operation_type == "DELETE_NODE_POOL":
             self.pools.pop(target, None)
+        elif op.operation_type == "UPDATE_CLUSTER":
+            if op.fail:
+                op.error = {"code": RPC_CODES[op.fail[0]], "message": op.fail[1]}
+            else:
+                self.pools[target]["autoscaling"] = op.autoscaling
+            self.pools[target]["status"] = "RUNNING"
         elif op.fail:
             status, message = op.fail
             op.error = {"code": RPC_CODES.get(status, 2), "message": message}

@@ -89,12 +89,13 @@ def pool_name(plan) -> str:
     return f"{CLUSTER}/nodePools/{plan.nodepool_name}"
 
 
-def ensure_until(provider, resource, plan, done, limit: int = 10, target: int = 1):
+def ensure_until(provider, resource, plan, done, limit: int = 10, target: int = 1,
+                 bounds: tuple[int, int] | None = None):
     """Call ensure like the operator's timer does until ``done(state)``; every state seen."""
     seen: list[PoolState | ProviderError] = []
     for _ in range(limit):
         try:
-            state: PoolState | ProviderError = provider.ensure(resource, plan, target)
+            state: PoolState | ProviderError = provider.ensure(resource, plan, target, bounds)
         except ProviderError as error:
             state = error
         seen.append(state)
@@ -354,6 +355,76 @@ def test_pool_status_maps_to_state(double, provider, resource, plan, status, exp
     if expected_reason == "PoolError":
         assert "nodes in us-central1-b could not start" in state.message
     assert double.requests_to("POST") == []
+
+
+# --- autoscaling bounds ------------------------------------------------------------------
+
+
+def seed_running(double, plan, low: int = 0, high: int = 2) -> None:
+    double.seed_pool(
+        pool_name(plan), "RUNNING",
+        autoscaling={"enabled": True, "totalMinNodeCount": low, "totalMaxNodeCount": high},
+    )
+
+
+def test_create_takes_the_bounds_of_every_service_on_the_pool(double, provider, resource, plan):
+    provider.ensure(resource, plan, 1, (1, 5))
+    [create] = double.requests_to("POST")
+    sent = container_v1.NodePool.from_json(json.dumps(create.body["nodePool"]))
+    assert (sent.autoscaling.total_min_node_count, sent.autoscaling.total_max_node_count,
+            sent.initial_node_count) == (1, 5, 1)
+
+
+def test_running_pool_is_brought_to_new_bounds_while_it_serves(double, provider, resource,
+                                                               plan):
+    seed_running(double, plan, 0, 2)
+    # A second service on the pool allows more nodes (or maxNodes was edited).
+    seen = ensure_until(provider, resource, plan, lambda s: s.reason == "Ready", target=3,
+                        bounds=(1, 4))
+    [update] = double.requests_to("POST", ":setAutoscaling")
+    assert update.path == f"/v1/{pool_name(plan)}:setAutoscaling"
+    sent = container_v1.NodePoolAutoscaling.from_json(json.dumps(update.body["autoscaling"]))
+    assert (sent.enabled, sent.total_min_node_count, sent.total_max_node_count) == (True, 1, 4)
+    assert sent.location_policy == container_v1.NodePoolAutoscaling.LocationPolicy.ANY
+    # While GKE works the nodes keep serving: ready all along, never a second update.
+    assert [s.reason for s in seen[:-1]] == ["Reconciling"] * (len(seen) - 1)
+    assert all(s.ready for s in seen)
+    assert "1-4 nodes" in seen[0].message
+    assert seen[-1].ready_nodes == 3
+    assert double.pools[pool_name(plan)]["autoscaling"]["totalMaxNodeCount"] == 4
+    provider.ensure(resource, plan, 3, (1, 4))
+    assert len(double.requests_to("POST")) == 1
+
+
+def test_bounds_refused_while_the_cluster_is_busy_are_tried_again_later(
+        double, provider, resource, plan, clock):
+    seed_running(double, plan, 0, 2)
+    double.busy_next(1, "upgrading cluster")
+    state = provider.ensure(resource, plan, 1, (0, 4))
+    assert (state.ready, state.reason) == (True, "AutoscalingNotSet")
+    assert "0-4 nodes" in state.message and "Please wait and try again" in state.message
+    # Held for the backoff: no second call at once...
+    assert provider.ensure(resource, plan, 1, (0, 4)).reason == "AutoscalingNotSet"
+    assert len(double.requests_to("POST", ":setAutoscaling")) == 1
+    # ...but once it has passed.
+    clock.now += 11
+    assert provider.ensure(resource, plan, 1, (0, 4)).reason == "Reconciling"
+    assert len(double.requests_to("POST", ":setAutoscaling")) == 2
+
+
+def test_failed_bounds_update_is_reported_and_held(double, provider, resource, plan, clock):
+    seed_running(double, plan, 0, 2)
+    double.fail_next_update("Internal error while updating node pool autoscaling.")
+    seen = ensure_until(provider, resource, plan, lambda s: s.reason == "AutoscalingNotSet",
+                        bounds=(0, 3))
+    assert all(s.ready for s in seen)  # the nodes never stopped serving
+    assert "Internal error while updating node pool autoscaling." in seen[-1].message
+    assert double.pools[pool_name(plan)]["autoscaling"]["totalMaxNodeCount"] == 2
+    provider.ensure(resource, plan, 1, (0, 3))
+    assert len(double.requests_to("POST", ":setAutoscaling")) == 1
+    clock.now += 301
+    ensure_until(provider, resource, plan, lambda s: s.reason == "Ready", bounds=(0, 3))
+    assert double.pools[pool_name(plan)]["autoscaling"]["totalMaxNodeCount"] == 3
 
 
 # --- delete --------------------------------------------------------------------------

@@ -410,3 +410,48 @@ def test_a_shared_local_pool_takes_the_largest_max_nodes_of_its_users(world) -> 
         nodes = [k for k in world.kube.objects if k[1] == "Node"]
         # 4 replicas of one GPU each want 4 nodes; the pool holds at most 3, whoever asks.
         assert len(nodes) == 3, (order, nodes)
+
+
+def test_a_shared_gke_pool_is_brought_to_the_largest_bounds_of_its_users(world) -> None:
+    whole_l4 = {"type": "nvidia-l4"}
+    pool = {"provider": "GKE", "cluster": CLUSTER_A}
+    world.create("small", gpu=whole_l4, node_pool={**pool, "maxNodes": 1})
+    world.reconcile("small")
+    world.reconcile("small")  # the create is done: the pool runs
+    [name] = world.gke_pools()
+    assert world.double.pools[name]["autoscaling"]["totalMaxNodeCount"] == 1
+
+    # A second service joins with room for more nodes: the running pool is updated,
+    # once, whichever of the two reconciles, and neither stops being served.
+    world.create("large", gpu=whole_l4, node_pool={**pool, "minNodes": 1, "maxNodes": 3})
+    for _ in range(3):
+        world.reconcile("small", "large")
+    assert len(world.double.requests_to("POST", ":setAutoscaling")) == 1
+    autoscaling = world.double.pools[name]["autoscaling"]
+    assert (autoscaling["totalMinNodeCount"], autoscaling["totalMaxNodeCount"]) == (1, 3)
+    assert world.condition("small", "NodePoolReady")["status"] == "True"
+
+    # Its user goes: the pool shrinks back to the bounds of the one left.
+    while not world.delete("large"):
+        pass
+    world.reconcile("small")
+    world.reconcile("small")
+    autoscaling = world.double.pools[name]["autoscaling"]
+    # (proto3 JSON leaves zeros out)
+    assert (autoscaling.get("totalMinNodeCount", 0), autoscaling["totalMaxNodeCount"]) == (0, 1)
+
+
+def test_a_shared_config_connector_pool_has_one_spec_whoever_applies_it(world) -> None:
+    whole_l4 = {"type": "nvidia-l4"}
+    pool = {"provider": "ConfigConnector", "cluster": CLUSTER_A}
+    world.create("small", gpu=whole_l4, node_pool={**pool, "maxNodes": 1})
+    world.create("large", gpu=whole_l4, node_pool={**pool, "maxNodes": 3})
+    world.reconcile("small", "large")
+    [pool_key] = [k for k in world.kube.objects if k[1] == "ContainerNodePool"]
+    spec = world.kube.objects[pool_key]["spec"]
+    assert (spec["autoscaling"]["totalMinNodeCount"], spec["autoscaling"]["totalMaxNodeCount"]) \
+        == (0, 3)
+    writes = len(world.kube.writes_of("ContainerNodePool"))
+    for order in (("small", "large"), ("large", "small")):
+        world.reconcile(*order)
+    assert len(world.kube.writes_of("ContainerNodePool")) == writes  # no flip-flop

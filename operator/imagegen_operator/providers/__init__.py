@@ -11,6 +11,7 @@ from imagegen_operator.providers.base import NodePoolProvider, PoolState, Provid
 from imagegen_operator.providers.config_connector import ConfigConnectorProvider
 from imagegen_operator.providers.existing import ExistingProvider
 from imagegen_operator.providers.local import LocalProvider
+from imagegen_operator.render.nodepool import NodeBounds
 
 if TYPE_CHECKING:  # the Kubernetes client stays out of `render` and `plan`
     from imagegen_operator.kube import Kube
@@ -46,8 +47,11 @@ class _Lazy:
             self._provider = self._factory()
         return self._provider
 
-    def ensure(self, resource: ImageGenService, plan: Plan, target_nodes: int) -> PoolState:
-        return self._get().ensure(resource, plan, target_nodes)
+    def ensure(
+        self, resource: ImageGenService, plan: Plan, target_nodes: int,
+        bounds: NodeBounds | None = None,
+    ) -> PoolState:
+        return self._get().ensure(resource, plan, target_nodes, bounds)
 
     def delete(self, resource: ImageGenService, plan: Plan) -> bool:
         return self._get().delete(resource, plan)

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from imagegen_operator.api import ImageGenService
 from imagegen_operator.planner import Plan
+from imagegen_operator.render.nodepool import NodeBounds
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,16 @@ class NodePoolProvider(Protocol):
         the provider makes no object of its own."""
         ...
 
-    def ensure(self, resource: ImageGenService, plan: Plan, target_nodes: int) -> PoolState:
+    def ensure(
+        self, resource: ImageGenService, plan: Plan, target_nodes: int,
+        bounds: NodeBounds | None = None,
+    ) -> PoolState:
         """Create the pool if it is missing, start nothing twice, report its state.
 
         ``target_nodes`` is what every service sharing the pool needs together,
-        within the pool's min/max (a hint: GKE's autoscaler decides by itself).
+        within ``bounds`` (a hint: GKE's autoscaler decides by itself). ``bounds``:
+        the autoscaling (min, max) nodes of all those services together, which a
+        pool already there is brought to; None means this service's own.
         """
         ...
 

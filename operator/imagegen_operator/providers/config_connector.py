@@ -13,7 +13,11 @@ from imagegen_operator.api import ImageGenService
 from imagegen_operator.planner import Plan
 from imagegen_operator.providers.base import PoolState, ProviderError
 from imagegen_operator.providers.local import node_ready
-from imagegen_operator.render.nodepool import CNRM_API_VERSION, render_config_connector_nodepool
+from imagegen_operator.render.nodepool import (
+    CNRM_API_VERSION,
+    NodeBounds,
+    render_config_connector_nodepool,
+)
 
 if TYPE_CHECKING:  # the Kubernetes client stays out of `render` and `plan`
     from imagegen_operator.kube import Kube
@@ -31,10 +35,14 @@ class ConfigConnectorProvider:
     def __init__(self, kube: Kube):
         self.kube = kube
 
-    def ensure(self, resource: ImageGenService, plan: Plan, target_nodes: int) -> PoolState:
+    def ensure(
+        self, resource: ImageGenService, plan: Plan, target_nodes: int,
+        bounds: NodeBounds | None = None,
+    ) -> PoolState:
         from imagegen_operator.kube import MissingKind
 
-        desired = render_config_connector_nodepool(resource, plan)
+        # The bounds of every service on the pool: one spec, whichever of them applies it.
+        desired = render_config_connector_nodepool(resource, plan, bounds)
         meta = desired["metadata"]
         try:
             live = self.kube.get(CNRM_API_VERSION, KIND, meta["name"], meta.get("namespace"))

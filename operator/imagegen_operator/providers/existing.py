@@ -14,6 +14,7 @@ from imagegen_operator.planner import Plan
 from imagegen_operator.providers.base import PoolState
 from imagegen_operator.providers.local import node_ready
 from imagegen_operator.render.deployment import nodeselector
+from imagegen_operator.render.nodepool import NodeBounds
 
 if TYPE_CHECKING:  # the Kubernetes client stays out of `render` and `plan`
     from imagegen_operator.kube import Kube
@@ -29,7 +30,10 @@ class ExistingProvider:
     def __init__(self, kube: Kube):
         self.kube = kube
 
-    def ensure(self, resource: ImageGenService, plan: Plan, target_nodes: int) -> PoolState:
+    def ensure(
+        self, resource: ImageGenService, plan: Plan, target_nodes: int,
+        bounds: NodeBounds | None = None,
+    ) -> PoolState:
         selector = ",".join(f"{k}={v}" for k, v in sorted(nodeselector(plan).items()))
         nodes = [n for n in self.kube.list("v1", "Node", label_selector=selector) if node_ready(n)]
         if nodes:

@@ -13,6 +13,10 @@ long-running operation.
   exponential backoff counted per pool.
 - Errors become :class:`ProviderError` with a reason for the NodePoolReady
   condition and GKE's own words as the message.
+- A running pool whose autoscaling bounds differ from what its services ask for
+  (an edit of ``minNodes``/``maxNodes``, a second service with larger ones) gets
+  ``setAutoscaling``. Its nodes keep serving meanwhile, so the pool stays ready; a
+  refused or failed update is reported on the condition and tried again later.
 
 What the provider remembers between calls (the last operation it started, the
 backoff counter, a failed create) is only an optimisation: after an operator
@@ -38,8 +42,11 @@ from imagegen_operator.api import ImageGenService
 from imagegen_operator.planner import Plan
 from imagegen_operator.providers.base import PoolState, ProviderError
 from imagegen_operator.render.nodepool import (
+    LOCATION_POLICY,
+    NodeBounds,
     create_node_pool_request,
     parse_cluster,
+    pool_bounds,
     render_gke_nodepool,
 )
 
@@ -108,10 +115,13 @@ class _PoolMemory:
     """What the provider remembers about one pool between calls."""
 
     operation: str | None = None  # full name of the last operation it started
-    kind: str | None = None  # "create" or "delete"
+    kind: str | None = None  # "create", "delete" or "autoscaling"
     attempts: int = 0  # consecutive transient failures, for the backoff
     failure: ProviderError | None = None  # a failed create, reported until failed_until
     failed_until: float = 0.0
+    # An autoscaling update GKE refused or failed: its words, and when to try again.
+    autoscaling_problem: str | None = None
+    autoscaling_after: float = 0.0
 
 
 class GkeProvider:
@@ -159,16 +169,20 @@ class GkeProvider:
 
     # --- the interface ---------------------------------------------------------
 
-    def ensure(self, resource: ImageGenService, plan: Plan, target_nodes: int) -> PoolState:
+    def ensure(
+        self, resource: ImageGenService, plan: Plan, target_nodes: int,
+        bounds: NodeBounds | None = None,
+    ) -> PoolState:
         cluster = _cluster_of(resource)
         name = f"{cluster}/nodePools/{plan.nodepool_name}"
+        bounds = pool_bounds(resource, bounds)
         with self._pool_lock(name):
             try:
                 pool = self._call(name, self.client.get_node_pool, name=name)
             except _NotFound:
-                return self._create(resource, plan, cluster, name)
+                return self._create(resource, plan, cluster, name, bounds)
             self._memory_of(name).attempts = 0
-            return self._observe(name, plan.nodepool_name, pool, target_nodes)
+            return self._observe(name, plan.nodepool_name, pool, target_nodes, bounds)
 
     def delete(self, resource: ImageGenService, plan: Plan) -> bool:
         cluster = _cluster_of(resource)
@@ -199,7 +213,9 @@ class GkeProvider:
 
     # --- ensure, step by step ----------------------------------------------------
 
-    def _create(self, resource: ImageGenService, plan: Plan, cluster: str, name: str) -> PoolState:
+    def _create(
+        self, resource: ImageGenService, plan: Plan, cluster: str, name: str, bounds: NodeBounds
+    ) -> PoolState:
         memory = self._memory_of(name)
         if memory.failure is not None:
             if self._clock() < memory.failed_until:
@@ -215,7 +231,7 @@ class GkeProvider:
         # No create of ours under way (or it succeeded and the pool was deleted since).
         memory.operation = memory.kind = None
 
-        request = create_node_pool_request(render_gke_nodepool(resource, plan))
+        request = create_node_pool_request(render_gke_nodepool(resource, plan, bounds))
         try:
             operation = self._call(name, self.client.create_node_pool, **request)
         except _AlreadyExists:
@@ -234,7 +250,9 @@ class GkeProvider:
             f"GKE is creating node pool {name} (operation {operation.name}).",
         )
 
-    def _observe(self, name: str, short_name: str, pool: Any, target_nodes: int) -> PoolState:
+    def _observe(
+        self, name: str, short_name: str, pool: Any, target_nodes: int, bounds: NodeBounds
+    ) -> PoolState:
         memory = self._memory_of(name)
         status = _status_name(pool.status)
         if status in ("PROVISIONING", "STATUS_UNSPECIFIED"):
@@ -248,14 +266,20 @@ class GkeProvider:
                 short_name, False, 0, "Deleting",
                 f"Node pool {name} is being deleted; it is created again once it is gone.",
             )
+        nodes = _ready_nodes(pool, target_nodes)
+        if memory.kind == "autoscaling":
+            operation = self._poll(name, memory)
+            if operation is not None and _status_name(operation.status) != "DONE":
+                return PoolState(short_name, True, nodes, "Reconciling", _resizing(name, bounds))
+            self._note_autoscaling_failure(memory, operation)
         # Settled: whatever was started is over.
         memory.operation = memory.kind = None
         memory.failure = None
         if status == "RUNNING":
-            return PoolState(
-                short_name, True, _ready_nodes(pool, target_nodes), "Ready",
-                f"Node pool {name} is running.",
-            )
+            if _bounds(pool) != bounds:
+                return self._set_autoscaling(name, short_name, memory, nodes, bounds)
+            memory.autoscaling_problem = None
+            return PoolState(short_name, True, nodes, "Ready", f"Node pool {name} is running.")
         if status == "RECONCILING":
             # An upgrade or resize: the nodes keep serving while GKE works, so
             # a service on them stays Ready.
@@ -268,6 +292,53 @@ class GkeProvider:
             short_name, False, 0, "PoolError",
             f"Node pool {name} is in state {status}: {_pool_problem(pool)}",
         )
+
+    def _set_autoscaling(
+        self, name: str, short_name: str, memory: _PoolMemory, nodes: int, bounds: NodeBounds
+    ) -> PoolState:
+        """Start bringing a running pool to ``bounds``, unless a refusal is still being held."""
+        if memory.autoscaling_problem and self._clock() < memory.autoscaling_after:
+            return PoolState(short_name, True, nodes, "AutoscalingNotSet",
+                             memory.autoscaling_problem)
+        from google.cloud import container_v1
+
+        low, high = bounds
+        request = container_v1.SetNodePoolAutoscalingRequest(
+            name=name,
+            autoscaling=container_v1.NodePoolAutoscaling(
+                enabled=True, total_min_node_count=low, total_max_node_count=high,
+                location_policy=LOCATION_POLICY,
+            ),
+        )
+        try:
+            operation = self._call(name, self.client.set_node_pool_autoscaling, request=request)
+        except (ProviderError, _NotFound) as exc:
+            # The nodes still serve: say why the bounds are not set yet, and try again later.
+            delay = getattr(exc, "retry_after", None) or self.failed_create_hold
+            memory.autoscaling_problem = (
+                f"Setting the autoscaling of node pool {name} to {low}-{high} nodes failed: "
+                f"{exc.message}"
+            )
+            memory.autoscaling_after = self._clock() + delay
+            return PoolState(short_name, True, nodes, "AutoscalingNotSet",
+                             memory.autoscaling_problem)
+        memory.operation = _operation_name(name.split("/nodePools/")[0], operation)
+        memory.kind, memory.attempts = "autoscaling", 0
+        log.info("setting autoscaling of node pool %s to %d-%d nodes (%s)",
+                 name, low, high, memory.operation)
+        return PoolState(short_name, True, nodes, "Reconciling", _resizing(name, bounds))
+
+    def _note_autoscaling_failure(self, memory: _PoolMemory, operation: Any | None) -> None:
+        """An autoscaling operation that ended in an error is held, like a failed create."""
+        if operation is None:
+            return
+        code, message = operation.error.code, operation.error.message
+        if code or message:
+            memory.autoscaling_problem = (
+                f"GKE could not set the node pool's autoscaling: "
+                f"{message or operation.status_message}"
+            )
+            memory.autoscaling_after = self._clock() + self.failed_create_hold
 
     # --- operations --------------------------------------------------------------
 
@@ -448,6 +519,24 @@ def _ready_nodes(pool: Any, target_nodes: int) -> int:
         low = autoscaling.total_min_node_count or autoscaling.min_node_count
         return max(low, min(target_nodes, high)) if high else max(low, target_nodes)
     return pool.initial_node_count or target_nodes
+
+
+def _bounds(pool: Any) -> NodeBounds | None:
+    """A pool's autoscaling (min, max) nodes; None when it does not autoscale."""
+    autoscaling = pool.autoscaling
+    if not (autoscaling and autoscaling.enabled):
+        return None
+    return (
+        autoscaling.total_min_node_count or autoscaling.min_node_count,
+        autoscaling.total_max_node_count or autoscaling.max_node_count,
+    )
+
+
+def _resizing(name: str, bounds: NodeBounds) -> str:
+    return (
+        f"GKE is setting the autoscaling of node pool {name} to {bounds[0]}-{bounds[1]} "
+        "nodes; its nodes keep serving."
+    )
 
 
 def _pool_problem(pool: Any) -> str:

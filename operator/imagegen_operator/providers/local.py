@@ -16,7 +16,12 @@ from typing import TYPE_CHECKING, Any
 from imagegen_operator.api import ImageGenService
 from imagegen_operator.planner import Plan
 from imagegen_operator.providers.base import PoolState
-from imagegen_operator.render.nodepool import POOL_LABEL, local_node, render_kwok_nodes
+from imagegen_operator.render.nodepool import (
+    POOL_LABEL,
+    NodeBounds,
+    local_node,
+    render_kwok_nodes,
+)
 
 if TYPE_CHECKING:  # the Kubernetes client stays out of `render` and `plan`
     from imagegen_operator.kube import Kube
@@ -50,7 +55,10 @@ class LocalProvider:
         with self._lock:
             return self._pool_locks.setdefault(pool, threading.Lock())
 
-    def ensure(self, resource: ImageGenService, plan: Plan, target_nodes: int) -> PoolState:
+    def ensure(
+        self, resource: ImageGenService, plan: Plan, target_nodes: int,
+        bounds: NodeBounds | None = None,
+    ) -> PoolState:
         with self._pool_lock(plan.nodepool_name):
             nodes = self._nodes(plan.nodepool_name)
             live = {n["metadata"]["name"]: n for n in nodes}

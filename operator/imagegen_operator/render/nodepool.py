@@ -62,14 +62,24 @@ def _resource_labels() -> dict[str, str]:
     return {"managed-by": MANAGED_BY}
 
 
-def _pool_sizes(resource: ImageGenService) -> tuple[int, int]:
+# A pool's autoscaling bounds, (min nodes, max nodes).
+NodeBounds = tuple[int, int]
+
+
+def pool_bounds(resource: ImageGenService, bounds: NodeBounds | None = None) -> NodeBounds:
+    """``bounds`` when given (those of every service sharing the pool), else this
+    service's own ``spec.nodePool.minNodes`` / ``maxNodes``."""
+    if bounds is not None:
+        return bounds
     pool = resource.spec.node_pool
     return pool.min_nodes, pool.max_nodes
 
 
-def render_gke_nodepool(resource: ImageGenService, plan: Plan) -> dict[str, Any]:
+def render_gke_nodepool(
+    resource: ImageGenService, plan: Plan, bounds: NodeBounds | None = None
+) -> dict[str, Any]:
     pool = resource.spec.node_pool
-    min_nodes, max_nodes = _pool_sizes(resource)
+    min_nodes, max_nodes = pool_bounds(resource, bounds)
     accelerator: dict[str, Any] = {
         "acceleratorCount": str(plan.count_per_node),
         "acceleratorType": plan.gpu_type,
@@ -128,10 +138,12 @@ def create_node_pool_request(document: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def render_config_connector_nodepool(resource: ImageGenService, plan: Plan) -> dict[str, Any]:
+def render_config_connector_nodepool(
+    resource: ImageGenService, plan: Plan, bounds: NodeBounds | None = None
+) -> dict[str, Any]:
     pool = resource.spec.node_pool
     project, location, cluster = parse_cluster(pool.cluster)
-    min_nodes, max_nodes = _pool_sizes(resource)
+    min_nodes, max_nodes = pool_bounds(resource, bounds)
     accelerator: dict[str, Any] = {
         "type": plan.gpu_type,
         "count": plan.count_per_node,
@@ -176,7 +188,7 @@ def render_config_connector_nodepool(resource: ImageGenService, plan: Plan) -> d
 
 def kwok_node_count(resource: ImageGenService, plan: Plan) -> int:
     """Nodes a Local pool shows: what the replicas need, within minNodes..maxNodes."""
-    min_nodes, max_nodes = _pool_sizes(resource)
+    min_nodes, max_nodes = pool_bounds(resource)
     return max(min_nodes, min(plan.nodes_needed, max_nodes))
 
 
