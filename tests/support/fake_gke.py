@@ -324,6 +324,15 @@ class GkeApiTestDouble:
                 "is done.",
             )
 
+    def _check_pool_free(self, name: str) -> None:
+        """GKE runs one operation at a time on a pool and refuses another meanwhile."""
+        if running := self._running_operation(name):
+            raise ApiError(
+                "FAILED_PRECONDITION",
+                f"Operation {running.name.rsplit('/', 1)[-1]} is currently operating on node "
+                f"pool {name.rsplit('/', 1)[-1]}. Please wait and try again once it is done.",
+            )
+
     def _new_operation(self, location: str, op_type: str, target: str) -> _Operation:
         op_id = f"operation-1764150000000-{next(self._ids):08x}"
         project = target.split("/")[1]
@@ -372,13 +381,7 @@ class GkeApiTestDouble:
         if name not in self.pools:
             raise ApiError("NOT_FOUND", f"Not found: {name}.")
         self._check_busy(name.split("/nodePools/")[0])
-        if self._running_operation(name):
-            raise ApiError(
-                "FAILED_PRECONDITION",
-                f"Operation {self._running_operation(name).name.rsplit('/', 1)[-1]} is "
-                f"currently operating on node pool {name.rsplit('/', 1)[-1]}. Please wait "
-                "and try again once it is done.",
-            )
+        self._check_pool_free(name)
         op = self._new_operation(name.split("/")[3], "DELETE_NODE_POOL", name)
         self.pools[name]["status"] = "STOPPING"
         return self._operation_json(op)
@@ -387,12 +390,7 @@ class GkeApiTestDouble:
         if name not in self.pools:
             raise ApiError("NOT_FOUND", f"Not found: {name}.")
         self._check_busy(name.split("/nodePools/")[0])
-        if running := self._running_operation(name):
-            raise ApiError(
-                "FAILED_PRECONDITION",
-                f"Operation {running.name.rsplit('/', 1)[-1]} is currently operating on node "
-                f"pool {name.rsplit('/', 1)[-1]}. Please wait and try again once it is done.",
-            )
+        self._check_pool_free(name)
         autoscaling = body.get("autoscaling")
         if not isinstance(autoscaling, dict):
             raise ApiError("INVALID_ARGUMENT", "Autoscaling must be specified.")

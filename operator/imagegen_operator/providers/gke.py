@@ -513,10 +513,9 @@ def _ready_nodes(pool: Any, target_nodes: int) -> int:
     The autoscaler, not the operator, sizes the pool; what the pool can hold is
     the best figure the API gives without reading Compute Engine.
     """
-    autoscaling = pool.autoscaling
-    if autoscaling and autoscaling.enabled:
-        high = autoscaling.total_max_node_count or autoscaling.max_node_count
-        low = autoscaling.total_min_node_count or autoscaling.min_node_count
+    bounds = _bounds(pool)
+    if bounds is not None:
+        low, high = bounds
         return max(low, min(target_nodes, high)) if high else max(low, target_nodes)
     return pool.initial_node_count or target_nodes
 
