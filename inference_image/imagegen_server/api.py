@@ -38,11 +38,10 @@ from .engine import (
     EngineClosedError,
     InvalidRequest,
     QueueFullError,
-    ShutdownError,
     listed_sizes,
     max_pixels,
 )
-from .request import EditInput, GenerationParams, JobTimeout
+from .request import EditInput, GenerationParams, JobTimeout, ShutdownError
 from .runtime import ModelRuntime
 from .streaming import Previews, image_events
 from .uploads import UploadError, edit_size

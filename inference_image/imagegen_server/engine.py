@@ -22,7 +22,7 @@ from .config import LIMITS, Batching, ServerSettings, StageMode
 from .families import FamilySteps
 from .metrics import ServerMetrics
 from .previews import MAX_PARTIAL_IMAGES, Previewer, PreviewRequest
-from .request import GenerationParams, Job
+from .request import GenerationParams, Job, ShutdownError
 from .stages import Stage
 from .step_batching import StepBatchingStage
 
@@ -37,10 +37,6 @@ class QueueFullError(RuntimeError):
 
 class EngineClosedError(RuntimeError):
     """The engine is draining or stopped and takes no new work."""
-
-
-class ShutdownError(RuntimeError):
-    """An accepted request the drain deadline cut short."""
 
 
 class InvalidRequest(ValueError):
@@ -257,13 +253,30 @@ class Engine:
                 job.future.set_exception(error)
         return len(jobs)
 
+    def drain(self, timeout: float | None) -> bool:
+        """Refuse new work (503) and let accepted work finish until shortly before
+        ``timeout``; then answer what is left with ShutdownError (503) and wait for the stages
+        to drop it. Returns whether everything accepted finished."""
+        self.stop_accepting()
+        if timeout is None:
+            return self.wait_idle(None)
+        # Cancelled jobs leave at their next step boundary: keep a little time for that.
+        cancel_grace = min(5.0, timeout / 4)
+        if self.wait_idle(timeout - cancel_grace):
+            return True
+        cancelled = self.cancel_all(ShutdownError("the server shut down before this finished"))
+        log.warning("drain deadline: cancelled %d request(s)", cancelled)
+        self.wait_idle(cancel_grace)
+        return False
+
     def close(self, timeout: float | None = None) -> bool:
-        """Refuse new work, let accepted work finish (up to ``timeout``), stop the threads.
+        """Drain (up to ``timeout``), then stop the threads: no caller is left waiting.
 
         Returns whether everything accepted was finished.
         """
-        self.stop_accepting()
-        drained = self.wait_idle(timeout)
+        drained = self.drain(timeout)
+        # In pipeline order, each after the one before it has handed on all it had; a job
+        # handed to a stage already stopped fails at once (Stage.put).
         for stage in self.stages:
             stage.stop(timeout=5)
         if self.previewer is not None:

@@ -56,6 +56,10 @@ class JobTimeout(TimeoutError):
     """The request's deadline passed, or its caller went away, before the work was done."""
 
 
+class ShutdownError(RuntimeError):
+    """An accepted request the server's shutdown cut short."""
+
+
 @dataclass(eq=False)
 class Job:
     """One request in flight. Each stage reads what the one before wrote, on the same device.

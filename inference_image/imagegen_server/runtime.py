@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from .compiled_artifacts import CompiledArtifacts, enable_precompile
 from .config import ServerSettings
-from .engine import Engine, ShutdownError, build_engine, default_size
+from .engine import Engine, build_engine, default_size
 from .families import FamilySteps, steps_for
 from .loading import LoadedModel, import_libraries, load_model, resolve_lora_uri
 from .lora import AdapterSlot
@@ -134,22 +134,10 @@ class ModelRuntime:
         return self._ready.is_set() and self.engine is not None and self.engine.accepting
 
     def drain(self, timeout: float) -> bool:
-        """SIGTERM's work, within one deadline: refuse new requests (503, and /readyz 503), let
-        accepted ones finish until shortly before ``timeout``, then cancel what is left (its
-        callers get 503) and wait for the stages to drop it. Returns whether all finished."""
+        """SIGTERM's work, within one deadline: /readyz turns 503 and the engine drains
+        (Engine.drain: accepted requests finish or are cancelled by the deadline)."""
         self.metrics.ready.set(0)
-        engine = self.engine
-        if engine is None:
-            return True
-        engine.stop_accepting()
-        # Cancelled jobs leave at their next step boundary: keep a little time for that.
-        cancel_grace = min(5.0, timeout / 4)
-        if engine.wait_idle(timeout - cancel_grace):
-            return True
-        cancelled = engine.cancel_all(ShutdownError("the server shut down before this finished"))
-        log.warning("drain deadline: cancelled %d request(s)", cancelled)
-        engine.wait_idle(cancel_grace)
-        return False
+        return self.engine is None or self.engine.drain(timeout)
 
     def close(self, timeout: float | None = None) -> bool:
         """Drain accepted work and stop; returns whether everything finished in time."""

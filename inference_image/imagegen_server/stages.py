@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .metrics import ServerMetrics
-from .request import Job, JobTimeout
+from .request import Job, JobTimeout, ShutdownError
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ class Stage:
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._pending_timings: list[tuple[Any, Any]] = []
+        # Set by stop(), under the lock put() takes: nothing is queued behind STOP.
+        self._stopped = False
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"stage-{name}", daemon=True)
         metrics.queue_depth.labels(stage=name).set_function(self.queue.qsize)
 
@@ -66,13 +69,21 @@ class Stage:
         self._thread.start()
 
     def put(self, job: Job) -> None:
-        self.queue.put(job)
+        with self._lock:
+            if not self._stopped:
+                self.queue.put(job)
+                return
+        # A stage before this one outlasted its stop's timeout and handed on late: nothing
+        # would take the job now, so its caller is answered instead of left waiting.
+        job.fail(ShutdownError(f"the server stopped before the {self.name} stage"))
 
     def stop(self, timeout: float | None = None) -> None:
-        """Finish what is queued, then end the thread."""
-        if self._thread.is_alive():
-            self.queue.put(STOP)
-            self._thread.join(timeout)
+        """Finish what is queued, then end the thread; what is put after this fails."""
+        with self._lock:
+            if not self._stopped and self._thread.is_alive():
+                self.queue.put(STOP)
+            self._stopped = True
+        self._thread.join(timeout)
 
     # --- the loop -----------------------------------------------------------------------------
     def _run(self) -> None:

@@ -16,8 +16,7 @@ from collections.abc import AsyncIterator, Callable
 
 from sse_starlette import ServerSentEvent
 
-from .engine import ShutdownError
-from .request import GenerationParams, Job, JobTimeout
+from .request import GenerationParams, Job, JobTimeout, ShutdownError
 
 log = logging.getLogger(__name__)
 

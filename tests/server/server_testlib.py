@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import threading
+import time
 
 import numpy as np
 from PIL import Image
@@ -73,3 +75,30 @@ def left_half_mask(size: int = 64) -> Image.Image:
     mask = np.zeros((size, size), dtype=np.uint8)
     mask[:, : size // 2] = 255
     return Image.fromarray(mask, "L")
+
+
+class Gate:
+    """Holds the denoiser's ``at``-th call (counted from now) until ``release``."""
+
+    def __init__(self, runtime, at: int = 1, hold_s: float | None = None):
+        pipe = runtime.steps.pipeline
+        denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+        self.calls = 0
+        self.at = at
+        self.hold_s = hold_s
+        self.entered = threading.Event()
+        self.released = threading.Event()
+        self._handle = denoiser.register_forward_pre_hook(self._hook)
+
+    def _hook(self, *_):
+        self.calls += 1
+        if self.calls == self.at:
+            self.entered.set()
+            if self.hold_s is not None:
+                time.sleep(self.hold_s)
+            else:
+                assert self.released.wait(60), "the test never released the gate"
+
+    def close(self) -> None:
+        self.released.set()
+        self._handle.remove()

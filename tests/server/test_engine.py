@@ -8,10 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from server_testlib import FAMILIES, MODES, STEPS, count_calls, mean_abs_diff
+import torch
+from server_testlib import FAMILIES, MODES, STEPS, Gate, count_calls, mean_abs_diff
 
 from imagegen_server.engine import EngineClosedError, InvalidRequest, QueueFullError
-from imagegen_server.request import GenerationParams, JobTimeout
+from imagegen_server.metrics import ServerMetrics
+from imagegen_server.request import GenerationParams, Job, JobTimeout, ShutdownError
+from imagegen_server.stages import Stage
 
 # Requests that exercise the branches: guidance on/off, negative prompt, several images.
 CASES = [
@@ -154,6 +157,43 @@ def test_close_drains_accepted_work_then_refuses(make_runtime):
     assert all(job.future.done() and len(job.future.result()) == 1 for job in jobs)
     with pytest.raises(EngineClosedError):
         runtime.engine.submit(runtime.params("after close", seed=9))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_close_answers_what_did_not_finish_by_its_deadline(make_runtime, mode):
+    # A denoiser call held past close's deadline: the request is answered with ShutdownError
+    # (503) at the deadline, not left waiting, and leaves once the held step returns.
+    runtime = make_runtime("sd15", **MODES[mode], warmup=False)
+    gate = Gate(runtime)
+    job = runtime.engine.submit(runtime.params("held", seed=1))
+    assert gate.entered.wait(30)
+    closed = []
+    closing = threading.Thread(target=lambda: closed.append(runtime.engine.close(timeout=0.4)))
+    closing.start()
+    try:
+        assert isinstance(job.future.exception(timeout=10), ShutdownError)
+    finally:
+        gate.close()
+        closing.join(30)
+    assert closed == [False]
+    assert job.released and runtime.engine.in_flight == 0
+
+
+def test_a_job_handed_to_a_stopped_stage_fails_at_once():
+    # What a stage that outlasted its stop's timeout hands on later: answered, not queued
+    # behind a thread that has ended.
+    stage = Stage("decode", lambda jobs: [[] for _ in jobs], lambda job: 0, max_batch_size=1,
+                  batch_window_s=0, capacity=4, metrics=ServerMetrics(),
+                  device=torch.device("cpu"), on_output=lambda job, images: job.finish(images))
+    stage.start()
+    served = Job(GenerationParams("before", 64, 64, 2, 0.0, seed=1))
+    stage.put(served)
+    stage.stop(timeout=10)
+    assert served.future.result(0) == []  # what was queued before the stop still ran
+    late = Job(GenerationParams("late", 64, 64, 2, 0.0, seed=2))
+    stage.put(late)
+    assert isinstance(late.future.exception(0), ShutdownError) and late.released
+    assert stage.queue.empty()
 
 
 @pytest.mark.parametrize(

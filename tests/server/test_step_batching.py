@@ -7,40 +7,12 @@ of the denoise stage, so what joins when is decided by the test, not by the mach
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
-from server_testlib import FAMILIES, MODES, STEPS, mean_abs_diff
+from server_testlib import FAMILIES, MODES, STEPS, Gate, mean_abs_diff
 
 from imagegen_server.request import JobTimeout
-
-
-class Gate:
-    """Holds the denoiser's ``at``-th call (counted from now) until ``release``."""
-
-    def __init__(self, runtime, at: int = 1, hold_s: float | None = None):
-        pipe = runtime.steps.pipeline
-        denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
-        self.calls = 0
-        self.at = at
-        self.hold_s = hold_s
-        self.entered = threading.Event()
-        self.released = threading.Event()
-        self._handle = denoiser.register_forward_pre_hook(self._hook)
-
-    def _hook(self, *_):
-        self.calls += 1
-        if self.calls == self.at:
-            self.entered.set()
-            if self.hold_s is not None:
-                time.sleep(self.hold_s)
-            else:
-                assert self.released.wait(60), "the test never released the gate"
-
-    def close(self) -> None:
-        self.released.set()
-        self._handle.remove()
 
 
 def wait_until(condition, timeout_s: float = 30.0) -> None:
