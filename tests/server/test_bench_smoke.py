@@ -53,7 +53,7 @@ def test_gpu_benchmark_smoke_runs_on_the_cpu(tmp_path):
 def test_step_batching_bench_runs_both_batchings_on_every_load(tmp_path):
     run_bench(
         "step_batching.py", "--requests", "12", "--requests-at-bar", "12", "--request-ms", "10",
-        "--cpu-requests", "2",
+        "--curves", "1.6", "--cpu-requests", "2",
         "--cpu-repeats", "1", "--cpu-steps", "2", "--cpu-concurrency", "2", out_dir=tmp_path,
     )  # fmt: skip
     result = json.loads((tmp_path / "step_batching.json").read_text())
@@ -66,9 +66,31 @@ def test_step_batching_bench_runs_both_batchings_on_every_load(tmp_path):
                 (load, b) for load in (0.3, 0.7, 0.9) for b in ("Request", "Step")
             }
             assert all(r["count"] == 12 for r in workload["rows"])
+    # The sensitivity run: SD 1.5 at 70% only, both workloads, on the curve asked for.
+    [run] = result["curve_sensitivity"]
+    assert run["full_batch_ratio"] == 1.6
+    for workload in run["workloads"].values():
+        assert {(r["load"], r["batching"]) for r in workload["rows"]} == {
+            (0.7, "Request"), (0.7, "Step")
+        }
     assert set(result["cpu"]["mean_throughput_per_s"]) == {"Request", "Step"}
-    # One bar per model and workload at 70% (the other loads in its text), one for the CPU.
-    assert len(result["bars"]) == 5 and all("30%" in b["measured"] for b in result["bars"][:4])
+    # One bar per model and workload at 70% (the other loads in its text), one per workload on
+    # the sensitivity curve, one for the CPU.
+    bars = result["bars"]
+    assert len(bars) == 7 and all("30%" in b["measured"] for b in bars[:4])
+    assert all("1.6x one" in b["item"] for b in bars[4:6])
+
+
+def test_a_step_curve_made_more_sub_linear_keeps_the_cost_of_one_request():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from step_batching import Cost, full_batch_ratio, with_full_batch_ratio
+
+    roofline = Cost(0.5, 1.6)
+    for ratio in (2.9, 1.6):
+        step = with_full_batch_ratio(roofline, ratio, full=4)
+        assert step(2) == pytest.approx(roofline(2))
+        assert full_batch_ratio(step, 4) == pytest.approx(ratio)
+        assert step.fixed_s > roofline.fixed_s and step.per_row_s < roofline.per_row_s
 
 
 def test_stage_machinery_runs_the_real_engines_with_a_given_profile(tmp_path):

@@ -100,7 +100,18 @@ def test_summary_has_a_row_per_bar_with_met_and_command(tmp_path):
     # Without a GPU result the GPU bars are listed as not run, with the command to run them.
     assert "not run: no GPU" in text and "bench/gpu.py" in text
     assert "operator_scale: exit status 1" in text
-    assert "Total time of the last `make bench` run: 1.1 min (stage_machinery 60 s," in text
+    assert "Each benchmark's last run took: stage_machinery 60 s, operator_scale 5 s; 1.1 min" in text
+
+
+def test_a_run_of_some_benchmarks_keeps_the_others_last_timings():
+    last = [{"name": "step_batching", "seconds": 300.0, "error": None},
+            {"name": "stage_pipeline", "seconds": 190.0, "error": None}]
+    fresh = [{"name": "step_batching", "seconds": 480.0, "error": None}]
+    runs = run_all.merged_runs(last, fresh)
+    # The fresh timing wins; the order is the benchmarks' own, not the order they were run.
+    assert [(r["name"], r["seconds"]) for r in runs] == [
+        ("stage_pipeline", 190.0), ("step_batching", 480.0)
+    ]
 
 
 def test_chart_is_written_even_when_results_are_missing(tmp_path):
