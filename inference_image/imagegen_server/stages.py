@@ -80,10 +80,12 @@ class Stage:
     def stop(self, timeout: float | None = None) -> None:
         """Finish what is queued, then end the thread; what is put after this fails."""
         with self._lock:
-            if not self._stopped and self._thread.is_alive():
+            running = self._thread.is_alive()
+            if running and not self._stopped:
                 self.queue.put(STOP)
             self._stopped = True
-        self._thread.join(timeout)
+        if running:
+            self._thread.join(timeout)
 
     # --- the loop -----------------------------------------------------------------------------
     def _run(self) -> None:

@@ -182,18 +182,23 @@ def test_close_answers_what_did_not_finish_by_its_deadline(make_runtime, mode):
 def test_a_job_handed_to_a_stopped_stage_fails_at_once():
     # What a stage that outlasted its stop's timeout hands on later: answered, not queued
     # behind a thread that has ended.
-    stage = Stage("decode", lambda jobs: [[] for _ in jobs], lambda job: 0, max_batch_size=1,
-                  batch_window_s=0, capacity=4, metrics=ServerMetrics(),
-                  device=torch.device("cpu"), on_output=lambda job, images: job.finish(images))
-    stage.start()
+    def stage() -> Stage:
+        return Stage("decode", lambda jobs: [[] for _ in jobs], lambda job: 0, max_batch_size=1,
+                     batch_window_s=0, capacity=4, metrics=ServerMetrics(),
+                     device=torch.device("cpu"), on_output=lambda job, images: job.finish(images))
+
+    started, never_started = stage(), stage()
+    started.start()
     served = Job(GenerationParams("before", 64, 64, 2, 0.0, seed=1))
-    stage.put(served)
-    stage.stop(timeout=10)
+    started.put(served)
+    started.stop(timeout=10)
+    never_started.stop(timeout=10)
     assert served.future.result(0) == []  # what was queued before the stop still ran
-    late = Job(GenerationParams("late", 64, 64, 2, 0.0, seed=2))
-    stage.put(late)
-    assert isinstance(late.future.exception(0), ShutdownError) and late.released
-    assert stage.queue.empty()
+    for stopped in (started, never_started):
+        late = Job(GenerationParams("late", 64, 64, 2, 0.0, seed=2))
+        stopped.put(late)
+        assert isinstance(late.future.exception(0), ShutdownError) and late.released
+        assert stopped.queue.empty()
 
 
 @pytest.mark.parametrize(
