@@ -7,8 +7,8 @@ plain runtime, and the PSNR of its images against the plain runtime's (same seed
 closer, inf is identical).
 
 - SD 1.5 small: the denoiser's weights as they are, and int8 weight-only (torchao);
-- Flux small: no cache, First Block Cache at several thresholds (diffusers' hooks), and
-  int8 weight-only.
+- Flux small: no cache, First Block Cache at several thresholds and MagCache at two
+  (diffusers' hooks), and int8 weight-only.
 
 FP8 needs FP8 tensor cores: bench/gpu.py measures it where there are some.
 
@@ -35,6 +35,10 @@ SETTINGS = {
         "FirstBlockCache 0.05": {"cache": "FirstBlockCache", "cache_threshold": 0.05},
         "FirstBlockCache 0.2": {"cache": "FirstBlockCache", "cache_threshold": 0.2},
         "FirstBlockCache 0.4": {"cache": "FirstBlockCache", "cache_threshold": 0.4},
+        # MagCache skips by Flux's published magnitude ratios, whatever the weights: its
+        # authors' threshold, then a looser one.
+        "MagCache 0.06": {"cache": "MagCache", "cache_threshold": 0.06},
+        "MagCache 0.2": {"cache": "MagCache", "cache_threshold": 0.2},
         "int8 weight-only": {"quantization": "Int8WeightOnly"},
     },
 }

@@ -132,6 +132,7 @@ class DenoiserCache(StrEnum):
 
     NONE = "None"
     FIRST_BLOCK_CACHE = "FirstBlockCache"
+    MAG_CACHE = "MagCache"
 
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -273,8 +274,10 @@ class ServerSettings(BaseSettings):
     cache: DenoiserCache = Field(
         default=DenoiserCache.NONE,
         description="FirstBlockCache: a step whose first block's output changed less than "
-        "cache_threshold reuses the rest of the last step's (denoisers with diffusers' cache "
-        "hooks: Flux).",
+        "cache_threshold reuses the rest of the last step's. MagCache: a step reuses the last "
+        "computed residual while the error estimated from Flux's published magnitude ratios "
+        "stays under cache_threshold, at most 3 steps in a row and none in the first 20% "
+        "(batching Request, compile off). Denoisers with diffusers' cache hooks only: Flux.",
     )
     cache_threshold: float = Field(default=0.05, gt=0, le=1)
     channels_last: bool = True
@@ -325,6 +328,20 @@ class ServerSettings(BaseSettings):
         if self.loras and self.quantization != Quantization.NONE:
             raise ValueError("loras and quantization are not served together yet: the LoRA "
                              "slot needs the denoiser's linear layers unquantized")
+        return self
+
+    @model_validator(mode="after")
+    def _mag_cache_request_batching_uncompiled(self) -> ServerSettings:
+        if self.cache != DenoiserCache.MAG_CACHE:
+            return self
+        if self.batching != Batching.REQUEST:
+            raise ValueError("cache MagCache needs batching Request: its schedule runs over "
+                             "one batch's steps, and with Step rows join at other steps")
+        if self.compile_enabled:
+            raise ValueError("cache MagCache runs every transformer block outside "
+                             "torch.compile (diffusers' MagCache hooks are compiler-disabled), "
+                             "so compiling adds nothing: set compile_enabled false, or use "
+                             "FirstBlockCache")
         return self
 
     @model_validator(mode="after")

@@ -146,7 +146,9 @@ def apply_optimizations(
     # Before compiling: the compiled graphs then hold the quantized matmuls.
     quantize_denoiser(denoiser(pipeline), settings.quantization, device)
     report.quantization = settings.quantization.value
-    denoiser_cache.enable(denoiser(pipeline), settings.cache, settings.cache_threshold)
+    denoiser_cache.enable(
+        denoiser(pipeline), settings.cache, settings.cache_threshold, settings.default_steps
+    )
     report.cache = settings.cache.value
     if settings.channels_last:
         # Convolutions in the UNet and VAE run faster in NHWC on tensor cores.

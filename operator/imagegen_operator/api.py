@@ -247,10 +247,15 @@ class DenoiserCacheSpec(KubeModel):
 
     method: CacheMethod = "None"
     """FirstBlockCache: a step whose first transformer block changed less than the threshold
-    reuses the rest of the last step's output."""
+    reuses the rest of the last step's output. MagCache: a step reuses the last computed
+    residual of the blocks while the error estimated from Flux's published magnitude ratios
+    stays under the threshold, at most 3 steps in a row and none in the first 20% (needs
+    stages.batching Request and compile.enabled false: its hooks run the blocks outside
+    torch.compile)."""
     threshold: float = Field(default=0.05, gt=0, le=1)
-    """Relative change of the first block's output below which a step is skipped; higher is
-    faster and further from the uncached image."""
+    """FirstBlockCache: relative change of the first block's output below which a step is
+    skipped. MagCache: the estimated error a run of skipped steps may add up to (its authors
+    use about 0.06). Higher is faster and further from the uncached image."""
 
 
 class StagesSpec(KubeModel):
@@ -352,6 +357,27 @@ class PipelineSpec(KubeModel):
             check=lambda p: p.defaults.steps <= p.limits.max_steps,
             field=".limits.maxSteps",
             message="limits.maxSteps must not be below defaults.steps",
+        ),
+        Rule(
+            cel=(
+                "!has(self.cache) || !has(self.cache.method) || self.cache.method != 'MagCache'"
+                " || !has(self.stages) || !has(self.stages.batching)"
+                " || self.stages.batching == 'Request'"
+            ),
+            check=lambda p: p.cache.method != "MagCache" or p.stages.batching == "Request",
+            field=".cache.method",
+            message="cache MagCache needs stages.batching Request: its schedule runs over one "
+            "batch's steps, and with Step requests join at other steps",
+        ),
+        Rule(
+            cel=(
+                "!has(self.cache) || !has(self.cache.method) || self.cache.method != 'MagCache'"
+                " || (has(self.compile) && has(self.compile.enabled) && !self.compile.enabled)"
+            ),
+            check=lambda p: p.cache.method != "MagCache" or not p.compile.enabled,
+            field=".cache.method",
+            message="cache MagCache needs compile.enabled false: its hooks run every "
+            "transformer block outside torch.compile, so compiling adds nothing",
         ),
     )
 

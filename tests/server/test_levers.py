@@ -82,6 +82,56 @@ def test_first_block_cache_equals_diffusers_with_the_same_cache_and_skips_blocks
     assert psnr(got, uncached) < float("inf")
 
 
+def test_mag_cache_equals_diffusers_with_the_same_cache_at_each_step_count(
+    make_runtime, tiny_models
+):
+    from diffusers import DiffusionPipeline
+    from diffusers.hooks import MagCacheConfig
+    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+    # The skips follow Flux's published magnitude ratios, not the weights, so the random tiny
+    # transformer skips as FLUX.1 would; a high threshold makes it skip within few steps.
+    size = {"default_steps": 6, "default_width": 64, "default_height": 64}
+    cached = make_runtime("flux", cache="MagCache", cache_threshold=0.3, **size)
+    assert cached.report.cache == "MagCache"
+    last_block = count_calls(
+        cached.steps.pipeline.transformer.single_transformer_blocks[-1].proj_out
+    )
+    reference = DiffusionPipeline.from_pretrained(tiny_models["flux"], dtype=torch.float32)
+    reference.set_progress_bar_config(disable=True)
+    reference_block = count_calls(reference.transformer.single_transformer_blocks[-1].proj_out)
+    # A batch of another step count spreads the schedule over its own steps, then back.
+    for steps in (6, 9, 6):
+        params = cached.params("a lighthouse", seed=3, steps=steps)
+        before, reference_before = last_block(), reference_block()
+        (got,) = cached.engine.generate(params, timeout_s=60)
+        computed = last_block() - before
+        assert 0 < computed < steps  # some steps reused the cached residual
+        reference.transformer.enable_cache(MagCacheConfig(
+            threshold=0.3, num_inference_steps=steps, mag_ratios=FLUX_MAG_RATIOS
+        ))
+        (want,) = reference(**cached.steps.reference_kwargs(params)).images
+        reference.transformer.disable_cache()
+        # The same steps skipped as diffusers' pipeline skips, and the same pixels.
+        assert computed == reference_block() - reference_before, steps
+        assert np.abs(np.asarray(got, int) - np.asarray(want, int)).max() <= 1, steps
+
+
+@pytest.mark.parametrize(
+    ("other", "message"),
+    [
+        ({"batching": "Step"}, "cache MagCache needs batching Request"),
+        # Its hooks are compiler-disabled: a compiled server would compile no graph.
+        ({"compile_enabled": True}, "cache MagCache runs every transformer block outside"),
+    ],
+)
+def test_mag_cache_with_step_batching_or_compile_is_refused_by_the_settings(
+    tiny_models, other, message
+):
+    with pytest.raises(ValidationError, match=message):
+        tiny_settings(tiny_models["flux"], cache="MagCache", **other)
+
+
 def test_a_cache_on_a_denoiser_without_cache_hooks_stops_the_server_naming_it(tiny_models):
     from imagegen_server.runtime import ModelRuntime
 

@@ -95,8 +95,11 @@ class FluxSteps(FamilySteps):
 
     def batch_inputs(self, jobs: list[Job]) -> dict:
         transformer = self.pipeline.transformer
-        # A cached denoiser compares each step with the last step of the same batch.
-        denoiser_cache.reset(transformer)
+        # A cached denoiser compares each step with the last step of the same batch, and
+        # MagCache spreads its schedule over the calls this batch makes from here.
+        denoiser_cache.reset(
+            transformer, steps=max(len(job.timesteps) - job.step for job in jobs)
+        )
         first = jobs[0].conditioning  # one size and one prompt length in a batch
         return {
             "embeds": torch.cat([job.conditioning["embeds"] for job in jobs]),
