@@ -70,6 +70,30 @@ def reset(module: torch.nn.Module, steps: int) -> None:
     module._reset_stateful_cache()
 
 
+@contextlib.contextmanager
+def every_branch(module: torch.nn.Module):
+    """For warm-up: First Block Cache skips every step it can (all but a batch's first), so
+    both of its branches, the one that runs the remaining blocks and the one that reuses the
+    cache, are compiled before ready; dynamo specializes on which one a step takes. The
+    threshold is read outside the compiled code, so changing it compiles nothing."""
+    from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
+
+    heads = [
+        hook
+        for block in module.modules()
+        if (registry := getattr(block, "_diffusers_hook", None)) is not None
+        and (hook := registry.get_hook(_FBC_LEADER_BLOCK_HOOK)) is not None
+    ]
+    thresholds = [hook.threshold for hook in heads]
+    for hook in heads:
+        hook.threshold = float("inf")
+    try:
+        yield
+    finally:
+        for hook, threshold in zip(heads, thresholds, strict=True):
+            hook.threshold = threshold
+
+
 def context(module: torch.nn.Module, name: str = "cond"):
     """The cache context of one denoiser call (what diffusers' pipelines enter)."""
     if is_enabled(module):

@@ -10,8 +10,10 @@ The rows need three batches per size, not one per count. Dynamo compiles the fir
 sees as static; when a dimension changes it compiles once more with that dimension symbolic
 ("automatic dynamic shapes"), and the symbolic graph holds for every size above 1, which dynamo
 always specializes (its 0/1 specialization). So rows 2, then 3, then 1 cover every count. A size
-after the first makes the spatial dimensions symbolic the same way. ``imagegen_recompiles_total``
-(metrics.py) is how a service sees that this held.
+after the first makes the spatial dimensions symbolic the same way. Dynamo also specializes on
+whether First Block Cache reuses its cache at a step: during warm-up every step after a batch's
+first does (denoiser_cache.every_branch), so both branches compile.
+``imagegen_recompiles_total`` (metrics.py) is how a service sees that this held.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import denoiser_cache
 from .config import ServerSettings
 from .engine import admitted_sizes, default_size
 from .families import FamilySteps
+from .optimize import denoiser
 from .request import GenerationParams, Job
 
 log = logging.getLogger(__name__)
@@ -68,7 +72,8 @@ def warm_up(steps: FamilySteps, settings: ServerSettings) -> WarmupReport:
     """
     report = WarmupReport()
     started = time.perf_counter()
-    with torch.inference_mode():
+    # With First Block Cache, a step after the first reuses the cache: its branch too.
+    with torch.inference_mode(), denoiser_cache.every_branch(denoiser(steps.pipeline)):
         for width, height, rows in warmup_plan(steps, settings):
             jobs = [Job(_params(settings, width, height, seed)) for seed in range(rows)]
             steps.encode(jobs)

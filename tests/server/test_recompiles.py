@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from server_testlib import count_calls
 
 from imagegen_server.engine import InvalidRequest
 
@@ -54,6 +55,22 @@ def test_a_mixed_workload_at_concurrency_1_to_8_compiles_nothing_after_ready(
     requests = registry.get_sample_value("imagegen_stage_batch_size_sum", stage)
     assert requests > registry.get_sample_value("imagegen_stage_batch_size_count", stage)
     assert seen_rows >= {1, 2, 4}
+
+
+@pytest.mark.slow
+def test_first_block_cache_on_a_compiled_denoiser_compiles_nothing_after_ready(
+    make_runtime, compile_cache
+):
+    # Dynamo specializes on whether a step reuses the cache: warm-up takes both branches.
+    runtime = compiled(make_runtime, compile_cache, "flux", cache="FirstBlockCache",
+                       cache_threshold=0.3, default_steps=6, default_width=64, default_height=64)
+    last_block = count_calls(
+        runtime.steps.pipeline.transformer.single_transformer_blocks[-1].proj_out
+    )
+    for seed, steps in enumerate((6, 8, 3)):
+        runtime.engine.generate(runtime.params("cached", seed=seed, steps=steps), timeout_s=300)
+    assert last_block() < 6 + 8 + 3  # some steps did reuse the cache after ready
+    assert runtime.metrics.recompiles.since_ready == 0
 
 
 def test_a_compiled_service_without_a_size_list_admits_its_default_size_only(make_runtime,
