@@ -93,6 +93,10 @@ class Device:
         return Device(self.encode.scaled(factor), self.step.scaled(factor),
                       self.decode.scaled(factor), self.steps)
 
+    def with_request_alone_ms(self, ms: float) -> Device:
+        """The same ratios, scaled so that one request alone takes ``ms``."""
+        return self.scaled(ms / 1000 / self.request_alone_s())
+
 
 def flop_profile(name: str, size: int) -> dict[str, float]:
     """FLOPs and weight counts of the architecture, from bench/gpu.py, on the meta device."""
@@ -269,7 +273,7 @@ def modelled_runs(args) -> dict:
             step = Cost(curve["fixed_ms"] / 1e3, curve["per_row_ms"] / 1e3)
             gpu_device = Device(gpu_device.encode, step, gpu_device.decode, gpu_device.steps)
             source = f"step cost measured in {args.gpu_json.name}"
-        device = gpu_device.scaled(args.request_ms / 1000 / gpu_device.request_alone_s())
+        device = gpu_device.with_request_alone_ms(args.request_ms)
         full = args.max_batch_size
         step = gpu_device.step
         print(f"{name} {size}px on a modelled H100 ({source}): step "
@@ -289,17 +293,17 @@ def modelled_runs(args) -> dict:
     return results
 
 
-def curve_sensitivity(args) -> list[dict]:
+def curve_sensitivity(args, modelled: dict) -> list[dict]:
     """The 70% comparison again on SD 1.5, with the step made more sub-linear than the
     roofline's: does the bar wait on the device's curve, or on something no curve changes?"""
     name = "sd15"
-    roofline_device = roofline(flop_profile(name, PROFILES[name]), args.mfu, args.steps)
+    roofline_device = roofline(modelled[name]["flops"], args.mfu, args.steps)
     full = args.max_batch_size
     runs = []
     for ratio in args.curves:
         step = with_full_batch_ratio(roofline_device.step, ratio, full)
-        gpu_device = Device(roofline_device.encode, step, roofline_device.decode, args.steps)
-        device = gpu_device.scaled(args.request_ms / 1000 / gpu_device.request_alone_s())
+        device = Device(roofline_device.encode, step, roofline_device.decode, args.steps)
+        device = device.with_request_alone_ms(args.request_ms)
         print(f"{name}, {full} requests per step at {ratio:.2f}x one:", flush=True)
         runs.append({
             "full_batch_ratio": ratio,
@@ -426,7 +430,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     common.quiet_libraries()
     modelled = modelled_runs(args)
-    sensitivity = curve_sensitivity(args)
+    sensitivity = curve_sensitivity(args, modelled)
     print("real small model on the CPU, closed loop:", flush=True)
     cpu = cpu_runs(args)
     bars = bars_for(modelled, sensitivity, cpu, args.max_batch_size)
