@@ -19,7 +19,9 @@ For each model it measures, with the server's own optimizations, stage steps and
   cores): seconds per image, speedup, and PSNR against the unquantized image of the same seed;
 * graphs torch.compile made during the sweep, after the server's own warm-up (should be 0);
 * the UNet step's cost at 2, 8 and 32 rows, fitted as fixed + per row: the sub-linear curve
-  ``bench/step_batching.py --step-ms`` replays for step-level batching.
+  ``bench/step_batching.py --step-ms`` replays for step-level batching;
+* ``flux``: diffusers' cache hooks on FLUX.1's transformer at a third of its depth
+  (``gpu_caches.py``): seconds per image, speedup and PSNR against no cache, for each.
 
 Bars on an H100: SDXL 30 steps at 1024px under 1.5 s per image; Pipelined >= 1.3x Stacked
 throughput at concurrency 4.
@@ -37,6 +39,7 @@ import time
 from typing import Any
 
 import common
+import gpu_caches
 
 SDXL_BAR_S = 1.5
 PIPELINE_BAR = 1.3
@@ -211,6 +214,9 @@ def build_pipeline(name: str, device, smoke: bool):
             scheduler=scheduler, image_encoder=None, feature_extractor=None,
             force_zeros_for_empty_prompt=True, add_watermarker=False,
         )  # fmt: skip
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()  # built, not loaded (from_pretrained would set eval mode)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -561,6 +567,18 @@ def concurrency_sweep(
     return rows, compiled
 
 
+def measure_caches(device, args, deadline: float) -> dict:
+    """gpu_caches.measure, its failure recorded rather than raised: it runs last, after
+    minutes of figures that must still reach gpu.json."""
+    import traceback
+
+    try:
+        return gpu_caches.measure(device, args, deadline)
+    except Exception as exc:
+        traceback.print_exc()
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def bars(results: dict, args) -> list[dict]:
     out = []
     note = "smoke run on the CPU: not a measurement" if args.smoke else ""
@@ -583,6 +601,9 @@ def bars(results: dict, args) -> list[dict]:
                 )
             )
     for name, r in results.items():
+        if name == "flux":
+            out += gpu_caches.bars(r, note)
+            continue
         by = {(row["mode"], row["concurrency"]): row for row in r.get("concurrency", [])}
         s, p = by.get(("Stacked", 4), {}), by.get(("Pipelined", 4), {})
         if "throughput_per_s" in s and "throughput_per_s" in p:
@@ -615,7 +636,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, seconds")
     parser.add_argument("--smoke-compile", action="store_true", help="compile in --smoke too")
     parser.add_argument(
-        "--models", nargs="+", choices=list(ARCHITECTURES), default=["sd15", "sdxl"]
+        "--models", nargs="+", choices=[*ARCHITECTURES, "flux"], default=["sd15", "sdxl", "flux"],
+        help="flux: the cache levers (gpu_caches.py)",
     )
     parser.add_argument(
         "--variants",
@@ -662,7 +684,11 @@ def main(argv=None) -> dict:
     device = torch.device("cpu") if args.smoke else resolve_device("auto")
     if device.type != "cuda" and not args.smoke:
         raise SystemExit("no GPU here: run with --smoke for the CPU check")
-    results = {name: measure_model(name, device, args, deadline) for name in args.models}
+    results = {
+        name: measure_caches(device, args, deadline) if name == "flux"
+        else measure_model(name, device, args, deadline)
+        for name in args.models
+    }
     result = {
         "settings": {
             "smoke": args.smoke,

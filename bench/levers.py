@@ -7,8 +7,9 @@ plain runtime, and the PSNR of its images against the plain runtime's (same seed
 closer, inf is identical).
 
 - SD 1.5 small: the denoiser's weights as they are, and int8 weight-only (torchao);
-- Flux small: no cache, First Block Cache at several thresholds and MagCache at two
-  (diffusers' hooks), and int8 weight-only.
+- Flux small: no cache, First Block Cache at several thresholds, MagCache at two, TaylorSeer,
+  Pyramid Attention Broadcast and FasterCache at an interval or two (diffusers' hooks), and
+  int8 weight-only.
 
 FP8 needs FP8 tensor cores: bench/gpu.py measures it where there are some.
 
@@ -39,6 +40,11 @@ SETTINGS = {
         # authors' threshold, then a looser one.
         "MagCache 0.06": {"cache": "MagCache", "cache_threshold": 0.06},
         "MagCache 0.2": {"cache": "MagCache", "cache_threshold": 0.2},
+        # The attention caches: full attention every `interval` steps.
+        "TaylorSeerCache 3": {"cache": "TaylorSeerCache", "cache_interval": 3},
+        "PyramidAttentionBroadcast 2": {"cache": "PyramidAttentionBroadcast", "cache_interval": 2},
+        "PyramidAttentionBroadcast 3": {"cache": "PyramidAttentionBroadcast", "cache_interval": 3},
+        "FasterCache 2": {"cache": "FasterCache", "cache_interval": 2},
         "int8 weight-only": {"quantization": "Int8WeightOnly"},
     },
 }

@@ -58,7 +58,7 @@ def key_parts(steps: FamilySteps, settings: ServerSettings, dtype: torch.dtype) 
         "precompile": settings.compile_precompile,
         "channels_last": settings.channels_last,
         "quantization": settings.quantization.value,
-        "cache": [settings.cache.value, settings.cache_threshold],
+        "cache": [settings.cache.value, settings.cache_threshold, settings.cache_interval],
         "sizes": admitted_sizes(steps, settings),
         "most_rows": most_rows(settings),
         "loras": sorted((lora.name, lora.uri) for lora in settings.loras),

@@ -133,6 +133,21 @@ class DenoiserCache(StrEnum):
     NONE = "None"
     FIRST_BLOCK_CACHE = "FirstBlockCache"
     MAG_CACHE = "MagCache"
+    TAYLOR_SEER_CACHE = "TaylorSeerCache"
+    PYRAMID_ATTENTION_BROADCAST = "PyramidAttentionBroadcast"
+    FASTER_CACHE = "FasterCache"
+
+    @property
+    def counts_steps(self) -> bool:
+        """Its hooks count a batch's steps or read its timestep, one for every row: with
+        step-level batching rows sit at different steps."""
+        return self not in (DenoiserCache.NONE, DenoiserCache.FIRST_BLOCK_CACHE)
+
+    @property
+    def compiles(self) -> bool:
+        """Whether it may go with torch.compile: First Block Cache only, the one whose both
+        branches warm-up takes (denoiser_cache.every_branch), so nothing compiles after ready."""
+        return self in (DenoiserCache.NONE, DenoiserCache.FIRST_BLOCK_CACHE)
 
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -276,10 +291,22 @@ class ServerSettings(BaseSettings):
         description="FirstBlockCache: a step whose first block's output changed less than "
         "cache_threshold reuses the rest of the last step's. MagCache: a step reuses the last "
         "computed residual while the error estimated from Flux's published magnitude ratios "
-        "stays under cache_threshold, at most 3 steps in a row and none in the first 20% "
-        "(batching Request, compile off). Denoisers with diffusers' cache hooks only: Flux.",
+        "stays under cache_threshold, at most 3 steps in a row and none in the first 20%. "
+        "TaylorSeerCache: attention outputs are computed every cache_interval steps and "
+        "extrapolated by a Taylor series between. PyramidAttentionBroadcast: attention runs "
+        "every cache_interval steps in the middle of the schedule (timesteps 100 to 800) and "
+        "its last output is reused between. FasterCache: the same, with the reused output "
+        "corrected by its trend. All but FirstBlockCache need batching Request and compile "
+        "off. Denoisers with diffusers' cache hooks only: Flux.",
     )
-    cache_threshold: float = Field(default=0.05, gt=0, le=1)
+    cache_threshold: float = Field(
+        default=0.05, gt=0, le=1, description="FirstBlockCache and MagCache only."
+    )
+    cache_interval: int = Field(
+        default=2, ge=2, le=10,
+        description="TaylorSeerCache, PyramidAttentionBroadcast and FasterCache only: every "
+        "how many steps attention is computed in full.",
+    )
     channels_last: bool = True
     attention: Attention = Attention.AUTO
     warmup: bool = Field(default=True, description="Run one generation before /readyz turns ready.")
@@ -331,17 +358,22 @@ class ServerSettings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _mag_cache_request_batching_uncompiled(self) -> ServerSettings:
-        if self.cache != DenoiserCache.MAG_CACHE:
-            return self
-        if self.batching != Batching.REQUEST:
-            raise ValueError("cache MagCache needs batching Request: its schedule runs over "
-                             "one batch's steps, and with Step rows join at other steps")
-        if self.compile_enabled:
+    def _cache_batching_and_compile(self) -> ServerSettings:
+        method = self.cache.value
+        if self.cache.counts_steps and self.batching != Batching.REQUEST:
+            raise ValueError(f"cache {method} needs batching Request: its hooks follow one "
+                             "batch's steps, and with Step rows join at other steps")
+        if self.compile_enabled and self.cache == DenoiserCache.MAG_CACHE:
             raise ValueError("cache MagCache runs every transformer block outside "
                              "torch.compile (diffusers' MagCache hooks are compiler-disabled), "
                              "so compiling adds nothing: set compile_enabled false, or use "
                              "FirstBlockCache")
+        if self.compile_enabled and not self.cache.compiles:
+            raise ValueError(f"cache {method} with compile: its hooks decide each step in "
+                             "Python around every attention layer, which breaks the compiled "
+                             "blocks apart, and warm-up does not take each of its branches, so "
+                             "a request could wait for a compile: set compile_enabled false, "
+                             "or use FirstBlockCache")
         return self
 
     @model_validator(mode="after")

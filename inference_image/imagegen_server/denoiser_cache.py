@@ -7,6 +7,15 @@ earlier step computed.
   from the model's magnitude ratios (diffusers ships Flux's) stays under the threshold, at
   most 3 steps in a row and none in the first 20%. Its schedule is spread over the steps a
   batch runs, so a batch holds one step count (request-level batching only).
+- TaylorSeer: attention outputs are computed every ``interval`` steps and extrapolated by a
+  Taylor series in between.
+- Pyramid Attention Broadcast: in the middle of the schedule (timesteps 100 to 800, diffusers'
+  default range) attention runs every ``interval`` steps and its last output is reused between.
+- FasterCache: the same over timesteps below 681, the reused output corrected by the trend
+  of the last two computed ones (Flux is guidance-distilled: no unconditional batch to skip).
+
+All but First Block Cache follow one batch's steps (a step counter, the batch's timestep), so
+they need request-level batching, where a batch's rows share their steps.
 
 The hooks keep state between the denoiser's calls, so the denoise loop (families/) resets it
 at the start of every batch and whenever the batch loses a request, and names each call's
@@ -28,25 +37,69 @@ class DenoiserCacheError(ValueError):
     """A cache this denoiser cannot take."""
 
 
-def enable(module: torch.nn.Module, method: DenoiserCache, threshold: float, steps: int) -> None:
+class CurrentTimestep:
+    """The batch's timestep (0 to 1000), for the hooks that ask for it; diffusers' pipelines
+    hand them ``lambda: pipe.current_timestep``. ``context`` sets it before each call."""
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | float = 1000.0
+
+    def __call__(self) -> torch.Tensor | float:
+        return self.value
+
+
+def enable(
+    module: torch.nn.Module, method: DenoiserCache, threshold: float, interval: int, steps: int
+) -> None:
     """Put ``method``'s hooks on ``module``; ``steps``: the step count a batch runs first."""
     if method == DenoiserCache.NONE:
         return
-    from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig
-    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
-
     if not hasattr(module, "enable_cache"):
         raise DenoiserCacheError(
             f"pipeline cache {method.value} needs a denoiser with diffusers' cache hooks "
             f"(Flux's transformer); this model's is {type(module).__name__}: set cache None"
         )
-    if method == DenoiserCache.FIRST_BLOCK_CACHE:
-        module.enable_cache(FirstBlockCacheConfig(threshold=threshold))
-    else:
-        # The magnitude ratios are the model's own; diffusers ships Flux's (FLUX.1-dev).
-        module.enable_cache(MagCacheConfig(
-            threshold=threshold, num_inference_steps=steps, mag_ratios=FLUX_MAG_RATIOS
-        ))
+    timestep = CurrentTimestep()
+    module._imagegen_timestep = timestep
+    module.enable_cache(_config(method, threshold, interval, steps, module.dtype, timestep))
+
+
+def _config(method, threshold, interval, steps, dtype, timestep):
+    """diffusers' config for ``method``: its own defaults but for the one knob the spec sets."""
+    from diffusers.hooks import (
+        FasterCacheConfig,
+        FirstBlockCacheConfig,
+        MagCacheConfig,
+        PyramidAttentionBroadcastConfig,
+        TaylorSeerCacheConfig,
+    )
+    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+    match method:
+        case DenoiserCache.FIRST_BLOCK_CACHE:
+            return FirstBlockCacheConfig(threshold=threshold)
+        case DenoiserCache.MAG_CACHE:
+            # The magnitude ratios are the model's own; diffusers ships Flux's (FLUX.1-dev).
+            return MagCacheConfig(
+                threshold=threshold, num_inference_steps=steps, mag_ratios=FLUX_MAG_RATIOS
+            )
+        case DenoiserCache.TAYLOR_SEER_CACHE:
+            # Its factors in the denoiser's dtype: diffusers' default, bfloat16, would round a
+            # float32 model's outputs on every extrapolated step.
+            return TaylorSeerCacheConfig(cache_interval=interval, taylor_factors_dtype=dtype)
+        case DenoiserCache.PYRAMID_ATTENTION_BROADCAST:
+            return PyramidAttentionBroadcastConfig(
+                spatial_attention_block_skip_range=interval, current_timestep_callback=timestep
+            )
+        case DenoiserCache.FASTER_CACHE:
+            return FasterCacheConfig(
+                spatial_attention_block_skip_range=interval,
+                current_timestep_callback=timestep,
+                # diffusers' own default weight, given so it does not warn about it.
+                attention_weight_callback=lambda _module: 0.5,
+                is_guidance_distilled=True,
+            )
+    raise AssertionError(method)
 
 
 def is_enabled(module: torch.nn.Module) -> bool:
@@ -94,8 +147,10 @@ def every_branch(module: torch.nn.Module):
             hook.threshold = threshold
 
 
-def context(module: torch.nn.Module, name: str = "cond"):
-    """The cache context of one denoiser call (what diffusers' pipelines enter)."""
-    if is_enabled(module):
-        return module.cache_context(name)
-    return contextlib.nullcontext()
+def context(module: torch.nn.Module, timestep: torch.Tensor | float, name: str = "cond"):
+    """The cache context of one denoiser call (what diffusers' pipelines enter), at the
+    batch's ``timestep`` (0 to 1000; under request-level batching its rows share it)."""
+    if not is_enabled(module):
+        return contextlib.nullcontext()
+    module._imagegen_timestep.value = timestep
+    return module.cache_context(name)

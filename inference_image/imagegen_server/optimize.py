@@ -147,7 +147,8 @@ def apply_optimizations(
     quantize_denoiser(denoiser(pipeline), settings.quantization, device)
     report.quantization = settings.quantization.value
     denoiser_cache.enable(
-        denoiser(pipeline), settings.cache, settings.cache_threshold, settings.default_steps
+        denoiser(pipeline), settings.cache, settings.cache_threshold, settings.cache_interval,
+        settings.default_steps,
     )
     report.cache = settings.cache.value
     if settings.channels_last:

@@ -56,6 +56,9 @@ StageMode = Literal["Pipelined", "Stacked"]
 Batching = Literal["Request", "Step"]
 QuantizationName = Literal[tuple(q.value for q in Quantization)]  # type: ignore[valid-type]
 CacheMethod = Literal[tuple(c.value for c in DenoiserCache)]  # type: ignore[valid-type]
+# The caches whose hooks follow one batch's steps, and those that stay out of torch.compile.
+STEP_COUNTING_CACHES = tuple(c.value for c in DenoiserCache if c.counts_steps)
+UNCOMPILED_CACHES = tuple(c.value for c in DenoiserCache if not c.compiles)
 SharingStrategy = Literal["TimeSharing", "MPS"]
 Provider = Literal["GKE", "ConfigConnector", "Existing", "Local"]
 # Providers that create the pool in a GKE cluster, and so must be told which one.
@@ -249,13 +252,20 @@ class DenoiserCacheSpec(KubeModel):
     """FirstBlockCache: a step whose first transformer block changed less than the threshold
     reuses the rest of the last step's output. MagCache: a step reuses the last computed
     residual of the blocks while the error estimated from Flux's published magnitude ratios
-    stays under the threshold, at most 3 steps in a row and none in the first 20% (needs
-    stages.batching Request and compile.enabled false: its hooks run the blocks outside
-    torch.compile)."""
+    stays under the threshold, at most 3 steps in a row and none in the first 20%.
+    TaylorSeerCache: attention outputs are computed every `interval` steps and extrapolated by
+    a Taylor series in between. PyramidAttentionBroadcast: in the middle of the schedule
+    (timesteps 100 to 800) attention runs every `interval` steps and its last output is reused
+    between. FasterCache: the same below timestep 681, the reused output corrected by its
+    trend. All but FirstBlockCache need stages.batching Request (they follow one batch's
+    steps) and compile.enabled false (their hooks stay out of torch.compile)."""
     threshold: float = Field(default=0.05, gt=0, le=1)
     """FirstBlockCache: relative change of the first block's output below which a step is
     skipped. MagCache: the estimated error a run of skipped steps may add up to (its authors
     use about 0.06). Higher is faster and further from the uncached image."""
+    interval: int = Field(default=2, ge=2, le=10)
+    """TaylorSeerCache, PyramidAttentionBroadcast and FasterCache: every how many steps
+    attention is computed in full. Higher is faster and further from the uncached image."""
 
 
 class StagesSpec(KubeModel):
@@ -360,24 +370,27 @@ class PipelineSpec(KubeModel):
         ),
         Rule(
             cel=(
-                "!has(self.cache) || !has(self.cache.method) || self.cache.method != 'MagCache'"
+                "!has(self.cache) || !has(self.cache.method)"
+                f" || !(self.cache.method in {_cel_list(STEP_COUNTING_CACHES)})"
                 " || !has(self.stages) || !has(self.stages.batching)"
                 " || self.stages.batching == 'Request'"
             ),
-            check=lambda p: p.cache.method != "MagCache" or p.stages.batching == "Request",
+            check=lambda p: p.cache.method not in STEP_COUNTING_CACHES
+            or p.stages.batching == "Request",
             field=".cache.method",
-            message="cache MagCache needs stages.batching Request: its schedule runs over one "
-            "batch's steps, and with Step requests join at other steps",
+            message="cache methods other than FirstBlockCache need stages.batching Request: "
+            "their hooks follow one batch's steps, and with Step requests join at other steps",
         ),
         Rule(
             cel=(
-                "!has(self.cache) || !has(self.cache.method) || self.cache.method != 'MagCache'"
+                "!has(self.cache) || !has(self.cache.method)"
+                f" || !(self.cache.method in {_cel_list(UNCOMPILED_CACHES)})"
                 " || (has(self.compile) && has(self.compile.enabled) && !self.compile.enabled)"
             ),
-            check=lambda p: p.cache.method != "MagCache" or not p.compile.enabled,
+            check=lambda p: p.cache.method not in UNCOMPILED_CACHES or not p.compile.enabled,
             field=".cache.method",
-            message="cache MagCache needs compile.enabled false: its hooks run every "
-            "transformer block outside torch.compile, so compiling adds nothing",
+            message="cache methods other than FirstBlockCache need compile.enabled false: "
+            "their hooks run outside torch.compile and decide each step in Python",
         ),
     )
 

@@ -167,7 +167,7 @@ def test_server_applies_the_documented_defaults(cluster, ns):
         "compile": {"enabled": True, "mode": "max-autotune-no-cudagraphs", "regional": True,
                     "precompileJob": False},
         "attention": "Flash",
-        "cache": {"method": "None", "threshold": 0.05},
+        "cache": {"method": "None", "threshold": 0.05, "interval": 2},
         "stages": {"mode": "Pipelined", "batching": "Request", "maxBatchSize": 4,
                    "batchWindowMs": 5, "queueCapacity": 64},
         "defaults": {"steps": 30, "guidanceScale": 7, "width": 1024, "height": 1024},

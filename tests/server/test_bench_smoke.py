@@ -45,6 +45,13 @@ def test_gpu_benchmark_smoke_runs_on_the_cpu(tmp_path):
         assert int8["quantization"] == "Int8WeightOnly" and int8["seconds_per_image"] > 0
         assert int8["psnr_db"] > 0 and int8["speedup"] > 0
         assert model["quantized"]["Float8"]["skipped"].startswith("no FP8 tensor cores")
+    # Every cache setting ran on the Flux pipeline, its hooks taken off before the next one.
+    flux = result["models"]["flux"]["settings"]
+    assert [row["cache"] for row in flux.values()] == [
+        "None", "FirstBlockCache", "MagCache", "TaylorSeerCache", "PyramidAttentionBroadcast",
+        "FasterCache",
+    ]
+    assert all(row["speedup"] > 0 and row["psnr_db"] > 0 for row in list(flux.values())[1:])
     # A smoke run measures nothing: every bar says so instead of claiming met or not met.
     assert result["bars"] and all(b["met"] is None for b in result["bars"])
 

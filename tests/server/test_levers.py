@@ -117,19 +117,91 @@ def test_mag_cache_equals_diffusers_with_the_same_cache_at_each_step_count(
         assert np.abs(np.asarray(got, int) - np.asarray(want, int)).max() <= 1, steps
 
 
+def _reference_cache_config(method: str, reference):
+    """What a diffusers user writes for the cache at interval 3, the way diffusers' docs do."""
+    from diffusers.hooks import (
+        FasterCacheConfig,
+        PyramidAttentionBroadcastConfig,
+        TaylorSeerCacheConfig,
+    )
+
+    def now():
+        return reference.current_timestep
+
+    return {
+        "TaylorSeerCache": lambda: TaylorSeerCacheConfig(
+            cache_interval=3, taylor_factors_dtype=torch.float32
+        ),
+        "PyramidAttentionBroadcast": lambda: PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=3, current_timestep_callback=now
+        ),
+        "FasterCache": lambda: FasterCacheConfig(
+            spatial_attention_block_skip_range=3, current_timestep_callback=now,
+            attention_weight_callback=lambda _: 0.5, is_guidance_distilled=True,
+        ),
+    }[method]()
+
+
+@pytest.mark.parametrize("method", ["TaylorSeerCache", "PyramidAttentionBroadcast", "FasterCache"])
+def test_an_attention_cache_equals_diffusers_with_the_same_cache_and_skips_attention(
+    make_runtime, tiny_models, method
+):
+    from diffusers import DiffusionPipeline
+
+    size = {"default_steps": 10, "default_width": 64, "default_height": 64}
+    cached = make_runtime("flux", cache=method, cache_interval=3, **size)
+    plain = make_runtime("flux", **size)
+    assert cached.report.cache == method
+    attention = count_calls(
+        cached.steps.pipeline.transformer.single_transformer_blocks[-1].attn.to_q
+    )
+    params = cached.params("a lighthouse", seed=3)
+    (got,) = cached.engine.generate(params, timeout_s=60)
+    computed = attention()
+    assert 0 < computed < 10  # attention was reused or extrapolated on some steps
+    reference = DiffusionPipeline.from_pretrained(tiny_models["flux"], dtype=torch.float32)
+    reference.set_progress_bar_config(disable=True)
+    reference_attention = count_calls(reference.transformer.single_transformer_blocks[-1].attn.to_q)
+    reference.transformer.enable_cache(_reference_cache_config(method, reference))
+    (want,) = reference(**cached.steps.reference_kwargs(params)).images
+    # The same steps skipped as in diffusers' pipeline, and the same pixels.
+    assert computed == reference_attention()
+    assert np.abs(np.asarray(got, int) - np.asarray(want, int)).max() <= 1
+    # Each batch starts from reset hooks: other rows between, then the same image again.
+    assert len(cached.engine.generate(cached.params("rows", seed=4, n=2), timeout_s=60)) == 2
+    (again,) = cached.engine.generate(params, timeout_s=60)
+    assert np.array_equal(np.asarray(again), np.asarray(got))
+    (uncached,) = plain.engine.generate(params, timeout_s=60)
+    assert psnr(got, uncached) < float("inf")
+
+
+STEP_COUNTING = ["MagCache", "TaylorSeerCache", "PyramidAttentionBroadcast", "FasterCache"]
+
+
+@pytest.mark.parametrize("method", STEP_COUNTING)
+def test_a_cache_that_follows_the_steps_with_step_batching_is_refused_by_the_settings(
+    tiny_models, method
+):
+    with pytest.raises(ValidationError, match=f"cache {method} needs batching Request"):
+        tiny_settings(tiny_models["flux"], cache=method, batching="Step")
+
+
 @pytest.mark.parametrize(
-    ("other", "message"),
+    ("method", "message"),
     [
-        ({"batching": "Step"}, "cache MagCache needs batching Request"),
         # Its hooks are compiler-disabled: a compiled server would compile no graph.
-        ({"compile_enabled": True}, "cache MagCache runs every transformer block outside"),
+        ("MagCache", "cache MagCache runs every transformer block outside"),
+        ("TaylorSeerCache", "cache TaylorSeerCache with compile: its hooks decide"),
+        ("PyramidAttentionBroadcast", "cache PyramidAttentionBroadcast with compile"),
+        ("FasterCache", "cache FasterCache with compile"),
     ],
 )
-def test_mag_cache_with_step_batching_or_compile_is_refused_by_the_settings(
-    tiny_models, other, message
+def test_a_cache_with_compile_other_than_first_block_cache_is_refused_by_the_settings(
+    tiny_models, method, message
 ):
     with pytest.raises(ValidationError, match=message):
-        tiny_settings(tiny_models["flux"], cache="MagCache", **other)
+        tiny_settings(tiny_models["flux"], cache=method, compile_enabled=True)
+    tiny_settings(tiny_models["flux"], cache="FirstBlockCache", compile_enabled=True)
 
 
 def test_a_cache_on_a_denoiser_without_cache_hooks_stops_the_server_naming_it(tiny_models):

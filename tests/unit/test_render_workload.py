@@ -261,6 +261,16 @@ def test_quantization_and_the_denoiser_cache_reach_the_server_and_read_back() ->
     assert not {"IMAGEGEN_QUANTIZATION", "IMAGEGEN_CACHE"} & set(env_of(resource()))
 
 
+def test_an_attention_cache_reaches_the_server_with_its_interval() -> None:
+    r = resource(
+        model={"uri": "gs://bucket/models/flux", "family": "Flux"},
+        pipeline={"compile": {"enabled": False},
+                  "cache": {"method": "PyramidAttentionBroadcast", "interval": 4}},
+    )
+    settings = ServerSettings(**settings_values(r))
+    assert (settings.cache.value, settings.cache_interval) == ("PyramidAttentionBroadcast", 4)
+
+
 def test_every_rendered_setting_is_a_server_setting() -> None:
     """A renamed ServerSettings field breaks this test, not a pod."""
     values = settings_values(resource(server={"authSecretRef": {"name": "tok"}}))

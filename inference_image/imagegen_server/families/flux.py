@@ -115,7 +115,10 @@ class FluxSteps(FamilySteps):
         rows = inputs["rows"]
         latents = torch.cat([job.latents for job in jobs])
         timestep = self.timestep_rows(jobs, rows).to(latents.dtype)
-        with denoiser_cache.context(transformer):
+        # The hooks that follow the schedule read one timestep: under request-level batching
+        # (the only batching they take) a batch's rows share it.
+        first = jobs[0]
+        with denoiser_cache.context(transformer, first.timesteps[first.step]):
             noise_pred = transformer(
                 hidden_states=latents,
                 timestep=timestep / 1000,

@@ -84,6 +84,7 @@ def settings_values(resource: ImageGenService) -> dict[str, Any]:
     if pipeline.cache.method != "None":
         values["cache"] = pipeline.cache.method
         values["cache_threshold"] = pipeline.cache.threshold
+        values["cache_interval"] = pipeline.cache.interval
     if model.loras:
         values["loras"] = [{"name": lora.name, "uri": lora.uri, "scale": lora.scale}
                            for lora in model.loras]
