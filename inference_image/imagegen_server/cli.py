@@ -61,6 +61,10 @@ def serve_parser() -> argparse.ArgumentParser:
         "--precompile", dest="compile_precompile", action=argparse.BooleanOptionalAction,
         default=None,
     )
+    parser.add_argument(
+        "--aot", dest="compile_aot", action=argparse.BooleanOptionalAction, default=None,
+        help="with --compile: AOTInductor packages instead of torch.compile",
+    )
     return parser
 
 

@@ -163,7 +163,8 @@ def apply_optimizations(
     report.attention_requested = settings.attention.value
     report.attention_active = attention.active.value
     report.attention_note = attention.note
-    if settings.compile_enabled:
+    # With compile_aot the denoiser is compiled ahead of time instead (aot_denoiser.py).
+    if settings.compile_enabled and not settings.compile_aot:
         if settings.compile_cache_dir is not None:
             configure_compile_cache(settings.compile_cache_dir)
             report.compile_cache_dir = str(settings.compile_cache_dir)

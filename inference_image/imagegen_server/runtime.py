@@ -12,9 +12,10 @@ import threading
 import time
 from collections.abc import Sequence
 
+from .aot_denoiser import AotDenoiser
 from .compiled_artifacts import CompiledArtifacts, enable_precompile
 from .config import ServerSettings
-from .engine import Engine, build_engine, default_size
+from .engine import Engine, admitted_sizes, build_engine, default_size
 from .families import FamilySteps, steps_for
 from .loading import LoadedModel, import_libraries, load_model, resolve_lora_uri
 from .lora import AdapterSlot
@@ -83,7 +84,9 @@ class ModelRuntime:
         self.report, self.attention = apply_optimizations(m.pipeline, s, m.device, m.dtype)
         self.engine = build_engine(self.steps, s, self.metrics)
         artifacts = None
-        if s.compile_enabled and s.compile_cache_dir is not None:
+        if s.compile_enabled and s.compile_aot:
+            self._compile_ahead_of_time(phase)
+        elif s.compile_enabled and s.compile_cache_dir is not None:
             artifacts = CompiledArtifacts.for_server(self.steps, s, m.dtype)
             self.report.compile_artifacts = "loaded" if artifacts.load() else "saved"
             self.report.compile_artifacts_key = artifacts.key
@@ -113,6 +116,23 @@ class ModelRuntime:
         self.metrics.recompiles.mark_ready()
         self._ready.set()
         self.metrics.ready.set(1)
+
+    def _compile_ahead_of_time(self, phase) -> None:
+        """Load the denoiser's AOTInductor packages; compile those the volume lacks from calls
+        recorded in an eager warm-up, then run the denoiser from the packages."""
+        aot = AotDenoiser.for_server(self.steps, self.settings, self.model.dtype)
+        aot.load()
+        phase("aot_load")
+        if len(aot.packages) < len(admitted_sizes(self.steps, self.settings)):
+            with aot.capture():
+                warm_up(self.steps, self.settings)
+            aot.build()
+            phase("aot_compile")
+        aot.install()
+        self.report.compiled.append(f"{type(aot.module).__name__} (AOTInductor)")
+        self.report.compile_mode = self.settings.compile_mode
+        self.report.compile_artifacts = "saved" if aot.built else "loaded"
+        self.report.compile_artifacts_key = aot.key
 
     def _phases(self):
         """A clock for the start: each call records the seconds since the last one under a

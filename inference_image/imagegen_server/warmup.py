@@ -51,12 +51,15 @@ def most_rows(settings: ServerSettings) -> int:
 
 def warmup_plan(steps: FamilySteps, settings: ServerSettings) -> list[tuple[int, int, int]]:
     """(width, height, rows) per warm-up batch: with compile on, every admitted size at rows
-    2, 3 and 1 (those a batch can hold); without, one request at the default size, which pays
-    for kernel selection and the first allocations."""
+    2, 3 and 1 (those a batch can hold), or at 2 rows with ahead-of-time packages; without,
+    one request at the default size, which pays for kernel selection and the first
+    allocations."""
     if not settings.compile_enabled:
         width, height = default_size(steps, settings)
         return [(width, height, 1)]
-    rows = [r for r in ROW_ORDER if r <= most_rows(settings)]
+    # Ahead-of-time packages take any rows from 1 up: one batch per size, of 2 rows, which is
+    # also the call a package is exported from (aot_denoiser.py).
+    rows = [2] if settings.compile_aot else [r for r in ROW_ORDER if r <= most_rows(settings)]
     plan = []
     for size in admitted_sizes(steps, settings):
         width, height = (int(side) for side in size.split("x"))

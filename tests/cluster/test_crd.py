@@ -165,7 +165,7 @@ def test_server_applies_the_documented_defaults(cluster, ns):
     }
     assert spec["pipeline"] == {
         "compile": {"enabled": True, "mode": "max-autotune-no-cudagraphs", "regional": True,
-                    "precompileJob": False},
+                    "precompileJob": False, "aot": False},
         "attention": "Flash",
         "cache": {"method": "None", "threshold": 0.05, "interval": 2},
         "stages": {"mode": "Pipelined", "batching": "Request", "maxBatchSize": 4,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -102,3 +105,35 @@ class Gate:
     def close(self) -> None:
         self.released.set()
         self._handle.remove()
+
+
+# One server start in a process of its own, as a pod's: load, warm up (saving or loading what
+# it compiled), one image; prints what it saw.
+START = """
+import json, sys
+import numpy as np
+import torch
+from torch._dynamo.utils import counters
+from imagegen_server.config import ServerSettings
+from imagegen_server.runtime import ModelRuntime
+
+torch.set_num_threads(1)
+settings = ServerSettings(**json.loads(sys.argv[1]))
+runtime = ModelRuntime(settings).load()
+traced = int(counters["stats"]["unique_graphs"])
+image = runtime.engine.generate(runtime.params("a lighthouse", seed=3), timeout_s=300)[0]
+np.save(sys.argv[2], np.asarray(image))
+print(json.dumps({"artifacts": runtime.report.compile_artifacts,
+                  "key": runtime.report.compile_artifacts_key, "traced": traced,
+                  "recompiles": runtime.metrics.recompiles.since_ready,
+                  "startup": runtime.startup_seconds}))
+runtime.close(timeout=30)
+"""
+
+
+def start_process(settings: dict, image_path) -> dict:
+    """Run START with ``settings``; its image goes to ``image_path`` (.npy)."""
+    done = subprocess.run([sys.executable, "-c", START, json.dumps(settings), str(image_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -271,6 +271,13 @@ def test_an_attention_cache_reaches_the_server_with_its_interval() -> None:
     assert (settings.cache.value, settings.cache_interval) == ("PyramidAttentionBroadcast", 4)
 
 
+def test_aot_reaches_the_server_and_is_off_unless_asked() -> None:
+    compiled = {"compile": {"enabled": True, "aot": True, "cache": {"pvcName": "inductor"}}}
+    settings = ServerSettings(**settings_values(resource(pipeline=compiled)))
+    assert settings.compile_aot and settings.compile_enabled
+    assert not ServerSettings(**settings_values(resource())).compile_aot
+
+
 def test_every_rendered_setting_is_a_server_setting() -> None:
     """A renamed ServerSettings field breaks this test, not a pod."""
     values = settings_values(resource(server={"authSecretRef": {"name": "tok"}}))

@@ -77,6 +77,8 @@ def settings_values(resource: ImageGenService) -> dict[str, Any]:
     if compile_.enabled:
         values["compile_mode"] = value(compile_.mode)
         values["compile_regional"] = compile_.regional
+        if compile_.aot:
+            values["compile_aot"] = True
         if compile_.cache is not None:
             values["compile_cache_dir"] = COMPILE_CACHE_DIR
     if model.quantization != "None":

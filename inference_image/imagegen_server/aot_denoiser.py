@@ -1,0 +1,246 @@
+"""The denoiser compiled ahead of time with AOTInductor: one package per admitted size, on the
+cache volume, so a start loads compiled code instead of tracing anything.
+
+A warm start with torch.compile's saved artifacts (compiled_artifacts.py) still runs dynamo:
+it imports the compiler and installs the traced code and guards of every compiled frame, most
+of a second on the CPU small model. AOTInductor compiles an exported program into a shared
+library with a C++ runner (PyTorch's ``torch._inductor.aoti_compile_and_package``); a start
+only loads it, about 0.1 s. Nothing is traced in service, so nothing can recompile: a shape
+without a package is an error, which the admitted sizes and warm-up rule out.
+
+The packages hold no weights. Each one is compiled with runtime constant folding and its
+constants left out of the library, and ``load_constants`` hands it the loaded denoiser's own
+tensors (user-managed: not copied, no second copy in GPU memory). A package therefore depends
+on the architecture, never the weights, like the artifact key it shares; a fine-tuned checkpoint
+of the same architecture reuses it.
+
+Each package is exported from one real call of the denoiser per size, recorded during an eager
+warm-up (``capture``): the rows dimension is exported dynamic, 1 to the most a batch holds; the
+keyword arguments that are not tensors (``return_dict``, an absent ``added_cond_kwargs``) are
+part of the program, and a later call must pass the same ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from .compiled_artifacts import artifact_key, key_parts
+from .config import ServerSettings
+from .families import FamilySteps
+from .optimize import denoiser
+from .warmup import most_rows
+
+log = logging.getLogger(__name__)
+
+SUBDIRECTORY = "aot"
+
+
+class AotError(RuntimeError):
+    """The ahead-of-time denoiser cannot serve this model or this call."""
+
+
+def _has_tensor(value: Any) -> bool:
+    return any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))
+
+
+def _split(kwargs: dict) -> tuple[dict, dict]:
+    """(the keyword arguments that carry tensors, the rest)."""
+    tensors = {k: v for k, v in kwargs.items() if _has_tensor(v)}
+    return tensors, {k: v for k, v in kwargs.items() if k not in tensors}
+
+
+def _described(constants: dict) -> dict[str, str]:
+    return {k: repr(v) for k, v in constants.items()}
+
+
+class _Call(torch.nn.Module):
+    """One denoiser call as a module to export: the non-tensor arguments fixed, the first
+    output returned (what the families take from ``return_dict=False``)."""
+
+    def __init__(self, module: torch.nn.Module, constants: dict):
+        super().__init__()
+        self.module = module
+        self.constants = constants
+
+    def forward(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        return self.module(*args, **kwargs, **self.constants)[0]
+
+
+@dataclass
+class _Package:
+    runner: Any
+    constants: dict
+
+
+@dataclass
+class AotDenoiser:
+    """The packages of one denoiser: ``load`` what the volume has, ``capture`` and ``build``
+    the rest, then ``install`` in place of the denoiser's forward."""
+
+    module: torch.nn.Module
+    directory: Path
+    parts: dict
+    most_rows: int
+    inductor_configs: dict
+    #: the input shape past the rows (channels, height, width) -> its package
+    packages: dict[tuple[int, ...], _Package] = field(default_factory=dict)
+    captured: dict[tuple[int, ...], tuple[tuple, dict]] = field(default_factory=dict)
+    built: list[str] = field(default_factory=list)
+    loaded: list[str] = field(default_factory=list)
+    #: without a cache dir, where the packages live until this object goes
+    scratch: tempfile.TemporaryDirectory | None = None
+
+    @classmethod
+    def for_server(
+        cls, steps: FamilySteps, settings: ServerSettings, dtype: torch.dtype
+    ) -> AotDenoiser:
+        module = denoiser(steps.pipeline)
+        if not hasattr(steps.pipeline, "unet"):
+            raise AotError(
+                "compile_aot needs a UNet denoiser (SD 1.5, SDXL); this model's is "
+                f"{type(module).__name__}: set compile_aot false"
+            )
+        scratch = None
+        if settings.compile_cache_dir is not None:
+            directory = Path(settings.compile_cache_dir) / SUBDIRECTORY
+        else:  # compiled at every start: nowhere to keep the packages past this process
+            scratch = tempfile.TemporaryDirectory(prefix="imagegen-aot-")
+            directory = Path(scratch.name)
+        # Constants folded at load from the weights handed over, not at compile time. Inductor's
+        # default mode whatever compile_mode says: with max-autotune, the CPU's GEMM templates
+        # leave constants the runtime folding cannot map (PyTorch 2.15: "Not all constant gets
+        # mapped for constant folding graph").
+        configs = {
+            "aot_inductor.package_constants_in_so": False,
+            "aot_inductor.use_runtime_constant_folding": True,
+        }
+        parts = {**key_parts(steps, settings, dtype), "aot": configs}
+        return cls(module, directory, parts, most_rows(settings), configs, scratch=scratch)
+
+    @property
+    def key(self) -> str:
+        return artifact_key(self.parts)
+
+    def _path(self, signature: tuple[int, ...]) -> Path:
+        shape = "x".join(str(d) for d in signature)
+        return self.directory / f"{self.key}-{shape}.pt2"
+
+    def _signatures_on_disk(self) -> list[tuple[int, ...]]:
+        index = self.directory / f"{self.key}.json"
+        if not index.is_file():
+            return []
+        return [tuple(s) for s in json.loads(index.read_text())["signatures"]]
+
+    # --- load -----------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load every package the volume has for this key; a broken one is only logged."""
+        for signature in self._signatures_on_disk():
+            path = self._path(signature)
+            try:
+                self._load(signature, path)
+            except Exception as exc:  # a package that cannot load means compiling, not failing
+                log.warning("AOT package %s not loaded, compiling instead: %s", path, exc)
+                continue
+            self.loaded.append(path.name)
+        log.info("AOT packages: %d loaded for key %s", len(self.loaded), self.key)
+
+    def _load(self, signature: tuple[int, ...], path: Path) -> None:
+        runner = torch._inductor.aoti_load_package(str(path))
+        tensors = {f"module.{name}": t for name, t in self.module.state_dict(keep_vars=True).items()}
+        tensors.update({f"module.{name}": t for name, t in self.module.named_buffers()})
+        wanted = {name: tensors[name].detach() for name in runner.get_constant_fqns()
+                  if name in tensors}  # the rest are folded from these at the first call
+        runner.load_constants(wanted, check_full_update=False, user_managed=True)
+        meta = json.loads(path.with_suffix(".json").read_text())
+        self.packages[signature] = _Package(runner, meta["constants"])
+
+    # --- build ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def capture(self):
+        """Record one call per input shape not yet packaged, of more than one row (exported
+        from a single row, the rows dimension would be specialized to 1)."""
+
+        def record(_module, args, kwargs):
+            signature = tuple(args[0].shape[1:])
+            if (signature not in self.packages and signature not in self.captured
+                    and args[0].shape[0] > 1):
+                self.captured[signature] = (args, kwargs)
+
+        handle = self.module.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def build(self) -> None:
+        """Export, compile and save a package for each captured shape, then load it."""
+        for signature, (args, kwargs) in self.captured.items():
+            started = time.perf_counter()
+            path = self._compile(signature, args, kwargs)
+            self._load(signature, path)
+            self.built.append(path.name)
+            log.info("AOT package %s compiled in %.1fs", path.name, time.perf_counter() - started)
+        signatures = sorted({*self._signatures_on_disk(), *self.captured})
+        self._write_atomically(self.directory / f"{self.key}.json", json.dumps(
+            {"parts": self.parts, "signatures": signatures}, indent=2, sort_keys=True, default=str
+        ).encode())
+        self.captured.clear()
+
+    def _compile(self, signature: tuple[int, ...], args: tuple, kwargs: dict) -> Path:
+        # Out of inference mode: the recorded tensors become ordinary inputs to trace.
+        args, kwargs = pytree.tree_map_only(torch.Tensor, torch.clone, (args, kwargs))
+        tensors, constants = _split(kwargs)
+        rows = args[0].shape[0]
+        dim = torch.export.Dim("rows", min=1, max=self.most_rows)
+        dynamic = pytree.tree_map(
+            lambda leaf: {0: dim} if isinstance(leaf, torch.Tensor) and leaf.ndim
+            and leaf.shape[0] == rows else None,
+            (args, tensors),
+        )
+        program = torch.export.export(_Call(self.module, constants), (args, tensors),
+                                      dynamic_shapes=dynamic)
+        path = self._path(signature)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+            package = torch._inductor.aoti_compile_and_package(
+                program, package_path=str(Path(scratch) / path.name),
+                inductor_configs=dict(self.inductor_configs),  # it adds to the dict it gets
+            )
+            os.replace(package, path)  # replicas may start together: never a half-written one
+        self._write_atomically(path.with_suffix(".json"), json.dumps(
+            {"constants": _described(constants)}).encode())
+        return path
+
+    @staticmethod
+    def _write_atomically(path: Path, data: bytes) -> None:
+        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as out:
+            out.write(data)
+        os.replace(out.name, path)
+
+    # --- serve ----------------------------------------------------------------------------
+    def install(self) -> None:
+        """The denoiser's forward runs the packages from here on."""
+        self.module.forward = self._forward
+
+    def _forward(self, *args, **kwargs):
+        signature = tuple(args[0].shape[1:])
+        package = self.packages.get(signature)
+        if package is None:
+            raise AotError(f"no ahead-of-time package for denoiser input {signature}; "
+                           f"packaged: {sorted(self.packages)}")
+        tensors, constants = _split(kwargs)
+        if _described(constants) != package.constants:
+            raise AotError(f"denoiser called with {constants}, packaged with "
+                           f"{package.constants}")
+        return (package.runner(args, tensors),)

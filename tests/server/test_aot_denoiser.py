@@ -1,0 +1,97 @@
+"""The denoiser compiled ahead of time (AOTInductor): a start compiles one package per admitted
+size, the next start loads them and traces nothing, and both draw what the eager denoiser
+draws. The packages hold no weights: another checkpoint of the same architecture reuses them
+and draws its own images. Each start is its own process, as a pod's is."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+from server_testlib import start_process as start
+from server_testlib import tiny_settings
+
+from imagegen_server.aot_denoiser import AotError
+from imagegen_server.config import ServerSettings
+from imagegen_server.runtime import ModelRuntime
+from imagegen_server.tiny import make_tiny_model
+
+
+def images(settings: dict, **params) -> np.ndarray:
+    """One request's images through a runtime in this process."""
+    runtime = ModelRuntime(ServerSettings(**settings)).load()
+    try:
+        got = runtime.engine.generate(runtime.params("a lighthouse", **params), timeout_s=300)
+        return np.stack([np.asarray(image) for image in got]).astype(int)
+    finally:
+        runtime.close(timeout=30)
+
+
+def eager_image(settings: dict) -> np.ndarray:
+    """START's request through the same settings without compile."""
+    return images({**settings, "compile_enabled": False, "compile_aot": False}, seed=3)[0]
+
+
+@pytest.mark.slow
+def test_packages_compiled_once_serve_later_starts_and_other_weights(tiny_models, tmp_path):
+    cache = tmp_path / "cache"
+    settings = {"model": str(tiny_models["sd15"]), "device": "cpu", "dtype": "float32",
+                "default_steps": 2, "compile_enabled": True, "compile_aot": True,
+                "compile_cache_dir": str(cache), "allowed_sizes": ["96x64"], "max_pixels": 96 * 64,
+                "max_batch_size": 2}
+    cold = start(settings, tmp_path / "cold.npy")
+    assert cold["artifacts"] == "saved" and "aot_compile" in cold["startup"]
+    # One package per admitted size (64x64 and 96x64: latents 32x32 and 32x48), and an index.
+    packages = sorted(p.name.split("-")[1] for p in (cache / "aot").glob("*.pt2"))
+    assert packages == ["4x32x32.pt2", "4x32x48.pt2"]
+    index = json.loads((cache / "aot" / f"{cold['key']}.json").read_text())
+    assert index["parts"]["sizes"] == ["64x64", "96x64"]
+
+    warm = start(settings, tmp_path / "warm.npy")
+    assert warm["key"] == cold["key"] and warm["artifacts"] == "loaded"
+    assert "aot_compile" not in warm["startup"] and warm["startup"]["aot_load"] < 5
+    assert warm["traced"] == 0 and warm["recompiles"] == 0
+    cold_image, warm_image = (np.load(tmp_path / f"{n}.npy").astype(int) for n in ("cold", "warm"))
+    assert np.abs(cold_image - warm_image).max() <= 1
+    assert np.abs(warm_image - eager_image(settings)).max() <= 1
+
+    # Warm-up ran each package at 2 rows; the rows dimension is dynamic: 1 row (no guidance)
+    # and 8 (4 images with classifier-free guidance) draw what eager draws.
+    eager = {**settings, "compile_enabled": False, "compile_aot": False}
+    for rows in ({"n": 1, "guidance_scale": 0.0}, {"n": 4, "guidance_scale": 5.0}):
+        got = images(settings, seed=5, width=96, height=64, **rows)
+        assert np.abs(got - images(eager, seed=5, width=96, height=64, **rows)).max() <= 1
+
+    # Other weights, the same architecture: the same key, the packages loaded, and the image
+    # is this checkpoint's own, not the first one's.
+    other = {**settings, "model": str(make_tiny_model(tmp_path / "other", "sd15", seed=1))}
+    reused = start(other, tmp_path / "other.npy")
+    assert reused["key"] == cold["key"] and reused["artifacts"] == "loaded"
+    other_image = np.load(tmp_path / "other.npy").astype(int)
+    assert np.abs(other_image - eager_image(other)).max() <= 1
+    assert np.abs(other_image - warm_image).max() > 10
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"compile_enabled": False}, "compile_enabled false"),
+        ({"quantization": "Int8WeightOnly"}, "quantization Int8WeightOnly"),
+        ({"cache": "FirstBlockCache"}, "cache FirstBlockCache"),
+        ({"loras": [{"name": "ink", "uri": "/x.safetensors"}]}, "loras"),
+    ],
+)
+def test_aot_with_what_changes_the_denoisers_graph_is_refused_by_the_settings(
+    tiny_models, overrides, named
+):
+    settings = {"compile_enabled": True, "compile_aot": True, **overrides}
+    with pytest.raises(ValidationError, match=f"compile_aot does not go with {named}"):
+        tiny_settings(tiny_models["sd15"], **settings)
+
+
+def test_aot_on_a_transformer_denoiser_stops_the_server_naming_the_setting(tiny_models):
+    settings = tiny_settings(tiny_models["flux"], compile_enabled=True, compile_aot=True)
+    with pytest.raises(AotError, match="compile_aot needs a UNet denoiser"):
+        ModelRuntime(settings).load()
