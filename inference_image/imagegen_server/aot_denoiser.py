@@ -157,9 +157,9 @@ class AotDenoiser:
 
     def _load(self, signature: tuple[int, ...], path: Path) -> None:
         runner = torch._inductor.aoti_load_package(str(path))
-        tensors = {f"module.{name}": t for name, t in self.module.state_dict(keep_vars=True).items()}
-        tensors.update({f"module.{name}": t for name, t in self.module.named_buffers()})
-        wanted = {name: tensors[name].detach() for name in runner.get_constant_fqns()
+        own = [*self.module.named_parameters(), *self.module.named_buffers()]
+        tensors = {f"module.{name}": t.detach() for name, t in own}  # as _Call names them
+        wanted = {name: tensors[name] for name in runner.get_constant_fqns()
                   if name in tensors}  # the rest are folded from these at the first call
         runner.load_constants(wanted, check_full_update=False, user_managed=True)
         meta = json.loads(path.with_suffix(".json").read_text())
