@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from .compiled_artifacts import artifact_key, key_parts
+from .compiled_artifacts import artifact_key, key_parts, write_atomically
 from .config import ServerSettings
 from .families import FamilySteps
 from .optimize import denoiser
@@ -192,7 +192,7 @@ class AotDenoiser:
             self.built.append(path.name)
             log.info("AOT package %s compiled in %.1fs", path.name, time.perf_counter() - started)
         signatures = sorted({*self._signatures_on_disk(), *self.captured})
-        self._write_atomically(self.directory / f"{self.key}.json", json.dumps(
+        write_atomically(self.directory / f"{self.key}.json", json.dumps(
             {"parts": self.parts, "signatures": signatures}, indent=2, sort_keys=True, default=str
         ).encode())
         self.captured.clear()
@@ -218,15 +218,9 @@ class AotDenoiser:
                 inductor_configs=dict(self.inductor_configs),  # it adds to the dict it gets
             )
             os.replace(package, path)  # replicas may start together: never a half-written one
-        self._write_atomically(path.with_suffix(".json"), json.dumps(
+        write_atomically(path.with_suffix(".json"), json.dumps(
             {"constants": _described(constants)}).encode())
         return path
-
-    @staticmethod
-    def _write_atomically(path: Path, data: bytes) -> None:
-        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as out:
-            out.write(data)
-        os.replace(out.name, path)
 
     # --- serve ----------------------------------------------------------------------------
     def install(self) -> None:

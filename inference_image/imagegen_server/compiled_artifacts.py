@@ -74,6 +74,14 @@ def artifact_key(parts: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replicas may start together on one volume: a reader sees the old file or the whole
+    new one, never half of it."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as out:
+        out.write(data)
+    os.replace(out.name, path)
+
+
 @dataclass
 class CompiledArtifacts:
     """The bundle for one key: ``load`` before warm-up, ``save`` after it."""
@@ -119,9 +127,7 @@ class CompiledArtifacts:
             return 0
         data, _ = saved
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=self.path.parent, delete=False) as out:
-            out.write(data)
-        os.replace(out.name, self.path)
+        write_atomically(self.path, data)
         # Beside it, what the key stands for, for whoever lists the volume.
         self.path.with_suffix(".json").write_text(
             json.dumps(self.parts, indent=2, sort_keys=True, default=str)
