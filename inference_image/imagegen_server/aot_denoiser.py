@@ -2,8 +2,8 @@
 cache volume, so a start loads compiled code instead of tracing anything.
 
 A warm start with torch.compile's saved artifacts (compiled_artifacts.py) still runs dynamo:
-it imports the compiler and installs the traced code and guards of every compiled frame, most
-of a second on the CPU small model. AOTInductor compiles an exported program into a shared
+it imports the compiler and installs the traced code and guards of every compiled frame, about
+2 s on the CPU small model. AOTInductor compiles an exported program into a shared
 library with a C++ runner (PyTorch's ``torch._inductor.aoti_compile_and_package``); a start
 only loads it, about 0.1 s. Nothing is traced in service, so nothing can recompile: a shape
 without a package is an error, which the admitted sizes and warm-up rule out.
@@ -15,7 +15,8 @@ on the architecture, never the weights, like the artifact key it shares; a fine-
 of the same architecture reuses it.
 
 Each package is exported from one real call of the denoiser per size, recorded during an eager
-warm-up (``capture``): the rows dimension is exported dynamic, 1 to the most a batch holds; the
+warm-up (``capture``), a UNet's or a transformer's alike, the shape of its latents naming the
+package: the rows dimension is exported dynamic, 1 to the most a batch holds; the
 keyword arguments that are not tensors (``return_dict``, an absent ``added_cond_kwargs``) are
 part of the program, and a later call must pass the same ones.
 """
@@ -60,6 +61,15 @@ def _split(kwargs: dict) -> tuple[dict, dict]:
     return tensors, {k: v for k, v in kwargs.items() if k not in tensors}
 
 
+def _latents(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A call's latents: the UNet's ``sample`` (positional), the transformers'
+    ``hidden_states``. Their shape past the rows picks the package."""
+    latents = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+    if not isinstance(latents, torch.Tensor):
+        raise AotError(f"no latents among the denoiser's arguments ({', '.join(kwargs)})")
+    return latents
+
+
 def _described(constants: dict) -> dict[str, str]:
     return {k: repr(v) for k, v in constants.items()}
 
@@ -93,7 +103,7 @@ class AotDenoiser:
     parts: dict
     most_rows: int
     inductor_configs: dict
-    #: the input shape past the rows (channels, height, width) -> its package
+    #: the latents' shape past the rows -> its package
     packages: dict[tuple[int, ...], _Package] = field(default_factory=dict)
     captured: dict[tuple[int, ...], tuple[tuple, dict]] = field(default_factory=dict)
     built: list[str] = field(default_factory=list)
@@ -106,11 +116,6 @@ class AotDenoiser:
         cls, steps: FamilySteps, settings: ServerSettings, dtype: torch.dtype
     ) -> AotDenoiser:
         module = denoiser(steps.pipeline)
-        if not hasattr(steps.pipeline, "unet"):
-            raise AotError(
-                "compile_aot needs a UNet denoiser (SD 1.5, SDXL); this model's is "
-                f"{type(module).__name__}: set compile_aot false"
-            )
         scratch = None
         if settings.compile_cache_dir is not None:
             directory = Path(settings.compile_cache_dir) / SUBDIRECTORY
@@ -172,9 +177,10 @@ class AotDenoiser:
         from a single row, the rows dimension would be specialized to 1)."""
 
         def record(_module, args, kwargs):
-            signature = tuple(args[0].shape[1:])
+            latents = _latents(args, kwargs)
+            signature = tuple(latents.shape[1:])
             if (signature not in self.packages and signature not in self.captured
-                    and args[0].shape[0] > 1):
+                    and latents.shape[0] > 1):
                 self.captured[signature] = (args, kwargs)
 
         handle = self.module.register_forward_pre_hook(record, with_kwargs=True)
@@ -201,7 +207,7 @@ class AotDenoiser:
         # Out of inference mode: the recorded tensors become ordinary inputs to trace.
         args, kwargs = pytree.tree_map_only(torch.Tensor, torch.clone, (args, kwargs))
         tensors, constants = _split(kwargs)
-        rows = args[0].shape[0]
+        rows = _latents(args, kwargs).shape[0]
         dim = torch.export.Dim("rows", min=1, max=self.most_rows)
         dynamic = pytree.tree_map(
             lambda leaf: {0: dim} if isinstance(leaf, torch.Tensor) and leaf.ndim
@@ -228,7 +234,7 @@ class AotDenoiser:
         self.module.forward = self._forward
 
     def _forward(self, *args, **kwargs):
-        signature = tuple(args[0].shape[1:])
+        signature = tuple(_latents(args, kwargs).shape[1:])
         package = self.packages.get(signature)
         if package is None:
             raise AotError(f"no ahead-of-time package for denoiser input {signature}; "

@@ -290,8 +290,8 @@ class ServerSettings(BaseSettings):
         default=False,
         description="With compile: compile the denoiser ahead of time with AOTInductor, one "
         "package per admitted size (in compile_cache_dir when set), which a later start loads "
-        "in a tenth of a second with no tracing; torch.compile is then not used. UNet "
-        "denoisers (SD 1.5, SDXL), without loras, quantization or a cache.",
+        "in a tenth of a second with no tracing; torch.compile is then not used. Without "
+        "loras, quantization or a cache.",
     )
     cache: DenoiserCache = Field(
         default=DenoiserCache.NONE,

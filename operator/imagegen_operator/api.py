@@ -235,9 +235,8 @@ class CompileSpec(KubeModel):
     """Compile the denoiser ahead of time with AOTInductor instead of torch.compile: one
     package per admitted size, kept on `cache`, which a replica's start loads in about a tenth
     of a second with nothing traced. The packages hold no weights, so another checkpoint of
-    the same architecture reuses them. UNet denoisers (SD15, SDXL) without loras,
-    quantization or a denoiser cache; compiled in inductor's default mode whatever `mode`
-    says."""
+    the same architecture reuses them. Without loras, quantization or a denoiser cache;
+    compiled in inductor's default mode whatever `mode` says."""
 
     rules = (
         Rule(
@@ -667,16 +666,13 @@ class ImageGenServiceSpec(KubeModel):
                 "!has(self.pipeline) || !has(self.pipeline.compile)"
                 " || !has(self.pipeline.compile.aot) || !self.pipeline.compile.aot"
                 " || ((!has(self.model.quantization) || self.model.quantization == 'None')"
-                " && (!has(self.model.loras) || size(self.model.loras) == 0)"
-                " && (!has(self.model.family) || self.model.family in ['Auto', 'SD15', 'SDXL']))"
+                " && (!has(self.model.loras) || size(self.model.loras) == 0))"
             ),
-            check=lambda s: not s.pipeline.compile.aot or (
-                s.model.quantization == "None" and not s.model.loras
-                and s.model.family in ("Auto", "SD15", "SDXL")
-            ),
+            check=lambda s: not s.pipeline.compile.aot
+            or (s.model.quantization == "None" and not s.model.loras),
             field=".pipeline.compile.aot",
-            message="pipeline.compile.aot needs a UNet model (family SD15 or SDXL) without "
-            "loras or quantization: the package holds the plain denoiser's graph",
+            message="pipeline.compile.aot does not go with model.loras or model.quantization: "
+            "the package holds the plain denoiser's graph",
         ),
     )
 

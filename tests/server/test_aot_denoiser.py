@@ -13,7 +13,6 @@ from pydantic import ValidationError
 from server_testlib import start_process as start
 from server_testlib import tiny_settings
 
-from imagegen_server.aot_denoiser import AotError
 from imagegen_server.config import ServerSettings
 from imagegen_server.runtime import ModelRuntime
 from imagegen_server.tiny import make_tiny_model
@@ -91,7 +90,21 @@ def test_aot_with_what_changes_the_denoisers_graph_is_refused_by_the_settings(
         tiny_settings(tiny_models["sd15"], **settings)
 
 
-def test_aot_on_a_transformer_denoiser_stops_the_server_naming_the_setting(tiny_models):
-    settings = tiny_settings(tiny_models["flux"], compile_enabled=True, compile_aot=True)
-    with pytest.raises(AotError, match="compile_aot needs a UNet denoiser"):
-        ModelRuntime(settings).load()
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_transformer_denoiser_compiled_ahead_of_time_draws_what_eager_draws(
+    tiny_models, family
+):
+    # No cache dir: the packages live in a scratch directory for this runtime only.
+    settings = {"model": str(tiny_models[family]), "device": "cpu", "dtype": "float32",
+                "default_steps": 2, "compile_enabled": True, "compile_aot": True}
+    runtime = ModelRuntime(ServerSettings(**settings)).load()
+    try:
+        assert runtime.report.compile_artifacts == "saved"
+        assert "AOTInductor" in runtime.report.compiled[0]
+        got = [np.asarray(image).astype(int) for image in runtime.engine.generate(
+            runtime.params("a lighthouse", seed=3, n=3), timeout_s=300)]
+    finally:
+        runtime.close(timeout=30)
+    want = images({**settings, "compile_enabled": False, "compile_aot": False}, seed=3, n=3)
+    assert np.abs(np.stack(got) - want).max() <= 1
