@@ -243,4 +243,6 @@ class AotDenoiser:
         if _described(constants) != package.constants:
             raise AotError(f"denoiser called with {constants}, packaged with "
                            f"{package.constants}")
+        # On a GPU the runner launches on the current stream, the denoise stage's own (PyTorch's
+        # AOTIModelContainerRunnerCuda::run_impl takes getCurrentCUDAStream when given none).
         return (package.runner(args, tensors),)
