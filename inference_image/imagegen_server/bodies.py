@@ -28,6 +28,10 @@ from .uploads import edit_image, edit_mask, open_image
 SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
 # A number, strictly: "7" is not one, nor NaN or infinity; 7 is 7.0.
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+# Deeper than any body of these routes nests. The parser's own bound is the interpreter's
+# recursion limit, which torch's compiler raises for the whole process (to 2000), so the
+# answer to a deep body would depend on whether something had been compiled.
+MAX_JSON_DEPTH = 64
 
 
 class LoraChoice(BaseModel):
@@ -204,14 +208,35 @@ async def read_json_body(request: Request, limit: int) -> Any:
     """The body as JSON, or the error a client should see: 415, 413 or 400."""
     _require_media_type(request, "application/json")
     body = await read_body(request, limit)
+    too_deep = ApiError(400, "request body is nested too deeply", code="invalid_json")
     try:
-        return json.loads(body.decode("utf-8"))
+        value = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ApiError(400, "request body is not valid UTF-8", code="invalid_json") from exc
     except RecursionError as exc:
-        raise ApiError(400, "request body is nested too deeply", code="invalid_json") from exc
+        raise too_deep from exc
     except ValueError as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if _deeper_than(value, MAX_JSON_DEPTH):
+        raise too_deep
+    return value
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest more than ``limit`` levels (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 # A form has a few text fields and at most these files (image and mask).

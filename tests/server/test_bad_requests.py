@@ -113,6 +113,9 @@ CASES = {
     "json-bad-utf8": raw(b'{"prompt": "\xff\xfe"}', 400, says="UTF-8"),
     "json-too-deep": raw(b"[" * 100_000 + b"]" * 100_000, 413),
     "json-deep-within-limit": raw(b"[" * 1500 + b"]" * 1500, 400, says="nested too deeply"),
+    # Deeper than any body nests, yet far within the parser's recursion limit.
+    "json-deeper-than-any-body": raw(b'{"prompt": "x", "lora": ' + b"[" * 70 + b"]" * 70 + b"}",
+                                     400, says="nested too deeply"),
     # content type and size
     "form-encoded": raw(b"prompt=x", 415, headers={"content-type":
                                                    "application/x-www-form-urlencoded"}),
