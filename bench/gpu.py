@@ -8,7 +8,10 @@ written inline, with random weights; the tokenizer is the byte-level one from
 For each model it measures, with the server's own optimizations, stage steps and engines:
 
 * three variants: eager (float32, PyTorch's attention choice, no channels_last: diffusers out
-  of the box), bf16 + SDPA flash (+ channels_last), and that + torch.compile (regional);
+  of the box), bf16 + SDPA flash (+ channels_last), and that + torch.compile (regional); a
+  fourth when asked (``--variants ... bf16+flash+aot``): bf16 + flash compiled ahead of time
+  into AOTInductor packages (the server's compile_aot), which compiles the whole UNet (78 s
+  for the toy-width smoke UNet on a 2-core CPU), so it is not in the default run;
   for each: UNet it/s (batch 2, classifier-free guidance) and seconds per image at --steps
   through the Stacked engine, one request at a time;
 * share of the FLOP floor: FLOPs of one image (text encoders + steps x UNet + VAE decode),
@@ -42,6 +45,8 @@ import common
 import gpu_caches
 
 SDXL_BAR_S = 1.5
+# In the order they run: the concurrency sweep after them uses the last one's settings.
+VARIANTS = ["eager", "bf16+flash", "bf16+flash+aot", "bf16+flash+compile"]
 PIPELINE_BAR = 1.3
 
 # Dense bf16 tensor-core peaks in TFLOP/s from the vendors' data sheets; the yardstick for every
@@ -338,7 +343,8 @@ def settings_for(variant: str, device, args, **overrides):
         values.update(dtype="float32", attention="Auto", channels_last=False)
     else:
         values.update(dtype="bfloat16", attention="Flash", channels_last=True)
-        values.update(compile_enabled=variant.endswith("compile"))
+        values.update(compile_enabled=variant.endswith(("compile", "aot")),
+                      compile_aot=variant.endswith("aot"))
     values.update(overrides)
     return ServerSettings(**values)
 
@@ -390,7 +396,7 @@ def measure_model(name: str, device, args, deadline: float) -> dict:
     steps = attention = settings = None
     first_images: dict[str, Any] = {}
     for variant in args.variants:
-        if variant.endswith("compile") and args.smoke and not args.smoke_compile:
+        if variant.endswith(("compile", "aot")) and args.smoke and not args.smoke_compile:
             out["variants"][variant] = {"skipped": "--smoke without --smoke-compile"}
             continue
         if time.perf_counter() > deadline:
@@ -404,15 +410,21 @@ def measure_model(name: str, device, args, deadline: float) -> dict:
         compile_started = time.perf_counter()
         report, attention = apply_optimizations(pipe, settings, device, dtype)
         steps = steps_for(family, pipe, device)
+        if settings.compile_aot:
+            compile_ahead_of_time(steps, settings, dtype)
         stacked = engine("Stacked", steps, settings)
         try:
             # The first request pays for compilation and autotuning; it is reported apart.
             stacked.generate(request(steps, size, 2, 0))
             first_s = time.perf_counter() - compile_started
-            its = unet_its(pipe, name, size, device, dtype, args.unet_iterations)
+            # The AOT packages take the server's own call of the UNet only: no it/s apart.
+            its = None if settings.compile_aot else unet_its(
+                pipe, name, size, device, dtype, args.unet_iterations)
             latencies, first_images[variant] = timed_images(stacked, steps, size, args)
         finally:
             stacked.close(timeout=120)
+            if settings.compile_aot:
+                del pipe.unet.forward  # the module's own forward again, for the next variant
         per_image = common.percentile(latencies, 50)
         row = {
             "dtype": report.dtype,
@@ -431,7 +443,7 @@ def measure_model(name: str, device, args, deadline: float) -> dict:
         out["variants"][variant] = row
         share = f"{row['share_of_peak']:.1%} of peak" if peak else "peak unknown"
         print(
-            f"  {variant:<20} {its:7.2f} it/s  {per_image:7.3f} s/image  "
+            f"  {variant:<20} {its or float('nan'):7.2f} it/s  {per_image:7.3f} s/image  "
             f"{row['achieved_tflops']:7.1f} TFLOP/s ({share}); first request {first_s:.1f}s",
             flush=True,
         )
@@ -450,6 +462,19 @@ def measure_model(name: str, device, args, deadline: float) -> dict:
     out["quantized"] = measure_quantized(name, family, size, device, args, deadline,
                                          first_images, out["variants"])
     return out
+
+
+def compile_ahead_of_time(steps, settings, dtype) -> None:
+    """What the server's start does with compile_aot (runtime.py): record a call per size in
+    an eager warm-up, compile AOTInductor packages from them, run the UNet from those."""
+    from imagegen_server.aot_denoiser import AotDenoiser
+    from imagegen_server.warmup import warm_up
+
+    aot = AotDenoiser.for_server(steps, settings, dtype)
+    with aot.capture():
+        warm_up(steps, settings)
+    aot.build()
+    aot.install()
 
 
 def timed_images(stacked, steps, size: int, args) -> tuple[list[float], Any]:
@@ -642,8 +667,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--variants",
         nargs="+",
-        choices=["eager", "bf16+flash", "bf16+flash+compile"],
+        choices=VARIANTS,
+        # AOT compiles the whole UNet, slowly: asked for, not in the default run.
         default=["eager", "bf16+flash", "bf16+flash+compile"],
+        help="bf16+flash+aot: the UNet from AOTInductor packages (the server's compile_aot)",
     )
     parser.add_argument(
         "--quantization", nargs="*", choices=["Int8WeightOnly", "Float8"],
@@ -664,6 +691,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     common.add_output_argument(parser)
     args = parser.parse_args(argv)
+    args.variants = [v for v in VARIANTS if v in args.variants]
     defaults = (2, 1, 2, [1, 4]) if args.smoke else (30, 3, 10, [1, 2, 4, 8])
     args.steps = args.steps or defaults[0]
     args.images = args.images or defaults[1]
