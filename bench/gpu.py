@@ -468,12 +468,9 @@ def compile_ahead_of_time(steps, settings, dtype) -> None:
     """What the server's start does with compile_aot (runtime.py): record a call per size in
     an eager warm-up, compile AOTInductor packages from them, run the UNet from those."""
     from imagegen_server.aot_denoiser import AotDenoiser
-    from imagegen_server.warmup import warm_up
 
     aot = AotDenoiser.for_server(steps, settings, dtype)
-    with aot.capture():
-        warm_up(steps, settings)
-    aot.build()
+    aot.compile_missing(steps, settings)
     aot.install()
 
 

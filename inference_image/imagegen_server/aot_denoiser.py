@@ -38,9 +38,10 @@ import torch.utils._pytree as pytree
 
 from .compiled_artifacts import artifact_key, key_parts, write_atomically
 from .config import ServerSettings
+from .engine import admitted_sizes
 from .families import FamilySteps
 from .optimize import denoiser
-from .warmup import most_rows
+from .warmup import most_rows, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,6 @@ class AotDenoiser:
     packages: dict[tuple[int, ...], _Package] = field(default_factory=dict)
     captured: dict[tuple[int, ...], tuple[tuple, dict]] = field(default_factory=dict)
     built: list[str] = field(default_factory=list)
-    loaded: list[str] = field(default_factory=list)
     #: without a cache dir, where the packages live until this object goes
     scratch: tempfile.TemporaryDirectory | None = None
 
@@ -156,9 +156,7 @@ class AotDenoiser:
                 self._load(signature, path)
             except Exception as exc:  # a package that cannot load means compiling, not failing
                 log.warning("AOT package %s not loaded, compiling instead: %s", path, exc)
-                continue
-            self.loaded.append(path.name)
-        log.info("AOT packages: %d loaded for key %s", len(self.loaded), self.key)
+        log.info("AOT packages: %d loaded for key %s", len(self.packages), self.key)
 
     def _load(self, signature: tuple[int, ...], path: Path) -> None:
         runner = torch._inductor.aoti_load_package(str(path))
@@ -188,6 +186,15 @@ class AotDenoiser:
             yield
         finally:
             handle.remove()
+
+    def compile_missing(self, steps: FamilySteps, settings: ServerSettings) -> None:
+        """Compile a package for each admitted size without one: from the calls an eager
+        warm-up makes, recorded."""
+        if len(self.packages) >= len(admitted_sizes(steps, settings)):
+            return
+        with self.capture():
+            warm_up(steps, settings)
+        self.build()
 
     def build(self) -> None:
         """Export, compile and save a package for each captured shape, then load it."""

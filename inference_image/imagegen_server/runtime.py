@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from .aot_denoiser import AotDenoiser
 from .compiled_artifacts import CompiledArtifacts, enable_precompile
 from .config import ServerSettings
-from .engine import Engine, admitted_sizes, build_engine, default_size
+from .engine import Engine, build_engine, default_size
 from .families import FamilySteps, steps_for
 from .loading import LoadedModel, import_libraries, load_model, resolve_lora_uri
 from .lora import AdapterSlot
@@ -123,10 +123,8 @@ class ModelRuntime:
         aot = AotDenoiser.for_server(self.steps, self.settings, self.model.dtype)
         aot.load()
         phase("aot_load")
-        if len(aot.packages) < len(admitted_sizes(self.steps, self.settings)):
-            with aot.capture():
-                warm_up(self.steps, self.settings)
-            aot.build()
+        aot.compile_missing(self.steps, self.settings)
+        if aot.built:
             phase("aot_compile")
         aot.install()
         self.report.compiled.append(f"{type(aot.module).__name__} (AOTInductor)")
