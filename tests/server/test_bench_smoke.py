@@ -85,6 +85,12 @@ def test_step_batching_bench_runs_both_batchings_on_every_load(tmp_path):
     # the sensitivity curve, one for the CPU.
     bars = result["bars"]
     assert len(bars) == 7 and all("30%" in b["measured"] for b in bars[:4])
+    # Each modelled comparison carries its simulated yardstick, an ideal server's p95 ratio.
+    assert all("an ideal server's p95" in b["measured"] for b in bars[:6])
+    for model in result["modelled"].values():
+        for workload in model["workloads"].values():
+            assert [m["load"] for m in workload["simulated"]] == [0.3, 0.7, 0.9]
+            assert all(0 < m["ideal_ratio"] <= 1 for m in workload["simulated"])
     assert all("1.6x one" in b["item"] for b in bars[4:6])
 
 
@@ -98,6 +104,34 @@ def test_a_step_curve_made_more_sub_linear_keeps_the_cost_of_one_request():
         assert step(2) == pytest.approx(roofline(2))
         assert full_batch_ratio(step, 4) == pytest.approx(ratio)
         assert step.fixed_s > roofline.fixed_s and step.per_row_s < roofline.per_row_s
+
+
+def test_the_simulated_request_level_stage_waits_out_its_window_and_runs_one_batch_per_step_count():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from step_batching import Cost, simulated_request_level
+
+    step = Cost(0.0, 1.0)  # a second per row: a request (two rows) costs 2 s a step
+    # Two arrivals inside the window share a batch, which starts when the window ends; the third
+    # comes while the batch runs and waits for it.
+    latencies = simulated_request_level([0.0, 0.001, 10.0], [3, 3, 3], step, full=4,
+                                        window_s=0.01)
+    assert latencies == pytest.approx([12.01, 12.009, 8.02])
+    # A full batch starts at once; two step counts in one window run one after the other.
+    assert simulated_request_level([0.0, 0.0], [3, 3], step, full=2, window_s=5.0) == (
+        pytest.approx([12.0, 12.0]))
+    assert simulated_request_level([0.0, 0.0], [2, 3], step, full=4, window_s=0.5) == (
+        pytest.approx([4.5, 10.5]))
+
+
+def test_the_ideal_server_runs_at_full_batch_cost_but_no_request_faster_than_alone():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from step_batching import Cost, ideal_server
+
+    step = Cost(1.0, 1.0)  # one request a step: 3 s; two in one step: 5 s, 2.5 s each
+    # The first would be done after 3 steps at 2.5 s each, but alone it takes 3 x 3 s.
+    assert ideal_server([0.0, 0.0], [3, 3], step, full=2) == pytest.approx([9.0, 15.0])
+    # Arriving to an idle server, a request waits for nothing before it.
+    assert ideal_server([0.0, 100.0], [2, 2], step, full=2) == pytest.approx([6.0, 6.0])
 
 
 def test_stage_machinery_runs_the_real_engines_with_a_given_profile(tmp_path):
