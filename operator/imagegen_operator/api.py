@@ -290,7 +290,10 @@ class StagesSpec(KubeModel):
     """How the denoise stage batches: Request runs a batch through all its steps together;
     Step lets requests join the running batch at the next denoising step, each at its own
     timestep, so a request arriving mid-batch does not wait for the batch to finish
-    (Pipelined only)."""
+    (Pipelined only). Step gains most where requests ask for different step counts and where
+    a step over more rows costs little more than over one; where a step's cost grows in
+    step with its rows (a large image on a busy GPU), the one joining slows the batch about
+    as much as it saves, and Request does as well."""
     max_batch_size: int = limited("max_batch_size")
     """Most requests batched together in one stage step."""
     batch_window_ms: int = limited("batch_window_ms")
