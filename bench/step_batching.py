@@ -17,6 +17,9 @@ follow, so the ratios are those of the GPU. Poisson arrivals at 30%, 70% and 90%
 both modes; latency from arrival to answer. Two workloads: every request at 30 steps, and a
 mix of 20, 30, 40 and 50 steps (a request-level batch holds one step count; a step-level batch
 any). Bar at 70%: step-level p95 at most 0.6x the request-level p95, throughput at least 1.0x.
+Beside each, an event simulation of the denoiser alone over many arrivals gives the p95 of an
+ideal server against request-level batching (``ideal_server``): how low any schedule that
+finishes requests in arrival order could go on that device.
 Then the 70% runs again on SD 1.5 with the step more sub-linear than the roofline's, the cost
 of one request kept: a full batch's step at 2.9x one request's (diffusers' published A100
 numbers), 2.2x and 1.6x (``--curves``), to show what the result waits on.
