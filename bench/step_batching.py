@@ -101,7 +101,7 @@ class Device:
     def batch_window_s(self) -> float:
         """The server's default batch window, scaled as the device's times are: on the GPU a
         request takes ~0.1-1 s and the window 5 ms; unscaled, the window would be a fifth of
-        a request that takes 25 ms here, a wait the GPU never sees."""
+        a request that takes 25 ms here (``--request-ms``), a wait the GPU never sees."""
         from imagegen_server.config import ServerSettings
 
         return ServerSettings(model="unused").batch_window_ms / 1000 * self.time_scale
@@ -303,7 +303,7 @@ def compare(device: Device, step_counts: tuple[int, ...], loads: tuple[float, ..
     mean_steps = sum(step_counts) / len(step_counts)
     capacity = full / (mean_steps * device.step(2 * full))
     print(f" {label} steps {step_counts}: capacity {capacity:.1f} requests/s", flush=True)
-    rows, ideals = [], []
+    rows, simulations = [], []
     for load in loads:
         # More arrivals where the bar is: a p95 over few bursts is noise.
         count = args.requests_at_bar if load == 0.7 else args.requests
@@ -317,13 +317,13 @@ def compare(device: Device, step_counts: tuple[int, ...], loads: tuple[float, ..
             print(f"  {load:.0%} {batching:<7} p50 {row['p50_s'] * 1e3:6.0f} ms  "
                   f"p95 {row['p95_s'] * 1e3:6.0f} ms  "
                   f"{row['throughput_per_s']:5.1f}/s", flush=True)
-        model = simulated(device, load * capacity, step_counts, full)
-        ideals.append({"load": load, **model})
+        sim = simulated(device, load * capacity, step_counts, full)
+        simulations.append({"load": load, **sim})
         print(f"  {load:.0%} simulated denoiser alone: request-level p95 "
-              f"{model['request_level_p95_s'] * 1e3:.0f} ms, ideal server "
-              f"{model['ideal_p95_s'] * 1e3:.0f} ms ({model['ideal_ratio']:.2f}x)", flush=True)
+              f"{sim['request_level_p95_s'] * 1e3:.0f} ms, ideal server "
+              f"{sim['ideal_p95_s'] * 1e3:.0f} ms ({sim['ideal_ratio']:.2f}x)", flush=True)
     return {"step_counts": step_counts, "capacity_per_s": capacity, "rows": rows,
-            "simulated": ideals}
+            "simulated": simulations}
 
 
 def full_batch_ratio(step: Cost, full: int) -> float:
