@@ -114,19 +114,23 @@ class Reconciler:
 
     def reconcile(self, body: dict[str, Any]) -> Outcome:
         outcome = Outcome()
+        if body["metadata"].get("deletionTimestamp"):
+            # Being deleted: the finalizer's. A reconcile now could make again the pool
+            # finalize has just deleted, and nothing would delete it after.
+            return outcome
         generation = body["metadata"].get("generation")
         previous = body.get("status") or {}
         try:
             resource = parse(body)
         except InvalidSpec as exc:
-            outcome.result = "invalid"
+            outcome.result, outcome.stalled = "invalid", True
             status = st.not_planned_status(previous, generation, "InvalidSpec", str(exc))
             self._write_status(body, status, outcome)
             return outcome
         the_plan = self._plan_of(body, resource)
         assert the_plan is not None
         if the_plan.blocking:
-            outcome.result = "invalid"
+            outcome.result, outcome.stalled = "invalid", True
             finding = the_plan.blocking[0]
             message = "; ".join(f.message for f in the_plan.blocking)
             status = st.not_planned_status(previous, generation, finding.reason, message, the_plan)

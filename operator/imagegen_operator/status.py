@@ -164,23 +164,41 @@ def _precompiled_job(o: Observation) -> dict[str, Any]:
     return {"precompiledJob": remembered} if remembered else {}
 
 
+# Status fields that record what exists, kept while a spec cannot run as written.
+KEPT_WHEN_NOT_PLANNED = ("nodePool", "precompiledJob")
+
+
 def not_planned_status(
     previous: dict[str, Any],
     generation: int | None,
     reason: str,
     message: str,
     the_plan: Plan | None = None,
-    pool_message: str = "nothing was created: the spec cannot run as written",
+    pool_message: str = "the spec cannot run as written",
 ) -> dict[str, Any]:
-    """Status of a spec that cannot run as written: nothing was created, a person must act."""
+    """Status of a spec that cannot run as written: nothing new is made, a person must act.
+
+    What an earlier spec made stays as it was and stays named: ``nodePool`` is the only
+    record of a pool the service may still run on, which a later spec retires and a
+    delete releases; without it the pool would be orphaned.
+    """
+    kept = {k: previous[k] for k in KEPT_WHEN_NOT_PLANNED if previous.get(k)}
+    pool = kept.get("nodePool")
+    if pool:
+        pool_message += f"; node pool {pool.get('name')} of the last spec that ran is kept"
+        workload = "the Deployment of the last spec that ran is left as it was"
+    else:
+        pool_message += "; nothing was created"
+        workload = "no Deployment was created"
     observed = [
         cond.Observed(cond.READY, False, reason, message),
         cond.Observed(cond.NODE_POOL_READY, False, reason, pool_message),
-        cond.Observed(cond.AVAILABLE, False, reason, "no Deployment was created"),
+        cond.Observed(cond.AVAILABLE, False, reason, workload),
     ]
     observed += cond.kstatus(observed[0], stalled=True)
     status = {
         **{k: None for k in previous if k != "conditions"},
+        **kept,
         "observedGeneration": generation,
         "conditions": cond.merge(previous.get("conditions"), observed, generation),
     }

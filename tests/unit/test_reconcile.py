@@ -191,6 +191,59 @@ def test_no_default_cluster_says_how_to_set_one(world) -> None:
     assert world.body("minimal")["status"]["nodePool"]["cluster"] == CLUSTER_B
 
 
+MIG_3G = {"type": "nvidia-h100-80gb", "partitionSize": "3g.40gb"}
+
+
+def run_until_ready(world, name: str, limit: int = 6) -> None:
+    world.reconcile(name)
+    for _ in range(limit):
+        world.nodes_ready()
+        world.rolled_out(name)
+        if world.reconcile(name).ready:
+            return
+    raise AssertionError(world.body(name)["status"])
+
+
+def delete_until_done(world, name: str, limit: int = 6) -> None:
+    for _ in range(limit):
+        if world.delete(name):
+            return
+    raise AssertionError(f"{name} not finalized after {limit} tries")
+
+
+@pytest.mark.parametrize("breaking", ["model", "cluster"])
+def test_a_spec_that_stops_fitting_keeps_its_pool_on_record_and_its_delete_removes_it(
+        world, breaking) -> None:
+    world.create("sdxl", gpu=MIG_3G, node_pool={"provider": "GKE"})
+    run_until_ready(world, "sdxl")
+    pool = world.body("sdxl")["status"]["nodePool"]
+    assert world.gke_pools() == {f"{CLUSTER_A}/nodePools/{pool['name']}"}
+
+    if breaking == "model":  # 20 GiB on a 10 GB slice: the plan refuses it
+        world.edit("sdxl", gpu={**MIG_3G, "partitionSize": "1g.10gb"},
+                   model={"uri": "gs://models/sdxl", "family": "SDXL", "memoryGiB": 20})
+    else:  # the operator forgets its default cluster (a metadata server that fails)
+        world.default_cluster = None
+        world.edit("sdxl", replicas=2)
+    assert world.reconcile("sdxl").stalled
+    status = world.body("sdxl")["status"]
+    assert status["nodePool"] == pool
+    assert pool["name"] in world.condition("sdxl", "NodePoolReady")["message"]
+    assert "left as it was" in world.condition("sdxl", "Available")["message"]
+
+    delete_until_done(world, "sdxl")
+    assert not world.gke_pools()
+
+
+def test_a_service_being_deleted_is_not_reconciled(world) -> None:
+    body = world.create("going", node_pool={"provider": "GKE"})
+    body["metadata"]["deletionTimestamp"] = "2026-12-06T12:00:00Z"
+    world.kube.put(body)
+    outcome = world.reconcile("going")
+    assert not outcome.status_written
+    assert not world.double.requests and not world.gke_pools()
+
+
 def test_a_refused_child_is_stalled_with_the_api_servers_words_and_recovers(world) -> None:
     world.create("refused", node_pool={"provider": "Local"})
     message = ('Deployment.apps "refused" is invalid: spec.template.spec.containers[0].image: '
