@@ -248,13 +248,15 @@ class Reconciler:
             # Older statuses name no cluster: the spec's, or the default, was it.
             scope = (recorded.get("cluster") or spec_pool.get("cluster")
                      or self.default_cluster() or "")
-        return PoolKey(provider, scope, recorded["name"])
+        return PoolKey(provider, scope, recorded["name"],
+                       _pool_namespace(provider, body["metadata"].get("namespace")))
 
     @staticmethod
     def pool_key(resource: ImageGenService, the_plan: Plan) -> PoolKey:
         pool = resource.spec.node_pool
         scope = (pool.cluster or "") if pool.provider in CLOUD_PROVIDERS else ""
-        return PoolKey(pool.provider, scope, the_plan.nodepool_name)
+        return PoolKey(pool.provider, scope, the_plan.nodepool_name,
+                       _pool_namespace(pool.provider, namespace_of(resource)))
 
     def _pools_of(self, body: dict[str, Any], resource: ImageGenService | None,
                   the_plan: Plan | None) -> set[PoolKey]:
@@ -561,3 +563,8 @@ class Reconciler:
         for type_, reason, message in st.events_for(previous, status):
             self.record(body, type_, reason, message)
 
+
+def _pool_namespace(provider: str, namespace: str | None) -> str:
+    """The namespace a pool belongs to: a ConfigConnector pool's object lives in its
+    service's; every other pool is the cluster's."""
+    return (namespace or "") if provider == "ConfigConnector" else ""

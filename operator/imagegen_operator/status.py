@@ -22,16 +22,19 @@ class PoolKey:
     """A node pool's identity: who makes it, where, and its name.
 
     ``scope`` is the GKE cluster for GKE and ConfigConnector pools, empty for pools
-    in the operator's own cluster (Local, Existing). Two services share a pool only
-    when all three agree.
+    in the operator's own cluster (Local, Existing). ``namespace`` is set for
+    ConfigConnector pools only: their object lives in the service's namespace, so
+    such a pool is that namespace's. Two services share a pool only when all agree.
     """
 
     provider: str
     scope: str
     name: str
+    namespace: str = ""
 
     def __str__(self) -> str:
-        return f"{self.name} ({self.provider} in {self.scope})" if self.scope else self.name
+        where = " ".join(w for w in (self.scope, self.namespace and f"({self.namespace})") if w)
+        return f"{self.name} ({self.provider} in {where})" if where else self.name
 
     def status(self) -> dict[str, Any]:
         return {"name": self.name, "provider": self.provider, "cluster": self.scope or None}

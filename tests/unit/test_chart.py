@@ -204,7 +204,7 @@ REQUIRED = [
     ("", "pods", "list"),
     ("", "nodes", "list"),
     ("", "events", "create"),
-    ("container.cnrm.cloud.google.com", "containernodepools", "get create patch delete"),
+    ("container.cnrm.cloud.google.com", "containernodepools", "get list create patch delete"),
 ]
 
 

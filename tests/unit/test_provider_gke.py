@@ -19,6 +19,7 @@ from imagegen_operator import api
 from imagegen_operator.planner import plan as make_plan
 from imagegen_operator.providers.base import PoolState, ProviderError
 from imagegen_operator.providers.gke import ENDPOINT_ENV, GkeProvider, build_client
+from imagegen_operator.render.nodepool import render_gke_nodepool
 from support.clock import FakeClock
 from support.fake_gke import GkeApiTestDouble
 
@@ -27,8 +28,9 @@ POOLS_PATH = f"/v1/{CLUSTER}/nodePools"
 OPERATIONS_PATH = "/v1/projects/imagegen-test/locations/us-central1/operations/"
 
 
-def service(**pool: Any) -> api.ImageGenService:
-    """An SD 1.5 service on 1g.10gb H100 slices, each time-shared by 2 pods, on Spot."""
+def service(gpu: dict[str, Any] | None = None, **pool: Any) -> api.ImageGenService:
+    """An SD 1.5 service on 1g.10gb H100 slices, each time-shared by 2 pods, on Spot
+    (unless ``gpu`` says otherwise)."""
     node_pool = {
         "provider": "GKE",
         "cluster": CLUSTER,
@@ -44,7 +46,7 @@ def service(**pool: Any) -> api.ImageGenService:
             "metadata": {"name": "sd15", "namespace": "default", "uid": "u-1"},
             "spec": {
                 "model": {"uri": "gs://imagegen-models/sd15/v1", "family": "SD15"},
-                "gpu": {
+                "gpu": gpu or {
                     "type": "nvidia-h100-80gb",
                     "partitionSize": "1g.10gb",
                     "sharing": {"strategy": "TimeSharing", "maxSharedClientsPerGpu": 2},
@@ -102,6 +104,11 @@ def ensure_until(provider, resource, plan, done, limit: int = 10, target: int = 
         if done(state):
             return seen
     raise AssertionError(f"not done after {limit} calls: {seen}")
+
+
+def made_by_us(resource, plan) -> dict[str, Any]:
+    """The ``config`` of a pool as the provider creates it for this plan."""
+    return render_gke_nodepool(resource, plan)["spec"]["config"]
 
 
 def ready(state) -> bool:
@@ -346,7 +353,8 @@ def test_pool_left_in_error_reports_its_status_message(double, provider, resourc
 def test_pool_status_maps_to_state(double, provider, resource, plan, status, expected_ready,
                                    expected_reason):
     double.seed_pool(
-        pool_name(plan), status, statusMessage="nodes in us-central1-b could not start",
+        pool_name(plan), status, config=made_by_us(resource, plan),
+        statusMessage="nodes in us-central1-b could not start",
         autoscaling={"enabled": True, "totalMinNodeCount": 0, "totalMaxNodeCount": 2},
     )
     state = provider.ensure(resource, plan, 1)
@@ -357,12 +365,48 @@ def test_pool_status_maps_to_state(double, provider, resource, plan, status, exp
     assert double.requests_to("POST") == []
 
 
+# --- pools the operator did not make, or made for other GPUs -------------------------------
+
+
+def test_a_pool_the_operator_did_not_make_is_neither_resized_nor_deleted(
+        double, provider, resource, plan):
+    """spec.nodePool.name may name any pool, the cluster's default one included."""
+    double.seed_pool(
+        pool_name(plan), "RUNNING", config={"machineType": "e2-standard-4"},
+        autoscaling={"enabled": True, "totalMinNodeCount": 3, "totalMaxNodeCount": 10},
+    )
+    with pytest.raises(ProviderError) as refused:
+        provider.ensure(resource, plan, 1)
+    assert refused.value.reason == "PoolNotOwned" and not refused.value.transient
+    assert "spec.nodePool.name" in refused.value.message
+    assert provider.delete(resource, plan)  # nothing of ours to delete
+    assert double.requests_to("POST") == double.requests_to("DELETE") == []
+    assert pool_name(plan) in double.pools
+
+
+def test_a_pool_of_ours_with_other_gpus_is_reported_not_used(double, provider):
+    """An explicit name keeps the pool across an edit of the GPU settings; GKE cannot
+    change them on a pool, so the service is told to take a new name."""
+    before = service(name="sd15-serving")
+    old_plan = make_plan(before.spec)
+    double.seed_pool(pool_name(old_plan), "RUNNING", config=made_by_us(before, old_plan))
+    edited = service(gpu={"type": "nvidia-h100-80gb", "partitionSize": "3g.40gb"},
+                     name="sd15-serving")
+    with pytest.raises(ProviderError) as refused:
+        provider.ensure(edited, make_plan(edited.spec), 1)
+    assert refused.value.reason == "PoolConfigMismatch"
+    message = refused.value.message
+    assert "partition size 1g.10gb (the spec asks for 3g.40gb)" in message
+    assert "spec.nodePool.name" in message
+    assert double.requests_to("POST") == []
+
+
 # --- autoscaling bounds ------------------------------------------------------------------
 
 
 def seed_running(double, plan, low: int = 0, high: int = 2) -> None:
     double.seed_pool(
-        pool_name(plan), "RUNNING",
+        pool_name(plan), "RUNNING", config=made_by_us(service(), plan),
         autoscaling={"enabled": True, "totalMinNodeCount": low, "totalMaxNodeCount": high},
     )
 

@@ -34,6 +34,12 @@ def world():
         yield World(double)
 
 
+def split(name: str) -> tuple[str, str]:
+    """(namespace, name) of ``namespace/name``, or of a bare name in namespace ns."""
+    namespace, _, bare = name.rpartition("/")
+    return namespace or "ns", bare
+
+
 class World:
     """The fake Kube, the real providers, a reconciler, and what it recorded."""
 
@@ -55,9 +61,11 @@ class World:
 
     def create(self, name: str, gpu: dict | None = None, replicas: int = 1,
                node_pool: dict | None = None, **spec: Any) -> dict:
+        """A service; ``name`` may be ``namespace/name`` (by default in namespace ns)."""
+        namespace, name = split(name)
         body = {
             "apiVersion": api.API_VERSION, "kind": api.KIND,
-            "metadata": {"name": name, "namespace": "ns"},
+            "metadata": {"name": name, "namespace": namespace},
             "spec": {"model": {"uri": "gs://models/sd15", "family": "SD15", "memoryGiB": 4},
                      "gpu": gpu or TS2_L4, "replicas": replicas, **spec},
         }
@@ -66,7 +74,7 @@ class World:
         return self.kube.put(body)
 
     def body(self, name: str) -> dict:
-        found = self.kube.get(api.API_VERSION, api.KIND, name, "ns")
+        found = self.kube.get(api.API_VERSION, api.KIND, *reversed(split(name)))
         assert found is not None
         return found
 
@@ -82,7 +90,7 @@ class World:
     def delete(self, name: str) -> bool:
         done = self.reconciler.finalize(self.body(name))
         if done:
-            self.kube.objects.pop((api.API_VERSION, api.KIND, "ns", name))
+            self.kube.objects.pop((api.API_VERSION, api.KIND, *split(name)))
         return done
 
     def condition(self, name: str, type_: str) -> dict:
@@ -508,3 +516,43 @@ def test_a_shared_config_connector_pool_has_one_spec_whoever_applies_it(world) -
     for order in (("small", "large"), ("large", "small")):
         world.reconcile(*order)
     assert len(world.kube.writes_of("ContainerNodePool")) == writes  # no flip-flop
+
+
+def config_connector_pools(world) -> dict[tuple[str, str], dict]:
+    return {(ns, name): obj for (_, kind, ns, name), obj in world.kube.objects.items()
+            if kind == "ContainerNodePool"}
+
+
+def test_config_connector_pools_of_two_namespaces_never_make_one_gke_pool(world) -> None:
+    """Config Connector makes one GKE pool of every object with its name and cluster:
+    a second namespace's service is told to take another name, and the first one's
+    delete removes its object even though the other service asked for the same."""
+    pool = {"provider": "ConfigConnector", "cluster": CLUSTER_A}
+    world.create("team-a/alpha", node_pool=pool)
+    world.create("team-b/beta", node_pool=pool)
+    world.reconcile("team-a/alpha", "team-b/beta")
+    [(namespace, name)] = config_connector_pools(world)
+    assert namespace == "team-a"
+    claimed = world.condition("team-b/beta", "NodePoolReady")
+    assert (claimed["status"], claimed["reason"]) == ("False", "PoolClaimed")
+    assert "team-a/" + name in claimed["message"] and "spec.nodePool.name" in claimed["message"]
+
+    delete_until_done(world, "team-a/alpha")
+    assert not config_connector_pools(world)
+    world.reconcile("team-b/beta")
+    assert list(config_connector_pools(world)) == [("team-b", name)]
+
+
+def test_a_container_node_pool_the_operator_did_not_make_is_left_alone(world) -> None:
+    pool = {"provider": "ConfigConnector", "cluster": CLUSTER_A, "name": "platform-pool"}
+    world.create("alpha", node_pool=pool)
+    theirs = world.kube.put({
+        "apiVersion": "container.cnrm.cloud.google.com/v1beta1", "kind": "ContainerNodePool",
+        "metadata": {"name": "platform-pool", "namespace": "ns"},
+        "spec": {"clusterRef": {"external": CLUSTER_A}, "nodeConfig": {"machineType": "e2"}},
+    })
+    world.reconcile("alpha")
+    refused = world.condition("alpha", "NodePoolReady")
+    assert refused["reason"] == "PoolNotOwned" and "spec.nodePool.name" in refused["message"]
+    delete_until_done(world, "alpha")
+    assert config_connector_pools(world) == {("ns", "platform-pool"): theirs}

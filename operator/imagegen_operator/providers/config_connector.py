@@ -13,6 +13,7 @@ from imagegen_operator.api import ImageGenService
 from imagegen_operator.planner import Plan
 from imagegen_operator.providers.base import PoolState, ProviderError
 from imagegen_operator.providers.local import node_ready
+from imagegen_operator.render.common import MANAGED_BY
 from imagegen_operator.render.nodepool import (
     CNRM_API_VERSION,
     NodeBounds,
@@ -23,6 +24,7 @@ if TYPE_CHECKING:  # the Kubernetes client stays out of `render` and `plan`
     from imagegen_operator.kube import Kube
 
 KIND = "ContainerNodePool"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 
 
 class ConfigConnectorProvider:
@@ -51,6 +53,13 @@ class ConfigConnectorProvider:
                 "ConfigConnectorMissing",
                 f"{exc}: install Config Connector or use provider GKE",
             ) from exc
+        if live is not None and not _made_by_us(live):
+            raise ProviderError(
+                "PoolNotOwned",
+                f"{KIND} {meta['namespace']}/{meta['name']} exists and was not made by "
+                f"{MANAGED_BY}; it is left alone. Set spec.nodePool.name to a free name.",
+            )
+        self._check_unclaimed(desired)
         self.kube.apply(desired, live=live)
         ready = next(
             (
@@ -80,9 +89,40 @@ class ConfigConnectorProvider:
         desired = render_config_connector_nodepool(resource, plan)
         meta = desired["metadata"]
         try:
+            live = self.kube.get(CNRM_API_VERSION, KIND, meta["name"], meta.get("namespace"))
+            if live is None or not _made_by_us(live):
+                return True  # gone, or never ours to delete
             return self.kube.delete(CNRM_API_VERSION, KIND, meta["name"], meta.get("namespace"))
         except MissingKind:
             return True
+
+    def _check_unclaimed(self, desired: dict[str, Any]) -> None:
+        """Raise if a ContainerNodePool of ours in another namespace already stands for the
+        same GKE pool.
+
+        A pool's object lives in its service's namespace, and Config Connector makes one
+        GKE pool of every object with the same name and cluster: two namespaces' objects
+        would fight over its settings, and deleting either would delete the pool under
+        the other's nodes.
+        """
+        meta = desired["metadata"]
+        cluster = desired["spec"]["clusterRef"]["external"]
+        for other in self.kube.list(CNRM_API_VERSION, KIND,
+                                    label_selector=f"{MANAGED_BY_LABEL}={MANAGED_BY}"):
+            theirs = other["metadata"]
+            if (theirs["name"] == meta["name"] and theirs.get("namespace") != meta["namespace"]
+                    and ((other.get("spec") or {}).get("clusterRef") or {}).get("external")
+                    == cluster):
+                raise ProviderError(
+                    "PoolClaimed",
+                    f"node pool {meta['name']} of cluster {cluster} is already made from "
+                    f"{KIND} {theirs.get('namespace')}/{theirs['name']} for another "
+                    "namespace. Set spec.nodePool.name to a name of this namespace's own.",
+                )
+
+
+def _made_by_us(obj: dict[str, Any]) -> bool:
+    return (obj["metadata"].get("labels") or {}).get(MANAGED_BY_LABEL) == MANAGED_BY
 
 
 def _camel(reason: str) -> str:

@@ -41,6 +41,7 @@ from typing import Any
 from imagegen_operator.api import ImageGenService
 from imagegen_operator.planner import Plan
 from imagegen_operator.providers.base import PoolState, ProviderError
+from imagegen_operator.render.common import MANAGED_BY
 from imagegen_operator.render.nodepool import (
     LOCATION_POLICY,
     NodeBounds,
@@ -182,6 +183,7 @@ class GkeProvider:
             except _NotFound:
                 return self._create(resource, plan, cluster, name, bounds)
             self._memory_of(name).attempts = 0
+            _check_claim(name, pool, resource, plan)
             return self._observe(name, plan.nodepool_name, pool, target_nodes, bounds)
 
     def delete(self, resource: ImageGenService, plan: Plan) -> bool:
@@ -192,6 +194,10 @@ class GkeProvider:
             try:
                 pool = self._call(name, self.client.get_node_pool, name=name)
             except _NotFound:
+                self._forget(name)
+                return True
+            if not _made_by_us(pool):
+                log.warning("not deleting node pool %s: the operator did not make it", name)
                 self._forget(name)
                 return True
             if _status_name(pool.status) == "STOPPING":
@@ -479,6 +485,58 @@ class _NotFound(Exception):
 
 class _AlreadyExists(_NotFound):
     pass
+
+
+def _made_by_us(pool: Any) -> bool:
+    """Whether the pool carries the resource label every pool the operator creates has."""
+    return dict(pool.config.resource_labels).get("managed-by") == MANAGED_BY
+
+
+def _accelerator_config(pool: Any) -> dict[str, Any]:
+    """What GKE cannot change on a running pool: its machines and their GPUs."""
+    config = pool.config
+    gpu = config.accelerators[0] if config.accelerators else None
+    sharing = gpu.gpu_sharing_config if gpu else None
+    return {
+        "machine type": config.machine_type,
+        "spot": config.spot,
+        "GPU": gpu.accelerator_type if gpu else None,
+        "GPUs per node": gpu.accelerator_count if gpu else 0,
+        "partition size": (gpu.gpu_partition_size or None) if gpu else None,
+        "sharing": _status_name(sharing.gpu_sharing_strategy) if sharing else None,
+        "clients per GPU": sharing.max_shared_clients_per_gpu if sharing else 0,
+    }
+
+
+def _check_claim(name: str, pool: Any, resource: ImageGenService, plan: Plan) -> None:
+    """Raise unless the pool found under the plan's name is one the operator made, with
+    the machines and GPUs the plan asks for.
+
+    A name is all that links a spec to a pool, and ``spec.nodePool.name`` may name any
+    pool: the cluster's default pool, another team's, or ours from before an edit of
+    the GPU settings that the name does not follow. Resizing or deleting a pool we did
+    not make would take nodes from under others; running on one with other GPUs would
+    leave the pods Pending under a pool reported ready.
+    """
+    if not _made_by_us(pool):
+        raise ProviderError(
+            "PoolNotOwned",
+            f"node pool {name} exists and was not made by {MANAGED_BY} (it lacks the "
+            f"resource label managed-by={MANAGED_BY}); it is left alone. Set "
+            "spec.nodePool.name to a free name, or use provider Existing to run on it.",
+        )
+    want = _accelerator_config(create_node_pool_request(
+        render_gke_nodepool(resource, plan))["node_pool"])
+    have = _accelerator_config(pool)
+    differ = [k for k in want if want[k] != have[k]]
+    if differ:
+        changes = ", ".join(f"{k} {have[k]} (the spec asks for {want[k]})" for k in differ)
+        raise ProviderError(
+            "PoolConfigMismatch",
+            f"node pool {name} has {changes}, which GKE cannot change on a pool. Set "
+            "spec.nodePool.name to a free name (or remove it for a name derived from the "
+            "GPU settings), and the service moves to a new pool.",
+        )
 
 
 def _cluster_of(resource: ImageGenService) -> str:
