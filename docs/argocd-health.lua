@@ -25,6 +25,9 @@ local needs_a_person = {
   ClusterUnknown = true,
   ApplyRejected = true,
   PoolTooSmall = true,
+  PoolNotOwned = true,
+  PoolConfigMismatch = true,
+  PoolClaimed = true,
 }
 
 local function condition(status, type_)
