@@ -398,11 +398,14 @@ class StackedEngine(Engine):
         encoded = time.perf_counter()
         self.steps.denoise(jobs)
         denoised = time.perf_counter()
-        images = self.steps.decode(jobs)
+        # The denoise loop drops a job whose caller left (its latents gone with it): decode
+        # the rest, and give the stage one output per job it passed.
+        live = [job for job in jobs if not job.released]
+        images = iter(self.steps.decode(live) if live else [])
         timings.labels(stage="encode").observe(encoded - started)
         timings.labels(stage="denoise").observe(denoised - encoded)
         timings.labels(stage="decode").observe(time.perf_counter() - denoised)
-        return images
+        return [None if job.released else next(images) for job in jobs]
 
 
 def build_engine(steps: FamilySteps, settings: ServerSettings, metrics: ServerMetrics) -> Engine:

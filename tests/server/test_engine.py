@@ -240,10 +240,12 @@ def test_a_deadline_drops_the_job_between_denoising_steps(make_runtime, family):
     assert len(runtime.engine.generate(small, timeout_s=60)) == 1
 
 
-def test_a_cancelled_job_leaves_its_batch_mates_alone(make_runtime, reference_pipeline):
+@pytest.mark.parametrize("mode", MODES)
+def test_a_cancelled_job_leaves_its_batch_mates_alone(make_runtime, reference_pipeline, mode):
     # Two requests denoised in one batch; one is cancelled mid-loop, the other finishes with
     # the same pixels as diffusers.
-    runtime = make_runtime("sd15", max_batch_size=2, batch_window_ms=300, warmup=False)
+    runtime = make_runtime("sd15", **MODES[mode], max_batch_size=2, batch_window_ms=300,
+                           warmup=False)
     keep = runtime.params("keep", steps=40, seed=5)
     drop = runtime.params("drop", steps=40, seed=6)
     kept, dropped = runtime.engine.submit(keep, 60), runtime.engine.submit(drop, 60)
