@@ -315,16 +315,22 @@ class TokenAndCount:
                 status["code"] = message["status"]
             await send(message)
 
-        if path.startswith("/v1/") and not self.authorized(Request(scope)):
-            response = error_response(
-                401, "missing or wrong bearer token", "authorization", "authentication_error",
-                {"WWW-Authenticate": "Bearer"}, "invalid_api_key",
-            )
-            await response(scope, receive, send_and_note)
-        else:
-            await self.app(scope, receive, send_and_note if counted else send)
-        if counted and "code" in status:
-            self.metrics.requests.labels(route=route, status=str(status["code"])).inc()
+        try:
+            if path.startswith("/v1/") and not self.authorized(Request(scope)):
+                response = error_response(
+                    401, "missing or wrong bearer token", "authorization", "authentication_error",
+                    {"WWW-Authenticate": "Bearer"}, "invalid_api_key",
+                )
+                await response(scope, receive, send_and_note)
+            else:
+                await self.app(scope, receive, send_and_note if counted else send)
+        except Exception:
+            # A bug's 500 counts too: Starlette answers it, then raises on to the server.
+            status.setdefault("code", 500)
+            raise
+        finally:
+            if counted and "code" in status:
+                self.metrics.requests.labels(route=route, status=str(status["code"])).inc()
 
 
 class ClientGone(Exception):

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# What OpenAI's edits endpoint accepts.
-FORMATS = {"PNG", "JPEG", "WEBP"}
+# What OpenAI's edits endpoint accepts. MPO is how Pillow names a JPEG that carries a
+# multi-picture index (phone cameras write them); its first frame is the photo.
+FORMATS = {"PNG", "JPEG", "MPO", "WEBP"}
+# What Pillow's decoders raise on a file they cannot read: a truncated or corrupt file, a
+# text chunk that inflates past Pillow's limit, a broken EXIF block.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
 
 class UploadError(ValueError):
@@ -30,6 +35,8 @@ def open_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
         raise UploadError(field, f"{field} is not a PNG, JPEG or WebP image") from None
     except Image.DecompressionBombError:  # far beyond any limit: Pillow's own guard
         raise UploadError(field, f"{field} has far more pixels than this server admits") from None
+    except DECODE_ERRORS as exc:
+        raise UploadError(field, f"{field} cannot be decoded: {exc}") from None
     if image.format not in FORMATS:
         raise UploadError(field, f"{field} is a {image.format} image: send PNG, JPEG or WebP")
     width, height = image.size
@@ -40,11 +47,11 @@ def open_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
         )
     try:
         image.load()
-    except (OSError, SyntaxError, ValueError) as exc:
+        # As shown, not as stored: a phone's portrait JPEG is stored sideways with an EXIF
+        # orientation (diffusers' load_image turns it the same way).
+        return ImageOps.exif_transpose(image)
+    except DECODE_ERRORS as exc:
         raise UploadError(field, f"{field} cannot be decoded: {exc}") from None
-    # As shown, not as stored: a phone's portrait JPEG is stored sideways with an EXIF
-    # orientation (diffusers' load_image turns it the same way).
-    return ImageOps.exif_transpose(image)
 
 
 def edit_image(image: Image.Image) -> Image.Image:

@@ -9,7 +9,7 @@ import io
 import numpy as np
 import openai
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from server_testlib import count_calls, left_half_mask, mean_abs_diff, source_image
 
 from imagegen_server.request import EditInput
@@ -69,6 +69,15 @@ def form(**files):
 GOOD = png(source_image())
 
 
+def png_with_a_text_chunk_too_large_to_inflate() -> bytes:
+    """1 kB on the wire; Pillow refuses the text chunk as it opens the file."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "a" * (PngImagePlugin.MAX_TEXT_CHUNK + 1), zip=True)
+    buffer = io.BytesIO()
+    source_image().save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize(
     ("data", "files", "param", "words"),
     [
@@ -76,6 +85,8 @@ GOOD = png(source_image())
         ({"prompt": "x", "image": "not a file"}, {"mask": GOOD}, "image", "file upload"),
         ({"prompt": "x"}, {"image": b"not an image at all"}, "image", "not a PNG"),
         ({"prompt": "x"}, {"image": GOOD[:200]}, "image", "cannot be decoded"),
+        ({"prompt": "x"}, {"image": png_with_a_text_chunk_too_large_to_inflate()}, "image",
+         "cannot be decoded"),
         ({"prompt": "x"}, {"image": png(source_image(128))}, "image", "pixels"),
         ({"prompt": "x"}, {"image": GOOD, "mask": png(left_half_mask(32))}, "mask", "same size"),
         ({}, {"image": GOOD}, "prompt", "prompt"),
@@ -166,3 +177,12 @@ def test_an_opaque_rgba_mask_is_read_by_brightness(client_for):
     (c,) = edit(client, form(image=GOOD))
     assert mean_abs_diff(a.convert("RGB"), b.convert("RGB")) == 0.0
     assert mean_abs_diff(a.convert("RGB"), c.convert("RGB")) > 0.0
+
+
+def test_a_phone_jpeg_with_a_multi_picture_index_is_edited(client_for):
+    """Pillow names such a JPEG MPO; its first frame is the photo."""
+    buffer = io.BytesIO()
+    source_image().save(buffer, format="MPO", save_all=True, append_images=[source_image(32)])
+    assert Image.open(io.BytesIO(buffer.getvalue())).format == "MPO"
+    (image,) = edit(client_for(), {"image": ("photo.jpg", buffer.getvalue(), "image/jpeg")})
+    assert image.size == (64, 64)

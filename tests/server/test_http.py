@@ -165,6 +165,23 @@ def test_metrics_parse_and_carry_per_stage_series(client_for):
         assert name in families
 
 
+def test_a_server_error_is_counted_with_its_500(client_for, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    # The same started app, answering as uvicorn would: a 500, not the exception.
+    client = TestClient(client_for().app, raise_server_exceptions=False)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(client.app.state.runtime.engine, "submit", broken)
+    assert client.post(GENERATE, json={"prompt": "x"}).status_code == 500
+    families = text_string_to_metric_families(client.get("/metrics").text)
+    counted = {tuple(sorted(s.labels.items())): s.value for f in families
+               for s in f.samples if s.name == "imagegen_requests_total"}
+    assert counted == {(("route", "generations"), ("status", "500")): 1}
+
+
 def test_request_timeout_answers_504_and_frees_the_slot(client_for):
     client = client_for(request_timeout_s=0.3, queue_capacity=1)
     response = client.post(GENERATE, json={"prompt": "too slow", "steps": 200})
