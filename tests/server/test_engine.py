@@ -223,6 +223,19 @@ def test_engine_checks_requests_before_device_work(make_runtime, change, field):
     assert runtime.engine.in_flight == 0
 
 
+def test_sd3_sizes_are_whole_transformer_patches(make_runtime):
+    """SD3's transformer reads latents in 2x2 patches: with its VAE's factor of 8, a size
+    must be a multiple of 16 (a 520-pixel side would fail inside the denoiser)."""
+    runtime = make_runtime("sd3", warmup=False)
+    # The real model's factor and patch (the tiny one has 2 and 1).
+    runtime.steps.vae_scale_factor, runtime.steps.pipeline.patch_size = 8, 2
+    base = runtime.params("ok", seed=1)
+    params = GenerationParams(**{**base.__dict__, "width": 520, "height": 512})
+    with pytest.raises(InvalidRequest, match="multiple of 16") as info:
+        runtime.engine.submit(params)
+    assert info.value.field == "size"
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_deadline_drops_the_job_between_denoising_steps(make_runtime, family):
     runtime = make_runtime(family, max_batch_size=2, warmup=False)

@@ -27,6 +27,11 @@ class StableDiffusion3Steps(StableDiffusionSteps):
     latent_rgb = None
 
     @property
+    def size_multiple(self) -> int:  # type: ignore[override]
+        # The transformer takes latents in patches: 16 pixels for SD3 (diffusers' check_inputs).
+        return max(8, self.vae_scale_factor * self.pipeline.patch_size)
+
+    @property
     def native_size(self) -> tuple[int, int]:
         side = self.pipeline.default_sample_size * self.vae_scale_factor
         return side, side
