@@ -62,7 +62,11 @@ class Stage:
         self._stopped = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"stage-{name}", daemon=True)
-        metrics.queue_depth.labels(stage=name).set_function(self.queue.qsize)
+        metrics.queue_depth.labels(stage=name).set_function(self.depth)
+
+    def depth(self) -> int:
+        """Jobs waiting in front of this stage (``imagegen_stage_queue_depth``)."""
+        return self.queue.qsize()
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:

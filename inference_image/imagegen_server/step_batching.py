@@ -40,13 +40,17 @@ class StepBatchingStage(Stage):
     """
 
     def __init__(self, name: str, steps: FamilySteps, *, on_output: OutputFn, **kwargs):
+        self.running: list[Job] = []
+        # Taken off the queue at a step boundary, not of the running batch's shape (yet).
+        self.waiting: deque[Job] = deque()
         super().__init__(name, None, steps.join_key, on_output=on_output, **kwargs)
         self.family = steps
-        self.running: list[Job] = []
-        self.waiting: deque[Job] = deque()
         self._members: list[Job] = []  # the batch the last step ran, for `changed`
         self._inputs: dict | None = None
         self._stopping = False
+
+    def depth(self) -> int:
+        return self.queue.qsize() + len(self.waiting)
 
     def _run(self) -> None:
         if self.stream is not None:

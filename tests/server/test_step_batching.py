@@ -95,6 +95,34 @@ def test_another_size_waits_its_turn_in_arrival_order(make_runtime, reference_pi
     assert done_at["running"] < done_at["wide"] < done_at["behind"], done_at
 
 
+def test_requests_held_behind_a_batch_of_another_size_count_in_the_queue_depth(make_runtime):
+    runtime = step_runtime(make_runtime)
+    denoise = runtime.engine.stages[1]
+
+    def depth() -> float:
+        return runtime.metrics.registry.get_sample_value(
+            "imagegen_stage_queue_depth", {"stage": "denoise"})
+
+    first, second = Gate(runtime, at=1), Gate(runtime, at=2)
+    try:
+        jobs = [runtime.engine.submit(runtime.params("a red cat", seed=1), timeout_s=60)]
+        assert first.entered.wait(30)
+        jobs += [runtime.engine.submit(runtime.params(f"wide {i}", seed=2 + i, width=96),
+                                       timeout_s=60) for i in range(2)]
+        wait_until(lambda: denoise.queue.qsize() == 2)
+        assert depth() == 2
+        first.close()
+        assert second.entered.wait(30)  # the next step: the wide ones are off the queue ...
+        assert denoise.queue.qsize() == 0 and len(denoise.waiting) == 2
+        assert depth() == 2  # ... and still counted
+    finally:
+        first.close()
+        second.close()
+    for job in jobs:
+        job.future.result(60)
+    assert depth() == 0
+
+
 def test_a_request_that_times_out_leaves_the_running_batch(make_runtime, reference_pipeline):
     runtime = step_runtime(make_runtime)
     pipe = reference_pipeline("sd15")
