@@ -70,6 +70,7 @@ class Outcome:
     result: str = "ok"  # ok | waiting | invalid | error
     stalled: bool = False  # blocked until a person acts (kstatus' Stalled)
     requeue_after: float | None = None  # run again no sooner than this (a provider's backoff)
+    pool_short: str | None = None  # why a shared pool cannot hold what its users must run
     notes: list[str] = field(default_factory=list)
 
 
@@ -172,6 +173,7 @@ class Reconciler:
             pool_stalled=pool_stalled,
             rejected=tuple(rejected),
             unschedulable=None if rolled_out else self._unschedulable(resource),
+            pool_short=outcome.pool_short,
             precompile=precompile,
         )
         status = st.compute_status(observation)
@@ -320,12 +322,14 @@ class Reconciler:
 
     def _pool_size(
         self, resource: ImageGenService, key: PoolKey, the_plan: Plan
-    ) -> tuple[int, NodeBounds]:
-        """Nodes every service sharing this pool needs together, and the bounds they have
-        within: the largest min and max nodes any of them allows. Whichever of them
-        reconciles, the pool gets one size and one pair of autoscaling bounds."""
+    ) -> tuple[int, NodeBounds, str | None]:
+        """Nodes every service sharing this pool needs together, the bounds they have
+        within (the largest min and max nodes any of them allows), and why the pool is
+        too small for what they must run together (None when it is not). Whichever of
+        them reconciles, the pool gets one size and one pair of autoscaling bounds."""
         pool = resource.spec.node_pool
         replicas, min_nodes, max_nodes = 0, pool.min_nodes, pool.max_nodes
+        floor, users = 0, []
         for body in self._all_services():
             if body["metadata"].get("deletionTimestamp"):
                 continue
@@ -334,10 +338,21 @@ class Reconciler:
                 continue
             if self.pool_key(other, other_plan) == key:
                 replicas += other_plan.target_replicas
+                floor += _floor_replicas(other)
+                users.append(f"{namespace_of(other)}/{name_of(other)}")
                 min_nodes = max(min_nodes, other.spec.node_pool.min_nodes)
                 max_nodes = max(max_nodes, other.spec.node_pool.max_nodes)
-        needed = math.ceil(replicas / the_plan.slots_per_node) if the_plan.slots_per_node else 0
-        return max(min_nodes, min(needed, max_nodes)), (min_nodes, max_nodes)
+        per_node = the_plan.slots_per_node
+        needed = math.ceil(replicas / per_node) if per_node else 0
+        short = None
+        if len(users) > 1 and per_node and floor > max_nodes * per_node:
+            short = (
+                f"the {len(users)} services on node pool {key.name} ({', '.join(sorted(users))}) "
+                f"must run {floor} replicas together, but its largest spec.nodePool.maxNodes="
+                f"{max_nodes} holds {max_nodes * per_node}; raise spec.nodePool.maxNodes to "
+                f"{math.ceil(floor / per_node)} on any of them, or lower their spec.replicas"
+            )
+        return max(min_nodes, min(needed, max_nodes)), (min_nodes, max_nodes), short
 
     # --- the steps ------------------------------------------------------------
 
@@ -459,7 +474,7 @@ class Reconciler:
                 outcome.requeue_after = backoff.until - now
                 return backoff.state, False
             provider = self.providers[key.provider]
-            target_nodes, bounds = self._pool_size(resource, key, the_plan)
+            target_nodes, bounds, outcome.pool_short = self._pool_size(resource, key, the_plan)
             try:
                 state = provider.ensure(resource, the_plan, target_nodes, bounds)
             except ProviderError as exc:
@@ -568,3 +583,9 @@ def _pool_namespace(provider: str, namespace: str | None) -> str:
     """The namespace a pool belongs to: a ConfigConnector pool's object lives in its
     service's; every other pool is the cluster's."""
     return (namespace or "") if provider == "ConfigConnector" else ""
+
+
+def _floor_replicas(resource: ImageGenService) -> int:
+    """Replicas a service runs whatever the load: spec.replicas, or the autoscaler's floor."""
+    autoscaling = resource.spec.autoscaling
+    return resource.spec.replicas if autoscaling is None else autoscaling.min_replicas

@@ -69,6 +69,7 @@ class Observation:
     rejected: tuple[str, ...] = ()  # children the API server refused, in its words
     unschedulable: str | None = None  # the scheduler's words for a pending pod
     precompile: Precompile | None = None  # None: no precompile Job asked for
+    pool_short: str | None = None  # a shared pool too small for what its users must run
 
     @property
     def moving(self) -> bool:
@@ -136,6 +137,9 @@ def compute_status(o: Observation) -> dict[str, Any]:
         stalled = True
         finding = o.plan.stalling[0]
         ready = cond.Observed(cond.READY, False, finding.reason, f"{serving}; {finding.message}")
+    elif o.pool_short and not o.rolled_out:
+        stalled = True
+        ready = cond.Observed(cond.READY, False, "PoolTooSmall", f"{serving}; {o.pool_short}")
     elif serving_meanwhile:
         ready = cond.Observed(cond.READY, None, "Progressing", where)
     elif not o.rolled_out:

@@ -295,6 +295,29 @@ def test_a_spec_that_can_never_fit_is_stalled_naming_the_fields(world, spec, fie
     assert world.condition("too-big", "Stalled")["status"] == "True"
 
 
+def test_services_that_fit_their_pool_alone_but_not_together_are_told_so(world) -> None:
+    mig = {"type": "nvidia-h100-80gb", "partitionSize": "1g.10gb"}  # 7 slots a node
+    for name in ("alpha", "beta"):
+        world.create(name, gpu=mig, node_pool={"provider": "Local", "maxNodes": 1}, replicas=7)
+    world.reconcile("alpha", "beta")
+    world.nodes_ready()
+    world.rolled_out("alpha")
+    world.rolled_out("beta", ready=0)  # the scheduler placed alpha's seven, none of beta's
+    assert world.reconcile("alpha").ready
+    outcome = world.reconcile("beta")
+    assert outcome.stalled
+    ready = world.condition("beta", "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "PoolTooSmall")
+    assert "ns/alpha, ns/beta" in ready["message"] and "14 replicas" in ready["message"]
+    assert "spec.nodePool.maxNodes to 2" in ready["message"]
+
+    world.edit("beta", nodePool={"provider": "Local", "maxNodes": 2})
+    world.reconcile("beta")
+    world.nodes_ready()
+    world.rolled_out("beta")
+    assert world.reconcile("beta").ready
+
+
 def test_autoscaling_beyond_the_pool_is_a_warning_not_stalled(world) -> None:
     world.create("elastic", node_pool={"provider": "Local", "maxNodes": 1},
                  autoscaling={"minReplicas": 1, "maxReplicas": 6})
