@@ -710,7 +710,10 @@ class NodePoolStatus(StatusModel):
     cluster: str | None = None
     """The GKE cluster it is in (GKE and ConfigConnector providers)."""
     ready_nodes: int | None = None
-    """Nodes ready to run pods."""
+    """Nodes ready to run pods; during a move, those of the pool moved to."""
+    moving_to: str | None = None
+    """During a move to a new pool (a new GPU configuration): its name. The pool named
+    above serves until the Deployment has moved, then goes if nobody else uses it."""
 
 
 class CapacityStatus(StatusModel):

@@ -157,7 +157,9 @@ def compute_status(o: Observation) -> dict[str, Any]:
         "readyReplicas": ready_replicas,
         "selector": o.selector,
         "sharing": o.plan.sharing,
-        "nodePool": {**o.current.status(), "readyNodes": o.pool.ready_nodes},
+        # movingTo null once moved: a merge patch keeps nested keys it is not told to drop.
+        "nodePool": {**o.current.status(), "readyNodes": o.pool.ready_nodes,
+                     "movingTo": o.target.name if o.moving else None},
         "capacity": capacity(o.plan),
         "endpoint": o.endpoint,
         **_precompiled_job(o),

@@ -347,14 +347,16 @@ def test_a_pool_move_reads_progressing_then_retires_the_old_pool(world) -> None:
     ready = world.condition("mover", "Ready")
     assert (ready["status"], ready["reason"]) == ("Unknown", "Progressing")
     assert world.condition("mover", "Progressing")["reason"] == "MovingPool"
-    assert world.body("mover")["status"]["nodePool"]["name"] == old
+    moving = world.body("mover")["status"]["nodePool"]
+    assert moving["name"] == old and moving["movingTo"] not in (None, old)
     assert not [e for e in world.events if e[1] == "Warning"], world.events
 
     world.rolled_out("mover")
     world.reconcile("mover")  # moved: the old pool's nodes are asked to go
     assert world.reconcile("mover").ready  # and once gone, it is retired
     new = world.body("mover")["status"]["nodePool"]["name"]
-    assert new != old
+    assert new == moving["movingTo"]
+    assert "movingTo" not in world.body("mover")["status"]["nodePool"]
     assert not world.kube.list("v1", "Node", label_selector=f"{POOL_LABEL}={old}")
     assert [e for e in world.events if e[2] == "NodePoolRetired"]
 
