@@ -700,8 +700,8 @@ class Condition(StatusModel):
     """The metadata.generation this condition was computed from."""
 
 
-class NodePoolStatus(StatusModel):
-    """The node pool serving this service."""
+class NodePoolRef(StatusModel):
+    """A node pool."""
 
     name: str | None = None
     """Node pool name."""
@@ -709,11 +709,19 @@ class NodePoolStatus(StatusModel):
     """Provider that manages it."""
     cluster: str | None = None
     """The GKE cluster it is in (GKE and ConfigConnector providers)."""
+
+
+class NodePoolStatus(NodePoolRef):
+    """The node pool serving this service."""
+
     ready_nodes: int | None = None
     """Nodes ready to run pods; during a move, those of the pool moved to."""
-    moving_to: str | None = None
-    """During a move to a new pool (a new GPU configuration): its name. The pool named
+    moving_to: NodePoolRef | None = None
+    """During a move to a new pool (a new GPU configuration): that pool. The pool named
     above serves until the Deployment has moved, then goes if nobody else uses it."""
+    releasing: list[NodePoolRef] | None = Field(default=None, max_length=16)
+    """Other pools this service left (a move an edit turned elsewhere) that are being
+    deleted; the operator finishes their deletion from this record."""
 
 
 class CapacityStatus(StatusModel):

@@ -410,15 +410,17 @@ def _status_that_counts(child: dict[str, Any]) -> Any:
 
 
 def waiting_for_pool(body: Any) -> bool:
-    """Planned, its node pool not Ready yet or a move off the old one under way, and not
-    stuck on something only a person fixes."""
-    conditions = (body.get("status") or {}).get("conditions")
+    """Planned, its node pool not Ready yet or a move off old ones under way (pools left
+    that are not gone yet), and not stuck on something only a person fixes."""
+    status = body.get("status") or {}
+    conditions = status.get("conditions")
     moving = cond.find(conditions, cond.PROGRESSING) or {}
     return bool(
         conditions
         and not body["metadata"].get("deletionTimestamp")
         and (not cond.is_true(conditions, cond.NODE_POOL_READY)
-             or (moving.get("status") == "True" and moving.get("reason") == "MovingPool"))
+             or (moving.get("status") == "True" and moving.get("reason") == "MovingPool")
+             or (status.get("nodePool") or {}).get("releasing"))
         and not cond.is_true(conditions, cond.STALLED)
     )
 

@@ -1,13 +1,13 @@
 """One idempotent reconcile of an ImageGenService, as ordered small steps.
 
     parse -> cluster default -> plan -> workload (Deployment, Service, PDB, HPA, monitors)
-          -> node pool -> retire the previous pool -> observe -> status
+          -> node pool -> retire the pools left -> observe -> status
 
 Level, not edge: each step compares what should be with what is, so running it
 on create, update, resume, a timer or a child's event converges to the same
 state, and a run that finds nothing to do writes nothing (status included).
-A node pool is known by (provider, cluster, name) and shared by every service
-whose spec derives the same three; who uses a pool is read from the cluster
+A node pool is known by (provider, cluster, name, and the namespace for
+ConfigConnector) and shared by every service whose spec derives the same key; who uses a pool is read from the cluster
 each time, never kept in memory, so it survives operator restarts. What is
 kept in memory is an optimisation only: one bounded :class:`Memo` per service,
 and the backoff of pools whose provider asked to wait.
@@ -38,7 +38,12 @@ from imagegen_operator.api import (
 from imagegen_operator.cluster_default import HOW_TO_SET
 from imagegen_operator.kube import Kube, MissingKind, PermanentKubeError
 from imagegen_operator.planner import Plan, plan
-from imagegen_operator.providers.base import NodePoolProvider, PoolState, ProviderError
+from imagegen_operator.providers.base import (
+    NodePoolProvider,
+    PoolNotOwned,
+    PoolState,
+    ProviderError,
+)
 from imagegen_operator.render import job_state, render_workload
 from imagegen_operator.render.common import MANAGED_BY, name_of, namespace_of, selector_string
 from imagegen_operator.render.nodepool import NodeBounds
@@ -156,7 +161,7 @@ class Reconciler:
         pool, pool_stalled = self._ensure_pool(resource, the_plan, target, outcome)
         want = resource.spec.replicas
         rolled_out = st.rolled_out(deployment, want)
-        current = self._retire_previous_pool(body, resource, the_plan, target,
+        current, releasing = self._retire_previous_pools(body, resource, the_plan, target,
                                              pool.ready and rolled_out)
         observation = Observation(
             generation=generation,
@@ -166,6 +171,7 @@ class Reconciler:
             pool=pool,
             target=target,
             current=current,
+            releasing=tuple(releasing),
             deployment=deployment,
             selector=selector_string(resource),
             endpoint=endpoint(resource),
@@ -196,16 +202,19 @@ class Reconciler:
         uid = body["metadata"].get("uid")
         with self._lock:
             self._memos.pop(uid, None)
+        invalid = False
         try:
             resource = parse(body)
         except InvalidSpec:
-            return True  # never planned, so it never made a pool
+            # Invalid now (under an older schema), maybe not when it ran: a stand-in
+            # carries what deleting the recorded pools needs; their keys carry the rest.
+            resource, invalid = _stand_in(body), True
         the_plan = plan(resource.spec)
         resolved = self._with_cluster(resource)
-        if the_plan.blocking or resolved is None:
-            # Never planned, or no cluster to make a pool in: only a pool recorded in
-            # status can exist.
-            keys = {k for k in [self.recorded_pool(body)] if k is not None}
+        if invalid or the_plan.blocking or resolved is None:
+            # Not planned now, or no cluster to make a pool in: only the pools recorded
+            # in status can exist.
+            keys = set(self.recorded_pools(body))
         else:
             keys = self._pools_of(body, resolved, the_plan)
         done = True
@@ -218,7 +227,7 @@ class Reconciler:
             if gone:
                 self.record(body, "Normal", "NodePoolDeleted",
                             f"node pool {key} deleted: no service uses it any more")
-            done = done and gone
+            done = done and gone is not False
         return done
 
     # --- identity: which pool, and who uses it --------------------------------
@@ -238,9 +247,15 @@ class Reconciler:
             update={"node_pool": pool.model_copy(update={"cluster": cluster})})
         return resource.model_copy(update={"spec": spec})
 
-    def recorded_pool(self, body: dict[str, Any]) -> PoolKey | None:
-        """The pool a service's status says it runs on (None before its first status)."""
-        recorded = (body.get("status") or {}).get("nodePool") or {}
+    def recorded_pools(self, body: dict[str, Any]) -> list[PoolKey]:
+        """Every pool status records: the one it runs on, the one it is moving to, and
+        those it has left that are not gone yet; in that order, each once."""
+        pool = (body.get("status") or {}).get("nodePool") or {}
+        refs = [pool, pool.get("movingTo") or {}, *(pool.get("releasing") or [])]
+        keys = (self._recorded_key(body, ref) for ref in refs)
+        return list(dict.fromkeys(k for k in keys if k is not None))
+
+    def _recorded_key(self, body: dict[str, Any], recorded: dict[str, Any]) -> PoolKey | None:
         if not recorded.get("name"):
             return None
         spec_pool = (body.get("spec") or {}).get("nodePool") or {}
@@ -262,13 +277,10 @@ class Reconciler:
 
     def _pools_of(self, body: dict[str, Any], resource: ImageGenService | None,
                   the_plan: Plan | None) -> set[PoolKey]:
-        """The pool a service's spec asks for and the one its status says it runs on."""
-        keys = set()
+        """The pool a service's spec asks for and those its status records."""
+        keys = set(self.recorded_pools(body))
         if resource is not None and the_plan is not None and the_plan.workable:
             keys.add(self.pool_key(resource, the_plan))
-        recorded = self.recorded_pool(body)
-        if recorded is not None:
-            keys.add(recorded)
         return keys
 
     def pool_users(self, key: PoolKey, exclude_uid: str | None = None) -> list[str]:
@@ -350,7 +362,8 @@ class Reconciler:
                 f"the {len(users)} services on node pool {key.name} ({', '.join(sorted(users))}) "
                 f"must run {floor} replicas together, but its largest spec.nodePool.maxNodes="
                 f"{max_nodes} holds {max_nodes * per_node}; raise spec.nodePool.maxNodes to "
-                f"{math.ceil(floor / per_node)} on any of them, or lower their spec.replicas"
+                f"{math.ceil(floor / per_node)} on any of them, or lower their spec.replicas "
+                "(spec.autoscaling.minReplicas where they autoscale)"
             )
         return max(min_nodes, min(needed, max_nodes)), (min_nodes, max_nodes), short
 
@@ -505,8 +518,10 @@ class Reconciler:
                 lock = self._pool_locks[key] = threading.Lock()
             return lock
 
-    def _delete_pool(self, resource: ImageGenService, the_plan: Plan, key: PoolKey) -> bool:
-        """Ask the pool's provider to delete it; True once gone. Honours its backoff."""
+    def _delete_pool(self, resource: ImageGenService, the_plan: Plan,
+                     key: PoolKey) -> bool | None:
+        """Ask the pool's provider to delete it; True once gone, None when it is not ours to
+        delete (left alone), False while it goes. Honours the provider's backoff."""
         with self._lock:
             backoff = self._backoff.get(key)
         if backoff is not None and self._clock() < backoff.until:
@@ -518,6 +533,9 @@ class Reconciler:
         try:
             gone = self.providers[key.provider].delete(
                 owner, dataclasses.replace(the_plan, nodepool_name=key.name))
+        except PoolNotOwned as exc:
+            log.info("leaving pool %s alone: %s", key, exc.message)
+            return None
         except ProviderError as exc:
             log.warning("deleting pool %s: %s", key, exc.message)
             delay = exc.retry_after if exc.retry_after is not None else 60.0
@@ -530,30 +548,40 @@ class Reconciler:
                 self._backoff.pop(key, None)
         return gone
 
-    def _retire_previous_pool(
+    def _retire_previous_pools(
         self, body: dict[str, Any], resource: ImageGenService, the_plan: Plan, target: PoolKey,
         moved: bool,
-    ) -> PoolKey:
-        """The pool the service runs on; a new one takes over once the rollout is done.
+    ) -> tuple[PoolKey, list[PoolKey]]:
+        """The pool the service runs on, and those it left that are not gone yet.
 
         GKE cannot change a pool's accelerator settings, so a new sharing config
         means a new pool: the Deployment moves (surge first, nothing taken away),
-        and only then is the old pool released, if no other service uses it. The
-        old pool stays named in status until it is gone, so a later reconcile (or
-        an operator restart) finishes the deletion instead of orphaning it.
+        and only then are the old pools released, those no other service uses.
+        Until gone, the pool it ran on stays named in status and the others it left
+        (a move that an edit turned elsewhere) stay listed, so a later reconcile (or
+        an operator restart) finishes the deletion instead of orphaning a pool.
         """
-        previous = self.recorded_pool(body)
-        if previous is None or previous == target:
-            return target
+        recorded = self.recorded_pools(body)
+        previous = recorded[0] if recorded else target
+        current = previous if not moved else target
+        left = [k for k in recorded if k not in (target, current)]
         if not moved:
-            return previous
-        if self.pool_users(previous, exclude_uid=body["metadata"].get("uid")):
-            return target
-        if not self._delete_pool(resource, the_plan, previous):
-            return previous
-        self.record(body, "Normal", "NodePoolRetired",
-                    f"moved to node pool {target}; deleted {previous}")
-        return target
+            return current, left
+        uid = body["metadata"].get("uid")
+        releasing = []
+        for key in left:
+            if self.pool_users(key, exclude_uid=uid):
+                continue  # another service's now
+            gone = self._delete_pool(resource, the_plan, key)
+            if gone:
+                self.record(body, "Normal", "NodePoolRetired",
+                            f"moved to node pool {target}; deleted {key}")
+            elif gone is False:
+                releasing.append(key)
+        if previous in releasing:  # named until it is gone
+            releasing.remove(previous)
+            return previous, releasing
+        return target, releasing
 
     def _unschedulable(self, resource: ImageGenService) -> str | None:
         """The scheduler's own words when a serving pod cannot be placed."""
@@ -589,3 +617,15 @@ def _floor_replicas(resource: ImageGenService) -> int:
     """Replicas a service runs whatever the load: spec.replicas, or the autoscaler's floor."""
     autoscaling = resource.spec.autoscaling
     return resource.spec.replicas if autoscaling is None else autoscaling.min_replicas
+
+
+def _stand_in(body: dict[str, Any]) -> ImageGenService:
+    """A valid service of this one's name and namespace, standing in for a spec that no
+    longer parses: enough to delete the pools its status records by their keys."""
+    meta = body["metadata"]
+    return parse({
+        "apiVersion": API_VERSION, "kind": KIND,
+        "metadata": {k: meta.get(k) for k in ("name", "namespace", "uid", "generation")},
+        "spec": {"model": {"uri": "gs://stand-in/model"}, "gpu": {"type": "nvidia-l4"},
+                 "nodePool": {"provider": "Local"}},
+    })

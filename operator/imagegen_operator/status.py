@@ -70,6 +70,7 @@ class Observation:
     unschedulable: str | None = None  # the scheduler's words for a pending pod
     precompile: Precompile | None = None  # None: no precompile Job asked for
     pool_short: str | None = None  # a shared pool too small for what its users must run
+    releasing: tuple[PoolKey, ...] = ()  # other pools it left that are not gone yet
 
     @property
     def moving(self) -> bool:
@@ -157,9 +158,10 @@ def compute_status(o: Observation) -> dict[str, Any]:
         "readyReplicas": ready_replicas,
         "selector": o.selector,
         "sharing": o.plan.sharing,
-        # movingTo null once moved: a merge patch keeps nested keys it is not told to drop.
+        # Nulls once moved: a merge patch keeps nested keys it is not told to drop.
         "nodePool": {**o.current.status(), "readyNodes": o.pool.ready_nodes,
-                     "movingTo": o.target.name if o.moving else None},
+                     "movingTo": o.target.status() if o.moving else None,
+                     "releasing": [k.status() for k in o.releasing] or None},
         "capacity": capacity(o.plan),
         "endpoint": o.endpoint,
         **_precompiled_job(o),

@@ -17,7 +17,7 @@ from google.cloud import container_v1
 
 from imagegen_operator import api
 from imagegen_operator.planner import plan as make_plan
-from imagegen_operator.providers.base import PoolState, ProviderError
+from imagegen_operator.providers.base import PoolNotOwned, PoolState, ProviderError
 from imagegen_operator.providers.gke import ENDPOINT_ENV, GkeProvider, build_client
 from imagegen_operator.render.nodepool import render_gke_nodepool
 from support.clock import FakeClock
@@ -379,7 +379,8 @@ def test_a_pool_the_operator_did_not_make_is_neither_resized_nor_deleted(
         provider.ensure(resource, plan, 1)
     assert refused.value.reason == "PoolNotOwned" and not refused.value.transient
     assert "spec.nodePool.name" in refused.value.message
-    assert provider.delete(resource, plan)  # nothing of ours to delete
+    with pytest.raises(PoolNotOwned):
+        provider.delete(resource, plan)
     assert double.requests_to("POST") == double.requests_to("DELETE") == []
     assert pool_name(plan) in double.pools
 

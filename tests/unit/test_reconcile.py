@@ -348,17 +348,87 @@ def test_a_pool_move_reads_progressing_then_retires_the_old_pool(world) -> None:
     assert (ready["status"], ready["reason"]) == ("Unknown", "Progressing")
     assert world.condition("mover", "Progressing")["reason"] == "MovingPool"
     moving = world.body("mover")["status"]["nodePool"]
-    assert moving["name"] == old and moving["movingTo"] not in (None, old)
+    assert moving["name"] == old and moving["movingTo"]["name"] != old
     assert not [e for e in world.events if e[1] == "Warning"], world.events
 
     world.rolled_out("mover")
     world.reconcile("mover")  # moved: the old pool's nodes are asked to go
     assert world.reconcile("mover").ready  # and once gone, it is retired
     new = world.body("mover")["status"]["nodePool"]["name"]
-    assert new == moving["movingTo"]
+    assert new == moving["movingTo"]["name"]
     assert "movingTo" not in world.body("mover")["status"]["nodePool"]
     assert not world.kube.list("v1", "Node", label_selector=f"{POOL_LABEL}={old}")
     assert [e for e in world.events if e[2] == "NodePoolRetired"]
+
+
+MPS2 = {"type": "nvidia-l4", "sharing": {"strategy": "MPS", "maxSharedClientsPerGpu": 2}}
+WHOLE = {"type": "nvidia-l4"}
+
+
+def pool_nodes(world, name: str) -> list:
+    return world.kube.list("v1", "Node", label_selector=f"{POOL_LABEL}={name}")
+
+
+def start_move(world, name: str, gpu: dict) -> dict:
+    """Edit the GPU config and reconcile once: the Deployment moves, nothing rolled out yet."""
+    world.edit(name, gpu=gpu)
+    world.reconcile(name)
+    world.nodes_ready()
+    return world.body(name)["status"]["nodePool"]
+
+
+def test_a_move_turned_back_mid_way_releases_the_pool_it_was_moving_to(world) -> None:
+    world.create("mover", node_pool={"provider": "Local", "maxNodes": 2})
+    run_until_ready(world, "mover")
+    a = world.body("mover")["status"]["nodePool"]["name"]
+    b = start_move(world, "mover", MPS2)["movingTo"]["name"]
+    assert pool_nodes(world, b)
+
+    world.edit("mover", gpu=TS2_L4)  # back to where it was, before the move is done
+    world.reconcile("mover")
+    recorded = world.body("mover")["status"]["nodePool"]
+    assert recorded["name"] == a and "movingTo" not in recorded
+    assert [p["name"] for p in recorded["releasing"]] == [b]
+    assert pool_nodes(world, b)  # its pods may still be there until the rollout is done
+
+    run_until_ready(world, "mover")
+    assert not pool_nodes(world, b) and pool_nodes(world, a)
+    world.reconcile("mover")  # the next one finds it gone
+    assert "releasing" not in world.body("mover")["status"]["nodePool"]
+
+
+def test_a_move_turned_elsewhere_mid_way_retires_both_pools_it_left(world) -> None:
+    world.create("mover", node_pool={"provider": "Local", "maxNodes": 2})
+    run_until_ready(world, "mover")
+    a = world.body("mover")["status"]["nodePool"]["name"]
+    b = start_move(world, "mover", MPS2)["movingTo"]["name"]
+    c = start_move(world, "mover", WHOLE)["movingTo"]["name"]
+    assert len({a, b, c}) == 3
+    run_until_ready(world, "mover")
+    assert world.body("mover")["status"]["nodePool"]["name"] == c
+    assert not pool_nodes(world, a) and not pool_nodes(world, b) and pool_nodes(world, c)
+
+
+def test_a_spec_that_stops_fitting_mid_move_deletes_both_pools_with_the_service(world) -> None:
+    world.create("mover", node_pool={"provider": "Local", "maxNodes": 2})
+    run_until_ready(world, "mover")
+    a = world.body("mover")["status"]["nodePool"]["name"]
+    b = start_move(world, "mover", MPS2)["movingTo"]["name"]
+    world.edit("mover", model={"uri": "gs://models/big", "family": "SDXL", "memoryGiB": 40})
+    assert world.reconcile("mover").stalled
+    delete_until_done(world, "mover")
+    assert not pool_nodes(world, a) and not pool_nodes(world, b)
+
+
+def test_a_spec_that_no_longer_parses_still_has_its_pool_deleted(world) -> None:
+    world.create("old", node_pool={"provider": "Local", "maxNodes": 2})
+    run_until_ready(world, "old")
+    name = world.body("old")["status"]["nodePool"]["name"]
+    body = world.body("old")
+    body["spec"]["replicas"] = "lots"  # what a newer schema would refuse, stored earlier
+    world.kube.put(body)
+    delete_until_done(world, "old")
+    assert not pool_nodes(world, name)
 
 
 def test_a_failing_gke_api_is_asked_with_exponential_backoff_by_all_its_users(world) -> None:
@@ -581,3 +651,27 @@ def test_a_container_node_pool_the_operator_did_not_make_is_left_alone(world) ->
     assert refused["reason"] == "PoolNotOwned" and "spec.nodePool.name" in refused["message"]
     delete_until_done(world, "alpha")
     assert config_connector_pools(world) == {("ns", "platform-pool"): theirs}
+
+
+def test_two_namespaces_objects_for_one_gke_pool_delete_without_taking_it(world) -> None:
+    """Objects made before ConfigConnector pools were kept per namespace: the first
+    service to go marks its object so Config Connector keeps the GKE pool for the other."""
+    pool = {"provider": "ConfigConnector", "cluster": CLUSTER_A}
+    world.create("team-a/alpha", node_pool=pool)
+    world.reconcile("team-a/alpha")
+    [(_, name)] = config_connector_pools(world)
+    theirs = dict(config_connector_pools(world)[("team-a", name)])
+    theirs["metadata"] = {**theirs["metadata"], "namespace": "team-b"}
+    world.kube.put(theirs)
+    world.create("team-b/beta", node_pool=pool)
+    world.reconcile("team-b/beta")
+    assert world.condition("team-b/beta", "NodePoolReady")["reason"] != "PoolClaimed"
+
+    applied = []
+    apply = world.kube.apply
+    world.kube.apply = lambda obj, **kw: applied.append(obj) or apply(obj, **kw)
+    delete_until_done(world, "team-a/alpha")
+    [marked] = [o for o in applied if o["kind"] == "ContainerNodePool"]
+    assert marked["metadata"]["namespace"] == "team-a"
+    assert marked["metadata"]["annotations"]["cnrm.cloud.google.com/deletion-policy"] == "abandon"
+    assert list(config_connector_pools(world)) == [("team-b", name)]

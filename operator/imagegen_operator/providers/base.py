@@ -46,6 +46,14 @@ class ProviderError(Exception):
         return self.retry_after is not None
 
 
+class PoolNotOwned(ProviderError):
+    """A pool of the planned name exists that the operator did not make: it is neither
+    changed nor deleted."""
+
+    def __init__(self, message: str):
+        super().__init__("PoolNotOwned", message)
+
+
 class NodePoolProvider(Protocol):
     """``ensure`` and ``delete`` are idempotent and keyed by ``plan.nodepool_name``."""
 
@@ -71,5 +79,6 @@ class NodePoolProvider(Protocol):
         ...
 
     def delete(self, resource: ImageGenService, plan: Plan) -> bool:
-        """Start deleting the pool; True once it is gone."""
+        """Start deleting the pool; True once it is gone. Raises :class:`PoolNotOwned` for a
+        pool the operator did not make."""
         ...

@@ -6,12 +6,13 @@ read its ``Ready`` condition. Nodes are counted by GKE's node-pool label.
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 from imagegen_operator import gke
 from imagegen_operator.api import ImageGenService
 from imagegen_operator.planner import Plan
-from imagegen_operator.providers.base import PoolState, ProviderError
+from imagegen_operator.providers.base import PoolNotOwned, PoolState, ProviderError
 from imagegen_operator.providers.local import node_ready
 from imagegen_operator.render.common import MANAGED_BY
 from imagegen_operator.render.nodepool import (
@@ -25,6 +26,8 @@ if TYPE_CHECKING:  # the Kubernetes client stays out of `render` and `plan`
 
 KIND = "ContainerNodePool"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+# Config Connector deletes the object but keeps the Google Cloud resource.
+ABANDON = ("cnrm.cloud.google.com/deletion-policy", "abandon")
 
 
 class ConfigConnectorProvider:
@@ -36,6 +39,15 @@ class ConfigConnectorProvider:
 
     def __init__(self, kube: Kube):
         self.kube = kube
+        # One GKE pool, one lock, whichever namespace asks: the check for another
+        # namespace's object and the apply must not interleave with theirs.
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def _lock(self, desired: dict[str, Any]) -> threading.Lock:
+        key = (desired["spec"]["clusterRef"]["external"], desired["metadata"]["name"])
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())
 
     def ensure(
         self, resource: ImageGenService, plan: Plan, target_nodes: int,
@@ -54,13 +66,16 @@ class ConfigConnectorProvider:
                 f"{exc}: install Config Connector or use provider GKE",
             ) from exc
         if live is not None and not _made_by_us(live):
-            raise ProviderError(
-                "PoolNotOwned",
-                f"{KIND} {meta['namespace']}/{meta['name']} exists and was not made by "
-                f"{MANAGED_BY}; it is left alone. Set spec.nodePool.name to a free name.",
-            )
-        self._check_unclaimed(desired)
-        self.kube.apply(desired, live=live)
+            raise PoolNotOwned(_not_ours(meta))
+        with self._lock(desired):
+            if live is None and (other := self._claimed_by(desired)):
+                raise ProviderError(
+                    "PoolClaimed",
+                    f"node pool {meta['name']} of cluster {_cluster(desired)} is already made "
+                    f"from {KIND} {other} for another namespace. Set spec.nodePool.name to a "
+                    "name of this namespace's own.",
+                )
+            self.kube.apply(desired, live=live)
         ready = next(
             (
                 c
@@ -90,15 +105,24 @@ class ConfigConnectorProvider:
         meta = desired["metadata"]
         try:
             live = self.kube.get(CNRM_API_VERSION, KIND, meta["name"], meta.get("namespace"))
-            if live is None or not _made_by_us(live):
-                return True  # gone, or never ours to delete
-            return self.kube.delete(CNRM_API_VERSION, KIND, meta["name"], meta.get("namespace"))
+            if live is None:
+                return True
+            if not _made_by_us(live):
+                raise PoolNotOwned(_not_ours(meta))
+            with self._lock(desired):
+                if self._claimed_by(desired) and ABANDON not in _annotations(live).items():
+                    # Another namespace's object stands for the same GKE pool (both made
+                    # before pools were kept per namespace): delete only this object.
+                    self.kube.apply({**desired, "spec": live["spec"], "metadata": {
+                        **meta, "annotations": {**meta["annotations"], ABANDON[0]: ABANDON[1]}}},
+                        live=live)
+                return self.kube.delete(CNRM_API_VERSION, KIND, meta["name"], meta["namespace"])
         except MissingKind:
             return True
 
-    def _check_unclaimed(self, desired: dict[str, Any]) -> None:
-        """Raise if a ContainerNodePool of ours in another namespace already stands for the
-        same GKE pool.
+    def _claimed_by(self, desired: dict[str, Any]) -> str | None:
+        """namespace/name of a ContainerNodePool of ours in another namespace that stands
+        for the same GKE pool, if there is one.
 
         A pool's object lives in its service's namespace, and Config Connector makes one
         GKE pool of every object with the same name and cluster: two namespaces' objects
@@ -106,19 +130,29 @@ class ConfigConnectorProvider:
         the other's nodes.
         """
         meta = desired["metadata"]
-        cluster = desired["spec"]["clusterRef"]["external"]
         for other in self.kube.list(CNRM_API_VERSION, KIND,
                                     label_selector=f"{MANAGED_BY_LABEL}={MANAGED_BY}"):
             theirs = other["metadata"]
             if (theirs["name"] == meta["name"] and theirs.get("namespace") != meta["namespace"]
-                    and ((other.get("spec") or {}).get("clusterRef") or {}).get("external")
-                    == cluster):
-                raise ProviderError(
-                    "PoolClaimed",
-                    f"node pool {meta['name']} of cluster {cluster} is already made from "
-                    f"{KIND} {theirs.get('namespace')}/{theirs['name']} for another "
-                    "namespace. Set spec.nodePool.name to a name of this namespace's own.",
-                )
+                    and not theirs.get("deletionTimestamp")
+                    and _cluster(other) == _cluster(desired)):
+                return f"{theirs.get('namespace')}/{theirs['name']}"
+        return None
+
+
+def _cluster(obj: dict[str, Any]) -> str | None:
+    return ((obj.get("spec") or {}).get("clusterRef") or {}).get("external")
+
+
+def _annotations(obj: dict[str, Any]) -> dict[str, str]:
+    return obj["metadata"].get("annotations") or {}
+
+
+def _not_ours(meta: dict[str, Any]) -> str:
+    return (
+        f"{KIND} {meta['namespace']}/{meta['name']} exists and was not made by {MANAGED_BY}; "
+        "it is left alone. Set spec.nodePool.name to a free name."
+    )
 
 
 def _made_by_us(obj: dict[str, Any]) -> bool:

@@ -40,7 +40,7 @@ from typing import Any
 
 from imagegen_operator.api import ImageGenService
 from imagegen_operator.planner import Plan
-from imagegen_operator.providers.base import PoolState, ProviderError
+from imagegen_operator.providers.base import PoolNotOwned, PoolState, ProviderError
 from imagegen_operator.render.common import MANAGED_BY
 from imagegen_operator.render.nodepool import (
     LOCATION_POLICY,
@@ -197,9 +197,8 @@ class GkeProvider:
                 self._forget(name)
                 return True
             if not _made_by_us(pool):
-                log.warning("not deleting node pool %s: the operator did not make it", name)
                 self._forget(name)
-                return True
+                raise PoolNotOwned(_not_ours(name))
             if _status_name(pool.status) == "STOPPING":
                 # Our delete (or someone's) is running: asking again would only
                 # earn a "currently deleting" refusal.
@@ -492,6 +491,14 @@ def _made_by_us(pool: Any) -> bool:
     return dict(pool.config.resource_labels).get("managed-by") == MANAGED_BY
 
 
+def _not_ours(name: str) -> str:
+    return (
+        f"node pool {name} exists and was not made by {MANAGED_BY} (it lacks the resource "
+        f"label managed-by={MANAGED_BY}); it is left alone. Set spec.nodePool.name to a free "
+        "name, or use provider Existing to run on it."
+    )
+
+
 def _accelerator_config(pool: Any) -> dict[str, Any]:
     """What GKE cannot change on a running pool: its machines and their GPUs."""
     config = pool.config
@@ -519,15 +526,14 @@ def _check_claim(name: str, pool: Any, resource: ImageGenService, plan: Plan) ->
     leave the pods Pending under a pool reported ready.
     """
     if not _made_by_us(pool):
-        raise ProviderError(
-            "PoolNotOwned",
-            f"node pool {name} exists and was not made by {MANAGED_BY} (it lacks the "
-            f"resource label managed-by={MANAGED_BY}); it is left alone. Set "
-            "spec.nodePool.name to a free name, or use provider Existing to run on it.",
-        )
+        raise PoolNotOwned(_not_ours(name))
     want = _accelerator_config(create_node_pool_request(
         render_gke_nodepool(resource, plan))["node_pool"])
     have = _accelerator_config(pool)
+    if resource.spec.node_pool.machine_type is None:
+        # Derived, and so free to follow GKE's machine types: an upgrade that derives
+        # another one keeps the pools it finds.
+        del want["machine type"], have["machine type"]
     differ = [k for k in want if want[k] != have[k]]
     if differ:
         changes = ", ".join(f"{k} {have[k]} (the spec asks for {want[k]})" for k in differ)
