@@ -402,6 +402,22 @@ def test_a_pool_of_ours_with_other_gpus_is_reported_not_used(double, provider):
     assert double.requests_to("POST") == []
 
 
+def test_a_derived_machine_type_may_differ_but_one_asked_for_may_not(double, provider):
+    """A derived machine type follows GKE's tables, which an upgrade may change: the pools
+    it finds are kept. One the spec names is part of the pool's identity."""
+    resource = service()
+    plan = make_plan(resource.spec)
+    config = {**made_by_us(resource, plan), "machineType": "a3-highgpu-1g-older"}
+    double.seed_pool(pool_name(plan), "RUNNING", config=config, autoscaling={
+        "enabled": True, "totalMinNodeCount": 0, "totalMaxNodeCount": 2})
+    assert provider.ensure(resource, plan, 1).ready
+    named = service(machineType="a3-highgpu-1g")  # the derived one: the same pool name
+    assert make_plan(named.spec).nodepool_name == plan.nodepool_name
+    with pytest.raises(ProviderError, match="machine type a3-highgpu-1g-older") as refused:
+        provider.ensure(named, make_plan(named.spec), 1)
+    assert refused.value.reason == "PoolConfigMismatch"
+
+
 # --- autoscaling bounds ------------------------------------------------------------------
 
 
