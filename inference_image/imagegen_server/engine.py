@@ -51,6 +51,20 @@ def default_size(steps: FamilySteps, settings: ServerSettings) -> tuple[int, int
     return (settings.default_width or native_w, settings.default_height or native_h)
 
 
+def check_sizes(steps: FamilySteps, settings: ServerSettings) -> None:
+    """Refuse to serve a default or listed size the family cannot make (SD3 and Flux take
+    whole transformer patches): every request without a size would otherwise fail."""
+    multiple = steps.size_multiple
+    for size in admitted_sizes(steps, settings):
+        width, height = (int(side) for side in size.split("x"))
+        if width % multiple or height % multiple:
+            raise InvalidRequest(
+                "size",
+                f"size {size} (spec.pipeline.defaults or spec.pipeline.limits.sizes): this "
+                f"model takes sizes in multiples of {multiple}",
+            )
+
+
 def max_pixels(steps: FamilySteps, settings: ServerSettings) -> int:
     """The largest width x height a request may ask for: the setting, or else the native size
     (the configured default size, when that is larger: the defaults are always admitted)."""

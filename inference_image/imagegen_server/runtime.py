@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from .aot_denoiser import AotDenoiser
 from .compiled_artifacts import CompiledArtifacts, enable_precompile
 from .config import ServerSettings
-from .engine import Engine, build_engine, default_size
+from .engine import Engine, build_engine, check_sizes, default_size
 from .families import FamilySteps, steps_for
 from .loading import LoadedModel, import_libraries, load_model, resolve_lora_uri
 from .lora import AdapterSlot
@@ -74,6 +74,7 @@ class ModelRuntime:
         self.model = load_model(s)
         m = self.model
         self.steps = steps_for(m.family, m.pipeline, m.device)
+        check_sizes(self.steps, s)
         if s.loras:
             # Before compiling: the slot's modules are part of the graph from the start.
             adapters = {lora.name: resolve_lora_uri(lora.uri, s) for lora in s.loras}

@@ -677,6 +677,26 @@ class ImageGenServiceSpec(KubeModel):
             message="pipeline.compile.aot does not go with model.loras or model.quantization: "
             "the package holds the plain denoiser's graph",
         ),
+        Rule(
+            # SD3's and Flux's transformers take latents in 2x2 patches of 8-pixel latents.
+            cel=(
+                "!has(self.model.family) || !(self.model.family in ['SD3', 'Flux'])"
+                " || !has(self.pipeline) || ((!has(self.pipeline.defaults)"
+                " || ((!has(self.pipeline.defaults.width) || self.pipeline.defaults.width % 16 == 0)"
+                " && (!has(self.pipeline.defaults.height)"
+                " || self.pipeline.defaults.height % 16 == 0)))"
+                " && (!has(self.pipeline.limits) || !has(self.pipeline.limits.sizes)"
+                " || self.pipeline.limits.sizes.all(s, s.split('x').all(side,"
+                " int(side) % 16 == 0))))"
+            ),
+            check=lambda s: s.model.family not in ("SD3", "Flux") or (
+                s.pipeline.defaults.width % 16 == 0 and s.pipeline.defaults.height % 16 == 0
+                and all(int(side) % 16 == 0 for size in s.pipeline.limits.sizes or []
+                        for side in size.split("x"))),
+            field=".pipeline",
+            message="SD3 and Flux take sizes in multiples of 16 (pipeline.defaults.width, "
+            "height and pipeline.limits.sizes)",
+        ),
     )
 
 

@@ -11,7 +11,12 @@ import pytest
 import torch
 from server_testlib import FAMILIES, MODES, STEPS, Gate, count_calls, mean_abs_diff
 
-from imagegen_server.engine import EngineClosedError, InvalidRequest, QueueFullError
+from imagegen_server.engine import (
+    EngineClosedError,
+    InvalidRequest,
+    QueueFullError,
+    check_sizes,
+)
 from imagegen_server.metrics import ServerMetrics
 from imagegen_server.request import GenerationParams, Job, JobTimeout, ShutdownError
 from imagegen_server.stages import Stage
@@ -234,6 +239,11 @@ def test_sd3_sizes_are_whole_transformer_patches(make_runtime):
     with pytest.raises(InvalidRequest, match="multiple of 16") as info:
         runtime.engine.submit(params)
     assert info.value.field == "size"
+    # A server whose default or listed sizes are not is refused at start, not per request.
+    check_sizes(runtime.steps, runtime.settings.model_copy(update={"allowed_sizes": ["512x512"]}))
+    for update in ({"default_width": 520}, {"allowed_sizes": ["512x520"]}):
+        with pytest.raises(InvalidRequest, match="spec.pipeline.defaults or spec.pipeline.limits"):
+            check_sizes(runtime.steps, runtime.settings.model_copy(update=update))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
