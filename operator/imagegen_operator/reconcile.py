@@ -7,10 +7,11 @@ Level, not edge: each step compares what should be with what is, so running it
 on create, update, resume, a timer or a child's event converges to the same
 state, and a run that finds nothing to do writes nothing (status included).
 A node pool is known by (provider, cluster, name, and the namespace for
-ConfigConnector) and shared by every service whose spec derives the same key; who uses a pool is read from the cluster
-each time, never kept in memory, so it survives operator restarts. What is
-kept in memory is an optimisation only: one bounded :class:`Memo` per service,
-and the backoff of pools whose provider asked to wait.
+ConfigConnector) and shared by every service whose spec derives the same key;
+who uses a pool is read from the cluster each time, never kept in memory, so it
+survives operator restarts. What is kept in memory is an optimisation only: one
+bounded :class:`Memo` per service, and the backoff of pools whose provider
+asked to wait.
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ class Reconciler:
         want = resource.spec.replicas
         rolled_out = st.rolled_out(deployment, want)
         current, releasing = self._retire_previous_pools(body, resource, the_plan, target,
-                                             pool.ready and rolled_out)
+                                                         pool.ready and rolled_out)
         observation = Observation(
             generation=generation,
             previous=previous,
