@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import json
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -245,6 +246,9 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
                 yield event
                 if event.event == f"{kind}.completed":
                     metrics.request_seconds.observe(time.monotonic() - started)
+                elif event.event == "error":  # counted 200 already: the stream had started
+                    error = json.loads(event.data)["error"]
+                    metrics.stream_errors.labels(type=error["type"]).inc()
 
         return EventSourceResponse(events(), ping=15)
 

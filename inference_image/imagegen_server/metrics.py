@@ -29,6 +29,11 @@ class ServerMetrics:
             "imagegen_requests", "Generation and edit requests by route and outcome.",
             ["route", "status"], registry=r
         )
+        self.stream_errors = Counter(
+            "imagegen_stream_errors",
+            "Streamed requests that ended in an error event after their 200, by error type.",
+            ["type"], registry=r
+        )
         self.request_seconds = Histogram(
             "imagegen_request_duration_seconds",
             "Time from admission to response for successful generations.",
