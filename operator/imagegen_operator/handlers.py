@@ -35,6 +35,7 @@ from imagegen_operator.kube import (
 )
 from imagegen_operator.providers import build_providers
 from imagegen_operator.reconcile import Reconciler
+from imagegen_operator.render import DEFAULT_SERVER_IMAGE
 from imagegen_operator.render.common import MANAGED_BY
 
 # The Deployment status fields the service's own status is computed from.
@@ -74,6 +75,8 @@ class OperatorConfig:
     # The API server ends each watch after this, and the client gives up on a silent one
     # a little later: a dead connection under a watch is noticed within that time.
     watch_timeout_seconds: float = 120.0
+    # The inference server image of services that name none (spec.server.image).
+    server_image: str = DEFAULT_SERVER_IMAGE
 
 
 @dataclass
@@ -488,6 +491,11 @@ def parse_args(argv: Sequence[str]) -> OperatorConfig:
         help="the API server ends each watch after this; a silent one is dropped 30 s later",
     )
     p.add_argument(
+        "--server-image",
+        default=env("IMAGEGEN_OPERATOR_SERVER_IMAGE") or DEFAULT_SERVER_IMAGE,
+        help="the inference server image of services whose spec.server.image is unset",
+    )
+    p.add_argument(
         "--log-format",
         choices=("text", "json"),
         default=env("IMAGEGEN_OPERATOR_LOG_FORMAT", "text"),
@@ -516,6 +524,7 @@ def parse_args(argv: Sequence[str]) -> OperatorConfig:
         priority=args.priority,
         stuck_seconds=args.stuck_seconds,
         watch_timeout_seconds=args.watch_timeout_seconds,
+        server_image=args.server_image,
     )
 
 
@@ -533,7 +542,8 @@ def run(argv: Sequence[str]) -> int:
         return 2
     kube = Kube()
     operator = Operator(Reconciler(kube, build_providers(kube), recorder=_record,
-                                   default_cluster=default_cluster))
+                                   default_cluster=default_cluster,
+                                   server_image=config.server_image))
     registry = kopf.OperatorRegistry()
     register(registry, operator, config)
     if config.metrics_port:

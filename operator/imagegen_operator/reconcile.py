@@ -45,7 +45,7 @@ from imagegen_operator.providers.base import (
     PoolState,
     ProviderError,
 )
-from imagegen_operator.render import job_state, render_workload
+from imagegen_operator.render import DEFAULT_SERVER_IMAGE, job_state, render_workload
 from imagegen_operator.render.common import MANAGED_BY, name_of, namespace_of, selector_string
 from imagegen_operator.render.nodepool import NodeBounds
 from imagegen_operator.render.service import endpoint
@@ -105,8 +105,10 @@ class Reconciler:
         services: Callable[[], Iterable[dict[str, Any]]] | None = None,
         default_cluster: Callable[[], str | None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
+        server_image: str = DEFAULT_SERVER_IMAGE,
     ):
         self.kube = kube
+        self.server_image = server_image  # of services whose spec names none
         self.services = services
         self.providers = providers
         self.record = recorder or (lambda body, type_, reason, message: None)
@@ -389,12 +391,12 @@ class Reconciler:
         generation = resource.metadata.generation
         blind = spec_changed and memo.applied != generation
         rejected: list[str] = []
-        desired = render_workload(resource, the_plan)
+        desired = render_workload(resource, the_plan, self.server_image)
         job = next((o for o in desired if o["kind"] == "Job"), None)
         precompile = self._precompile(resource, job, previous, rejected)
         if precompile is not None and precompile.held:
             # Only while a new service's Job runs: the Deployment again, at 0 replicas.
-            desired = render_workload(resource, the_plan, held=True)
+            desired = render_workload(resource, the_plan, self.server_image, held=True)
         wanted = {(o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in desired}
         deployment = None
         for obj in desired:

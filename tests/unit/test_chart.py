@@ -304,6 +304,8 @@ def test_probes_and_ports_follow_the_values():
                          "operator.logFormat=json", "operator.bindAddress=::"))
     assert c["args"] == ["run", "--resync-seconds=12", "--metrics-port=9090", "--health-port=9091",
                          "--log-format=json", "--bind-address=::"]
+    image = "registry.example/ml/imagegen-server:1.2"
+    assert f"--server-image={image}" in container(render(f"operator.serverImage={image}"))["args"]
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": 9090, "health": 9091}
     for probe in ("livenessProbe", "readinessProbe"):
         assert c[probe]["httpGet"] == {"path": "/healthz", "port": "health"}

@@ -9,6 +9,7 @@ import pytest
 
 from imagegen_operator.handlers import parse_args
 from imagegen_operator.kube import Kube
+from imagegen_operator.render import DEFAULT_SERVER_IMAGE
 
 
 @pytest.fixture
@@ -40,6 +41,14 @@ def test_json_log_lines_carry_the_object(root_logging) -> None:
     record = json.loads(_format(root_logging, "applied Deployment sd15"))
     assert record["message"] == "applied Deployment sd15"
     assert record["object"] == {"namespace": "team-a", "name": "sd15"}
+
+
+def test_the_server_image_of_services_that_name_none_is_configurable(root_logging,
+                                                                     monkeypatch) -> None:
+    assert parse_args([]).server_image == DEFAULT_SERVER_IMAGE
+    monkeypatch.setenv("IMAGEGEN_OPERATOR_SERVER_IMAGE", "registry.example/server:2")
+    assert parse_args([]).server_image == "registry.example/server:2"
+    assert parse_args(["--server-image=r/s:3"]).server_image == "r/s:3"
 
 
 def test_only_the_exact_version_we_applied_is_our_own_echo() -> None:

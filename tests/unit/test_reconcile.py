@@ -252,6 +252,20 @@ def test_a_service_being_deleted_is_not_reconciled(world) -> None:
     assert not world.double.requests and not world.gke_pools()
 
 
+def test_services_that_name_no_image_get_the_operators_server_image(world) -> None:
+    world.reconciler.server_image = "registry.example/ml/imagegen-server:1.2"
+    world.create("plain", node_pool={"provider": "Local"})
+    world.create("pinned", node_pool={"provider": "Local"}, server={"image": "mine/server:9"})
+    world.reconcile("plain", "pinned")
+
+    def image(name: str) -> str:
+        deployment = world.kube.objects[("apps/v1", "Deployment", "ns", name)]
+        return deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+
+    assert image("plain") == "registry.example/ml/imagegen-server:1.2"
+    assert image("pinned") == "mine/server:9"
+
+
 def test_a_refused_child_is_stalled_with_the_api_servers_words_and_recovers(world) -> None:
     world.create("refused", node_pool={"provider": "Local"})
     message = ('Deployment.apps "refused" is invalid: spec.template.spec.containers[0].image: '
