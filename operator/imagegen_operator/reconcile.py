@@ -558,7 +558,7 @@ class Reconciler:
         """The pool the service runs on, and those it left that are not gone yet.
 
         GKE cannot change a pool's accelerator settings, so a new sharing config
-        means a new pool: the Deployment moves (surge first, nothing taken away),
+        means a new pool: the Deployment moves (render/deployment.py's rolling_update),
         and only then are the old pools released, those no other service uses.
         Until gone, the pool it ran on stays named in status and the others it left
         (a move that an edit turned elsewhere) stay listed, so a later reconcile (or

@@ -149,6 +149,23 @@ def test_topology_spread_is_soft_over_nodes_and_zones() -> None:
 # --- security and probes ------------------------------------------------------------
 
 
+@pytest.mark.parametrize(("replicas", "autoscaling", "update"), [
+    (3, None, {"maxSurge": 1, "maxUnavailable": 0}),  # a slot left for the surge pod
+    (4, None, {"maxSurge": 0, "maxUnavailable": 1}),  # the pool full at maxNodes
+    (2, {"minReplicas": 1, "maxReplicas": 4}, {"maxSurge": 0, "maxUnavailable": 1}),
+])
+def test_a_rollout_surges_only_where_the_pool_has_a_slot_for_it(replicas, autoscaling,
+                                                                 update) -> None:
+    spec = {"gpu": {"type": "nvidia-l4", "sharing": {"strategy": "MPS",
+                                                     "maxSharedClientsPerGpu": 2}},
+            "nodePool": {"provider": "Local", "maxNodes": 2}, "replicas": replicas}
+    if autoscaling:
+        spec["autoscaling"] = autoscaling
+    r = resource(**spec)
+    assert plan(r.spec).replicas_at_max_nodes == 4
+    assert deployment(r)["spec"]["strategy"]["rollingUpdate"] == update
+
+
 def test_restricted_security_context() -> None:
     spec = pod_spec(resource())
     pod, container = spec["securityContext"], spec["containers"][0]["securityContext"]

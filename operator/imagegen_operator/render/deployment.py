@@ -382,12 +382,18 @@ def render_deployment(
         "spec": {
             "replicas": 0 if held else spec.replicas,
             "selector": {"matchLabels": selector_labels(resource)},
-            # Slots are scarce: surge one pod (the autoscaler adds a node if needed)
-            # rather than take serving capacity away during a rollout.
-            "strategy": {
-                "type": "RollingUpdate",
-                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
-            },
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": rolling_update(spec, plan)},
             "template": {"metadata": template_meta, "spec": pod_spec},
         },
     }
+
+
+def rolling_update(spec: Any, plan: Plan) -> dict[str, int]:
+    """Surge one pod where the pool has a slot left for it (the autoscaler adds a node if
+    needed) rather than take serving capacity away during a rollout. Where the replicas
+    fill the pool at its maxNodes, a surge pod would wait Pending for a slot that never
+    comes and hold the rollout for ever: replace one pod at a time instead."""
+    most = spec.autoscaling.max_replicas if spec.autoscaling else spec.replicas
+    if plan.replicas_at_max_nodes is not None and most >= plan.replicas_at_max_nodes:
+        return {"maxSurge": 0, "maxUnavailable": 1}
+    return {"maxSurge": 1, "maxUnavailable": 0}
