@@ -34,7 +34,7 @@ from .bodies import (
     read_json_body,
     streamed_previews,
 )
-from .config import ServerSettings
+from .config import SHUTDOWN_FLUSH_S, ServerSettings
 from .engine import (
     EngineClosedError,
     InvalidRequest,
@@ -250,7 +250,9 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
                     error = json.loads(event.data)["error"]
                     metrics.stream_errors.labels(type=error["type"]).inc()
 
-        return EventSourceResponse(events(), ping=15)
+        # At shutdown sse-starlette cancels open streams at once unless given a grace: the
+        # drain is over when the last job is, but its PNG may still be encoding.
+        return EventSourceResponse(events(), ping=15, shutdown_grace_period=SHUTDOWN_FLUSH_S)
 
     @app.get("/v1/models")
     async def models():

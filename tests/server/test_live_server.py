@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -147,21 +148,28 @@ def server_process(model, *flags: str, env: dict | None = None):
 
 @pytest.mark.slow
 def test_sigterm_finishes_accepted_requests_then_exits(tiny_models):
-    # Room for the four 60-step requests: admission counts work (each is 20 default requests).
+    # Room for the five 60-step requests: admission counts work (each is 20 default requests).
     with server_process(tiny_models["sd15"], "--queue-capacity", "100") as (base_url, process):
-        results: dict[int, httpx.Response] = {}
+        results: dict[int, Any] = {}
 
         def call(i: int) -> None:
             body = {"prompt": f"drain {i}", "seed": i, "steps": 60}
             results[i] = httpx.post(base_url + "/v1/images/generations", json=body, timeout=120)
 
+        def streamed() -> None:
+            body = {"prompt": "drain streamed", "seed": 9, "steps": 60, "stream": True}
+            with httpx.stream("POST", base_url + "/v1/images/generations", json=body,
+                              timeout=120) as response:
+                results[4] = response.read().decode()
+
         threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+        threads.append(threading.Thread(target=streamed))
         for t in threads:
             t.start()
         deadline = time.monotonic() + 30
-        while _in_flight(base_url) < 4 and time.monotonic() < deadline:
+        while _in_flight(base_url) < 5 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert _in_flight(base_url) == 4  # all four accepted before the signal
+        assert _in_flight(base_url) == 5  # all five accepted before the signal
 
         process.send_signal(signal.SIGTERM)
         time.sleep(0.3)
@@ -174,7 +182,9 @@ def test_sigterm_finishes_accepted_requests_then_exits(tiny_models):
         assert httpx.get(base_url + "/readyz", timeout=5).status_code == 503
         for t in threads:
             t.join(120)
-        assert sorted(results) == [0, 1, 2, 3]
+        assert sorted(results) == [0, 1, 2, 3, 4]
+        stream = results.pop(4)  # a stream ends with its image, not cut off at the exit
+        assert "event: image_generation.completed" in stream and "event: error" not in stream
         assert [r.status_code for r in results.values()] == [200] * 4
         assert all(r.json()["data"][0]["b64_json"] for r in results.values())
         # uvicorn re-raises the signal after its graceful shutdown, so the status names SIGTERM.
