@@ -57,6 +57,9 @@ def key_parts(steps: FamilySteps, settings: ServerSettings, dtype: torch.dtype) 
         "regional": settings.compile_regional,
         "precompile": settings.compile_precompile,
         "channels_last": settings.channels_last,
+        # The backend is chosen as the graph is traced, and inductor's caches do not key on
+        # it; on one device the requested backend decides the active one.
+        "attention": settings.attention.value,
         "quantization": settings.quantization.value,
         "cache": [settings.cache.value, settings.cache_threshold, settings.cache_interval],
         "sizes": admitted_sizes(steps, settings),

@@ -166,8 +166,11 @@ def apply_optimizations(
     # With compile_aot the denoiser is compiled ahead of time instead (aot_denoiser.py).
     if settings.compile_enabled and not settings.compile_aot:
         if settings.compile_cache_dir is not None:
-            configure_compile_cache(settings.compile_cache_dir)
-            report.compile_cache_dir = str(settings.compile_cache_dir)
+            # One cache per attention backend: inductor's cache keys leave it out, so a
+            # graph traced under one would be served to a server asking for another.
+            directory = settings.compile_cache_dir / f"inductor-{attention.active.value.lower()}"
+            configure_compile_cache(directory)
+            report.compile_cache_dir = str(directory)
         compiled, regional = compile_denoiser(
             pipeline, settings.compile_mode, settings.compile_regional
         )

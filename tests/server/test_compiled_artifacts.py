@@ -59,7 +59,7 @@ def test_the_key_changes_with_what_the_compiled_code_depends_on(make_runtime, tm
     # The weights are not in the key: a retrained model of the same shape reuses its code.
     changed = [key(compile_mode="max-autotune"), key(compile_regional=False),
                key(allowed_sizes=["96x64"]), key(max_batch_size=8), key(channels_last=False),
-               key(loras=[{"name": "ink", "uri": "/x.safetensors"}])]
+               key(loras=[{"name": "ink", "uri": "/x.safetensors"}]), key(attention="Math")]
     assert len({key(), *changed}) == 1 + len(changed)
 
 
