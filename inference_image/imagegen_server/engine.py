@@ -52,17 +52,21 @@ def default_size(steps: FamilySteps, settings: ServerSettings) -> tuple[int, int
 
 
 def check_sizes(steps: FamilySteps, settings: ServerSettings) -> None:
-    """Refuse to serve a default or listed size the family cannot make (SD3 and Flux take
-    whole transformer patches): every request without a size would otherwise fail."""
-    multiple = steps.size_multiple
+    """Refuse to serve a default or listed size that no request could get: one the family
+    cannot make (SD3 and Flux take whole transformer patches), or one above maxPixels.
+    Every request without a size would otherwise fail, and a listed size be compiled for
+    nothing."""
+    multiple, limit = steps.size_multiple, max_pixels(steps, settings)
     for size in admitted_sizes(steps, settings):
         width, height = (int(side) for side in size.split("x"))
+        where = f"size {size} (spec.pipeline.defaults or spec.pipeline.limits.sizes)"
         if width % multiple or height % multiple:
             raise InvalidRequest(
-                "size",
-                f"size {size} (spec.pipeline.defaults or spec.pipeline.limits.sizes): this "
-                f"model takes sizes in multiples of {multiple}",
-            )
+                "size", f"{where}: this model takes sizes in multiples of {multiple}")
+        if width * height > limit:
+            raise InvalidRequest(
+                "size", f"{where}: {width * height} pixels, above spec.pipeline.limits."
+                f"maxPixels={limit}")
 
 
 def max_pixels(steps: FamilySteps, settings: ServerSettings) -> int:

@@ -9,6 +9,7 @@ the descriptions ``kubectl explain`` shows.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from datetime import datetime
@@ -373,6 +374,19 @@ class PipelineSpec(KubeModel):
             or p.defaults.width * p.defaults.height <= p.limits.max_pixels,
             field=".limits.maxPixels",
             message="limits.maxPixels must hold defaults.width x defaults.height",
+        ),
+        Rule(
+            # A listed size above it would be compiled at start and refused to every request.
+            cel=(
+                "!has(self.limits) || !has(self.limits.maxPixels) || !has(self.limits.sizes)"
+                " || self.limits.sizes.all(s, int(s.split('x')[0]) * int(s.split('x')[1])"
+                " <= self.limits.maxPixels)"
+            ),
+            check=lambda p: p.limits.max_pixels is None or all(
+                math.prod(int(side) for side in size.split("x")) <= p.limits.max_pixels
+                for size in p.limits.sizes or []),
+            field=".limits.maxPixels",
+            message="limits.maxPixels must hold every size of limits.sizes",
         ),
         Rule(
             cel=(

@@ -230,7 +230,8 @@ def test_engine_checks_requests_before_device_work(make_runtime, change, field):
 
 def test_sd3_sizes_are_whole_transformer_patches(make_runtime):
     """SD3's transformer reads latents in 2x2 patches: with its VAE's factor of 8, a size
-    must be a multiple of 16 (a 520-pixel side would fail inside the denoiser)."""
+    must be a multiple of 16 (a 520-pixel side would fail inside the denoiser). A server
+    whose default or listed sizes no request could get does not start."""
     runtime = make_runtime("sd3", warmup=False)
     # The real model's factor and patch (the tiny one has 2 and 1).
     runtime.steps.vae_scale_factor, runtime.steps.pipeline.patch_size = 8, 2
@@ -240,10 +241,12 @@ def test_sd3_sizes_are_whole_transformer_patches(make_runtime):
         runtime.engine.submit(params)
     assert info.value.field == "size"
     # A server whose default or listed sizes are not is refused at start, not per request.
-    check_sizes(runtime.steps, runtime.settings.model_copy(update={"allowed_sizes": ["512x512"]}))
-    for update in ({"default_width": 520}, {"allowed_sizes": ["512x520"]}):
+    settings = runtime.settings.model_copy(update={"max_pixels": 512 * 512})
+    check_sizes(runtime.steps, settings.model_copy(update={"allowed_sizes": ["512x512"]}))
+    for update in ({"default_width": 520}, {"allowed_sizes": ["512x520"]},
+                   {"allowed_sizes": ["512x512"], "max_pixels": 256 * 512}):
         with pytest.raises(InvalidRequest, match="spec.pipeline.defaults or spec.pipeline.limits"):
-            check_sizes(runtime.steps, runtime.settings.model_copy(update=update))
+            check_sizes(runtime.steps, settings.model_copy(update=update))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
