@@ -145,7 +145,12 @@ class AotDenoiser:
         index = self.directory / f"{self.key}.json"
         if not index.is_file():
             return []
-        return [tuple(s) for s in json.loads(index.read_text())["signatures"]]
+        try:
+            return [tuple(s) for s in json.loads(index.read_text())["signatures"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # Cut short by a node that died mid-write, or not ours: compile, do not fail.
+            log.warning("AOT index %s unreadable, compiling instead: %s", index, exc)
+            return []
 
     # --- load -----------------------------------------------------------------------------
     def load(self) -> None:

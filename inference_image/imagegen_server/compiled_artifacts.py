@@ -82,6 +82,8 @@ def write_atomically(path: Path, data: bytes) -> None:
     new one, never half of it."""
     with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as out:
         out.write(data)
+        out.flush()
+        os.fsync(out.fileno())  # on disk before the name is: a crash leaves no empty file
     os.replace(out.name, path)
 
 
@@ -124,16 +126,22 @@ class CompiledArtifacts:
         return self.loaded
 
     def save(self) -> int:
-        """Write what this process compiled, atomically (replicas may start together)."""
+        """Write what this process compiled, atomically (replicas may start together). A
+        volume that refuses the write (full, read-only) costs the next start its head start,
+        not this one its service: logged, and 0 bytes saved."""
         saved = torch.compiler.save_cache_artifacts()
         if saved is None:
             return 0
         data, _ = saved
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(self.path, data)
-        # Beside it, what the key stands for, for whoever lists the volume.
-        self.path.with_suffix(".json").write_text(
-            json.dumps(self.parts, indent=2, sort_keys=True, default=str)
-        )
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.path, data)
+            # Beside it, what the key stands for, for whoever lists the volume.
+            self.path.with_suffix(".json").write_text(
+                json.dumps(self.parts, indent=2, sort_keys=True, default=str)
+            )
+        except OSError as exc:
+            log.warning("compiled artifacts: not saved to %s: %s", self.path, exc)
+            return 0
         log.info("compiled artifacts: saved %d bytes to %s", len(data), self.path)
         return len(data)

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from server_testlib import start_process as start
 
 from imagegen_server.compiled_artifacts import artifact_key, key_parts
@@ -61,6 +62,29 @@ def test_the_key_changes_with_what_the_compiled_code_depends_on(make_runtime, tm
                key(allowed_sizes=["96x64"]), key(max_batch_size=8), key(channels_last=False),
                key(loras=[{"name": "ink", "uri": "/x.safetensors"}]), key(attention="Math")]
     assert len({key(), *changed}) == 1 + len(changed)
+
+
+def test_a_volume_that_refuses_the_bundle_or_holds_a_broken_index_only_costs_a_head_start(
+        make_runtime, tmp_path, monkeypatch, caplog):
+    """A full or read-only volume, or an index cut short by a node that died mid-write: the
+    start compiles and serves, and says why it saved or loaded nothing."""
+    from imagegen_server.aot_denoiser import AotDenoiser
+    from imagegen_server.compiled_artifacts import CompiledArtifacts
+
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"compiled", None))
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    assert CompiledArtifacts(blocked / "bundle.bin", {}).save() == 0
+    assert "not saved" in caplog.text
+
+    runtime = make_runtime("sd15", warmup=False)
+    settings = runtime.settings.model_copy(update={
+        "compile_enabled": True, "compile_aot": True, "compile_cache_dir": tmp_path / "cache"})
+    aot = AotDenoiser.for_server(runtime.steps, settings, runtime.model.dtype)
+    aot.directory.mkdir(parents=True)
+    (aot.directory / f"{aot.key}.json").write_text("")  # empty: cut short
+    aot.load()
+    assert aot.packages == {} and "unreadable, compiling instead" in caplog.text
 
 
 def test_precompile_needs_compile_and_a_cache_dir_and_names_what_is_missing(tiny_models, capsys):
