@@ -41,6 +41,7 @@ class ModelRuntime:
         self.startup_seconds: dict[str, float] = {}
         self.warmup_seconds: float | None = None
         self._ready = threading.Event()
+        self._drain_deadline: float | None = None  # monotonic; set by a SIGTERM's drain
         self._thread: threading.Thread | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -156,11 +157,18 @@ class ModelRuntime:
         """SIGTERM's work, within one deadline: /readyz turns 503 and the engine drains
         (Engine.drain: accepted requests finish or are cancelled by the deadline)."""
         self.metrics.ready.set(0)
+        self._drain_deadline = time.monotonic() + timeout
         return self.engine is None or self.engine.drain(timeout)
 
     def close(self, timeout: float | None = None) -> bool:
-        """Drain accepted work and stop; returns whether everything finished in time."""
+        """Drain accepted work and stop; returns whether everything finished in time.
+
+        After a SIGTERM's drain only what is left of its deadline: the pod's grace period
+        holds one drain, and a job still in a long step was answered already."""
         self.metrics.ready.set(0)
+        if self._drain_deadline is not None:
+            left = max(0.0, self._drain_deadline - time.monotonic())
+            timeout = left if timeout is None else min(timeout, left)
         drained = True
         if self.engine is not None:
             drained = self.engine.close(timeout)

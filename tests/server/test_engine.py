@@ -184,6 +184,19 @@ def test_close_answers_what_did_not_finish_by_its_deadline(make_runtime, mode):
     assert job.released and runtime.engine.in_flight == 0
 
 
+def test_close_after_a_sigterm_drain_keeps_to_what_is_left_of_its_deadline(make_runtime):
+    """The pod's grace period holds one drain: the app's close after it does not start a
+    second one with the full timeout."""
+    runtime = make_runtime("sd15", warmup=False)
+    asked = []
+    close = runtime.engine.close
+    runtime.engine.close = lambda timeout=None: asked.append(timeout) or close(timeout)
+    assert runtime.drain(0.2)
+    time.sleep(0.3)
+    runtime.close(timeout=120)
+    assert asked == [0.0]
+
+
 def test_a_job_handed_to_a_stopped_stage_fails_at_once():
     # What a stage that outlasted its stop's timeout hands on later: answered, not queued
     # behind a thread that has ended.
