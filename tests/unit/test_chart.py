@@ -104,6 +104,12 @@ def test_helm_lint_strict():
     assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
 
 
+def test_a_cluster_that_would_drop_the_prestop_sleep_is_refused():
+    result = helm("template", RELEASE, str(CHART), "--kube-version", "1.29.9", check=False)
+    assert result.returncode != 0 and "kubeVersion" in result.stderr, result.stderr
+    assert helm("template", RELEASE, str(CHART), "--kube-version", "1.30.0").returncode == 0
+
+
 def test_default_render_has_the_operator_and_nothing_optional():
     docs = render()
     assert kinds(docs) == sorted([
