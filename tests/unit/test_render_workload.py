@@ -379,9 +379,16 @@ def test_service_and_endpoint_use_the_server_port() -> None:
     assert endpoint(r) == "http://svc.team-a.svc.cluster.local:9000"
 
 
-def test_pdb_lets_one_pod_go_at_a_time() -> None:
-    pdb = render_pdb(resource())
-    assert pdb["spec"]["maxUnavailable"] == 1
+@pytest.mark.parametrize(("gpu", "per_node"), [
+    ({"type": "nvidia-l4"}, 1),
+    ({"type": "nvidia-h100-80gb", "partitionSize": "1g.10gb"}, 7),
+    ({"type": "nvidia-l4", "sharing": {"strategy": "MPS", "maxSharedClientsPerGpu": 4}}, 4),
+])
+def test_pdb_lets_one_nodes_worth_of_pods_go_at_a_time(gpu, per_node) -> None:
+    """The cluster autoscaler empties a node only if the budget lets all its pods go."""
+    r = resource(gpu=gpu)
+    pdb = render_pdb(r, plan(r.spec))
+    assert pdb["spec"]["maxUnavailable"] == per_node == plan(r.spec).slots_per_node
     assert pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"] == "svc"
 
 

@@ -77,7 +77,7 @@ def render_workload(
     objects += [
         render_deployment(resource, the_plan, default_image, held=held),
         render_service(resource),
-        render_pdb(resource),
+        render_pdb(resource, the_plan),
     ]
     hpa = render_hpa(resource)
     if hpa is not None:
