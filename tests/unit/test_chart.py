@@ -430,8 +430,16 @@ def test_network_policy_is_optional_and_tight():
         peer.get("podSelector", {}).get("matchLabels", {}).items() <= test_labels.items()
         for peer in ingress["from"]
     )
-    egress_ports = {p["port"] for rule in policy["egress"] for p in rule["ports"]}
-    assert egress_ports == {53, 443, 6443}
+    open_ports = {p["port"] for rule in policy["egress"] if "to" not in rule
+                  for p in rule["ports"]}
+    assert open_ports == {53, 443, 6443}
+    # GKE's metadata server, where Workload Identity's tokens come from, by address only.
+    metadata = {(rule["to"][0]["ipBlock"]["cidr"], rule["ports"][0]["port"])
+                for rule in policy["egress"] if "to" in rule}
+    assert metadata == {("169.254.169.254/32", 80), ("169.254.169.252/32", 988)}
+    off = find(render("networkPolicy.enabled=true", "networkPolicy.metadataServer=false"),
+               "NetworkPolicy")["spec"]
+    assert all("to" not in rule for rule in off["egress"])
 
 
 def test_helm_test_hook_fetches_healthz_through_the_service():
