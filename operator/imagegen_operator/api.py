@@ -169,7 +169,7 @@ class ModelSource(KubeModel):
 
     uri: str = Field(min_length=1, max_length=2048)
     """Where the model lives: gs://bucket/path, hf://org/name[@revision],
-    pvc://claim/sub/path or file:///abs/path."""
+    pvc://claim/sub/path (ReadOnlyMany where replicas span nodes) or file:///abs/path."""
     family: ModelFamily = "Auto"
     """Model family (Auto detects it from the pipeline's model_index.json)."""
     dtype: DType = "bfloat16"
@@ -213,7 +213,8 @@ class CompileCache(KubeModel):
     """Persistent cache for compiled kernels, so a restart does not recompile."""
 
     pvc_name: str = Field(max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
-    """PersistentVolumeClaim (same namespace) mounted as the torch.compile / Inductor cache."""
+    """PersistentVolumeClaim (same namespace) mounted as the torch.compile / Inductor cache
+    by every replica and the precompile Job: ReadWriteMany where they span nodes."""
 
 
 class CompileSpec(KubeModel):
