@@ -32,15 +32,22 @@ SERVER_LOCK_CMD = $(VENV)/bin/uv pip compile pyproject.toml --extra server --uni
 	--python-version 3.11 --generate-hashes --no-header --quiet -c requirements.lock \
 	-o inference_image/requirements.lock
 
+# The operator image's own lock: the `operator` extra alone, at the main lock's versions.
+OPERATOR_LOCK_CMD = $(VENV)/bin/uv pip compile pyproject.toml --extra operator --universal \
+	--python-version 3.11 --generate-hashes --no-header --quiet -c requirements.lock \
+	-o operator/requirements.lock
+
 lock: ## Update requirements.lock after editing pyproject.toml; pins that still fit stay.
 	@test -x $(VENV)/bin/uv || $(MAKE) setup
 	$(LOCK_CMD)
 	$(SERVER_LOCK_CMD)
+	$(OPERATOR_LOCK_CMD)
 
 lock-upgrade: ## Re-resolve requirements.lock to the newest versions pyproject.toml allows.
 	@test -x $(VENV)/bin/uv || $(MAKE) setup
 	$(LOCK_CMD) --upgrade
 	$(SERVER_LOCK_CMD)
+	$(OPERATOR_LOCK_CMD)
 
 tools: ## Build the pinned control plane, kwok, helm and kubeconform once (cached in ~/.cache).
 	@hack/build-tools.sh >/dev/null

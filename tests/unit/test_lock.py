@@ -112,3 +112,15 @@ def test_the_server_images_lock_is_the_server_extra_at_the_main_locks_versions()
     server_reqs = [r for r in declared((ROOT / "pyproject.toml").read_text())
                    if r[0] in ("dependencies", "optional-dependencies.server")]
     assert mismatches(server_reqs, server) == []
+
+
+def test_the_operator_images_lock_is_the_operator_extra_at_the_main_locks_versions():
+    main, operator = locked(), locked("operator/requirements.lock")
+    assert {"kopf", "kubernetes", "google-cloud-container", "pydantic"} <= set(operator)
+    assert "torch" not in operator and "pytest" not in operator  # the operator extra only
+    differ = [name for name, entries in operator.items()
+              if {v for v, *_ in entries} - {v for v, *_ in main.get(name, [])}]
+    assert differ == [], "run `make lock`: " + ", ".join(differ)
+    operator_reqs = [r for r in declared((ROOT / "pyproject.toml").read_text())
+                     if r[0] in ("dependencies", "optional-dependencies.operator")]
+    assert mismatches(operator_reqs, operator) == []
