@@ -102,25 +102,18 @@ def test_setup_is_a_no_op_once_installed(tmp_path):
     assert "uv pip sync" in dry("setup")
 
 
-def test_the_server_images_lock_is_the_server_extra_at_the_main_locks_versions():
-    main, server = locked(), locked("inference_image/requirements.lock")
-    assert {"torch", "diffusers", "fastapi"} <= set(server)
-    assert "pytest" not in server and "ruff" not in server  # the server extra only
-    differ = [name for name, entries in server.items()
+@pytest.mark.parametrize(("lock", "extra", "has", "lacks"), [
+    ("inference_image/requirements.lock", "server", {"torch", "diffusers", "fastapi"},
+     {"pytest", "ruff"}),
+    ("operator/requirements.lock", "operator",
+     {"kopf", "kubernetes", "google-cloud-container", "pydantic"}, {"torch", "pytest"}),
+])
+def test_each_images_lock_is_its_extra_at_the_main_locks_versions(lock, extra, has, lacks):
+    main, image = locked(), locked(lock)
+    assert has <= set(image) and not lacks & set(image)  # that extra only
+    differ = [name for name, entries in image.items()
               if {v for v, *_ in entries} - {v for v, *_ in main.get(name, [])}]
     assert differ == [], "run `make lock`: " + ", ".join(differ)
-    server_reqs = [r for r in declared((ROOT / "pyproject.toml").read_text())
-                   if r[0] in ("dependencies", "optional-dependencies.server")]
-    assert mismatches(server_reqs, server) == []
-
-
-def test_the_operator_images_lock_is_the_operator_extra_at_the_main_locks_versions():
-    main, operator = locked(), locked("operator/requirements.lock")
-    assert {"kopf", "kubernetes", "google-cloud-container", "pydantic"} <= set(operator)
-    assert "torch" not in operator and "pytest" not in operator  # the operator extra only
-    differ = [name for name, entries in operator.items()
-              if {v for v, *_ in entries} - {v for v, *_ in main.get(name, [])}]
-    assert differ == [], "run `make lock`: " + ", ".join(differ)
-    operator_reqs = [r for r in declared((ROOT / "pyproject.toml").read_text())
-                     if r[0] in ("dependencies", "optional-dependencies.operator")]
-    assert mismatches(operator_reqs, operator) == []
+    reqs = [r for r in declared((ROOT / "pyproject.toml").read_text())
+            if r[0] in ("dependencies", f"optional-dependencies.{extra}")]
+    assert mismatches(reqs, image) == []
