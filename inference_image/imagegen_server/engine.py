@@ -410,19 +410,16 @@ class StackedEngine(Engine):
         return [self._stage("stacked", self._all_steps, self.steps.denoise_key, self._complete)]
 
     def _all_steps(self, jobs: list[Job]) -> list:
-        timings = self.metrics.stage_seconds
-        started = time.perf_counter()
-        self.steps.encode(jobs)
-        encoded = time.perf_counter()
-        self.steps.denoise(jobs)
-        denoised = time.perf_counter()
+        (stage,) = self.stages
+        with stage.timed("encode"):
+            self.steps.encode(jobs)
+        with stage.timed("denoise"):
+            self.steps.denoise(jobs)
         # The denoise loop drops a job whose caller left (its latents gone with it): decode
         # the rest, and give the stage one output per job it passed.
         live = [job for job in jobs if not job.released]
-        images = iter(self.steps.decode(live) if live else [])
-        timings.labels(stage="encode").observe(encoded - started)
-        timings.labels(stage="denoise").observe(denoised - encoded)
-        timings.labels(stage="decode").observe(time.perf_counter() - denoised)
+        with stage.timed("decode"):
+            images = iter(self.steps.decode(live) if live else [])
         return [None if job.released else next(images) for job in jobs]
 
 

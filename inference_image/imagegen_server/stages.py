@@ -9,11 +9,12 @@ event, so hand-offs never block the host.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import torch
@@ -57,7 +58,7 @@ class Stage:
         self.queue: queue.Queue = queue.Queue(maxsize=capacity)
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._pending_timings: list[tuple[Any, Any]] = []
+        self._pending_timings: list[tuple[str, Any, Any]] = []  # (stage label, start, done)
         # Set by stop(), under the lock put() takes: nothing is queued behind STOP.
         self._stopped = False
         self._lock = threading.Lock()
@@ -174,20 +175,37 @@ class Stage:
             done.record(stream)
         for job in jobs:
             job.ready_event = done
-        self._pending_timings.append((start, done))
+        self._pending_timings.append((self.name, start, done))
         return outputs
+
+    @contextlib.contextmanager
+    def timed(self, label: str) -> Iterator[None]:
+        """Time a part of this stage's step as ``imagegen_stage_duration_seconds{stage=label}``:
+        device time on a GPU (events on this stage's stream, read later without a sync: the
+        host returns from a launch long before the work is done), host time elsewhere."""
+        if self.stream is None:
+            started = time.perf_counter()
+            yield
+            self.metrics.stage_seconds.labels(stage=label).observe(time.perf_counter() - started)
+            return
+        start = torch.cuda.Event(enable_timing=True)
+        done = torch.cuda.Event(enable_timing=True)
+        start.record(self.stream)
+        yield
+        done.record(self.stream)
+        self._pending_timings.append((label, start, done))
 
     def _flush_timings(self, block: bool) -> None:
         """Observe GPU-side stage durations whose end events have completed, without syncing."""
         still_pending = []
-        for start, done in self._pending_timings:
+        for label, start, done in self._pending_timings:
             if block:
                 done.synchronize()
             if done.query():
                 seconds = start.elapsed_time(done) / 1000.0
-                self.metrics.stage_seconds.labels(stage=self.name).observe(seconds)
+                self.metrics.stage_seconds.labels(stage=label).observe(seconds)
             else:
-                still_pending.append((start, done))
+                still_pending.append((label, start, done))
         self._pending_timings = still_pending
 
 

@@ -133,6 +133,14 @@ def _sample(runtime, name: str, stage: str) -> float:
     raise AssertionError(f"no sample {name}{{stage={stage}}}")
 
 
+def test_stacked_mode_times_each_step_of_its_batches(make_runtime):
+    runtime = make_runtime("sd15", **MODES["Stacked"])
+    runtime.engine.generate(runtime.params("timed", seed=1), timeout_s=60)
+    for stage in ("stacked", "encode", "denoise", "decode"):
+        assert _sample(runtime, "imagegen_stage_duration_seconds_count", stage) == 1, stage
+        assert _sample(runtime, "imagegen_stage_duration_seconds_sum", stage) > 0, stage
+
+
 def test_full_queue_is_refused_at_once(make_runtime):
     runtime = make_runtime("sd15", queue_capacity=2, max_batch_size=1)
     # Two requests at the default size and steps: two units of work, all there is room for.
