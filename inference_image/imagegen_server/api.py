@@ -251,8 +251,10 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
                     metrics.stream_errors.labels(type=error["type"]).inc()
 
         # At shutdown sse-starlette cancels open streams at once unless given a grace: the
-        # drain is over when the last job is, but its PNG may still be encoding.
-        return EventSourceResponse(events(), ping=15, shutdown_grace_period=SHUTDOWN_FLUSH_S)
+        # drain is over when the last job is, but its PNG may still be encoding. A second
+        # short of uvicorn's own flush (cli.py), so the stream ends before uvicorn cuts it.
+        return EventSourceResponse(events(), ping=15,
+                                   shutdown_grace_period=max(1, SHUTDOWN_FLUSH_S - 1))
 
     @app.get("/v1/models")
     async def models():

@@ -14,6 +14,7 @@ per key before any replica starts.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -81,9 +82,15 @@ def write_atomically(path: Path, data: bytes) -> None:
     """Replicas may start together on one volume: a reader sees the old file or the whole
     new one, never half of it."""
     with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())  # on disk before the name is: a crash leaves no empty file
+        try:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())  # on disk before the name is: a crash leaves no empty file
+        except BaseException:
+            # A full volume must not fill up further with what was half written.
+            with contextlib.suppress(OSError):
+                os.unlink(out.name)
+            raise
     os.replace(out.name, path)
 
 

@@ -53,30 +53,35 @@ def default_size(steps: FamilySteps, settings: ServerSettings) -> tuple[int, int
 
 def check_sizes(steps: FamilySteps, settings: ServerSettings) -> None:
     """Refuse to serve a default or listed size that no request could get: one the family
-    cannot make (SD3 and Flux take whole transformer patches), or one above maxPixels.
-    Every request without a size would otherwise fail, and a listed size be compiled for
-    nothing."""
-    multiple, limit = steps.size_multiple, max_pixels(steps, settings)
+    cannot make (SD3 and Flux take whole transformer patches), or a size the settings name
+    above the maxPixels they set. Every request without a size would otherwise fail, and a
+    listed size be compiled for nothing."""
+    multiple = steps.size_multiple
+    named = list(settings.allowed_sizes or [])
+    if settings.default_width or settings.default_height:
+        named.append("{}x{}".format(*default_size(steps, settings)))
     for size in admitted_sizes(steps, settings):
         width, height = (int(side) for side in size.split("x"))
         where = f"size {size} (spec.pipeline.defaults or spec.pipeline.limits.sizes)"
         if width % multiple or height % multiple:
             raise InvalidRequest(
                 "size", f"{where}: this model takes sizes in multiples of {multiple}")
-        if width * height > limit:
+        if (settings.max_pixels is not None and size in named
+                and width * height > settings.max_pixels):
             raise InvalidRequest(
                 "size", f"{where}: {width * height} pixels, above spec.pipeline.limits."
-                f"maxPixels={limit}")
+                f"maxPixels={settings.max_pixels}")
 
 
 def max_pixels(steps: FamilySteps, settings: ServerSettings) -> int:
     """The largest width x height a request may ask for: the setting, or else the native size
-    (the configured default size, when that is larger: the defaults are always admitted)."""
+    (the default or a listed size, when larger: the sizes a service names are admitted)."""
     if settings.max_pixels is not None:
         return settings.max_pixels
     native_w, native_h = steps.native_size
-    width, height = default_size(steps, settings)
-    return max(native_w * native_h, width * height)
+    named = (math.prod(int(side) for side in size.split("x"))
+             for size in admitted_sizes(steps, settings))
+    return max(native_w * native_h, *named)
 
 
 def listed_sizes(steps: FamilySteps, settings: ServerSettings) -> list[str] | None:

@@ -156,11 +156,13 @@ class Reconciler:
 
         # The workload first: its pods wait (Pending) for the pool's nodes anyway,
         # and on GKE their pending is what the cluster autoscaler scales up for.
+        target = self.pool_key(resource, the_plan)
+        recorded = self.recorded_pools(body)
         deployment, rejected, precompile = self._apply_workload(
             resource, the_plan, outcome,
             spec_changed=previous.get("observedGeneration") != generation, previous=previous,
+            moving=bool(recorded) and recorded[0] != target,
         )
-        target = self.pool_key(resource, the_plan)
         pool, pool_stalled = self._ensure_pool(resource, the_plan, target, outcome)
         want = resource.spec.replicas
         rolled_out = st.rolled_out(deployment, want)
@@ -374,7 +376,7 @@ class Reconciler:
 
     def _apply_workload(
         self, resource: ImageGenService, the_plan: Plan, outcome: Outcome, spec_changed: bool,
-        previous: dict[str, Any],
+        previous: dict[str, Any], moving: bool,
     ) -> tuple[dict[str, Any] | None, list[str], Precompile | None]:
         """Apply the children; return the Deployment as it now is, what was refused, and the
         precompile Job's state (None: none asked for).
@@ -391,12 +393,13 @@ class Reconciler:
         generation = resource.metadata.generation
         blind = spec_changed and memo.applied != generation
         rejected: list[str] = []
-        desired = render_workload(resource, the_plan, self.server_image)
+        desired = render_workload(resource, the_plan, self.server_image, moving=moving)
         job = next((o for o in desired if o["kind"] == "Job"), None)
         precompile = self._precompile(resource, job, previous, rejected)
         if precompile is not None and precompile.held:
             # Only while a new service's Job runs: the Deployment again, at 0 replicas.
-            desired = render_workload(resource, the_plan, self.server_image, held=True)
+            desired = render_workload(resource, the_plan, self.server_image, held=True,
+                                      moving=moving)
         wanted = {(o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in desired}
         deployment = None
         for obj in desired:
@@ -558,7 +561,7 @@ class Reconciler:
         """The pool the service runs on, and those it left that are not gone yet.
 
         GKE cannot change a pool's accelerator settings, so a new sharing config
-        means a new pool: the Deployment moves (render/deployment.py's rolling_update),
+        means a new pool: the Deployment moves (surge first, nothing taken away),
         and only then are the old pools released, those no other service uses.
         Until gone, the pool it ran on stays named in status and the others it left
         (a move that an edit turned elsewhere) stay listed, so a later reconcile (or

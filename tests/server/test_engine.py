@@ -192,6 +192,18 @@ def test_close_answers_what_did_not_finish_by_its_deadline(make_runtime, mode):
     assert job.released and runtime.engine.in_flight == 0
 
 
+def test_without_max_pixels_a_listed_size_above_the_native_one_is_admitted(make_runtime):
+    """The sizes a service names are admitted; maxPixels unset bounds only the others."""
+    runtime = make_runtime("sd15", warmup=False, max_pixels=None, allowed_sizes=["128x96"])
+    assert runtime.steps.native_size == (64, 64)
+    base = runtime.params("listed", seed=1)
+    runtime.engine.submit(GenerationParams(**{**base.__dict__, "width": 128, "height": 96}),
+                          timeout_s=60).future.result(60)
+    with pytest.raises(InvalidRequest) as info:  # not listed: the list is all there is
+        runtime.engine.submit(GenerationParams(**{**base.__dict__, "width": 96, "height": 96}))
+    assert info.value.field == "size"
+
+
 def test_close_after_a_sigterm_drain_keeps_to_what_is_left_of_its_deadline(make_runtime):
     """The pod's grace period holds one drain: the app's close after it does not start a
     second one with the full timeout."""

@@ -391,6 +391,22 @@ def start_move(world, name: str, gpu: dict) -> dict:
     return world.body(name)["status"]["nodePool"]
 
 
+def test_a_full_pool_rolls_one_pod_at_a_time_but_a_move_to_a_new_one_surges(world) -> None:
+    world.create("full", gpu=MPS2, node_pool={"provider": "Local", "maxNodes": 1}, replicas=2)
+    run_until_ready(world, "full")
+
+    def rolling_update() -> dict:
+        deployment = world.kube.objects[("apps/v1", "Deployment", "ns", "full")]
+        return deployment["spec"]["strategy"]["rollingUpdate"]
+
+    assert rolling_update() == {"maxSurge": 0, "maxUnavailable": 1}
+    start_move(world, "full", TS2_L4)  # the same two slots a node, on a new pool
+    assert rolling_update() == {"maxSurge": 1, "maxUnavailable": 0}
+    run_until_ready(world, "full")
+    world.reconcile("full")
+    assert rolling_update() == {"maxSurge": 0, "maxUnavailable": 1}
+
+
 def test_a_move_turned_back_mid_way_releases_the_pool_it_was_moving_to(world) -> None:
     world.create("mover", node_pool={"provider": "Local", "maxNodes": 2})
     run_until_ready(world, "mover")

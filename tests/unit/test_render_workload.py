@@ -149,12 +149,18 @@ def test_topology_spread_is_soft_over_nodes_and_zones() -> None:
 # --- security and probes ------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("replicas", "autoscaling", "update"), [
-    (3, None, {"maxSurge": 1, "maxUnavailable": 0}),  # a slot left for the surge pod
-    (4, None, {"maxSurge": 0, "maxUnavailable": 1}),  # the pool full at maxNodes
-    (2, {"minReplicas": 1, "maxReplicas": 4}, {"maxSurge": 0, "maxUnavailable": 1}),
+SURGE, ONE_AT_A_TIME = {"maxSurge": 1, "maxUnavailable": 0}, {"maxSurge": 0, "maxUnavailable": 1}
+
+
+@pytest.mark.parametrize(("replicas", "autoscaling", "moving", "update"), [
+    (3, None, False, SURGE),  # a slot left for the surge pod
+    (4, None, False, ONE_AT_A_TIME),  # the pool full at maxNodes
+    (4, None, True, SURGE),  # moving to a new pool: the old pods hold none of its slots
+    # Autoscaled: spec.replicas is the autoscaler's count now, not its most.
+    (2, {"minReplicas": 1, "maxReplicas": 4}, False, SURGE),
+    (4, {"minReplicas": 1, "maxReplicas": 4}, False, ONE_AT_A_TIME),
 ])
-def test_a_rollout_surges_only_where_the_pool_has_a_slot_for_it(replicas, autoscaling,
+def test_a_rollout_surges_only_where_the_pool_has_a_slot_for_it(replicas, autoscaling, moving,
                                                                  update) -> None:
     spec = {"gpu": {"type": "nvidia-l4", "sharing": {"strategy": "MPS",
                                                      "maxSharedClientsPerGpu": 2}},
@@ -163,7 +169,8 @@ def test_a_rollout_surges_only_where_the_pool_has_a_slot_for_it(replicas, autosc
         spec["autoscaling"] = autoscaling
     r = resource(**spec)
     assert plan(r.spec).replicas_at_max_nodes == 4
-    assert deployment(r)["spec"]["strategy"]["rollingUpdate"] == update
+    rendered = render_deployment(r, plan(r.spec), moving=moving)
+    assert rendered["spec"]["strategy"]["rollingUpdate"] == update
 
 
 def test_restricted_security_context() -> None:

@@ -337,9 +337,11 @@ def render_deployment(
     plan: Plan,
     default_image: str = DEFAULT_SERVER_IMAGE,
     held: bool = False,
+    moving: bool = False,
 ) -> dict[str, Any]:
     """``default_image`` is used when spec.server.image is unset (the operator's setting);
-    ``held``: 0 replicas for now, while the precompile Job runs (precompile.py)."""
+    ``held``: 0 replicas for now, while the precompile Job runs (precompile.py); ``moving``:
+    the service is moving to a new node pool."""
     spec = resource.spec
     volumes, mounts = volumes_and_mounts(resource)
     container: dict[str, Any] = {
@@ -382,18 +384,20 @@ def render_deployment(
         "spec": {
             "replicas": 0 if held else spec.replicas,
             "selector": {"matchLabels": selector_labels(resource)},
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": rolling_update(spec, plan)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": rolling_update(spec, plan, moving)},
             "template": {"metadata": template_meta, "spec": pod_spec},
         },
     }
 
 
-def rolling_update(spec: Any, plan: Plan) -> dict[str, int]:
+def rolling_update(spec: Any, plan: Plan, moving: bool = False) -> dict[str, int]:
     """Surge one pod where the pool has a slot left for it (the autoscaler adds a node if
     needed) rather than take serving capacity away during a rollout. Where the replicas
-    fill the pool at its maxNodes, a surge pod would wait Pending for a slot that never
-    comes and hold the rollout for ever: replace one pod at a time instead."""
-    most = spec.autoscaling.max_replicas if spec.autoscaling else spec.replicas
-    if plan.replicas_at_max_nodes is not None and most >= plan.replicas_at_max_nodes:
+    (spec.replicas: the autoscaler writes its count there) fill the pool at its maxNodes, a
+    surge pod would wait Pending for a slot that never comes and hold the rollout for ever:
+    replace one pod at a time instead. A move to a new pool always surges: the old pods hold
+    no slot of the new pool."""
+    full = plan.replicas_at_max_nodes is not None and spec.replicas >= plan.replicas_at_max_nodes
+    if full and not moving:
         return {"maxSurge": 0, "maxUnavailable": 1}
     return {"maxSurge": 1, "maxUnavailable": 0}
