@@ -206,6 +206,7 @@ class Plan:
     slots_per_node: int
     replicas: int
     target_replicas: int  # replicas, or autoscaling.maxReplicas when autoscaling is set
+    floor_replicas: int  # what runs whatever the load: replicas, or autoscaling.minReplicas
     gpus_needed: int  # whole GPUs holding target_replicas
     nodes_needed: int
     max_nodes: int | None
@@ -469,6 +470,7 @@ def make_plan(inputs: PlanInputs) -> Plan:
         slots_per_node=per_node,
         replicas=i.replicas,
         target_replicas=target,
+        floor_replicas=_floor_replicas(i),
         gpus_needed=gpus_needed,
         nodes_needed=nodes_needed,
         max_nodes=i.max_nodes,
@@ -596,11 +598,15 @@ def _check_fit(i: PlanInputs, footprint: float, slot_gib: float, source: str) ->
     return []
 
 
+def _floor_replicas(i: PlanInputs) -> int:
+    """What must run whatever the load: replicas, or the autoscaler's floor."""
+    return i.replicas if i.max_replicas is None else (i.min_replicas or 1)
+
+
 def _check_pool(i: PlanInputs, target: int, at_max: int, per_node: int) -> list[Finding]:
     if target <= at_max:
         return []
-    # What must run whatever the load: replicas, or the autoscaler's floor.
-    floor = i.replicas if i.max_replicas is None else (i.min_replicas or 1)
+    floor = _floor_replicas(i)
     stalls = floor > at_max
     if stalls:
         wanted = "spec.autoscaling.minReplicas" if i.max_replicas is not None else "spec.replicas"
@@ -635,6 +641,7 @@ def _unplannable(i: PlanInputs, findings: list[Finding]) -> Plan:
         slots_per_node=0,
         replicas=i.replicas,
         target_replicas=max(i.replicas, i.max_replicas or 0),
+        floor_replicas=_floor_replicas(i),
         gpus_needed=0,
         nodes_needed=0,
         max_nodes=i.max_nodes,

@@ -355,7 +355,7 @@ class Reconciler:
                 continue
             if self.pool_key(other, other_plan) == key:
                 replicas += other_plan.target_replicas
-                floor += _floor_replicas(other)
+                floor += other_plan.floor_replicas
                 users.append(f"{namespace_of(other)}/{name_of(other)}")
                 min_nodes = max(min_nodes, other.spec.node_pool.min_nodes)
                 max_nodes = max(max_nodes, other.spec.node_pool.max_nodes)
@@ -617,12 +617,6 @@ def _pool_namespace(provider: str, namespace: str | None) -> str:
     """The namespace a pool belongs to: a ConfigConnector pool's object lives in its
     service's; every other pool is the cluster's."""
     return (namespace or "") if provider == "ConfigConnector" else ""
-
-
-def _floor_replicas(resource: ImageGenService) -> int:
-    """Replicas a service runs whatever the load: spec.replicas, or the autoscaler's floor."""
-    autoscaling = resource.spec.autoscaling
-    return resource.spec.replicas if autoscaling is None else autoscaling.min_replicas
 
 
 def _stand_in(body: dict[str, Any]) -> ImageGenService:

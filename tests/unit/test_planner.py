@@ -362,6 +362,7 @@ def test_plan_reads_every_field_of_the_api_model() -> None:
         sharing_strategy="MPS",
         max_shared_clients=2,
         replicas=3,
+        min_replicas=2,
         max_replicas=12,
         provider="ConfigConnector",
         spot=True,
