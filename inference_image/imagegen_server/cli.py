@@ -113,6 +113,7 @@ def precompile(argv: Sequence[str]) -> int:
     what a Job runs before a Deployment's replicas start, so each of them starts warm."""
     import json
 
+    from . import cache_volume
     from .runtime import ModelRuntime
 
     parser = serve_parser()
@@ -129,9 +130,18 @@ def precompile(argv: Sequence[str]) -> int:
     if missing:
         print(f"imagegen-server precompile: needs {' and '.join(missing)}", file=sys.stderr)
         return 2
+    unusable = cache_volume.unusable(settings.compile_cache_dir)
+    if unusable is not None:  # before minutes of compiling that could not be saved
+        print(f"imagegen-server precompile: {unusable}", file=sys.stderr)
+        return 1
     runtime = ModelRuntime(settings).load()
     try:
         report = runtime.report
+        if report.compile_cache_skipped is not None:
+            # Compiled, but nothing a replica could load was saved: the Job has failed.
+            print(f"imagegen-server precompile: nothing saved: {report.compile_cache_skipped}",
+                  file=sys.stderr)
+            return 1
         print(json.dumps({
             "key": report.compile_artifacts_key,
             "artifacts": report.compile_artifacts,

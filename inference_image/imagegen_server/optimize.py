@@ -39,6 +39,8 @@ class OptimizationReport:
     #: "loaded": this start loaded its compiled artifacts; "saved": it had none, and saved them
     compile_artifacts: str | None = None
     compile_artifacts_key: str | None = None
+    #: why compile_cache_dir was not used (full or read-only); None when it was, or none is set
+    compile_cache_skipped: str | None = None
     attention_requested: str = Attention.AUTO.value
     attention_active: str = Attention.AUTO.value
     attention_note: str = ""

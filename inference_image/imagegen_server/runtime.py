@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from . import cache_volume
 from .aot_denoiser import AotDenoiser
 from .compiled_artifacts import CompiledArtifacts, enable_precompile
 from .config import ServerSettings
@@ -81,9 +82,17 @@ class ModelRuntime:
             adapters = {lora.name: resolve_lora_uri(lora.uri, s) for lora in s.loras}
             self.steps.adapters = AdapterSlot(m.pipeline, denoiser(m.pipeline), adapters)
         phase("load")
+        skipped = None
+        if s.compile_enabled and s.compile_cache_dir is not None:
+            skipped = cache_volume.unusable(s.compile_cache_dir)
+            if skipped is not None:
+                log.warning("compile cache not used, compiling in local scratch; this start "
+                            "saves nothing for the next: %s", skipped)
+                s = self.settings = s.model_copy(update={"compile_cache_dir": None})
         if s.compile_enabled and s.compile_precompile:
             enable_precompile()
         self.report, self.attention = apply_optimizations(m.pipeline, s, m.device, m.dtype)
+        self.report.compile_cache_skipped = skipped
         self.engine = build_engine(self.steps, s, self.metrics)
         artifacts = None
         if s.compile_enabled and s.compile_aot:

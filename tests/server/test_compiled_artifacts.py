@@ -113,3 +113,40 @@ def test_precompile_saves_the_artifacts_a_server_start_then_loads(tiny_models, t
                 "compile_cache_dir": str(cache)}
     served = start(settings, tmp_path / "image.npy")
     assert (served["artifacts"], served["key"]) == ("loaded", report["key"])
+
+
+def test_a_cache_volume_that_cannot_take_a_compile_is_named_and_left_out_of_the_start(
+        make_runtime, compile_cache, tmp_path, caplog):
+    """A full or read-only volume would fail the compile mid-way: the start compiles in its
+    own scratch space instead, and says why."""
+    import os
+
+    from imagegen_server import cache_volume
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    assert "cannot write to" in cache_volume.unusable(blocked / "cache")
+    full = cache_volume.unusable(tmp_path, min_free=1 << 60)
+    assert full is not None and "MiB free, less than the" in full
+    assert cache_volume.unusable(tmp_path) is None
+    assert [p.name for p in tmp_path.iterdir()] == ["not-a-folder"]  # the check left nothing
+
+    runtime = make_runtime("sd15", warmup=False, compile_enabled=True,
+                           compile_cache_dir=blocked / "cache")
+    report = runtime.report
+    assert report.compiled and report.compile_cache_skipped.startswith("cannot write to")
+    assert report.compile_artifacts is None and report.compile_cache_dir is None
+    assert runtime.settings.compile_cache_dir is None
+    assert str(blocked) not in os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
+    assert "compile cache not used" in caplog.text
+
+
+def test_precompile_refuses_a_cache_volume_it_could_not_save_to(tiny_models, tmp_path, capsys):
+    from imagegen_server.cli import main
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    flags = ["--model", str(tiny_models["sd15"]), "--compile", "--compile-cache-dir",
+             str(blocked / "cache")]
+    assert main(["precompile", *flags]) == 1
+    assert f"cannot write to {blocked / 'cache'}" in capsys.readouterr().err
