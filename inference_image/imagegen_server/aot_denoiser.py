@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -100,7 +99,8 @@ class AotDenoiser:
     the rest, then ``install`` in place of the denoiser's forward."""
 
     module: torch.nn.Module
-    directory: Path
+    #: on the cache volume; None without a cache dir (compiled at every start)
+    directory: Path | None
     parts: dict
     most_rows: int
     inductor_configs: dict
@@ -108,7 +108,9 @@ class AotDenoiser:
     packages: dict[tuple[int, ...], _Package] = field(default_factory=dict)
     captured: dict[tuple[int, ...], tuple[tuple, dict]] = field(default_factory=dict)
     built: list[str] = field(default_factory=list)
-    #: without a cache dir, where the packages live until this object goes
+    #: the packages built that the volume holds for the next start
+    saved: list[str] = field(default_factory=list)
+    #: where packages are compiled, and kept until this object goes when the volume is not
     scratch: tempfile.TemporaryDirectory | None = None
 
     @classmethod
@@ -116,12 +118,9 @@ class AotDenoiser:
         cls, steps: FamilySteps, settings: ServerSettings, dtype: torch.dtype
     ) -> AotDenoiser:
         module = denoiser(steps.pipeline)
-        scratch = None
+        directory = None
         if settings.compile_cache_dir is not None:
             directory = Path(settings.compile_cache_dir) / SUBDIRECTORY
-        else:  # compiled at every start: nowhere to keep the packages past this process
-            scratch = tempfile.TemporaryDirectory(prefix="imagegen-aot-")
-            directory = Path(scratch.name)
         # Constants folded at load from the weights handed over, not at compile time. Inductor's
         # default mode whatever compile_mode says: with max-autotune, the CPU's GEMM templates
         # leave constants the runtime folding cannot map (PyTorch 2.15: "Not all constant gets
@@ -131,17 +130,24 @@ class AotDenoiser:
             "aot_inductor.use_runtime_constant_folding": True,
         }
         parts = {**key_parts(steps, settings, dtype), "aot": configs}
-        return cls(module, directory, parts, most_rows(settings), configs, scratch=scratch)
+        return cls(module, directory, parts, most_rows(settings), configs)
 
     @property
     def key(self) -> str:
         return artifact_key(self.parts)
 
-    def _path(self, signature: tuple[int, ...]) -> Path:
+    def _name(self, signature: tuple[int, ...]) -> str:
         shape = "x".join(str(d) for d in signature)
-        return self.directory / f"{self.key}-{shape}.pt2"
+        return f"{self.key}-{shape}.pt2"
+
+    def _local(self) -> Path:
+        if self.scratch is None:
+            self.scratch = tempfile.TemporaryDirectory(prefix="imagegen-aot-")
+        return Path(self.scratch.name)
 
     def _signatures_on_disk(self) -> list[tuple[int, ...]]:
+        if self.directory is None:
+            return []
         index = self.directory / f"{self.key}.json"
         if not index.is_file():
             return []
@@ -156,7 +162,7 @@ class AotDenoiser:
     def load(self) -> None:
         """Load every package the volume has for this key; a broken one is only logged."""
         for signature in self._signatures_on_disk():
-            path = self._path(signature)
+            path = self.directory / self._name(signature)
             try:
                 self._load(signature, path)
             except Exception as exc:  # a package that cannot load means compiling, not failing
@@ -202,18 +208,41 @@ class AotDenoiser:
         self.build()
 
     def build(self) -> None:
-        """Export, compile and save a package for each captured shape, then load it."""
+        """Export and compile a package for each captured shape, save it, then load it."""
+        saved = []
         for signature, (args, kwargs) in self.captured.items():
             started = time.perf_counter()
             path = self._compile(signature, args, kwargs)
+            log.info("AOT package %s compiled in %.1fs", path.name, time.perf_counter() - started)
+            if self._save(path):
+                path = self.directory / path.name
+                saved.append(signature)
             self._load(signature, path)
             self.built.append(path.name)
-            log.info("AOT package %s compiled in %.1fs", path.name, time.perf_counter() - started)
-        signatures = sorted({*self._signatures_on_disk(), *self.captured})
-        write_atomically(self.directory / f"{self.key}.json", json.dumps(
-            {"parts": self.parts, "signatures": signatures}, indent=2, sort_keys=True, default=str
-        ).encode())
         self.captured.clear()
+        if saved:
+            signatures = sorted({*self._signatures_on_disk(), *saved})
+            with contextlib.suppress(OSError):  # _save has said what the volume refused
+                write_atomically(self.directory / f"{self.key}.json", json.dumps(
+                    {"parts": self.parts, "signatures": signatures}, indent=2, sort_keys=True,
+                    default=str).encode())
+                self.saved += [self._name(s) for s in saved]
+
+    def _save(self, package: Path) -> bool:
+        """Copy a package onto the volume, atomically (replicas may start together). A volume
+        that refuses it (full, read-only) costs the next start its head start, not this one
+        its service: logged, and the package served from local scratch."""
+        if self.directory is None:
+            return False
+        path = self.directory / package.name
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(path, package.read_bytes())
+            write_atomically(path.with_suffix(".json"), package.with_suffix(".json").read_bytes())
+        except OSError as exc:
+            log.warning("AOT package not saved to %s, served from local scratch: %s", path, exc)
+            return False
+        return True
 
     def _compile(self, signature: tuple[int, ...], args: tuple, kwargs: dict) -> Path:
         # Out of inference mode: the recorded tensors become ordinary inputs to trace.
@@ -228,16 +257,12 @@ class AotDenoiser:
         )
         program = torch.export.export(_Call(self.module, constants), (args, tensors),
                                       dynamic_shapes=dynamic)
-        path = self._path(signature)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-            package = torch._inductor.aoti_compile_and_package(
-                program, package_path=str(Path(scratch) / path.name),
-                inductor_configs=dict(self.inductor_configs),  # it adds to the dict it gets
-            )
-            os.replace(package, path)  # replicas may start together: never a half-written one
-        write_atomically(path.with_suffix(".json"), json.dumps(
-            {"constants": _described(constants)}).encode())
+        path = self._local() / self._name(signature)
+        torch._inductor.aoti_compile_and_package(
+            program, package_path=str(path),
+            inductor_configs=dict(self.inductor_configs),  # it adds to the dict it gets
+        )
+        path.with_suffix(".json").write_text(json.dumps({"constants": _described(constants)}))
         return path
 
     # --- serve ----------------------------------------------------------------------------

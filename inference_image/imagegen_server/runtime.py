@@ -140,7 +140,10 @@ class ModelRuntime:
         aot.install()
         self.report.compiled.append(f"{type(aot.module).__name__} (AOTInductor)")
         self.report.compile_mode = self.settings.compile_mode
-        self.report.compile_artifacts = "saved" if aot.built else "loaded"
+        # Compiled without saving (no cache dir, or a volume that refused it): neither.
+        self.report.compile_artifacts = (
+            "saved" if aot.saved else None if aot.built else "loaded"
+        )
         self.report.compile_artifacts_key = aot.key
 
     def _phases(self):

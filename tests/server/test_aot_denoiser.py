@@ -100,7 +100,7 @@ def test_a_transformer_denoiser_compiled_ahead_of_time_draws_what_eager_draws(
                 "default_steps": 2, "compile_enabled": True, "compile_aot": True}
     runtime = ModelRuntime(ServerSettings(**settings)).load()
     try:
-        assert runtime.report.compile_artifacts == "saved"
+        assert runtime.report.compile_artifacts is None  # compiled, and nowhere to save it
         assert "AOTInductor" in runtime.report.compiled[0]
         got = [np.asarray(image).astype(int) for image in runtime.engine.generate(
             runtime.params("a lighthouse", seed=3, n=3), timeout_s=300)]
@@ -108,3 +108,31 @@ def test_a_transformer_denoiser_compiled_ahead_of_time_draws_what_eager_draws(
         runtime.close(timeout=30)
     want = images({**settings, "compile_enabled": False, "compile_aot": False}, seed=3, n=3)
     assert np.abs(np.stack(got) - want).max() <= 1
+
+
+@pytest.mark.slow
+def test_a_volume_that_refuses_the_packages_costs_the_next_start_not_this_one(
+        tiny_models, tmp_path, monkeypatch, caplog):
+    """The volume passes the start's check, then fills up: the package is served from local
+    scratch and no index names what the volume does not hold."""
+    import errno
+
+    from imagegen_server import aot_denoiser
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(aot_denoiser, "write_atomically", full)
+    cache = tmp_path / "cache"
+    settings = {"model": str(tiny_models["sd15"]), "device": "cpu", "dtype": "float32",
+                "default_steps": 2, "compile_enabled": True, "compile_aot": True,
+                "compile_cache_dir": str(cache)}
+    runtime = ModelRuntime(ServerSettings(**settings)).load()
+    try:
+        assert runtime.report.compile_artifacts is None
+        assert "served from local scratch: [Errno 28]" in caplog.text
+        got = runtime.engine.generate(runtime.params("a lighthouse", seed=3), timeout_s=300)
+    finally:
+        runtime.close(timeout=30)
+    assert list((cache / "aot").iterdir()) == []
+    assert np.abs(np.asarray(got[0]).astype(int) - eager_image(settings)).max() <= 1
