@@ -96,6 +96,18 @@ class _Backoff:
     state: PoolState  # what to report until then
 
 
+def _asking(call: Callable[..., Any], *args: Any) -> Any:
+    """A provider call. The API server refusing the objects a ConfigConnector or Local pool is
+    made of (invalid, or forbidden where the chart left that provider off) is the pool's
+    failure, reported in its condition, not one that stops the reconcile or a delete."""
+    try:
+        return call(*args)
+    except PermanentKubeError as exc:
+        raise ProviderError(
+            "RequestRejected", f"the API server refused the node pool's objects: {exc}"
+        ) from exc
+
+
 class Reconciler:
     def __init__(
         self,
@@ -495,7 +507,7 @@ class Reconciler:
             provider = self.providers[key.provider]
             target_nodes, bounds, outcome.pool_short = self._pool_size(resource, key, the_plan)
             try:
-                state = provider.ensure(resource, the_plan, target_nodes, bounds)
+                state = _asking(provider.ensure, resource, the_plan, target_nodes, bounds)
             except ProviderError as exc:
                 if exc.retry_after is None:
                     state = PoolState(the_plan.nodepool_name, False, 0, exc.reason, exc.message)
@@ -537,8 +549,8 @@ class Reconciler:
         owner = resource.model_copy(
             update={"spec": resource.spec.model_copy(update={"node_pool": pool})})
         try:
-            gone = self.providers[key.provider].delete(
-                owner, dataclasses.replace(the_plan, nodepool_name=key.name))
+            gone = _asking(self.providers[key.provider].delete,
+                           owner, dataclasses.replace(the_plan, nodepool_name=key.name))
         except PoolNotOwned as exc:
             log.info("leaving pool %s alone: %s", key, exc.message)
             return None

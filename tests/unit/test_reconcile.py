@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from imagegen_operator import api
+from imagegen_operator.kube import PermanentKubeError
 from imagegen_operator.planner import plan
 from imagegen_operator.providers import build_providers
 from imagegen_operator.providers.gke import GkeProvider
@@ -289,6 +290,48 @@ def test_a_refused_child_is_stalled_with_the_api_servers_words_and_recovers(worl
     world.rolled_out("refused")
     assert world.reconcile("refused").ready
     assert world.condition("refused", "Stalled")["status"] == "False"
+
+
+def test_a_refused_pool_object_is_the_pools_condition_and_does_not_stop_a_delete(
+        world, monkeypatch) -> None:
+    """A Local pool's Nodes refused by the API server (here 403: the chart grants Node
+    writes only with providers.local.enabled): NodePoolReady says so, status is written, and
+    a delete waits on the pool instead of failing the finalizer."""
+    world.create("nodeless", node_pool={"provider": "Local"})
+    world.kube.refuse("Node", 'nodes is forbidden: User "imagegen-operator" cannot create')
+    outcome = world.reconcile("nodeless")
+    assert outcome.stalled and not outcome.ready
+    pool = world.condition("nodeless", "NodePoolReady")
+    assert (pool["status"], pool["reason"]) == ("False", "RequestRejected")
+    assert "nodes is forbidden" in pool["message"]
+    assert world.condition("nodeless", "Stalled")["status"] == "True"
+    assert ("apps/v1", "Deployment", "ns", "nodeless") in world.kube.objects
+
+    world.kube.accept("Node")
+    world.edit("nodeless", replicas=1)
+    world.reconcile("nodeless")
+    world.nodes_ready()
+    world.rolled_out("nodeless")
+    assert world.reconcile("nodeless").ready
+
+    delete = world.kube.delete
+
+    def forbidden(api_version, kind, *args, **kwargs):
+        if kind == "Node":
+            raise PermanentKubeError(f"delete {kind}: 403 Forbidden: nodes is forbidden")
+        return delete(api_version, kind, *args, **kwargs)
+
+    monkeypatch.setattr(world.kube, "delete", forbidden)
+    body = world.body("nodeless")
+    body["metadata"]["deletionTimestamp"] = "2026-12-06T12:00:00Z"
+    world.kube.put(body)
+    assert world.delete("nodeless") is False  # kept, to try again: no pool is orphaned
+    assert any(kind == "Node" for (_, kind, _, _) in world.kube.objects)
+    monkeypatch.setattr(world.kube, "delete", delete)
+    world.clock.now += 61  # past the provider's backoff
+    assert world.delete("nodeless") is False  # the Nodes go now
+    assert world.delete("nodeless") is True
+    assert not any(kind == "Node" for (_, kind, _, _) in world.kube.objects)
 
 
 @pytest.mark.parametrize("spec, field", [
