@@ -145,7 +145,8 @@ class Reconciler:
             resource = parse(body)
         except InvalidSpec as exc:
             outcome.result, outcome.stalled = "invalid", True
-            status = st.not_planned_status(previous, generation, "InvalidSpec", str(exc))
+            status = st.not_planned_status(previous, generation, "InvalidSpec", str(exc),
+                                           deployment=self._serving(body))
             self._write_status(body, status, outcome)
             return outcome
         the_plan = self._plan_of(body, resource)
@@ -154,14 +155,16 @@ class Reconciler:
             outcome.result, outcome.stalled = "invalid", True
             finding = the_plan.blocking[0]
             message = "; ".join(f.message for f in the_plan.blocking)
-            status = st.not_planned_status(previous, generation, finding.reason, message, the_plan)
+            status = st.not_planned_status(previous, generation, finding.reason, message,
+                                           the_plan, deployment=self._serving(body))
             self._write_status(body, status, outcome)
             return outcome
         resolved = self._with_cluster(resource)
         if resolved is None:
             outcome.result, outcome.stalled = "invalid", True
             status = st.not_planned_status(previous, generation, "ClusterUnknown", HOW_TO_SET,
-                                           the_plan, pool_message=HOW_TO_SET)
+                                           the_plan, pool_message=HOW_TO_SET,
+                                           deployment=self._serving(body))
             self._write_status(body, status, outcome)
             return outcome
         resource = resolved
@@ -486,6 +489,13 @@ class Reconciler:
                 key = (api_version, kind, obj["metadata"]["name"])
                 if owned and key not in wanted:
                     self.kube.delete(api_version, kind, key[2], namespace_of(resource))
+
+    def _serving(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The Deployment an earlier spec of this service made, if it is live."""
+        meta = body["metadata"]
+        live = self.kube.get("apps/v1", "Deployment", meta["name"], meta.get("namespace"))
+        refs = (live or {}).get("metadata", {}).get("ownerReferences") or []
+        return live if any(ref.get("uid") == meta.get("uid") for ref in refs) else None
 
     def _ensure_pool(
         self, resource: ImageGenService, the_plan: Plan, key: PoolKey, outcome: Outcome

@@ -186,25 +186,38 @@ def not_planned_status(
     message: str,
     the_plan: Plan | None = None,
     pool_message: str = "the spec cannot run as written",
+    deployment: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Status of a spec that cannot run as written: nothing new is made, a person must act.
 
     What an earlier spec made stays as it was and stays named: ``nodePool`` is the only
     record of a pool the service may still run on, which a later spec retires and a
-    delete releases; without it the pool would be orphaned.
+    delete releases; without it the pool would be orphaned. The ``deployment`` that spec
+    made, if live, goes on serving, and status says so: its replicas, and the selector
+    an HPA scaling the service finds its pods by.
     """
     kept = {k: previous[k] for k in KEPT_WHEN_NOT_PLANNED if previous.get(k)}
     pool = kept.get("nodePool")
     if pool:
         pool_message += f"; node pool {pool.get('name')} of the last spec that ran is kept"
-        workload = "the Deployment of the last spec that ran is left as it was"
     else:
         pool_message += "; nothing was created"
-        workload = "no Deployment was created"
+    if deployment is not None:
+        serving = deployment.get("status") or {}
+        ready = serving.get("readyReplicas") or 0
+        kept |= {k: previous[k] for k in ("selector", "endpoint") if previous.get(k)}
+        kept |= {"replicas": serving.get("replicas") or 0, "readyReplicas": ready}
+        base = _available((deployment.get("spec") or {}).get("replicas", 1), ready)
+        available = cond.Observed(
+            base.type, base.status, base.reason,
+            f"{base.message} (the Deployment of the last spec that ran, left as it was)",
+        )
+    else:
+        available = cond.Observed(cond.AVAILABLE, False, reason, "no Deployment was created")
     observed = [
         cond.Observed(cond.READY, False, reason, message),
         cond.Observed(cond.NODE_POOL_READY, False, reason, pool_message),
-        cond.Observed(cond.AVAILABLE, False, reason, workload),
+        available,
     ]
     observed += cond.kstatus(observed[0], stalled=True)
     status = {

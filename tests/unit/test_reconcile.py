@@ -225,7 +225,8 @@ def test_a_spec_that_stops_fitting_keeps_its_pool_on_record_and_its_delete_remov
         world, breaking) -> None:
     world.create("sdxl", gpu=MIG_3G, node_pool={"provider": "GKE"})
     run_until_ready(world, "sdxl")
-    pool = world.body("sdxl")["status"]["nodePool"]
+    ran = world.body("sdxl")["status"]
+    pool = ran["nodePool"]
     assert world.gke_pools() == {f"{CLUSTER_A}/nodePools/{pool['name']}"}
 
     if breaking == "model":  # 20 GiB on a 10 GB slice: the plan refuses it
@@ -238,7 +239,13 @@ def test_a_spec_that_stops_fitting_keeps_its_pool_on_record_and_its_delete_remov
     status = world.body("sdxl")["status"]
     assert status["nodePool"] == pool
     assert pool["name"] in world.condition("sdxl", "NodePoolReady")["message"]
-    assert "left as it was" in world.condition("sdxl", "Available")["message"]
+    # The last spec's Deployment goes on serving: status says so, and keeps the selector
+    # an HPA scaling the service finds its pods by.
+    available = world.condition("sdxl", "Available")
+    assert available["status"] == "True" and "left as it was" in available["message"]
+    for kept in ("selector", "endpoint", "replicas", "readyReplicas"):
+        assert status[kept] == ran[kept]
+    assert world.condition("sdxl", "Ready")["status"] == "False"
 
     delete_until_done(world, "sdxl")
     assert not world.gke_pools()
