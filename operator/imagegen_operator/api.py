@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, PlainValidator, ValidationError, WithJsonSchema
+from pydantic import AfterValidator, Field, PlainValidator, ValidationError, WithJsonSchema
 
 from imagegen_operator import gke
 from imagegen_operator.schema import KubeModel, Rule, StatusModel, defaulted
@@ -643,6 +643,14 @@ class ServerSpec(KubeModel):
     """How generated images are marked as made by a model."""
 
 
+# Kubernetes' label syntax (apimachinery's IsQualifiedName and IsValidLabelValue).
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+LABEL_KEY_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+
+
 class MonitoringSpec(KubeModel):
     """A Prometheus operator monitor for the servers' /metrics."""
 
@@ -652,9 +660,22 @@ class MonitoringSpec(KubeModel):
     """ServiceMonitor scrapes through the Service, PodMonitor each pod directly."""
     interval: str = Field(default="30s", max_length=16, pattern=r"^[0-9]+(ms|s|m|h)$")
     """How often Prometheus scrapes, e.g. 15s."""
-    labels: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
-        default=None, max_length=16)
+    labels: dict[str, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE_PATTERN)]] | None = (
+        Field(default=None, max_length=16))
     """Extra labels on the monitor, e.g. the one your Prometheus selects monitors by."""
+
+    rules = (
+        Rule(
+            cel="!has(self.labels) || self.labels.all(k, size(k) <= 253 && "
+                f"k.matches({_cel_string(LABEL_KEY_PATTERN)}))",
+            check=lambda m: all(len(k) <= 253 and re.fullmatch(LABEL_KEY_PATTERN, k)
+                                for k in m.labels or {}),
+            field=".labels",
+            message="a label key is an optional DNS subdomain and '/', then at most 63 "
+            "letters, digits, '-', '_' or '.', starting and ending with a letter or digit "
+            "(e.g. release or example.com/team)",
+        ),
+    )
 
 
 class ImageGenServiceSpec(KubeModel):
@@ -806,10 +827,28 @@ class ImageGenServiceStatus(StatusModel):
 # --- the resource --------------------------------------------------------------------
 
 
+# The name is its Service's and its pods' app.kubernetes.io/instance label: a DNS-1035 label.
+# The API server takes more for a custom resource (dots, a leading digit, 253 characters), so
+# the CRD's rule (crd.py) and this one refuse such a name before anything is made.
+NAME_PATTERN = "^[a-z]([-a-z0-9]*[a-z0-9])?$"
+NAME_MAX_LENGTH = 63
+NAME_RULE = (
+    f"must be at most {NAME_MAX_LENGTH} lowercase letters, digits or '-', starting with a "
+    "letter and ending with a letter or digit (a DNS-1035 label): it names the service's "
+    "Service and labels its pods"
+)
+
+
+def _service_name(name: str) -> str:
+    if name and (len(name) > NAME_MAX_LENGTH or not re.match(NAME_PATTERN, name)):
+        raise ValueError(f"{name!r} {NAME_RULE}")
+    return name
+
+
 class ObjectMeta(StatusModel):
     """The parts of metadata the operator reads; the rest is ignored."""
 
-    name: str = ""
+    name: Annotated[str, AfterValidator(_service_name)] = ""
     """Object name."""
     namespace: str | None = None
     """Object namespace."""

@@ -96,6 +96,11 @@ def resource_schema() -> dict[str, Any]:
             "status": structural_schema(api.ImageGenServiceStatus),
         },
         "required": ["spec"],
+        "x-kubernetes-validations": [{
+            "rule": f"size(self.metadata.name) <= {api.NAME_MAX_LENGTH} && "
+                    f"self.metadata.name.matches('{api.NAME_PATTERN}')",
+            "message": f"metadata.name: {api.NAME_RULE}",
+        }],
     }
 
 

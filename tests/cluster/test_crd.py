@@ -115,7 +115,7 @@ def boundary_specs() -> list[tuple[str, dict]]:
     base = MINIMAL["spec"]
     specs = [
         (
-            f"{gpu_type}-{size}",
+            f"{gpu_type}-{size}".replace(".", "-"),
             {**base, "gpu": {"type": gpu_type, "partitionSize": size, "countPerNode": 8}},
         )
         for gpu_type in api.MIG_GPU_TYPES
@@ -151,6 +151,20 @@ def test_boundary_specs_are_accepted_by_both(cluster, ns, name, spec):
     result = create(cluster, ns, body, "--dry-run=server")
     assert result.returncode == 0, result.stderr
     api.parse(body)
+
+
+@pytest.mark.parametrize("name", ["1sdxl", "sdxl.turbo", "a" * 64, "Sdxl"])
+def test_a_name_that_cannot_name_the_service_is_refused_by_both(cluster, ns, name):
+    """The name is its Service's and its pods' instance label: a dotted or over-long one,
+    which a custom resource may have, would be refused only once the node pool is made."""
+    body = {**MINIMAL, "metadata": {"name": name}}
+    result = create(cluster, ns, body, "--dry-run=server")
+    assert result.returncode != 0 and "metadata.name: " in result.stderr, result.stderr
+    with pytest.raises(api.InvalidSpec, match="metadata.name: "):
+        api.parse(body)
+    longest = {**body, "metadata": {"name": "a" * 63}}
+    assert create(cluster, ns, longest, "--dry-run=server").returncode == 0
+    api.parse(longest)
 
 
 def test_server_applies_the_documented_defaults(cluster, ns):

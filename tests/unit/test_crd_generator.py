@@ -193,7 +193,11 @@ def test_every_python_rule_is_in_the_crd_with_its_field():
     models = [m for m in vars(api).values() if isinstance(m, type) and issubclass(m, KubeModel)]
     rules = [r for m in models for r in m.rules]
     assert len(rules) >= 8
-    assert len(emitted) == len(rules)
+    # Beside them, at the root, the one rule on metadata.name (ObjectMeta's in Python).
+    (name_rule,) = [v for path, v in emitted if path == ""]
+    assert "self.metadata.name" in name_rule["rule"]
+    assert name_rule["message"].startswith("metadata.name: ")
+    assert len(emitted) == len(rules) + 1
     for rule in rules:
         # One entry per rule: two rules may share an expression (the model's and the
         # adapters' URI rules), never a message.
