@@ -123,6 +123,14 @@ def sharing_summary(partition_size: str | None, strategy: str | None, clients: i
     return "+".join(parts) or "exclusive"
 
 
+def _unique_lora_names(loras: list[Any]) -> list[Any]:
+    """What the CRD's list-map keyed by name refuses (a request names adapters by name)."""
+    names = [lora.name for lora in loras]
+    if duplicated := sorted({n for n in names if names.count(n) > 1}):
+        raise ValueError(f"names must be unique; given more than once: {', '.join(duplicated)}")
+    return loras
+
+
 def _cel_string(value: str) -> str:
     # A CEL raw string: backslashes reach the regex engine as written.
     assert "'" not in value
@@ -177,7 +185,7 @@ class ModelSource(KubeModel):
     memory_gib: float | None = Field(default=None, alias="memoryGiB", gt=0, le=1024)
     """GPU memory one replica needs, in GiB; overrides the planner's estimate from the
     model size."""
-    loras: list[LoraAdapter] | None = Field(
+    loras: Annotated[list[LoraAdapter], AfterValidator(_unique_lora_names)] | None = Field(
         default=None,
         max_length=MAX_LORAS,
         json_schema_extra={

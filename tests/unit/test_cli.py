@@ -66,8 +66,14 @@ def test_render_reads_stdin_and_skips_other_kinds() -> None:
             "spec.gpu.partitionSize",
         ),
         ("kind: [unclosed\n", "-:"),
+        (  # the CRD's list-map refuses it on a cluster; render must too
+            "apiVersion: imagegen.dev/v1alpha1\nkind: ImageGenService\nmetadata: {name: ink}\n"
+            "spec:\n  model:\n    uri: gs://bucket/sdxl\n    loras: [{name: a, uri: gs://bucket/a.safetensors},"
+            " {name: a, uri: gs://bucket/b.safetensors}]\n  gpu: {type: nvidia-l4}\n",
+            "spec.model.loras: names must be unique; given more than once: a",
+        ),
     ],
-    ids=["no-services", "invalid-spec", "bad-yaml"],
+    ids=["no-services", "invalid-spec", "bad-yaml", "duplicate-lora-names"],
 )
 def test_bad_input_is_an_error_that_says_where(text: str, message: str) -> None:
     status, out, err = run("render", "-f", "-", stdin=text)
