@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from . import provenance
 from .bodies import (
@@ -92,6 +93,12 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError):
         return error_response(exc.status, str(exc), exc.param, exc.kind, exc.headers, exc.code)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(_request: Request, _exc: ClientDisconnect):
+        # Gone while sending its body (an upload cut short): nobody to answer, and no
+        # server error either; 499 as for a client gone while its images were made.
+        return Response(status_code=499)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException):

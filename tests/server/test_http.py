@@ -232,3 +232,36 @@ def test_a_list_of_sizes_admits_only_those(client_for):
     for size in ("64x64", "128x64"):
         response = client.post(GENERATE, json={"prompt": "x", "size": size, "steps": 1})
         assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(("path", "content_type"), [
+    (GENERATE, "application/json"), ("/v1/images/edits", "multipart/form-data; boundary=zz")])
+def test_a_client_gone_mid_body_is_a_499_not_a_server_error(client_for, path, content_type):
+    """An upload cut short (a phone losing its network): nothing to answer, and nothing for
+    an error-rate alert to count as the server's fault."""
+    import asyncio
+
+    app = client_for().app
+    sent: list[dict] = []
+    parts = [b'{"prompt": "a']
+
+    async def receive():
+        if parts:
+            return {"type": "http.request", "body": parts.pop(), "more_body": True}
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 80),
+             "headers": [(b"content-type", content_type.encode()), (b"content-length", b"999")]}
+    asyncio.run(app(scope, receive, send))  # raises nothing on to the server
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [499]
+    families = text_string_to_metric_families(
+        TestClient(app).get("/metrics").text)
+    counted = {s.labels["status"] for f in families for s in f.samples
+               if s.name == "imagegen_requests_total"}
+    assert counted == {"499"}
