@@ -22,7 +22,7 @@ from .config import LIMITS, Batching, ServerSettings, StageMode
 from .families import FamilySteps
 from .metrics import ServerMetrics
 from .previews import MAX_PARTIAL_IMAGES, Previewer, PreviewRequest
-from .request import GenerationParams, Job, ShutdownError
+from .request import MIN_SIDE, GenerationParams, Job, ShutdownError
 from .stages import Stage
 from .step_batching import StepBatchingStage
 
@@ -110,9 +110,10 @@ def check_request(params: GenerationParams, steps: FamilySteps, settings: Server
     multiple = steps.size_multiple
     size = f"{params.width}x{params.height}"
     for name, value in (("width", params.width), ("height", params.height)):
-        if value % multiple or value < 64:
+        if value % multiple or value < MIN_SIDE:
             raise InvalidRequest(
-                "size", f"size {size}: the {name} must be a multiple of {multiple}, at least 64"
+                "size",
+                f"size {size}: the {name} must be a multiple of {multiple}, at least {MIN_SIDE}",
             )
     admitted = listed_sizes(steps, settings)
     if admitted is not None and size not in admitted:

@@ -9,6 +9,9 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
+# The smallest side an image may have, in pixels (a few latent pixels less and the models fail).
+MIN_SIDE = 64
+
 
 @dataclass(frozen=True, eq=False)
 class EditInput:

@@ -13,6 +13,8 @@ import struct
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .request import MIN_SIDE
+
 # What OpenAI's edits endpoint accepts. MPO is how Pillow names a JPEG that carries a
 # multi-picture index (phone cameras write them); its first frame is the photo.
 FORMATS = {"PNG", "JPEG", "MPO", "WEBP"}
@@ -84,9 +86,11 @@ def edit_size(
 ) -> tuple[int, int]:
     """An edit's size when the request names none: the upload's, scaled down (aspect kept)
     to what the service admits, then down to a multiple of ``multiple`` (as diffusers
-    rounds). A phone's photo then edits at the largest size allowed, not a 400. Where only
-    listed sizes are ``admitted``: the one nearest the upload's aspect ratio (the larger, on
-    a tie)."""
+    rounds). A phone's photo then edits at the largest size allowed, not a 400. A side
+    below ``MIN_SIDE`` (a small or very narrow upload) is raised to it and the other side
+    shortened to stay within ``max_pixels``: the pipeline resizes the upload to the size
+    anyway. Where only listed sizes are ``admitted``: the one nearest the upload's aspect
+    ratio (the larger, on a tie)."""
     width, height = upload
     if admitted:
         sizes = [tuple(int(side) for side in size.split("x")) for size in admitted]
@@ -95,4 +99,9 @@ def edit_size(
     if width * height > max_pixels:
         factor = math.sqrt(max_pixels / (width * height))
         width, height = int(width * factor), int(height * factor)
+    least = -(-MIN_SIDE // multiple) * multiple  # MIN_SIDE, up to a multiple
+    if width <= height and width < least:
+        width, height = least, min(max(height, least), max_pixels // least)
+    elif height < least:
+        width, height = min(max(width, least), max_pixels // least), least
     return width - width % multiple, height - height % multiple

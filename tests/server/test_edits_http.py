@@ -150,6 +150,19 @@ def test_a_large_upload_without_a_size_edits_at_the_largest_size_admitted(client
     assert image.size == (144, 104)  # 256x192 scaled to fit 16384 pixels, then to 8s
 
 
+@pytest.mark.parametrize(("upload", "size"), [
+    ((5, 5), (64, 64)),  # smaller than any size an edit can have: raised to the least
+    ((60, 64), (64, 64)),
+    ((2000, 100), (256, 64)),  # scaled to 16384 pixels it is 568x28: the short side at 64
+    ((100, 2000), (64, 256)),
+])
+def test_a_small_or_narrow_upload_without_a_size_edits_at_a_size_that_can_run(
+        client_for, upload, size):
+    client = client_for()  # max_pixels 128x128
+    (image,) = edit(client, form(image=png(source_image(64).resize(upload))))
+    assert image.size == size
+
+
 def test_an_upload_without_a_size_edits_at_the_listed_size_nearest_its_aspect(client_for):
     client = client_for(allowed_sizes=["96x64", "64x96", "128x64"])
     (image,) = edit(client, form(image=png(source_image(256).resize((256, 192)))))
