@@ -173,6 +173,10 @@ def validation_error(exc: ValidationError) -> ApiError:
     message = first.get("msg", "invalid value")
     if kind == "value_error":
         message = str(first.get("ctx", {}).get("error", message))
+    elif kind == "model_type" and param:
+        message = f"{param}: must be an object"
+        if loc[0] == "lora":
+            message += ' such as {"name": "ink", "scale": 0.8}'
     elif kind == "model_type":
         message = "the request body must be a JSON object"
     elif param:
@@ -241,13 +245,47 @@ def _deeper_than(value: Any, limit: int) -> bool:
 
 # A form has a few text fields and at most these files (image and mask).
 FORM_FILES = ("image", "mask")
+# A list of objects as form fields: OpenAI's client writes extra_body={"lora": [{...}]} as
+# lora[][name], lora[][scale] (its "brackets" array format); lora[0][name] is the indexed form.
+NESTED_FIELD = re.compile(r"^(?P<field>\w+)\[(?P<index>\d*)\]\[(?P<key>\w+)\]$")
+FORM_LISTS = ("lora",)
 
 
-async def read_form(request: Request, limit: int) -> tuple[dict[str, str], dict[str, bytes]]:
+class _FormList:
+    """One list of objects, gathered from its bracketed fields in the order they came."""
+
+    def __init__(self) -> None:
+        self.appended: list[dict[str, Any]] = []
+        self.indexed: dict[int, dict[str, Any]] = {}
+
+    def add(self, index: str, key: str, value: str) -> None:
+        if index:
+            item = self.indexed.setdefault(int(index), {})
+        elif not self.appended or key in self.appended[-1]:
+            item = {}  # lora[][name] again: the next object begins
+            self.appended.append(item)
+        else:
+            item = self.appended[-1]
+        item[key] = _form_number(value) if key == "scale" else value
+
+    def items(self) -> list[dict[str, Any]]:
+        return self.appended + [self.indexed[i] for i in sorted(self.indexed)]
+
+
+def _form_number(value: str) -> Any:
+    try:
+        return float(value)
+    except ValueError:
+        return value  # refused by the model, naming the field
+
+
+async def read_form(request: Request, limit: int) -> tuple[dict[str, Any], dict[str, bytes]]:
     """A multipart form's text fields and files, within ``limit`` bytes in all: 415, 413, 400.
 
     A file field sent twice (OpenAI's client sends a list of images as ``image[]``) is a 400:
-    an edit starts from one image.
+    an edit starts from one image. ``lora`` comes as JSON text or as bracketed fields
+    (``lora[][name]``, as OpenAI's client writes a list in ``extra_body``); any other
+    bracketed field is a 400, never silently dropped.
     """
     _require_media_type(request, "multipart/form-data")
     body = await read_body(request, limit)
@@ -264,11 +302,21 @@ async def read_form(request: Request, limit: int) -> tuple[dict[str, str], dict[
         raise ApiError(400, f"request body is not a valid multipart form: {detail}",
                        code="invalid_form") from exc
     try:
-        fields: dict[str, str] = {}
+        fields: dict[str, Any] = {}
         files: dict[str, bytes] = {}
+        lists: dict[str, _FormList] = {}
         for key, value in form.multi_items():
+            nested = NESTED_FIELD.match(key)
+            if nested and nested["field"] in FORM_LISTS and isinstance(value, str):
+                lists.setdefault(nested["field"], _FormList()).add(
+                    nested["index"], nested["key"], value)
+                continue
             name = key.removesuffix("[]")
-            if name in fields or name in files:
+            if "[" in name or "]" in name:
+                raise ApiError(400, f"{key} is not a field of this form; of its fields only "
+                               f"{', '.join(FORM_LISTS)} is a list of objects", param=key,
+                               code="invalid_value")
+            if name in fields or name in files or name in lists:
                 raise ApiError(400, f"{name} is given more than once: send one", param=name,
                                code="invalid_value")
             if isinstance(value, str):
@@ -281,6 +329,11 @@ async def read_form(request: Request, limit: int) -> tuple[dict[str, str], dict[
             else:
                 raise ApiError(400, f"{name} is a file; only {' and '.join(FORM_FILES)} are",
                                param=name, code="invalid_type")
+        for name, gathered in lists.items():
+            if name in fields:
+                raise ApiError(400, f"{name} is given more than once: send one", param=name,
+                               code="invalid_value")
+            fields[name] = gathered.items()
         return fields, files
     finally:
         await form.close()

@@ -54,6 +54,10 @@ CASES = {
     "n-float": case({"prompt": "x", "n": 1.5}, 400, "n"),
     "n-numeric-string": case({"prompt": "x", "n": "2"}, 400, "n"),
     "n-bool": case({"prompt": "x", "n": True}, 400, "n"),
+    # lora: a list of objects
+    "lora-item-a-string": case({"prompt": "x", "lora": ["ink"]}, 400, "lora.0",
+                               says="lora.0: must be an object such as"),
+    "lora-not-a-list": case({"prompt": "x", "lora": {"name": "ink"}}, 400, "lora"),
     # steps
     "steps-zero": case({"prompt": "x", "steps": 0}, 400, "steps"),
     "steps-too-many": case({"prompt": "x", "steps": 201}, 400, "steps"),

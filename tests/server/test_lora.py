@@ -171,6 +171,18 @@ def test_openai_client_names_adapters_on_generations_and_edits(
     result = client.images.edit(image=("s.png", buffer.getvalue(), "image/png"), prompt="ink",
                                 extra_body={"seed": 4, "lora": '[{"name": "ink"}]'})
     assert len(result.data) == 1
+    # The same list as on generations: the client writes it as lora[][name], lora[][scale].
+    upload = ("s.png", buffer.getvalue(), "image/png")
+    result = client.images.edit(image=upload, prompt="ink", extra_body={"seed": 4, "lora": lora})
+    png = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
+    assert json.loads(png.text["parameters"])["lora"] == [{"name": "ink", "scale": 0.8},
+                                                          {"name": "film", "scale": -0.5}]
+    for extra, param in (({"lora": [{"name": "sketch"}]}, "lora.0.name"),
+                         ({"lora": [{"name": "ink", "scale": "much"}]}, "lora.0.scale"),
+                         ({"styles": [{"name": "ink"}]}, "styles[][name]")):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.images.edit(image=upload, prompt="x", extra_body=extra)
+        assert caught.value.body["param"] == param
     with pytest.raises(openai.BadRequestError) as caught:
         client.images.generate(prompt="x", extra_body={"lora": [{"name": "sketch"}]})
     assert caught.value.body["param"] == "lora.0.name"
