@@ -6,13 +6,26 @@ then fails the compile, and the start with it. The cache only buys the next star
 start, so a volume that cannot take a compile costs exactly that: this start compiles in the
 container's own scratch space (``/tmp``, an emptyDir), says why in its log and in /readyz's
 ``optimizations.compile_cache_skipped``, and serves.
+
+Each start also removes the keyed files (``artifacts/KEY.*``, ``aot/KEY*``) that no start has
+used for ``compile_cache_retention_days``, after marking its own key's as used: an upgrade
+changes the key (the torch version is part of it), and without this the old ones stay on the
+volume for ever. Inductor's own cache folders are not keyed by us and are left as they are.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+# The folders of compile_cache_dir whose files are named for their key (KEY.bin, KEY-SHAPE.pt2).
+KEYED = ("artifacts", "aot")
 
 # What one start may write: inductor's code and libraries for every admitted shape, the
 # artifact bundle, AOTInductor packages. Hundreds of MiB for SDXL on a GPU; a floor well above.
@@ -32,3 +45,37 @@ def unusable(directory: Path, min_free: int = MIN_FREE_BYTES) -> str | None:
         return (f"{directory} has {free >> 20} MiB free, less than the {min_free >> 20} MiB "
                 "a compile may write")
     return None
+
+
+def mark_used(directory: Path, key: str) -> None:
+    """Mark a key's files as used now (their mtime), so no start prunes them as stale."""
+    for sub in KEYED:
+        for path in (directory / sub).glob(f"{key}*"):
+            with contextlib.suppress(OSError):  # a read-only volume: nothing is pruned there
+                os.utime(path)
+
+
+def prune(directory: Path, keep: str, days: float) -> list[str]:
+    """Remove the keyed files of other keys than ``keep`` unused for ``days``; their names.
+
+    Replicas of other services may share the volume and prune at once: a file another
+    start removed first is no error, and a key still in use has been marked by its start.
+    """
+    if days <= 0:
+        return []
+    older = time.time() - days * 86400
+    removed = []
+    for sub in KEYED:
+        for path in sorted((directory / sub).glob("*")):
+            if path.name.startswith(keep) or not path.is_file():
+                continue
+            try:
+                if path.stat().st_mtime < older:
+                    path.unlink()
+                    removed.append(f"{sub}/{path.name}")
+            except OSError:
+                continue
+    if removed:
+        log.info("compile cache: removed %d file(s) unused for %g days: %s", len(removed), days,
+                 ", ".join(removed))
+    return removed

@@ -280,6 +280,12 @@ class ServerSettings(BaseSettings):
         default=None,
         description="Inductor cache (TORCHINDUCTOR_CACHE_DIR); a volume makes warm starts fast.",
     )
+    compile_cache_retention_days: float = Field(
+        default=30, ge=0,
+        description="Compiled artifacts and AOT packages of other keys (an older torch, other "
+        "sizes) not used for this many days are removed from compile_cache_dir at start, so "
+        "the volume does not fill up across upgrades; 0 keeps them all.",
+    )
     compile_precompile: bool = Field(
         default=False,
         description="With a cache dir: keep dynamo's traced code in the compiled artifacts too "

@@ -111,6 +111,10 @@ class ModelRuntime:
             if artifacts is not None and not artifacts.loaded:
                 artifacts.save()
                 phase("save_artifacts")
+        key = self.report.compile_artifacts_key
+        if s.compile_cache_dir is not None and key is not None:
+            cache_volume.mark_used(s.compile_cache_dir, key)
+            cache_volume.prune(s.compile_cache_dir, key, s.compile_cache_retention_days)
         self.metrics.info.info(
             {
                 "model": m.name,

@@ -150,3 +150,37 @@ def test_precompile_refuses_a_cache_volume_it_could_not_save_to(tiny_models, tmp
              str(blocked / "cache")]
     assert main(["precompile", *flags]) == 1
     assert f"cannot write to {blocked / 'cache'}" in capsys.readouterr().err
+
+
+def test_a_start_removes_other_keys_unused_for_the_retention_and_marks_its_own(
+        make_runtime, compile_cache, tmp_path):
+    """An upgrade changes the key (the torch version is in it): the old key's files go once
+    no start has used them for compile_cache_retention_days; the current key's stay."""
+    import os
+    import time
+
+    cache = tmp_path / "cache"
+    settings = {"warmup": False, "compile_enabled": True, "compile_cache_dir": cache}
+    key = make_runtime("sd15", **settings).report.compile_artifacts_key
+    month_ago = time.time() - 31 * 86400
+    files = {"artifacts": [f"{key}.bin", "0ld.bin", "0ld.json", "recent.bin"],
+             "aot": ["0ld-4x32x32.pt2", "0ld.json"]}
+    for sub, names in files.items():
+        (cache / sub).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            path = cache / sub / name
+            path.write_bytes(b"x")
+            if name != "recent.bin":
+                os.utime(path, (month_ago, month_ago))
+
+    make_runtime("sd15", **settings)
+    left = {f"{p.parent.name}/{p.name}" for p in cache.glob("*/*") if p.is_file()}
+    assert left == {"artifacts/recent.bin", f"artifacts/{key}.bin"}
+    assert (cache / "artifacts" / f"{key}.bin").stat().st_mtime > month_ago + 86400  # used now
+
+    for name in ("0ld.bin", "older.bin"):
+        path = cache / "artifacts" / name
+        path.write_bytes(b"x")
+        os.utime(path, (month_ago, month_ago))
+    make_runtime("sd15", **settings, compile_cache_retention_days=0)  # 0 keeps them all
+    assert (cache / "artifacts" / "older.bin").is_file()
