@@ -38,6 +38,12 @@ Where each fact was checked (November 2026):
   H200 shape: Google Cloud's accelerator-optimized machine family page and the
   Cluster Toolkit v1.44.1 release notes. A countPerNode other than 8 on an H200
   therefore has no machine type (the planner reports it).
+- How the A3 machines can be had: Compute Engine's "GPU machine types" page
+  (cloud.google.com/compute/docs/gpus) says a3-highgpu-1g, -2g and -4g are created only as
+  Spot or Flex-start VMs, and A3 Ultra only on reserved capacity, as Spot or Flex-start VMs
+  (or through a resize request). This project renders Spot or on-demand nodes, so the
+  planner refuses on-demand pools of the first and warns about the second (GKE nodes
+  consume a matching reservation by default).
 - N1 with T4: N1 machines take 1, 2 or 4 T4s; the machine types chosen here
   (n1-standard-8/16/32) are this project's defaults, not a GKE rule.
 
@@ -313,6 +319,12 @@ def mps_client_limit(partition_size: str | None) -> int:
     if not partition_size:
         return MPS_MAX_CLIENTS
     return max(1, MPS_MAX_CLIENTS * mig_compute_units(partition_size) // MIG_COMPUTE_UNITS)
+
+
+# Machine types Compute Engine creates only as Spot or Flex-start VMs.
+SPOT_OR_FLEX_START_ONLY = frozenset({"a3-highgpu-1g", "a3-highgpu-2g", "a3-highgpu-4g"})
+# Machine types that run on demand only on capacity reserved for them.
+RESERVED_ON_DEMAND_ONLY = frozenset({"a3-ultragpu-8g"})
 
 
 def machine_type(gpu_type: str, gpus_per_node: int) -> str | None:

@@ -129,6 +129,11 @@ class NoMachineType(Finding):
     """GKE has no machine type with that many GPUs of this type."""
 
 
+class MachineNeedsSpot(Finding):
+    """A machine type Compute Engine creates only as Spot (or Flex-start) VMs, asked for on
+    demand; or, not blocking, one that runs on demand only on reserved capacity."""
+
+
 class MigNotSupported(Finding):
     """partitionSize on a GPU type without MIG."""
 
@@ -456,6 +461,8 @@ def make_plan(inputs: PlanInputs) -> Plan:
                 blocking=i.provider in CLOUD_PROVIDERS,
             )
         )
+    if machine is not None and i.provider in CLOUD_PROVIDERS and not i.spot:
+        findings += _check_obtainable(machine, i)
     mps = strategy == "MPS"
     return Plan(
         gpu_type=i.gpu_type,
@@ -568,6 +575,28 @@ def _slot_words(i: PlanInputs, slot_gib: float) -> str:
     if i.sharing_strategy and i.max_shared_clients:
         return f"{slot_gib:g} GiB ({where} shared by {i.max_shared_clients} clients)"
     return f"{slot_gib:g} GiB ({where})"
+
+
+def _check_obtainable(machine: str, i: PlanInputs) -> list[Finding]:
+    """On-demand nodes of a machine type Compute Engine sells otherwise never come up."""
+    if machine in gke.SPOT_OR_FLEX_START_ONLY:
+        others = sorted(n for n, m in gke.accelerator(i.gpu_type).machine_types.items()
+                        if m not in gke.SPOT_OR_FLEX_START_ONLY)
+        return [MachineNeedsSpot(
+            f"Compute Engine creates {machine} only as Spot or Flex-start VMs; set "
+            f"spec.nodePool.spot: true, or spec.gpu.countPerNode "
+            f"{' or '.join(map(str, others))} for on-demand nodes",
+            ("spec.nodePool.spot", "spec.gpu.countPerNode"),
+        )]
+    if machine in gke.RESERVED_ON_DEMAND_ONLY:
+        return [MachineNeedsSpot(
+            f"{machine} runs on demand only on capacity reserved for it: the pool's nodes "
+            "come up only where the project has a matching Compute Engine reservation (GKE "
+            "consumes one by default); without one, set spec.nodePool.spot: true",
+            ("spec.nodePool.spot",),
+            blocking=False,
+        )]
+    return []
 
 
 def _check_fit(i: PlanInputs, footprint: float, slot_gib: float, source: str) -> list[Finding]:

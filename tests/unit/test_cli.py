@@ -222,3 +222,15 @@ def test_render_of_a_minimal_spec_asks_for_the_cluster_the_operator_would_use(
     assert f"container.googleapis.com/parent: {cluster}" in out
     with pytest.raises(SystemExit):
         build_parser().parse_args(["render", "-f", "-", "--cluster", "serving"])
+
+
+def test_the_readmes_example_plans_and_renders() -> None:
+    """The front door's spec is one a user can apply: nothing in it is refused."""
+    readme = (ROOT / "README.md").read_text()
+    example = readme.split("## An example\n\n```yaml\n", 1)[1].split("```", 1)[0]
+    status, out, err = run("plan", "-f", "-", stdin=example)
+    assert status == 0, err
+    assert "error:" not in out and "warning:" not in out
+    assert "4 slot(s) per GPU" in out  # what its comments say: four pods on one H100
+    status, out, err = run("render", "-f", "-", stdin=example)
+    assert status == 0 and "kind: Deployment" in out, err

@@ -90,6 +90,7 @@ def test_h100_mig_1g10gb_time_sharing_2_gives_14_slots() -> None:
             partition_size="1g.10gb",
             sharing_strategy="TimeSharing",
             max_shared_clients=2,
+            spot=True,
         )
     )
     assert p.slots_per_gpu == 14
@@ -175,7 +176,8 @@ def test_footprint_estimate_grows_with_dtype_batch_and_pixels() -> None:
 def test_a_model_that_fits_a_mig_slice_only_quantized_is_planned_to_fit() -> None:
     # SDXL, batch 2 at 1024x1024 on an H100 1g.10gb slice: 11.75 GiB with 16-bit weights;
     # the denoiser's 75% of 7 GiB in 8 bits saves 2.6 GiB, which brings it under 10.
-    config = dict(partition_size="1g.10gb", family="SDXL", max_batch_size=2, memory_gib=None)
+    config = dict(partition_size="1g.10gb", family="SDXL", max_batch_size=2, memory_gib=None,
+                  spot=True)
     plain = make_plan(inputs("nvidia-h100-80gb", **config))
     quantized = make_plan(inputs("nvidia-h100-80gb", quantization="Int8WeightOnly", **config))
     assert "ModelDoesNotFitSlice" in reasons(plain) and not plain.workable
@@ -379,3 +381,22 @@ def test_plan_reads_every_field_of_the_api_model() -> None:
     assert (p.slots_per_gpu, p.slots_per_node, p.nodes_needed) == (4, 8, 2)
     assert p.nodepool_name == "igs-h100x2-mig3g40gb-mps2-spot"
     assert p.sharing == resource.spec.gpu.sharing_summary()
+
+
+def test_a3_machines_compute_engine_sells_otherwise_are_not_planned_on_demand() -> None:
+    """a3-highgpu-1g/2g/4g come only as Spot or Flex-start VMs; A3 Ultra (H200) on demand
+    only on a reservation (Compute Engine's "GPU machine types" page)."""
+    on_demand = make_plan(inputs("nvidia-h100-80gb", partition_size="1g.10gb"))
+    [finding] = [f for f in on_demand.findings if f.reason == "MachineNeedsSpot"]
+    assert finding.blocking and not on_demand.workable
+    assert "a3-highgpu-1g only as Spot" in finding.message
+    assert "spec.gpu.countPerNode 8" in finding.message
+    assert finding.fields == ("spec.nodePool.spot", "spec.gpu.countPerNode")
+    for workable in (inputs("nvidia-h100-80gb", partition_size="1g.10gb", spot=True),
+                     inputs("nvidia-h100-80gb", count_per_node=8),
+                     inputs("nvidia-h100-80gb", provider="Local")):
+        plan_ = make_plan(workable)
+        assert "MachineNeedsSpot" not in reasons(plan_) and plan_.workable
+    h200 = make_plan(inputs("nvidia-h200-141gb", count_per_node=8))
+    [finding] = [f for f in h200.findings if f.reason == "MachineNeedsSpot"]
+    assert not finding.blocking and h200.workable and "reservation" in finding.message

@@ -223,7 +223,7 @@ def delete_until_done(world, name: str, limit: int = 6) -> None:
 @pytest.mark.parametrize("breaking", ["model", "cluster"])
 def test_a_spec_that_stops_fitting_keeps_its_pool_on_record_and_its_delete_removes_it(
         world, breaking) -> None:
-    world.create("sdxl", gpu=MIG_3G, node_pool={"provider": "GKE"})
+    world.create("sdxl", gpu=MIG_3G, node_pool={"provider": "GKE", "spot": True})
     run_until_ready(world, "sdxl")
     ran = world.body("sdxl")["status"]
     pool = ran["nodePool"]
