@@ -160,7 +160,10 @@ def plan_table(resource: api.ImageGenService, p: Plan) -> str:
             )
         )
     chosen = "Spot" if p.spot else "on-demand"
-    cost = f"{_money(p.cost.on_demand)} on-demand, {_money(p.cost.spot)} Spot for {p.cost.nodes} node(s)"
+    on_demand = (  # no price for what Compute Engine does not sell
+        "no on-demand" if p.machine_type in gke.SPOT_OR_FLEX_START_ONLY
+        else f"{_money(p.cost.on_demand)} on-demand")
+    cost = f"{on_demand}, {_money(p.cost.spot)} Spot for {p.cost.nodes} node(s)"
     if p.cost_at_max_nodes is not None:
         at_max = p.cost_at_max_nodes
         cost += f"; at maxNodes {_money(at_max.spot if p.spot else at_max.on_demand)} {chosen}"

@@ -232,5 +232,6 @@ def test_the_readmes_example_plans_and_renders() -> None:
     assert status == 0, err
     assert "error:" not in out and "warning:" not in out
     assert "4 slot(s) per GPU" in out  # what its comments say: four pods on one H100
+    assert "no on-demand, $2.69 Spot" in out  # a3-highgpu-1g: Spot or Flex-start only
     status, out, err = run("render", "-f", "-", stdin=example)
     assert status == 0 and "kind: Deployment" in out, err
