@@ -70,6 +70,10 @@ def key_parts(steps: FamilySteps, settings: ServerSettings, dtype: torch.dtype) 
     if device.type == "cuda":
         parts["gpu"] = torch.cuda.get_device_name(device)
         parts["capability"] = list(torch.cuda.get_device_capability(device))
+    else:
+        # Inductor's CPU code is vectorized for the instruction set it compiled on (AVX-512,
+        # AVX2): a node with another one must not load it.
+        parts["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     return parts
 
 

@@ -24,6 +24,18 @@ def mean_abs_diff(a, b) -> float:
     return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).mean())
 
 
+def max_level_diff(a, b) -> int:
+    """The largest per-pixel difference, in levels of 255."""
+    return int(np.abs(np.asarray(a, dtype=np.int64) - np.asarray(b, dtype=np.int64)).max())
+
+
+def assert_same_arithmetic(got, want, levels: int = 2) -> None:
+    """The same computation in another order (compiled code, another CPU kernel level): a
+    pixel may round a level or two apart, the image as a whole does not move."""
+    assert max_level_diff(got, want) <= levels, max_level_diff(got, want)
+    assert mean_abs_diff(got, want) < 0.05, mean_abs_diff(got, want)
+
+
 def free_port() -> int:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
         s.bind(("127.0.0.1", 0))

@@ -57,6 +57,9 @@ def test_the_key_changes_with_what_the_compiled_code_depends_on(make_runtime, tm
         return artifact_key(key_parts(steps, ServerSettings(**base, **changes), dtype))
 
     assert key() == key()
+    # CPU code is vectorized for this CPU's instruction set: another one gets another key.
+    parts = key_parts(steps, ServerSettings(**base), dtype)
+    assert parts["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     # The weights are not in the key: a retrained model of the same shape reuses its code.
     changed = [key(compile_mode="max-autotune"), key(compile_regional=False),
                key(allowed_sizes=["96x64"]), key(max_batch_size=8), key(channels_last=False),

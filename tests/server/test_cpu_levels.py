@@ -1,4 +1,4 @@
-"""The exact-equality tests again, under every lower CPU kernel level this machine supports.
+"""The exact-equality tests (single requests and single edits) again, under every lower CPU kernel level this machine supports.
 
 PyTorch picks its CPU kernels by the best instruction set it finds, so a suite that passes on
 one CPU can fail on another. Each level is capped per process: ``ATEN_CPU_CAPABILITY`` for
@@ -61,7 +61,8 @@ def test_single_requests_equal_diffusers_exactly_at_level(level):
     result = subprocess.run(
         [
             sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=0",
-            str(HERE / "test_engine.py"), "-k", "equal_diffusers_exactly",
+            str(HERE / "test_engine.py"), str(HERE / "test_edits.py"),
+            "-k", "equal_diffusers_exactly",
         ],
         env=level_env(level),
         capture_output=True,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from server_testlib import MODES, left_half_mask, mean_abs_diff, source_image
+from server_testlib import MODES, left_half_mask, max_level_diff, mean_abs_diff, source_image
 
 from imagegen_server.engine import InvalidRequest
 from imagegen_server.request import EditInput
@@ -39,18 +39,17 @@ def edit_params(runtime, case: dict):
 def test_single_edits_equal_diffusers_exactly(make_runtime, references, family, mode):
     runtime = make_runtime(family, **MODES[mode], default_width=64, default_height=64,
                            channels_last=False)
-    exact = 0
     for case in CASES:
         params = edit_params(runtime, case)
         images = runtime.engine.generate(params, timeout_s=60)
         expected = references(runtime, params, family)
         assert len(images) == len(expected) == params.n
-        diffs = [mean_abs_diff(a, b) for a, b in zip(images, expected, strict=True)]
-        assert max(diffs) < 1.0, (case, diffs)
-        exact += sum(d == 0.0 for d in diffs)
-    # One request alone runs diffusers' arithmetic: identical pixels, except that SDXL's
-    # two-image request may round one pixel of one image a level apart.
-    assert exact >= 4
+        # One request alone runs diffusers' arithmetic: the same pixels, but for a pixel
+        # rounded a level apart where a CPU's kernels sum in another order (SDXL's, at some
+        # instruction-set levels).
+        for got, want in zip(images, expected, strict=True):
+            assert max_level_diff(got, want) <= 1, case
+            assert mean_abs_diff(got, want) < 1e-3, case
 
 
 @pytest.mark.parametrize("mode", ["Pipelined", "Step"])

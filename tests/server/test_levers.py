@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
-from server_testlib import count_calls, tiny_settings
+from server_testlib import assert_same_arithmetic, count_calls, tiny_settings
 
 from imagegen_server.denoiser_cache import DenoiserCacheError
 from imagegen_server.quantization import QuantizationError
@@ -71,7 +71,7 @@ def test_first_block_cache_equals_diffusers_with_the_same_cache_and_skips_blocks
     reference.set_progress_bar_config(disable=True)
     reference.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.3))
     (want,) = reference(**cached.steps.reference_kwargs(params)).images
-    assert np.abs(np.asarray(got, int) - np.asarray(want, int)).max() <= 1
+    assert_same_arithmetic(np.asarray(got, int), np.asarray(want, int))
     # Each batch starts from a reset cache: other row counts, then the same image again
     # (the last step's residuals of 2 rows cannot be compared with 3 rows' first).
     for n in (2, 3):
@@ -114,7 +114,7 @@ def test_mag_cache_equals_diffusers_with_the_same_cache_at_each_step_count(
         reference.transformer.disable_cache()
         # The same steps skipped as diffusers' pipeline skips, and the same pixels.
         assert computed == reference_block() - reference_before, steps
-        assert np.abs(np.asarray(got, int) - np.asarray(want, int)).max() <= 1, steps
+        assert_same_arithmetic(np.asarray(got, int), np.asarray(want, int))
 
 
 def _reference_cache_config(method: str, reference):
@@ -166,7 +166,7 @@ def test_an_attention_cache_equals_diffusers_with_the_same_cache_and_skips_atten
     (want,) = reference(**cached.steps.reference_kwargs(params)).images
     # The same steps skipped as in diffusers' pipeline, and the same pixels.
     assert computed == reference_attention()
-    assert np.abs(np.asarray(got, int) - np.asarray(want, int)).max() <= 1
+    assert_same_arithmetic(np.asarray(got, int), np.asarray(want, int))
     # Each batch starts from reset hooks: other rows between, then the same image again.
     assert len(cached.engine.generate(cached.params("rows", seed=4, n=2), timeout_s=60)) == 2
     (again,) = cached.engine.generate(params, timeout_s=60)
