@@ -693,6 +693,20 @@ def test_a_shared_config_connector_pool_has_one_spec_whoever_applies_it(world) -
     assert len(world.kube.writes_of("ContainerNodePool")) == writes  # no flip-flop
 
 
+def test_a_config_connector_pool_keeps_the_initial_node_count_it_was_made_with(world) -> None:
+    """initialNodeCount is immutable in Config Connector: a later minNodes moves the
+    autoscaler's floor, never that field."""
+    pool = {"provider": "ConfigConnector", "cluster": CLUSTER_A}
+    world.create("floor", gpu={"type": "nvidia-l4"}, node_pool={**pool, "maxNodes": 3})
+    world.reconcile("floor")
+    world.edit("floor", nodePool={**pool, "minNodes": 2, "maxNodes": 3})
+    world.reconcile("floor")
+    [obj] = [o for (_, kind, _, _), o in world.kube.objects.items()
+             if kind == "ContainerNodePool"]
+    assert obj["spec"]["initialNodeCount"] == 0
+    assert obj["spec"]["autoscaling"]["totalMinNodeCount"] == 2
+
+
 def config_connector_pools(world) -> dict[tuple[str, str], dict]:
     return {(ns, name): obj for (_, kind, ns, name), obj in world.kube.objects.items()
             if kind == "ContainerNodePool"}

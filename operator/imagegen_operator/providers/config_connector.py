@@ -67,6 +67,10 @@ class ConfigConnectorProvider:
             ) from exc
         if live is not None and not _made_by_us(live):
             raise PoolNotOwned(_not_ours(meta))
+        if live is not None and "initialNodeCount" in live.get("spec", {}):
+            # Immutable in Config Connector (a change would recreate the pool): the count
+            # it was made with stays, whatever minNodes the pool's services ask for now.
+            desired["spec"]["initialNodeCount"] = live["spec"]["initialNodeCount"]
         with self._lock(desired):
             if live is None and (other := self._claimed_by(desired)):
                 raise ProviderError(
