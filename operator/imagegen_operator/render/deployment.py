@@ -164,9 +164,11 @@ def probes(resource: ImageGenService) -> dict[str, Any]:
         return {"path": path, "port": HTTP_PORT_NAME}
 
     return {
-        # Until it first answers, the server is loading or compiling: don't restart it.
+        # Loading and compiling get their budget, and no more: the server answers /healthz
+        # while it loads (in a thread), so only /readyz tells a load that hangs (a stalled
+        # download) from one that is slow. Past the budget the kubelet restarts it.
         "startupProbe": {
-            "httpGet": get("/healthz"),
+            "httpGet": get("/readyz"),
             "periodSeconds": STARTUP_PERIOD_S,
             "timeoutSeconds": 5,
             "failureThreshold": startup_failure_threshold(resource),
