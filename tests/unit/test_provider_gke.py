@@ -467,10 +467,18 @@ def test_bounds_refused_while_the_cluster_is_busy_are_tried_again_later(
     # Held for the backoff: no second call at once...
     assert provider.ensure(resource, plan, 1, (0, 4)).reason == "AutoscalingNotSet"
     assert len(double.requests_to("POST", ":setAutoscaling")) == 1
-    # ...but once it has passed.
-    clock.now += 11
+    # ...but once it has passed; a cluster busy for long is asked less and less often.
+    holds = []
+    for _ in range(3):
+        clock.now += 1000
+        double.busy_next(1, "upgrading cluster")
+        assert provider.ensure(resource, plan, 1, (0, 4)).reason == "AutoscalingNotSet"
+        memory = provider._memory_of(pool_name(plan))
+        holds.append(memory.autoscaling_after - clock())
+    assert holds == [20, 40, 80]
+    clock.now += 81
     assert provider.ensure(resource, plan, 1, (0, 4)).reason == "Reconciling"
-    assert len(double.requests_to("POST", ":setAutoscaling")) == 2
+    assert len(double.requests_to("POST", ":setAutoscaling")) == 5
 
 
 def test_failed_bounds_update_is_reported_and_held(double, provider, resource, plan, clock):

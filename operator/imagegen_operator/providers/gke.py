@@ -182,7 +182,6 @@ class GkeProvider:
                 pool = self._call(name, self.client.get_node_pool, name=name)
             except _NotFound:
                 return self._create(resource, plan, cluster, name, bounds)
-            self._memory_of(name).attempts = 0
             _check_claim(name, pool, resource, plan)
             return self._observe(name, plan.nodepool_name, pool, target_nodes, bounds)
 
@@ -283,7 +282,10 @@ class GkeProvider:
         if status == "RUNNING":
             if _bounds(pool) != bounds:
                 return self._set_autoscaling(name, short_name, memory, nodes, bounds)
-            memory.autoscaling_problem = None
+            # Settled as asked: a later refusal backs off from the start again. (A read
+            # that succeeds is no such success: an update refused between reads must back
+            # off longer each time.)
+            memory.autoscaling_problem, memory.attempts = None, 0
             return PoolState(short_name, True, nodes, "Ready", f"Node pool {name} is running.")
         if status == "RECONCILING":
             # An upgrade or resize: the nodes keep serving while GKE works, so
