@@ -101,9 +101,22 @@ class Stage:
         with torch.inference_mode():
             while True:
                 batch, stop = self._collect()
-                for group in _groups(batch, self.key):
+                try:
+                    groups = _groups(batch, self.key)
+                except Exception as exc:  # these jobs' keys, not the stage: it goes on
+                    log.exception("%s stage could not group a batch of %d", self.name, len(batch))
+                    for job in batch:
+                        job.fail(exc)
+                    groups = []
+                for group in groups:
                     self._process(group)
-                self._flush_timings(block=stop)
+                try:
+                    self._flush_timings(block=stop)
+                except Exception:
+                    # A device error surfacing where the timings are read (CUDA reports
+                    # asynchronously): the jobs it concerns have gone on and meet it there.
+                    # The stage stays alive: a dead one would strand every job queued to it.
+                    log.exception("%s stage could not read its timings", self.name)
                 if stop:
                     return
 

@@ -342,3 +342,66 @@ def test_admission_counts_work_not_requests(make_runtime):
     for j in jobs:
         j.future.result(120)
     assert engine.work_in_flight == pytest.approx(0) and engine.in_flight == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_request_that_cannot_start_denoising_fails_alone(make_runtime, monkeypatch, mode):
+    """Its batch mate, in the same denoise batch, is answered as if it were alone."""
+    runtime = make_runtime("sd15", **MODES[mode], max_batch_size=2, batch_window_ms=300,
+                           warmup=False)
+    prepare = runtime.steps.prepare
+
+    def refuse_bad(job):
+        if job.params.prompt == "bad":
+            raise RuntimeError("bad inputs")
+        prepare(job)
+
+    monkeypatch.setattr(runtime.steps, "prepare", refuse_bad)
+    good = runtime.engine.submit(runtime.params("good", seed=1), 60)
+    bad = runtime.engine.submit(runtime.params("bad", seed=2), 60)
+    with pytest.raises(RuntimeError, match="bad inputs"):
+        bad.future.result(60)
+    assert len(good.future.result(60)) == 1
+    assert runtime.engine.in_flight == 0
+
+
+def test_a_stage_outlives_an_error_between_its_batches(make_runtime, monkeypatch):
+    """An error outside a batch's step (a device error surfacing where timings are read)
+    leaves the stage serving: a dead stage would strand every job queued to it."""
+    runtime = make_runtime("sd15", warmup=False)
+    decode = next(stage for stage in runtime.engine.stages if stage.name == "decode")
+    flush = decode._flush_timings
+    failures = [RuntimeError("CUDA error: an illegal memory access was encountered")]
+
+    def fail_once(*args, **kwargs):
+        if failures:
+            raise failures.pop()
+        return flush(*args, **kwargs)
+
+    monkeypatch.setattr(decode, "_flush_timings", fail_once)
+    for seed in (1, 2):
+        assert len(runtime.engine.generate(runtime.params("x", seed=seed), timeout_s=60)) == 1
+    assert not failures and runtime.engine.in_flight == 0
+
+
+def test_an_edit_whose_image_cannot_be_encoded_fails_alone(make_runtime, monkeypatch):
+    from server_testlib import source_image
+
+    from imagegen_server.request import EditInput
+
+    runtime = make_runtime("sd15", max_batch_size=2, batch_window_ms=300, warmup=False)
+    encode_image = runtime.steps._encode_image
+
+    def refuse_bad(job):
+        if job.params.prompt == "bad":
+            raise ValueError("image cannot be preprocessed")
+        encode_image(job)
+
+    monkeypatch.setattr(runtime.steps, "_encode_image", refuse_bad)
+    edit = EditInput(source_image(), 0.8, None)
+    good = runtime.engine.submit(runtime.params("good", seed=1, edit=edit), 60)
+    bad = runtime.engine.submit(runtime.params("bad", seed=2, edit=edit), 60)
+    with pytest.raises(ValueError, match="cannot be preprocessed"):
+        bad.future.result(60)
+    assert len(good.future.result(60)) == 1
+    assert runtime.engine.in_flight == 0

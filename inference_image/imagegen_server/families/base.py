@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
@@ -10,6 +11,8 @@ import torch
 
 from ..previews import LatentRGB, latents_for_preview, preview_steps
 from ..request import GenerationParams, Job, JobTimeout
+
+log = logging.getLogger(__name__)
 
 
 class FamilySteps:
@@ -64,10 +67,19 @@ class FamilySteps:
     def denoise(self, jobs: list[Job]) -> None:
         """Request-level batching: the batch runs all its steps together, then goes on."""
         self.use_adapters(jobs)
+        started = []
         for job in jobs:
-            self.start_denoising(job)
+            if job.released:
+                continue  # failed in an earlier step of a Stacked batch
+            try:
+                self.start_denoising(job)
+            except Exception as exc:  # this job's own inputs: the batch goes on without it
+                log.exception("a request could not start denoising")
+                job.fail(exc)
+                continue
+            started.append(job)
         inputs = None
-        for live, changed in self.denoising_steps(jobs):
+        for live, changed in self.denoising_steps(started):
             if changed:
                 inputs = self.batch_inputs(live)
             self.denoise_step(live, inputs)

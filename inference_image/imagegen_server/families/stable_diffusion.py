@@ -10,6 +10,8 @@ puts the kept region back.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import (
@@ -20,6 +22,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..previews import SD15_RGB, SDXL_RGB
 from ..request import GenerationParams, Job
 from .base import FamilySteps, split_rows
+
+log = logging.getLogger(__name__)
 
 
 class StableDiffusionSteps(FamilySteps):
@@ -102,7 +106,11 @@ class StableDiffusionSteps(FamilySteps):
                 negative = {k: torch.zeros_like(v) for k, v in positive.items()}
             job.conditioning = self._conditioning(positive, negative, job.params.n)
             if job.params.edit is not None:
-                self._encode_image(job)
+                try:
+                    self._encode_image(job)
+                except Exception as exc:  # this edit's own image: its batch mates go on
+                    log.exception("an edit's image could not be encoded")
+                    job.fail(exc)
 
     def _encode_image(self, job: Job) -> None:
         """The image to latents (and the mask to latent size), as diffusers' edit pipelines.
