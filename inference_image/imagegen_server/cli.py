@@ -137,10 +137,10 @@ def precompile(argv: Sequence[str]) -> int:
     runtime = ModelRuntime(settings).load()
     try:
         report = runtime.report
-        if report.compile_cache_skipped is not None:
+        if report.compile_artifacts not in ("saved", "loaded"):
             # Compiled, but nothing a replica could load was saved: the Job has failed.
-            print(f"imagegen-server precompile: nothing saved: {report.compile_cache_skipped}",
-                  file=sys.stderr)
+            why = report.compile_cache_skipped or "the cache volume refused the write (logged)"
+            print(f"imagegen-server precompile: nothing saved: {why}", file=sys.stderr)
             return 1
         print(json.dumps({
             "key": report.compile_artifacts_key,

@@ -15,6 +15,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .request import MIN_SIDE
+
 ENV_PREFIX = "IMAGEGEN_"
 
 # After the drain, how long the HTTP server may take to write the last answers and close
@@ -341,8 +343,8 @@ class ServerSettings(BaseSettings):
     # Request defaults; width/height None means the model's native size.
     default_steps: int = limited("default_steps")
     default_guidance_scale: float = limited("default_guidance_scale")
-    default_width: int | None = Field(default=None, ge=64, le=4096, multiple_of=8)
-    default_height: int | None = Field(default=None, ge=64, le=4096, multiple_of=8)
+    default_width: int | None = Field(default=None, ge=MIN_SIDE, le=4096, multiple_of=8)
+    default_height: int | None = Field(default=None, ge=MIN_SIDE, le=4096, multiple_of=8)
 
     log_level: str = "info"
 
@@ -351,8 +353,9 @@ class ServerSettings(BaseSettings):
     def _check_sizes(cls, value: list[str] | None) -> list[str] | None:
         for size in value or []:
             parts = size.split("x")
-            if len(parts) != 2 or not all(p.isdigit() and int(p) >= 64 for p in parts):
-                raise ValueError(f"allowed size {size!r} is not WIDTHxHEIGHT, each at least 64")
+            if len(parts) != 2 or not all(p.isdigit() and int(p) >= MIN_SIDE for p in parts):
+                raise ValueError(
+                    f"allowed size {size!r} is not WIDTHxHEIGHT, each at least {MIN_SIDE}")
         return value
 
     @field_validator("loras")

@@ -36,7 +36,8 @@ class OptimizationReport:
     compile_mode: str | None = None
     compile_regional: bool | None = None
     compile_cache_dir: str | None = None
-    #: "loaded": this start loaded its compiled artifacts; "saved": it had none, and saved them
+    #: "loaded": this start loaded its compiled artifacts; "saved": it had none, and saved them;
+    #: None: none were saved (no cache dir, no warm-up, or a volume that refused them)
     compile_artifacts: str | None = None
     compile_artifacts_key: str | None = None
     #: why compile_cache_dir was not used (full or read-only); None when it was, or none is set

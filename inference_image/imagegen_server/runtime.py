@@ -99,7 +99,7 @@ class ModelRuntime:
             self._compile_ahead_of_time(phase)
         elif s.compile_enabled and s.compile_cache_dir is not None:
             artifacts = CompiledArtifacts.for_server(self.steps, s, m.dtype)
-            self.report.compile_artifacts = "loaded" if artifacts.load() else "saved"
+            self.report.compile_artifacts = "loaded" if artifacts.load() else None
             self.report.compile_artifacts_key = artifacts.key
         self.report.log()
         phase("optimize")
@@ -109,7 +109,8 @@ class ModelRuntime:
             self.warmup_seconds = self.warmup.seconds
             phase("warmup")
             if artifacts is not None and not artifacts.loaded:
-                artifacts.save()
+                if artifacts.save():  # 0 bytes: a volume that refused them (logged)
+                    self.report.compile_artifacts = "saved"
                 phase("save_artifacts")
         key = self.report.compile_artifacts_key
         if s.compile_cache_dir is not None and key is not None:

@@ -152,12 +152,7 @@ class StepBatchingStage(Stage):
                 job.fail(exc)
 
     def _step(self, batch: list[Job], joined: list[Job]) -> None:
-        for job in joined:
-            try:
-                self.family.start_denoising(job)
-            except Exception as exc:  # this job's own inputs: the batch goes on without it
-                log.exception("%s stage: a request could not start denoising", self.name)
-                job.fail(exc)
+        self.family.start_all(joined)
         batch = [job for job in batch if not job.released]
         if not batch:
             return

@@ -83,10 +83,11 @@ CLUSTER_PATTERN = (
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
 MACHINE_TYPE_PATTERN = r"^[a-z0-9]+(-[a-z0-9]+)*$"
 # metav1.Condition's type: CamelCase, optionally prefixed with a DNS subdomain and '/'.
-CONDITION_TYPE_PATTERN = (
-    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-    r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$"
-)
+# Kubernetes' qualified names (apimachinery's IsQualifiedName): an optional DNS subdomain and
+# '/', then a name part; label values are a name part or empty (IsValidLabelValue).
+_DNS_SUBDOMAIN_PREFIX = r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+_NAME_PART = r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]"
+CONDITION_TYPE_PATTERN = rf"^{_DNS_SUBDOMAIN_PREFIX}({_NAME_PART})$"
 # Kubernetes' resource.Quantity grammar, as in the built-in types' OpenAPI.
 QUANTITY_PATTERN = (
     r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
@@ -651,12 +652,9 @@ class ServerSpec(KubeModel):
     """How generated images are marked as made by a model."""
 
 
-# Kubernetes' label syntax (apimachinery's IsQualifiedName and IsValidLabelValue).
-LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
-LABEL_KEY_PATTERN = (
-    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
-)
+# Label keys are qualified names whose name part is at most 63 characters.
+LABEL_VALUE_PATTERN = rf"^({_NAME_PART})?$"
+LABEL_KEY_PATTERN = rf"^{_DNS_SUBDOMAIN_PREFIX}[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?$"
 
 
 class MonitoringSpec(KubeModel):
@@ -848,7 +846,7 @@ NAME_RULE = (
 
 
 def _service_name(name: str) -> str:
-    if name and (len(name) > NAME_MAX_LENGTH or not re.match(NAME_PATTERN, name)):
+    if name and (len(name) > NAME_MAX_LENGTH or not re.fullmatch(NAME_PATTERN, name)):
         raise ValueError(f"{name!r} {NAME_RULE}")
     return name
 

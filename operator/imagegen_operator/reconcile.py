@@ -96,6 +96,10 @@ class _Backoff:
     state: PoolState  # what to report until then
 
 
+def _owned_by(obj: dict[str, Any], uid: str | None) -> bool:
+    return any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
+
+
 def _asking(call: Callable[..., Any], *args: Any) -> Any:
     """A provider call. The API server refusing the objects a ConfigConnector or Local pool is
     made of (invalid, or forbidden where the chart left that provider off) is the pool's
@@ -483,19 +487,15 @@ class Reconciler:
             except MissingKind:
                 continue
             for obj in live:
-                owned = any(
-                    ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or []
-                )
                 key = (api_version, kind, obj["metadata"]["name"])
-                if owned and key not in wanted:
+                if _owned_by(obj, uid) and key not in wanted:
                     self.kube.delete(api_version, kind, key[2], namespace_of(resource))
 
     def _serving(self, body: dict[str, Any]) -> dict[str, Any] | None:
         """The Deployment an earlier spec of this service made, if it is live."""
         meta = body["metadata"]
         live = self.kube.get("apps/v1", "Deployment", meta["name"], meta.get("namespace"))
-        refs = (live or {}).get("metadata", {}).get("ownerReferences") or []
-        return live if any(ref.get("uid") == meta.get("uid") for ref in refs) else None
+        return live if live is not None and _owned_by(live, meta.get("uid")) else None
 
     def _ensure_pool(
         self, resource: ImageGenService, the_plan: Plan, key: PoolKey, outcome: Outcome

@@ -164,7 +164,9 @@ def test_a_start_removes_other_keys_unused_for_the_retention_and_marks_its_own(
 
     cache = tmp_path / "cache"
     settings = {"warmup": False, "compile_enabled": True, "compile_cache_dir": cache}
-    key = make_runtime("sd15", **settings).report.compile_artifacts_key
+    first = make_runtime("sd15", **settings).report
+    key = first.compile_artifacts_key
+    assert first.compile_artifacts is None  # no warm-up: nothing compiled, nothing saved
     month_ago = time.time() - 31 * 86400
     files = {"artifacts": [f"{key}.bin", "0ld.bin", "0ld.json", "recent.bin"],
              "aot": ["0ld-4x32x32.pt2", "0ld.json"]}

@@ -242,3 +242,11 @@ def test_the_api_and_the_server_take_limits_from_one_table(model, field, limit) 
     expected = (LIMITS[limit].default, LIMITS[limit].ge, LIMITS[limit].le)
     assert bounds(getattr(api, model).model_fields[field]) == expected
     assert bounds(ServerSettings.model_fields[limit]) == expected
+
+
+@pytest.mark.parametrize("name", ["sdxl\n", "sdxl-", "-sdxl", "sd_xl", "a" * 64])
+def test_a_name_that_cannot_name_the_service_is_refused(name):
+    """As the CRD's rule on metadata.name (tests/cluster/test_crd.py checks it there)."""
+    with pytest.raises(api.InvalidSpec, match=r"metadata\.name: "):
+        api.parse({**MINIMAL, "metadata": {"name": name}})
+    api.parse({**MINIMAL, "metadata": {"name": "a" * 63}})

@@ -67,22 +67,27 @@ class FamilySteps:
     def denoise(self, jobs: list[Job]) -> None:
         """Request-level batching: the batch runs all its steps together, then goes on."""
         self.use_adapters(jobs)
+        inputs = None
+        for live, changed in self.denoising_steps(self.start_all(jobs)):
+            if changed:
+                inputs = self.batch_inputs(live)
+            self.denoise_step(live, inputs)
+
+    def start_all(self, jobs: list[Job]) -> list[Job]:
+        """Start each job that is not released yet; one whose own inputs cannot start fails
+        alone, and the batch goes on without it. The jobs started."""
         started = []
         for job in jobs:
             if job.released:
-                continue  # failed in an earlier step of a Stacked batch
+                continue  # failed in an earlier step (a Stacked batch's encode)
             try:
                 self.start_denoising(job)
-            except Exception as exc:  # this job's own inputs: the batch goes on without it
+            except Exception as exc:
                 log.exception("a request could not start denoising")
                 job.fail(exc)
                 continue
             started.append(job)
-        inputs = None
-        for live, changed in self.denoising_steps(started):
-            if changed:
-                inputs = self.batch_inputs(live)
-            self.denoise_step(live, inputs)
+        return started
 
     def start_denoising(self, job: Job) -> None:
         """The job's scheduler, timesteps and first latents; ``job.step`` back at 0."""
