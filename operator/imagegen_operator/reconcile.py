@@ -148,29 +148,17 @@ class Reconciler:
         try:
             resource = parse(body)
         except InvalidSpec as exc:
-            outcome.result, outcome.stalled = "invalid", True
-            status = st.not_planned_status(previous, generation, "InvalidSpec", str(exc),
-                                           deployment=self._serving(body))
-            self._write_status(body, status, outcome)
-            return outcome
+            return self._not_planned(body, outcome, "InvalidSpec", str(exc))
         the_plan = self._plan_of(body, resource)
         assert the_plan is not None
         if the_plan.blocking:
-            outcome.result, outcome.stalled = "invalid", True
             finding = the_plan.blocking[0]
             message = "; ".join(f.message for f in the_plan.blocking)
-            status = st.not_planned_status(previous, generation, finding.reason, message,
-                                           the_plan, deployment=self._serving(body))
-            self._write_status(body, status, outcome)
-            return outcome
+            return self._not_planned(body, outcome, finding.reason, message, the_plan)
         resolved = self._with_cluster(resource)
         if resolved is None:
-            outcome.result, outcome.stalled = "invalid", True
-            status = st.not_planned_status(previous, generation, "ClusterUnknown", HOW_TO_SET,
-                                           the_plan, pool_message=HOW_TO_SET,
-                                           deployment=self._serving(body))
-            self._write_status(body, status, outcome)
-            return outcome
+            return self._not_planned(body, outcome, "ClusterUnknown", HOW_TO_SET, the_plan,
+                                     pool_message=HOW_TO_SET)
         resource = resolved
 
         # The workload first: its pods wait (Pending) for the pool's nodes anyway,
@@ -491,11 +479,20 @@ class Reconciler:
                 if _owned_by(obj, uid) and key not in wanted:
                     self.kube.delete(api_version, kind, key[2], namespace_of(resource))
 
-    def _serving(self, body: dict[str, Any]) -> dict[str, Any] | None:
-        """The Deployment an earlier spec of this service made, if it is live."""
+    def _not_planned(self, body: dict[str, Any], outcome: Outcome, reason: str, message: str,
+                     the_plan: Plan | None = None, **kwargs: Any) -> Outcome:
+        """Write the status of a spec that cannot run as written (stalled: a person must
+        act); the Deployment an earlier spec made, if live, goes on serving and status
+        says so."""
+        outcome.result, outcome.stalled = "invalid", True
         meta = body["metadata"]
         live = self.kube.get("apps/v1", "Deployment", meta["name"], meta.get("namespace"))
-        return live if live is not None and _owned_by(live, meta.get("uid")) else None
+        serving = live if live is not None and _owned_by(live, meta.get("uid")) else None
+        previous = body.get("status") or {}
+        status = st.not_planned_status(previous, meta.get("generation"), reason, message,
+                                       the_plan, deployment=serving, **kwargs)
+        self._write_status(body, status, outcome)
+        return outcome
 
     def _ensure_pool(
         self, resource: ImageGenService, the_plan: Plan, key: PoolKey, outcome: Outcome

@@ -344,25 +344,31 @@ def test_admission_counts_work_not_requests(make_runtime):
     assert engine.work_in_flight == pytest.approx(0) and engine.in_flight == 0
 
 
+def fails_alone(runtime, monkeypatch, method: str, error: Exception, **params) -> None:
+    """``method`` of the family raises ``error`` for the request "bad" alone: it fails with
+    that error, and "good", submitted with it into one batch, is answered all the same."""
+    original = getattr(runtime.steps, method)
+
+    def refuse_bad(job):
+        if job.params.prompt == "bad":
+            raise error
+        original(job)
+
+    monkeypatch.setattr(runtime.steps, method, refuse_bad)
+    good = runtime.engine.submit(runtime.params("good", seed=1, **params), 60)
+    bad = runtime.engine.submit(runtime.params("bad", seed=2, **params), 60)
+    with pytest.raises(type(error), match=str(error)):
+        bad.future.result(60)
+    assert len(good.future.result(60)) == 1
+    assert runtime.engine.in_flight == 0
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_a_request_that_cannot_start_denoising_fails_alone(make_runtime, monkeypatch, mode):
     """Its batch mate, in the same denoise batch, is answered as if it were alone."""
     runtime = make_runtime("sd15", **MODES[mode], max_batch_size=2, batch_window_ms=300,
                            warmup=False)
-    prepare = runtime.steps.prepare
-
-    def refuse_bad(job):
-        if job.params.prompt == "bad":
-            raise RuntimeError("bad inputs")
-        prepare(job)
-
-    monkeypatch.setattr(runtime.steps, "prepare", refuse_bad)
-    good = runtime.engine.submit(runtime.params("good", seed=1), 60)
-    bad = runtime.engine.submit(runtime.params("bad", seed=2), 60)
-    with pytest.raises(RuntimeError, match="bad inputs"):
-        bad.future.result(60)
-    assert len(good.future.result(60)) == 1
-    assert runtime.engine.in_flight == 0
+    fails_alone(runtime, monkeypatch, "prepare", RuntimeError("bad inputs"))
 
 
 def test_a_stage_outlives_an_error_between_its_batches(make_runtime, monkeypatch):
@@ -390,18 +396,6 @@ def test_an_edit_whose_image_cannot_be_encoded_fails_alone(make_runtime, monkeyp
     from imagegen_server.request import EditInput
 
     runtime = make_runtime("sd15", max_batch_size=2, batch_window_ms=300, warmup=False)
-    encode_image = runtime.steps._encode_image
-
-    def refuse_bad(job):
-        if job.params.prompt == "bad":
-            raise ValueError("image cannot be preprocessed")
-        encode_image(job)
-
-    monkeypatch.setattr(runtime.steps, "_encode_image", refuse_bad)
-    edit = EditInput(source_image(), 0.8, None)
-    good = runtime.engine.submit(runtime.params("good", seed=1, edit=edit), 60)
-    bad = runtime.engine.submit(runtime.params("bad", seed=2, edit=edit), 60)
-    with pytest.raises(ValueError, match="cannot be preprocessed"):
-        bad.future.result(60)
-    assert len(good.future.result(60)) == 1
-    assert runtime.engine.in_flight == 0
+    fails_alone(runtime, monkeypatch, "_encode_image",
+                ValueError("image cannot be preprocessed"),
+                edit=EditInput(source_image(), 0.8, None))

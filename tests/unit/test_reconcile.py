@@ -316,10 +316,7 @@ def test_a_refused_pool_object_is_the_pools_condition_and_does_not_stop_a_delete
 
     world.kube.accept("Node")
     world.edit("nodeless", replicas=1)
-    world.reconcile("nodeless")
-    world.nodes_ready()
-    world.rolled_out("nodeless")
-    assert world.reconcile("nodeless").ready
+    run_until_ready(world, "nodeless")
 
     delete = world.kube.delete
 
