@@ -133,6 +133,8 @@ class Reconciler:
         self._lock = threading.Lock()
         self._memos: OrderedDict[str, Memo] = OrderedDict()
         self._backoff: dict[PoolKey, _Backoff] = {}
+        # The last state each pool's provider reported, for when a read of it fails.
+        self._last_seen: dict[PoolKey, PoolState] = {}
         self._pool_locks: dict[PoolKey, threading.Lock] = {}
 
     # --- the entry points ---------------------------------------------------
@@ -520,16 +522,25 @@ class Reconciler:
                     state = PoolState(the_plan.nodepool_name, False, 0, exc.reason, exc.message)
                     return state, True
                 at = datetime.now(UTC) + timedelta(seconds=exc.retry_after)
-                state = PoolState(
-                    the_plan.nodepool_name, False, 0, exc.reason,
-                    f"{exc.message} (next try at {at.strftime('%H:%M:%SZ')})",
-                )
+                message = f"{exc.message} (next try at {at.strftime('%H:%M:%SZ')})"
+                with self._lock:
+                    seen = self._last_seen.get(key)
+                if seen is not None and seen.ready:
+                    # The provider could not be asked (GKE busy or unreachable), which says
+                    # nothing of the nodes: those that served when last seen serve on.
+                    state = PoolState(seen.name, True, seen.ready_nodes, exc.reason,
+                                      f"{message}; its nodes were serving when last seen")
+                else:
+                    state = PoolState(the_plan.nodepool_name, False, 0, exc.reason, message)
                 with self._lock:
                     self._backoff[key] = _Backoff(now + exc.retry_after, state)
                 outcome.requeue_after = exc.retry_after
                 return state, False
             with self._lock:
                 self._backoff.pop(key, None)
+                self._last_seen[key] = state
+                if len(self._last_seen) > MEMO_LIMIT:
+                    self._last_seen.pop(next(iter(self._last_seen)))
             return state, False
 
     def _pool_lock(self, key: PoolKey) -> threading.Lock:
@@ -571,6 +582,7 @@ class Reconciler:
         if gone:
             with self._lock:
                 self._backoff.pop(key, None)
+                self._last_seen.pop(key, None)
         return gone
 
     def _retire_previous_pools(

@@ -324,13 +324,17 @@ class GkeApiTestDouble:
                 "is done.",
             )
 
-    def _check_pool_free(self, name: str) -> None:
-        """GKE runs one operation at a time on a pool and refuses another meanwhile."""
-        if running := self._running_operation(name):
+    def _check_cluster_free(self, cluster: str) -> None:
+        """GKE runs one node-pool operation at a time per cluster and refuses another
+        meanwhile, on that pool or any other."""
+        running = next((o for o in self.operations.values() if o.status != "DONE"
+                        and o.target.startswith(f"{cluster}/nodePools/")), None)
+        if running is not None:
             raise ApiError(
                 "FAILED_PRECONDITION",
                 f"Operation {running.name.rsplit('/', 1)[-1]} is currently operating on node "
-                f"pool {name.rsplit('/', 1)[-1]}. Please wait and try again once it is done.",
+                f"pool {running.target.rsplit('/', 1)[-1]}. Please wait and try again once it "
+                "is done.",
             )
 
     def _new_operation(self, location: str, op_type: str, target: str) -> _Operation:
@@ -355,9 +359,14 @@ class GkeApiTestDouble:
         pool = body.get("nodePool")
         if not isinstance(pool, dict) or not pool.get("name"):
             raise ApiError("INVALID_ARGUMENT", "Node_pool.name must be specified.")
+        if not re.fullmatch(r"[a-z]([-a-z0-9]{0,38}[a-z0-9])?", pool["name"]):
+            raise ApiError("INVALID_ARGUMENT", f"Invalid node pool name \"{pool['name']}\": "
+                           "up to 40 lowercase letters, digits and hyphens, starting with a "
+                           "letter and not ending with a hyphen.")
         name = f"{parent}/nodePools/{pool['name']}"
         if name in self.pools:
             raise ApiError("ALREADY_EXISTS", f"Already exists: {name}.")
+        self._check_cluster_free(parent)
         location = parent.split("/")[3]
         op = self._new_operation(location, "CREATE_NODE_POOL", name)
         if self._next_failure:
@@ -381,7 +390,7 @@ class GkeApiTestDouble:
         if name not in self.pools:
             raise ApiError("NOT_FOUND", f"Not found: {name}.")
         self._check_busy(name.split("/nodePools/")[0])
-        self._check_pool_free(name)
+        self._check_cluster_free(name.split("/nodePools/")[0])
         op = self._new_operation(name.split("/")[3], "DELETE_NODE_POOL", name)
         self.pools[name]["status"] = "STOPPING"
         return self._operation_json(op)
@@ -390,7 +399,7 @@ class GkeApiTestDouble:
         if name not in self.pools:
             raise ApiError("NOT_FOUND", f"Not found: {name}.")
         self._check_busy(name.split("/nodePools/")[0])
-        self._check_pool_free(name)
+        self._check_cluster_free(name.split("/nodePools/")[0])
         autoscaling = body.get("autoscaling")
         if not isinstance(autoscaling, dict):
             raise ApiError("INVALID_ARGUMENT", "Autoscaling must be specified.")

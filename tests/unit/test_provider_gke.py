@@ -21,7 +21,7 @@ from imagegen_operator.providers.base import PoolNotOwned, PoolState, ProviderEr
 from imagegen_operator.providers.gke import ENDPOINT_ENV, GkeProvider, build_client
 from imagegen_operator.render.nodepool import render_gke_nodepool
 from support.clock import FakeClock
-from support.fake_gke import GkeApiTestDouble
+from support.fake_gke import DEFAULT_QUOTA_MESSAGE, GkeApiTestDouble
 
 CLUSTER = "projects/imagegen-test/locations/us-central1/clusters/serving"
 POOLS_PATH = f"/v1/{CLUSTER}/nodePools"
@@ -73,7 +73,7 @@ def clock() -> FakeClock:
 def provider(double: GkeApiTestDouble, clock: FakeClock) -> GkeProvider:
     return GkeProvider(
         double.client(), timeout=5, backoff_base=10, backoff_max=80,
-        failed_create_hold=300, clock=clock,
+        failed_create_hold=300, clock=clock, jitter=lambda delay: delay,
     )
 
 
@@ -212,6 +212,20 @@ def test_concurrent_operation_is_retried_with_growing_backoff(double, provider, 
     assert len(double.pools) == 1
 
 
+def test_a_second_pool_waits_while_another_pool_of_the_cluster_is_made(double, provider,
+                                                                          resource, plan):
+    # GKE runs one node-pool operation at a time per cluster.
+    other = service(gpu={"type": "nvidia-h100-80gb", "partitionSize": "3g.40gb"})
+    other_plan = make_plan(other.spec)
+    assert provider.ensure(resource, plan, 1).reason == "Provisioning"
+    with pytest.raises(ProviderError) as caught:
+        provider.ensure(other, other_plan, 1)
+    assert caught.value.reason == "ClusterBusy" and caught.value.transient
+    ensure_until(provider, resource, plan, ready)
+    ensure_until(provider, other, other_plan, ready)
+    assert len(double.pools) == 2
+
+
 def test_backoff_is_capped_and_starts_over_after_success(double, provider, resource, plan):
     double.busy_next(6)
     delays = []
@@ -329,14 +343,105 @@ def test_quota_failure_inside_the_operation_is_permanent(double, provider, resou
     assert message in seen[-1].message
 
 
-def test_pool_left_in_error_reports_its_status_message(double, provider, resource, plan):
-    double.fail_next_operation(STOCKOUT, status="INTERNAL", pool_after_failure="ERROR")
-    ensure_until(provider, resource, plan, lambda s: isinstance(s, ProviderError))
-    # The pool stays, broken: what GKE says about it is the condition's message.
+@pytest.mark.parametrize(
+    ("status", "reason"),
+    [("INTERNAL", "CreateFailed"), ("RESOURCE_EXHAUSTED", "QuotaExceeded")],
+)
+def test_pool_left_in_error_is_held_then_made_again(double, provider, resource, plan, clock,
+                                                    status, reason):
+    # GKE keeps a pool whose create failed on a stockout or a quota, in ERROR, and does
+    # not mend it: the create's error is reported (its reason kept), then the pool is
+    # deleted and made again.
+    double.fail_next_operation(STOCKOUT, status=status, pool_after_failure="ERROR")
+    seen = ensure_until(provider, resource, plan, lambda s: isinstance(s, ProviderError))
+    assert seen[-1].reason == reason and STOCKOUT in seen[-1].message
+    clock.now += 100
+    with pytest.raises(ProviderError) as held:
+        provider.ensure(resource, plan, 1)
+    assert held.value.reason == reason and "trying again in 200s" in held.value.message
+    assert double.requests_to("DELETE") == []
+
+    clock.now += 201
     state = provider.ensure(resource, plan, 1)
-    assert (state.ready, state.reason) == (False, "PoolError")
+    assert (state.ready, state.reason) == (False, "Recreating")
     assert STOCKOUT in state.message
+    assert len(double.requests_to("DELETE")) == 1
+    ensure_until(provider, resource, plan, ready)
+    assert len(double.requests_to("POST")) == 2
+
+
+def test_pool_found_in_error_after_a_restart_is_held_then_made_again(double, provider,
+                                                                     resource, plan, clock):
+    double.seed_pool(pool_name(plan), "ERROR", config=made_by_us(resource, plan),
+                     statusMessage="nodes in us-central1-b could not start")
+    with pytest.raises(ProviderError) as caught:
+        provider.ensure(resource, plan, 1)
+    assert (caught.value.reason, caught.value.retry_after) == ("PoolError", 300)
+    assert "nodes in us-central1-b could not start" in caught.value.message
+    clock.now += 301
+    assert provider.ensure(resource, plan, 1).reason == "Recreating"
+    ensure_until(provider, resource, plan, ready)
+
+
+def test_a_pool_of_another_in_error_is_never_deleted(double, provider, resource, plan, clock):
+    double.seed_pool(pool_name(plan), "ERROR", config={"machineType": "a3-highgpu-1g"})
+    clock.now += 10_000
+    for _ in range(2):
+        with pytest.raises(PoolNotOwned):
+            provider.ensure(resource, plan, 1)
+    assert double.requests_to("DELETE") == []
+
+
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [
+        ("PERMISSION_DENIED", DEFAULT_QUOTA_MESSAGE.replace("{project}", "imagegen-test")),
+        ("PERMISSION_DENIED", "Required 'container.clusters.update' permission."),
+        ("INVALID_ARGUMENT", "Accelerator type is not supported in zone us-central1-f."),
+    ],
+)
+def test_a_create_refused_for_good_is_held_not_sent_on_every_resync(
+        double, provider, resource, plan, clock, status, message):
+    double.error_next_create(status, message)
+    for _ in range(3):
+        with pytest.raises(ProviderError) as caught:
+            provider.ensure(resource, plan, 1)
+        assert not caught.value.transient
+        clock.now += 60
     assert len(double.requests_to("POST")) == 1
+    assert "trying again in" in caught.value.message
+    clock.now += 200
+    assert provider.ensure(resource, plan, 1).reason == "Provisioning"
+    assert len(double.requests_to("POST")) == 2
+
+
+def test_too_many_operations_is_busy_not_a_quota(double, provider, resource, plan):
+    message = ("Too many operations: cluster serving hits the concurrent operations quota 5, "
+               "please try again later.")
+    double.error_next_create("RESOURCE_EXHAUSTED", message)
+    with pytest.raises(ProviderError) as caught:
+        provider.ensure(resource, plan, 1)
+    assert (caught.value.reason, caught.value.retry_after) == ("ClusterBusy", 10)
+    assert provider.ensure(resource, plan, 1).reason == "Provisioning"
+
+
+def test_backoff_is_spread_between_half_and_all_of_its_step(double, resource, plan):
+    provider = GkeProvider(double.client(), backoff_base=10, backoff_max=80)
+    double.busy_next(40)
+    delays = []
+    for _ in range(40):
+        with pytest.raises(ProviderError) as caught:
+            provider.ensure(resource, plan, 1)
+        delays.append(caught.value.retry_after)
+    assert 5 <= delays[0] <= 10 and 10 <= delays[1] <= 20
+    assert all(40 <= d <= 80 for d in delays[3:])
+    assert len(set(delays[3:])) > 1  # spread, not one fixed step
+
+
+@pytest.mark.parametrize(("base", "cap"), [(0, 10), (-1, 10), (20, 10)])
+def test_a_backoff_that_cannot_work_is_refused(base, cap):
+    with pytest.raises(ValueError, match="backoff"):
+        GkeProvider(object(), backoff_base=base, backoff_max=cap)
 
 
 @pytest.mark.parametrize(
@@ -346,8 +451,7 @@ def test_pool_left_in_error_reports_its_status_message(double, provider, resourc
         ("RUNNING", True, "Ready"),
         ("RECONCILING", True, "Reconciling"),  # an upgrade: the nodes keep serving
         ("STOPPING", False, "Deleting"),
-        ("RUNNING_WITH_ERROR", False, "PoolError"),
-        ("ERROR", False, "PoolError"),
+        ("RUNNING_WITH_ERROR", True, "RunningWithError"),  # "partially usable"
     ],
 )
 def test_pool_status_maps_to_state(double, provider, resource, plan, status, expected_ready,
@@ -360,7 +464,7 @@ def test_pool_status_maps_to_state(double, provider, resource, plan, status, exp
     state = provider.ensure(resource, plan, 1)
     assert (state.ready, state.reason) == (expected_ready, expected_reason)
     assert state.ready_nodes == (1 if expected_ready else 0)
-    if expected_reason == "PoolError":
+    if expected_reason == "RunningWithError":
         assert "nodes in us-central1-b could not start" in state.message
     assert double.requests_to("POST") == []
 
@@ -426,6 +530,19 @@ def seed_running(double, plan, low: int = 0, high: int = 2) -> None:
         pool_name(plan), "RUNNING", config=made_by_us(service(), plan),
         autoscaling={"enabled": True, "totalMinNodeCount": low, "totalMaxNodeCount": high},
     )
+
+
+def test_a_pool_running_with_errors_serves_and_takes_new_bounds(double, provider, resource,
+                                                                 plan):
+    double.seed_pool(
+        pool_name(plan), "RUNNING_WITH_ERROR", config=made_by_us(resource, plan),
+        statusMessage="1 of 2 nodes could not start",
+        autoscaling={"enabled": True, "totalMinNodeCount": 0, "totalMaxNodeCount": 2},
+    )
+    seen = ensure_until(provider, resource, plan, lambda s: s.reason == "Ready", target=2,
+                        bounds=(1, 4))
+    assert all(s.ready for s in seen)
+    assert len(double.requests_to("POST", ":setAutoscaling")) == 1
 
 
 def test_create_takes_the_bounds_of_every_service_on_the_pool(double, provider, resource, plan):
@@ -558,3 +675,22 @@ def test_default_client_follows_the_endpoint_variable(double, resource, plan, mo
 def test_build_client_for_a_plain_http_endpoint_uses_rest(double):
     client = build_client(f"http://{double.host}")
     assert client.transport.kind == "rest"
+
+
+@pytest.mark.parametrize(
+    ("base", "cap", "named"),
+    [("soon", None, "IMAGEGEN_GKE_BACKOFF_BASE_S"), ("0", None, "IMAGEGEN_GKE_BACKOFF_BASE_S"),
+     (None, "-5", "IMAGEGEN_GKE_BACKOFF_MAX_S"), ("60", "30", "IMAGEGEN_GKE_BACKOFF_BASE_S")],
+)
+def test_the_operator_refuses_to_start_with_a_backoff_setting_that_cannot_work(
+        monkeypatch, base, cap, named):
+    from imagegen_operator.providers import build_providers
+    from support.memory_kube import InMemoryKube
+
+    for env, value in (("IMAGEGEN_GKE_BACKOFF_BASE_S", base), ("IMAGEGEN_GKE_BACKOFF_MAX_S", cap)):
+        if value is None:
+            monkeypatch.delenv(env, raising=False)
+        else:
+            monkeypatch.setenv(env, value)
+    with pytest.raises(ValueError, match=named):
+        build_providers(InMemoryKube())

@@ -49,7 +49,7 @@ class World:
         self.clock = FakeClock()
         self.double = double
         self.gke = GkeProvider(double.client(), timeout=5, backoff_base=15, backoff_max=300,
-                               clock=self.clock)
+                               clock=self.clock, jitter=lambda delay: delay)
         self.events: list[tuple[str, str, str, str]] = []
         self.default_cluster = default_cluster
         self.reconciler = Reconciler(
@@ -531,6 +531,20 @@ def test_a_failing_gke_api_is_asked_with_exponential_backoff_by_all_its_users(wo
     pool = world.condition("user-0", "NodePoolReady")
     assert pool["reason"] == "GkeUnavailable" and "next try at" in pool["message"]
     assert world.condition("user-0", "Stalled")["status"] == "False"  # it passes by itself
+
+
+def test_a_gke_outage_leaves_a_serving_service_ready(world) -> None:
+    """GKE unreachable says nothing of the nodes: a service that served goes on being Ready,
+    and its NodePoolReady says why the pool could not be read."""
+    world.create("steady", gpu=MIG_3G, node_pool={"provider": "GKE", "spot": True})
+    run_until_ready(world, "steady")
+    world.double.outage("UNAVAILABLE")
+    world.clock.now += 60
+    assert world.reconcile("steady").ready
+    pool = world.condition("steady", "NodePoolReady")
+    assert (pool["status"], pool["reason"]) == ("True", "GkeUnavailable")
+    assert "serving when last seen" in pool["message"]
+    assert world.condition("steady", "Ready")["status"] == "True"
 
 
 def test_providers_are_not_asked_again_before_their_delay(world) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -57,16 +58,39 @@ class _Lazy:
         return self._get().delete(resource, plan)
 
 
+def _backoff_setting(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:  # NaN too
+        raise ValueError(f"{name} must be a number of seconds above 0, got {raw!r}")
+    return value
+
+
+def _gke_backoff() -> tuple[float, float]:
+    """The backoff of GKE calls that failed in a way that passes (busy, rate-limited, down),
+    base and cap in seconds, from the environment."""
+    from imagegen_operator.providers.gke import BACKOFF_BASE_S, BACKOFF_MAX_S
+
+    base = _backoff_setting("IMAGEGEN_GKE_BACKOFF_BASE_S", BACKOFF_BASE_S)
+    cap = _backoff_setting("IMAGEGEN_GKE_BACKOFF_MAX_S", max(BACKOFF_MAX_S, base))
+    if base > cap:
+        raise ValueError(
+            f"IMAGEGEN_GKE_BACKOFF_BASE_S ({base:g}) must not exceed "
+            f"IMAGEGEN_GKE_BACKOFF_MAX_S ({cap:g})"
+        )
+    return base, cap
+
+
 def _gke() -> NodePoolProvider:
-    import os
+    from imagegen_operator.providers.gke import GkeProvider
 
-    from imagegen_operator.providers.gke import BACKOFF_BASE_S, BACKOFF_MAX_S, GkeProvider
-
-    # The backoff of calls that failed in a way that passes (busy, rate-limited, down).
-    return GkeProvider(
-        backoff_base=float(os.environ.get("IMAGEGEN_GKE_BACKOFF_BASE_S", BACKOFF_BASE_S)),
-        backoff_max=float(os.environ.get("IMAGEGEN_GKE_BACKOFF_MAX_S", BACKOFF_MAX_S)),
-    )
+    base, cap = _gke_backoff()
+    return GkeProvider(backoff_base=base, backoff_max=cap)
 
 
 # The providers that need nothing heavy to import; GKE's is imported on first use.
@@ -80,5 +104,8 @@ PROVIDER_CLASSES: dict[str, type] = {
 def build_providers(
     kube: Kube, gke: Callable[[], NodePoolProvider] = _gke
 ) -> dict[str, NodePoolProvider]:
-    """One provider per ``spec.nodePool.provider`` value."""
+    """One provider per ``spec.nodePool.provider`` value. The GKE one is built on first use,
+    but its settings are checked now: a typo fails the start, not the first GKE service."""
+    if gke is _gke:
+        _gke_backoff()
     return {"GKE": _Lazy("GKE", gke), **{n: cls(kube) for n, cls in PROVIDER_CLASSES.items()}}

@@ -13,6 +13,13 @@ long-running operation.
   exponential backoff counted per pool.
 - Errors become :class:`ProviderError` with a reason for the NodePoolReady
   condition and GKE's own words as the message.
+- A create GKE refuses for good (a quota, a permission, a refused config) or whose
+  operation fails (a GPU stockout) is reported and held for ``failed_create_hold``, not
+  sent again on every resync. A pool left in ``ERROR`` (GKE keeps one when a create
+  fails part way) is held as long, then deleted and created anew: GKE does not mend it.
+  ``RUNNING_WITH_ERROR`` is "partially usable": its nodes serve, with the problem said.
+- Retry delays are spread (half to all of each step), so the pools of one cluster that
+  were refused together do not all ask again at the same moment.
 - A running pool whose autoscaling bounds differ from what its services ask for
   (an edit of ``minNodes``/``maxNodes``, a second service with larger ones) gets
   ``setAutoscaling``. Its nodes keep serving meanwhile, so the pool stays ready; a
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import threading
 import time
@@ -65,10 +73,13 @@ BACKOFF_MAX_S = 300.0
 FAILED_CREATE_HOLD_S = 300.0
 _MAX_ATTEMPTS = 16  # caps the backoff exponent
 
-# GKE's wording for "another operation is running on this cluster or pool".
+# GKE's wording for "another operation is running on this cluster or pool", and for its
+# cap on operations at once ("Too many operations: cluster ... hits the concurrent
+# operations quota 5, please try again later.", a 429 that names a quota and passes).
 _BUSY = re.compile(
     r"operation \S+ is currently|please wait and try again|incompatible operation"
-    r"|cluster is currently being|is currently (creating|deleting|upgrading|updating)",
+    r"|cluster is currently being|is currently (creating|deleting|upgrading|updating)"
+    r"|too many operations|concurrent operations",
     re.IGNORECASE,
 )
 # Resource quotas: "Insufficient regional quota to satisfy request: ...",
@@ -143,13 +154,20 @@ class GkeProvider:
         backoff_max: float = BACKOFF_MAX_S,
         failed_create_hold: float = FAILED_CREATE_HOLD_S,
         clock: Callable[[], float] = time.monotonic,
+        jitter: Callable[[float], float] | None = None,
     ):
+        if not (0 < backoff_base <= backoff_max):
+            raise ValueError(
+                f"the GKE backoff needs 0 < base <= max seconds, got {backoff_base} and "
+                f"{backoff_max}"
+            )
         self._client = client
         self.timeout = timeout
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.failed_create_hold = failed_create_hold
         self._clock = clock
+        self._jitter = jitter or _spread
         self._lock = threading.Lock()
         self._memory: dict[str, _PoolMemory] = {}
         self._pool_locks: dict[str, threading.Lock] = {}
@@ -242,10 +260,15 @@ class GkeProvider:
             # Another create won the race (another operator replica before the
             # lease moved, or a call whose answer was lost): the pool is there.
             return _provisioning(plan.nodepool_name, f"GKE is creating node pool {name}.")
-        except _NotFound as exc:
-            raise ProviderError(
-                "ClusterNotFound", f"GKE cluster {cluster} not found: {exc.message}"
-            ) from None
+        except (_NotFound, ProviderError) as exc:
+            failure = exc if isinstance(exc, ProviderError) else ProviderError(
+                "ClusterNotFound", f"GKE cluster {cluster} not found: {exc.message}")
+            if not failure.transient:
+                # A quota, a permission, a refused config: held like a failed create
+                # operation, not sent again on every resync of every service on the pool.
+                memory.failure = failure
+                memory.failed_until = self._clock() + self.failed_create_hold
+            raise failure from None
         memory.operation, memory.kind = _operation_name(cluster, operation), "create"
         memory.attempts = 0
         log.info("creating node pool %s (%s)", name, memory.operation)
@@ -270,6 +293,8 @@ class GkeProvider:
                 short_name, False, 0, "Deleting",
                 f"Node pool {name} is being deleted; it is created again once it is gone.",
             )
+        if status == "ERROR":
+            return self._replace_broken(name, short_name, memory, pool)
         nodes = _ready_nodes(pool, target_nodes)
         if memory.kind == "autoscaling":
             operation = self._poll(name, memory)
@@ -279,26 +304,52 @@ class GkeProvider:
         # Settled: whatever was started is over.
         memory.operation = memory.kind = None
         memory.failure = None
-        if status == "RUNNING":
-            if _bounds(pool) != bounds:
-                return self._set_autoscaling(name, short_name, memory, nodes, bounds)
-            # Settled as asked: a later refusal backs off from the start again. (A read
-            # that succeeds is no such success: an update refused between reads must back
-            # off longer each time.)
-            memory.autoscaling_problem, memory.attempts = None, 0
-            return PoolState(short_name, True, nodes, "Ready", f"Node pool {name} is running.")
         if status == "RECONCILING":
             # An upgrade or resize: the nodes keep serving while GKE works, so
             # a service on them stays Ready.
             return PoolState(
-                short_name, True, _ready_nodes(pool, target_nodes), "Reconciling",
+                short_name, True, nodes, "Reconciling",
                 f"GKE is updating node pool {name}; its nodes keep serving.",
             )
-        # ERROR and RUNNING_WITH_ERROR
-        return PoolState(
-            short_name, False, 0, "PoolError",
-            f"Node pool {name} is in state {status}: {_pool_problem(pool)}",
-        )
+        # RUNNING, or RUNNING_WITH_ERROR: "partially usable" in GKE's words (some nodes
+        # could not start, say); those that did serve, and the bounds are still set.
+        if _bounds(pool) != bounds:
+            return self._set_autoscaling(name, short_name, memory, nodes, bounds)
+        # Settled as asked: a later refusal backs off from the start again. (A read
+        # that succeeds is no such success: an update refused between reads must back
+        # off longer each time.)
+        memory.autoscaling_problem, memory.attempts = None, 0
+        if status == "RUNNING_WITH_ERROR":
+            return PoolState(
+                short_name, True, nodes, "RunningWithError",
+                f"Node pool {name} runs, in part: {_pool_problem(pool)}",
+            )
+        return PoolState(short_name, True, nodes, "Ready", f"Node pool {name} is running.")
+
+    def _replace_broken(
+        self, name: str, short_name: str, memory: _PoolMemory, pool: Any
+    ) -> PoolState:
+        """A pool of ours in ERROR serves nothing, and GKE does not mend it (a create that
+        failed on a stockout or a quota leaves one): report why, hold it as long as a
+        failed create is held, then delete it, and the next call creates it anew."""
+        if memory.kind == "create":
+            self._raise_if_failed(name, memory)  # the create's own error, held
+        if memory.kind == "delete":
+            self._raise_if_failed(name, memory)
+        problem = f"Node pool {name} is in state ERROR: {_pool_problem(pool)}"
+        if memory.failure is None:
+            memory.failure = ProviderError("PoolError", problem,
+                                           retry_after=self.failed_create_hold)
+            memory.failed_until = self._clock() + self.failed_create_hold
+        if self._clock() < memory.failed_until:
+            raise self._still_failed(memory)
+        operation = self._call(name, self.client.delete_node_pool, name=name)
+        memory.operation = _operation_name(name.split("/nodePools/")[0], operation)
+        memory.kind, memory.attempts = "delete", 0
+        log.info("deleting node pool %s, in ERROR, to create it again (%s)",
+                 name, memory.operation)
+        return PoolState(short_name, False, 0, "Recreating",
+                         f"{problem}; it is deleted, and then created again.")
 
     def _set_autoscaling(
         self, name: str, short_name: str, memory: _PoolMemory, nodes: int, bounds: NodeBounds
@@ -455,7 +506,7 @@ class GkeProvider:
         memory = self._memory_of(name)
         memory.attempts = min(memory.attempts + 1, _MAX_ATTEMPTS)
         delay = min(self.backoff_base * 2 ** (memory.attempts - 1), self.backoff_max)
-        return ProviderError(reason, message, retry_after=delay)
+        return ProviderError(reason, message, retry_after=self._jitter(delay))
 
     # --- memory ------------------------------------------------------------------
 
@@ -563,6 +614,12 @@ def _operation_name(cluster: str, operation: Any) -> str:
     project, location, _ = parse_cluster(cluster)
     location = operation.location or location
     return f"projects/{project}/locations/{location}/operations/{operation.name}"
+
+
+def _spread(delay: float) -> float:
+    """A delay between half and all of ``delay``: pools of one cluster refused together
+    (GKE runs one operation per cluster) must not all ask again at the same moment."""
+    return delay / 2 + random.uniform(0, delay / 2)
 
 
 def _provisioning(short_name: str, message: str) -> PoolState:
