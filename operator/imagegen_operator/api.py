@@ -771,6 +771,9 @@ class NodePoolRef(StatusModel):
     """Provider that manages it."""
     cluster: str | None = None
     """The GKE cluster it is in (GKE and ConfigConnector providers)."""
+    created: bool | None = None
+    """Whether its provider ever reported it made or being made. False: every ask was
+    refused (no credentials, say), so deleting the service waits for no pool."""
 
 
 class NodePoolStatus(NodePoolRef):

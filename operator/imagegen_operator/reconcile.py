@@ -172,7 +172,8 @@ class Reconciler:
             spec_changed=previous.get("observedGeneration") != generation, previous=previous,
             moving=bool(recorded) and recorded[0] != target,
         )
-        pool, pool_stalled = self._ensure_pool(resource, the_plan, target, outcome)
+        pool, pool_stalled, answered = self._ensure_pool(resource, the_plan, target, outcome)
+        made = self.made_pools(body) | ({target} if answered else set())
         want = resource.spec.replicas
         rolled_out = st.rolled_out(deployment, want)
         current, releasing = self._retire_previous_pools(body, resource, the_plan, target,
@@ -195,6 +196,7 @@ class Reconciler:
             unschedulable=None if rolled_out else self._unschedulable(resource),
             pool_short=outcome.pool_short,
             precompile=precompile,
+            made=frozenset(made),
         )
         status = st.compute_status(observation)
         ready = next(c for c in status["conditions"] if c["type"] == "Ready")
@@ -231,13 +233,14 @@ class Reconciler:
             keys = set(self.recorded_pools(body))
         else:
             keys = self._pools_of(body, resolved, the_plan)
+        made = self.made_pools(body)
         done = True
         for key in keys:
             users = self.pool_users(key, exclude_uid=uid)
             if users:
                 log.info("pool %s still used by %s; keeping it", key, ", ".join(users))
                 continue
-            gone = self._delete_pool(resource, the_plan, key)
+            gone = self._delete_pool(resource, the_plan, key, body=body, made=key in made)
             if gone:
                 self.record(body, "Normal", "NodePoolDeleted",
                             f"node pool {key} deleted: no service uses it any more")
@@ -268,6 +271,15 @@ class Reconciler:
         refs = [pool, pool.get("movingTo") or {}, *(pool.get("releasing") or [])]
         keys = (self._recorded_key(body, ref) for ref in refs)
         return list(dict.fromkeys(k for k in keys if k is not None))
+
+    def made_pools(self, body: dict[str, Any]) -> set[PoolKey]:
+        """The recorded pools that may exist: each whose provider once reported it made or
+        being made (``created: true``), and each recorded before status said (no
+        ``created``). A pool recorded with ``created: false`` was refused every time."""
+        pool = (body.get("status") or {}).get("nodePool") or {}
+        refs = [pool, pool.get("movingTo") or {}, *(pool.get("releasing") or [])]
+        keys = (self._recorded_key(body, ref) for ref in refs if ref.get("created") is not False)
+        return {k for k in keys if k is not None}
 
     def _recorded_key(self, body: dict[str, Any], recorded: dict[str, Any]) -> PoolKey | None:
         if not recorded.get("name"):
@@ -498,8 +510,9 @@ class Reconciler:
 
     def _ensure_pool(
         self, resource: ImageGenService, the_plan: Plan, key: PoolKey, outcome: Outcome
-    ) -> tuple[PoolState, bool]:
-        """The pool's state, and whether it is stuck until a person acts.
+    ) -> tuple[PoolState, bool, bool]:
+        """The pool's state, whether it is stuck until a person acts, and whether the
+        provider answered with the pool's state (so the pool is made, or being made).
 
         A provider that failed in a way that passes (GKE busy, rate-limited,
         unreachable) named a delay: until it ends the provider is not asked again,
@@ -512,7 +525,7 @@ class Reconciler:
             now = self._clock()
             if backoff is not None and now < backoff.until:
                 outcome.requeue_after = backoff.until - now
-                return backoff.state, False
+                return backoff.state, False, False
             provider = self.providers[key.provider]
             target_nodes, bounds, outcome.pool_short = self._pool_size(resource, key, the_plan)
             try:
@@ -520,7 +533,7 @@ class Reconciler:
             except ProviderError as exc:
                 if exc.retry_after is None:
                     state = PoolState(the_plan.nodepool_name, False, 0, exc.reason, exc.message)
-                    return state, True
+                    return state, True, False
                 at = datetime.now(UTC) + timedelta(seconds=exc.retry_after)
                 message = f"{exc.message} (next try at {at.strftime('%H:%M:%SZ')})"
                 with self._lock:
@@ -535,13 +548,13 @@ class Reconciler:
                 with self._lock:
                     self._backoff[key] = _Backoff(now + exc.retry_after, state)
                 outcome.requeue_after = exc.retry_after
-                return state, False
+                return state, False, False
             with self._lock:
                 self._backoff.pop(key, None)
                 self._last_seen[key] = state
                 if len(self._last_seen) > MEMO_LIMIT:
                     self._last_seen.pop(next(iter(self._last_seen)))
-            return state, False
+            return state, False, True
 
     def _pool_lock(self, key: PoolKey) -> threading.Lock:
         with self._lock:
@@ -554,10 +567,15 @@ class Reconciler:
                 lock = self._pool_locks[key] = threading.Lock()
             return lock
 
-    def _delete_pool(self, resource: ImageGenService, the_plan: Plan,
-                     key: PoolKey) -> bool | None:
-        """Ask the pool's provider to delete it; True once gone, None when it is not ours to
-        delete (left alone), False while it goes. Honours the provider's backoff."""
+    def _delete_pool(self, resource: ImageGenService, the_plan: Plan, key: PoolKey,
+                     body: dict[str, Any] | None = None, made: bool = True) -> bool | None:
+        """Ask the pool's provider to delete it; True once gone, None when there is nothing
+        of ours to delete (left alone), False while it goes. Honours the provider's backoff.
+
+        A provider that refuses for good (no credentials, forbidden) leaves a pool that may
+        exist in place, and the delete waits: the event on ``body`` says why. One never
+        ``made`` (refused at every ask) cannot exist, and nothing waits for it.
+        """
         with self._lock:
             backoff = self._backoff.get(key)
         if backoff is not None and self._clock() < backoff.until:
@@ -573,7 +591,15 @@ class Reconciler:
             log.info("leaving pool %s alone: %s", key, exc.message)
             return None
         except ProviderError as exc:
+            if not exc.transient and not made:
+                log.info("pool %s was never made (its provider refused every ask), nothing "
+                         "to delete: %s", key, exc.message)
+                return None
             log.warning("deleting pool %s: %s", key, exc.message)
+            if not exc.transient and body is not None:
+                self.record(body, "Warning", "NodePoolNotDeleted",
+                            f"node pool {key} cannot be deleted ({exc.reason}): {exc.message}. "
+                            "The delete waits until the operator may delete it.")
             delay = exc.retry_after if exc.retry_after is not None else 60.0
             state = PoolState(key.name, False, 0, exc.reason, exc.message)
             with self._lock:

@@ -71,6 +71,7 @@ class Observation:
     precompile: Precompile | None = None  # None: no precompile Job asked for
     pool_short: str | None = None  # a shared pool too small for what its users must run
     releasing: tuple[PoolKey, ...] = ()  # other pools it left that are not gone yet
+    made: frozenset[PoolKey] = frozenset()  # pools a provider reported made or being made
 
     @property
     def moving(self) -> bool:
@@ -159,8 +160,11 @@ def compute_status(o: Observation) -> dict[str, Any]:
         "selector": o.selector,
         "sharing": o.plan.sharing,
         # Nulls once moved: a merge patch keeps nested keys it is not told to drop.
+        # `created: false`: every ask was refused, so a delete has no pool to wait for.
         "nodePool": {**o.current.status(), "readyNodes": o.pool.ready_nodes,
-                     "movingTo": o.target.status() if o.moving else None,
+                     "created": o.current in o.made,
+                     "movingTo": ({**o.target.status(), "created": o.target in o.made}
+                                  if o.moving else None),
                      "releasing": [k.status() for k in o.releasing] or None},
         "capacity": capacity(o.plan),
         "endpoint": o.endpoint,

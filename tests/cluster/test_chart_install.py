@@ -201,6 +201,8 @@ def test_install_creates_every_object(cluster, release):
     assert {d["kind"] for d in docs} == {
         "CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
         "Service", "Deployment", "NetworkPolicy", "ClusterKopfPeering", "PodDisruptionBudget"}
+    roles = {d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRole"}
+    assert roles == {FULLNAME, f"{FULLNAME}-view", f"{FULLNAME}-edit"}
     for doc in docs:
         name = doc["metadata"]["name"]
         ns = ["-n", NAMESPACE] if doc["metadata"].get("namespace") else []
@@ -268,7 +270,8 @@ def test_service_account_is_annotated_for_workload_identity(cluster, release):
     "verb, resource, allowed",
     [
         ("list", "imagegenservices.imagegen.dev", "yes"),
-        ("patch", "imagegenservices.imagegen.dev/status", "yes"),
+        ("patch", "imagegenservices.imagegen.dev --subresource=status", "yes"),
+        ("update", "imagegenservices.imagegen.dev --subresource=status", "no"),
         ("patch", f"clusterkopfpeerings.kopf.dev/{FULLNAME}", "yes"),
         ("patch", "clusterkopfpeerings.kopf.dev/someone-elses", "no"),
         # The Local provider is off by default: no writing Node objects.
@@ -279,9 +282,37 @@ def test_service_account_is_annotated_for_workload_identity(cluster, release):
     ],
 )
 def test_default_rbac(cluster, release, verb, resource, allowed):
-    result = cluster.kubectl("auth", "can-i", verb, resource, "--all-namespaces",
+    result = cluster.kubectl("auth", "can-i", verb, *resource.split(), "--all-namespaces",
                              f"--as={SERVICE_ACCOUNT}", check=False)
     assert result.stdout.strip() == allowed, result.stderr
+
+
+@pytest.mark.parametrize(
+    "role, verb, resource, allowed",
+    [
+        ("edit", "create", "imagegenservices.imagegen.dev", "yes"),
+        ("edit", "patch", "imagegenservices.imagegen.dev --subresource=scale", "yes"),
+        ("edit", "patch", "imagegenservices.imagegen.dev --subresource=status", "no"),
+        ("view", "list", "imagegenservices.imagegen.dev", "yes"),
+        ("view", "delete", "imagegenservices.imagegen.dev", "no"),
+        ("view", "patch", "imagegenservices.imagegen.dev --subresource=scale", "no"),
+    ],
+)
+def test_namespace_roles_reach_imagegenservices(cluster, release, role, verb, resource, allowed):
+    """Kubernetes' aggregation controller folds the chart's roles into view and edit: a
+    namespace's editors manage its services with no grant of their own."""
+    user, namespace = f"{role}-user", "team-roles"
+    cluster.kubectl("create", "namespace", namespace, check=False)
+    cluster.kubectl("create", "rolebinding", user, f"--clusterrole={role}", f"--user={user}",
+                    "-n", namespace, check=False)
+
+    def answer() -> str:
+        return cluster.kubectl("auth", "can-i", verb, *resource.split(), "-n", namespace,
+                               f"--as={user}", check=False).stdout.strip()
+
+    if allowed == "yes":  # the controller aggregates within moments
+        eventually(lambda: answer() == "yes", timeout=30, what=f"{role} may {verb} {resource}")
+    assert answer() == allowed
 
 
 def test_upgrade_with_the_same_values_changes_nothing(cluster, release):
@@ -298,6 +329,7 @@ def test_uninstall_keeps_the_crd_and_removes_the_rest(cluster, release):
     helm(cluster, "uninstall", RELEASE, "--namespace", NAMESPACE, "--wait")
     assert cluster.kubectl("get", "crd", crd.CRD_NAME, check=False).returncode == 0
     for kind, name, ns in [("deployment", FULLNAME, NAMESPACE), ("clusterrole", FULLNAME, None),
+                           ("clusterrole", f"{FULLNAME}-edit", None),
                            ("clusterrolebinding", FULLNAME, None),
                            ("clusterkopfpeering", FULLNAME, None)]:
         args = [kind, name] + (["-n", ns] if ns else [])

@@ -36,7 +36,9 @@ def gke_operator(cluster, crd, gke_api, tmp_path_factory):
         # Its own namespace only: other tests leave GKE-provider services behind
         # (their API-validation examples) that must not reach this double.
         env={"IMAGEGEN_GKE_API_ENDPOINT": f"http://{gke_api.host}",
-             "IMAGEGEN_OPERATOR_NAMESPACES": NS},
+             "IMAGEGEN_OPERATOR_NAMESPACES": NS,
+             # A refused create is held this long before it is sent again (5 min by default).
+             "IMAGEGEN_GKE_FAILED_CREATE_HOLD_S": "1"},
     ).start()
     yield proc
     proc.stop()

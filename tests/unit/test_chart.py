@@ -81,7 +81,7 @@ def kinds(docs: list[dict[str, Any]]) -> list[str]:
 
 
 def cluster_role_rules(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return find(docs, "ClusterRole")["rules"]
+    return find(docs, "ClusterRole", FULLNAME)["rules"]
 
 
 def allowed(rules: list[dict[str, Any]], group: str, resource: str, verb: str) -> bool:
@@ -115,6 +115,7 @@ def test_default_render_has_the_operator_and_nothing_optional():
     assert kinds(docs) == sorted([
         "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Deployment",
         "Pod", "Service", "ServiceAccount",
+        "ClusterRole", "ClusterRole",  # users' view and edit, aggregated
     ])
     for doc in docs:
         labels = doc["metadata"]["labels"]
@@ -195,6 +196,23 @@ def test_rbac_has_no_wildcards_and_no_secrets():
         assert not allowed(rules, "rbac.authorization.k8s.io", "clusterroles", "create")
 
 
+def test_users_get_view_and_edit_through_the_default_roles():
+    docs = render()
+    view = find(docs, "ClusterRole", f"{FULLNAME}-view")
+    edit = find(docs, "ClusterRole", f"{FULLNAME}-edit")
+    aggregated = "rbac.authorization.k8s.io/aggregate-to-{}"
+    assert all(view["metadata"]["labels"][aggregated.format(r)] == "true"
+               for r in ("view", "edit", "admin"))
+    assert aggregated.format("view") not in edit["metadata"]["labels"]
+    assert allowed(view["rules"], "imagegen.dev", "imagegenservices", "list")
+    assert not allowed(view["rules"], "imagegen.dev", "imagegenservices", "patch")
+    assert allowed(edit["rules"], "imagegen.dev", "imagegenservices", "create")
+    assert allowed(edit["rules"], "imagegen.dev", "imagegenservices/scale", "update")
+    # Status is the operator's to write, never a user's.
+    assert not allowed(edit["rules"], "imagegen.dev", "imagegenservices/status", "patch")
+    assert kinds(render("rbac.aggregateToDefaultRoles=false")).count("ClusterRole") == 1
+
+
 # What the operator's own code calls (kube.py through reconcile.py and the providers) and
 # what kopf does for it; the cluster test proves the set is enough by running the e2e.
 REQUIRED = [
@@ -254,7 +272,7 @@ def test_peering_rights_only_on_the_releases_own_peering_object():
 def test_binding_names_the_service_account():
     docs = render("serviceAccount.name=custom")
     binding = find(docs, "ClusterRoleBinding")
-    assert binding["roleRef"]["name"] == find(docs, "ClusterRole")["metadata"]["name"]
+    assert binding["roleRef"]["name"] == find(docs, "ClusterRole", FULLNAME)["metadata"]["name"]
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "custom", "namespace": NAMESPACE}]
     assert find(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "custom"
@@ -454,7 +472,27 @@ def test_helm_test_hook_fetches_healthz_through_the_service():
     assert "Pod" not in kinds(render("tests.enabled=false"))
 
 
-def test_notes_render_for_every_option(tmp_path):
+NOTES_CASES = [
+    # (values set, phrases the notes must hold, phrases they must not)
+    (["peering.enabled=true", "crds.enabled=false", "providers.local.enabled=true",
+      "gke.workloadIdentity.gcpServiceAccount=a@b.iam.gserviceaccount.com"],
+     ["did not install the ImageGenService CRD", "clusterkopfpeering " + FULLNAME,
+      "roles/iam.workloadIdentityUser", "WARNING: providers.local.enabled",
+      f"helm test {RELEASE} -n {NAMESPACE}", "examples/l4-exclusive.yaml",
+      "Delete every ImageGenService"],
+     ["Annotate it yourself"]),
+    # The default install makes no Local nodes: the example it points to must not need them.
+    ([], ["examples/a100-autoscaling.yaml"], ["examples/l4-exclusive.yaml", "WARNING"]),
+    (["tests.enabled=false"], [], ["helm test"]),
+    (["serviceAccount.create=false", "serviceAccount.name=mine",
+      "gke.workloadIdentity.gcpServiceAccount=a@b.iam.gserviceaccount.com"],
+     ["Annotate it yourself", "serviceaccount mine",
+      "iam.gke.io/gcp-service-account=a@b.iam.gserviceaccount.com"], []),
+]
+
+
+@pytest.mark.parametrize(("sets", "present", "absent"), NOTES_CASES)
+def test_notes_render_for_every_option(tmp_path, sets, present, absent):
     # NOTES.txt is a template too: a typo there fails only at install time. `helm template`
     # leaves it out, so a copy of the chart renders it into a ConfigMap with `tpl`.
     chart = shutil.copytree(CHART, tmp_path / "chart")
@@ -463,17 +501,15 @@ def test_notes_render_for_every_option(tmp_path):
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\ndata:\n  notes: |\n"
         '    {{- tpl (.Files.Get "files/NOTES.txt") . | nindent 4 }}\n'
     )
+    options = [arg for value in sets for arg in ("--set", value)]
     out = helm("template", RELEASE, str(chart), "--namespace", NAMESPACE,
                "--kube-version", KUBE_VERSION, "--show-only", "templates/notes-check.yaml",
-               "--set", "peering.enabled=true", "--set", "crds.enabled=false",
-               "--set", "providers.local.enabled=true",
-               "--set", "gke.workloadIdentity.gcpServiceAccount=a@b.iam.gserviceaccount.com",
-               ).stdout
+               *options).stdout
     notes = yaml.safe_load(out)["data"]["notes"]
-    for phrase in ("did not install the ImageGenService CRD", "clusterkopfpeering " + FULLNAME,
-                   "roles/iam.workloadIdentityUser", "WARNING: providers.local.enabled",
-                   f"helm test {RELEASE} -n {NAMESPACE}"):
+    for phrase in present:
         assert phrase in notes
+    for phrase in absent:
+        assert phrase not in notes
 
 
 # --- the values schema refuses what the chart would ignore -------------------------------
@@ -489,6 +525,13 @@ TYPOS = [
     ({"metrics": {"port": 80800}}, "port"),
     ({"operator": {"logFormat": "yaml"}}, "logFormat"),
     ({"gke": {"workloadIdentity": {"gcpServiceAccount": "not-an-email"}}}, "gcpServiceAccount"),
+    # A key set to null is a key removed: the templates read every one.
+    ({"metrics": {"port": None}}, "port"),
+    ({"providers": None}, "providers"),
+    ({"tests": None}, "tests"),
+    ({"securityContext": None}, "securityContext"),
+    ({"securityContext": {"readOnlyRootFilesystem": None}}, "readOnlyRootFilesystem"),
+    ({"networkPolicy": {"enabled": True, "metricsFrom": [{}]}}, "minProperties"),
 ]
 
 
@@ -500,6 +543,14 @@ def test_schema_rejects_typos_and_bad_values(tmp_path, values, field):
     assert result.returncode != 0, f"{values} was accepted"
     assert "values don't meet the specifications of the schema" in result.stderr
     assert field in result.stderr
+
+
+def test_one_port_for_metrics_and_health_is_refused(tmp_path):
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump({"metrics": {"port": 8081}, "health": {"port": 8081}}))
+    result = helm(*template_args(values=path), check=False)
+    assert result.returncode != 0
+    assert "metrics.port and health.port are both 8081" in result.stderr
 
 
 def test_schema_is_strict_everywhere():

@@ -545,12 +545,37 @@ def test_a_pool_running_with_errors_serves_and_takes_new_bounds(double, provider
     assert len(double.requests_to("POST", ":setAutoscaling")) == 1
 
 
+def test_ready_nodes_are_counted_where_the_cluster_can_be_asked(double, resource, plan):
+    counted = []
+    provider = GkeProvider(double.client(), count_nodes=lambda pool: counted.append(pool) or 2)
+    seed_running(double, plan, 0, 2)
+    state = provider.ensure(resource, plan, 5, (0, 2))
+    assert (state.ready, state.ready_nodes) == (True, 2)
+    assert counted == [plan.nodepool_name]
+
+
 def test_create_takes_the_bounds_of_every_service_on_the_pool(double, provider, resource, plan):
     provider.ensure(resource, plan, 1, (1, 5))
     [create] = double.requests_to("POST")
     sent = container_v1.NodePool.from_json(json.dumps(create.body["nodePool"]))
+    # A regional cluster: GKE would start initialNodeCount nodes in each zone, so the pool
+    # starts empty and the autoscaler brings it up to the total minimum.
     assert (sent.autoscaling.total_min_node_count, sent.autoscaling.total_max_node_count,
-            sent.initial_node_count) == (1, 5, 1)
+            sent.initial_node_count) == (1, 5, 0)
+
+
+@pytest.mark.parametrize(
+    ("location", "initial"),
+    [("us-central1-a", 2), ("us-central1", 0), ("europe-west4-b", 2), ("europe-west4", 0)],
+)
+def test_a_pool_starts_at_its_minimum_in_a_zone_and_empty_in_a_region(location, initial):
+    from imagegen_operator.render.nodepool import render_config_connector_nodepool
+
+    cluster = f"projects/imagegen-test/locations/{location}/clusters/serving"
+    resource = service(cluster=cluster, minNodes=2, maxNodes=4)
+    plan = make_plan(resource.spec)
+    assert render_gke_nodepool(resource, plan)["spec"]["initialNodeCount"] == initial
+    assert render_config_connector_nodepool(resource, plan)["spec"]["initialNodeCount"] == initial
 
 
 def test_running_pool_is_brought_to_new_bounds_while_it_serves(double, provider, resource,

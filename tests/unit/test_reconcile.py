@@ -547,6 +547,48 @@ def test_a_gke_outage_leaves_a_serving_service_ready(world) -> None:
     assert world.condition("steady", "Ready")["status"] == "True"
 
 
+FORBIDDEN = "Required 'container.clusters.update' permission for the cluster."
+
+
+def test_a_service_whose_pool_was_refused_every_time_is_deleted_at_once(world) -> None:
+    """No rights to make a pool (Workload Identity not set up, say): the delete does not wait
+    for a pool that cannot exist."""
+    world.double.outage("PERMISSION_DENIED", FORBIDDEN)
+    world.create("refused", gpu=MIG_3G, node_pool={"provider": "GKE", "spot": True})
+    for _ in range(2):
+        world.reconcile("refused")
+    assert world.body("refused")["status"]["nodePool"]["created"] is False
+    assert world.condition("refused", "NodePoolReady")["reason"] == "PermissionDenied"
+    assert world.delete("refused")
+    assert not [e for e in world.events if e[2] == "NodePoolNotDeleted"]
+
+
+def test_a_pool_that_was_made_is_waited_for_when_its_delete_is_refused(world) -> None:
+    world.create("made", gpu=MIG_3G, node_pool={"provider": "GKE", "spot": True})
+    run_until_ready(world, "made")
+    assert world.body("made")["status"]["nodePool"]["created"] is True
+    [pool] = world.gke_pools()
+    world.double.outage("PERMISSION_DENIED", FORBIDDEN)
+    assert not world.delete("made")
+    assert world.gke_pools() == {pool}
+    [(_, _, reason, message)] = [e for e in world.events if e[1] == "Warning"]
+    assert reason == "NodePoolNotDeleted" and FORBIDDEN in message
+    world.double.outage(None)
+    world.clock.now += 61
+    delete_until_done(world, "made")
+    assert world.gke_pools() == set()
+
+
+def test_a_status_written_before_created_was_recorded_waits_for_its_pool(world) -> None:
+    world.create("older", gpu=MIG_3G, node_pool={"provider": "GKE", "spot": True})
+    run_until_ready(world, "older")
+    body = world.body("older")
+    del body["status"]["nodePool"]["created"]  # as an older operator wrote it
+    world.kube.put(body)
+    world.double.outage("PERMISSION_DENIED", FORBIDDEN)
+    assert not world.delete("older")
+
+
 def test_providers_are_not_asked_again_before_their_delay(world) -> None:
     world.create("waits", node_pool={"provider": "GKE", "cluster": CLUSTER_A})
     world.double.outage("RESOURCE_EXHAUSTED", "Too many requests: rate limit")

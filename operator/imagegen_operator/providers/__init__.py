@@ -86,11 +86,26 @@ def _gke_backoff() -> tuple[float, float]:
     return base, cap
 
 
-def _gke() -> NodePoolProvider:
+def _gke_hold() -> float:
+    """How long a create GKE refused (a quota, a stockout) is held before it is sent again."""
+    from imagegen_operator.providers.gke import FAILED_CREATE_HOLD_S
+
+    return _backoff_setting("IMAGEGEN_GKE_FAILED_CREATE_HOLD_S", FAILED_CREATE_HOLD_S)
+
+
+def _gke(kube: Kube) -> NodePoolProvider:
+    from imagegen_operator import gke
     from imagegen_operator.providers.gke import GkeProvider
+    from imagegen_operator.providers.local import node_ready
+
+    def count_nodes(pool: str) -> int:
+        # GKE labels each node with its pool's name; the autoscaler decides how many.
+        nodes = kube.list("v1", "Node", label_selector=f"{gke.LABEL_NODEPOOL}={pool}")
+        return sum(1 for node in nodes if node_ready(node))
 
     base, cap = _gke_backoff()
-    return GkeProvider(backoff_base=base, backoff_max=cap)
+    return GkeProvider(backoff_base=base, backoff_max=cap, failed_create_hold=_gke_hold(),
+                       count_nodes=count_nodes)
 
 
 # The providers that need nothing heavy to import; GKE's is imported on first use.
@@ -102,10 +117,15 @@ PROVIDER_CLASSES: dict[str, type] = {
 
 
 def build_providers(
-    kube: Kube, gke: Callable[[], NodePoolProvider] = _gke
+    kube: Kube, gke: Callable[[], NodePoolProvider] | None = None
 ) -> dict[str, NodePoolProvider]:
     """One provider per ``spec.nodePool.provider`` value. The GKE one is built on first use,
     but its settings are checked now: a typo fails the start, not the first GKE service."""
-    if gke is _gke:
+    if gke is None:
         _gke_backoff()
+        _gke_hold()
+
+        def gke() -> NodePoolProvider:
+            return _gke(kube)
+
     return {"GKE": _Lazy("GKE", gke), **{n: cls(kube) for n, cls in PROVIDER_CLASSES.items()}}

@@ -155,6 +155,7 @@ class GkeProvider:
         failed_create_hold: float = FAILED_CREATE_HOLD_S,
         clock: Callable[[], float] = time.monotonic,
         jitter: Callable[[float], float] | None = None,
+        count_nodes: Callable[[str], int] | None = None,
     ):
         if not (0 < backoff_base <= backoff_max):
             raise ValueError(
@@ -168,6 +169,9 @@ class GkeProvider:
         self.failed_create_hold = failed_create_hold
         self._clock = clock
         self._jitter = jitter or _spread
+        # Ready Nodes of a pool, by its name, as the cluster's API server lists them; without
+        # it, the count the pool's bounds and the target allow (GKE's API gives none).
+        self._count_nodes = count_nodes
         self._lock = threading.Lock()
         self._memory: dict[str, _PoolMemory] = {}
         self._pool_locks: dict[str, threading.Lock] = {}
@@ -295,7 +299,8 @@ class GkeProvider:
             )
         if status == "ERROR":
             return self._replace_broken(name, short_name, memory, pool)
-        nodes = _ready_nodes(pool, target_nodes)
+        nodes = (self._count_nodes(short_name) if self._count_nodes is not None
+                 else _ready_nodes(pool, target_nodes))
         if memory.kind == "autoscaling":
             operation = self._poll(name, memory)
             if operation is not None and _status_name(operation.status) != "DONE":
@@ -631,11 +636,8 @@ def _status_name(status: Any) -> str:
 
 
 def _ready_nodes(pool: Any, target_nodes: int) -> int:
-    """The v1 NodePool carries no live node count: the target, within the pool's bounds.
-
-    The autoscaler, not the operator, sizes the pool; what the pool can hold is
-    the best figure the API gives without reading Compute Engine.
-    """
+    """Without the cluster's Nodes to count: the target, within the pool's bounds (the v1
+    NodePool carries no live node count, and the autoscaler, not the operator, sizes it)."""
     bounds = _bounds(pool)
     if bounds is not None:
         low, high = bounds

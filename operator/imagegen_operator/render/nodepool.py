@@ -40,6 +40,8 @@ GPU_DRIVER_VERSION = "DEFAULT"
 LOCATION_POLICY = "ANY"
 
 _CLUSTER_RE = re.compile(r"^projects/([^/]+)/locations/([^/]+)/clusters/([^/]+)$")
+# A zone (us-central1-a) rather than a region (us-central1).
+ZONE = re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]$")
 
 
 def parse_cluster(cluster: str) -> tuple[str, str, str]:
@@ -50,6 +52,21 @@ def parse_cluster(cluster: str) -> tuple[str, str, str]:
             f"spec.nodePool.cluster must be projects/P/locations/L/clusters/C, got {cluster!r}"
         )
     return match.group(1), match.group(2), match.group(3)
+
+
+def initial_node_count(cluster: str | None, min_nodes: int) -> int:
+    """The nodes a new pool starts with. GKE counts ``initialNodeCount`` in each of the
+    pool's zones while the autoscaling bounds are totals: in a regional cluster (location
+    ``us-central1``, not ``us-central1-a``) a minimum of 2 would start 6 GPU nodes in three
+    zones. There the pool starts empty, and the autoscaler adds nodes for the serving pods
+    that wait; in a zonal one it starts at the minimum."""
+    if not min_nodes or not cluster:
+        return min_nodes
+    try:
+        _, location, _ = parse_cluster(cluster)
+    except ValueError:
+        return min_nodes
+    return min_nodes if ZONE.match(location) else 0
 
 
 def _node_labels(plan: Plan) -> dict[str, str]:
@@ -95,7 +112,7 @@ def render_gke_nodepool(
         }
     body = {
         "name": plan.nodepool_name,
-        "initialNodeCount": min_nodes,
+        "initialNodeCount": initial_node_count(pool.cluster, min_nodes),
         "config": {
             "machineType": plan.machine_type,
             "spot": bool(pool.spot),
@@ -168,7 +185,7 @@ def render_config_connector_nodepool(
         "spec": {
             "location": location,
             "clusterRef": {"external": pool.cluster},
-            "initialNodeCount": min_nodes,
+            "initialNodeCount": initial_node_count(pool.cluster, min_nodes),
             "autoscaling": {
                 "totalMinNodeCount": min_nodes,
                 "totalMaxNodeCount": max_nodes,
