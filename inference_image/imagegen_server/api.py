@@ -10,8 +10,10 @@ import base64
 import hmac
 import json
 import logging
+import threading
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -40,6 +42,7 @@ from .engine import (
     EngineClosedError,
     InvalidRequest,
     QueueFullError,
+    check_request,
     listed_sizes,
     max_pixels,
 )
@@ -52,6 +55,8 @@ log = logging.getLogger(__name__)
 
 GENERATIONS_PATH = "/v1/images/generations"
 EDITS_PATH = "/v1/images/edits"
+# What the kubelet and Prometheus read without the token; everything else needs it.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 # The routes whose answers imagegen_requests_total counts, by its route label.
 COUNTED_ROUTES = {GENERATIONS_PATH: "generations", EDITS_PATH: "edits"}
 
@@ -79,16 +84,22 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         drained = await asyncio.to_thread(runtime.close, settings.drain_timeout_s)
         log.info("engine stopped: %s", "drained" if drained else "drain timed out")
 
-    app = FastAPI(title="imagegen-server", lifespan=lifespan)
+    # No interactive docs pages: a model server serves its API, and /openapi.json (behind
+    # the token like the API) describes it.
+    app = FastAPI(title="imagegen-server", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.runtime = runtime
 
     def authorized(request: Request) -> bool:
         if token is None:
             return True
+        expected = token.current()
+        if expected is None:
+            return False  # a rotated token file that cannot be read: closed, not open
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
         # Constant-time, so the comparison does not tell how much of a guess was right.
-        return scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), token.encode())
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.encode(),
+                                                                  expected.encode())
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError):
@@ -99,6 +110,12 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         # Gone while sending its body (an upload cut short): nobody to answer, and no
         # server error either; 499 as for a client gone while its images were made.
         return Response(status_code=499)
+
+    @app.exception_handler(Exception)
+    async def _bug(_request: Request, exc: Exception):
+        # Anything no route turned into an answer: still OpenAI's shape, never a traceback.
+        log.error("unhandled error", exc_info=exc)
+        return error_response(500, "internal server error", None, "server_error")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException):
@@ -135,6 +152,9 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
             raise ApiError(400, "image is required: the picture to edit, as a file",
                            param="image", code="missing_required_parameter")
         check_served(body.model)
+        # What needs no picture (n, steps, guidance, the prompt, a size given) is checked
+        # before the upload is decoded, which takes a while for a large one.
+        check_limits(params_of(body, parse_size(body.size)))
         try:
             image, mask = await asyncio.to_thread(
                 decode_uploads, files, settings.max_upload_pixels
@@ -185,6 +205,12 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
                 404, f"model {name!r} is not served here; use {runtime.model.name!r}",
                 param="model", code="model_not_found",
             )
+
+    def check_limits(params: GenerationParams) -> None:
+        try:
+            check_request(params, runtime.steps, settings)
+        except InvalidRequest as exc:
+            raise ApiError(400, str(exc), param=exc.field, code="invalid_value") from exc
 
     def submit(params: GenerationParams, on_preview=None):
         """The engine's job for ``params``, or the 400, 429 or 503 that refuses it."""
@@ -331,7 +357,7 @@ class TokenAndCount:
             await send(message)
 
         try:
-            if path.startswith("/v1/") and not self.authorized(Request(scope)):
+            if path not in OPEN_PATHS and not self.authorized(Request(scope)):
                 response = error_response(
                     401, "missing or wrong bearer token", "authorization", "authentication_error",
                     {"WWW-Authenticate": "Bearer"}, "invalid_api_key",
@@ -392,7 +418,37 @@ class ConfigError(ValueError):
     """A setting the server cannot start with; the message says which and why."""
 
 
-def _read_token(settings: ServerSettings) -> str | None:
+class Token:
+    """The bearer token: a fixed one, or a file's, read again when the file changes (a
+    rotated Secret: the kubelet swaps the mounted file, and no restart is needed)."""
+
+    def __init__(self, value: str | None = None, path: Path | None = None):
+        self._value, self._path, self._stamp = value, path, None
+        self._lock = threading.Lock()
+
+    def current(self) -> str | None:
+        """The token now; None while a rotated file cannot be read or is empty."""
+        if self._path is None:
+            return self._value
+        try:
+            info = self._path.stat()
+            stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
+        except OSError:
+            stamp = None
+        with self._lock:
+            if stamp != self._stamp or stamp is None:
+                self._stamp = stamp
+                try:
+                    self._value = self._path.read_text().strip() or None
+                except OSError:
+                    self._value = None
+                if self._value is None:
+                    log.error("auth_token_file %s cannot be read or is empty: every request "
+                              "is refused until it can", self._path)
+            return self._value
+
+
+def _read_token(settings: ServerSettings) -> Token | None:
     """The bearer token, or None when none is configured. Fails closed: a token file that is
     empty or unreadable stops the server instead of leaving the API open."""
     if settings.auth_token_file is not None:
@@ -403,12 +459,12 @@ def _read_token(settings: ServerSettings) -> str | None:
             raise ConfigError(f"auth_token_file {path} cannot be read: {exc.strerror}") from exc
         if not token:
             raise ConfigError(f"auth_token_file {path} is empty: refusing to serve without auth")
-        return token
+        return Token(path=path)
     if settings.auth_token is not None:
         token = settings.auth_token.get_secret_value().strip()
         if not token:
             raise ConfigError("auth_token is set but empty: refusing to serve without auth")
-        return token
+        return Token(value=token)
     return None
 
 

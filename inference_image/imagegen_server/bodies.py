@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -34,6 +34,19 @@ Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 MAX_JSON_DEPTH = 64
 
 
+def _unicode_text(value: str | None) -> str | None:
+    """Text a tokenizer and a PNG text chunk can hold: JSON's ``\\ud800`` escapes (and a form
+    in a charset that makes them) give lone surrogates, which fail the whole batch they
+    reach, far from the request that brought them."""
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("must be Unicode text; it holds a lone surrogate "
+                             "(an unpaired \\ud800-\\udfff escape)") from None
+    return value
+
+
 class LoraChoice(BaseModel):
     """One LoRA adapter a request asks for: a name the service declared, and its scale
     (the declared scale when left out)."""
@@ -42,6 +55,8 @@ class LoraChoice(BaseModel):
 
     name: StrictStr
     scale: Number | None = None
+
+    _text = field_validator("name")(_unicode_text)
 
 
 class ImageRequest(BaseModel):
@@ -63,7 +78,11 @@ class ImageRequest(BaseModel):
     size: str | None = None
     response_format: str | None = "b64_json"
     output_format: str | None = None
-    background: str | None = None
+    background: Literal["auto", "opaque", "transparent"] | None = None
+    # Changes nothing for PNG; read only to refuse what OpenAI refuses. (The other fields
+    # this server ignores, such as quality and style, gain values as OpenAI's models do:
+    # they are left unread, so a newer client is not refused.)
+    output_compression: int | None = Field(default=None, ge=0, le=100)
     stream: bool | None = None
     partial_images: int | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
@@ -72,17 +91,19 @@ class ImageRequest(BaseModel):
     negative_prompt: str | None = None
     lora: list[LoraChoice] | None = Field(default=None, max_length=16)
 
+    _text = field_validator("prompt", "negative_prompt", "model")(_unicode_text)
+
     @field_validator("size", check_fields=False)
     @classmethod
     def _size_grammar(cls, value: str | None) -> str | None:
+        if value == "auto":
+            # OpenAI's default: the server's choice, as when size is left out (the default
+            # size for a generation, the upload's own for an edit).
+            return None
         if value is None or SIZE.match(value):
             return value
-        if value == "auto":
-            raise ValueError(
-                "size 'auto' is not supported here: give WIDTHxHEIGHT in pixels, such as "
-                "'512x512', or leave size out for the default size"
-            )
-        raise ValueError(f"size {value!r} is not WIDTHxHEIGHT in pixels, such as '512x512'")
+        raise ValueError(
+            f"size {value!r} is not WIDTHxHEIGHT in pixels, such as '512x512', or 'auto'")
 
     @field_validator("response_format", check_fields=False)
     @classmethod
@@ -127,11 +148,13 @@ class ImageEditForm(ImageRequest):
         if not isinstance(value, str):
             return value
         try:
-            return json.loads(value)
-        except ValueError:
-            raise ValueError(
-                'lora must be a JSON list such as [{"name": "ink", "scale": 0.8}]'
-            ) from None
+            parsed = json.loads(value)
+        except (ValueError, RecursionError):
+            parsed = None
+        else:
+            if not _deeper_than(parsed, MAX_JSON_DEPTH):
+                return parsed
+        raise ValueError('lora must be a JSON list such as [{"name": "ink", "scale": 0.8}]')
 
 
 class ApiError(Exception):
@@ -173,6 +196,8 @@ def validation_error(exc: ValidationError) -> ApiError:
     message = first.get("msg", "invalid value")
     if kind == "value_error":
         message = str(first.get("ctx", {}).get("error", message))
+        if param and param not in message:
+            message = f"{param}: {message}"
     elif kind == "model_type" and param:
         message = f"{param}: must be an object"
         if loc[0] == "lora":

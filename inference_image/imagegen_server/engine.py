@@ -29,6 +29,10 @@ from .step_batching import StepBatchingStage
 log = logging.getLogger(__name__)
 
 
+# The longest Retry-After a 429 names.
+MAX_RETRY_AFTER_S = 60
+
+
 class QueueFullError(RuntimeError):
     def __init__(self, retry_after_s: int):
         super().__init__(f"server busy, retry in {retry_after_s}s")
@@ -227,6 +231,7 @@ class Engine:
         # Running estimate of the seconds one unit of work takes, for Retry-After.
         self._seconds_per_unit = 1.0
         self._last_done: float | None = None
+        self._answers = 0
         # Streamed previews are made on a thread of their own (previews.py).
         self.previewer = Previewer() if steps.latent_rgb is not None else None
         steps.previews = self.previewer
@@ -340,7 +345,7 @@ class Engine:
                 raise EngineClosedError("server is shutting down")
             busy = bool(self._jobs)
             if len(self._jobs) >= capacity or (busy and self.work_in_flight + job.cost > capacity):
-                raise QueueFullError(self.retry_after_s())
+                raise QueueFullError(self.retry_after_s(job.cost))
             self._jobs.add(job)
             self.metrics.in_flight.set(len(self._jobs))
         self.stages[0].put(job)
@@ -360,9 +365,21 @@ class Engine:
         with self._lock:  # reentrant: submit and retry_after_s read it holding the lock
             return sum(job.cost for job in self._jobs)
 
-    def retry_after_s(self) -> int:
-        """Seconds until the work ahead is done, at the rate recent requests went."""
-        return max(1, math.ceil(self.work_in_flight * self._seconds_per_unit))
+    def retry_after_s(self, cost: float = 1.0) -> int:
+        """Seconds until a request of ``cost`` would be let in, at the rate recent requests
+        went: the work of the jobs that must end first, oldest first (a job gives its room
+        back when it ends), not all the work in flight. At most ``MAX_RETRY_AFTER_S``:
+        clients wait no longer (OpenAI's Python client ignores a longer Retry-After)."""
+        capacity = self.settings.queue_capacity
+        with self._lock:
+            jobs = sorted(self._jobs, key=lambda job: job.submitted_at)
+            left, waited = sum(job.cost for job in jobs), 0.0
+            for count, job in zip(range(len(jobs), 0, -1), jobs, strict=True):
+                if count < capacity and left + cost <= capacity:
+                    break  # room enough once the jobs before this one have ended
+                left, waited = left - job.cost, waited + job.cost
+            seconds = waited * self._seconds_per_unit
+        return max(1, min(MAX_RETRY_AFTER_S, math.ceil(seconds)))
 
     def _released(self, job: Job, succeeded: bool) -> None:
         now = time.monotonic()
@@ -372,7 +389,14 @@ class Engine:
                 # queued; its latency bounds that when the engine sat idle in between.
                 latency = now - job.submitted_at
                 share = latency if self._last_done is None else min(latency, now - self._last_done)
-                self._seconds_per_unit = 0.8 * self._seconds_per_unit + 0.2 * share / job.cost
+                rate = share / job.cost
+                # The first answer (warm-up's, which may include compiling) only starts the
+                # clock; the second sets the rate, and later ones move it smoothly.
+                if self._answers == 1:
+                    self._seconds_per_unit = rate
+                elif self._answers > 1:
+                    self._seconds_per_unit = 0.8 * self._seconds_per_unit + 0.2 * rate
+                self._answers += 1
                 self._last_done = now
             self._jobs.discard(job)
             self.metrics.in_flight.set(len(self._jobs))

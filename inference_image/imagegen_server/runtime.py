@@ -43,6 +43,7 @@ class ModelRuntime:
         self.warmup_seconds: float | None = None
         self._ready = threading.Event()
         self._drain_deadline: float | None = None  # monotonic; set by a SIGTERM's drain
+        self._drained = True  # whether that drain finished every accepted request
         self._thread: threading.Thread | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -175,7 +176,8 @@ class ModelRuntime:
         (Engine.drain: accepted requests finish or are cancelled by the deadline)."""
         self.metrics.ready.set(0)
         self._drain_deadline = time.monotonic() + timeout
-        return self.engine is None or self.engine.drain(timeout)
+        self._drained = self.engine is None or self.engine.drain(timeout)
+        return self._drained
 
     def close(self, timeout: float | None = None) -> bool:
         """Drain accepted work and stop; returns whether everything finished in time.
@@ -191,7 +193,9 @@ class ModelRuntime:
             drained = self.engine.close(timeout)
         if self.attention is not None:
             self.attention.deactivate()
-        return drained
+        # After a SIGTERM's drain the engine is empty by now: what counts is whether that
+        # drain finished its work or cancelled some at its deadline.
+        return drained and self._drained
 
     # --- requests -----------------------------------------------------------------------------
     @property
@@ -229,7 +233,9 @@ class ModelRuntime:
             height=default_h if height is None else height,
             steps=s.default_steps if steps is None else steps,
             guidance_scale=s.default_guidance_scale if guidance_scale is None else guidance_scale,
-            seed=secrets.randbits(63) if seed is None else seed,
+            # Below 2**53: the seed an answer names must survive JavaScript's JSON numbers,
+            # or a browser client cannot ask for the same image again.
+            seed=secrets.randbits(53) if seed is None else seed,
             negative_prompt=negative_prompt,
             edit=edit,
             loras=loras,

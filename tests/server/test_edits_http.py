@@ -94,11 +94,18 @@ def png_with_a_text_chunk_too_large_to_inflate() -> bytes:
         ({"prompt": "x", "strength": "1.5"}, {"image": GOOD}, "strength", "strength"),
         ({"prompt": "x", "strength": "abc"}, {"image": GOOD}, "strength", "strength"),
         ({"prompt": "x", "n": "99"}, {"image": GOOD}, "n", "n must be"),
+        # Checked before the upload is decoded: the limit answers, not the broken picture.
+        ({"prompt": "x", "n": "99"}, {"image": b"not an image at all"}, "n", "n must be"),
+        ({"prompt": "x", "steps": "999"}, {"image": GOOD[:200]}, "steps", "steps must be"),
         ({"prompt": "x", "size": "100x100"}, {"image": GOOD}, "size", "multiple"),
         ({"prompt": "x", "stream": "true", "n": "2"}, {"image": GOOD}, "n", "one image"),
         ({"prompt": "x", "response_format": "url"}, {"image": GOOD}, "response_format", "inline"),
         ({"prompt": "x", "output_format": "webp"}, {"image": GOOD}, "output_format", "PNG"),
         ({"prompt": "x"}, {"image": GOOD, "markup": GOOD}, "markup", "only image and mask"),
+        # JSON that nests past the parser's recursion limit: a 400, never an unhandled error.
+        ({"prompt": "x", "lora": "[" * 200_000 + "]" * 200_000}, {"image": GOOD}, "lora",
+         "JSON list"),
+        ({"prompt": "x", "lora": "[" * 70 + "]" * 70}, {"image": GOOD}, "lora", "JSON list"),
     ],
 )
 def test_bad_uploads_are_400s_naming_the_field(client_for, data, files, param, words):
@@ -142,6 +149,15 @@ def edit(client, files, **data):
     response = client.post(EDITS, data={"prompt": "a boat", "seed": "3", **data}, files=files)
     assert response.status_code == 200, response.text
     return [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))) for d in response.json()["data"]]
+
+
+def test_size_auto_edits_at_the_uploads_own_size_as_size_left_out(client_for):
+    client = client_for()
+    for data in ({"prompt": "x", "seed": "3"}, {"prompt": "x", "seed": "3", "size": "auto"}):
+        response = client.post(EDITS, data={**data, "steps": "2"}, files=form(image=GOOD))
+        assert response.status_code == 200, response.text
+        assert Image.open(io.BytesIO(base64.b64decode(
+            response.json()["data"][0]["b64_json"]))).size == Image.open(io.BytesIO(GOOD)).size
 
 
 def test_a_large_upload_without_a_size_edits_at_the_largest_size_admitted(client_for):

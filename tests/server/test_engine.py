@@ -344,6 +344,27 @@ def test_admission_counts_work_not_requests(make_runtime):
     assert engine.work_in_flight == pytest.approx(0) and engine.in_flight == 0
 
 
+def test_retry_after_is_the_wait_for_room_not_for_all_the_work(make_runtime):
+    runtime = make_runtime("sd15", queue_capacity=20, max_batch_size=1, warmup=False)
+    engine = runtime.engine
+    big = runtime.params("big", width=128, height=128, steps=4 * STEPS, seed=1)  # 16 units
+    jobs = [engine.submit(big, timeout_s=120)]
+    jobs += [engine.submit(runtime.params(f"small {i}", seed=2 + i), timeout_s=120)
+             for i in range(4)]  # 4 units: full
+    engine._seconds_per_unit = 2.0  # as if measured: 2 s per unit of work
+    # Room for one more unit once the oldest job (16 units) has ended: 32 s, not the 40 s
+    # all 20 units take.
+    with pytest.raises(QueueFullError) as refused:
+        engine.submit(runtime.params("one too many", seed=9))
+    assert refused.value.retry_after_s == 32
+    engine._seconds_per_unit = 10.0
+    with pytest.raises(QueueFullError) as refused:
+        engine.submit(runtime.params("one too many", seed=9))
+    assert refused.value.retry_after_s == 60  # what clients wait at most
+    for job in jobs:
+        job.future.result(120)
+
+
 def fails_alone(runtime, monkeypatch, method: str, error: Exception, **params) -> None:
     """``method`` of the family raises ``error`` for the request "bad" alone: it fails with
     that error, and "good", submitted with it into one batch, is answered all the same."""

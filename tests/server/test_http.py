@@ -110,6 +110,34 @@ def test_bearer_token_guards_the_api_but_not_the_probes(client_for, tmp_path):
         assert client.get(probe).status_code == 200, probe
 
 
+def test_a_rotated_token_file_takes_effect_without_a_restart(client_for, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("first\n")
+    client = client_for(auth_token_file=str(token_file), warmup=False)
+
+    def models_with(token: str) -> int:
+        return client.get("/v1/models", headers={"Authorization": f"Bearer {token}"}).status_code
+
+    assert models_with("first") == 200
+    # As the kubelet rotates a mounted Secret: a new file swapped in under the same path.
+    rotated = tmp_path / "token.new"
+    rotated.write_text("second\n")
+    rotated.replace(token_file)
+    assert (models_with("second"), models_with("first")) == (200, 401)
+    token_file.write_text("")  # unreadable or empty: closed, never open
+    assert (models_with("second"), models_with("")) == (401, 401)
+
+
+def test_size_auto_is_the_default_size_and_seeds_fit_a_javascript_number(client_for):
+    client = client_for(warmup=False)
+    for body in ({"prompt": "x", "steps": 1}, {"prompt": "x", "steps": 1, "size": "auto"}):
+        answer = client.post(GENERATE, json=body)
+        assert answer.status_code == 200, answer.text
+        image = Image.open(io.BytesIO(base64.b64decode(answer.json()["data"][0]["b64_json"])))
+        assert image.size == client.app.state.runtime.default_size
+        assert 0 <= answer.json()["seed"] < 2**53
+
+
 def test_models_health_and_readiness(client_for):
     client = client_for()
     models = client.get("/v1/models").json()
@@ -175,7 +203,11 @@ def test_a_server_error_is_counted_with_its_500(client_for, monkeypatch):
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(client.app.state.runtime.engine, "submit", broken)
-    assert client.post(GENERATE, json={"prompt": "x"}).status_code == 500
+    response = client.post(GENERATE, json={"prompt": "x"})
+    assert response.status_code == 500
+    # OpenAI's shape even for a bug, and nothing of the bug's own words.
+    assert response.json() == {"error": {"message": "internal server error",
+                                         "type": "server_error", "param": None, "code": None}}
     families = text_string_to_metric_families(client.get("/metrics").text)
     counted = {tuple(sorted(s.labels.items())): s.value for f in families
                for s in f.samples if s.name == "imagegen_requests_total"}

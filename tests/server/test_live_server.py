@@ -60,7 +60,7 @@ def test_official_openai_client_generates_and_decodes(live_server, reference_pip
     [
         ({"n": 0}, openai.BadRequestError, "n"),
         ({"size": "1024x1792"}, openai.BadRequestError, "size"),
-        ({"size": "auto"}, openai.BadRequestError, "size"),
+        ({"size": "auto", "background": "see-through"}, openai.BadRequestError, "background"),
         ({"response_format": "url"}, openai.BadRequestError, "response_format"),
         ({"extra_body": {"guidance_scale": "7"}}, openai.BadRequestError, "guidance_scale"),
         ({"extra_body": {"steps": 0}}, openai.BadRequestError, "steps"),
