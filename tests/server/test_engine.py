@@ -213,8 +213,22 @@ def test_close_after_a_sigterm_drain_keeps_to_what_is_left_of_its_deadline(make_
     runtime.engine.close = lambda timeout=None: asked.append(timeout) or close(timeout)
     assert runtime.drain(0.2)
     time.sleep(0.3)
-    runtime.close(timeout=120)
+    assert runtime.close(timeout=120)
     assert asked == [0.0]
+
+
+def test_close_after_a_drain_that_cancelled_work_says_so(make_runtime):
+    # The log line "engine stopped: drained" must not follow a drain that cut requests short.
+    runtime = make_runtime("sd15", warmup=False)
+    gate = Gate(runtime)
+    job = runtime.engine.submit(runtime.params("held", seed=1))
+    assert gate.entered.wait(30)
+    try:
+        assert runtime.drain(0.3) is False
+        assert isinstance(job.future.exception(timeout=10), ShutdownError)
+    finally:
+        gate.close()
+    assert runtime.close(timeout=30) is False
 
 
 def test_a_job_handed_to_a_stopped_stage_fails_at_once():
