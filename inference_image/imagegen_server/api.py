@@ -423,7 +423,8 @@ class Token:
     rotated Secret: the kubelet swaps the mounted file, and no restart is needed)."""
 
     def __init__(self, value: str | None = None, path: Path | None = None):
-        self._value, self._path, self._stamp = value, path, None
+        self._value, self._path = value, path
+        self._stamp: tuple[int, int, int] | None = None
         self._lock = threading.Lock()
 
     def current(self) -> str | None:
@@ -438,11 +439,12 @@ class Token:
         with self._lock:
             if stamp != self._stamp or stamp is None:
                 self._stamp = stamp
+                had = self._value
                 try:
                     self._value = self._path.read_text().strip() or None
                 except OSError:
                     self._value = None
-                if self._value is None:
+                if self._value is None and had is not None:  # once, not once a request
                     log.error("auth_token_file %s cannot be read or is empty: every request "
                               "is refused until it can", self._path)
             return self._value

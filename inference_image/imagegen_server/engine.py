@@ -390,12 +390,13 @@ class Engine:
                 latency = now - job.submitted_at
                 share = latency if self._last_done is None else min(latency, now - self._last_done)
                 rate = share / job.cost
-                # The first answer (warm-up's, which may include compiling) only starts the
-                # clock; the second sets the rate, and later ones move it smoothly.
-                if self._answers == 1:
-                    self._seconds_per_unit = rate
-                elif self._answers > 1:
+                # The first answer sets the pace (warm-up, which compiles, runs before the
+                # engine takes requests); later ones move it smoothly, as answers of one
+                # batch come all but together.
+                if self._answers:
                     self._seconds_per_unit = 0.8 * self._seconds_per_unit + 0.2 * rate
+                else:
+                    self._seconds_per_unit = rate
                 self._answers += 1
                 self._last_done = now
             self._jobs.discard(job)

@@ -173,7 +173,12 @@ class Reconciler:
             moving=bool(recorded) and recorded[0] != target,
         )
         pool, pool_stalled, answered = self._ensure_pool(resource, the_plan, target, outcome)
-        made = self.made_pools(body) | ({target} if answered else set())
+        created = self.created_records(body)
+        if answered or target not in created:
+            # Known made once the provider answers; known never made only while every ask
+            # was refused for good. After an error that passes (a create GKE may have taken
+            # before its answer was lost) it stays unknown, and a delete waits for it.
+            created[target] = created.get(target) or answered
         want = resource.spec.replicas
         rolled_out = st.rolled_out(deployment, want)
         current, releasing = self._retire_previous_pools(body, resource, the_plan, target,
@@ -196,7 +201,7 @@ class Reconciler:
             unschedulable=None if rolled_out else self._unschedulable(resource),
             pool_short=outcome.pool_short,
             precompile=precompile,
-            made=frozenset(made),
+            created=created,
         )
         status = st.compute_status(observation)
         ready = next(c for c in status["conditions"] if c["type"] == "Ready")
@@ -233,14 +238,15 @@ class Reconciler:
             keys = set(self.recorded_pools(body))
         else:
             keys = self._pools_of(body, resolved, the_plan)
-        made = self.made_pools(body)
+        never_made = self.never_made(body)
         done = True
         for key in keys:
             users = self.pool_users(key, exclude_uid=uid)
             if users:
                 log.info("pool %s still used by %s; keeping it", key, ", ".join(users))
                 continue
-            gone = self._delete_pool(resource, the_plan, key, body=body, made=key in made)
+            gone = self._delete_pool(resource, the_plan, key, body=body,
+                                     made=key not in never_made)
             if gone:
                 self.record(body, "Normal", "NodePoolDeleted",
                             f"node pool {key} deleted: no service uses it any more")
@@ -272,14 +278,22 @@ class Reconciler:
         keys = (self._recorded_key(body, ref) for ref in refs)
         return list(dict.fromkeys(k for k in keys if k is not None))
 
-    def made_pools(self, body: dict[str, Any]) -> set[PoolKey]:
-        """The recorded pools that may exist: each whose provider once reported it made or
-        being made (``created: true``), and each recorded before status said (no
-        ``created``). A pool recorded with ``created: false`` was refused every time."""
+    def created_records(self, body: dict[str, Any]) -> dict[PoolKey, bool | None]:
+        """What status records of each pool it names: ``created`` true (its provider once
+        reported it made or being made), false (every ask was refused for good), or None
+        (not known: an error that passes, or a status written before the field)."""
         pool = (body.get("status") or {}).get("nodePool") or {}
         refs = [pool, pool.get("movingTo") or {}, *(pool.get("releasing") or [])]
-        keys = (self._recorded_key(body, ref) for ref in refs if ref.get("created") is not False)
-        return {k for k in keys if k is not None}
+        records: dict[PoolKey, bool | None] = {}
+        for ref in refs:
+            key = self._recorded_key(body, ref)
+            if key is not None and key not in records:
+                records[key] = ref.get("created")
+        return records
+
+    def never_made(self, body: dict[str, Any]) -> set[PoolKey]:
+        """The recorded pools that cannot exist: refused at every ask (``created: false``)."""
+        return {k for k, created in self.created_records(body).items() if created is False}
 
     def _recorded_key(self, body: dict[str, Any], recorded: dict[str, Any]) -> PoolKey | None:
         if not recorded.get("name"):
@@ -510,9 +524,10 @@ class Reconciler:
 
     def _ensure_pool(
         self, resource: ImageGenService, the_plan: Plan, key: PoolKey, outcome: Outcome
-    ) -> tuple[PoolState, bool, bool]:
+    ) -> tuple[PoolState, bool, bool | None]:
         """The pool's state, whether it is stuck until a person acts, and whether the
-        provider answered with the pool's state (so the pool is made, or being made).
+        provider answered with the pool's state (True: it is made, or being made), refused
+        for good (False), or failed in a way that passes (None: nothing known).
 
         A provider that failed in a way that passes (GKE busy, rate-limited,
         unreachable) named a delay: until it ends the provider is not asked again,
@@ -525,7 +540,7 @@ class Reconciler:
             now = self._clock()
             if backoff is not None and now < backoff.until:
                 outcome.requeue_after = backoff.until - now
-                return backoff.state, False, False
+                return backoff.state, False, None
             provider = self.providers[key.provider]
             target_nodes, bounds, outcome.pool_short = self._pool_size(resource, key, the_plan)
             try:
@@ -538,7 +553,7 @@ class Reconciler:
                 message = f"{exc.message} (next try at {at.strftime('%H:%M:%SZ')})"
                 with self._lock:
                     seen = self._last_seen.get(key)
-                if seen is not None and seen.ready:
+                if seen is not None and seen.ready and exc.unanswered:
                     # The provider could not be asked (GKE busy or unreachable), which says
                     # nothing of the nodes: those that served when last seen serve on.
                     state = PoolState(seen.name, True, seen.ready_nodes, exc.reason,
@@ -548,7 +563,7 @@ class Reconciler:
                 with self._lock:
                     self._backoff[key] = _Backoff(now + exc.retry_after, state)
                 outcome.requeue_after = exc.retry_after
-                return state, False, False
+                return state, False, None
             with self._lock:
                 self._backoff.pop(key, None)
                 self._last_seen[key] = state
@@ -598,8 +613,9 @@ class Reconciler:
             log.warning("deleting pool %s: %s", key, exc.message)
             if not exc.transient and body is not None:
                 self.record(body, "Warning", "NodePoolNotDeleted",
-                            f"node pool {key} cannot be deleted ({exc.reason}): {exc.message}. "
-                            "The delete waits until the operator may delete it.")
+                            f"node pool {key} cannot be deleted ({exc.reason}): "
+                            f"{exc.message.rstrip('.')}. The delete waits until the operator "
+                            "may delete it.")
             delay = exc.retry_after if exc.retry_after is not None else 60.0
             state = PoolState(key.name, False, 0, exc.reason, exc.message)
             with self._lock:
@@ -631,11 +647,13 @@ class Reconciler:
         if not moved:
             return current, left
         uid = body["metadata"].get("uid")
+        never_made = self.never_made(body)
         releasing = []
         for key in left:
             if self.pool_users(key, exclude_uid=uid):
                 continue  # another service's now
-            gone = self._delete_pool(resource, the_plan, key)
+            gone = self._delete_pool(resource, the_plan, key, body=body,
+                                     made=key not in never_made)
             if gone:
                 self.record(body, "Normal", "NodePoolRetired",
                             f"moved to node pool {target}; deleted {key}")

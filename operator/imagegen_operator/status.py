@@ -9,7 +9,8 @@ unit-tested in milliseconds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from imagegen_operator import conditions as cond
@@ -71,7 +72,8 @@ class Observation:
     precompile: Precompile | None = None  # None: no precompile Job asked for
     pool_short: str | None = None  # a shared pool too small for what its users must run
     releasing: tuple[PoolKey, ...] = ()  # other pools it left that are not gone yet
-    made: frozenset[PoolKey] = frozenset()  # pools a provider reported made or being made
+    # Per pool: made (a provider reported it), never made (refused for good), None unknown.
+    created: Mapping[PoolKey, bool | None] = field(default_factory=dict)
 
     @property
     def moving(self) -> bool:
@@ -162,14 +164,20 @@ def compute_status(o: Observation) -> dict[str, Any]:
         # Nulls once moved: a merge patch keeps nested keys it is not told to drop.
         # `created: false`: every ask was refused, so a delete has no pool to wait for.
         "nodePool": {**o.current.status(), "readyNodes": o.pool.ready_nodes,
-                     "created": o.current in o.made,
-                     "movingTo": ({**o.target.status(), "created": o.target in o.made}
+                     "created": o.created.get(o.current),
+                     "movingTo": ({**o.target.status(), "created": o.created.get(o.target)}
                                   if o.moving else None),
-                     "releasing": [k.status() for k in o.releasing] or None},
+                     "releasing": [_released(k, o.created.get(k))
+                                   for k in o.releasing] or None},
         "capacity": capacity(o.plan),
         "endpoint": o.endpoint,
         **_precompiled_job(o),
     }
+
+
+def _released(key: PoolKey, created: bool | None) -> dict[str, Any]:
+    # A list item is replaced whole: an unknown `created` is left out, not written null.
+    return key.status() | ({} if created is None else {"created": created})
 
 
 def _precompiled_job(o: Observation) -> dict[str, Any]:

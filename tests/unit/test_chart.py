@@ -530,7 +530,6 @@ TYPOS = [
     ({"providers": None}, "providers"),
     ({"tests": None}, "tests"),
     ({"securityContext": None}, "securityContext"),
-    ({"securityContext": {"readOnlyRootFilesystem": None}}, "readOnlyRootFilesystem"),
     ({"networkPolicy": {"enabled": True, "metricsFrom": [{}]}}, "minProperties"),
 ]
 
@@ -543,6 +542,18 @@ def test_schema_rejects_typos_and_bad_values(tmp_path, values, field):
     assert result.returncode != 0, f"{values} was accepted"
     assert "values don't meet the specifications of the schema" in result.stderr
     assert field in result.stderr
+
+
+def test_a_security_context_key_may_be_removed(tmp_path):
+    # Rendered whole: dropping runAsUser (OpenShift's restricted SCC picks the user) is a
+    # choice the schema leaves to the user.
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump({"podSecurityContext": {"runAsUser": None},
+                                    "resources": {"limits": None}}))
+    result = helm(*template_args(values=path), check=False)
+    assert result.returncode == 0, result.stderr
+    pod = find([d for d in yaml.safe_load_all(result.stdout) if d], "Deployment")
+    assert "runAsUser" not in pod["spec"]["template"]["spec"]["securityContext"]
 
 
 def test_one_port_for_metrics_and_health_is_refused(tmp_path):

@@ -358,7 +358,11 @@ def test_pool_left_in_error_is_held_then_made_again(double, provider, resource, 
     clock.now += 100
     with pytest.raises(ProviderError) as held:
         provider.ensure(resource, plan, 1)
-    assert held.value.reason == reason and "trying again in 200s" in held.value.message
+    assert held.value.reason == reason
+    if reason == "QuotaExceeded":  # held for good: one sentence with the time, no countdown
+        assert "trying again at" in held.value.message
+    else:
+        assert held.value.retry_after == pytest.approx(200)
     assert double.requests_to("DELETE") == []
 
     clock.now += 201
@@ -381,6 +385,38 @@ def test_pool_found_in_error_after_a_restart_is_held_then_made_again(double, pro
     clock.now += 301
     assert provider.ensure(resource, plan, 1).reason == "Recreating"
     ensure_until(provider, resource, plan, ready)
+
+
+def test_a_pool_in_error_whose_nodes_serve_is_reported_not_deleted(double, resource, plan,
+                                                                      clock):
+    provider = GkeProvider(double.client(), clock=clock, count_nodes=lambda pool: 2)
+    double.seed_pool(pool_name(plan), "ERROR", config=made_by_us(resource, plan),
+                     statusMessage="an upgrade failed")
+    for _ in range(3):
+        state = provider.ensure(resource, plan, 2)
+        assert (state.ready, state.ready_nodes, state.reason) == (True, 2, "PoolError")
+        assert "an upgrade failed" in state.message
+        clock.now += 400
+    assert double.requests_to("DELETE") == []
+
+
+def test_a_failing_delete_of_a_pool_in_error_is_held_again(double, provider, resource, plan,
+                                                           clock):
+    double.seed_pool(pool_name(plan), "ERROR", config=made_by_us(resource, plan))
+    with pytest.raises(ProviderError):
+        provider.ensure(resource, plan, 1)
+    clock.now += 301
+    assert provider.ensure(resource, plan, 1).reason == "Recreating"
+    # GKE ends the delete with an error; the pool stays in ERROR.
+    op = next(o for o in double.operations.values() if o.operation_type == "DELETE_NODE_POOL")
+    op.status, op.error = "DONE", {"code": 13, "message": "Internal error."}
+    double.pools[pool_name(plan)]["status"] = "ERROR"
+    with pytest.raises(ProviderError) as caught:
+        provider.ensure(resource, plan, 1)
+    assert "Internal error" in caught.value.message and caught.value.retry_after == 300
+    with pytest.raises(ProviderError):
+        provider.ensure(resource, plan, 1)  # held: no second delete at once
+    assert len(double.requests_to("DELETE")) == 1
 
 
 def test_a_pool_of_another_in_error_is_never_deleted(double, provider, resource, plan, clock):
@@ -409,7 +445,7 @@ def test_a_create_refused_for_good_is_held_not_sent_on_every_resync(
         assert not caught.value.transient
         clock.now += 60
     assert len(double.requests_to("POST")) == 1
-    assert "trying again in" in caught.value.message
+    assert "trying again at" in caught.value.message
     clock.now += 200
     assert provider.ensure(resource, plan, 1).reason == "Provisioning"
     assert len(double.requests_to("POST")) == 2
@@ -547,10 +583,10 @@ def test_a_pool_running_with_errors_serves_and_takes_new_bounds(double, provider
 
 def test_ready_nodes_are_counted_where_the_cluster_can_be_asked(double, resource, plan):
     counted = []
-    provider = GkeProvider(double.client(), count_nodes=lambda pool: counted.append(pool) or 2)
+    provider = GkeProvider(double.client(), count_nodes=lambda pool: counted.append(pool) or 1)
     seed_running(double, plan, 0, 2)
     state = provider.ensure(resource, plan, 5, (0, 2))
-    assert (state.ready, state.ready_nodes) == (True, 2)
+    assert (state.ready, state.ready_nodes) == (True, 1)  # not the 2 the bounds allow
     assert counted == [plan.nodepool_name]
 
 
@@ -703,16 +739,21 @@ def test_build_client_for_a_plain_http_endpoint_uses_rest(double):
 
 
 @pytest.mark.parametrize(
-    ("base", "cap", "named"),
-    [("soon", None, "IMAGEGEN_GKE_BACKOFF_BASE_S"), ("0", None, "IMAGEGEN_GKE_BACKOFF_BASE_S"),
-     (None, "-5", "IMAGEGEN_GKE_BACKOFF_MAX_S"), ("60", "30", "IMAGEGEN_GKE_BACKOFF_BASE_S")],
+    ("base", "cap", "hold", "named"),
+    [("soon", None, None, "IMAGEGEN_GKE_BACKOFF_BASE_S"),
+     ("0", None, None, "IMAGEGEN_GKE_BACKOFF_BASE_S"),
+     (None, "-5", None, "IMAGEGEN_GKE_BACKOFF_MAX_S"),
+     ("60", "30", None, "IMAGEGEN_GKE_BACKOFF_BASE_S"),
+     (None, None, "inf", "IMAGEGEN_GKE_FAILED_CREATE_HOLD_S"),
+     (None, None, "nan", "IMAGEGEN_GKE_FAILED_CREATE_HOLD_S")],
 )
 def test_the_operator_refuses_to_start_with_a_backoff_setting_that_cannot_work(
-        monkeypatch, base, cap, named):
+        monkeypatch, base, cap, hold, named):
     from imagegen_operator.providers import build_providers
     from support.memory_kube import InMemoryKube
 
-    for env, value in (("IMAGEGEN_GKE_BACKOFF_BASE_S", base), ("IMAGEGEN_GKE_BACKOFF_MAX_S", cap)):
+    for env, value in (("IMAGEGEN_GKE_BACKOFF_BASE_S", base), ("IMAGEGEN_GKE_BACKOFF_MAX_S", cap),
+                       ("IMAGEGEN_GKE_FAILED_CREATE_HOLD_S", hold)):
         if value is None:
             monkeypatch.delenv(env, raising=False)
         else:

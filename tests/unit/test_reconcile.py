@@ -579,6 +579,41 @@ def test_a_pool_that_was_made_is_waited_for_when_its_delete_is_refused(world) ->
     assert world.gke_pools() == set()
 
 
+def test_after_an_error_that_passes_created_is_unknown_and_a_delete_waits(world) -> None:
+    """A create whose answer was lost may have been taken: only refusals for good from the
+    first ask on make a pool `created: false`."""
+    world.double.outage("UNAVAILABLE")
+    world.create("unsure", gpu=MIG_3G, node_pool={"provider": "GKE", "spot": True})
+    world.reconcile("unsure")
+    assert world.body("unsure")["status"]["nodePool"].get("created") is None
+    world.double.outage("PERMISSION_DENIED", FORBIDDEN)
+    world.clock.now += 400
+    world.reconcile("unsure")
+    assert world.body("unsure")["status"]["nodePool"].get("created") is None
+    assert not world.delete("unsure")
+
+
+def test_a_move_away_from_a_pool_that_was_never_made_finishes(world) -> None:
+    world.double.outage("PERMISSION_DENIED", FORBIDDEN)
+    world.create("away", gpu=MIG_3G, node_pool={"provider": "GKE", "spot": True})
+    world.reconcile("away")
+    world.edit("away", nodePool={"provider": "Local", "maxNodes": 2})
+    run_until_ready(world, "away")
+    status = world.body("away")["status"]["nodePool"]
+    assert status["provider"] == "Local" and not status.get("movingTo")
+    assert not status.get("releasing")
+
+
+def test_a_pool_in_error_is_not_kept_ready_by_its_last_state(world) -> None:
+    world.create("broken", gpu=MIG_3G, node_pool={"provider": "GKE", "spot": True})
+    run_until_ready(world, "broken")
+    [pool] = world.gke_pools()
+    world.double.pools[pool]["status"] = "ERROR"
+    world.clock.now += 60
+    assert not world.reconcile("broken").ready
+    assert world.condition("broken", "NodePoolReady")["reason"] == "PoolError"
+
+
 def test_a_status_written_before_created_was_recorded_waits_for_its_pool(world) -> None:
     world.create("older", gpu=MIG_3G, node_pool={"provider": "GKE", "spot": True})
     run_until_ready(world, "older")

@@ -58,6 +58,10 @@ class _Lazy:
         return self._get().delete(resource, plan)
 
 
+# A day: longer than any backoff or hold that makes sense, short enough to print as a time.
+MAX_SETTING_S = 86_400
+
+
 def _backoff_setting(name: str, default: float) -> float:
     raw = os.environ.get(name)
     if raw is None:
@@ -66,8 +70,10 @@ def _backoff_setting(name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         value = float("nan")
-    if not value > 0:  # NaN too
-        raise ValueError(f"{name} must be a number of seconds above 0, got {raw!r}")
+    if not 0 < value <= MAX_SETTING_S:  # NaN and infinity too
+        raise ValueError(
+            f"{name} must be a number of seconds above 0 and at most {MAX_SETTING_S}, "
+            f"got {raw!r}")
     return value
 
 

@@ -33,13 +33,19 @@ class PoolState:
 
 
 class ProviderError(Exception):
-    """A pool operation failed; ``retry_after`` is set when trying again can help."""
+    """A pool operation failed; ``retry_after`` is set when trying again can help.
 
-    def __init__(self, reason: str, message: str, retry_after: float | None = None):
+    ``unanswered``: the provider could not be asked at all (busy, rate-limited, unreachable),
+    which says nothing of the pool itself.
+    """
+
+    def __init__(self, reason: str, message: str, retry_after: float | None = None,
+                 unanswered: bool = False):
         super().__init__(message)
         self.reason = reason
         self.message = message
         self.retry_after = retry_after
+        self.unanswered = unanswered
 
     @property
     def transient(self) -> bool:

@@ -44,6 +44,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from imagegen_operator.api import ImageGenService
@@ -131,6 +132,7 @@ class _PoolMemory:
     attempts: int = 0  # consecutive transient failures, for the backoff
     failure: ProviderError | None = None  # a failed create, reported until failed_until
     failed_until: float = 0.0
+    retry_at: datetime | None = None  # failed_until, on the wall clock, for messages
     # An autoscaling update GKE refused or failed: its words, and when to try again.
     autoscaling_problem: str | None = None
     autoscaling_after: float = 0.0
@@ -270,8 +272,7 @@ class GkeProvider:
             if not failure.transient:
                 # A quota, a permission, a refused config: held like a failed create
                 # operation, not sent again on every resync of every service on the pool.
-                memory.failure = failure
-                memory.failed_until = self._clock() + self.failed_create_hold
+                self._hold(memory, failure)
             raise failure from None
         memory.operation, memory.kind = _operation_name(cluster, operation), "create"
         memory.attempts = 0
@@ -334,18 +335,28 @@ class GkeProvider:
     def _replace_broken(
         self, name: str, short_name: str, memory: _PoolMemory, pool: Any
     ) -> PoolState:
-        """A pool of ours in ERROR serves nothing, and GKE does not mend it (a create that
-        failed on a stockout or a quota leaves one): report why, hold it as long as a
-        failed create is held, then delete it, and the next call creates it anew."""
+        """A pool of ours in ERROR. With nodes that serve, it is reported and left alone: a
+        person decides. With none (a create that failed on a stockout or a quota leaves such
+        a pool, and GKE does not mend it): report why, hold it as long as a failed create
+        is held, then delete it, and the next call creates it anew."""
+        problem = f"Node pool {name} is in state ERROR: {_pool_problem(pool)}"
+        nodes = self._count_nodes(short_name) if self._count_nodes is not None else 0
+        if nodes:
+            memory.operation = memory.kind = None
+            return PoolState(short_name, True, nodes, "PoolError",
+                             f"{problem}; its {nodes} ready node(s) serve meanwhile")
         if memory.kind == "create":
             self._raise_if_failed(name, memory)  # the create's own error, held
         if memory.kind == "delete":
-            self._raise_if_failed(name, memory)
-        problem = f"Node pool {name} is in state ERROR: {_pool_problem(pool)}"
+            try:
+                self._raise_if_failed(name, memory)
+            except ProviderError as failed:  # held again, not re-sent at once
+                self._hold(memory, ProviderError("PoolError", f"{problem}; {failed.message}",
+                                                 retry_after=self.failed_create_hold))
+                raise self._still_failed(memory) from None
         if memory.failure is None:
-            memory.failure = ProviderError("PoolError", problem,
-                                           retry_after=self.failed_create_hold)
-            memory.failed_until = self._clock() + self.failed_create_hold
+            self._hold(memory, ProviderError("PoolError", problem,
+                                             retry_after=self.failed_create_hold))
         if self._clock() < memory.failed_until:
             raise self._still_failed(memory)
         operation = self._call(name, self.client.delete_node_pool, name=name)
@@ -430,7 +441,8 @@ class GkeProvider:
         message = message or operation.status_message
         if kind == "delete":
             raise self._transient(
-                name, "DeleteFailed", f"Deleting node pool {name} failed: {message}"
+                name, "DeleteFailed", f"Deleting node pool {name} failed: {message}",
+                unanswered=False,
             )
         what = f"Creating node pool {name} failed: {message}"
         if code == _RPC_RESOURCE_EXHAUSTED or _QUOTA.search(message):
@@ -439,19 +451,24 @@ class GkeProvider:
             # Stockouts of GPUs and transient GCE errors end here: worth another
             # try, but not at once.
             failure = ProviderError("CreateFailed", what, retry_after=self.failed_create_hold)
+        self._hold(memory, failure)
+        raise failure
+
+    def _hold(self, memory: _PoolMemory, failure: ProviderError) -> None:
+        """Report ``failure`` until ``failed_create_hold`` has passed, then try again."""
         memory.failure = failure
         memory.failed_until = self._clock() + self.failed_create_hold
-        raise failure
+        memory.retry_at = datetime.now(UTC) + timedelta(seconds=self.failed_create_hold)
 
     def _still_failed(self, memory: _PoolMemory) -> ProviderError:
         failure = memory.failure
         assert failure is not None
         left = max(1.0, memory.failed_until - self._clock())
-        return ProviderError(
-            failure.reason,
-            f"{failure.message} (trying again in {left:.0f}s)",
-            retry_after=left if failure.transient else None,
-        )
+        if failure.transient:  # the reconciler says when it asks again
+            return ProviderError(failure.reason, failure.message, retry_after=left)
+        # One sentence for the whole hold, not a countdown that rewrites status each resync.
+        at = memory.retry_at.strftime("%H:%M:%SZ") if memory.retry_at else "later"
+        return ProviderError(failure.reason, f"{failure.message} (trying again at {at})")
 
     # --- calls and errors --------------------------------------------------------
 
@@ -507,11 +524,13 @@ class GkeProvider:
             return self._transient(name, "GkeUnavailable", f"GKE API unavailable: {message}")
         return ProviderError("GkeError", f"GKE API error {code or status}: {message}")
 
-    def _transient(self, name: str, reason: str, message: str) -> ProviderError:
+    def _transient(self, name: str, reason: str, message: str,
+                   unanswered: bool = True) -> ProviderError:
         memory = self._memory_of(name)
         memory.attempts = min(memory.attempts + 1, _MAX_ATTEMPTS)
         delay = min(self.backoff_base * 2 ** (memory.attempts - 1), self.backoff_max)
-        return ProviderError(reason, message, retry_after=self._jitter(delay))
+        return ProviderError(reason, message, retry_after=self._jitter(delay),
+                             unanswered=unanswered)
 
     # --- memory ------------------------------------------------------------------
 
@@ -565,6 +584,7 @@ def _accelerator_config(pool: Any) -> dict[str, Any]:
     return {
         "machine type": config.machine_type,
         "spot": config.spot,
+        "flex start": config.flex_start,
         "GPU": gpu.accelerator_type if gpu else None,
         "GPUs per node": gpu.accelerator_count if gpu else 0,
         "partition size": (gpu.gpu_partition_size or None) if gpu else None,
