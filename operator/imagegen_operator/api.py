@@ -533,6 +533,10 @@ class NodePoolSpec(KubeModel):
     """Compute Engine machine type; by default derived from gpu.type and gpu.countPerNode."""
     spot: bool = False
     """Use Spot VMs (cheaper, may be preempted)."""
+    flex_start: bool = False
+    """Use Flex-start VMs (GKE's Dynamic Workload Scheduler): GPUs obtained as capacity frees
+    up, at a discount, each node running at most seven days before GKE replaces it. The GKE
+    provider only (Local simulates it); not with spot."""
     min_nodes: int = Field(default=0, ge=0, le=1000)
     """Fewest nodes the pool autoscaler keeps."""
     max_nodes: int = Field(default=4, ge=1, le=1000)
@@ -545,6 +549,13 @@ class NodePoolSpec(KubeModel):
             check=lambda p: p.min_nodes <= p.max_nodes,
             field=".minNodes",
             message="minNodes must not exceed maxNodes",
+        ),
+        Rule(
+            cel="!has(self.spot) || !has(self.flexStart) || !(self.spot && self.flexStart)",
+            check=lambda p: not (p.spot and p.flex_start),
+            field=".flexStart",
+            message="flexStart and spot cannot both be set: a node is a Flex-start VM or a "
+                    "Spot VM",
         ),
     )
 

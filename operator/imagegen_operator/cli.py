@@ -144,7 +144,8 @@ def plan_table(resource: api.ImageGenService, p: Plan) -> str:
                 if p.max_nodes is not None
                 else ""
             )
-            + (", Spot" if p.spot else ""),
+            + (", Spot" if p.spot else "")
+            + (", Flex-start" if p.flex_start else ""),
         ),
         (
             "memory",
@@ -164,11 +165,20 @@ def plan_table(resource: api.ImageGenService, p: Plan) -> str:
         "no on-demand" if p.machine_type in gke.SPOT_OR_FLEX_START_ONLY
         else f"{_money(p.cost.on_demand)} on-demand")
     cost = f"{on_demand}, {_money(p.cost.spot)} Spot for {p.cost.nodes} node(s)"
+    if p.flex_start:
+        # Flex-start has prices of its own (the Dynamic Workload Scheduler's, below
+        # on-demand) that the table does not hold: the on-demand list price bounds them.
+        chosen = "Flex-start, at most"
+        cost = (f"at most {_money(p.cost.on_demand)} Flex-start (the on-demand list price) "
+                f"for {p.cost.nodes} node(s)")
     if p.cost_at_max_nodes is not None:
         at_max = p.cost_at_max_nodes
         cost += f"; at maxNodes {_money(at_max.spot if p.spot else at_max.on_demand)} {chosen}"
     rows.append(("cost/hour", cost))
     rows.append(("", f"estimate: {gke.PRICE_REGION} list prices as of {gke.PRICE_TABLE_DATE}"))
+    if p.flex_start:
+        rows.append(("", "Flex-start nodes are billed at Dynamic Workload Scheduler prices, "
+                         f"below on-demand, and run at most {gke.FLEX_START_MAX_RUN_DAYS} days"))
     width = max(len(k) for k, _ in rows)
     lines = [f"{api.KIND} {_qualified(resource)}"]
     lines += [f"  {k:<{width}}  {v}" for k, v in rows]

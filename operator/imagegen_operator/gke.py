@@ -41,9 +41,17 @@ Where each fact was checked (November 2026):
 - How the A3 machines can be had: Compute Engine's "GPU machine types" page
   (cloud.google.com/compute/docs/gpus) says a3-highgpu-1g, -2g and -4g are created only as
   Spot or Flex-start VMs, and A3 Ultra only on reserved capacity, as Spot or Flex-start VMs
-  (or through a resize request). This project renders Spot or on-demand nodes, so the
-  planner refuses on-demand pools of the first and warns about the second (GKE nodes
-  consume a matching reservation by default).
+  (or through a resize request). The planner refuses on-demand pools of the first and
+  warns about the second (GKE nodes consume a matching reservation by default).
+- Flex-start VMs in GKE (the "About GPU obtainability with flex-start" and "Run a small
+  batch workload with GPUs and flex-start" pages, and ``NodeConfig.flex_start`` in the
+  ``container_v1`` API): a pool made with ``flexStart`` gets its nodes, through the Dynamic
+  Workload Scheduler, when capacity frees up, billed at its prices (discounted from
+  on-demand), each node running at most seven days; GKE labels them
+  ``cloud.google.com/gke-flex-start: "true"``. Google's documented pool has autoscaling from
+  zero, location policy ANY, no reservation and no auto-repair, and is not Spot; GKE
+  1.32.2-gke.1652000 or later. Config Connector's ContainerNodePool has no field for it
+  (v1.155), so only the GKE provider makes such pools.
 - N1 with T4: N1 machines take 1, 2 or 4 T4s; the machine types chosen here
   (n1-standard-8/16/32) are this project's defaults, not a GKE rule.
 
@@ -82,6 +90,7 @@ LABEL_SHARING_STRATEGY = "cloud.google.com/gke-gpu-sharing-strategy"
 LABEL_MAX_SHARED_CLIENTS = "cloud.google.com/gke-max-shared-clients-per-gpu"
 LABEL_NODEPOOL = "cloud.google.com/gke-nodepool"
 LABEL_SPOT = "cloud.google.com/gke-spot"
+LABEL_FLEX_START = "cloud.google.com/gke-flex-start"
 
 # Values of LABEL_SHARING_STRATEGY on pools created by hand or by the API.
 SHARING_LABEL_TIME_SHARING = "time-sharing"
@@ -321,6 +330,8 @@ def mps_client_limit(partition_size: str | None) -> int:
     return max(1, MPS_MAX_CLIENTS * mig_compute_units(partition_size) // MIG_COMPUTE_UNITS)
 
 
+# The longest a Flex-start node runs before Compute Engine takes it back.
+FLEX_START_MAX_RUN_DAYS = 7
 # Machine types Compute Engine creates only as Spot or Flex-start VMs.
 SPOT_OR_FLEX_START_ONLY = frozenset({"a3-highgpu-1g", "a3-highgpu-2g", "a3-highgpu-4g"})
 # Machine types that run on demand only on capacity reserved for them.

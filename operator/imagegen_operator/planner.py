@@ -134,6 +134,10 @@ class MachineNeedsSpot(Finding):
     demand; or, not blocking, one that runs on demand only on reserved capacity."""
 
 
+class FlexStartNeedsGke(Finding):
+    """flexStart with a provider that cannot make Flex-start pools."""
+
+
 class MigNotSupported(Finding):
     """partitionSize on a GPU type without MIG."""
 
@@ -177,6 +181,7 @@ class PlanInputs:
     nodepool_name: str | None = None  # nodePool.name
     machine_type: str | None = None  # nodePool.machineType
     spot: bool = False  # nodePool.spot
+    flex_start: bool = False  # nodePool.flexStart
     min_nodes: int = 0  # nodePool.minNodes
     max_nodes: int | None = None  # nodePool.maxNodes
     family: str = "Auto"  # model.family
@@ -228,6 +233,7 @@ class Plan:
     cost: Cost  # for nodes_needed
     cost_at_max_nodes: Cost | None
     findings: tuple[Finding, ...] = field(default_factory=tuple)
+    flex_start: bool = False
 
     @property
     def blocking(self) -> tuple[Finding, ...]:
@@ -357,11 +363,12 @@ def default_nodepool_name(
     clients: int | None,
     spot: bool,
     machine_type: str | None = None,
+    flex_start: bool = False,
 ) -> str:
     """A stable pool name from the GPU config, so identical configs share one pool.
 
     ``igs-h100x1-mig1g10gb-ts2-spot``: the accelerator, GPUs per node, MIG size,
-    sharing and Spot. A machine type other than the derived one is part of the
+    sharing, and Spot or Flex-start (``flex``). A machine type other than the derived one is part of the
     config too; it is folded into a short hash to stay within GKE's 40 characters.
     """
     try:
@@ -375,6 +382,8 @@ def default_nodepool_name(
         parts.append(f"{'ts' if strategy == 'TimeSharing' else 'mps'}{clients}")
     if spot:
         parts.append("spot")
+    if flex_start:
+        parts.append("flex")
     derived = gke.ACCELERATORS.get(gpu_type)
     derived_machine = derived.machine_types.get(count_per_node) if derived else None
     if machine_type and machine_type != derived_machine:
@@ -461,8 +470,9 @@ def make_plan(inputs: PlanInputs) -> Plan:
                 blocking=i.provider in CLOUD_PROVIDERS,
             )
         )
-    if machine is not None and i.provider in CLOUD_PROVIDERS and not i.spot:
+    if machine is not None and i.provider in CLOUD_PROVIDERS and not (i.spot or i.flex_start):
         findings += _check_obtainable(machine, i)
+    findings += _check_flex_start(i)
     mps = strategy == "MPS"
     return Plan(
         gpu_type=i.gpu_type,
@@ -498,8 +508,10 @@ def make_plan(inputs: PlanInputs) -> Plan:
             i.max_shared_clients,
             i.spot,
             i.machine_type,
+            i.flex_start,
         ),
         spot=i.spot,
+        flex_start=i.flex_start,
         cost=nodes_cost(i.gpu_type, i.count_per_node, machine, nodes_needed),
         cost_at_max_nodes=nodes_cost(i.gpu_type, i.count_per_node, machine, i.max_nodes)
         if i.max_nodes is not None
@@ -577,6 +589,21 @@ def _slot_words(i: PlanInputs, slot_gib: float) -> str:
     return f"{slot_gib:g} GiB ({where})"
 
 
+def _check_flex_start(i: PlanInputs) -> list[Finding]:
+    """Flex-start pools are made through GKE's API only (Local simulates them)."""
+    if not i.flex_start or i.provider in ("GKE", "Local"):
+        return []
+    why = {
+        "ConfigConnector": "Config Connector's ContainerNodePool has no flex-start field",
+        "Existing": "the operator makes no pool with provider Existing, so none of its "
+                    "nodes can be asked to be Flex-start VMs",
+    }[i.provider]
+    return [FlexStartNeedsGke(
+        f"spec.nodePool.flexStart needs spec.nodePool.provider GKE: {why}",
+        ("spec.nodePool.flexStart", "spec.nodePool.provider"),
+    )]
+
+
 def _check_obtainable(machine: str, i: PlanInputs) -> list[Finding]:
     """On-demand nodes of a machine type Compute Engine sells otherwise never come up."""
     if machine in gke.SPOT_OR_FLEX_START_ONLY:
@@ -584,16 +611,17 @@ def _check_obtainable(machine: str, i: PlanInputs) -> list[Finding]:
                         if m not in gke.SPOT_OR_FLEX_START_ONLY)
         return [MachineNeedsSpot(
             f"Compute Engine creates {machine} only as Spot or Flex-start VMs; set "
-            f"spec.nodePool.spot: true, or spec.gpu.countPerNode "
-            f"{' or '.join(map(str, others))} for on-demand nodes",
-            ("spec.nodePool.spot", "spec.gpu.countPerNode"),
+            f"spec.nodePool.spot: true or spec.nodePool.flexStart: true, or "
+            f"spec.gpu.countPerNode {' or '.join(map(str, others))} for on-demand nodes",
+            ("spec.nodePool.spot", "spec.nodePool.flexStart", "spec.gpu.countPerNode"),
         )]
     if machine in gke.RESERVED_ON_DEMAND_ONLY:
         return [MachineNeedsSpot(
             f"{machine} runs on demand only on capacity reserved for it: the pool's nodes "
             "come up only where the project has a matching Compute Engine reservation (GKE "
-            "consumes one by default); without one, set spec.nodePool.spot: true",
-            ("spec.nodePool.spot",),
+            "consumes one by default); without one, set spec.nodePool.spot: true or "
+            "spec.nodePool.flexStart: true",
+            ("spec.nodePool.spot", "spec.nodePool.flexStart"),
             blocking=False,
         )]
     return []
@@ -691,8 +719,10 @@ def _unplannable(i: PlanInputs, findings: list[Finding]) -> Plan:
             i.max_shared_clients,
             i.spot,
             i.machine_type,
+            i.flex_start,
         ),
         spot=i.spot,
+        flex_start=i.flex_start,
         cost=Cost(0, 0.0, 0.0),
         cost_at_max_nodes=None,
         findings=tuple(findings),
@@ -720,6 +750,7 @@ def inputs_from_spec(spec: ImageGenServiceSpec) -> PlanInputs:
         nodepool_name=pool.name,
         machine_type=pool.machine_type,
         spot=pool.spot,
+        flex_start=pool.flex_start,
         min_nodes=pool.min_nodes,
         max_nodes=pool.max_nodes,
         family=spec.model.family,

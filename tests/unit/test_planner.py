@@ -391,8 +391,10 @@ def test_a3_machines_compute_engine_sells_otherwise_are_not_planned_on_demand() 
     assert finding.blocking and not on_demand.workable
     assert "a3-highgpu-1g only as Spot" in finding.message
     assert "spec.gpu.countPerNode 8" in finding.message
-    assert finding.fields == ("spec.nodePool.spot", "spec.gpu.countPerNode")
+    assert finding.fields == ("spec.nodePool.spot", "spec.nodePool.flexStart",
+                              "spec.gpu.countPerNode")
     for workable in (inputs("nvidia-h100-80gb", partition_size="1g.10gb", spot=True),
+                     inputs("nvidia-h100-80gb", partition_size="1g.10gb", flex_start=True),
                      inputs("nvidia-h100-80gb", count_per_node=8),
                      inputs("nvidia-h100-80gb", provider="Local")):
         plan_ = make_plan(workable)
@@ -400,3 +402,17 @@ def test_a3_machines_compute_engine_sells_otherwise_are_not_planned_on_demand() 
     h200 = make_plan(inputs("nvidia-h200-141gb", count_per_node=8))
     [finding] = [f for f in h200.findings if f.reason == "MachineNeedsSpot"]
     assert not finding.blocking and h200.workable and "reservation" in finding.message
+    flex = make_plan(inputs("nvidia-h200-141gb", count_per_node=8, flex_start=True))
+    assert "MachineNeedsSpot" not in reasons(flex)
+
+
+@pytest.mark.parametrize(("provider", "workable"), [
+    ("GKE", True), ("Local", True), ("ConfigConnector", False), ("Existing", False)])
+def test_flex_start_pools_are_made_by_the_gke_provider(provider, workable) -> None:
+    p = make_plan(inputs("nvidia-h100-80gb", partition_size="1g.10gb", flex_start=True,
+                         provider=provider))
+    assert p.workable == workable
+    assert p.nodepool_name == "igs-h100x1-mig1g10gb-flex" and p.flex_start
+    if not workable:
+        [finding] = [f for f in p.findings if f.reason == "FlexStartNeedsGke"]
+        assert finding.fields == ("spec.nodePool.flexStart", "spec.nodePool.provider")

@@ -69,6 +69,39 @@ def test_gke_nodepool_document_is_the_create_request() -> None:
     assert auto.location_policy.name == "ANY"
 
 
+def flex_start(provider: str = "GKE") -> api.ImageGenService:
+    body = copy.deepcopy(BASE)
+    body["spec"]["nodePool"] |= {"provider": provider, "spot": False, "flexStart": True}
+    if provider == "Local":
+        body["spec"]["nodePool"].pop("cluster")
+    return api.parse(body)
+
+
+def test_a_flex_start_pool_is_made_as_gke_documents_it() -> None:
+    r = flex_start()
+    p = plan(r.spec)
+    assert p.workable and p.nodepool_name == "igs-h100x2-mig1g10gb-ts2-flex"
+    pool = create_node_pool_request(render_gke_nodepool(r, p))["node_pool"]
+    assert (pool.config.flex_start, pool.config.spot) == (True, False)
+    assert pool.config.reservation_affinity.consume_reservation_type.name == "NO_RESERVATION"
+    assert pool.management.auto_repair is False and pool.management.auto_upgrade is True
+    assert pool.initial_node_count == 0  # it starts empty, even in a zonal cluster
+    auto = pool.autoscaling
+    assert (auto.enabled, auto.total_min_node_count, auto.location_policy.name) == (
+        True, 1, "ANY")
+    # Its pods ask for Flex-start nodes, and the simulated ones carry GKE's label.
+    from imagegen_operator.render.deployment import nodeselector
+
+    assert nodeselector(p, "GKE")["cloud.google.com/gke-flex-start"] == "true"
+    assert "cloud.google.com/gke-spot" not in nodeselector(p, "GKE")
+    local = flex_start("Local")
+    [node, *_] = render_kwok_nodes(local, plan(local.spec))
+    assert node["metadata"]["labels"]["cloud.google.com/gke-flex-start"] == "true"
+    # Not asked for: no such label anywhere.
+    plain = resource()
+    assert "flexStart" not in render_gke_nodepool(plain, plan(plain.spec))["spec"]["config"]
+
+
 def test_gke_document_fails_on_a_field_the_client_does_not_know() -> None:
     r = resource()
     doc = render_gke_nodepool(r, plan(r.spec))

@@ -73,13 +73,15 @@ def nodeselector(plan: Plan, provider: str = "Existing") -> dict[str, str]:
     pool by name, so they never land on another pool with the same GPUs (another service's,
     or an on-demand one when this one is Spot). An Existing pool's name is not known (node
     auto-provisioning names its own), so there the GPU labels alone select. Spot pods select
-    Spot nodes with either.
+    Spot nodes with either, and Flex-start pods Flex-start nodes.
     """
     labels = {gke.LABEL_ACCELERATOR: plan.gpu_type}
     if provider in POOL_PROVIDERS:
         labels[gke.LABEL_NODEPOOL] = plan.nodepool_name
     if plan.spot:
         labels[gke.LABEL_SPOT] = "true"
+    if plan.flex_start:
+        labels[gke.LABEL_FLEX_START] = "true"
     if plan.partition_size:
         labels[gke.LABEL_PARTITION_SIZE] = plan.partition_size
     if plan.sharing_strategy:

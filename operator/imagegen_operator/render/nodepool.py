@@ -128,6 +128,13 @@ def render_gke_nodepool(
         },
         "management": {"autoRepair": True, "autoUpgrade": True},
     }
+    if pool.flex_start:
+        # GKE's documented Flex-start pool: it starts empty, autoscales, takes no
+        # reservation, and is not auto-repaired (a node is replaced when its run ends).
+        body["initialNodeCount"] = 0
+        body["config"]["flexStart"] = True
+        body["config"]["reservationAffinity"] = {"consumeReservationType": "NO_RESERVATION"}
+        body["management"]["autoRepair"] = False
     return {
         "apiVersion": GKE_DOC_API_VERSION,
         "kind": "NodePool",
@@ -228,6 +235,8 @@ def kwok_node_labels(plan: Plan, node_name: str, spot: bool) -> dict[str, str]:
         labels[gke.LABEL_MAX_SHARED_CLIENTS] = str(plan.clients_per_gpu)
     if spot:
         labels[gke.LABEL_SPOT] = "true"
+    if plan.flex_start:
+        labels[gke.LABEL_FLEX_START] = "true"
     return dict(sorted(labels.items()))
 
 
