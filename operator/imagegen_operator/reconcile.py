@@ -172,13 +172,20 @@ class Reconciler:
             spec_changed=previous.get("observedGeneration") != generation, previous=previous,
             moving=bool(recorded) and recorded[0] != target,
         )
+        if target not in recorded:
+            self._name_pool_first(body, target)
         pool, pool_stalled, answered = self._ensure_pool(resource, the_plan, target, outcome)
         created = self.created_records(body)
-        if answered or target not in created:
-            # Known made once the provider answers; known never made only while every ask
-            # was refused for good. After an error that passes (a create GKE may have taken
-            # before its answer was lost) it stays unknown, and a delete waits for it.
-            created[target] = created.get(target) or answered
+        # Known made once the provider answers; never made while every ask was refused for
+        # good. After an error that passes (a create GKE may have taken before its answer
+        # was lost) it is unknown for good, and a delete waits for it.
+        before = created.get(target, False)
+        if answered:
+            created[target] = True
+        elif answered is None:
+            created[target] = True if before else None
+        else:
+            created[target] = before
         want = resource.spec.replicas
         rolled_out = st.rolled_out(deployment, want)
         current, releasing = self._retire_previous_pools(body, resource, the_plan, target,
@@ -674,6 +681,29 @@ class Reconciler:
         return None
 
     # --- status ---------------------------------------------------------------
+
+    def _name_pool_first(self, body: dict[str, Any], target: PoolKey) -> None:
+        """Name a pool in status before its provider is asked to make it.
+
+        Otherwise an operator stopped between the provider's create and the status write,
+        and a spec edited meanwhile, would leave a pool nothing names and nothing deletes.
+        A move already under way to another pool is kept, as one to release.
+        """
+        status = body.setdefault("status", {})
+        recorded = status.get("nodePool") or {}
+        named = {**target.status(), "created": False}  # not asked for yet
+        if not recorded.get("name"):
+            patch = named
+        else:
+            releasing = list(recorded.get("releasing") or [])
+            if (moving := recorded.get("movingTo")) and moving.get("name"):
+                releasing.append(moving)
+            patch = {"movingTo": named, "releasing": releasing or None}
+        meta = body["metadata"]
+        self.kube.patch_status(API_VERSION, KIND, meta["name"], meta.get("namespace"),
+                               {"nodePool": patch})
+        # What the rest of this reconcile reads is what was written.
+        status["nodePool"] = {k: v for k, v in {**recorded, **patch}.items() if v is not None}
 
     def _write_status(self, body: dict[str, Any], status: dict[str, Any], outcome: Outcome) -> None:
         previous = body.get("status") or {}

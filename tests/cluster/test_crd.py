@@ -188,7 +188,8 @@ def test_server_applies_the_documented_defaults(cluster, ns):
         "limits": {"maxSteps": 200, "maxImagesPerRequest": 4},
     }
     assert spec["gpu"] == {"type": "nvidia-l4", "countPerNode": 1}
-    assert spec["nodePool"] == {"provider": "Local", "spot": False, "minNodes": 0, "maxNodes": 4}
+    assert spec["nodePool"] == {"provider": "Local", "spot": False, "flexStart": False,
+                                "minNodes": 0, "maxNodes": 4}
     assert spec["replicas"] == 1
     assert spec["server"] == {
         "port": 8080, "provenance": {"metadata": True, "signingAlgorithm": "ES256"}}

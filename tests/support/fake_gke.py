@@ -324,12 +324,16 @@ class GkeApiTestDouble:
                 "is done.",
             )
 
-    def _check_cluster_free(self, cluster: str) -> None:
+    def _check_cluster_free(self, cluster: str, pool: str) -> None:
         """GKE runs one node-pool operation at a time per cluster and refuses another
         meanwhile, on that pool or any other."""
         running = next((o for o in self.operations.values() if o.status != "DONE"
                         and o.target.startswith(f"{cluster}/nodePools/")), None)
-        if running is not None:
+        if running is not None and running.target != pool:
+            # Time passes for another pool's operation that nobody polls, too: each refusal
+            # it causes counts as a poll of it.
+            self._tick(running.target)
+        if running is not None and running.status != "DONE":
             raise ApiError(
                 "FAILED_PRECONDITION",
                 f"Operation {running.name.rsplit('/', 1)[-1]} is currently operating on node "
@@ -366,7 +370,7 @@ class GkeApiTestDouble:
         name = f"{parent}/nodePools/{pool['name']}"
         if name in self.pools:
             raise ApiError("ALREADY_EXISTS", f"Already exists: {name}.")
-        self._check_cluster_free(parent)
+        self._check_cluster_free(parent, name)
         location = parent.split("/")[3]
         op = self._new_operation(location, "CREATE_NODE_POOL", name)
         if self._next_failure:
@@ -390,7 +394,7 @@ class GkeApiTestDouble:
         if name not in self.pools:
             raise ApiError("NOT_FOUND", f"Not found: {name}.")
         self._check_busy(name.split("/nodePools/")[0])
-        self._check_cluster_free(name.split("/nodePools/")[0])
+        self._check_cluster_free(name.split("/nodePools/")[0], name)
         op = self._new_operation(name.split("/")[3], "DELETE_NODE_POOL", name)
         self.pools[name]["status"] = "STOPPING"
         return self._operation_json(op)
@@ -399,7 +403,7 @@ class GkeApiTestDouble:
         if name not in self.pools:
             raise ApiError("NOT_FOUND", f"Not found: {name}.")
         self._check_busy(name.split("/nodePools/")[0])
-        self._check_cluster_free(name.split("/nodePools/")[0])
+        self._check_cluster_free(name.split("/nodePools/")[0], name)
         autoscaling = body.get("autoscaling")
         if not isinstance(autoscaling, dict):
             raise ApiError("INVALID_ARGUMENT", "Autoscaling must be specified.")

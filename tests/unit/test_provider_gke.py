@@ -215,6 +215,7 @@ def test_concurrent_operation_is_retried_with_growing_backoff(double, provider, 
 def test_a_second_pool_waits_while_another_pool_of_the_cluster_is_made(double, provider,
                                                                           resource, plan):
     # GKE runs one node-pool operation at a time per cluster.
+    double.polls_to_done = 5
     other = service(gpu={"type": "nvidia-h100-80gb", "partitionSize": "3g.40gb"})
     other_plan = make_plan(other.spec)
     assert provider.ensure(resource, plan, 1).reason == "Provisioning"

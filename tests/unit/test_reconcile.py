@@ -614,6 +614,31 @@ def test_a_pool_in_error_is_not_kept_ready_by_its_last_state(world) -> None:
     assert world.condition("broken", "NodePoolReady")["reason"] == "PoolError"
 
 
+def test_a_pool_made_just_before_a_crash_is_still_named_and_retired(world, monkeypatch) -> None:
+    """The operator stops after GKE accepted the create and before status is written; the
+    spec changes meanwhile. Status named the pool before it was asked for, so the next
+    spec's reconcile retires it instead of leaving it to run, unnamed."""
+    world.create("crashy", gpu=MIG_3G, node_pool={"provider": "GKE", "spot": True})
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("the operator stopped here")
+
+    monkeypatch.setattr(world.reconciler, "_write_status", crash)
+    with pytest.raises(RuntimeError):
+        world.reconcile("crashy")
+    monkeypatch.undo()
+    [first] = world.gke_pools()
+    world.edit("crashy", gpu={"type": "nvidia-h100-80gb", "partitionSize": "1g.10gb"})
+    for _ in range(8):
+        world.nodes_ready()
+        world.rolled_out("crashy")
+        world.reconcile("crashy")
+        world.clock.now += 30
+        if first not in world.gke_pools():
+            break
+    assert first not in world.gke_pools()
+
+
 def test_a_status_written_before_created_was_recorded_waits_for_its_pool(world) -> None:
     world.create("older", gpu=MIG_3G, node_pool={"provider": "GKE", "spot": True})
     run_until_ready(world, "older")
