@@ -535,8 +535,8 @@ class NodePoolSpec(KubeModel):
     """Use Spot VMs (cheaper, may be preempted)."""
     flex_start: bool = False
     """Use Flex-start VMs (GKE's Dynamic Workload Scheduler): GPUs obtained as capacity frees
-    up, at a discount, each node running at most seven days before GKE replaces it. The GKE
-    provider only (Local simulates it); not with spot."""
+    up, at a discount; Compute Engine takes each node back after at most seven days (keep
+    minNodes 2 or more). The GKE provider only (Local simulates it); not with spot."""
     min_nodes: int = Field(default=0, ge=0, le=1000)
     """Fewest nodes the pool autoscaler keeps."""
     max_nodes: int = Field(default=4, ge=1, le=1000)

@@ -168,12 +168,13 @@ def plan_table(resource: api.ImageGenService, p: Plan) -> str:
     if p.flex_start:
         # Flex-start has prices of its own (the Dynamic Workload Scheduler's, below
         # on-demand) that the table does not hold: the on-demand list price bounds them.
-        chosen = "Flex-start, at most"
-        cost = (f"at most {_money(p.cost.on_demand)} Flex-start (the on-demand list price) "
+        cost = (f"at most {_money(p.cost.on_demand)} Flex-start (the nominal on-demand rate) "
                 f"for {p.cost.nodes} node(s)")
     if p.cost_at_max_nodes is not None:
         at_max = p.cost_at_max_nodes
-        cost += f"; at maxNodes {_money(at_max.spot if p.spot else at_max.on_demand)} {chosen}"
+        price = _money(at_max.spot if p.spot else at_max.on_demand)
+        cost += (f"; at maxNodes at most {price} Flex-start" if p.flex_start
+                 else f"; at maxNodes {price} {chosen}")
     rows.append(("cost/hour", cost))
     rows.append(("", f"estimate: {gke.PRICE_REGION} list prices as of {gke.PRICE_TABLE_DATE}"))
     if p.flex_start:

@@ -138,6 +138,10 @@ class FlexStartNeedsGke(Finding):
     """flexStart with a provider that cannot make Flex-start pools."""
 
 
+class FlexStartOnOneNode(Finding):
+    """Flex-start nodes end after seven days: a service on one node ends with it."""
+
+
 class MigNotSupported(Finding):
     """partitionSize on a GPU type without MIG."""
 
@@ -472,7 +476,7 @@ def make_plan(inputs: PlanInputs) -> Plan:
         )
     if machine is not None and i.provider in CLOUD_PROVIDERS and not (i.spot or i.flex_start):
         findings += _check_obtainable(machine, i)
-    findings += _check_flex_start(i)
+    findings += _check_flex_start(i, nodes_needed)
     mps = strategy == "MPS"
     return Plan(
         gpu_type=i.gpu_type,
@@ -589,19 +593,31 @@ def _slot_words(i: PlanInputs, slot_gib: float) -> str:
     return f"{slot_gib:g} GiB ({where})"
 
 
-def _check_flex_start(i: PlanInputs) -> list[Finding]:
-    """Flex-start pools are made through GKE's API only (Local simulates them)."""
-    if not i.flex_start or i.provider in ("GKE", "Local"):
+def _check_flex_start(i: PlanInputs, nodes_needed: int) -> list[Finding]:
+    """Flex-start pools are made through GKE's API only (Local simulates them), and a
+    service on one node ends with that node's run."""
+    if not i.flex_start:
         return []
-    why = {
-        "ConfigConnector": "Config Connector's ContainerNodePool has no flex-start field",
-        "Existing": "the operator makes no pool with provider Existing, so none of its "
-                    "nodes can be asked to be Flex-start VMs",
-    }[i.provider]
-    return [FlexStartNeedsGke(
-        f"spec.nodePool.flexStart needs spec.nodePool.provider GKE: {why}",
-        ("spec.nodePool.flexStart", "spec.nodePool.provider"),
-    )]
+    if i.provider not in ("GKE", "Local"):
+        why = {
+            "ConfigConnector": "Config Connector's ContainerNodePool has no flex-start field",
+            "Existing": "with provider Existing the operator makes no pool, and it does not "
+                        "rely on node auto-provisioning to make Flex-start ones",
+        }[i.provider]
+        return [FlexStartNeedsGke(
+            f"spec.nodePool.flexStart needs spec.nodePool.provider GKE: {why}",
+            ("spec.nodePool.flexStart", "spec.nodePool.provider"),
+        )]
+    if max(nodes_needed, i.min_nodes) < 2:
+        return [FlexStartOnOneNode(
+            f"every replica fits one node, and Compute Engine takes a Flex-start node back "
+            f"after at most {gke.FLEX_START_MAX_RUN_DAYS} days, with the service on it, until "
+            "the autoscaler gets another; set spec.nodePool.minNodes: 2 so the replicas "
+            "spread over two nodes",
+            ("spec.nodePool.minNodes",),
+            blocking=False,
+        )]
+    return []
 
 
 def _check_obtainable(machine: str, i: PlanInputs) -> list[Finding]:

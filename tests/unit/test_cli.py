@@ -132,6 +132,22 @@ def test_plan_json() -> None:
     assert [k for k in keys(p) if "_" in k] == []
 
 
+def test_plan_of_a_flex_start_pool() -> None:
+    example = ROOT / "examples" / "h100-flex-start.yaml"
+    status, out, _ = run("plan", "-f", str(example))
+    assert status == 0
+    assert "igs-h100x1-mig3g40gb-flex" in out and ", Flex-start" in out
+    # No price table for the Dynamic Workload Scheduler: the nominal on-demand rate bounds it.
+    assert "at most $" in out and "Flex-start (the nominal on-demand rate)" in out
+    assert "Spot for" not in out and "run at most 7 days" in out
+    assert "FlexStartOnOneNode" not in out  # the example keeps two nodes
+    status, out, _ = run("plan", "-f", "-", stdin=example.read_text().replace(
+        "minNodes: 2", "minNodes: 0"))
+    assert "warning: FlexStartOnOneNode [spec.nodePool.minNodes]" in out
+    status, out, _ = run("plan", "-f", str(example), "-o", "json")
+    assert json.loads(out)[0]["plan"]["flexStart"] is True
+
+
 def test_run_subcommand_is_wired_and_passes_its_arguments(monkeypatch) -> None:
     """``run`` hands its arguments to imagegen_operator.handlers.run, imported only then."""
     import types

@@ -410,7 +410,7 @@ def test_a3_machines_compute_engine_sells_otherwise_are_not_planned_on_demand() 
     ("GKE", True), ("Local", True), ("ConfigConnector", False), ("Existing", False)])
 def test_flex_start_pools_are_made_by_the_gke_provider(provider, workable) -> None:
     p = make_plan(inputs("nvidia-h100-80gb", partition_size="1g.10gb", flex_start=True,
-                         provider=provider))
+                         provider=provider, min_nodes=2))
     assert p.workable == workable
     assert p.nodepool_name == "igs-h100x1-mig1g10gb-flex" and p.flex_start
     if not workable:

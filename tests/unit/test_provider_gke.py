@@ -543,6 +543,18 @@ def test_a_pool_of_ours_with_other_gpus_is_reported_not_used(double, provider):
     assert double.requests_to("POST") == []
 
 
+def test_a_named_pool_made_without_flex_start_is_not_taken_for_a_flex_start_one(double,
+                                                                                provider):
+    before = service(name="sd15-serving")
+    old_plan = make_plan(before.spec)
+    double.seed_pool(pool_name(old_plan), "RUNNING", config=made_by_us(before, old_plan))
+    edited = service(name="sd15-serving", spot=False, flexStart=True)
+    with pytest.raises(ProviderError) as refused:
+        provider.ensure(edited, make_plan(edited.spec), 1)
+    assert refused.value.reason == "PoolConfigMismatch"
+    assert "flex start False (the spec asks for True)" in refused.value.message
+
+
 def test_a_derived_machine_type_may_differ_but_one_asked_for_may_not(double, provider):
     """A derived machine type follows GKE's tables, which an upgrade may change: the pools
     it finds are kept. One the spec names is part of the pool's identity."""
