@@ -37,7 +37,8 @@ class InputError(Exception):
 
 
 def load_resources(paths: Sequence[str], stdin: TextIO) -> list[api.ImageGenService]:
-    """Every ImageGenService in the files (``-`` is stdin); other kinds are skipped."""
+    """Every ImageGenService in the files (``-`` is stdin), in a ``kind: List`` too (what
+    ``kubectl get -o yaml`` prints); other kinds are skipped."""
     resources = []
     for path in paths:
         try:
@@ -45,6 +46,9 @@ def load_resources(paths: Sequence[str], stdin: TextIO) -> list[api.ImageGenServ
             documents = [d for d in yaml.safe_load_all(text) if d]
         except (OSError, yaml.YAMLError) as err:
             raise InputError(f"{path}: {err}") from None
+        documents = [item for doc in documents for item in (
+            doc.get("items") or [] if isinstance(doc, dict) and doc.get("kind") == "List"
+            else [doc])]
         for doc in documents:
             if not isinstance(doc, dict) or doc.get("kind") != api.KIND:
                 continue
@@ -195,7 +199,8 @@ def cmd_plan(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     plans = [(r, plan(r.spec)) for r in resources]
     if args.output == "json":
         doc = [
-            {"name": r.metadata.name, "namespace": r.metadata.namespace, "plan": p.to_dict()}
+            {"name": r.metadata.name, "namespace": r.metadata.namespace or "default",
+             "plan": p.to_dict()}
             for r, p in plans
         ]
         out.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")

@@ -155,6 +155,7 @@ class Operator:
                 service.dirty = True
                 return
             service.running = True
+        finished = False
         try:
             while True:
                 try:
@@ -170,12 +171,16 @@ class Operator:
                 fresh = False
                 with self._guard:
                     if not service.dirty:
+                        # Let go in the same breath as the last look: a trigger after it
+                        # starts a run of its own instead of marking one that is over.
+                        service.running, finished = False, True
                         break
                     service.dirty = False
                 trigger = "coalesced"
         finally:
-            with self._guard:
-                service.running = service.dirty = False
+            if not finished:  # an error: kopf retries the handler, from the live object
+                with self._guard:
+                    service.running = service.dirty = False
 
     def _reconcile_once(
         self, service: _Service, body: dict[str, Any], trigger: str, fresh: bool
@@ -224,17 +229,20 @@ class Operator:
             return None
         return live
 
-    def finalize(self, body: dict[str, Any]) -> None:
+    def finalize(self, body: dict[str, Any], retry: int = 0) -> None:
         uid = body["metadata"]["uid"]
+        # A GKE pool takes minutes to go: asked again sooner at first, then every minute,
+        # not every 5 s (kopf posts each wait as an Event of its own).
+        delay = finalize_delay(retry)
         with self._service(uid).lock:
             try:
                 done = self.reconciler.finalize(body)
             except TransientKubeError as exc:
-                raise kopf.TemporaryError(str(exc), delay=5) from exc
+                raise kopf.TemporaryError(str(exc), delay=delay) from exc
             finally:
                 self._count_writes()
         if not done:
-            raise kopf.TemporaryError("waiting for the node pool to be deleted", delay=5)
+            raise kopf.TemporaryError("waiting for the node pool to be deleted", delay=delay)
         with self._guard:
             self._services.pop(uid, None)
             self._update_gauges()
@@ -262,6 +270,11 @@ class Operator:
         if owner is None or owner["metadata"].get("uid") != ref.get("uid"):
             return None
         return owner
+
+
+def finalize_delay(retry: int) -> float:
+    """Seconds before a delete waiting on its node pool is tried again: 5, 7.5, 11... 60."""
+    return min(5 * 1.5 ** min(retry, 16), 60.0)
 
 
 def _record(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
@@ -375,8 +388,8 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, config: Operat
         operator.reconcile(_plain(body), trigger="pool-poll")
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry)
-    def on_delete(body: kopf.Body, **_: Any) -> None:
-        operator.finalize(_plain(body))
+    def on_delete(body: kopf.Body, retry: int, **_: Any) -> None:
+        operator.finalize(_plain(body), retry)
 
     for child in CHILD_KINDS:
 

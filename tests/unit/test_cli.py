@@ -148,6 +148,18 @@ def test_plan_of_a_flex_start_pool() -> None:
     assert json.loads(out)[0]["plan"]["flexStart"] is True
 
 
+def test_plan_reads_what_kubectl_get_prints() -> None:
+    import yaml
+
+    listed = yaml.safe_dump({"apiVersion": "v1", "kind": "List",
+                             "items": [yaml.safe_load(H100.read_text())]})
+    status, out, _ = run("plan", "-f", "-", "-o", "json", stdin=listed)
+    assert status == 0 and json.loads(out)[0]["name"] == "sd15-small"
+    example = ROOT / "examples" / "a100-autoscaling.yaml"  # no namespace: kubectl's default
+    status, out, _ = run("plan", "-f", str(example), "-o", "json")
+    assert json.loads(out)[0]["namespace"] == "default"
+
+
 def test_run_subcommand_is_wired_and_passes_its_arguments(monkeypatch) -> None:
     """``run`` hands its arguments to imagegen_operator.handlers.run, imported only then."""
     import types

@@ -518,6 +518,30 @@ def test_the_precompile_job_runs_the_serving_pod_without_serving():
     assert not selector.items() <= labels.items()
 
 
+def test_the_precompile_job_gets_none_of_the_serving_secrets():
+    server = {"authSecretRef": {"name": "tok", "key": "token"},
+              "provenance": {"signingSecretRef": {"name": "c2pa"}}}
+    r = resource(pipeline=PRECOMPILE, gpu=H100_MIG_TS2, server=server)
+    serving = pod_spec(r)
+    names = {v["name"] for v in serving["volumes"]}
+    assert {"auth-token", "c2pa-signing"} <= names  # the serving pod has them
+    pod = precompile_job(r)["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert not {"auth-token", "c2pa-signing"} & {v["name"] for v in pod.get("volumes", [])}
+    assert not {"auth-token", "c2pa-signing"} & {
+        m["name"] for m in container.get("volumeMounts", [])}
+    assert not [e for e in container["env"]
+                if e["name"].startswith(("IMAGEGEN_AUTH", "IMAGEGEN_C2PA"))]
+    assert any(v["name"] != "auth-token" for v in pod["volumes"])  # the cache volume stays
+
+
+def test_a_rollout_may_take_a_new_node_and_a_whole_compile():
+    compiled = deployment(resource(pipeline=PRECOMPILE))["spec"]["progressDeadlineSeconds"]
+    plain = deployment(resource(pipeline={"compile": {"enabled": False}}))["spec"][
+        "progressDeadlineSeconds"]
+    assert compiled > plain > 600  # Kubernetes' default would fail a compiling rollout
+
+
 def test_the_precompile_job_is_named_for_what_it_compiles():
     name = precompile_job(resource(pipeline=PRECOMPILE))["metadata"]["name"]
     assert name == precompile_job(resource(pipeline=PRECOMPILE, replicas=5))["metadata"]["name"]
@@ -539,3 +563,10 @@ def test_a_held_deployment_has_no_replicas_and_no_job_without_asking():
     unasked = resource(pipeline={"compile": {"enabled": True,
                                              "cache": {"pvcName": "compile-cache"}}})
     assert not [o for o in render_workload(unasked) if o["kind"] == "Job"]
+
+
+def test_an_existing_pool_the_spec_names_is_the_one_its_pods_select():
+    unnamed = pod_spec(resource(nodePool={"provider": "Existing"}))["nodeSelector"]
+    assert "cloud.google.com/gke-nodepool" not in unnamed  # auto-provisioning names its own
+    named = pod_spec(resource(nodePool={"provider": "Existing", "name": "t4-shared"}))
+    assert named["nodeSelector"]["cloud.google.com/gke-nodepool"] == "t4-shared"

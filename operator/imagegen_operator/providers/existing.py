@@ -34,7 +34,9 @@ class ExistingProvider:
         self, resource: ImageGenService, plan: Plan, target_nodes: int,
         bounds: NodeBounds | None = None,
     ) -> PoolState:
-        selector = ",".join(f"{k}={v}" for k, v in sorted(nodeselector(plan).items()))
+        named = resource.spec.node_pool.name is not None  # then that pool's nodes only
+        selector = ",".join(
+            f"{k}={v}" for k, v in sorted(nodeselector(plan, pool_named=named).items()))
         nodes = [n for n in self.kube.list("v1", "Node", label_selector=selector) if node_ready(n)]
         if nodes:
             return PoolState(

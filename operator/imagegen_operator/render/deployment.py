@@ -66,17 +66,19 @@ GCSFUSE_DRIVER = "gcsfuse.csi.storage.gke.io"
 
 
 
-def nodeselector(plan: Plan, provider: str = "Existing") -> dict[str, str]:
+def nodeselector(plan: Plan, provider: str = "Existing", pool_named: bool = False
+                 ) -> dict[str, str]:
     """GKE's node labels for this GPU config (the labels :mod:`imagegen_operator.gke` lists).
 
     With a pool the operator makes (GKE, ConfigConnector, Local) the pods also select that
     pool by name, so they never land on another pool with the same GPUs (another service's,
-    or an on-demand one when this one is Spot). An Existing pool's name is not known (node
-    auto-provisioning names its own), so there the GPU labels alone select. Spot pods select
+    or an on-demand one when this one is Spot). An Existing pool's name is not known unless
+    the spec names it (``pool_named``; node auto-provisioning names its own), so otherwise
+    the GPU labels alone select. Spot pods select
     Spot nodes with either, and Flex-start pods Flex-start nodes.
     """
     labels = {gke.LABEL_ACCELERATOR: plan.gpu_type}
-    if provider in POOL_PROVIDERS:
+    if provider in POOL_PROVIDERS or pool_named:
         labels[gke.LABEL_NODEPOOL] = plan.nodepool_name
     if plan.spot:
         labels[gke.LABEL_SPOT] = "true"
@@ -148,6 +150,18 @@ def mps_env(plan: Plan) -> list[dict[str, str]]:
             "value": mps_pinned_memory_limit(plan.mps_pinned_memory_mib or 0),
         },
     ]
+
+
+# How long GKE may take to bring a GPU node for a new pod (scale-up, Spot or Flex-start
+# capacity, driver install), on top of a pod's own start.
+NODE_PROVISIONING_S = 20 * 60
+
+
+def progress_deadline_s(resource: ImageGenService) -> int:
+    """The Deployment's progressDeadlineSeconds: a new node and a whole start, compile
+    included. Kubernetes' default (600 s) would mark a compiling rollout failed
+    (ProgressDeadlineExceeded) long before its pods may be ready."""
+    return NODE_PROVISIONING_S + startup_failure_threshold(resource) * STARTUP_PERIOD_S
 
 
 def startup_failure_threshold(resource: ImageGenService) -> int:
@@ -361,7 +375,8 @@ def render_deployment(
         "volumeMounts": mounts,
     }
     pod_spec: dict[str, Any] = {
-        "nodeSelector": nodeselector(plan, spec.node_pool.provider),
+        "nodeSelector": nodeselector(plan, spec.node_pool.provider,
+                                     spec.node_pool.name is not None),
         "tolerations": tolerations(spec.node_pool.provider),
         "topologySpreadConstraints": topology_spread(resource),
         "securityContext": pod_security_context(),
@@ -387,6 +402,7 @@ def render_deployment(
         "metadata": object_meta(resource),
         "spec": {
             "replicas": 0 if held else spec.replicas,
+            "progressDeadlineSeconds": progress_deadline_s(resource),
             "selector": {"matchLabels": selector_labels(resource)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": rolling_update(spec, plan, moving)},
             "template": {"metadata": template_meta, "spec": pod_spec},

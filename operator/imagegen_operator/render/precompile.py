@@ -40,6 +40,12 @@ from imagegen_operator.render.deployment import (
 PRECOMPILE_APP = "imagegen-precompile"
 # What a Job's pod drops from the serving container: it serves nothing and is never probed.
 _SERVING_ONLY = ("ports", "lifecycle", "startupProbe", "readinessProbe", "livenessProbe")
+# Nor does it answer requests or sign images: the serving secrets stay out of its pod (and a
+# missing one cannot hold it in ContainerCreating while the service waits on it).
+_SERVING_SECRETS = ("auth-token", "c2pa-signing")
+_SERVING_SECRET_ENV = tuple(f"IMAGEGEN_{name}" for name in (
+    "AUTH_TOKEN_FILE", "C2PA_CERT_FILE", "C2PA_KEY_FILE", "C2PA_ALGORITHM",
+    "C2PA_TIMESTAMP_URL"))
 _HASH_CHARS = 10
 # The server settings compiled code depends on (the server's artifacts key is finer: it also
 # holds the torch version and the GPU model, which the image and the node selector decide).
@@ -90,6 +96,16 @@ def render_precompile_job(
     container = pod["containers"][0]
     for key in _SERVING_ONLY:
         container.pop(key, None)
+    pod["volumes"] = [v for v in pod.get("volumes", []) if v["name"] not in _SERVING_SECRETS]
+    container["volumeMounts"] = [m for m in container.get("volumeMounts", [])
+                                 if m["name"] not in _SERVING_SECRETS]
+    container["env"] = [e for e in container.get("env", [])
+                        if e["name"] not in _SERVING_SECRET_ENV]
+    for key in ("volumes",):
+        if not pod[key]:
+            del pod[key]
+    if not container["volumeMounts"]:
+        del container["volumeMounts"]
     container["args"] = ["precompile"]
     pod.pop("topologySpreadConstraints", None)  # they spread the serving pods
     pod["restartPolicy"] = "Never"

@@ -1,0 +1,87 @@
+"""The kopf handlers' own bookkeeping: triggers that arrive during a reconcile fold into one
+more run and none is dropped; a delete waiting on its pool asks less and less often. The
+real handler code, with the reconciler replaced by a recorder (an in-memory stand-in: what
+is tested is the handlers, not a reconcile)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+from imagegen_operator import handlers
+from imagegen_operator.reconcile import Outcome
+
+
+class LiveObject:
+    """What the handler reads the live service from: always the same object."""
+
+    writes = 0
+
+    def get(self, api_version, kind, name, namespace):
+        return BODY
+
+
+class RecordingReconciler:
+    services = None
+
+    def __init__(self) -> None:
+        self.runs = 0
+        self.kube = LiveObject()
+
+    def reconcile(self, body):
+        self.runs += 1
+        return Outcome(ready=True)
+
+
+class HookedLock:
+    """A lock that calls ``hook(where)`` after each release, ``where`` naming the function
+    that held it, until the hook says it is done."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.hook = None
+
+    def __enter__(self):
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+        where = sys._getframe(1).f_code.co_name
+        if self.hook is not None and self.hook(where):
+            self.hook = None
+
+
+BODY = {"metadata": {"uid": "u1", "name": "s", "namespace": "ns"}}
+
+
+def test_a_trigger_right_after_the_last_look_is_run_not_dropped() -> None:
+    reconciler = RecordingReconciler()
+    operator = handlers.Operator(reconciler)
+    guard = operator._guard = HookedLock()
+    triggered = []
+
+    def trigger_once_the_run_is_over(where: str) -> bool:
+        service = operator._services.get("u1")
+        # The loop's last look, in Operator.reconcile itself, once the run is done.
+        if where != "reconcile" or reconciler.runs != 1 or service.dirty:
+            return False
+        # Between the run's last look at its queue and its end: an update arrives.
+        thread = threading.Thread(
+            target=lambda: triggered.append(operator.reconcile(BODY, "update", fresh=True)))
+        guard.hook = None
+        thread.start()
+        thread.join(10)
+        return True
+
+    guard.hook = trigger_once_the_run_is_over
+    operator.reconcile(BODY, "timer", fresh=True)
+    assert triggered == [None]
+    assert reconciler.runs == 2
+    service = operator._services["u1"]
+    assert not service.running and not service.dirty
+
+
+def test_a_delete_waiting_on_its_pool_asks_less_and_less_often() -> None:
+    delays = [handlers.finalize_delay(retry) for retry in range(12)]
+    assert delays[0] == 5 and delays == sorted(delays) and delays[-1] == 60
