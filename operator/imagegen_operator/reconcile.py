@@ -414,6 +414,21 @@ class Reconciler:
             )
         return max(min_nodes, min(needed, max_nodes)), (min_nodes, max_nodes), short
 
+    def _neighbour_replicas(self, resource: ImageGenService, the_plan: Plan) -> int:
+        """The replicas the other services on this service's pool run (spec.replicas, which
+        their autoscalers write), for whether a rollout may surge into the pool."""
+        key = self.pool_key(resource, the_plan)
+        total = 0
+        for body in self._all_services():
+            if body["metadata"].get("deletionTimestamp") or (
+                    body["metadata"].get("uid") == resource.metadata.uid):
+                continue
+            other, other_plan = self._parsed_plan(body)
+            if other is not None and other_plan is not None and other_plan.workable and (
+                    self.pool_key(other, other_plan) == key):
+                total += other.spec.replicas
+        return total
+
     # --- the steps ------------------------------------------------------------
 
     def _apply_workload(
@@ -435,13 +450,15 @@ class Reconciler:
         generation = resource.metadata.generation
         blind = spec_changed and memo.applied != generation
         rejected: list[str] = []
-        desired = render_workload(resource, the_plan, self.server_image, moving=moving)
+        neighbours = self._neighbour_replicas(resource, the_plan)
+        desired = render_workload(resource, the_plan, self.server_image, moving=moving,
+                                  neighbours=neighbours)
         job = next((o for o in desired if o["kind"] == "Job"), None)
         precompile = self._precompile(resource, job, previous, rejected)
         if precompile is not None and precompile.held:
             # Only while a new service's Job runs: the Deployment again, at 0 replicas.
             desired = render_workload(resource, the_plan, self.server_image, held=True,
-                                      moving=moving)
+                                      moving=moving, neighbours=neighbours)
         wanted = {(o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in desired}
         deployment = None
         for obj in desired:

@@ -533,6 +533,22 @@ def test_a_failing_gke_api_is_asked_with_exponential_backoff_by_all_its_users(wo
     assert world.condition("user-0", "Stalled")["status"] == "False"  # it passes by itself
 
 
+def test_services_that_fill_a_shared_pool_roll_out_without_a_surge(world) -> None:
+    """Two services, one replica each, on a Local pool of one node holding two (an L4
+    time-shared by two): a surge pod of either would wait for a slot that never frees."""
+    for name in ("left", "right"):
+        world.create(name, node_pool={"provider": "Local", "maxNodes": 1})
+    for name in ("left", "right"):
+        world.reconcile(name)
+    for name in ("left", "right"):
+        strategy = world.kube.objects[("apps/v1", "Deployment", "ns", name)]["spec"]["strategy"]
+        assert strategy["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}, name
+    world.create("alone", node_pool={"provider": "Local", "maxNodes": 2, "name": "own-pool"})
+    world.reconcile("alone")
+    strategy = world.kube.objects[("apps/v1", "Deployment", "ns", "alone")]["spec"]["strategy"]
+    assert strategy["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+
+
 def test_a_gke_outage_leaves_a_serving_service_ready(world) -> None:
     """GKE unreachable says nothing of the nodes: a service that served goes on being Ready,
     and its NodePoolReady says why the pool could not be read."""

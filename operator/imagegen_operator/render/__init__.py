@@ -68,16 +68,19 @@ def render_workload(
     default_image: str = DEFAULT_SERVER_IMAGE,
     held: bool = False,
     moving: bool = False,
+    neighbours: int = 0,
 ) -> list[dict[str, Any]]:
     """The precompile Job (when asked for), Deployment, Service, PDB, HPA (with autoscaling)
     and monitors (when requested). ``held``: the Deployment at 0 replicas while the Job runs;
-    ``moving``: the service is moving to a new node pool (its rollout may always surge)."""
+    ``moving``: the service is moving to a new node pool (its rollout may always surge);
+    ``neighbours``: the replicas other services run on the same pool."""
     the_plan = the_plan or plan(resource.spec)
     _check(resource, the_plan)
     job = render_precompile_job(resource, the_plan, default_image)
     objects = [] if job is None else [job]
     objects += [
-        render_deployment(resource, the_plan, default_image, held=held, moving=moving),
+        render_deployment(resource, the_plan, default_image, held=held, moving=moving,
+                          neighbours=neighbours),
         render_service(resource),
         render_pdb(resource, the_plan),
     ]

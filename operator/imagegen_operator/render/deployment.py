@@ -356,6 +356,7 @@ def render_deployment(
     default_image: str = DEFAULT_SERVER_IMAGE,
     held: bool = False,
     moving: bool = False,
+    neighbours: int = 0,
 ) -> dict[str, Any]:
     """``default_image`` is used when spec.server.image is unset (the operator's setting);
     ``held``: 0 replicas for now, while the precompile Job runs (precompile.py); ``moving``:
@@ -404,20 +405,24 @@ def render_deployment(
             "replicas": 0 if held else spec.replicas,
             "progressDeadlineSeconds": progress_deadline_s(resource),
             "selector": {"matchLabels": selector_labels(resource)},
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": rolling_update(spec, plan, moving)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": rolling_update(spec, plan, moving,
+                                                                              neighbours)},
             "template": {"metadata": template_meta, "spec": pod_spec},
         },
     }
 
 
-def rolling_update(spec: Any, plan: Plan, moving: bool = False) -> dict[str, int]:
+def rolling_update(spec: Any, plan: Plan, moving: bool = False,
+                   neighbours: int = 0) -> dict[str, int]:
     """Surge one pod where the pool has a slot left for it (the autoscaler adds a node if
     needed) rather than take serving capacity away during a rollout. Where the replicas
-    (spec.replicas: the autoscaler writes its count there) fill the pool at its maxNodes, a
-    surge pod would wait Pending for a slot that never comes and hold the rollout for ever:
-    replace one pod at a time instead. A move to a new pool always surges: the old pods hold
-    no slot of the new pool."""
-    full = plan.replicas_at_max_nodes is not None and spec.replicas >= plan.replicas_at_max_nodes
+    (spec.replicas: the autoscaler writes its count there), with the ``neighbours`` other
+    services run on a shared pool, fill the pool at its maxNodes, a surge pod would wait
+    Pending for a slot that never comes and hold the rollout for ever: replace one pod at a
+    time instead. A move to a new pool always surges: the old pods hold no slot of the new
+    pool."""
+    full = (plan.replicas_at_max_nodes is not None
+            and spec.replicas + neighbours >= plan.replicas_at_max_nodes)
     if full and not moving:
         return {"maxSurge": 0, "maxUnavailable": 1}
     return {"maxSurge": 1, "maxUnavailable": 0}
