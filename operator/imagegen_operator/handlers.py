@@ -451,6 +451,17 @@ def _plain(body: kopf.Body) -> dict[str, Any]:
     }
 
 
+def _positive_seconds(text: str) -> float:
+    """A period in seconds: 0 would make every timer a busy loop."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
+    return value
+
+
 def parse_args(argv: Sequence[str]) -> OperatorConfig:
     env = os.environ.get
     p = argparse.ArgumentParser(
@@ -458,7 +469,7 @@ def parse_args(argv: Sequence[str]) -> OperatorConfig:
     )
     p.add_argument(
         "--resync-seconds",
-        type=float,
+        type=_positive_seconds,
         default=float(env("IMAGEGEN_OPERATOR_RESYNC_SECONDS", "30")),
         help="reconcile every service at least this often",
     )

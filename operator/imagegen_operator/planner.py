@@ -121,6 +121,13 @@ class FootprintEstimated(Finding):
     informational = True
 
 
+class AutoscalingUnscraped(Finding):
+    """An HPA on the servers' queue depth, and no monitor for Prometheus to read it with
+    (informational: the pods may be scraped another way)."""
+
+    informational = True
+
+
 class PoolTooSmall(Finding):
     """maxNodes cannot hold the replicas (or the autoscaler's maximum)."""
 
@@ -188,6 +195,7 @@ class PlanInputs:
     flex_start: bool = False  # nodePool.flexStart
     min_nodes: int = 0  # nodePool.minNodes
     max_nodes: int | None = None  # nodePool.maxNodes
+    monitored: bool = True  # monitoring set and enabled (or no autoscaling to feed)
     family: str = "Auto"  # model.family
     dtype: str = "bfloat16"  # model.dtype
     memory_gib: float | None = None  # model.memoryGiB
@@ -477,6 +485,15 @@ def make_plan(inputs: PlanInputs) -> Plan:
     if machine is not None and i.provider in CLOUD_PROVIDERS and not (i.spot or i.flex_start):
         findings += _check_obtainable(machine, i)
     findings += _check_flex_start(i, nodes_needed)
+    if i.max_replicas is not None and not i.monitored:
+        findings.append(AutoscalingUnscraped(
+            "spec.autoscaling scales on imagegen_requests_in_flight per pod, which the HPA "
+            "reads through the custom metrics API (prometheus-adapter, say) from Prometheus; "
+            "spec.monitoring is not set, so no monitor has Prometheus scrape these pods: set "
+            "it, or scrape them another way",
+            ("spec.autoscaling", "spec.monitoring"),
+            blocking=False,
+        ))
     mps = strategy == "MPS"
     return Plan(
         gpu_type=i.gpu_type,
@@ -769,6 +786,7 @@ def inputs_from_spec(spec: ImageGenServiceSpec) -> PlanInputs:
         flex_start=pool.flex_start,
         min_nodes=pool.min_nodes,
         max_nodes=pool.max_nodes,
+        monitored=spec.monitoring is not None and spec.monitoring.enabled,
         family=spec.model.family,
         dtype=spec.model.dtype,
         memory_gib=spec.model.memory_gib,

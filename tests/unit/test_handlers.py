@@ -8,6 +8,8 @@ from __future__ import annotations
 import sys
 import threading
 
+import pytest
+
 from imagegen_operator import handlers
 from imagegen_operator.reconcile import Outcome
 
@@ -85,3 +87,10 @@ def test_a_trigger_right_after_the_last_look_is_run_not_dropped() -> None:
 def test_a_delete_waiting_on_its_pool_asks_less_and_less_often() -> None:
     delays = [handlers.finalize_delay(retry) for retry in range(12)]
     assert delays[0] == 5 and delays == sorted(delays) and delays[-1] == 60
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "inf", "soon"])
+def test_a_resync_period_that_would_spin_is_refused(value: str) -> None:
+    with pytest.raises(SystemExit):
+        handlers.parse_args(["--resync-seconds", value])
+    assert handlers.parse_args(["--resync-seconds", "0.5"]).resync_seconds == 0.5

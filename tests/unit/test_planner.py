@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import yaml
 
@@ -370,6 +372,7 @@ def test_plan_reads_every_field_of_the_api_model() -> None:
         spot=True,
         min_nodes=1,
         max_nodes=3,
+        monitored=False,
         family="SDXL",
         dtype="float16",
         max_batch_size=2,
@@ -377,6 +380,8 @@ def test_plan_reads_every_field_of_the_api_model() -> None:
         height=768,
     )
     assert plan(resource.spec) == make_plan(expected)
+    assert "AutoscalingUnscraped" in reasons(make_plan(expected))
+    assert "AutoscalingUnscraped" not in reasons(make_plan(replace(expected, monitored=True)))
     p = plan(resource.spec)
     assert (p.slots_per_gpu, p.slots_per_node, p.nodes_needed) == (4, 8, 2)
     assert p.nodepool_name == "igs-h100x2-mig3g40gb-mps2-spot"
