@@ -71,7 +71,23 @@ def new_api_client() -> client.ApiClient:
         config.load_kube_config(client_configuration=configuration)
     # One connection per handler thread, so none waits for another's socket.
     configuration.connection_pool_maxsize = CONNECTIONS
-    return client.ApiClient(configuration)
+    return with_default_timeout(client.ApiClient(configuration))
+
+
+def with_default_timeout(api_client: client.ApiClient) -> client.ApiClient:
+    """Every request of ``api_client`` bounded in time, those that name no timeout too: the
+    dynamic client's discovery names none, and a discovery that hangs on a dead connection
+    would hold every reconcile waiting for the discovery lock."""
+    rest = api_client.rest_client
+    request = rest.request
+
+    def bounded(method, url, headers=None, body=None, post_params=None,
+                _request_timeout=None):
+        return request(method, url, headers=headers, body=body, post_params=post_params,
+                       _request_timeout=_request_timeout or _timeout())
+
+    rest.request = bounded
+    return api_client
 
 
 def _error(exc: ApiException, what: str) -> Exception:
