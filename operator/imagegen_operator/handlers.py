@@ -210,7 +210,7 @@ class Operator:
         metrics.RECONCILES.labels(trigger, outcome.result).inc()
         with self._guard:
             service.not_before = started + (outcome.requeue_after or 0.0)
-            service.waiting = not (outcome.ready or outcome.result == "invalid")
+            service.waiting = outcome.pool_on_its_way
             self._update_gauges()
 
     def _update_gauges(self) -> None:

@@ -77,6 +77,7 @@ class Outcome:
     stalled: bool = False  # blocked until a person acts (kstatus' Stalled)
     requeue_after: float | None = None  # run again no sooner than this (a provider's backoff)
     pool_short: str | None = None  # why a shared pool cannot hold what its users must run
+    pool_on_its_way: bool = False  # its pool is being made or changed (and will be)
     notes: list[str] = field(default_factory=list)
 
 
@@ -175,6 +176,7 @@ class Reconciler:
         if target not in recorded:
             self._name_pool_first(body, target)
         pool, pool_stalled, answered = self._ensure_pool(resource, the_plan, target, outcome)
+        outcome.pool_on_its_way = not pool.ready and not pool_stalled
         created = self.created_records(body)
         # Known made once the provider answers; never made while every ask was refused for
         # good. After an error that passes (a create GKE may have taken before its answer

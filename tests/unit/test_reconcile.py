@@ -549,6 +549,18 @@ def test_services_that_fill_a_shared_pool_roll_out_without_a_surge(world) -> Non
     assert strategy["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
 
 
+def test_a_pool_is_on_its_way_while_made_not_once_ready_nor_when_stuck(world) -> None:
+    """What imagegen_operator_nodepool_operations_in_flight counts."""
+    world.create("pooled", gpu=MIG_3G, node_pool={"provider": "GKE", "spot": True})
+    assert world.reconcile("pooled").pool_on_its_way
+    run_until_ready(world, "pooled")
+    assert not world.reconcile("pooled").pool_on_its_way
+    world.double.outage("PERMISSION_DENIED", FORBIDDEN)
+    world.create("stuck", gpu=MIG_3G, node_pool={"provider": "GKE", "spot": True,
+                                                 "name": "stuck-pool"})
+    assert not world.reconcile("stuck").pool_on_its_way
+
+
 def test_a_gke_outage_leaves_a_serving_service_ready(world) -> None:
     """GKE unreachable says nothing of the nodes: a service that served goes on being Ready,
     and its NodePoolReady says why the pool could not be read."""
