@@ -27,6 +27,8 @@ from imagegen_operator.cluster_default import CLUSTER_ENV
 from imagegen_operator.planner import Plan, plan
 from imagegen_operator.render import DEFAULT_SERVER_IMAGE, UnworkableSpec, render_all
 
+# The node-pool objects a provider renders (GKE's request, Config Connector's, KWOK's nodes).
+POOL_KINDS = ("NodePool", "ContainerNodePool", "Node")
 EXIT_OK = 0
 EXIT_REFUSED = 1  # a spec is invalid or cannot run
 EXIT_USAGE = 2  # argparse's own status for bad arguments
@@ -109,8 +111,40 @@ def cmd_render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             for finding in problem.findings:
                 err.write(f"  {finding.reason} [{', '.join(finding.fields)}]: {finding.message}\n")
         return EXIT_REFUSED
+    objects, problems = _one_of_each(objects)
+    for problem in problems:
+        err.write(problem + "\n")
+    if any(p.startswith("error:") for p in problems):
+        return EXIT_REFUSED
     out.write(dump_stream(objects))
     return EXIT_OK
+
+
+def _identity(obj: dict[str, Any]) -> tuple[str, str, str, str]:
+    meta = obj.get("metadata") or {}
+    return obj["apiVersion"], obj["kind"], meta.get("namespace") or "", meta.get("name") or ""
+
+
+def _one_of_each(objects: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Each object once, as an apply of the stream needs it. Services that share a node
+    pool render its object each: it is kept once (a note says so when they size it
+    differently: the operator sizes it for all its users). Anything else twice (two services
+    of one name) is an error."""
+    kept: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    problems = []
+    for obj in objects:
+        key = _identity(obj)
+        first = kept.setdefault(key, obj)
+        if first is obj or first == obj:
+            continue
+        where = f"{key[1]} {key[2] + '/' if key[2] else ''}{key[3]}"
+        if key[1] in POOL_KINDS:
+            problems.append(f"note: {where} is shared by services that size it differently: "
+                            "printed once, as the first asks; the operator sizes it for all")
+        else:
+            problems.append(f"error: {where} is rendered twice, differently: two "
+                            f"{api.KIND}s of one name and namespace?")
+    return list(kept.values()), problems
 
 
 def _money(value: float) -> str:

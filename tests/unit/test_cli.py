@@ -160,6 +160,35 @@ def test_plan_reads_what_kubectl_get_prints() -> None:
     assert json.loads(out)[0]["namespace"] == "default"
 
 
+SHARED = """
+apiVersion: imagegen.dev/v1alpha1
+kind: ImageGenService
+metadata: {name: NAME, namespace: ml}
+spec:
+  model: {uri: gs://bkt/models/m, family: SD15, memoryGiB: 4}
+  gpu: {type: nvidia-l4}
+  nodePool: {provider: ConfigConnector, maxNodes: MAX,
+             cluster: projects/imagegen-prod/locations/us-central1/clusters/serving}
+  replicas: REPLICAS
+"""
+
+
+def shared(*services: tuple[str, int, int]) -> str:
+    return "---".join(SHARED.replace("NAME", n).replace("MAX", str(m)).replace(
+        "REPLICAS", str(r)) for n, m, r in services)
+
+
+def test_render_prints_a_shared_pool_once_and_refuses_two_services_of_one_name() -> None:
+    status, out, err = run("render", "-f", "-", stdin=shared(("a", 3, 2), ("b", 3, 1)))
+    assert status == 0 and out.count("kind: ContainerNodePool") == 1 and not err
+    status, out, err = run("render", "-f", "-", stdin=shared(("a", 3, 2), ("b", 4, 1)))
+    assert status == 0 and out.count("kind: ContainerNodePool") == 1
+    assert "note: ContainerNodePool ml/igs-l4x1 is shared" in err
+    status, out, err = run("render", "-f", "-", stdin=shared(("a", 3, 2), ("a", 3, 1)))
+    assert status == 1 and out == ""
+    assert "error: Deployment ml/a is rendered twice" in err
+
+
 def test_run_subcommand_is_wired_and_passes_its_arguments(monkeypatch) -> None:
     """``run`` hands its arguments to imagegen_operator.handlers.run, imported only then."""
     import types
