@@ -22,7 +22,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -391,18 +391,12 @@ class Reconciler:
         pool = resource.spec.node_pool
         replicas, min_nodes, max_nodes = 0, pool.min_nodes, pool.max_nodes
         floor, users = 0, []
-        for body in self._all_services():
-            if body["metadata"].get("deletionTimestamp"):
-                continue
-            other, other_plan = self._parsed_plan(body)
-            if other is None or other_plan is None or not other_plan.workable:
-                continue
-            if self.pool_key(other, other_plan) == key:
-                replicas += other_plan.target_replicas
-                floor += other_plan.floor_replicas
-                users.append(f"{namespace_of(other)}/{name_of(other)}")
-                min_nodes = max(min_nodes, other.spec.node_pool.min_nodes)
-                max_nodes = max(max_nodes, other.spec.node_pool.max_nodes)
+        for other, other_plan in self._services_on(key):
+            replicas += other_plan.target_replicas
+            floor += other_plan.floor_replicas
+            users.append(f"{namespace_of(other)}/{name_of(other)}")
+            min_nodes = max(min_nodes, other.spec.node_pool.min_nodes)
+            max_nodes = max(max_nodes, other.spec.node_pool.max_nodes)
         per_node = the_plan.slots_per_node
         needed = math.ceil(replicas / per_node) if per_node else 0
         short = None
@@ -416,20 +410,23 @@ class Reconciler:
             )
         return max(min_nodes, min(needed, max_nodes)), (min_nodes, max_nodes), short
 
+    def _services_on(self, key: PoolKey) -> Iterator[tuple[ImageGenService, Plan]]:
+        """Every live service whose workable plan runs on the pool ``key``."""
+        for body in self._all_services():
+            if body["metadata"].get("deletionTimestamp"):
+                continue
+            other, other_plan = self._parsed_plan(body)
+            if other is None or other_plan is None or not other_plan.workable:
+                continue
+            if self.pool_key(other, other_plan) == key:
+                yield other, other_plan
+
     def _neighbour_replicas(self, resource: ImageGenService, the_plan: Plan) -> int:
         """The replicas the other services on this service's pool run (spec.replicas, which
         their autoscalers write), for whether a rollout may surge into the pool."""
-        key = self.pool_key(resource, the_plan)
-        total = 0
-        for body in self._all_services():
-            if body["metadata"].get("deletionTimestamp") or (
-                    body["metadata"].get("uid") == resource.metadata.uid):
-                continue
-            other, other_plan = self._parsed_plan(body)
-            if other is not None and other_plan is not None and other_plan.workable and (
-                    self.pool_key(other, other_plan) == key):
-                total += other.spec.replicas
-        return total
+        return sum(other.spec.replicas
+                   for other, _ in self._services_on(self.pool_key(resource, the_plan))
+                   if other.metadata.uid != resource.metadata.uid)
 
     # --- the steps ------------------------------------------------------------
 
