@@ -141,6 +141,7 @@ def test_plan_of_a_flex_start_pool() -> None:
     assert "at most $" in out and "Flex-start (the nominal on-demand rate)" in out
     assert "Spot for" not in out and "run at most 7 days" in out
     assert "FlexStartOnOneNode" not in out  # the example keeps two nodes
+    assert "for 2 node(s)" in out  # what minNodes keeps running, not the one the pods need
     status, out, _ = run("plan", "-f", "-", stdin=example.read_text().replace(
         "minNodes: 2", "minNodes: 0"))
     assert "warning: FlexStartOnOneNode [spec.nodePool.minNodes]" in out
