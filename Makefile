@@ -13,13 +13,15 @@ help: ## List the targets.
 
 # requirements.lock pins every dependency of every extra, torch included, with hashes;
 # `uv pip sync` installs exactly that set (and removes anything else), then the project
-# itself goes in editable without touching the pins. The stamp makes a second run a no-op.
+# itself goes in editable without touching the pins, built with the locked setuptools (an
+# isolated build would fetch whatever setuptools PyPI has that day). The stamp makes a second run a no-op.
 UV_VERSION := $(shell sed -n 's/^uv==\([^ ]*\).*/\1/p' requirements.lock)
 export UV_PYTHON_DOWNLOADS := never
 $(VENV)/.installed: pyproject.toml requirements.lock
 	@test -x $(VENV)/bin/uv || { $(PYTHON) -m venv $(VENV) && $(PY) -m pip install --quiet 'uv==$(UV_VERSION)'; }
 	$(VENV)/bin/uv pip sync --quiet --compile-bytecode --python $(PY) requirements.lock
-	$(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY) --no-deps -e .
+	$(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY) --no-deps \
+		--no-build-isolation -e .
 	@touch $@
 
 setup: $(VENV)/.installed ## Create .venv with the project and everything its tests need.
@@ -58,6 +60,8 @@ lint: setup ## Ruff over the whole repo.
 # The images first (minutes cold, seconds warm): without docker or podman none is
 # built and the image tests say they were skipped.
 test: setup tools lint ## The whole suite: lint, unit, server, cluster and image tests.
+	@command -v "$${CXX:-g++}" >/dev/null || command -v c++ >/dev/null || { echo "make test:" \
+		"the compile tests need a C++ compiler (torch.compile on the CPU): install g++" >&2; exit 2; }
 	hack/images.sh --optional
 	$(PY) -m pytest
 

@@ -28,7 +28,12 @@ mkdir -p "$bin"
 # Two callers at once (a test and `make tools`) would build the same thing twice.
 exec 9>"$dest/.lock"
 flock 9
-export CGO_ENABLED=0 GOFLAGS=-buildvcs=false GOBIN="$bin"
+# Built into a staging folder, moved into bin/ once whole: a build cut short (a killed run)
+# leaves no half-written binary that the next run would take for a built one.
+stage="$dest/stage.$$"
+rm -rf "$stage" && mkdir -p "$stage"
+trap 'rm -rf "$stage"' EXIT
+export CGO_ENABLED=0 GOFLAGS=-buildvcs=false GOBIN="$stage"
 
 log() { echo "[build-tools] $*" >&2; }
 wants() { [[ " ${wanted[*]} " == *" $1 "* ]]; }
@@ -36,7 +41,7 @@ need() { wants "$1" && [ ! -x "$bin/$1" ]; }
 
 if need etcd; then
   log "building etcd $ETCD_VERSION"
-  (cd "$here/etcd" && go build -trimpath -o "$bin/etcd" .)
+  (cd "$here/etcd" && go build -trimpath -o "$stage/etcd" .)
 fi
 
 # The Kubernetes commands share most of their packages: one `go build` of all that are
@@ -53,7 +58,7 @@ if [ ${#k8s_missing[@]} -gt 0 ]; then
     k8s_ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
   done
   log "building ${k8s_missing[*]##*/} $K8S_VERSION (first time only; several minutes)"
-  (cd "$here/k8s" && go build -trimpath -ldflags "-s -w $k8s_ldflags" -o "$bin/" "${k8s_missing[@]}")
+  (cd "$here/k8s" && go build -trimpath -ldflags "-s -w $k8s_ldflags" -o "$stage/" "${k8s_missing[@]}")
 fi
 
 if need kwok; then
@@ -82,4 +87,7 @@ if need kubeconform; then
   log "building kubeconform $KUBECONFORM_VERSION"
   go install -trimpath -ldflags "-s -w" "github.com/yannh/kubeconform/cmd/kubeconform@$KUBECONFORM_VERSION"
 fi
+for built in "$stage"/*; do
+  [ -e "$built" ] && mv -f "$built" "$bin/"
+done
 echo "$dest"

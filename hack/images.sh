@@ -14,6 +14,8 @@
 # image tests then report themselves skipped. IMAGEGEN_INSTALL_ENGINE=1 (CI) first
 # installs podman from Debian's packages where there is none and apt-get may run.
 set -euo pipefail
+# Errors inside $(...) stop the script too (bash leaves -e off there by default).
+shopt -s inherit_errexit
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 tag=${IMAGEGEN_IMAGE_TAG:-dev}
@@ -40,7 +42,7 @@ engine=${CONTAINER_ENGINE:-}
 if [ -z "$engine" ]; then
   if command -v docker >/dev/null && docker info >/dev/null 2>&1; then engine=docker
   elif command -v podman >/dev/null || install_podman; then engine=podman
-  elif [ $optional = 1 ]; then
+  elif [ $optional = 1 ] && [ "${IMAGEGEN_REQUIRE_IMAGES:-0}" != 1 ]; then
     log "neither docker nor podman: no images built, the image tests will be skipped"
     exit 0
   else echo "images: neither docker nor podman found" >&2; exit 2
