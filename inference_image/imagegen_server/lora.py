@@ -17,6 +17,7 @@ problem diffusers' LoRA hot-swap solves for one adapter at a time (diffusers#927
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,21 +55,29 @@ class AdapterSlot:
         )
         from peft import LoraConfig
 
-        # lora_alpha = r: the slot's own scaling is 1, the scales live in its B.
+        # lora_alpha = r: the slot's own scaling is 1, the scales live in its B. The targets
+        # as one anchored pattern: peft matches a list of names by suffix, and Flux's root
+        # proj_out (kohya's final_layer) would put the slot on every block's proj_out too.
+        pattern = "^(" + "|".join(re.escape(m) for m in modules) + ")$"
         denoiser.add_adapter(
-            LoraConfig(r=self.rank, lora_alpha=self.rank, target_modules=modules,
+            LoraConfig(r=self.rank, lora_alpha=self.rank, target_modules=pattern,
                        init_lora_weights=False),
             adapter_name=SLOT,
         )
-        named = dict(denoiser.named_modules())
-        self.layers = {m: named[m] for m in modules}
+        # Every module the slot landed on, so that every one is written (zeros where no
+        # declared adapter has factors): none keeps peft's random initial weights.
+        self.layers = {name: module for name, module in denoiser.named_modules()
+                       if SLOT in (getattr(module, "lora_A", None) or {})}
+        missing = set(modules) - set(self.layers)
+        if missing:
+            raise LoraError(f"the LoRA slot did not reach {', '.join(sorted(missing))}")
         for layer in self.layers.values():
             for weight in (layer.lora_A[SLOT].weight, layer.lora_B[SLOT].weight):
                 weight.requires_grad_(False)
         self.active: AdapterSet | None = None
         self.activate(())
         log.info("LoRA adapters %s on %d modules, slot rank %d",
-                 ", ".join(self.factors), len(modules), self.rank)
+                 ", ".join(self.factors), len(self.layers), self.rank)
 
     @property
     def names(self) -> Sequence[str]:

@@ -342,7 +342,7 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 def make_tiny_lora(
     directory: str | Path, model_dir: str | Path, *, seed: int = 0, rank: int = 4,
-    targets: list[str] | None = None,
+    targets: list[str] | str | None = None,
 ) -> Path:
     """Write a random LoRA (peft) for the denoiser of the pipeline at ``model_dir``.
 

@@ -189,3 +189,21 @@ def test_openai_client_names_adapters_on_generations_and_edits(
     with pytest.raises(openai.BadRequestError) as caught:
         client.images.generate(prompt="x", extra_body={"lora": [{"name": "ink", "weight": 1}]})
     assert caught.value.body["param"] == "lora.0.weight"
+
+
+def test_a_flux_lora_on_the_final_projection_reaches_nothing_else(make_runtime, tiny_models,
+                                                                  tmp_path):
+    # Kohya's final_layer is Flux's root proj_out; each single block has a proj_out too, which
+    # a slot matched by name suffix would also carry, with random weights.
+    lora = make_tiny_lora(tmp_path / "final", tiny_models["flux"], seed=4, rank=2,
+                          targets="^proj_out$")
+    small = {"warmup": False, "default_width": 64, "default_height": 64}
+    runtime = make_runtime("flux", loras=[{"name": "final", "uri": str(lora)}], **small)
+    assert list(runtime.steps.adapters.layers) == ["proj_out"]
+    plain = make_runtime("flux", **small)
+    without = runtime.engine.generate(runtime.params("a boat", seed=5), timeout_s=60)[0]
+    base = plain.engine.generate(plain.params("a boat", seed=5), timeout_s=60)[0]
+    assert mean_abs_diff(without, base) == 0.0
+    adapted = runtime.engine.generate(
+        runtime.params("a boat", seed=5, lora=[("final", 1.0)]), timeout_s=60)[0]
+    assert mean_abs_diff(adapted, base) > 0
