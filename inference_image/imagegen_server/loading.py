@@ -149,12 +149,20 @@ def load_model(settings: ServerSettings) -> LoadedModel:
     pipeline.set_progress_bar_config(disable=True)
     pipeline.to(device)
     vae = getattr(pipeline, "vae", None)
-    if vae is not None and dtype == _fp16() and getattr(vae.config, "force_upcast", False):
-        # diffusers upcasts the VAE around each decode and casts it back, mutating a shared
-        # module; with decodes running on their own thread it stays float32 instead.
+    if upcasts_vae(detected, dtype, vae):
+        # diffusers' SDXL pipelines upcast the VAE around each decode (and an edit's encode)
+        # and cast it back, mutating a shared module; with decodes on their own thread it
+        # stays float32 instead. The other families' pipelines run it in float16 as loaded.
         vae.to(dtype=_fp32())
     name = settings.model_name or _model_name(settings.model, path)
     return LoadedModel(pipeline, detected, path, name, device, dtype)
+
+
+def upcasts_vae(family: Family, dtype, vae) -> bool:
+    """Whether diffusers' own pipeline of ``family`` runs this VAE in float32 at ``dtype``:
+    only SDXL's read ``force_upcast``."""
+    return (vae is not None and family == Family.SDXL and dtype == _fp16()
+            and bool(getattr(vae.config, "force_upcast", False)))
 
 
 def _model_name(uri: str, path: Path) -> str:

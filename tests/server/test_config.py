@@ -87,3 +87,21 @@ def test_config_imports_without_torch():
     env = {**os.environ, "PYTHONPATH": str(REPO / "inference_image")}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("family", "dtype", "upcast"),
+    [("SDXL", "float16", True), ("SD15", "float16", False), ("SD3", "float16", False),
+     ("Flux", "float16", False), ("SDXL", "bfloat16", False), ("SDXL", "float32", False)],
+)
+def test_the_vae_runs_in_float32_where_diffusers_own_pipeline_upcasts_it(family, dtype, upcast):
+    # Only SDXL's pipelines read force_upcast; the others decode in the dtype they loaded.
+    from types import SimpleNamespace
+
+    import torch
+
+    from imagegen_server.config import Family
+    from imagegen_server.loading import upcasts_vae
+
+    vae = SimpleNamespace(config=SimpleNamespace(force_upcast=True))
+    assert upcasts_vae(Family(family), getattr(torch, dtype), vae) is upcast
