@@ -145,18 +145,24 @@ class AotDenoiser:
             self.scratch = tempfile.TemporaryDirectory(prefix="imagegen-aot-")
         return Path(self.scratch.name)
 
-    def _signatures_on_disk(self) -> list[tuple[int, ...]]:
+    def _index(self) -> dict:
+        """The volume's index of this key's packages (empty when there is none)."""
         if self.directory is None:
-            return []
+            return {}
         index = self.directory / f"{self.key}.json"
         if not index.is_file():
-            return []
+            return {}
         try:
-            return [tuple(s) for s in json.loads(index.read_text())["signatures"]]
+            found = json.loads(index.read_text())
+            found["signatures"] = [tuple(s) for s in found["signatures"]]
+            return found
         except (OSError, ValueError, KeyError, TypeError) as exc:
             # Cut short by a node that died mid-write, or not ours: compile, do not fail.
             log.warning("AOT index %s unreadable, compiling instead: %s", index, exc)
-            return []
+            return {}
+
+    def _signatures_on_disk(self) -> list[tuple[int, ...]]:
+        return self._index().get("signatures", [])
 
     # --- load -----------------------------------------------------------------------------
     def load(self) -> None:
@@ -201,6 +207,11 @@ class AotDenoiser:
     def compile_missing(self, steps: FamilySteps, settings: ServerSettings) -> None:
         """Compile a package for each admitted size without one: from the calls an eager
         warm-up makes, recorded."""
+        index = self._index()
+        if index.get("complete") and set(index["signatures"]) <= set(self.packages):
+            # Every input shape of every admitted size, all loaded: sizes may share one
+            # (Flux's 768x1344 and 1344x768 make the same token count), so not one per size.
+            return
         if len(self.packages) >= len(admitted_sizes(steps, settings)):
             return
         with self.capture():
@@ -210,6 +221,7 @@ class AotDenoiser:
     def build(self) -> None:
         """Export and compile a package for each captured shape, save it, then load it."""
         saved = []
+        wanted = len(self.captured)
         for signature, (args, kwargs) in self.captured.items():
             started = time.perf_counter()
             path = self._compile(signature, args, kwargs)
@@ -222,10 +234,12 @@ class AotDenoiser:
         self.captured.clear()
         if saved:
             signatures = sorted({*self._signatures_on_disk(), *saved})
+            # Complete: this warm-up's every new shape saved, so the volume holds them all.
+            complete = len(saved) == wanted
             with contextlib.suppress(OSError):  # _save has said what the volume refused
                 write_atomically(self.directory / f"{self.key}.json", json.dumps(
-                    {"parts": self.parts, "signatures": signatures}, indent=2, sort_keys=True,
-                    default=str).encode())
+                    {"parts": self.parts, "signatures": signatures, "complete": complete},
+                    indent=2, sort_keys=True, default=str).encode())
                 self.saved += [self._name(s) for s in saved]
 
     def _save(self, package: Path) -> bool:

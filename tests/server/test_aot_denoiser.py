@@ -5,6 +5,7 @@ and draws its own images. Each start is its own process, as a pod's is."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -46,7 +47,7 @@ def test_packages_compiled_once_serve_later_starts_and_other_weights(tiny_models
     packages = sorted(p.name.split("-")[1] for p in (cache / "aot").glob("*.pt2"))
     assert packages == ["4x32x32.pt2", "4x32x48.pt2"]
     index = json.loads((cache / "aot" / f"{cold['key']}.json").read_text())
-    assert index["parts"]["sizes"] == ["64x64", "96x64"]
+    assert index["parts"]["sizes"] == ["64x64", "96x64"] and index["complete"] is True
 
     warm = start(settings, tmp_path / "warm.npy")
     assert warm["key"] == cold["key"] and warm["artifacts"] == "loaded"
@@ -71,6 +72,27 @@ def test_packages_compiled_once_serve_later_starts_and_other_weights(tiny_models
     other_image = np.load(tmp_path / "other.npy").astype(int)
     assert_same_arithmetic(other_image, eager_image(other))
     assert np.abs(other_image - warm_image).max() > 10
+
+
+@pytest.mark.parametrize(("complete", "warms_up"), [(True, False), (False, True)])
+def test_a_complete_index_is_enough_when_sizes_share_an_input_shape(tmp_path, monkeypatch,
+                                                                    complete, warms_up):
+    # Flux's 768x1344 and 1344x768 make one token count, so one package for two sizes: a
+    # complete index with every package loaded needs no eager warm-up at the next start.
+    from imagegen_server import aot_denoiser
+
+    aot = aot_denoiser.AotDenoiser(module=None, directory=tmp_path, parts={"sizes": 2},
+                                   most_rows=2, inductor_configs={})
+    (tmp_path / f"{aot.key}.json").write_text(json.dumps(
+        {"parts": aot.parts, "signatures": [[4032, 64]], "complete": complete}))
+    aot.packages[(4032, 64)] = object()
+    ran = []
+    monkeypatch.setattr(aot_denoiser, "admitted_sizes", lambda steps, settings: ["a", "b"])
+    monkeypatch.setattr(aot_denoiser, "warm_up", lambda steps, settings: ran.append(1))
+    monkeypatch.setattr(aot, "capture", contextlib.nullcontext)
+    monkeypatch.setattr(aot, "build", lambda: None)
+    aot.compile_missing(steps=None, settings=None)
+    assert bool(ran) is warms_up
 
 
 @pytest.mark.parametrize(
