@@ -73,15 +73,17 @@ def configure_compile_cache(directory) -> None:
     inductor_config.fx_graph_cache = True
 
 
+def has_repeated_blocks(module: torch.nn.Module) -> bool:
+    """Whether diffusers can compile ``module`` block by block (regional compilation)."""
+    return bool(getattr(module, "_repeated_blocks", None)
+                and hasattr(module, "compile_repeated_blocks"))
+
+
 def compile_denoiser(pipeline, mode: str, regional: bool) -> tuple[str, bool]:
     """torch.compile the denoiser; regional compiles just its repeated blocks (much faster cold)."""
     module = denoiser(pipeline)
     name = type(module).__name__
-    if (
-        regional
-        and getattr(module, "_repeated_blocks", None)
-        and hasattr(module, "compile_repeated_blocks")
-    ):
+    if regional and has_repeated_blocks(module):
         module.compile_repeated_blocks(mode=mode, fullgraph=False)
         return f"{name} (repeated blocks: {', '.join(module._repeated_blocks)})", True
     if regional:

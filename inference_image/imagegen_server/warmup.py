@@ -28,13 +28,20 @@ from . import denoiser_cache
 from .config import ServerSettings
 from .engine import admitted_sizes, default_size
 from .families import FamilySteps
-from .optimize import denoiser
+from .optimize import denoiser, has_repeated_blocks
 from .request import GenerationParams, Job
 
 log = logging.getLogger(__name__)
 
 # Rows in the order that leaves dynamo one static graph for 2, one symbolic for 2..N, one for 1.
 ROW_ORDER = (2, 3, 1)
+POWERS_OF_TWO = tuple(2**k for k in range(2, 11))
+
+
+def compiles_regionally(steps: FamilySteps, settings: ServerSettings) -> bool:
+    """Whether the denoiser is compiled block by block (optimize.compile_denoiser): only a
+    model with repeated blocks is, when compile_regional asks for it."""
+    return bool(settings.compile_regional) and has_repeated_blocks(denoiser(steps.pipeline))
 
 
 @dataclass
@@ -60,6 +67,13 @@ def warmup_plan(steps: FamilySteps, settings: ServerSettings) -> list[tuple[int,
     # Ahead-of-time packages take any rows from 1 up: one batch per size, of 2 rows, which is
     # also the call a package is exported from (aot_denoiser.py).
     rows = [2] if settings.compile_aot else [r for r in ROW_ORDER if r <= most_rows(settings)]
+    if not settings.compile_aot and not compiles_regionally(steps, settings):
+        # A whole compiled denoiser splits its rows range where its code branches on the batch
+        # (diffusers' upsampler at 64 rows, CPU convolutions at 16): a batch past a split
+        # would recompile in service. Those splits fall on powers of two, and warm-up runs
+        # each of them up to the most rows a batch holds, and that most itself.
+        most = most_rows(settings)
+        rows += [r for r in dict.fromkeys((*POWERS_OF_TWO, most)) if 3 < r <= most]
     plan = []
     for size in admitted_sizes(steps, settings):
         width, height = (int(side) for side in size.split("x"))

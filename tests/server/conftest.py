@@ -74,6 +74,9 @@ def compile_cache(request, monkeypatch) -> Iterator[str]:
     precompile = dynamo.caching_precompile
     yield str(request.config.cache.mkdir("imagegen-inductor"))
     dynamo.caching_precompile = precompile
+    # Dynamo learns which dimensions vary (its profile-guided dynamic shapes) per code object,
+    # in this process: what one test's shapes taught it must not spare the next a recompile.
+    torch._dynamo.reset()
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -81,3 +82,25 @@ def test_a_compiled_service_without_a_size_list_admits_its_default_size_only(mak
     assert refused.value.field == "size"
     assert "compiled for the default size only" in str(refused.value)
     assert "spec.pipeline.limits.sizes" in str(refused.value)
+
+
+@pytest.mark.slow
+def test_a_whole_compiled_denoiser_takes_its_largest_batch_without_a_recompile(
+        make_runtime, compile_cache):
+    # Not block by block: the whole UNet's graph splits its rows range (CPU convolutions at
+    # 16 rows), which warm-up covers at each power of two up to the most a batch holds.
+    # A cache of its own: what this whole UNet's shapes teach dynamo stays out of the others'.
+    runtime = make_runtime(
+        "sd15", compile_enabled=True, compile_mode="default", compile_regional=False,
+        compile_cache_dir=os.path.join(compile_cache, "whole-module"), channels_last=False,
+        max_batch_size=4, max_images_per_request=2, batch_window_ms=500)
+    assert [rows for _, _, rows in runtime.warmup.batches] == [2, 3, 1, 4, 8, 16]
+    asked = [runtime.params(f"full {i}", seed=i, n=2, steps=1, guidance_scale=5.0)
+             for i in range(4)]
+    jobs = [runtime.engine.submit(params, timeout_s=300) for params in asked]
+    for job in jobs:
+        assert len(job.future.result(300)) == 2
+    registry = runtime.metrics.registry
+    assert registry.get_sample_value(
+        "imagegen_stage_batch_size_sum", {"stage": "denoise"}) == 4  # one batch, 16 rows
+    assert runtime.metrics.recompiles.since_ready == 0
