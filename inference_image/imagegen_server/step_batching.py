@@ -150,6 +150,10 @@ class StepBatchingStage(Stage):
                 self.on_output(job, None)
             except Exception as exc:
                 job.fail(exc)
+        if not self.running:
+            # Done: the stage may now wait a long time for the next request, and must not
+            # hold the last batch's conditioning (device memory) and its jobs meanwhile.
+            self._forget_batch()
 
     def _step(self, batch: list[Job], joined: list[Job]) -> None:
         self.family.start_all(joined)

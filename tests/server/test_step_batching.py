@@ -176,3 +176,13 @@ def test_a_request_that_cannot_start_fails_alone(make_runtime, reference_pipelin
     expected = pipe(**runtime.steps.reference_kwargs(steady)).images
     assert mean_abs_diff(kept.future.result(60)[0], expected[0]) < 1.0
     wait_until(lambda: runtime.engine.in_flight == 0)
+
+
+def test_an_idle_stage_lets_go_of_its_last_batch(make_runtime):
+    runtime = step_runtime(make_runtime)
+    denoise = runtime.engine.stages[1]
+    job = runtime.engine.submit(runtime.params("a kite", seed=4), timeout_s=60)
+    assert len(job.future.result(60)) == 1
+    # Nothing arrives: the conditioning and the jobs of the batch that ended are not held.
+    wait_until(lambda: not denoise.running and denoise._members == [])
+    assert denoise._inputs is None
