@@ -282,10 +282,7 @@ class Reconciler:
     def recorded_pools(self, body: dict[str, Any]) -> list[PoolKey]:
         """Every pool status records: the one it runs on, the one it is moving to, and
         those it has left that are not gone yet; in that order, each once."""
-        pool = (body.get("status") or {}).get("nodePool") or {}
-        refs = [pool, pool.get("movingTo") or {}, *(pool.get("releasing") or [])]
-        keys = (self._recorded_key(body, ref) for ref in refs)
-        return list(dict.fromkeys(k for k in keys if k is not None))
+        return list(self.created_records(body))
 
     def created_records(self, body: dict[str, Any]) -> dict[PoolKey, bool | None]:
         """What status records of each pool it names: ``created`` true (its provider once

@@ -194,6 +194,18 @@ def test_create_answered_already_exists_is_provisioning(double, provider, resour
 # --- conflicts and errors ----------------------------------------------------------------
 
 
+def busy_delays(double, provider, resource, plan, count: int) -> list[float]:
+    """The retry delays of ``count`` ensures the cluster refuses as busy."""
+    double.busy_next(count)
+    delays = []
+    for _ in range(count):
+        with pytest.raises(ProviderError) as caught:
+            provider.ensure(resource, plan, 1)
+        assert caught.value.reason == "ClusterBusy" and caught.value.transient
+        delays.append(caught.value.retry_after)
+    return delays
+
+
 def test_concurrent_operation_is_retried_with_growing_backoff(double, provider, resource, plan):
     double.busy_next(3)
     delays = []
@@ -228,12 +240,7 @@ def test_a_second_pool_waits_while_another_pool_of_the_cluster_is_made(double, p
 
 
 def test_backoff_is_capped_and_starts_over_after_success(double, provider, resource, plan):
-    double.busy_next(6)
-    delays = []
-    for _ in range(6):
-        with pytest.raises(ProviderError) as caught:
-            provider.ensure(resource, plan, 1)
-        delays.append(caught.value.retry_after)
+    delays = busy_delays(double, provider, resource, plan, 6)
     assert delays == [10, 20, 40, 80, 80, 80]
     provider.ensure(resource, plan, 1)  # accepted
 
@@ -464,12 +471,7 @@ def test_too_many_operations_is_busy_not_a_quota(double, provider, resource, pla
 
 def test_backoff_is_spread_between_half_and_all_of_its_step(double, resource, plan):
     provider = GkeProvider(double.client(), backoff_base=10, backoff_max=80)
-    double.busy_next(40)
-    delays = []
-    for _ in range(40):
-        with pytest.raises(ProviderError) as caught:
-            provider.ensure(resource, plan, 1)
-        delays.append(caught.value.retry_after)
+    delays = busy_delays(double, provider, resource, plan, 40)
     assert 5 <= delays[0] <= 10 and 10 <= delays[1] <= 20
     assert all(40 <= d <= 80 for d in delays[3:])
     assert len(set(delays[3:])) > 1  # spread, not one fixed step
