@@ -21,7 +21,10 @@ for tool in "${wanted[@]}"; do
 done
 
 cache_root=${IMAGEGEN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/imagegen-operator}
-key=$(cat "$here/versions.env" "$here"/k8s/go.* "$here"/etcd/go.* "$here"/etcd/*.go "$here"/k8s/*.go | sha256sum | cut -c1-12)
+# The platform and the Go release are in the key too: a cache in a home folder shared
+# between machines must not hand an arm64 etcd to an amd64 one.
+key=$( (cat "$here/versions.env" "$here"/k8s/go.* "$here"/etcd/go.* "$here"/etcd/*.go "$here"/k8s/*.go
+        go env GOOS GOARCH GOVERSION) | sha256sum | cut -c1-12)
 dest="$cache_root/k8s-$K8S_VERSION-$key"
 bin="$dest/bin"
 mkdir -p "$bin"
