@@ -106,9 +106,11 @@ def is_enabled(module: torch.nn.Module) -> bool:
     return bool(getattr(module, "is_cache_enabled", False))
 
 
-def reset(module: torch.nn.Module, steps: int) -> None:
+def reset(module: torch.nn.Module, steps: int, done: int = 0) -> None:
     """Forget the previous calls: a new batch, or rows that changed. ``steps``: the denoiser
-    calls the batch makes from here, over which MagCache spreads its schedule again."""
+    calls of the batch's whole schedule, ``done`` of them already made (a batch that lost a
+    request part way): MagCache spreads its schedule over ``steps`` and goes on at ``done``,
+    so a request keeps the skips of its own schedule when a batch mate leaves."""
     if not is_enabled(module):
         return
     from diffusers.hooks import MagCacheConfig
@@ -121,6 +123,21 @@ def reset(module: torch.nn.Module, steps: int) -> None:
         config.num_inference_steps = steps
         config.mag_ratios = nearest_interp(FLUX_MAG_RATIOS, steps)
     module._reset_stateful_cache()
+    if isinstance(config, MagCacheConfig) and done:
+        _go_on_at(module, done)
+
+
+def _go_on_at(module: torch.nn.Module, step: int) -> None:
+    """Set MagCache's step count (diffusers keeps it in the hooks' state and offers no
+    setter) for the one call a step makes: guidance-distilled Flux's "cond"."""
+    from diffusers.hooks.mag_cache import _MAG_CACHE_LEADER_BLOCK_HOOK
+
+    with module.cache_context("cond"):
+        for block in module.modules():
+            registry = getattr(block, "_diffusers_hook", None)
+            head = registry.get_hook(_MAG_CACHE_LEADER_BLOCK_HOOK) if registry else None
+            if head is not None:
+                head.state_manager.get_state().step_index = step
 
 
 @contextlib.contextmanager

@@ -117,6 +117,41 @@ def test_mag_cache_equals_diffusers_with_the_same_cache_at_each_step_count(
         assert_same_arithmetic(np.asarray(got, int), np.asarray(want, int))
 
 
+def test_mag_cache_keeps_a_requests_schedule_when_a_batch_mate_leaves(make_runtime):
+    import time
+
+    from diffusers.hooks.mag_cache import _MAG_CACHE_LEADER_BLOCK_HOOK
+
+    runtime = make_runtime("flux", cache="MagCache", cache_threshold=0.3, max_batch_size=2,
+                           batch_window_ms=300, default_width=64, default_height=64,
+                           warmup=False)
+    transformer = runtime.steps.pipeline.transformer
+    head = next(block for block in transformer.modules()
+                if (registry := getattr(block, "_diffusers_hook", None)) is not None
+                and registry.get_hook(_MAG_CACHE_LEADER_BLOCK_HOOK) is not None)
+    hook = head._diffusers_hook.get_hook(_MAG_CACHE_LEADER_BLOCK_HOOK)
+    seen, rows = [], []  # the step of MagCache's schedule each call is at, its rows
+
+    def look(_module, args, kwargs):
+        seen.append(hook.state_manager.get_state().step_index)
+        rows.append(len((args or [kwargs.get("hidden_states")])[0]))
+
+    head.register_forward_pre_hook(look, with_kwargs=True)
+    steps = 40
+    kept = runtime.engine.submit(runtime.params("keep", steps=steps, seed=5), 60)
+    dropped = runtime.engine.submit(runtime.params("drop", steps=steps, seed=6), 60)
+    while len(seen) < 3:
+        time.sleep(0.005)
+    dropped.future.cancel()
+    kept.future.result(60)
+    assert dropped.released
+    # One schedule of 40 steps, walked once: the batch that lost a row went on where it
+    # stood, not at the start of a schedule squeezed into the steps left.
+    assert rows[0] == 2 and rows[-1] == 1
+    assert seen == list(range(steps))
+    assert transformer._cache_config.num_inference_steps == steps
+
+
 def _reference_cache_config(method: str, reference):
     """What a diffusers user writes for the cache at interval 3, the way diffusers' docs do."""
     from diffusers.hooks import (

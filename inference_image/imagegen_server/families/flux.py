@@ -96,10 +96,9 @@ class FluxSteps(FamilySteps):
     def batch_inputs(self, jobs: list[Job]) -> dict:
         transformer = self.pipeline.transformer
         # A cached denoiser compares each step with the last step of the same batch, and
-        # MagCache spreads its schedule over the calls this batch makes from here.
-        denoiser_cache.reset(
-            transformer, steps=max(len(job.timesteps) - job.step for job in jobs)
-        )
+        # MagCache follows the schedule of the batch's longest job, from where it stands.
+        longest = max(jobs, key=lambda job: len(job.timesteps) - job.step)
+        denoiser_cache.reset(transformer, steps=len(longest.timesteps), done=longest.step)
         first = jobs[0].conditioning  # one size and one prompt length in a batch
         return {
             "embeds": torch.cat([job.conditioning["embeds"] for job in jobs]),
