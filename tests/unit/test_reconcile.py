@@ -164,6 +164,22 @@ def test_a_gke_pool_goes_with_its_last_gke_user_not_with_local_namesakes(world) 
     assert world.kube.list("v1", "Node", label_selector=f"{POOL_LABEL}={name}")
 
 
+def test_a_local_pool_neither_counts_nor_deletes_real_nodes_of_its_name(world) -> None:
+    # The Local provider on a real cluster (providers.local.enabled), beside a GKE pool of
+    # the same derived name: GKE's nodes carry the same pool label.
+    world.create("on-local", node_pool={"provider": "Local", "minNodes": 0})
+    name = plan(api.parse(world.body("on-local")).spec).nodepool_name
+    world.kube.put({"apiVersion": "v1", "kind": "Node", "metadata": {
+        "name": "gke-a-real-node", "labels": {POOL_LABEL: name, "type": "kwok"}},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}]}})
+    world.reconcile("on-local")
+    # Its own simulated node is made and counted; the real one is not counted.
+    assert world.condition("on-local", "NodePoolReady")["reason"] == "Provisioning"
+    assert world.delete("on-local") is False  # its simulated node goes first
+    assert world.delete("on-local") is True
+    assert [n["metadata"]["name"] for n in world.kube.list("v1", "Node")] == ["gke-a-real-node"]
+
+
 def test_the_same_config_in_two_clusters_is_two_pools(world) -> None:
     world.create("in-a", node_pool={"provider": "GKE", "cluster": CLUSTER_A})
     world.create("in-b", node_pool={"provider": "GKE", "cluster": CLUSTER_B})

@@ -17,7 +17,9 @@ from imagegen_operator.api import ImageGenService
 from imagegen_operator.planner import Plan
 from imagegen_operator.providers.base import PoolState
 from imagegen_operator.render.nodepool import (
+    KWOK_ANNOTATION,
     POOL_LABEL,
+    SIMULATED_TAINT,
     NodeBounds,
     local_node,
     render_kwok_nodes,
@@ -34,6 +36,14 @@ def node_ready(node: dict[str, Any]) -> bool:
     )
 
 
+def is_simulated(node: dict[str, Any]) -> bool:
+    """A node this provider made: KWOK's annotation and the taint only Local pods tolerate."""
+    meta, spec = node.get("metadata") or {}, node.get("spec") or {}
+    return KWOK_ANNOTATION in (meta.get("annotations") or {}) and any(
+        taint.get("key") == SIMULATED_TAINT["key"] for taint in spec.get("taints") or []
+    )
+
+
 class LocalProvider:
     name = "Local"
 
@@ -47,7 +57,10 @@ class LocalProvider:
         self._pool_locks: dict[str, threading.Lock] = {}
 
     def _nodes(self, pool: str) -> list[dict[str, Any]]:
-        return self.kube.list("v1", "Node", label_selector=f"{POOL_LABEL}={pool}")
+        """The pool's simulated nodes, and only those: a real GKE pool of the same name
+        labels its nodes alike, and this provider deletes what it lists."""
+        nodes = self.kube.list("v1", "Node", label_selector=f"{POOL_LABEL}={pool},type=kwok")
+        return [node for node in nodes if is_simulated(node)]
 
     def _pool_lock(self, pool: str) -> threading.Lock:
         # Services sharing a pool reconcile in parallel: one at a time per pool, so
