@@ -88,6 +88,9 @@ class AdapterSlot:
         """Write the slot's factors for ``adapters`` (nothing to do when they are in already)."""
         if adapters == self.active:
             return
+        # Until every module is written the slot holds no one set: a write that fails part
+        # way (out of memory) must not leave the old set named, over a mix of weights.
+        self.active = None
         for module, layer in self.layers.items():
             a, b = layer.lora_A[SLOT].weight, layer.lora_B[SLOT].weight
             a.zero_()
