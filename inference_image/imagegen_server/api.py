@@ -313,6 +313,9 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
             return error_response(
                 500, f"model failed to load: {runtime.error}", None, "server_error"
             )
+        if runtime.engine is not None and (fault := runtime.engine.fault) is not None:
+            # A stage thread is gone: nothing accepted would ever be answered. Restart.
+            return error_response(500, fault, None, "server_error")
         return {"status": "ok"}
 
     @app.get("/readyz")

@@ -320,6 +320,14 @@ class Engine:
     def accepting(self) -> bool:
         return not self._closed
 
+    @property
+    def fault(self) -> str | None:
+        """Why the engine cannot serve any more (a stage thread died), or None."""
+        for stage in self.stages:
+            if stage.died is not None:
+                return f"the {stage.name} stage stopped working: {stage.died!r}"
+        return None
+
     # --- requests -----------------------------------------------------------------------------
     def submit(
         self,

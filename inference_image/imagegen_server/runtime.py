@@ -169,7 +169,8 @@ class ModelRuntime:
 
     @property
     def ready(self) -> bool:
-        return self._ready.is_set() and self.engine is not None and self.engine.accepting
+        return (self._ready.is_set() and self.engine is not None and self.engine.accepting
+                and self.engine.fault is None)
 
     def drain(self, timeout: float) -> bool:
         """SIGTERM's work, within one deadline: /readyz turns 503 and the engine drains

@@ -62,7 +62,11 @@ class Stage:
         # Set by stop(), under the lock put() takes: nothing is queued behind STOP.
         self._stopped = False
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name=f"stage-{name}", daemon=True)
+        # Why the thread ended other than by stop(): a stage that died (/healthz reports it).
+        self.died: BaseException | None = None
+        self._holding: list[Job] = []  # the batch the thread has taken off the queue
+        self._thread = threading.Thread(target=self._guarded_run, name=f"stage-{name}",
+                                        daemon=True)
         metrics.queue_depth.labels(stage=name).set_function(self.depth)
 
     def depth(self) -> int:
@@ -78,6 +82,9 @@ class Stage:
             if not self._stopped:
                 self.queue.put(job)
                 return
+        if self.died is not None:
+            job.fail(RuntimeError(f"the {self.name} stage stopped working: {self.died!r}"))
+            return
         # A stage before this one outlasted its stop's timeout and handed on late: nothing
         # would take the job now, so its caller is answered instead of left waiting.
         job.fail(ShutdownError(f"the server stopped before the {self.name} stage"))
@@ -92,7 +99,38 @@ class Stage:
         if running:
             self._thread.join(timeout)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the stage still takes work (or was stopped): false once its thread died."""
+        return self.died is None
+
     # --- the loop -----------------------------------------------------------------------------
+    def _guarded_run(self) -> None:
+        """The loop, and what follows if it ever ends other than by stop() (a bug, or a
+        device that cannot be selected): every job queued here is answered, and what is put
+        later fails at once, instead of waiting on a thread that is gone."""
+        try:
+            self._run()
+        except BaseException as exc:
+            log.critical("%s stage stopped working", self.name, exc_info=True)
+            self.died = exc
+            error = RuntimeError(f"the {self.name} stage stopped working: {exc!r}")
+            with self._lock:
+                self._stopped = True
+            for job in self._abandoned():
+                job.fail(error)
+
+    def _abandoned(self) -> list[Job]:
+        """The jobs this stage holds that no thread will run: in hand, and queued."""
+        jobs = [job for job in self._holding if not job.released]
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                return jobs
+            if item is not STOP:
+                jobs.append(item)
+
     def _run(self) -> None:
         if self.stream is not None:
             # The current device is per thread; a new thread starts on cuda:0.
@@ -101,6 +139,7 @@ class Stage:
         with torch.inference_mode():
             while True:
                 batch, stop = self._collect()
+                self._holding = batch
                 try:
                     groups = _groups(batch, self.key)
                 except Exception as exc:  # these jobs' keys, not the stage: it goes on
@@ -108,8 +147,16 @@ class Stage:
                     for job in batch:
                         job.fail(exc)
                     groups = []
-                for group in groups:
-                    self._process(group)
+                for index, group in enumerate(groups):
+                    # What a dying thread must still answer: the groups not yet run.
+                    self._holding = [job for later in groups[index:] for job in later]
+                    try:
+                        self._process(group)
+                    except Exception as exc:  # a fault of this group's, not of the stage
+                        log.exception("%s stage failed for a batch of %d", self.name, len(group))
+                        for job in group:
+                            job.fail(exc)
+                self._holding = []
                 try:
                     self._flush_timings(block=stop)
                 except Exception:

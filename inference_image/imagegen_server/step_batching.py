@@ -66,6 +66,9 @@ class StepBatchingStage(Stage):
                     self._fail_all(exc)
             self._flush_timings(block=True)
 
+    def _abandoned(self) -> list[Job]:
+        return [*self.running, *self.waiting, *super()._abandoned()]
+
     def _fail_all(self, error: BaseException) -> None:
         for job in [*self.running, *self.waiting]:
             job.fail(error)

@@ -425,6 +425,56 @@ def test_a_stage_outlives_an_error_between_its_batches(make_runtime, monkeypatch
     assert not failures and runtime.engine.in_flight == 0
 
 
+def test_a_batch_whose_step_breaks_the_stage_contract_fails_and_the_stage_goes_on(
+    make_runtime, monkeypatch
+):
+    # A step that answers for fewer jobs than it was given (a bug) fails its batch, inside
+    # the stage's loop: the thread, and the jobs after, go on.
+    runtime = make_runtime("sd15", warmup=False)
+    decode = next(stage for stage in runtime.engine.stages if stage.name == "decode")
+    step = decode.step
+    monkeypatch.setattr(decode, "step", lambda jobs: [])
+    with pytest.raises(ValueError, match="zip"):
+        runtime.engine.generate(runtime.params("x", seed=1), timeout_s=60)
+    monkeypatch.setattr(decode, "step", step)
+    assert len(runtime.engine.generate(runtime.params("x", seed=2), timeout_s=60)) == 1
+    assert decode.alive and runtime.engine.fault is None and runtime.engine.in_flight == 0
+
+
+class LoopBug(BaseException):
+    """What no batch guard catches: a fault of the stage loop itself."""
+
+
+def test_a_stage_thread_that_dies_answers_its_jobs_and_fails_health(client_for, monkeypatch):
+    client = client_for(warmup=False)
+    runtime = client.app.state.runtime
+    denoise = next(stage for stage in runtime.engine.stages if stage.name == "denoise")
+    gate = threading.Event()
+
+    def process_then_die(group):
+        gate.wait(30)  # a job is queued here when the thread dies
+        raise LoopBug("a bug in the loop itself")
+
+    monkeypatch.setattr(denoise, "_process", process_then_die)
+    in_hand = runtime.engine.submit(runtime.params("in hand", seed=1), timeout_s=60)
+    while not denoise._holding:
+        time.sleep(0.005)
+    queued = runtime.engine.submit(runtime.params("queued", seed=2), timeout_s=60)
+    while denoise.queue.empty():
+        time.sleep(0.005)
+    gate.set()
+    for job in (in_hand, queued):  # answered, not left waiting
+        assert "denoise stage stopped working" in str(job.future.exception(30))
+        assert job.released
+    assert runtime.engine.fault and "denoise" in runtime.engine.fault
+    # Restart me: /healthz fails, /readyz takes the pod out of its Service.
+    health = client.get("/healthz")
+    assert health.status_code == 500 and "denoise stage stopped" in health.text
+    assert client.get("/readyz").status_code == 503
+    late = client.post("/v1/images/generations", json={"prompt": "late"})
+    assert late.status_code >= 500 and runtime.engine.in_flight == 0
+
+
 def test_an_edit_whose_image_cannot_be_encoded_fails_alone(make_runtime, monkeypatch):
     from server_testlib import source_image
 
