@@ -62,6 +62,12 @@ class ServerMetrics:
             "Requests that joined a denoise batch already under way (step-level batching).",
             registry=r,
         )
+        self.batches_retried = Counter(
+            "imagegen_stage_batches_retried",
+            "Batches that failed and whose requests each ran again on their own.",
+            ["stage"],
+            registry=r,
+        )
         self.images = Counter("imagegen_images_generated", "Images generated.", registry=r)
         self.in_flight = Gauge(
             "imagegen_requests_in_flight", "Accepted requests not yet answered.", registry=r

@@ -63,6 +63,21 @@ class ShutdownError(RuntimeError):
     """An accepted request the server's shutdown cut short."""
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """A job's state before a step (Job.checkpoint). The step replaces the tensors and the
+    dict's entries rather than writing into them, so references are enough, and the
+    generator's state is what makes its draws repeat."""
+
+    conditioning: dict[str, Any]
+    generator: Any
+    generator_state: Any
+    latents: Any
+    timesteps: Any
+    scheduler: Any
+    step: int
+
+
 @dataclass(eq=False)
 class Job:
     """One request in flight. Each stage reads what the one before wrote, on the same device.
@@ -94,6 +109,25 @@ class Job:
     # Called once when the engine is done with the job (answered, failed or dropped).
     on_release: Callable[[Job, bool], None] | None = None
     released: bool = False
+
+    def checkpoint(self) -> Checkpoint:
+        """What a stage's step may change, to run the job again from here (``rewind``)."""
+        generator = self.generator
+        return Checkpoint(
+            dict(self.conditioning), generator,
+            None if generator is None else generator.get_state(),
+            self.latents, self.timesteps, self.scheduler, self.step,
+        )
+
+    def rewind(self, to: Checkpoint) -> None:
+        """Back to ``to``: the same inputs and the same random draws to come, so a step run
+        again computes what it would have the first time."""
+        self.conditioning = dict(to.conditioning)
+        self.generator = to.generator
+        if to.generator is not None:
+            to.generator.set_state(to.generator_state)
+        self.latents, self.timesteps = to.latents, to.timesteps
+        self.scheduler, self.step = to.scheduler, to.step
 
     @property
     def denoised(self) -> bool:

@@ -187,7 +187,10 @@ class Stage:
             batch.append(item)
         return batch, False
 
-    def _process(self, group: list[Job]) -> None:
+    def _process(self, group: list[Job], retry: bool = True) -> None:
+        """Run the step on the group's live jobs and hand each on. When a batch of several
+        fails, each of its jobs runs again alone (``retry``: once): one request's fault, or a
+        batch too large for the device's memory, fails only the request it belongs to."""
         live = []
         for job in group:
             # A caller that gave up, or a deadline that passed: drop the job before any work,
@@ -199,13 +202,24 @@ class Stage:
         if not live:
             return
         self.metrics.batch_size.labels(stage=self.name).observe(len(live))
+        checkpoints = [job.checkpoint() for job in live] if retry and len(live) > 1 else None
         started = time.perf_counter()
         try:
             outputs = self.step(live) if self.stream is None else self._on_stream(self.step, live)
         except Exception as exc:
-            log.exception("%s stage failed for a batch of %d", self.name, len(live))
-            for job in live:
-                job.fail(exc)
+            if checkpoints is None:
+                log.exception("%s stage failed for a batch of %d", self.name, len(live))
+                for job in live:
+                    job.fail(exc)
+                return
+            log.warning("%s stage failed for a batch of %d (%r): each request again on its own",
+                        self.name, len(live), exc, exc_info=True)
+            self.metrics.batches_retried.labels(stage=self.name).inc()
+            self._free_device_memory(exc)
+            for job, checkpoint in zip(live, checkpoints, strict=True):
+                if not job.released:  # one the step failed alone already stays failed
+                    job.rewind(checkpoint)
+                    self._process([job], retry=False)
             return
         if self.stream is None:
             self.metrics.stage_seconds.labels(stage=self.name).observe(
@@ -219,6 +233,11 @@ class Stage:
                 self.on_output(job, output)
             except Exception as exc:
                 job.fail(exc)
+
+    def _free_device_memory(self, error: Exception) -> None:
+        """After an out-of-memory batch, give the cached blocks back before the smaller runs."""
+        if self.stream is not None and isinstance(error, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
 
     def _on_stream(self, step: StepFn, jobs: list[Job]) -> list[Any] | None:
         """``step(jobs)`` on this stage's stream, after the work each job waits on."""

@@ -398,6 +398,47 @@ def fails_alone(runtime, monkeypatch, method: str, error: Exception, **params) -
     assert runtime.engine.in_flight == 0
 
 
+@pytest.mark.parametrize("mode", ["Pipelined", "Stacked"])
+@pytest.mark.parametrize("where", ["encode", "denoise_step", "decode"])
+def test_a_batch_that_fails_runs_each_request_again_alone(make_runtime, monkeypatch, mode,
+                                                          where):
+    """A batch that fails as a whole (out of memory as one batch, one request's fault that
+    takes the batch with it) runs each request again alone: the good one gets the image it
+    gets alone, the bad one its own error. Edits of two images each: what a step run again
+    must not redo on top of the first run (rows repeated, random draws taken)."""
+    from server_testlib import source_image
+
+    from imagegen_server.request import EditInput
+
+    runtime = make_runtime("sd15", **MODES[mode], max_batch_size=2, batch_window_ms=300,
+                           warmup=False)
+    original = getattr(runtime.steps, where)
+
+    def fails_with_bad(jobs, *args):
+        if any(job.params.prompt == "bad" for job in jobs) and (
+            where != "denoise_step" or jobs[0].step == 3  # part way through the loop
+        ):
+            raise RuntimeError("out of memory")
+        return original(jobs, *args)
+
+    monkeypatch.setattr(runtime.steps, where, fails_with_bad)
+    for stage in runtime.engine.stages:  # a stage that was handed the method itself
+        if stage.step == original:
+            monkeypatch.setattr(stage, "step", fails_with_bad)
+    edit = EditInput(source_image(), 0.6, None)
+    good_params = runtime.params("good", seed=1, n=2, steps=10, edit=edit)  # 6 steps run
+    good = runtime.engine.submit(good_params, 60)
+    bad = runtime.engine.submit(runtime.params("bad", seed=2, n=2, steps=10, edit=edit), 60)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        bad.future.result(60)
+    retried = good.future.result(60)
+    alone = runtime.engine.generate(good_params, timeout_s=60)
+    assert [np.asarray(i).tolist() for i in retried] == [np.asarray(i).tolist() for i in alone]
+    stage = "stacked" if mode == "Stacked" else where.removesuffix("_step")
+    assert runtime.metrics.batches_retried.labels(stage=stage)._value.get() == 1
+    assert runtime.engine.in_flight == 0
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_a_request_that_cannot_start_denoising_fails_alone(make_runtime, monkeypatch, mode):
     """Its batch mate, in the same denoise batch, is answered as if it were alone."""

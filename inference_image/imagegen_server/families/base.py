@@ -118,9 +118,10 @@ class FamilySteps:
             return
         # Over the loop's own steps: a second-order scheduler runs about twice its step count.
         steps = preview_steps(len(job.timesteps), job.params.partial_images)
-        if step in steps:
+        # A step run again (its batch failed, the job runs alone) hands no preview twice.
+        if step in steps and (index := steps.index(step)) >= job.preview.handed:
             latents = latents_for_preview(step_output, job.latents)
-            self.previews.submit(job, steps.index(step), latents, self.latent_rgb)
+            self.previews.submit(job, index, latents, self.latent_rgb)
 
     def use_adapters(self, jobs: list[Job]) -> None:
         """Put the batch's LoRA adapters on the denoiser (one set per batch: its key)."""
