@@ -12,6 +12,10 @@ wait in front of the denoiser that bursty traffic on a shared GPU creates.
 Jobs are admitted in arrival order: a job of another shape at the head of the queue stops
 admission until the running batch has drained, so no shape waits behind an endless stream of
 another.
+
+A step that fails over several jobs sends each of them back to the head of the queue, rewound
+to where it entered the stage, to run again alone: only the job at fault (or none, when the
+batch was too large for the device) fails.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 
 from .families import FamilySteps
 from .families.base import drop_unwanted
-from .request import Job, JobTimeout
+from .request import Checkpoint, Job, JobTimeout
 from .stages import STOP, OutputFn, Stage
 
 log = logging.getLogger(__name__)
@@ -48,6 +52,10 @@ class StepBatchingStage(Stage):
         self._members: list[Job] = []  # the batch the last step ran, for `changed`
         self._inputs: dict | None = None
         self._stopping = False
+        # Each running job's state when it entered the stage, to run it again from there.
+        self._entered: dict[Job, Checkpoint] = {}
+        # Jobs of a failed batch, each to run again in a batch of its own.
+        self._alone: set[Job] = set()
 
     def depth(self) -> int:
         return self.queue.qsize() + len(self.waiting)
@@ -60,10 +68,15 @@ class StepBatchingStage(Stage):
                 try:
                     self._take_arrivals(block=not self.running and not self.waiting)
                     self._advance(self._admit())
-                    self._flush_timings(block=False)
                 except Exception as exc:  # the loop must outlive any one job
                     log.exception("%s stage: a step boundary failed", self.name)
                     self._fail_all(exc)
+                try:
+                    self._flush_timings(block=False)
+                except Exception:
+                    # As in Stage: an asynchronous device error met where timings are read;
+                    # the jobs it concerns meet it in their own next step.
+                    log.exception("%s stage could not read its timings", self.name)
             self._flush_timings(block=True)
 
     def _abandoned(self) -> list[Job]:
@@ -73,6 +86,7 @@ class StepBatchingStage(Stage):
         for job in [*self.running, *self.waiting]:
             job.fail(error)
         self.running, self.waiting = [], deque()
+        self._entered, self._alone = {}, set()
         self._forget_batch()
 
     def _forget_batch(self) -> None:
@@ -104,19 +118,37 @@ class StepBatchingStage(Stage):
         self.waiting = waiting
         if not waiting:
             return []
-        key = self.key(self.running[0] if self.running else waiting[0])
+        if waiting[0] in self._alone or (self.running and self.running[0] in self._alone):
+            # One of a failed batch runs alone: nothing joins it, and it joins nothing.
+            return [waiting.popleft()] if not self.running else []
+        key = self._key_of(self.running[0] if self.running else waiting[0])
         joined = []
         while (
             waiting
             and len(self.running) + len(joined) < self.max_batch_size
-            and self.key(waiting[0]) == key
+            and self._key_of(waiting[0]) == key
         ):
             joined.append(waiting.popleft())
         return joined
 
+    def _key_of(self, job: Job):
+        """The job's join key; a job whose key cannot be computed fails alone (and, gone from
+        where it stood, lets the boundary's other jobs go on)."""
+        try:
+            return self.key(job)
+        except Exception as exc:
+            log.exception("%s stage could not place a request", self.name)
+            job.fail(exc)
+            if job in self.waiting:
+                self.waiting.remove(job)
+            return object()  # equal to no other key
+
     def _advance(self, joined: list[Job]) -> None:
         """One denoiser step over the running jobs and those joining; the done go to decode."""
         under_way = drop_unwanted(self.running)
+        for job in self.running:
+            if job.released:
+                self._leaves(job)
         if joined and under_way:
             self.metrics.denoise_joins.inc(len(joined))
         batch = under_way + joined
@@ -126,17 +158,15 @@ class StepBatchingStage(Stage):
             return
         self.metrics.batch_size.labels(stage=self.name).observe(len(batch))
         started = time.perf_counter()
+        for job in joined:
+            self._entered[job] = job.checkpoint()
         try:
             if self.stream is None:
                 self._step(batch, joined)
             else:
                 self._on_stream(lambda jobs: self._step(jobs, joined), batch)
         except Exception as exc:
-            log.exception("%s stage failed for a batch of %d", self.name, len(batch))
-            for job in batch:
-                job.fail(exc)
-            self.running = []
-            self._forget_batch()
+            self._step_failed(batch, exc)
             return
         if self.stream is None:
             self.metrics.stage_seconds.labels(stage=self.name).observe(
@@ -145,10 +175,12 @@ class StepBatchingStage(Stage):
         self.running = []
         for job in batch:
             if job.released:
+                self._leaves(job)
                 continue
             if not job.denoised:
                 self.running.append(job)
                 continue
+            self._leaves(job)
             try:
                 self.on_output(job, None)
             except Exception as exc:
@@ -157,6 +189,34 @@ class StepBatchingStage(Stage):
             # Done: the stage may now wait a long time for the next request, and must not
             # hold the last batch's conditioning (device memory) and its jobs meanwhile.
             self._forget_batch()
+
+    def _leaves(self, job: Job) -> None:
+        self._entered.pop(job, None)
+        self._alone.discard(job)
+
+    def _step_failed(self, batch: list[Job], error: Exception) -> None:
+        """A step over several jobs failed: each goes back to the head of the queue, as it
+        entered the stage, to run alone. A job that failed alone fails."""
+        self.running = []
+        self._forget_batch()
+        live = [job for job in batch if not job.released]
+        if len(batch) == 1 or not live:
+            log.exception("%s stage failed for a batch of %d", self.name, len(batch))
+            for job in batch:
+                job.fail(error)
+                self._leaves(job)
+            return
+        log.warning("%s stage failed for a batch of %d (%r): each request again on its own",
+                    self.name, len(batch), error, exc_info=True)
+        self.metrics.batches_retried.labels(stage=self.name).inc()
+        self._free_device_memory(error)
+        for job in batch:
+            if job.released:
+                self._leaves(job)
+        for job in reversed(live):
+            job.rewind(self._entered[job])
+            self._alone.add(job)
+            self.waiting.appendleft(job)
 
     def _step(self, batch: list[Job], joined: list[Job]) -> None:
         self.family.start_all(joined)

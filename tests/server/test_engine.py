@@ -398,7 +398,7 @@ def fails_alone(runtime, monkeypatch, method: str, error: Exception, **params) -
     assert runtime.engine.in_flight == 0
 
 
-@pytest.mark.parametrize("mode", ["Pipelined", "Stacked"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("where", ["encode", "denoise_step", "decode"])
 def test_a_batch_that_fails_runs_each_request_again_alone(make_runtime, monkeypatch, mode,
                                                           where):
@@ -447,11 +447,13 @@ def test_a_request_that_cannot_start_denoising_fails_alone(make_runtime, monkeyp
     fails_alone(runtime, monkeypatch, "prepare", RuntimeError("bad inputs"))
 
 
-def test_a_stage_outlives_an_error_between_its_batches(make_runtime, monkeypatch):
+@pytest.mark.parametrize(("mode", "name"), [("Pipelined", "decode"), ("Step", "denoise")])
+def test_a_stage_outlives_an_error_between_its_batches(make_runtime, monkeypatch, mode, name):
     """An error outside a batch's step (a device error surfacing where timings are read)
-    leaves the stage serving: a dead stage would strand every job queued to it."""
-    runtime = make_runtime("sd15", warmup=False)
-    decode = next(stage for stage in runtime.engine.stages if stage.name == "decode")
+    leaves the stage serving, and fails none of its jobs: a dead stage would strand every
+    job queued to it."""
+    runtime = make_runtime("sd15", **MODES[mode], warmup=False)
+    decode = next(stage for stage in runtime.engine.stages if stage.name == name)
     flush = decode._flush_timings
     failures = [RuntimeError("CUDA error: an illegal memory access was encountered")]
 
