@@ -156,7 +156,7 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         # before the upload is decoded, which takes a while for a large one.
         check_limits(params_of(body, parse_size(body.size)))
         try:
-            image, mask = await asyncio.to_thread(
+            image, mask, media_type = await asyncio.to_thread(
                 decode_uploads, files, settings.max_upload_pixels
             )
         except UploadError as exc:
@@ -167,7 +167,8 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
             size = edit_size(image.size, steps.size_multiple, max_pixels(steps, settings),
                              listed_sizes(steps, settings))
         strength = body.strength if body.strength is not None else (0.8 if mask is None else 1.0)
-        params = params_of(body, size, EditInput(image, strength, mask))
+        edit = EditInput(image, strength, mask, upload=files["image"], upload_type=media_type)
+        params = params_of(body, size, edit)
         return await answer(request, params, "image_edit", body.stream)
 
     def params_of(body: ImageRequest, size: tuple[int | None, int | None],
@@ -411,8 +412,7 @@ def _png_base64(images, params: GenerationParams, model: str | None,
     out = []
     for index, image in enumerate(images):
         record = None if model is None else provenance.parameters(params, model, index)
-        parent = params.edit.image if params.edit is not None else None
-        png = provenance.encode_png(image, record, signer, parent)
+        png = provenance.encode_png(image, record, signer, params.edit)
         out.append(base64.b64encode(png).decode("ascii"))
     return out
 

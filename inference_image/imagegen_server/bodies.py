@@ -6,12 +6,14 @@ Errors follow OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}`
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from typing import Annotated, Any, Literal
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from PIL import Image
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -23,7 +25,7 @@ from pydantic import (
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
-from .uploads import edit_image, edit_mask, open_image
+from .uploads import MEDIA_TYPES, edit_image, edit_mask, open_image
 
 SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
 # A number, strictly: "7" is not one, nor NaN or infinity; 7 is 7.0.
@@ -390,9 +392,13 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
 
 
 def decode_uploads(files: dict[str, bytes], max_pixels: int):
-    """The edit's RGB image and grayscale mask (None without one), checked and decoded."""
+    """The edit's RGB image, grayscale mask (None without one) and the image file's media
+    type, checked and decoded."""
     image = open_image(files["image"], "image", max_pixels)
+    # Read from the header again: the image turned upright by its EXIF is a copy without it.
+    with Image.open(io.BytesIO(files["image"])) as header:
+        media_type = MEDIA_TYPES[header.format]
     mask = None
     if "mask" in files:
         mask = edit_mask(open_image(files["mask"], "mask", max_pixels), image)
-    return edit_image(image), mask
+    return edit_image(image), mask, media_type

@@ -17,6 +17,10 @@ Metadata is not a watermark: anyone can strip or rewrite it. With a signing cert
 ``c2pa.opened`` (the upload, as the parent ingredient) and ``c2pa.edited``
 (``compositeWithTrainedAlgorithmicMedia``). A reader (any C2PA
 tool) then sees who signed it, and a changed pixel breaks the hash the signature covers.
+
+The parent is the uploaded file as sent, hashed, with no thumbnail: its hash matches the
+user's file (and a manifest it carried goes on in the chain), and the edit does not carry a
+copy of the picture it changed (a face or a number plate inpainted away stays away).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from . import __version__
-from .request import GenerationParams
+from .request import EditInput, GenerationParams
 
 TRAINED_ALGORITHMIC_MEDIA = (
     "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
@@ -96,9 +100,9 @@ def _png(image: Image.Image, info: PngInfo | None = None) -> bytes:
 
 
 def encode_png(image: Image.Image, record: dict | None,
-               signer: ManifestSigner | None = None, parent: Image.Image | None = None) -> bytes:
+               signer: ManifestSigner | None = None, parent: EditInput | None = None) -> bytes:
     """The PNG, with the provenance chunks of ``record`` (none when it is None), signed with
-    a C2PA manifest when there is a ``signer``; ``parent`` is an edit's uploaded image."""
+    a C2PA manifest when there is a ``signer``; ``parent``: the edit it was made from."""
     png = _png(image, None if record is None else png_info(record))
     return png if signer is None else signer.sign(png, record, parent)
 
@@ -131,6 +135,9 @@ class ManifestSigner:
                                     else None))
         except c2pa.C2paError as exc:
             raise SigningError(f"{cert_file} and {key_file} cannot sign: {exc}") from exc
+        # No thumbnails: of the result they would only repeat it, and of an edit's upload
+        # they would carry the picture the edit changed.
+        self._context = c2pa.Context.from_dict({"builder": {"thumbnail": {"enabled": False}}})
         # One signature at a time: the native signer is shared by the encoding threads.
         self._lock = threading.Lock()
         try:
@@ -138,9 +145,9 @@ class ManifestSigner:
         except Exception as exc:
             raise SigningError(f"{cert_file} and {key_file} cannot sign: {exc}") from exc
 
-    def sign(self, png: bytes, record: dict | None, parent: Image.Image | None = None) -> bytes:
-        """``png`` with a signed manifest: created by a model, or with a ``parent`` (an edit's
-        upload, hashed as the parent ingredient, not embedded) opened and edited by one."""
+    def sign(self, png: bytes, record: dict | None, parent: EditInput | None = None) -> bytes:
+        """``png`` with a signed manifest: created by a model, or opened from ``parent``'s
+        upload (hashed as the parent ingredient, not embedded) and edited by one."""
         import c2pa
 
         made = {"digitalSourceType": source_type(parent is not None),
@@ -157,11 +164,15 @@ class ManifestSigner:
             "format": "image/png",
             "assertions": [{"label": "c2pa.actions", "data": {"actions": actions}}],
         }
+        if parent is not None and parent.upload is None:  # made in-process, not uploaded
+            upload, media_type = _png(parent.image), "image/png"
+        elif parent is not None:
+            upload, media_type = parent.upload, parent.upload_type or "image/png"
         out = io.BytesIO()
-        with self._lock, c2pa.Builder(manifest) as builder:
+        with self._lock, c2pa.Builder(manifest, context=self._context) as builder:
             if parent is not None:
                 builder.add_ingredient(
-                    {"title": "upload.png", "relationship": "parentOf", "label": "upload"},
-                    "image/png", io.BytesIO(_png(parent)))
+                    {"title": "upload", "relationship": "parentOf", "label": "upload"},
+                    media_type, io.BytesIO(upload))
             builder.sign(self._signer, "image/png", io.BytesIO(png), out)
         return out.getvalue()

@@ -26,6 +26,9 @@ class EditInput:
     image: Any
     strength: float
     mask: Any = None
+    # The uploaded file as sent, and its media type: a signed edit names it as its parent.
+    upload: bytes | None = None
+    upload_type: str | None = None
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,9 @@ from .request import MIN_SIDE
 
 # What OpenAI's edits endpoint accepts. MPO is how Pillow names a JPEG that carries a
 # multi-picture index (phone cameras write them); its first frame is the photo.
-FORMATS = {"PNG", "JPEG", "MPO", "WEBP"}
+# Pillow's format names, and the media types they are sent as (MPO: a JPEG from a camera).
+MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg", "WEBP": "image/webp"}
+FORMATS = set(MEDIA_TYPES)
 # What Pillow's decoders raise on a file they cannot read: a truncated or corrupt file, a
 # text chunk that inflates past Pillow's limit, a broken EXIF block.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)

@@ -173,9 +173,9 @@ def test_a_signed_edit_names_the_upload_as_its_parent(client_for, tmp_path):
     cert, key = signing_chain(tmp_path)
     client = client_for(c2pa_cert_file=str(cert), c2pa_key_file=str(key))
     buffer = io.BytesIO()
-    source_image().save(buffer, format="PNG")
+    source_image().save(buffer, format="JPEG", quality=95)
     response = client.post(EDITS, data={"prompt": "x", "seed": "1"},
-                           files={"image": ("i.png", buffer.getvalue(), "image/png")})
+                           files={"image": ("i.jpg", buffer.getvalue(), "image/jpeg")})
     png = base64.b64decode(response.json()["data"][0]["b64_json"])
     state, report = read_manifest(png)
     assert state == "Valid"
@@ -184,4 +184,7 @@ def test_a_signed_edit_names_the_upload_as_its_parent(client_for, tmp_path):
                   if a["label"].startswith("c2pa.actions")]
     assert [a["action"] for a in actions] == ["c2pa.opened", "c2pa.edited"]
     assert actions[1]["digitalSourceType"] == COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA
-    assert [i["relationship"] for i in manifest["ingredients"]] == ["parentOf"]
+    (parent,) = manifest["ingredients"]
+    # The file as sent (a JPEG, not the server's PNG of it), and no picture of it inside.
+    assert (parent["relationship"], parent["format"]) == ("parentOf", "image/jpeg")
+    assert "thumbnail" not in parent and "thumbnail" not in manifest
