@@ -48,7 +48,7 @@ from .engine import (
 )
 from .request import EditInput, GenerationParams, JobTimeout, ShutdownError
 from .runtime import ModelRuntime
-from .streaming import Previews, image_events
+from .streaming import SEND_TIMEOUT_S, Previews, image_events
 from .uploads import UploadError, edit_size
 
 log = logging.getLogger(__name__)
@@ -287,7 +287,7 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         # At shutdown sse-starlette cancels open streams at once unless given a grace: the
         # drain is over when the last job is, but its PNG may still be encoding. A second
         # short of uvicorn's own flush (cli.py), so the stream ends before uvicorn cuts it.
-        return EventSourceResponse(events(), ping=15,
+        return EventSourceResponse(events(), ping=15, send_timeout=SEND_TIMEOUT_S,
                                    shutdown_grace_period=max(1, SHUTDOWN_FLUSH_S - 1))
 
     @app.get("/v1/models")

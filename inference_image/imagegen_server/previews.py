@@ -10,6 +10,7 @@ PNG), so denoising never waits for a client's previews.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -62,7 +63,8 @@ def preview_steps(denoising_steps: int, partial_images: int) -> tuple[int, ...]:
 @dataclass
 class PreviewRequest:
     """A streaming job's previews (``partial_images`` of them, at ``preview_steps``) go to
-    ``deliver``, called on the preview thread with the preview's index and its RGB images.
+    ``deliver``, called on the preview thread with the preview's index and its RGB images
+    (None for a preview that failed, so nobody waits for it).
     ``handed`` counts the previews the denoise loop has handed over, so the caller knows how
     many are still to come once the final image is there."""
 
@@ -114,6 +116,8 @@ class Previewer:
                 job.preview.deliver(index, project(latents, rgb, (p.width, p.height)))
             except Exception:
                 log.exception("a preview failed; the request goes on without it")
+                with contextlib.suppress(Exception):
+                    job.preview.deliver(index, None)
 
 
 def latents_for_preview(step_output: Any, latents: torch.Tensor) -> torch.Tensor:

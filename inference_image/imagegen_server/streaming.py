@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 # How long a finished stream waits for a preview still being made before the final image.
 PREVIEW_WAIT_S = 2.0
+# How long one event may wait for a client that reads nothing before the stream is dropped:
+# one that holds its connection open and stops reading would pin the images for good.
+SEND_TIMEOUT_S = 30.0
 # OpenAI's completed events carry token usage; a diffusion model counts no tokens.
 NO_TOKENS = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
              "output_tokens": 0, "total_tokens": 0}
@@ -35,7 +38,7 @@ def stream_error(exc: BaseException) -> ServerSentEvent:
     elif isinstance(exc, ShutdownError):
         error = {"message": str(exc), "type": "server_error"}
     else:
-        log.error("streamed generation failed: %r", exc)
+        log.error("streamed generation failed: %r", exc, exc_info=exc)
         error = {"message": f"generation failed: {type(exc).__name__}", "type": "server_error"}
     return ServerSentEvent(json.dumps({"error": {**error, "param": None, "code": None}}),
                            event="error")
@@ -85,7 +88,8 @@ async def image_events(
             if waiting in done:
                 index, images = waiting.result()
                 sent += 1
-                yield await event("partial_image", images[0], partial_image_index=index)
+                if images is not None:  # None: a preview that failed
+                    yield await event("partial_image", images[0], partial_image_index=index)
             else:
                 waiting.cancel()
             if not done:
@@ -102,9 +106,10 @@ async def image_events(
             try:
                 index, preview = await asyncio.wait_for(previews.queue.get(), PREVIEW_WAIT_S)
             except TimeoutError:
-                break  # a preview that failed; the image does not wait for it
+                break  # a preview thread that fell behind; the image does not wait longer
             sent += 1
-            yield await event("partial_image", preview[0], partial_image_index=index)
+            if preview is not None:
+                yield await event("partial_image", preview[0], partial_image_index=index)
         yield await event("completed", images[0], usage=NO_TOKENS)
     except TimeoutError:
         yield stream_error(JobTimeout("request timed out"))

@@ -67,6 +67,34 @@ def test_edits_stream_their_own_event_types(client):
     assert [type(e) for e in events] == [ImageEditPartialImageEvent, ImageEditCompletedEvent]
 
 
+def test_a_preview_that_fails_is_skipped_and_the_image_waits_for_nothing(client, monkeypatch):
+    from imagegen_server import previews, streaming
+
+    openai_client, _, _ = client
+    project, calls = previews.project, []
+
+    def fails_second(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("no preview of this one")
+        return project(*args)
+
+    monkeypatch.setattr(previews, "project", fails_second)
+    # A stream that waited for the failed preview would wait ten minutes (its pings keep
+    # the client reading): read on a thread, and give it two.
+    monkeypatch.setattr(streaming, "PREVIEW_WAIT_S", 600.0)
+    events = []
+    reader = threading.Thread(target=lambda: events.extend(openai_client.images.generate(
+        prompt="a lighthouse", size="64x64", stream=True, partial_images=3,
+        extra_body={"seed": 9, "steps": 8},
+    )), daemon=True)
+    reader.start()
+    reader.join(120)
+    assert not reader.is_alive(), "the stream waited for a preview that had failed"
+    assert [type(e) for e in events] == [ImageGenPartialImageEvent] * 2 + [ImageGenCompletedEvent]
+    assert [e.partial_image_index for e in events[:2]] == [0, 2]
+
+
 def test_no_partial_images_is_one_completed_event_on_the_wire(client):
     _, _, base = client
     with httpx.stream("POST", base + "/v1/images/generations", timeout=60,
