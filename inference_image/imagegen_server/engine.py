@@ -165,11 +165,6 @@ def check_request(params: GenerationParams, steps: FamilySteps, settings: Server
             "partial_images",
             f"partial_images must be between 0 and {MAX_PARTIAL_IMAGES}, not {params.partial_images}",
         )
-    if params.partial_images and steps.latent_rgb is None:
-        raise InvalidRequest(
-            "partial_images", f"this model ({family_name(steps)}) "
-            "streams no previews yet: ask for partial_images 0"
-        )
 
 
 def family_name(steps: FamilySteps) -> str:
@@ -345,7 +340,9 @@ class Engine:
         # The slot is given back when the engine lets go of the job, not when the caller stops
         # waiting: a timed-out request still occupies the device until a stage drops it.
         job = Job(params, deadline=deadline, cost=self.cost(params), on_release=self._released)
-        if on_preview is not None and params.partial_images:
+        # A family without a latent-to-RGB map streams the final image only: as OpenAI's
+        # streams, which may send fewer partial images than asked for.
+        if on_preview is not None and params.partial_images and self.previewer is not None:
             job.preview = PreviewRequest(on_preview)
         capacity = self.settings.queue_capacity
         with self._lock:
