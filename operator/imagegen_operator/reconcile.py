@@ -101,12 +101,12 @@ def _owned_by(obj: dict[str, Any], uid: str | None) -> bool:
     return any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
 
 
-def _asking(call: Callable[..., Any], *args: Any) -> Any:
+def _asking(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """A provider call. The API server refusing the objects a ConfigConnector or Local pool is
     made of (invalid, or forbidden where the chart left that provider off) is the pool's
     failure, reported in its condition, not one that stops the reconcile or a delete."""
     try:
-        return call(*args)
+        return call(*args, **kwargs)
     except PermanentKubeError as exc:
         raise ProviderError(
             "RequestRejected", f"the API server refused the node pool's objects: {exc}"
@@ -167,6 +167,15 @@ class Reconciler:
         # The workload first: its pods wait (Pending) for the pool's nodes anyway,
         # and on GKE their pending is what the cluster autoscaler scales up for.
         target = self.pool_key(resource, the_plan)
+        if (claim := self._namesake_claim(body, target)) is not None:
+            message = (
+                f"node pool {target.name} of cluster {target.scope} is already managed through "
+                f"provider {claim[1]} by service {claim[0]}; through provider {target.provider} "
+                "too, the two would change and delete it under each other. Set "
+                f"spec.nodePool.name to another name, or use provider {claim[1]}."
+            )
+            return self._not_planned(body, outcome, "PoolClaimed", message, the_plan,
+                                     pool_message=message)
         recorded = self.recorded_pools(body)
         deployment, rejected, precompile = self._apply_workload(
             resource, the_plan, outcome,
@@ -254,11 +263,16 @@ class Reconciler:
             if users:
                 log.info("pool %s still used by %s; keeping it", key, ", ".join(users))
                 continue
-            gone = self._delete_pool(resource, the_plan, key, body=body,
-                                     made=key not in never_made)
-            if gone:
-                self.record(body, "Normal", "NodePoolDeleted",
-                            f"node pool {key} deleted: no service uses it any more")
+            if users := self.pool_users(key, exclude_uid=uid, namesakes=True):
+                # Others run on this GKE pool through the other provider: let go of it.
+                log.info("pool %s still used by %s; letting go of it", key, ", ".join(users))
+                gone = self._delete_pool(resource, the_plan, key, body=body, keep_pool=True)
+            else:
+                gone = self._delete_pool(resource, the_plan, key, body=body,
+                                         made=key not in never_made)
+                if gone:
+                    self.record(body, "Normal", "NodePoolDeleted",
+                                f"node pool {key} deleted: no service uses it any more")
             done = done and gone is not False
         return done
 
@@ -329,17 +343,42 @@ class Reconciler:
             keys.add(self.pool_key(resource, the_plan))
         return keys
 
-    def pool_users(self, key: PoolKey, exclude_uid: str | None = None) -> list[str]:
-        """namespace/name of every live service that runs on or is moving to pool ``key``."""
+    def pool_users(self, key: PoolKey, exclude_uid: str | None = None,
+                   namesakes: bool = False) -> list[str]:
+        """namespace/name of every live service that runs on or is moving to pool ``key``;
+        with ``namesakes``, also to the same GKE pool through the other cloud provider."""
         users = []
         for body in self._all_services(fresh=True):
             meta = body["metadata"]
             if meta.get("uid") == exclude_uid or meta.get("deletionTimestamp"):
                 continue
             resource, the_plan = self._parsed_plan(body)
-            if key in self._pools_of(body, resource, the_plan):
+            pools = self._pools_of(body, resource, the_plan)
+            if key in pools or (namesakes and any(k.namesake_of(key) for k in pools)):
                 users.append(f"{meta.get('namespace')}/{meta['name']}")
         return users
+
+    def _namesake_claim(self, body: dict[str, Any], target: PoolKey) -> tuple[str, str] | None:
+        """(namespace/name, provider) of a service that came first and has the GKE pool
+        ``target`` names through the other cloud provider (made, or maybe made).
+
+        GKE's API and a Config Connector object would both manage that one pool: each would
+        set its bounds, and deleting either service would delete it under the other. The
+        service made first keeps it; a later one is refused, before anything is asked.
+        """
+        meta = body["metadata"]
+
+        def first(m: dict[str, Any]) -> tuple[str, str, str]:
+            return (m.get("creationTimestamp") or "", m.get("namespace") or "", m["name"])
+
+        for other in self._all_services():
+            theirs = other["metadata"]
+            if theirs.get("uid") == meta.get("uid") or theirs.get("deletionTimestamp"):
+                continue
+            for key, created in self.created_records(other).items():
+                if created is not False and key.namesake_of(target) and first(theirs) < first(meta):
+                    return f"{theirs.get('namespace')}/{theirs['name']}", key.provider
+        return None
 
     def _all_services(self, fresh: bool = False) -> Iterable[dict[str, Any]]:
         """Every ImageGenService: from the watch-fed cache when there is one.
@@ -603,14 +642,19 @@ class Reconciler:
             return lock
 
     def _delete_pool(self, resource: ImageGenService, the_plan: Plan, key: PoolKey,
-                     body: dict[str, Any] | None = None, made: bool = True) -> bool | None:
+                     body: dict[str, Any] | None = None, made: bool = True,
+                     keep_pool: bool = False) -> bool | None:
         """Ask the pool's provider to delete it; True once gone, None when there is nothing
         of ours to delete (left alone), False while it goes. Honours the provider's backoff.
 
         A provider that refuses for good (no credentials, forbidden) leaves a pool that may
         exist in place, and the delete waits: the event on ``body`` says why. One never
         ``made`` (refused at every ask) cannot exist, and nothing waits for it.
+        ``keep_pool``: let go of a GKE pool the other cloud provider manages now; GKE's API
+        has nothing to let go of, a Config Connector object is deleted abandoning the pool.
         """
+        if keep_pool and key.provider != "ConfigConnector":
+            return True
         with self._lock:
             backoff = self._backoff.get(key)
         if backoff is not None and self._clock() < backoff.until:
@@ -620,8 +664,9 @@ class Reconciler:
         owner = resource.model_copy(
             update={"spec": resource.spec.model_copy(update={"node_pool": pool})})
         try:
+            kwargs = {"keep_pool": True} if keep_pool else {}
             gone = _asking(self.providers[key.provider].delete,
-                           owner, dataclasses.replace(the_plan, nodepool_name=key.name))
+                           owner, dataclasses.replace(the_plan, nodepool_name=key.name), **kwargs)
         except PoolNotOwned as exc:
             log.info("leaving pool %s alone: %s", key, exc.message)
             return None
@@ -672,12 +717,20 @@ class Reconciler:
         for key in left:
             if self.pool_users(key, exclude_uid=uid):
                 continue  # another service's now
-            gone = self._delete_pool(resource, the_plan, key, body=body,
-                                     made=key not in never_made)
-            if gone:
-                self.record(body, "Normal", "NodePoolRetired",
-                            f"moved to node pool {target}; deleted {key}")
-            elif gone is False:
+            if key.namesake_of(target) or self.pool_users(key, exclude_uid=uid, namesakes=True):
+                # The same GKE pool, now through the other provider: let go, not delete.
+                gone = self._delete_pool(resource, the_plan, key, body=body, keep_pool=True)
+                if gone:
+                    self.record(body, "Normal", "NodePoolHandedOver",
+                                f"node pool {target.name} is now managed through provider "
+                                f"{target.provider}; {key} let go of it")
+            else:
+                gone = self._delete_pool(resource, the_plan, key, body=body,
+                                         made=key not in never_made)
+                if gone:
+                    self.record(body, "Normal", "NodePoolRetired",
+                                f"moved to node pool {target}; deleted {key}")
+            if gone is False:
                 releasing.append(key)
         if previous in releasing:  # named until it is gone
             releasing.remove(previous)

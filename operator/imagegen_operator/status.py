@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imagegen_operator import conditions as cond
+from imagegen_operator.api import CLOUD_PROVIDERS
 from imagegen_operator.planner import Plan
 from imagegen_operator.providers.base import PoolState
 
@@ -39,6 +40,13 @@ class PoolKey:
 
     def status(self) -> dict[str, Any]:
         return {"name": self.name, "provider": self.provider, "cluster": self.scope or None}
+
+    def namesake_of(self, other: PoolKey) -> bool:
+        """Whether the two name one GKE node pool through different providers: GKE's API
+        and a Config Connector object make and delete the same pool."""
+        return (self.provider != other.provider
+                and self.provider in CLOUD_PROVIDERS and other.provider in CLOUD_PROVIDERS
+                and (self.scope, self.name) == (other.scope, other.name))
 
 
 @dataclass(frozen=True)

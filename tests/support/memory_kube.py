@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import time
 import uuid
 from typing import Any
 
@@ -43,7 +44,11 @@ class InMemoryKube:
         meta = obj.setdefault("metadata", {})
         meta.setdefault("uid", str(uuid.uuid4()))
         meta.setdefault("generation", 1)
-        meta["resourceVersion"] = str(next(self._versions))
+        version = next(self._versions)
+        meta["resourceVersion"] = str(version)
+        # Set once, on create, as the API server does; one second apart keeps them in order.
+        meta.setdefault("creationTimestamp", time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime(1_767_225_600 + version)))
         self.objects[self._key(obj)] = obj
         return copy.deepcopy(obj)
 

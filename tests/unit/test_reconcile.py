@@ -19,7 +19,7 @@ from imagegen_operator.planner import plan
 from imagegen_operator.providers import build_providers
 from imagegen_operator.providers.gke import GkeProvider
 from imagegen_operator.reconcile import Reconciler
-from imagegen_operator.render.nodepool import POOL_LABEL
+from imagegen_operator.render.nodepool import POOL_LABEL, render_gke_nodepool
 from support.clock import FakeClock
 from support.fake_gke import GkeApiTestDouble
 from support.memory_kube import InMemoryKube
@@ -887,6 +887,85 @@ def test_config_connector_pools_of_two_namespaces_never_make_one_gke_pool(world)
     assert not config_connector_pools(world)
     world.reconcile("team-b/beta")
     assert list(config_connector_pools(world)) == [("team-b", name)]
+
+
+def test_one_gke_pool_is_managed_through_one_provider_only(world) -> None:
+    """GKE's API and a Config Connector object derive the same pool name for the same GPU
+    settings: the service made first keeps the pool, a later one through the other
+    provider is refused before anything is made, and deleting the later one takes
+    nothing."""
+    world.create("first", node_pool={"provider": "GKE", "cluster": CLUSTER_A})
+    world.create("second", node_pool={"provider": "ConfigConnector", "cluster": CLUSTER_A})
+    world.reconcile("first", "second", "first")
+    name = world.body("first")["status"]["nodePool"]["name"]
+    assert world.gke_pools() == {f"{CLUSTER_A}/nodePools/{name}"}
+    refused = world.condition("second", "NodePoolReady")
+    assert (refused["status"], refused["reason"]) == ("False", "PoolClaimed")
+    assert "ns/first" in refused["message"] and "spec.nodePool.name" in refused["message"]
+    assert not config_connector_pools(world)
+    assert world.condition("first", "NodePoolReady")["reason"] != "PoolClaimed"
+
+    assert world.delete("second") is True
+    assert world.gke_pools() == {f"{CLUSTER_A}/nodePools/{name}"}
+
+
+def test_a_service_on_a_namesake_pool_keeps_it_while_the_other_provider_leaves(world) -> None:
+    """Two services already on one GKE pool through both providers (made before they were
+    told apart): deleting either keeps the pool for the other."""
+    world.create("first", node_pool={"provider": "ConfigConnector", "cluster": CLUSTER_A})
+    world.reconcile("first")
+    [(_, name)] = config_connector_pools(world)
+    world.create("second", node_pool={"provider": "GKE", "cluster": CLUSTER_A})
+    resource = api.parse(world.body("second"))
+    made = render_gke_nodepool(resource, plan(resource.spec))["spec"]
+    world.double.seed_pool(f"{CLUSTER_A}/nodePools/{name}",
+                           **{k: v for k, v in made.items() if k != "name"})
+    record = {"name": name, "provider": "GKE", "cluster": CLUSTER_A, "created": True}
+    world.kube.patch_status(api.API_VERSION, api.KIND, "second", "ns", {"nodePool": record})
+    assert world.delete("second") is True
+    assert not world.double.requests_to("DELETE", f"/nodePools/{name}")
+    assert world.gke_pools() == {f"{CLUSTER_A}/nodePools/{name}"}
+    # The other way round: the Config Connector service goes, and its object with it,
+    # marked so that Config Connector keeps the pool the GKE service runs on.
+    world.create("third", node_pool={"provider": "GKE", "cluster": CLUSTER_A})
+    world.kube.patch_status(api.API_VERSION, api.KIND, "third", "ns", {"nodePool": record})
+    applied = []
+    apply = world.kube.apply
+    world.kube.apply = lambda obj, **kw: applied.append(obj) or apply(obj, **kw)
+    delete_until_done(world, "first")
+    [marked] = [o for o in applied if o["kind"] == "ContainerNodePool"]
+    assert marked["metadata"]["annotations"]["cnrm.cloud.google.com/deletion-policy"] == "abandon"
+    assert not config_connector_pools(world)
+    assert world.gke_pools() == {f"{CLUSTER_A}/nodePools/{name}"}
+
+
+def test_a_service_that_switches_provider_on_one_pool_lets_go_without_deleting(world) -> None:
+    pool = {"provider": "ConfigConnector", "cluster": CLUSTER_A}
+    world.create("svc", node_pool=pool)
+    world.reconcile("svc")
+    [(_, name)] = config_connector_pools(world)
+    # The pool Config Connector made of the object: what GKE's API would have made.
+    on_gke = {"provider": "GKE", "cluster": CLUSTER_A}
+    world.edit("svc", nodePool=on_gke)
+    resource = api.parse(world.body("svc"))
+    made = render_gke_nodepool(resource, plan(resource.spec))["spec"]
+    world.double.seed_pool(f"{CLUSTER_A}/nodePools/{name}",
+                           **{k: v for k, v in made.items() if k != "name"})
+    applied = []
+    apply = world.kube.apply
+    world.kube.apply = lambda obj, **kw: applied.append(obj) or apply(obj, **kw)
+    for _ in range(3):
+        world.nodes_ready()
+        world.rolled_out("svc")
+        world.reconcile("svc")
+    # The object is gone, marked so that Config Connector keeps the pool; GKE's API runs it.
+    [marked] = [o for o in applied if o["kind"] == "ContainerNodePool"]
+    assert marked["metadata"]["annotations"]["cnrm.cloud.google.com/deletion-policy"] == "abandon"
+    assert not config_connector_pools(world)
+    assert world.gke_pools() == {f"{CLUSTER_A}/nodePools/{name}"}
+    status = world.body("svc")["status"]["nodePool"]
+    assert (status["provider"], status["name"]) == ("GKE", name) and not status.get("releasing")
+    assert any(e[2] == "NodePoolHandedOver" for e in world.events)
 
 
 def test_a_container_node_pool_the_operator_did_not_make_is_left_alone(world) -> None:

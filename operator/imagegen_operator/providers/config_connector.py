@@ -102,7 +102,9 @@ class ConfigConnectorProvider:
         message = (ready or {}).get("message") or "waiting for Config Connector"
         return PoolState(meta["name"], False, ready_nodes, _camel(reason), message)
 
-    def delete(self, resource: ImageGenService, plan: Plan) -> bool:
+    def delete(self, resource: ImageGenService, plan: Plan, keep_pool: bool = False) -> bool:
+        """Delete the object, and with it the GKE pool; ``keep_pool``: the object only (the
+        service now manages that pool through GKE's API)."""
         from imagegen_operator.kube import MissingKind
 
         desired = render_config_connector_nodepool(resource, plan)
@@ -114,9 +116,11 @@ class ConfigConnectorProvider:
             if not _made_by_us(live):
                 raise PoolNotOwned(_not_ours(meta))
             with self._lock(desired):
-                if self._claimed_by(desired) and ABANDON not in _annotations(live).items():
-                    # Another namespace's object stands for the same GKE pool (both made
-                    # before pools were kept per namespace): delete only this object.
+                abandon = keep_pool or self._claimed_by(desired)
+                if abandon and ABANDON not in _annotations(live).items():
+                    # The pool is managed through GKE's API now, or another namespace's
+                    # object stands for it (both made before pools were kept per
+                    # namespace): delete only this object.
                     self.kube.apply({**desired, "spec": live["spec"], "metadata": {
                         **meta, "annotations": {**meta["annotations"], ABANDON[0]: ABANDON[1]}}},
                         live=live)
