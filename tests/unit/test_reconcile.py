@@ -180,6 +180,26 @@ def test_a_local_pool_neither_counts_nor_deletes_real_nodes_of_its_name(world) -
     assert [n["metadata"]["name"] for n in world.kube.list("v1", "Node")] == ["gke-a-real-node"]
 
 
+def test_an_existing_pool_counts_only_the_nodes_its_pods_may_use(world) -> None:
+    from imagegen_operator import gke
+    from imagegen_operator.render.nodepool import SIMULATED_TAINT
+
+    world.create("whole", gpu={"type": "nvidia-l4"}, node_pool={"provider": "Existing"})
+
+    def node(name: str, labels: dict | None = None, **spec: Any) -> None:
+        world.kube.put({"apiVersion": "v1", "kind": "Node", "metadata": {
+            "name": name, "labels": {gke.LABEL_ACCELERATOR: "nvidia-l4", **(labels or {})}},
+            "spec": spec, "status": {"conditions": [{"type": "Ready", "status": "True"}]}})
+
+    node("usable")
+    node("time-shared", {gke.LABEL_SHARING_STRATEGY: "time-sharing",
+                         gke.LABEL_MAX_SHARED_CLIENTS: "2"})
+    node("cordoned", unschedulable=True)
+    node("simulated", taints=[dict(SIMULATED_TAINT)])
+    world.reconcile("whole")
+    assert world.body("whole")["status"]["nodePool"]["readyNodes"] == 1
+
+
 def test_the_same_config_in_two_clusters_is_two_pools(world) -> None:
     world.create("in-a", node_pool={"provider": "GKE", "cluster": CLUSTER_A})
     world.create("in-b", node_pool={"provider": "GKE", "cluster": CLUSTER_B})

@@ -92,6 +92,17 @@ def nodeselector(plan: Plan, provider: str = "Existing", pool_named: bool = Fals
     return labels
 
 
+def absent_labels(plan: Plan) -> list[str]:
+    """The node labels of sharing the spec did not ask for: a node with one is not the
+    pods' (``node_affinity``)."""
+    absent = []
+    if not plan.partition_size:
+        absent.append(gke.LABEL_PARTITION_SIZE)
+    if not plan.sharing_strategy:
+        absent += [gke.LABEL_SHARING_STRATEGY, gke.LABEL_MAX_SHARED_CLIENTS]
+    return absent
+
+
 def node_affinity(plan: Plan) -> dict[str, Any] | None:
     """Keep pods off nodes shared in a way the spec did not ask for.
 
@@ -99,11 +110,7 @@ def node_affinity(plan: Plan) -> dict[str, Any] | None:
     wants a whole GPU could land on a time-shared or MIG node of the same
     accelerator and take one of its slots (and the other way round).
     """
-    absent = []
-    if not plan.partition_size:
-        absent.append(gke.LABEL_PARTITION_SIZE)
-    if not plan.sharing_strategy:
-        absent += [gke.LABEL_SHARING_STRATEGY, gke.LABEL_MAX_SHARED_CLIENTS]
+    absent = absent_labels(plan)
     if not absent:
         return None
     expressions = [{"key": key, "operator": "DoesNotExist"} for key in absent]
