@@ -988,6 +988,41 @@ def test_a_service_that_switches_provider_on_one_pool_lets_go_without_deleting(w
     assert any(e[2] == "NodePoolHandedOver" for e in world.events)
 
 
+def test_a_config_connector_pool_is_not_changed_where_config_connector_cannot(world) -> None:
+    """Its cluster and its machines and GPUs are immutable in the ContainerNodePool CRD: a
+    spec that would change them is refused naming the way out, and the object stays."""
+    pool = {"provider": "ConfigConnector", "cluster": CLUSTER_A, "name": "team-pool"}
+    world.create("svc", node_pool=pool)
+    world.reconcile("svc")
+    [(namespace, name)] = config_connector_pools(world)
+    before = dict(config_connector_pools(world)[(namespace, name)]["spec"])
+    for change in ({"nodePool": {**pool, "cluster": CLUSTER_B}},
+                   {"gpu": {"type": "nvidia-l4"}}):
+        world.edit("svc", **change)
+        world.reconcile("svc")
+        refused = world.condition("svc", "NodePoolReady")
+        assert refused["reason"] == "PoolConfigMismatch", change
+        assert "spec.nodePool.name" in refused["message"]
+        assert config_connector_pools(world)[(namespace, name)]["spec"] == before
+        world.edit("svc", nodePool=pool, gpu=TS2_L4)
+    # Deleting the service deletes the object of the pool it made, in its own cluster.
+    world.edit("svc", nodePool={**pool, "cluster": CLUSTER_B})
+    delete_until_done(world, "svc")
+    assert not config_connector_pools(world)
+
+
+def test_a_config_connector_pool_on_its_way_out_is_not_ready(world) -> None:
+    pool = {"provider": "ConfigConnector", "cluster": CLUSTER_A}
+    world.create("svc", node_pool=pool)
+    world.reconcile("svc")
+    [(namespace, name)] = config_connector_pools(world)
+    obj = config_connector_pools(world)[(namespace, name)]
+    obj["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    obj["status"] = {"conditions": [{"type": "Ready", "status": "True", "reason": "UpToDate"}]}
+    world.reconcile("svc")
+    assert world.condition("svc", "NodePoolReady")["reason"] == "Deleting"
+
+
 def test_a_container_node_pool_the_operator_did_not_make_is_left_alone(world) -> None:
     pool = {"provider": "ConfigConnector", "cluster": CLUSTER_A, "name": "platform-pool"}
     world.create("alpha", node_pool=pool)

@@ -67,6 +67,8 @@ class ConfigConnectorProvider:
             ) from exc
         if live is not None and not _made_by_us(live):
             raise PoolNotOwned(_not_ours(meta))
+        if live is not None:
+            _check_unchangeable(live, desired, resource)
         if live is not None and "initialNodeCount" in live.get("spec", {}):
             # Immutable in Config Connector (a change would recreate the pool): the count
             # it was made with stays, whatever minNodes the pool's services ask for now.
@@ -79,15 +81,8 @@ class ConfigConnectorProvider:
                     f"from {KIND} {other} for another namespace. Set spec.nodePool.name to a "
                     "name of this namespace's own.",
                 )
-            self.kube.apply(desired, live=live)
-        ready = next(
-            (
-                c
-                for c in ((live or {}).get("status") or {}).get("conditions") or []
-                if c.get("type") == "Ready"
-            ),
-            None,
-        )
+            now = self.kube.apply(desired, live=live)
+        ready = _ready_condition(now)
         nodes = self.kube.list("v1", "Node", label_selector=f"{gke.LABEL_NODEPOOL}={meta['name']}")
         ready_nodes = sum(1 for n in nodes if node_ready(n))
         if ready and ready.get("status") == "True":
@@ -115,6 +110,8 @@ class ConfigConnectorProvider:
                 return True
             if not _made_by_us(live):
                 raise PoolNotOwned(_not_ours(meta))
+            if _cluster(live) != _cluster(desired):
+                return True  # the object of this name is another cluster's pool
             with self._lock(desired):
                 abandon = keep_pool or self._claimed_by(desired)
                 if abandon and ABANDON not in _annotations(live).items():
@@ -146,6 +143,63 @@ class ConfigConnectorProvider:
                     and _cluster(other) == _cluster(desired)):
                 return f"{theirs.get('namespace')}/{theirs['name']}"
         return None
+
+
+def _ready_condition(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """The object's Ready condition; none that reads ready for an object on its way out
+    (its last user's delete under way: the pool goes with it)."""
+    meta, status = obj["metadata"], obj.get("status") or {}
+    if meta.get("deletionTimestamp"):
+        return {"status": "False", "reason": "Deleting",
+                "message": f"{KIND} {meta.get('namespace')}/{meta['name']} is being deleted; "
+                           "the pool is made again once it is gone"}
+    return next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), None)
+
+
+def _unchangeable(spec: dict[str, Any], derived_machine: bool) -> dict[str, Any]:
+    """What Config Connector cannot change on a pool (its CRD marks these immutable)."""
+    node = spec.get("nodeConfig") or {}
+    gpu = (node.get("guestAccelerator") or [{}])[0]
+    sharing = gpu.get("gpuSharingConfig") or {}
+    out = {
+        "machine type": node.get("machineType"),
+        "spot": bool(node.get("spot")),
+        "GPU": gpu.get("type"),
+        "GPUs per node": int(gpu.get("count") or 0),
+        "partition size": gpu.get("gpuPartitionSize"),
+        "sharing": sharing.get("gpuSharingStrategy"),
+        "clients per GPU": int(sharing.get("maxSharedClientsPerGpu") or 0),
+    }
+    if derived_machine:
+        del out["machine type"]  # follows GKE's machine types across operator upgrades
+    return out
+
+
+def _check_unchangeable(live: dict[str, Any], desired: dict[str, Any],
+                        resource: ImageGenService) -> None:
+    """Refuse, naming the fields, a spec the live object cannot take: another cluster, or
+    other machines or GPUs. Config Connector would refuse the apply with a message that
+    names neither the spec's fields nor the way out."""
+    name = desired["metadata"]["name"]
+    if _cluster(live) != _cluster(desired):
+        raise ProviderError(
+            "PoolConfigMismatch",
+            f"{KIND} {live['metadata'].get('namespace')}/{name} stands for node pool {name} of "
+            f"cluster {_cluster(live)}, and Config Connector cannot move it to cluster "
+            f"{_cluster(desired)}. Set spec.nodePool.name to a name for the pool in the new "
+            "cluster.",
+        )
+    derived = resource.spec.node_pool.machine_type is None
+    have = _unchangeable(live.get("spec") or {}, derived)
+    want = _unchangeable(desired["spec"], derived)
+    if differ := [k for k in want if want[k] != have[k]]:
+        changes = ", ".join(f"{k} {have[k]} (the spec asks for {want[k]})" for k in differ)
+        raise ProviderError(
+            "PoolConfigMismatch",
+            f"node pool {name} has {changes}, which Config Connector cannot change on a pool. "
+            "Set spec.nodePool.name to a free name (or remove it for a name derived from the "
+            "GPU settings), and the service moves to a new pool.",
+        )
 
 
 def _cluster(obj: dict[str, Any]) -> str | None:
