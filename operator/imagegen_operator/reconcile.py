@@ -259,22 +259,29 @@ class Reconciler:
         never_made = self.never_made(body)
         done = True
         for key in keys:
-            users = self.pool_users(key, exclude_uid=uid)
-            if users:
-                log.info("pool %s still used by %s; keeping it", key, ", ".join(users))
-                continue
-            if users := self.pool_users(key, exclude_uid=uid, namesakes=True):
-                # Others run on this GKE pool through the other provider: let go of it.
-                log.info("pool %s still used by %s; letting go of it", key, ", ".join(users))
-                gone = self._delete_pool(resource, the_plan, key, body=body, keep_pool=True)
-            else:
-                gone = self._delete_pool(resource, the_plan, key, body=body,
-                                         made=key not in never_made)
-                if gone:
-                    self.record(body, "Normal", "NodePoolDeleted",
-                                f"node pool {key} deleted: no service uses it any more")
+            # Held from the look at its users to the delete: a service starting on the
+            # pool meanwhile asks for it after, not between.
+            with self._pool_lock(key):
+                gone = self._release(body, resource, the_plan, key, never_made)
             done = done and gone is not False
         return done
+
+    def _release(self, body: dict[str, Any], resource: ImageGenService, the_plan: Plan,
+                 key: PoolKey, never_made: set[PoolKey]) -> bool | None:
+        """A deleted service's pool: kept while others use it, let go of while others use
+        it through the other cloud provider, else deleted (``_delete_pool``'s answer)."""
+        uid = body["metadata"].get("uid")
+        if users := self.pool_users(key, exclude_uid=uid):
+            log.info("pool %s still used by %s; keeping it", key, ", ".join(users))
+            return True
+        if users := self.pool_users(key, exclude_uid=uid, namesakes=True):
+            log.info("pool %s still used by %s; letting go of it", key, ", ".join(users))
+            return self._delete_pool(resource, the_plan, key, body=body, keep_pool=True)
+        gone = self._delete_pool(resource, the_plan, key, body=body, made=key not in never_made)
+        if gone:
+            self.record(body, "Normal", "NodePoolDeleted",
+                        f"node pool {key} deleted: no service uses it any more")
+        return gone
 
     # --- identity: which pool, and who uses it --------------------------------
 
@@ -715,21 +722,23 @@ class Reconciler:
         never_made = self.never_made(body)
         releasing = []
         for key in left:
-            if self.pool_users(key, exclude_uid=uid):
-                continue  # another service's now
-            if key.namesake_of(target) or self.pool_users(key, exclude_uid=uid, namesakes=True):
-                # The same GKE pool, now through the other provider: let go, not delete.
-                gone = self._delete_pool(resource, the_plan, key, body=body, keep_pool=True)
-                if gone:
-                    self.record(body, "Normal", "NodePoolHandedOver",
-                                f"node pool {target.name} is now managed through provider "
-                                f"{target.provider}; {key} let go of it")
-            else:
-                gone = self._delete_pool(resource, the_plan, key, body=body,
-                                         made=key not in never_made)
-                if gone:
-                    self.record(body, "Normal", "NodePoolRetired",
-                                f"moved to node pool {target}; deleted {key}")
+            with self._pool_lock(key):  # as in finalize: users looked at, then the delete
+                if self.pool_users(key, exclude_uid=uid):
+                    continue  # another service's now
+                if key.namesake_of(target) or self.pool_users(key, exclude_uid=uid,
+                                                              namesakes=True):
+                    # The same GKE pool, through the other provider now: let go, not delete.
+                    gone = self._delete_pool(resource, the_plan, key, body=body, keep_pool=True)
+                    if gone:
+                        self.record(body, "Normal", "NodePoolHandedOver",
+                                    f"node pool {key.name} is managed through provider "
+                                    f"{target.provider} now; {key} let go of it")
+                else:
+                    gone = self._delete_pool(resource, the_plan, key, body=body,
+                                             made=key not in never_made)
+                    if gone:
+                        self.record(body, "Normal", "NodePoolRetired",
+                                    f"moved to node pool {target}; deleted {key}")
             if gone is False:
                 releasing.append(key)
         if previous in releasing:  # named until it is gone
