@@ -148,6 +148,12 @@ def test_flux_kustomization_checks_every_service_kind():
     (check,) = flux["spec"]["healthCheckExprs"]
     assert (check["apiVersion"], check["kind"]) == (api.API_VERSION, api.KIND)
     assert "observedGeneration" in check["inProgress"] and "'Ready'" in check["current"]
+    # Failed is what the operator marks as needing a person, whatever condition is beside.
+    assert "'Stalled'" in check["failed"] and "Progressing" not in check["failed"]
+    # docs/gitops.md shows the very expressions the file holds.
+    docs = (ROOT / "docs" / "gitops.md").read_text()
+    shown = docs.split("  healthCheckExprs:\n", 1)[1].split("```", 1)[0]
+    assert yaml.safe_load(shown) == [check]
 
 
 def render_in_new_process(files: list[Path], seed: str) -> subprocess.CompletedProcess[str]:
