@@ -105,3 +105,16 @@ def test_the_vae_runs_in_float32_where_diffusers_own_pipeline_upcasts_it(family,
 
     vae = SimpleNamespace(config=SimpleNamespace(force_upcast=True))
     assert upcasts_vae(Family(family), getattr(torch, dtype), vae) is upcast
+
+
+def test_the_readme_names_every_flag_of_imagegen_server_and_no_other():
+    import re
+
+    from imagegen_server.cli import serve_parser
+
+    readme = (Path(__file__).parents[2] / "inference_image" / "README.md").read_text()
+    section = readme.split("## Settings", 1)[1].split("| variable |", 1)[0]
+    named = set(re.findall(r"`--(?:\[no-\])?([a-z-]+)`", section))
+    flags = {option.lstrip("-").removeprefix("no-")
+             for action in serve_parser()._actions for option in action.option_strings}
+    assert named == flags - {"h", "help"}
