@@ -193,6 +193,9 @@ def render_config_connector_nodepool(
             "location": location,
             "clusterRef": {"external": pool.cluster},
             "initialNodeCount": initial_node_count(pool.cluster, min_nodes),
+            # The bounds of the whole pool (total*), as for GKE's API: minNodeCount and
+            # maxNodeCount, the other pair the CRD has, count per zone, and a regional
+            # cluster would get three times the nodes asked for.
             "autoscaling": {
                 "totalMinNodeCount": min_nodes,
                 "totalMaxNodeCount": max_nodes,
