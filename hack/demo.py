@@ -220,6 +220,7 @@ def main() -> int:
          "-L", "cloud.google.com/gke-max-shared-clients-per-gpu",
          "-o", "custom-columns=NODE:.metadata.name,"
          "GPU:.metadata.labels.cloud\\.google\\.com/gke-accelerator,"
+         "MIG:.metadata.labels.cloud\\.google\\.com/gke-gpu-partition-size,"
          "SHARING:.metadata.labels.cloud\\.google\\.com/gke-gpu-sharing-strategy,"
          "CLIENTS:.metadata.labels.cloud\\.google\\.com/gke-max-shared-clients-per-gpu,"
          "GPU-SLOTS:.status.allocatable.nvidia\\.com/gpu")
