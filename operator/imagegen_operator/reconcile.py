@@ -136,7 +136,7 @@ class Reconciler:
         self._backoff: dict[PoolKey, _Backoff] = {}
         # The last state each pool's provider reported, for when a read of it fails.
         self._last_seen: dict[PoolKey, PoolState] = {}
-        self._pool_locks: dict[PoolKey, threading.Lock] = {}
+        self._pool_locks: dict[PoolKey | tuple[str, str], threading.Lock] = {}
 
     # --- the entry points ---------------------------------------------------
 
@@ -167,23 +167,27 @@ class Reconciler:
         # The workload first: its pods wait (Pending) for the pool's nodes anyway,
         # and on GKE their pending is what the cluster autoscaler scales up for.
         target = self.pool_key(resource, the_plan)
-        if (claim := self._namesake_claim(body, target)) is not None:
-            message = (
-                f"node pool {target.name} of cluster {target.scope} is already managed through "
-                f"provider {claim[1]} by service {claim[0]}; through provider {target.provider} "
-                "too, the two would change and delete it under each other. Set "
-                f"spec.nodePool.name to another name, or use provider {claim[1]}."
-            )
-            return self._not_planned(body, outcome, "PoolClaimed", message, the_plan,
-                                     pool_message=message)
         recorded = self.recorded_pools(body)
+        # Under the pool's lock (one for a GKE pool whichever provider names it), from the
+        # look at who has the pool to this service's name on it: two services asking for one
+        # pool through both providers at once see each other.
+        with self._pool_lock(target):
+            if (claim := self._namesake_claim(body, target)) is not None:
+                message = (
+                    f"node pool {target.name} of cluster {target.scope} is already managed "
+                    f"through provider {claim[1]} by service {claim[0]}; through provider "
+                    f"{target.provider} too, the two would change and delete it under each "
+                    f"other. Set spec.nodePool.name to another name, or use provider {claim[1]}."
+                )
+                return self._not_planned(body, outcome, "PoolClaimed", message, the_plan,
+                                         pool_message=message)
+            if target not in recorded:
+                self._name_pool_first(body, target)
         deployment, rejected, precompile = self._apply_workload(
             resource, the_plan, outcome,
             spec_changed=previous.get("observedGeneration") != generation, previous=previous,
             moving=bool(recorded) and recorded[0] != target,
         )
-        if target not in recorded:
-            self._name_pool_first(body, target)
         pool, pool_stalled, answered = self._ensure_pool(resource, the_plan, target, outcome)
         outcome.pool_on_its_way = not pool.ready and not pool_stalled
         created = self.created_records(body)
@@ -366,26 +370,43 @@ class Reconciler:
         return users
 
     def _namesake_claim(self, body: dict[str, Any], target: PoolKey) -> tuple[str, str] | None:
-        """(namespace/name, provider) of a service that came first and has the GKE pool
-        ``target`` names through the other cloud provider (made, or maybe made).
+        """(namespace/name, provider) of another service that has the GKE pool ``target``
+        names, through the other cloud provider.
 
         GKE's API and a Config Connector object would both manage that one pool: each would
-        set its bounds, and deleting either service would delete it under the other. The
-        service made first keeps it; a later one is refused, before anything is asked.
+        set its bounds, and deleting either service would delete it under the other. A
+        service that does not have its pool yet is refused while another runs on it or moves
+        to it (made or still asked for) through the other provider, before anything is
+        asked. Of two that have it already (made by an earlier version), the one made first
+        keeps it.
         """
+        if target.provider not in CLOUD_PROVIDERS:
+            return None
         meta = body["metadata"]
+        mine = self.created_records(body)
+        has_it = target in mine and mine[target] is not False
 
         def first(m: dict[str, Any]) -> tuple[str, str, str]:
             return (m.get("creationTimestamp") or "", m.get("namespace") or "", m["name"])
 
-        for other in self._all_services():
+        # A first ask reads the API server itself: a namesake named a moment ago counts.
+        for other in self._all_services(fresh=not has_it):
             theirs = other["metadata"]
             if theirs.get("uid") == meta.get("uid") or theirs.get("deletionTimestamp"):
                 continue
-            for key, created in self.created_records(other).items():
-                if created is not False and key.namesake_of(target) and first(theirs) < first(meta):
+            records = self.created_records(other)
+            for key in self._wanted_pools(other):
+                if not key.namesake_of(target):
+                    continue
+                if not has_it or (records[key] is not False and first(theirs) < first(meta)):
                     return f"{theirs.get('namespace')}/{theirs['name']}", key.provider
         return None
+
+    def _wanted_pools(self, body: dict[str, Any]) -> list[PoolKey]:
+        """The pool a service's status says it runs on, and the one it moves to."""
+        pool = (body.get("status") or {}).get("nodePool") or {}
+        keys = (self._recorded_key(body, ref) for ref in (pool, pool.get("movingTo") or {}))
+        return [key for key in keys if key is not None]
 
     def _all_services(self, fresh: bool = False) -> Iterable[dict[str, Any]]:
         """Every ImageGenService: from the watch-fed cache when there is one.
@@ -638,6 +659,8 @@ class Reconciler:
             return state, False, True
 
     def _pool_lock(self, key: PoolKey) -> threading.Lock:
+        # One lock for a GKE pool, whichever cloud provider and namespace name it.
+        key = (key.scope, key.name) if key.provider in CLOUD_PROVIDERS else key
         with self._lock:
             lock = self._pool_locks.get(key)
             if lock is None:

@@ -929,6 +929,29 @@ def test_one_gke_pool_is_managed_through_one_provider_only(world) -> None:
     assert world.gke_pools() == {f"{CLUSTER_A}/nodePools/{name}"}
 
 
+def test_a_service_that_has_no_pool_yet_is_refused_whichever_came_first(world) -> None:
+    # An older service fixed late, and one that switches provider while a second service
+    # stays on the pool: neither has the pool, so neither takes it over.
+    world.create("older", node_pool={"provider": "ConfigConnector", "cluster": "bad"})
+    world.create("newer", node_pool={"provider": "GKE", "cluster": CLUSTER_A})
+    world.reconcile("older", "newer")
+    name = world.body("newer")["status"]["nodePool"]["name"]
+    world.edit("older", nodePool={"provider": "ConfigConnector", "cluster": CLUSTER_A})
+    world.reconcile("older", "newer")
+    assert world.condition("older", "NodePoolReady")["reason"] == "PoolClaimed"
+    assert world.condition("newer", "NodePoolReady")["reason"] != "PoolClaimed"
+    assert not config_connector_pools(world)
+
+    world.create("sharer", node_pool={"provider": "GKE", "cluster": CLUSTER_A})
+    world.reconcile("sharer")
+    assert world.body("sharer")["status"]["nodePool"]["name"] == name
+    world.edit("newer", nodePool={"provider": "ConfigConnector", "cluster": CLUSTER_A})
+    world.reconcile("newer", "sharer")
+    assert world.condition("newer", "NodePoolReady")["reason"] == "PoolClaimed"
+    assert world.condition("sharer", "NodePoolReady")["reason"] != "PoolClaimed"
+    assert not config_connector_pools(world)
+
+
 def test_a_service_on_a_namesake_pool_keeps_it_while_the_other_provider_leaves(world) -> None:
     """Two services already on one GKE pool through both providers (made before they were
     told apart): deleting either keeps the pool for the other."""

@@ -111,7 +111,9 @@ class ConfigConnectorProvider:
             if not _made_by_us(live):
                 raise PoolNotOwned(_not_ours(meta))
             if _cluster(live) != _cluster(desired):
-                return True  # the object of this name is another cluster's pool
+                raise PoolNotOwned(
+                    f"{KIND} {meta['namespace']}/{meta['name']} stands for the pool of cluster "
+                    f"{_cluster(live)}, not of {_cluster(desired)}; it is left alone")
             with self._lock(desired):
                 abandon = keep_pool or self._claimed_by(desired)
                 if abandon and ABANDON not in _annotations(live).items():
