@@ -68,9 +68,11 @@ class ShutdownError(RuntimeError):
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A job's state before a step (Job.checkpoint). The step replaces the tensors and the
-    dict's entries rather than writing into them, so references are enough, and the
-    generator's state is what makes its draws repeat."""
+    """A job's state before a step (Job.checkpoint). The steps replace the job's tensors and
+    the dict's entries rather than writing into them, so references are enough, and the
+    generator's state is what makes its draws repeat. The scheduler is not copied: it is
+    stepped in place, and a checkpoint is only ever taken before denoising starts (which
+    makes a new one) or after it ended (decode reads none)."""
 
     conditioning: dict[str, Any]
     generator: Any

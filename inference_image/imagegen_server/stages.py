@@ -206,6 +206,10 @@ class Stage:
         started = time.perf_counter()
         try:
             outputs = self.step(live) if self.stream is None else self._on_stream(self.step, live)
+            if outputs is not None and len(outputs) != len(live):
+                # Checked before any job is handed on: none goes on while its batch fails.
+                raise RuntimeError(f"the {self.name} step answered for {len(outputs)} of "
+                                   f"{len(live)} requests")
         except Exception as exc:
             if checkpoints is None:
                 log.exception("%s stage failed for a batch of %d", self.name, len(live))

@@ -113,6 +113,7 @@ class StepBatchingStage(Stage):
         for job in self.waiting:
             if reason := job.drop_reason():
                 job.fail(JobTimeout(f"{reason} before the {self.name} stage"))
+                self._leaves(job)
             else:
                 waiting.append(job)
         self.waiting = waiting
@@ -139,6 +140,7 @@ class StepBatchingStage(Stage):
         except Exception as exc:
             log.exception("%s stage could not place a request", self.name)
             job.fail(exc)
+            self._leaves(job)
             if job in self.waiting:
                 self.waiting.remove(job)
             return object()  # equal to no other key

@@ -22,9 +22,10 @@ log = logging.getLogger(__name__)
 
 # How long a finished stream waits for a preview still being made before the final image.
 PREVIEW_WAIT_S = 2.0
-# How long one event may wait for a client that reads nothing before the stream is dropped:
-# one that holds its connection open and stops reading would pin the images for good.
-SEND_TIMEOUT_S = 30.0
+# How long one event may take to reach the client before the stream is dropped: one that
+# holds its connection open and stops reading would pin the images for good. Long enough for
+# a large PNG to a slow reader (16 MB of base64 at 1 Mbit/s).
+SEND_TIMEOUT_S = 180.0
 # OpenAI's completed events carry token usage; a diffusion model counts no tokens.
 NO_TOKENS = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
              "output_tokens": 0, "total_tokens": 0}
