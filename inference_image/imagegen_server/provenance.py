@@ -19,8 +19,11 @@ Metadata is not a watermark: anyone can strip or rewrite it. With a signing cert
 tool) then sees who signed it, and a changed pixel breaks the hash the signature covers.
 
 The parent is the uploaded file as sent, hashed, with no thumbnail: its hash matches the
-user's file (and a manifest it carried goes on in the chain), and the edit does not carry a
-copy of the picture it changed (a face or a number plate inpainted away stays away).
+user's file, and the edit does not carry a copy of the picture it changed (a face or a
+number plate inpainted away stays away). An upload that carries a C2PA manifest of its own
+(a camera's, another generator's) would bring that manifest along, with its thumbnail of
+the picture: there, and for a file c2pa cannot read, the parent is the decoded picture as
+a PNG instead, and the chain to the upload's own manifest is not kept.
 """
 
 from __future__ import annotations
@@ -107,6 +110,23 @@ def encode_png(image: Image.Image, record: dict | None,
     return png if signer is None else signer.sign(png, record, parent)
 
 
+def _parent_file(edit: EditInput) -> tuple[bytes, str]:
+    """What an edit names as its parent: the upload as sent when it is a file c2pa reads
+    and carries no manifest; else the decoded picture as a PNG (see the module's note)."""
+    import c2pa
+
+    if edit.upload is not None:
+        media_type = edit.upload_type or "image/png"
+        try:
+            with c2pa.Reader(media_type, io.BytesIO(edit.upload)):
+                pass  # a manifest of its own, thumbnail and all
+        except c2pa.C2paError.ManifestNotFound:
+            return edit.upload, media_type
+        except c2pa.C2paError:
+            pass  # a file c2pa does not take as an ingredient
+    return _png(edit.image), "image/png"
+
+
 class SigningError(ValueError):
     """The signing certificate or key cannot sign; the message says which file and why."""
 
@@ -164,10 +184,8 @@ class ManifestSigner:
             "format": "image/png",
             "assertions": [{"label": "c2pa.actions", "data": {"actions": actions}}],
         }
-        if parent is not None and parent.upload is None:  # made in-process, not uploaded
-            upload, media_type = _png(parent.image), "image/png"
-        elif parent is not None:
-            upload, media_type = parent.upload, parent.upload_type or "image/png"
+        if parent is not None:
+            upload, media_type = _parent_file(parent)
         out = io.BytesIO()
         with self._lock, c2pa.Builder(manifest, context=self._context) as builder:
             if parent is not None:

@@ -188,3 +188,32 @@ def test_a_signed_edit_names_the_upload_as_its_parent(client_for, tmp_path):
     # The file as sent (a JPEG, not the server's PNG of it), and no picture of it inside.
     assert (parent["relationship"], parent["format"]) == ("parentOf", "image/jpeg")
     assert "thumbnail" not in parent and "thumbnail" not in manifest
+
+
+def test_an_upload_signed_by_someone_else_brings_no_picture_of_it_along(client_for, tmp_path):
+    """A camera's or another generator's manifest carries a thumbnail of the picture: an
+    edit of such a file names the decoded picture as its parent, and no manifest in the
+    result holds a thumbnail."""
+    cert, key = signing_chain(tmp_path)
+    client = client_for(c2pa_cert_file=str(cert), c2pa_key_file=str(key))
+    camera = c2pa.Signer.from_info(c2pa.C2paSignerInfo(
+        c2pa.C2paSigningAlg.ES256, cert.read_bytes(), key.read_bytes(), None))
+    plain = io.BytesIO()
+    source_image().save(plain, format="PNG")
+    upload = io.BytesIO()
+    manifest = {"claim_generator_info": [{"name": "a camera", "version": "1"}],
+                "format": "image/png", "assertions": [{"label": "c2pa.actions", "data": {
+                    "actions": [{"action": "c2pa.created", "digitalSourceType":
+                                 "http://cv.iptc.org/newscodes/digitalsourcetype/digitalCapture"}]}}]}
+    with c2pa.Builder(manifest) as builder:  # c2pa's defaults: with a thumbnail
+        builder.sign(camera, "image/png", io.BytesIO(plain.getvalue()), upload)
+    assert "thumbnail" in next(iter(read_manifest(upload.getvalue())[1]["manifests"].values()))
+    response = client.post(EDITS, data={"prompt": "x", "seed": "1"},
+                           files={"image": ("i.png", upload.getvalue(), "image/png")})
+    png = base64.b64decode(response.json()["data"][0]["b64_json"])
+    state, report = read_manifest(png)
+    assert state == "Valid"
+    for manifest in report["manifests"].values():
+        assert "thumbnail" not in manifest
+        assert all("thumbnail" not in i for i in manifest.get("ingredients", []))
+
