@@ -393,11 +393,27 @@ def test_service_and_endpoint_use_the_server_port() -> None:
     ({"type": "nvidia-l4", "sharing": {"strategy": "MPS", "maxSharedClientsPerGpu": 4}}, 4),
 ])
 def test_pdb_lets_one_nodes_worth_of_pods_go_at_a_time(gpu, per_node) -> None:
-    """The cluster autoscaler empties a node only if the budget lets all its pods go."""
-    r = resource(gpu=gpu)
-    pdb = render_pdb(r, plan(r.spec))
-    assert pdb["spec"]["maxUnavailable"] == per_node == plan(r.spec).slots_per_node
-    assert pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"] == "svc"
+    """The cluster autoscaler empties a node only if the budget lets all its pods go; but
+    never every replica of a fixed count at once (two nodes drained together)."""
+    for replicas, allowed in ((3 * per_node, per_node), (per_node, max(1, per_node - 1)),
+                              (1, 1)):
+        r = resource(gpu=gpu, replicas=replicas)
+        pdb = render_pdb(r, plan(r.spec))
+        assert pdb["spec"]["maxUnavailable"] == allowed, replicas
+        assert pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"] == "svc"
+    # An autoscaled count moves under the budget: one node's worth.
+    r = resource(gpu=gpu, autoscaling={"minReplicas": 1, "maxReplicas": 2 * per_node})
+    assert render_pdb(r, plan(r.spec))["spec"]["maxUnavailable"] == per_node
+
+
+def test_mps_pods_share_the_hosts_dev_shm_with_the_mps_daemon() -> None:
+    mps = pod_spec(resource(gpu={"type": "nvidia-l4",
+                                 "sharing": {"strategy": "MPS", "maxSharedClientsPerGpu": 4}}))
+    assert mps["hostIPC"] is True
+    mounts = [m["mountPath"] for m in mps["containers"][0]["volumeMounts"]]
+    assert "/dev/shm" not in mounts and "/tmp" in mounts
+    whole = pod_spec(resource(gpu={"type": "nvidia-l4"}))
+    assert "/dev/shm" in [m["mountPath"] for m in whole["containers"][0]["volumeMounts"]]
 
 
 def test_hpa_scales_the_imagegenservice_on_queue_depth() -> None:

@@ -171,15 +171,19 @@ def progress_deadline_s(resource: ImageGenService) -> int:
     return NODE_PROVISIONING_S + startup_failure_threshold(resource) * STARTUP_PERIOD_S
 
 
-def startup_failure_threshold(resource: ImageGenService) -> int:
+def startup_budget_s(resource: ImageGenService) -> int:
+    """How long a start may take: the model's download and load, then, with compile, the
+    warm-up that compiles every admitted shape (the precompile Job's budget too)."""
     compile_ = resource.spec.pipeline.compile
-    if not compile_.enabled:
-        budget = STARTUP_BUDGET_S["load"]
-    elif "max-autotune" in compile_.mode:
-        budget = STARTUP_BUDGET_S["max-autotune"]
-    else:
-        budget = STARTUP_BUDGET_S["compile"]
-    return math.ceil(budget / STARTUP_PERIOD_S)
+    budget = STARTUP_BUDGET_S["load"]
+    if compile_.enabled:
+        budget += STARTUP_BUDGET_S["max-autotune" if "max-autotune" in compile_.mode
+                                   else "compile"]
+    return budget
+
+
+def startup_failure_threshold(resource: ImageGenService) -> int:
+    return math.ceil(startup_budget_s(resource) / STARTUP_PERIOD_S)
 
 
 def probes(resource: ImageGenService) -> dict[str, Any]:
@@ -255,20 +259,25 @@ def source_volumes(resource: ImageGenService) -> dict[tuple[str, str], str]:
     return named
 
 
-def volumes_and_mounts(resource: ImageGenService) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def volumes_and_mounts(
+    resource: ImageGenService, host_ipc: bool = False
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     spec = resource.spec
     # The root filesystem is read-only: everything the server writes gets a volume.
     volumes: list[dict[str, Any]] = [
         {"name": "tmp", "emptyDir": {}},
         {"name": "cache", "emptyDir": {}},
-        # PyTorch's data loaders and NCCL use /dev/shm; the default 64Mi is too small.
-        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "tmp", "mountPath": "/tmp"},
         {"name": "cache", "mountPath": "/var/cache/imagegen"},
-        {"name": "dshm", "mountPath": "/dev/shm"},
     ]
+    if not host_ipc:
+        # PyTorch's data loaders and NCCL use /dev/shm; the default 64Mi is too small. Not
+        # with host IPC (MPS): the clients and the node's MPS daemon share the host's
+        # /dev/shm, which a volume there would hide.
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     for source, name in source_volumes(resource).items():
         volume, mount = _source_volume(source, name)
         volumes.append(volume)
@@ -369,7 +378,7 @@ def render_deployment(
     ``held``: 0 replicas for now, while the precompile Job runs (precompile.py); ``moving``:
     the service is moving to a new node pool."""
     spec = resource.spec
-    volumes, mounts = volumes_and_mounts(resource)
+    volumes, mounts = volumes_and_mounts(resource, host_ipc=plan.sharing_strategy == "MPS")
     container: dict[str, Any] = {
         "name": SERVER_CONTAINER,
         "image": spec.server.image or default_image,

@@ -15,13 +15,18 @@ def render_pdb(resource: ImageGenService, plan: Plan) -> dict[str, Any]:
     # (and GPU node upgrades are not blocked forever). One node's worth, not one pod: the
     # cluster autoscaler removes a node only if the budget lets every pod on it go at once,
     # so with one pod a shared GPU node (MIG slices, time-sharing, MPS) holding two of them
-    # would never be emptied, and would stay billed however idle.
+    # would never be emptied, and would stay billed however idle. But never every replica
+    # of a fixed count: two nodes drained at once (a surge upgrade) would take them all.
+    # An autoscaled service keeps one node's worth: its count moves under the budget.
+    allowed = max(1, plan.slots_per_node)
+    if resource.spec.autoscaling is None:
+        allowed = max(1, min(allowed, resource.spec.replicas - 1))
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
         "metadata": object_meta(resource),
         "spec": {
-            "maxUnavailable": max(1, plan.slots_per_node),
+            "maxUnavailable": allowed,
             "selector": {"matchLabels": selector_labels(resource)},
             # Pods that never became ready (still loading or compiling) may be
             # evicted regardless: they serve nothing yet.

@@ -33,8 +33,9 @@ from imagegen_operator.render.common import (
 )
 from imagegen_operator.render.deployment import (
     DEFAULT_SERVER_IMAGE,
-    STARTUP_BUDGET_S,
+    NODE_PROVISIONING_S,
     render_deployment,
+    startup_budget_s,
 )
 
 PRECOMPILE_APP = "imagegen-precompile"
@@ -113,8 +114,6 @@ def render_precompile_job(
     prefix = name_of(resource)[: _MAX_NAME - len("-precompile-") - _HASH_CHARS].rstrip("-")
     # Fresh dicts each: one object in two places would print as a YAML alias.
     template_meta = {**serving["metadata"], "labels": precompile_labels(resource)}
-    mode = resource.spec.pipeline.compile.mode
-    budget = STARTUP_BUDGET_S["max-autotune" if "max-autotune" in mode else "compile"]
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -126,8 +125,9 @@ def render_precompile_job(
             # One retry for a lost node or a preempted Spot VM; a model that fails to compile
             # fails again, and the replicas then compile for themselves.
             "backoffLimit": 1,
-            # A model download, a load and every admitted shape compiled.
-            "activeDeadlineSeconds": STARTUP_BUDGET_S["load"] + budget,
+            # A node (the deadline counts from the Job's start, Pending included), then a
+            # model download, a load and every admitted shape compiled.
+            "activeDeadlineSeconds": NODE_PROVISIONING_S + startup_budget_s(resource),
             "template": {"metadata": template_meta, "spec": pod},
         },
     }
