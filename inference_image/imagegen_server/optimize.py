@@ -68,6 +68,9 @@ def configure_compile_cache(directory) -> None:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
     os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "1"
     os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "1"
+    # Triton's kernels too (on a GPU): by default under ~/.triton, which a read-only root
+    # filesystem refuses, and which a restart would lose.
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(str(directory), "triton")
     import torch._inductor.config as inductor_config
 
     inductor_config.fx_graph_cache = True

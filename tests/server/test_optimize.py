@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,8 @@ def test_regional_compile_on_cpu_with_cache_dir(
     assert "BasicTransformerBlock" in report.compiled[0]
     assert report.compile_cache_dir == str(cache_dir)
     assert (cache_dir / "fxgraph").is_dir(), "inductor did not use the cache dir"
+    # Triton's kernels (on a GPU) beside inductor's, not under a read-only HOME.
+    assert os.environ["TRITON_CACHE_DIR"] == str(cache_dir / "triton")
     params = runtime.params("compiled", seed=5)
     images = runtime.engine.generate(params, timeout_s=300)
     expected = reference_pipeline("sd15")(**runtime.steps.reference_kwargs(params)).images
