@@ -39,6 +39,7 @@ import argparse
 import gc
 import statistics
 import time
+import traceback
 from typing import Any
 
 import common
@@ -511,7 +512,12 @@ def measure_quantized(
         dtype = torch_dtype(settings.dtype)
         pipe = build_pipeline(name, device, args.smoke).to(dtype=dtype)
         started = time.perf_counter()
-        report, attention = apply_optimizations(pipe, settings, device, dtype)
+        try:
+            report, attention = apply_optimizations(pipe, settings, device, dtype)
+        except Exception as exc:  # torchao missing or built for another torch: the rest runs
+            out[quantization] = {"skipped": f"cannot quantize here: {exc!r}"}
+            print(f"  {base}+{quantization}: skipped ({exc!r})", flush=True)
+            continue
         stacked = engine("Stacked", steps_for(family, pipe, device), settings)
         try:
             stacked.generate(request(stacked.steps, size, 2, 0))
@@ -605,7 +611,7 @@ def bars(results: dict, args) -> list[dict]:
     out = []
     note = "smoke run on the CPU: not a measurement" if args.smoke else ""
     sdxl = results.get("sdxl")
-    if sdxl:
+    if sdxl and "variants" in sdxl:
         measured = [
             (v, r["seconds_per_image"])
             for v, r in sdxl["variants"].items()
@@ -709,11 +715,7 @@ def main(argv=None) -> dict:
     device = torch.device("cpu") if args.smoke else resolve_device("auto")
     if device.type != "cuda" and not args.smoke:
         raise SystemExit("no GPU here: run with --smoke for the CPU check")
-    results = {
-        name: measure_caches(device, args, deadline) if name == "flux"
-        else measure_model(name, device, args, deadline)
-        for name in args.models
-    }
+    results: dict[str, Any] = {}
     result = {
         "settings": {
             "smoke": args.smoke,
@@ -723,10 +725,18 @@ def main(argv=None) -> dict:
             "max_batch_size": 1,
         },
         "models": results,
-        "wall_s": time.perf_counter() - started,
     }
-    result["bars"] = bars(results, args)
-    path = common.write_result("gpu_smoke" if args.smoke else "gpu", result, args.out_dir)
+    for name in args.models:
+        try:
+            results[name] = (measure_caches(device, args, deadline) if name == "flux"
+                             else measure_model(name, device, args, deadline))
+        except Exception as exc:  # one model's failure: the others still run, and it is said
+            traceback.print_exc()
+            results[name] = {"failed": repr(exc)}
+        # Written after each model: a session's time running out keeps what was measured.
+        result["wall_s"] = time.perf_counter() - started
+        result["bars"] = bars(results, args)
+        path = common.write_result("gpu_smoke" if args.smoke else "gpu", result, args.out_dir)
     print(f"wrote {path} after {result['wall_s']:.0f}s")
     return result
 

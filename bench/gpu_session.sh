@@ -4,16 +4,23 @@
 #
 #   bench/gpu_session.sh gpu          # GPU benchmark: bench/gpu.py (stops itself after ~7 minutes)
 #   bench/gpu_session.sh cold-start   # cold start on the GPU: full SD 1.5, empty vs warm cache
-#   bench/gpu_session.sh all          # both, one after the other
+#
+# One part per device call (each fits the 10 minutes a call may run, not both together);
+# the call carries the wheels: `carry: [".whl"]`. gpu.py writes its result after each model,
+# so a part cut short still leaves what it measured.
 #
 # Results go to $OUT (default bench/results); copy gpu.json and cold_start_gpu.json into
 # bench/results/ here and run `.venv/bin/python bench/run_all.py --no-run`. gpu.json's
 # step_rows is the measured step cost: `.venv/bin/python bench/step_batching.py --gpu-json
 # bench/results/gpu.json` replays step-level batching on it here, without a GPU.
 set -uo pipefail
-what=${1:-all}
+what=${1:-gpu}
 out=${OUT:-bench/results}
 site=/tmp/imagegen-site
+if ! ls .whl/*.whl >/dev/null 2>&1; then
+    echo "no wheels in .whl/: run bench/gpu_wheels.sh here and carry .whl" >&2
+    exit 1
+fi
 if [ ! -d "$site" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$site" .whl/*.whl || exit 1
@@ -21,10 +28,10 @@ fi
 export PYTHONPATH="$site:inference_image" PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 status=0
-if [ "$what" = gpu ] || [ "$what" = all ]; then
+if [ "$what" = gpu ]; then
     timeout 540 python3 bench/gpu.py --out-dir "$out" || status=$?
 fi
-if [ "$what" = cold-start ] || [ "$what" = all ]; then
+if [ "$what" = cold-start ]; then
     # The inductor's default mode: max-autotune would spend the whole session tuning.
     # Two of the three cold/warm pairs fit the session: dynamo's code saved, and AOTInductor.
     timeout 540 python3 bench/cold_start.py --size sd15 --device cuda --compile-mode default \

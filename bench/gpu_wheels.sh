@@ -18,6 +18,10 @@ pins=(
     annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0
     python-dotenv==1.2.4
     fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 sniffio==1.3.1 opentelemetry-api==1.45.2
+    sse-starlette==3.7.0 python-multipart==0.0.34
+    # Built against another torch than the device's 2.11: its quantization may not load
+    # there, which gpu.py then records as skipped, with the error, and goes on.
+    torchao==0.18.0
 )
 platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64; do
