@@ -187,8 +187,8 @@ def plan_table(resource: api.ImageGenService, p: Plan) -> str:
         ),
         (
             "memory",
-            f"model {p.footprint_gib:g} GiB ({p.footprint_source}) vs {p.slot_memory_gib:g} GiB "
-            f"per slot (GPU {p.gpu_memory_gib} GiB)",
+            f"model {p.footprint_gib:g} GiB ({p.footprint_source}) vs {round(p.slot_memory_gib, 2):g} GiB "
+            f"per slot (GPU {p.gpu_memory_gib:g} GiB, as CUDA reports it)",
         ),
     ]
     if p.sharing_strategy == "MPS":

@@ -144,7 +144,9 @@ class Accelerator:
 
     name: str  # the gpu.type value, also the cloud.google.com/gke-accelerator label value
     display_name: str
-    memory_gib: int
+    memory_gib: int  # as sold: decimal GB, the number in the name
+    # What CUDA reports (nvidia-smi's memory.total, MiB): the L4's "24GB" is 22.5 GiB.
+    usable_mib: int
     # MIG size -> partitions per GPU; empty when the GPU has no MIG.
     mig_partitions: dict[str, int] = field(hash=False)
     # GPUs per node -> machine type; a missing count has no machine shape.
@@ -168,6 +170,7 @@ ACCELERATORS: dict[str, Accelerator] = {
             name="nvidia-tesla-t4",
             display_name="NVIDIA T4 16GB",
             memory_gib=16,
+            usable_mib=15360,
             mig_partitions={},
             machine_types={1: "n1-standard-8", 2: "n1-standard-16", 4: "n1-standard-32"},
             gpu_usd_hour=0.35,
@@ -178,6 +181,7 @@ ACCELERATORS: dict[str, Accelerator] = {
             name="nvidia-l4",
             display_name="NVIDIA L4 24GB",
             memory_gib=24,
+            usable_mib=23034,
             mig_partitions={},
             machine_types={
                 1: "g2-standard-8",
@@ -194,6 +198,7 @@ ACCELERATORS: dict[str, Accelerator] = {
             name="nvidia-tesla-a100",
             display_name="NVIDIA A100 40GB",
             memory_gib=40,
+            usable_mib=40960,
             mig_partitions={"1g.5gb": 7, "2g.10gb": 3, "3g.20gb": 2, "7g.40gb": 1},
             machine_types={
                 1: "a2-highgpu-1g",
@@ -209,6 +214,7 @@ ACCELERATORS: dict[str, Accelerator] = {
             name="nvidia-a100-80gb",
             display_name="NVIDIA A100 80GB",
             memory_gib=80,
+            usable_mib=81920,
             mig_partitions={"1g.10gb": 7, "2g.20gb": 3, "3g.40gb": 2, "7g.80gb": 1},
             machine_types={
                 1: "a2-ultragpu-1g",
@@ -224,6 +230,7 @@ ACCELERATORS: dict[str, Accelerator] = {
             name="nvidia-h100-80gb",
             display_name="NVIDIA H100 80GB",
             memory_gib=80,
+            usable_mib=81559,
             mig_partitions={"1g.10gb": 7, "1g.20gb": 4, "2g.20gb": 3, "3g.40gb": 2, "7g.80gb": 1},
             machine_types={
                 1: "a3-highgpu-1g",
@@ -240,6 +247,7 @@ ACCELERATORS: dict[str, Accelerator] = {
             name="nvidia-h200-141gb",
             display_name="NVIDIA H200 141GB",
             memory_gib=141,
+            usable_mib=143771,
             mig_partitions={
                 "1g.18gb": 7,
                 "1g.35gb": 4,
@@ -303,16 +311,28 @@ def mig_sizes(gpu_type: str) -> dict[str, int]:
     return dict(accelerator(gpu_type).mig_partitions)
 
 
+def usable_gib(gpu_type: str) -> float:
+    """What one whole GPU of ``gpu_type`` gives a process, in GiB."""
+    return accelerator(gpu_type).usable_mib / 1024
+
+
 def mig_slice_memory_gib(partition_size: str) -> int:
     """The memory of one MIG slice, read from its name (``3g.40gb`` -> 40).
 
     Names round to whole GB (3g.71gb is half of an H200's 141 GB), so this is
-    nominal; the planner's footprint figures carry more slack than the rounding.
+    nominal; ``usable_slice_gib`` scales it to what the GPU reports.
     """
     match = _MIG_SIZE_RE.match(partition_size)
     if not match:
         raise ValueError(f"not a MIG partition size: {partition_size!r}")
     return int(match.group(2))
+
+
+def usable_slice_gib(gpu_type: str, partition_size: str) -> float:
+    """One MIG slice's memory scaled as the whole GPU's is (what CUDA reports against what
+    the name says): an estimate, the slices' exact sizes being the driver's."""
+    acc = accelerator(gpu_type)
+    return mig_slice_memory_gib(partition_size) * acc.usable_mib / (acc.memory_gib * 1024)
 
 
 def mig_compute_units(partition_size: str) -> int:

@@ -233,7 +233,7 @@ class Plan:
     nodes_needed: int
     max_nodes: int | None
     replicas_at_max_nodes: int | None
-    gpu_memory_gib: int
+    gpu_memory_gib: float  # what CUDA reports of one whole GPU
     slot_memory_gib: float
     footprint_gib: float
     footprint_source: str  # "spec.model.memoryGiB" or "estimate:<family>/<dtype>"
@@ -330,9 +330,9 @@ def slot_memory_gib(
     copy of the model, so each can only rely on an equal share.
     """
     whole = (
-        gke.mig_slice_memory_gib(partition_size)
+        gke.usable_slice_gib(gpu_type, partition_size)
         if partition_size
-        else gke.accelerator(gpu_type).memory_gib
+        else gke.usable_gib(gpu_type)
     )
     return whole / sharing_clients(strategy, clients)
 
@@ -513,7 +513,7 @@ def make_plan(inputs: PlanInputs) -> Plan:
         nodes_needed=nodes_needed,
         max_nodes=i.max_nodes,
         replicas_at_max_nodes=at_max,
-        gpu_memory_gib=acc.memory_gib,
+        gpu_memory_gib=round(gke.usable_gib(i.gpu_type), 2),
         slot_memory_gib=round(slot_gib, 3),
         footprint_gib=footprint,
         footprint_source=source,
@@ -607,8 +607,8 @@ def _footprint_estimated(i: PlanInputs, family: str, footprint: float) -> Findin
 def _slot_words(i: PlanInputs, slot_gib: float) -> str:
     where = f"a {i.partition_size} MIG slice" if i.partition_size else f"a {i.gpu_type} GPU"
     if i.sharing_strategy and i.max_shared_clients:
-        return f"{slot_gib:g} GiB ({where} shared by {i.max_shared_clients} clients)"
-    return f"{slot_gib:g} GiB ({where})"
+        return f"{round(slot_gib, 2):g} GiB ({where} shared by {i.max_shared_clients} clients)"
+    return f"{round(slot_gib, 2):g} GiB ({where})"
 
 
 def _check_flex_start(i: PlanInputs, nodes_needed: int) -> list[Finding]:

@@ -39,6 +39,10 @@ def reasons(p) -> list[str]:
     return [f.reason for f in p.findings]
 
 
+# What each GPU reports as its memory (nvidia-smi's memory.total, MiB) over what its name says:
+# a slot's memory is what CUDA gives, not the decimal GB the GPU is sold by.
+H100, L4, H200 = 81559 / (80 * 1024), 23034 / (24 * 1024), 143771 / (141 * 1024)
+
 # gpu config -> (partitions per GPU, clients, slots per GPU, slot memory GiB)
 SLOT_CASES = [
     (
@@ -48,9 +52,10 @@ SLOT_CASES = [
             sharing_strategy="TimeSharing",
             max_shared_clients=2,
         ),
-        (7, 2, 14, 5.0),
+        (7, 2, 14, 5.0 * H100),
     ),
-    (dict(gpu_type="nvidia-l4", sharing_strategy="MPS", max_shared_clients=4), (1, 4, 4, 6.0)),
+    (dict(gpu_type="nvidia-l4", sharing_strategy="MPS", max_shared_clients=4),
+     (1, 4, 4, 6.0 * L4)),
     (dict(gpu_type="nvidia-tesla-a100", partition_size="1g.5gb"), (7, 1, 7, 5.0)),
     (dict(gpu_type="nvidia-a100-80gb", partition_size="3g.40gb"), (2, 1, 2, 40.0)),
     (
@@ -61,12 +66,12 @@ SLOT_CASES = [
             sharing_strategy="MPS",
             max_shared_clients=3,
         ),
-        (2, 3, 6, 71 / 3),
+        (2, 3, 6, 71 / 3 * H200),
     ),
-    (dict(gpu_type="nvidia-tesla-t4"), (1, 1, 1, 16.0)),
+    (dict(gpu_type="nvidia-tesla-t4"), (1, 1, 1, 15.0)),
     (
         dict(gpu_type="nvidia-l4", sharing_strategy="TimeSharing", max_shared_clients=48),
-        (1, 48, 48, 0.5),
+        (1, 48, 48, 0.5 * L4),
     ),
 ]
 
@@ -101,10 +106,11 @@ def test_h100_mig_1g10gb_time_sharing_2_gives_14_slots() -> None:
 
 
 def test_l4_mps_4_gives_a_quarter_of_threads_and_memory() -> None:
-    """Issue 4, must show: L4 MPS 4 -> 25% threads, a quarter of 24 GiB pinned."""
+    """Issue 4, must show: L4 MPS 4 -> 25% threads, a quarter of its memory pinned (of
+    what CUDA reports, 23034 MiB: four limits that add up to the card, not to its name)."""
     p = make_plan(inputs("nvidia-l4", sharing_strategy="MPS", max_shared_clients=4))
     assert p.mps_thread_percentage == 25
-    assert p.mps_pinned_memory_mib == 24 * 1024 // 4
+    assert p.mps_pinned_memory_mib == 23034 // 4
     assert p.sharing == "mps:4"
 
 
@@ -137,15 +143,17 @@ def test_model_that_does_not_fit_its_slice_is_a_blocking_finding() -> None:
     assert finding.blocking and not p.workable
     assert "spec.model.memoryGiB" in finding.fields
     assert "spec.gpu.partitionSize" in finding.fields
-    assert "6 GiB" in finding.message and "5 GiB" in finding.message
+    assert "6 GiB" in finding.message and "4.98 GiB" in finding.message
     assert finding.to_dict()["reason"] == "ModelDoesNotFitSlice"
     assert finding.to_dict()["severity"] == "error"
 
 
 def test_model_fitting_with_little_headroom_is_a_warning() -> None:
-    p = make_plan(inputs("nvidia-l4", memory_gib=23))
+    p = make_plan(inputs("nvidia-l4", memory_gib=21))
     assert reasons(p) == ["ModelFitsTightly"] and p.workable
     assert isinstance(p.findings[0], ModelFitsTightly)
+    # "24GB" is 22.5 GiB to CUDA: a 23 GiB model does not fit an L4.
+    assert reasons(make_plan(inputs("nvidia-l4", memory_gib=23))) == ["ModelDoesNotFitSlice"]
 
 
 def test_estimated_footprint_is_reported_and_follows_the_table() -> None:

@@ -106,8 +106,9 @@ def test_mps_limits_never_add_up_to_more_than_the_device(r: api.ImageGenService)
         assert p.mps_thread_percentage is None
         return
     clients = p.clients_per_gpu
-    device_gib = (
-        gke.mig_slice_memory_gib(p.partition_size) if p.partition_size else p.gpu_memory_gib
+    device_gib = (  # what CUDA gives a process of the slice or GPU
+        gke.usable_slice_gib(p.gpu_type, p.partition_size) if p.partition_size
+        else gke.usable_gib(p.gpu_type)
     )
     assert p.mps_thread_percentage * clients <= 100
     assert p.mps_pinned_memory_mib * clients <= device_gib * 1024

@@ -122,7 +122,7 @@ def test_mps_pod_sets_host_ipc_and_per_client_limits() -> None:
     assert pod_spec(r)["hostIPC"] is True
     env = env_of(r)
     assert env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "25"
-    assert env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=6G"  # 24 GiB / 4
+    assert env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=5758M"  # 23034 MiB / 4
 
 
 @pytest.mark.parametrize("gpu", [H100_MIG_TS2, {"type": "nvidia-tesla-t4"}])
