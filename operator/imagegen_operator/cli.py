@@ -202,12 +202,13 @@ def plan_table(resource: api.ImageGenService, p: Plan) -> str:
     on_demand = (  # no price for what Compute Engine does not sell
         "no on-demand" if p.machine_type in gke.SPOT_OR_FLEX_START_ONLY
         else f"{_money(p.cost.on_demand)} on-demand")
-    cost = f"{on_demand}, {_money(p.cost.spot)} Spot for {p.cost.nodes} node(s)"
+    floor = " (the autoscaler's floor)" if p.floor_replicas != p.target_replicas else ""
+    cost = f"{on_demand}, {_money(p.cost.spot)} Spot for {p.cost.nodes} node(s){floor}"
     if p.flex_start:
         # Flex-start has prices of its own (the Dynamic Workload Scheduler's, below
         # on-demand) that the table does not hold: the on-demand list price bounds them.
         cost = (f"at most {_money(p.cost.on_demand)} Flex-start (the nominal on-demand rate) "
-                f"for {p.cost.nodes} node(s)")
+                f"for {p.cost.nodes} node(s){floor}")
     if p.cost_at_max_nodes is not None:
         at_max = p.cost_at_max_nodes
         price = _money(at_max.spot if p.spot else at_max.on_demand)

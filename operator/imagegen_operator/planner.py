@@ -242,7 +242,7 @@ class Plan:
     machine_type: str | None
     nodepool_name: str
     spot: bool
-    cost: Cost  # for the nodes the pool runs: nodes_needed, at least nodePool.minNodes
+    cost: Cost  # for the nodes floor_replicas need, at least nodePool.minNodes
     cost_at_max_nodes: Cost | None
     findings: tuple[Finding, ...] = field(default_factory=tuple)
     flex_start: bool = False
@@ -533,8 +533,10 @@ def make_plan(inputs: PlanInputs) -> Plan:
         ),
         spot=i.spot,
         flex_start=i.flex_start,
-        # The nodes the pool runs: those the replicas need, and never fewer than minNodes.
-        cost=nodes_cost(i.gpu_type, i.count_per_node, machine, max(nodes_needed, i.min_nodes)),
+        # The nodes the pool runs: those the replicas need (an autoscaled service: its
+        # floor, minReplicas; at most, cost_at_max_nodes), never fewer than minNodes.
+        cost=nodes_cost(i.gpu_type, i.count_per_node, machine, max(
+            math.ceil(_floor_replicas(i) / per_node) if per_node else 0, i.min_nodes)),
         cost_at_max_nodes=nodes_cost(i.gpu_type, i.count_per_node, machine, i.max_nodes)
         if i.max_nodes is not None
         else None,

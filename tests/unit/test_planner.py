@@ -311,6 +311,15 @@ def test_cost_is_nodes_times_gpus_and_host() -> None:
     assert p.cost_at_max_nodes.nodes == 5 and p.cost_at_max_nodes.on_demand > p.cost.on_demand
 
 
+def test_an_autoscaled_service_costs_its_floor_and_at_most_its_max_nodes() -> None:
+    p = make_plan(inputs("nvidia-l4", count_per_node=1, replicas=1, min_replicas=1,
+                         max_replicas=4, max_nodes=4))
+    assert p.nodes_needed == 4  # capacity for the autoscaler's maximum
+    assert p.cost.nodes == 1  # what runs whatever the load
+    assert p.cost_at_max_nodes.nodes == 4
+    assert p.cost_at_max_nodes.on_demand == pytest.approx(4 * p.cost.on_demand)
+
+
 # --- node-pool names -------------------------------------------------------------
 
 
