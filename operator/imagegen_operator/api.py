@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Mapping
 from datetime import datetime
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, PlainValidator, ValidationError, WithJsonSchema
@@ -93,6 +94,29 @@ QUANTITY_PATTERN = (
     r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
     r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
+
+
+_QUANTITY_SUFFIXES = {
+    **{f"{p}i": Decimal(1024) ** n for n, p in enumerate("KMGTPE", 1)},
+    **{p: Decimal(1000) ** n for n, p in enumerate("kMGTPE", 1)},
+    "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": Decimal(1),
+}
+
+
+def quantity_value(value: int | str) -> Decimal:
+    """A quantity's value (``500m`` -> 0.5, ``8Gi`` -> 8589934592), by the grammar of
+    QUANTITY_PATTERN. The Kubernetes client's parse_quantity does the same, but loads the
+    whole client, which the offline CLI (plan, render) does not."""
+    if isinstance(value, int):
+        return Decimal(value)
+    number = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+    match = re.fullmatch(rf"([+-]?{number})([eE][+-]?{number}|[KMGTPE]i|[numkMGTPE])?", value)
+    if match is None:
+        raise ValueError(f"{value!r} is not a Kubernetes quantity")
+    number, suffix = Decimal(match.group(1)), match.group(2) or ""
+    if suffix[:1] in ("e", "E"):
+        return number * Decimal(10) ** Decimal(suffix[1:])
+    return number * _QUANTITY_SUFFIXES[suffix]
 
 
 def _quantity(value: Any) -> int | str:
@@ -621,12 +645,10 @@ class ResourceRequirements(KubeModel):
 
 
 def _requests_within_limits(requests: dict | None, limits: dict | None) -> bool:
-    from kubernetes.utils import parse_quantity  # the client's own parser, as the API server's
-
     if not requests or not limits:
         return True
     return all(
-        parse_quantity(value) <= parse_quantity(limits[key])
+        quantity_value(value) <= quantity_value(limits[key])
         for key, value in requests.items()
         if key in limits
     )

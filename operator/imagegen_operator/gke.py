@@ -264,6 +264,46 @@ ACCELERATORS: dict[str, Accelerator] = {
     )
 }
 
+# vCPUs and memory (GiB) of each machine type, from Compute Engine's machine families.
+MACHINE_SHAPES: dict[str, tuple[int, float]] = {
+    "n1-standard-8": (8, 30), "n1-standard-16": (16, 60), "n1-standard-32": (32, 120),
+    "g2-standard-8": (8, 32), "g2-standard-24": (24, 96), "g2-standard-48": (48, 192),
+    "g2-standard-96": (96, 384),
+    "a2-highgpu-1g": (12, 85), "a2-highgpu-2g": (24, 170), "a2-highgpu-4g": (48, 340),
+    "a2-highgpu-8g": (96, 680),
+    "a2-ultragpu-1g": (12, 170), "a2-ultragpu-2g": (24, 340), "a2-ultragpu-4g": (48, 680),
+    "a2-ultragpu-8g": (96, 1360),
+    "a3-highgpu-1g": (26, 234), "a3-highgpu-2g": (52, 468), "a3-highgpu-4g": (104, 936),
+    "a3-highgpu-8g": (208, 1872),
+    "a3-ultragpu-8g": (224, 2952),
+}
+
+
+def _tiers(total: float, tiers: tuple[tuple[float, float], ...], rest: float) -> float:
+    """What GKE reserves of ``total``: each (size, share) tier in turn, then ``rest``."""
+    reserved = 0.0
+    for size, share in tiers:
+        reserved += min(max(total, 0.0), size) * share
+        total -= size
+    return reserved + max(total, 0.0) * rest
+
+
+def node_allocatable(machine_type: str) -> tuple[float, float] | None:
+    """(CPU cores, memory GiB) a GKE Standard node of ``machine_type`` offers pods, by GKE's
+    documented reservations (plan-node-sizes: CPU 6% of the first core, 1% of the next, 0.5%
+    of the next two, 0.25% above four; memory 25% of the first 4 GiB, 20% of the next 4, 10%
+    of the next 8, 6% of the next 112, 2% above 128, and 100 MiB for eviction). Before the
+    cluster's own pods (logging, the GPU device plugin), which take some too. None for a
+    machine type this table does not hold."""
+    shape = MACHINE_SHAPES.get(machine_type)
+    if shape is None:
+        return None
+    cpus, memory = shape
+    cpu = cpus - _tiers(cpus, ((1, 0.06), (1, 0.01), (2, 0.005)), 0.0025)
+    memory_left = memory - _tiers(memory, ((4, 0.25), (4, 0.2), (8, 0.1), (112, 0.06)), 0.02)
+    return cpu, memory_left - 100 / 1024
+
+
 # Host part of each machine type (what the machine costs beyond its GPUs).
 MACHINE_PRICES: dict[str, MachinePrice] = {
     "n1-standard-8": MachinePrice(0.38, 0.08),

@@ -43,7 +43,12 @@ from typing import Any, ClassVar
 from pydantic.alias_generators import to_camel
 
 from imagegen_operator import gke
-from imagegen_operator.api import CLOUD_PROVIDERS, ImageGenServiceSpec, sharing_summary
+from imagegen_operator.api import (
+    CLOUD_PROVIDERS,
+    ImageGenServiceSpec,
+    quantity_value,
+    sharing_summary,
+)
 
 # family -> (16-bit weights GiB, activations GiB per megapixel image)
 FOOTPRINT_TABLE: dict[str, tuple[float, float]] = {
@@ -145,6 +150,11 @@ class FlexStartNeedsGke(Finding):
     """flexStart with a provider that cannot make Flex-start pools."""
 
 
+class RequestsExceedNode(Finding):
+    """A node's slots times the pods' CPU or memory requests are more than the node offers:
+    the pods past that stay Pending however many slots are free."""
+
+
 class FlexStartOnOneNode(Finding):
     """Flex-start nodes end after seven days: a service on one node ends with it."""
 
@@ -203,6 +213,8 @@ class PlanInputs:
     max_batch_size: int = 1  # pipeline.stages.maxBatchSize
     width: int = 1024  # pipeline.defaults.width
     height: int = 1024  # pipeline.defaults.height
+    cpu_request: float | None = None  # server.resources.requests.cpu, in cores
+    memory_request_gib: float | None = None  # server.resources.requests.memory
 
 
 @dataclass(frozen=True)
@@ -484,6 +496,8 @@ def make_plan(inputs: PlanInputs) -> Plan:
         )
     if machine is not None and i.provider in CLOUD_PROVIDERS and not (i.spot or i.flex_start):
         findings += _check_obtainable(machine, i)
+    if machine is not None and i.provider != "Existing":
+        findings += _check_node_room(i, machine, per_node)
     findings += _check_flex_start(i, nodes_needed)
     if i.max_replicas is not None and not i.monitored:
         findings.append(AutoscalingUnscraped(
@@ -663,6 +677,31 @@ def _check_obtainable(machine: str, i: PlanInputs) -> list[Finding]:
     return []
 
 
+def _check_node_room(i: PlanInputs, machine: str, per_node: int) -> list[Finding]:
+    """Whether a node's worth of pods (one per slot) fits its allocatable CPU and memory."""
+    room = gke.node_allocatable(machine)
+    if room is None or not per_node:
+        return []
+    over = [
+        f"{per_node} x {request:g} {unit} = {per_node * request:g} {unit} of the "
+        f"{allocatable:.2f} {unit} it offers"
+        for request, allocatable, unit in ((i.cpu_request, room[0], "CPU"),
+                                           (i.memory_request_gib, room[1], "GiB"))
+        if request and per_node * request > allocatable
+    ]
+    if not over:
+        return []
+    return [RequestsExceedNode(
+        f"a {machine} node has {per_node} slot(s), one pod each, but {'; '.join(over)} "
+        "(GKE's reservations taken, before the cluster's own pods): the pods past that stay "
+        "Pending. Lower spec.server.resources.requests, or share each GPU among fewer "
+        "clients (spec.gpu.sharing.maxSharedClientsPerGpu)",
+        ("spec.server.resources", "spec.gpu.sharing.maxSharedClientsPerGpu",
+         "spec.gpu.partitionSize"),
+        blocking=False,
+    )]
+
+
 def _check_fit(i: PlanInputs, footprint: float, slot_gib: float, source: str) -> list[Finding]:
     fields = (
         "spec.model.memoryGiB" if source == "spec.model.memoryGiB" else "spec.model.family",
@@ -797,7 +836,19 @@ def inputs_from_spec(spec: ImageGenServiceSpec) -> PlanInputs:
         max_batch_size=pipeline.stages.max_batch_size,
         width=pipeline.defaults.width,
         height=pipeline.defaults.height,
+        **_requests(spec),
     )
+
+
+def _requests(spec: ImageGenServiceSpec) -> dict[str, float]:
+    """The server container's CPU (cores) and memory (GiB) requests, where the spec sets them."""
+    requests = (spec.server.resources.requests or {}) if spec.server.resources else {}
+    out = {}
+    if "cpu" in requests:
+        out["cpu_request"] = float(quantity_value(requests["cpu"]))
+    if "memory" in requests:
+        out["memory_request_gib"] = float(quantity_value(requests["memory"])) / 2**30
+    return out
 
 
 def plan(spec: ImageGenServiceSpec) -> Plan:

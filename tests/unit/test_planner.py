@@ -20,6 +20,7 @@ from imagegen_operator.planner import (
     PlanInputs,
     PoolTooSmall,
     QuantizationUnsupported,
+    RequestsExceedNode,
     SharingClientsOutOfRange,
     UnknownGpuType,
     UnknownPartitionSize,
@@ -318,6 +319,39 @@ def test_an_autoscaled_service_costs_its_floor_and_at_most_its_max_nodes() -> No
     assert p.cost.nodes == 1  # what runs whatever the load
     assert p.cost_at_max_nodes.nodes == 4
     assert p.cost_at_max_nodes.on_demand == pytest.approx(4 * p.cost.on_demand)
+
+
+def test_quantities_read_as_the_kubernetes_client_reads_them() -> None:
+    from kubernetes.utils import parse_quantity
+
+    from imagegen_operator.api import quantity_value
+
+    for value in ("2", "1500m", "8Gi", "6G", "512Mi", ".5", "1e3", "1E-3", "2.5Ki", "100u", 7):
+        assert quantity_value(value) == parse_quantity(value), value
+
+
+def test_gke_reserves_what_its_docs_say_of_a_node() -> None:
+    # g2-standard-8: 8 vCPUs, 32 GiB. CPU: 6% of one core, 1% of one, 0.5% of two; memory:
+    # 25% of 4 GiB, 20% of 4, 10% of 8, 6% of 16, and 100 MiB for eviction.
+    cpu, memory = gke.node_allocatable("g2-standard-8")
+    assert cpu == pytest.approx(8 - 0.06 - 0.01 - 0.01 - 4 * 0.0025)
+    assert memory == pytest.approx(32 - 1 - 0.8 - 0.8 - 0.96 - 100 / 1024)
+    assert gke.node_allocatable("no-such-machine") is None
+
+
+def test_a_nodes_pods_that_ask_for_more_than_it_offers_are_a_warning() -> None:
+    mps4 = dict(sharing_strategy="MPS", max_shared_clients=4, provider="GKE", replicas=4)
+    p = make_plan(inputs("nvidia-l4", cpu_request=2, memory_request_gib=8, **mps4))
+    [finding] = [f for f in p.findings if isinstance(f, RequestsExceedNode)]
+    assert not finding.blocking and p.workable
+    assert "4 x 2 CPU = 8 CPU" in finding.message and "g2-standard-8" in finding.message
+    assert "spec.server.resources" in finding.fields
+    fits = make_plan(inputs("nvidia-l4", cpu_request=1.5, memory_request_gib=6, **mps4))
+    assert not any(isinstance(f, RequestsExceedNode) for f in fits.findings)
+    # A pool that is not made for the spec (Existing) has machines of its own.
+    existing = make_plan(inputs("nvidia-l4", cpu_request=2, memory_request_gib=8,
+                                **{**mps4, "provider": "Existing"}))
+    assert not any(isinstance(f, RequestsExceedNode) for f in existing.findings)
 
 
 # --- node-pool names -------------------------------------------------------------
