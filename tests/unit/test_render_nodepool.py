@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from imagegen_operator import api
+from imagegen_operator import api, gke
 from imagegen_operator.planner import plan
 from imagegen_operator.providers import render_pool
 from imagegen_operator.render.nodepool import (
@@ -163,7 +163,11 @@ def test_kwok_nodes_look_like_the_gke_pool() -> None:
     ]
     # partitions x clients x GPUs = 7 x 2 x 2
     assert node["status"]["allocatable"]["nvidia.com/gpu"] == "28"
-    assert node["status"]["capacity"] == node["status"]["allocatable"]
+    # The machine's CPU and memory, less what GKE reserves (a3-highgpu-2g: 52 vCPUs, 468 GB).
+    cpu, memory = gke.node_allocatable(p.machine_type)
+    assert node["status"]["allocatable"]["cpu"] == f"{int(cpu * 1000)}m"
+    assert node["status"]["allocatable"]["memory"] == f"{int(memory * 1024)}Mi"
+    assert node["status"]["capacity"]["cpu"] == "52" and cpu < 52
 
 
 @pytest.mark.parametrize("replicas, count", [(0, 1), (1, 1), (29, 2), (500, 3)])

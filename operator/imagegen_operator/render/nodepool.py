@@ -18,6 +18,7 @@ or sharing mode is a different pool, which the derived name reflects.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -244,15 +245,28 @@ def kwok_node_labels(plan: Plan, node_name: str, spot: bool) -> dict[str, str]:
 
 
 def kwok_allocatable(plan: Plan) -> dict[str, str]:
-    """What one simulated node offers: the GPU slots, and room for every slot's pod."""
+    """What one simulated node offers: the GPU slots, and the CPU and memory a GKE node of
+    its machine type offers after GKE's reservations (so pods that ask for more than the
+    machine has stay Pending here too); room for every slot's pod where the machine type is
+    not one the table holds."""
     slots = plan.slots_per_node
+    room = gke.node_allocatable(plan.machine_type) if plan.machine_type else None
+    cpu, memory = room if room else (max(16, 4 * slots), max(64, 16 * slots))
     return {
-        "cpu": str(max(16, 4 * slots)),
-        "memory": f"{max(64, 16 * slots)}Gi",
+        "cpu": f"{math.floor(cpu * 1000)}m",
+        "memory": f"{math.floor(memory * 1024)}Mi",
         "ephemeral-storage": "500Gi",
         "pods": str(max(110, slots + 16)),
         gke.GPU_RESOURCE: str(slots),
     }
+
+
+def kwok_capacity(plan: Plan, allocatable: dict[str, str]) -> dict[str, str]:
+    """The node's capacity: its machine type's vCPUs and memory, before reservations."""
+    shape = gke.MACHINE_SHAPES.get(plan.machine_type or "")
+    if shape is None:
+        return dict(allocatable)
+    return {**allocatable, "cpu": str(shape[0]), "memory": f"{math.floor(shape[1] * 1024)}Mi"}
 
 
 def kwok_node(plan: Plan, node_name: str, spot: bool) -> dict[str, Any]:
@@ -278,7 +292,7 @@ def kwok_node(plan: Plan, node_name: str, spot: bool) -> dict[str, Any]:
                 }
             ]
         },
-        "status": {"allocatable": allocatable, "capacity": dict(allocatable)},
+        "status": {"allocatable": allocatable, "capacity": kwok_capacity(plan, allocatable)},
     }
 
 
