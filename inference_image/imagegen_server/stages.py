@@ -216,10 +216,7 @@ class Stage:
                 for job in live:
                     job.fail(exc)
                 return
-            log.warning("%s stage failed for a batch of %d (%r): each request again on its own",
-                        self.name, len(live), exc, exc_info=True)
-            self.metrics.batches_retried.labels(stage=self.name).inc()
-            self._free_device_memory(exc)
+            self._batch_to_retry(len(live), exc)
             for job, checkpoint in zip(live, checkpoints, strict=True):
                 if not job.released:  # one the step failed alone already stays failed
                     job.rewind(checkpoint)
@@ -238,8 +235,12 @@ class Stage:
             except Exception as exc:
                 job.fail(exc)
 
-    def _free_device_memory(self, error: Exception) -> None:
-        """After an out-of-memory batch, give the cached blocks back before the smaller runs."""
+    def _batch_to_retry(self, size: int, error: Exception) -> None:
+        """A batch of ``size`` failed and its requests run again alone: say so, count it, and
+        after an out of memory give the cached blocks back before the smaller runs."""
+        log.warning("%s stage failed for a batch of %d (%r): each request again on its own",
+                    self.name, size, error, exc_info=True)
+        self.metrics.batches_retried.labels(stage=self.name).inc()
         if self.stream is not None and isinstance(error, torch.cuda.OutOfMemoryError):
             torch.cuda.empty_cache()
 

@@ -208,10 +208,7 @@ class StepBatchingStage(Stage):
                 job.fail(error)
                 self._leaves(job)
             return
-        log.warning("%s stage failed for a batch of %d (%r): each request again on its own",
-                    self.name, len(batch), error, exc_info=True)
-        self.metrics.batches_retried.labels(stage=self.name).inc()
-        self._free_device_memory(error)
+        self._batch_to_retry(len(batch), error)
         for job in batch:
             if job.released:
                 self._leaves(job)
