@@ -271,18 +271,29 @@ class Reconciler:
         return done
 
     def _release(self, body: dict[str, Any], resource: ImageGenService, the_plan: Plan,
-                 key: PoolKey, never_made: set[PoolKey]) -> bool | None:
-        """A deleted service's pool: kept while others use it, let go of while others use
-        it through the other cloud provider, else deleted (``_delete_pool``'s answer)."""
+                 key: PoolKey, never_made: set[PoolKey],
+                 moved_to: PoolKey | None = None) -> bool | None:
+        """A pool the service no longer runs on (deleted, or ``moved_to`` another): kept
+        while others use it, let go of while it is the same GKE pool through the other
+        cloud provider (``moved_to``'s, or others'), else deleted; ``_delete_pool``'s
+        answer (True once nothing is left to do). Called under the pool's lock."""
         uid = body["metadata"].get("uid")
         if users := self.pool_users(key, exclude_uid=uid):
             log.info("pool %s still used by %s; keeping it", key, ", ".join(users))
             return True
-        if users := self.pool_users(key, exclude_uid=uid, namesakes=True):
-            log.info("pool %s still used by %s; letting go of it", key, ", ".join(users))
-            return self._delete_pool(resource, the_plan, key, body=body, keep_pool=True)
+        namesake = moved_to is not None and key.namesake_of(moved_to)
+        if namesake or self.pool_users(key, exclude_uid=uid, namesakes=True):
+            gone = self._delete_pool(resource, the_plan, key, body=body, keep_pool=True)
+            if gone and namesake:
+                self.record(body, "Normal", "NodePoolHandedOver",
+                            f"node pool {key.name} is managed through provider "
+                            f"{moved_to.provider} now; {key} let go of it")
+            return gone
         gone = self._delete_pool(resource, the_plan, key, body=body, made=key not in never_made)
-        if gone:
+        if gone and moved_to is not None:
+            self.record(body, "Normal", "NodePoolRetired", f"moved to node pool {moved_to}; "
+                        f"deleted {key}")
+        elif gone:
             self.record(body, "Normal", "NodePoolDeleted",
                         f"node pool {key} deleted: no service uses it any more")
         return gone
@@ -741,27 +752,11 @@ class Reconciler:
         left = [k for k in recorded if k not in (target, current)]
         if not moved:
             return current, left
-        uid = body["metadata"].get("uid")
         never_made = self.never_made(body)
         releasing = []
         for key in left:
             with self._pool_lock(key):  # as in finalize: users looked at, then the delete
-                if self.pool_users(key, exclude_uid=uid):
-                    continue  # another service's now
-                if key.namesake_of(target) or self.pool_users(key, exclude_uid=uid,
-                                                              namesakes=True):
-                    # The same GKE pool, through the other provider now: let go, not delete.
-                    gone = self._delete_pool(resource, the_plan, key, body=body, keep_pool=True)
-                    if gone:
-                        self.record(body, "Normal", "NodePoolHandedOver",
-                                    f"node pool {key.name} is managed through provider "
-                                    f"{target.provider} now; {key} let go of it")
-                else:
-                    gone = self._delete_pool(resource, the_plan, key, body=body,
-                                             made=key not in never_made)
-                    if gone:
-                        self.record(body, "Normal", "NodePoolRetired",
-                                    f"moved to node pool {target}; deleted {key}")
+                gone = self._release(body, resource, the_plan, key, never_made, moved_to=target)
             if gone is False:
                 releasing.append(key)
         if previous in releasing:  # named until it is gone
