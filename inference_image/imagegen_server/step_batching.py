@@ -68,6 +68,7 @@ class StepBatchingStage(Stage):
                 try:
                     self._take_arrivals(block=not self.running and not self.waiting)
                     self._advance(self._admit())
+                    self._forget_gone()
                 except Exception as exc:  # the loop must outlive any one job
                     log.exception("%s stage: a step boundary failed", self.name)
                     self._fail_all(exc)
@@ -113,7 +114,6 @@ class StepBatchingStage(Stage):
         for job in self.waiting:
             if reason := job.drop_reason():
                 job.fail(JobTimeout(f"{reason} before the {self.name} stage"))
-                self._leaves(job)
             else:
                 waiting.append(job)
         self.waiting = waiting
@@ -140,7 +140,6 @@ class StepBatchingStage(Stage):
         except Exception as exc:
             log.exception("%s stage could not place a request", self.name)
             job.fail(exc)
-            self._leaves(job)
             if job in self.waiting:
                 self.waiting.remove(job)
             return object()  # equal to no other key
@@ -148,9 +147,6 @@ class StepBatchingStage(Stage):
     def _advance(self, joined: list[Job]) -> None:
         """One denoiser step over the running jobs and those joining; the done go to decode."""
         under_way = drop_unwanted(self.running)
-        for job in self.running:
-            if job.released:
-                self._leaves(job)
         if joined and under_way:
             self.metrics.denoise_joins.inc(len(joined))
         batch = under_way + joined
@@ -177,12 +173,10 @@ class StepBatchingStage(Stage):
         self.running = []
         for job in batch:
             if job.released:
-                self._leaves(job)
                 continue
             if not job.denoised:
                 self.running.append(job)
                 continue
-            self._leaves(job)
             try:
                 self.on_output(job, None)
             except Exception as exc:
@@ -192,9 +186,12 @@ class StepBatchingStage(Stage):
             # hold the last batch's conditioning (device memory) and its jobs meanwhile.
             self._forget_batch()
 
-    def _leaves(self, job: Job) -> None:
-        self._entered.pop(job, None)
-        self._alone.discard(job)
+    def _forget_gone(self) -> None:
+        """Checkpoints and run-alone marks are kept for the jobs still here (running or
+        waiting) only: one place for every way a job leaves (done, dropped, failed)."""
+        here = {*self.running, *self.waiting}
+        self._entered = {job: c for job, c in self._entered.items() if job in here}
+        self._alone &= here
 
     def _step_failed(self, batch: list[Job], error: Exception) -> None:
         """A step over several jobs failed: each goes back to the head of the queue, as it
@@ -206,12 +203,8 @@ class StepBatchingStage(Stage):
             log.exception("%s stage failed for a batch of %d", self.name, len(batch))
             for job in batch:
                 job.fail(error)
-                self._leaves(job)
             return
         self._batch_to_retry(len(batch), error)
-        for job in batch:
-            if job.released:
-                self._leaves(job)
         for job in reversed(live):
             job.rewind(self._entered[job])
             self._alone.add(job)

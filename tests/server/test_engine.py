@@ -437,6 +437,9 @@ def test_a_batch_that_fails_runs_each_request_again_alone(make_runtime, monkeypa
     stage = "stacked" if mode == "Stacked" else where.removesuffix("_step")
     assert runtime.metrics.batches_retried.labels(stage=stage)._value.get() == 1
     assert runtime.engine.in_flight == 0
+    if mode == "Step":  # nothing kept of the jobs that have left the stage
+        denoise = next(s for s in runtime.engine.stages if s.name == "denoise")
+        assert not denoise._entered and not denoise._alone
 
 
 @pytest.mark.parametrize("mode", MODES)
