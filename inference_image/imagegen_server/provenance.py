@@ -28,9 +28,10 @@ a PNG instead, and the chain to the upload's own manifest is not kept.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
-import threading
+import queue
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
@@ -149,21 +150,47 @@ class ManifestSigner:
         alg = getattr(c2pa.C2paSigningAlg, algorithm.upper(), None)
         if alg is None:
             raise SigningError(f"c2pa_algorithm {algorithm!r} is not one c2pa signs with")
+        info = c2pa.C2paSignerInfo(alg, chain, key,
+                                   timestamp_url.encode() if timestamp_url else None)
+
+        def signer_and_context():
+            # No thumbnails: of the result they would only repeat it, and of an edit's
+            # upload they would carry the picture the edit changed.
+            made = (c2pa.Signer.from_info(info),
+                    c2pa.Context.from_dict({"builder": {"thumbnail": {"enabled": False}}}))
+            self._made.append(made)
+            return made
+
+        self._make = signer_and_context
+        # Native signers are not shared between threads: each signature takes an idle one
+        # (or makes one), so concurrent responses, each perhaps waiting on the timestamp
+        # server's round trip, sign side by side. At most one per encoding thread exists.
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()
+        self._made: list = []
         try:
-            self._signer = c2pa.Signer.from_info(
-                c2pa.C2paSignerInfo(alg, chain, key, timestamp_url.encode() if timestamp_url
-                                    else None))
+            self._idle.put(self._make())
         except c2pa.C2paError as exc:
             raise SigningError(f"{cert_file} and {key_file} cannot sign: {exc}") from exc
-        # No thumbnails: of the result they would only repeat it, and of an edit's upload
-        # they would carry the picture the edit changed.
-        self._context = c2pa.Context.from_dict({"builder": {"thumbnail": {"enabled": False}}})
-        # One signature at a time: the native signer is shared by the encoding threads.
-        self._lock = threading.Lock()
         try:
             self.sign(_png(Image.new("RGB", (8, 8))), None)
         except Exception as exc:
             raise SigningError(f"{cert_file} and {key_file} cannot sign: {exc}") from exc
+
+    @property
+    def signers_made(self) -> int:
+        """How many native signers exist (at most the number that ever signed at once)."""
+        return len(self._made)
+
+    @contextlib.contextmanager
+    def _borrowed(self):
+        try:
+            signer, context = self._idle.get_nowait()
+        except queue.Empty:
+            signer, context = self._make()
+        try:
+            yield signer, context
+        finally:
+            self._idle.put((signer, context))
 
     def sign(self, png: bytes, record: dict | None, parent: EditInput | None = None) -> bytes:
         """``png`` with a signed manifest: created by a model, or opened from ``parent``'s
@@ -187,10 +214,11 @@ class ManifestSigner:
         if parent is not None:
             upload, media_type = _parent_file(parent)
         out = io.BytesIO()
-        with self._lock, c2pa.Builder(manifest, context=self._context) as builder:
+        with self._borrowed() as (signer, context), \
+                c2pa.Builder(manifest, context=context) as builder:
             if parent is not None:
                 builder.add_ingredient(
                     {"title": "upload", "relationship": "parentOf", "label": "upload"},
                     media_type, io.BytesIO(upload))
-            builder.sign(self._signer, "image/png", io.BytesIO(png), out)
+            builder.sign(signer, "image/png", io.BytesIO(png), out)
         return out.getvalue()

@@ -7,6 +7,7 @@ import datetime
 import io
 import json
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import c2pa
@@ -19,6 +20,7 @@ from imagegen_server.provenance import (
     COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA,
     SOFTWARE,
     TRAINED_ALGORITHMIC_MEDIA,
+    ManifestSigner,
 )
 
 GENERATE, EDITS = "/v1/images/generations", "/v1/images/edits"
@@ -152,6 +154,20 @@ def test_a_signing_certificate_adds_a_c2pa_manifest_that_c2pa_reads(client_for, 
     state, report = read_manifest(bytes(tampered))
     assert state == "Invalid"
     assert "assertion.dataHash.mismatch" in {s["code"] for s in report["validation_status"]}
+
+
+def test_a_signature_in_progress_does_not_hold_up_another(tmp_path):
+    """A signature may wait on a timestamp server's round trip: others sign meanwhile, each
+    with a native signer of its own, and every manifest is whole."""
+    signer = ManifestSigner(*signing_chain(tmp_path))
+    blank = io.BytesIO()
+    Image.new("RGB", (16, 16), "white").save(blank, format="PNG")
+    # One signature still under way holds its signer while three threads sign six more.
+    with signer._borrowed(), ThreadPoolExecutor(max_workers=3) as pool:
+        signed = list(pool.map(lambda _: signer.sign(blank.getvalue(), None), range(6),
+                               timeout=60))
+    assert [read_manifest(png)[0] for png in signed] == ["Valid"] * 6
+    assert 2 <= signer.signers_made <= 4  # the one held, and one per thread at most
 
 
 def test_a_certificate_that_cannot_sign_stops_the_server(make_runtime, tmp_path):
