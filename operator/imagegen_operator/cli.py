@@ -198,10 +198,9 @@ def plan_table(resource: api.ImageGenService, p: Plan) -> str:
                 f"{p.mps_thread_percentage}% of SMs, {p.mps_pinned_memory_mib} MiB pinned per client",
             )
         )
-    chosen = "Spot" if p.spot else "on-demand"
+    sold_on_demand = p.machine_type not in gke.SPOT_OR_FLEX_START_ONLY
     on_demand = (  # no price for what Compute Engine does not sell
-        "no on-demand" if p.machine_type in gke.SPOT_OR_FLEX_START_ONLY
-        else f"{_money(p.cost.on_demand)} on-demand")
+        f"{_money(p.cost.on_demand)} on-demand" if sold_on_demand else "no on-demand")
     floor = " (the autoscaler's floor)" if p.floor_replicas != p.target_replicas else ""
     cost = f"{on_demand}, {_money(p.cost.spot)} Spot for {p.cost.nodes} node(s){floor}"
     if p.flex_start:
@@ -211,9 +210,13 @@ def plan_table(resource: api.ImageGenService, p: Plan) -> str:
                 f"for {p.cost.nodes} node(s){floor}")
     if p.cost_at_max_nodes is not None:
         at_max = p.cost_at_max_nodes
-        price = _money(at_max.spot if p.spot else at_max.on_demand)
-        cost += (f"; at maxNodes at most {price} Flex-start" if p.flex_start
-                 else f"; at maxNodes {price} {chosen}")
+        if p.flex_start:
+            cost += f"; at maxNodes at most {_money(at_max.on_demand)} Flex-start"
+        elif p.spot:
+            cost += f"; at maxNodes {_money(at_max.spot)} Spot"
+        else:
+            cost += (f"; at maxNodes {_money(at_max.on_demand)} on-demand" if sold_on_demand
+                     else "; at maxNodes no on-demand")
     rows.append(("cost/hour", cost))
     rows.append(("", f"estimate: {gke.PRICE_REGION} list prices as of {gke.PRICE_TABLE_DATE}"))
     if p.flex_start:

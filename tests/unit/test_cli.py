@@ -293,3 +293,12 @@ def test_the_readmes_example_plans_and_renders() -> None:
     assert "no on-demand, $2.69 Spot" in out  # a3-highgpu-1g: Spot or Flex-start only
     status, out, err = run("render", "-f", "-", stdin=example)
     assert status == 0 and "kind: Deployment" in out, err
+
+
+def test_a_machine_compute_engine_sells_only_as_spot_has_no_on_demand_price_at_max_nodes():
+    spec = (ROOT / "examples" / "h100-mig-sdxl-int8-compiled.yaml").read_text()
+    status, out, err = run("plan", "-f", "-", stdin=spec)
+    assert status == 0, err
+    first = out.split("\n\n")[0]  # sdxl-int8: on-demand a3-highgpu-1g, a simulated pool
+    assert "machine a3-highgpu-1g" in first
+    assert "no on-demand, $2.69 Spot for 1 node(s); at maxNodes no on-demand\n" in first
