@@ -48,16 +48,23 @@ def load_resources(paths: Sequence[str], stdin: TextIO) -> list[api.ImageGenServ
             documents = [d for d in yaml.safe_load_all(text) if d]
         except (OSError, yaml.YAMLError) as err:
             raise InputError(f"{path}: {err}") from None
-        documents = [item for doc in documents for item in (
-            doc.get("items") or [] if isinstance(doc, dict) and doc.get("kind") == "List"
-            else [doc])]
+        listed = []
         for doc in documents:
+            if isinstance(doc, dict) and doc.get("kind") == "List":
+                items = doc.get("items") or []
+                if not isinstance(items, list):
+                    raise InputError(f"{path}: a List's items must be a list of objects")
+                listed += items
+            else:
+                listed.append(doc)
+        for doc in listed:
             if not isinstance(doc, dict) or doc.get("kind") != api.KIND:
                 continue
             try:
                 resources.append(api.parse(doc))
             except api.InvalidSpec as err:
-                name = (doc.get("metadata") or {}).get("name", "?")
+                metadata = doc.get("metadata")
+                name = metadata.get("name", "?") if isinstance(metadata, dict) else "?"
                 raise InputError(f"{path}: {api.KIND} {name}: " + "; ".join(err.problems)) from None
     if not resources:
         raise InputError(f"no {api.KIND} objects in {', '.join(paths)}")

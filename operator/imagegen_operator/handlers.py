@@ -462,68 +462,93 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 0..65535, not {text!r}")
+    return value
+
+
 def parse_args(argv: Sequence[str]) -> OperatorConfig:
     env = os.environ.get
     p = argparse.ArgumentParser(
-        prog="imagegen-operator run", description="Run the ImageGenService operator."
+        prog="imagegen-operator run",
+        description="Run the ImageGenService operator. Each option's default comes from the "
+        "IMAGEGEN_OPERATOR_* variable named in its help, checked as the option is.",
     )
+    # String defaults: argparse checks them with `type` as it does the command line, so a
+    # bad environment variable is refused by name instead of running with it.
     p.add_argument(
         "--resync-seconds",
         type=_positive_seconds,
-        default=float(env("IMAGEGEN_OPERATOR_RESYNC_SECONDS", "30")),
-        help="reconcile every service at least this often",
+        default=env("IMAGEGEN_OPERATOR_RESYNC_SECONDS", "30"),
+        help="reconcile every service at least this often (IMAGEGEN_OPERATOR_RESYNC_SECONDS)",
     )
     p.add_argument(
         "--metrics-port",
-        type=int,
-        default=int(env("IMAGEGEN_OPERATOR_METRICS_PORT", "8080")),
-        help="serve Prometheus /metrics here (0: off)",
+        type=_port,
+        default=env("IMAGEGEN_OPERATOR_METRICS_PORT", "8080"),
+        help="serve Prometheus /metrics here, 0: off (IMAGEGEN_OPERATOR_METRICS_PORT)",
     )
     p.add_argument(
         "--health-port",
-        type=int,
-        default=int(env("IMAGEGEN_OPERATOR_HEALTH_PORT", "8081")),
-        help="serve /healthz here (0: off)",
+        type=_port,
+        default=env("IMAGEGEN_OPERATOR_HEALTH_PORT", "8081"),
+        help="serve /healthz here, 0: off (IMAGEGEN_OPERATOR_HEALTH_PORT)",
     )
     p.add_argument(
         "--bind-address",
         default=env("IMAGEGEN_OPERATOR_BIND_ADDRESS", "0.0.0.0"),
-        help="address the metrics and health ports listen on (127.0.0.1: this host only)",
+        help="address the metrics and health ports listen on, 127.0.0.1: this host only "
+        "(IMAGEGEN_OPERATOR_BIND_ADDRESS)",
     )
     p.add_argument(
         "--namespace",
         action="append",
         default=None,
-        help="watch only this namespace (repeatable); default: all",
+        help="watch only this namespace (repeatable); default: all "
+        "(IMAGEGEN_OPERATOR_NAMESPACES, comma-separated)",
     )
     p.add_argument(
         "--peering",
         default=env("IMAGEGEN_OPERATOR_PEERING"),
-        help="kopf peering name: only one operator of the peering acts at a time",
+        help="kopf peering name: only one operator of the peering acts at a time "
+        "(IMAGEGEN_OPERATOR_PEERING)",
     )
-    p.add_argument("--priority", type=int, default=int(env("IMAGEGEN_OPERATOR_PRIORITY", "0")))
+    p.add_argument(
+        "--priority",
+        type=int,
+        default=env("IMAGEGEN_OPERATOR_PRIORITY", "0"),
+        help="kopf peering priority (IMAGEGEN_OPERATOR_PRIORITY)",
+    )
     p.add_argument(
         "--stuck-seconds",
-        type=float,
-        default=float(env("IMAGEGEN_OPERATOR_STUCK_SECONDS", "300")),
-        help="/healthz fails while a reconcile has run longer than this",
+        type=_positive_seconds,
+        default=env("IMAGEGEN_OPERATOR_STUCK_SECONDS", "300"),
+        help="/healthz fails while a reconcile has run longer than this "
+        "(IMAGEGEN_OPERATOR_STUCK_SECONDS)",
     )
     p.add_argument(
         "--watch-timeout-seconds",
-        type=float,
-        default=float(env("IMAGEGEN_OPERATOR_WATCH_TIMEOUT_SECONDS", "120")),
-        help="the API server ends each watch after this; a silent one is dropped 30 s later",
+        type=_positive_seconds,
+        default=env("IMAGEGEN_OPERATOR_WATCH_TIMEOUT_SECONDS", "120"),
+        help="the API server ends each watch after this; a silent one is dropped 30 s later "
+        "(IMAGEGEN_OPERATOR_WATCH_TIMEOUT_SECONDS)",
     )
     p.add_argument(
         "--server-image",
         default=env("IMAGEGEN_OPERATOR_SERVER_IMAGE") or DEFAULT_SERVER_IMAGE,
-        help="the inference server image of services whose spec.server.image is unset",
+        help="the inference server image of services whose spec.server.image is unset "
+        "(IMAGEGEN_OPERATOR_SERVER_IMAGE)",
     )
     p.add_argument(
         "--log-format",
         choices=("text", "json"),
         default=env("IMAGEGEN_OPERATOR_LOG_FORMAT", "text"),
-        help="one line of text or one JSON object per message",
+        help="one line of text or one JSON object per message (IMAGEGEN_OPERATOR_LOG_FORMAT)",
     )
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(list(argv))

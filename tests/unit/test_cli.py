@@ -72,13 +72,19 @@ def test_render_reads_stdin_and_skips_other_kinds() -> None:
             " {name: a, uri: gs://bucket/b.safetensors}]\n  gpu: {type: nvidia-l4}\n",
             "spec.model.loras: names must be unique; given more than once: a",
         ),
+        ("kind: List\nitems: 5\n", "-: a List's items must be a list of objects"),
+        (
+            "apiVersion: imagegen.dev/v1alpha1\nkind: ImageGenService\nmetadata: oops\nspec: {}\n",
+            "ImageGenService ?: metadata: Input should be a valid dictionary",
+        ),
     ],
-    ids=["no-services", "invalid-spec", "bad-yaml", "duplicate-lora-names"],
+    ids=["no-services", "invalid-spec", "bad-yaml", "duplicate-lora-names", "list-of-no-list",
+         "metadata-not-a-mapping"],
 )
 def test_bad_input_is_an_error_that_says_where(text: str, message: str) -> None:
     status, out, err = run("render", "-f", "-", stdin=text)
     assert status == 1 and out == ""
-    assert message in err
+    assert message in err and "Traceback" not in err
 
 
 def test_missing_file() -> None:

@@ -94,3 +94,22 @@ def test_a_resync_period_that_would_spin_is_refused(value: str) -> None:
     with pytest.raises(SystemExit):
         handlers.parse_args(["--resync-seconds", value])
     assert handlers.parse_args(["--resync-seconds", "0.5"]).resync_seconds == 0.5
+
+
+@pytest.mark.parametrize(("variable", "value", "option"), [
+    ("IMAGEGEN_OPERATOR_RESYNC_SECONDS", "0", "--resync-seconds"),
+    ("IMAGEGEN_OPERATOR_STUCK_SECONDS", "-5", "--stuck-seconds"),
+    ("IMAGEGEN_OPERATOR_WATCH_TIMEOUT_SECONDS", "0", "--watch-timeout-seconds"),
+    ("IMAGEGEN_OPERATOR_METRICS_PORT", "abc", "--metrics-port"),
+    ("IMAGEGEN_OPERATOR_HEALTH_PORT", "70000", "--health-port"),
+])
+def test_a_setting_from_the_environment_is_checked_as_its_option_is(
+        monkeypatch, capsys, variable: str, value: str, option: str) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as exit_:
+        handlers.parse_args([])
+    assert exit_.value.code == 2
+    assert f"argument {option}" in capsys.readouterr().err
+    monkeypatch.delenv(variable)
+    config = handlers.parse_args([])
+    assert (config.resync_seconds, config.metrics_port, config.stuck_seconds) == (30, 8080, 300)
