@@ -34,7 +34,7 @@ from imagegen_operator.kube import (
     TransientKubeError,
 )
 from imagegen_operator.providers import build_providers
-from imagegen_operator.reconcile import Reconciler
+from imagegen_operator.reconcile import Reconciler, indexed
 from imagegen_operator.render import DEFAULT_SERVER_IMAGE
 from imagegen_operator.render.common import MANAGED_BY
 
@@ -330,13 +330,7 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, config: Operat
     def services_index(body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
         # What pool sizing needs of every service, kept current by the watch kopf
         # already has: no LIST per reconcile. kopf fills it before any handler runs.
-        meta = body["metadata"]
-        return {ALL_SERVICES: {
-            "metadata": {k: meta.get(k) for k in
-                         ("name", "namespace", "uid", "generation", "deletionTimestamp")},
-            "spec": dict(body.get("spec", {})),
-            "status": {"nodePool": dict(body.get("status", {}).get("nodePool") or {})},
-        }}
+        return {ALL_SERVICES: indexed(body)}
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:

@@ -97,6 +97,18 @@ class _Backoff:
     state: PoolState  # what to report until then
 
 
+def indexed(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What the reconciler reads of every other service (``Reconciler.services``): the
+    operator keeps this much of each in an index fed by its watch."""
+    meta = body["metadata"]
+    return {
+        "metadata": {k: meta.get(k) for k in ("name", "namespace", "uid", "generation",
+                                             "creationTimestamp", "deletionTimestamp")},
+        "spec": dict(body.get("spec", {})),
+        "status": {"nodePool": dict((body.get("status") or {}).get("nodePool") or {})},
+    }
+
+
 def _owned_by(obj: dict[str, Any], uid: str | None) -> bool:
     return any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
 

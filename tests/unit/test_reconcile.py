@@ -18,7 +18,7 @@ from imagegen_operator.kube import PermanentKubeError
 from imagegen_operator.planner import plan
 from imagegen_operator.providers import build_providers
 from imagegen_operator.providers.gke import GkeProvider
-from imagegen_operator.reconcile import Reconciler
+from imagegen_operator.reconcile import Reconciler, indexed
 from imagegen_operator.render.nodepool import POOL_LABEL, render_gke_nodepool
 from support.clock import FakeClock
 from support.fake_gke import GkeApiTestDouble
@@ -980,6 +980,31 @@ def test_a_service_on_a_namesake_pool_keeps_it_while_the_other_provider_leaves(w
     assert marked["metadata"]["annotations"]["cnrm.cloud.google.com/deletion-policy"] == "abandon"
     assert not config_connector_pools(world)
     assert world.gke_pools() == {f"{CLUSTER_A}/nodePools/{name}"}
+
+
+def test_of_two_services_on_a_namesake_pool_the_older_keeps_it_read_from_the_index(world):
+    """Two services already on one GKE pool through both providers: the one made first
+    keeps it, judged on what the operator's watch-fed index holds of the other."""
+    world.reconciler.services = lambda: [
+        indexed(b) for b in world.kube.list(api.API_VERSION, api.KIND)]
+    world.create("b-old", node_pool={"provider": "ConfigConnector", "cluster": CLUSTER_A})
+    world.reconcile("b-old")
+    [(_, name)] = config_connector_pools(world)
+    world.create("a-new", node_pool={"provider": "GKE", "cluster": CLUSTER_A})
+    resource = api.parse(world.body("a-new"))
+    made = render_gke_nodepool(resource, plan(resource.spec))["spec"]
+    world.double.seed_pool(f"{CLUSTER_A}/nodePools/{name}",
+                           **{k: v for k, v in made.items() if k != "name"})
+    record = {"name": name, "provider": "GKE", "cluster": CLUSTER_A, "created": True}
+    world.kube.patch_status(api.API_VERSION, api.KIND, "a-new", "ns", {"nodePool": record})
+    for service, made_at in (("b-old", "2026-01-01T00:00:00Z"), ("a-new", "2026-06-01T00:00:00Z")):
+        body = world.body(service)
+        body["metadata"]["creationTimestamp"] = made_at
+        world.kube.put(body)
+    world.reconcile("a-new", "b-old")
+    assert world.condition("a-new", "NodePoolReady")["reason"] == "PoolClaimed"
+    assert "ns/b-old" in world.condition("a-new", "NodePoolReady")["message"]
+    assert world.condition("b-old", "NodePoolReady")["reason"] != "PoolClaimed"
 
 
 def test_a_service_that_switches_provider_on_one_pool_lets_go_without_deleting(world) -> None:
