@@ -74,6 +74,10 @@ def _described(constants: dict) -> dict[str, str]:
     return {k: repr(v) for k, v in constants.items()}
 
 
+def _layout(tensor: torch.Tensor) -> list:
+    return [list(tensor.shape), str(tensor.dtype)]
+
+
 class _Call(torch.nn.Module):
     """One denoiser call as a module to export: the non-tensor arguments fixed, the first
     output returned (what the families take from ``return_dict=False``)."""
@@ -129,7 +133,10 @@ class AotDenoiser:
             "aot_inductor.package_constants_in_so": False,
             "aot_inductor.use_runtime_constant_folding": True,
         }
-        parts = {**key_parts(steps, settings, dtype), "aot": configs}
+        # torch.compile's settings play no part: the packages are inductor's default mode.
+        parts = {k: v for k, v in key_parts(steps, settings, dtype).items()
+                 if k not in ("compile_mode", "regional", "precompile")}
+        parts["aot"] = configs
         return cls(module, directory, parts, most_rows(settings), configs)
 
     @property
@@ -176,14 +183,26 @@ class AotDenoiser:
         log.info("AOT packages: %d loaded for key %s", len(self.packages), self.key)
 
     def _load(self, signature: tuple[int, ...], path: Path) -> None:
+        meta = json.loads(path.with_suffix(".json").read_text())
+        tensors = self._weights()
+        # The package runs the code it was compiled from: weights it names that this denoiser
+        # lacks, or holds in another shape, mean other code (a renamed or reshaped layer).
+        layout = {name: _layout(t) for name, t in tensors.items()}
+        if meta.get("weights") != layout:
+            raise AotError("its denoiser's weights differ in names or shapes from this one's")
         runner = torch._inductor.aoti_load_package(str(path))
-        own = [*self.module.named_parameters(), *self.module.named_buffers()]
-        tensors = {f"module.{name}": t.detach() for name, t in own}  # as _Call names them
-        wanted = {name: tensors[name] for name in runner.get_constant_fqns()
+        names = runner.get_constant_fqns()
+        unknown = [n for n in names if n.startswith("module.") and n not in tensors]
+        if unknown:
+            raise AotError(f"it names weights this denoiser lacks: {unknown[:3]}")
+        wanted = {name: tensors[name] for name in names
                   if name in tensors}  # the rest are folded from these at the first call
         runner.load_constants(wanted, check_full_update=False, user_managed=True)
-        meta = json.loads(path.with_suffix(".json").read_text())
         self.packages[signature] = _Package(runner, meta["constants"])
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        own = [*self.module.named_parameters(), *self.module.named_buffers()]
+        return {f"module.{name}": t.detach() for name, t in own}  # as _Call names them
 
     # --- build ----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -276,7 +295,10 @@ class AotDenoiser:
             program, package_path=str(path),
             inductor_configs=dict(self.inductor_configs),  # it adds to the dict it gets
         )
-        path.with_suffix(".json").write_text(json.dumps({"constants": _described(constants)}))
+        path.with_suffix(".json").write_text(json.dumps({
+            "constants": _described(constants),
+            "weights": {name: _layout(t) for name, t in self._weights().items()},
+        }))
         return path
 
     # --- serve ----------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import torch
 
 from .config import ServerSettings
@@ -52,6 +53,9 @@ def key_parts(steps: FamilySteps, settings: ServerSettings, dtype: torch.dtype) 
         "denoiser": type(module).__name__,
         "config": {k: v for k, v in dict(module.config).items() if not k.startswith("_")},
         "torch": torch.__version__,
+        # The denoiser's code: an ahead-of-time package holds its trace, and nothing checks
+        # that trace against the code installed at load.
+        "diffusers": diffusers.__version__,
         "device": device.type,
         "dtype": str(dtype),
         "compile_mode": settings.compile_mode,
@@ -63,7 +67,7 @@ def key_parts(steps: FamilySteps, settings: ServerSettings, dtype: torch.dtype) 
         "attention": settings.attention.value,
         "quantization": settings.quantization.value,
         "cache": [settings.cache.value, settings.cache_threshold, settings.cache_interval],
-        "sizes": admitted_sizes(steps, settings),
+        "sizes": sorted(admitted_sizes(steps, settings)),
         "most_rows": most_rows(settings),
         "loras": sorted((lora.name, lora.uri) for lora in settings.loras),
     }
@@ -71,9 +75,13 @@ def key_parts(steps: FamilySteps, settings: ServerSettings, dtype: torch.dtype) 
         parts["gpu"] = torch.cuda.get_device_name(device)
         parts["capability"] = list(torch.cuda.get_device_capability(device))
     else:
-        # Inductor's CPU code is vectorized for the instruction set it compiled on (AVX-512,
-        # AVX2): a node with another one must not load it.
-        parts["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        # Inductor's CPU code is vectorized for the instruction set it compiled on, with the
+        # flags inductor picks (AVX-512 with VNNI, say, which ATen's level does not tell
+        # apart): a node without them must not load it (SIGILL, which nothing can catch).
+        from torch._inductor import cpu_vec_isa
+
+        parts["cpu_capability"] = [torch.backends.cpu.get_cpu_capability(),
+                                   type(cpu_vec_isa.pick_vec_isa()).__name__]
     return parts
 
 

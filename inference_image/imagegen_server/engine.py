@@ -61,17 +61,16 @@ def check_sizes(steps: FamilySteps, settings: ServerSettings) -> None:
     above the maxPixels they set. Every request without a size would otherwise fail, and a
     listed size be compiled for nothing."""
     multiple = steps.size_multiple
-    named = list(settings.allowed_sizes or [])
-    if settings.default_width or settings.default_height:
-        named.append("{}x{}".format(*default_size(steps, settings)))
+    default = "{}x{}".format(*default_size(steps, settings))
     for size in admitted_sizes(steps, settings):
         width, height = (int(side) for side in size.split("x"))
         where = f"size {size} (spec.pipeline.defaults or spec.pipeline.limits.sizes)"
+        if size == default and not (settings.default_width and settings.default_height):
+            where += ", the default: the model's native size where no default is set"
         if width % multiple or height % multiple:
             raise InvalidRequest(
                 "size", f"{where}: this model takes sizes in multiples of {multiple}")
-        if (settings.max_pixels is not None and size in named
-                and width * height > settings.max_pixels):
+        if settings.max_pixels is not None and width * height > settings.max_pixels:
             raise InvalidRequest(
                 "size", f"{where}: {width * height} pixels, above spec.pipeline.limits."
                 f"maxPixels={settings.max_pixels}")

@@ -95,6 +95,31 @@ def test_a_complete_index_is_enough_when_sizes_share_an_input_shape(tmp_path, mo
     assert bool(ran) is warms_up
 
 
+def test_a_package_from_other_denoiser_code_is_not_loaded(tmp_path, caplog):
+    """A package holds the trace of the code it was compiled from (a diffusers release): one
+    whose weights differ in names or shapes from this denoiser's is compiled anew, not run."""
+    import torch
+
+    from imagegen_server import aot_denoiser
+
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    aot = aot_denoiser.AotDenoiser(module=module, directory=tmp_path, parts={},
+                                   most_rows=2, inductor_configs={})
+    same = {name: aot_denoiser._layout(t) for name, t in aot._weights().items()}
+    renamed = {k.replace("0.", "proj."): v for k, v in same.items()}
+    reshaped = {**same, "module.0.weight": [[4, 8], "torch.float32"]}
+    for i, weights in enumerate((renamed, reshaped)):
+        signature = (4, i)
+        (tmp_path / f"{aot.key}.json").write_text(json.dumps(
+            {"parts": {}, "signatures": [signature], "complete": True}))
+        package = tmp_path / aot._name(signature)
+        package.write_bytes(b"not reached")
+        package.with_suffix(".json").write_text(json.dumps({"constants": {}, "weights": weights}))
+        aot.load()
+        assert aot.packages == {}
+    assert caplog.text.count("weights differ in names or shapes") == 2
+
+
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -59,7 +60,14 @@ def test_the_key_changes_with_what_the_compiled_code_depends_on(make_runtime, tm
     assert key() == key()
     # CPU code is vectorized for this CPU's instruction set: another one gets another key.
     parts = key_parts(steps, ServerSettings(**base), dtype)
-    assert parts["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    from torch._inductor import cpu_vec_isa
+
+    assert parts["cpu_capability"] == [torch.backends.cpu.get_cpu_capability(),
+                                       type(cpu_vec_isa.pick_vec_isa()).__name__]
+    # The denoiser's code is diffusers': an ahead-of-time package holds its trace.
+    assert parts["diffusers"] == diffusers.__version__
+    # The order a size list is written in compiles nothing else.
+    assert key(allowed_sizes=["96x64", "64x96"]) == key(allowed_sizes=["64x96", "96x64"])
     # The weights are not in the key: a retrained model of the same shape reuses its code.
     changed = [key(compile_mode="max-autotune"), key(compile_regional=False),
                key(allowed_sizes=["96x64"]), key(max_batch_size=8), key(channels_last=False),

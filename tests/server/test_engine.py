@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -294,6 +295,12 @@ def test_sd3_sizes_are_whole_transformer_patches(make_runtime):
                    {"allowed_sizes": ["512x512"], "max_pixels": 256 * 512}):
         with pytest.raises(InvalidRequest, match="spec.pipeline.defaults or spec.pipeline.limits"):
             check_sizes(runtime.steps, settings.model_copy(update=update))
+    # No default named, and the model's native size above maxPixels: every request without a
+    # size would be refused, after a warm-up that compiled it.
+    native = math.prod(runtime.steps.native_size)
+    with pytest.raises(InvalidRequest, match="the model's native size where no default is set"):
+        check_sizes(runtime.steps, settings.model_copy(update={
+            "default_width": None, "default_height": None, "max_pixels": native - 1}))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
