@@ -7,10 +7,12 @@ start, so a volume that cannot take a compile costs exactly that: this start com
 container's own scratch space (``/tmp``, an emptyDir), says why in its log and in /readyz's
 ``optimizations.compile_cache_skipped``, and serves.
 
-Each start also removes the keyed files (``artifacts/KEY.*``, ``aot/KEY*``) that no start has
+Each start also removes the keyed files (``artifacts/KEY.*``, ``aot/KEY*``) that no server has
 used for ``compile_cache_retention_days``, after marking its own key's as used: an upgrade
 changes the key (the torch version is part of it), and without this the old ones stay on the
-volume for ever. Inductor's own cache folders are not keyed by us and are left as they are.
+volume for ever. A server marks its key again every hour while it serves (``KeepMarked``), so
+a service that runs for longer than the retention without a restart keeps its files for the
+next replica it scales to. Inductor's own cache folders are not keyed by us and are left as they are.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -79,3 +82,23 @@ def prune(directory: Path, keep: str, days: float) -> list[str]:
         log.info("compile cache: removed %d file(s) unused for %g days: %s", len(removed), days,
                  ", ".join(removed))
     return removed
+
+
+class KeepMarked:
+    """Marks a serving key's files as used every ``every_s`` seconds on a thread of its own,
+    until ``stop``: a start of another service prunes by the marks alone."""
+
+    def __init__(self, directory: Path, key: str, every_s: float = 3600.0):
+        self.directory, self.key, self.every_s = directory, key, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="compile-cache-marks",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            mark_used(self.directory, self.key)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

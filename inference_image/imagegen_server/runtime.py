@@ -45,6 +45,7 @@ class ModelRuntime:
         self._drain_deadline: float | None = None  # monotonic; set by a SIGTERM's drain
         self._drained = True  # whether that drain finished every accepted request
         self._thread: threading.Thread | None = None
+        self._marks: cache_volume.KeepMarked | None = None  # the compile cache key in use
 
     # --- lifecycle ----------------------------------------------------------------------------
     def load(self) -> ModelRuntime:
@@ -117,6 +118,7 @@ class ModelRuntime:
         if s.compile_cache_dir is not None and key is not None:
             cache_volume.mark_used(s.compile_cache_dir, key)
             cache_volume.prune(s.compile_cache_dir, key, s.compile_cache_retention_days)
+            self._marks = cache_volume.KeepMarked(s.compile_cache_dir, key)
         self.metrics.info.info(
             {
                 "model": m.name,
@@ -194,6 +196,8 @@ class ModelRuntime:
             drained = self.engine.close(timeout)
         if self.attention is not None:
             self.attention.deactivate()
+        if self._marks is not None:
+            self._marks.stop()
         # After a SIGTERM's drain the engine is empty by now: what counts is whether that
         # drain finished its work or cancelled some at its deadline.
         return drained and self._drained

@@ -197,3 +197,27 @@ def test_a_start_removes_other_keys_unused_for_the_retention_and_marks_its_own(
         os.utime(path, (month_ago, month_ago))
     make_runtime("sd15", **settings, compile_cache_retention_days=0)  # 0 keeps them all
     assert (cache / "artifacts" / "older.bin").is_file()
+
+
+def test_a_serving_key_stays_marked_as_used_however_long_the_server_runs(tmp_path):
+    """Pruning goes by the marks alone: a server up for longer than the retention marks its
+    key again while it serves, so another service's start does not remove its files."""
+    import os
+    import time
+
+    from imagegen_server.cache_volume import KeepMarked, prune
+
+    (tmp_path / "aot").mkdir()
+    mine = tmp_path / "aot" / "mine-4x32x32.pt2"
+    mine.write_bytes(b"x")
+    month_ago = time.time() - 31 * 86400
+    os.utime(mine, (month_ago, month_ago))
+    marks = KeepMarked(tmp_path, "mine", every_s=0.05)
+    try:
+        deadline = time.monotonic() + 30
+        while mine.stat().st_mtime < month_ago + 86400 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        marks.stop()
+    assert prune(tmp_path, keep="another", days=30) == []
+    assert mine.is_file()
