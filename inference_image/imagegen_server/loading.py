@@ -67,15 +67,18 @@ def _local_path(uri: str, settings: ServerSettings) -> Path:
 
 
 def _download_hf(repo: str, settings: ServerSettings) -> Path:
-    from huggingface_hub import snapshot_download
+    from diffusers import DiffusionPipeline
 
     repo_id, _, revision = repo.strip("/").partition("@")
     try:
-        local = snapshot_download(
-            repo_id=repo_id,
+        # diffusers' own choice of files, as from_pretrained makes it: the components
+        # model_index.json names, safetensors only, no fp16 variants and none of the
+        # single-file checkpoints many repositories also hold (FLUX.1-dev's 24 GB one).
+        local = DiffusionPipeline.download(
+            repo_id,
             revision=revision or None,
             cache_dir=settings.hf_cache_dir,
-            allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors"],
+            use_safetensors=True,
         )
     except Exception as exc:  # the hub client raises many kinds; all mean "not available"
         raise ModelError(f"cannot fetch hf://{repo}: {exc}") from exc
