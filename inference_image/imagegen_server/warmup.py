@@ -109,7 +109,9 @@ def _params(settings: ServerSettings, width: int, height: int, seed: int) -> Gen
         prompt="warm-up",
         width=width,
         height=height,
-        steps=min(2, settings.default_steps),
+        # Two steps whatever the default: a cache's reuse branch (First Block Cache's) runs
+        # from a batch's second step on, and a request may ask for more steps than the default.
+        steps=2,
         guidance_scale=0.0,
         seed=seed,
     )
