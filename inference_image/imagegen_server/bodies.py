@@ -181,8 +181,15 @@ class ApiError(Exception):
 def error_response(
     status: int, message: str, param: str | None, kind: str, headers=None, code: str | None = None
 ):
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    body = {"error": {"message": _encodable(message), "type": kind,
+                      "param": None if param is None else _encodable(param), "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _encodable(text: str) -> str:
+    """``text`` as UTF-8 can carry it: a lone surrogate (a form field named in a charset that
+    makes one, echoed in the message) written as its escape, not a 500 from the encoder."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # pydantic's error types -> OpenAI-style codes.

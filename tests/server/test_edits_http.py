@@ -132,6 +132,20 @@ def test_two_images_and_other_bodies_are_refused(client_for):
     assert response.status_code == 413, response.text
 
 
+def test_a_field_name_that_decodes_to_a_lone_surrogate_is_a_400_that_names_it(client_for):
+    """Parts' names are decoded in the charset the request names: UTF-7's +2AA- is a lone
+    surrogate, which the error that echoes the name must still be able to carry."""
+    client = client_for()
+    body = (b"--XX\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nx\r\n"
+            b"--XX\r\nContent-Disposition: form-data; name=\"foo[+2AA-]\"\r\n\r\ny\r\n"
+            b"--XX--\r\n")
+    response = client.post(EDITS, content=body, headers={
+        "content-type": "multipart/form-data; boundary=XX; charset=utf-7"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "foo[\\ud800]" and "is not a field of this form" in error["message"]
+
+
 def test_a_family_without_edits_refuses_them(make_runtime):
     from fastapi.testclient import TestClient
 
