@@ -16,7 +16,17 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .config import Attention, Batching, DType, Family, ServerSettings, StageMode
+from pydantic import ValidationError
+
+from .config import (
+    ENV_PREFIX,
+    Attention,
+    Batching,
+    DType,
+    Family,
+    ServerSettings,
+    StageMode,
+)
 
 # flag -> settings field, for the flags whose names differ only by dashes
 SERVE_FLAGS: dict[str, dict] = {
@@ -199,15 +209,18 @@ def make_tiny(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "make-tiny-model":
-        return make_tiny(argv[1:])
-    if argv and argv[0] == "bench":
-        return bench(argv[1:])
-    if argv and argv[0] == "precompile":
-        return precompile(argv[1:])
-    if argv and argv[0] == "serve":
-        argv = argv[1:]
-    return serve(argv)
+    command = {"make-tiny-model": make_tiny, "bench": bench, "precompile": precompile,
+               "serve": serve}.get(argv[0] if argv else "")
+    if command is None:
+        command, argv = serve, ["serve", *argv]
+    try:
+        return command(argv[1:])
+    except ValidationError as exc:  # a flag or an IMAGEGEN_ variable out of its range
+        for error in exc.errors(include_url=False):
+            field = ".".join(str(part) for part in error["loc"])
+            print(f"imagegen-server: {field} (--{field.replace('_', '-')} or "
+                  f"{ENV_PREFIX}{field.upper()}): {error['msg']}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -346,7 +346,14 @@ class ServerSettings(BaseSettings):
     default_width: int | None = Field(default=None, ge=MIN_SIDE, le=4096, multiple_of=8)
     default_height: int | None = Field(default=None, ge=MIN_SIDE, le=4096, multiple_of=8)
 
-    log_level: str = "info"
+    # The levels both Python's logging and uvicorn take (uvicorn's "trace" and logging's
+    # "warn" are one side's only), in any case.
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("allowed_sizes")
     @classmethod

@@ -74,12 +74,26 @@ def test_to_env_round_trips(monkeypatch):
         ("dtype", "int8"),
         ("device", "tpu"),
         ("compile_mode", "fastest"),
+        ("log_level", "trace"),  # uvicorn's, not logging's
+        ("log_level", "warn"),  # logging's, not uvicorn's
     ],
 )
 def test_bad_settings_name_the_field(field, value):
     with pytest.raises(ValidationError) as info:
         ServerSettings(**{field: value})
     assert field in str(info.value)
+
+
+def test_the_command_line_refuses_a_setting_out_of_range_by_name(monkeypatch, capsys):
+    from imagegen_server.cli import main
+
+    assert ServerSettings(log_level="DEBUG").log_level == "debug"
+    assert main(["serve", "--model", "/nowhere", "--log-level", "trace"]) == 2
+    assert "log_level (--log-level or IMAGEGEN_LOG_LEVEL)" in capsys.readouterr().err
+    monkeypatch.setenv("IMAGEGEN_PORT", "0")
+    assert main(["--model", "/nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert "port (--port or IMAGEGEN_PORT)" in err and "Traceback" not in err
 
 
 def test_config_imports_without_torch():
