@@ -28,6 +28,7 @@ local needs_a_person = {
   PoolNotOwned = true,
   PoolConfigMismatch = true,
   PoolClaimed = true,
+  ProgressDeadlineExceeded = true,
 }
 
 local function condition(status, type_)

@@ -152,6 +152,9 @@ def compute_status(o: Observation) -> dict[str, Any]:
     elif o.pool_short and not o.rolled_out:
         stalled = True
         ready = cond.Observed(cond.READY, False, "PoolTooSmall", f"{serving}; {o.pool_short}")
+    elif (failure := _rollout_failure(dep_status)) and not o.rolled_out:
+        reason, message, stalled = failure
+        ready = cond.Observed(cond.READY, False, reason, f"{serving}; {message}")
     elif serving_meanwhile:
         ready = cond.Observed(cond.READY, None, "Progressing", where)
     elif not o.rolled_out:
@@ -181,6 +184,26 @@ def compute_status(o: Observation) -> dict[str, Any]:
         "endpoint": o.endpoint,
         **_precompiled_job(o),
     }
+
+
+def _rollout_failure(dep_status: Mapping[str, Any]) -> tuple[str, str, bool] | None:
+    """(reason, message, stalled) of a Deployment whose rollout cannot go on by itself.
+
+    ``ReplicaFailure``: its pods cannot be created (a ResourceQuota on GPUs, Pod Security
+    refusing MPS's hostIPC), which the pods' own conditions never show, there being no pods.
+    ``ProgressDeadlineExceeded``: no progress for the Deployment's progressDeadlineSeconds;
+    the controller gives up waiting, and so does the service: Stalled.
+    """
+    found = {c.get("type"): c for c in dep_status.get("conditions") or []}
+    progress, failure = found.get("Progressing") or {}, found.get("ReplicaFailure") or {}
+    failed = failure.get("status") == "True"
+    cause = (f"the Deployment cannot create pods: "
+             f"{failure.get('message') or failure.get('reason')}") if failed else ""
+    if progress.get("status") == "False" and progress.get("reason") == "ProgressDeadlineExceeded":
+        return ("ProgressDeadlineExceeded",
+                cause or f"the Deployment made no progress within its deadline: "
+                f"{progress.get('message')}", True)
+    return ("ReplicaFailure", cause, False) if failed else None
 
 
 def _released(key: PoolKey, created: bool | None) -> dict[str, Any]:

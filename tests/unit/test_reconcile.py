@@ -239,6 +239,46 @@ def test_no_default_cluster_says_how_to_set_one(world) -> None:
 MIG_3G = {"type": "nvidia-h100-80gb", "partitionSize": "3g.40gb"}
 
 
+def test_a_deployment_that_cannot_create_its_pods_says_why_and_stalls_past_its_deadline(
+        world) -> None:
+    """A ResourceQuota on GPUs (or Pod Security refusing MPS's hostIPC) leaves no pods whose
+    conditions could tell: the Deployment's own do, and the service repeats them."""
+    world.create("quota", node_pool={"provider": "Local", "maxNodes": 3}, replicas=2)
+    world.reconcile("quota")
+    world.nodes_ready()
+    deployment = world.kube.objects[("apps/v1", "Deployment", "ns", "quota")]
+    refused = ('pods "quota-1" is forbidden: exceeded quota: gpus, requested: '
+               "requests.nvidia.com/gpu=1, used: requests.nvidia.com/gpu=4, limited: 4")
+    conditions = [
+        {"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated"},
+        {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
+         "message": refused},
+    ]
+    deployment["status"] = {"observedGeneration": deployment["metadata"]["generation"],
+                            "replicas": 0, "conditions": conditions}
+    world.reconcile("quota")
+    ready = world.condition("quota", "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "ReplicaFailure")
+    assert "0/2 replicas ready" in ready["message"] and "exceeded quota: gpus" in ready["message"]
+    assert world.condition("quota", "Stalled")["status"] == "False"  # the quota may free up
+
+    conditions[0] = {"type": "Progressing", "status": "False",
+                     "reason": "ProgressDeadlineExceeded",
+                     "message": 'ReplicaSet "quota-5d4" has timed out progressing.'}
+    world.reconcile("quota")
+    ready = world.condition("quota", "Ready")
+    assert ready["reason"] == "ProgressDeadlineExceeded" and "exceeded quota" in ready["message"]
+    assert world.condition("quota", "Stalled")["status"] == "True"
+
+    del conditions[1]  # pods made, and never ready in time (a crash loop, say)
+    world.reconcile("quota")
+    ready = world.condition("quota", "Ready")
+    assert ready["reason"] == "ProgressDeadlineExceeded" and "timed out" in ready["message"]
+    assert world.condition("quota", "Stalled")["status"] == "True"
+    world.rolled_out("quota")
+    assert world.reconcile("quota").ready
+
+
 def run_until_ready(world, name: str, limit: int = 6) -> None:
     world.reconcile(name)
     for _ in range(limit):
