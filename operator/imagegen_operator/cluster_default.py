@@ -33,8 +33,13 @@ CLUSTER_ENV = "IMAGEGEN_GKE_CLUSTER"
 METADATA_HOST_ENV = "GCE_METADATA_HOST"
 METADATA_HOST = "metadata.google.internal"
 # Off GKE the metadata host does not resolve or answer: give up fast, and ask
-# again only now and then (a node pool is not created every second).
+# again only now and then (a node pool is not created every second): after 5 s, then
+# twice as long each time up to 5 minutes. On GKE the metadata server "needs a few
+# seconds to start accepting requests on a new Pod" (GKE's Workload Identity docs): the
+# first lookup tries a few times, a second apart, before it says there is none.
 METADATA_TIMEOUT_S = 1.0
+FIRST_LOOKUP_TRIES = 3
+FIRST_RETRY_S = 5.0
 RETRY_AFTER_S = 300.0
 HOW_TO_SET = (
     "spec.nodePool.cluster is unset and the operator knows no default cluster: set "
@@ -51,13 +56,15 @@ class ClusterDefault:
         self,
         environ: Mapping[str, str] = os.environ,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ):
         self._configured = environ.get(CLUSTER_ENV) or None
         self._metadata_host = environ.get(METADATA_HOST_ENV) or METADATA_HOST
-        self._clock = clock
+        self._clock, self._sleep = clock, sleep
         self._lock = threading.Lock()
         self._found: str | None = None
         self._next_try = 0.0
+        self._failures = 0
         if self._configured and not re.fullmatch(CLUSTER_PATTERN, self._configured):
             raise ValueError(
                 f"{CLUSTER_ENV}={self._configured!r} is not projects/P/locations/L/clusters/C"
@@ -69,10 +76,17 @@ class ClusterDefault:
         with self._lock:
             if self._found or self._clock() < self._next_try:
                 return self._found
-            self._found = self._from_metadata()
-            if self._found is None:
-                self._next_try = self._clock() + RETRY_AFTER_S
-            return self._found
+            tries = FIRST_LOOKUP_TRIES if self._failures == 0 else 1
+            for attempt in range(tries):
+                if attempt:
+                    self._sleep(1.0)
+                self._found = self._from_metadata()
+                if self._found is not None:
+                    return self._found
+            self._next_try = self._clock() + min(
+                RETRY_AFTER_S, FIRST_RETRY_S * 2 ** self._failures)
+            self._failures += 1
+            return None
 
     def _from_metadata(self) -> str | None:
         try:

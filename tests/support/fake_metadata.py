@@ -21,6 +21,9 @@ class MetadataServerTestDouble:
             "instance/attributes/cluster-name": cluster,
         }
         self.requests: list[str] = []
+        # Answers 503 to this many requests first: GKE's metadata server "needs a few seconds
+        # to start accepting requests on a new Pod" (GKE's Workload Identity docs).
+        self.unavailable_for = 0
         self._server: ThreadingHTTPServer | None = None
 
     @property
@@ -35,7 +38,9 @@ class MetadataServerTestDouble:
             def do_GET(self) -> None:  # noqa: N802
                 double.requests.append(self.path)
                 path = self.path.removeprefix("/computeMetadata/v1/")
-                if self.headers.get("Metadata-Flavor") != "Google":
+                if len(double.requests) <= double.unavailable_for:
+                    self._answer(503, "Service Unavailable")
+                elif self.headers.get("Metadata-Flavor") != "Google":
                     self._answer(403, "Missing required header: Metadata-Flavor")
                 elif path in double.values:
                     self._answer(200, double.values[path])

@@ -35,14 +35,33 @@ def test_on_gke_the_metadata_server_names_the_cluster_once() -> None:
         assert len(metadata.requests) == asked  # remembered
 
 
-def test_without_either_there_is_no_default_and_it_is_asked_again_later() -> None:
-    clock = FakeClock(0.0)
-    default = ClusterDefault({"GCE_METADATA_HOST": free_port_refusing()}, clock=clock)
+def test_without_either_there_is_no_default_and_it_is_asked_again_less_and_less_often():
+    clock, slept = FakeClock(0.0), []
+    default = ClusterDefault({"GCE_METADATA_HOST": free_port_refusing()}, clock=clock,
+                             sleep=slept.append)
     assert default() is None
-    clock.now += 10
-    assert default() is None  # not asked again so soon
+    assert slept == [1.0, 1.0]  # the first lookup tried three times
     with MetadataServerTestDouble("my-project", "us-central1", "serving") as metadata:
         default._metadata_host = metadata.host  # the same process, now on GKE
-        assert default() is None and metadata.requests == []
-        clock.now += 301
+        metadata.unavailable_for = 10**6
+        asked_at = []
+        for _ in range(700):
+            before = len(metadata.requests)
+            assert default() is None
+            if len(metadata.requests) > before:
+                asked_at.append(clock.now)
+            clock.now += 1
+        # Once per try (the first of its three reads fails), after 5 s, 10 s, 20 s ... 300 s.
+        assert asked_at == [5, 15, 35, 75, 155, 315, 615]
+        metadata.unavailable_for = 0
+        clock.now = 615 + 300
         assert default() == CLUSTER
+
+
+def test_a_metadata_server_still_starting_names_the_cluster_at_the_first_lookup() -> None:
+    with MetadataServerTestDouble("my-project", "us-central1", "serving") as metadata:
+        metadata.unavailable_for = 1
+        slept = []
+        default = ClusterDefault({"GCE_METADATA_HOST": metadata.host}, sleep=slept.append)
+        assert default() == CLUSTER
+        assert slept == [1.0]
