@@ -95,6 +95,7 @@ class Memo:
 class _Backoff:
     until: float  # monotonic
     state: PoolState  # what to report until then
+    deleting: bool = False  # a delete was refused, not a create or resize
 
 
 def indexed(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -289,6 +290,8 @@ class Reconciler:
         while others use it, let go of while it is the same GKE pool through the other
         cloud provider (``moved_to``'s, or others'), else deleted; ``_delete_pool``'s
         answer (True once nothing is left to do). Called under the pool's lock."""
+        if self._waiting_on(key, deleting=True):
+            return False  # its delete was refused a moment ago: no LIST of users till then
         uid = body["metadata"].get("uid")
         if users := self.pool_users(key, exclude_uid=uid):
             log.info("pool %s still used by %s; keeping it", key, ", ".join(users))
@@ -708,9 +711,7 @@ class Reconciler:
         """
         if keep_pool and key.provider != "ConfigConnector":
             return True
-        with self._lock:
-            backoff = self._backoff.get(key)
-        if backoff is not None and self._clock() < backoff.until:
+        if self._waiting_on(key):
             return False
         pool = resource.spec.node_pool.model_copy(
             update={"provider": key.provider, "cluster": key.scope or None})
@@ -737,13 +738,21 @@ class Reconciler:
             delay = exc.retry_after if exc.retry_after is not None else 60.0
             state = PoolState(key.name, False, 0, exc.reason, exc.message)
             with self._lock:
-                self._backoff[key] = _Backoff(self._clock() + delay, state)
+                self._backoff[key] = _Backoff(self._clock() + delay, state, deleting=True)
             return False
         if gone:
             with self._lock:
                 self._backoff.pop(key, None)
                 self._last_seen.pop(key, None)
         return gone
+
+    def _waiting_on(self, key: PoolKey, deleting: bool = False) -> bool:
+        """Whether the pool's provider asked for time before it is asked again (to delete
+        it, with ``deleting``)."""
+        with self._lock:
+            backoff = self._backoff.get(key)
+        return (backoff is not None and self._clock() < backoff.until
+                and (backoff.deleting or not deleting))
 
     def _retire_previous_pools(
         self, body: dict[str, Any], resource: ImageGenService, the_plan: Plan, target: PoolKey,

@@ -677,6 +677,13 @@ def test_a_pool_that_was_made_is_waited_for_when_its_delete_is_refused(world) ->
     assert world.gke_pools() == {pool}
     [(_, _, reason, message)] = [e for e in world.events if e[1] == "Warning"]
     assert reason == "NodePoolNotDeleted" and FORBIDDEN in message
+    # Until the delay ends, a retry neither asks GKE nor lists every service to find users.
+    listed, list_ = [], world.kube.list
+    world.kube.list = lambda *args, **kw: listed.append(args[:2]) or list_(*args, **kw)
+    asked = len(world.double.requests)
+    assert not world.delete("made")
+    assert len(world.double.requests) == asked and (api.API_VERSION, api.KIND) not in listed
+    world.kube.list = list_
     world.double.outage(None)
     world.clock.now += 61
     delete_until_done(world, "made")
