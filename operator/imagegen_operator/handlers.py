@@ -123,8 +123,8 @@ class Operator:
         """Whether a child's event can change what the owner's reconcile does.
 
         Children's status moves all the time (a PDB counts healthy pods, an HPA its
-        metrics); of it only a Deployment's replica counts and whether a Job has
-        finished feed the service's status. Anything else is a reconcile that would
+        metrics); of it only a Deployment's replica counts and rollout failures and
+        whether a Job has finished feed the service's status. Anything else is a reconcile that would
         find nothing to do.
         """
         key = child["metadata"].get("uid", "")
@@ -407,13 +407,19 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, config: Operat
                 return  # the echo of our own apply: the reconcile that made it saw it
             owner = operator.owner_of(_plain(body))
             if owner is not None and not owner["metadata"].get("deletionTimestamp"):
-                operator.reconcile(owner, trigger="child", fresh=True)
+                # Not fresh: the owner was read before the service's lock, and a finalizer
+                # holding it may have finished meanwhile; read again under the lock.
+                operator.reconcile(owner, trigger="child", fresh=False)
 
 
 def _status_that_counts(child: dict[str, Any]) -> Any:
     status = child.get("status") or {}
     if child.get("kind") == "Deployment":
-        return {k: status.get(k) for k in DEPLOYMENT_STATUS_FIELDS}
+        # And the conditions status repeats: pods that cannot be created, a deadline passed.
+        failing = [(c.get("type"), c.get("status"), c.get("reason"))
+                   for c in status.get("conditions") or []
+                   if c.get("type") in ("ReplicaFailure", "Progressing")]
+        return [{k: status.get(k) for k in DEPLOYMENT_STATUS_FIELDS}, failing]
     if child.get("kind") == "Job":  # whether it finished, and how
         return [(c.get("type"), c.get("status")) for c in status.get("conditions") or []]
     return None

@@ -113,3 +113,18 @@ def test_a_setting_from_the_environment_is_checked_as_its_option_is(
     monkeypatch.delenv(variable)
     config = handlers.parse_args([])
     assert (config.resync_seconds, config.metrics_port, config.stuck_seconds) == (30, 8080, 300)
+
+
+def test_a_deployment_that_starts_failing_to_create_pods_triggers_its_owner() -> None:
+    """Its replica counts stay at 0: only its conditions say the pods cannot be created."""
+    operator = handlers.Operator(RecordingReconciler())
+    deployment = {"kind": "Deployment", "metadata": {"uid": "d1"}, "spec": {"replicas": 2},
+                  "status": {"replicas": 0, "conditions": [
+                      {"type": "Progressing", "status": "True", "reason": "NewReplicaSetCreated"}]}}
+    assert operator.child_changed("MODIFIED", deployment)
+    assert not operator.child_changed("MODIFIED", deployment)
+    deployment["status"]["conditions"].append(
+        {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate"})
+    assert operator.child_changed("MODIFIED", deployment)
+    deployment["status"]["conditions"][0]["lastUpdateTime"] = "2026-12-07T00:00:00Z"
+    assert not operator.child_changed("MODIFIED", deployment)  # a heartbeat only
