@@ -18,12 +18,15 @@ AVAILABLE = "Available"
 PROGRESSING = "Progressing"
 # Only with spec.pipeline.compile.precompileJob: the Job that compiles once for all replicas.
 PRECOMPILED = "Precompiled"
+# Only with spec.monitoring: whether its ServiceMonitor or PodMonitor could be applied.
+MONITORED = "Monitored"
 # kstatus' "abnormal-true" pair, read by kpt, Config Sync and Flux's default checks.
 RECONCILING = "Reconciling"
 STALLED = "Stalled"
 
 # Ready first: it is the one `kubectl wait` and GitOps tools read.
-ORDER = (READY, NODE_POOL_READY, AVAILABLE, PROGRESSING, PRECOMPILED, RECONCILING, STALLED)
+ORDER = (READY, NODE_POOL_READY, AVAILABLE, PROGRESSING, PRECOMPILED, MONITORED, RECONCILING,
+         STALLED)
 
 
 @dataclass(frozen=True)

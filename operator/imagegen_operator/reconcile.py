@@ -23,7 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 # Kinds the operator may have created for a service and must delete when the
 # spec stops asking for them (autoscaling or monitoring switched off).
+MONITOR_KINDS = ("ServiceMonitor", "PodMonitor")
 OPTIONAL_CHILDREN = (
     ("batch/v1", "Job"),  # a precompile Job a spec change superseded, or no longer asked for
     ("autoscaling/v2", "HorizontalPodAutoscaler"),
@@ -78,7 +79,9 @@ class Outcome:
     requeue_after: float | None = None  # run again no sooner than this (a provider's backoff)
     pool_short: str | None = None  # why a shared pool cannot hold what its users must run
     pool_on_its_way: bool = False  # its pool is being made or changed (and will be)
-    notes: list[str] = field(default_factory=list)
+    # The monitors spec.monitoring asks for: None when none is, else what kept them from
+    # being applied (empty: applied).
+    monitoring: list[str] | None = None
 
 
 @dataclass
@@ -237,6 +240,7 @@ class Reconciler:
             pool_short=outcome.pool_short,
             precompile=precompile,
             created=created,
+            monitoring=None if outcome.monitoring is None else tuple(outcome.monitoring),
         )
         status = st.compute_status(observation)
         ready = next(c for c in status["conditions"] if c["type"] == "Ready")
@@ -553,11 +557,13 @@ class Reconciler:
         for obj in desired:
             if obj["kind"] == "Job":
                 continue  # applied above
+            if obj["kind"] in MONITOR_KINDS and outcome.monitoring is None:
+                outcome.monitoring = []
             try:
                 current = self.kube.apply(obj, read_first=not blind)
             except MissingKind as exc:
                 # A monitor asked for on a cluster without the Prometheus operator.
-                outcome.notes.append(str(exc))
+                outcome.monitoring = [*(outcome.monitoring or []), str(exc)]
                 log.warning("%s: %s", name_of(resource), exc)
                 continue
             except PermanentKubeError as exc:

@@ -82,6 +82,9 @@ class Observation:
     releasing: tuple[PoolKey, ...] = ()  # other pools it left that are not gone yet
     # Per pool: made (a provider reported it), never made (refused for good), None unknown.
     created: Mapping[PoolKey, bool | None] = field(default_factory=dict)
+    # None: spec.monitoring asks for no monitor; else why they were not applied (empty: they
+    # were).
+    monitoring: tuple[str, ...] | None = None
 
     @property
     def moving(self) -> bool:
@@ -164,6 +167,14 @@ def compute_status(o: Observation) -> dict[str, Any]:
         ready = cond.Observed(cond.READY, True, "Ready", serving)
     if o.precompile is not None:
         observed.append(_precompiled(o.precompile))
+    if o.monitoring:
+        observed.append(cond.Observed(
+            cond.MONITORED, False, "MonitoringUnavailable",
+            "; ".join(o.monitoring) + ": install the Prometheus operator's CRDs, or switch "
+            "spec.monitoring off"))
+    elif o.monitoring is not None:
+        observed.append(cond.Observed(cond.MONITORED, True, "MonitorsApplied",
+                                      "the Prometheus operator scrapes /metrics"))
     observed += cond.kstatus(ready, stalled)
     return {
         "observedGeneration": o.generation,

@@ -279,6 +279,25 @@ def test_a_deployment_that_cannot_create_its_pods_says_why_and_stalls_past_its_d
     assert world.reconcile("quota").ready
 
 
+def test_a_monitor_the_cluster_cannot_take_is_said_in_status_while_the_service_serves(
+        world) -> None:
+    world.kube.missing_kinds = {"ServiceMonitor"}
+    world.create("watched", node_pool={"provider": "Local"}, monitoring={"enabled": True})
+    world.reconcile("watched")
+    world.nodes_ready()
+    world.rolled_out("watched")
+    assert world.reconcile("watched").ready  # serving does not wait on monitoring
+    monitored = world.condition("watched", "Monitored")
+    assert (monitored["status"], monitored["reason"]) == ("False", "MonitoringUnavailable")
+    assert "ServiceMonitor" in monitored["message"] and "spec.monitoring" in monitored["message"]
+    world.kube.missing_kinds = set()  # the Prometheus operator installed
+    world.reconcile("watched")
+    assert world.condition("watched", "Monitored")["status"] == "True"
+    world.edit("watched", monitoring={"enabled": False})
+    world.reconcile("watched")
+    assert "Monitored" not in {c["type"] for c in world.body("watched")["status"]["conditions"]}
+
+
 def run_until_ready(world, name: str, limit: int = 6) -> None:
     world.reconcile(name)
     for _ in range(limit):
