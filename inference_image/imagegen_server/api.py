@@ -167,7 +167,10 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
             size = edit_size(image.size, steps.size_multiple, max_pixels(steps, settings),
                              listed_sizes(steps, settings))
         strength = body.strength if body.strength is not None else (0.8 if mask is None else 1.0)
-        edit = EditInput(image, strength, mask, upload=files["image"], upload_type=media_type)
+        # The upload as sent only where a signature names it as the parent.
+        upload = files["image"] if signer is not None else None
+        edit = EditInput(image, strength, mask, upload=upload, upload_type=media_type)
+        edit = await asyncio.to_thread(runtime.steps.fitted, edit, *size)
         params = params_of(body, size, edit)
         return await answer(request, params, "image_edit", body.stream)
 

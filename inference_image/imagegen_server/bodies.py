@@ -281,20 +281,27 @@ def _deeper_than(value: Any, limit: int) -> bool:
 FORM_FILES = ("image", "mask")
 # A list of objects as form fields: OpenAI's client writes extra_body={"lora": [{...}]} as
 # lora[][name], lora[][scale] (its "brackets" array format); lora[0][name] is the indexed form.
-NESTED_FIELD = re.compile(r"^(?P<field>\w+)\[(?P<index>\d*)\]\[(?P<key>\w+)\]$")
+NESTED_FIELD = re.compile(r"^(?P<field>\w+)\[(?P<index>\d{0,3})\]\[(?P<key>\w+)\]$")
 FORM_LISTS = ("lora",)
 
 
 class _FormList:
-    """One list of objects, gathered from its bracketed fields in the order they came."""
+    """One list of objects, gathered from its bracketed fields: ``lora[][name]`` in the order
+    they came, or ``lora[0][name]`` by index, counting from 0 (so that an error's ``param``,
+    ``lora.2.name``, names the object the client numbered 2)."""
 
-    def __init__(self) -> None:
+    def __init__(self, field: str) -> None:
+        self.field = field
         self.appended: list[dict[str, Any]] = []
         self.indexed: dict[int, dict[str, Any]] = {}
 
     def add(self, index: str, key: str, value: str) -> None:
         if index:
             item = self.indexed.setdefault(int(index), {})
+            if key in item:
+                raise ApiError(400, f"{self.field}[{index}][{key}] is given more than once: "
+                               "send one", param=f"{self.field}.{int(index)}.{key}",
+                               code="invalid_value")
         elif not self.appended or key in self.appended[-1]:
             item = {}  # lora[][name] again: the next object begins
             self.appended.append(item)
@@ -303,6 +310,14 @@ class _FormList:
         item[key] = _form_number(value) if key == "scale" else value
 
     def items(self) -> list[dict[str, Any]]:
+        if self.appended and self.indexed:
+            raise ApiError(400, f"{self.field}: number its objects ({self.field}[0][name]) or "
+                           f"append them ({self.field}[][name]), not both", param=self.field,
+                           code="invalid_value")
+        missing = sorted(set(range(len(self.indexed))) - set(self.indexed))
+        if missing:
+            raise ApiError(400, f"{self.field}[{missing[0]}] is missing: numbered objects count "
+                           "up from 0", param=f"{self.field}.{missing[0]}", code="invalid_value")
         return self.appended + [self.indexed[i] for i in sorted(self.indexed)]
 
 
@@ -342,7 +357,7 @@ async def read_form(request: Request, limit: int) -> tuple[dict[str, Any], dict[
         for key, value in form.multi_items():
             nested = NESTED_FIELD.match(key)
             if nested and nested["field"] in FORM_LISTS and isinstance(value, str):
-                lists.setdefault(nested["field"], _FormList()).add(
+                lists.setdefault(nested["field"], _FormList(nested["field"])).add(
                     nested["index"], nested["key"], value)
                 continue
             name = key.removesuffix("[]")

@@ -23,7 +23,8 @@ user's file, and the edit does not carry a copy of the picture it changed (a fac
 number plate inpainted away stays away). An upload that carries a C2PA manifest of its own
 (a camera's, another generator's) would bring that manifest along, with its thumbnail of
 the picture: there, and for a file c2pa cannot read, the parent is the decoded picture as
-a PNG instead, and the chain to the upload's own manifest is not kept.
+a PNG instead (at the size the edit ran at: a larger upload is resized as the request is
+accepted), and the chain to the upload's own manifest is not kept.
 """
 
 from __future__ import annotations

@@ -59,7 +59,11 @@ def tiny_settings(model, **overrides) -> ServerSettings:
         "default_steps": STEPS,
         "default_guidance_scale": 5.0,
         "batch_window_ms": 2,
-        # The tiny models' native size is 64x64; the tests also ask for a few larger sizes.
+        # The tiny models' native size is 64x64 (Flux's pipeline says 256x256 whatever its
+        # weights: named here, as a service's spec names it); the tests also ask for a few
+        # larger sizes.
+        "default_width": 64,
+        "default_height": 64,
         "max_pixels": 128 * 128,
     }
     values.update(overrides)

@@ -146,6 +146,21 @@ def test_a_field_name_that_decodes_to_a_lone_surrogate_is_a_400_that_names_it(cl
     assert error["param"] == "foo[\\ud800]" and "is not a field of this form" in error["message"]
 
 
+@pytest.mark.parametrize(("fields", "param", "words"), [
+    ({"lora[0][name]": ["ink", "film"]}, "lora.0.name", "more than once"),
+    ({"lora[0][name]": "ink", "lora[2][name]": "film"}, "lora.1", "lora[1] is missing"),
+    ({"lora[][name]": "ink", "lora[0][name]": "film"}, "lora", "not both"),
+    ({"lora[1000][name]": "ink"}, "lora[1000][name]", "is not a field of this form"),
+], ids=["repeated", "gap", "mixed", "huge-index"])
+def test_numbered_form_objects_are_refused_where_their_numbers_do_not_add_up(
+        client_for, fields, param, words):
+    client = client_for()
+    response = client.post(EDITS, data={"prompt": "x", **fields}, files=form(image=GOOD))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and words in error["message"], error
+
+
 def test_a_family_without_edits_refuses_them(make_runtime):
     from fastapi.testclient import TestClient
 
@@ -178,6 +193,26 @@ def test_a_large_upload_without_a_size_edits_at_the_largest_size_admitted(client
     client = client_for()  # max_pixels 128x128
     (image,) = edit(client, form(image=png(source_image(256).resize((256, 192)))))
     assert image.size == (144, 104)  # 256x192 scaled to fit 16384 pixels, then to 8s
+
+
+def test_a_large_upload_waits_at_the_size_it_edits_at_and_edits_the_same(client_for):
+    """A queued edit holds its picture and mask at the request's size, not the upload's (16
+    megapixels would be 50 MB each), and no copy of the file it came in when nothing signs;
+    the pixels are those of the full upload handed to the engine as it is."""
+    client = client_for()
+    runtime = client.app.state.runtime
+    big, mask = source_image(256), left_half_mask(256)
+    held, submit = [], runtime.engine.submit
+    runtime.engine.submit = lambda params, *args: held.append(params.edit) or submit(params, *args)
+    try:
+        (image,) = edit(client, form(image=png(big), mask=png(mask)), size="64x64", steps="2")
+    finally:
+        runtime.engine.submit = submit
+    assert (held[0].image.size, held[0].mask.size, held[0].upload) == ((64, 64), (64, 64), None)
+    whole = runtime.params("a boat", seed=3, steps=2, width=64, height=64,
+                           edit=EditInput(big, 1.0, mask))
+    (want,) = runtime.engine.generate(whole, timeout_s=120)
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(want))
 
 
 @pytest.mark.parametrize(("upload", "size"), [

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..previews import LatentRGB, latents_for_preview, preview_steps
-from ..request import GenerationParams, Job, JobTimeout
+from ..request import EditInput, GenerationParams, Job, JobTimeout
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,10 @@ class FamilySteps:
         self.adapters = None
         # The engine's preview thread, for streaming requests (previews.py).
         self.previews = None
+
+    def fitted(self, edit: EditInput, width: int, height: int) -> EditInput:
+        """An edit's pictures at the size the request makes (families with edits resize)."""
+        return edit
 
     # --- what can be batched together -------------------------------------------------------
     def encode_key(self, job: Job) -> Hashable:

@@ -10,6 +10,7 @@ puts the kept region back.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -20,7 +21,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img impo
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..previews import SD15_RGB, SDXL_RGB
-from ..request import GenerationParams, Job
+from ..request import EditInput, GenerationParams, Job
 from .base import FamilySteps, split_rows
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,17 @@ class StableDiffusionSteps(FamilySteps):
     def native_size(self) -> tuple[int, int]:
         side = self.pipeline.unet.config.sample_size * self.vae_scale_factor
         return side, side
+
+    def fitted(self, edit: EditInput, width: int, height: int) -> EditInput:
+        """The edit's image and mask resized as preprocessing resizes them, when accepted: a
+        queued edit holds a picture of its own size, not a 16-megapixel upload, and
+        preprocessing finds nothing left to resize (Pillow's resize to the same size is a
+        copy), so the pixels are the same."""
+        if edit.image.size == (width, height):
+            return edit
+        image = self.pipeline.image_processor.resize(edit.image, height, width)
+        mask = None if edit.mask is None else self.mask_processor.resize(edit.mask, height, width)
+        return dataclasses.replace(edit, image=image, mask=mask)
 
     def reference_kwargs(self, params: GenerationParams) -> dict:
         kwargs = {
