@@ -228,7 +228,10 @@ def write_summary(results: dict[str, dict], runs: list[dict], path: Path) -> Non
     if runs:
         total = sum(r["seconds"] for r in runs)
         each = ", ".join(f"{r['name']} {r['seconds']:.0f} s" for r in runs)
-        lines.append(f"Each benchmark's last run took: {each}; {total / 60:.1f} min in all.")
+        untimed = [name for name in BENCHMARKS if name not in {r["name"] for r in runs}]
+        also = (f" ({', '.join(untimed)}: run on its own, not timed here)" if untimed else "")
+        lines.append(f"Each benchmark's last run took: {each}; {total / 60:.1f} min in all"
+                     f"{also}.")
         lines.append("")
     lines += [
         "| benchmark | bar | measured | met | command |",

@@ -472,6 +472,13 @@ def _port(text: str) -> int:
     return value
 
 
+def _log_format(text: str) -> str:
+    # A type, not choices: argparse checks a string default with its type only.
+    if text not in ("text", "json"):
+        raise argparse.ArgumentTypeError(f"must be text or json, not {text!r}")
+    return text
+
+
 def parse_args(argv: Sequence[str]) -> OperatorConfig:
     env = os.environ.get
     p = argparse.ArgumentParser(
@@ -546,7 +553,7 @@ def parse_args(argv: Sequence[str]) -> OperatorConfig:
     )
     p.add_argument(
         "--log-format",
-        choices=("text", "json"),
+        type=_log_format,
         default=env("IMAGEGEN_OPERATOR_LOG_FORMAT", "text"),
         help="one line of text or one JSON object per message (IMAGEGEN_OPERATOR_LOG_FORMAT)",
     )

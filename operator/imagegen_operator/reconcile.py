@@ -563,12 +563,15 @@ class Reconciler:
                 current = self.kube.apply(obj, read_first=not blind)
             except MissingKind as exc:
                 # A monitor asked for on a cluster without the Prometheus operator.
-                outcome.monitoring = [*(outcome.monitoring or []), str(exc)]
+                outcome.monitoring = [*(outcome.monitoring or []), f"{exc}: install the "
+                                      "Prometheus operator's CRDs, or switch spec.monitoring off"]
                 log.warning("%s: %s", name_of(resource), exc)
                 continue
             except PermanentKubeError as exc:
                 log.warning("%s: %s", name_of(resource), exc)
                 rejected.append(str(exc))
+                if obj["kind"] in MONITOR_KINDS:
+                    outcome.monitoring = [*(outcome.monitoring or []), str(exc)]
                 if obj["kind"] == "Deployment":  # what still runs, for status
                     current = self.kube.get(obj["apiVersion"], obj["kind"],
                                             obj["metadata"]["name"], namespace_of(resource))

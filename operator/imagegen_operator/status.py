@@ -155,7 +155,7 @@ def compute_status(o: Observation) -> dict[str, Any]:
     elif o.pool_short and not o.rolled_out:
         stalled = True
         ready = cond.Observed(cond.READY, False, "PoolTooSmall", f"{serving}; {o.pool_short}")
-    elif (failure := _rollout_failure(dep_status)) and not o.rolled_out:
+    elif (failure := _rollout_failure(o.deployment)) and not o.rolled_out:
         reason, message, stalled = failure
         ready = cond.Observed(cond.READY, False, reason, f"{serving}; {message}")
     elif serving_meanwhile:
@@ -168,10 +168,8 @@ def compute_status(o: Observation) -> dict[str, Any]:
     if o.precompile is not None:
         observed.append(_precompiled(o.precompile))
     if o.monitoring:
-        observed.append(cond.Observed(
-            cond.MONITORED, False, "MonitoringUnavailable",
-            "; ".join(o.monitoring) + ": install the Prometheus operator's CRDs, or switch "
-            "spec.monitoring off"))
+        observed.append(cond.Observed(cond.MONITORED, False, "MonitoringUnavailable",
+                                      "; ".join(o.monitoring)))
     elif o.monitoring is not None:
         observed.append(cond.Observed(cond.MONITORED, True, "MonitorsApplied",
                                       "the Prometheus operator scrapes /metrics"))
@@ -197,7 +195,7 @@ def compute_status(o: Observation) -> dict[str, Any]:
     }
 
 
-def _rollout_failure(dep_status: Mapping[str, Any]) -> tuple[str, str, bool] | None:
+def _rollout_failure(deployment: Mapping[str, Any] | None) -> tuple[str, str, bool] | None:
     """(reason, message, stalled) of a Deployment whose rollout cannot go on by itself.
 
     ``ReplicaFailure``: its pods cannot be created (a ResourceQuota on GPUs, Pod Security
@@ -205,6 +203,10 @@ def _rollout_failure(dep_status: Mapping[str, Any]) -> tuple[str, str, bool] | N
     ``ProgressDeadlineExceeded``: no progress for the Deployment's progressDeadlineSeconds;
     the controller gives up waiting, and so does the service: Stalled.
     """
+    dep_status = (deployment or {}).get("status") or {}
+    if (dep_status.get("observedGeneration") or 0) < (
+            (deployment or {}).get("metadata", {}).get("generation") or 0):
+        return None  # conditions of the rollout before this spec's
     found = {c.get("type"): c for c in dep_status.get("conditions") or []}
     progress, failure = found.get("Progressing") or {}, found.get("ReplicaFailure") or {}
     failed = failure.get("status") == "True"

@@ -265,6 +265,26 @@ def test_whole_gpu_pods_stay_off_shared_nodes_of_the_same_accelerator(cluster, o
     delete_services(cluster, operator, ns)
 
 
+def test_a_gpu_quota_that_refuses_the_pods_is_said_in_status(cluster, operator):
+    """A ResourceQuota on GPUs: the ReplicaSet controller cannot create the second pod, which
+    no pod condition could tell; the service says so in the controller's words."""
+    ns = namespace(cluster, "e2e-quota")
+    apply(cluster, {"apiVersion": "v1", "kind": "ResourceQuota",
+                    "metadata": {"name": "gpus", "namespace": ns},
+                    "spec": {"hard": {"requests.nvidia.com/gpu": "1"}}})
+    gpu = {"type": "nvidia-a100-80gb", "partitionSize": "3g.40gb"}
+    apply(cluster, service("over", ns, gpu, replicas=2))
+
+    def refused():
+        ready = condition(igs(cluster, ns, "over"), "Ready")
+        return ready if ready and ready["reason"] == "ReplicaFailure" else None
+
+    ready = eventually(refused, timeout=120, what="Ready=False, ReplicaFailure")
+    assert ready["status"] == "False" and "forbidden" in ready["message"], ready
+    assert "gpus" in ready["message"], ready  # the quota, named by the controller
+    delete_services(cluster, operator, ns)
+
+
 def test_autoscaling_switched_off_removes_the_hpa(cluster, operator):
     ns = namespace(cluster, "e2e-hpa")
     gpu = {"type": "nvidia-tesla-t4", "sharing": {"strategy": "MPS", "maxSharedClientsPerGpu": 2}}

@@ -102,6 +102,7 @@ def test_a_resync_period_that_would_spin_is_refused(value: str) -> None:
     ("IMAGEGEN_OPERATOR_WATCH_TIMEOUT_SECONDS", "0", "--watch-timeout-seconds"),
     ("IMAGEGEN_OPERATOR_METRICS_PORT", "abc", "--metrics-port"),
     ("IMAGEGEN_OPERATOR_HEALTH_PORT", "70000", "--health-port"),
+    ("IMAGEGEN_OPERATOR_LOG_FORMAT", "JSON", "--log-format"),
 ])
 def test_a_setting_from_the_environment_is_checked_as_its_option_is(
         monkeypatch, capsys, variable: str, value: str, option: str) -> None:

@@ -275,6 +275,11 @@ def test_a_deployment_that_cannot_create_its_pods_says_why_and_stalls_past_its_d
     ready = world.condition("quota", "Ready")
     assert ready["reason"] == "ProgressDeadlineExceeded" and "timed out" in ready["message"]
     assert world.condition("quota", "Stalled")["status"] == "True"
+    # A new spec: the conditions left are the last rollout's, not this one's.
+    world.edit("quota", replicas=1)
+    world.reconcile("quota")
+    assert world.condition("quota", "Ready")["reason"] == "ReplicasNotReady"
+    assert world.condition("quota", "Stalled")["status"] == "False"
     world.rolled_out("quota")
     assert world.reconcile("quota").ready
 
@@ -293,6 +298,12 @@ def test_a_monitor_the_cluster_cannot_take_is_said_in_status_while_the_service_s
     world.kube.missing_kinds = set()  # the Prometheus operator installed
     world.reconcile("watched")
     assert world.condition("watched", "Monitored")["status"] == "True"
+    world.kube.refuse("ServiceMonitor", "servicemonitors is forbidden")  # an RBAC gap, say
+    world.edit("watched", monitoring={"enabled": True, "interval": "15s"})
+    world.reconcile("watched")
+    monitored = world.condition("watched", "Monitored")
+    assert monitored["status"] == "False" and "forbidden" in monitored["message"]
+    world.kube.accept("ServiceMonitor")
     world.edit("watched", monitoring={"enabled": False})
     world.reconcile("watched")
     assert "Monitored" not in {c["type"] for c in world.body("watched")["status"]["conditions"]}
