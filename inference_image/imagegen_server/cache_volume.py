@@ -97,7 +97,10 @@ class KeepMarked:
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
-            mark_used(self.directory, self.key)
+            try:
+                mark_used(self.directory, self.key)
+            except Exception:  # a volume gone away: marked again at the next round
+                log.warning("compile cache: cannot mark key %s as used", self.key, exc_info=True)
 
     def stop(self) -> None:
         self._stop.set()

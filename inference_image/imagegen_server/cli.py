@@ -217,10 +217,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command(argv[1:])
     except ValidationError as exc:  # a flag or an IMAGEGEN_ variable out of its range
         for error in exc.errors(include_url=False):
-            field = ".".join(str(part) for part in error["loc"])
-            print(f"imagegen-server: {field} (--{field.replace('_', '-')} or "
-                  f"{ENV_PREFIX}{field.upper()}): {error['msg']}", file=sys.stderr)
+            print(f"imagegen-server: {_named(error['loc'])}{error['msg']}", file=sys.stderr)
         return 2
+
+
+def _named(loc: tuple) -> str:
+    """A setting as a user gives it: its flag, where it has one, and its variable."""
+    if not loc:
+        return ""  # a rule between settings: its message names them
+    field = str(loc[0])
+    flags = [option for action in serve_parser()._actions if action.dest == field
+             for option in action.option_strings if option.startswith("--")]
+    given = " or ".join([*flags[:1], f"{ENV_PREFIX}{field.upper()}"])
+    return f"{'.'.join(str(part) for part in loc)} ({given}): "
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import tempfile
 import time
 from dataclasses import dataclass
@@ -75,14 +76,25 @@ def key_parts(steps: FamilySteps, settings: ServerSettings, dtype: torch.dtype) 
         parts["gpu"] = torch.cuda.get_device_name(device)
         parts["capability"] = list(torch.cuda.get_device_capability(device))
     else:
-        # Inductor's CPU code is vectorized for the instruction set it compiled on, with the
-        # flags inductor picks (AVX-512 with VNNI, say, which ATen's level does not tell
-        # apart): a node without them must not load it (SIGILL, which nothing can catch).
-        from torch._inductor import cpu_vec_isa
-
-        parts["cpu_capability"] = [torch.backends.cpu.get_cpu_capability(),
-                                   type(cpu_vec_isa.pick_vec_isa()).__name__]
+        # Inductor compiles CPU code with -march=native: for this CPU's every extension
+        # (AVX-512 VNNI or BF16, AMX), which ATen's level does not tell apart. A node without
+        # one must not load it (SIGILL, which nothing can catch): the key holds the CPU's
+        # feature flags.
+        parts["cpu_capability"] = [torch.backends.cpu.get_cpu_capability(), cpu_features()]
     return parts
+
+
+def cpu_features() -> str:
+    """A digest of this CPU's feature flags (Linux's /proc/cpuinfo), or of its machine name
+    where there are none to read."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            flags = next((line.split(":", 1)[1] for line in info
+                          if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    text = " ".join(sorted(flags.split())) or platform.machine()
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def artifact_key(parts: dict) -> str:

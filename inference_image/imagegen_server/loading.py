@@ -68,8 +68,17 @@ def _local_path(uri: str, settings: ServerSettings) -> Path:
 
 def _download_hf(repo: str, settings: ServerSettings) -> Path:
     from diffusers import DiffusionPipeline
+    from huggingface_hub import hf_hub_download
 
     repo_id, _, revision = repo.strip("/").partition("@")
+    try:
+        # The pipeline's class first: a served one only. diffusers' download would import a
+        # community pipeline named there (a list _class_name) to learn its components.
+        index = hf_hub_download(repo_id, "model_index.json", revision=revision or None,
+                                cache_dir=settings.hf_cache_dir)
+    except Exception as exc:  # the hub client raises many kinds; all mean "not available"
+        raise ModelError(f"cannot fetch hf://{repo}: {exc}") from exc
+    detect_family(Path(index).parent)
     try:
         # diffusers' own choice of files, as from_pretrained makes it: the components
         # model_index.json names, safetensors only, no fp16 variants and none of the
@@ -91,8 +100,8 @@ def detect_family(model_dir: Path) -> Family:
         index = json.loads((model_dir / "model_index.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelError(f"cannot read {model_dir / 'model_index.json'}: {exc}") from exc
-    class_name = index.get("_class_name", "")
-    if class_name not in PIPELINE_FAMILIES:
+    class_name = index.get("_class_name", "") if isinstance(index, dict) else ""
+    if not isinstance(class_name, str) or class_name not in PIPELINE_FAMILIES:
         raise ModelError(
             f"pipeline class {class_name!r} is not served; supported: {', '.join(PIPELINE_FAMILIES)}"
         )

@@ -118,7 +118,10 @@ class ModelRuntime:
         if s.compile_cache_dir is not None and key is not None:
             cache_volume.mark_used(s.compile_cache_dir, key)
             cache_volume.prune(s.compile_cache_dir, key, s.compile_cache_retention_days)
-            self._marks = cache_volume.KeepMarked(s.compile_cache_dir, key)
+            if s.compile_cache_retention_days > 0:  # 0: nothing is ever pruned
+                # Marked at least twice within the retention: never pruned while it serves.
+                every_s = min(3600.0, s.compile_cache_retention_days * 86400 / 2)
+                self._marks = cache_volume.KeepMarked(s.compile_cache_dir, key, every_s)
         self.metrics.info.info(
             {
                 "model": m.name,

@@ -35,8 +35,8 @@ METADATA_HOST = "metadata.google.internal"
 # Off GKE the metadata host does not resolve or answer: give up fast, and ask
 # again only now and then (a node pool is not created every second): after 5 s, then
 # twice as long each time up to 5 minutes. On GKE the metadata server "needs a few
-# seconds to start accepting requests on a new Pod" (GKE's Workload Identity docs): the
-# first lookup tries a few times, a second apart, before it says there is none.
+# seconds to start accepting requests on a new Pod" (GKE's Workload Identity docs): at the
+# first lookup, a server that answers with an error is asked a few times, a second apart.
 METADATA_TIMEOUT_S = 1.0
 FIRST_LOOKUP_TRIES = 3
 FIRST_RETRY_S = 5.0
@@ -80,28 +80,37 @@ class ClusterDefault:
             for attempt in range(tries):
                 if attempt:
                     self._sleep(1.0)
-                self._found = self._from_metadata()
-                if self._found is not None:
-                    return self._found
+                self._found, starting = self._from_metadata()
+                if self._found is not None or not starting:
+                    break
+            if self._found is not None:
+                return self._found
             self._next_try = self._clock() + min(
                 RETRY_AFTER_S, FIRST_RETRY_S * 2 ** self._failures)
             self._failures += 1
             return None
 
-    def _from_metadata(self) -> str | None:
+    def _from_metadata(self) -> tuple[str | None, bool]:
+        """The cluster, or None; and whether a server answered with an error (one still
+        starting, worth asking again in a second), rather than none answering at all (off
+        GKE: one try, so that nothing waits on the lock for long)."""
         try:
             project = self._read("project/project-id")
             location = self._read("instance/attributes/cluster-location")
             name = self._read("instance/attributes/cluster-name")
+        except urllib.error.HTTPError as exc:
+            log.info("no default GKE cluster yet: metadata server %s: %s", self._metadata_host,
+                     exc)
+            return None, exc.code >= 500
         except (OSError, urllib.error.URLError) as exc:
             log.info("no default GKE cluster: metadata server %s: %s", self._metadata_host, exc)
-            return None
+            return None, False
         cluster = f"projects/{project}/locations/{location}/clusters/{name}"
         if not re.fullmatch(CLUSTER_PATTERN, cluster):
             log.warning("metadata server named an invalid cluster %r; no default", cluster)
-            return None
+            return None, False
         log.info("default GKE cluster from the metadata server: %s", cluster)
-        return cluster
+        return cluster, False
 
     def _read(self, path: str) -> str:
         request = urllib.request.Request(

@@ -3,6 +3,7 @@ nothing, and its images are the same. Each start is its own process, as a pod's 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 import torch
 from server_testlib import start_process as start
 
-from imagegen_server.compiled_artifacts import artifact_key, key_parts
+from imagegen_server.compiled_artifacts import artifact_key, cpu_features, key_parts
 from imagegen_server.config import ServerSettings
 
 
@@ -60,10 +61,9 @@ def test_the_key_changes_with_what_the_compiled_code_depends_on(make_runtime, tm
     assert key() == key()
     # CPU code is vectorized for this CPU's instruction set: another one gets another key.
     parts = key_parts(steps, ServerSettings(**base), dtype)
-    from torch._inductor import cpu_vec_isa
-
-    assert parts["cpu_capability"] == [torch.backends.cpu.get_cpu_capability(),
-                                       type(cpu_vec_isa.pick_vec_isa()).__name__]
+    # Inductor's CPU code is built with -march=native: every feature flag counts.
+    assert parts["cpu_capability"] == [torch.backends.cpu.get_cpu_capability(), cpu_features()]
+    assert cpu_features() != hashlib.sha256(b"").hexdigest()[:16]  # flags were read
     # The denoiser's code is diffusers': an ahead-of-time package holds its trace.
     assert parts["diffusers"] == diffusers.__version__
     # The order a size list is written in compiles nothing else.

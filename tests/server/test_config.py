@@ -94,6 +94,19 @@ def test_the_command_line_refuses_a_setting_out_of_range_by_name(monkeypatch, ca
     assert main(["--model", "/nowhere"]) == 2
     err = capsys.readouterr().err
     assert "port (--port or IMAGEGEN_PORT)" in err and "Traceback" not in err
+    monkeypatch.delenv("IMAGEGEN_PORT")
+    # A setting with no flag of its own, one whose flag is named otherwise, and a rule
+    # between two settings, whose message names both.
+    monkeypatch.setenv("IMAGEGEN_MAX_PIXELS", "-1")
+    assert main(["--model", "/nowhere"]) == 2
+    assert "max_pixels (IMAGEGEN_MAX_PIXELS): " in capsys.readouterr().err
+    monkeypatch.delenv("IMAGEGEN_MAX_PIXELS")
+    monkeypatch.setenv("IMAGEGEN_COMPILE_ENABLED", "maybe")
+    assert main(["--model", "/nowhere"]) == 2
+    assert "compile_enabled (--compile or IMAGEGEN_COMPILE_ENABLED): " in capsys.readouterr().err
+    monkeypatch.delenv("IMAGEGEN_COMPILE_ENABLED")
+    assert main(["--model", "/nowhere", "--batching", "Step", "--stage-mode", "Stacked"]) == 2
+    assert capsys.readouterr().err.startswith("imagegen-server: Value error, batching Step")
 
 
 def test_config_imports_without_torch():
