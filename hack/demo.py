@@ -102,8 +102,7 @@ def start_operator(cluster: localcluster.LocalCluster) -> None:
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
     # Registered with the cluster's processes, so `make cluster-down` stops it too.
-    with open(CLUSTER_DIR / "pids", "a") as f:
-        f.write(f"{proc.pid} imagegen-operator\n")
+    localcluster.register(CLUSTER_DIR, proc.pid, "imagegen-operator")
 
 
 def show(cluster: localcluster.LocalCluster, *args: str) -> None:
@@ -190,7 +189,11 @@ def generate_images(model_dir: Path, out_dir: Path) -> None:
                     print("  " + line)
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # the error that brought us here stays the one shown
+            proc.kill()
+            proc.wait(timeout=30)
 
 
 def main() -> int:

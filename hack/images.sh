@@ -26,15 +26,16 @@ wanted=("$@")
 log() { echo "[images] $*" >&2; }
 
 # What rootful podman needs on Debian; runc because crun wants a cgroup layout some
-# sandboxes lack, mmdebstrap for the local base.
-PODMAN_PACKAGES=(podman buildah runc uidmap fuse-overlayfs mmdebstrap)
+# sandboxes lack, mmdebstrap and Debian's keyring for the local base.
+PODMAN_PACKAGES=(podman buildah runc uidmap fuse-overlayfs mmdebstrap debian-archive-keyring)
 install_podman() {
   [ "${IMAGEGEN_INSTALL_ENGINE:-0}" = 1 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
     || return 1
   log "installing ${PODMAN_PACKAGES[*]} from Debian's packages"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+  local apt=(apt-get -o DPkg::Lock::Timeout=600 -y -q)  # an apt run at boot may hold the lock
+  DEBIAN_FRONTEND=noninteractive "${apt[@]}" install --no-install-recommends \
     "${PODMAN_PACKAGES[@]}" >&2 \
-    || { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+    || { "${apt[@]}" update >&2 && DEBIAN_FRONTEND=noninteractive "${apt[@]}" install \
          --no-install-recommends "${PODMAN_PACKAGES[@]}" >&2; }
 }
 

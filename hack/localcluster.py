@@ -235,10 +235,16 @@ def _spawn(cluster_dir: Path, name: str, argv: list[str]) -> subprocess.Popen:
         argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         start_new_session=True,
     )
-    stat = _proc_stat(proc.pid)
-    with open(cluster_dir / "pids", "a") as f:
-        f.write(f"{proc.pid} {name} {stat[2] if stat else ''}\n")
+    register(cluster_dir, proc.pid, name)
     return proc
+
+
+def register(cluster_dir: Path, pid: int, name: str) -> None:
+    """Name a process (the leader of its own session) for ``down`` to stop, with its start
+    time, so that a pid reused after a reboot is never taken for it."""
+    stat = _proc_stat(pid)
+    with open(cluster_dir / "pids", "a") as f:
+        f.write(f"{pid} {name} {stat[2] if stat else ''}\n")
 
 
 def _wait_ready(url: str, ca: Path, token: str, timeout: float, proc: subprocess.Popen,
