@@ -42,6 +42,7 @@ from .engine import (
     EngineClosedError,
     InvalidRequest,
     QueueFullError,
+    check_edits_served,
     check_request,
     listed_sizes,
     max_pixels,
@@ -152,8 +153,12 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
             raise ApiError(400, "image is required: the picture to edit, as a file",
                            param="image", code="missing_required_parameter")
         check_served(body.model)
-        # What needs no picture (n, steps, guidance, the prompt, a size given) is checked
-        # before the upload is decoded, which takes a while for a large one.
+        # What needs no picture (a family that edits, n, steps, guidance, the prompt, a size
+        # given) is checked before the upload is decoded, which takes a while for a large one.
+        try:
+            check_edits_served(runtime.steps)
+        except InvalidRequest as exc:
+            raise ApiError(400, str(exc), param=exc.field, code="invalid_value") from exc
         check_limits(params_of(body, parse_size(body.size)))
         try:
             image, mask, media_type = await asyncio.to_thread(

@@ -191,12 +191,16 @@ def check_loras(params: GenerationParams, steps: FamilySteps) -> None:
             )
 
 
-def check_edit(params: GenerationParams, steps: FamilySteps) -> None:
+def check_edits_served(steps: FamilySteps) -> None:
     if not steps.supports_edits:
         raise InvalidRequest(
             "image", f"this model ({family_name(steps)}) serves "
             "text-to-image only: image edits are not supported for it"
         )
+
+
+def check_edit(params: GenerationParams, steps: FamilySteps) -> None:
+    check_edits_served(steps)
     strength = params.edit.strength
     if not 0 < strength <= 1:
         raise InvalidRequest("strength", f"strength must be above 0 and at most 1, not {strength:g}")

@@ -169,9 +169,12 @@ def test_a_family_without_edits_refuses_them(make_runtime):
     runtime = make_runtime("sd3", warmup=False)
     with TestClient(create_app(runtime.settings, runtime)) as client:
         response = client.post(EDITS, data={"prompt": "x"}, files=form(image=GOOD))
-    assert response.status_code == 400
-    assert response.json()["error"]["param"] == "image"
-    assert "not supported" in response.json()["error"]["message"]
+        # Said before the upload is read as a picture: not even a broken one is decoded.
+        broken = client.post(EDITS, data={"prompt": "x"}, files=form(image=b"not a picture"))
+    for refused in (response, broken):
+        assert refused.status_code == 400
+        assert refused.json()["error"]["param"] == "image"
+        assert "not supported" in refused.json()["error"]["message"]
 
 
 def edit(client, files, **data):
