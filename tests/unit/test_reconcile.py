@@ -1029,19 +1029,26 @@ def test_a_service_that_has_no_pool_yet_is_refused_whichever_came_first(world) -
     assert not config_connector_pools(world)
 
 
-def test_a_service_on_a_namesake_pool_keeps_it_while_the_other_provider_leaves(world) -> None:
-    """Two services already on one GKE pool through both providers (made before they were
-    told apart): deleting either keeps the pool for the other."""
-    world.create("first", node_pool={"provider": "ConfigConnector", "cluster": CLUSTER_A})
-    world.reconcile("first")
+def on_one_pool_through_both_providers(world, through_cc: str, through_gke: str):
+    """Two services on one GKE pool, one through Config Connector and one through GKE's API
+    (as an earlier version let them be): the pool's name, and the GKE service's record."""
+    world.create(through_cc, node_pool={"provider": "ConfigConnector", "cluster": CLUSTER_A})
+    world.reconcile(through_cc)
     [(_, name)] = config_connector_pools(world)
-    world.create("second", node_pool={"provider": "GKE", "cluster": CLUSTER_A})
-    resource = api.parse(world.body("second"))
+    world.create(through_gke, node_pool={"provider": "GKE", "cluster": CLUSTER_A})
+    resource = api.parse(world.body(through_gke))
     made = render_gke_nodepool(resource, plan(resource.spec))["spec"]
     world.double.seed_pool(f"{CLUSTER_A}/nodePools/{name}",
                            **{k: v for k, v in made.items() if k != "name"})
     record = {"name": name, "provider": "GKE", "cluster": CLUSTER_A, "created": True}
-    world.kube.patch_status(api.API_VERSION, api.KIND, "second", "ns", {"nodePool": record})
+    world.kube.patch_status(api.API_VERSION, api.KIND, through_gke, "ns", {"nodePool": record})
+    return name, record
+
+
+def test_a_service_on_a_namesake_pool_keeps_it_while_the_other_provider_leaves(world) -> None:
+    """Two services already on one GKE pool through both providers (made before they were
+    told apart): deleting either keeps the pool for the other."""
+    name, record = on_one_pool_through_both_providers(world, "first", "second")
     assert world.delete("second") is True
     assert not world.double.requests_to("DELETE", f"/nodePools/{name}")
     assert world.gke_pools() == {f"{CLUSTER_A}/nodePools/{name}"}
@@ -1064,16 +1071,7 @@ def test_of_two_services_on_a_namesake_pool_the_older_keeps_it_read_from_the_ind
     keeps it, judged on what the operator's watch-fed index holds of the other."""
     world.reconciler.services = lambda: [
         indexed(b) for b in world.kube.list(api.API_VERSION, api.KIND)]
-    world.create("b-old", node_pool={"provider": "ConfigConnector", "cluster": CLUSTER_A})
-    world.reconcile("b-old")
-    [(_, name)] = config_connector_pools(world)
-    world.create("a-new", node_pool={"provider": "GKE", "cluster": CLUSTER_A})
-    resource = api.parse(world.body("a-new"))
-    made = render_gke_nodepool(resource, plan(resource.spec))["spec"]
-    world.double.seed_pool(f"{CLUSTER_A}/nodePools/{name}",
-                           **{k: v for k, v in made.items() if k != "name"})
-    record = {"name": name, "provider": "GKE", "cluster": CLUSTER_A, "created": True}
-    world.kube.patch_status(api.API_VERSION, api.KIND, "a-new", "ns", {"nodePool": record})
+    on_one_pool_through_both_providers(world, "b-old", "a-new")
     for service, made_at in (("b-old", "2026-01-01T00:00:00Z"), ("a-new", "2026-06-01T00:00:00Z")):
         body = world.body(service)
         body["metadata"]["creationTimestamp"] = made_at
