@@ -124,8 +124,8 @@ class Operator:
 
         Children's status moves all the time (a PDB counts healthy pods, an HPA its
         metrics); of it only a Deployment's replica counts and rollout failures and
-        whether a Job has finished feed the service's status. Anything else is a reconcile that would
-        find nothing to do.
+        whether a Job has finished feed the service's status. Anything else is a
+        reconcile that would find nothing to do.
         """
         key = child["metadata"].get("uid", "")
         if event_type == "DELETED":

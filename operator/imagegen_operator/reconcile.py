@@ -55,13 +55,14 @@ log = logging.getLogger(__name__)
 
 # Kinds the operator may have created for a service and must delete when the
 # spec stops asking for them (autoscaling or monitoring switched off).
-MONITOR_KINDS = ("ServiceMonitor", "PodMonitor")
 OPTIONAL_CHILDREN = (
     ("batch/v1", "Job"),  # a precompile Job a spec change superseded, or no longer asked for
     ("autoscaling/v2", "HorizontalPodAutoscaler"),
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.coreos.com/v1", "PodMonitor"),
 )
+# The Prometheus operator's kinds spec.monitoring asks for (the Monitored condition).
+MONITOR_KINDS = ("ServiceMonitor", "PodMonitor")
 # Services remembered at most; a forgotten one costs a re-plan and one GET per child.
 MEMO_LIMIT = 10_000
 

@@ -203,9 +203,10 @@ def _rollout_failure(deployment: Mapping[str, Any] | None) -> tuple[str, str, bo
     ``ProgressDeadlineExceeded``: no progress for the Deployment's progressDeadlineSeconds;
     the controller gives up waiting, and so does the service: Stalled.
     """
-    dep_status = (deployment or {}).get("status") or {}
-    if (dep_status.get("observedGeneration") or 0) < (
-            (deployment or {}).get("metadata", {}).get("generation") or 0):
+    deployment = deployment or {}
+    dep_status = deployment.get("status") or {}
+    generation = (deployment.get("metadata") or {}).get("generation") or 0
+    if (dep_status.get("observedGeneration") or 0) < generation:
         return None  # conditions of the rollout before this spec's
     found = {c.get("type"): c for c in dep_status.get("conditions") or []}
     progress, failure = found.get("Progressing") or {}, found.get("ReplicaFailure") or {}
