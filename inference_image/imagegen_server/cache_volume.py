@@ -10,9 +10,10 @@ container's own scratch space (``/tmp``, an emptyDir), says why in its log and i
 Each start also removes the keyed files (``artifacts/KEY.*``, ``aot/KEY*``) that no server has
 used for ``compile_cache_retention_days``, after marking its own key's as used: an upgrade
 changes the key (the torch version is part of it), and without this the old ones stay on the
-volume for ever. A server marks its key again every hour while it serves (``KeepMarked``), so
-a service that runs for longer than the retention without a restart keeps its files for the
-next replica it scales to. Inductor's own cache folders are not keyed by us and are left as they are.
+volume for ever. A server marks its key again while it serves (``KeepMarked``: every hour,
+or twice within a shorter retention), so a service that runs for longer than the retention
+without a restart keeps its files for the next replica it scales to. Inductor's own cache
+folders are not keyed by us and are left as they are.
 """
 
 from __future__ import annotations
