@@ -88,7 +88,11 @@ def test_resolve_model_uris(tmp_path, tiny_models):
     ],
 )
 def test_bad_model_uris(tmp_path, monkeypatch, uri, message):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never reach out from tests
+    import huggingface_hub
+
+    # Never reach out from tests. The hub client reads HF_HUB_OFFLINE once, at import.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelError, match=message):
         resolve_model_uri(uri, ServerSettings(pvc_root=tmp_path, hf_cache_dir=tmp_path / "hf"))
 
