@@ -38,18 +38,24 @@ SERVER_LOCK_CMD = $(VENV)/bin/uv pip compile pyproject.toml --extra server --uni
 OPERATOR_LOCK_CMD = $(VENV)/bin/uv pip compile pyproject.toml --extra operator --universal \
 	--python-version 3.11 --generate-hashes --no-header --quiet -c requirements.lock \
 	-o operator/requirements.lock
+# Its build backend, for an install with no build isolation (which would fetch it unpinned).
+OPERATOR_BUILD_LOCK_CMD = printf 'setuptools>=77\n' | $(VENV)/bin/uv pip compile - --universal \
+	--python-version 3.11 --generate-hashes --no-header --quiet -c requirements.lock \
+	-o operator/build-requirements.lock
 
 lock: ## Update requirements.lock after editing pyproject.toml; pins that still fit stay.
 	@test -x $(VENV)/bin/uv || $(MAKE) setup
 	$(LOCK_CMD)
 	$(SERVER_LOCK_CMD)
 	$(OPERATOR_LOCK_CMD)
+	$(OPERATOR_BUILD_LOCK_CMD)
 
 lock-upgrade: ## Re-resolve requirements.lock to the newest versions pyproject.toml allows.
 	@test -x $(VENV)/bin/uv || $(MAKE) setup
 	$(LOCK_CMD) --upgrade
 	$(SERVER_LOCK_CMD)
 	$(OPERATOR_LOCK_CMD)
+	$(OPERATOR_BUILD_LOCK_CMD)
 
 tools: ## Build the pinned control plane, kwok, helm and kubeconform once (cached in ~/.cache).
 	@hack/build-tools.sh >/dev/null

@@ -117,3 +117,14 @@ def test_each_images_lock_is_its_extra_at_the_main_locks_versions(lock, extra, h
     reqs = [r for r in declared((ROOT / "pyproject.toml").read_text())
             if r[0] in ("dependencies", f"optional-dependencies.{extra}")]
     assert mismatches(reqs, image) == []
+
+
+def test_the_operator_images_build_backend_is_locked_at_the_main_locks_version():
+    """The operator image installs its package with no build isolation: setuptools comes from
+    operator/build-requirements.lock, hashed, at the version the main lock has."""
+    build, main = locked("operator/build-requirements.lock"), locked()
+    assert set(build) == {"setuptools"}
+    assert {v for v, *_ in build["setuptools"]} <= {v for v, *_ in main["setuptools"]}
+    assert all(hashes for _, _, hashes in build["setuptools"])
+    dockerfile = (ROOT / "operator" / "Dockerfile").read_text()
+    assert "-r /tmp/build-requirements.lock" in dockerfile and "--no-build-isolation" in dockerfile
