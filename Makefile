@@ -14,11 +14,14 @@ help: ## List the targets.
 # requirements.lock pins every dependency of every extra, torch included, with hashes;
 # `uv pip sync` installs exactly that set (and removes anything else), then the project
 # itself goes in editable without touching the pins, built with the locked setuptools (an
-# isolated build would fetch whatever setuptools PyPI has that day). The stamp makes a second run a no-op.
-UV_VERSION := $(shell sed -n 's/^uv==\([^ ]*\).*/\1/p' requirements.lock)
+# isolated build would fetch whatever setuptools PyPI has that day). uv itself comes from
+# its own block of the lock, hashes checked. The stamp makes a second run a no-op.
 export UV_PYTHON_DOWNLOADS := never
 $(VENV)/.installed: pyproject.toml requirements.lock
-	@test -x $(VENV)/bin/uv || { $(PYTHON) -m venv $(VENV) && $(PY) -m pip install --quiet 'uv==$(UV_VERSION)'; }
+	@test -x $(VENV)/bin/uv || { $(PYTHON) -m venv $(VENV) \
+		&& awk '/^uv==/{p=1} p&&!/^ *#/{print} p&&/# via/{exit}' requirements.lock \
+			> $(VENV)/uv-requirement.txt \
+		&& $(PY) -m pip install --quiet --require-hashes --no-deps -r $(VENV)/uv-requirement.txt; }
 	$(VENV)/bin/uv pip sync --quiet --compile-bytecode --python $(PY) requirements.lock
 	$(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY) --no-deps \
 		--no-build-isolation -e .
