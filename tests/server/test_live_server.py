@@ -172,9 +172,12 @@ def test_sigterm_finishes_accepted_requests_then_exits(tiny_models):
         assert _in_flight(base_url) == 5  # all five accepted before the signal
 
         process.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        # Still listening while it drains: a new request is told to go elsewhere, and the
-        # readiness probe takes the pod out of the Service.
+        # Still listening while it drains: the readiness probe takes the pod out of the
+        # Service, and a new request is told to go elsewhere.
+        deadline = time.monotonic() + 30
+        while (httpx.get(base_url + "/readyz", timeout=5).status_code != 503
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
         late = httpx.post(base_url + "/v1/images/generations", json={"prompt": "late"}, timeout=5)
         assert late.status_code == 503, late.text
         assert int(late.headers["Retry-After"]) >= 1

@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from PIL import Image
@@ -94,12 +95,20 @@ def test_the_image_serves_the_openai_client_and_drains_on_sigterm(server):
 
     def slow_request() -> None:
         answer = client.images.generate(prompt="slow", size="64x64", response_format="b64_json",
-                                        extra_body={"steps": 40, "seed": 1})
+                                        extra_body={"steps": 150, "seed": 1})
         answers.append(len(answer.data))
+
+    def in_flight() -> float:
+        metrics = httpx.get(base + "/metrics", timeout=5).text.splitlines()
+        return next(float(line.split()[1]) for line in metrics
+                    if line.startswith("imagegen_requests_in_flight "))
 
     thread = threading.Thread(target=slow_request)
     thread.start()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 30
+    while in_flight() < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert in_flight() == 1  # accepted, and still running when the signal comes
     subprocess.run([*run, "kill", "--signal", "TERM", name], check=True, capture_output=True)
     thread.join(120)
     assert answers == [1]

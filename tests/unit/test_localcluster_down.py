@@ -21,10 +21,15 @@ child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.sig
 open(sys.argv[1], "w").write(str(child.pid))
 time.sleep(600)
 """
-# Exits on SIGTERM, but only after a while.
+# Exits on SIGTERM, but only after a while, and says so in a file; says when it is listening.
 SLOW_TO_STOP = """
 import signal, sys, time
-signal.signal(signal.SIGTERM, lambda *_: (time.sleep(1.5), sys.exit(0)))
+def stop(*_):
+    time.sleep(1.5)
+    open(sys.argv[1] + ".stopped", "w").write("after 1.5 s")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+open(sys.argv[1], "w").write("ready")
 time.sleep(600)
 """
 
@@ -47,20 +52,21 @@ def test_down_kills_what_ignores_sigterm_and_its_children(tmp_path):
     child_pid_file = tmp_path / "child.pid"
     stubborn = localcluster._spawn(tmp_path, "stubborn", [sys.executable, "-c", STUBBORN,
                                                           str(child_pid_file)])
-    slow = localcluster._spawn(tmp_path, "slow", [sys.executable, "-c", SLOW_TO_STOP])
+    slow_ready = tmp_path / "slow.ready"
+    slow = localcluster._spawn(tmp_path, "slow", [sys.executable, "-c", SLOW_TO_STOP,
+                                                  str(slow_ready)])
     grandchild = int(wait_for_file(child_pid_file))
-    time.sleep(0.5)  # the slow one has installed its handler
+    wait_for_file(slow_ready)  # its handler is installed
     assert running(stubborn.pid) and running(slow.pid) and running(grandchild)
 
-    t0 = time.monotonic()
-    localcluster.down(tmp_path, grace=3, kill_wait=10)
-    took = time.monotonic() - t0
+    localcluster.down(tmp_path, grace=4, kill_wait=10)
 
     assert not running(stubborn.pid)
     assert not running(slow.pid)
     assert not running(grandchild)  # not our child: only the process-group wait sees it
     assert not (tmp_path / "pids").exists()
-    assert took >= 1.5  # it waited for the slow one rather than returning at once
+    # It waited for the slow one to finish its handler rather than killing it at once.
+    assert (tmp_path / "slow.ready.stopped").read_text() == "after 1.5 s"
 
 
 def test_down_refuses_to_call_a_stuck_process_gone(tmp_path, monkeypatch):
