@@ -66,6 +66,11 @@ def test_batched_edits_equal_diffusers(make_runtime, references, mode):
         images = job.future.result(60)
         diffs = [mean_abs_diff(a, b) for a, b in zip(images, references(runtime, p), strict=True)]
         assert max(diffs) < 1.0, diffs
+    # And they were batched: more requests (per step, step-level) than denoiser batches.
+    sample = runtime.metrics.registry.get_sample_value
+    stage = {"stage": "denoise"}
+    requests = sample("imagegen_stage_batch_size_sum", stage)
+    assert requests > sample("imagegen_stage_batch_size_count", stage), requests
 
 
 def test_inpainting_repaints_only_under_the_mask(make_runtime):

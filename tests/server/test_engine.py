@@ -124,6 +124,9 @@ def test_sixteen_concurrent_requests_have_no_cross_talk(make_runtime, reference_
     for p, images in zip(params, results, strict=True):
         assert images[0].size == (p.width, p.height)
         assert_matches_reference(images, reference(pipe, runtime, p))
+    # Cross talk could only happen in a batch: there were some (more requests than calls).
+    requests = _sample(runtime, "imagegen_stage_batch_size_sum", "denoise")
+    assert requests > _sample(runtime, "imagegen_stage_batch_size_count", "denoise")
 
 
 def _sample(runtime, name: str, stage: str) -> float:

@@ -82,11 +82,16 @@ def test_adapters_equal_diffusers_set_adapters(make_runtime, tiny_loras, diffuse
 def test_batches_split_by_adapter_set(make_runtime, tiny_loras, diffusers_with_loras):
     runtime = make_runtime("sd15", loras=declared(tiny_loras), max_batch_size=4,
                            batch_window_ms=300, default_width=64, default_height=64)
-    params = [runtime.params("a cat", seed=10 + i, lora=s) for i, s in enumerate(SETS)]
+    # Two requests of each set, in turn: those of one set batch together, never with
+    # another set's (a mixed batch would draw some with the wrong weights).
+    params = [runtime.params("a cat", seed=10 + i, lora=SETS[i // 2]) for i in range(8)]
     jobs = [runtime.engine.submit(p, timeout_s=60) for p in params]
     for p, job in zip(params, jobs, strict=True):
         got = job.future.result(60)[0]
         assert mean_abs_diff(got, diffusers_with_loras(runtime, p)[0]) < 1.0, p.loras
+    sample = runtime.metrics.registry.get_sample_value
+    requests = sample("imagegen_stage_batch_size_sum", {"stage": "denoise"})
+    assert requests > sample("imagegen_stage_batch_size_count", {"stage": "denoise"})
 
 
 def test_a_switch_that_fails_part_way_is_written_whole_at_the_next_batch(make_runtime,
