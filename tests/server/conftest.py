@@ -68,7 +68,7 @@ def compile_cache(request, monkeypatch) -> Iterator[str]:
     import os
 
     for name in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE",
-                 "TORCHINDUCTOR_AUTOGRAD_CACHE"):
+                 "TORCHINDUCTOR_AUTOGRAD_CACHE", "TRITON_CACHE_DIR"):
         monkeypatch.setenv(name, os.environ.get(name, ""))
     dynamo = torch._dynamo.config
     precompile = dynamo.caching_precompile

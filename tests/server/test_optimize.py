@@ -66,6 +66,10 @@ def test_regional_compile_on_cpu_with_cache_dir(
     assert report.compile_regional is True
     assert "BasicTransformerBlock" in report.compiled[0]
     assert report.compile_cache_dir == str(cache_dir)
+    # Inductor's own answer to where its cache is (the folder may be there from a run before).
+    from torch._inductor.runtime.cache_dir_utils import cache_dir as inductors_cache_dir
+
+    assert inductors_cache_dir() == str(cache_dir)
     assert (cache_dir / "fxgraph").is_dir(), "inductor did not use the cache dir"
     # Triton's kernels (on a GPU) beside inductor's, not under a read-only HOME.
     assert os.environ["TRITON_CACHE_DIR"] == str(cache_dir / "triton")
