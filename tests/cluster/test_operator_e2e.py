@@ -243,10 +243,12 @@ def test_sharing_change_moves_to_a_new_pool_without_downtime(cluster, operator):
 
     new_pool = current["status"]["nodePool"]["name"]
     assert lowest_ready >= 1, "the move left no ready replica"
-    for pod in get_json(cluster, "pods", "-n", ns)["items"]:
-        if pod["status"]["phase"] == "Running":
-            node = get_json(cluster, "node", pod["spec"]["nodeName"])
-            assert node["metadata"]["labels"][POOL_LABEL] == new_pool
+    running = [pod for pod in get_json(cluster, "pods", "-n", ns)["items"]
+               if pod["status"]["phase"] == "Running"]
+    assert running, "no pod runs after the move"
+    for pod in running:
+        node = get_json(cluster, "node", pod["spec"]["nodeName"])
+        assert node["metadata"]["labels"][POOL_LABEL] == new_pool
     eventually(lambda: not pool_nodes(cluster, old_pool), timeout=30, what="old pool retired")
     delete_services(cluster, operator, ns, "mover")
 
@@ -259,7 +261,9 @@ def test_whole_gpu_pods_stay_off_shared_nodes_of_the_same_accelerator(cluster, o
     # Two whole-GPU replicas: the MPS node has free slots, but they are not whole GPUs.
     apply(cluster, service("whole", ns, {"type": "nvidia-l4"}, replicas=2))
     wait_ready(cluster, ns, "whole")
-    for pod in get_json(cluster, "pods", "-n", ns, "-l", "app.kubernetes.io/instance=whole")["items"]:
+    pods = get_json(cluster, "pods", "-n", ns, "-l", "app.kubernetes.io/instance=whole")["items"]
+    assert len(pods) == 2, [p["metadata"]["name"] for p in pods]
+    for pod in pods:
         labels = get_json(cluster, "node", pod["spec"]["nodeName"])["metadata"]["labels"]
         assert gke.LABEL_SHARING_STRATEGY not in labels, pod["spec"]["nodeName"]
     delete_services(cluster, operator, ns)

@@ -120,16 +120,18 @@ def test_the_image_runs_the_end_to_end_scenario_as_the_chart_runs_it(cluster, ru
     cluster.kubectl("wait", "-n", NS, "--for=condition=Ready", "--timeout=90s",
                     "igs/in-image", timeout=100)
 
+    # The children go with their owner: Kubernetes' garbage collector deletes them by their
+    # controller reference (in a control plane this young it may not have mapped the CRD
+    # yet, so the reference is what is checked, read before the delete, not the collector's
+    # timing).
+    children = json.loads(cluster.kubectl("get", "deployment,service,pdb", "-n", NS, "-o",
+                                          "json").stdout)["items"]
+    assert {c["kind"] for c in children} == {"Deployment", "Service", "PodDisruptionBudget"}
     cluster.kubectl("delete", "igs", "in-image", "-n", NS, "--wait=true", "--timeout=60s")
     eventually(lambda: not get_json(cluster, "nodes", "-l",
                                     f"imagegen.dev/node-pool={pool}")["items"],
                timeout=30, what="no orphaned node")
-    # The children go with their owner: Kubernetes' garbage collector deletes them by their
-    # controller reference (in a control plane this young it may not have mapped the CRD
-    # yet, so the reference is what is checked, not the collector's timing).
-    left = json.loads(cluster.kubectl("get", "deployment,service,pdb", "-n", NS, "-o", "json")
-                      .stdout)["items"]
-    for child in left:
+    for child in children:
         refs = child["metadata"].get("ownerReferences") or []
         assert [r for r in refs if r["kind"] == "ImageGenService" and r["uid"] == uid
                 and r.get("controller")], child["metadata"]

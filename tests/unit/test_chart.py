@@ -36,7 +36,8 @@ def find_tool(name: str) -> Path:
     if linked.exists():
         return linked
     if shutil.which("go") is None:
-        pytest.skip(f"{name} is built from source with Go, and Go is not installed")
+        pytest.fail(f"{name} is built from source with Go, a prerequisite (README), and Go "
+                    "is not installed")
     import localcluster
 
     return localcluster.build_tools(name) / "bin" / name
