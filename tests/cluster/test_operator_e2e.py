@@ -140,7 +140,10 @@ def test_model_that_does_not_fit_its_slice_creates_nothing(cluster, operator):
         timeout=10, what="a Warning event",
     )
     assert events[0]["involvedObject"]["name"] == "too-big"
-    time.sleep(2)  # a couple of resyncs: still nothing created
+    # A couple of resyncs later, still nothing created.
+    resynced = _timer_reconciles(operator.metrics())
+    eventually(lambda: _timer_reconciles(operator.metrics()) >= resynced + 2, timeout=60,
+               what="two more resyncs")
     assert not exists(cluster, "deployment", "too-big", "-n", ns)
     assert get_json(cluster, "nodes", "-l", f"{gke.LABEL_PARTITION_SIZE}=1g.10gb")["items"] == []
     delete_services(cluster, operator, ns, "too-big")
@@ -201,7 +204,9 @@ def test_operator_killed_mid_reconcile_converges_without_duplicates(cluster, ope
     ns = namespace(cluster, "e2e-restart")
     gpu = {"type": "nvidia-a100-80gb", "partitionSize": "2g.20gb"}
     apply(cluster, service("restart", ns, gpu, replicas=4))
-    time.sleep(0.3)
+    # Killed once the reconcile has begun: the pool is named in status before it is asked for.
+    eventually(lambda: ((igs(cluster, ns, "restart").get("status") or {}).get("nodePool")
+                        or {}).get("name"), timeout=60, interval=0.02, what="the pool named")
     operator.kill()
     operator.start()
     wait_ready(cluster, ns, "restart")
