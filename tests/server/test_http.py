@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from server_testlib import mean_abs_diff
+from server_testlib import Gate, mean_abs_diff
 
 from imagegen_server.api import ConfigError, create_app
 from imagegen_server.config import ServerSettings
@@ -76,18 +76,19 @@ def test_sizes_default_to_at_most_the_models_native_pixels(client_for):
 
 def test_full_queue_answers_429_with_retry_after(client_for):
     client = client_for(queue_capacity=1, max_batch_size=1)
-    engine = client.app.state.runtime.engine
+    gate = Gate(client.app.state.runtime)  # the first request holds the device until told
     slow: dict = {}
     worker = threading.Thread(
         target=lambda: slow.setdefault(
-            "r", client.post(GENERATE, json={"prompt": "slow", "steps": 60})
+            "r", client.post(GENERATE, json={"prompt": "slow", "steps": 2})
         )
     )
     worker.start()
-    deadline = time.monotonic() + 30
-    while engine.in_flight < 1 and time.monotonic() < deadline:
-        time.sleep(0.005)
-    response = client.post(GENERATE, json={"prompt": "rejected"})
+    try:
+        assert gate.entered.wait(30)
+        response = client.post(GENERATE, json={"prompt": "rejected"})
+    finally:
+        gate.close()
     worker.join(60)
     assert response.status_code == 429, response.text
     assert int(response.headers["Retry-After"]) >= 1
@@ -216,7 +217,11 @@ def test_a_server_error_is_counted_with_its_500(client_for, monkeypatch):
 
 def test_request_timeout_answers_504_and_frees_the_slot(client_for):
     client = client_for(request_timeout_s=0.3, queue_capacity=1)
-    response = client.post(GENERATE, json={"prompt": "too slow", "steps": 200})
+    gate = Gate(client.app.state.runtime)  # the denoiser held past the request's timeout
+    try:
+        response = client.post(GENERATE, json={"prompt": "too slow", "steps": 20})
+    finally:
+        gate.close()
     assert response.status_code == 504
     assert response.json()["error"]["type"] == "timeout_error"
     engine = client.app.state.runtime.engine

@@ -17,7 +17,7 @@ from openai.types import (
     ImageGenPartialImageEvent,
 )
 from PIL import Image
-from server_testlib import mean_abs_diff, source_image
+from server_testlib import Gate, mean_abs_diff, source_image
 
 from imagegen_server.engine import InvalidRequest
 from imagegen_server.previews import preview_steps
@@ -106,13 +106,16 @@ def test_no_partial_images_is_one_completed_event_on_the_wire(client):
 
 
 def test_a_stream_that_times_out_ends_in_an_error_event_and_is_counted(make_runtime, serve_live):
-    runtime = make_runtime("sd15", default_width=64, default_height=64, request_timeout_s=0.5,
-                           max_steps=1000)
+    runtime = make_runtime("sd15", default_width=64, default_height=64, request_timeout_s=0.5)
     base = serve_live(runtime)
-    with httpx.stream("POST", base + "/v1/images/generations", timeout=60, json={
-            "prompt": "x", "size": "64x64", "stream": True, "steps": 500}) as response:
-        assert response.status_code == 200
-        text = "".join(response.iter_text())
+    gate = Gate(runtime)  # the denoiser held past the request's timeout
+    try:
+        with httpx.stream("POST", base + "/v1/images/generations", timeout=60, json={
+                "prompt": "x", "size": "64x64", "stream": True, "steps": 4}) as response:
+            assert response.status_code == 200
+            text = "".join(response.iter_text())
+    finally:
+        gate.close()
     assert "event: error" in text and "timeout_error" in text
     metrics = httpx.get(base + "/metrics").text
     assert 'imagegen_stream_errors_total{type="timeout_error"} 1.0' in metrics
