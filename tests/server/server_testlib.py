@@ -70,6 +70,14 @@ def tiny_settings(model, **overrides) -> ServerSettings:
     return ServerSettings(**values)
 
 
+def wait_until(condition, timeout_s: float = 30.0) -> None:
+    """Poll ``condition`` until it holds; fail, rather than hang, after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.005)
+
+
 def count_calls(module):
     """A forward hook that counts a module's calls; returns a function reading the count."""
     calls = [0]

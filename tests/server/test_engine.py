@@ -10,7 +10,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-from server_testlib import FAMILIES, MODES, STEPS, Gate, count_calls, mean_abs_diff
+from server_testlib import (
+    FAMILIES,
+    MODES,
+    STEPS,
+    Gate,
+    count_calls,
+    mean_abs_diff,
+    wait_until,
+)
 
 from imagegen_server.engine import (
     EngineClosedError,
@@ -333,13 +341,16 @@ def test_a_cancelled_job_leaves_its_batch_mates_alone(make_runtime, reference_pi
                            warmup=False)
     keep = runtime.params("keep", steps=40, seed=5)
     drop = runtime.params("drop", steps=40, seed=6)
+    rows: list[int] = []
+    runtime.steps.pipeline.unet.register_forward_pre_hook(
+        lambda _, args: rows.append(args[0].shape[0]))
     kept, dropped = runtime.engine.submit(keep, 60), runtime.engine.submit(drop, 60)
-    calls = count_calls(runtime.steps.pipeline.unet)
-    while calls() < 5:
-        time.sleep(0.005)
+    each = 2 if keep.guidance_scale > 1 else 1  # a row with and one without the prompt
+    wait_until(lambda: len(rows) >= 5 and rows[-1] == 2 * each)  # both in the loop
     dropped.future.cancel()  # what the HTTP layer does when a client goes away
     images = kept.future.result(60)
     assert dropped.released
+    assert rows[-1] == each, rows  # dropped mid-loop: the batch went on without it
     assert_matches_reference(images, reference(reference_pipeline("sd15"), runtime, keep))
     assert runtime.engine.in_flight == 0
 
@@ -513,11 +524,9 @@ def test_a_stage_thread_that_dies_answers_its_jobs_and_fails_health(client_for, 
 
     monkeypatch.setattr(denoise, "_process", process_then_die)
     in_hand = runtime.engine.submit(runtime.params("in hand", seed=1), timeout_s=60)
-    while not denoise._holding:
-        time.sleep(0.005)
+    wait_until(lambda: denoise._holding)
     queued = runtime.engine.submit(runtime.params("queued", seed=2), timeout_s=60)
-    while denoise.queue.empty():
-        time.sleep(0.005)
+    wait_until(lambda: not denoise.queue.empty())
     gate.set()
     for job in (in_hand, queued):  # answered, not left waiting
         assert "denoise stage stopped working" in str(job.future.exception(30))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
-from server_testlib import assert_same_arithmetic, count_calls, tiny_settings
+from server_testlib import assert_same_arithmetic, count_calls, tiny_settings, wait_until
 
 from imagegen_server.denoiser_cache import DenoiserCacheError
 from imagegen_server.quantization import QuantizationError
@@ -118,7 +118,6 @@ def test_mag_cache_equals_diffusers_with_the_same_cache_at_each_step_count(
 
 
 def test_mag_cache_keeps_a_requests_schedule_when_a_batch_mate_leaves(make_runtime):
-    import time
 
     from diffusers.hooks.mag_cache import _MAG_CACHE_LEADER_BLOCK_HOOK
 
@@ -140,8 +139,7 @@ def test_mag_cache_keeps_a_requests_schedule_when_a_batch_mate_leaves(make_runti
     steps = 40
     kept = runtime.engine.submit(runtime.params("keep", steps=steps, seed=5), 60)
     dropped = runtime.engine.submit(runtime.params("drop", steps=steps, seed=6), 60)
-    while len(seen) < 3:
-        time.sleep(0.005)
+    wait_until(lambda: len(seen) >= 3)
     dropped.future.cancel()
     kept.future.result(60)
     assert dropped.released

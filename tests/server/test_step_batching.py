@@ -10,16 +10,9 @@ from __future__ import annotations
 import time
 
 import pytest
-from server_testlib import FAMILIES, MODES, STEPS, Gate, mean_abs_diff
+from server_testlib import FAMILIES, MODES, STEPS, Gate, mean_abs_diff, wait_until
 
 from imagegen_server.request import JobTimeout
-
-
-def wait_until(condition, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.005)
 
 
 def joins(runtime) -> float:
