@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from server_testlib import mean_abs_diff
+from server_testlib import max_level_diff, mean_abs_diff
 
 from imagegen_server.engine import InvalidRequest
 from imagegen_server.loading import ModelError
@@ -74,7 +74,9 @@ def test_adapters_equal_diffusers_set_adapters(make_runtime, tiny_loras, diffuse
     assert mean_abs_diff(images[0], images[2]) > 3 and mean_abs_diff(images[1], images[0]) > 3
     base = reference_pipeline("sd15")(**runtime.steps.reference_kwargs(
         runtime.params("a lighthouse", seed=3))).images[0]
-    assert mean_abs_diff(images[2], base) == 0.0
+    # diffusers' arithmetic, as the exact-equality tests hold it: a pixel may round a level
+    # apart where another CPU's kernels sum in another order.
+    assert max_level_diff(images[2], base) <= 1 and mean_abs_diff(images[2], base) < 1e-3
     # A named adapter without a scale gets the declared one.
     assert runtime.params("x", lora=[("ink", None)]).loras == (("ink", 0.8),)
 
@@ -230,7 +232,7 @@ def test_a_flux_lora_on_the_final_projection_reaches_nothing_else(make_runtime, 
     plain = make_runtime("flux", **small)
     without = runtime.engine.generate(runtime.params("a boat", seed=5), timeout_s=60)[0]
     base = plain.engine.generate(plain.params("a boat", seed=5), timeout_s=60)[0]
-    assert mean_abs_diff(without, base) == 0.0
+    assert max_level_diff(without, base) <= 1 and mean_abs_diff(without, base) < 1e-3
     adapted = runtime.engine.generate(
         runtime.params("a boat", seed=5, lora=[("final", 1.0)]), timeout_s=60)[0]
     assert mean_abs_diff(adapted, base) > 0
