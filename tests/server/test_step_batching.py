@@ -123,12 +123,13 @@ def test_a_request_that_times_out_leaves_the_running_batch(make_runtime, referen
     steady = runtime.params("a red cat", seed=1, steps=STEPS + 2)
     hasty = runtime.params("a blue house", seed=2)
     gate = Gate(runtime)
-    # The second call is the first with both: it takes longer than the hasty one's deadline.
-    slow_step = Gate(runtime, at=2, hold_s=3.0)
+    # The second call is the first with both: it takes longer than the hasty one's deadline,
+    # which leaves a busy runner seconds to encode the hasty one first.
+    slow_step = Gate(runtime, at=2, hold_s=8.0)
     try:
         kept = runtime.engine.submit(steady, timeout_s=60)
         assert gate.entered.wait(30)
-        dropped = runtime.engine.submit(hasty, timeout_s=2.0)
+        dropped = runtime.engine.submit(hasty, timeout_s=6.0)
         wait_until(lambda: denoise.queue.qsize() == 1)
     finally:
         gate.close()
