@@ -492,6 +492,11 @@ def test_autoscaling_beyond_the_pool_is_a_warning_not_stalled(world) -> None:
     world.nodes_ready()
     world.rolled_out("elastic")
     assert world.reconcile("elastic").ready
+    assert world.condition("elastic", "Stalled")["status"] == "False"
+    # The plan says it (imagegen-operator plan), without holding the service back.
+    resource = api.parse(world.body("elastic"))
+    (short,) = [f for f in plan(resource.spec).findings if f.reason == "PoolTooSmall"]
+    assert not short.blocking and "spec.nodePool.maxNodes" in short.fields
 
 
 def test_a_pool_move_reads_progressing_then_retires_the_old_pool(world) -> None:
