@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import json
 import logging
@@ -155,10 +156,8 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         check_served(body.model)
         # What needs no picture (a family that edits, n, steps, guidance, the prompt, a size
         # given) is checked before the upload is decoded, which takes a while for a large one.
-        try:
+        with _as_bad_request():
             check_edits_served(runtime.steps)
-        except InvalidRequest as exc:
-            raise ApiError(400, str(exc), param=exc.field, code="invalid_value") from exc
         check_limits(params_of(body, parse_size(body.size)))
         try:
             image, mask, media_type = await asyncio.to_thread(
@@ -216,17 +215,14 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
             )
 
     def check_limits(params: GenerationParams) -> None:
-        try:
+        with _as_bad_request():
             check_request(params, runtime.steps, settings)
-        except InvalidRequest as exc:
-            raise ApiError(400, str(exc), param=exc.field, code="invalid_value") from exc
 
     def submit(params: GenerationParams, on_preview=None):
         """The engine's job for ``params``, or the 400, 429 or 503 that refuses it."""
         try:
-            return runtime.engine.submit(params, settings.request_timeout_s, on_preview)
-        except InvalidRequest as exc:
-            raise ApiError(400, str(exc), param=exc.field, code="invalid_value") from exc
+            with _as_bad_request():
+                return runtime.engine.submit(params, settings.request_timeout_s, on_preview)
         except QueueFullError as exc:
             raise ApiError(
                 429,
@@ -411,6 +407,15 @@ async def wait_for_images(job, request: Request, timeout_s: float, poll_s: float
     finally:
         if not job.future.done():
             job.future.cancel()
+
+
+@contextlib.contextmanager
+def _as_bad_request():
+    """What the engine refuses (``InvalidRequest``) as OpenAI's 400, naming the field."""
+    try:
+        yield
+    except InvalidRequest as exc:
+        raise ApiError(400, str(exc), param=exc.field, code="invalid_value") from exc
 
 
 def _png_base64(images, params: GenerationParams, model: str | None,

@@ -486,32 +486,20 @@ def parse_args(argv: Sequence[str]) -> OperatorConfig:
         description="Run the ImageGenService operator. Each option's default comes from the "
         "IMAGEGEN_OPERATOR_* variable named in its help, checked as the option is.",
     )
-    # String defaults: argparse checks them with `type` as it does the command line, so a
-    # bad environment variable is refused by name instead of running with it.
-    p.add_argument(
-        "--resync-seconds",
-        type=_positive_seconds,
-        default=env("IMAGEGEN_OPERATOR_RESYNC_SECONDS", "30"),
-        help="reconcile every service at least this often (IMAGEGEN_OPERATOR_RESYNC_SECONDS)",
-    )
-    p.add_argument(
-        "--metrics-port",
-        type=_port,
-        default=env("IMAGEGEN_OPERATOR_METRICS_PORT", "8080"),
-        help="serve Prometheus /metrics here, 0: off (IMAGEGEN_OPERATOR_METRICS_PORT)",
-    )
-    p.add_argument(
-        "--health-port",
-        type=_port,
-        default=env("IMAGEGEN_OPERATOR_HEALTH_PORT", "8081"),
-        help="serve /healthz here, 0: off (IMAGEGEN_OPERATOR_HEALTH_PORT)",
-    )
-    p.add_argument(
-        "--bind-address",
-        default=env("IMAGEGEN_OPERATOR_BIND_ADDRESS", "0.0.0.0"),
-        help="address the metrics and health ports listen on, 127.0.0.1: this host only "
-        "(IMAGEGEN_OPERATOR_BIND_ADDRESS)",
-    )
+
+    def option(flag: str, default: str | None, help: str, **kwargs: Any) -> None:
+        # The variable is named for the flag. A string default: argparse checks it with
+        # `type` as it does the command line, so a bad variable is refused by name.
+        variable = "IMAGEGEN_OPERATOR_" + flag.removeprefix("--").replace("-", "_").upper()
+        p.add_argument(flag, default=env(variable, default), help=f"{help} ({variable})",
+                       **kwargs)
+
+    option("--resync-seconds", "30", "reconcile every service at least this often",
+           type=_positive_seconds)
+    option("--metrics-port", "8080", "serve Prometheus /metrics here, 0: off", type=_port)
+    option("--health-port", "8081", "serve /healthz here, 0: off", type=_port)
+    option("--bind-address", "0.0.0.0",
+           "address the metrics and health ports listen on, 127.0.0.1: this host only")
     p.add_argument(
         "--namespace",
         action="append",
@@ -519,44 +507,22 @@ def parse_args(argv: Sequence[str]) -> OperatorConfig:
         help="watch only this namespace (repeatable); default: all "
         "(IMAGEGEN_OPERATOR_NAMESPACES, comma-separated)",
     )
-    p.add_argument(
-        "--peering",
-        default=env("IMAGEGEN_OPERATOR_PEERING"),
-        help="kopf peering name: only one operator of the peering acts at a time "
-        "(IMAGEGEN_OPERATOR_PEERING)",
-    )
-    p.add_argument(
-        "--priority",
-        type=int,
-        default=env("IMAGEGEN_OPERATOR_PRIORITY", "0"),
-        help="kopf peering priority (IMAGEGEN_OPERATOR_PRIORITY)",
-    )
-    p.add_argument(
-        "--stuck-seconds",
-        type=_positive_seconds,
-        default=env("IMAGEGEN_OPERATOR_STUCK_SECONDS", "300"),
-        help="/healthz fails while a reconcile has run longer than this "
-        "(IMAGEGEN_OPERATOR_STUCK_SECONDS)",
-    )
-    p.add_argument(
-        "--watch-timeout-seconds",
-        type=_positive_seconds,
-        default=env("IMAGEGEN_OPERATOR_WATCH_TIMEOUT_SECONDS", "120"),
-        help="the API server ends each watch after this; a silent one is dropped 30 s later "
-        "(IMAGEGEN_OPERATOR_WATCH_TIMEOUT_SECONDS)",
-    )
+    option("--peering", None,
+           "kopf peering name: only one operator of the peering acts at a time")
+    option("--priority", "0", "kopf peering priority", type=int)
+    option("--stuck-seconds", "300", "/healthz fails while a reconcile has run longer than this",
+           type=_positive_seconds)
+    option("--watch-timeout-seconds", "120",
+           "the API server ends each watch after this; a silent one is dropped 30 s later",
+           type=_positive_seconds)
     p.add_argument(
         "--server-image",
         default=env("IMAGEGEN_OPERATOR_SERVER_IMAGE") or DEFAULT_SERVER_IMAGE,
         help="the inference server image of services whose spec.server.image is unset "
         "(IMAGEGEN_OPERATOR_SERVER_IMAGE)",
     )
-    p.add_argument(
-        "--log-format",
-        type=_log_format,
-        default=env("IMAGEGEN_OPERATOR_LOG_FORMAT", "text"),
-        help="one line of text or one JSON object per message (IMAGEGEN_OPERATOR_LOG_FORMAT)",
-    )
+    option("--log-format", "text", "one line of text or one JSON object per message",
+           type=_log_format)
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(list(argv))
     namespaces = tuple(
