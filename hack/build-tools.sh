@@ -22,8 +22,11 @@ done
 
 cache_root=${IMAGEGEN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/imagegen-operator}
 # The platform and the Go release are in the key too: a cache in a home folder shared
-# between machines must not hand an arm64 etcd to an amd64 one.
-key=$( (cat "$here/versions.env" "$here"/k8s/go.* "$here"/etcd/go.* "$here"/etcd/*.go "$here"/k8s/*.go
+# between machines must not hand an arm64 etcd to an amd64 one. So is this script: its
+# flags (the version stamped into the Kubernetes binaries, the stages copied) are part of
+# what is built.
+key=$( (cat "$here/versions.env" "$here"/k8s/go.* "$here"/etcd/go.* "$here"/etcd/*.go "$here"/k8s/*.go \
+            "$here/build-tools.sh"
         go env GOOS GOARCH GOVERSION) | sha256sum | cut -c1-12)
 dest="$cache_root/k8s-$K8S_VERSION-$key"
 bin="$dest/bin"
