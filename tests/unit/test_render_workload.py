@@ -571,6 +571,17 @@ def test_the_precompile_job_is_named_for_what_it_compiles():
     assert len(long_name) <= 63 and "-precompile-" in long_name
 
 
+def test_a_loras_default_scale_needs_no_new_precompile_job():
+    def job_name(**lora: Any) -> str:
+        model = {**BASE["spec"]["model"],
+                 "loras": [{"name": "ink", "uri": "gs://bucket/loras/ink", **lora}]}
+        return precompile_job(resource(pipeline=PRECOMPILE, model=model))["metadata"]["name"]
+
+    assert job_name(scale=0.5) == job_name(scale=1.0)  # read by each denoise, not compiled
+    assert job_name(scale=0.5) != job_name(scale=0.5, uri="gs://bucket/loras/other")
+    assert job_name() != precompile_job(resource(pipeline=PRECOMPILE))["metadata"]["name"]
+
+
 def test_a_held_deployment_has_no_replicas_and_no_job_without_asking():
     r = resource(pipeline=PRECOMPILE)
     [held] = [o for o in render_workload(r, held=True) if o["kind"] == "Deployment"]

@@ -50,11 +50,16 @@ _SERVING_SECRET_ENV = tuple(f"IMAGEGEN_{name}" for name in (
 _HASH_CHARS = 10
 # The server settings compiled code depends on (the server's artifacts key is finer: it also
 # holds the torch version and the GPU model, which the image and the node selector decide).
+# MAX_PIXELS shapes no compiled code, but it decides whether the server starts at all (a
+# default size above it is refused): a Job that failed on it must run again once it is fixed.
 COMPILE_KEY_ENV = tuple(f"IMAGEGEN_{name}" for name in (
     "MODEL", "FAMILY", "DTYPE", "QUANTIZATION", "CACHE", "COMPILE", "ATTENTION", "CHANNELS_LAST",
     "ALLOWED_SIZES", "DEFAULT_WIDTH", "DEFAULT_HEIGHT", "MAX_BATCH_SIZE",
     "MAX_IMAGES_PER_REQUEST", "MAX_PIXELS", "LORAS", "DEVICE",
 ))
+# A LoRA's default scale is a number each request's denoise reads, not part of the compiled
+# code: a new scale needs no new Job.
+_LORA_KEY = ("name", "uri")
 _MAX_NAME = 63  # the Job controller puts the name in a label of each pod
 
 
@@ -76,6 +81,9 @@ def _compile_key(resource: ImageGenService, pod: dict[str, Any]) -> str:
     container = pod["containers"][0]
     settings = {e["name"]: e.get("value") for e in container["env"]
                 if e["name"].startswith(COMPILE_KEY_ENV)}
+    if settings.get("IMAGEGEN_LORAS"):
+        settings["IMAGEGEN_LORAS"] = [{k: lora[k] for k in _LORA_KEY}
+                                      for lora in json.loads(settings["IMAGEGEN_LORAS"])]
     key = [name_of(resource), container["image"], settings, container.get("resources"),
            pod.get("nodeSelector"), pod.get("affinity")]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:_HASH_CHARS]
