@@ -95,10 +95,10 @@ def volumes(claims: set[str]) -> list[dict]:
 def start_operator(cluster: localcluster.LocalCluster) -> None:
     env = {**os.environ, "KUBECONFIG": str(cluster.operator_kubeconfig)}
     log = open(CLUSTER_DIR / "logs" / "operator.log", "ab")  # noqa: SIM115
+    metrics_port, health_port = localcluster.free_ports(2)
     proc = subprocess.Popen(
         [str(VENV_BIN / "imagegen-operator"), "run", "--resync-seconds=5",
-         f"--metrics-port={localcluster.free_port()}",
-         f"--health-port={localcluster.free_port()}"],
+         f"--metrics-port={metrics_port}", f"--health-port={health_port}"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
     # Registered with the cluster's processes, so `make cluster-down` stops it too.

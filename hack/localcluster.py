@@ -67,10 +67,18 @@ def build_tools(*tools: str) -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports free on 127.0.0.1 now. Each socket stays bound until all are
+    chosen: ports picked one at a time, each released before the next, could repeat."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 # --- certificates -------------------------------------------------------------
@@ -304,7 +312,7 @@ def up(cluster_dir: Path, tools: Path | None = None) -> LocalCluster:
     (cluster_dir / "logs").mkdir(exist_ok=True)
     (cluster_dir / "tokens.csv").chmod(0o600)
 
-    etcd_port, etcd_peer, api_port = free_port(), free_port(), free_port()
+    etcd_port, etcd_peer, api_port, manager_port, scheduler_port, kwok_port = free_ports(6)
     server = f"https://127.0.0.1:{api_port}"
     try:
         etcd = _spawn(cluster_dir, "etcd", [
@@ -357,7 +365,7 @@ def up(cluster_dir: Path, tools: Path | None = None) -> LocalCluster:
             f"--authentication-kubeconfig={kubeconfig}",
             f"--authorization-kubeconfig={kubeconfig}",
             "--bind-address=127.0.0.1",
-            f"--secure-port={free_port()}",
+            f"--secure-port={manager_port}",
             f"--service-account-private-key-file={pki / 'sa.key'}",
             f"--root-ca-file={pki / 'ca.crt'}",
             f"--cluster-signing-cert-file={pki / 'ca.crt'}",
@@ -375,7 +383,7 @@ def up(cluster_dir: Path, tools: Path | None = None) -> LocalCluster:
             f"--authentication-kubeconfig={kubeconfig}",
             f"--authorization-kubeconfig={kubeconfig}",
             "--bind-address=127.0.0.1",
-            f"--secure-port={free_port()}",
+            f"--secure-port={scheduler_port}",
             "--leader-elect=false",
             *SCALE_TEST_CLIENT_LIMITS,
             "--v=1",
@@ -391,7 +399,7 @@ def up(cluster_dir: Path, tools: Path | None = None) -> LocalCluster:
             f"--cidr={POD_CIDR.replace('0.0/16', '0.1/16')}",
             "--node-ip=10.240.0.1",
             "--node-lease-duration-seconds=40",
-            f"--server-address=127.0.0.1:{free_port()}",
+            f"--server-address=127.0.0.1:{kwok_port}",
         ])
     except BaseException:
         down(cluster_dir)

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from imagegen_operator.handlers import POOL_POLL_SECONDS
 from support.fake_gke import GkeApiTestDouble
 from support.kube import apply, eventually, get_json
 from support.operator_process import OperatorProcess
@@ -149,9 +150,9 @@ def test_a_pool_on_its_way_is_polled_sooner_than_the_resync(cluster, crd, tmp_pa
             eventually(pool_ready, timeout=40, what="NodePoolReady=True well before the resync")
             polls = [p for p in reads() if "/operations/" in p]
             assert len(polls) >= 3, reads()
-            # Once Ready, the polling stops: GKE is not asked again.
+            # Once Ready, the polling stops: GKE is not asked again, for two poll periods.
             seen = len(reads())
-            time.sleep(6)
+            time.sleep(2 * POOL_POLL_SECONDS + 1)
             assert len(reads()) == seen, reads()[seen:]
             gke_api.polls_to_done = 1  # a quick deletion: it is not what this test is about
             cluster.kubectl("delete", "igs", "polled", "-n", ns, "--wait=true", "--timeout=60s")

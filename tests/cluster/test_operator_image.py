@@ -22,7 +22,7 @@ import pytest
 import yaml
 from unit.test_chart import CHART, template_args
 
-from localcluster import free_port
+from localcluster import free_ports
 from support.containers import built, run_args
 from support.kube import apply, eventually, get_json, http_status
 
@@ -44,7 +44,7 @@ def helm(cluster, *args: str) -> str:
 def running_image(cluster, crd, tmp_path_factory):
     run = built(IMAGE)
     apply(cluster, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SYSTEM_NS}})
-    metrics_port, health_port = free_port(), free_port()
+    metrics_port, health_port = free_ports(2)
     sets = ["crds.enabled=false", "providers.local.enabled=true", f"image.repository={IMAGE}",
             f"metrics.port={metrics_port}", f"health.port={health_port}",
             "operator.resyncSeconds=2"]

@@ -11,7 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from localcluster import OPERATOR_USER, free_port
+from localcluster import OPERATOR_USER, free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,7 +33,7 @@ class OperatorProcess:
         self.host = self.extra_env.get("IMAGEGEN_OPERATOR_BIND_ADDRESS", "127.0.0.1")
 
     def start(self) -> OperatorProcess:
-        self.metrics_port, self.health_port = free_port(), free_port()
+        self.metrics_port, self.health_port = free_ports(2)
         env = {
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),

@@ -69,6 +69,11 @@ def test_rendered_allocatable_is_partitions_times_clients_times_gpus(r: api.Imag
     assert p.workable, [f.to_dict() for f in p.blocking]
     assert p.slots_per_gpu == expected_slots_per_gpu(r.spec.gpu)
     nodes = render_kwok_nodes(r, p)
+    # As many nodes as the replicas need, within the pool's bounds; zero only where
+    # neither the replicas nor minNodes ask for one.
+    pool = r.spec.node_pool
+    assert len(nodes) == max(pool.min_nodes, min(p.nodes_needed, pool.max_nodes))
+    assert nodes or (r.spec.replicas == 0 and pool.min_nodes == 0)
     for node in nodes:
         allocatable = int(node["status"]["allocatable"][gke.GPU_RESOURCE])
         assert allocatable == p.slots_per_gpu * r.spec.gpu.count_per_node == p.slots_per_node
