@@ -350,7 +350,9 @@ def test_two_replicas_with_peering_each_get_their_own_priority():
     docs = render("replicaCount=2", "peering.enabled=true")
     deployment = find(docs, "Deployment")
     assert deployment["spec"]["replicas"] == 2
-    assert "strategy" not in deployment["spec"]  # rolling: the peering keeps one active
+    # Recreated too: an upgrade that turns peering on must not start a peer beside the old
+    # pod, which is outside the peering and would go on acting.
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     c = container(docs)
     env = {e["name"]: e for e in c["env"]}
     assert env["IMAGEGEN_OPERATOR_PEERING"]["value"] == FULLNAME
@@ -565,6 +567,16 @@ def test_one_port_for_metrics_and_health_is_refused(tmp_path):
     result = helm(*template_args(values=path), check=False)
     assert result.returncode != 0
     assert "metrics.port and health.port are both 8081" in result.stderr
+
+
+def test_a_service_monitor_the_network_policy_would_block_is_refused():
+    result = helm(*template_args("metrics.serviceMonitor.enabled=true",
+                                 "networkPolicy.enabled=true"), check=False)
+    assert result.returncode != 0
+    assert "networkPolicy.metricsFrom" in result.stderr
+    allowed = render("metrics.serviceMonitor.enabled=true", "networkPolicy.enabled=true",
+                     "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.name=monitoring")
+    assert find(allowed, "ServiceMonitor") and find(allowed, "NetworkPolicy")
 
 
 def test_schema_is_strict_everywhere():
