@@ -1,8 +1,10 @@
-"""The release workflow passes actionlint (it cannot run here: no registry is reachable)."""
+"""The release workflow passes actionlint (it cannot run here: no registry is reachable), and
+the versions it releases agree."""
 
 from __future__ import annotations
 
 import subprocess
+import tomllib
 from pathlib import Path
 
 import yaml
@@ -41,3 +43,18 @@ def test_release_pushes_both_images_with_sbom_and_provenance_and_the_chart() -> 
     build = next(s for s in images["steps"] if s.get("id") == "build")["with"]
     assert build["sbom"] is True and build["provenance"] == "mode=max"
     assert "helm push" in release["jobs"]["chart"]["steps"][-1]["run"]
+    # Nothing is pushed before the sources are shown to name the tag's version.
+    assert images["needs"] == "versions"
+    assert "hack/check-version.sh" in release["jobs"]["versions"]["steps"][-1]["run"]
+
+
+def test_the_sources_name_one_release_version() -> None:
+    check = ROOT / "hack" / "check-version.sh"
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    ok = subprocess.run([str(check), version], capture_output=True, text=True, timeout=30)
+    assert ok.returncode == 0, ok.stderr  # the chart and the default server image agree
+    other = subprocess.run([str(check), version + "1"], capture_output=True, text=True,
+                           timeout=30)
+    assert other.returncode == 1
+    assert {"pyproject.toml", "Chart.yaml", "deployment.py"} <= {
+        line.split()[1].rsplit("/", 1)[-1].rstrip(":") for line in other.stderr.splitlines()}
