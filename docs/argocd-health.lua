@@ -9,14 +9,16 @@
 --                (nothing was created, so there is no Progressing condition), or a node
 --                pool error that needs a person (quota, permissions, a rejected pool).
 
--- Reasons of Ready=False that no amount of waiting fixes.
+-- Reasons of Ready=False that no amount of waiting fixes: those the operator reports with
+-- Stalled=True. Not those it tries again by itself after a while (CreateFailed: a GPU
+-- stockout; RateLimited, GkeUnavailable, DeleteFailed, PoolError), which stay Progressing
+-- while the rollout waits, as kstatus and Flux read them.
 local needs_a_person = {
   InvalidSpec = true,
   CredentialsUnavailable = true,
   ClusterNotFound = true,
   InvalidCluster = true,
   QuotaExceeded = true,
-  CreateFailed = true,
   PermissionDenied = true,
   RequestRejected = true,
   InvalidNodePool = true,

@@ -74,6 +74,9 @@ CASES = [
         PROGRESSING]}), "Degraded", "QuotaExceeded"),
     ("rate limited: it retries", igs(status={"observedGeneration": 1, "conditions": [
         condition("Ready", "False", "RateLimited"), PROGRESSING]}), "Progressing", ""),
+    ("a stockout: the create is tried again", igs(status={"observedGeneration": 1,
+        "conditions": [condition("Ready", "False", "CreateFailed"), PROGRESSING]}),
+     "Progressing", ""),
     ("rolled out, yet not ready", igs(status={"observedGeneration": 1, "conditions": [
         condition("Ready", "False", "NoMatchingNodes"), PROGRESSING_DONE]}), "Degraded", ""),
     ("a child refused by the API server", igs(status={"observedGeneration": 1, "conditions": [
@@ -97,6 +100,10 @@ def test_every_reason_the_operator_stalls_on_is_degraded():
                    "PermissionDenied", "PoolNotOwned", "PoolConfigMismatch", "PoolClaimed",
                    "ProgressDeadlineExceeded"):
         assert f"  {reason} = true," in lua, reason
+    # And none the operator tries again by itself (not Stalled): kstatus reads those as
+    # in progress, and Argo CD must not call them Degraded.
+    for reason in ("CreateFailed", "RateLimited", "GkeUnavailable", "DeleteFailed", "PoolError"):
+        assert f"  {reason} = true," not in lua, reason
 
 
 @pytest.mark.parametrize("obj, health, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
