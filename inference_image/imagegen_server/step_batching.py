@@ -110,6 +110,9 @@ class StepBatchingStage(Stage):
     def _admit(self) -> list[Job]:
         """Waiting jobs that join at this step: from the head of the queue, while they have
         the running batch's shape (or the head's, when nothing runs), up to max_batch_size."""
+        # Running jobs whose caller left or whose deadline passed go first: their rows are
+        # room for the waiting now, not a step later.
+        self.running = drop_unwanted(self.running)
         waiting = deque()
         for job in self.waiting:
             if reason := job.drop_reason():

@@ -20,8 +20,9 @@ def joins(runtime) -> float:
 
 
 def step_runtime(make_runtime, family="sd15", **overrides):
-    return make_runtime(family, **MODES["Step"], max_batch_size=4, batch_window_ms=2,
-                        default_width=64, default_height=64, **overrides)
+    settings = {"max_batch_size": 4, "batch_window_ms": 2, "default_width": 64,
+                "default_height": 64, **overrides}
+    return make_runtime(family, **MODES["Step"], **settings)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -141,6 +142,36 @@ def test_a_request_that_times_out_leaves_the_running_batch(make_runtime, referen
     slow_step.close()
     wait_until(lambda: runtime.engine.in_flight == 0)
     assert joins(runtime) == 1
+
+
+def test_a_cancelled_row_is_room_for_a_waiting_request_at_the_next_step(make_runtime):
+    runtime = step_runtime(make_runtime, max_batch_size=2)
+    denoise = runtime.engine.stages[1]
+    rows: list[int] = []
+    runtime.steps.pipeline.unet.register_forward_pre_hook(
+        lambda _, args: rows.append(args[0].shape[0]))
+    params = [runtime.params(name, seed=seed, steps=STEPS + 4)
+              for seed, name in enumerate(("kept", "cancelled", "waiting"), start=1)]
+    each = 2 if params[0].guidance_scale > 1 else 1  # a row with and one without the prompt
+    first, full = Gate(runtime), Gate(runtime, at=2)  # full: the first step with two
+    try:
+        kept = runtime.engine.submit(params[0], timeout_s=60)
+        assert first.entered.wait(30)
+        cancelled = runtime.engine.submit(params[1], timeout_s=60)
+        wait_until(lambda: denoise.queue.qsize() == 1)
+        first.close()
+        assert full.entered.wait(30)  # a full batch: the third request has to wait
+        waiting = runtime.engine.submit(params[2], timeout_s=60)
+        wait_until(lambda: denoise.queue.qsize() == 1)
+        cancelled.future.cancel()  # what the HTTP layer does when a client goes away
+    finally:
+        first.close()
+        full.close()
+    kept.future.result(60)
+    waiting.future.result(60)
+    assert cancelled.released
+    # The step right after is full again: the waiting request took the cancelled one's rows.
+    assert rows[1] == rows[2] == 2 * each, rows
 
 
 def test_a_request_that_cannot_start_fails_alone(make_runtime, reference_pipeline):
