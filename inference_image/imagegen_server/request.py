@@ -111,6 +111,8 @@ class Job:
     ready_event: Any = None
     # A streaming request's previews: after which steps, and where to (previews.py).
     preview: Any = None
+    # The stage whose queue the job was last put on (it may have been taken off since).
+    waiting_at: Any = None
     # Called once when the engine is done with the job (answered, failed or dropped).
     on_release: Callable[[Job, bool], None] | None = None
     released: bool = False

@@ -32,6 +32,21 @@ OutputFn = Callable[[Job, Any], None]
 STOP = object()
 
 
+class JobQueue(queue.Queue):
+    """A stage's queue, from which a job whose caller left can be taken back out."""
+
+    def withdraw(self, job: Job) -> bool:
+        """Take ``job`` out if it still waits here: True when it did, and then no stage
+        thread will ever see it. False once a thread has taken it (or it never came)."""
+        with self.mutex:  # the lock every put and get holds (a documented way to subclass)
+            try:
+                self.queue.remove(job)
+            except ValueError:
+                return False
+            self.not_full.notify()
+            return True
+
+
 class Stage:
     def __init__(
         self,
@@ -55,7 +70,7 @@ class Stage:
         self.on_output = on_output
         # Admission control upstream keeps the total in flight at most `capacity`, so a put
         # here never blocks; the bound is a guard, not the back-pressure mechanism.
-        self.queue: queue.Queue = queue.Queue(maxsize=capacity)
+        self.queue = JobQueue(maxsize=capacity)
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._pending_timings: list[tuple[str, Any, Any]] = []  # (stage label, start, done)
@@ -73,6 +88,10 @@ class Stage:
         """Jobs waiting in front of this stage (``imagegen_stage_queue_depth``)."""
         return self.queue.qsize()
 
+    def withdraw(self, job: Job) -> bool:
+        """Take ``job`` back out of this stage's queue, if no thread has taken it yet."""
+        return self.queue.withdraw(job)
+
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
@@ -80,6 +99,7 @@ class Stage:
     def put(self, job: Job) -> None:
         with self._lock:
             if not self._stopped:
+                job.waiting_at = self
                 self.queue.put(job)
                 return
         if self.died is not None:

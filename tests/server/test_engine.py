@@ -355,6 +355,33 @@ def test_a_cancelled_job_leaves_its_batch_mates_alone(make_runtime, reference_pi
     assert runtime.engine.in_flight == 0
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_requests_that_leave_while_queued_give_their_slots_back_at_once(make_runtime, mode):
+    # Room for three; one runs (held mid-denoise), two wait behind it and their callers leave.
+    runtime = make_runtime("sd15", **MODES[mode], queue_capacity=3, max_batch_size=1,
+                           batch_window_ms=1, warmup=False)
+    engine = runtime.engine
+    gate = Gate(runtime)
+    try:
+        running = engine.submit(runtime.params("running", seed=1), timeout_s=60)
+        assert gate.entered.wait(30)
+        queued = [engine.submit(runtime.params(f"queued {i}", seed=2 + i), timeout_s=60)
+                  for i in range(2)]
+        wait_until(lambda: sum(stage.depth() for stage in engine.stages) == 2)
+        with pytest.raises(QueueFullError):
+            engine.submit(runtime.params("one too many", seed=9))
+        for job in queued:
+            job.future.cancel()  # what the HTTP layer does when a client goes away
+        # Their slots are free before the running batch has ended, and nothing waits.
+        assert all(job.released for job in queued)
+        assert engine.in_flight == 1 and sum(stage.depth() for stage in engine.stages) == 0
+        late = engine.submit(runtime.params("late", seed=7), timeout_s=60)
+    finally:
+        gate.close()
+    assert len(running.future.result(60)) == len(late.future.result(60)) == 1
+    wait_until(lambda: engine.in_flight == 0)
+
+
 def test_admission_counts_work_not_requests(make_runtime):
     # Room for 4 units of work: a unit is one request at the default size (64x64) and steps.
     runtime = make_runtime("sd15", queue_capacity=4, max_batch_size=1, warmup=False)
