@@ -289,10 +289,12 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
                     metrics.stream_errors.labels(type=error["type"]).inc()
 
         # At shutdown sse-starlette cancels open streams at once unless given a grace: the
-        # drain is over when the last job is, but its PNG may still be encoding. A second
-        # short of uvicorn's own flush (cli.py), so the stream ends before uvicorn cuts it.
-        return EventSourceResponse(events(), ping=15, send_timeout=SEND_TIMEOUT_S,
-                                   shutdown_grace_period=max(1, SHUTDOWN_FLUSH_S - 1))
+        # drain is over when the last job is, but its PNG may still be encoding. As long as
+        # uvicorn's own wait can be (shutdown.py: what is left of the drain deadline, plus
+        # the flush), which ends it sooner once the stream is done.
+        return EventSourceResponse(
+            events(), ping=15, send_timeout=SEND_TIMEOUT_S,
+            shutdown_grace_period=settings.drain_timeout_s + SHUTDOWN_FLUSH_S)
 
     @app.get("/v1/models")
     async def models():
