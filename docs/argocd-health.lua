@@ -25,6 +25,7 @@ local needs_a_person = {
   GkeError = true,
   ConfigConnectorMissing = true,
   ClusterUnknown = true,
+  ForeignCluster = true,
   ApplyRejected = true,
   PoolTooSmall = true,
   PoolNotOwned = true,

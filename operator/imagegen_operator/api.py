@@ -552,7 +552,8 @@ class NodePoolSpec(KubeModel):
     cluster: str | None = Field(default=None, max_length=256, pattern=CLUSTER_PATTERN)
     """GKE cluster, projects/P/locations/L/clusters/C, for the GKE and ConfigConnector
     providers; by default the cluster the operator runs in (its gke.cluster chart value,
-    or GKE's metadata server)."""
+    or GKE's metadata server). Where the operator knows that cluster, another is refused:
+    the serving pods run there."""
     machine_type: str | None = Field(default=None, max_length=63, pattern=MACHINE_TYPE_PATTERN)
     """Compute Engine machine type; by default derived from gpu.type and gpu.countPerNode."""
     spot: bool = False

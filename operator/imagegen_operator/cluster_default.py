@@ -12,6 +12,13 @@ cluster means the operator's own, found in this order:
 
 Nothing found means no default: such a service reports ``NodePoolReady=False``,
 reason ``ClusterUnknown``, with what to set.
+
+Where the operator knows its cluster, a service that names another is refused
+(``ForeignCluster``): the Deployment the operator makes runs in the operator's cluster,
+whose scheduler can place its pods on that cluster's nodes only, so a pool elsewhere would
+serve nothing and still be paid for; and a namespace's editors could otherwise make pools
+in any cluster the operator's Google account reaches. An operator that knows no cluster
+of its own (off GKE, no ``gke.cluster``) takes the spec's at its word.
 """
 
 from __future__ import annotations
@@ -47,6 +54,17 @@ HOW_TO_SET = (
     "with --set gke.cluster=projects/P/locations/L/clusters/C, or run it on GKE, whose "
     "metadata server names the cluster"
 )
+
+
+
+def foreign_cluster(named: str, own: str) -> str:
+    """The refusal of a service whose spec names ``named`` where the operator runs in
+    ``own`` (see the module docstring)."""
+    return (
+        f"spec.nodePool.cluster names {named}, but the operator runs in {own}: the serving "
+        f"pods can only be scheduled on its nodes, so a pool in another cluster would serve "
+        f"nothing. Name {own}, or leave the field out"
+    )
 
 
 class ClusterDefault:

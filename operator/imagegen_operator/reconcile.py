@@ -36,7 +36,7 @@ from imagegen_operator.api import (
     InvalidSpec,
     parse,
 )
-from imagegen_operator.cluster_default import HOW_TO_SET
+from imagegen_operator.cluster_default import HOW_TO_SET, foreign_cluster
 from imagegen_operator.kube import Kube, MissingKind, PermanentKubeError
 from imagegen_operator.planner import Plan, plan
 from imagegen_operator.providers.base import (
@@ -179,6 +179,9 @@ class Reconciler:
         if resolved is None:
             return self._not_planned(body, outcome, "ClusterUnknown", HOW_TO_SET, the_plan,
                                      pool_message=HOW_TO_SET)
+        if (refused := self._foreign(resolved)) is not None:
+            return self._not_planned(body, outcome, "ForeignCluster", refused, the_plan,
+                                     pool_message=refused)
         resource = resolved
 
         # The workload first: its pods wait (Pending) for the pool's nodes anyway,
@@ -334,6 +337,14 @@ class Reconciler:
         spec = resource.spec.model_copy(
             update={"node_pool": pool.model_copy(update={"cluster": cluster})})
         return resource.model_copy(update={"spec": spec})
+
+    def _foreign(self, resource: ImageGenService) -> str | None:
+        """Why the cluster the spec names is refused (not the operator's own), or None."""
+        named = resource.spec.node_pool.cluster
+        if resource.spec.node_pool.provider not in CLOUD_PROVIDERS or not named:
+            return None
+        own = self.default_cluster()
+        return None if own is None or named == own else foreign_cluster(named, own)
 
     def recorded_pools(self, body: dict[str, Any]) -> list[PoolKey]:
         """Every pool status records: the one it runs on, the one it is moving to, and

@@ -118,9 +118,27 @@ def test_a_minimal_spec_is_accepted_and_ready_in_the_operators_cluster(cluster, 
     assert f"{CLUSTER}/nodePools/{name}" not in gke_api.pools
 
 
+def test_a_service_naming_another_cluster_than_the_operators_is_refused(
+        cluster, operator, gke_api):
+    away = service("away", nodePool={"provider": "GKE", "cluster": OTHER_CLUSTER})
+    apply(cluster, away)
+
+    def foreign() -> dict | None:
+        pool = condition(cluster, "away", "NodePoolReady")
+        return pool if pool.get("reason") == "ForeignCluster" else None
+
+    refused = eventually(foreign, timeout=60, what="the other cluster refused")
+    assert OTHER_CLUSTER in refused["message"] and CLUSTER in refused["message"]
+    assert condition(cluster, "away", "Stalled")["status"] == "True"
+    # Nothing asked of GKE there, and no serving pods made for a pool that cannot be.
+    assert not [r for r in gke_api.requests if OTHER_CLUSTER in r.path]
+    assert cluster.kubectl("get", "deployment", "away", "-n", NS, check=False).returncode != 0
+    delete_services(cluster, operator, NS, "away")
+
+
 def test_a_gke_pool_goes_with_its_last_user_and_its_pods_stay_off_simulated_nodes(
         cluster, operator, gke_api):
-    on_gke = service("on-gke", nodePool={"provider": "GKE", "cluster": OTHER_CLUSTER})
+    on_gke = service("on-gke", nodePool={"provider": "GKE", "cluster": CLUSTER})
     on_local = service("on-local", nodePool={"provider": "Local"})
     name = pool_name(on_gke)
     assert pool_name(on_local) == name  # the same derived name, two different pools
@@ -129,7 +147,7 @@ def test_a_gke_pool_goes_with_its_last_user_and_its_pods_stay_off_simulated_node
                     timeout=70)
     eventually(lambda: condition(cluster, "on-gke", "NodePoolReady").get("status") == "True",
                timeout=60, what="the GKE pool")
-    assert f"{OTHER_CLUSTER}/nodePools/{name}" in gke_api.pools
+    assert f"{CLUSTER}/nodePools/{name}" in gke_api.pools
 
     # The GKE service's pod selects its pool by name, and the Local nodes carrying that
     # name are marked simulated: the real scheduler keeps it Pending.
@@ -151,7 +169,7 @@ def test_a_gke_pool_goes_with_its_last_user_and_its_pods_stay_off_simulated_node
 
     delete_services(cluster, operator, NS, "on-gke")
     # The Local service with the same pool name does not keep the GKE pool alive.
-    assert f"{OTHER_CLUSTER}/nodePools/{name}" not in gke_api.pools
+    assert f"{CLUSTER}/nodePools/{name}" not in gke_api.pools
     assert [r for r in gke_api.requests_to("DELETE") if r.path.endswith(f"/{name}")]
     assert get_json(cluster, "nodes", "-l", f"imagegen.dev/node-pool={name}")["items"]
     delete_services(cluster, operator, NS, "on-local")

@@ -201,6 +201,7 @@ def test_an_existing_pool_counts_only_the_nodes_its_pods_may_use(world) -> None:
 
 
 def test_the_same_config_in_two_clusters_is_two_pools(world) -> None:
+    world.default_cluster = None  # an operator off GKE takes each spec's cluster at its word
     world.create("in-a", node_pool={"provider": "GKE", "cluster": CLUSTER_A})
     world.create("in-b", node_pool={"provider": "GKE", "cluster": CLUSTER_B})
     world.reconcile("in-a", "in-b")
@@ -209,6 +210,27 @@ def test_the_same_config_in_two_clusters_is_two_pools(world) -> None:
         pass
     assert [p for p in world.gke_pools() if p.startswith(CLUSTER_B)] == list(world.gke_pools())
     assert world.body("in-b")["status"]["nodePool"]["cluster"] == CLUSTER_B
+
+
+@pytest.mark.parametrize("provider", ["GKE", "ConfigConnector"])
+def test_a_cluster_other_than_the_operators_own_is_refused(world, provider) -> None:
+    """Its pods could only land on the operator's cluster's nodes: a pool elsewhere would
+    serve nothing, and a namespace's editors must not make pools in any cluster."""
+    world.create("elsewhere", node_pool={"provider": provider, "cluster": CLUSTER_B})
+    outcome = world.reconcile("elsewhere")
+    assert outcome.stalled
+    pool = world.condition("elsewhere", "NodePoolReady")
+    assert (pool["status"], pool["reason"]) == ("False", "ForeignCluster")
+    assert CLUSTER_A in pool["message"] and CLUSTER_B in pool["message"]
+    assert "spec.nodePool.cluster" in pool["message"]
+    assert world.condition("elsewhere", "Stalled")["status"] == "True"
+    assert not world.double.requests and not world.gke_pools()
+    assert not [k for k in world.kube.objects if k[1] in ("ContainerNodePool", "Deployment")]
+    # Named as the operator's own, the same service goes ahead.
+    world.edit("elsewhere", nodePool={"provider": provider, "cluster": CLUSTER_A})
+    world.reconcile("elsewhere")
+    assert world.condition("elsewhere", "NodePoolReady")["reason"] != "ForeignCluster"
+    assert [k for k in world.kube.objects if k[1] == "Deployment"]
 
 
 def test_a_minimal_spec_uses_the_operators_cluster(world) -> None:
@@ -1119,6 +1141,7 @@ def test_a_service_that_switches_provider_on_one_pool_lets_go_without_deleting(w
 def test_a_config_connector_pool_is_not_changed_where_config_connector_cannot(world) -> None:
     """Its cluster and its machines and GPUs are immutable in the ContainerNodePool CRD: a
     spec that would change them is refused naming the way out, and the object stays."""
+    world.default_cluster = None  # else another cluster is refused sooner (ForeignCluster)
     pool = {"provider": "ConfigConnector", "cluster": CLUSTER_A, "name": "team-pool"}
     world.create("svc", node_pool=pool)
     world.reconcile("svc")
