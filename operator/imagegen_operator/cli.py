@@ -6,6 +6,9 @@
   nothing on stdout, when a spec cannot give a running Deployment.
 - ``plan -f FILE [-o table|json]``: the capacity math and cost estimate.
 - ``run``: the operator itself (a kopf process), from ``imagegen_operator.handlers``.
+- ``in-use``: the ImageGenServices in the cluster; exit status 1, naming them, while there
+  are any. The chart runs it before ``helm uninstall``: an operator removed before its
+  services leaves them Terminating and their node pools running (and billed).
 
 ``render`` and ``plan`` need no cluster and no credentials.
 """
@@ -265,6 +268,31 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return handlers.run(args.operator_args) or EXIT_OK
 
 
+def cmd_in_use(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Refuse (exit 1) while any ImageGenService exists, naming them; 0 when none does or
+    the cluster does not serve the kind at all. Needs list on imagegenservices."""
+    from imagegen_operator.kube import Kube, MissingKind
+
+    try:
+        services = Kube().list(api.API_VERSION, api.KIND)
+    except MissingKind:
+        out.write("no ImageGenService: the cluster does not serve the kind\n")
+        return EXIT_OK
+    if not services:
+        out.write("no ImageGenService in the cluster\n")
+        return EXIT_OK
+    names = sorted(f"{s['metadata'].get('namespace')}/{s['metadata']['name']}"
+                   for s in services)
+    shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+    err.write(
+        f"{len(names)} ImageGenService(s) still exist: {shown}. Delete them first and wait "
+        "until they are gone (the operator deletes their node pools): `kubectl delete igs "
+        "--all -A --wait`. Uninstalling the operator before them would leave them "
+        "Terminating and their node pools running.\n"
+    )
+    return EXIT_REFUSED
+
+
 def _cluster(text: str) -> str:
     if not re.fullmatch(api.CLUSTER_PATTERN, text):
         raise argparse.ArgumentTypeError(f"{text!r} is not projects/P/locations/L/clusters/C")
@@ -310,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan_.add_argument("-o", "--output", choices=("table", "json"), default="table")
     plan_.set_defaults(func=cmd_plan)
+
+    in_use = commands.add_parser(
+        "in-use", help="fail while any ImageGenService exists (the chart's uninstall check)")
+    in_use.set_defaults(func=cmd_in_use)
     return parser
 
 

@@ -31,6 +31,9 @@ SERVICE_ACCOUNT = f"system:serviceaccount:{NAMESPACE}:{FULLNAME}"
 INSTALL_SETS = [
     "replicaCount=2", "peering.enabled=true", "networkPolicy.enabled=true",
     "gke.workloadIdentity.gcpServiceAccount=imagegen-operator@imagegen-test.iam.gserviceaccount.com",
+    # Its pod would never be scheduled here, and `helm uninstall` would wait for it: it is
+    # rendered and admitted below, and run in the operator's image in test_operator_image.
+    "uninstallCheck.enabled=false",
 ]
 
 
@@ -87,13 +90,14 @@ def kubeconform(cluster, tmp_path_factory):
     """kubeconform, strict and offline, with schemas from this API server's /openapi/v2.
 
     The checked-in OpenAPI snapshot holds only the kinds the operator renders; the chart
-    adds RBAC, NetworkPolicy, CRD and Pod objects, so their schemas come from the running
+    adds RBAC, NetworkPolicy, CRD, Pod and Job objects, so their schemas come from the running
     server (the same pinned version the snapshot was taken from).
     """
     openapi = json.loads(cluster.kubectl("get", "--raw", "/openapi/v2").stdout)
     wanted = {
         ("", "v1", "ServiceAccount"), ("", "v1", "Service"), ("", "v1", "Pod"),
-        ("apps", "v1", "Deployment"), ("networking.k8s.io", "v1", "NetworkPolicy"),
+        ("apps", "v1", "Deployment"), ("batch", "v1", "Job"),
+        ("networking.k8s.io", "v1", "NetworkPolicy"),
         ("policy", "v1", "PodDisruptionBudget"),
         ("rbac.authorization.k8s.io", "v1", "ClusterRole"),
         ("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding"),
@@ -131,7 +135,9 @@ def kubeconform(cluster, tmp_path_factory):
 
 
 def rendered_with_everything(cluster) -> list[dict[str, Any]]:
-    sets = [*INSTALL_SETS, "metrics.serviceMonitor.enabled=true", "providers.local.enabled=true"]
+    sets = [*INSTALL_SETS, "metrics.serviceMonitor.enabled=true", "providers.local.enabled=true",
+            "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.name=monitoring",
+            "uninstallCheck.enabled=true"]
     args = template_args(*sets, include_crds=True)
     out = subprocess.run([str(cluster.bin / "helm"), *args], capture_output=True, text=True,
                          check=True, timeout=120).stdout
@@ -140,7 +146,7 @@ def rendered_with_everything(cluster) -> list[dict[str, Any]]:
 
 def test_rendered_chart_passes_kubeconform(cluster, kubeconform, tmp_path):
     docs = rendered_with_everything(cluster)
-    assert {"ServiceMonitor", "NetworkPolicy", "ClusterKopfPeering", "Pod",
+    assert {"ServiceMonitor", "NetworkPolicy", "ClusterKopfPeering", "Pod", "Job",
             "CustomResourceDefinition", "PodDisruptionBudget"} <= {d["kind"] for d in docs}
     path = tmp_path / "chart.yaml"
     path.write_text(yaml.safe_dump_all(docs))
@@ -244,6 +250,26 @@ def test_operator_pods_are_admitted_under_the_restricted_standard(cluster, relea
     result = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump(pod),
                              check=False)
     assert result.returncode != 0 and "violates PodSecurity" in result.stderr
+
+
+def test_uninstall_check_pod_is_admitted_under_the_restricted_standard(cluster, release):
+    args = template_args(*INSTALL_SETS, "uninstallCheck.enabled=true")
+    args[1] = RELEASE
+    args[args.index("--namespace") + 1] = NAMESPACE
+    out = subprocess.run([str(cluster.bin / "helm"), *args, "--show-only",
+                          "templates/uninstall-check.yaml"],
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    job = yaml.safe_load(out)
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete"
+    # The pod its Job controller would make, as Pod Security admission would see it.
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": "uninstall-check", "namespace": NAMESPACE,
+                        "labels": job["spec"]["template"]["metadata"]["labels"]},
+           "spec": job["spec"]["template"]["spec"]}
+    result = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump(pod),
+                             check=False)
+    assert result.returncode == 0, result.stderr
+    assert "Warning" not in result.stderr, result.stderr
 
 
 def test_helm_test_pod_is_admitted_under_the_restricted_standard(cluster, release):

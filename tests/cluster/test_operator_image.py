@@ -48,14 +48,17 @@ def running_image(cluster, crd, tmp_path_factory):
     sets = ["crds.enabled=false", "providers.local.enabled=true", f"image.repository={IMAGE}",
             f"metrics.port={metrics_port}", f"health.port={health_port}",
             "operator.resyncSeconds=2"]
-    # The chart's ServiceAccount and RBAC, without its pod (KWOK would not run it).
+    # The chart's ServiceAccount and RBAC, without its pod (KWOK would not run it), nor the
+    # uninstall check's (the test runs it below, in the image).
     helm(cluster, "upgrade", "--install", RELEASE, str(CHART), "--namespace", SYSTEM_NS,
-         *[x for s in [*sets, "replicaCount=0"] for x in ("--set", s)])
+         *[x for s in [*sets, "replicaCount=0", "uninstallCheck.enabled=false"]
+           for x in ("--set", s)])
     rendered = subprocess.run([str(cluster.bin / "helm"), *template_args(*sets)],
                               capture_output=True, text=True, check=True, timeout=120).stdout
     docs = [d for d in yaml.safe_load_all(rendered) if d]
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     service = next(d for d in docs if d["kind"] == "Service")
+    uninstall_check = next(d for d in docs if d["kind"] == "Job")
 
     secrets = tmp_path_factory.mktemp("serviceaccount")
     token = cluster.kubectl("create", "token", FULLNAME, "-n", SYSTEM_NS, "--duration=1h")
@@ -69,16 +72,27 @@ def running_image(cluster, crd, tmp_path_factory):
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     command = [*(container.get("command") or []), *(container.get("args") or [])]
     entrypoint = ["--entrypoint", command.pop(0)] if container.get("command") else []
+    in_cluster = ["--env", f"KUBERNETES_SERVICE_HOST={server.hostname}",
+                  "--env", f"KUBERNETES_SERVICE_PORT={server.port}",
+                  "--volume", f"{secrets}:{SA_DIR}:ro"]
     subprocess.run([*run, "rm", "-f", name], capture_output=True)
     subprocess.run([
         *run, "run", "-d", *run_args(deployment["spec"]["template"]["spec"], name),
         "--env", f"POD_ID={name}", "--env", "POD_UID=00000000-0000-0000-0000-000000000000",
-        "--env", f"KUBERNETES_SERVICE_HOST={server.hostname}",
-        "--env", f"KUBERNETES_SERVICE_PORT={server.port}",
-        "--volume", f"{secrets}:{SA_DIR}:ro", *entrypoint, IMAGE, *command,
+        *in_cluster, *entrypoint, IMAGE, *command,
     ], check=True, capture_output=True, text=True)
+
+    def run_uninstall_check() -> subprocess.CompletedProcess[str]:
+        """The chart's pre-delete Job, run once in the image as its pod would run it."""
+        pod = uninstall_check["spec"]["template"]["spec"]
+        check_name = f"{name}-uninstall-check"
+        return subprocess.run([*run, "run", "--rm", *run_args(pod, check_name), *in_cluster,
+                               IMAGE, *pod["containers"][0]["args"]],
+                              capture_output=True, text=True, timeout=120)
+
     try:
-        yield {"deployment": deployment, "service": service, "name": name}
+        yield {"deployment": deployment, "service": service, "name": name,
+               "uninstall_check": run_uninstall_check}
     finally:
         print(subprocess.run([*run, "logs", name], capture_output=True, text=True).stdout[-6000:])
         subprocess.run([*run, "rm", "-f", "-t", "5", name], capture_output=True)
@@ -135,3 +149,22 @@ def test_the_image_runs_the_end_to_end_scenario_as_the_chart_runs_it(cluster, ru
         refs = child["metadata"].get("ownerReferences") or []
         assert [r for r in refs if r["kind"] == "ImageGenService" and r["uid"] == uid
                 and r.get("controller")], child["metadata"]
+
+
+def test_the_uninstall_check_refuses_while_a_service_exists(cluster, running_image):
+    apply(cluster, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
+    apply(cluster, {
+        "apiVersion": "imagegen.dev/v1alpha1", "kind": "ImageGenService",
+        "metadata": {"name": "left-behind", "namespace": NS},
+        "spec": {"model": {"uri": "gs://models/sd15", "family": "SD15", "memoryGiB": 4},
+                 "gpu": GPU, "nodePool": {"provider": "Local", "maxNodes": 1}, "replicas": 0},
+    })
+    refused = running_image["uninstall_check"]()
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert f"{NS}/left-behind" in refused.stderr and "kubectl delete igs" in refused.stderr
+    cluster.kubectl("delete", "igs", "left-behind", "-n", NS, "--wait=true", "--timeout=60s")
+    # Services other tests of this cluster left would still (rightly) refuse it.
+    others = get_json(cluster, "igs", "-A")["items"]
+    allowed = running_image["uninstall_check"]()
+    assert allowed.returncode == (1 if others else 0), allowed.stdout + allowed.stderr
+    assert f"{NS}/left-behind" not in allowed.stderr

@@ -117,6 +117,7 @@ def test_default_render_has_the_operator_and_nothing_optional():
         "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Deployment",
         "Pod", "Service", "ServiceAccount",
         "ClusterRole", "ClusterRole",  # users' view and edit, aggregated
+        "Job",  # the uninstall check, a pre-delete hook
     ])
     for doc in docs:
         labels = doc["metadata"]["labels"]
@@ -463,6 +464,28 @@ def test_network_policy_is_optional_and_tight():
     off = find(render("networkPolicy.enabled=true", "networkPolicy.metadataServer=false"),
                "NetworkPolicy")["spec"]
     assert all("to" not in rule for rule in off["egress"])
+
+
+def test_uninstall_waits_for_the_services_to_be_gone():
+    docs = render()
+    job = find(docs, "Job")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete"
+    # A failed check is kept, so its log can say which services are left.
+    assert "hook-failed" not in job["metadata"]["annotations"]["helm.sh/hook-delete-policy"]
+    spec = job["spec"]
+    assert spec["backoffLimit"] == 0 and spec["activeDeadlineSeconds"] == 120
+    pod = spec["template"]["spec"]
+    deployment = find(docs, "Deployment")["spec"]["template"]["spec"]
+    # The operator's image and ServiceAccount (which may list the services), as restricted.
+    (c,) = pod["containers"]
+    assert c["args"] == ["in-use"] and c["image"] == deployment["containers"][0]["image"]
+    assert pod["serviceAccountName"] == deployment["serviceAccountName"]
+    assert c["securityContext"] == deployment["containers"][0]["securityContext"]
+    assert pod["securityContext"] == deployment["securityContext"]
+    # Not picked by the operator's Service.
+    selector = find(docs, "Service")["spec"]["selector"]
+    assert not selector.items() <= spec["template"]["metadata"]["labels"].items()
+    assert "Job" not in kinds(render("uninstallCheck.enabled=false"))
 
 
 def test_helm_test_hook_fetches_healthz_through_the_service():
