@@ -275,8 +275,10 @@ class Reconciler:
             resource, invalid = _stand_in(body), True
         the_plan = plan(resource.spec)
         resolved = self._with_cluster(resource)
-        if invalid or the_plan.blocking or resolved is None:
-            # Not planned now, or no cluster to make a pool in: only the pools recorded
+        if (invalid or the_plan.blocking or resolved is None
+                or self._foreign(resolved) is not None):
+            # Not planned now, or no cluster to make a pool in (or one refused: a pool
+            # there of that name is another cluster's operator's): only the pools recorded
             # in status can exist.
             keys = set(self.recorded_pools(body))
         else:

@@ -233,6 +233,22 @@ def test_a_cluster_other_than_the_operators_own_is_refused(world, provider) -> N
     assert [k for k in world.kube.objects if k[1] == "Deployment"]
 
 
+def test_deleting_a_service_refused_for_another_cluster_leaves_that_clusters_pools(world):
+    """A pool of that name in the other cluster is its own operator's, serving its own
+    services, which this operator cannot see: deleting the refused service never touches it."""
+    theirs = world.create("theirs", node_pool={"provider": "GKE", "cluster": CLUSTER_B})
+    resource = api.parse(theirs)
+    world.kube.objects.pop((api.API_VERSION, api.KIND, "ns", "theirs"))
+    made = render_gke_nodepool(resource, plan(resource.spec))["spec"]
+    full = f"{CLUSTER_B}/nodePools/{made['name']}"
+    world.double.seed_pool(full, **{k: v for k, v in made.items() if k != "name"})
+    world.create("nosy", node_pool={"provider": "GKE", "cluster": CLUSTER_B})
+    assert world.reconcile("nosy").stalled
+    delete_until_done(world, "nosy")
+    assert world.gke_pools() == {full}
+    assert not [r for r in world.double.requests if r.method == "DELETE"]
+
+
 def test_a_minimal_spec_uses_the_operators_cluster(world) -> None:
     world.create("minimal")  # no nodePool at all: provider GKE, the default cluster
     world.reconcile("minimal")
