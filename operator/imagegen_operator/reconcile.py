@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from imagegen_operator import gke
 from imagegen_operator import status as st
 from imagegen_operator.api import (
     API_VERSION,
@@ -47,6 +48,7 @@ from imagegen_operator.providers.base import (
 )
 from imagegen_operator.render import DEFAULT_SERVER_IMAGE, job_state, render_workload
 from imagegen_operator.render.common import MANAGED_BY, name_of, namespace_of, selector_string
+from imagegen_operator.render.deployment import nodeselector
 from imagegen_operator.render.nodepool import NodeBounds
 from imagegen_operator.render.service import endpoint
 from imagegen_operator.status import Observation, PoolKey, Precompile
@@ -223,8 +225,11 @@ class Reconciler:
             created[target] = before
         want = resource.spec.replicas
         rolled_out = st.rolled_out(deployment, want)
-        current, releasing = self._retire_previous_pools(body, resource, the_plan, target,
-                                                         pool.ready and rolled_out)
+        # The pools left behind go once the pods run on the new one: a Deployment whose
+        # change the API server refused still selects the old pool, and runs there.
+        current, releasing = self._retire_previous_pools(
+            body, resource, the_plan, target,
+            pool.ready and rolled_out and _selects_pool(deployment, resource, the_plan))
         observation = Observation(
             generation=generation,
             previous=previous,
@@ -859,6 +864,19 @@ def _pool_namespace(provider: str, namespace: str | None) -> str:
     """The namespace a pool belongs to: a ConfigConnector pool's object lives in its
     service's; every other pool is the cluster's."""
     return (namespace or "") if provider == "ConfigConnector" else ""
+
+
+def _selects_pool(deployment: dict[str, Any] | None, resource: ImageGenService,
+                  the_plan: Plan) -> bool:
+    """Whether the live Deployment's pods select the nodes of the pool ``the_plan`` names:
+    every label the operator would select them by (labels others add do not matter), and
+    no other pool by name."""
+    pool = resource.spec.node_pool
+    wanted = nodeselector(the_plan, pool.provider, pool.name is not None)
+    live = ((((deployment or {}).get("spec") or {}).get("template") or {}).get("spec")
+            or {}).get("nodeSelector") or {}
+    return (all(live.get(k) == v for k, v in wanted.items())
+            and live.get(gke.LABEL_NODEPOOL) == wanted.get(gke.LABEL_NODEPOOL))
 
 
 def _stand_in(body: dict[str, Any]) -> ImageGenService:

@@ -603,6 +603,25 @@ def test_a_full_pool_rolls_one_pod_at_a_time_but_a_move_to_a_new_one_surges(worl
     assert rolling_update() == {"maxSurge": 0, "maxUnavailable": 1}
 
 
+def test_a_move_whose_deployment_change_is_refused_keeps_the_pool_the_pods_run_on(world):
+    world.create("mover", node_pool={"provider": "Local", "maxNodes": 2})
+    run_until_ready(world, "mover")
+    a = world.body("mover")["status"]["nodePool"]["name"]
+    world.kube.refuse("Deployment", "admission webhook denied the request")
+    b = start_move(world, "mover", MPS2)["movingTo"]["name"]
+    for _ in range(3):  # the new pool is ready; the old Deployment is, and stays, rolled out
+        world.nodes_ready()
+        world.reconcile("mover")
+    recorded = world.body("mover")["status"]["nodePool"]
+    assert recorded["name"] == a and recorded["movingTo"]["name"] == b
+    assert pool_nodes(world, a)  # its pods still run there
+    assert not [e for e in world.events if e[2] == "NodePoolRetired"]
+    world.kube.accept("Deployment")  # the webhook lets it through: the move finishes
+    run_until_ready(world, "mover")
+    world.reconcile("mover")
+    assert world.body("mover")["status"]["nodePool"]["name"] == b and not pool_nodes(world, a)
+
+
 def test_a_move_turned_back_mid_way_releases_the_pool_it_was_moving_to(world) -> None:
     world.create("mover", node_pool={"provider": "Local", "maxNodes": 2})
     run_until_ready(world, "mover")
