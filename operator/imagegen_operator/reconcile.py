@@ -203,7 +203,8 @@ class Reconciler:
                 )
                 return self._not_planned(body, outcome, "PoolClaimed", message, the_plan,
                                          pool_message=message)
-            if target not in recorded:
+            named_now = target not in recorded
+            if named_now:
                 self._name_pool_first(body, target)
         deployment, rejected, precompile = self._apply_workload(
             resource, the_plan, outcome,
@@ -214,15 +215,17 @@ class Reconciler:
         outcome.pool_on_its_way = not pool.ready and not pool_stalled
         created = self.created_records(body)
         # Known made once the provider answers; never made while every ask was refused for
-        # good. After an error that passes (a create GKE may have taken before its answer
-        # was lost) it is unknown for good, and a delete waits for it.
-        before = created.get(target, False)
+        # good, starting with the first (named unknown until then: an operator stopped
+        # between a create GKE took and this write leaves a pool that may exist, and its
+        # delete must wait for it). After an error that passes (a create GKE may have taken
+        # before its answer was lost) it is unknown for good, and a delete waits for it.
+        before = created.get(target)
         if answered:
             created[target] = True
         elif answered is None:
             created[target] = True if before else None
         else:
-            created[target] = before
+            created[target] = False if named_now else before
         want = resource.spec.replicas
         rolled_out = st.rolled_out(deployment, want)
         # The pools left behind go once the pods run on the new one: a Deployment whose
@@ -833,7 +836,7 @@ class Reconciler:
         """
         status = body.setdefault("status", {})
         recorded = status.get("nodePool") or {}
-        named = {**target.status(), "created": False}  # not asked for yet
+        named = target.status()  # created: not known until the provider answers
         if not recorded.get("name"):
             patch = named
         else:

@@ -249,6 +249,31 @@ def test_deleting_a_service_refused_for_another_cluster_leaves_that_clusters_poo
     assert not [r for r in world.double.requests if r.method == "DELETE"]
 
 
+def test_a_pool_asked_for_by_an_operator_that_stopped_before_its_status_write_is_deleted(
+        world, monkeypatch) -> None:
+    """Status names the pool before GKE is asked, as not known to be made: an operator that
+    stops after GKE took the create leaves a pool its delete waits for, even when the
+    delete is refused (before: the pool counted as never made and was left behind)."""
+    world.create("stops", node_pool={"provider": "GKE", "cluster": CLUSTER_A})
+
+    def stopped(*_: Any, **__: Any) -> None:
+        raise RuntimeError("the operator stopped")
+
+    monkeypatch.setattr(world.reconciler, "_write_status", stopped)
+    with pytest.raises(RuntimeError):
+        world.reconcile("stops")
+    monkeypatch.undo()
+    [pool] = world.gke_pools()
+    assert "created" not in world.body("stops")["status"]["nodePool"]
+    world.double.outage("PERMISSION_DENIED", FORBIDDEN)
+    assert world.delete("stops") is False  # the delete waits, and says why
+    assert [e for e in world.events if e[2] == "NodePoolNotDeleted"]
+    world.double.outage(None)
+    world.clock.now += 61  # past the provider's backoff
+    delete_until_done(world, "stops")
+    assert not world.gke_pools()
+
+
 def test_a_minimal_spec_uses_the_operators_cluster(world) -> None:
     world.create("minimal")  # no nodePool at all: provider GKE, the default cluster
     world.reconcile("minimal")
