@@ -81,6 +81,9 @@ class ClusterDefault:
         self._clock, self._sleep = clock, sleep
         self._lock = threading.Lock()
         self._found: str | None = None
+        # A metadata server answered, with errors: on GKE, the cluster not known yet (a
+        # service naming one waits), rather than off GKE (the spec's is taken as it is).
+        self.pending = False
         self._next_try = 0.0
         self._failures = 0
         if self._configured and not re.fullmatch(CLUSTER_PATTERN, self._configured):
@@ -101,6 +104,7 @@ class ClusterDefault:
                 self._found, starting = self._from_metadata()
                 if self._found is not None or not starting:
                     break
+            self.pending = self._found is None and starting
             if self._found is not None:
                 return self._found
             self._next_try = self._clock() + min(

@@ -182,8 +182,9 @@ class Reconciler:
             return self._not_planned(body, outcome, "ClusterUnknown", HOW_TO_SET, the_plan,
                                      pool_message=HOW_TO_SET)
         if (refused := self._foreign(resolved)) is not None:
-            return self._not_planned(body, outcome, "ForeignCluster", refused, the_plan,
-                                     pool_message=refused)
+            reason, message = refused
+            return self._not_planned(body, outcome, reason, message, the_plan,
+                                     pool_message=message)
         resource = resolved
 
         # The workload first: its pods wait (Pending) for the pool's nodes anyway,
@@ -348,13 +349,21 @@ class Reconciler:
             update={"node_pool": pool.model_copy(update={"cluster": cluster})})
         return resource.model_copy(update={"spec": spec})
 
-    def _foreign(self, resource: ImageGenService) -> str | None:
-        """Why the cluster the spec names is refused (not the operator's own), or None."""
+    def _foreign(self, resource: ImageGenService) -> tuple[str, str] | None:
+        """Why the cluster the spec names is refused (reason, message), or None: not the
+        operator's own, or not known yet to be (on GKE, while its metadata server fails)."""
         named = resource.spec.node_pool.cluster
         if resource.spec.node_pool.provider not in CLOUD_PROVIDERS or not named:
             return None
         own = self.default_cluster()
-        return None if own is None or named == own else foreign_cluster(named, own)
+        if own is None and getattr(self.default_cluster, "pending", False):
+            return "ClusterUnknown", (
+                f"spec.nodePool.cluster names {named}, and the operator cannot tell yet "
+                "whether that is the cluster it runs in (GKE's metadata server answers with "
+                "errors); it waits until it can, or install it with --set gke.cluster=...")
+        if own is None or named == own:
+            return None
+        return "ForeignCluster", foreign_cluster(named, own)
 
     def recorded_pools(self, body: dict[str, Any]) -> list[PoolKey]:
         """Every pool status records: the one it runs on, the one it is moving to, and
@@ -400,9 +409,11 @@ class Reconciler:
 
     def _pools_of(self, body: dict[str, Any], resource: ImageGenService | None,
                   the_plan: Plan | None) -> set[PoolKey]:
-        """The pool a service's spec asks for and those its status records."""
+        """The pool a service's spec asks for and those its status records. A spec
+        refused for its cluster asks for none: a pool of that name there is not ours."""
         keys = set(self.recorded_pools(body))
-        if resource is not None and the_plan is not None and the_plan.workable:
+        if (resource is not None and the_plan is not None and the_plan.workable
+                and self._foreign(resource) is None):
             keys.add(self.pool_key(resource, the_plan))
         return keys
 

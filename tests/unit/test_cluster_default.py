@@ -41,6 +41,7 @@ def test_without_either_there_is_no_default_and_it_is_asked_again_less_and_less_
                              sleep=slept.append)
     assert default() is None
     assert slept == []  # nothing answers: off GKE, not worth a second try
+    assert not default.pending  # a spec's cluster is taken as it is
     with MetadataServerTestDouble("my-project", "us-central1", "serving") as metadata:
         default._metadata_host = metadata.host  # the same process, now on GKE
         metadata.unavailable_for = 10**6
@@ -65,3 +66,17 @@ def test_a_metadata_server_still_starting_names_the_cluster_at_the_first_lookup(
         default = ClusterDefault({"GCE_METADATA_HOST": metadata.host}, sleep=slept.append)
         assert default() == CLUSTER
         assert slept == [1.0, 1.0]
+
+
+def test_a_metadata_server_that_answers_with_errors_leaves_the_cluster_pending() -> None:
+    """On GKE but not known yet: a service naming a cluster waits, rather than being taken
+    at its word as off GKE (where nothing answers at all)."""
+    clock = FakeClock(0.0)
+    with MetadataServerTestDouble("my-project", "us-central1", "serving") as metadata:
+        metadata.unavailable_for = 10**6
+        default = ClusterDefault({"GCE_METADATA_HOST": metadata.host}, clock=clock,
+                                 sleep=lambda _: None)
+        assert default() is None and default.pending
+        metadata.unavailable_for = 0
+        clock.now += 5
+        assert default() == CLUSTER and not default.pending

@@ -249,6 +249,42 @@ def test_deleting_a_service_refused_for_another_cluster_leaves_that_clusters_poo
     assert not [r for r in world.double.requests if r.method == "DELETE"]
 
 
+def test_a_service_refused_for_its_cluster_keeps_no_pool_there_alive(world) -> None:
+    """A service that ran in another cluster before the operator knew its own keeps its
+    pool; a later service refused for naming that cluster does not count as its user."""
+    world.default_cluster = None
+    world.create("earlier", node_pool={"provider": "GKE", "cluster": CLUSTER_B})
+    world.reconcile("earlier")
+    assert world.gke_pools()
+    world.default_cluster = CLUSTER_A
+    world.create("refused", node_pool={"provider": "GKE", "cluster": CLUSTER_B})
+    assert world.reconcile("refused").stalled
+    delete_until_done(world, "earlier")
+    assert not world.gke_pools()
+    delete_until_done(world, "refused")
+
+
+def test_a_named_cluster_waits_while_the_operators_own_is_not_known_yet(world) -> None:
+    class Pending:
+        """GKE's metadata server answering with errors: on GKE, the cluster not known yet."""
+
+        pending = True
+
+        def __call__(self) -> None:
+            return None
+
+    world.reconciler.default_cluster = Pending()
+    world.create("named", node_pool={"provider": "GKE", "cluster": CLUSTER_B})
+    assert world.reconcile("named").stalled
+    pool = world.condition("named", "NodePoolReady")
+    assert (pool["status"], pool["reason"]) == ("False", "ClusterUnknown")
+    assert "spec.nodePool.cluster" in pool["message"] and "gke.cluster" in pool["message"]
+    assert not world.double.requests
+    world.reconciler.default_cluster = lambda: CLUSTER_B  # it turns out to be this one
+    world.reconcile("named")
+    assert world.gke_pools()
+
+
 def test_a_pool_asked_for_by_an_operator_that_stopped_before_its_status_write_is_deleted(
         world, monkeypatch) -> None:
     """Status names the pool before GKE is asked, as not known to be made: an operator that
