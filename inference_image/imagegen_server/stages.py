@@ -98,10 +98,17 @@ class Stage:
 
     def put(self, job: Job) -> None:
         with self._lock:
-            if not self._stopped:
+            queued = not self._stopped
+            if queued:
                 job.waiting_at = self
                 self.queue.put(job)
-                return
+        if queued:
+            # Answered while the stage before held it (its caller left): the engine's
+            # callback found it in no queue, so it is taken out here, and its slot freed.
+            # The queue's lock lets only one of the two take it.
+            if job.future.done() and not job.released and self.withdraw(job):
+                job.fail(JobTimeout(f"{job.drop_reason()} before the {self.name} stage"))
+            return
         if self.died is not None:
             job.fail(RuntimeError(f"the {self.name} stage stopped working: {self.died!r}"))
             return

@@ -367,7 +367,8 @@ def test_requests_that_leave_while_queued_give_their_slots_back_at_once(make_run
         assert gate.entered.wait(30)
         queued = [engine.submit(runtime.params(f"queued {i}", seed=2 + i), timeout_s=60)
                   for i in range(2)]
-        wait_until(lambda: sum(stage.depth() for stage in engine.stages) == 2)
+        held = engine.stages[1] if len(engine.stages) > 1 else engine.stages[0]
+        wait_until(lambda: held.depth() == 2)  # both in front of the held stage
         with pytest.raises(QueueFullError):
             engine.submit(runtime.params("one too many", seed=9))
         for job in queued:
@@ -380,6 +381,37 @@ def test_requests_that_leave_while_queued_give_their_slots_back_at_once(make_run
         gate.close()
     assert len(running.future.result(60)) == len(late.future.result(60)) == 1
     wait_until(lambda: engine.in_flight == 0)
+
+
+def test_a_request_that_leaves_while_a_stage_holds_it_gives_its_slot_back_when_handed_on(
+        make_runtime):
+    runtime = make_runtime("sd15", queue_capacity=3, max_batch_size=1, batch_window_ms=1,
+                           warmup=False)
+    engine = runtime.engine
+    encoding, go_on = threading.Event(), threading.Event()
+
+    def hold_the_encoder(*_):
+        encoding.set()
+        assert go_on.wait(60)
+
+    gate = Gate(runtime)  # the running request, held mid-denoise
+    try:
+        running = engine.submit(runtime.params("running", seed=1), timeout_s=60)
+        assert gate.entered.wait(30)
+        hook = runtime.steps.pipeline.text_encoder.register_forward_pre_hook(hold_the_encoder)
+        leaving = engine.submit(runtime.params("leaving", seed=2), timeout_s=60)
+        assert encoding.wait(30)
+        leaving.future.cancel()  # while the encode stage has it in hand: in no queue
+        hook.remove()
+        go_on.set()
+        # Handed on to the denoise queue, it is taken out there: its slot is free before
+        # the running batch has ended.
+        wait_until(lambda: leaving.released, timeout_s=20)
+        assert engine.in_flight == 1 and engine.stages[1].depth() == 0
+    finally:
+        go_on.set()
+        gate.close()
+    assert len(running.future.result(60)) == 1
 
 
 def test_admission_counts_work_not_requests(make_runtime):
