@@ -420,7 +420,10 @@ class Reconciler:
     def pool_users(self, key: PoolKey, exclude_uid: str | None = None,
                    namesakes: bool = False) -> list[str]:
         """namespace/name of every live service that runs on or is moving to pool ``key``;
-        with ``namesakes``, also to the same GKE pool through the other cloud provider."""
+        with ``namesakes``, also those that have the same GKE pool through the other cloud
+        provider: recorded in their status, not refused at every ask. One that only asks
+        for it is not using it (refused as PoolClaimed, it never will: its delete would
+        not delete the pool, which kept for it would be left behind)."""
         users = []
         for body in self._all_services(fresh=True):
             meta = body["metadata"]
@@ -428,7 +431,10 @@ class Reconciler:
                 continue
             resource, the_plan = self._parsed_plan(body)
             pools = self._pools_of(body, resource, the_plan)
-            if key in pools or (namesakes and any(k.namesake_of(key) for k in pools)):
+            has_namesake = namesakes and any(
+                k.namesake_of(key) and created is not False
+                for k, created in self.created_records(body).items())
+            if key in pools or has_namesake:
                 users.append(f"{meta.get('namespace')}/{meta['name']}")
         return users
 

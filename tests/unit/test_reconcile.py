@@ -285,6 +285,18 @@ def test_a_named_cluster_waits_while_the_operators_own_is_not_known_yet(world) -
     assert world.gke_pools()
 
 
+def test_a_namesake_refused_as_pool_claimed_does_not_keep_the_pool_alive(world) -> None:
+    world.create("first", node_pool={"provider": "GKE", "cluster": CLUSTER_A})
+    world.create("second", node_pool={"provider": "ConfigConnector", "cluster": CLUSTER_A})
+    run_until_ready(world, "first")
+    world.reconcile("second")
+    assert world.condition("second", "NodePoolReady")["reason"] == "PoolClaimed"
+    delete_until_done(world, "first")
+    assert not world.gke_pools()  # not kept for a service that never had it
+    delete_until_done(world, "second")
+    assert not config_connector_pools(world)
+
+
 def test_a_pool_asked_for_by_an_operator_that_stopped_before_its_status_write_is_deleted(
         world, monkeypatch) -> None:
     """Status names the pool before GKE is asked, as not known to be made: an operator that
