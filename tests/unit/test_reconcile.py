@@ -19,6 +19,7 @@ from imagegen_operator.planner import plan
 from imagegen_operator.providers import build_providers
 from imagegen_operator.providers.gke import GkeProvider
 from imagegen_operator.reconcile import Reconciler, indexed
+from imagegen_operator.render.deployment import nodeselector
 from imagegen_operator.render.nodepool import POOL_LABEL, render_gke_nodepool
 from support.clock import FakeClock
 from support.fake_gke import GkeApiTestDouble
@@ -196,8 +197,39 @@ def test_an_existing_pool_counts_only_the_nodes_its_pods_may_use(world) -> None:
                          gke.LABEL_MAX_SHARED_CLIENTS: "2"})
     node("cordoned", unschedulable=True)
     node("simulated", taints=[dict(SIMULATED_TAINT)])
+    node("operators-pool", {POOL_LABEL: "igs-l4x1"})  # goes with its own services
     world.reconcile("whole")
     assert world.body("whole")["status"]["nodePool"]["readyNodes"] == 1
+    affinity = world.kube.objects[("apps/v1", "Deployment", "ns", "whole")]["spec"][
+        "template"]["spec"]["affinity"]["nodeAffinity"]
+    [term] = affinity["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert {"key": POOL_LABEL, "operator": "DoesNotExist"} in term["matchExpressions"]
+
+
+def test_a_move_to_existing_keeps_the_pool_it_leaves_until_other_nodes_serve(world) -> None:
+    """The pool left behind has the same GPUs: its nodes are not the Existing ones (it is
+    deleted once the move is done), so it is kept until other nodes take the pods."""
+    world.create("mover", node_pool={"provider": "GKE", "cluster": CLUSTER_A})
+    run_until_ready(world, "mover")
+    old = world.body("mover")["status"]["nodePool"]["name"]
+    resource = api.parse(world.body("mover"))
+    node_labels = {**nodeselector(plan(resource.spec), "GKE"), POOL_LABEL: old}
+    world.kube.put({"apiVersion": "v1", "kind": "Node", "metadata": {
+        "name": f"gke-{old}-0", "labels": node_labels},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}]}})
+    world.edit("mover", nodePool={"provider": "Existing"})
+    for _ in range(3):  # the new pods wait (Pending): the old ones serve on
+        world.reconcile("mover")
+    assert world.condition("mover", "NodePoolReady")["status"] != "True"
+    recorded = world.body("mover")["status"]["nodePool"]
+    assert recorded["name"] == old and recorded["movingTo"]["provider"] == "Existing"
+    assert world.gke_pools()
+    world.kube.put({"apiVersion": "v1", "kind": "Node", "metadata": {
+        "name": "someone-elses", "labels": nodeselector(plan(resource.spec))},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}]}})
+    run_until_ready(world, "mover")
+    world.reconcile("mover")
+    assert not world.gke_pools()
 
 
 def test_the_same_config_in_two_clusters_is_two_pools(world) -> None:

@@ -13,20 +13,22 @@ from imagegen_operator.api import ImageGenService
 from imagegen_operator.planner import Plan
 from imagegen_operator.providers.base import PoolState
 from imagegen_operator.providers.local import node_ready
-from imagegen_operator.render.deployment import absent_labels, nodeselector
+from imagegen_operator.render.deployment import absent_labels, nodeselector, shuns_operator_pools
 from imagegen_operator.render.nodepool import SIMULATED_TAINT, NodeBounds
 
 if TYPE_CHECKING:  # the Kubernetes client stays out of `render` and `plan`
     from imagegen_operator.kube import Kube
 
 
-def takes_pods_of(node: dict[str, Any], plan: Plan) -> bool:
-    """Whether the serving pods may land on ``node``: none of the sharing labels their
-    affinity excludes, not cordoned, and not a simulated node (they do not tolerate it)."""
+def takes_pods_of(node: dict[str, Any], plan: Plan, pool_named: bool = False) -> bool:
+    """Whether the serving pods may land on ``node``: none of the labels their affinity
+    excludes (sharing they did not ask for; a pool the operator made, unless the spec names
+    the pool), not cordoned, and not a simulated node (they do not tolerate it)."""
     labels = node["metadata"].get("labels") or {}
     spec = node.get("spec") or {}
+    excluded = absent_labels(plan, shuns_operator_pools("Existing", pool_named))
     return (
-        not any(key in labels for key in absent_labels(plan))
+        not any(key in labels for key in excluded)
         and not spec.get("unschedulable")
         and not any(t.get("key") == SIMULATED_TAINT["key"] for t in spec.get("taints") or [])
     )
@@ -50,7 +52,7 @@ class ExistingProvider:
         selector = ",".join(
             f"{k}={v}" for k, v in sorted(nodeselector(plan, pool_named=named).items()))
         nodes = [n for n in self.kube.list("v1", "Node", label_selector=selector)
-                 if node_ready(n) and takes_pods_of(n, plan)]
+                 if node_ready(n) and takes_pods_of(n, plan, named)]
         if nodes:
             return PoolState(
                 plan.nodepool_name,

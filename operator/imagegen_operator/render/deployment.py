@@ -39,7 +39,7 @@ from imagegen_operator.render.common import (
     selector_labels,
     server_port,
 )
-from imagegen_operator.render.nodepool import SIMULATED_TAINT
+from imagegen_operator.render.nodepool import POOL_LABEL, SIMULATED_TAINT
 from imagegen_server.config import SHUTDOWN_FLUSH_S
 
 # The image used when spec.server.image is unset and the caller names none
@@ -92,25 +92,36 @@ def nodeselector(plan: Plan, provider: str = "Existing", pool_named: bool = Fals
     return labels
 
 
-def absent_labels(plan: Plan) -> list[str]:
+def absent_labels(plan: Plan, existing: bool = False) -> list[str]:
     """The node labels of sharing the spec did not ask for: a node with one is not the
-    pods' (``node_affinity``)."""
+    pods' (``node_affinity``). And for an Existing service that names no pool
+    (``existing``, see ``shuns_operator_pools``), the label of the pools the operator makes."""
     absent = []
     if not plan.partition_size:
         absent.append(gke.LABEL_PARTITION_SIZE)
     if not plan.sharing_strategy:
         absent += [gke.LABEL_SHARING_STRATEGY, gke.LABEL_MAX_SHARED_CLIENTS]
+    if existing:
+        absent.append(POOL_LABEL)
     return absent
 
 
-def node_affinity(plan: Plan) -> dict[str, Any] | None:
+def shuns_operator_pools(provider: str, pool_named: bool) -> bool:
+    """Whether the pods keep off the pools the operator makes: an Existing service's that
+    names no pool do. Those pools go when their own services do (and one the service has
+    just moved off goes once it runs elsewhere), so counting their nodes as its own would
+    leave it with none."""
+    return provider == "Existing" and not pool_named
+
+
+def node_affinity(plan: Plan, existing: bool = False) -> dict[str, Any] | None:
     """Keep pods off nodes shared in a way the spec did not ask for.
 
     A node selector only says what a node must have: without this, a pod that
     wants a whole GPU could land on a time-shared or MIG node of the same
     accelerator and take one of its slots (and the other way round).
     """
-    absent = absent_labels(plan)
+    absent = absent_labels(plan, existing)
     if not absent:
         return None
     expressions = [{"key": key, "operator": "DoesNotExist"} for key in absent]
@@ -403,7 +414,8 @@ def render_deployment(
         "containers": [container],
         "volumes": volumes,
     }
-    affinity = node_affinity(plan)
+    affinity = node_affinity(plan, shuns_operator_pools(spec.node_pool.provider,
+                                                         spec.node_pool.name is not None))
     if affinity:
         pod_spec["affinity"] = affinity
     if plan.sharing_strategy == "MPS":
