@@ -16,6 +16,7 @@ asked to wait.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -230,40 +231,43 @@ class Reconciler:
         want = resource.spec.replicas
         rolled_out = st.rolled_out(deployment, want)
         # The pools left behind go once the pods run on the new one: a Deployment whose
-        # change the API server refused still selects the old pool, and runs there.
-        current, releasing = self._retire_previous_pools(
-            body, resource, the_plan, target,
-            pool.ready and rolled_out and _selects_pool(deployment, resource, the_plan))
-        observation = Observation(
-            generation=generation,
-            previous=previous,
-            plan=the_plan,
-            want=want,
-            pool=pool,
-            target=target,
-            current=current,
-            releasing=tuple(releasing),
-            deployment=deployment,
-            selector=selector_string(resource),
-            endpoint=endpoint(resource),
-            rolled_out=rolled_out,
-            pool_stalled=pool_stalled,
-            rejected=tuple(rejected),
-            unschedulable=None if rolled_out else self._unschedulable(resource),
-            pool_short=outcome.pool_short,
-            precompile=precompile,
-            created=created,
-            monitoring=None if outcome.monitoring is None else tuple(outcome.monitoring),
-        )
-        status = st.compute_status(observation)
-        ready = next(c for c in status["conditions"] if c["type"] == "Ready")
-        outcome.ready = ready["status"] == "True"
-        outcome.stalled = any(
-            c["type"] == "Stalled" and c["status"] == "True" for c in status["conditions"]
-        )
-        if not outcome.ready:
-            outcome.result = "waiting"
-        self._write_status(body, status, outcome)
+        # change the API server refused still selects the old pool, and runs there. Their
+        # locks are held until the status write below has dropped them (see there).
+        with contextlib.ExitStack() as held:
+            current, releasing = self._retire_previous_pools(
+                body, resource, the_plan, target,
+                pool.ready and rolled_out and _selects_pool(deployment, resource, the_plan),
+                held)
+            observation = Observation(
+                generation=generation,
+                previous=previous,
+                plan=the_plan,
+                want=want,
+                pool=pool,
+                target=target,
+                current=current,
+                releasing=tuple(releasing),
+                deployment=deployment,
+                selector=selector_string(resource),
+                endpoint=endpoint(resource),
+                rolled_out=rolled_out,
+                pool_stalled=pool_stalled,
+                rejected=tuple(rejected),
+                unschedulable=None if rolled_out else self._unschedulable(resource),
+                pool_short=outcome.pool_short,
+                precompile=precompile,
+                created=created,
+                monitoring=None if outcome.monitoring is None else tuple(outcome.monitoring),
+            )
+            status = st.compute_status(observation)
+            ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+            outcome.ready = ready["status"] == "True"
+            outcome.stalled = any(
+                c["type"] == "Stalled" and c["status"] == "True" for c in status["conditions"]
+            )
+            if not outcome.ready:
+                outcome.result = "waiting"
+            self._write_status(body, status, outcome)
         return outcome
 
     def finalize(self, body: dict[str, Any]) -> bool:
@@ -732,9 +736,13 @@ class Reconciler:
                     self._last_seen.pop(next(iter(self._last_seen)))
             return state, False, True
 
-    def _pool_lock(self, key: PoolKey) -> threading.Lock:
+    @staticmethod
+    def _lock_id(key: PoolKey) -> Any:
         # One lock for a GKE pool, whichever cloud provider and namespace name it.
-        key = (key.scope, key.name) if key.provider in CLOUD_PROVIDERS else key
+        return (key.scope, key.name) if key.provider in CLOUD_PROVIDERS else key
+
+    def _pool_lock(self, key: PoolKey) -> threading.Lock:
+        key = self._lock_id(key)
         with self._lock:
             lock = self._pool_locks.get(key)
             if lock is None:
@@ -804,7 +812,7 @@ class Reconciler:
 
     def _retire_previous_pools(
         self, body: dict[str, Any], resource: ImageGenService, the_plan: Plan, target: PoolKey,
-        moved: bool,
+        moved: bool, held: contextlib.ExitStack,
     ) -> tuple[PoolKey, list[PoolKey]]:
         """The pool the service runs on, and those it left that are not gone yet.
 
@@ -823,9 +831,17 @@ class Reconciler:
             return current, left
         never_made = self.never_made(body)
         releasing = []
+        # As in finalize, each pool's lock is held from the look at its users to the
+        # delete; and on, into ``held``, until the caller's status write no longer names
+        # the pools kept for others. Another service leaving the same pool meanwhile then
+        # finds this one gone from it: else each could keep it for the other, and neither
+        # delete it. Taken in one order, so two services leaving the same pools never wait
+        # on each other.
+        locks = {self._lock_id(key): self._pool_lock(key) for key in left}
+        for lock_id in sorted(locks, key=repr):
+            held.enter_context(locks[lock_id])
         for key in left:
-            with self._pool_lock(key):  # as in finalize: users looked at, then the delete
-                gone = self._release(body, resource, the_plan, key, never_made, moved_to=target)
+            gone = self._release(body, resource, the_plan, key, never_made, moved_to=target)
             if gone is False:
                 releasing.append(key)
         if previous in releasing:  # named until it is gone

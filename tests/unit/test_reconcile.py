@@ -9,6 +9,7 @@ library, against the local test double of GKE's REST API.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -725,6 +726,40 @@ def test_a_move_whose_deployment_change_is_refused_keeps_the_pool_the_pods_run_o
     run_until_ready(world, "mover")
     world.reconcile("mover")
     assert world.body("mover")["status"]["nodePool"]["name"] == b and not pool_nodes(world, a)
+
+
+def test_a_shared_pool_left_by_one_user_as_the_other_is_deleted_is_deleted(
+        world, monkeypatch) -> None:
+    """y moves off the pool it shares with x while x is deleted. y keeps the pool for x,
+    and holds it until its status no longer names it: x's delete, which would otherwise
+    keep it for y (still named there), then finds no user and deletes it."""
+    for name in ("x", "y"):
+        world.create(name, node_pool={"provider": "GKE", "cluster": CLUSTER_A})
+        run_until_ready(world, name)
+    world.edit("y", gpu=MPS2)
+    for _ in range(4):
+        world.reconcile("y")
+        world.clock.now += 30
+    world.nodes_ready()
+    world.rolled_out("y")
+    write = world.reconciler._write_status
+    deleting: list[threading.Thread] = []
+
+    def x_deleted_meanwhile(body, status, outcome):
+        if body["metadata"]["name"] == "y" and not deleting:
+            x = world.body("x")
+            x["metadata"]["deletionTimestamp"] = "2026-12-07T00:00:00Z"
+            world.kube.put(x)
+            deleting.append(threading.Thread(target=delete_until_done, args=(world, "x")))
+            deleting[0].start()
+            deleting[0].join(1.0)  # as far as it gets before y's status is written
+        return write(body, status, outcome)
+
+    monkeypatch.setattr(world.reconciler, "_write_status", x_deleted_meanwhile)
+    world.reconcile("y")
+    deleting[0].join(30)
+    assert not deleting[0].is_alive()
+    assert world.gke_pools() == {f"{CLUSTER_A}/nodePools/igs-l4x1-mps2"}  # y's new pool only
 
 
 def test_a_move_turned_back_mid_way_releases_the_pool_it_was_moving_to(world) -> None:
