@@ -1,5 +1,6 @@
 """Shared test setup: make the repo's helpers importable without installing them."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -7,6 +8,12 @@ ROOT = Path(__file__).resolve().parent.parent
 for path in (ROOT / "hack", ROOT / "tests", ROOT / "operator", ROOT / "inference_image"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
+
+# Every connection the tests make is to this machine: never through a proxy the environment
+# names (httpx, urllib, the Kubernetes clients and kubectl would send 127.0.0.1 there too).
+for _name in ("NO_PROXY", "no_proxy"):
+    os.environ[_name] = ",".join(
+        filter(None, [os.environ.get(_name), "127.0.0.1", "localhost", "::1"]))
 
 
 def pytest_configure(config):

@@ -344,10 +344,15 @@ def test_a_cancelled_job_leaves_its_batch_mates_alone(make_runtime, reference_pi
     rows: list[int] = []
     runtime.steps.pipeline.unet.register_forward_pre_hook(
         lambda _, args: rows.append(args[0].shape[0]))
-    kept, dropped = runtime.engine.submit(keep, 60), runtime.engine.submit(drop, 60)
-    each = 2 if keep.guidance_scale > 1 else 1  # a row with and one without the prompt
-    wait_until(lambda: len(rows) >= 5 and rows[-1] == 2 * each)  # both in the loop
-    dropped.future.cancel()  # what the HTTP layer does when a client goes away
+    gate = Gate(runtime, at=5)  # held in the loop, so the cancel lands mid-batch
+    try:
+        kept, dropped = runtime.engine.submit(keep, 60), runtime.engine.submit(drop, 60)
+        assert gate.entered.wait(60)
+        each = 2 if keep.guidance_scale > 1 else 1  # a row with and one without the prompt
+        assert rows[-1] == 2 * each  # both in the loop
+        dropped.future.cancel()  # what the HTTP layer does when a client goes away
+    finally:
+        gate.close()
     images = kept.future.result(60)
     assert dropped.released
     assert rows[-1] == each, rows  # dropped mid-loop: the batch went on without it

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
-from server_testlib import assert_same_arithmetic, count_calls, tiny_settings, wait_until
+from server_testlib import Gate, assert_same_arithmetic, count_calls, tiny_settings
 
 from imagegen_server.denoiser_cache import DenoiserCacheError
 from imagegen_server.quantization import QuantizationError
@@ -137,10 +137,14 @@ def test_mag_cache_keeps_a_requests_schedule_when_a_batch_mate_leaves(make_runti
 
     head.register_forward_pre_hook(look, with_kwargs=True)
     steps = 40
-    kept = runtime.engine.submit(runtime.params("keep", steps=steps, seed=5), 60)
-    dropped = runtime.engine.submit(runtime.params("drop", steps=steps, seed=6), 60)
-    wait_until(lambda: len(seen) >= 3)
-    dropped.future.cancel()
+    gate = Gate(runtime, at=3)  # held at the third step, so the cancel lands mid-batch
+    try:
+        kept = runtime.engine.submit(runtime.params("keep", steps=steps, seed=5), 60)
+        dropped = runtime.engine.submit(runtime.params("drop", steps=steps, seed=6), 60)
+        assert gate.entered.wait(60)
+        dropped.future.cancel()
+    finally:
+        gate.close()
     kept.future.result(60)
     assert dropped.released
     # One schedule of 40 steps, walked once: the batch that lost a row went on where it

@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 from localcluster import OPERATOR_USER, free_ports
+from support.kube import free_port_refusing
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,6 +37,11 @@ class OperatorProcess:
         self.metrics_port, self.health_port = free_ports(2)
         env = {
             **os.environ,
+            # Never Google's own: on a CI runner that is itself on GKE (or GCE), the metadata
+            # server would name that cluster (and refuse the tests' as foreign), and a GKE
+            # API endpoint left unset would be the real one. A test that wants either sets it.
+            "GCE_METADATA_HOST": free_port_refusing(),
+            "IMAGEGEN_GKE_API_ENDPOINT": f"http://{free_port_refusing()}",
             "KUBECONFIG": str(self.kubeconfig),
             "PYTHONPATH": os.pathsep.join(
                 [str(ROOT / "operator"), str(ROOT / "inference_image"),
