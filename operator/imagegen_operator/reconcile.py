@@ -213,11 +213,15 @@ class Reconciler:
             spec_changed=previous.get("observedGeneration") != generation, previous=previous,
             moving=bool(recorded) and recorded[0] != target,
         )
+        if named_now:
+            # Asked for the first time now: from here it may exist, whatever happens to
+            # this reconcile before its status write.
+            self._name_pool_first(body, target, asking=True)
         pool, pool_stalled, answered = self._ensure_pool(resource, the_plan, target, outcome)
         outcome.pool_on_its_way = not pool.ready and not pool_stalled
         created = self.created_records(body)
         # Known made once the provider answers; never made while every ask was refused for
-        # good, starting with the first (named unknown until then: an operator stopped
+        # good, starting with the first (unknown while it is asked: an operator stopped
         # between a create GKE took and this write leaves a pool that may exist, and its
         # delete must wait for it). After an error that passes (a create GKE may have taken
         # before its answer was lost) it is unknown for good, and a delete waits for it.
@@ -741,17 +745,28 @@ class Reconciler:
         # One lock for a GKE pool, whichever cloud provider and namespace name it.
         return (key.scope, key.name) if key.provider in CLOUD_PROVIDERS else key
 
-    def _pool_lock(self, key: PoolKey) -> threading.Lock:
-        key = self._lock_id(key)
-        with self._lock:
-            lock = self._pool_locks.get(key)
-            if lock is None:
-                if len(self._pool_locks) > MEMO_LIMIT:
-                    # Locks of pools long gone; one in use is re-made at worst, which
-                    # costs one duplicate provider call, never a wrong state.
-                    self._pool_locks = {k: v for k, v in self._pool_locks.items() if v.locked()}
-                lock = self._pool_locks[key] = threading.Lock()
-            return lock
+    @contextlib.contextmanager
+    def _pool_lock(self, key: PoolKey) -> Iterator[None]:
+        """Hold the pool's lock. Locks of pools long gone are dropped, those held never:
+        one dropped while a caller waited on it is let go of, and the one in use taken."""
+        lock_id = self._lock_id(key)
+        while True:
+            with self._lock:
+                lock = self._pool_locks.get(lock_id)
+                if lock is None:
+                    if len(self._pool_locks) > MEMO_LIMIT:
+                        self._pool_locks = {k: v for k, v in self._pool_locks.items()
+                                            if v.locked()}
+                    lock = self._pool_locks[lock_id] = threading.Lock()
+            lock.acquire()
+            with self._lock:
+                if self._pool_locks.get(lock_id) is lock:
+                    break
+            lock.release()
+        try:
+            yield
+        finally:
+            lock.release()
 
     def _delete_pool(self, resource: ImageGenService, the_plan: Plan, key: PoolKey,
                      body: dict[str, Any] | None = None, made: bool = True,
@@ -837,9 +852,9 @@ class Reconciler:
         # finds this one gone from it: else each could keep it for the other, and neither
         # delete it. Taken in one order, so two services leaving the same pools never wait
         # on each other.
-        locks = {self._lock_id(key): self._pool_lock(key) for key in left}
-        for lock_id in sorted(locks, key=repr):
-            held.enter_context(locks[lock_id])
+        one_per_lock = {self._lock_id(key): key for key in left}
+        for lock_id in sorted(one_per_lock, key=repr):
+            held.enter_context(self._pool_lock(one_per_lock[lock_id]))
         for key in left:
             gone = self._release(body, resource, the_plan, key, never_made, moved_to=target)
             if gone is False:
@@ -860,17 +875,25 @@ class Reconciler:
 
     # --- status ---------------------------------------------------------------
 
-    def _name_pool_first(self, body: dict[str, Any], target: PoolKey) -> None:
-        """Name a pool in status before its provider is asked to make it.
+    def _name_pool_first(self, body: dict[str, Any], target: PoolKey,
+                         asking: bool = False) -> None:
+        """Name a pool in status before its provider is asked to make it: as never made
+        (``created: false``), then, ``asking``, as not known to be, just before the ask.
 
         Otherwise an operator stopped between the provider's create and the status write,
-        and a spec edited meanwhile, would leave a pool nothing names and nothing deletes.
-        A move already under way to another pool is kept, as one to release.
+        and a spec edited meanwhile, would leave a pool nothing names and nothing deletes;
+        and one stopped before the ask would leave a pool that can never have been made
+        waited for at the service's delete. A move already under way to another pool is
+        kept, as one to release.
         """
         status = body.setdefault("status", {})
         recorded = status.get("nodePool") or {}
-        named = target.status()  # created: not known until the provider answers
-        if not recorded.get("name"):
+        # A merge patch: None deletes the key (a move's earlier target may have left one).
+        named = {**target.status(), "created": None if asking else False}
+        if asking:
+            where = "nodePool" if self._recorded_key(body, recorded) == target else "movingTo"
+            patch = named if where == "nodePool" else {"movingTo": named}
+        elif not recorded.get("name"):
             patch = named
         else:
             releasing = list(recorded.get("releasing") or [])

@@ -15,13 +15,14 @@ from typing import Any
 import pytest
 
 from imagegen_operator import api
-from imagegen_operator.kube import PermanentKubeError
+from imagegen_operator.kube import PermanentKubeError, TransientKubeError
 from imagegen_operator.planner import plan
 from imagegen_operator.providers import build_providers
 from imagegen_operator.providers.gke import GkeProvider
 from imagegen_operator.reconcile import Reconciler, indexed
 from imagegen_operator.render.deployment import nodeselector
 from imagegen_operator.render.nodepool import POOL_LABEL, render_gke_nodepool
+from imagegen_operator.status import PoolKey
 from support.clock import FakeClock
 from support.fake_gke import GkeApiTestDouble
 from support.memory_kube import InMemoryKube
@@ -762,6 +763,37 @@ def test_a_shared_pool_left_by_one_user_as_the_other_is_deleted_is_deleted(
     assert world.gke_pools() == {f"{CLUSTER_A}/nodePools/igs-l4x1-mps2"}  # y's new pool only
 
 
+def test_a_pool_lock_dropped_while_a_caller_waited_is_not_the_one_it_holds(world) -> None:
+    """Locks of pools long gone are dropped (and made anew when asked for): a caller that
+    waited on one dropped meanwhile takes the one in use, so two never hold different
+    locks of one pool."""
+    reconciler = world.reconciler
+    key = PoolKey("GKE", CLUSTER_A, "p", "")
+    in_use = threading.Lock()
+
+    class DroppedWhileWaiting:
+        """The lock a caller fetched; while it waits, another caller drops and remakes it."""
+
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+
+        def acquire(self) -> bool:
+            reconciler._pool_locks[reconciler._lock_id(key)] = in_use
+            return self.lock.acquire()
+
+        def release(self) -> None:
+            self.lock.release()
+
+        def locked(self) -> bool:
+            return self.lock.locked()
+
+    dropped = DroppedWhileWaiting()
+    reconciler._pool_locks[reconciler._lock_id(key)] = dropped
+    with reconciler._pool_lock(key):
+        assert in_use.locked() and not dropped.locked()
+    assert not in_use.locked()
+
+
 def test_a_move_turned_back_mid_way_releases_the_pool_it_was_moving_to(world) -> None:
     world.create("mover", node_pool={"provider": "Local", "maxNodes": 2})
     run_until_ready(world, "mover")
@@ -897,6 +929,56 @@ def test_a_service_whose_pool_was_refused_every_time_is_deleted_at_once(world) -
     assert world.condition("refused", "NodePoolReady")["reason"] == "PermissionDenied"
     assert world.delete("refused")
     assert not [e for e in world.events if e[2] == "NodePoolNotDeleted"]
+
+
+def test_a_pool_named_but_never_asked_for_does_not_hold_the_delete(world, monkeypatch):
+    """A reconcile that names the pool and fails before asking for it (the Deployment's
+    apply, say) leaves it never made, not unknown: refused at every later ask, the service
+    is still deleted at once."""
+    world.double.outage("PERMISSION_DENIED", FORBIDDEN)
+    world.create("hiccup", gpu=MIG_3G, node_pool={"provider": "GKE", "spot": True})
+    apply = world.reconciler._apply_workload
+
+    def unavailable_once(*args: Any, **kwargs: Any):
+        monkeypatch.setattr(world.reconciler, "_apply_workload", apply)
+        raise TransientKubeError("apply Deployment hiccup: 503 etcdserver: leader changed")
+
+    monkeypatch.setattr(world.reconciler, "_apply_workload", unavailable_once)
+    with pytest.raises(TransientKubeError):
+        world.reconcile("hiccup")
+    assert not world.double.requests_to("POST")
+    for _ in range(2):
+        world.reconcile("hiccup")
+    assert world.body("hiccup")["status"]["nodePool"]["created"] is False
+    assert world.delete("hiccup")
+
+
+def test_a_move_to_a_pool_asked_for_by_an_operator_that_stopped_is_waited_for(
+        world, monkeypatch) -> None:
+    """The pool a move is asked for replaces one refused before: what that one's record
+    said (never made) does not stay on the new one."""
+    world.double.outage("PERMISSION_DENIED", FORBIDDEN)
+    world.create("mover", gpu=MIG_3G, node_pool={"provider": "GKE", "spot": True})
+    world.reconcile("mover")
+    world.edit("mover", gpu={"type": "nvidia-h100-80gb", "partitionSize": "1g.10gb"})
+    world.reconcile("mover")
+    assert world.body("mover")["status"]["nodePool"]["movingTo"]["created"] is False
+    world.double.outage(None)
+    world.clock.now += 400
+    world.edit("mover", gpu={"type": "nvidia-l4"})
+
+    def stopped(*_: Any, **__: Any) -> None:
+        raise RuntimeError("the operator stopped")
+
+    monkeypatch.setattr(world.reconciler, "_write_status", stopped)
+    with pytest.raises(RuntimeError):
+        world.reconcile("mover")
+    monkeypatch.undo()
+    [made] = world.gke_pools()
+    assert "created" not in world.body("mover")["status"]["nodePool"]["movingTo"]
+    world.double.outage("PERMISSION_DENIED", FORBIDDEN)
+    assert not world.delete("mover")  # waits for the pool that may exist
+    assert world.gke_pools() == {made}
 
 
 def test_a_pool_that_was_made_is_waited_for_when_its_delete_is_refused(world) -> None:
