@@ -315,14 +315,19 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
 
     @app.get("/healthz")
     async def healthz():
+        # Unauthenticated, like every probe: the kind of failure only, not its text (local
+        # paths, the model's repository); the log holds that.
         if runtime.error is not None:
             # A model that cannot load will not load on its own: let the kubelet restart us.
             return error_response(
-                500, f"model failed to load: {runtime.error}", None, "server_error"
-            )
-        if runtime.engine is not None and (fault := runtime.engine.fault) is not None:
+                500, f"model failed to load ({type(runtime.error).__name__}; the server's "
+                "log says why)", None, "server_error")
+        if runtime.engine is not None and runtime.engine.fault is not None:
             # A stage thread is gone: nothing accepted would ever be answered. Restart.
-            return error_response(500, fault, None, "server_error")
+            dead = [s.name for s in runtime.engine.stages if s.died is not None]
+            return error_response(
+                500, f"the {', '.join(dead)} stage stopped working (the server's log says "
+                "why)", None, "server_error")
         return {"status": "ok"}
 
     @app.get("/readyz")

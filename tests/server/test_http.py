@@ -161,7 +161,9 @@ def test_model_that_cannot_load_fails_health_and_readiness(tmp_path):
             time.sleep(0.05)
         health = client.get("/healthz")
         assert health.status_code == 500
-        assert "model_index.json" in health.json()["error"]["message"]
+        message = health.json()["error"]["message"]
+        assert message.startswith("model failed to load (") and "log says why" in message
+        assert str(tmp_path) not in message  # unauthenticated: no local path
         assert client.get("/readyz").status_code == 503
         assert client.post(GENERATE, json={"prompt": "x"}).status_code == 503
 
