@@ -680,6 +680,12 @@ class ServerSpec(KubeModel):
     """HTTP port of the server and its Service."""
     auth_secret_ref: SecretKeyRef | None = None
     """Secret holding the bearer token clients must send; no authentication when unset."""
+    service_account_name: str | None = Field(
+        default=None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
+    """ServiceAccount the serving pods (and the precompile Job) run as, in the service's
+    namespace: the one Workload Identity grants read access to a gs:// model's bucket, so
+    that no other workload of the namespace gets it; the namespace's default when unset.
+    Its token is not mounted: nothing in the pod calls the Kubernetes API."""
     resources: ResourceRequirements | None = None
     """Container resources beyond the GPU."""
     provenance: ProvenanceSpec = defaulted()

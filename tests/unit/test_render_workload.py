@@ -571,6 +571,17 @@ def test_the_precompile_job_is_named_for_what_it_compiles():
     assert len(long_name) <= 63 and "-precompile-" in long_name
 
 
+def test_the_serving_pods_and_the_precompile_job_run_as_the_named_service_account():
+    server = {"serviceAccountName": "sd15-reader"}
+    r = resource(pipeline=PRECOMPILE, server=server)
+    for pod in (pod_spec(r), precompile_job(r)["spec"]["template"]["spec"]):
+        assert pod["serviceAccountName"] == "sd15-reader"
+        assert pod["automountServiceAccountToken"] is False  # Workload Identity needs none
+    assert "serviceAccountName" not in pod_spec(resource())  # the namespace's default
+    with pytest.raises(api.InvalidSpec, match="serviceAccountName"):
+        resource(server={"serviceAccountName": "Not_A_Name"})
+
+
 def test_a_loras_default_scale_needs_no_new_precompile_job():
     def job_name(**lora: Any) -> str:
         model = {**BASE["spec"]["model"],

@@ -16,8 +16,9 @@ pods, and the namespace must allow the "privileged" level for them.
 
 Models and LoRA adapters: ``pvc://claim/path`` mounts the claim read-only under
 the server's ``pvc_root``; ``gs://bucket/path`` mounts the bucket with GKE's Cloud
-Storage FUSE CSI driver under ``gcs_root`` (the pod's service account needs read
-access to the bucket through Workload Identity); each claim or bucket once, however
+Storage FUSE CSI driver under ``gcs_root`` (the pod's service account,
+``spec.server.serviceAccountName``, needs read access to the bucket through Workload
+Identity); each claim or bucket once, however
 many of them live there; ``hf://`` downloads into an emptyDir cache; ``file://``
 reads from the image.
 """
@@ -411,6 +412,8 @@ def render_deployment(
         "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,
+        **({"serviceAccountName": spec.server.service_account_name}
+           if spec.server.service_account_name else {}),
         "containers": [container],
         "volumes": volumes,
     }
