@@ -37,6 +37,7 @@ from imagegen_operator.providers import build_providers
 from imagegen_operator.reconcile import Reconciler, indexed
 from imagegen_operator.render import DEFAULT_SERVER_IMAGE
 from imagegen_operator.render.common import MANAGED_BY
+from imagegen_operator.render.nodepool import node_service_account
 
 # The Deployment status fields the service's own status is computed from.
 DEPLOYMENT_STATUS_FIELDS = ("observedGeneration", "replicas", "readyReplicas",
@@ -559,6 +560,7 @@ def run(argv: Sequence[str]) -> int:
     config = parse_args(argv)
     try:
         default_cluster = ClusterDefault()
+        node_service_account()  # checked at start, not at the first pool's create
     except ValueError as exc:
         log.error("%s", exc)
         return 2

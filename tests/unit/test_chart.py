@@ -440,6 +440,17 @@ def test_default_cluster_value_reaches_the_operator_and_is_checked():
     assert refused.returncode != 0 and "/gke/cluster" in refused.stderr
 
 
+def test_node_service_account_value_reaches_the_operator_and_is_checked():
+    assert "IMAGEGEN_GKE_NODE_SERVICE_ACCOUNT" not in {
+        e["name"] for e in container(render())["env"]}
+    email = "gpu-nodes@my-project.iam.gserviceaccount.com"
+    env = {e["name"]: e.get("value")
+           for e in container(render(f"gke.nodeServiceAccount={email}"))["env"]}
+    assert env["IMAGEGEN_GKE_NODE_SERVICE_ACCOUNT"] == email
+    refused = helm(*template_args("gke.nodeServiceAccount=gpu-nodes"), check=False)
+    assert refused.returncode != 0 and "/gke/nodeServiceAccount" in refused.stderr
+
+
 def test_network_policy_is_optional_and_tight():
     assert "NetworkPolicy" not in kinds(render())
     docs = render("networkPolicy.enabled=true")

@@ -116,6 +116,17 @@ def test_a_setting_from_the_environment_is_checked_as_its_option_is(
     assert (config.resync_seconds, config.metrics_port, config.stuck_seconds) == (30, 8080, 300)
 
 
+@pytest.mark.parametrize(("variable", "value"), [
+    ("IMAGEGEN_GKE_CLUSTER", "serving"),
+    ("IMAGEGEN_GKE_NODE_SERVICE_ACCOUNT", "gpu-nodes"),
+])
+def test_a_gke_setting_that_cannot_be_used_stops_the_start(
+        monkeypatch, caplog, variable: str, value: str) -> None:
+    monkeypatch.setenv(variable, value)
+    assert handlers.run([]) == 2  # before any client is made or handler runs
+    assert variable in caplog.text
+
+
 def test_a_deployment_that_starts_failing_to_create_pods_triggers_its_owner() -> None:
     """Its replica counts stay at 0: only its conditions say the pods cannot be created."""
     operator = handlers.Operator(RecordingReconciler())

@@ -1245,6 +1245,24 @@ def test_a_config_connector_pool_keeps_the_initial_node_count_it_was_made_with(w
     assert obj["spec"]["autoscaling"]["totalMinNodeCount"] == 2
 
 
+def test_a_config_connector_pool_keeps_the_nodes_account_it_was_made_with(
+        world, monkeypatch) -> None:
+    """Immutable too: the operator's node service account names that of pools made after."""
+    pool = {"provider": "ConfigConnector", "cluster": CLUSTER_A}
+    world.create("made", gpu={"type": "nvidia-l4"}, node_pool=pool)
+    world.reconcile("made")
+    monkeypatch.setenv("IMAGEGEN_GKE_NODE_SERVICE_ACCOUNT",
+                       "gpu-nodes@imagegen-test.iam.gserviceaccount.com")
+    world.reconcile("made")
+    [made] = config_connector_pools(world).values()
+    assert "serviceAccountRef" not in made["spec"]["nodeConfig"]
+    world.create("later", gpu={"type": "nvidia-l4", "countPerNode": 2}, node_pool=pool)
+    world.reconcile("later")
+    [later] = [o for o in config_connector_pools(world).values() if o is not made]
+    assert later["spec"]["nodeConfig"]["serviceAccountRef"] == {
+        "external": "gpu-nodes@imagegen-test.iam.gserviceaccount.com"}
+
+
 def config_connector_pools(world) -> dict[tuple[str, str], dict]:
     return {(ns, name): obj for (_, kind, ns, name), obj in world.kube.objects.items()
             if kind == "ContainerNodePool"}

@@ -12,8 +12,10 @@ from imagegen_operator import api, gke
 from imagegen_operator.planner import plan
 from imagegen_operator.providers import render_pool
 from imagegen_operator.render.nodepool import (
+    NODE_SERVICE_ACCOUNT_ENV,
     create_node_pool_request,
     kwok_node_count,
+    node_service_account,
     parse_cluster,
     render_config_connector_nodepool,
     render_gke_nodepool,
@@ -114,6 +116,27 @@ def test_exclusive_pool_has_no_partition_or_sharing() -> None:
     r = resource(partitionSize=None, sharing=None)
     [acc] = render_gke_nodepool(r, plan(r.spec))["spec"]["config"]["accelerators"]
     assert "gpuPartitionSize" not in acc and "gpuSharingConfig" not in acc
+
+
+NODE_SA = "gpu-nodes@demo-project.iam.gserviceaccount.com"
+
+
+def test_the_nodes_run_as_the_configured_service_account(monkeypatch) -> None:
+    r = resource()
+    gke_body, cc_body = (render_gke_nodepool(r, plan(r.spec)),
+                         render_config_connector_nodepool(r, plan(r.spec)))
+    assert "serviceAccount" not in gke_body["spec"]["config"]  # GKE's default
+    assert "serviceAccountRef" not in cc_body["spec"]["nodeConfig"]
+    monkeypatch.setenv(NODE_SERVICE_ACCOUNT_ENV, NODE_SA)
+    pool = create_node_pool_request(render_gke_nodepool(r, plan(r.spec)))["node_pool"]
+    assert pool.config.service_account == NODE_SA
+    assert list(pool.config.oauth_scopes) == ["https://www.googleapis.com/auth/cloud-platform"]
+    node_config = render_config_connector_nodepool(r, plan(r.spec))["spec"]["nodeConfig"]
+    assert node_config["serviceAccountRef"] == {"external": NODE_SA}
+    assert node_config["oauthScopes"] == ["https://www.googleapis.com/auth/cloud-platform"]
+    monkeypatch.setenv(NODE_SERVICE_ACCOUNT_ENV, "gpu-nodes")
+    with pytest.raises(ValueError, match=NODE_SERVICE_ACCOUNT_ENV):
+        node_service_account()
 
 
 def test_config_connector_nodepool() -> None:

@@ -73,6 +73,15 @@ class ConfigConnectorProvider:
             # Immutable in Config Connector (a change would recreate the pool): the count
             # it was made with stays, whatever minNodes the pool's services ask for now.
             desired["spec"]["initialNodeCount"] = live["spec"]["initialNodeCount"]
+        if live is not None:
+            # Immutable too: a pool keeps the nodes' account it was made with (the
+            # operator's setting names the account of pools made from then on).
+            node_config = desired["spec"]["nodeConfig"]
+            made_with = (live.get("spec") or {}).get("nodeConfig") or {}
+            for field in ("serviceAccountRef", "oauthScopes"):
+                node_config.pop(field, None)
+                if field in made_with:
+                    node_config[field] = made_with[field]
         with self._lock(desired):
             if live is None and (other := self._claimed_by(desired)):
                 raise ProviderError(

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from imagegen_operator import gke
@@ -37,6 +39,15 @@ POOL_LABEL = "imagegen.dev/node-pool"
 # service meant for a GKE pool never runs, Available, on a node that is not one.
 SIMULATED_TAINT = {"key": "imagegen.dev/simulated", "value": "true", "effect": "NoSchedule"}
 GPU_DRIVER_VERSION = "DEFAULT"
+# The Google service account the nodes of the pools the operator makes run as (the chart's
+# gke.nodeServiceAccount). Unset, GKE's default: the project's Compute Engine default service
+# account, which is often an Editor of the whole project. GKE's hardening guide asks for an
+# account of its own with the least roles (roles/container.defaultNodeServiceAccount), and
+# the cloud-platform scope, which leaves what the nodes may do to IAM.
+NODE_SERVICE_ACCOUNT_ENV = "IMAGEGEN_GKE_NODE_SERVICE_ACCOUNT"
+CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+_SERVICE_ACCOUNT_EMAIL = re.compile(
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?@[a-z0-9]([-a-z0-9.]*[a-z0-9])?\.gserviceaccount\.com$")
 # ANY lets the autoscaler take GPUs from whichever zone has them (scarce, and Spot).
 LOCATION_POLICY = "ANY"
 
@@ -93,6 +104,15 @@ def pool_bounds(resource: ImageGenService, bounds: NodeBounds | None = None) -> 
     return pool.min_nodes, pool.max_nodes
 
 
+def node_service_account(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The nodes' Google service account, or None for GKE's default (see above)."""
+    email = environ.get(NODE_SERVICE_ACCOUNT_ENV) or None
+    if email is not None and not _SERVICE_ACCOUNT_EMAIL.match(email):
+        raise ValueError(f"{NODE_SERVICE_ACCOUNT_ENV}={email!r} is not a Google service "
+                         "account's email (NAME@PROJECT.iam.gserviceaccount.com)")
+    return email
+
+
 def render_gke_nodepool(
     resource: ImageGenService, plan: Plan, bounds: NodeBounds | None = None
 ) -> dict[str, Any]:
@@ -120,6 +140,7 @@ def render_gke_nodepool(
             "labels": _node_labels(plan),
             "resourceLabels": _resource_labels(),
             "accelerators": [accelerator],
+            **_node_identity("serviceAccount"),
         },
         "autoscaling": {
             "enabled": True,
@@ -209,9 +230,20 @@ def render_config_connector_nodepool(
                 "labels": _node_labels(plan),
                 "resourceLabels": _resource_labels(),
                 "guestAccelerator": [accelerator],
+                **_node_identity("serviceAccountRef"),
             },
         },
     }
+
+
+def _node_identity(field: str) -> dict[str, Any]:
+    """The nodes' service account and scopes as ``field`` takes it (GKE's API: the email;
+    Config Connector: a reference), or nothing for GKE's default."""
+    email = node_service_account()
+    if email is None:
+        return {}
+    return {field: email if field == "serviceAccount" else {"external": email},
+            "oauthScopes": [CLOUD_PLATFORM_SCOPE]}
 
 
 def kwok_node_count(resource: ImageGenService, plan: Plan) -> int:
