@@ -99,6 +99,18 @@ def running_image(cluster, crd, tmp_path_factory):
         helm(cluster, "uninstall", RELEASE, "--namespace", SYSTEM_NS, "--wait")
 
 
+def apply_service(cluster, name: str, replicas: int) -> None:
+    """A service on a Local pool in the test namespace (made first if missing)."""
+    apply(cluster, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
+    apply(cluster, {
+        "apiVersion": "imagegen.dev/v1alpha1", "kind": "ImageGenService",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"model": {"uri": "gs://models/sd15", "family": "SD15", "memoryGiB": 4},
+                 "gpu": GPU, "nodePool": {"provider": "Local", "maxNodes": 1},
+                 "replicas": replicas},
+    })
+
+
 def named_port(container: dict, name: str) -> int:
     return next(p["containerPort"] for p in container["ports"] if p["name"] == name)
 
@@ -115,13 +127,7 @@ def test_the_image_runs_the_end_to_end_scenario_as_the_chart_runs_it(cluster, ru
         else metrics_target
     assert http_status(f"http://127.0.0.1:{metrics}/metrics") == 200
 
-    apply(cluster, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
-    apply(cluster, {
-        "apiVersion": "imagegen.dev/v1alpha1", "kind": "ImageGenService",
-        "metadata": {"name": "in-image", "namespace": NS},
-        "spec": {"model": {"uri": "gs://models/sd15", "family": "SD15", "memoryGiB": 4},
-                 "gpu": GPU, "nodePool": {"provider": "Local", "maxNodes": 1}, "replicas": 1},
-    })
+    apply_service(cluster, "in-image", replicas=1)
     cluster.kubectl("wait", "-n", NS, "--for=condition=Ready", "--timeout=90s",
                     "igs/in-image", timeout=100)
     body = get_json(cluster, "igs", "in-image", "-n", NS)
@@ -152,13 +158,7 @@ def test_the_image_runs_the_end_to_end_scenario_as_the_chart_runs_it(cluster, ru
 
 
 def test_the_uninstall_check_refuses_while_a_service_exists(cluster, running_image):
-    apply(cluster, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
-    apply(cluster, {
-        "apiVersion": "imagegen.dev/v1alpha1", "kind": "ImageGenService",
-        "metadata": {"name": "left-behind", "namespace": NS},
-        "spec": {"model": {"uri": "gs://models/sd15", "family": "SD15", "memoryGiB": 4},
-                 "gpu": GPU, "nodePool": {"provider": "Local", "maxNodes": 1}, "replicas": 0},
-    })
+    apply_service(cluster, "left-behind", replicas=0)
     refused = running_image["uninstall_check"]()
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert f"{NS}/left-behind" in refused.stderr and "kubectl delete igs" in refused.stderr

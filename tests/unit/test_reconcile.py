@@ -331,20 +331,25 @@ def test_a_namesake_refused_as_pool_claimed_does_not_keep_the_pool_alive(world) 
     assert not config_connector_pools(world)
 
 
-def test_a_pool_asked_for_by_an_operator_that_stopped_before_its_status_write_is_deleted(
-        world, monkeypatch) -> None:
-    """Status names the pool before GKE is asked, as not known to be made: an operator that
-    stops after GKE took the create leaves a pool its delete waits for, even when the
-    delete is refused (before: the pool counted as never made and was left behind)."""
-    world.create("stops", node_pool={"provider": "GKE", "cluster": CLUSTER_A})
+def stop_before_the_status_write(world, monkeypatch, name: str) -> None:
+    """A reconcile of ``name`` by an operator that stops before it writes the status."""
 
     def stopped(*_: Any, **__: Any) -> None:
         raise RuntimeError("the operator stopped")
 
     monkeypatch.setattr(world.reconciler, "_write_status", stopped)
     with pytest.raises(RuntimeError):
-        world.reconcile("stops")
+        world.reconcile(name)
     monkeypatch.undo()
+
+
+def test_a_pool_asked_for_by_an_operator_that_stopped_before_its_status_write_is_deleted(
+        world, monkeypatch) -> None:
+    """Status names the pool before GKE is asked, as not known to be made: an operator that
+    stops after GKE took the create leaves a pool its delete waits for, even when the
+    delete is refused (before: the pool counted as never made and was left behind)."""
+    world.create("stops", node_pool={"provider": "GKE", "cluster": CLUSTER_A})
+    stop_before_the_status_write(world, monkeypatch, "stops")
     [pool] = world.gke_pools()
     assert "created" not in world.body("stops")["status"]["nodePool"]
     world.double.outage("PERMISSION_DENIED", FORBIDDEN)
@@ -966,14 +971,7 @@ def test_a_move_to_a_pool_asked_for_by_an_operator_that_stopped_is_waited_for(
     world.double.outage(None)
     world.clock.now += 400
     world.edit("mover", gpu={"type": "nvidia-l4"})
-
-    def stopped(*_: Any, **__: Any) -> None:
-        raise RuntimeError("the operator stopped")
-
-    monkeypatch.setattr(world.reconciler, "_write_status", stopped)
-    with pytest.raises(RuntimeError):
-        world.reconcile("mover")
-    monkeypatch.undo()
+    stop_before_the_status_write(world, monkeypatch, "mover")
     [made] = world.gke_pools()
     assert "created" not in world.body("mover")["status"]["nodePool"]["movingTo"]
     world.double.outage("PERMISSION_DENIED", FORBIDDEN)
