@@ -2,8 +2,10 @@
 
 - ``render -f FILE``: every object the operator would create for the
   ImageGenService(s) in FILE, as one YAML stream (byte-identical for the same
-  input, so it can be committed and diffed). Refuses, with exit status 1 and
-  nothing on stdout, when a spec cannot give a running Deployment.
+  input and the same operator settings, ``--cluster`` and ``--node-service-account``,
+  whose defaults are the operator's variables; so it can be committed and diffed).
+  Refuses, with exit status 1 and nothing on stdout, when a spec cannot give a
+  running Deployment.
 - ``plan -f FILE [-o table|json]``: the capacity math and cost estimate.
 - ``run``: the operator itself (a kopf process), from ``imagegen_operator.handlers``.
 - ``in-use``: the ImageGenServices in the cluster; exit status 1, naming them, while there
@@ -16,11 +18,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TextIO
 
 import yaml
@@ -29,6 +32,7 @@ from imagegen_operator import api, gke
 from imagegen_operator.cluster_default import CLUSTER_ENV
 from imagegen_operator.planner import Plan, plan
 from imagegen_operator.render import DEFAULT_SERVER_IMAGE, UnworkableSpec, render_all
+from imagegen_operator.render.nodepool import NODE_SERVICE_ACCOUNT_ENV, node_service_account
 
 # The node-pool objects a provider renders (GKE's request, Config Connector's, KWOK's nodes).
 POOL_KINDS = ("NodePool", "ContainerNodePool", "Node")
@@ -87,6 +91,31 @@ def _qualified(resource: api.ImageGenService) -> str:
 
 
 def cmd_render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    # The pool renderers read the operator's node account from its variable, as the
+    # operator does: the option (whose default is that variable) stands in it meanwhile.
+    with _environment(NODE_SERVICE_ACCOUNT_ENV, args.node_service_account):
+        return _render(args, out, err)
+
+
+def _set_environment(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str | None) -> Iterator[None]:
+    """``name`` set to ``value`` (unset for None) meanwhile, as it was after."""
+    before = os.environ.get(name)
+    _set_environment(name, value)
+    try:
+        yield
+    finally:
+        _set_environment(name, before)
+
+
+def _render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     objects: list[dict[str, Any]] = []
     refused = []
     for resource in load_resources(args.filename, sys.stdin):
@@ -299,6 +328,13 @@ def _cluster(text: str) -> str:
     return text
 
 
+def _service_account(text: str) -> str:
+    try:
+        return node_service_account({NODE_SERVICE_ACCOUNT_ENV: text}) or ""
+    except ValueError as problem:
+        raise argparse.ArgumentTypeError(str(problem)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imagegen-operator",
@@ -329,6 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_cluster,
         help="GKE cluster for services that name none, as the operator's own "
         f"(default: ${CLUSTER_ENV})",
+    )
+    render.add_argument(
+        "--node-service-account",
+        default=os.environ.get(NODE_SERVICE_ACCOUNT_ENV) or None,
+        type=_service_account,
+        help="Google service account the nodes of GKE and ConfigConnector pools run as, as "
+        f"the operator's gke.nodeServiceAccount (default: ${NODE_SERVICE_ACCOUNT_ENV}; "
+        "none: GKE's default)",
     )
     render.set_defaults(func=cmd_render)
 

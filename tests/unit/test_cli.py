@@ -288,6 +288,21 @@ def test_render_of_a_minimal_spec_asks_for_the_cluster_the_operator_would_use(
         build_parser().parse_args(["render", "-f", "-", "--cluster", "serving"])
 
 
+def test_render_names_the_nodes_account_the_operator_would_give_its_pools(monkeypatch) -> None:
+    monkeypatch.delenv("IMAGEGEN_GKE_NODE_SERVICE_ACCOUNT", raising=False)
+    cluster = "projects/my-project/locations/us-central1/clusters/serving"
+    _, plain, _ = run("render", "-f", "-", "--cluster", cluster, stdin=MINIMAL)
+    assert "serviceAccount" not in plain  # GKE's default
+    account = "gpu-nodes@my-project.iam.gserviceaccount.com"
+    status, out, _ = run("render", "-f", "-", "--cluster", cluster,
+                         "--node-service-account", account, stdin=MINIMAL)
+    assert status == 0 and f"serviceAccount: {account}" in out
+    monkeypatch.setenv("IMAGEGEN_GKE_NODE_SERVICE_ACCOUNT", account)  # the operator's own
+    assert run("render", "-f", "-", "--cluster", cluster, stdin=MINIMAL)[1] == out
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["render", "-f", "-", "--node-service-account", "gpu-nodes"])
+
+
 def test_the_readmes_example_plans_and_renders() -> None:
     """The front door's spec is one a user can apply: nothing in it is refused."""
     readme = (ROOT / "README.md").read_text()

@@ -578,6 +578,9 @@ def test_the_serving_pods_and_the_precompile_job_run_as_the_named_service_accoun
         assert pod["serviceAccountName"] == "sd15-reader"
         assert pod["automountServiceAccountToken"] is False  # Workload Identity needs none
     assert "serviceAccountName" not in pod_spec(resource())  # the namespace's default
+    # A Job stuck without it (its pod cannot read the bucket) is replaced once it is named.
+    assert precompile_job(r)["metadata"]["name"] != precompile_job(
+        resource(pipeline=PRECOMPILE))["metadata"]["name"]
     with pytest.raises(api.InvalidSpec, match="serviceAccountName"):
         resource(server={"serviceAccountName": "Not_A_Name"})
 

@@ -86,6 +86,10 @@ def _compile_key(resource: ImageGenService, pod: dict[str, Any]) -> str:
                                       for lora in json.loads(settings["IMAGEGEN_LORAS"])]
     key = [name_of(resource), container["image"], settings, container.get("resources"),
            pod.get("nodeSelector"), pod.get("affinity")]
+    if account := pod.get("serviceAccountName"):
+        # The one a gs:// model's bucket is read as: a Job stuck without it (its pod cannot
+        # mount the bucket) is replaced once it is named. Unnamed, the key is as before.
+        key.append(account)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:_HASH_CHARS]
 
 
