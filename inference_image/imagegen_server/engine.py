@@ -22,7 +22,7 @@ from .config import LIMITS, Batching, ServerSettings, StageMode
 from .families import FamilySteps
 from .metrics import ServerMetrics
 from .previews import MAX_PARTIAL_IMAGES, Previewer, PreviewRequest
-from .request import MIN_SIDE, GenerationParams, Job, JobTimeout, ShutdownError
+from .request import MIN_SIDE, GenerationParams, Job, ShutdownError
 from .stages import Stage
 from .step_batching import StepBatchingStage
 
@@ -342,7 +342,7 @@ class Engine:
         deadline = time.monotonic() + timeout_s if timeout_s else None
         # The slot is given back when the engine lets go of the job, not when the caller stops
         # waiting: a timed-out request a stage is running still occupies the device until the
-        # stage drops it. One still queued is let go at once (_caller_gone).
+        # stage drops it. One still queued is let go at once (Stage.take_back).
         job = Job(params, deadline=deadline, cost=self.cost(params), on_release=self._released)
         # A family without a latent-to-RGB map streams the final image only: as OpenAI's
         # streams, which may send fewer partial images than asked for.
@@ -358,7 +358,9 @@ class Engine:
             self._jobs.add(job)
             self.metrics.in_flight.set(len(self._jobs))
         self.stages[0].put(job)
-        job.future.add_done_callback(lambda _: self._caller_gone(job))
+        # Answered before a stage took it (its caller left): out of the queue it waits in.
+        job.future.add_done_callback(
+            lambda _: job.waiting_at is not None and job.waiting_at.take_back(job))
         return job
 
     def generate(self, params: GenerationParams, timeout_s: float | None = None) -> list:
@@ -390,18 +392,6 @@ class Engine:
                 left, waited = left - job.cost, waited + job.cost
             seconds = waited * self._seconds_per_unit
         return max(1, min(MAX_RETRY_AFTER_S, math.ceil(seconds)))
-
-    @staticmethod
-    def _caller_gone(job: Job) -> None:
-        """A request answered before the engine was done with it (its caller cancelled or
-        timed out, or a drain's deadline passed) that still waits in a stage's queue leaves
-        it now, and gives its slot back: not once the stage ahead has finished its batch,
-        seconds of denoising on a busy device that would refuse new requests meanwhile.
-        One a stage has taken is dropped by that stage at its next step."""
-        stage = job.waiting_at
-        if job.released or stage is None or not stage.withdraw(job):
-            return
-        job.fail(JobTimeout(f"{job.drop_reason() or 'answered'} before the {stage.name} stage"))
 
     def _released(self, job: Job, succeeded: bool) -> None:
         now = time.monotonic()

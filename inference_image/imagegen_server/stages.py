@@ -88,9 +88,15 @@ class Stage:
         """Jobs waiting in front of this stage (``imagegen_stage_queue_depth``)."""
         return self.queue.qsize()
 
-    def withdraw(self, job: Job) -> bool:
-        """Take ``job`` back out of this stage's queue, if no thread has taken it yet."""
-        return self.queue.withdraw(job)
+    def take_back(self, job: Job) -> None:
+        """A job answered before this stage's thread took it (its caller cancelled or timed
+        out, or a drain's deadline passed) leaves the queue now, and its slot is freed: not
+        once the batch ahead of it is done, seconds of denoising that would refuse new
+        requests meanwhile. Called when the answer comes and when the job is put here after
+        it; the queue's lock lets only one of them (or the thread) take it. One a thread has
+        taken is dropped by that stage at its next step."""
+        if job.future.done() and not job.released and self.queue.withdraw(job):
+            job.fail(JobTimeout(f"{job.drop_reason()} before the {self.name} stage"))
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -103,11 +109,7 @@ class Stage:
                 job.waiting_at = self
                 self.queue.put(job)
         if queued:
-            # Answered while the stage before held it (its caller left): the engine's
-            # callback found it in no queue, so it is taken out here, and its slot freed.
-            # The queue's lock lets only one of the two take it.
-            if job.future.done() and not job.released and self.withdraw(job):
-                job.fail(JobTimeout(f"{job.drop_reason()} before the {self.name} stage"))
+            self.take_back(job)  # answered while the stage before held it
             return
         if self.died is not None:
             job.fail(RuntimeError(f"the {self.name} stage stopped working: {self.died!r}"))
