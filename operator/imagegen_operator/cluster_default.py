@@ -11,7 +11,8 @@ cluster means the operator's own, found in this order:
    ``GCE_METADATA_HOST`` points elsewhere, as it does for google-auth.
 
 Nothing found means no default: such a service reports ``NodePoolReady=False``,
-reason ``ClusterUnknown``, with what to set.
+reason ``ClusterUnknown``, with what to set; so does one that names a cluster while a
+metadata server answers with errors (``pending``: on GKE, not known yet), and it waits.
 
 Where the operator knows its cluster, a service that names another is refused
 (``ForeignCluster``): the Deployment the operator makes runs in the operator's cluster,

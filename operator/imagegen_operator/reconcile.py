@@ -1,6 +1,7 @@
 """One idempotent reconcile of an ImageGenService, as ordered small steps.
 
-    parse -> cluster default -> plan -> workload (Deployment, Service, PDB, HPA, monitors)
+    parse -> plan -> cluster (its default; ForeignCluster) -> workload (Deployment, Service,
+          PDB, HPA, monitors)
           -> node pool -> retire the pools left -> observe -> status
 
 Level, not edge: each step compares what should be with what is, so running it

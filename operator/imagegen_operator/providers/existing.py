@@ -1,6 +1,8 @@
 """The Existing provider: use GPU nodes that are already there; create nothing.
 
-It reports how many Ready nodes match the serving pods' node selector. With
+It reports how many Ready nodes match the serving pods' node selector and that its pods
+may take: not cordoned, no sharing label they exclude, and, unless the spec names the
+pool, not in a pool the operator made (``imagegen.dev/node-pool``). With
 both sharing labels in that selector, GKE's node auto-provisioning can create a
 matching pool by itself once pods are Pending, so no nodes yet is not an error.
 """

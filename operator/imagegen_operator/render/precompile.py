@@ -8,7 +8,8 @@ Deployment is held at 0 replicas, so every replica that starts loads the artifac
 compiling.
 
 The Job's name carries a hash of what is compiled (the image, hence torch; the model; the
-settings that shape the denoiser and its inputs; the GPU): a change there names a new Job, and
+settings that shape the denoiser and its inputs; the GPU; the ServiceAccount, when named): a
+change there names a new Job, and
 the operator deletes the one before. The Deployment is held only while nothing serves yet: a
 service already serving rolls out at once while the new Job runs (its new replicas compile for
 themselves), so an edit never takes it down. A Job that succeeded is remembered in status
