@@ -8,6 +8,7 @@ chart's ``gke.cluster`` value, read out of the chart as helm renders it.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 
@@ -160,7 +161,14 @@ def test_a_gke_pool_goes_with_its_last_user_and_its_pods_stay_off_simulated_node
                     return c["message"]
         return None
 
-    message = eventually(pending_reason, timeout=30, what="the GKE pod left unscheduled")
+    def weighed_against_the_nodes() -> str | None:
+        # The scheduler's first try may predate the Local nodes ("no nodes available to
+        # schedule pods"); it tries again as they register.
+        message = pending_reason()
+        return message if message and "nodes are available" in message else None
+
+    message = eventually(weighed_against_the_nodes, timeout=60,
+                         what="the GKE pod left unscheduled, the nodes weighed")
     # 1 node: the simulated one of the same name (the selector rules out all others).
     assert "0/1 nodes are available: 1 node(s) had untolerated taint" in message, message
     local_pods = get_json(cluster, "pods", "-n", NS,
@@ -279,7 +287,11 @@ def test_a_failing_gke_api_is_called_less_and_less_by_all_users_of_a_pool(
                                  nodePool={"provider": "GKE", "spot": True, "maxNodes": 3})
                    for n in names])
         time.sleep(20)
-        calls = [r.at - start for r in gke_api.requests if r.at > start]
+        # This pool's calls only: another test's service may still be asking for its own.
+        pool = pool_name(service(names[0], ns=BACKOFF_NS, gpu=gpu,
+                                 nodePool={"provider": "GKE", "spot": True, "maxNodes": 3}))
+        calls = [r.at - start for r in gke_api.requests
+                 if r.at > start and (pool in r.path or pool in json.dumps(r.body))]
         print("GKE API calls at (s):", [round(c, 1) for c in calls])
         gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
         # Without the backoff: 5 services x 20 polls. With it: 1 + 1 + 2 + 4 + 4 + 4 + 4,
