@@ -3,6 +3,7 @@ the versions it releases agree."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import tomllib
 from pathlib import Path
@@ -46,6 +47,17 @@ def test_release_pushes_both_images_with_sbom_and_provenance_and_the_chart() -> 
     # Nothing is pushed before the sources are shown to name the tag's version.
     assert images["needs"] == "versions"
     assert "hack/check-version.sh" in release["jobs"]["versions"]["steps"][-1]["run"]
+
+
+def test_every_action_is_pinned_to_a_commit() -> None:
+    # A tag can be moved to other code after review; a commit cannot (GitHub's "Security
+    # hardening for GitHub Actions": pin actions to a full-length commit SHA). The comment
+    # names the release, for people and for Dependabot's updates.
+    pinned = re.compile(r"^[\w.-]+/[\w./-]+@[0-9a-f]{40}  # v\d+\.\d+\.\d+$")
+    uses = [line.split("uses:", 1)[1].strip() for path in WORKFLOWS
+            for line in path.read_text().splitlines() if line.strip().lstrip("- ").startswith("uses:")]
+    assert uses, "no action found"
+    assert [use for use in uses if not pinned.match(use)] == []
 
 
 def test_the_sources_name_one_release_version() -> None:
