@@ -53,9 +53,9 @@ lock: ## Update requirements.lock after editing pyproject.toml; pins that still 
 	$(OPERATOR_LOCK_CMD)
 	$(OPERATOR_BUILD_LOCK_CMD)
 
-lock-upgrade: ## Re-resolve requirements.lock to the newest versions pyproject.toml allows.
+lock-upgrade: ## Re-resolve requirements.lock to the newest versions pyproject.toml allows (PACKAGE=name: that one only).
 	@test -x $(VENV)/bin/uv || $(MAKE) setup
-	$(LOCK_CMD) --upgrade
+	$(LOCK_CMD) $(if $(PACKAGE),--upgrade-package $(PACKAGE),--upgrade)
 	$(SERVER_LOCK_CMD)
 	$(OPERATOR_LOCK_CMD)
 	$(OPERATOR_BUILD_LOCK_CMD)

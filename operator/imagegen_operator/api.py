@@ -586,14 +586,14 @@ class NodePoolSpec(KubeModel):
 
 
 class AutoscalingSpec(KubeModel):
-    """Replica autoscaling on queue depth (a HorizontalPodAutoscaler on the scale subresource)."""
+    """Replica autoscaling on requests in flight (a HorizontalPodAutoscaler on the scale subresource)."""
 
     min_replicas: int = Field(default=1, ge=1, le=1000)
     """Fewest replicas."""
     max_replicas: int = Field(ge=1, le=1000)
     """Most replicas."""
     target_queue_depth: int = Field(default=4, ge=1, le=4096)
-    """Queued requests per replica the autoscaler aims for."""
+    """Requests in flight per replica (queued or being served) the autoscaler aims for."""
 
     rules = (
         Rule(
@@ -739,7 +739,7 @@ class ImageGenServiceSpec(KubeModel):
     replicas: int = Field(default=1, ge=0, le=1000)
     """Serving pods (the scale subresource; managed by the autoscaler when autoscaling is set)."""
     autoscaling: AutoscalingSpec | None = None
-    """Scale replicas on queue depth; a fixed replica count when unset."""
+    """Scale replicas on requests in flight per pod; a fixed replica count when unset."""
     server: ServerSpec = defaulted()
     """The inference server container."""
     monitoring: MonitoringSpec | None = None

@@ -2,8 +2,9 @@
 
 - ``render -f FILE``: every object the operator would create for the
   ImageGenService(s) in FILE, as one YAML stream (byte-identical for the same
-  input and the same operator settings, ``--cluster`` and ``--node-service-account``,
-  whose defaults are the operator's variables; so it can be committed and diffed).
+  input and the same operator settings, ``--cluster``, ``--node-service-account`` and
+  ``--server-image``, whose defaults are the operator's variables; so it can be committed
+  and diffed).
   Refuses, with exit status 1 and nothing on stdout, when a spec cannot give a
   running Deployment.
 - ``plan -f FILE [-o table|json]``: the capacity math and cost estimate.
@@ -31,7 +32,12 @@ import yaml
 from imagegen_operator import api, gke
 from imagegen_operator.cluster_default import CLUSTER_ENV
 from imagegen_operator.planner import Plan, plan
-from imagegen_operator.render import DEFAULT_SERVER_IMAGE, UnworkableSpec, render_all
+from imagegen_operator.render import (
+    DEFAULT_SERVER_IMAGE,
+    SERVER_IMAGE_ENV,
+    UnworkableSpec,
+    render_all,
+)
 from imagegen_operator.render.nodepool import NODE_SERVICE_ACCOUNT_ENV, node_service_account
 
 # The node-pool objects a provider renders (GKE's request, Config Connector's, KWOK's nodes).
@@ -356,8 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     render.add_argument(
         "--server-image",
-        default=DEFAULT_SERVER_IMAGE,
-        help="server image for services that set no spec.server.image (default: %(default)s)",
+        default=os.environ.get(SERVER_IMAGE_ENV) or DEFAULT_SERVER_IMAGE,
+        help="server image for services that set no spec.server.image, as the operator's "
+        f"operator.serverImage (default: ${SERVER_IMAGE_ENV}, else %(default)s)",
     )
     render.add_argument(
         "--cluster",

@@ -35,7 +35,7 @@ from imagegen_operator.kube import (
 )
 from imagegen_operator.providers import build_providers
 from imagegen_operator.reconcile import Reconciler, indexed
-from imagegen_operator.render import DEFAULT_SERVER_IMAGE
+from imagegen_operator.render import DEFAULT_SERVER_IMAGE, SERVER_IMAGE_ENV
 from imagegen_operator.render.common import MANAGED_BY
 from imagegen_operator.render.nodepool import node_service_account
 
@@ -518,9 +518,9 @@ def parse_args(argv: Sequence[str]) -> OperatorConfig:
            type=_positive_seconds)
     p.add_argument(
         "--server-image",
-        default=env("IMAGEGEN_OPERATOR_SERVER_IMAGE") or DEFAULT_SERVER_IMAGE,
+        default=env(SERVER_IMAGE_ENV) or DEFAULT_SERVER_IMAGE,
         help="the inference server image of services whose spec.server.image is unset "
-        "(IMAGEGEN_OPERATOR_SERVER_IMAGE)",
+        f"({SERVER_IMAGE_ENV})",
     )
     option("--log-format", "text", "one line of text or one JSON object per message",
            type=_log_format)

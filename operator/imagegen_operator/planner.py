@@ -127,7 +127,7 @@ class FootprintEstimated(Finding):
 
 
 class AutoscalingUnscraped(Finding):
-    """An HPA on the servers' queue depth, and no monitor for Prometheus to read it with
+    """An HPA on the servers' requests in flight, and no monitor for Prometheus to read it with
     (informational: the pods may be scraped another way)."""
 
     informational = True

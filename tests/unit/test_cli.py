@@ -265,6 +265,17 @@ def test_server_image_flag_applies_only_where_the_spec_sets_none() -> None:
     assert image not in preset and "image: registry.example.com/imagegen-server:1.2.3" in preset
 
 
+def test_render_defaults_to_the_server_image_the_operator_would_use(monkeypatch) -> None:
+    monkeypatch.delenv("IMAGEGEN_OPERATOR_SERVER_IMAGE", raising=False)
+    _, plain, _ = run("render", "-f", str(L4_MPS))
+    assert "image: ghcr.io/imagegen-operator/imagegen-server:" in plain
+    image = "registry.example.com/imagegen-server:9.9"
+    monkeypatch.setenv("IMAGEGEN_OPERATOR_SERVER_IMAGE", image)  # the operator's own
+    assert run("render", "-f", str(L4_MPS))[1] == run(
+        "render", "-f", str(L4_MPS), "--server-image", image)[1]
+    assert f"image: {image}" in run("render", "-f", str(L4_MPS))[1]
+
+
 MINIMAL = """apiVersion: imagegen.dev/v1alpha1
 kind: ImageGenService
 metadata: {name: minimal, namespace: team-a}

@@ -13,7 +13,11 @@ from imagegen_operator.api import ImageGenService
 from imagegen_operator.planner import Finding, Plan, plan
 from imagegen_operator.render.autoscaling import render_hpa
 from imagegen_operator.render.common import common_labels, selector_labels, selector_string
-from imagegen_operator.render.deployment import DEFAULT_SERVER_IMAGE, render_deployment
+from imagegen_operator.render.deployment import (
+    DEFAULT_SERVER_IMAGE,
+    SERVER_IMAGE_ENV,
+    render_deployment,
+)
 from imagegen_operator.render.monitoring import render_monitor, requested_monitors
 from imagegen_operator.render.nodepool import (
     create_node_pool_request,
@@ -27,6 +31,7 @@ from imagegen_operator.render.service import endpoint, render_service
 
 __all__ = [
     "DEFAULT_SERVER_IMAGE",
+    "SERVER_IMAGE_ENV",
     "UnworkableSpec",
     "common_labels",
     "create_node_pool_request",

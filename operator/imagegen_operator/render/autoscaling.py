@@ -1,4 +1,4 @@
-"""The HorizontalPodAutoscaler (autoscaling/v2) on the server's queue depth.
+"""The HorizontalPodAutoscaler (autoscaling/v2) on the servers' requests in flight.
 
 It scales the ImageGenService through its scale subresource, not the
 Deployment: the operator keeps writing ``spec.replicas`` into the Deployment,

@@ -46,6 +46,8 @@ from imagegen_server.config import SHUTDOWN_FLUSH_S
 # The image used when spec.server.image is unset and the caller names none
 # (the operator's configuration and `render --server-image` may).
 DEFAULT_SERVER_IMAGE = "ghcr.io/imagegen-operator/imagegen-server:0.1.0"
+# The operator's setting of that image (the chart's operator.serverImage).
+SERVER_IMAGE_ENV = "IMAGEGEN_OPERATOR_SERVER_IMAGE"
 
 # The server image's non-root user (inference_image/Dockerfile; numeric, so runAsNonRoot can verify it).
 RUN_AS_USER = 10001
