@@ -36,6 +36,7 @@ from .bodies import (
     parse_size,
     read_form,
     read_json_body,
+    shown,
     streamed_previews,
 )
 from .config import SHUTDOWN_FLUSH_S, ServerSettings
@@ -88,7 +89,10 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
 
     # No interactive docs pages: a model server serves its API, and /openapi.json (behind
     # the token like the API) describes it.
-    app = FastAPI(title="imagegen-server", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # No redirect from a path with a trailing slash: a client would send its body twice,
+    # and an error in OpenAI's shape (a 404) tells it more than a bare 307.
+    app = FastAPI(title="imagegen-server", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  redirect_slashes=False)
     app.state.runtime = runtime
 
     def authorized(request: Request) -> bool:
@@ -158,7 +162,10 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         # given) is checked before the upload is decoded, which takes a while for a large one.
         with _as_bad_request():
             check_edits_served(runtime.steps)
-        check_limits(params_of(body, parse_size(body.size)))
+        asked = params_of(body, parse_size(body.size))
+        check_limits(asked)
+        with _refused_for_room():  # before the decode: a full server would refuse it after
+            runtime.engine.check_room(asked)
         try:
             image, mask, media_type = await asyncio.to_thread(
                 decode_uploads, files, settings.max_upload_pixels
@@ -206,11 +213,12 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         """503 until the model is ready; 404 when ``name`` (a request's ``model``) is another."""
         if not runtime.ready:
             raise ApiError(
-                503, "model is not ready", kind="server_error", headers={"Retry-After": "5"}
+                503, "the server is shutting down" if runtime.draining else "model is not ready",
+                kind="server_error", headers={"Retry-After": "5"}
             )
         if name not in (None, runtime.model.name):
             raise ApiError(
-                404, f"model {name!r} is not served here; use {runtime.model.name!r}",
+                404, f"model {shown(name)} is not served here; use {runtime.model.name!r}",
                 param="model", code="model_not_found",
             )
 
@@ -220,9 +228,14 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
 
     def submit(params: GenerationParams, on_preview=None):
         """The engine's job for ``params``, or the 400, 429 or 503 that refuses it."""
+        with _refused_for_room(), _as_bad_request():
+            return runtime.engine.submit(params, settings.request_timeout_s, on_preview)
+
+    @contextlib.contextmanager
+    def _refused_for_room():
+        """The engine's refusals for want of room as answers: 429 full, 503 shutting down."""
         try:
-            with _as_bad_request():
-                return runtime.engine.submit(params, settings.request_timeout_s, on_preview)
+            yield
         except QueueFullError as exc:
             raise ApiError(
                 429,
@@ -331,10 +344,14 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         return {"status": "ok"}
 
     @app.get("/readyz")
-    async def readyz():
+    async def readyz(request: Request):
         if not runtime.ready:
             return error_response(503, "not ready", None, "server_error")
         body = {"status": "ready", "model": runtime.model.name}
+        if not authorized(request):
+            # Open to the kubelet, like /healthz; the report (local paths, why a lever fell
+            # back) only to callers the API itself would answer.
+            return body
         if runtime.report is not None:
             body["optimizations"] = runtime.report.as_dict()
         body["startup_seconds"] = runtime.startup_seconds

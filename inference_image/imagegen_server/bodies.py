@@ -6,6 +6,7 @@ Errors follow OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}`
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import re
@@ -21,13 +22,22 @@ from pydantic import (
     StrictStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from .uploads import MEDIA_TYPES, edit_image, edit_mask, open_image
 
-SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
+SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")  # whole text: fullmatch
+# The fields of images.generate and images.edit in OpenAI's Python client that this server
+# has no use for (the README's table says why each); every other unknown field is a 400.
+OPENAI_IGNORED = frozenset({
+    "quality", "complexity", "style", "moderation", "input_fidelity", "frame_count",
+    "frame_duration_ms", "svg", "user", "safety_identifier",
+})
+# The longest LoRA name a service declares (a DNS label, as spec.model.loras names it).
+LORA_NAME_MAX = 63
 # A number, strictly: "7" is not one, nor NaN or infinity; 7 is 7.0.
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 # Deeper than any body of these routes nests. The parser's own bound is the interpreter's
@@ -60,6 +70,15 @@ class LoraChoice(BaseModel):
 
     _text = field_validator("name")(_unicode_text)
 
+    @field_validator("name")
+    @classmethod
+    def _declarable(cls, value: str) -> str:
+        # Checked after _unicode_text, so a lone surrogate is named as such.
+        if len(value) > LORA_NAME_MAX:
+            raise ValueError(f"must be at most {LORA_NAME_MAX} characters, as the names a "
+                             "service declares")
+        return value
+
 
 class ImageRequest(BaseModel):
     """What generations and edits share: OpenAI's fields plus seed, steps, guidance_scale,
@@ -70,11 +89,12 @@ class ImageRequest(BaseModel):
     strictly (``"2"`` is no number); a form's values are text and are read as such.
     """
 
-    # OpenAI clients send fields this server has no use for (quality, style, user): ignore them.
-    model_config = ConfigDict(extra="ignore")
+    # Anything else is refused, as OpenAI refuses it: a misspelt or foreign field
+    # (num_inference_steps, cfg_scale) would otherwise give a default image with a 200.
+    model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1)
-    model: str | None = None
+    model: str | None = Field(default=None, max_length=256)
     # null means "the default" for the optional OpenAI fields, as OpenAI itself treats them.
     n: int | None = 1
     size: str | None = None
@@ -82,8 +102,8 @@ class ImageRequest(BaseModel):
     output_format: str | None = None
     background: Literal["auto", "opaque", "transparent"] | None = None
     # Changes nothing for PNG; read only to refuse what OpenAI refuses. (The other fields
-    # this server ignores, such as quality and style, gain values as OpenAI's models do:
-    # they are left unread, so a newer client is not refused.)
+    # this server ignores, OPENAI_IGNORED, gain values as OpenAI's models do: they are left
+    # unread, so a newer client is not refused.)
     output_compression: int | None = Field(default=None, ge=0, le=100)
     stream: bool | None = None
     partial_images: int | None = None
@@ -95,6 +115,13 @@ class ImageRequest(BaseModel):
 
     _text = field_validator("prompt", "negative_prompt", "model")(_unicode_text)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _without_openai_extras(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: item for key, item in value.items() if key not in OPENAI_IGNORED}
+        return value
+
     @field_validator("size", check_fields=False)
     @classmethod
     def _size_grammar(cls, value: str | None) -> str | None:
@@ -102,7 +129,7 @@ class ImageRequest(BaseModel):
             # OpenAI's default: the server's choice, as when size is left out (the default
             # size for a generation, the upload's own for an edit).
             return None
-        if value is None or SIZE.match(value):
+        if value is None or SIZE.fullmatch(value):
             return value
         raise ValueError(
             f"size {value!r} is not WIDTHxHEIGHT in pixels, such as '512x512', or 'auto'")
@@ -193,7 +220,16 @@ def _encodable(text: str) -> str:
 
 
 # pydantic's error types -> OpenAI-style codes.
-VALIDATION_CODES = {"missing": "missing_required_parameter", "value_error": "invalid_value"}
+VALIDATION_CODES = {"missing": "missing_required_parameter", "value_error": "invalid_value",
+                    "extra_forbidden": "unknown_parameter"}
+# The most of a client's text an error message repeats.
+ECHOED_CHARS = 64
+
+
+def shown(text: str) -> str:
+    """A client's text as an error message quotes it: cut short, so a huge value gives a
+    short answer."""
+    return repr(text if len(text) <= ECHOED_CHARS else text[:ECHOED_CHARS] + "...")
 
 
 def validation_error(exc: ValidationError) -> ApiError:
@@ -207,6 +243,9 @@ def validation_error(exc: ValidationError) -> ApiError:
         message = str(first.get("ctx", {}).get("error", message))
         if param and param not in message:
             message = f"{param}: {message}"
+    elif kind == "extra_forbidden":
+        message = f"unknown parameter {shown(param)}: not a field of this API (see /openapi.json)"
+        param = param[:ECHOED_CHARS]
     elif kind == "model_type" and param:
         message = f"{param}: must be an object"
         if loc[0] == "lora":
@@ -246,6 +285,12 @@ async def read_json_body(request: Request, limit: int) -> Any:
     """The body as JSON, or the error a client should see: 415, 413 or 400."""
     _require_media_type(request, "application/json")
     body = await read_body(request, limit)
+    # Off the event loop: a large body takes a while to read, and the probes wait meanwhile.
+    return await asyncio.to_thread(json_value, body)
+
+
+def json_value(body: bytes) -> Any:
+    """``body`` as JSON, or the 400 that says why not."""
     too_deep = ApiError(400, "request body is nested too deeply", code="invalid_json")
     try:
         value = json.loads(body.decode("utf-8"))
@@ -362,12 +407,12 @@ async def read_form(request: Request, limit: int) -> tuple[dict[str, Any], dict[
                 continue
             name = key.removesuffix("[]")
             if "[" in name or "]" in name:
-                raise ApiError(400, f"{key} is not a field of this form; of its fields only "
-                               f"{', '.join(FORM_LISTS)} is a list of objects", param=key,
-                               code="invalid_value")
+                raise ApiError(400, f"{shown(key)} is not a field of this form; of its fields "
+                               f"only {', '.join(FORM_LISTS)} is a list of objects",
+                               param=key[:ECHOED_CHARS], code="invalid_value")
             if name in fields or name in files or name in lists:
-                raise ApiError(400, f"{name} is given more than once: send one", param=name,
-                               code="invalid_value")
+                raise ApiError(400, f"{shown(name)} is given more than once: send one",
+                               param=name[:ECHOED_CHARS], code="invalid_value")
             if isinstance(value, str):
                 if name in FORM_FILES:
                     raise ApiError(400, f"{name} must be a file upload, not a text field",
@@ -376,8 +421,9 @@ async def read_form(request: Request, limit: int) -> tuple[dict[str, Any], dict[
             elif name in FORM_FILES:
                 files[name] = await value.read()
             else:
-                raise ApiError(400, f"{name} is a file; only {' and '.join(FORM_FILES)} are",
-                               param=name, code="invalid_type")
+                raise ApiError(400, f"{shown(name)} is a file; only "
+                               f"{' and '.join(FORM_FILES)} are", param=name[:ECHOED_CHARS],
+                               code="invalid_type")
         for name, gathered in lists.items():
             if name in fields:
                 raise ApiError(400, f"{name} is given more than once: send one", param=name,

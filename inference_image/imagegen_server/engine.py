@@ -348,13 +348,8 @@ class Engine:
         # streams, which may send fewer partial images than asked for.
         if on_preview is not None and params.partial_images and self.previewer is not None:
             job.preview = PreviewRequest(on_preview)
-        capacity = self.settings.queue_capacity
         with self._lock:
-            if self._closed:
-                raise EngineClosedError("server is shutting down")
-            busy = bool(self._jobs)
-            if len(self._jobs) >= capacity or (busy and self.work_in_flight + job.cost > capacity):
-                raise QueueFullError(self.retry_after_s(job.cost))
+            self._check_room(job.cost)
             self._jobs.add(job)
             self.metrics.in_flight.set(len(self._jobs))
         self.stages[0].put(job)
@@ -362,6 +357,20 @@ class Engine:
         job.future.add_done_callback(
             lambda _: job.waiting_at is not None and job.waiting_at.take_back(job))
         return job
+
+    def check_room(self, params: GenerationParams) -> None:
+        """Refuse now what ``submit`` would refuse for want of room: for a caller with work to
+        do first (an upload to decode), which a full server would then refuse anyway."""
+        with self._lock:
+            self._check_room(self.cost(params))
+
+    def _check_room(self, cost: float) -> None:
+        if self._closed:
+            raise EngineClosedError("server is shutting down")
+        capacity = self.settings.queue_capacity
+        busy = bool(self._jobs)
+        if len(self._jobs) >= capacity or (busy and self.work_in_flight + cost > capacity):
+            raise QueueFullError(self.retry_after_s(cost))
 
     def generate(self, params: GenerationParams, timeout_s: float | None = None) -> list:
         """Submit and wait: the blocking form for warm-up, benchmarks and tests."""

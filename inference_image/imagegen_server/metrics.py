@@ -73,7 +73,8 @@ class ServerMetrics:
             "imagegen_requests_in_flight", "Accepted requests not yet answered.", registry=r
         )
         self.ready = Gauge(
-            "imagegen_ready", "1 once the model is loaded and warmed up.", registry=r
+            "imagegen_ready", "1 while the server takes requests: loaded, warmed up, every "
+            "stage working, not draining.", registry=r
         )
         self.info = Info("imagegen_server", "Model and speed settings in effect.", registry=r)
         for stage in STAGES:

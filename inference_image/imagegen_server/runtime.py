@@ -46,6 +46,9 @@ class ModelRuntime:
         self._drained = True  # whether that drain finished every accepted request
         self._thread: threading.Thread | None = None
         self._marks: cache_volume.KeepMarked | None = None  # the compile cache key in use
+        # Read at each scrape: 0 as soon as the server stops taking requests, whatever the
+        # cause (draining, a stage thread gone), as /readyz says.
+        self.metrics.ready.set_function(lambda: float(self.ready))
 
     # --- lifecycle ----------------------------------------------------------------------------
     def load(self) -> ModelRuntime:
@@ -137,7 +140,6 @@ class ModelRuntime:
         # From here on every graph torch.compile makes is a request waiting for it.
         self.metrics.recompiles.mark_ready()
         self._ready.set()
-        self.metrics.ready.set(1)
 
     def _compile_ahead_of_time(self, phase) -> None:
         """Load the denoiser's AOTInductor packages; compile those the volume lacks from calls
@@ -177,10 +179,15 @@ class ModelRuntime:
         return (self._ready.is_set() and self.engine is not None and self.engine.accepting
                 and self.engine.fault is None)
 
+    @property
+    def draining(self) -> bool:
+        """Whether a SIGTERM's drain (or the close after it) has begun."""
+        return self._drain_deadline is not None or (
+            self.engine is not None and not self.engine.accepting)
+
     def drain(self, timeout: float) -> bool:
         """SIGTERM's work, within one deadline: /readyz turns 503 and the engine drains
         (Engine.drain: accepted requests finish or are cancelled by the deadline)."""
-        self.metrics.ready.set(0)
         self._drain_deadline = time.monotonic() + timeout
         self._drained = self.engine is None or self.engine.drain(timeout)
         return self._drained
@@ -190,7 +197,6 @@ class ModelRuntime:
 
         After a SIGTERM's drain only what is left of its deadline: the pod's grace period
         holds one drain, and a job still in a long step was answered already."""
-        self.metrics.ready.set(0)
         if self._drain_deadline is not None:
             left = max(0.0, self._drain_deadline - time.monotonic())
             timeout = left if timeout is None else min(timeout, left)

@@ -42,6 +42,7 @@ CASES = {
     "size-number": case({"prompt": "x", "size": 64}, 400, "size"),
     "size-negative": case({"prompt": "x", "size": "-64x64"}, 400, "size"),
     "size-space": case({"prompt": "x", "size": " 64x64"}, 400, "size"),
+    "size-newline": case({"prompt": "x", "size": "64x64\n"}, 400, "size"),
     "size-capital-x": case({"prompt": "x", "size": "64X64"}, 400, "size"),
     "size-huge-digits": case({"prompt": "x", "size": "999999999x64"}, 400, "size"),
     # n: one limit, one message
@@ -57,6 +58,17 @@ CASES = {
     "lora-item-a-string": case({"prompt": "x", "lora": ["ink"]}, 400, "lora.0",
                                says="lora.0: must be an object such as"),
     "lora-not-a-list": case({"prompt": "x", "lora": {"name": "ink"}}, 400, "lora"),
+    "lora-name-huge": case({"prompt": "x", "lora": [{"name": "a" * 3000}]}, 400,
+                           "lora.0.name", says="at most 63"),
+    "lora-unknown-key": case({"prompt": "x", "lora": [{"name": "ink", "weight": 0.5}]}, 400,
+                             "lora.0.weight", code="unknown_parameter"),
+    # Fields of other APIs, or misspelt: refused, as OpenAI refuses them, never a default image
+    "unknown-diffusers-steps": case({"prompt": "x", "num_inference_steps": 1}, 400,
+                                    "num_inference_steps", code="unknown_parameter"),
+    "unknown-width": case({"prompt": "x", "width": 128}, 400, "width",
+                          code="unknown_parameter"),
+    "unknown-misspelt-seed": case({"prompt": "x", "sed": 5}, 400, "sed",
+                                  code="unknown_parameter"),
     # steps
     "steps-zero": case({"prompt": "x", "steps": 0}, 400, "steps"),
     "steps-too-many": case({"prompt": "x", "steps": 201}, 400, "steps"),
@@ -100,6 +112,7 @@ CASES = {
     "format-number": case({"prompt": "x", "response_format": 1}, 400, "response_format"),
     "model-unknown": case({"prompt": "x", "model": "dall-e-3"}, 404, "model"),
     "model-number": case({"prompt": "x", "model": 3}, 400, "model"),
+    "model-huge": case({"prompt": "x", "model": "m" * 3000}, 400, "model"),
     # streaming
     "stream-string": case({"prompt": "x", "stream": "yes"}, 400, "stream"),
     "stream-many": case({"prompt": "x", "stream": True, "n": 2}, 400, "n", says="one image"),
@@ -250,6 +263,27 @@ def test_the_openai_client_raises_its_class_for_the_case(client, name):
     assert type(info.value).__name__ == OPENAI_CLASSES[spec["status"]], info.value
     assert info.value.status_code == spec["status"]
     assert info.value.body["param"] == spec["param"]
+
+
+def test_a_huge_value_is_not_echoed_back(client):
+    for body in ({"prompt": "x", "lora": [{"name": "a" * 3000}]},  # the body's limit is 4096
+                 {"prompt": "x", "model": "m" * 3000},
+                 {"prompt": "x", "n" * 3000: 1}):
+        response = client.post(GENERATE, json=body, headers=AUTH)
+        assert response.status_code == 400 and len(response.content) < 1000, response.text
+
+
+def test_openais_own_fields_without_use_here_are_accepted(client):
+    extras = {"quality": "hd", "style": "vivid", "user": "u1", "moderation": "low",
+              "safety_identifier": "s", "complexity": "low"}
+    response = client.post(GENERATE, json={"prompt": "x", "steps": 1, **extras}, headers=AUTH)
+    assert response.status_code == 200, response.text
+
+
+def test_a_path_with_a_trailing_slash_is_a_404_in_openais_shape(client):
+    response = client.post(GENERATE + "/", json={"prompt": "x"}, headers=AUTH,
+                           follow_redirects=False)
+    assert response.status_code == 404 and response.json()["error"]["type"]
 
 
 def test_most_json_cases_go_through_the_openai_client_too():

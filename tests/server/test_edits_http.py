@@ -102,6 +102,7 @@ def png_with_a_text_chunk_too_large_to_inflate() -> bytes:
         ({"prompt": "x", "response_format": "url"}, {"image": GOOD}, "response_format", "inline"),
         ({"prompt": "x", "output_format": "webp"}, {"image": GOOD}, "output_format", "PNG"),
         ({"prompt": "x"}, {"image": GOOD, "markup": GOOD}, "markup", "only image and mask"),
+        ({"prompt": "x", "strenght": "0.1"}, {"image": GOOD}, "strenght", "unknown parameter"),
         # JSON that nests past the parser's recursion limit: a 400, never an unhandled error.
         ({"prompt": "x", "lora": "[" * 200_000 + "]" * 200_000}, {"image": GOOD}, "lora",
          "JSON list"),

@@ -600,6 +600,7 @@ def test_a_stage_thread_that_dies_answers_its_jobs_and_fails_health(client_for, 
     health = client.get("/healthz")
     assert health.status_code == 500 and "denoise stage stopped" in health.text
     assert client.get("/readyz").status_code == 503
+    assert "imagegen_ready 0.0" in client.get("/metrics").text  # an alert on it fires too
     late = client.post("/v1/images/generations", json={"prompt": "late"})
     assert late.status_code >= 500 and runtime.engine.in_flight == 0
 

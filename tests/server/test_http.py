@@ -87,12 +87,16 @@ def test_full_queue_answers_429_with_retry_after(client_for):
     try:
         assert gate.entered.wait(30)
         response = client.post(GENERATE, json={"prompt": "rejected"})
+        # An edit is refused before its upload is decoded (this one would not decode).
+        edit = client.post("/v1/images/edits", data={"prompt": "rejected"},
+                           files={"image": ("a.png", b"not decoded", "image/png")})
     finally:
         gate.close()
     worker.join(60)
     assert response.status_code == 429, response.text
     assert int(response.headers["Retry-After"]) >= 1
     assert response.json()["error"]["type"] == "rate_limit_error"
+    assert edit.status_code == 429 and int(edit.headers["Retry-After"]) >= 1, edit.text
     assert slow["r"].status_code == 200
 
 
@@ -109,6 +113,10 @@ def test_bearer_token_guards_the_api_but_not_the_probes(client_for, tmp_path):
     assert client.get("/v1/models").status_code == 401
     for probe in ("/healthz", "/readyz", "/metrics"):
         assert client.get(probe).status_code == 200, probe
+    # The probe says ready to anyone; what the start did (paths, fallbacks) to the token only.
+    assert client.get("/readyz").json() == {"status": "ready", "model": "sd15"}
+    told = client.get("/readyz", headers={"Authorization": "Bearer s3cret"}).json()
+    assert {"optimizations", "startup_seconds"} <= told.keys()
 
 
 def test_a_rotated_token_file_takes_effect_without_a_restart(client_for, tmp_path):

@@ -180,6 +180,7 @@ def test_sigterm_finishes_accepted_requests_then_exits(tiny_models):
             time.sleep(0.05)
         late = httpx.post(base_url + "/v1/images/generations", json={"prompt": "late"}, timeout=5)
         assert late.status_code == 503, late.text
+        assert "shutting down" in late.json()["error"]["message"]
         assert int(late.headers["Retry-After"]) >= 1
         assert late.json()["error"]["type"] == "server_error"
         assert httpx.get(base_url + "/readyz", timeout=5).status_code == 503
