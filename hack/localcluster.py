@@ -401,19 +401,20 @@ def up(cluster_dir: Path, tools: Path | None = None) -> LocalCluster:
             "--node-lease-duration-seconds=40",
             f"--server-address=127.0.0.1:{kwok_port}",
         ])
+        link_dir = cluster_dir / "bin"
+        link_dir.mkdir(exist_ok=True)
+        for tool in ("kubectl", "helm", "kubeconform", "kwok"):
+            link = link_dir / tool
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(tool_bin / tool)
+        cluster = LocalCluster(dir=cluster_dir, bin=link_dir, server=server)
+        _wait_for_default_service_account(cluster)
     except BaseException:
+        # Whatever stopped the start (a slow controller-manager included), nothing of it
+        # is left running.
         down(cluster_dir)
         raise
-
-    link_dir = cluster_dir / "bin"
-    link_dir.mkdir(exist_ok=True)
-    for tool in ("kubectl", "helm", "kubeconform", "kwok"):
-        link = link_dir / tool
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(tool_bin / tool)
-    cluster = LocalCluster(dir=cluster_dir, bin=link_dir, server=server)
-    _wait_for_default_service_account(cluster)
     return cluster
 
 

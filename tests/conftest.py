@@ -13,7 +13,9 @@ for path in (ROOT / "hack", ROOT / "tests", ROOT / "operator", ROOT / "inference
 # names (httpx, urllib, the Kubernetes clients and kubectl would send 127.0.0.1 there too).
 for _name in ("NO_PROXY", "no_proxy"):
     os.environ[_name] = ",".join(
-        filter(None, [os.environ.get(_name), "127.0.0.1", "localhost", "::1"]))
+        filter(None, [os.environ.get(_name), "127.0.0.1", "localhost", "::1",
+                      "127.0.0.2",  # the other loopback address some tests bind
+                      "127.0.0.0/8"]))  # for Go's clients, which read ranges
 
 
 def pytest_configure(config):

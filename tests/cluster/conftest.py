@@ -1,7 +1,8 @@
 """The real control plane for cluster tests: one per test session.
 
-Built from pinned sources on first use (see hack/build-tools.sh) and torn down
-when the session ends, also when tests fail or the run is interrupted.
+Built from pinned sources on first use (see hack/build-tools.sh) and torn down once the
+last cluster test is done (the server and unit tests after them get the machine's cores to
+themselves), also when tests fail or the run is interrupted.
 """
 
 from __future__ import annotations
@@ -12,6 +13,23 @@ from pathlib import Path
 import pytest
 
 import localcluster
+
+HERE = Path(__file__).resolve().parent
+# The control planes this session started, to stop once no cluster test is left.
+_started: list[Path] = []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    # Tests are collected directory by directory, so the cluster tests run together: after
+    # the last of them, and after its fixtures' teardown (the wrapper's second half), the
+    # control plane stops rather than idle beside the rest. (A fixture's "package" scope is
+    # the session's here: this directory has no __init__.py.)
+    result = yield
+    if nextitem is None or HERE not in nextitem.path.parents:
+        while _started:
+            localcluster.down(_started.pop())
+    return result
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +42,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         return
     cluster_dir = tmp_path_factory.mktemp("cluster")
     running = localcluster.up(cluster_dir)
+    _started.append(cluster_dir)
     try:
         yield running
     finally:

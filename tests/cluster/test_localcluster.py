@@ -43,14 +43,15 @@ def cpu_load(workers: int) -> Iterator[None]:
 def test_up_gives_a_working_kubeconfig_and_down_leaves_no_process(tmp_path, cluster):
     # `cluster` first: the binaries are built (or found in the cache) by then.
     cluster_dir = tmp_path / "c"
-    up = subprocess.run([sys.executable, str(SCRIPT), "up", "--dir", str(cluster_dir)],
-                        capture_output=True, text=True, timeout=300)
-    assert up.returncode == 0, up.stderr
-    pids = [int(line.split()[0]) for line in (cluster_dir / "pids").read_text().splitlines()]
-    names = [line.split()[1] for line in (cluster_dir / "pids").read_text().splitlines()]
-    assert names == ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
-                     "kwok"]
     try:
+        up = subprocess.run([sys.executable, str(SCRIPT), "up", "--dir", str(cluster_dir)],
+                            capture_output=True, text=True, timeout=300)
+        assert up.returncode == 0, up.stderr
+        pids = [int(line.split()[0])
+                for line in (cluster_dir / "pids").read_text().splitlines()]
+        names = [line.split()[1] for line in (cluster_dir / "pids").read_text().splitlines()]
+        assert names == ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
+                         "kwok"]
         kubectl = cluster_dir / "bin" / "kubectl"
         nodes = subprocess.run(
             [str(kubectl), "--kubeconfig", str(cluster_dir / "kubeconfig"), "get", "nodes"],

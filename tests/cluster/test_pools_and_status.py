@@ -331,7 +331,10 @@ def test_a_field_added_by_hand_to_the_pod_template_is_removed(cluster, operator)
                     timeout=70)
 
     cluster.kubectl("rollout", "restart", "deployment/owned", "-n", NS)
-    time.sleep(3)  # several reconciles (resync 1 s)
+    # A second hand edit, and its removal: a reconcile has run since the restart.
+    cluster.kubectl("patch", "deployment", "owned", "-n", NS, "--type=merge", "-p",
+                    '{"spec":{"template":{"spec":{"nodeSelector":{"disk":"nvme"}}}}}')
+    eventually(lambda: "disk" not in selector(), timeout=30, what="the second key removed")
     template = get_json(cluster, "deployment", "owned", "-n", NS)["spec"]["template"]
     assert "kubectl.kubernetes.io/restartedAt" in template["metadata"].get("annotations", {})
     delete_services(cluster, operator, NS, "owned")

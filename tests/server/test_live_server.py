@@ -6,9 +6,11 @@ import base64
 import contextlib
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -116,7 +118,8 @@ def _in_flight(base_url: str) -> float:
 
 @contextlib.contextmanager
 def server_process(model, *flags: str, env: dict | None = None):
-    """The real `imagegen-server` process on 127.0.0.1, ready; yields (base_url, process)."""
+    """The real `imagegen-server` process on 127.0.0.1, ready; yields (base_url, process,
+    the file its output goes to: a pipe nobody reads until the end could fill and stall it)."""
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": str(REPO / "inference_image"), "IMAGEGEN_TORCH_THREADS": "1",
@@ -126,7 +129,9 @@ def server_process(model, *flags: str, env: dict | None = None):
         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--device", "cpu",
         "--default-steps", "3", "--max-batch-size", "1", "--log-level", "info", *flags,
     ]  # fmt: skip
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = Path(tempfile.mkdtemp(prefix="imagegen-server-")) / "output.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -135,29 +140,32 @@ def server_process(model, *flags: str, env: dict | None = None):
                     break
             except httpx.TransportError:
                 pass
-            assert process.poll() is None, process.stdout.read().decode()
+            assert process.poll() is None, log.read_text()
             time.sleep(0.2)
         else:
             pytest.fail("server never became ready")
-        yield base_url, process
+        yield base_url, process, log
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+        shutil.rmtree(log.parent, ignore_errors=True)
 
 
 @pytest.mark.slow
 def test_sigterm_finishes_accepted_requests_then_exits(tiny_models):
-    # Room for the five 60-step requests: admission counts work (each is 20 default requests).
-    with server_process(tiny_models["sd15"], "--queue-capacity", "100") as (base_url, process):
+    # Room for the five 200-step requests: admission counts work (each is 67 default
+    # requests). 200 steps, so all five are in before the first is done, however fast the CPU.
+    with server_process(tiny_models["sd15"], "--queue-capacity", "400") as (
+            base_url, process, log):
         results: dict[int, Any] = {}
 
         def call(i: int) -> None:
-            body = {"prompt": f"drain {i}", "seed": i, "steps": 60}
+            body = {"prompt": f"drain {i}", "seed": i, "steps": 200}
             results[i] = httpx.post(base_url + "/v1/images/generations", json=body, timeout=120)
 
         def streamed() -> None:
-            body = {"prompt": "drain streamed", "seed": 9, "steps": 60, "stream": True}
+            body = {"prompt": "drain streamed", "seed": 9, "steps": 200, "stream": True}
             with httpx.stream("POST", base_url + "/v1/images/generations", json=body,
                               timeout=120) as response:
                 results[4] = response.read().decode()
@@ -193,9 +201,9 @@ def test_sigterm_finishes_accepted_requests_then_exits(tiny_models):
         assert all(r.json()["data"][0]["b64_json"] for r in results.values())
         # uvicorn re-raises the signal after its graceful shutdown, so the status names SIGTERM.
         assert process.wait(timeout=60) in (0, -signal.SIGTERM)
-        output = process.stdout.read()
-        assert b"shutdown: drained" in output
-        assert b"Traceback" not in output and b"ERROR" not in output, output.decode()
+        output = log.read_text()
+        assert "shutdown: drained" in output
+        assert "Traceback" not in output and "ERROR" not in output, output
 
 
 @pytest.mark.slow
@@ -204,7 +212,7 @@ def test_sigterm_cancels_what_cannot_finish_by_the_drain_deadline(tiny_models):
     with server_process(
         tiny_models["sd15"], "--drain-timeout-s", str(drain_s),
         env={"IMAGEGEN_MAX_PIXELS": str(256 * 256)},
-    ) as (base_url, process):
+    ) as (base_url, process, log):
         result: dict = {}
         body = {"prompt": "too long to finish", "steps": 200, "size": "256x256"}
         worker = threading.Thread(target=lambda: result.setdefault("r", httpx.post(
@@ -218,7 +226,7 @@ def test_sigterm_cancels_what_cannot_finish_by_the_drain_deadline(tiny_models):
         worker.join(120)
         exit_status = process.wait(timeout=120)
         took = time.monotonic() - signalled
-        output = process.stdout.read().decode()
+        output = log.read_text()
     # The client is told, rather than cut off; the process is gone within the drain deadline
     # plus the flush time and the stages' stop: well inside a pod's grace period.
     response = result["r"]

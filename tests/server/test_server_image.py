@@ -95,7 +95,7 @@ def test_the_image_serves_the_openai_client_and_drains_on_sigterm(server):
 
     def slow_request() -> None:
         answer = client.images.generate(prompt="slow", size="64x64", response_format="b64_json",
-                                        extra_body={"steps": 150, "seed": 1})
+                                        extra_body={"steps": 200, "seed": 1})  # the most allowed
         answers.append(len(answer.data))
 
     def in_flight() -> float:
