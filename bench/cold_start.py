@@ -157,7 +157,10 @@ def main(argv=None) -> dict:
         # Every inductor and Triton cache goes under `cache`, so "empty" really is empty and
         # nothing from earlier runs in /tmp/torchinductor_<user> leaks into the cold start.
         env = {
-            **os.environ,
+            # No token from the caller's environment: /readyz tells its phases to token
+            # holders only, and this server is the benchmark's own, on 127.0.0.1.
+            **{k: v for k, v in os.environ.items()
+               if k not in ("IMAGEGEN_AUTH_TOKEN", "IMAGEGEN_AUTH_TOKEN_FILE")},
             "PYTHONPATH": os.pathsep.join(
                 [str(common.ROOT / "inference_image"), os.environ.get("PYTHONPATH", "")]
             ),

@@ -162,10 +162,9 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         # given) is checked before the upload is decoded, which takes a while for a large one.
         with _as_bad_request():
             check_edits_served(runtime.steps)
-        asked = params_of(body, parse_size(body.size))
-        check_limits(asked)
+        check_limits(params_of(body, parse_size(body.size)))
         with _refused_for_room():  # before the decode: a full server would refuse it after
-            runtime.engine.check_room(asked)
+            runtime.engine.check_room()
         try:
             image, mask, media_type = await asyncio.to_thread(
                 decode_uploads, files, settings.max_upload_pixels

@@ -358,19 +358,22 @@ class Engine:
             lambda _: job.waiting_at is not None and job.waiting_at.take_back(job))
         return job
 
-    def check_room(self, params: GenerationParams) -> None:
-        """Refuse now what ``submit`` would refuse for want of room: for a caller with work to
-        do first (an upload to decode), which a full server would then refuse anyway."""
+    def check_room(self) -> None:
+        """Refuse now what ``submit`` would refuse whatever the request: for a caller with
+        work to do first (an upload to decode), which a full server would then refuse anyway.
+        (Its cost is not known yet, an edit's size and share of the steps being the upload's:
+        ``submit`` weighs that.)"""
         with self._lock:
-            self._check_room(self.cost(params))
+            self._check_room(None)
 
-    def _check_room(self, cost: float) -> None:
+    def _check_room(self, cost: float | None) -> None:
         if self._closed:
             raise EngineClosedError("server is shutting down")
         capacity = self.settings.queue_capacity
         busy = bool(self._jobs)
-        if len(self._jobs) >= capacity or (busy and self.work_in_flight + cost > capacity):
-            raise QueueFullError(self.retry_after_s(cost))
+        if len(self._jobs) >= capacity or (
+                cost is not None and busy and self.work_in_flight + cost > capacity):
+            raise QueueFullError(self.retry_after_s(1.0 if cost is None else cost))
 
     def generate(self, params: GenerationParams, timeout_s: float | None = None) -> list:
         """Submit and wait: the blocking form for warm-up, benchmarks and tests."""

@@ -177,7 +177,8 @@ class ModelRuntime:
     @property
     def ready(self) -> bool:
         return (self._ready.is_set() and self.engine is not None and self.engine.accepting
-                and self.engine.fault is None)
+                and self.engine.fault is None
+                and self._drain_deadline is None)  # a SIGTERM while loading: never ready
 
     @property
     def draining(self) -> bool:

@@ -21,15 +21,17 @@ _started: list[Path] = []
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
-    # Tests are collected directory by directory, so the cluster tests run together: after
-    # the last of them, and after its fixtures' teardown (the wrapper's second half), the
-    # control plane stops rather than idle beside the rest. (A fixture's "package" scope is
-    # the session's here: this directory has no __init__.py.)
-    result = yield
-    if nextitem is None or HERE not in nextitem.path.parents:
-        while _started:
-            localcluster.down(_started.pop())
-    return result
+    # After the last cluster test of the run, and after its fixtures' teardown (the wrapper's
+    # second half, also when one of them failed), the control plane stops rather than idle
+    # beside the server and unit tests. (A fixture's "package" scope is the session's here:
+    # this directory has no __init__.py.)
+    try:
+        return (yield)
+    finally:
+        items = item.session.items
+        if not any(HERE in later.path.parents for later in items[items.index(item) + 1:]):
+            while _started:
+                localcluster.down(_started.pop())
 
 
 @pytest.fixture(scope="session")

@@ -120,6 +120,14 @@ def test_bad_uploads_are_400s_naming_the_field(client_for, data, files, param, w
     assert encoder_calls() == 0 and client.app.state.runtime.engine.in_flight == 0
 
 
+def test_openais_svg_object_is_ignored_as_its_client_writes_it(client_for):
+    client = client_for()
+    fields = {"prompt": "x", "steps": "2", "svg[model]": "m", "svg[reasoning][effort]": "low",
+              "input_fidelity": "high", "user": "u1"}
+    response = client.post(EDITS, data=fields, files=form(image=GOOD))
+    assert response.status_code == 200, response.text
+
+
 def test_two_images_and_other_bodies_are_refused(client_for):
     client = client_for()
     twice = [("image[]", ("a.png", GOOD, "image/png")), ("image[]", ("b.png", GOOD, "image/png"))]

@@ -70,6 +70,21 @@ def test_single_requests_equal_diffusers_exactly(make_runtime, reference_pipelin
     assert exact == 4
 
 
+def test_a_sigterm_while_loading_keeps_the_server_from_turning_ready(tiny_models):
+    from server_testlib import tiny_settings
+
+    from imagegen_server.runtime import ModelRuntime
+
+    runtime = ModelRuntime(tiny_settings(tiny_models["sd15"], warmup=False))
+    try:
+        assert runtime.drain(5.0)  # the signal comes before the model is there
+        runtime.load()
+        assert not runtime.ready
+        assert runtime.metrics.ready._value.get() == 0  # what /metrics reads
+    finally:
+        runtime.close(timeout=30)
+
+
 def test_different_seeds_give_different_images(make_runtime):
     runtime = make_runtime("sd15")
     a = runtime.engine.generate(runtime.params("same prompt", seed=1))[0]

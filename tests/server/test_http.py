@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from server_testlib import Gate, mean_abs_diff
+from server_testlib import Gate, mean_abs_diff, wait_until
 
 from imagegen_server.api import ConfigError, create_app
 from imagegen_server.config import ServerSettings
@@ -98,6 +98,33 @@ def test_full_queue_answers_429_with_retry_after(client_for):
     assert response.json()["error"]["type"] == "rate_limit_error"
     assert edit.status_code == 429 and int(edit.headers["Retry-After"]) >= 1, edit.text
     assert slow["r"].status_code == 200
+
+
+def test_an_edit_with_room_by_its_own_cost_is_not_refused_before_its_decode(client_for):
+    # A request on the device (4 of the default 3 steps: 1.33 units of work), room for two:
+    # an edit running a third of its steps (0.33 units) fits, where a whole default
+    # request (1 unit) would not.
+    client = client_for(queue_capacity=2, max_batch_size=1)
+    gate = Gate(client.app.state.runtime)
+    answers: dict = {}
+    held = threading.Thread(target=lambda: answers.setdefault(
+        "held", client.post(GENERATE, json={"prompt": "held", "steps": 4})))
+    held.start()
+    try:
+        assert gate.entered.wait(30)
+        source = io.BytesIO()
+        Image.new("RGB", (64, 64), (120, 60, 30)).save(source, format="PNG")
+        editing = threading.Thread(target=lambda: answers.setdefault("edit", client.post(
+            "/v1/images/edits", data={"prompt": "edit", "strength": "0.34"},
+            files={"image": ("a.png", source.getvalue(), "image/png")})))
+        editing.start()
+        wait_until(lambda: client.app.state.runtime.engine.in_flight == 2 or "edit" in answers)
+    finally:
+        gate.close()
+    held.join(60)
+    editing.join(60)
+    assert answers["edit"].status_code == 200, answers["edit"].text
+    assert answers["held"].status_code == 200
 
 
 def test_bearer_token_guards_the_api_but_not_the_probes(client_for, tmp_path):
