@@ -138,6 +138,17 @@ class MachinePrice:
     spot: float
 
 
+# The share of its memory units' part of the GPU that a MIG slice gives a process, by the
+# number of units (of eight), as `nvidia-smi mig -lgip` lists the profiles. Ampere: NVIDIA's
+# MIG user guide gives the A100 40GB's 1g.5gb 4.75 GiB, 2g.10gb 9.75, 3g.20gb 19.62 and
+# 7g.40gb 39.50 of its 40 GiB (the A100 80GB's 1g.10gb, 9.5 GiB of 80, agrees). Hopper: an
+# H100 80GB lists 1g.10gb 9.75 GiB, 1g.20gb 19.62, 3g.40gb 39.50 and 7g.80gb 79.25 of its
+# 79.65; the H200 is taken to keep the same shares. Rounded down: the fit check errs towards
+# "does not fit" rather than a pod out of memory at load.
+AMPERE_MIG_MEMORY_SHARE = {1: 0.95, 2: 0.975, 4: 0.981, 8: 0.9875}
+HOPPER_MIG_MEMORY_SHARE = {1: 0.979, 2: 0.985, 4: 0.991, 8: 0.994}
+
+
 @dataclass(frozen=True)
 class Accelerator:
     """One ``gpu.type``: its memory, MIG sizes, machine shapes and GPU price."""
@@ -157,6 +168,8 @@ class Accelerator:
     short_name: str
     # FP8 tensor cores: Ada (L4) and Hopper (H100, H200); not Turing (T4) or Ampere (A100).
     fp8: bool = False
+    # Memory units of a MIG slice -> the share of their part a process gets (see above).
+    mig_memory_share: dict[int, float] = field(default_factory=dict, hash=False)
 
     @property
     def mig_capable(self) -> bool:
@@ -209,6 +222,7 @@ ACCELERATORS: dict[str, Accelerator] = {
             gpu_usd_hour=2.93,
             gpu_spot_usd_hour=1.17,
             short_name="a100",
+            mig_memory_share=AMPERE_MIG_MEMORY_SHARE,
         ),
         Accelerator(
             name="nvidia-a100-80gb",
@@ -225,6 +239,7 @@ ACCELERATORS: dict[str, Accelerator] = {
             gpu_usd_hour=3.93,
             gpu_spot_usd_hour=1.57,
             short_name="a100-80",
+            mig_memory_share=AMPERE_MIG_MEMORY_SHARE,
         ),
         Accelerator(
             name="nvidia-h100-80gb",
@@ -241,6 +256,7 @@ ACCELERATORS: dict[str, Accelerator] = {
             gpu_usd_hour=9.80,
             gpu_spot_usd_hour=2.25,
             short_name="h100",
+            mig_memory_share=HOPPER_MIG_MEMORY_SHARE,
             fp8=True,
         ),
         Accelerator(
@@ -259,6 +275,7 @@ ACCELERATORS: dict[str, Accelerator] = {
             gpu_usd_hour=10.60,
             gpu_spot_usd_hour=3.72,
             short_name="h200",
+            mig_memory_share=HOPPER_MIG_MEMORY_SHARE,
             fp8=True,
         ),
     )
@@ -286,6 +303,16 @@ def _tiers(total: float, tiers: tuple[tuple[float, float], ...], rest: float) ->
         reserved += min(max(total, 0.0), size) * share
         total -= size
     return reserved + max(total, 0.0) * rest
+
+
+# Pods one node of a Standard cluster runs: 110 unless the cluster or the pool set another
+# number when made (GKE's "Configure maximum Pods per node",
+# cloud.google.com/kubernetes-engine/docs/how-to/flexible-pod-cidr), GKE's own pods counted.
+DEFAULT_MAX_PODS_PER_NODE = 110
+# GKE's pods on a GPU node (kube-proxy, logging and metrics agents, netd, the CSI drivers,
+# the GPU device plugin, the metadata server): an allowance, their number varying with the
+# cluster's features.
+SYSTEM_PODS_PER_NODE = 10
 
 
 def node_allocatable(machine_type: str) -> tuple[float, float] | None:
@@ -360,7 +387,7 @@ def mig_slice_memory_gib(partition_size: str) -> int:
     """The memory of one MIG slice, read from its name (``3g.40gb`` -> 40).
 
     Names round to whole GB (3g.71gb is half of an H200's 141 GB), so this is
-    nominal; ``usable_slice_gib`` scales it to what the GPU reports.
+    nominal; ``usable_slice_gib`` says what a process in the slice gets.
     """
     match = _MIG_SIZE_RE.match(partition_size)
     if not match:
@@ -368,11 +395,23 @@ def mig_slice_memory_gib(partition_size: str) -> int:
     return int(match.group(2))
 
 
+MIG_MEMORY_UNITS = 8
+
+
+def mig_memory_units(gpu_type: str, partition_size: str) -> int:
+    """Of the GPU's eight memory units, how many a slice has: its name's memory over an
+    eighth of the GPU's (``1g.18gb`` of an H200's 141 GB: 1; ``3g.71gb``: 4)."""
+    eighth = accelerator(gpu_type).memory_gib / MIG_MEMORY_UNITS
+    return round(mig_slice_memory_gib(partition_size) / eighth)
+
+
 def usable_slice_gib(gpu_type: str, partition_size: str) -> float:
-    """One MIG slice's memory scaled as the whole GPU's is (what CUDA reports against what
-    the name says): an estimate, the slices' exact sizes being the driver's."""
+    """What a process in one MIG slice of ``gpu_type`` can allocate, in GiB: its memory
+    units' part of what the whole GPU reports, less what the driver keeps per slice
+    (``mig_memory_share``). Not the name's number: an H200's 1g.18gb holds about 17 GiB."""
     acc = accelerator(gpu_type)
-    return mig_slice_memory_gib(partition_size) * acc.usable_mib / (acc.memory_gib * 1024)
+    units = mig_memory_units(gpu_type, partition_size)
+    return units * acc.usable_mib / 1024 / MIG_MEMORY_UNITS * acc.mig_memory_share[units]
 
 
 def mig_compute_units(partition_size: str) -> int:

@@ -155,6 +155,11 @@ class RequestsExceedNode(Finding):
     the pods past that stay Pending however many slots are free."""
 
 
+class TooManyPodsPerNode(Finding):
+    """A node has more slots than GKE runs pods on one node: the pods past that stay
+    Pending, and the node count is that much short."""
+
+
 class FlexStartOnOneNode(Finding):
     """Flex-start nodes end after seven days: a service on one node ends with it."""
 
@@ -498,6 +503,7 @@ def make_plan(inputs: PlanInputs) -> Plan:
         findings += _check_obtainable(machine, i)
     if machine is not None and i.provider != "Existing":
         findings += _check_node_room(i, machine, per_node)
+    findings += _check_pods_per_node(per_node)
     findings += _check_flex_start(i, nodes_needed)
     if i.max_replicas is not None and not i.monitored:
         findings.append(AutoscalingUnscraped(
@@ -675,6 +681,25 @@ def _check_obtainable(machine: str, i: PlanInputs) -> list[Finding]:
             blocking=False,
         )]
     return []
+
+
+def _check_pods_per_node(per_node: int) -> list[Finding]:
+    """Whether a node's worth of pods (one per slot) fits the pods GKE runs on one node."""
+    room = gke.DEFAULT_MAX_PODS_PER_NODE - gke.SYSTEM_PODS_PER_NODE
+    if per_node <= room:
+        return []
+    return [TooManyPodsPerNode(
+        f"a node has {per_node} slot(s), one pod each, but GKE runs "
+        f"{gke.DEFAULT_MAX_PODS_PER_NODE} pods on a node unless the cluster sets another "
+        "maximum, about "
+        f"{gke.SYSTEM_PODS_PER_NODE} of them its own: past {room} serving pods a node's "
+        "slots stay empty and the pods past them Pending. Share each GPU among fewer clients "
+        "(spec.gpu.sharing.maxSharedClientsPerGpu), or fewer GPUs per node "
+        "(spec.gpu.countPerNode)",
+        ("spec.gpu.sharing.maxSharedClientsPerGpu", "spec.gpu.countPerNode",
+         "spec.gpu.partitionSize"),
+        blocking=False,
+    )]
 
 
 def _check_node_room(i: PlanInputs, machine: str, per_node: int) -> list[Finding]:

@@ -99,7 +99,7 @@ def test_plan_table_shows_the_capacity_math() -> None:
     assert "mig:1g.10gb+ts:2: 7 partition(s) x 2 client(s) = 14 slot(s) per GPU" in out
     assert "machine a3-highgpu-1g" in out
     assert "igs-h100x1-mig1g10gb-ts2" in out
-    assert "vs 4.98 GiB per slot" in out  # 10 GB of an H100 that CUDA sees as 79.6 GiB
+    assert "vs 4.87 GiB per slot" in out  # an H100 1g.10gb slice: 9.75 GiB, for two
     assert "on-demand" in out and "Spot" in out and "estimate" in out
 
 

@@ -21,6 +21,7 @@ from imagegen_operator.planner import (
     PoolTooSmall,
     QuantizationUnsupported,
     RequestsExceedNode,
+    TooManyPodsPerNode,
     SharingClientsOutOfRange,
     UnknownGpuType,
     UnknownPartitionSize,
@@ -43,6 +44,9 @@ def reasons(p) -> list[str]:
 # What each GPU reports as its memory (nvidia-smi's memory.total, MiB) over what its name says:
 # a slot's memory is what CUDA gives, not the decimal GB the GPU is sold by.
 H100, L4, H200 = 81559 / (80 * 1024), 23034 / (24 * 1024), 143771 / (141 * 1024)
+# A MIG slice: its memory units' eighths of that, less what the driver keeps (NVIDIA's A100
+# 40GB profile list: 1g.5gb 4.75 GiB, 3g.20gb 19.62, of 40; an H100's 1g.10gb: 9.75 GiB).
+H200_EIGHTH = 143771 / 1024 / 8
 
 # gpu config -> (partitions per GPU, clients, slots per GPU, slot memory GiB)
 SLOT_CASES = [
@@ -53,12 +57,13 @@ SLOT_CASES = [
             sharing_strategy="TimeSharing",
             max_shared_clients=2,
         ),
-        (7, 2, 14, 5.0 * H100),
+        (7, 2, 14, 9.75 / 2),
     ),
     (dict(gpu_type="nvidia-l4", sharing_strategy="MPS", max_shared_clients=4),
      (1, 4, 4, 6.0 * L4)),
-    (dict(gpu_type="nvidia-tesla-a100", partition_size="1g.5gb"), (7, 1, 7, 5.0)),
-    (dict(gpu_type="nvidia-a100-80gb", partition_size="3g.40gb"), (2, 1, 2, 40.0)),
+    (dict(gpu_type="nvidia-tesla-a100", partition_size="1g.5gb"), (7, 1, 7, 4.75)),
+    (dict(gpu_type="nvidia-tesla-a100", partition_size="3g.20gb"), (2, 1, 2, 19.62)),
+    (dict(gpu_type="nvidia-a100-80gb", partition_size="3g.40gb"), (2, 1, 2, 40.0 * 0.981)),
     (
         dict(
             gpu_type="nvidia-h200-141gb",
@@ -67,7 +72,7 @@ SLOT_CASES = [
             sharing_strategy="MPS",
             max_shared_clients=3,
         ),
-        (2, 3, 6, 71 / 3 * H200),
+        (2, 3, 6, 4 * H200_EIGHTH * 0.991 / 3),
     ),
     (dict(gpu_type="nvidia-tesla-t4"), (1, 1, 1, 15.0)),
     (
@@ -86,7 +91,7 @@ def test_slots_and_slot_memory(config: dict, expected: tuple) -> None:
         clients,
         slots,
     )
-    assert p.slot_memory_gib == pytest.approx(slot_gib, abs=1e-3)
+    assert p.slot_memory_gib == pytest.approx(slot_gib, abs=2e-3)
     assert p.slots_per_node == slots * p.count_per_node
 
 
@@ -144,7 +149,7 @@ def test_model_that_does_not_fit_its_slice_is_a_blocking_finding() -> None:
     assert finding.blocking and not p.workable
     assert "spec.model.memoryGiB" in finding.fields
     assert "spec.gpu.partitionSize" in finding.fields
-    assert "6 GiB" in finding.message and "4.98 GiB" in finding.message
+    assert "6 GiB" in finding.message and "4.87 GiB" in finding.message
     assert finding.to_dict()["reason"] == "ModelDoesNotFitSlice"
     assert finding.to_dict()["severity"] == "error"
 
@@ -352,6 +357,19 @@ def test_a_nodes_pods_that_ask_for_more_than_it_offers_are_a_warning() -> None:
     existing = make_plan(inputs("nvidia-l4", cpu_request=2, memory_request_gib=8,
                                 **{**mps4, "provider": "Existing"}))
     assert not any(isinstance(f, RequestsExceedNode) for f in existing.findings)
+
+
+def test_more_slots_than_gke_runs_pods_on_a_node_are_a_warning() -> None:
+    # 8 H100s x 7 slices x 2 clients: 112 slots, past GKE's 110 pods a node less its own.
+    mig_ts = dict(partition_size="1g.10gb", sharing_strategy="TimeSharing",
+                  max_shared_clients=2, spot=True, provider="GKE")
+    crowded = make_plan(inputs("nvidia-h100-80gb", count_per_node=8, **mig_ts))
+    [finding] = [f for f in crowded.findings if isinstance(f, TooManyPodsPerNode)]
+    assert not finding.blocking and crowded.workable
+    assert "112 slot(s)" in finding.message and "110 pods" in finding.message
+    assert "spec.gpu.sharing.maxSharedClientsPerGpu" in finding.fields
+    roomy = make_plan(inputs("nvidia-h100-80gb", count_per_node=4, **mig_ts))  # 56
+    assert not any(isinstance(f, TooManyPodsPerNode) for f in roomy.findings)
 
 
 # --- node-pool names -------------------------------------------------------------
