@@ -259,15 +259,23 @@ def test_uninstall_check_pod_is_admitted_under_the_restricted_standard(cluster, 
     out = subprocess.run([str(cluster.bin / "helm"), *args, "--show-only",
                           "templates/uninstall-check.yaml"],
                          capture_output=True, text=True, check=True, timeout=60).stdout
-    job = yaml.safe_load(out)
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    (job,) = [d for d in docs if d["kind"] == "Job"]
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete"
-    # The pod its Job controller would make, as Pod Security admission would see it.
-    pod = {"apiVersion": "v1", "kind": "Pod",
-           "metadata": {"name": "uninstall-check", "namespace": NAMESPACE,
-                        "labels": job["spec"]["template"]["metadata"]["labels"]},
-           "spec": job["spec"]["template"]["spec"]}
-    result = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump(pod),
-                             check=False)
+    # Its own ServiceAccount, which Helm makes first (a pod naming a missing one is refused).
+    (account,) = [d for d in docs if d["kind"] == "ServiceAccount"]
+    apply(cluster, account)
+    try:
+        # The pod its Job controller would make, as Pod Security admission would see it.
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "uninstall-check", "namespace": NAMESPACE,
+                            "labels": job["spec"]["template"]["metadata"]["labels"]},
+               "spec": job["spec"]["template"]["spec"]}
+        result = cluster.kubectl("apply", "--dry-run=server", "-f", "-",
+                                 input=yaml.safe_dump(pod), check=False)
+    finally:
+        cluster.kubectl("delete", "serviceaccount", account["metadata"]["name"], "-n",
+                        NAMESPACE, check=False)
     assert result.returncode == 0, result.stderr
     assert "Warning" not in result.stderr, result.stderr
 

@@ -117,7 +117,8 @@ def test_default_render_has_the_operator_and_nothing_optional():
         "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Deployment",
         "Pod", "Service", "ServiceAccount",
         "ClusterRole", "ClusterRole",  # users' view and edit, aggregated
-        "Job",  # the uninstall check, a pre-delete hook
+        # The uninstall check, pre-delete hooks: its Job, and its own account to list with.
+        "Job", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
     ])
     for doc in docs:
         labels = doc["metadata"]["labels"]
@@ -212,7 +213,8 @@ def test_users_get_view_and_edit_through_the_default_roles():
     assert allowed(edit["rules"], "imagegen.dev", "imagegenservices/scale", "update")
     # Status is the operator's to write, never a user's.
     assert not allowed(edit["rules"], "imagegen.dev", "imagegenservices/status", "patch")
-    assert kinds(render("rbac.aggregateToDefaultRoles=false")).count("ClusterRole") == 1
+    assert kinds(render("rbac.aggregateToDefaultRoles=false", "uninstallCheck.enabled=false")
+                 ).count("ClusterRole") == 1
 
 
 # What the operator's own code calls (kube.py through reconcile.py and the providers) and
@@ -270,12 +272,14 @@ def test_peering_rights_only_on_the_releases_own_peering_object():
     assert not allowed(rules, "kopf.dev", "clusterkopfpeerings", "patch")
     (named,) = [r for r in rules if r.get("resourceNames")]
     assert named["resourceNames"] == [FULLNAME]
-    assert named["verbs"] == ["get", "patch"]
+    assert named["verbs"] == ["patch"]
+    # An older kopf's group too: kopf uses both where both are served.
+    assert allowed(rules, "zalando.org", "clusterkopfpeerings", "watch")
 
 
 def test_binding_names_the_service_account():
     docs = render("serviceAccount.name=custom")
-    binding = find(docs, "ClusterRoleBinding")
+    binding = find(docs, "ClusterRoleBinding", FULLNAME)
     assert binding["roleRef"]["name"] == find(docs, "ClusterRole", FULLNAME)["metadata"]["name"]
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "custom", "namespace": NAMESPACE}]
@@ -286,6 +290,8 @@ def test_rbac_and_service_account_can_be_left_to_someone_else():
     docs = render("rbac.create=false", "serviceAccount.create=false", "serviceAccount.name=ops")
     assert "ClusterRole" not in kinds(docs) and "ServiceAccount" not in kinds(docs)
     assert find(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "ops"
+    # The uninstall check then lists as the operator's account: no role of the chart's own.
+    assert find(docs, "Job")["spec"]["template"]["spec"]["serviceAccountName"] == "ops"
     result = helm(*template_args("serviceAccount.create=false"), check=False)
     assert result.returncode != 0 and "serviceAccount.name must name" in result.stderr
 
@@ -420,12 +426,12 @@ def test_service_monitor_is_optional():
 
 
 def test_workload_identity_annotation():
-    account = find(render(), "ServiceAccount")
+    account = find(render(), "ServiceAccount", FULLNAME)
     assert "annotations" not in account["metadata"]
     gsa = "imagegen-operator@my-project.iam.gserviceaccount.com"
     docs = render(f"gke.workloadIdentity.gcpServiceAccount={gsa}",
                   "serviceAccount.annotations.team=ml", "gke.apiEndpoint=https://gke.example")
-    assert find(docs, "ServiceAccount")["metadata"]["annotations"] == {
+    assert find(docs, "ServiceAccount", FULLNAME)["metadata"]["annotations"] == {
         "iam.gke.io/gcp-service-account": gsa, "team": "ml"}
     env = {e["name"]: e.get("value") for e in container(docs)["env"]}
     assert env["IMAGEGEN_GKE_API_ENDPOINT"] == "https://gke.example"
@@ -481,22 +487,43 @@ def test_uninstall_waits_for_the_services_to_be_gone():
     docs = render()
     job = find(docs, "Job")
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete"
+    assert job["spec"]["ttlSecondsAfterFinished"] == 86400  # a failed one, kept a day
     # A failed check is kept, so its log can say which services are left.
     assert "hook-failed" not in job["metadata"]["annotations"]["helm.sh/hook-delete-policy"]
     spec = job["spec"]
     assert spec["backoffLimit"] == 0 and spec["activeDeadlineSeconds"] == 120
     pod = spec["template"]["spec"]
     deployment = find(docs, "Deployment")["spec"]["template"]["spec"]
-    # The operator's image and ServiceAccount (which may list the services), as restricted.
+    # The operator's image, as restricted, and an account of its own that may list the
+    # services and nothing more (not the operator's, which may write Deployments anywhere).
     (c,) = pod["containers"]
     assert c["args"] == ["in-use"] and c["image"] == deployment["containers"][0]["image"]
-    assert pod["serviceAccountName"] == deployment["serviceAccountName"]
+    account = pod["serviceAccountName"]
+    assert account != deployment["serviceAccountName"] and pod["automountServiceAccountToken"]
+    hooks = [d for d in docs if d["metadata"]["name"] == account]
+    assert sorted(d["kind"] for d in hooks) == [
+        "ClusterRole", "ClusterRoleBinding", "Job", "ServiceAccount"]
+    for hook in hooks:
+        assert hook["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete"
+        if hook["kind"] != "Job":  # made before the Job
+            assert int(hook["metadata"]["annotations"]["helm.sh/hook-weight"]) < 0
+    role = next(d for d in hooks if d["kind"] == "ClusterRole")
+    assert role["rules"] == [{"apiGroups": ["imagegen.dev"], "resources": ["imagegenservices"],
+                              "verbs": ["list"]}]
+    binding = next(d for d in hooks if d["kind"] == "ClusterRoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account,
+                                    "namespace": NAMESPACE}]
     assert c["securityContext"] == deployment["containers"][0]["securityContext"]
     assert pod["securityContext"] == deployment["securityContext"]
     # Not picked by the operator's Service.
     selector = find(docs, "Service")["spec"]["selector"]
     assert not selector.items() <= spec["template"]["metadata"]["labels"].items()
     assert "Job" not in kinds(render("uninstallCheck.enabled=false"))
+    # Within 63 characters, its pod's label included, however long the release's name.
+    args = template_args()
+    args[1] = "release-name-that-is-fairly-long-prod-eu-west1-a"
+    long = [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
+    assert len(find(long, "Job")["metadata"]["name"]) <= 63
 
 
 def test_helm_test_hook_fetches_healthz_through_the_service():
@@ -580,6 +607,9 @@ TYPOS = [
     ({"tests": None}, "tests"),
     ({"securityContext": None}, "securityContext"),
     ({"networkPolicy": {"enabled": True, "metricsFrom": [{}]}}, "minProperties"),
+    # Kubernetes would drop it with a warning, and the replicas would not spread.
+    ({"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnored": []}}},
+     "requiredDuringSchedulingIgnored"),
 ]
 
 

@@ -74,3 +74,21 @@ app.kubernetes.io/component: operator
 {{- define "imagegen-operator.metricsServiceName" -}}
 {{- printf "%s-metrics" (include "imagegen-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
+
+{{/*
+The name of the uninstall check's Job, ServiceAccount and role: within 63 characters with
+its suffix (a Job's name becomes a label of its pod).
+*/}}
+{{- define "imagegen-operator.uninstallCheckName" -}}
+{{- printf "%s-uninstall-check" (include "imagegen-operator.fullname" . | trunc 47 | trimSuffix "-") }}
+{{- end }}
+
+{{/* The uninstall check's labels: not the operator's selector labels (the metrics Service
+must not pick its pod). */}}
+{{- define "imagegen-operator.uninstallCheckLabels" -}}
+helm.sh/chart: {{ include "imagegen-operator.chart" . }}
+app.kubernetes.io/name: {{ include "imagegen-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: uninstall-check
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
