@@ -27,11 +27,12 @@ def test_hadolint_is_clean(dockerfile: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
-def test_every_ignore_is_justified_on_its_line(dockerfile: Path) -> None:
-    for line in dockerfile.read_text().splitlines():
-        if "hadolint ignore=" in line:
-            assert re.search(r"hadolint ignore=[A-Z0-9,]+ # \S.{20,}", line), line
+def test_every_ignore_is_justified_on_its_line() -> None:
+    ignores = [line for dockerfile in DOCKERFILES for line in dockerfile.read_text().splitlines()
+               if "hadolint ignore=" in line]
+    assert ignores, "no ignore found: the check below would check nothing"
+    for line in ignores:
+        assert re.search(r"hadolint ignore=[A-Z0-9,]+ # \S.{20,}", line), line
 
 
 def test_hadolint_would_catch_a_bad_dockerfile(tmp_path: Path) -> None:
