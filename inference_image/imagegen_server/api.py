@@ -291,14 +291,17 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
             return _png_base64([image], params, marked(), signer)[0]
 
         async def events():
-            async for event in image_events(job, previews, params, kind, encode,
-                                            settings.request_timeout_s):
-                yield event
-                if event.event == f"{kind}.completed":
-                    metrics.request_seconds.observe(time.monotonic() - started)
-                elif event.event == "error":  # counted 200 already: the stream had started
-                    error = json.loads(event.data)["error"]
-                    metrics.stream_errors.labels(type=error["type"]).inc()
+            # Closed here, not whenever the collector gets to it: a client that left cancels
+            # its job at once (image_events' finally), and frees its slot.
+            async with contextlib.aclosing(image_events(
+                    job, previews, params, kind, encode, settings.request_timeout_s)) as stream_:
+                async for event in stream_:
+                    yield event
+                    if event.event == f"{kind}.completed":
+                        metrics.request_seconds.observe(time.monotonic() - started)
+                    elif event.event == "error":  # counted 200 already: the stream had started
+                        error = json.loads(event.data)["error"]
+                        metrics.stream_errors.labels(type=error["type"]).inc()
 
         # At shutdown sse-starlette cancels open streams at once unless given a grace: the
         # drain is over when the last job is, but its PNG may still be encoding. As long as

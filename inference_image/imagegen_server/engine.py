@@ -377,7 +377,11 @@ class Engine:
 
     def generate(self, params: GenerationParams, timeout_s: float | None = None) -> list:
         """Submit and wait: the blocking form for warm-up, benchmarks and tests."""
-        return self.submit(params, timeout_s).future.result(timeout_s)
+        job = self.submit(params, timeout_s)
+        try:
+            return job.future.result(timeout_s)
+        finally:
+            job.future.cancel()  # waited for no longer (a no-op once answered)
 
     def cost(self, params: GenerationParams) -> float:
         """Pixels x steps x images, in units of one request at the default size and steps

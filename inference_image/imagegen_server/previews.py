@@ -107,8 +107,12 @@ class Previewer:
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             job, index, latents, rgb, ready = item
-            if job.future.cancelled():
-                continue  # the caller went away: nobody waits for this preview
+            future = job.future
+            if future.cancelled() or (future.done() and future.exception() is not None):
+                # The caller went away, or the job failed (dropped at its deadline, answered
+                # at shutdown): nobody waits for this preview. (A job done with its image
+                # still gets it: its stream sends the previews handed over first.)
+                continue
             try:
                 if ready is not None:
                     ready.synchronize()

@@ -69,8 +69,9 @@ class Stage:
         self.metrics = metrics
         self.on_output = on_output
         # Admission control upstream keeps the total in flight at most `capacity`, so a put
-        # here never blocks; the bound is a guard, not the back-pressure mechanism.
-        self.queue = JobQueue(maxsize=capacity)
+        # here never blocks; the bound is a guard, not the back-pressure mechanism. One more
+        # for STOP, which stop() puts holding the lock a dying thread takes too.
+        self.queue = JobQueue(maxsize=capacity + 1)
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._pending_timings: list[tuple[str, Any, Any]] = []  # (stage label, start, done)
@@ -80,6 +81,9 @@ class Stage:
         # Why the thread ended other than by stop(): a stage that died (/healthz reports it).
         self.died: BaseException | None = None
         self._holding: list[Job] = []  # the batch the thread has taken off the queue
+        # Of that batch, the jobs of the groups not started yet (under _lock): one answered
+        # meanwhile leaves at once, as a queued one does, not when the groups ahead are done.
+        self._later: set[Job] = set()
         self._thread = threading.Thread(target=self._guarded_run, name=f"stage-{name}",
                                         daemon=True)
         metrics.queue_depth.labels(stage=name).set_function(self.depth)
@@ -95,8 +99,14 @@ class Stage:
         requests meanwhile. Called when the answer comes and when the job is put here after
         it; the queue's lock lets only one of them (or the thread) take it. One a thread has
         taken is dropped by that stage at its next step."""
-        if job.future.done() and not job.released and self.queue.withdraw(job):
-            job.fail(JobTimeout(f"{job.drop_reason()} before the {self.name} stage"))
+        if not job.future.done() or job.released:
+            return
+        if not self.queue.withdraw(job):
+            with self._lock:
+                if job not in self._later:
+                    return  # running (dropped at its next step), or gone
+                self._later.discard(job)
+        job.fail(JobTimeout(f"{job.drop_reason()} before the {self.name} stage"))
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -179,6 +189,8 @@ class Stage:
                 for index, group in enumerate(groups):
                     # What a dying thread must still answer: the groups not yet run.
                     self._holding = [job for later in groups[index:] for job in later]
+                    with self._lock:
+                        self._later = {job for later in groups[index + 1:] for job in later}
                     try:
                         self._process(group)
                     except Exception as exc:  # a fault of this group's, not of the stage
@@ -186,6 +198,8 @@ class Stage:
                         for job in group:
                             job.fail(exc)
                 self._holding = []
+                with self._lock:
+                    self._later = set()
                 try:
                     self._flush_timings(block=stop)
                 except Exception:

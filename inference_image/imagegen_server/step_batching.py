@@ -47,6 +47,9 @@ class StepBatchingStage(Stage):
         self.running: list[Job] = []
         # Taken off the queue at a step boundary, not of the running batch's shape (yet).
         self.waiting: deque[Job] = deque()
+        # Between those lists (joining the batch, or a failed batch on its way back to
+        # waiting): held here meanwhile, so an error in between fails them, not loses them.
+        self._in_hand: list[Job] = []
         super().__init__(name, None, steps.join_key, on_output=on_output, **kwargs)
         self.family = steps
         self._members: list[Job] = []  # the batch the last step ran, for `changed`
@@ -78,15 +81,18 @@ class StepBatchingStage(Stage):
                     # As in Stage: an asynchronous device error met where timings are read;
                     # the jobs it concerns meet it in their own next step.
                     log.exception("%s stage could not read its timings", self.name)
-            self._flush_timings(block=True)
+            try:
+                self._flush_timings(block=True)
+            except Exception:
+                log.exception("%s stage could not read its last timings", self.name)
 
     def _abandoned(self) -> list[Job]:
-        return [*self.running, *self.waiting, *super()._abandoned()]
+        return [*self.running, *self.waiting, *self._in_hand, *super()._abandoned()]
 
     def _fail_all(self, error: BaseException) -> None:
-        for job in [*self.running, *self.waiting]:
+        for job in [*self.running, *self.waiting, *self._in_hand]:
             job.fail(error)
-        self.running, self.waiting = [], deque()
+        self.running, self.waiting, self._in_hand = [], deque(), []
         self._entered, self._alone = {}, set()
         self._forget_batch()
 
@@ -124,9 +130,10 @@ class StepBatchingStage(Stage):
             return []
         if waiting[0] in self._alone or (self.running and self.running[0] in self._alone):
             # One of a failed batch runs alone: nothing joins it, and it joins nothing.
-            return [waiting.popleft()] if not self.running else []
+            self._in_hand = [waiting.popleft()] if not self.running else []
+            return self._in_hand
         key = self._key_of(self.running[0] if self.running else waiting[0])
-        joined = []
+        joined = self._in_hand = []
         while (
             waiting
             and len(self.running) + len(joined) < self.max_batch_size
@@ -154,6 +161,7 @@ class StepBatchingStage(Stage):
             self.metrics.denoise_joins.inc(len(joined))
         batch = under_way + joined
         self.running = batch  # held here until the step is done, for _fail_all too
+        self._in_hand = []
         if not batch:
             self._forget_batch()
             return
@@ -199,19 +207,21 @@ class StepBatchingStage(Stage):
     def _step_failed(self, batch: list[Job], error: Exception) -> None:
         """A step over several jobs failed: each goes back to the head of the queue, as it
         entered the stage, to run alone. A job that failed alone fails."""
-        self.running = []
+        self._in_hand, self.running = batch, []
         self._forget_batch()
         live = [job for job in batch if not job.released]
         if len(batch) == 1 or not live:
             log.exception("%s stage failed for a batch of %d", self.name, len(batch))
             for job in batch:
                 job.fail(error)
+            self._in_hand = []
             return
         self._batch_to_retry(len(batch), error)
         for job in reversed(live):
             job.rewind(self._entered[job])
             self._alone.add(job)
-            self.waiting.appendleft(job)
+        self.waiting.extendleft(reversed(live))
+        self._in_hand = []
 
     def _step(self, batch: list[Job], joined: list[Job]) -> None:
         self.family.start_all(joined)

@@ -519,6 +519,55 @@ def fails_alone(runtime, monkeypatch, method: str, error: Exception, **params) -
     assert runtime.engine.in_flight == 0
 
 
+def test_a_request_answered_while_the_group_ahead_of_it_runs_leaves_at_once(make_runtime):
+    # Request-level batching: two sizes collected in one batch run as two groups, one after
+    # the other. The second's caller leaves while the first denoises: its slot is free now,
+    # not once the first group is done.
+    runtime = make_runtime("sd15", max_batch_size=2, batch_window_ms=300, warmup=False)
+    denoise = next(s for s in runtime.engine.stages if s.name == "denoise")
+    gate = Gate(runtime)
+    try:
+        first = runtime.engine.submit(runtime.params("first", seed=1), timeout_s=60)
+        second = runtime.engine.submit(
+            runtime.params("second", seed=2, width=128, height=128), timeout_s=60)
+        assert gate.entered.wait(30)
+        wait_until(lambda: second in denoise._later)
+        second.future.cancel()
+        assert second.released and runtime.engine.in_flight == 1
+    finally:
+        gate.close()
+    assert len(first.future.result(60)) == 1
+    assert runtime.engine.in_flight == 0
+
+
+def test_a_step_boundary_that_fails_while_retrying_answers_every_request(make_runtime,
+                                                                          monkeypatch):
+    # Step-level batching: a failed step sends its requests back to run alone; should that
+    # fail too, each is answered, none left in neither list to wait for its timeout.
+    runtime = make_runtime("sd15", **MODES["Step"], max_batch_size=2, batch_window_ms=300,
+                           warmup=False)
+    denoise = next(s for s in runtime.engine.stages if s.name == "denoise")
+    original = runtime.steps.denoise_step
+
+    def fails_batched(jobs, *args):
+        if len(jobs) > 1:
+            raise RuntimeError("out of memory")
+        return original(jobs, *args)
+
+    monkeypatch.setattr(runtime.steps, "denoise_step", fails_batched)
+
+    def cannot_retry(*_):
+        raise RuntimeError("the device is gone")
+
+    monkeypatch.setattr(denoise, "_batch_to_retry", cannot_retry)
+    jobs = [runtime.engine.submit(runtime.params(f"r{i}", seed=i), timeout_s=600)
+            for i in range(2)]
+    for job in jobs:
+        with pytest.raises(RuntimeError):
+            job.future.result(60)
+    assert runtime.engine.in_flight == 0 and not denoise._in_hand
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("where", ["encode", "denoise_step", "decode"])
 def test_a_batch_that_fails_runs_each_request_again_alone(make_runtime, monkeypatch, mode,
