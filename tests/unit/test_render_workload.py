@@ -108,6 +108,17 @@ def test_every_pod_asks_for_exactly_one_gpu_and_tolerates_the_taint(gpu: dict) -
     ]
 
 
+def test_spot_and_flex_start_pods_tolerate_their_nodes_taint_and_no_others() -> None:
+    def extra(node_pool: dict) -> list[str]:
+        spec = pod_spec(resource(nodePool={"provider": "Existing", **node_pool}))
+        return [t["key"] for t in spec["tolerations"] if t["key"] != "nvidia.com/gpu"]
+
+    # Pools made by node auto-provisioning may taint their Spot or Flex-start nodes.
+    assert extra({"spot": True}) == ["cloud.google.com/gke-spot"]
+    assert extra({"flexStart": True}) == ["cloud.google.com/gke-flex-start"]
+    assert extra({}) == []
+
+
 def test_user_resources_are_kept_next_to_the_gpu() -> None:
     r = resource(server={"resources": {"requests": {"cpu": "2", "memory": "8Gi"}}})
     resources = pod_spec(r)["containers"][0]["resources"]

@@ -141,9 +141,16 @@ def gpu_toleration() -> dict[str, str]:
     return {"key": gke.GPU_TAINT_KEY, "operator": "Exists", "effect": gke.GPU_TAINT_EFFECT}
 
 
-def tolerations(provider: str) -> list[dict[str, str]]:
-    """The GPU taint everywhere; the simulated nodes' taint for Local services only."""
+def tolerations(provider: str, plan: Plan | None = None) -> list[dict[str, str]]:
+    """The GPU taint everywhere; the simulated nodes' taint for Local services only. Spot
+    and Flex-start pods also tolerate the taint of their kind of node, which pools made by
+    node auto-provisioning may carry: harmless elsewhere, as the pods select such nodes."""
     out = [gpu_toleration()]
+    for wanted, key in ((plan is not None and plan.spot, gke.LABEL_SPOT),
+                        (plan is not None and plan.flex_start, gke.LABEL_FLEX_START)):
+        if wanted:
+            out.append({"key": key, "operator": "Equal", "value": "true",
+                        "effect": "NoSchedule"})
     if provider == "Local":
         out.append({"key": SIMULATED_TAINT["key"], "operator": "Exists",
                     "effect": SIMULATED_TAINT["effect"]})
@@ -408,7 +415,7 @@ def render_deployment(
     pod_spec: dict[str, Any] = {
         "nodeSelector": nodeselector(plan, spec.node_pool.provider,
                                      spec.node_pool.name is not None),
-        "tolerations": tolerations(spec.node_pool.provider),
+        "tolerations": tolerations(spec.node_pool.provider, plan),
         "topologySpreadConstraints": topology_spread(resource),
         "securityContext": pod_security_context(),
         "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
