@@ -11,8 +11,12 @@ cluster means the operator's own, found in this order:
    ``GCE_METADATA_HOST`` points elsewhere, as it does for google-auth.
 
 Nothing found means no default: such a service reports ``NodePoolReady=False``,
-reason ``ClusterUnknown``, with what to set; so does one that names a cluster while a
-metadata server answers with errors (``pending``: on GKE, not known yet), and it waits.
+reason ``ClusterUnknown``, with what to set; so does one that names a cluster while the
+metadata server's name resolves but it does not answer, or answers with a server error
+(``pending``: on GKE, not known yet, or blocked by a NetworkPolicy), and it waits. Only a
+name that does not resolve, or a server that says the instance has no cluster (a 4xx), is
+"off GKE": an operator on GKE that cannot reach its metadata server does not take a spec's
+cluster at its word.
 
 Where the operator knows its cluster, a service that names another is refused
 (``ForeignCluster``): the Deployment the operator makes runs in the operator's cluster,
@@ -27,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import threading
 import time
 import urllib.error
@@ -82,8 +87,9 @@ class ClusterDefault:
         self._clock, self._sleep = clock, sleep
         self._lock = threading.Lock()
         self._found: str | None = None
-        # A metadata server answered, with errors: on GKE, the cluster not known yet (a
-        # service naming one waits), rather than off GKE (the spec's is taken as it is).
+        # A metadata server named but failing (silent, or answering with server errors): on
+        # GKE, the cluster not known yet (a service naming one waits), rather than off GKE
+        # (the spec's is taken as it is).
         self.pending = False
         self._next_try = 0.0
         self._failures = 0
@@ -114,9 +120,9 @@ class ClusterDefault:
             return None
 
     def _from_metadata(self) -> tuple[str | None, bool]:
-        """The cluster, or None; and whether a server answered with an error (one still
-        starting, worth asking again in a second), rather than none answering at all (off
-        GKE: one try, so that nothing waits on the lock for long)."""
+        """The cluster, or None; and whether the server is named but failing (one still
+        starting, worth asking again in a second), rather than not there at all (off GKE:
+        one try, so that nothing waits on the lock for long)."""
         try:
             project = self._read("project/project-id")
             location = self._read("instance/attributes/cluster-location")
@@ -126,8 +132,16 @@ class ClusterDefault:
                      exc)
             return None, exc.code >= 500
         except (OSError, urllib.error.URLError) as exc:
-            log.info("no default GKE cluster: metadata server %s: %s", self._metadata_host, exc)
-            return None, False
+            if isinstance(getattr(exc, "reason", exc), socket.gaierror):
+                # The name does not resolve: not on GKE (whose DNS names the server).
+                log.info("no default GKE cluster: metadata server %s: %s",
+                         self._metadata_host, exc)
+                return None, False
+            # Named but silent (refused, timed out): on GKE, a server not started yet, or
+            # one a NetworkPolicy keeps out. Not known, rather than taken for "off GKE".
+            log.warning("no default GKE cluster yet: metadata server %s does not answer: %s",
+                        self._metadata_host, exc)
+            return None, True
         cluster = f"projects/{project}/locations/{location}/clusters/{name}"
         if not re.fullmatch(CLUSTER_PATTERN, cluster):
             log.warning("metadata server named an invalid cluster %r; no default", cluster)

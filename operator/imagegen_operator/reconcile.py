@@ -368,8 +368,9 @@ class Reconciler:
         if own is None and getattr(self.default_cluster, "pending", False):
             return "ClusterUnknown", (
                 f"spec.nodePool.cluster names {named}, and the operator cannot tell yet "
-                "whether that is the cluster it runs in (GKE's metadata server answers with "
-                "errors); it waits until it can, or install it with --set gke.cluster=...")
+                "whether that is the cluster it runs in (GKE's metadata server does not answer, "
+                "or answers with errors); it waits until it can, or install it with "
+                "--set gke.cluster=...")
         if own is None or named == own:
             return None
         return "ForeignCluster", foreign_cluster(named, own)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from localcluster import OPERATOR_USER, free_ports
 from support.kube import free_port_refusing
+from support.not_gke_metadata import not_gke_metadata_host
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,7 +41,7 @@ class OperatorProcess:
             # Never Google's own: on a CI runner that is itself on GKE (or GCE), the metadata
             # server would name that cluster (and refuse the tests' as foreign), and a GKE
             # API endpoint left unset would be the real one. A test that wants either sets it.
-            "GCE_METADATA_HOST": free_port_refusing(),
+            "GCE_METADATA_HOST": not_gke_metadata_host(),
             "IMAGEGEN_GKE_API_ENDPOINT": f"http://{free_port_refusing()}",
             "KUBECONFIG": str(self.kubeconfig),
             "PYTHONPATH": os.pathsep.join(

@@ -35,12 +35,21 @@ def test_on_gke_the_metadata_server_names_the_cluster_once() -> None:
         assert len(metadata.requests) == asked  # remembered
 
 
+def not_gke() -> MetadataServerTestDouble:
+    """A Compute Engine VM's metadata server: a project, no cluster attributes (404)."""
+    double = MetadataServerTestDouble("my-project", "unused", "unused")
+    del double.values["instance/attributes/cluster-location"]
+    del double.values["instance/attributes/cluster-name"]
+    return double
+
+
 def test_without_either_there_is_no_default_and_it_is_asked_again_less_and_less_often():
     clock, slept = FakeClock(0.0), []
-    default = ClusterDefault({"GCE_METADATA_HOST": free_port_refusing()}, clock=clock,
-                             sleep=slept.append)
-    assert default() is None
-    assert slept == []  # nothing answers: off GKE, not worth a second try
+    with not_gke() as vm:
+        default = ClusterDefault({"GCE_METADATA_HOST": vm.host}, clock=clock,
+                                 sleep=slept.append)
+        assert default() is None
+    assert slept == []  # no cluster here: off GKE, not worth a second try
     assert not default.pending  # a spec's cluster is taken as it is
     with MetadataServerTestDouble("my-project", "us-central1", "serving") as metadata:
         default._metadata_host = metadata.host  # the same process, now on GKE
@@ -66,6 +75,29 @@ def test_a_metadata_server_still_starting_names_the_cluster_at_the_first_lookup(
         default = ClusterDefault({"GCE_METADATA_HOST": metadata.host}, sleep=slept.append)
         assert default() == CLUSTER
         assert slept == [1.0, 1.0]
+
+
+def test_a_metadata_server_that_is_named_but_silent_leaves_the_cluster_pending() -> None:
+    """Refused or timed out (on GKE, not started yet, or kept out by a NetworkPolicy): not
+    known, so a service naming a cluster waits rather than being taken at its word."""
+    default = ClusterDefault({"GCE_METADATA_HOST": free_port_refusing()},
+                             sleep=lambda _: None)
+    assert default() is None and default.pending
+
+
+def test_a_metadata_host_that_does_not_resolve_is_off_gke(monkeypatch) -> None:
+    import socket
+    import urllib.error
+    import urllib.request
+
+    def unresolvable(*_args, **_kwargs):
+        # As urlopen fails where the name is unknown (a stand-in: no DNS lookup in tests).
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", unresolvable)
+    slept = []
+    default = ClusterDefault({}, sleep=slept.append)
+    assert default() is None and not default.pending and slept == []
 
 
 def test_a_metadata_server_that_answers_with_errors_leaves_the_cluster_pending() -> None:
