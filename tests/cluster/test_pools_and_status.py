@@ -18,6 +18,7 @@ from unit.test_chart import template_args
 
 from imagegen_operator import api
 from imagegen_operator.planner import plan
+from imagegen_operator.render.nodepool import KWOK_ANNOTATION, SIMULATED_TAINT
 from support.fake_gke import GkeApiTestDouble
 from support.gpu_nodes import fake_gpu_node
 from support.kube import apply, delete_services, eventually, get_json
@@ -338,3 +339,24 @@ def test_a_field_added_by_hand_to_the_pod_template_is_removed(cluster, operator)
     template = get_json(cluster, "deployment", "owned", "-n", NS)["spec"]["template"]
     assert "kubectl.kubernetes.io/restartedAt" in template["metadata"].get("annotations", {})
     delete_services(cluster, operator, NS, "owned")
+
+
+def test_a_local_pool_never_takes_over_a_node_it_did_not_make(cluster, operator):
+    # A real node whose name the Local provider would give its pool's first node.
+    apply(cluster, {"apiVersion": "v1", "kind": "Node",
+                    "metadata": {"name": "worker-0", "labels": {"kubernetes.io/arch": "arm64"}}})
+    try:
+        apply(cluster, service("hijack", gpu={"type": "nvidia-l4"},
+                               nodePool={"provider": "Local", "name": "worker", "maxNodes": 1}))
+        eventually(lambda: condition(cluster, "hijack", "NodePoolReady").get("reason")
+                   == "PoolNotOwned", timeout=60, what="the pool refused")
+        assert "spec.nodePool.name" in condition(cluster, "hijack", "NodePoolReady")["message"]
+        delete_services(cluster, operator, NS, "hijack")
+        node = get_json(cluster, "node", "worker-0")  # still there, as it was
+        assert node["metadata"]["labels"]["kubernetes.io/arch"] == "arm64"
+        # None of a simulated node's marks (the controllers' own taints and annotations aside).
+        taints = {t["key"] for t in node["spec"].get("taints") or []}
+        assert not taints & {"nvidia.com/gpu", SIMULATED_TAINT["key"]}, taints
+        assert KWOK_ANNOTATION not in (node["metadata"].get("annotations") or {})
+    finally:
+        cluster.kubectl("delete", "node", "worker-0", check=False)

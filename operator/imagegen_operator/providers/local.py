@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from imagegen_operator.api import ImageGenService
 from imagegen_operator.planner import Plan
-from imagegen_operator.providers.base import PoolState
+from imagegen_operator.providers.base import PoolNotOwned, PoolState
 from imagegen_operator.render.nodepool import (
     KWOK_ANNOTATION,
     POOL_LABEL,
@@ -78,6 +78,8 @@ class LocalProvider:
             spot = bool(resource.spec.node_pool.spot)
             for index in range(target_nodes):
                 name = f"{plan.nodepool_name}-{index}"
+                if name not in live:
+                    self._refuse_a_node_not_ours(name, plan.nodepool_name)
                 # Compared with the listed node: written only when missing or changed.
                 self.kube.apply(local_node(plan, name, spot), live=live.get(name),
                                 read_first=False)
@@ -98,6 +100,18 @@ class LocalProvider:
             "Ready",
             f"{ready} simulated node(s) Ready in pool {plan.nodepool_name}",
         )
+
+    def _refuse_a_node_not_ours(self, name: str, pool: str) -> None:
+        """A Node of that name that is not a simulated one of this pool (a real node, say):
+        never applied over (its taints, labels and status would become a simulated node's,
+        and the pool's delete would then remove it)."""
+        existing = self.kube.get("v1", "Node", name)
+        labels = (existing or {}).get("metadata", {}).get("labels") or {}
+        if existing is None or (is_simulated(existing) and labels.get(POOL_LABEL) == pool):
+            return
+        raise PoolNotOwned(
+            f"a Node named {name} exists that the Local provider did not make; it is neither "
+            "changed nor deleted: give the pool another name (spec.nodePool.name)")
 
     def delete(self, resource: ImageGenService, plan: Plan) -> bool:
         with self._pool_lock(plan.nodepool_name):
