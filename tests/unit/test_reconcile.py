@@ -1462,6 +1462,32 @@ def test_a_container_node_pool_the_operator_did_not_make_is_left_alone(world) ->
     assert config_connector_pools(world) == {("ns", "platform-pool"): theirs}
 
 
+def test_a_gke_pool_made_outside_is_not_taken_over_through_config_connector(world) -> None:
+    """Config Connector acquires a GKE pool of the object's name, and deletes it with the
+    object: one whose nodes the operator did not make (the cluster's default-pool) is
+    refused before any object exists; one of the operator's own may be handed over."""
+    from imagegen_operator import gke
+
+    def node(name: str, pool: str, ours: bool) -> dict:
+        labels = {gke.LABEL_NODEPOOL: pool, **({POOL_LABEL: pool} if ours else {})}
+        return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}}
+
+    world.kube.put(node("gke-default-pool-1", "default-pool", ours=False))
+    world.create("grab", node_pool={"provider": "ConfigConnector", "cluster": CLUSTER_A,
+                                    "name": "default-pool"})
+    world.reconcile("grab")
+    refused = world.condition("grab", "NodePoolReady")
+    assert refused["reason"] == "PoolNotOwned" and "spec.nodePool.name" in refused["message"]
+    assert not config_connector_pools(world)
+    delete_until_done(world, "grab")
+    world.kube.put(node("gke-ours-1", "ours", ours=True))
+    world.create("handed", node_pool={"provider": "ConfigConnector", "cluster": CLUSTER_A,
+                                      "name": "ours"})
+    world.reconcile("handed")
+    assert world.condition("handed", "NodePoolReady")["reason"] != "PoolNotOwned"
+    assert ("ns", "ours") in config_connector_pools(world)
+
+
 def test_two_namespaces_objects_for_one_gke_pool_delete_without_taking_it(world) -> None:
     """Objects made before ConfigConnector pools were kept per namespace: the first
     service to go marks its object so Config Connector keeps the GKE pool for the other."""

@@ -17,6 +17,7 @@ from imagegen_operator.providers.local import node_ready
 from imagegen_operator.render.common import MANAGED_BY
 from imagegen_operator.render.nodepool import (
     CNRM_API_VERSION,
+    POOL_LABEL,
     NodeBounds,
     render_config_connector_nodepool,
 )
@@ -82,6 +83,8 @@ class ConfigConnectorProvider:
                 node_config.pop(field, None)
                 if field in made_with:
                     node_config[field] = made_with[field]
+        if live is None:
+            self._refuse_a_pool_made_elsewhere(meta["name"])
         with self._lock(desired):
             if live is None and (other := self._claimed_by(desired)):
                 raise ProviderError(
@@ -135,6 +138,19 @@ class ConfigConnectorProvider:
                 return self.kube.delete(CNRM_API_VERSION, KIND, meta["name"], meta["namespace"])
         except MissingKind:
             return True
+
+    def _refuse_a_pool_made_elsewhere(self, name: str) -> None:
+        """Before the object is made: Config Connector acquires a GKE pool that already has
+        its name, and deletes it with the object. One whose nodes the operator did not make
+        (the cluster's default-pool, a pool of Terraform's) is refused, and left alone. (A
+        pool of the operator's own, through the GKE provider before, is handed over.)"""
+        nodes = self.kube.list("v1", "Node", label_selector=f"{gke.LABEL_NODEPOOL}={name}")
+        if foreign := _foreign_nodes(nodes):
+            raise PoolNotOwned(
+                f"node pool {name} exists in this cluster (its node {foreign[0]}) and was not "
+                f"made by {MANAGED_BY}: Config Connector would take it over, and delete it "
+                "with the service. It is left alone: set spec.nodePool.name to a free name, "
+                "or serve on it with provider Existing")
 
     def _claimed_by(self, desired: dict[str, Any]) -> str | None:
         """namespace/name of a ContainerNodePool of ours in another namespace that stands
@@ -219,6 +235,13 @@ def _cluster(obj: dict[str, Any]) -> str | None:
 
 def _annotations(obj: dict[str, Any]) -> dict[str, str]:
     return obj["metadata"].get("annotations") or {}
+
+
+def _foreign_nodes(nodes: list[dict[str, Any]]) -> list[str]:
+    """Nodes of a GKE pool that the operator did not make: without the label its pools put
+    on their nodes (a pool made by hand, by Terraform, or the cluster's default-pool)."""
+    return [n["metadata"]["name"] for n in nodes
+            if POOL_LABEL not in (n["metadata"].get("labels") or {})]
 
 
 def _not_ours(meta: dict[str, Any]) -> str:
