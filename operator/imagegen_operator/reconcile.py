@@ -73,6 +73,18 @@ MEMO_LIMIT = 10_000
 Recorder = Callable[[dict[str, Any], str, str, str], None]  # body, type, reason, message
 
 
+def named_for(namespace: str, services: list[str], prefix: str = "") -> str:
+    """``namespace/name`` services as a status in ``namespace`` may name them: its own by
+    name, the others counted (a namespace's viewers learn nothing of another team's)."""
+    own = sorted(s for s in services if s.startswith(f"{namespace}/"))
+    others = len(services) - len(own)
+    named = [prefix + s for s in own]
+    if others:
+        named.append(f"{others} service(s) of other namespaces" if len(services) > 1 or own
+                     else "a service of another namespace")
+    return ", ".join(named)
+
+
 @dataclass
 class Outcome:
     """What one reconcile did: for the handlers' logs, metrics and retries."""
@@ -200,7 +212,8 @@ class Reconciler:
             if (claim := self._namesake_claim(body, target)) is not None:
                 message = (
                     f"node pool {target.name} of cluster {target.scope} is already managed "
-                    f"through provider {claim[1]} by service {claim[0]}; through provider "
+                    f"through provider {claim[1]} by "
+                    f"{named_for(namespace_of(resource), [claim[0]], 'service ')}; through provider "
                     f"{target.provider} too, the two would change and delete it under each "
                     f"other. Set spec.nodePool.name to another name, or use provider {claim[1]}."
                 )
@@ -545,7 +558,8 @@ class Reconciler:
         short = None
         if len(users) > 1 and per_node and floor > max_nodes * per_node:
             short = (
-                f"the {len(users)} services on node pool {key.name} ({', '.join(sorted(users))}) "
+                f"the {len(users)} services on node pool {key.name} "
+                f"({named_for(namespace_of(resource), users)}) "
                 f"must run {floor} replicas together, but its largest spec.nodePool.maxNodes="
                 f"{max_nodes} holds {max_nodes * per_node}; raise spec.nodePool.maxNodes to "
                 f"{math.ceil(floor / per_node)} on any of them, or lower their spec.replicas "

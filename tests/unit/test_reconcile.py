@@ -1278,7 +1278,8 @@ def test_config_connector_pools_of_two_namespaces_never_make_one_gke_pool(world)
     assert namespace == "team-a"
     claimed = world.condition("team-b/beta", "NodePoolReady")
     assert (claimed["status"], claimed["reason"]) == ("False", "PoolClaimed")
-    assert "team-a/" + name in claimed["message"] and "spec.nodePool.name" in claimed["message"]
+    assert "spec.nodePool.name" in claimed["message"]
+    assert "team-a" not in claimed["message"]  # another team's names are not told
 
     delete_until_done(world, "team-a/alpha")
     assert not config_connector_pools(world)
@@ -1510,3 +1511,12 @@ def test_two_namespaces_objects_for_one_gke_pool_delete_without_taking_it(world)
     assert marked["metadata"]["namespace"] == "team-a"
     assert marked["metadata"]["annotations"]["cnrm.cloud.google.com/deletion-policy"] == "abandon"
     assert list(config_connector_pools(world)) == [("team-b", name)]
+
+
+def test_a_status_names_its_own_namespaces_services_and_counts_the_others() -> None:
+    from imagegen_operator.reconcile import named_for
+
+    users = ["team-b/y", "team-a/b", "team-a/a", "team-c/z"]
+    assert named_for("team-a", users) == "team-a/a, team-a/b, 2 service(s) of other namespaces"
+    assert named_for("team-a", ["team-b/y"], "service ") == "a service of another namespace"
+    assert named_for("team-a", ["team-a/a"], "service ") == "service team-a/a"

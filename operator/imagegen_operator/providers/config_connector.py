@@ -86,11 +86,11 @@ class ConfigConnectorProvider:
         if live is None:
             self._refuse_a_pool_made_elsewhere(meta["name"])
         with self._lock(desired):
-            if live is None and (other := self._claimed_by(desired)):
+            if live is None and self._claimed_by(desired):
                 raise ProviderError(
                     "PoolClaimed",
                     f"node pool {meta['name']} of cluster {_cluster(desired)} is already made "
-                    f"from {KIND} {other} for another namespace. Set spec.nodePool.name to a "
+                    f"from a {KIND} of another namespace. Set spec.nodePool.name to a "
                     "name of this namespace's own.",
                 )
             now = self.kube.apply(desired, live=live)
