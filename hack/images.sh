@@ -33,9 +33,11 @@ install_podman() {
     || return 1
   log "installing ${PODMAN_PACKAGES[*]} from Debian's packages"
   local apt=(apt-get -o DPkg::Lock::Timeout=600 -y -q)  # an apt run at boot may hold the lock
+  # `update` takes the lists' lock without waiting (the timeout above is dpkg's only).
+  update() { for _ in $(seq 40); do "${apt[@]}" update >&2 && return 0; sleep 15; done; return 1; }
   DEBIAN_FRONTEND=noninteractive "${apt[@]}" install --no-install-recommends \
     "${PODMAN_PACKAGES[@]}" >&2 \
-    || { "${apt[@]}" update >&2 && DEBIAN_FRONTEND=noninteractive "${apt[@]}" install \
+    || { update && DEBIAN_FRONTEND=noninteractive "${apt[@]}" install \
          --no-install-recommends "${PODMAN_PACKAGES[@]}" >&2; }
 }
 
