@@ -20,6 +20,8 @@ from .request import MIN_SIDE
 # Pillow's format names, and the media types they are sent as (MPO: a JPEG from a camera).
 MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg", "WEBP": "image/webp"}
 FORMATS = set(MEDIA_TYPES)
+# Pillow's parsers of those (its JPEG one gives MPO for a multi-picture file).
+PARSERS = ("JPEG", "PNG", "WEBP")
 # What Pillow's decoders raise on a file they cannot read: a truncated or corrupt file, a
 # text chunk that inflates past Pillow's limit, a broken EXIF block.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
@@ -34,7 +36,9 @@ class UploadError(ValueError):
 def open_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
     """The decoded image of an upload, once its format and pixel count are known to be fine."""
     try:
-        image = Image.open(io.BytesIO(data))
+        # Only these formats' parsers ever read a client's bytes (Pillow tries every format
+        # it knows otherwise: more parsers, more of them exposed).
+        image = Image.open(io.BytesIO(data), formats=PARSERS)
     except UnidentifiedImageError:
         raise UploadError(field, f"{field} is not a PNG, JPEG or WebP image") from None
     except Image.DecompressionBombError:  # far beyond any limit: Pillow's own guard

@@ -18,8 +18,12 @@ EDITS = "/v1/images/edits"
 
 
 def png(image: Image.Image) -> bytes:
+    return encoded("PNG", image)
+
+
+def encoded(image_format: str, image: Image.Image | None = None) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    (image or Image.new("RGB", (64, 64), (90, 120, 30))).save(buffer, format=image_format)
     return buffer.getvalue()
 
 
@@ -84,6 +88,9 @@ def png_with_a_text_chunk_too_large_to_inflate() -> bytes:
         ({"prompt": "x"}, {"mask": GOOD}, "image", "required"),
         ({"prompt": "x", "image": "not a file"}, {"mask": GOOD}, "image", "file upload"),
         ({"prompt": "x"}, {"image": b"not an image at all"}, "image", "not a PNG"),
+        # Other formats Pillow reads: never parsed at all.
+        ({"prompt": "x"}, {"image": encoded("GIF")}, "image", "not a PNG"),
+        ({"prompt": "x"}, {"image": encoded("TIFF")}, "image", "not a PNG"),
         ({"prompt": "x"}, {"image": GOOD[:200]}, "image", "cannot be decoded"),
         ({"prompt": "x"}, {"image": png_with_a_text_chunk_too_large_to_inflate()}, "image",
          "cannot be decoded"),

@@ -16,13 +16,18 @@ _lock = threading.Lock()
 _server: MetadataServerTestDouble | None = None
 
 
+def not_gke_metadata() -> MetadataServerTestDouble:
+    """A Compute Engine VM's metadata server (not started): a project, no cluster (404)."""
+    double = MetadataServerTestDouble("ci-project", "unused", "unused")
+    del double.values["instance/attributes/cluster-location"]
+    del double.values["instance/attributes/cluster-name"]
+    return double
+
+
 def not_gke_metadata_host() -> str:
     """``127.0.0.1:PORT`` of the session's metadata server without a cluster."""
     global _server
     with _lock:
         if _server is None:
-            double = MetadataServerTestDouble("ci-project", "unused", "unused")
-            del double.values["instance/attributes/cluster-location"]
-            del double.values["instance/attributes/cluster-name"]
-            _server = double.__enter__()  # a daemon thread, gone with the session
+            _server = not_gke_metadata().__enter__()  # a daemon thread, gone with the session
         return _server.host

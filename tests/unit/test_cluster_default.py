@@ -8,6 +8,7 @@ from imagegen_operator.cluster_default import ClusterDefault
 from support.clock import FakeClock
 from support.fake_metadata import MetadataServerTestDouble
 from support.kube import free_port_refusing
+from support.not_gke_metadata import not_gke_metadata
 
 CLUSTER = "projects/my-project/locations/us-central1/clusters/serving"
 
@@ -35,17 +36,9 @@ def test_on_gke_the_metadata_server_names_the_cluster_once() -> None:
         assert len(metadata.requests) == asked  # remembered
 
 
-def not_gke() -> MetadataServerTestDouble:
-    """A Compute Engine VM's metadata server: a project, no cluster attributes (404)."""
-    double = MetadataServerTestDouble("my-project", "unused", "unused")
-    del double.values["instance/attributes/cluster-location"]
-    del double.values["instance/attributes/cluster-name"]
-    return double
-
-
 def test_without_either_there_is_no_default_and_it_is_asked_again_less_and_less_often():
     clock, slept = FakeClock(0.0), []
-    with not_gke() as vm:
+    with not_gke_metadata() as vm:
         default = ClusterDefault({"GCE_METADATA_HOST": vm.host}, clock=clock,
                                  sleep=slept.append)
         assert default() is None
