@@ -141,13 +141,12 @@ def gpu_toleration() -> dict[str, str]:
     return {"key": gke.GPU_TAINT_KEY, "operator": "Exists", "effect": gke.GPU_TAINT_EFFECT}
 
 
-def tolerations(provider: str, plan: Plan | None = None) -> list[dict[str, str]]:
+def tolerations(provider: str, plan: Plan) -> list[dict[str, str]]:
     """The GPU taint everywhere; the simulated nodes' taint for Local services only. Spot
     and Flex-start pods also tolerate the taint of their kind of node, which pools made by
     node auto-provisioning may carry: harmless elsewhere, as the pods select such nodes."""
     out = [gpu_toleration()]
-    for wanted, key in ((plan is not None and plan.spot, gke.LABEL_SPOT),
-                        (plan is not None and plan.flex_start, gke.LABEL_FLEX_START)):
+    for wanted, key in ((plan.spot, gke.LABEL_SPOT), (plan.flex_start, gke.LABEL_FLEX_START)):
         if wanted:
             out.append({"key": key, "operator": "Equal", "value": "true",
                         "effect": "NoSchedule"})
