@@ -385,6 +385,11 @@ def up(cluster_dir: Path, tools: Path | None = None) -> LocalCluster:
             "--bind-address=127.0.0.1",
             f"--secure-port={scheduler_port}",
             "--leader-elect=false",
+            # A pod found unschedulable waits for a cluster event that may make room; one that
+            # raced its scheduling cycle is retried only after this (5 min by default), which a
+            # small cluster without churn can hit (kubernetes/kubernetes#72558): pools here come
+            # up in seconds, and a missed node event must not stall a test for minutes.
+            "--pod-max-in-unschedulable-pods-duration=10s",
             *SCALE_TEST_CLIENT_LIMITS,
             "--v=1",
         ])

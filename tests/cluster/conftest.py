@@ -7,12 +7,14 @@ themselves), also when tests fail or the run is interrupted.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
 import localcluster
+from imagegen_operator.render.nodepool import POOL_LABEL
 
 HERE = Path(__file__).resolve().parent
 # The control planes this session started, to stop once no cluster test is left.
@@ -32,6 +34,56 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
         if not any(HERE in later.path.parents for later in items[items.index(item) + 1:]):
             while _started:
                 localcluster.down(_started.pop())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    # A failed cluster test says what the cluster and its operator were doing: on a CI
+    # machine, that is all there is to go on.
+    report = yield
+    if report.failed and call.when == "call":
+        running = item.funcargs.get("cluster")
+        if running is not None:
+            report.sections.append(("cluster state at the failure", cluster_state(running)))
+        operator = item.funcargs.get("operator")
+        if hasattr(operator, "log"):
+            report.sections.append(("operator log, its end", operator.log()[-4000:]))
+    return report
+
+
+def cluster_state(running) -> str:
+    """Services, pods (with why one is not scheduled) and GPU nodes, one line each."""
+    def items(*args: str) -> list[dict]:
+        result = running.kubectl("get", *args, "-o", "json", check=False, timeout=30)
+        return json.loads(result.stdout)["items"] if result.returncode == 0 else []
+
+    lines = []
+    for igs in items("imagegenservices.imagegen.dev", "-A"):
+        meta, status = igs["metadata"], igs.get("status") or {}
+        conditions = {c["type"]: c for c in status.get("conditions") or []}
+        ready = conditions.get("Ready") or {}
+        lines.append(f"igs {meta['namespace']}/{meta['name']} gen={meta.get('generation')} "
+                     f"observed={status.get('observedGeneration')} pool={status.get('nodePool')} "
+                     + " ".join(f"{t}={c['status']}/{c.get('reason')}"
+                                for t, c in conditions.items())
+                     + f" Ready says: {ready.get('message')!r}")
+    for pod in items("pods", "-A"):
+        meta, status = pod["metadata"], pod.get("status") or {}
+        if meta["namespace"] == "kube-system":
+            continue
+        unscheduled = [c.get("message", "") for c in status.get("conditions") or []
+                       if c["type"] == "PodScheduled" and c["status"] != "True"]
+        lines.append(f"pod {meta['namespace']}/{meta['name']} {status.get('phase')} "
+                     f"node={pod['spec'].get('nodeName')} {' '.join(unscheduled)}")
+    for node in items("nodes", "-l", POOL_LABEL):
+        labels, spec = node["metadata"]["labels"], node.get("spec") or {}
+        ready = [c["status"] for c in (node.get("status") or {}).get("conditions") or []
+                 if c["type"] == "Ready"]
+        lines.append(f"node {node['metadata']['name']} "
+                     f"pool={labels.get(POOL_LABEL)} ready={ready} "
+                     f"taints={[t['key'] for t in spec.get('taints') or []]} "
+                     f"deleting={'deletionTimestamp' in node['metadata']}")
+    return "\n".join(lines)
 
 
 @pytest.fixture(scope="session")

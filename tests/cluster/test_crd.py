@@ -60,7 +60,10 @@ def ns(cluster):
     # kubectl caches discovery; the short name resolves once it has seen the new CRD.
     eventually(cluster, "get", "-n", name, "igs")
     yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    # Gone before the next module: its examples are real services, and an operator watching
+    # every namespace would take them up while the namespace is still being emptied (one
+    # shares its simulated pool with the later tests' services).
+    cluster.kubectl("delete", "namespace", name, "--wait=true", "--timeout=90s", timeout=100)
 
 
 def eventually(cluster, *args: str, timeout: float = 30):

@@ -64,6 +64,10 @@ def operator(cluster, crd, gke_api, tmp_path_factory):
              "IMAGEGEN_GKE_BACKOFF_BASE_S": "1", "IMAGEGEN_GKE_BACKOFF_MAX_S": "4"},
     ).start()
     yield proc
+    # What a failed test left goes while the operator still runs to release its pools.
+    for ns in (NS, BACKOFF_NS):
+        cluster.kubectl("delete", "igs", "--all", "-n", ns, "--wait=true", "--timeout=150s",
+                        check=False, timeout=180)
     proc.stop()
     print(proc.log())
 

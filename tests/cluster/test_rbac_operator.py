@@ -50,7 +50,9 @@ def chart_kubeconfig(cluster, crd, tmp_path_factory) -> Path:
     # The `crd` fixture applied the CRD; this release leaves it alone (crds.enabled=false).
     helm(cluster, "upgrade", "--install", RELEASE, str(CHART), "--namespace", SYSTEM_NS,
          "--set", "crds.enabled=false", "--set", "providers.local.enabled=true",
-         "--set", "peering.enabled=true", "--set", "replicaCount=0")
+         "--set", "peering.enabled=true", "--set", "replicaCount=0",
+         # Its Job would never run under KWOK, and `helm uninstall` would wait for it.
+         "--set", "uninstallCheck.enabled=false")
     token = cluster.kubectl("create", "token", FULLNAME, "-n", SYSTEM_NS,
                             "--duration=2h").stdout.strip()
     path = tmp_path_factory.mktemp("chart-account") / "kubeconfig"
