@@ -156,6 +156,13 @@ def _unique_lora_names(loras: list[Any]) -> list[Any]:
     return loras
 
 
+def _unique_zones(zones: list[str]) -> list[str]:
+    """What the CRD's set-typed list refuses."""
+    if duplicated := sorted({z for z in zones if zones.count(z) > 1}):
+        raise ValueError(f"zones must be unique; given more than once: {', '.join(duplicated)}")
+    return zones
+
+
 def _cel_string(value: str) -> str:
     # A CEL raw string: backslashes reach the regex engine as written.
     assert "'" not in value
@@ -562,6 +569,18 @@ class NodePoolSpec(KubeModel):
     """Use Flex-start VMs (GKE's Dynamic Workload Scheduler): GPUs obtained as capacity frees
     up, at a discount; Compute Engine takes each node back after at most seven days (keep
     minNodes 2 or more). The GKE provider only (Local simulates it); not with spot."""
+    locations: Annotated[
+        list[Annotated[str, Field(pattern=gke.ZONE_PATTERN, max_length=63)]],
+        AfterValidator(_unique_zones),
+    ] | None = Field(
+        default=None, min_length=1, max_length=gke.POOL_LOCATIONS_MAX,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    """Zones of the pool's nodes (us-central1-a), in the cluster's region; by default the
+    cluster's own zones. Not every zone has every GPU type: a pool of a GPU type that one
+    of a regional cluster's zones lacks is refused by GKE, so name the zones that have it
+    (gcloud compute accelerator-types list). Part of the derived pool name (other zones,
+    another pool); the serving pods are kept to these zones with every provider."""
     min_nodes: int = Field(default=0, ge=0, le=1000)
     """Fewest nodes the pool autoscaler keeps."""
     max_nodes: int = Field(default=4, ge=1, le=1000)
@@ -574,6 +593,23 @@ class NodePoolSpec(KubeModel):
             check=lambda p: p.min_nodes <= p.max_nodes,
             field=".minNodes",
             message="minNodes must not exceed maxNodes",
+        ),
+        Rule(
+            cel="!has(self.locations) || self.locations.all(z, "
+                "z.substring(0, z.lastIndexOf('-')) == "
+                "self.locations[0].substring(0, self.locations[0].lastIndexOf('-')))",
+            check=lambda p: len({gke.region_of(z) for z in p.locations or []}) <= 1,
+            field=".locations",
+            message="locations must be zones of one region, the cluster's",
+        ),
+        Rule(
+            cel="!has(self.locations) || !has(self.cluster) || self.locations.all(z, "
+                "self.cluster.contains('/locations/' + z.substring(0, z.lastIndexOf('-')) + '/')"
+                " || self.cluster.contains('/locations/' + z.substring(0, z.lastIndexOf('-'))"
+                " + '-'))",
+            check=lambda p: not (p.cluster and gke.zones_outside(p.cluster, p.locations or [])),
+            field=".locations",
+            message="locations must be zones in the region of nodePool.cluster",
         ),
         Rule(
             cel="!has(self.spot) || !has(self.flexStart) || !(self.spot && self.flexStart)",

@@ -228,7 +228,8 @@ def plan_table(resource: api.ImageGenService, p: Plan) -> str:
                 else ""
             )
             + (", Spot" if p.spot else "")
-            + (", Flex-start" if p.flex_start else ""),
+            + (", Flex-start" if p.flex_start else "")
+            + (f", in {', '.join(p.locations)}" if p.locations else ""),
         ),
         (
             "memory",

@@ -80,6 +80,7 @@ letters, digits or hyphens, not ending in a hyphen (the gcloud/API rule).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 # --- node labels and taints -------------------------------------------------
@@ -125,6 +126,32 @@ GPU_COUNTS_PER_NODE = (1, 2, 4, 8)
 # letter, at most 40 characters (the API rejects longer names).
 NODEPOOL_NAME_MAX = 40
 NODEPOOL_NAME_RE = re.compile(r"^[a-z](?:[-a-z0-9]{0,38}[a-z0-9])?$")
+
+# Compute Engine zones (us-central1-a) and regions (us-central1). A node pool's zones
+# (NodePool.locations, Config Connector's nodeLocations) must be in its cluster's region:
+# the region itself for a regional cluster, the zone's region for a zonal one. Unset, the
+# pool takes the cluster's zones; GKE counts initialNodeCount in each zone of the pool.
+LABEL_ZONE = "topology.kubernetes.io/zone"
+LABEL_REGION = "topology.kubernetes.io/region"
+ZONE_PATTERN = r"^[a-z]+-[a-z]+[0-9]+-[a-z]$"
+ZONE_RE = re.compile(ZONE_PATTERN)
+POOL_LOCATIONS_MAX = 16
+
+
+def region_of(location: str) -> str:
+    """The region of a zone (``us-central1-a`` -> ``us-central1``); a region is its own."""
+    return location.rsplit("-", 1)[0] if ZONE_RE.match(location) else location
+
+
+def zones_outside(cluster: str, zones: Sequence[str]) -> list[str]:
+    """The zones outside the region of ``cluster`` (projects/P/locations/L/clusters/C;
+    none when it is not such a name: the cluster's own check says so)."""
+    match = re.fullmatch(r"projects/[^/]+/locations/([^/]+)/clusters/[^/]+", cluster or "")
+    if not match:
+        return []
+    region = region_of(match.group(1))
+    return [zone for zone in zones if region_of(zone) != region]
+
 
 PRICE_TABLE_DATE = "2026-11-26"
 PRICE_REGION = "us-central1"

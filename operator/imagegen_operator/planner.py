@@ -208,6 +208,7 @@ class PlanInputs:
     machine_type: str | None = None  # nodePool.machineType
     spot: bool = False  # nodePool.spot
     flex_start: bool = False  # nodePool.flexStart
+    locations: tuple[str, ...] = ()  # nodePool.locations
     min_nodes: int = 0  # nodePool.minNodes
     max_nodes: int | None = None  # nodePool.maxNodes
     monitored: bool = True  # monitoring set and enabled (or no autoscaling to feed)
@@ -263,6 +264,7 @@ class Plan:
     cost_at_max_nodes: Cost | None
     findings: tuple[Finding, ...] = field(default_factory=tuple)
     flex_start: bool = False
+    locations: tuple[str, ...] = ()  # the pool's zones; empty: the cluster's
 
     @property
     def blocking(self) -> tuple[Finding, ...]:
@@ -291,6 +293,7 @@ class Plan:
         """The plan in the API's dialect: camelCase keys, as status and the spec spell them."""
         out = asdict(self)
         out["findings"] = [f.to_dict() for f in self.findings]
+        out["locations"] = list(self.locations)
         out["workable"] = self.workable
         out["slots"] = self.slots
         return _camel_keys(out)
@@ -393,12 +396,14 @@ def default_nodepool_name(
     spot: bool,
     machine_type: str | None = None,
     flex_start: bool = False,
+    locations: tuple[str, ...] = (),
 ) -> str:
     """A stable pool name from the GPU config, so identical configs share one pool.
 
     ``igs-h100x1-mig1g10gb-ts2-spot``: the accelerator, GPUs per node, MIG size,
-    sharing, and Spot or Flex-start (``flex``). A machine type other than the derived one is part of the
-    config too; it is folded into a short hash to stay within GKE's 40 characters.
+    sharing, and Spot or Flex-start (``flex``). A machine type other than the derived one,
+    and the zones, are part of the config too; they are folded into one short hash (the
+    machine type alone hashes as it always has) to stay within GKE's 40 characters.
     """
     try:
         short = gke.accelerator(gpu_type).short_name
@@ -415,8 +420,10 @@ def default_nodepool_name(
         parts.append("flex")
     derived = gke.ACCELERATORS.get(gpu_type)
     derived_machine = derived.machine_types.get(count_per_node) if derived else None
-    if machine_type and machine_type != derived_machine:
-        parts.append(hashlib.sha256(machine_type.encode()).hexdigest()[:6])
+    machine = machine_type if machine_type and machine_type != derived_machine else ""
+    if machine or locations:
+        folded = machine + ("|" + ",".join(sorted(locations)) if locations else "")
+        parts.append(hashlib.sha256(folded.encode()).hexdigest()[:6])
     return "-".join(parts)[: gke.NODEPOOL_NAME_MAX].rstrip("-")
 
 
@@ -550,9 +557,11 @@ def make_plan(inputs: PlanInputs) -> Plan:
             i.spot,
             i.machine_type,
             i.flex_start,
+            i.locations,
         ),
         spot=i.spot,
         flex_start=i.flex_start,
+        locations=i.locations,
         # The nodes the pool runs: those the replicas need (an autoscaled service: its
         # floor, minReplicas; at most, cost_at_max_nodes), never fewer than minNodes.
         cost=nodes_cost(i.gpu_type, i.count_per_node, machine, max(
@@ -820,9 +829,11 @@ def _unplannable(i: PlanInputs, findings: list[Finding]) -> Plan:
             i.spot,
             i.machine_type,
             i.flex_start,
+            i.locations,
         ),
         spot=i.spot,
         flex_start=i.flex_start,
+        locations=i.locations,
         cost=Cost(0, 0.0, 0.0),
         cost_at_max_nodes=None,
         findings=tuple(findings),
@@ -851,6 +862,7 @@ def inputs_from_spec(spec: ImageGenServiceSpec) -> PlanInputs:
         machine_type=pool.machine_type,
         spot=pool.spot,
         flex_start=pool.flex_start,
+        locations=tuple(pool.locations or ()),
         min_nodes=pool.min_nodes,
         max_nodes=pool.max_nodes,
         monitored=spec.monitoring is not None and spec.monitoring.enabled,

@@ -195,7 +195,7 @@ class Reconciler:
         if resolved is None:
             return self._not_planned(body, outcome, "ClusterUnknown", HOW_TO_SET, the_plan,
                                      pool_message=HOW_TO_SET)
-        if (refused := self._foreign(resolved)) is not None:
+        if (refused := self._foreign(resolved) or _zones_refused(resolved)) is not None:
             reason, message = refused
             return self._not_planned(body, outcome, reason, message, the_plan,
                                      pool_message=message)
@@ -307,7 +307,7 @@ class Reconciler:
         the_plan = plan(resource.spec)
         resolved = self._with_cluster(resource)
         if (invalid or the_plan.blocking or resolved is None
-                or self._foreign(resolved) is not None):
+                or self._foreign(resolved) is not None or _zones_refused(resolved)):
             # Not planned now, or no cluster to make a pool in (or one refused: a pool
             # there of that name is another cluster's operator's): only the pools recorded
             # in status can exist.
@@ -964,3 +964,17 @@ def _stand_in(body: dict[str, Any]) -> ImageGenService:
         "spec": {"model": {"uri": "gs://stand-in/model"}, "gpu": {"type": "nvidia-l4"},
                  "nodePool": {"provider": "Local"}},
     })
+
+
+def _zones_refused(resource: ImageGenService) -> tuple[str, str] | None:
+    """Why ``spec.nodePool.locations`` cannot be the pool's zones (reason, message), or
+    None. The schema compares them with a cluster the spec names; this, with the one the
+    operator filled in."""
+    pool = resource.spec.node_pool
+    if pool.provider not in CLOUD_PROVIDERS or not pool.cluster or not pool.locations:
+        return None
+    if outside := gke.zones_outside(pool.cluster, pool.locations):
+        return "LocationsOutsideCluster", (
+            f"spec.nodePool.locations names {', '.join(outside)}, outside the region of "
+            f"the cluster {pool.cluster}: a node pool's zones are its cluster's region's")
+    return None

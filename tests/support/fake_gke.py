@@ -21,6 +21,10 @@ The contract it follows (the ``google.api.http`` annotations of
   body ``{"autoscaling": NodePoolAutoscaling}`` -> ``Operation``; the pool is
   ``RECONCILING`` until the operation is done, then has the new bounds
 
+A pool's ``locations`` (its zones) are the ones asked for, each in the cluster's
+region (else ``400 INVALID_ARGUMENT``); unset, the cluster's: its zone, or for a
+regional cluster three zones of its region (the double's choice: ``-a``, ``-b``, ``-c``).
+
 Bodies are proto3 JSON (camelCase; int64 as strings). The client asks with
 ``$alt=json;enum-encoding=int``, and then enums are answered as numbers, as
 GKE does; without it, as names.
@@ -136,6 +140,24 @@ class _Operation:
     error: dict[str, Any] | None = None
     start_time: str = field(default_factory=lambda: _now())
     end_time: str | None = None
+
+
+def _region(location: str) -> str:
+    return location.rsplit("-", 1)[0] if re.fullmatch(r"[a-z]+-[a-z]+\d+-[a-z]", location) \
+        else location
+
+
+def _pool_zones(cluster_location: str, asked: list[str] | None) -> list[str]:
+    """The zones a new pool gets (see the module docstring)."""
+    region = _region(cluster_location)
+    if not asked:
+        if region != cluster_location:
+            return [cluster_location]
+        return [f"{region}-{letter}" for letter in "abc"]
+    if outside := [zone for zone in asked if _region(zone) != region]:
+        raise ApiError("INVALID_ARGUMENT", f"Invalid locations {outside}: the node pool's "
+                       f"locations must be zones of region {region}.")
+    return list(asked)
 
 
 def _now() -> str:
@@ -276,6 +298,7 @@ class GkeApiTestDouble:
 
     def seed_pool(self, name: str, status: str = "RUNNING", **fields: Any) -> None:
         """Put a pool in place, as if made earlier (``name``: its full resource name)."""
+        fields.setdefault("locations", _pool_zones(name.split("/")[3], None))
         with self._lock:
             self.pools[name] = {"name": name.rsplit("/", 1)[-1], "status": status, **fields}
 
@@ -372,6 +395,7 @@ class GkeApiTestDouble:
             raise ApiError("ALREADY_EXISTS", f"Already exists: {name}.")
         self._check_cluster_free(parent, name)
         location = parent.split("/")[3]
+        pool = {**pool, "locations": _pool_zones(location, pool.get("locations"))}
         op = self._new_operation(location, "CREATE_NODE_POOL", name)
         if self._next_failure:
             status, message, after = self._next_failure

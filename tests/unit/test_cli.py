@@ -143,6 +143,7 @@ def test_plan_of_a_flex_start_pool() -> None:
     status, out, _ = run("plan", "-f", str(example))
     assert status == 0
     assert "igs-h100x1-mig3g40gb-flex" in out and ", Flex-start" in out
+    assert ", in us-central1-a, us-central1-c" in out  # the zones that have the GPU
     # No price table for the Dynamic Workload Scheduler: the nominal on-demand rate bounds it.
     assert "at most $" in out and "Flex-start (the nominal on-demand rate)" in out
     assert "Spot for" not in out and "run at most 7 days" in out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 
 import pytest
@@ -395,6 +396,21 @@ def test_a_non_default_machine_type_gets_its_own_pool() -> None:
     other = default_nodepool_name("nvidia-l4", 1, None, None, None, False, "g2-standard-16")
     assert base == same != other
     assert other.startswith(base + "-") and gke.NODEPOOL_NAME_RE.match(other)
+
+
+def test_zones_get_their_own_pool_and_a_machine_type_alone_keeps_its_name() -> None:
+    base = default_nodepool_name("nvidia-l4", 1, None, None, None, False)
+    zoned = default_nodepool_name("nvidia-l4", 1, None, None, None, False,
+                                  locations=("us-east4-c", "us-east4-a"))
+    assert zoned == default_nodepool_name("nvidia-l4", 1, None, None, None, False,
+                                          locations=("us-east4-a", "us-east4-c"))
+    assert zoned.startswith(base + "-") and zoned != base
+    # The names pools were made under before zones existed stay theirs.
+    machine = default_nodepool_name("nvidia-l4", 1, None, None, None, False, "g2-standard-16")
+    assert machine == "igs-l4x1-" + hashlib.sha256(b"g2-standard-16").hexdigest()[:6]
+    both = default_nodepool_name("nvidia-l4", 1, None, None, None, False, "g2-standard-16",
+                                 locations=("us-east4-a",))
+    assert both not in (machine, zoned) and len(both) == len(machine)
 
 
 def test_explicit_pool_name_wins() -> None:

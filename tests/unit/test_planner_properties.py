@@ -121,7 +121,7 @@ def test_mps_limits_never_add_up_to_more_than_the_device(r: api.ImageGenService)
     assert pod["hostIPC"] is True
 
 
-def _name(gpu: dict[str, Any], spot: bool) -> str:
+def _name(gpu: dict[str, Any], spot: bool, zones: tuple[str, ...] = ()) -> str:
     sharing = gpu.get("sharing") or {}
     return default_nodepool_name(
         gpu["type"],
@@ -130,13 +130,22 @@ def _name(gpu: dict[str, Any], spot: bool) -> str:
         sharing.get("strategy"),
         sharing.get("maxSharedClientsPerGpu"),
         spot,
+        locations=zones,
     )
 
 
+# None, or some zones of one region, in any order.
+ZONES = st.one_of(st.just(()), st.lists(
+    st.sampled_from(["us-central1-a", "us-central1-b", "us-central1-c", "us-central1-f"]),
+    min_size=1, unique=True).map(tuple))
+
+
 @settings(max_examples=500, deadline=None)
-@given(gpu_configs(), st.booleans(), gpu_configs(), st.booleans())
-def test_pool_names_are_valid_and_equal_exactly_for_equal_configs(a, spot_a, b, spot_b):
-    name_a, name_b = _name(a, spot_a), _name(b, spot_b)
+@given(gpu_configs(), st.booleans(), ZONES, gpu_configs(), st.booleans(), ZONES)
+def test_pool_names_are_valid_and_equal_exactly_for_equal_configs(a, spot_a, zones_a,
+                                                                  b, spot_b, zones_b):
+    name_a, name_b = _name(a, spot_a, zones_a), _name(b, spot_b, zones_b)
     assert gke.NODEPOOL_NAME_RE.match(name_a) and len(name_a) <= gke.NODEPOOL_NAME_MAX
-    assert name_a == _name(a, spot_a)  # stable
-    assert (name_a == name_b) == ((a, spot_a) == (b, spot_b))
+    assert name_a == _name(a, spot_a, zones_a[::-1])  # stable, whatever the zones' order
+    assert (name_a == name_b) == (
+        (a, spot_a, set(zones_a)) == (b, spot_b, set(zones_b)))

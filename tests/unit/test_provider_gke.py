@@ -573,6 +573,35 @@ def test_a_derived_machine_type_may_differ_but_one_asked_for_may_not(double, pro
     assert refused.value.reason == "PoolConfigMismatch"
 
 
+def test_the_spec_s_zones_are_asked_for_and_none_leaves_gke_the_cluster_s(double, provider):
+    zoned = service(locations=["us-central1-a", "us-central1-c"])
+    ensure_until(provider, zoned, make_plan(zoned.spec), ready)
+    (created,) = double.requests_to("POST", "/nodePools")
+    assert created.body["nodePool"]["locations"] == ["us-central1-a", "us-central1-c"]
+
+    anywhere = service(spot=False)  # another pool: no zones asked for
+    ensure_until(provider, anywhere, make_plan(anywhere.spec), ready)
+    second = double.requests_to("POST", "/nodePools")[1]
+    assert "locations" not in second.body["nodePool"]
+    # GKE gave it the cluster's zones; the spec named none, so any are its own.
+    assert double.pools[pool_name(make_plan(anywhere.spec))]["locations"] == [
+        "us-central1-a", "us-central1-b", "us-central1-c"]
+    assert provider.ensure(anywhere, make_plan(anywhere.spec), 1).ready
+
+
+def test_a_named_pool_in_other_zones_is_not_taken_for_the_spec_s(double, provider):
+    before = service(name="sd15-serving")
+    old_plan = make_plan(before.spec)
+    double.seed_pool(pool_name(old_plan), "RUNNING", config=made_by_us(before, old_plan))
+    edited = service(name="sd15-serving", locations=["us-central1-f"])
+    with pytest.raises(ProviderError) as refused:
+        provider.ensure(edited, make_plan(edited.spec), 1)
+    assert refused.value.reason == "PoolConfigMismatch"
+    assert ("zones ['us-central1-a', 'us-central1-b', 'us-central1-c'] (the spec asks for "
+            "['us-central1-f'])") in refused.value.message
+    assert double.requests_to("POST") == []
+
+
 # --- autoscaling bounds ------------------------------------------------------------------
 
 

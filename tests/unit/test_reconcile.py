@@ -267,6 +267,25 @@ def test_a_cluster_other_than_the_operators_own_is_refused(world, provider) -> N
     assert [k for k in world.kube.objects if k[1] == "Deployment"]
 
 
+@pytest.mark.parametrize("provider", ["GKE", "ConfigConnector"])
+def test_zones_outside_the_operators_cluster_are_refused_naming_the_field(world, provider):
+    """The schema holds zones to a cluster the spec names; one the operator fills in is
+    checked here, before any pool is asked for."""
+    world.create("zoned", node_pool={"provider": provider, "locations": ["europe-west4-a"]})
+    assert world.reconcile("zoned").stalled
+    pool = world.condition("zoned", "NodePoolReady")
+    assert (pool["status"], pool["reason"]) == ("False", "LocationsOutsideCluster")
+    assert "spec.nodePool.locations" in pool["message"] and CLUSTER_A in pool["message"]
+    assert not world.double.requests and not world.gke_pools()
+    assert not [k for k in world.kube.objects if k[1] in ("ContainerNodePool", "Deployment")]
+    delete_until_done(world, "zoned")
+    # Zones of its region go ahead.
+    world.create("zoned", node_pool={"provider": provider, "locations": ["us-central1-b"]})
+    world.reconcile("zoned")
+    assert world.condition("zoned", "NodePoolReady")["reason"] != "LocationsOutsideCluster"
+    assert [k for k in world.kube.objects if k[1] == "Deployment"]
+
+
 def test_deleting_a_service_refused_for_another_cluster_leaves_that_clusters_pools(world):
     """A pool of that name in the other cluster is its own operator's, serving its own
     services, which this operator cannot see: deleting the refused service never touches it."""

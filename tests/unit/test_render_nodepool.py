@@ -162,6 +162,69 @@ def test_config_connector_nodepool() -> None:
     assert spec["nodeConfig"]["spot"] is True
 
 
+def zoned(provider: str, zones: list[str], cluster: str = CLUSTER,
+          min_nodes: int = 1) -> api.ImageGenService:
+    body = copy.deepcopy(BASE)
+    body["spec"]["nodePool"] |= {"provider": provider, "locations": zones, "minNodes": min_nodes}
+    if provider in ("Existing", "Local"):
+        body["spec"]["nodePool"].pop("cluster")
+    else:
+        body["spec"]["nodePool"]["cluster"] = cluster
+    return api.parse(body)
+
+
+def test_the_spec_s_zones_make_the_pool_s_everywhere() -> None:
+    zones = ["us-central1-a", "us-central1-c"]
+    gke_pool = zoned("GKE", zones)
+    p = plan(gke_pool.spec)
+    request = create_node_pool_request(render_gke_nodepool(gke_pool, p))["node_pool"]
+    assert list(request.locations) == zones
+    # GKE starts initialNodeCount nodes in each zone: two zones start empty (the
+    # autoscaler adds what the pods need), one zone at the minimum, even in a regional cluster.
+    assert request.initial_node_count == 0
+    one_zone = zoned("GKE", ["us-central1-a"], min_nodes=2)
+    assert create_node_pool_request(render_gke_nodepool(
+        one_zone, plan(one_zone.spec)))["node_pool"].initial_node_count == 2
+    cc = zoned("ConfigConnector", zones)
+    spec = render_config_connector_nodepool(cc, plan(cc.spec))["spec"]
+    assert spec["nodeLocations"] == zones and spec["initialNodeCount"] == 0
+    # Simulated nodes take the zones in turn, labelled as GKE labels a node's zone.
+    local = zoned("Local", zones)
+    labels = [n["metadata"]["labels"] for n in render_kwok_nodes(local, plan(local.spec))]
+    assert [(x["topology.kubernetes.io/zone"], x["topology.kubernetes.io/region"])
+            for x in labels] == [("us-central1-a", "us-central1"), ("us-central1-c", "us-central1")]
+    # Not asked for: none of it.
+    plain = resource()
+    assert "locations" not in render_gke_nodepool(plain, plan(plain.spec))["spec"]
+    assert all("topology.kubernetes.io/zone" not in n["metadata"]["labels"]
+               for n in render_kwok_nodes(resource("Local"), plan(resource("Local").spec)))
+
+
+def test_the_pods_are_kept_to_the_spec_s_zones_with_every_provider() -> None:
+    from imagegen_operator.providers.existing import takes_pods_of
+    from imagegen_operator.render.deployment import render_deployment
+
+    zones = ["us-central1-a", "us-central1-c"]
+    for provider in ("GKE", "ConfigConnector", "Existing", "Local"):
+        r = zoned(provider, zones)
+        terms = render_deployment(r, plan(r.spec))["spec"]["template"]["spec"]["affinity"][
+            "nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        assert {"key": "topology.kubernetes.io/zone", "operator": "In", "values": zones} in (
+            terms[0]["matchExpressions"]), provider
+    plain = resource()
+    pod = render_deployment(plain, plan(plain.spec))["spec"]["template"]["spec"]
+    assert "topology.kubernetes.io/zone" not in str(pod.get("affinity"))
+    # An Existing service counts only the nodes of its zones as its pool's.
+    existing = zoned("Existing", zones)
+    p = plan(existing.spec)
+
+    def node(zone: str) -> dict[str, Any]:
+        return {"metadata": {"labels": {"topology.kubernetes.io/zone": zone}}, "spec": {}}
+
+    assert takes_pods_of(node("us-central1-c"), p)
+    assert not takes_pods_of(node("us-central1-b"), p)
+
+
 def test_kwok_nodes_look_like_the_gke_pool() -> None:
     r = resource("Local")
     p = plan(r.spec)

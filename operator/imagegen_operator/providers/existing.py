@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from imagegen_operator import gke
 from imagegen_operator.api import ImageGenService
 from imagegen_operator.planner import Plan
 from imagegen_operator.providers.base import PoolState
@@ -25,12 +26,14 @@ if TYPE_CHECKING:  # the Kubernetes client stays out of `render` and `plan`
 def takes_pods_of(node: dict[str, Any], plan: Plan, pool_named: bool = False) -> bool:
     """Whether the serving pods may land on ``node``: none of the labels their affinity
     excludes (sharing they did not ask for; a pool the operator made, unless the spec names
-    the pool), not cordoned, and not a simulated node (they do not tolerate it)."""
+    the pool), in one of the spec's zones if it names some, not cordoned, and not a
+    simulated node (they do not tolerate it)."""
     labels = node["metadata"].get("labels") or {}
     spec = node.get("spec") or {}
     excluded = absent_labels(plan, shuns_operator_pools("Existing", pool_named))
     return (
         not any(key in labels for key in excluded)
+        and (not plan.locations or labels.get(gke.LABEL_ZONE) in plan.locations)
         and not spec.get("unschedulable")
         and not any(t.get("key") == SIMULATED_TAINT["key"] for t in spec.get("taints") or [])
     )
@@ -55,6 +58,8 @@ class ExistingProvider:
             f"{k}={v}" for k, v in sorted(nodeselector(plan, pool_named=named).items()))
         nodes = [n for n in self.kube.list("v1", "Node", label_selector=selector)
                  if node_ready(n) and takes_pods_of(n, plan, named)]
+        if plan.locations:
+            selector += f" in zone {' or '.join(plan.locations)}"
         if nodes:
             return PoolState(
                 plan.nodepool_name,

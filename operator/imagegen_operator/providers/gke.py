@@ -577,7 +577,8 @@ def _not_ours(name: str) -> str:
 
 
 def _accelerator_config(pool: Any) -> dict[str, Any]:
-    """What GKE cannot change on a running pool: its machines and their GPUs."""
+    """What the operator does not change on a running pool: its machines and their GPUs
+    (GKE cannot), and its zones."""
     config = pool.config
     gpu = config.accelerators[0] if config.accelerators else None
     sharing = gpu.gpu_sharing_config if gpu else None
@@ -590,6 +591,7 @@ def _accelerator_config(pool: Any) -> dict[str, Any]:
         "partition size": (gpu.gpu_partition_size or None) if gpu else None,
         "sharing": _status_name(sharing.gpu_sharing_strategy) if sharing else None,
         "clients per GPU": sharing.max_shared_clients_per_gpu if sharing else 0,
+        "zones": sorted(pool.locations),
     }
 
 
@@ -612,12 +614,16 @@ def _check_claim(name: str, pool: Any, resource: ImageGenService, plan: Plan) ->
         # Derived, and so free to follow GKE's machine types: an upgrade that derives
         # another one keeps the pools it finds.
         del want["machine type"], have["machine type"]
+    if not plan.locations:
+        # GKE gives a pool made without zones the cluster's: any are the spec's.
+        del want["zones"], have["zones"]
     differ = [k for k in want if want[k] != have[k]]
     if differ:
         changes = ", ".join(f"{k} {have[k]} (the spec asks for {want[k]})" for k in differ)
         raise ProviderError(
             "PoolConfigMismatch",
-            f"node pool {name} has {changes}, which GKE cannot change on a pool. Set "
+            f"node pool {name} has {changes}, which the operator does not change on a "
+            "running pool. Set "
             "spec.nodePool.name to a free name (or remove it for a name derived from the "
             "GPU settings), and the service moves to a new pool.",
         )

@@ -22,6 +22,7 @@ from imagegen_operator.render.nodepool import (
     SIMULATED_TAINT,
     NodeBounds,
     local_node,
+    node_zone,
     render_kwok_nodes,
 )
 
@@ -81,8 +82,8 @@ class LocalProvider:
                 if name not in live:
                     self._refuse_a_node_not_ours(name, plan.nodepool_name)
                 # Compared with the listed node: written only when missing or changed.
-                self.kube.apply(local_node(plan, name, spot), live=live.get(name),
-                                read_first=False)
+                self.kube.apply(local_node(plan, name, spot, node_zone(plan, index)),
+                                live=live.get(name), read_first=False)
         # A node made just now is not Ready yet: the list from before counts them all.
         ready = sum(1 for n in nodes if node_ready(n))
         if target_nodes and ready == 0:

@@ -118,16 +118,20 @@ def shuns_operator_pools(provider: str, pool_named: bool) -> bool:
 
 
 def node_affinity(plan: Plan, existing: bool = False) -> dict[str, Any] | None:
-    """Keep pods off nodes shared in a way the spec did not ask for.
+    """Keep pods off nodes shared in a way the spec did not ask for, and in the zones of
+    ``spec.nodePool.locations`` when it names some.
 
     A node selector only says what a node must have: without this, a pod that
     wants a whole GPU could land on a time-shared or MIG node of the same
     accelerator and take one of its slots (and the other way round).
     """
-    absent = absent_labels(plan, existing)
-    if not absent:
+    expressions: list[dict[str, Any]] = [
+        {"key": key, "operator": "DoesNotExist"} for key in absent_labels(plan, existing)]
+    if plan.locations:
+        expressions.append({"key": gke.LABEL_ZONE, "operator": "In",
+                            "values": list(plan.locations)})
+    if not expressions:
         return None
-    expressions = [{"key": key, "operator": "DoesNotExist"} for key in absent]
     return {
         "nodeAffinity": {
             "requiredDuringSchedulingIgnoredDuringExecution": {

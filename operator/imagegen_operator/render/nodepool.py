@@ -21,7 +21,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from imagegen_operator import gke
@@ -52,8 +52,6 @@ _SERVICE_ACCOUNT_EMAIL = re.compile(
 LOCATION_POLICY = "ANY"
 
 _CLUSTER_RE = re.compile(r"^projects/([^/]+)/locations/([^/]+)/clusters/([^/]+)$")
-# A zone (us-central1-a) rather than a region (us-central1).
-ZONE = re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]$")
 
 
 def parse_cluster(cluster: str) -> tuple[str, str, str]:
@@ -66,19 +64,25 @@ def parse_cluster(cluster: str) -> tuple[str, str, str]:
     return match.group(1), match.group(2), match.group(3)
 
 
-def initial_node_count(cluster: str | None, min_nodes: int) -> int:
+def initial_node_count(cluster: str | None, min_nodes: int,
+                       zones: Sequence[str] = ()) -> int:
     """The nodes a new pool starts with. GKE counts ``initialNodeCount`` in each of the
     pool's zones while the autoscaling bounds are totals: in a regional cluster (location
-    ``us-central1``, not ``us-central1-a``) a minimum of 2 would start 6 GPU nodes in three
-    zones. There the pool starts empty, and the autoscaler adds nodes for the serving pods
-    that wait; in a zonal one it starts at the minimum."""
-    if not min_nodes or not cluster:
+    ``us-central1``, not ``us-central1-a``), or with more than one zone in
+    ``spec.nodePool.locations``, a minimum of 2 would start 2 GPU nodes in every zone.
+    There the pool starts empty, and the autoscaler adds nodes for the serving pods that
+    wait; in one zone it starts at the minimum."""
+    if not min_nodes:
+        return min_nodes
+    if zones:
+        return min_nodes if len(zones) == 1 else 0
+    if not cluster:
         return min_nodes
     try:
         _, location, _ = parse_cluster(cluster)
     except ValueError:
         return min_nodes
-    return min_nodes if ZONE.match(location) else 0
+    return min_nodes if gke.ZONE_RE.match(location) else 0
 
 
 def _node_labels(plan: Plan) -> dict[str, str]:
@@ -133,7 +137,7 @@ def render_gke_nodepool(
         }
     body = {
         "name": plan.nodepool_name,
-        "initialNodeCount": initial_node_count(pool.cluster, min_nodes),
+        "initialNodeCount": initial_node_count(pool.cluster, min_nodes, plan.locations),
         "config": {
             "machineType": plan.machine_type,
             "spot": bool(pool.spot),
@@ -150,6 +154,8 @@ def render_gke_nodepool(
         },
         "management": {"autoRepair": True, "autoUpgrade": True},
     }
+    if plan.locations:
+        body["locations"] = list(plan.locations)
     if pool.flex_start:
         # GKE's documented Flex-start pool: it starts empty, autoscales, takes no
         # reservation, and is not auto-repaired (a node is replaced when its run ends).
@@ -214,7 +220,8 @@ def render_config_connector_nodepool(
         "spec": {
             "location": location,
             "clusterRef": {"external": pool.cluster},
-            "initialNodeCount": initial_node_count(pool.cluster, min_nodes),
+            "initialNodeCount": initial_node_count(pool.cluster, min_nodes, plan.locations),
+            **({"nodeLocations": list(plan.locations)} if plan.locations else {}),
             # The bounds of the whole pool (total*), as for GKE's API: minNodeCount and
             # maxNodeCount, the other pair the CRD has, count per zone, and a regional
             # cluster would get three times the nodes asked for.
@@ -252,7 +259,8 @@ def kwok_node_count(resource: ImageGenService, plan: Plan) -> int:
     return max(min_nodes, min(plan.nodes_needed, max_nodes))
 
 
-def kwok_node_labels(plan: Plan, node_name: str, spot: bool) -> dict[str, str]:
+def kwok_node_labels(plan: Plan, node_name: str, spot: bool,
+                     zone: str | None = None) -> dict[str, str]:
     """The labels GKE puts on a node of this pool, plus the usual well-known ones."""
     labels = {
         "kubernetes.io/hostname": node_name,
@@ -273,6 +281,9 @@ def kwok_node_labels(plan: Plan, node_name: str, spot: bool) -> dict[str, str]:
         labels[gke.LABEL_SPOT] = "true"
     if plan.flex_start:
         labels[gke.LABEL_FLEX_START] = "true"
+    if zone:
+        labels[gke.LABEL_ZONE] = zone
+        labels[gke.LABEL_REGION] = gke.region_of(zone)
     return dict(sorted(labels.items()))
 
 
@@ -301,7 +312,7 @@ def kwok_capacity(plan: Plan, allocatable: dict[str, str]) -> dict[str, str]:
     return {**allocatable, "cpu": str(shape[0]), "memory": f"{math.floor(shape[1] * 1024)}Mi"}
 
 
-def kwok_node(plan: Plan, node_name: str, spot: bool) -> dict[str, Any]:
+def kwok_node(plan: Plan, node_name: str, spot: bool, zone: str | None = None) -> dict[str, Any]:
     """One simulated node of the pool, as GKE would register it."""
     allocatable = kwok_allocatable(plan)
     return {
@@ -309,7 +320,7 @@ def kwok_node(plan: Plan, node_name: str, spot: bool) -> dict[str, Any]:
         "kind": "Node",
         "metadata": {
             "name": node_name,
-            "labels": kwok_node_labels(plan, node_name, spot),
+            "labels": kwok_node_labels(plan, node_name, spot, zone),
             "annotations": {
                 KWOK_ANNOTATION: "fake",
                 "node.alpha.kubernetes.io/ttl": "0",
@@ -328,9 +339,15 @@ def kwok_node(plan: Plan, node_name: str, spot: bool) -> dict[str, Any]:
     }
 
 
-def local_node(plan: Plan, node_name: str, spot: bool) -> dict[str, Any]:
+def node_zone(plan: Plan, index: int) -> str | None:
+    """The zone of a Local pool's ``index``th node: its zones in turn, as GKE spreads a
+    pool's nodes over its zones; none when the spec names none."""
+    return plan.locations[index % len(plan.locations)] if plan.locations else None
+
+
+def local_node(plan: Plan, node_name: str, spot: bool, zone: str | None = None) -> dict[str, Any]:
     """A node of a Local pool: GKE's node, plus the taint that marks it simulated."""
-    node = kwok_node(plan, node_name, spot)
+    node = kwok_node(plan, node_name, spot, zone)
     node["spec"]["taints"].append(dict(SIMULATED_TAINT))
     return node
 
@@ -338,6 +355,6 @@ def local_node(plan: Plan, node_name: str, spot: bool) -> dict[str, Any]:
 def render_kwok_nodes(resource: ImageGenService, plan: Plan) -> list[dict[str, Any]]:
     spot = bool(resource.spec.node_pool.spot)
     return [
-        local_node(plan, f"{plan.nodepool_name}-{index}", spot)
+        local_node(plan, f"{plan.nodepool_name}-{index}", spot, node_zone(plan, index))
         for index in range(kwok_node_count(resource, plan))
     ]
