@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     if report.failed and call.when == "call":
         running = item.funcargs.get("cluster")
         if running is not None:
-            report.sections.append(("cluster state at the failure", cluster_state(running)))
+            try:
+                state = cluster_state(running)
+            except Exception as exc:  # noqa: BLE001 - a report, never a second failure
+                state = f"(could not be read: {exc!r})"
+            report.sections.append(("cluster state at the failure", state))
         operator = item.funcargs.get("operator")
         if hasattr(operator, "log"):
             report.sections.append(("operator log, its end", operator.log()[-4000:]))
@@ -101,6 +106,36 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         yield running
     finally:
         localcluster.down(cluster_dir)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def nothing_left_behind(request: pytest.FixtureRequest, cluster):
+    """After each module (its operators stopped), no ImageGenService and no simulated
+    node is left for the next: a failed test's would be taken up by the next module's
+    operators, or counted by its pools of the same name. What is left is removed, and
+    named in a warning. First of the module's fixtures, so torn down last."""
+    yield
+    running, left = cluster, []
+    found = running.kubectl("get", "imagegenservices.imagegen.dev", "-A", "-o",
+                            "jsonpath={range .items[*]}{.metadata.namespace}/{.metadata.name} "
+                            "{end}", check=False, timeout=30)
+    for ref in found.stdout.split() if found.returncode == 0 else []:
+        namespace, name = ref.split("/")
+        left.append(f"ImageGenService {ref}")
+        running.kubectl("patch", "imagegenservices.imagegen.dev", name, "-n", namespace,
+                        "--type=merge", "-p", '{"metadata":{"finalizers":null}}',
+                        check=False, timeout=30)
+        running.kubectl("delete", "imagegenservices.imagegen.dev", name, "-n", namespace,
+                        "--wait=false", "--ignore-not-found", check=False, timeout=30)
+    nodes = running.kubectl("get", "nodes", "-l", "type=kwok", "-o", "name", check=False,
+                            timeout=30)
+    for node in nodes.stdout.split() if nodes.returncode == 0 else []:
+        left.append(node)
+        running.kubectl("delete", node, "--wait=false", "--ignore-not-found", check=False,
+                        timeout=30)
+    if left:
+        warnings.warn(f"{request.module.__name__} left behind, now removed: {', '.join(left)}",
+                      stacklevel=1)
 
 
 @pytest.fixture(scope="session")
