@@ -26,6 +26,7 @@ local needs_a_person = {
   ConfigConnectorMissing = true,
   ClusterUnknown = true,
   ForeignCluster = true,
+  LocationsOutsideCluster = true,
   ApplyRejected = true,
   PoolTooSmall = true,
   PoolNotOwned = true,

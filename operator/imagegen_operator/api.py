@@ -603,10 +603,13 @@ class NodePoolSpec(KubeModel):
             message="locations must be zones of one region, the cluster's",
         ),
         Rule(
-            cel="!has(self.locations) || !has(self.cluster) || self.locations.all(z, "
-                "self.cluster.contains('/locations/' + z.substring(0, z.lastIndexOf('-')) + '/')"
-                " || self.cluster.contains('/locations/' + z.substring(0, z.lastIndexOf('-'))"
-                " + '-'))",
+            # The cluster's location is its region, or a zone of it (gke.region_of).
+            cel="!has(self.locations) || !has(self.cluster)"
+                " || self.cluster.split('/').size() < 4 || self.locations.all(z, "
+                "z.substring(0, z.lastIndexOf('-')) == "
+                f"(self.cluster.split('/')[3].matches({_cel_string(gke.ZONE_PATTERN)})"
+                " ? self.cluster.split('/')[3].substring(0, self.cluster.split('/')[3]"
+                ".lastIndexOf('-')) : self.cluster.split('/')[3]))",
             check=lambda p: not (p.cluster and gke.zones_outside(p.cluster, p.locations or [])),
             field=".locations",
             message="locations must be zones in the region of nodePool.cluster",

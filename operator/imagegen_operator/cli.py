@@ -135,6 +135,14 @@ def _render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     "projects/P/locations/L/clusters/C\n"
                 )
                 return EXIT_REFUSED
+            if outside := gke.zones_outside(args.cluster, pool.locations or []):
+                # What the CRD checks against a cluster the spec names, as the operator
+                # checks it against its own (LocationsOutsideCluster).
+                err.write(
+                    f"error: {api.KIND} {_qualified(resource)}: spec.nodePool.locations names "
+                    f"{', '.join(outside)}, outside the region of --cluster {args.cluster}\n"
+                )
+                return EXIT_REFUSED
             pool = pool.model_copy(update={"cluster": args.cluster})
             spec = resource.spec.model_copy(update={"node_pool": pool})
             resource = resource.model_copy(update={"spec": spec})

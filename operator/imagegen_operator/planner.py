@@ -862,7 +862,9 @@ def inputs_from_spec(spec: ImageGenServiceSpec) -> PlanInputs:
         machine_type=pool.machine_type,
         spot=pool.spot,
         flex_start=pool.flex_start,
-        locations=tuple(pool.locations or ()),
+        # Sorted: services naming the same zones in another order share the pool and
+        # render it alike (no object rewritten by each in turn).
+        locations=tuple(sorted(pool.locations or ())),
         min_nodes=pool.min_nodes,
         max_nodes=pool.max_nodes,
         monitored=spec.monitoring is not None and spec.monitoring.enabled,

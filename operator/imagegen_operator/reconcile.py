@@ -513,12 +513,17 @@ class Reconciler:
         return self.kube.list(API_VERSION, KIND)
 
     def _parsed_plan(self, body: dict[str, Any]) -> tuple[ImageGenService | None, Plan | None]:
-        """Another service's resource (its cluster resolved) and plan; Nones when invalid."""
+        """Another service's resource (its cluster resolved) and plan; Nones when invalid,
+        no plan when its zones are refused (it asks for no pool, as one refused for its
+        cluster: it neither sizes nor keeps one)."""
         try:
             resource = parse(body)
         except InvalidSpec:
             return None, None
-        return self._with_cluster(resource), self._plan_of(body, resource)
+        resolved = self._with_cluster(resource)
+        if resolved is not None and _zones_refused(resolved):
+            return resolved, None
+        return resolved, self._plan_of(body, resource)
 
     def _memo(self, uid: str) -> Memo:
         with self._lock:

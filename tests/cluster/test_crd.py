@@ -126,6 +126,20 @@ def boundary_specs() -> list[tuple[str, dict]]:
     ]
     specs.append(
         (
+            # A zonal cluster's pool may take other zones of its region, all sixteen.
+            "zones-of-a-zonal-cluster",
+            {
+                **base,
+                "nodePool": {
+                    "provider": "GKE",
+                    "cluster": "projects/imagegen-test/locations/us-central1-a/clusters/c",
+                    "locations": [f"us-central1-{letter}" for letter in "abcdefghijklmnop"],
+                },
+            },
+        )
+    )
+    specs.append(
+        (
             "edges",
             {
                 **base,

@@ -298,6 +298,14 @@ def test_render_of_a_minimal_spec_asks_for_the_cluster_the_operator_would_use(
     assert f"container.googleapis.com/parent: {cluster}" in out
     with pytest.raises(SystemExit):
         build_parser().parse_args(["render", "-f", "-", "--cluster", "serving"])
+    # Zones are held to the cluster given, as the operator holds them to its own.
+    zoned = MINIMAL + "  nodePool: {locations: [europe-west4-a]}\n"
+    status, out, err = run("render", "-f", "-", "--cluster", cluster, stdin=zoned)
+    assert (status, out) == (1, "")
+    assert "spec.nodePool.locations names europe-west4-a, outside the region" in err
+    status, out, _ = run("render", "-f", "-", "--cluster", cluster,
+                         stdin=zoned.replace("europe-west4-a", "us-central1-f"))
+    assert status == 0 and "- us-central1-f" in out
 
 
 def test_render_names_the_nodes_account_the_operator_would_give_its_pools(monkeypatch) -> None:

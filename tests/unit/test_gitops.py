@@ -97,6 +97,7 @@ def test_every_reason_the_operator_stalls_on_is_degraded():
     """Each Ready reason that comes with Stalled=True is in the check's needs_a_person."""
     lua = (ROOT / "docs" / "argocd-health.lua").read_text()
     for reason in ("ApplyRejected", "PoolTooSmall", "ClusterUnknown", "ForeignCluster",
+                   "LocationsOutsideCluster",
                    "QuotaExceeded",
                    "PermissionDenied", "PoolNotOwned", "PoolConfigMismatch", "PoolClaimed",
                    "ProgressDeadlineExceeded"):

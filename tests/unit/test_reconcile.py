@@ -1248,6 +1248,32 @@ def test_a_shared_config_connector_pool_has_one_spec_whoever_applies_it(world) -
     assert len(world.kube.writes_of("ContainerNodePool")) == writes  # no flip-flop
 
 
+def test_services_naming_the_same_zones_in_another_order_share_one_spec(world) -> None:
+    pool = {"provider": "ConfigConnector", "cluster": CLUSTER_A}
+    world.create("ac", node_pool={**pool, "locations": ["us-central1-a", "us-central1-c"]})
+    world.create("ca", node_pool={**pool, "locations": ["us-central1-c", "us-central1-a"]})
+    world.reconcile("ac", "ca")
+    [obj] = config_connector_pools(world).values()
+    assert obj["spec"]["nodeLocations"] == ["us-central1-a", "us-central1-c"]
+    writes = len(world.kube.writes_of("ContainerNodePool"))
+    for order in (("ac", "ca"), ("ca", "ac")):
+        world.reconcile(*order)
+    assert len(world.kube.writes_of("ContainerNodePool")) == writes  # no flip-flop
+
+
+def test_a_service_refused_for_its_zones_neither_sizes_nor_keeps_a_pool(world) -> None:
+    pool = {"provider": "GKE", "name": "team-pool"}
+    world.create("user", node_pool=pool)
+    world.create("refused", node_pool={**pool, "maxNodes": 9, "locations": ["europe-west4-a"]})
+    world.reconcile("user", "refused")
+    assert world.condition("refused", "NodePoolReady")["reason"] == "LocationsOutsideCluster"
+    [made] = world.double.pools.values()
+    assert made["autoscaling"]["totalMaxNodeCount"] == 4  # the user's, not the refused 9
+    delete_until_done(world, "user")
+    assert not world.gke_pools()  # not kept for the refused service
+    delete_until_done(world, "refused")
+
+
 def test_a_config_connector_pool_keeps_the_initial_node_count_it_was_made_with(world) -> None:
     """initialNodeCount is immutable in Config Connector: a later minNodes moves the
     autoscaler's floor, never that field."""
@@ -1441,7 +1467,9 @@ def test_a_config_connector_pool_is_not_changed_where_config_connector_cannot(wo
     [(namespace, name)] = config_connector_pools(world)
     before = dict(config_connector_pools(world)[(namespace, name)]["spec"])
     for change in ({"nodePool": {**pool, "cluster": CLUSTER_B}},
-                   {"gpu": {"type": "nvidia-l4"}}):
+                   {"gpu": {"type": "nvidia-l4"}},
+                   # Zones Config Connector could change, under every service on the pool.
+                   {"nodePool": {**pool, "locations": ["us-central1-b"]}}):
         world.edit("svc", **change)
         world.reconcile("svc")
         refused = world.condition("svc", "NodePoolReady")

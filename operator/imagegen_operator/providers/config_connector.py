@@ -184,7 +184,9 @@ def _ready_condition(obj: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _unchangeable(spec: dict[str, Any], derived_machine: bool) -> dict[str, Any]:
-    """What Config Connector cannot change on a pool (its CRD marks these immutable)."""
+    """What the operator does not change on a pool: its machines and GPUs (Config
+    Connector's CRD marks them immutable) and its zones (a change would add and remove
+    nodes under every service on the pool)."""
     node = spec.get("nodeConfig") or {}
     gpu = (node.get("guestAccelerator") or [{}])[0]
     sharing = gpu.get("gpuSharingConfig") or {}
@@ -196,6 +198,7 @@ def _unchangeable(spec: dict[str, Any], derived_machine: bool) -> dict[str, Any]
         "partition size": gpu.get("gpuPartitionSize"),
         "sharing": sharing.get("gpuSharingStrategy"),
         "clients per GPU": int(sharing.get("maxSharedClientsPerGpu") or 0),
+        "zones": sorted(spec.get("nodeLocations") or []),
     }
     if derived_machine:
         del out["machine type"]  # follows GKE's machine types across operator upgrades
@@ -219,11 +222,14 @@ def _check_unchangeable(live: dict[str, Any], desired: dict[str, Any],
     derived = resource.spec.node_pool.machine_type is None
     have = _unchangeable(live.get("spec") or {}, derived)
     want = _unchangeable(desired["spec"], derived)
+    if not want["zones"]:
+        # Named by no spec, the pool's zones are the cluster's: any it has are the spec's.
+        del want["zones"], have["zones"]
     if differ := [k for k in want if want[k] != have[k]]:
         changes = ", ".join(f"{k} {have[k]} (the spec asks for {want[k]})" for k in differ)
         raise ProviderError(
             "PoolConfigMismatch",
-            f"node pool {name} has {changes}, which Config Connector cannot change on a pool. "
+            f"node pool {name} has {changes}, which the operator does not change on a pool. "
             "Set spec.nodePool.name to a free name (or remove it for a name derived from the "
             "GPU settings), and the service moves to a new pool.",
         )
