@@ -160,7 +160,7 @@ def test_cold_start_writes_sd15s_architecture_that_the_server_loads(tmp_path, mo
     runtime = common.runtime_for(model, compile_enabled=False, default_steps=2)
     try:
         assert runtime.model.family == "SD15"
-        images = runtime.engine.generate(runtime.params("a red fox", seed=1))
+        images = runtime.engine.generate(runtime.params("a red fox", seed=1), timeout_s=60)
         assert len(images) == 1 and images[0].size == runtime.default_size
     finally:
         runtime.close()

@@ -43,7 +43,7 @@ def decoded(item) -> Image.Image:
 @pytest.mark.filterwarnings("ignore:You have passed 2 text prompts:FutureWarning")
 def test_openai_client_edits_equal_diffusers(live_server, references):
     base_url, runtime = live_server
-    client = openai.OpenAI(base_url=base_url + "/v1", api_key="client-token", max_retries=0)
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="client-token", max_retries=0, timeout=120)
     image = source_image()
     # Image-to-image: no mask.
     result = client.images.edit(

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_official_openai_client_generates_and_decodes(live_server, reference_pipeline):
     base_url, runtime = live_server
-    client = openai.OpenAI(base_url=base_url + "/v1", api_key="client-token", max_retries=0)
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="client-token", max_retries=0, timeout=120)
     assert [m.id for m in client.models.list().data] == ["sd15"]
     result = client.images.generate(
         model="sd15",
@@ -72,7 +72,7 @@ def test_official_openai_client_generates_and_decodes(live_server, reference_pip
 )
 def test_openai_client_raises_the_class_for_each_error(live_server, kwargs, error, param):
     base_url, runtime = live_server
-    client = openai.OpenAI(base_url=base_url + "/v1", api_key="client-token", max_retries=0)
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="client-token", max_retries=0, timeout=120)
     kwargs = {"prompt": "x", "response_format": "b64_json", **kwargs}
     with pytest.raises(error) as info:
         client.images.generate(**kwargs)
@@ -85,7 +85,7 @@ def test_openai_client_raises_the_class_for_each_error(live_server, kwargs, erro
 
 def test_openai_client_without_the_token_is_refused(live_server):
     base_url, _ = live_server
-    wrong = openai.OpenAI(base_url=base_url + "/v1", api_key="wrong", max_retries=0)
+    wrong = openai.OpenAI(base_url=base_url + "/v1", api_key="wrong", max_retries=0, timeout=120)
     with pytest.raises(openai.AuthenticationError):
         wrong.images.generate(prompt="x", response_format="b64_json")
 

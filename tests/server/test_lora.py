@@ -184,7 +184,7 @@ def test_openai_client_names_adapters_on_generations_and_edits(
 
     runtime = make_runtime("sd15", loras=declared(tiny_loras), default_width=64,
                            default_height=64)
-    client = openai.OpenAI(base_url=serve_live(runtime) + "/v1", api_key="-", max_retries=0)
+    client = openai.OpenAI(base_url=serve_live(runtime) + "/v1", api_key="-", max_retries=0, timeout=120)
     lora = [{"name": "ink"}, {"name": "film", "scale": -0.5}]
     result = client.images.generate(prompt="a lighthouse", size="64x64",
                                     extra_body={"seed": 3, "lora": lora})

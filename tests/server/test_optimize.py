@@ -45,7 +45,7 @@ def test_unavailable_backend_falls_back_and_says_why(make_runtime):
     assert runtime.report.attention_requested == "Efficient"
     assert runtime.report.attention_active == "Auto"
     assert "Efficient unavailable on cpu" in runtime.report.attention_note
-    assert runtime.engine.generate(runtime.params("still works", seed=1))
+    assert runtime.engine.generate(runtime.params("still works", seed=1), timeout_s=60)
 
 
 @pytest.mark.slow

@@ -80,7 +80,7 @@ def server(tmp_path: Path):
 
 def test_the_image_serves_the_openai_client_and_drains_on_sigterm(server):
     run, name, base = server
-    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
     result = client.images.generate(prompt="a lighthouse", n=2, size="64x64",
                                     response_format="b64_json", extra_body={"seed": 3})
     images = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in result.data]

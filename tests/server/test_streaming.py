@@ -33,7 +33,7 @@ def png(b64: str) -> Image.Image:
 def client(make_runtime, serve_live):
     runtime = make_runtime("sd15", default_width=64, default_height=64)
     base = serve_live(runtime)
-    return openai.OpenAI(base_url=base + "/v1", api_key="-", max_retries=0), runtime, base
+    return openai.OpenAI(base_url=base + "/v1", api_key="-", max_retries=0, timeout=120), runtime, base
 
 
 def test_the_openai_client_reads_previews_then_the_image(client):
@@ -138,7 +138,7 @@ def test_a_family_without_a_latent_map_streams_the_final_image_only(make_runtime
     # OpenAI's streams may send fewer partial images than asked for: SD3 and Flux send none.
     runtime = make_runtime("sd3", default_width=64, default_height=64)
     base = serve_live(runtime)
-    openai_client = openai.OpenAI(base_url=base + "/v1", api_key="-", max_retries=0)
+    openai_client = openai.OpenAI(base_url=base + "/v1", api_key="-", max_retries=0, timeout=120)
     events = list(openai_client.images.generate(
         prompt="a lighthouse", size="64x64", stream=True, partial_images=2,
         extra_body={"seed": 9, "steps": 4},
