@@ -710,6 +710,73 @@ class ProvenanceSpec(KubeModel):
     """The signature algorithm; it must match the key."""
 
 
+# Label keys are qualified names whose name part is at most 63 characters.
+LABEL_VALUE_PATTERN = rf"^({_NAME_PART})?$"
+LABEL_KEY_PATTERN = rf"^{_DNS_SUBDOMAIN_PREFIX}[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?$"
+def _label_keys_rule(field: str, attribute: str, example: str) -> Rule:
+    """The keys of the label map ``field`` (``attribute`` in Python) are label keys."""
+    return Rule(
+        cel=f"!has(self.{field}) || self.{field}.all(k, size(k) <= 253 && "
+            f"k.matches({_cel_string(LABEL_KEY_PATTERN)}))",
+        check=lambda m: all(len(k) <= 253 and re.fullmatch(LABEL_KEY_PATTERN, k)
+                            for k in getattr(m, attribute) or {}),
+        field=f".{field}",
+        message="a label key is an optional DNS subdomain and '/', then at most 63 "
+        "letters, digits, '-', '_' or '.', starting and ending with a letter or digit "
+        f"(e.g. {example})",
+    )
+
+
+# An IPv4 CIDR (octets 0-255, prefix 0-32) or an IPv6 one (hex groups, prefix 0-128).
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+CIDR_PATTERN = (
+    rf"^({_OCTET}\.){{3}}{_OCTET}/(3[0-2]|[12]?[0-9])$"
+    r"|^[0-9a-fA-F:]*:[0-9a-fA-F:.]*/(12[0-8]|1[01][0-9]|[1-9]?[0-9])$"
+)
+
+
+class PeerLabels(KubeModel):
+    """Labels to select by, as a label selector's matchLabels; none: every one."""
+
+    match_labels: dict[str, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE_PATTERN)]] | None = (
+        Field(default=None, max_length=16))
+    """Label key and value each selected object has, e.g.
+    kubernetes.io/metadata.name: gateway for the namespace named gateway."""
+
+    rules = (_label_keys_rule("matchLabels", "match_labels", "kubernetes.io/metadata.name"),)
+
+
+class CidrBlock(KubeModel):
+    """An IP range."""
+
+    cidr: str = Field(max_length=64, pattern=CIDR_PATTERN)
+    """The range in CIDR notation, e.g. 10.8.0.0/14 or 2001:db8::/64."""
+
+
+class TrafficSource(KubeModel):
+    """Who may send requests, as a NetworkPolicy peer: pods (podSelector: of this namespace,
+    or of the namespaces namespaceSelector selects), or an IP range (ipBlock)."""
+
+    namespace_selector: PeerLabels | None = None
+    """The namespaces whose pods may call; {} for every namespace."""
+    pod_selector: PeerLabels | None = None
+    """The pods that may call (in this namespace unless namespaceSelector is set)."""
+    ip_block: CidrBlock | None = None
+    """Addresses that may call (outside the cluster, or nodes: pod addresses are
+    rewritten by some load balancers)."""
+
+    rules = (
+        Rule(
+            cel="has(self.ipBlock) != (has(self.namespaceSelector) || has(self.podSelector))",
+            check=lambda t: (t.ip_block is not None)
+            != (t.namespace_selector is not None or t.pod_selector is not None),
+            field=".ipBlock",
+            message="a source is pods (namespaceSelector, podSelector) or an ipBlock: "
+            "one of the two",
+        ),
+    )
+
+
 class ServerSpec(KubeModel):
     """The inference server container."""
 
@@ -719,6 +786,11 @@ class ServerSpec(KubeModel):
     """HTTP port of the server and its Service."""
     auth_secret_ref: SecretKeyRef | None = None
     """Secret holding the bearer token clients must send; no authentication when unset."""
+    allow_from: list[TrafficSource] | None = Field(default=None, min_length=1, max_length=16)
+    """Who may reach the server's port (its API and /metrics: list your Prometheus too when
+    monitoring is set): a NetworkPolicy admits only these, besides the kubelet's probes,
+    where the cluster enforces NetworkPolicies (GKE Dataplane V2 does). Unset: no policy,
+    and any pod of the cluster may call it (then set authSecretRef)."""
     service_account_name: str | None = Field(
         default=None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
     """ServiceAccount the serving pods (and the precompile Job) run as, in the service's
@@ -731,9 +803,6 @@ class ServerSpec(KubeModel):
     """How generated images are marked as made by a model."""
 
 
-# Label keys are qualified names whose name part is at most 63 characters.
-LABEL_VALUE_PATTERN = rf"^({_NAME_PART})?$"
-LABEL_KEY_PATTERN = rf"^{_DNS_SUBDOMAIN_PREFIX}[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?$"
 
 
 class MonitoringSpec(KubeModel):
@@ -749,18 +818,7 @@ class MonitoringSpec(KubeModel):
         Field(default=None, max_length=16))
     """Extra labels on the monitor, e.g. the one your Prometheus selects monitors by."""
 
-    rules = (
-        Rule(
-            cel="!has(self.labels) || self.labels.all(k, size(k) <= 253 && "
-                f"k.matches({_cel_string(LABEL_KEY_PATTERN)}))",
-            check=lambda m: all(len(k) <= 253 and re.fullmatch(LABEL_KEY_PATTERN, k)
-                                for k in m.labels or {}),
-            field=".labels",
-            message="a label key is an optional DNS subdomain and '/', then at most 63 "
-            "letters, digits, '-', '_' or '.', starting and ending with a letter or digit "
-            "(e.g. release or example.com/team)",
-        ),
-    )
+    rules = (_label_keys_rule("labels", "labels", "release or example.com/team"),)
 
 
 class ImageGenServiceSpec(KubeModel):

@@ -54,6 +54,7 @@ CHILD_KINDS = (
     ("v1", "services"),
     ("policy", "v1", "poddisruptionbudgets"),
     ("autoscaling", "v2", "horizontalpodautoscalers"),
+    ("networking.k8s.io", "v1", "networkpolicies"),
     ("batch", "v1", "jobs"),  # the precompile Job: its end lets the Deployment scale
 )
 log = logging.getLogger("imagegen_operator")

@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 OPTIONAL_CHILDREN = (
     ("batch/v1", "Job"),  # a precompile Job a spec change superseded, or no longer asked for
     ("autoscaling/v2", "HorizontalPodAutoscaler"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.coreos.com/v1", "PodMonitor"),
 )

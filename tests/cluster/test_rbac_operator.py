@@ -12,6 +12,7 @@ check (docs/argocd-health.lua): Progressing, Healthy and Degraded, each checked.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -138,6 +139,18 @@ def test_end_to_end_under_the_charts_service_account(cluster, operator):
     assert argocd_health(healthy) == {"status": "Healthy", "message": "3/3 replicas ready"}
     pool = healthy["status"]["nodePool"]["name"]
     assert len(get_json(cluster, "nodes", "-l", f"{POOL_LABEL}={pool}")["items"]) == 1
+
+    # Fenced in, then open again: the NetworkPolicy made and deleted under the chart's RBAC.
+    def policy_exists() -> bool:
+        return cluster.kubectl("get", "networkpolicy", "rbac-t4", "-n", NS,
+                               check=False).returncode == 0
+
+    cluster.kubectl("patch", "igs", "rbac-t4", "-n", NS, "--type=merge", "-p", json.dumps(
+        {"spec": {"server": {"allowFrom": [{"podSelector": {"matchLabels": {"app": "gw"}}}]}}}))
+    eventually(policy_exists, timeout=60, what="the NetworkPolicy of spec.server.allowFrom")
+    cluster.kubectl("patch", "igs", "rbac-t4", "-n", NS, "--type=merge",
+                    "-p", '{"spec": {"server": {"allowFrom": null}}}')
+    eventually(lambda: not policy_exists(), timeout=60, what="the NetworkPolicy deleted")
 
     # A spec the operator refuses: nothing is created, and Argo CD calls it Degraded.
     too_big = {"type": "nvidia-h100-80gb", "partitionSize": "1g.10gb"}

@@ -196,13 +196,22 @@ def test_every_python_rule_is_in_the_crd_with_its_field():
     (name_rule,) = [v for path, v in emitted if path == ""]
     assert "self.metadata.name" in name_rule["rule"]
     assert name_rule["message"].startswith("metadata.name: ")
-    assert len(emitted) == len(rules) + 1
-    for rule in rules:
-        # One entry per rule: two rules may share an expression (the model's and the
-        # adapters' URI rules), never a message.
-        (entry,) = [v for _, v in emitted if (v["rule"], v["message"]) == (rule.cel, rule.message)]
-        assert entry["fieldPath"] == rule.field
-        assert "\n" not in entry["message"]
+    # A model used in two places (a selector of pods and one of namespaces) has its rules
+    # at each: one entry per rule and place.
+    places = {m: sum(1 for _, node in walk(openapi())
+                     if set(node.get("properties") or {}) == set(m.model_json_schema(
+                         by_alias=True)["properties"])) for m in models if m.rules}
+    assert len(emitted) == sum(len(m.rules) * places[m] for m in models if m.rules) + 1
+    for model in (m for m in models if m.rules):
+        for rule in model.rules:
+            # Two rules may share an expression (the model's and the adapters' URI rules),
+            # never a message.
+            entries = [v for _, v in emitted
+                       if (v["rule"], v["message"]) == (rule.cel, rule.message)]
+            assert len(entries) == places[model] >= 1, rule.message
+            for entry in entries:
+                assert entry["fieldPath"] == rule.field
+                assert "\n" not in entry["message"]
 
 
 def apply_schema_defaults(schema: dict[str, Any], value: Any) -> Any:

@@ -478,6 +478,25 @@ def test_a_monitor_the_cluster_cannot_take_is_said_in_status_while_the_service_s
     assert "Monitored" not in {c["type"] for c in world.body("watched")["status"]["conditions"]}
 
 
+def test_allow_from_makes_the_services_network_policy_and_its_removal_deletes_it(world):
+    gateway = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gw"}}}
+    world.create("fenced", node_pool={"provider": "Local"}, server={"allowFrom": [gateway]})
+    world.reconcile("fenced")
+
+    def policies() -> list[dict]:
+        return [o for (_, kind, _, _), o in world.kube.objects.items() if kind == "NetworkPolicy"]
+
+    [policy] = policies()
+    assert policy["metadata"]["ownerReferences"][0]["kind"] == api.KIND
+    assert policy["spec"]["ingress"] == [{"from": [gateway],
+                                          "ports": [{"protocol": "TCP", "port": 8080}]}]
+    assert policy["spec"]["podSelector"]["matchLabels"][
+        "app.kubernetes.io/instance"] == "fenced"
+    world.edit("fenced", server={})
+    world.reconcile("fenced")
+    assert policies() == []
+
+
 def run_until_ready(world, name: str, limit: int = 6) -> None:
     world.reconcile(name)
     for _ in range(limit):

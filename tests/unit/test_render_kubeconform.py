@@ -339,6 +339,7 @@ RENDERED_KINDS = {
     ("policy", "v1", "PodDisruptionBudget"),
     ("autoscaling", "v2", "HorizontalPodAutoscaler"),
     ("batch", "v1", "Job"),
+    ("networking.k8s.io", "v1", "NetworkPolicy"),
 }
 
 

@@ -19,6 +19,7 @@ from imagegen_operator.render.deployment import (
     render_deployment,
 )
 from imagegen_operator.render.monitoring import render_monitor, requested_monitors
+from imagegen_operator.render.network_policy import render_network_policy
 from imagegen_operator.render.nodepool import (
     create_node_pool_request,
     render_config_connector_nodepool,
@@ -44,6 +45,7 @@ __all__ = [
     "render_hpa",
     "render_kwok_nodes",
     "render_monitor",
+    "render_network_policy",
     "render_pdb",
     "render_precompile_job",
     "render_service",
@@ -75,8 +77,8 @@ def render_workload(
     moving: bool = False,
     neighbours: int = 0,
 ) -> list[dict[str, Any]]:
-    """The precompile Job (when asked for), Deployment, Service, PDB, HPA (with autoscaling)
-    and monitors (when requested). ``held``: the Deployment at 0 replicas while the Job runs;
+    """The precompile Job (when asked for), Deployment, Service, PDB, HPA (with autoscaling),
+    NetworkPolicy (with allowFrom) and monitors (when requested). ``held``: the Deployment at 0 replicas while the Job runs;
     ``moving``: the service is moving to a new node pool (its rollout may always surge);
     ``neighbours``: the replicas other services run on the same pool."""
     the_plan = the_plan or plan(resource.spec)
@@ -89,9 +91,9 @@ def render_workload(
         render_service(resource),
         render_pdb(resource, the_plan),
     ]
-    hpa = render_hpa(resource)
-    if hpa is not None:
-        objects.append(hpa)
+    for optional in (render_hpa(resource), render_network_policy(resource)):
+        if optional is not None:
+            objects.append(optional)
     return objects + requested_monitors(resource)
 
 
