@@ -727,39 +727,88 @@ def _label_keys_rule(field: str, attribute: str, example: str) -> Rule:
     )
 
 
-# An IPv4 CIDR (octets 0-255, prefix 0-32) or an IPv6 one (hex groups, prefix 0-128).
-_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
-CIDR_PATTERN = (
-    rf"^({_OCTET}\.){{3}}{_OCTET}/(3[0-2]|[12]?[0-9])$"
-    r"|^[0-9a-fA-F:]*:[0-9a-fA-F:.]*/(12[0-8]|1[01][0-9]|[1-9]?[0-9])$"
-)
+def _network_cidr(cidr: str) -> bool:
+    """What the CRD's CEL takes (isCIDR, no bits beyond the prefix): one network, written as
+    such, IPv4 or IPv6 (not an IPv4-mapped one, nor with a zone)."""
+    import ipaddress
+
+    try:
+        network = ipaddress.ip_network(cidr, strict=True)
+    except ValueError:
+        return False
+    return "%" not in cidr and not (network.version == 6 and network.network_address.ipv4_mapped)
 
 
-class PeerLabels(KubeModel):
-    """Labels to select by, as a label selector's matchLabels; none: every one."""
+class SelectorRequirement(KubeModel):
+    """A label selector's requirement: a key, an operator and values."""
+
+    key: str = Field(max_length=317, pattern=LABEL_KEY_PATTERN)
+    """The label key, e.g. kubernetes.io/metadata.name."""
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    """In or NotIn the values; Exists or DoesNotExist (without values)."""
+    values: list[Annotated[str, Field(max_length=63, pattern=LABEL_VALUE_PATTERN)]] | None = (
+        Field(default=None, max_length=16))
+    """Label values, for In and NotIn."""
+
+    rules = (
+        Rule(
+            cel="(self.operator in ['In', 'NotIn']) == (has(self.values) && size(self.values) > 0)",
+            check=lambda r: (r.operator in ("In", "NotIn")) == bool(r.values),
+            field=".values",
+            message="values are given with In and NotIn, and only with them",
+        ),
+    )
+
+
+class LabelSelector(KubeModel):
+    """Objects by their labels; say matchLabels: {} for every one (an empty selector is
+    refused: it is what a misspelt field leaves once the API server drops it)."""
 
     match_labels: dict[str, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE_PATTERN)]] | None = (
         Field(default=None, max_length=16))
     """Label key and value each selected object has, e.g.
     kubernetes.io/metadata.name: gateway for the namespace named gateway."""
+    match_expressions: list[SelectorRequirement] | None = Field(default=None, max_length=16)
+    """Requirements each selected object meets, all of them."""
 
-    rules = (_label_keys_rule("matchLabels", "match_labels", "kubernetes.io/metadata.name"),)
+    rules = (
+        _label_keys_rule("matchLabels", "match_labels", "kubernetes.io/metadata.name"),
+        Rule(
+            cel="has(self.matchLabels) || has(self.matchExpressions)",
+            check=lambda s: s.match_labels is not None or s.match_expressions is not None,
+            field=".matchLabels",
+            message="a selector has matchLabels or matchExpressions; matchLabels: {} selects "
+            "every one",
+        ),
+    )
 
 
 class CidrBlock(KubeModel):
     """An IP range."""
 
-    cidr: str = Field(max_length=64, pattern=CIDR_PATTERN)
-    """The range in CIDR notation, e.g. 10.8.0.0/14 or 2001:db8::/64."""
+    cidr: str = Field(max_length=64)
+    """The range in CIDR notation, its network address first, e.g. 10.8.0.0/14 or
+    2001:db8::/64."""
+
+    rules = (
+        Rule(
+            # Kubernetes' CIDR library (CRD rules on 1.31 and later).
+            cel="isCIDR(self.cidr) && cidr(self.cidr) == cidr(self.cidr).masked()",
+            check=lambda b: _network_cidr(b.cidr),
+            field=".cidr",
+            message="cidr is a network in CIDR notation, no bits set beyond its prefix "
+            "(10.8.0.0/14, 2001:db8::/64; one address: 10.8.1.2/32)",
+        ),
+    )
 
 
 class TrafficSource(KubeModel):
     """Who may send requests, as a NetworkPolicy peer: pods (podSelector: of this namespace,
     or of the namespaces namespaceSelector selects), or an IP range (ipBlock)."""
 
-    namespace_selector: PeerLabels | None = None
-    """The namespaces whose pods may call; {} for every namespace."""
-    pod_selector: PeerLabels | None = None
+    namespace_selector: LabelSelector | None = None
+    """The namespaces whose pods may call; matchLabels: {} for every namespace."""
+    pod_selector: LabelSelector | None = None
     """The pods that may call (in this namespace unless namespaceSelector is set)."""
     ip_block: CidrBlock | None = None
     """Addresses that may call (outside the cluster, or nodes: pod addresses are
@@ -788,7 +837,7 @@ class ServerSpec(KubeModel):
     """Secret holding the bearer token clients must send; no authentication when unset."""
     allow_from: list[TrafficSource] | None = Field(default=None, min_length=1, max_length=16)
     """Who may reach the server's port (its API and /metrics: list your Prometheus too when
-    monitoring is set): a NetworkPolicy admits only these, besides the kubelet's probes,
+    monitoring or autoscaling is on): a NetworkPolicy admits only these, besides the kubelet's probes,
     where the cluster enforces NetworkPolicies (GKE Dataplane V2 does). Unset: no policy,
     and any pod of the cluster may call it (then set authSecretRef)."""
     service_account_name: str | None = Field(

@@ -622,14 +622,24 @@ class Reconciler:
             desired = render_workload(resource, the_plan, self.server_image, held=True,
                                       moving=moving, neighbours=neighbours)
         wanted = {(o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in desired}
-        deployment = None
+        deployment, unfenced = None, False
         for obj in desired:
             if obj["kind"] == "Job":
                 continue  # applied above
             if obj["kind"] in MONITOR_KINDS and outcome.monitoring is None:
                 outcome.monitoring = []
+            if obj["kind"] == "Deployment" and unfenced:
+                # Its NetworkPolicy was refused: no new pods serve unfenced; what an
+                # earlier spec runs goes on, and status says why.
+                deployment = self.kube.get(obj["apiVersion"], obj["kind"],
+                                           obj["metadata"]["name"], namespace_of(resource))
+                continue
             try:
-                current = self.kube.apply(obj, read_first=not blind)
+                if obj["kind"] == "NetworkPolicy":
+                    live = self._own_policy(obj, resource)
+                    current = self.kube.apply(obj, live=live, read_first=False)
+                else:
+                    current = self.kube.apply(obj, read_first=not blind)
             except MissingKind as exc:
                 # A monitor asked for on a cluster without the Prometheus operator.
                 outcome.monitoring = [*(outcome.monitoring or []), f"{exc}: install the "
@@ -639,6 +649,7 @@ class Reconciler:
             except PermanentKubeError as exc:
                 log.warning("%s: %s", name_of(resource), exc)
                 rejected.append(str(exc))
+                unfenced = unfenced or obj["kind"] == "NetworkPolicy"
                 if obj["kind"] in MONITOR_KINDS:
                     outcome.monitoring = [*(outcome.monitoring or []), str(exc)]
                 if obj["kind"] == "Deployment":  # what still runs, for status
@@ -659,6 +670,20 @@ class Reconciler:
             self._delete_unwanted(resource, wanted)
             memo.cleaned = generation
         return deployment, rejected, precompile
+
+    def _own_policy(self, policy: dict[str, Any], resource: ImageGenService
+                    ) -> dict[str, Any] | None:
+        """The live NetworkPolicy of that name, None when there is none; refused when this
+        service did not make it (one a person wrote for it, say): it is neither rewritten
+        nor, later, deleted with the service."""
+        meta = policy["metadata"]
+        live = self.kube.get(policy["apiVersion"], policy["kind"], meta["name"],
+                             meta["namespace"])
+        if live is not None and not _owned_by(live, resource.metadata.uid):
+            raise PermanentKubeError(
+                f"NetworkPolicy {meta['name']} exists and is not this service's: it is left "
+                "as it is; delete or rename it, or remove spec.server.allowFrom")
+        return live
 
     def _precompile(self, resource: ImageGenService, job: dict[str, Any] | None,
                     previous: dict[str, Any], rejected: list[str]) -> Precompile | None:

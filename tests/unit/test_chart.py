@@ -105,10 +105,11 @@ def test_helm_lint_strict():
     assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
 
 
-def test_a_cluster_that_would_drop_the_prestop_sleep_is_refused():
-    result = helm("template", RELEASE, str(CHART), "--kube-version", "1.29.9", check=False)
-    assert result.returncode != 0 and "kubeVersion" in result.stderr, result.stderr
-    assert helm("template", RELEASE, str(CHART), "--kube-version", "1.30.0").returncode == 0
+def test_a_cluster_that_would_refuse_the_crd_or_drop_the_prestop_sleep_is_refused():
+    for too_old in ("1.29.9", "1.30.9"):
+        result = helm("template", RELEASE, str(CHART), "--kube-version", too_old, check=False)
+        assert result.returncode != 0 and "kubeVersion" in result.stderr, result.stderr
+    assert helm("template", RELEASE, str(CHART), "--kube-version", "1.31.0").returncode == 0
 
 
 def test_default_render_has_the_operator_and_nothing_optional():
@@ -226,6 +227,7 @@ REQUIRED = [
     ("", "services", "get list watch create patch"),
     ("policy", "poddisruptionbudgets", "get list watch create patch"),
     ("autoscaling", "horizontalpodautoscalers", "get list watch create patch delete"),
+    ("networking.k8s.io", "networkpolicies", "get list watch create patch delete"),
     ("batch", "jobs", "get list watch create patch delete"),
     ("monitoring.coreos.com", "servicemonitors", "get list create patch delete"),
     ("monitoring.coreos.com", "podmonitors", "get list create patch delete"),

@@ -497,6 +497,34 @@ def test_allow_from_makes_the_services_network_policy_and_its_removal_deletes_it
     assert policies() == []
 
 
+def test_a_service_whose_network_policy_is_refused_starts_no_pod_unfenced(world):
+    gateway = {"podSelector": {"matchLabels": {"app": "gw"}}}
+
+    def deployments() -> list[str]:
+        return [k[3] for k in world.kube.objects if k[1] == "Deployment"]
+
+    # A policy of that name a person wrote: neither rewritten nor taken over.
+    theirs = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+              "metadata": {"name": "fenced", "namespace": "ns"},
+              "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}}
+    world.kube.put(theirs)
+    world.create("fenced", node_pool={"provider": "Local"}, server={"allowFrom": [gateway]})
+    world.reconcile("fenced")
+    ready = world.condition("fenced", "Ready")
+    assert ready["reason"] == "ApplyRejected" and "is not this service's" in ready["message"]
+    assert deployments() == []
+    assert world.kube.get("networking.k8s.io/v1", "NetworkPolicy", "fenced", "ns")[
+        "spec"] == theirs["spec"]
+    # One the API server refuses (a webhook, a quota): no Deployment either.
+    world.kube.objects.pop(("networking.k8s.io/v1", "NetworkPolicy", "ns", "fenced"))
+    world.kube.refuse("NetworkPolicy", "denied by a policy webhook")
+    world.reconcile("fenced")
+    assert deployments() == []
+    world.kube.accept("NetworkPolicy")
+    world.reconcile("fenced")
+    assert deployments() == ["fenced"]
+
+
 def run_until_ready(world, name: str, limit: int = 6) -> None:
     world.reconcile(name)
     for _ in range(limit):

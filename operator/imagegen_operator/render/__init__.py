@@ -77,23 +77,28 @@ def render_workload(
     moving: bool = False,
     neighbours: int = 0,
 ) -> list[dict[str, Any]]:
-    """The precompile Job (when asked for), Deployment, Service, PDB, HPA (with autoscaling),
-    NetworkPolicy (with allowFrom) and monitors (when requested). ``held``: the Deployment at 0 replicas while the Job runs;
+    """The precompile Job (when asked for), NetworkPolicy (with allowFrom), Deployment,
+    Service, PDB, HPA (with autoscaling) and monitors (when requested). ``held``: the Deployment at 0 replicas while the Job runs;
     ``moving``: the service is moving to a new node pool (its rollout may always surge);
     ``neighbours``: the replicas other services run on the same pool."""
     the_plan = the_plan or plan(resource.spec)
     _check(resource, the_plan)
     job = render_precompile_job(resource, the_plan, default_image)
     objects = [] if job is None else [job]
+    # The fence before what it fences: a refused policy keeps a new Deployment from
+    # serving unfenced (reconcile applies in this order).
+    policy = render_network_policy(resource)
+    if policy is not None:
+        objects.append(policy)
     objects += [
         render_deployment(resource, the_plan, default_image, held=held, moving=moving,
                           neighbours=neighbours),
         render_service(resource),
         render_pdb(resource, the_plan),
     ]
-    for optional in (render_hpa(resource), render_network_policy(resource)):
-        if optional is not None:
-            objects.append(optional)
+    hpa = render_hpa(resource)
+    if hpa is not None:
+        objects.append(hpa)
     return objects + requested_monitors(resource)
 
 

@@ -39,7 +39,13 @@ def _peer(source: TrafficSource) -> dict[str, Any]:
     peer: dict[str, Any] = {}
     for field, selector in (("namespaceSelector", source.namespace_selector),
                             ("podSelector", source.pod_selector)):
-        if selector is not None:
-            peer[field] = ({"matchLabels": dict(selector.match_labels)}
-                           if selector.match_labels else {})
+        if selector is None:
+            continue
+        peer[field] = {}
+        if selector.match_labels:
+            peer[field]["matchLabels"] = dict(selector.match_labels)
+        if selector.match_expressions:
+            peer[field]["matchExpressions"] = [
+                {"key": r.key, "operator": r.operator, **({"values": r.values} if r.values else {})}
+                for r in selector.match_expressions]
     return peer
