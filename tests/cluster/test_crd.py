@@ -140,6 +140,26 @@ def boundary_specs() -> list[tuple[str, dict]]:
     )
     specs.append(
         (
+            # Every kind of source; matchLabels: {} is "every namespace".
+            "allow-from-every-kind",
+            {
+                **base,
+                "server": {"allowFrom": [
+                    {"namespaceSelector": {"matchLabels": {}}},
+                    {"podSelector": {"matchExpressions": [
+                        {"key": "app", "operator": "In", "values": ["gw"]},
+                        {"key": "example.com/canary", "operator": "DoesNotExist"}]}},
+                    {"namespaceSelector": {"matchLabels": {"team": "a"}},
+                     "podSelector": {"matchLabels": {"app": "gw"}}},
+                    {"ipBlock": {"cidr": "0.0.0.0/0"}},
+                    {"ipBlock": {"cidr": "2001:db8::/64"}},
+                    {"ipBlock": {"cidr": "10.8.1.2/32"}},
+                ]},
+            },
+        )
+    )
+    specs.append(
+        (
             "edges",
             {
                 **base,
