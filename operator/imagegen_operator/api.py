@@ -732,6 +732,11 @@ def _network_cidr(cidr: str) -> bool:
     such, IPv4 or IPv6 (not an IPv4-mapped one, nor with a zone)."""
     import ipaddress
 
+    # Go's netip.ParsePrefix (what CEL's cidr() runs): a prefix length, in decimal without
+    # a leading zero, never left out nor written as a mask, which Python would take.
+    _, slash, bits = cidr.partition("/")
+    if not slash or not (bits.isascii() and bits.isdigit()) or (bits != "0" and bits[0] == "0"):
+        return False
     try:
         network = ipaddress.ip_network(cidr, strict=True)
     except ValueError:
@@ -742,7 +747,7 @@ def _network_cidr(cidr: str) -> bool:
 class SelectorRequirement(KubeModel):
     """A label selector's requirement: a key, an operator and values."""
 
-    key: str = Field(max_length=317, pattern=LABEL_KEY_PATTERN)
+    key: str = Field(max_length=253, pattern=LABEL_KEY_PATTERN)
     """The label key, e.g. kubernetes.io/metadata.name."""
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
     """In or NotIn the values; Exists or DoesNotExist (without values)."""
@@ -768,7 +773,8 @@ class LabelSelector(KubeModel):
         Field(default=None, max_length=16))
     """Label key and value each selected object has, e.g.
     kubernetes.io/metadata.name: gateway for the namespace named gateway."""
-    match_expressions: list[SelectorRequirement] | None = Field(default=None, max_length=16)
+    match_expressions: list[SelectorRequirement] | None = Field(
+        default=None, min_length=1, max_length=16)
     """Requirements each selected object meets, all of them."""
 
     rules = (

@@ -631,8 +631,9 @@ class Reconciler:
             if obj["kind"] == "Deployment" and unfenced:
                 # Its NetworkPolicy was refused: no new pods serve unfenced; what an
                 # earlier spec runs goes on, and status says why.
-                deployment = self.kube.get(obj["apiVersion"], obj["kind"],
-                                           obj["metadata"]["name"], namespace_of(resource))
+                live = self.kube.get(obj["apiVersion"], obj["kind"],
+                                     obj["metadata"]["name"], namespace_of(resource))
+                deployment = live if live and _owned_by(live, resource.metadata.uid) else None
                 continue
             try:
                 if obj["kind"] == "NetworkPolicy":
@@ -641,6 +642,10 @@ class Reconciler:
                 else:
                     current = self.kube.apply(obj, read_first=not blind)
             except MissingKind as exc:
+                if obj["kind"] == "NetworkPolicy":  # a cluster without them: no fence
+                    rejected.append(str(exc))
+                    unfenced = True
+                    continue
                 # A monitor asked for on a cluster without the Prometheus operator.
                 outcome.monitoring = [*(outcome.monitoring or []), f"{exc}: install the "
                                       "Prometheus operator's CRDs, or switch spec.monitoring off"]
@@ -673,16 +678,19 @@ class Reconciler:
 
     def _own_policy(self, policy: dict[str, Any], resource: ImageGenService
                     ) -> dict[str, Any] | None:
-        """The live NetworkPolicy of that name, None when there is none; refused when this
-        service did not make it (one a person wrote for it, say): it is neither rewritten
-        nor, later, deleted with the service."""
+        """The live NetworkPolicy of that name, None when there is none; refused when no
+        ImageGenService of this name made it (one a person wrote for it, say): it is neither
+        rewritten nor, later, deleted with the service. One of an earlier service of the
+        name, which the garbage collector has yet to remove, is taken over."""
         meta = policy["metadata"]
         live = self.kube.get(policy["apiVersion"], policy["kind"], meta["name"],
                              meta["namespace"])
-        if live is not None and not _owned_by(live, resource.metadata.uid):
+        if live is not None and not any(
+                ref.get("kind") == KIND and ref.get("name") == name_of(resource)
+                for ref in live["metadata"].get("ownerReferences") or []):
             raise PermanentKubeError(
-                f"NetworkPolicy {meta['name']} exists and is not this service's: it is left "
-                "as it is; delete or rename it, or remove spec.server.allowFrom")
+                f"NetworkPolicy {meta['name']}, which no ImageGenService made, is left as it "
+                "is: delete or rename it, or remove spec.server.allowFrom")
         return live
 
     def _precompile(self, resource: ImageGenService, job: dict[str, Any] | None,

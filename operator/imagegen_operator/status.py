@@ -75,7 +75,7 @@ class Observation:
     endpoint: str
     rolled_out: bool
     pool_stalled: bool = False  # the provider's error will not pass by waiting
-    rejected: tuple[str, ...] = ()  # children the API server refused, in its words
+    rejected: tuple[str, ...] = ()  # children not applied: the API server's words, or ours
     unschedulable: str | None = None  # the scheduler's words for a pending pod
     precompile: Precompile | None = None  # None: no precompile Job asked for
     pool_short: str | None = None  # a shared pool too small for what its users must run
@@ -138,7 +138,7 @@ def compute_status(o: Observation) -> dict[str, Any]:
         stalled = True
         ready = cond.Observed(
             cond.READY, False, "ApplyRejected",
-            "the API server refused " + "; ".join(o.rejected),
+            "not applied: " + "; ".join(o.rejected),
         )
     elif not o.pool.ready and (o.pool_stalled or not serving_meanwhile):
         stalled = o.pool_stalled

@@ -80,7 +80,7 @@ CASES = [
     ("rolled out, yet not ready", igs(status={"observedGeneration": 1, "conditions": [
         condition("Ready", "False", "NoMatchingNodes"), PROGRESSING_DONE]}), "Degraded", ""),
     ("a child refused by the API server", igs(status={"observedGeneration": 1, "conditions": [
-        condition("Ready", "False", "ApplyRejected", message="the API server refused ..."),
+        condition("Ready", "False", "ApplyRejected", message="not applied: ..."),
         PROGRESSING]}), "Degraded", "ApplyRejected"),
     ("more replicas than the pool can hold", igs(status={"observedGeneration": 1, "conditions": [
         condition("Ready", "False", "PoolTooSmall", message="3/4 replicas ready; raise ..."),

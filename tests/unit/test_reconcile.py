@@ -511,7 +511,8 @@ def test_a_service_whose_network_policy_is_refused_starts_no_pod_unfenced(world)
     world.create("fenced", node_pool={"provider": "Local"}, server={"allowFrom": [gateway]})
     world.reconcile("fenced")
     ready = world.condition("fenced", "Ready")
-    assert ready["reason"] == "ApplyRejected" and "is not this service's" in ready["message"]
+    assert ready["reason"] == "ApplyRejected" and "which no ImageGenService made" in ready[
+        "message"]
     assert deployments() == []
     assert world.kube.get("networking.k8s.io/v1", "NetworkPolicy", "fenced", "ns")[
         "spec"] == theirs["spec"]
@@ -523,6 +524,23 @@ def test_a_service_whose_network_policy_is_refused_starts_no_pod_unfenced(world)
     world.kube.accept("NetworkPolicy")
     world.reconcile("fenced")
     assert deployments() == ["fenced"]
+
+
+def test_the_network_policy_of_an_earlier_service_of_the_name_is_taken_over(world):
+    """Deleted and made again: until the garbage collector has removed the old service's
+    policy, the new one takes it over rather than stall."""
+    gateway = {"podSelector": {"matchLabels": {"app": "gw"}}}
+    world.kube.put({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                    "metadata": {"name": "again", "namespace": "ns", "ownerReferences": [
+                        {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": "again",
+                         "uid": "the-earlier-one", "controller": True}]},
+                    "spec": {"podSelector": {}}})
+    world.create("again", node_pool={"provider": "Local"}, server={"allowFrom": [gateway]})
+    world.reconcile("again")
+    assert world.condition("again", "Ready")["reason"] != "ApplyRejected"
+    policy = world.kube.get("networking.k8s.io/v1", "NetworkPolicy", "again", "ns")
+    assert policy["spec"]["ingress"][0]["from"] == [gateway]
+    assert [k[3] for k in world.kube.objects if k[1] == "Deployment"] == ["again"]
 
 
 def run_until_ready(world, name: str, limit: int = 6) -> None:
