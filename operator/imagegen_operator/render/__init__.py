@@ -78,7 +78,8 @@ def render_workload(
     neighbours: int = 0,
 ) -> list[dict[str, Any]]:
     """The precompile Job (when asked for), NetworkPolicy (with allowFrom), Deployment,
-    Service, PDB, HPA (with autoscaling) and monitors (when requested). ``held``: the Deployment at 0 replicas while the Job runs;
+    Service, PDB, HPA (with autoscaling) and monitors (when requested). ``held``: the
+    Deployment at 0 replicas while the Job runs;
     ``moving``: the service is moving to a new node pool (its rollout may always surge);
     ``neighbours``: the replicas other services run on the same pool."""
     the_plan = the_plan or plan(resource.spec)
