@@ -143,13 +143,27 @@ def region_of(location: str) -> str:
     return location.rsplit("-", 1)[0] if ZONE_RE.match(location) else location
 
 
-def zones_outside(cluster: str, zones: Sequence[str]) -> list[str]:
-    """The zones outside the region of ``cluster`` (projects/P/locations/L/clusters/C;
-    none when it is not such a name: the cluster's own check says so)."""
-    match = re.fullmatch(r"projects/[^/]+/locations/([^/]+)/clusters/[^/]+", cluster or "")
+_CLUSTER_RE = re.compile(r"^projects/([^/]+)/locations/([^/]+)/clusters/([^/]+)$")
+
+
+def parse_cluster(cluster: str) -> tuple[str, str, str]:
+    """``projects/P/locations/L/clusters/C`` -> (P, L, C)."""
+    match = _CLUSTER_RE.match(cluster or "")
     if not match:
+        raise ValueError(
+            f"spec.nodePool.cluster must be projects/P/locations/L/clusters/C, got {cluster!r}"
+        )
+    return match.group(1), match.group(2), match.group(3)
+
+
+def zones_outside(cluster: str, zones: Sequence[str]) -> list[str]:
+    """The zones outside the region of ``cluster`` (none when it is not a cluster's full
+    name: the cluster's own check says so)."""
+    try:
+        _, location, _ = parse_cluster(cluster)
+    except ValueError:
         return []
-    region = region_of(match.group(1))
+    region = region_of(location)
     return [zone for zone in zones if region_of(zone) != region]
 
 

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from imagegen_operator import api, gke
-from imagegen_operator.planner import plan
+from imagegen_operator import gke
 from imagegen_operator.render.nodepool import POOL_LABEL
+from support.gpu_nodes import pool_name
 from support.kube import apply, delete_services, eventually, get_json
 from support.operator_process import OperatorProcess, audit_writes
 
@@ -75,11 +75,6 @@ def condition(obj: dict, type_: str) -> dict | None:
 def wait_ready(cluster, ns: str, *names: str, timeout: int = 90) -> None:
     cluster.kubectl("wait", "-n", ns, "--for=condition=Ready", f"--timeout={timeout}s",
                     *[f"igs/{n}" for n in names], timeout=timeout + 10)
-
-
-def pool_of(body: dict) -> str:
-    """The pool name the operator derives for a service."""
-    return plan(api.parse(body).spec).nodepool_name
 
 
 def pool_nodes(cluster, pool: str) -> list[dict]:
@@ -167,7 +162,7 @@ def test_model_that_does_not_fit_its_slice_creates_nothing(cluster, operator):
     eventually(lambda: _timer_reconciles(operator.metrics()) >= resynced + 2, timeout=60,
                what="two more resyncs")
     assert not exists(cluster, "deployment", "too-big", "-n", ns)
-    assert pool_nodes(cluster, pool_of(body)) == []
+    assert pool_nodes(cluster, pool_name(body)) == []
     delete_services(cluster, operator, ns, "too-big")
 
 

@@ -18,10 +18,9 @@ import yaml
 from unit.test_chart import template_args
 
 from imagegen_operator import api
-from imagegen_operator.planner import plan
 from imagegen_operator.render.nodepool import KWOK_ANNOTATION, SIMULATED_TAINT
 from support.fake_gke import GkeApiTestDouble
-from support.gpu_nodes import fake_gpu_node
+from support.gpu_nodes import fake_gpu_node, pool_name
 from support.kube import apply, delete_services, eventually, get_json
 from support.operator_process import OperatorProcess
 
@@ -97,10 +96,6 @@ def events(cluster, name: str, ns: str = NS) -> list[dict]:
     return [e for e in get_json(cluster, "events", "-n", ns,
                                 "--field-selector", f"involvedObject.name={name}")["items"]
             if e["involvedObject"]["kind"] == api.KIND]
-
-
-def pool_name(spec_service: dict) -> str:
-    return plan(api.parse(spec_service).spec).nodepool_name
 
 
 def test_a_minimal_spec_is_accepted_and_ready_in_the_operators_cluster(cluster, operator, gke_api):

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from imagegen_operator import gke
-from imagegen_operator.planner import PlanInputs, make_plan
+from imagegen_operator import api, gke
+from imagegen_operator.planner import PlanInputs, make_plan, plan
 from imagegen_operator.render.nodepool import POOL_LABEL, kwok_node
 
 
@@ -35,3 +35,8 @@ def fake_gpu_node(
     # A pool of the test's own: never one the operator derives and manages.
     node["metadata"]["labels"].update({gke.LABEL_NODEPOOL: pool, POOL_LABEL: pool})
     return node
+
+
+def pool_name(body: dict[str, Any]) -> str:
+    """The pool name the operator derives for an ImageGenService body."""
+    return plan(api.parse(body).spec).nodepool_name

@@ -26,6 +26,7 @@ from typing import Any
 
 from imagegen_operator import gke
 from imagegen_operator.api import ImageGenService
+from imagegen_operator.gke import parse_cluster
 from imagegen_operator.planner import Plan
 from imagegen_operator.render.common import MANAGED_BY, namespace_of
 
@@ -50,19 +51,6 @@ _SERVICE_ACCOUNT_EMAIL = re.compile(
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?@[a-z0-9]([-a-z0-9.]*[a-z0-9])?\.gserviceaccount\.com$")
 # ANY lets the autoscaler take GPUs from whichever zone has them (scarce, and Spot).
 LOCATION_POLICY = "ANY"
-
-_CLUSTER_RE = re.compile(r"^projects/([^/]+)/locations/([^/]+)/clusters/([^/]+)$")
-
-
-def parse_cluster(cluster: str) -> tuple[str, str, str]:
-    """``projects/P/locations/L/clusters/C`` -> (P, L, C)."""
-    match = _CLUSTER_RE.match(cluster or "")
-    if not match:
-        raise ValueError(
-            f"spec.nodePool.cluster must be projects/P/locations/L/clusters/C, got {cluster!r}"
-        )
-    return match.group(1), match.group(2), match.group(3)
-
 
 def initial_node_count(cluster: str | None, min_nodes: int,
                        zones: Sequence[str] = ()) -> int:
