@@ -143,27 +143,61 @@ def is_subset(want: Any, have: Any) -> bool:
     return _same_scalar(want, have)
 
 
+# Where in each kind the operator owns every field, as a path of field-set keys. Server-side
+# apply never removes a field another manager owns (a nodeSelector key added with kubectl
+# edit), so such a field would stay for good. A key added to a selector is the worst of
+# them: it moves the NetworkPolicy's fence, the budget's or the Service's reach, off the
+# server's pods.
+OWNED_WHOLE: dict[str, tuple[str, ...]] = {
+    "Deployment": ("f:spec", "f:template"),
+    "NetworkPolicy": ("f:spec",),
+    "PodDisruptionBudget": ("f:spec",),
+    "Service": ("f:spec", "f:selector"),
+}
 # What a person may still change by hand in a pod template the operator owns:
 # `kubectl rollout restart` stamps this annotation to roll the pods.
 HAND_EDITS_KEPT = ("kubectl.kubernetes.io/restartedAt",)
 _KEPT_FIELDS = {f"f:{key}" for key in HAND_EDITS_KEPT}
 
 
-def foreign_template_managers(obj: dict[str, Any]) -> list[str]:
-    """Field managers other than ours that own something in ``spec.template``.
-
-    Server-side apply never removes a field another manager owns (a nodeSelector key
-    added with kubectl edit), so such a field would stay for good; the pod template
-    is the operator's, whole.
-    """
+def foreign_managers(obj: dict[str, Any]) -> list[str]:
+    """Field managers other than ours that own something where ``obj``'s kind is ours whole
+    (OWNED_WHOLE), kept hand edits aside."""
+    path = OWNED_WHOLE.get(obj.get("kind", ""))
+    if path is None:
+        return []
     managers = []
     for entry in (obj.get("metadata") or {}).get("managedFields") or []:
         if entry.get("manager") == FIELD_MANAGER:
             continue
-        template = ((entry.get("fieldsV1") or {}).get("f:spec") or {}).get("f:template")
-        if template and _owns_more_than_kept(template):
+        fields = _at(entry.get("fieldsV1") or {}, path)
+        if fields == {} or (fields and _owns_more_than_kept(fields)):
             managers.append(entry.get("manager") or "?")
     return managers
+
+
+def _at(fields: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any] | None:
+    """The field set at ``path``; ``{}`` where the whole of an atomic map is owned (a
+    Service's selector), None where nothing there is."""
+    for key in path:
+        if not isinstance(fields, dict) or key not in fields:
+            return None
+        fields = fields[key]
+    return fields
+
+
+def _take(fields: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any] | None:
+    """Remove and return the field set at ``path`` (as _at), pruning the maps it leaves
+    empty."""
+    head, *rest = path
+    if head not in fields:
+        return None
+    if not rest:
+        return fields.pop(head)
+    taken = _take(fields[head], tuple(rest))
+    if not fields[head]:
+        del fields[head]
+    return taken
 
 
 def _split_kept(template: dict[str, Any]) -> dict[str, Any]:
@@ -188,6 +222,12 @@ def _merge_fields(into: dict[str, Any], more: dict[str, Any]) -> None:
             _merge_fields(into[key], value)
         else:
             into[key] = value
+
+
+def _nested(path: tuple[str, ...], fields: dict[str, Any]) -> dict[str, Any]:
+    for key in reversed(path):
+        fields = {key: fields}
+    return fields
 
 
 def _owns_more_than_kept(template: dict[str, Any]) -> bool:
@@ -327,9 +367,9 @@ class Kube:
         meta = obj["metadata"]
         if live is None and read_first:
             live = self.get(obj["apiVersion"], obj["kind"], meta["name"], meta.get("namespace"))
-        managers = foreign_template_managers(live) if live and "template" in obj["spec"] else []
+        managers = foreign_managers(live) if live else []
         if managers:
-            live = self._reclaim_template(obj, live, managers)
+            live = self._reclaim(obj, live, managers)
         if live and is_subset(obj, live):
             return live
         res = self._resource(obj["apiVersion"], obj["kind"])
@@ -349,17 +389,19 @@ class Kube:
         self._remember(applied)
         return applied
 
-    def _reclaim_template(
+    def _reclaim(
         self, obj: dict[str, Any], live: dict[str, Any], managers: list[str]
     ) -> dict[str, Any]:
-        """Take over what other managers own in the pod template, then apply without it.
+        """Take over what other managers own where the kind is ours whole, then apply
+        without it.
 
         Server-side apply removes a field only when its last owner stops applying
-        it: move the other managers' template fields into our own entry of
+        it: move the other managers' fields there into our own entry of
         managedFields (one patch), and our next apply, which omits them, drops them.
         Kept hand edits (HAND_EDITS_KEPT) stay theirs.
         """
         meta = obj["metadata"]
+        path = OWNED_WHOLE[obj["kind"]]
         entries = json.loads(json.dumps(live["metadata"].get("managedFields") or []))
         ours = next((e for e in entries
                      if e.get("manager") == FIELD_MANAGER and e.get("operation") == "Apply"), None)
@@ -370,22 +412,18 @@ class Kube:
             if entry.get("manager") == FIELD_MANAGER:
                 continue
             fields = entry.get("fieldsV1") or {}
-            spec = fields.get("f:spec") or {}
-            template = spec.pop("f:template", None)
-            if not template:
+            theirs = _take(fields, path)
+            if theirs is None:
                 continue
-            kept = _split_kept(template)
-            _merge_fields(taken, template)
+            kept = _split_kept(theirs)
+            _merge_fields(taken, theirs)
             if kept:
-                spec["f:template"] = kept
-            elif not spec:
-                fields.pop("f:spec", None)
-        _merge_fields(ours.setdefault("fieldsV1", {}).setdefault("f:spec", {}),
-                      {"f:template": taken})
+                _merge_fields(fields, _nested(path, kept))
+        _merge_fields(ours.setdefault("fieldsV1", {}), _nested(path, taken))
         # An entry left owning nothing goes (the API server refuses empty field sets).
         entries = [e for e in entries if e.get("fieldsV1")]
         res = self._resource(obj["apiVersion"], obj["kind"])
-        what = f"take over the pod template of {obj['kind']} {meta['name']}"
+        what = f"take over {'.'.join(k[2:] for k in path)} of {obj['kind']} {meta['name']}"
         with self._calling(what):
             self.writes += 1
             res.patch(
@@ -393,8 +431,8 @@ class Kube:
                                    "resourceVersion": live["metadata"]["resourceVersion"]}},
                 name=meta["name"], namespace=meta.get("namespace"),
                 content_type="application/merge-patch+json", _request_timeout=_timeout())
-        log.info("%s %s: undoing what %s changed in its pod template",
-                 obj["kind"], meta["name"], ", ".join(sorted(set(managers))))
+        log.info("%s %s: undoing what %s changed in its %s", obj["kind"], meta["name"],
+                 ", ".join(sorted(set(managers))), ".".join(k[2:] for k in path))
         return {}  # differs from anything: the caller applies
 
     def delete(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> bool:

@@ -348,6 +348,37 @@ def test_a_field_added_by_hand_to_the_pod_template_is_removed(cluster, operator)
     delete_services(cluster, operator, NS, "owned")
 
 
+def test_a_key_added_by_hand_to_a_selector_is_removed(cluster, operator):
+    """A key added to the NetworkPolicy's pod selector would take the server's pods out
+    of its fence, one added to the Service's selector would cut its traffic off: both go
+    again, labels added to the objects themselves stay."""
+    apply(cluster, service("fenced", gpu={"type": "nvidia-l4"},
+                           nodePool={"provider": "Local", "maxNodes": 1},
+                           server={"allowFrom": [{"podSelector": {"matchLabels": {"app": "gw"}}}]}))
+    cluster.kubectl("wait", "-n", NS, "--for=condition=Ready", "--timeout=60s", "igs/fenced",
+                    timeout=70)
+
+    def policy_selector():
+        policy = get_json(cluster, "networkpolicy", "fenced", "-n", NS)
+        return policy["spec"]["podSelector"]["matchLabels"]
+
+    def service_selector():
+        return get_json(cluster, "service", "fenced", "-n", NS)["spec"]["selector"]
+
+    for kind, patch, selector in (
+        ("networkpolicy", {"podSelector": {"matchLabels": {"hand": "added"}}}, policy_selector),
+        ("service", {"selector": {"hand": "added"}}, service_selector),
+    ):
+        cluster.kubectl("patch", kind, "fenced", "-n", NS, "--type=merge",
+                        "-p", json.dumps({"spec": patch}))
+        cluster.kubectl("label", kind, "fenced", "-n", NS, "team=ml")
+        eventually(lambda selector=selector: "hand" not in selector(), timeout=30,
+                   what=f"the key added to the {kind}'s selector removed")
+        assert selector()["app.kubernetes.io/instance"] == "fenced"  # ours stay
+        assert get_json(cluster, kind, "fenced", "-n", NS)["metadata"]["labels"]["team"] == "ml"
+    delete_services(cluster, operator, NS, "fenced")
+
+
 def test_a_local_pool_never_takes_over_a_node_it_did_not_make(cluster, operator):
     # A real node whose name the Local provider would give its pool's first node.
     apply(cluster, {"apiVersion": "v1", "kind": "Node",

@@ -1,12 +1,12 @@
-"""Which field managers hold something of a pod template the operator owns."""
+"""Which field managers hold something where the operator owns a kind whole."""
 
 from __future__ import annotations
 
-from imagegen_operator.kube import FIELD_MANAGER, _split_kept, foreign_template_managers
+from imagegen_operator.kube import FIELD_MANAGER, _split_kept, _take, foreign_managers
 
 
-def deployment(*entries: tuple[str, dict]) -> dict:
-    return {"metadata": {"managedFields": [
+def deployment(*entries: tuple[str, dict], kind: str = "Deployment") -> dict:
+    return {"kind": kind, "metadata": {"managedFields": [
         {"manager": m, "operation": "Update", "fieldsType": "FieldsV1", "fieldsV1": f}
         for m, f in entries]}}
 
@@ -23,9 +23,9 @@ HAND = ("kubectl-patch", {"f:spec": {"f:template": {"f:spec": {"f:nodeSelector":
 
 
 def test_only_other_managers_template_fields_count() -> None:
-    assert foreign_template_managers(deployment(OURS, CONTROLLER)) == []
-    assert foreign_template_managers(deployment(OURS, CONTROLLER, RESTART)) == []
-    assert foreign_template_managers(deployment(OURS, HAND, RESTART)) == ["kubectl-patch"]
+    assert foreign_managers(deployment(OURS, CONTROLLER)) == []
+    assert foreign_managers(deployment(OURS, CONTROLLER, RESTART)) == []
+    assert foreign_managers(deployment(OURS, HAND, RESTART)) == ["kubectl-patch"]
 
 
 def test_a_restart_stamp_is_split_off_and_leaves_no_claim_on_the_whole_map() -> None:
@@ -35,3 +35,36 @@ def test_a_restart_stamp_is_split_off_and_leaves_no_claim_on_the_whole_map() -> 
     assert kept == {"f:metadata": {"f:annotations": {"f:kubectl.kubernetes.io/restartedAt": {}}}}
     # What is left to take over: the spec field, not an empty "annotations" claim.
     assert template == {"f:spec": {"f:x": {}}}
+
+
+def test_a_selector_key_added_by_hand_counts_where_the_kind_is_ours_whole() -> None:
+    ours = (FIELD_MANAGER, {"f:spec": {"f:podSelector": {"f:matchLabels": {"f:app": {}}}}})
+    hand = ("kubectl-patch", {"f:spec": {"f:podSelector": {"f:matchLabels": {"f:x": {}}}}})
+    labels = ("kubectl-label", {"f:metadata": {"f:labels": {"f:team": {}}}})
+    assert foreign_managers(deployment(ours, hand, kind="NetworkPolicy")) == ["kubectl-patch"]
+    assert foreign_managers(deployment(ours, labels, kind="NetworkPolicy")) == []
+    # A Service is ours whole only in its selector; the same template edit on a Job is not
+    # taken over (its template cannot change).
+    port = ("kubectl-patch", {"f:spec": {"f:ports": {}}})
+    selector = ("kubectl-patch", {"f:spec": {"f:selector": {"f:x": {}}}})
+    assert foreign_managers(deployment(port, kind="Service")) == []
+    assert foreign_managers(deployment(selector, kind="Service")) == ["kubectl-patch"]
+    # A Service's selector is an atomic map: whoever wrote it last owns it whole ({}).
+    atomic = ("kubectl-patch", {"f:spec": {"f:selector": {}}})
+    assert foreign_managers(deployment(atomic, kind="Service")) == ["kubectl-patch"]
+    assert foreign_managers(deployment(OURS, HAND, kind="Job")) == []
+
+
+def test_taking_a_field_set_leaves_no_empty_map_behind() -> None:
+    fields = {"f:metadata": {"f:labels": {"f:team": {}}},
+              "f:spec": {"f:selector": {"f:x": {}}}}
+    assert _take(fields, ("f:spec", "f:selector")) == {"f:x": {}}
+    assert fields == {"f:metadata": {"f:labels": {"f:team": {}}}}
+    fields = {"f:spec": {"f:ports": {}, "f:selector": {"f:x": {}}}}
+    assert _take(fields, ("f:spec", "f:selector")) == {"f:x": {}}
+    assert fields == {"f:spec": {"f:ports": {}}}
+    assert _take(fields, ("f:spec", "f:template")) is None
+    assert fields == {"f:spec": {"f:ports": {}}}
+    fields = {"f:spec": {"f:selector": {}}}
+    assert _take(fields, ("f:spec", "f:selector")) == {}
+    assert fields == {}
