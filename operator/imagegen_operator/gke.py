@@ -347,13 +347,26 @@ def _tiers(total: float, tiers: tuple[tuple[float, float], ...], rest: float) ->
 
 
 # Pods one node of a Standard cluster runs: 110 unless the cluster or the pool set another
-# number when made (GKE's "Configure maximum Pods per node",
-# cloud.google.com/kubernetes-engine/docs/how-to/flexible-pod-cidr), GKE's own pods counted.
+# number when made, up to 256, and only in a VPC-native cluster (GKE's "Configure maximum
+# Pods per node", cloud.google.com/kubernetes-engine/docs/how-to/flexible-pod-cidr), GKE's
+# own pods counted.
 DEFAULT_MAX_PODS_PER_NODE = 110
+MAX_PODS_PER_NODE_LIMIT = 256
 # GKE's pods on a GPU node (kube-proxy, logging and metrics agents, netd, the CSI drivers,
 # the GPU device plugin, the metadata server): an allowance, their number varying with the
 # cluster's features.
 SYSTEM_PODS_PER_NODE = 10
+
+
+def max_pods_per_node(slots: int) -> int | None:
+    """The maximum pods per node a pool of ``slots`` serving pods a node is made with:
+    None (the cluster's default) while they and GKE's own pods fit the default of 110,
+    else room for them all, within GKE's 256. A larger maximum takes a larger share of
+    the cluster's pod address range per node, so only pools that need it ask."""
+    wanted = slots + SYSTEM_PODS_PER_NODE
+    if wanted <= DEFAULT_MAX_PODS_PER_NODE:
+        return None
+    return min(wanted, MAX_PODS_PER_NODE_LIMIT)
 
 
 def node_allocatable(machine_type: str) -> tuple[float, float] | None:

@@ -45,6 +45,7 @@ from pydantic.alias_generators import to_camel
 from imagegen_operator import gke
 from imagegen_operator.api import (
     CLOUD_PROVIDERS,
+    POOL_PROVIDERS,
     ImageGenServiceSpec,
     quantity_value,
     sharing_summary,
@@ -285,6 +286,12 @@ class Plan:
         return not self.blocking
 
     @property
+    def max_pods_per_node(self) -> int | None:
+        """What the pool is made to run on a node (gke.max_pods_per_node); None: the
+        cluster's default."""
+        return gke.max_pods_per_node(self.slots_per_node)
+
+    @property
     def slots(self) -> int:
         """Slots on the GPUs the plan provisions (status.capacity.slots)."""
         return self.nodes_needed * self.slots_per_node
@@ -510,7 +517,7 @@ def make_plan(inputs: PlanInputs) -> Plan:
         findings += _check_obtainable(machine, i)
     if machine is not None and i.provider != "Existing":
         findings += _check_node_room(i, machine, per_node)
-    findings += _check_pods_per_node(per_node)
+    findings += _check_pods_per_node(per_node, made=i.provider in POOL_PROVIDERS)
     findings += _check_flex_start(i, nodes_needed)
     if i.max_replicas is not None and not i.monitored:
         findings.append(AutoscalingUnscraped(
@@ -692,16 +699,22 @@ def _check_obtainable(machine: str, i: PlanInputs) -> list[Finding]:
     return []
 
 
-def _check_pods_per_node(per_node: int) -> list[Finding]:
-    """Whether a node's worth of pods (one per slot) fits the pods GKE runs on one node."""
-    room = gke.DEFAULT_MAX_PODS_PER_NODE - gke.SYSTEM_PODS_PER_NODE
+def _check_pods_per_node(per_node: int, made: bool) -> list[Finding]:
+    """Whether a node's worth of pods (one per slot) fits the pods GKE runs on one node:
+    what a pool the operator makes is made for (up to GKE's limit), else GKE's default."""
+    most = gke.MAX_PODS_PER_NODE_LIMIT if made else gke.DEFAULT_MAX_PODS_PER_NODE
+    room = most - gke.SYSTEM_PODS_PER_NODE
     if per_node <= room:
         return []
+    if made:
+        limit = (f"a pool runs at most {most} pods on a node (GKE's limit, which the pool is "
+                 "made with)")
+    else:
+        limit = (f"GKE runs {most} pods on a node unless the cluster or the pool sets another "
+                 "maximum")
     return [TooManyPodsPerNode(
-        f"a node has {per_node} slot(s), one pod each, but GKE runs "
-        f"{gke.DEFAULT_MAX_PODS_PER_NODE} pods on a node unless the cluster sets another "
-        "maximum, about "
-        f"{gke.SYSTEM_PODS_PER_NODE} of them its own: past {room} serving pods a node's "
+        f"a node has {per_node} slot(s), one pod each, but {limit}, about "
+        f"{gke.SYSTEM_PODS_PER_NODE} of them GKE's own: past {room} serving pods a node's "
         "slots stay empty and the pods past them Pending. Share each GPU among fewer clients "
         "(spec.gpu.sharing.maxSharedClientsPerGpu), or fewer GPUs per node "
         "(spec.gpu.countPerNode)",

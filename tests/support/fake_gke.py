@@ -394,8 +394,13 @@ class GkeApiTestDouble:
         if name in self.pools:
             raise ApiError("ALREADY_EXISTS", f"Already exists: {name}.")
         self._check_cluster_free(parent, name)
+        max_pods = int((pool.get("maxPodsConstraint") or {}).get("maxPodsPerNode") or 110)
+        if not 8 <= max_pods <= 256:
+            raise ApiError("INVALID_ARGUMENT", "Max pods per node must be between 8 and 256.")
         location = parent.split("/")[3]
-        pool = {**pool, "locations": _pool_zones(location, pool.get("locations"))}
+        # As GKE answers: the cluster's default maximum (110 here) where none was asked for.
+        pool = {**pool, "locations": _pool_zones(location, pool.get("locations")),
+                "maxPodsConstraint": {"maxPodsPerNode": str(max_pods)}}
         op = self._new_operation(location, "CREATE_NODE_POOL", name)
         if self._next_failure:
             status, message, after = self._next_failure

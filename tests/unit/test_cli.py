@@ -156,6 +156,19 @@ def test_plan_of_a_flex_start_pool() -> None:
     assert json.loads(out)[0]["plan"]["flexStart"] is True
 
 
+def test_plan_says_what_a_dense_pool_is_made_for() -> None:
+    dense = ROOT / "tests" / "data" / "golden" / "dense-configconnector" / "input.yaml"
+    status, out, _ = run("plan", "-f", str(dense))
+    assert status == 0 and "112 per node" in out
+    assert ", made for 122 pods a node" in out and "TooManyPodsPerNode" not in out
+    # Existing: the pool is not the operator's to make, and keeps GKE's default.
+    status, out, _ = run("plan", "-f", "-", stdin=dense.read_text().replace(
+        "provider: ConfigConnector", "provider: Existing").replace(
+        "    cluster: projects/demo-project/locations/us-central1/clusters/inference\n", ""))
+    assert status == 0, out
+    assert "made for" not in out and "warning: TooManyPodsPerNode" in out
+
+
 def test_plan_reads_what_kubectl_get_prints() -> None:
     import yaml
 

@@ -360,16 +360,29 @@ def test_a_nodes_pods_that_ask_for_more_than_it_offers_are_a_warning() -> None:
     assert not any(isinstance(f, RequestsExceedNode) for f in existing.findings)
 
 
-def test_more_slots_than_gke_runs_pods_on_a_node_are_a_warning() -> None:
-    # 8 H100s x 7 slices x 2 clients: 112 slots, past GKE's 110 pods a node less its own.
+def test_a_pool_is_made_for_its_pods_per_node_up_to_gkes_limit() -> None:
+    # 8 H100s x 7 slices x 2 clients: 112 slots, past GKE's default of 110 pods a node.
     mig_ts = dict(partition_size="1g.10gb", sharing_strategy="TimeSharing",
-                  max_shared_clients=2, spot=True, provider="GKE")
-    crowded = make_plan(inputs("nvidia-h100-80gb", count_per_node=8, **mig_ts))
-    [finding] = [f for f in crowded.findings if isinstance(f, TooManyPodsPerNode)]
-    assert not finding.blocking and crowded.workable
+                  max_shared_clients=2, spot=True)
+    made = make_plan(inputs("nvidia-h100-80gb", count_per_node=8, provider="GKE", **mig_ts))
+    assert made.max_pods_per_node == 112 + gke.SYSTEM_PODS_PER_NODE
+    assert not any(isinstance(f, TooManyPodsPerNode) for f in made.findings)
+    # A pool that is not the operator's keeps whatever maximum it has: 110 by default.
+    existing = make_plan(inputs("nvidia-h100-80gb", count_per_node=8, provider="Existing",
+                                **mig_ts))
+    [finding] = [f for f in existing.findings if isinstance(f, TooManyPodsPerNode)]
+    assert not finding.blocking and existing.workable
     assert "112 slot(s)" in finding.message and "110 pods" in finding.message
     assert "spec.gpu.sharing.maxSharedClientsPerGpu" in finding.fields
-    roomy = make_plan(inputs("nvidia-h100-80gb", count_per_node=4, **mig_ts))  # 56
+    # 8 x 7 x 5 = 280: past the 256 any pool may be made with.
+    crowded = make_plan(inputs("nvidia-h100-80gb", count_per_node=8, provider="GKE",
+                               **{**mig_ts, "max_shared_clients": 5}))
+    assert crowded.max_pods_per_node == gke.MAX_PODS_PER_NODE_LIMIT
+    [finding] = [f for f in crowded.findings if isinstance(f, TooManyPodsPerNode)]
+    assert "280 slot(s)" in finding.message and "256 pods" in finding.message
+    # Within the default, the pool takes the cluster's (a smaller pod range per node).
+    roomy = make_plan(inputs("nvidia-h100-80gb", count_per_node=4, provider="GKE", **mig_ts))
+    assert roomy.max_pods_per_node is None  # 56 slots
     assert not any(isinstance(f, TooManyPodsPerNode) for f in roomy.findings)
 
 

@@ -589,6 +589,24 @@ def test_the_spec_s_zones_are_asked_for_and_none_leaves_gke_the_cluster_s(double
     assert provider.ensure(anywhere, make_plan(anywhere.spec), 1).ready
 
 
+def test_a_dense_pool_is_made_for_its_pods_and_one_found_at_gkes_default_is_kept(
+        double, provider):
+    dense = service(gpu={"type": "nvidia-h100-80gb", "countPerNode": 8,
+                         "partitionSize": "1g.10gb",
+                         "sharing": {"strategy": "TimeSharing", "maxSharedClientsPerGpu": 2}})
+    plan = make_plan(dense.spec)
+    ensure_until(provider, dense, plan, ready)
+    (created,) = double.requests_to("POST", "/nodePools")
+    assert created.body["nodePool"]["maxPodsConstraint"] == {"maxPodsPerNode": "122"}
+    # One made at the cluster's default (by hand, or before pools were made for their
+    # pods) is not taken for another configuration: the maximum is no part of the identity.
+    del double.pools[pool_name(plan)]
+    double.seed_pool(pool_name(plan), "RUNNING", config=made_by_us(dense, plan),
+                     autoscaling={"enabled": True, "totalMinNodeCount": 0,
+                                  "totalMaxNodeCount": 2})
+    assert provider.ensure(dense, plan, 1).ready
+
+
 def test_a_named_pool_in_other_zones_is_not_taken_for_the_spec_s(double, provider):
     before = service(name="sd15-serving")
     old_plan = make_plan(before.spec)

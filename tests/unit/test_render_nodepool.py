@@ -225,6 +225,27 @@ def test_the_pods_are_kept_to_the_spec_s_zones_with_every_provider() -> None:
     assert not takes_pods_of(node("us-central1-b"), p)
 
 
+def test_a_pool_with_more_pods_a_node_than_gkes_default_is_made_for_them() -> None:
+    # 8 GPUs x 7 slices x 2 clients: 112 serving pods a node, past the 110 GKE's default
+    # allows with its own pods.
+    crowded = {"countPerNode": 8}
+    r = resource(**crowded)
+    request = create_node_pool_request(render_gke_nodepool(r, plan(r.spec)))["node_pool"]
+    assert request.max_pods_constraint.max_pods_per_node == 112 + gke.SYSTEM_PODS_PER_NODE
+    cc = resource("ConfigConnector", **crowded)
+    assert render_config_connector_nodepool(cc, plan(cc.spec))["spec"]["maxPodsPerNode"] == 122
+    local = resource("Local", **crowded)
+    [node, *_] = render_kwok_nodes(local, plan(local.spec))
+    assert node["status"]["allocatable"]["pods"] == "122"
+    # Within the default, none is set: the cluster's own maximum (and pod range) holds.
+    few = resource()  # 2 x 7 x 2 = 28
+    assert "maxPodsConstraint" not in render_gke_nodepool(few, plan(few.spec))["spec"]
+    assert "maxPodsPerNode" not in render_config_connector_nodepool(
+        resource("ConfigConnector"), plan(resource("ConfigConnector").spec))["spec"]
+    [node, *_] = render_kwok_nodes(resource("Local"), plan(resource("Local").spec))
+    assert node["status"]["allocatable"]["pods"] == str(gke.DEFAULT_MAX_PODS_PER_NODE)
+
+
 def test_kwok_nodes_look_like_the_gke_pool() -> None:
     r = resource("Local")
     p = plan(r.spec)

@@ -144,6 +144,8 @@ def render_gke_nodepool(
     }
     if plan.locations:
         body["locations"] = list(plan.locations)
+    if plan.max_pods_per_node:
+        body["maxPodsConstraint"] = {"maxPodsPerNode": str(plan.max_pods_per_node)}
     if pool.flex_start:
         # GKE's documented Flex-start pool: it starts empty, autoscales, takes no
         # reservation, and is not auto-repaired (a node is replaced when its run ends).
@@ -210,6 +212,7 @@ def render_config_connector_nodepool(
             "clusterRef": {"external": pool.cluster},
             "initialNodeCount": initial_node_count(pool.cluster, min_nodes, plan.locations),
             **({"nodeLocations": list(plan.locations)} if plan.locations else {}),
+            **({"maxPodsPerNode": plan.max_pods_per_node} if plan.max_pods_per_node else {}),
             # The bounds of the whole pool (total*), as for GKE's API: minNodeCount and
             # maxNodeCount, the other pair the CRD has, count per zone, and a regional
             # cluster would get three times the nodes asked for.
@@ -276,10 +279,10 @@ def kwok_node_labels(plan: Plan, node_name: str, spot: bool,
 
 
 def kwok_allocatable(plan: Plan) -> dict[str, str]:
-    """What one simulated node offers: the GPU slots, and the CPU and memory a GKE node of
-    its machine type offers after GKE's reservations (so pods that ask for more than the
-    machine has stay Pending here too); room for every slot's pod where the machine type is
-    not one the table holds."""
+    """What one simulated node offers: the GPU slots, the pods the pool is made for, and
+    the CPU and memory a GKE node of its machine type offers after GKE's reservations (so
+    pods that ask for more than the machine has stay Pending here too); room for every
+    slot's pod where the machine type is not one the table holds."""
     slots = plan.slots_per_node
     room = gke.node_allocatable(plan.machine_type) if plan.machine_type else None
     cpu, memory = room if room else (max(16, 4 * slots), max(64, 16 * slots))
@@ -287,7 +290,7 @@ def kwok_allocatable(plan: Plan) -> dict[str, str]:
         "cpu": f"{math.floor(cpu * 1000)}m",
         "memory": f"{math.floor(memory * 1024)}Mi",
         "ephemeral-storage": "500Gi",
-        "pods": str(max(110, slots + 16)),
+        "pods": str(plan.max_pods_per_node or gke.DEFAULT_MAX_PODS_PER_NODE),
         gke.GPU_RESOURCE: str(slots),
     }
 
