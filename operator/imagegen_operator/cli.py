@@ -239,8 +239,7 @@ def plan_table(resource: api.ImageGenService, p: Plan) -> str:
             + (", Flex-start" if p.flex_start else "")
             + (f", in {', '.join(p.locations)}" if p.locations else "")
             + (f", made for {p.max_pods_per_node} pods a node"
-               if p.max_pods_per_node and resource.spec.node_pool.provider in api.POOL_PROVIDERS
-               else ""),
+               if resource.spec.node_pool.provider in api.POOL_PROVIDERS else ""),
         ),
         (
             "memory",

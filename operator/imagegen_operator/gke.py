@@ -358,15 +358,24 @@ MAX_PODS_PER_NODE_LIMIT = 256
 SYSTEM_PODS_PER_NODE = 10
 
 
-def max_pods_per_node(slots: int) -> int | None:
-    """The maximum pods per node a pool of ``slots`` serving pods a node is made with:
-    None (the cluster's default) while they and GKE's own pods fit the default of 110,
-    else room for them all, within GKE's 256. A larger maximum takes a larger share of
-    the cluster's pod address range per node, so only pools that need it ask."""
+def max_pods_per_node(slots: int) -> int:
+    """The maximum pods per node a pool of ``slots`` serving pods a node is made with, set
+    on every pool the operator makes (a pool that sets none takes the cluster's default,
+    which may be below 110): GKE's default of 110 while a node's serving pods and GKE's
+    own fit it, else the next power of two, within GKE's 256. A node gets twice its
+    maximum in pod addresses, rounded up to a power of two, so 128 takes the /24 that
+    110 does, and 256 a /23."""
     wanted = slots + SYSTEM_PODS_PER_NODE
     if wanted <= DEFAULT_MAX_PODS_PER_NODE:
-        return None
-    return min(wanted, MAX_PODS_PER_NODE_LIMIT)
+        return DEFAULT_MAX_PODS_PER_NODE
+    return min(1 << (wanted - 1).bit_length(), MAX_PODS_PER_NODE_LIMIT)
+
+
+def pods_short(max_pods: int | None, slots: int) -> int | None:
+    """The pods a node needs (its serving pods and GKE's own, within GKE's limit) where a
+    pool's maximum ``max_pods`` (None or 0: not known) is below that; else None."""
+    wanted = min(slots + SYSTEM_PODS_PER_NODE, MAX_PODS_PER_NODE_LIMIT)
+    return wanted if max_pods and max_pods < wanted else None
 
 
 def node_allocatable(machine_type: str) -> tuple[float, float] | None:

@@ -406,7 +406,9 @@ class Kube:
         ours = next((e for e in entries
                      if e.get("manager") == FIELD_MANAGER and e.get("operation") == "Apply"), None)
         if ours is None:
-            return live  # never applied by us: nothing of ours to take over into
+            # Never applied by us: apply once, which makes our entry; the next reconcile
+            # takes the rest over into it.
+            return {}
         taken: dict[str, Any] = {}
         for entry in entries:
             if entry.get("manager") == FIELD_MANAGER:

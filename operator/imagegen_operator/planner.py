@@ -286,9 +286,8 @@ class Plan:
         return not self.blocking
 
     @property
-    def max_pods_per_node(self) -> int | None:
-        """What the pool is made to run on a node (gke.max_pods_per_node); None: the
-        cluster's default."""
+    def max_pods_per_node(self) -> int:
+        """What a pool the operator makes runs on a node (gke.max_pods_per_node)."""
         return gke.max_pods_per_node(self.slots_per_node)
 
     @property

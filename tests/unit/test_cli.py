@@ -160,7 +160,7 @@ def test_plan_says_what_a_dense_pool_is_made_for() -> None:
     dense = ROOT / "tests" / "data" / "golden" / "dense-configconnector" / "input.yaml"
     status, out, _ = run("plan", "-f", str(dense))
     assert status == 0 and "112 per node" in out
-    assert ", made for 122 pods a node" in out and "TooManyPodsPerNode" not in out
+    assert ", made for 128 pods a node" in out and "TooManyPodsPerNode" not in out
     # Existing: the pool is not the operator's to make, and keeps GKE's default.
     status, out, _ = run("plan", "-f", "-", stdin=dense.read_text().replace(
         "provider: ConfigConnector", "provider: Existing").replace(

@@ -38,20 +38,18 @@ def test_a_restart_stamp_is_split_off_and_leaves_no_claim_on_the_whole_map() -> 
 
 
 def test_a_selector_key_added_by_hand_counts_where_the_kind_is_ours_whole() -> None:
-    ours = (FIELD_MANAGER, {"f:spec": {"f:podSelector": {"f:matchLabels": {"f:app": {}}}}})
-    hand = ("kubectl-patch", {"f:spec": {"f:podSelector": {"f:matchLabels": {"f:x": {}}}}})
+    # A LabelSelector is an atomic struct: whoever wrote it last owns it whole.
+    ours = (FIELD_MANAGER, {"f:spec": {"f:policyTypes": {}}})
+    hand = ("kubectl-patch", {"f:spec": {"f:podSelector": {}}})
     labels = ("kubectl-label", {"f:metadata": {"f:labels": {"f:team": {}}}})
     assert foreign_managers(deployment(ours, hand, kind="NetworkPolicy")) == ["kubectl-patch"]
     assert foreign_managers(deployment(ours, labels, kind="NetworkPolicy")) == []
-    # A Service is ours whole only in its selector; the same template edit on a Job is not
-    # taken over (its template cannot change).
+    # A Service is ours whole only in its selector, an atomic map; the same template edit
+    # on a Job is not taken over (its template cannot change).
     port = ("kubectl-patch", {"f:spec": {"f:ports": {}}})
-    selector = ("kubectl-patch", {"f:spec": {"f:selector": {"f:x": {}}}})
+    selector = ("kubectl-patch", {"f:spec": {"f:selector": {}}})
     assert foreign_managers(deployment(port, kind="Service")) == []
     assert foreign_managers(deployment(selector, kind="Service")) == ["kubectl-patch"]
-    # A Service's selector is an atomic map: whoever wrote it last owns it whole ({}).
-    atomic = ("kubectl-patch", {"f:spec": {"f:selector": {}}})
-    assert foreign_managers(deployment(atomic, kind="Service")) == ["kubectl-patch"]
     assert foreign_managers(deployment(OURS, HAND, kind="Job")) == []
 
 

@@ -365,7 +365,8 @@ def test_a_pool_is_made_for_its_pods_per_node_up_to_gkes_limit() -> None:
     mig_ts = dict(partition_size="1g.10gb", sharing_strategy="TimeSharing",
                   max_shared_clients=2, spot=True)
     made = make_plan(inputs("nvidia-h100-80gb", count_per_node=8, provider="GKE", **mig_ts))
-    assert made.max_pods_per_node == 112 + gke.SYSTEM_PODS_PER_NODE
+    # 112 and GKE's own, rounded up to a power of two: the /24 of pod addresses that 110 takes.
+    assert made.max_pods_per_node == 128
     assert not any(isinstance(f, TooManyPodsPerNode) for f in made.findings)
     # A pool that is not the operator's keeps whatever maximum it has: 110 by default.
     existing = make_plan(inputs("nvidia-h100-80gb", count_per_node=8, provider="Existing",
@@ -380,9 +381,9 @@ def test_a_pool_is_made_for_its_pods_per_node_up_to_gkes_limit() -> None:
     assert crowded.max_pods_per_node == gke.MAX_PODS_PER_NODE_LIMIT
     [finding] = [f for f in crowded.findings if isinstance(f, TooManyPodsPerNode)]
     assert "280 slot(s)" in finding.message and "256 pods" in finding.message
-    # Within the default, the pool takes the cluster's (a smaller pod range per node).
+    # Within GKE's default, the default: set all the same, as a cluster's may be lower.
     roomy = make_plan(inputs("nvidia-h100-80gb", count_per_node=4, provider="GKE", **mig_ts))
-    assert roomy.max_pods_per_node is None  # 56 slots
+    assert roomy.max_pods_per_node == gke.DEFAULT_MAX_PODS_PER_NODE  # 56 slots
     assert not any(isinstance(f, TooManyPodsPerNode) for f in roomy.findings)
 
 

@@ -589,7 +589,7 @@ def test_the_spec_s_zones_are_asked_for_and_none_leaves_gke_the_cluster_s(double
     assert provider.ensure(anywhere, make_plan(anywhere.spec), 1).ready
 
 
-def test_a_dense_pool_is_made_for_its_pods_and_one_found_at_gkes_default_is_kept(
+def test_a_dense_pool_is_made_for_its_pods_and_one_found_with_less_room_is_refused(
         double, provider):
     dense = service(gpu={"type": "nvidia-h100-80gb", "countPerNode": 8,
                          "partitionSize": "1g.10gb",
@@ -597,11 +597,21 @@ def test_a_dense_pool_is_made_for_its_pods_and_one_found_at_gkes_default_is_kept
     plan = make_plan(dense.spec)
     ensure_until(provider, dense, plan, ready)
     (created,) = double.requests_to("POST", "/nodePools")
-    assert created.body["nodePool"]["maxPodsConstraint"] == {"maxPodsPerNode": "122"}
-    # One made at the cluster's default (by hand, or before pools were made for their
-    # pods) is not taken for another configuration: the maximum is no part of the identity.
-    del double.pools[pool_name(plan)]
+    assert created.body["nodePool"]["maxPodsConstraint"] == {"maxPodsPerNode": "128"}
+    # One of the name made at GKE's default (by hand, or before pools were made for their
+    # pods): 12 of a node's 112 serving pods would stay Pending on a pool read as Ready.
     double.seed_pool(pool_name(plan), "RUNNING", config=made_by_us(dense, plan),
+                     maxPodsConstraint={"maxPodsPerNode": "110"},
+                     autoscaling={"enabled": True, "totalMinNodeCount": 0,
+                                  "totalMaxNodeCount": 2})
+    with pytest.raises(ProviderError) as refused:
+        provider.ensure(dense, plan, 1)
+    assert refused.value.reason == "PoolConfigMismatch"
+    assert "runs at most 110 pods on a node" in refused.value.message
+    assert "need 122" in refused.value.message and "spec.nodePool.name" in refused.value.message
+    # The same pool serves a configuration it has room for.
+    double.seed_pool(pool_name(plan), "RUNNING", config=made_by_us(dense, plan),
+                     maxPodsConstraint={"maxPodsPerNode": "122"},
                      autoscaling={"enabled": True, "totalMinNodeCount": 0,
                                   "totalMaxNodeCount": 2})
     assert provider.ensure(dense, plan, 1).ready

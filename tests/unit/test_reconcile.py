@@ -1371,6 +1371,28 @@ def test_a_config_connector_pool_keeps_the_nodes_account_it_was_made_with(
         "external": "gpu-nodes@imagegen-test.iam.gserviceaccount.com"}
 
 
+def test_a_config_connector_pool_keeps_the_pods_a_node_it_was_made_for(world) -> None:
+    """maxPodsPerNode is immutable: one made without (the cluster's maximum) stays without,
+    and one with less room than a node's serving pods need is refused, named."""
+    dense = {"type": "nvidia-h100-80gb", "countPerNode": 8, "partitionSize": "1g.10gb",
+             "sharing": {"strategy": "TimeSharing", "maxSharedClientsPerGpu": 2}}
+    world.create("dense", gpu=dense, node_pool={"provider": "ConfigConnector",
+                                                "cluster": CLUSTER_A})
+    world.reconcile("dense")
+    [made] = config_connector_pools(world).values()
+    assert made["spec"]["maxPodsPerNode"] == 128  # 112 serving pods and GKE's own
+    del made["spec"]["maxPodsPerNode"]  # as made before pools were made for their pods
+    world.reconcile("dense")
+    [kept] = config_connector_pools(world).values()
+    assert "maxPodsPerNode" not in kept["spec"]
+    kept["spec"]["maxPodsPerNode"] = 110
+    world.reconcile("dense")
+    condition = world.condition("dense", "NodePoolReady")
+    assert condition["reason"] == "PoolConfigMismatch"
+    assert "at most 110 pods on a node" in condition["message"]
+    assert "spec.nodePool.name" in condition["message"]
+
+
 def config_connector_pools(world) -> dict[tuple[str, str], dict]:
     return {(ns, name): obj for (_, kind, ns, name), obj in world.kube.objects.items()
             if kind == "ContainerNodePool"}

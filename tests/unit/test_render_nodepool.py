@@ -231,17 +231,20 @@ def test_a_pool_with_more_pods_a_node_than_gkes_default_is_made_for_them() -> No
     crowded = {"countPerNode": 8}
     r = resource(**crowded)
     request = create_node_pool_request(render_gke_nodepool(r, plan(r.spec)))["node_pool"]
-    assert request.max_pods_constraint.max_pods_per_node == 112 + gke.SYSTEM_PODS_PER_NODE
+    # 122 rounded up to the power of two whose pod addresses (twice that) 110 takes anyway.
+    assert request.max_pods_constraint.max_pods_per_node == 128
     cc = resource("ConfigConnector", **crowded)
-    assert render_config_connector_nodepool(cc, plan(cc.spec))["spec"]["maxPodsPerNode"] == 122
+    assert render_config_connector_nodepool(cc, plan(cc.spec))["spec"]["maxPodsPerNode"] == 128
     local = resource("Local", **crowded)
     [node, *_] = render_kwok_nodes(local, plan(local.spec))
-    assert node["status"]["allocatable"]["pods"] == "122"
-    # Within the default, none is set: the cluster's own maximum (and pod range) holds.
+    assert node["status"]["allocatable"]["pods"] == "128"
+    # Within GKE's default, the default, set all the same: a cluster's own may be lower.
     few = resource()  # 2 x 7 x 2 = 28
-    assert "maxPodsConstraint" not in render_gke_nodepool(few, plan(few.spec))["spec"]
-    assert "maxPodsPerNode" not in render_config_connector_nodepool(
-        resource("ConfigConnector"), plan(resource("ConfigConnector").spec))["spec"]
+    request = create_node_pool_request(render_gke_nodepool(few, plan(few.spec)))["node_pool"]
+    assert request.max_pods_constraint.max_pods_per_node == 110
+    assert render_config_connector_nodepool(
+        resource("ConfigConnector"), plan(resource("ConfigConnector").spec))["spec"][
+            "maxPodsPerNode"] == 110
     [node, *_] = render_kwok_nodes(resource("Local"), plan(resource("Local").spec))
     assert node["status"]["allocatable"]["pods"] == str(gke.DEFAULT_MAX_PODS_PER_NODE)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from imagegen_operator import gke
 from imagegen_operator.api import ImageGenService
 from imagegen_operator.planner import Plan
 from imagegen_operator.render.nodepool import NodeBounds
@@ -58,6 +59,22 @@ class PoolNotOwned(ProviderError):
 
     def __init__(self, message: str):
         super().__init__("PoolNotOwned", message)
+
+
+def check_pods_room(name: str, max_pods: int | None, plan: Plan) -> None:
+    """Refuse a pool found with room for fewer pods a node than its slots and GKE's own
+    pods (made by hand, or before pools were made for their pods): the maximum cannot
+    change on a running pool, and the pods past it would stay Pending on a pool read as
+    Ready."""
+    if wanted := gke.pods_short(max_pods, plan.slots_per_node):
+        raise ProviderError(
+            "PoolConfigMismatch",
+            f"node pool {name} runs at most {max_pods} pods on a node, and a node's "
+            f"{plan.slots_per_node} serving pods and GKE's own need {wanted}, which GKE "
+            "does not change on a running pool. Set spec.nodePool.name to a free name (or "
+            "remove it for a name derived from the GPU settings), and the service moves to "
+            "a new pool made for them.",
+        )
 
 
 class NodePoolProvider(Protocol):

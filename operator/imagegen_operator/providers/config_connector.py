@@ -12,7 +12,12 @@ from typing import TYPE_CHECKING, Any
 from imagegen_operator import gke
 from imagegen_operator.api import ImageGenService
 from imagegen_operator.planner import Plan
-from imagegen_operator.providers.base import PoolNotOwned, PoolState, ProviderError
+from imagegen_operator.providers.base import (
+    PoolNotOwned,
+    PoolState,
+    ProviderError,
+    check_pods_room,
+)
 from imagegen_operator.providers.local import node_ready
 from imagegen_operator.render.common import MANAGED_BY
 from imagegen_operator.render.nodepool import (
@@ -70,6 +75,12 @@ class ConfigConnectorProvider:
             raise PoolNotOwned(_not_ours(meta))
         if live is not None:
             _check_unchangeable(live, desired, resource)
+            # Immutable as well: the maximum it was made with, or none (the cluster's).
+            made_for = (live.get("spec") or {}).get("maxPodsPerNode")
+            check_pods_room(meta["name"], made_for, plan)
+            desired["spec"].pop("maxPodsPerNode")
+            if made_for is not None:
+                desired["spec"]["maxPodsPerNode"] = made_for
         if live is not None and "initialNodeCount" in live.get("spec", {}):
             # Immutable in Config Connector (a change would recreate the pool): the count
             # it was made with stays, whatever minNodes the pool's services ask for now.

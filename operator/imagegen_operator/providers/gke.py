@@ -49,7 +49,12 @@ from typing import Any
 
 from imagegen_operator.api import ImageGenService
 from imagegen_operator.planner import Plan
-from imagegen_operator.providers.base import PoolNotOwned, PoolState, ProviderError
+from imagegen_operator.providers.base import (
+    PoolNotOwned,
+    PoolState,
+    ProviderError,
+    check_pods_room,
+)
 from imagegen_operator.render.common import MANAGED_BY
 from imagegen_operator.render.nodepool import (
     LOCATION_POLICY,
@@ -627,6 +632,7 @@ def _check_claim(name: str, pool: Any, resource: ImageGenService, plan: Plan) ->
             "spec.nodePool.name to a free name (or remove it for a name derived from the "
             "GPU settings), and the service moves to a new pool.",
         )
+    check_pods_room(name, pool.max_pods_constraint.max_pods_per_node, plan)
 
 
 def _cluster_of(resource: ImageGenService) -> str:

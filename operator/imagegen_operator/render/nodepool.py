@@ -141,11 +141,10 @@ def render_gke_nodepool(
             "locationPolicy": LOCATION_POLICY,
         },
         "management": {"autoRepair": True, "autoUpgrade": True},
+        "maxPodsConstraint": {"maxPodsPerNode": str(plan.max_pods_per_node)},
     }
     if plan.locations:
         body["locations"] = list(plan.locations)
-    if plan.max_pods_per_node:
-        body["maxPodsConstraint"] = {"maxPodsPerNode": str(plan.max_pods_per_node)}
     if pool.flex_start:
         # GKE's documented Flex-start pool: it starts empty, autoscales, takes no
         # reservation, and is not auto-repaired (a node is replaced when its run ends).
@@ -212,7 +211,7 @@ def render_config_connector_nodepool(
             "clusterRef": {"external": pool.cluster},
             "initialNodeCount": initial_node_count(pool.cluster, min_nodes, plan.locations),
             **({"nodeLocations": list(plan.locations)} if plan.locations else {}),
-            **({"maxPodsPerNode": plan.max_pods_per_node} if plan.max_pods_per_node else {}),
+            "maxPodsPerNode": plan.max_pods_per_node,
             # The bounds of the whole pool (total*), as for GKE's API: minNodeCount and
             # maxNodeCount, the other pair the CRD has, count per zone, and a regional
             # cluster would get three times the nodes asked for.
@@ -290,7 +289,7 @@ def kwok_allocatable(plan: Plan) -> dict[str, str]:
         "cpu": f"{math.floor(cpu * 1000)}m",
         "memory": f"{math.floor(memory * 1024)}Mi",
         "ephemeral-storage": "500Gi",
-        "pods": str(plan.max_pods_per_node or gke.DEFAULT_MAX_PODS_PER_NODE),
+        "pods": str(plan.max_pods_per_node),
         gke.GPU_RESOURCE: str(slots),
     }
 
