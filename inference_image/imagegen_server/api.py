@@ -15,6 +15,7 @@ import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -49,7 +50,7 @@ from .engine import (
     listed_sizes,
     max_pixels,
 )
-from .request import EditInput, GenerationParams, JobTimeout, ShutdownError
+from .request import EditInput, GenerationParams, Job, JobTimeout, ShutdownError
 from .runtime import ModelRuntime
 from .streaming import SEND_TIMEOUT_S, Previews, image_events
 from .uploads import UploadError, edit_size
@@ -63,6 +64,20 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 # The routes whose answers imagegen_requests_total counts, by its route label.
 COUNTED_ROUTES = {GENERATIONS_PATH: "generations", EDITS_PATH: "edits"}
 
+
+class JobStream(EventSourceResponse):
+    """The event stream of one job, which it cancels however the response ends: also when
+    it is torn down before the events began (image_events' own cancel never ran)."""
+
+    def __init__(self, job: Job, content: Any, **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self.job = job
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.future.cancel()  # a no-op once answered
 
 def request_body(media_type: str, model: type[BaseModel]) -> dict:
     """The OpenAPI request body of a route that reads its own body (to bound and check it)."""
@@ -307,8 +322,8 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         # drain is over when the last job is, but its PNG may still be encoding. As long as
         # uvicorn's own wait can be (shutdown.py: what is left of the drain deadline, plus
         # the flush), which ends it sooner once the stream is done.
-        return EventSourceResponse(
-            events(), ping=15, send_timeout=SEND_TIMEOUT_S,
+        return JobStream(
+            job, events(), ping=15, send_timeout=SEND_TIMEOUT_S,
             shutdown_grace_period=settings.drain_timeout_s + SHUTDOWN_FLUSH_S)
 
     @app.get("/v1/models")

@@ -27,6 +27,7 @@ from pydantic import (
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
+from .previews import MAX_PARTIAL_IMAGES
 from .uploads import MEDIA_TYPES, edit_image, edit_mask, open_image
 
 SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")  # whole text: fullmatch
@@ -106,7 +107,8 @@ class ImageRequest(BaseModel):
     # unread, so a newer client is not refused.)
     output_compression: int | None = Field(default=None, ge=0, le=100)
     stream: bool | None = None
-    partial_images: int | None = None
+    # Refused out of range even unstreamed (where it is ignored), as OpenAI refuses it.
+    partial_images: int | None = Field(default=None, ge=0, le=MAX_PARTIAL_IMAGES)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     steps: int | None = None
     guidance_scale: float | None = Field(default=None, allow_inf_nan=False)

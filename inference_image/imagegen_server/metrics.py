@@ -78,10 +78,9 @@ class ServerMetrics:
         )
         self.info = Info("imagegen_server", "Model and speed settings in effect.", registry=r)
         for stage in STAGES:
-            # Present from the start, so dashboards and tests see every stage before traffic.
+            # Present from the start, so dashboards and tests see every phase before traffic;
+            # the queues and batches are those of the stages there are (stages.Stage).
             self.stage_seconds.labels(stage=stage)
-            self.batch_size.labels(stage=stage)
-            self.queue_depth.labels(stage=stage)
         r.register(GpuCollector())
         self.recompiles = RecompileCollector()
         r.register(self.recompiles)

@@ -87,6 +87,7 @@ class Stage:
         self._thread = threading.Thread(target=self._guarded_run, name=f"stage-{name}",
                                         daemon=True)
         metrics.queue_depth.labels(stage=name).set_function(self.depth)
+        metrics.batch_size.labels(stage=name)  # present before traffic, as the queue is
 
     def depth(self) -> int:
         """Jobs waiting in front of this stage (``imagegen_stage_queue_depth``)."""

@@ -118,6 +118,11 @@ CASES = {
     "stream-many": case({"prompt": "x", "stream": True, "n": 2}, 400, "n", says="one image"),
     "partial-images-4": case({"prompt": "x", "stream": True, "partial_images": 4}, 400,
                              "partial_images"),
+    # Out of range is refused unstreamed too, where the field is otherwise ignored.
+    "partial-images-unstreamed": case({"prompt": "x", "partial_images": 9}, 400,
+                                      "partial_images"),
+    "partial-images-negative": case({"prompt": "x", "partial_images": -1}, 400,
+                                    "partial_images"),
     "partial-images-string": case({"prompt": "x", "stream": True, "partial_images": "2"}, 400,
                                   "partial_images"),
     # formats: PNG, opaque

@@ -203,6 +203,19 @@ def test_model_that_cannot_load_fails_health_and_readiness(tmp_path):
         assert client.post(GENERATE, json={"prompt": "x"}).status_code == 503
 
 
+def test_queue_and_batch_series_are_those_of_the_stages_there_are(client_for):
+    client = client_for(stage_mode="Stacked")
+    text = client.get("/metrics").text
+    series = {(s.name, s.labels.get("stage")) for f in text_string_to_metric_families(text)
+              for s in f.samples}
+    assert ("imagegen_stage_queue_depth", "stacked") in series
+    assert ("imagegen_stage_batch_size_count", "stacked") in series
+    # No queue that never moves: the phases run inside the one stage, timed each.
+    assert not any(name == "imagegen_stage_queue_depth" and stage != "stacked"
+                   for name, stage in series)
+    assert ("imagegen_stage_duration_seconds_count", "denoise") in series
+
+
 def test_metrics_parse_and_carry_per_stage_series(client_for):
     client = client_for()
     assert client.post(GENERATE, json={"prompt": "counted", "n": 2}).status_code == 200

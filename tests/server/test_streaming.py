@@ -151,3 +151,33 @@ def test_a_family_without_a_latent_map_streams_the_final_image_only(make_runtime
     with pytest.raises(InvalidRequest) as caught:
         runtime.engine.submit(runtime.params("x", partial_images=4), 60, lambda *_: None)
     assert caught.value.field == "partial_images"
+
+
+def test_a_stream_torn_down_before_its_events_began_cancels_its_job():
+    """The events' own cleanup cancels a job whose client left; a response torn down
+    before they began (the client gone as it started) must not leave the job running."""
+    import asyncio
+    import contextlib
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from imagegen_server.api import JobStream
+
+    job = SimpleNamespace(future=Future())
+    began = []
+
+    async def events():
+        began.append(True)
+        yield {"data": "never sent"}
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        raise OSError("connection reset by peer")
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/images/generations",
+             "headers": []}
+    with contextlib.suppress(Exception):  # the send's error, as the server would meet it
+        asyncio.run(JobStream(job, events())(scope, receive, send))
+    assert job.future.cancelled()
