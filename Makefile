@@ -60,7 +60,7 @@ lock-upgrade: ## Re-resolve requirements.lock to the newest versions pyproject.t
 	$(OPERATOR_LOCK_CMD)
 	$(OPERATOR_BUILD_LOCK_CMD)
 
-tools: ## Build the pinned control plane, kwok, helm and kubeconform once (cached in ~/.cache).
+tools: ## Build the pinned control plane, kwok, helm, kubeconform, actionlint and promtool once (cached in ~/.cache).
 	@# actionlint's go.mod asks for Go 1.25: said now, not after the others' ten minutes.
 	@v=$$(go env GOVERSION); case "$$v" in go1.2[0-4]|go1.2[0-4].*|go1.1[0-9]*) \
 	  echo "make tools: Go 1.25 or newer is needed (this is $$v)" >&2; exit 2;; esac

@@ -6,13 +6,13 @@
 #   hack/build-tools.sh helm kubectl only those (what a test of one tool needs)
 #
 # Tools: etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm
-# kubeconform actionlint. Each is built once; a second call returns at once.
+# kubeconform actionlint promtool. Each is built once; a second call returns at once.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
 source "$here/versions.env"
 
-all_tools=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm kubeconform actionlint)
+all_tools=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm kubeconform actionlint promtool)
 k8s_cmds=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
 wanted=("$@")
 [ ${#wanted[@]} -gt 0 ] || wanted=("${all_tools[@]}")
@@ -92,6 +92,10 @@ fi
 if need kubeconform; then
   log "building kubeconform $KUBECONFORM_VERSION"
   go install -trimpath -ldflags "-s -w" "github.com/yannh/kubeconform/cmd/kubeconform@$KUBECONFORM_VERSION"
+fi
+if need promtool; then
+  log "building promtool $PROMTOOL_VERSION (first time only; a few minutes)"
+  go install -trimpath -ldflags "-s -w" "github.com/prometheus/prometheus/cmd/promtool@$PROMTOOL_VERSION"
 fi
 for built in "$stage"/*; do
   [ -e "$built" ] && mv -f "$built" "$bin/"

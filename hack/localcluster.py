@@ -408,7 +408,7 @@ def up(cluster_dir: Path, tools: Path | None = None) -> LocalCluster:
         ])
         link_dir = cluster_dir / "bin"
         link_dir.mkdir(exist_ok=True)
-        for tool in ("kubectl", "helm", "kubeconform", "kwok"):
+        for tool in ("kubectl", "helm", "kubeconform", "kwok", "promtool"):
             link = link_dir / tool
             if link.is_symlink() or link.exists():
                 link.unlink()

@@ -136,6 +136,7 @@ def kubeconform(cluster, tmp_path_factory):
 
 def rendered_with_everything(cluster) -> list[dict[str, Any]]:
     sets = [*INSTALL_SETS, "metrics.serviceMonitor.enabled=true", "providers.local.enabled=true",
+            "metrics.prometheusRule.enabled=true",
             "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.name=monitoring",
             "uninstallCheck.enabled=true"]
     args = template_args(*sets, include_crds=True)
@@ -146,8 +147,8 @@ def rendered_with_everything(cluster) -> list[dict[str, Any]]:
 
 def test_rendered_chart_passes_kubeconform(cluster, kubeconform, tmp_path):
     docs = rendered_with_everything(cluster)
-    assert {"ServiceMonitor", "NetworkPolicy", "ClusterKopfPeering", "Pod", "Job",
-            "CustomResourceDefinition", "PodDisruptionBudget"} <= {d["kind"] for d in docs}
+    assert {"ServiceMonitor", "PrometheusRule", "NetworkPolicy", "ClusterKopfPeering", "Pod",
+            "Job", "CustomResourceDefinition", "PodDisruptionBudget"} <= {d["kind"] for d in docs}
     path = tmp_path / "chart.yaml"
     path.write_text(yaml.safe_dump_all(docs))
     result = kubeconform(path)
@@ -163,8 +164,10 @@ def test_rendered_chart_passes_kubeconform(cluster, kubeconform, tmp_path):
         ("Deployment", lambda d: d["spec"]["template"]["spec"].update(hostIpc=True), "hostIpc"),
         ("NetworkPolicy", lambda d: d["spec"].update(policyTypes="Ingress"), "policyTypes"),
         ("CustomResourceDefinition", lambda d: d["spec"].update(scopes="Namespaced"), "scopes"),
+        ("PrometheusRule", lambda d: d["spec"]["groups"][0]["rules"][0].update(expresion="up"),
+         "expresion"),
     ],
-    ids=["clusterrole", "deployment", "networkpolicy", "crd"],
+    ids=["clusterrole", "deployment", "networkpolicy", "crd", "prometheusrule"],
 )
 def test_kubeconform_catches_a_broken_chart_object(cluster, kubeconform, tmp_path, kind, mutate,
                                                    expected):

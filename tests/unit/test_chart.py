@@ -7,7 +7,6 @@ shared with those tests: ``render(...)`` is `helm template` with --set flags, pa
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ import pytest
 import yaml
 
 from imagegen_operator import crd
+from support.tools import pinned_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "imagegen-operator"
@@ -28,23 +28,8 @@ RELEASE, NAMESPACE = "igs", "imagegen-system"
 FULLNAME = "igs-imagegen-operator"
 
 
-def find_tool(name: str) -> Path:
-    """$HELM (or $KUBECTL), the one `make cluster-up` links, or the pinned build (cached)."""
-    if os.environ.get(name.upper()):
-        return Path(os.environ[name.upper()])
-    linked = ROOT / ".cluster" / "bin" / name
-    if linked.exists():
-        return linked
-    if shutil.which("go") is None:
-        pytest.fail(f"{name} is built from source with Go, a prerequisite (README), and Go "
-                    "is not installed")
-    import localcluster
-
-    return localcluster.build_tools(name) / "bin" / name
-
-
 def find_helm() -> Path:
-    return find_tool("helm")
+    return pinned_tool("helm")
 
 
 def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from imagegen_operator import api
+from support.tools import pinned_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 HEALTH_LUA = ROOT / "docs" / "argocd-health.lua"
@@ -129,9 +130,7 @@ def test_docs_name_the_kstatus_fields():
 
 
 def kustomize_build() -> list[dict[str, Any]]:
-    from test_chart import find_tool
-
-    out = subprocess.run([str(find_tool("kubectl")), "kustomize", str(GITOPS)],
+    out = subprocess.run([str(pinned_tool("kubectl")), "kustomize", str(GITOPS)],
                          capture_output=True, text=True, check=True, timeout=60).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +28,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from support.tools import pinned_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data"
@@ -222,30 +222,10 @@ def write_schemas(directory: Path) -> None:
         path.write_text(json.dumps(schema))
 
 
-def find_kubeconform() -> Path:
-    """$KUBECONFORM, the one `make cluster-up` links, or the pinned build (built once, cached)."""
-    if os.environ.get("KUBECONFORM"):
-        return Path(os.environ["KUBECONFORM"])
-    linked = ROOT / ".cluster" / "bin" / "kubeconform"  # from `make cluster-up`
-    if linked.exists():
-        return linked
-    if shutil.which("go") is None:
-        pytest.fail("kubeconform is built from source with Go, a prerequisite (README), "
-                    "and Go is not installed")
-    out = subprocess.run(
-        [str(ROOT / "hack" / "build-tools.sh"), "kubeconform"],
-        check=True,
-        stdout=subprocess.PIPE,
-        text=True,
-        timeout=1800,
-    ).stdout
-    return Path(out.strip().splitlines()[-1]) / "bin" / "kubeconform"
-
-
 @pytest.fixture(scope="module")
 def kubeconform(tmp_path_factory: pytest.TempPathFactory):
     """Run kubeconform over files, strict and offline; returns the CompletedProcess."""
-    binary = find_kubeconform()
+    binary = pinned_tool("kubeconform")
     schemas = tmp_path_factory.mktemp("schemas")
     write_schemas(schemas)
 

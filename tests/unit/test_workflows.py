@@ -9,14 +9,15 @@ import tomllib
 from pathlib import Path
 
 import yaml
-from unit.test_chart import find_tool
+
+from support.tools import pinned_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yaml"))
 
 
 def actionlint(*paths: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(find_tool("actionlint")), "-no-color", *map(str, paths)],
+    return subprocess.run([str(pinned_tool("actionlint")), "-no-color", *map(str, paths)],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
