@@ -96,6 +96,7 @@ def kubeconform(cluster, tmp_path_factory):
     openapi = json.loads(cluster.kubectl("get", "--raw", "/openapi/v2").stdout)
     wanted = {
         ("", "v1", "ServiceAccount"), ("", "v1", "Service"), ("", "v1", "Pod"),
+        ("", "v1", "ConfigMap"),
         ("apps", "v1", "Deployment"), ("batch", "v1", "Job"),
         ("networking.k8s.io", "v1", "NetworkPolicy"),
         ("policy", "v1", "PodDisruptionBudget"),
@@ -136,7 +137,7 @@ def kubeconform(cluster, tmp_path_factory):
 
 def rendered_with_everything(cluster) -> list[dict[str, Any]]:
     sets = [*INSTALL_SETS, "metrics.serviceMonitor.enabled=true", "providers.local.enabled=true",
-            "metrics.prometheusRule.enabled=true",
+            "metrics.prometheusRule.enabled=true", "metrics.grafanaDashboard.enabled=true",
             "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.name=monitoring",
             "uninstallCheck.enabled=true"]
     args = template_args(*sets, include_crds=True)
@@ -147,8 +148,9 @@ def rendered_with_everything(cluster) -> list[dict[str, Any]]:
 
 def test_rendered_chart_passes_kubeconform(cluster, kubeconform, tmp_path):
     docs = rendered_with_everything(cluster)
-    assert {"ServiceMonitor", "PrometheusRule", "NetworkPolicy", "ClusterKopfPeering", "Pod",
-            "Job", "CustomResourceDefinition", "PodDisruptionBudget"} <= {d["kind"] for d in docs}
+    assert {"ServiceMonitor", "PrometheusRule", "ConfigMap", "NetworkPolicy", "ClusterKopfPeering",
+            "Pod", "Job", "CustomResourceDefinition", "PodDisruptionBudget"} <= {
+                d["kind"] for d in docs}
     path = tmp_path / "chart.yaml"
     path.write_text(yaml.safe_dump_all(docs))
     result = kubeconform(path)
