@@ -34,7 +34,7 @@ from imagegen_operator.kube import (
     TransientKubeError,
 )
 from imagegen_operator.providers import build_providers
-from imagegen_operator.reconcile import Reconciler, indexed
+from imagegen_operator.reconcile import FINALIZER, Reconciler, indexed
 from imagegen_operator.render import DEFAULT_SERVER_IMAGE, SERVER_IMAGE_ENV
 from imagegen_operator.render.common import MANAGED_BY
 from imagegen_operator.render.nodepool import node_service_account
@@ -47,7 +47,6 @@ ALL_SERVICES = "all"
 # says when a GKE operation ends or simulated nodes turn Ready.
 POOL_POLL_SECONDS = 5.0
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-FINALIZER = "imagegen.dev/node-pool"
 # (group, version, plural) as kopf takes them; the core group has no name.
 CHILD_KINDS = (
     ("apps", "v1", "deployments"),
@@ -568,6 +567,7 @@ def run(argv: Sequence[str]) -> int:
     kube = Kube()
     operator = Operator(Reconciler(kube, build_providers(kube), recorder=_record,
                                    default_cluster=default_cluster,
+                                   namespaces=config.namespaces,
                                    server_image=config.server_image))
     registry = kopf.OperatorRegistry()
     register(registry, operator, config)

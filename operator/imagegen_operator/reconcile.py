@@ -68,6 +68,8 @@ OPTIONAL_CHILDREN = (
 )
 # The Prometheus operator's kinds spec.monitoring asks for (the Monitored condition).
 MONITOR_KINDS = ("ServiceMonitor", "PodMonitor")
+# What the operator puts on every service it serves, and takes off once its pool is seen to.
+FINALIZER = "imagegen.dev/node-pool"
 # Services remembered at most; a forgotten one costs a re-plan and one GET per child.
 MEMO_LIMIT = 10_000
 
@@ -157,8 +159,10 @@ class Reconciler:
         default_cluster: Callable[[], str | None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
         server_image: str = DEFAULT_SERVER_IMAGE,
+        namespaces: tuple[str, ...] = (),
     ):
         self.kube = kube
+        self.namespaces = namespaces  # those this operator serves; empty: every one
         self.server_image = server_image  # of services whose spec names none
         self.services = services
         self.providers = providers
@@ -451,7 +455,8 @@ class Reconciler:
         users = []
         for body in self._all_services(fresh=True):
             meta = body["metadata"]
-            if meta.get("uid") == exclude_uid or meta.get("deletionTimestamp"):
+            if (meta.get("uid") == exclude_uid or meta.get("deletionTimestamp")
+                    or not self._served(body)):
                 continue
             resource, the_plan = self._parsed_plan(body)
             pools = self._pools_of(body, resource, the_plan)
@@ -461,6 +466,14 @@ class Reconciler:
             if key in pools or has_namesake:
                 users.append(f"{meta.get('namespace')}/{meta['name']}")
         return users
+
+    def _served(self, body: dict[str, Any]) -> bool:
+        """Whether an operator serves the service: this one (one of its namespaces, or it
+        serves every one), or another, whose finalizer the service carries. One that none
+        serves is given no pool, and keeps none from its last user's delete."""
+        meta = body["metadata"]
+        return (not self.namespaces or meta.get("namespace") in self.namespaces
+                or FINALIZER in (meta.get("finalizers") or ()))
 
     def _namesake_claim(self, body: dict[str, Any], target: PoolKey) -> tuple[str, str] | None:
         """(namespace/name, provider) of another service that has the GKE pool ``target``

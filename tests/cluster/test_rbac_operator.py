@@ -107,10 +107,10 @@ def when(obj: dict, check) -> dict | None:
     return obj if condition is not None and check(condition) else None
 
 
-def forbidden_requests(cluster, since: int) -> list[str]:
-    """Requests by the chart's ServiceAccount that the API server refused (403)."""
+def forbidden_requests(cluster, since: int, user: str = USER) -> list[str]:
+    """Requests by the chart's ServiceAccount (``user``) that the API server refused (403)."""
     return [f"{event['verb']} {event['requestURI']}" for event in audit_events(cluster, since)
-            if event.get("user", {}).get("username") == USER
+            if event.get("user", {}).get("username") == user
             and event.get("responseStatus", {}).get("code") == 403]
 
 

@@ -264,6 +264,50 @@ def test_peering_rights_only_on_the_releases_own_peering_object():
     assert allowed(rules, "zalando.org", "clusterkopfpeerings", "watch")
 
 
+@pytest.mark.parametrize("group, resource, verbs", REQUIRED, ids=[r[1] for r in REQUIRED])
+def test_an_operator_of_some_namespaces_writes_only_there(group, resource, verbs):
+    docs = render("watchNamespaces={team-a,team-b}", "peering.enabled=true")
+    container = find(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["IMAGEGEN_OPERATOR_NAMESPACES"] == "team-a,team-b"
+    cluster_wide = cluster_role_rules(docs)
+    roles = {d["metadata"]["namespace"]: d["rules"] for d in docs if d["kind"] == "Role"}
+    assert set(roles) == {"team-a", "team-b"}
+    namespaced = resource not in ("nodes",)
+    for verb in verbs.split():
+        for rules in roles.values():
+            assert allowed(rules, group, resource, verb) == namespaced, f"{verb} {resource}"
+        # Cluster-wide: nodes, and reading the services (and Config Connector's pools)
+        # of every namespace; nothing written outside the namespaces served.
+        reads = (resource in ("imagegenservices", "containernodepools") and verb == "list"
+                 or resource == "imagegenservices" and verb == "get")
+        assert allowed(cluster_wide, group, resource, verb) == (not namespaced or reads), (
+            f"{verb} {resource} cluster-wide")
+    # kopf follows the namespaces it serves (one made after the operator started, too).
+    assert allowed(cluster_wide, "", "namespaces", "watch")
+    assert not allowed(cluster_wide, "", "namespaces", "delete")
+    for namespace in roles:
+        binding = find([d for d in docs if d["metadata"].get("namespace") == namespace],
+                       "RoleBinding")
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                      "name": FULLNAME}
+        assert binding["subjects"][0]["namespace"] == NAMESPACE
+
+
+def test_an_operator_of_some_namespaces_peers_in_each():
+    docs = render("watchNamespaces={team-a,team-b}", "peering.enabled=true")
+    assert "ClusterKopfPeering" not in kinds(docs)
+    assert {d["metadata"]["namespace"] for d in docs if d["kind"] == "KopfPeering"} == {
+        "team-a", "team-b"}
+    assert not any("kopf.dev" in r["apiGroups"] for r in cluster_role_rules(docs))
+    role = next(d for d in docs if d["kind"] == "Role")
+    assert allowed(role["rules"], "kopf.dev", "kopfpeerings", "watch")
+    (named,) = [r for r in role["rules"] if r.get("resourceNames")]
+    assert named["resourceNames"] == [FULLNAME] and named["verbs"] == ["patch"]
+    # Every namespace by default: no Role, the peering cluster-wide.
+    assert "Role" not in kinds(render("peering.enabled=true"))
+
+
 def test_binding_names_the_service_account():
     docs = render("serviceAccount.name=custom")
     binding = find(docs, "ClusterRoleBinding", FULLNAME)

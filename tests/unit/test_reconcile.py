@@ -1654,3 +1654,24 @@ def test_a_status_names_its_own_namespaces_services_and_counts_the_others() -> N
     assert named_for("team-a", users) == "team-a/a, team-a/b, 2 service(s) of other namespaces"
     assert named_for("team-a", ["team-b/y"], "service ") == "a service of another namespace"
     assert named_for("team-a", ["team-a/a"], "service ") == "service team-a/a"
+
+
+def test_an_operator_of_some_namespaces_keeps_a_pool_only_for_services_served(world) -> None:
+    """A service of a namespace this operator does not serve uses the pool only if another
+    operator serves it (its finalizer says so): one that none serves would keep the pool
+    from its last real user's delete for good."""
+    world.reconciler.namespaces = ("served",)
+    world.create("served/a")
+    world.create("elsewhere/b")  # the same GPU configuration, so the same pool
+    world.reconcile("served/a")
+    assert len(world.gke_pools()) == 1
+    delete_until_done(world, "served/a")
+    assert not world.gke_pools()
+    # The same again, the other served by another operator: the pool is kept for it.
+    world.create("served/a")
+    world.reconcile("served/a")
+    other = world.body("elsewhere/b")
+    other["metadata"]["finalizers"] = ["imagegen.dev/node-pool"]
+    world.kube.put(other)
+    delete_until_done(world, "served/a")
+    assert len(world.gke_pools()) == 1

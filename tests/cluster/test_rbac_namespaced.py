@@ -1,0 +1,125 @@
+"""An operator of some namespaces (the chart's watchNamespaces) under the chart's RBAC.
+
+As in test_rbac_operator: the chart installed without an operator pod, a token for its
+ServiceAccount, the operator process with nothing else. It serves a namespace it was
+given, with peering in that namespace, leaves another alone, and its token writes
+nowhere else; nothing it does is refused.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from cluster.test_rbac_operator import as_operator, forbidden_requests, helm
+from unit.test_chart import CHART
+
+from imagegen_operator.render.nodepool import POOL_LABEL
+from localcluster import write_kubeconfig
+from support.kube import apply, eventually, get_json
+from support.operator_process import OperatorProcess
+
+pytestmark = pytest.mark.cluster
+
+RELEASE, SYSTEM_NS = "scoped", "imagegen-scoped-system"
+SERVED, OTHER = "scoped-served", "scoped-other"
+FULLNAME = f"{RELEASE}-imagegen-operator"
+USER = f"system:serviceaccount:{SYSTEM_NS}:{FULLNAME}"
+# A GPU config no other test uses: pools are shared cluster-wide by configuration.
+GPU = {"type": "nvidia-l4", "sharing": {"strategy": "TimeSharing", "maxSharedClientsPerGpu": 7}}
+
+
+@pytest.fixture(scope="module")
+def chart_kubeconfig(cluster, crd, tmp_path_factory) -> Path:
+    for ns in (SYSTEM_NS, SERVED, OTHER):
+        apply(cluster, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    helm(cluster, "upgrade", "--install", RELEASE, str(CHART), "--namespace", SYSTEM_NS,
+         "--set", "crds.enabled=false", "--set", "providers.local.enabled=true",
+         "--set", "peering.enabled=true", "--set", "replicaCount=0",
+         "--set", "uninstallCheck.enabled=false", "--set", f"watchNamespaces={{{SERVED}}}")
+    token = cluster.kubectl("create", "token", FULLNAME, "-n", SYSTEM_NS,
+                            "--duration=2h").stdout.strip()
+    path = tmp_path_factory.mktemp("scoped-account") / "kubeconfig"
+    write_kubeconfig(path, cluster.server, (cluster.dir / "pki" / "ca.crt").read_bytes(),
+                     USER, token)
+    yield path
+    helm(cluster, "uninstall", RELEASE, "--namespace", SYSTEM_NS, "--wait", check=False)
+    for ns in (SERVED, OTHER):
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def operator(cluster, chart_kubeconfig, tmp_path_factory):
+    since = cluster.audit_log.stat().st_size
+    proc = OperatorProcess(cluster, tmp_path_factory.mktemp("scoped-operator") / "operator.log",
+                           kubeconfig=chart_kubeconfig,
+                           env={"IMAGEGEN_OPERATOR_PEERING": FULLNAME,
+                                "IMAGEGEN_OPERATOR_NAMESPACES": SERVED}).start()
+    proc.audit_since = since
+    yield proc
+    proc.stop()
+    print(proc.log())
+
+
+def service(name: str, namespace: str) -> dict:
+    return {
+        "apiVersion": "imagegen.dev/v1alpha1", "kind": "ImageGenService",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "model": {"uri": "file:///models/tiny-sd15", "family": "SD15", "memoryGiB": 2},
+            "gpu": GPU,
+            "nodePool": {"provider": "Local", "maxNodes": 1},
+            "replicas": 1,
+        },
+    }
+
+
+def test_it_serves_its_namespace_leaves_the_other_and_is_refused_nothing(cluster, operator):
+    apply(cluster, service("scoped", SERVED))
+    apply(cluster, service("unserved", OTHER))
+    cluster.kubectl("wait", "-n", SERVED, "--for=condition=Ready", "--timeout=90s",
+                    "igs/scoped", timeout=100)
+    pool = get_json(cluster, "igs", "scoped", "-n", SERVED)["status"]["nodePool"]["name"]
+    assert get_json(cluster, "nodes", "-l", f"{POOL_LABEL}={pool}")["items"]
+    # Peering in the namespace served, as kopf does for an operator of some namespaces.
+    eventually(lambda: get_json(cluster, "kopfpeering", FULLNAME, "-n", SERVED).get("status"),
+               timeout=60, what="the operator's keep-alive in its namespace's KopfPeering")
+
+    # The other namespace's service: no finalizer, no status, no children, however long.
+    time.sleep(5)
+    unserved = get_json(cluster, "igs", "unserved", "-n", OTHER)
+    assert not unserved["metadata"].get("finalizers") and not unserved.get("status")
+    assert not get_json(cluster, "deployments", "-n", OTHER)["items"]
+
+    # The pool goes with its last user, the served service's (the other asks for the same
+    # configuration, but no operator serves it: a pool is no one's to keep for it).
+    cluster.kubectl("delete", "igs", "scoped", "-n", SERVED, "--wait=true", "--timeout=60s",
+                    timeout=70)
+    eventually(lambda: not get_json(cluster, "nodes", "-l", f"{POOL_LABEL}={pool}")["items"],
+               timeout=30, what="pool deleted")
+    cluster.kubectl("delete", "igs", "unserved", "-n", OTHER, "--wait=true", "--timeout=30s",
+                    timeout=40)
+    assert forbidden_requests(cluster, operator.audit_since, USER) == []
+    assert "Forbidden" not in operator.log() and "Not enough permissions" not in operator.log()
+
+
+@pytest.mark.parametrize(
+    "args, allowed",
+    [
+        (("create", "deployments", "-n", SERVED), True),
+        (("create", "deployments", "-n", OTHER), False),
+        (("patch", "imagegenservices", "-n", OTHER), False),
+        (("patch", "imagegenservices/status", "-n", OTHER), False),
+        (("create", "events", "-n", OTHER), False),
+        (("list", "imagegenservices", "--all-namespaces"), True),
+        (("watch", "imagegenservices", "--all-namespaces"), False),
+        (("list", "nodes"), True),
+    ],
+    ids=["deploy-served", "deploy-other", "patch-igs-other", "status-other", "events-other",
+         "list-igs-everywhere", "watch-igs-everywhere", "list-nodes"],
+)
+def test_the_token_writes_only_in_the_namespaces_served(cluster, chart_kubeconfig, args,
+                                                        allowed):
+    result = as_operator(cluster, chart_kubeconfig, "auth", "can-i", *args)
+    assert result.stdout.strip() == ("yes" if allowed else "no"), result.stdout + result.stderr
