@@ -316,11 +316,15 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def cmd_in_use(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Refuse (exit 1) while any ImageGenService exists, naming them; 0 when none does or
-    the cluster does not serve the kind at all. Needs list on imagegenservices."""
+    the cluster does not serve the kind at all. Needs list on imagegenservices. Only those
+    of the namespaces an operator of some serves (IMAGEGEN_OPERATOR_NAMESPACES): no other
+    is its to leave Terminating."""
     from imagegen_operator.kube import Kube, MissingKind
 
+    served = [n for n in os.environ.get("IMAGEGEN_OPERATOR_NAMESPACES", "").split(",") if n]
     try:
-        services = Kube().list(api.API_VERSION, api.KIND)
+        kube = Kube()
+        services = [s for ns in served or [None] for s in kube.list(api.API_VERSION, api.KIND, ns)]
     except MissingKind:
         out.write("no ImageGenService: the cluster does not serve the kind\n")
         return EXIT_OK

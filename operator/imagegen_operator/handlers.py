@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,10 +35,11 @@ from imagegen_operator.kube import (
     TransientKubeError,
 )
 from imagegen_operator.providers import build_providers
-from imagegen_operator.reconcile import FINALIZER, Reconciler, indexed
+from imagegen_operator.reconcile import FINALIZER, ORPHAN_GRACE_S, Reconciler, indexed
 from imagegen_operator.render import DEFAULT_SERVER_IMAGE, SERVER_IMAGE_ENV
 from imagegen_operator.render.common import MANAGED_BY
 from imagegen_operator.render.nodepool import node_service_account
+from imagegen_operator.sweeper import Sweeper
 
 # The Deployment status fields the service's own status is computed from.
 DEPLOYMENT_STATUS_FIELDS = ("observedGeneration", "replicas", "readyReplicas",
@@ -47,6 +49,7 @@ ALL_SERVICES = "all"
 # says when a GKE operation ends or simulated nodes turn Ready.
 POOL_POLL_SECONDS = 5.0
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+NAMESPACE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 # (group, version, plural) as kopf takes them; the core group has no name.
 CHILD_KINDS = (
     ("apps", "v1", "deployments"),
@@ -78,6 +81,10 @@ class OperatorConfig:
     watch_timeout_seconds: float = 120.0
     # The inference server image of services that name none (spec.server.image).
     server_image: str = DEFAULT_SERVER_IMAGE
+    # How often the sweep for node pools no service uses runs (0: never), and how long one
+    # must have been unused before it is deleted.
+    sweep_seconds: float = 300.0
+    unused_pool_grace_seconds: float = ORPHAN_GRACE_S
 
 
 @dataclass
@@ -452,6 +459,16 @@ def _plain(body: kopf.Body) -> dict[str, Any]:
     }
 
 
+def _seconds_or_off(text: str) -> float:
+    """A number of seconds, or 0 for off."""
+    try:
+        if float(text) == 0:
+            return 0.0
+    except ValueError:
+        pass
+    return _positive_seconds(text)
+
+
 def _positive_seconds(text: str) -> float:
     """A period in seconds: 0 would make every timer a busy loop."""
     try:
@@ -522,6 +539,11 @@ def parse_args(argv: Sequence[str]) -> OperatorConfig:
         help="the inference server image of services whose spec.server.image is unset "
         f"({SERVER_IMAGE_ENV})",
     )
+    option("--sweep-seconds", "300",
+           "look for node pools the operator made that no service uses this often, 0: never",
+           type=_seconds_or_off)
+    option("--unused-pool-grace-seconds", f"{ORPHAN_GRACE_S:g}",
+           "delete such a pool once it has been unused this long", type=_positive_seconds)
     option("--log-format", "text", "one line of text or one JSON object per message",
            type=_log_format)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -529,6 +551,9 @@ def parse_args(argv: Sequence[str]) -> OperatorConfig:
     namespaces = tuple(
         args.namespace or [n for n in env("IMAGEGEN_OPERATOR_NAMESPACES", "").split(",") if n]
     )
+    if patterns := [n for n in namespaces if not NAMESPACE_NAME.fullmatch(n)]:
+        # kopf would take a glob; which services a pool's users are is read by name.
+        p.error(f"namespaces are names, not patterns: {', '.join(patterns)}")
     # kopf's formatter: the object of each message as "[namespace/name]" before it in
     # text, as an "object" field in JSON.
     json_logs = args.log_format == "json"
@@ -548,6 +573,8 @@ def parse_args(argv: Sequence[str]) -> OperatorConfig:
         stuck_seconds=args.stuck_seconds,
         watch_timeout_seconds=args.watch_timeout_seconds,
         server_image=args.server_image,
+        sweep_seconds=args.sweep_seconds,
+        unused_pool_grace_seconds=args.unused_pool_grace_seconds,
     )
 
 
@@ -565,14 +592,18 @@ def run(argv: Sequence[str]) -> int:
         log.error("%s", exc)
         return 2
     kube = Kube()
-    operator = Operator(Reconciler(kube, build_providers(kube), recorder=_record,
-                                   default_cluster=default_cluster,
-                                   namespaces=config.namespaces,
-                                   server_image=config.server_image))
+    reconciler = Reconciler(kube, build_providers(kube), recorder=_record,
+                            default_cluster=default_cluster, namespaces=config.namespaces,
+                            server_image=config.server_image,
+                            orphan_grace_s=config.unused_pool_grace_seconds)
+    operator = Operator(reconciler)
     registry = kopf.OperatorRegistry()
     register(registry, operator, config)
     if config.metrics_port:
         metrics.serve(config.metrics_port, config.bind_address)
+    if config.sweep_seconds:
+        Sweeper(reconciler, kube, config.sweep_seconds, peering=config.peering,
+                priority=config.priority, namespaces=config.namespaces).start()
     kopf.run(
         registry=registry,
         clusterwide=not config.namespaces,

@@ -40,6 +40,11 @@ API_WRITES = Counter(
     "Write calls made to the Kubernetes API.",
     registry=REGISTRY,
 )
+ORPHANS_DELETED = Counter(
+    "imagegen_operator_unused_pools_deleted_total",
+    "Node pools the operator made, found used by no service and deleted by its sweep.",
+    registry=REGISTRY,
+)
 
 
 def serve(port: int, addr: str = "0.0.0.0") -> None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from imagegen_operator import gke
+from imagegen_operator import gke, metrics
 from imagegen_operator import status as st
 from imagegen_operator.api import (
     API_VERSION,
@@ -70,6 +70,9 @@ OPTIONAL_CHILDREN = (
 MONITOR_KINDS = ("ServiceMonitor", "PodMonitor")
 # What the operator puts on every service it serves, and takes off once its pool is seen to.
 FINALIZER = "imagegen.dev/node-pool"
+# How long a pool the operator made must have had no user before the sweep deletes it:
+# longer than any service takes from its create to its status naming the pool.
+ORPHAN_GRACE_S = 600.0
 # Services remembered at most; a forgotten one costs a re-plan and one GET per child.
 MEMO_LIMIT = 10_000
 
@@ -160,9 +163,13 @@ class Reconciler:
         clock: Callable[[], float] = time.monotonic,
         server_image: str = DEFAULT_SERVER_IMAGE,
         namespaces: tuple[str, ...] = (),
+        orphan_grace_s: float = ORPHAN_GRACE_S,
     ):
         self.kube = kube
         self.namespaces = namespaces  # those this operator serves; empty: every one
+        self.orphan_grace_s = orphan_grace_s
+        # Pools made and used by no service, since when the sweep has found them so.
+        self._orphans: dict[PoolKey, float] = {}
         self.server_image = server_image  # of services whose spec names none
         self.services = services
         self.providers = providers
@@ -358,6 +365,59 @@ class Reconciler:
             self.record(body, "Normal", "NodePoolDeleted",
                         f"node pool {key} deleted: no service uses it any more")
         return gone
+
+    def sweep(self) -> list[PoolKey]:
+        """Delete the pools the operator made that no service it or another operator serves
+        runs on, moves to, lets go of or asks for (nor the same GKE pool through the other
+        cloud provider): what a service leaves when its finalizer was taken off by hand, or
+        its status lost. A pool goes once it has been found so for ``orphan_grace_s``, and
+        only after its users are read again under its lock. Returns those whose delete it
+        started or finished."""
+        cluster = self.default_cluster()
+        made: set[PoolKey] = set()
+        for name, provider in self.providers.items():
+            try:
+                found = provider.pools_made(cluster)
+            except ProviderError as exc:
+                log.warning("looking for %s pools no service uses: %s", name, exc.message)
+                continue
+            made |= {PoolKey(name, p.scope, p.name, p.namespace) for p in found}
+        now = self._clock()
+        orphans = _unwanted(made, self._wanted())
+        with self._lock:
+            self._orphans = {key: self._orphans.get(key, now) for key in orphans}
+            due = [k for k, since in self._orphans.items() if now - since >= self.orphan_grace_s]
+        started = []
+        for key in due:
+            if self.namespaces and key.namespace and key.namespace not in self.namespaces:
+                continue  # a Config Connector object where this operator writes nothing
+            with self._pool_lock(key):
+                if not _unwanted({key}, self._wanted()):
+                    continue  # a service asked for it meanwhile
+                stand_in = _stand_in({"metadata": {"name": "unused-pool",
+                                                   "namespace": key.namespace or "default"}})
+                gone = self._delete_pool(stand_in, plan(stand_in.spec), key)
+            if gone is None:
+                continue
+            log.warning("node pool %s: made by the operator, used by no service for %.0fs "
+                        "(a finalizer removed by hand?); %s", key, now - self._orphans[key],
+                        "deleted" if gone else "deleting")
+            metrics.ORPHANS_DELETED.inc()
+            started.append(key)
+            if gone:
+                with self._lock:
+                    self._orphans.pop(key, None)
+        return started
+
+    def _wanted(self) -> set[PoolKey]:
+        """Every pool a service that an operator serves runs on, moves to, lets go of or
+        asks for, read from the API server itself."""
+        wanted: set[PoolKey] = set()
+        for body in self._all_services(fresh=True):
+            if self._served(body):
+                resource, the_plan = self._parsed_plan(body)
+                wanted |= self._pools_of(body, resource, the_plan)
+        return wanted
 
     # --- identity: which pool, and who uses it --------------------------------
 
@@ -1004,6 +1064,14 @@ def _selects_pool(deployment: dict[str, Any] | None, resource: ImageGenService,
             or {}).get("nodeSelector") or {}
     return (all(live.get(k) == v for k, v in wanted.items())
             and live.get(gke.LABEL_NODEPOOL) == wanted.get(gke.LABEL_NODEPOOL))
+
+
+def _unwanted(made: set[PoolKey], wanted: set[PoolKey]) -> set[PoolKey]:
+    """Of the pools ``made``, those neither ``wanted`` nor the same GKE pool as one wanted
+    through the other cloud provider (a pool handed over from GKE's API to a Config
+    Connector object is used, under its other key)."""
+    return {key for key in made
+            if key not in wanted and not any(w.namesake_of(key) for w in wanted)}
 
 
 def _stand_in(body: dict[str, Any]) -> ImageGenService:

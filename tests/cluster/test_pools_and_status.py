@@ -61,7 +61,10 @@ def operator(cluster, crd, gke_api, tmp_path_factory):
         env={"IMAGEGEN_GKE_CLUSTER": env["IMAGEGEN_GKE_CLUSTER"],
              "IMAGEGEN_GKE_API_ENDPOINT": f"http://{gke_api.host}",
              "IMAGEGEN_OPERATOR_NAMESPACES": f"{NS},{BACKOFF_NS}",
-             "IMAGEGEN_GKE_BACKOFF_BASE_S": "1", "IMAGEGEN_GKE_BACKOFF_MAX_S": "4"},
+             "IMAGEGEN_GKE_BACKOFF_BASE_S": "1", "IMAGEGEN_GKE_BACKOFF_MAX_S": "4",
+             # The sweep for unused pools, in seconds rather than minutes.
+             "IMAGEGEN_OPERATOR_SWEEP_SECONDS": "2",
+             "IMAGEGEN_OPERATOR_UNUSED_POOL_GRACE_SECONDS": "4"},
     ).start()
     yield proc
     try:
@@ -398,3 +401,31 @@ def test_a_local_pool_never_takes_over_a_node_it_did_not_make(cluster, operator)
         assert KWOK_ANNOTATION not in (node["metadata"].get("annotations") or {})
     finally:
         cluster.kubectl("delete", "node", "worker-0", check=False)
+
+
+def test_a_pool_left_by_a_service_whose_finalizer_was_taken_off_is_swept(cluster, operator):
+    """`kubectl patch` taking the finalizer off a service stuck in deletion: no finalize
+    deletes its pool; the sweep does, once it has been unused for its grace."""
+    apply(cluster, service("forced", gpu={"type": "nvidia-l4", "countPerNode": 2},
+                           nodePool={"provider": "Local", "maxNodes": 1}))
+    cluster.kubectl("wait", "-n", NS, "--for=condition=Ready", "--timeout=60s", "igs/forced",
+                    timeout=70)
+    pool = get_json(cluster, "igs", "forced", "-n", NS)["status"]["nodePool"]["name"]
+
+    def nodes() -> list[dict]:
+        return get_json(cluster, "nodes", "-l", f"imagegen.dev/node-pool={pool}")["items"]
+
+    assert nodes()
+    operator.stop()  # as when an operator is down and someone forces the delete through
+    try:
+        cluster.kubectl("delete", "igs", "forced", "-n", NS, "--wait=false")
+        cluster.kubectl("patch", "igs", "forced", "-n", NS, "--type=merge",
+                        "-p", '{"metadata": {"finalizers": null}}')
+        eventually(lambda: cluster.kubectl("get", "igs", "forced", "-n", NS,
+                                           check=False).returncode != 0,
+                   timeout=30, what="the service gone without its finalizer")
+        assert nodes()  # nothing deleted the pool
+    finally:
+        operator.start()
+    eventually(lambda: not nodes(), timeout=60, what="the unused pool swept")
+    assert f"node pool {pool}" in operator.log() and "used by no service" in operator.log()

@@ -325,6 +325,11 @@ class GkeApiTestDouble:
     def _route(self, method: str, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
         if method == "POST" and (m := _POOLS.match(path)):
             return self._create_pool(m.group(1), body or {})
+        if method == "GET" and (m := _POOLS.match(path)):
+            for name in list(self.pools):
+                self._tick(name)
+            return {"nodePools": [p for n, p in self.pools.items()
+                                  if n.startswith(f"{m.group(1)}/nodePools/")]}
         if (m := _POOL.match(path)) and method in ("GET", "DELETE"):
             name = f"{m.group(1)}/nodePools/{m.group(2)}"
             if method == "GET":

@@ -75,13 +75,16 @@ class InMemoryKube:
     def list(self, api_version: str, kind: str, namespace: str | None = None,
              label_selector: str | None = None) -> list[dict[str, Any]]:
         self._check_kind(kind)
-        wanted = dict(part.split("=", 1) for part in (label_selector or "").split(",") if part)
+        parts = [part for part in (label_selector or "").split(",") if part]
+        wanted = dict(part.split("=", 1) for part in parts if "=" in part)
+        present = [part for part in parts if "=" not in part]  # "key": the label is there
         out = []
         for (av, k, ns, _), obj in self.objects.items():
             if av != api_version or k != kind or (namespace and ns != namespace):
                 continue
             labels = obj["metadata"].get("labels") or {}
-            if all(labels.get(key) == value for key, value in wanted.items()):
+            if (all(labels.get(key) == value for key, value in wanted.items())
+                    and all(key in labels for key in present)):
                 out.append(copy.deepcopy(obj))
         return out
 

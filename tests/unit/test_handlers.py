@@ -140,3 +140,20 @@ def test_a_deployment_that_starts_failing_to_create_pods_triggers_its_owner() ->
     assert operator.child_changed("MODIFIED", deployment)
     deployment["status"]["conditions"][0]["lastUpdateTime"] = "2026-12-07T00:00:00Z"
     assert not operator.child_changed("MODIFIED", deployment)  # a heartbeat only
+
+
+def test_the_sweep_is_on_by_default_and_may_be_turned_off(monkeypatch) -> None:
+    config = handlers.parse_args([])
+    assert config.sweep_seconds == 300 and config.unused_pool_grace_seconds == 600
+    monkeypatch.setenv("IMAGEGEN_OPERATOR_SWEEP_SECONDS", "0")
+    assert handlers.parse_args([]).sweep_seconds == 0
+    with pytest.raises(SystemExit):
+        handlers.parse_args(["--unused-pool-grace-seconds", "0"])
+
+
+def test_namespaces_are_names_not_patterns() -> None:
+    assert handlers.parse_args(["--namespace", "team-a", "--namespace", "b"]).namespaces == (
+        "team-a", "b")
+    for pattern in ("team-*", "!kube-system"):
+        with pytest.raises(SystemExit):
+            handlers.parse_args(["--namespace", pattern])

@@ -19,7 +19,7 @@ from imagegen_operator.kube import PermanentKubeError, TransientKubeError
 from imagegen_operator.planner import plan
 from imagegen_operator.providers import build_providers
 from imagegen_operator.providers.gke import GkeProvider
-from imagegen_operator.reconcile import Reconciler, indexed
+from imagegen_operator.reconcile import ORPHAN_GRACE_S, Reconciler, _unwanted, indexed
 from imagegen_operator.render.deployment import nodeselector
 from imagegen_operator.render.nodepool import POOL_LABEL, render_gke_nodepool
 from imagegen_operator.status import PoolKey
@@ -1675,3 +1675,68 @@ def test_an_operator_of_some_namespaces_keeps_a_pool_only_for_services_served(wo
     world.kube.put(other)
     delete_until_done(world, "served/a")
     assert len(world.gke_pools()) == 1
+
+
+def gone_by_hand(world, name: str) -> None:
+    """What `kubectl patch` taking the finalizer off does: the service goes, and no
+    finalize ever runs for it."""
+    world.kube.objects.pop((api.API_VERSION, api.KIND, *split(name)))
+
+
+def local_pool_nodes(world) -> list[str]:
+    return sorted(n for (_, kind, _, n) in world.kube.objects if kind == "Node")
+
+
+def test_a_pool_left_by_a_service_gone_without_its_finalizer_is_swept(world) -> None:
+    world.create("kept", node_pool={"provider": "Local", "maxNodes": 1})
+    world.create("left", gpu={"type": "nvidia-tesla-t4"},
+                 node_pool={"provider": "Local", "maxNodes": 1})
+    world.reconcile("kept", "left")
+    kept_nodes = [n for n in local_pool_nodes(world) if "t4" not in n]
+    assert kept_nodes and len(local_pool_nodes(world)) == 2
+    assert world.reconciler.sweep() == []  # every pool used
+    gone_by_hand(world, "left")
+    assert world.reconciler.sweep() == []  # found unused: held for the grace
+    world.clock.now += ORPHAN_GRACE_S - 1
+    assert world.reconciler.sweep() == []
+    world.clock.now += 1
+    [swept] = world.reconciler.sweep()
+    assert swept.provider == "Local" and "t4" in swept.name
+    assert local_pool_nodes(world) == kept_nodes  # the pool still used stays
+
+
+def test_a_pool_unused_for_a_while_then_asked_for_again_is_kept(world) -> None:
+    world.create("first", node_pool={"provider": "Local", "maxNodes": 1})
+    world.reconcile("first")
+    gone_by_hand(world, "first")
+    world.reconciler.sweep()
+    world.clock.now += ORPHAN_GRACE_S
+    world.create("second", node_pool={"provider": "Local", "maxNodes": 1})  # the same pool
+    assert world.reconciler.sweep() == []
+    assert local_pool_nodes(world)
+    # Its time unused starts again if the new user goes too.
+    gone_by_hand(world, "second")
+    assert world.reconciler.sweep() == []
+
+
+def test_a_gke_pool_left_behind_is_swept_and_one_not_made_by_the_operator_never(world) -> None:
+    world.create("gone")
+    world.reconcile("gone")
+    [made] = world.gke_pools()
+    someone_elses = f"{CLUSTER_A}/nodePools/default-pool"
+    world.double.seed_pool(someone_elses, "RUNNING", config={"machineType": "e2-standard-4"})
+    gone_by_hand(world, "gone")
+    world.reconciler.sweep()
+    world.clock.now += ORPHAN_GRACE_S
+    [swept] = world.reconciler.sweep()
+    assert (swept.provider, swept.scope, f"{CLUSTER_A}/nodePools/{swept.name}") == (
+        "GKE", CLUSTER_A, made)
+    assert world.double.pools[made]["status"] == "STOPPING"
+    assert world.double.pools[someone_elses]["status"] == "RUNNING"
+
+
+def test_a_gke_pool_handed_over_to_config_connector_is_used_under_its_other_key() -> None:
+    gke = PoolKey("GKE", CLUSTER_A, "igs-l4x1")
+    handed = PoolKey("ConfigConnector", CLUSTER_A, "igs-l4x1", "team-a")
+    assert _unwanted({gke, handed}, {handed}) == set()
+    assert _unwanted({gke, handed}, set()) == {gke, handed}

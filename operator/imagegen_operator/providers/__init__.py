@@ -8,7 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 from imagegen_operator.api import ImageGenService
 from imagegen_operator.planner import Plan
-from imagegen_operator.providers.base import NodePoolProvider, PoolState, ProviderError
+from imagegen_operator.providers.base import (
+    MadePool,
+    NodePoolProvider,
+    PoolState,
+    ProviderError,
+)
 from imagegen_operator.providers.config_connector import ConfigConnectorProvider
 from imagegen_operator.providers.existing import ExistingProvider
 from imagegen_operator.providers.local import LocalProvider
@@ -56,6 +61,11 @@ class _Lazy:
 
     def delete(self, resource: ImageGenService, plan: Plan) -> bool:
         return self._get().delete(resource, plan)
+
+    def pools_made(self, cluster: str | None) -> list[MadePool]:
+        # Off GKE (no cluster) there is nothing to look through, and no credentials to build
+        # the client with.
+        return self._get().pools_made(cluster) if cluster else []
 
 
 # A day: longer than any backoff or hold that makes sense, short enough to print as a time.

@@ -33,6 +33,16 @@ class PoolState:
     message: str = ""
 
 
+@dataclass(frozen=True)
+class MadePool:
+    """A pool found made by the operator: its cluster (cloud providers), name, and namespace
+    (a ConfigConnector pool's object's)."""
+
+    scope: str
+    name: str
+    namespace: str = ""
+
+
 class ProviderError(Exception):
     """A pool operation failed; ``retry_after`` is set when trying again can help.
 
@@ -105,3 +115,10 @@ class NodePoolProvider(Protocol):
         """Start deleting the pool; True once it is gone. Raises :class:`PoolNotOwned` for a
         pool the operator did not make."""
         ...
+
+    def pools_made(self, cluster: str | None) -> list[MadePool]:
+        """Every pool of this provider that the operator made and that is still there, in
+        ``cluster`` (the operator's own GKE cluster, None when not known) for the cloud
+        providers: what a sweep for pools no service uses looks through."""
+        ...
+

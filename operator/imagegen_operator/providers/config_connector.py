@@ -13,6 +13,7 @@ from imagegen_operator import gke
 from imagegen_operator.api import ImageGenService
 from imagegen_operator.planner import Plan
 from imagegen_operator.providers.base import (
+    MadePool,
     PoolNotOwned,
     PoolState,
     ProviderError,
@@ -119,6 +120,17 @@ class ConfigConnectorProvider:
         reason = (ready or {}).get("reason") or "Provisioning"
         message = (ready or {}).get("message") or "waiting for Config Connector"
         return PoolState(meta["name"], False, ready_nodes, _camel(reason), message)
+
+    def pools_made(self, cluster: str | None) -> list[MadePool]:
+        from imagegen_operator.kube import MissingKind
+
+        try:
+            objects = self.kube.list(CNRM_API_VERSION, KIND,
+                                     label_selector=f"{MANAGED_BY_LABEL}={MANAGED_BY}")
+        except MissingKind:
+            return []  # no Config Connector: none made
+        return [MadePool(_cluster(o) or "", o["metadata"]["name"], o["metadata"]["namespace"])
+                for o in objects if _made_by_us(o) and not o["metadata"].get("deletionTimestamp")]
 
     def delete(self, resource: ImageGenService, plan: Plan, keep_pool: bool = False) -> bool:
         """Delete the object, and with it the GKE pool; ``keep_pool``: the object only (the

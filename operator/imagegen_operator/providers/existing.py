@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from imagegen_operator import gke
 from imagegen_operator.api import ImageGenService
 from imagegen_operator.planner import Plan
-from imagegen_operator.providers.base import PoolState
+from imagegen_operator.providers.base import MadePool, PoolState
 from imagegen_operator.providers.local import node_ready
 from imagegen_operator.render.deployment import absent_labels, nodeselector, shuns_operator_pools
 from imagegen_operator.render.nodepool import SIMULATED_TAINT, NodeBounds
@@ -88,3 +88,6 @@ class ExistingProvider:
 
     def delete(self, resource: ImageGenService, plan: Plan) -> bool:
         return True  # not ours to delete
+
+    def pools_made(self, cluster: str | None) -> list[MadePool]:
+        return []  # it makes none

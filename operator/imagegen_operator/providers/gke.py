@@ -50,6 +50,7 @@ from typing import Any
 from imagegen_operator.api import ImageGenService
 from imagegen_operator.planner import Plan
 from imagegen_operator.providers.base import (
+    MadePool,
     PoolNotOwned,
     PoolState,
     ProviderError,
@@ -213,6 +214,15 @@ class GkeProvider:
                 return self._create(resource, plan, cluster, name, bounds)
             _check_claim(name, pool, resource, plan)
             return self._observe(name, plan.nodepool_name, pool, target_nodes, bounds)
+
+    def pools_made(self, cluster: str | None) -> list[MadePool]:
+        if not cluster:
+            return []
+        try:
+            answer = self._call(cluster, self.client.list_node_pools, parent=cluster)
+        except _NotFound as exc:
+            raise ProviderError("ClusterNotFound", str(exc)) from None
+        return [MadePool(cluster, pool.name) for pool in answer.node_pools if _made_by_us(pool)]
 
     def delete(self, resource: ImageGenService, plan: Plan) -> bool:
         cluster = _cluster_of(resource)

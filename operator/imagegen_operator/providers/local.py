@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from imagegen_operator.api import ImageGenService
 from imagegen_operator.planner import Plan
-from imagegen_operator.providers.base import PoolNotOwned, PoolState
+from imagegen_operator.providers.base import MadePool, PoolNotOwned, PoolState
 from imagegen_operator.render.nodepool import (
     KWOK_ANNOTATION,
     POOL_LABEL,
@@ -113,6 +113,11 @@ class LocalProvider:
         raise PoolNotOwned(
             f"a Node named {name} exists that the Local provider did not make; it is neither "
             "changed nor deleted: give the pool another name (spec.nodePool.name)")
+
+    def pools_made(self, cluster: str | None) -> list[MadePool]:
+        nodes = self.kube.list("v1", "Node", label_selector=f"{POOL_LABEL},type=kwok")
+        names = {n["metadata"]["labels"][POOL_LABEL] for n in nodes if is_simulated(n)}
+        return [MadePool("", name) for name in sorted(names)]
 
     def delete(self, resource: ImageGenService, plan: Plan) -> bool:
         with self._pool_lock(plan.nodepool_name):

@@ -1,0 +1,90 @@
+"""The sweep for node pools no service uses, in the background of the operator process.
+
+A service's finalizer is what deletes its pool; one taken off by hand (`kubectl patch` on
+a service stuck in deletion) leaves the pool, GPUs and all, with no service to delete it.
+Every ``every_s`` the operator that acts (the one kopf's peering lets act) looks for
+such pools and deletes those unused long enough (``Reconciler.sweep``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import threading
+from typing import Any
+
+from imagegen_operator.kube import Kube, PermanentKubeError, TransientKubeError
+from imagegen_operator.reconcile import Reconciler
+
+log = logging.getLogger(__name__)
+PEERING_API_VERSION = "kopf.dev/v1"
+
+
+class Sweeper:
+    def __init__(self, reconciler: Reconciler, kube: Kube, every_s: float,
+                 peering: str | None = None, priority: int = 0,
+                 namespaces: tuple[str, ...] = ()):
+        self.reconciler = reconciler
+        self.kube = kube
+        self.every_s = every_s
+        self.peering = peering
+        self.priority = priority
+        self.namespaces = namespaces
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pool-sweep", daemon=True)
+
+    def start(self) -> Sweeper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                if self.leading():
+                    self.reconciler.sweep()
+            except Exception:  # the next sweep tries again; the operator goes on
+                log.exception("the sweep for node pools no service uses failed")
+
+    def leading(self) -> bool:
+        """Whether this process is the one of its peering that acts, by kopf's rule: no
+        other live peer of the same or a higher priority. Without peering, always."""
+        if not self.peering:
+            return True
+        try:
+            if self.namespaces:  # kopf peers in each namespace served; the first tells
+                found = self.kube.list(PEERING_API_VERSION, "KopfPeering", self.namespaces[0])
+            else:
+                found = self.kube.list(PEERING_API_VERSION, "ClusterKopfPeering")
+        except (PermanentKubeError, TransientKubeError) as exc:
+            log.warning("cannot read peering %s, so no sweep: %s", self.peering, exc)
+            return False
+        peering = next((p for p in found if p["metadata"]["name"] == self.peering), None)
+        now = datetime.datetime.now(datetime.UTC)
+        live = {peer: info for peer, info in ((peering or {}).get("status") or {}).items()
+                if isinstance(info, dict) and _alive(info, now)}
+        return leads(live, self.priority, os.environ.get("POD_ID"))
+
+
+def leads(live: dict[str, dict[str, Any]], priority: int, own_id: str | None) -> bool:
+    """Whether a peer of ``priority`` acts among the ``live`` ones (by id): it is among
+    them and none other has its priority or a higher one. Without its own id (kopf's
+    POD_ID; a process outside a pod), only as the one live peer."""
+    if own_id is None:
+        return len(live) == 1 and next(iter(live.values())).get("priority", 0) == priority
+    return own_id in live and not any(
+        info.get("priority", 0) >= priority for peer, info in live.items() if peer != own_id)
+
+
+def _alive(info: dict[str, Any], now: datetime.datetime) -> bool:
+    try:
+        seen = datetime.datetime.fromisoformat(str(info["lastseen"]))
+        lifetime = datetime.timedelta(seconds=int(info.get("lifetime", 60)))
+    except (KeyError, TypeError, ValueError):
+        return False
+    if seen.tzinfo is None:
+        seen = seen.replace(tzinfo=datetime.UTC)
+    return seen + lifetime > now
