@@ -12,11 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from cluster.test_rbac_operator import as_operator, forbidden_requests, helm
-from unit.test_chart import CHART
+from cluster.test_rbac_operator import as_operator, forbidden_requests, helm, install_for_token
 
 from imagegen_operator.render.nodepool import POOL_LABEL
-from localcluster import write_kubeconfig
 from support.kube import apply, eventually, get_json
 from support.operator_process import OperatorProcess
 
@@ -34,16 +32,9 @@ GPU = {"type": "nvidia-l4", "sharing": {"strategy": "TimeSharing", "maxSharedCli
 def chart_kubeconfig(cluster, crd, tmp_path_factory) -> Path:
     for ns in (SYSTEM_NS, SERVED, OTHER):
         apply(cluster, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
-    helm(cluster, "upgrade", "--install", RELEASE, str(CHART), "--namespace", SYSTEM_NS,
-         "--set", "crds.enabled=false", "--set", "providers.local.enabled=true",
-         "--set", "peering.enabled=true", "--set", "replicaCount=0",
-         "--set", "uninstallCheck.enabled=false", "--set", f"watchNamespaces={{{SERVED}}}")
-    token = cluster.kubectl("create", "token", FULLNAME, "-n", SYSTEM_NS,
-                            "--duration=2h").stdout.strip()
-    path = tmp_path_factory.mktemp("scoped-account") / "kubeconfig"
-    write_kubeconfig(path, cluster.server, (cluster.dir / "pki" / "ca.crt").read_bytes(),
-                     USER, token)
-    yield path
+    yield install_for_token(cluster, RELEASE, SYSTEM_NS,
+                            tmp_path_factory.mktemp("scoped-account") / "kubeconfig",
+                            f"watchNamespaces={{{SERVED}}}")
     helm(cluster, "uninstall", RELEASE, "--namespace", SYSTEM_NS, "--wait", check=False)
     for ns in (SERVED, OTHER):
         cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)

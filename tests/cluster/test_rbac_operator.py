@@ -47,19 +47,29 @@ def helm(cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess
 def chart_kubeconfig(cluster, crd, tmp_path_factory) -> Path:
     """A kubeconfig holding only a token for the chart's ServiceAccount."""
     apply(cluster, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SYSTEM_NS}})
-    # The `crd` fixture applied the CRD; this release leaves it alone (crds.enabled=false).
-    helm(cluster, "upgrade", "--install", RELEASE, str(CHART), "--namespace", SYSTEM_NS,
-         "--set", "crds.enabled=false", "--set", "providers.local.enabled=true",
-         "--set", "peering.enabled=true", "--set", "replicaCount=0",
-         # Its Job would never run under KWOK, and `helm uninstall` would wait for it.
-         "--set", "uninstallCheck.enabled=false")
-    token = cluster.kubectl("create", "token", FULLNAME, "-n", SYSTEM_NS,
-                            "--duration=2h").stdout.strip()
-    path = tmp_path_factory.mktemp("chart-account") / "kubeconfig"
-    write_kubeconfig(path, cluster.server, (cluster.dir / "pki" / "ca.crt").read_bytes(),
-                     USER, token)
+    path = install_for_token(cluster, RELEASE, SYSTEM_NS,
+                             tmp_path_factory.mktemp("chart-account") / "kubeconfig")
     yield path
     helm(cluster, "uninstall", RELEASE, "--namespace", SYSTEM_NS, "--wait", check=False)
+
+
+def install_for_token(cluster, release: str, namespace: str, kubeconfig: Path,
+                      *sets: str) -> Path:
+    """Install the chart with no operator pod and write ``kubeconfig`` holding only a token
+    for its ServiceAccount (the Local provider's rights and peering on)."""
+    # The `crd` fixture applied the CRD; this release leaves it alone (crds.enabled=false).
+    args = ["crds.enabled=false", "providers.local.enabled=true", "peering.enabled=true",
+            "replicaCount=0",
+            # Its Job would never run under KWOK, and `helm uninstall` would wait for it.
+            "uninstallCheck.enabled=false", *sets]
+    helm(cluster, "upgrade", "--install", release, str(CHART), "--namespace", namespace,
+         *[part for s in args for part in ("--set", s)])
+    account = f"{release}-imagegen-operator"
+    token = cluster.kubectl("create", "token", account, "-n", namespace,
+                            "--duration=2h").stdout.strip()
+    write_kubeconfig(kubeconfig, cluster.server, (cluster.dir / "pki" / "ca.crt").read_bytes(),
+                     f"system:serviceaccount:{namespace}:{account}", token)
+    return kubeconfig
 
 
 def as_operator(cluster, kubeconfig: Path, *args: str, input: str | None = None):
