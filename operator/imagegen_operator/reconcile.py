@@ -40,7 +40,7 @@ from imagegen_operator.api import (
     parse,
 )
 from imagegen_operator.cluster_default import HOW_TO_SET, foreign_cluster
-from imagegen_operator.kube import Kube, MissingKind, PermanentKubeError
+from imagegen_operator.kube import Kube, MissingKind, PermanentKubeError, TransientKubeError
 from imagegen_operator.planner import Plan, plan
 from imagegen_operator.providers.base import (
     NodePoolProvider,
@@ -168,8 +168,10 @@ class Reconciler:
         self.kube = kube
         self.namespaces = namespaces  # those this operator serves; empty: every one
         self.orphan_grace_s = orphan_grace_s
-        # Pools made and used by no service, since when the sweep has found them so.
+        # Pools made and used by no service, since when the sweep has found them so, and
+        # those whose delete it has started.
         self._orphans: dict[PoolKey, float] = {}
+        self._sweeping: set[PoolKey] = set()
         self.server_image = server_image  # of services whose spec names none
         self.services = services
         self.providers = providers
@@ -366,20 +368,21 @@ class Reconciler:
                         f"node pool {key} deleted: no service uses it any more")
         return gone
 
-    def sweep(self) -> list[PoolKey]:
+    def sweep(self, acting: Callable[[], bool] = lambda: True) -> list[PoolKey]:
         """Delete the pools the operator made that no service it or another operator serves
-        runs on, moves to, lets go of or asks for (nor the same GKE pool through the other
-        cloud provider): what a service leaves when its finalizer was taken off by hand, or
-        its status lost. A pool goes once it has been found so for ``orphan_grace_s``, and
-        only after its users are read again under its lock. Returns those whose delete it
-        started or finished."""
+        uses under any of the pool's keys (``_unwanted``): what a service leaves when its
+        finalizer was taken off by hand, or its status lost. A pool goes once it has been
+        found so for ``orphan_grace_s``, only after its users are read again under its lock,
+        and only while this operator is still the one ``acting``. Returns those whose
+        delete it started or finished."""
         cluster = self.default_cluster()
         made: set[PoolKey] = set()
         for name, provider in self.providers.items():
             try:
                 found = provider.pools_made(cluster)
-            except ProviderError as exc:
-                log.warning("looking for %s pools no service uses: %s", name, exc.message)
+            except (ProviderError, PermanentKubeError, TransientKubeError) as exc:
+                log.warning("looking for %s pools no service uses: %s", name,
+                            getattr(exc, "message", exc))
                 continue
             made |= {PoolKey(name, p.scope, p.name, p.namespace) for p in found}
         now = self._clock()
@@ -387,10 +390,17 @@ class Reconciler:
         with self._lock:
             self._orphans = {key: self._orphans.get(key, now) for key in orphans}
             due = [k for k, since in self._orphans.items() if now - since >= self.orphan_grace_s]
+        # A GKE pool a Config Connector object stands for goes with that object, not
+        # through GKE's API under it (Config Connector would make it again).
+        objects = {(k.scope, k.name) for k in made if k.provider == "ConfigConnector"}
         started = []
         for key in due:
+            if key.provider == "GKE" and (key.scope, key.name) in objects:
+                continue
             if self.namespaces and key.namespace and key.namespace not in self.namespaces:
                 continue  # a Config Connector object where this operator writes nothing
+            if not acting():
+                break  # another operator acts now, with its own view of the pools
             with self._pool_lock(key):
                 if not _unwanted({key}, self._wanted()):
                     continue  # a service asked for it meanwhile
@@ -399,14 +409,20 @@ class Reconciler:
                 gone = self._delete_pool(stand_in, plan(stand_in.spec), key)
             if gone is None:
                 continue
-            log.warning("node pool %s: made by the operator, used by no service for %.0fs "
-                        "(a finalizer removed by hand?); %s", key, now - self._orphans[key],
-                        "deleted" if gone else "deleting")
-            metrics.ORPHANS_DELETED.inc()
             started.append(key)
-            if gone:
-                with self._lock:
+            with self._lock:
+                unused_for = now - self._orphans[key]
+                first = key not in self._sweeping
+                self._sweeping.add(key)
+                if gone:
                     self._orphans.pop(key, None)
+                    self._sweeping.discard(key)
+            if first:
+                log.warning("node pool %s: made by the operator, used by no service for %.0fs "
+                            "(a finalizer taken off by hand?); deleting it", key, unused_for)
+            if gone:
+                log.info("node pool %s deleted: no service used it", key)
+                metrics.ORPHANS_DELETED.inc()
         return started
 
     def _wanted(self) -> set[PoolKey]:
@@ -1067,11 +1083,16 @@ def _selects_pool(deployment: dict[str, Any] | None, resource: ImageGenService,
 
 
 def _unwanted(made: set[PoolKey], wanted: set[PoolKey]) -> set[PoolKey]:
-    """Of the pools ``made``, those neither ``wanted`` nor the same GKE pool as one wanted
-    through the other cloud provider (a pool handed over from GKE's API to a Config
-    Connector object is used, under its other key)."""
+    """Of the pools ``made``, those no service uses under any key of the same pool: the
+    key itself; for a GKE pool, its cluster and name through either cloud provider, or in
+    another namespace's Config Connector object (a pool handed over from GKE's API to an
+    object is used under its other key); any pool of the name an Existing service runs on
+    (spec.nodePool.name may name one the operator made, in its own cluster)."""
+    on_existing = {w.name for w in wanted if w.provider == "Existing"}
+    in_cloud = {(w.scope, w.name) for w in wanted if w.provider in CLOUD_PROVIDERS}
     return {key for key in made
-            if key not in wanted and not any(w.namesake_of(key) for w in wanted)}
+            if key not in wanted and key.name not in on_existing
+            and not (key.provider in CLOUD_PROVIDERS and (key.scope, key.name) in in_cloud)}
 
 
 def _stand_in(body: dict[str, Any]) -> ImageGenService:

@@ -45,7 +45,7 @@ class Sweeper:
         while not self._stop.wait(self.every_s):
             try:
                 if self.leading():
-                    self.reconciler.sweep()
+                    self.reconciler.sweep(acting=self.leading)
             except Exception:  # the next sweep tries again; the operator goes on
                 log.exception("the sweep for node pools no service uses failed")
 

@@ -1735,8 +1735,59 @@ def test_a_gke_pool_left_behind_is_swept_and_one_not_made_by_the_operator_never(
     assert world.double.pools[someone_elses]["status"] == "RUNNING"
 
 
-def test_a_gke_pool_handed_over_to_config_connector_is_used_under_its_other_key() -> None:
+def test_a_pool_is_used_under_any_of_its_keys() -> None:
     gke = PoolKey("GKE", CLUSTER_A, "igs-l4x1")
     handed = PoolKey("ConfigConnector", CLUSTER_A, "igs-l4x1", "team-a")
-    assert _unwanted({gke, handed}, {handed}) == set()
+    other_ns = PoolKey("ConfigConnector", CLUSTER_A, "igs-l4x1", "team-b")
+    local = PoolKey("Local", "", "igs-l4x1")
+    # Handed over from GKE's API to a Config Connector object, or the same GKE pool through
+    # another namespace's object: used.
+    assert _unwanted({gke, handed, other_ns}, {handed}) == set()
+    assert _unwanted({gke, handed}, {other_ns}) == set()
     assert _unwanted({gke, handed}, set()) == {gke, handed}
+    # An Existing service names a pool by its name alone, in the operator's own cluster.
+    assert _unwanted({gke, local}, {PoolKey("Existing", "", "igs-l4x1")}) == set()
+    # Another cluster's pool of the name is another pool.
+    assert _unwanted({gke}, {PoolKey("GKE", CLUSTER_B, "igs-l4x1")}) == {gke}
+
+
+def test_a_pool_an_existing_service_runs_on_is_not_swept(world) -> None:
+    world.create("maker")
+    world.reconcile("maker")
+    [made] = world.gke_pools()
+    world.create("rider", node_pool={"provider": "Existing", "name": made.rsplit("/", 1)[1]})
+    gone_by_hand(world, "maker")
+    world.reconciler.sweep()
+    world.clock.now += ORPHAN_GRACE_S
+    assert world.reconciler.sweep() == []
+    assert world.double.pools[made]["status"] == "RUNNING"
+
+
+def test_a_sweep_deletes_nothing_once_another_operator_acts(world) -> None:
+    world.create("left", node_pool={"provider": "Local", "maxNodes": 1})
+    world.reconcile("left")
+    gone_by_hand(world, "left")
+    world.reconciler.sweep()
+    world.clock.now += ORPHAN_GRACE_S
+    assert world.reconciler.sweep(acting=lambda: False) == []
+    assert local_pool_nodes(world)
+    assert len(world.reconciler.sweep(acting=lambda: True)) == 1
+    assert not local_pool_nodes(world)
+
+
+def test_a_gke_pool_a_config_connector_object_stands_for_goes_with_the_object(world) -> None:
+    """Deleted through GKE's API under its object, Config Connector would make it again."""
+    world.create("cc", node_pool={"provider": "ConfigConnector", "cluster": CLUSTER_A})
+    world.reconcile("cc")
+    [obj] = config_connector_pools(world).values()
+    name = obj["metadata"]["name"]
+    # The GKE pool Config Connector made of it, labelled as every pool the operator makes.
+    resource = api.parse(world.body("cc"))
+    config = render_gke_nodepool(resource, plan(resource.spec))["spec"]["config"]
+    world.double.seed_pool(f"{CLUSTER_A}/nodePools/{name}", "RUNNING", config=config)
+    gone_by_hand(world, "ns/cc")
+    world.reconciler.sweep()
+    world.clock.now += ORPHAN_GRACE_S
+    [swept] = world.reconciler.sweep()
+    assert swept.provider == "ConfigConnector"
+    assert world.double.pools[f"{CLUSTER_A}/nodePools/{name}"]["status"] == "RUNNING"
