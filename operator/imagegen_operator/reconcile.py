@@ -432,7 +432,11 @@ class Reconciler:
         for body in self._all_services(fresh=True):
             if self._served(body):
                 resource, the_plan = self._parsed_plan(body)
-                wanted |= self._pools_of(body, resource, the_plan)
+                # An Existing service's key stands for a pool only where it names one.
+                wanted |= {k for k in self._pools_of(body, resource, the_plan)
+                           if k.provider != "Existing"}
+                if resource is not None and (name := _rides(resource)):
+                    wanted.add(PoolKey("Existing", "", name))
         return wanted
 
     # --- identity: which pool, and who uses it --------------------------------
@@ -539,7 +543,9 @@ class Reconciler:
             has_namesake = namesakes and any(
                 k.namesake_of(key) and created is not False
                 for k, created in self.created_records(body).items())
-            if key in pools or has_namesake:
+            rides = (key.provider in CLOUD_PROVIDERS and resource is not None
+                     and _rides(resource) == key.name)
+            if key in pools or has_namesake or rides:
                 users.append(f"{meta.get('namespace')}/{meta['name']}")
         return users
 
@@ -1082,12 +1088,19 @@ def _selects_pool(deployment: dict[str, Any] | None, resource: ImageGenService,
             and live.get(gke.LABEL_NODEPOOL) == wanted.get(gke.LABEL_NODEPOOL))
 
 
+def _rides(resource: ImageGenService) -> str | None:
+    """The pool an Existing service names (spec.nodePool.name): its pods may share the
+    nodes of one the operator made for others, which is then theirs too."""
+    pool = resource.spec.node_pool
+    return pool.name if pool.provider == "Existing" else None
+
+
 def _unwanted(made: set[PoolKey], wanted: set[PoolKey]) -> set[PoolKey]:
     """Of the pools ``made``, those no service uses under any key of the same pool: the
     key itself; for a GKE pool, its cluster and name through either cloud provider, or in
     another namespace's Config Connector object (a pool handed over from GKE's API to an
-    object is used under its other key); any pool of the name an Existing service runs on
-    (spec.nodePool.name may name one the operator made, in its own cluster)."""
+    object is used under its other key); any pool of the name an Existing service names
+    (``_rides``; one the operator made is in its own cluster)."""
     on_existing = {w.name for w in wanted if w.provider == "Existing"}
     in_cloud = {(w.scope, w.name) for w in wanted if w.provider in CLOUD_PROVIDERS}
     return {key for key in made

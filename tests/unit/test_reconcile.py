@@ -1791,3 +1791,19 @@ def test_a_gke_pool_a_config_connector_object_stands_for_goes_with_the_object(wo
     [swept] = world.reconciler.sweep()
     assert swept.provider == "ConfigConnector"
     assert world.double.pools[f"{CLUSTER_A}/nodePools/{name}"]["status"] == "RUNNING"
+
+
+def test_a_pool_an_existing_service_names_is_kept_when_its_maker_goes(world) -> None:
+    world.create("maker")
+    world.reconcile("maker")
+    [made] = world.gke_pools()
+    world.create("rider", node_pool={"provider": "Existing", "name": made.rsplit("/", 1)[1]})
+    delete_until_done(world, "maker")
+    assert world.double.pools[made]["status"] != "STOPPING"  # kept for the rider
+    # An Existing service that names no pool rides none: the pool is not kept for it.
+    world.create("maker")
+    world.reconcile("maker")
+    world.create("unnamed", gpu=TS2_L4, node_pool={"provider": "Existing"})
+    gone_by_hand(world, "rider")
+    delete_until_done(world, "maker")
+    assert made not in world.gke_pools()
