@@ -404,6 +404,12 @@ class Reconciler:
             with self._pool_lock(key):
                 if not _unwanted({key}, self._wanted()):
                     continue  # a service asked for it meanwhile
+                if pods := self._pods_on(key):
+                    # Records say unused, pods say otherwise (a status lost while they
+                    # served): the pods win.
+                    log.warning("node pool %s: used by no service, but pods run on it (%s); "
+                                "kept", key, ", ".join(pods[:5]))
+                    continue
                 stand_in = _stand_in({"metadata": {"name": "unused-pool",
                                                    "namespace": key.namespace or "default"}})
                 gone = self._delete_pool(stand_in, plan(stand_in.spec), key)
@@ -424,6 +430,20 @@ class Reconciler:
                 log.info("node pool %s deleted: no service used it", key)
                 metrics.ORPHANS_DELETED.inc()
         return started
+
+    def _pods_on(self, key: PoolKey) -> list[str]:
+        """namespace/name of the pods, DaemonSets' aside, that run on the pool's nodes (of
+        the namespaces it serves, for an operator of some)."""
+        nodes = {n["metadata"]["name"] for n in self.kube.list(
+            "v1", "Node", label_selector=f"{gke.LABEL_NODEPOOL}={key.name}")}
+        if not nodes:
+            return []
+        pods = [p for ns in self.namespaces or (None,) for p in self.kube.list("v1", "Pod", ns)]
+        return [f"{p['metadata'].get('namespace')}/{p['metadata']['name']}" for p in pods
+                if (p.get("spec") or {}).get("nodeName") in nodes
+                and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+                and not any(o.get("kind") == "DaemonSet"
+                            for o in p["metadata"].get("ownerReferences") or [])]
 
     def _wanted(self) -> set[PoolKey]:
         """Every pool a service that an operator serves runs on, moves to, lets go of or

@@ -1807,3 +1807,22 @@ def test_a_pool_an_existing_service_names_is_kept_when_its_maker_goes(world) -> 
     gone_by_hand(world, "rider")
     delete_until_done(world, "maker")
     assert made not in world.gke_pools()
+
+
+def test_a_pool_pods_still_run_on_is_not_swept(world) -> None:
+    """Records say unused (a status lost, a service gone), a serving pod says otherwise."""
+    world.create("left", node_pool={"provider": "Local", "maxNodes": 1})
+    world.reconcile("left")
+    [node] = local_pool_nodes(world)
+    gone_by_hand(world, "left")
+    for name, owner in (("agent", "DaemonSet"), ("server", "ReplicaSet")):
+        world.kube.put({"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": name, "namespace": "ns", "ownerReferences": [{"kind": owner}]},
+            "spec": {"nodeName": node}, "status": {"phase": "Running"}})
+    world.reconciler.sweep()
+    world.clock.now += ORPHAN_GRACE_S
+    assert world.reconciler.sweep() == []
+    assert local_pool_nodes(world) == [node]
+    world.kube.objects.pop(("v1", "Pod", "ns", "server"))  # a DaemonSet's pod alone
+    assert len(world.reconciler.sweep()) == 1
+    assert local_pool_nodes(world) == []
