@@ -1683,6 +1683,16 @@ def gone_by_hand(world, name: str) -> None:
     world.kube.objects.pop((api.API_VERSION, api.KIND, *split(name)))
 
 
+def left_for_the_sweep(world, name: str, **service: Any) -> None:
+    """A service made, reconciled and gone by hand; its pool found unused by a sweep, and
+    the grace passed since."""
+    world.create(name, **service)
+    world.reconcile(name)
+    gone_by_hand(world, name)
+    world.reconciler.sweep()
+    world.clock.now += ORPHAN_GRACE_S
+
+
 def local_pool_nodes(world) -> list[str]:
     return sorted(n for (_, kind, _, n) in world.kube.objects if kind == "Node")
 
@@ -1706,11 +1716,7 @@ def test_a_pool_left_by_a_service_gone_without_its_finalizer_is_swept(world) -> 
 
 
 def test_a_pool_unused_for_a_while_then_asked_for_again_is_kept(world) -> None:
-    world.create("first", node_pool={"provider": "Local", "maxNodes": 1})
-    world.reconcile("first")
-    gone_by_hand(world, "first")
-    world.reconciler.sweep()
-    world.clock.now += ORPHAN_GRACE_S
+    left_for_the_sweep(world, "first", node_pool={"provider": "Local", "maxNodes": 1})
     world.create("second", node_pool={"provider": "Local", "maxNodes": 1})  # the same pool
     assert world.reconciler.sweep() == []
     assert local_pool_nodes(world)
@@ -1764,11 +1770,7 @@ def test_a_pool_an_existing_service_runs_on_is_not_swept(world) -> None:
 
 
 def test_a_sweep_deletes_nothing_once_another_operator_acts(world) -> None:
-    world.create("left", node_pool={"provider": "Local", "maxNodes": 1})
-    world.reconcile("left")
-    gone_by_hand(world, "left")
-    world.reconciler.sweep()
-    world.clock.now += ORPHAN_GRACE_S
+    left_for_the_sweep(world, "left", node_pool={"provider": "Local", "maxNodes": 1})
     assert world.reconciler.sweep(acting=lambda: False) == []
     assert local_pool_nodes(world)
     assert len(world.reconciler.sweep(acting=lambda: True)) == 1
@@ -1811,16 +1813,12 @@ def test_a_pool_an_existing_service_names_is_kept_when_its_maker_goes(world) -> 
 
 def test_a_pool_pods_still_run_on_is_not_swept(world) -> None:
     """Records say unused (a status lost, a service gone), a serving pod says otherwise."""
-    world.create("left", node_pool={"provider": "Local", "maxNodes": 1})
-    world.reconcile("left")
+    left_for_the_sweep(world, "left", node_pool={"provider": "Local", "maxNodes": 1})
     [node] = local_pool_nodes(world)
-    gone_by_hand(world, "left")
     for name, owner in (("agent", "DaemonSet"), ("server", "ReplicaSet")):
         world.kube.put({"apiVersion": "v1", "kind": "Pod", "metadata": {
             "name": name, "namespace": "ns", "ownerReferences": [{"kind": owner}]},
             "spec": {"nodeName": node}, "status": {"phase": "Running"}})
-    world.reconciler.sweep()
-    world.clock.now += ORPHAN_GRACE_S
     assert world.reconciler.sweep() == []
     assert local_pool_nodes(world) == [node]
     world.kube.objects.pop(("v1", "Pod", "ns", "server"))  # a DaemonSet's pod alone
