@@ -1757,11 +1757,17 @@ def test_a_pool_is_used_under_any_of_its_keys() -> None:
     assert _unwanted({gke}, {PoolKey("GKE", CLUSTER_B, "igs-l4x1")}) == {gke}
 
 
-def test_a_pool_an_existing_service_runs_on_is_not_swept(world) -> None:
+def made_and_ridden(world) -> str:
+    """A GKE pool made for "maker", and "rider", an Existing service that names it."""
     world.create("maker")
     world.reconcile("maker")
     [made] = world.gke_pools()
     world.create("rider", node_pool={"provider": "Existing", "name": made.rsplit("/", 1)[1]})
+    return made
+
+
+def test_a_pool_an_existing_service_runs_on_is_not_swept(world) -> None:
+    made = made_and_ridden(world)
     gone_by_hand(world, "maker")
     world.reconciler.sweep()
     world.clock.now += ORPHAN_GRACE_S
@@ -1796,10 +1802,7 @@ def test_a_gke_pool_a_config_connector_object_stands_for_goes_with_the_object(wo
 
 
 def test_a_pool_an_existing_service_names_is_kept_when_its_maker_goes(world) -> None:
-    world.create("maker")
-    world.reconcile("maker")
-    [made] = world.gke_pools()
-    world.create("rider", node_pool={"provider": "Existing", "name": made.rsplit("/", 1)[1]})
+    made = made_and_ridden(world)
     delete_until_done(world, "maker")
     assert world.double.pools[made]["status"] != "STOPPING"  # kept for the rider
     # An Existing service that names no pool rides none: the pool is not kept for it.
