@@ -20,6 +20,7 @@ import base64
 import io
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -90,6 +91,19 @@ def volumes(claims: set[str]) -> list[dict]:
             },
         ]
     return objects
+
+
+def secrets_of(services: list[dict]) -> list[dict]:
+    """A Secret with a fresh random token for each authSecretRef the services name (KWOK's
+    pods read none; a real cluster's would not start without it)."""
+    keys: dict[str, set[str]] = {}
+    for doc in services:
+        if ref := (doc["spec"].get("server") or {}).get("authSecretRef"):
+            keys.setdefault(ref["name"], set()).add(ref["key"])
+    return [{"apiVersion": "v1", "kind": "Secret",
+             "metadata": {"name": name, "namespace": "default"},
+             "stringData": {key: secrets.token_hex(32) for key in sorted(keys[name])}}
+            for name in sorted(keys)]
 
 
 def start_operator(cluster: localcluster.LocalCluster) -> None:
@@ -206,7 +220,8 @@ def main() -> int:
     cluster.kubectl("wait", "--for=condition=Established", "crd/imagegenservices.imagegen.dev")
     services = [doc for _, doc in local_examples()]
     claims = set().union(*(claims_of(doc) for doc in services))
-    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(volumes(claims)))
+    cluster.kubectl("apply", "-f", "-",
+                    input=yaml.safe_dump_all(volumes(claims) + secrets_of(services)))
     start_operator(cluster)
 
     examples = sorted({path for path, _ in local_examples()})

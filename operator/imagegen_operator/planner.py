@@ -134,6 +134,11 @@ class AutoscalingUnscraped(Finding):
     informational = True
 
 
+class ServingUnauthenticated(Finding):
+    """Neither a bearer token nor a NetworkPolicy guards the server's port: any pod of the
+    cluster may call it. A warning: a cluster fenced otherwise, or a trial, may want that."""
+
+
 class PoolTooSmall(Finding):
     """maxNodes cannot hold the replicas (or the autoscaler's maximum)."""
 
@@ -213,6 +218,7 @@ class PlanInputs:
     min_nodes: int = 0  # nodePool.minNodes
     max_nodes: int | None = None  # nodePool.maxNodes
     monitored: bool = True  # monitoring set and enabled (or no autoscaling to feed)
+    guarded: bool = True  # server.authSecretRef or server.allowFrom set
     family: str = "Auto"  # model.family
     dtype: str = "bfloat16"  # model.dtype
     memory_gib: float | None = None  # model.memoryGiB
@@ -525,6 +531,14 @@ def make_plan(inputs: PlanInputs) -> Plan:
             "spec.monitoring is not set, so no monitor has Prometheus scrape these pods: set "
             "it, or scrape them another way",
             ("spec.autoscaling", "spec.monitoring"),
+            blocking=False,
+        ))
+    if not i.guarded:
+        findings.append(ServingUnauthenticated(
+            "spec.server sets neither authSecretRef nor allowFrom: any pod of the cluster "
+            "can call the server; set authSecretRef (a bearer token) or allowFrom "
+            "(a NetworkPolicy)",
+            ("spec.server.authSecretRef", "spec.server.allowFrom"),
             blocking=False,
         ))
     mps = strategy == "MPS"
@@ -880,6 +894,7 @@ def inputs_from_spec(spec: ImageGenServiceSpec) -> PlanInputs:
         min_nodes=pool.min_nodes,
         max_nodes=pool.max_nodes,
         monitored=spec.monitoring is not None and spec.monitoring.enabled,
+        guarded=spec.server.auth_secret_ref is not None or bool(spec.server.allow_from),
         family=spec.model.family,
         dtype=spec.model.dtype,
         memory_gib=spec.model.memory_gib,

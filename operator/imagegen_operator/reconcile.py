@@ -299,7 +299,7 @@ class Reconciler:
             )
             if not outcome.ready:
                 outcome.result = "waiting"
-            self._write_status(body, status, outcome)
+            self._write_status(body, status, outcome, the_plan)
         return outcome
 
     def finalize(self, body: dict[str, Any]) -> bool:
@@ -1076,7 +1076,10 @@ class Reconciler:
         # What the rest of this reconcile reads is what was written.
         status["nodePool"] = {k: v for k, v in {**recorded, **patch}.items() if v is not None}
 
-    def _write_status(self, body: dict[str, Any], status: dict[str, Any], outcome: Outcome) -> None:
+    def _write_status(self, body: dict[str, Any], status: dict[str, Any], outcome: Outcome,
+                      the_plan: Plan | None = None) -> None:
+        """Patch status when it changed, and record the Events the change is worth; with
+        the plan of a spec that runs, also its warnings, once a generation."""
         previous = body.get("status") or {}
         if st.unchanged(status, previous):
             return
@@ -1085,7 +1088,10 @@ class Reconciler:
         patch = {**{k: None for k in previous}, **status}
         self.kube.patch_status(API_VERSION, KIND, meta["name"], meta.get("namespace"), patch)
         outcome.status_written = True
-        for type_, reason, message in st.events_for(previous, status):
+        events = st.events_for(previous, status)
+        if the_plan is not None:
+            events += st.warnings_for(previous, status, the_plan)
+        for type_, reason, message in events:
             self.record(body, type_, reason, message)
 
 

@@ -122,10 +122,11 @@ def test_two_services_share_one_pool_which_goes_with_the_last(cluster, operator)
     messages = [e["message"] for e in events if e["involvedObject"]["kind"] == "ImageGenService"]
     assert any(m.startswith("Ready=True") for m in messages), messages
     assert any(m.startswith("NodePoolReady=True") for m in messages), messages
-    # Not ready while it rolled out is what status says; nothing went wrong, so no warning.
-    warnings = [e["message"] for e in events
+    # Not ready while it rolled out is what status says; nothing went wrong, so no warning
+    # but the one of a spec that serves with neither a token nor a NetworkPolicy.
+    warnings = [e["reason"] for e in events
                 if e["type"] == "Warning" and e["involvedObject"]["kind"] == "ImageGenService"]
-    assert warnings == [], warnings
+    assert set(warnings) == {"ServingUnauthenticated"}, warnings
 
     delete_services(cluster, operator, ns, "alpha")
     assert pool_nodes(cluster, pool), "the pool went while beta still uses it"

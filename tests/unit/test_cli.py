@@ -191,6 +191,7 @@ spec:
   nodePool: {provider: ConfigConnector, maxNodes: MAX,
              cluster: projects/imagegen-prod/locations/us-central1/clusters/serving}
   replicas: REPLICAS
+  server: {authSecretRef: {name: token, key: token}}
 """
 
 

@@ -34,3 +34,15 @@ def test_each_claim_a_local_service_mounts_is_made_and_bound():
     for name, pvc in pvcs.items():
         pv = pvs[pvc["spec"]["volumeName"]]
         assert pv["spec"]["claimRef"] == {"namespace": "default", "name": name}
+
+
+def test_each_secret_a_local_service_reads_its_token_from_is_made_with_a_fresh_token():
+    services = [doc for _, doc in demo.local_examples()]
+    refs = {(s["spec"]["server"]["authSecretRef"]["name"], s["spec"]["server"]["authSecretRef"]["key"])
+            for s in services if (s["spec"].get("server") or {}).get("authSecretRef")}
+    assert refs, "the Local examples ask for a token"
+    made = demo.secrets_of(services)
+    assert {(o["metadata"]["name"], key) for o in made for key in o["stringData"]} == refs
+    again = demo.secrets_of(services)
+    assert [o["stringData"] for o in made] != [o["stringData"] for o in again]
+    assert all(len(token) == 64 for o in made for token in o["stringData"].values())

@@ -472,6 +472,7 @@ def test_plan_reads_every_field_of_the_api_model() -> None:
         min_nodes=1,
         max_nodes=3,
         monitored=False,
+        guarded=False,
         family="SDXL",
         dtype="float16",
         max_batch_size=2,
@@ -481,6 +482,8 @@ def test_plan_reads_every_field_of_the_api_model() -> None:
     assert plan(resource.spec) == make_plan(expected)
     assert "AutoscalingUnscraped" in reasons(make_plan(expected))
     assert "AutoscalingUnscraped" not in reasons(make_plan(replace(expected, monitored=True)))
+    assert "ServingUnauthenticated" in reasons(make_plan(expected))
+    assert "ServingUnauthenticated" not in reasons(make_plan(replace(expected, guarded=True)))
     p = plan(resource.spec)
     assert (p.slots_per_gpu, p.slots_per_node, p.nodes_needed) == (4, 8, 2)
     assert p.nodepool_name == "igs-h100x2-mig3g40gb-mps2-spot"

@@ -120,6 +120,36 @@ class World:
         return set(self.double.pools)
 
 
+UNAUTHENTICATED = "ServingUnauthenticated"
+
+
+def unauthenticated(world: World, name: str) -> list[tuple[str, str, str, str]]:
+    return [e for e in world.events if e[0] == name and e[2] == UNAUTHENTICATED]
+
+
+def test_a_plan_warning_such_as_an_unguarded_port_is_an_event_once_a_generation(world) -> None:
+    world.create("open", node_pool={"provider": "Local"})
+    world.reconcile("open")
+    [(_, type_, _, message)] = unauthenticated(world, "open")
+    assert type_ == "Warning"
+    assert "authSecretRef" in message and "allowFrom" in message
+    world.nodes_ready()
+    world.rolled_out("open")
+    world.reconcile("open")  # status changed, the spec did not: no news
+    assert len(unauthenticated(world, "open")) == 1
+    world.edit("open", replicas=2)
+    world.reconcile("open")
+    assert len(unauthenticated(world, "open")) == 2
+
+    world.edit("open", server={"authSecretRef": {"name": "token", "key": "token"}})
+    world.reconcile("open")
+    world.create("fenced", node_pool={"provider": "Local"},
+                 server={"allowFrom": [{"namespaceSelector": {"matchLabels": {}}}]})
+    world.reconcile("fenced")
+    assert len(unauthenticated(world, "open")) == 2
+    assert not unauthenticated(world, "fenced")
+
+
 def test_a_local_service_converges_then_a_reconcile_writes_nothing(world) -> None:
     world.create("alpha", node_pool={"provider": "Local", "maxNodes": 3}, replicas=3)
     outcome = world.reconcile("alpha")
@@ -755,7 +785,8 @@ def test_a_pool_move_reads_progressing_then_retires_the_old_pool(world) -> None:
     assert world.condition("mover", "Progressing")["reason"] == "MovingPool"
     moving = world.body("mover")["status"]["nodePool"]
     assert moving["name"] == old and moving["movingTo"]["name"] != old
-    assert not [e for e in world.events if e[1] == "Warning"], world.events
+    assert not [e for e in world.events
+                if e[1] == "Warning" and e[2] != UNAUTHENTICATED], world.events
 
     world.rolled_out("mover")
     world.reconcile("mover")  # moved: the old pool's nodes are asked to go
@@ -835,7 +866,7 @@ def test_a_shared_pool_left_by_one_user_as_the_other_is_deleted_is_deleted(
     write = world.reconciler._write_status
     deleting: list[threading.Thread] = []
 
-    def x_deleted_meanwhile(body, status, outcome):
+    def x_deleted_meanwhile(body, status, outcome, *resource):
         if body["metadata"]["name"] == "y" and not deleting:
             x = world.body("x")
             x["metadata"]["deletionTimestamp"] = "2026-12-07T00:00:00Z"
@@ -843,7 +874,7 @@ def test_a_shared_pool_left_by_one_user_as_the_other_is_deleted_is_deleted(
             deleting.append(threading.Thread(target=delete_until_done, args=(world, "x")))
             deleting[0].start()
             deleting[0].join(1.0)  # as far as it gets before y's status is written
-        return write(body, status, outcome)
+        return write(body, status, outcome, *resource)
 
     monkeypatch.setattr(world.reconciler, "_write_status", x_deleted_meanwhile)
     world.reconcile("y")
@@ -1071,7 +1102,8 @@ def test_a_pool_that_was_made_is_waited_for_when_its_delete_is_refused(world) ->
     world.double.outage("PERMISSION_DENIED", FORBIDDEN)
     assert not world.delete("made")
     assert world.gke_pools() == {pool}
-    [(_, _, reason, message)] = [e for e in world.events if e[1] == "Warning"]
+    [(_, _, reason, message)] = [e for e in world.events
+                                  if e[1] == "Warning" and e[2] != UNAUTHENTICATED]
     assert reason == "NodePoolNotDeleted" and FORBIDDEN in message
     # Until the delay ends, a retry neither asks GKE nor lists every service to find users.
     listed, list_ = [], world.kube.list
