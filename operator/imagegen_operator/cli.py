@@ -215,7 +215,9 @@ def plan_table(resource: api.ImageGenService, p: Plan) -> str:
         (
             "sharing",
             f"{p.sharing}: {p.partitions_per_gpu} partition(s) x {p.clients_per_gpu} "
-            f"client(s) = {p.slots_per_gpu} slot(s) per GPU, {p.slots_per_node} per node",
+            f"client(s) = {p.slots_per_gpu} slot(s) per GPU, {p.slots_per_node} per node"
+            + (f" (a node holds {p.pods_per_node} serving pods)"
+               if p.pods_per_node < p.slots_per_node else ""),
         ),
         (
             "replicas",

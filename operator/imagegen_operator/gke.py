@@ -505,5 +505,47 @@ def machine_type(gpu_type: str, gpus_per_node: int) -> str | None:
     return accelerator(gpu_type).machine_types.get(gpus_per_node)
 
 
+# The machine series each GPU type comes on, and how many GPUs each machine type of an
+# accelerator-optimized series carries (fixed by its name), from Compute Engine's "GPU
+# machine types" page: G2 carries L4s (g2-standard-4 to -32: 1, -24: 2, -48: 4, -96: 8),
+# A2 Standard A100 40GB (a2-highgpu-Ng, a2-megagpu-16g), A2 Ultra A100 80GB
+# (a2-ultragpu-Ng), A3 High/Mega/Edge H100 (a3-highgpu-Ng, a3-megagpu-8g, a3-edgegpu-8g)
+# and A3 Ultra H200 (a3-ultragpu-8g). T4s attach to N1 machines: 1, 2 or 4 of them, on at
+# most 48 vCPUs with one or two GPUs and 96 with four.
+GPU_MACHINE_SERIES = {
+    "nvidia-tesla-t4": ("n1-standard-", "n1-highmem-", "n1-highcpu-"),
+    "nvidia-l4": ("g2-standard-",),
+    "nvidia-tesla-a100": ("a2-highgpu-", "a2-megagpu-"),
+    "nvidia-a100-80gb": ("a2-ultragpu-",),
+    "nvidia-h100-80gb": ("a3-highgpu-", "a3-megagpu-", "a3-edgegpu-"),
+    "nvidia-h200-141gb": ("a3-ultragpu-",),
+}
+G2_GPUS = {"4": 1, "8": 1, "12": 1, "16": 1, "32": 1, "24": 2, "48": 4, "96": 8}
+N1_T4_MAX_VCPUS = {1: 48, 2: 48, 4: 96}
+
+
+def machine_mismatch(gpu_type: str, gpus_per_node: int, machine: str) -> str | None:
+    """Why Compute Engine cannot give ``machine`` that many GPUs of this type (a phrase),
+    or None when it can."""
+    series = GPU_MACHINE_SERIES[gpu_type]
+    if not machine.startswith(series):
+        return f"{gpu_type} comes only on {' or '.join(s + '*' for s in series)} machines"
+    size = machine.rsplit("-", 1)[-1]
+    if machine.startswith("n1-"):
+        most = N1_T4_MAX_VCPUS.get(gpus_per_node)
+        if most is None:
+            return "an N1 machine takes 1, 2 or 4 T4s"
+        if not size.isdigit() or int(size) > most:
+            return f"an N1 machine with {gpus_per_node} T4(s) has at most {most} vCPUs"
+        return None
+    carried = G2_GPUS.get(size) if machine.startswith("g2-") else (
+        int(size[:-1]) if size.endswith("g") and size[:-1].isdigit() else None)
+    if carried is None:
+        return f"Compute Engine has no machine type {machine}"
+    if carried != gpus_per_node:
+        return f"{machine} comes with {carried} GPU(s), not {gpus_per_node}"
+    return None
+
+
 def machine_price(machine: str) -> MachinePrice | None:
     return MACHINE_PRICES.get(machine)

@@ -139,6 +139,10 @@ class ServingUnauthenticated(Finding):
     cluster may call it. A warning: a cluster fenced otherwise, or a trial, may want that."""
 
 
+class MachineTypeMismatch(Finding):
+    """spec.nodePool.machineType does not carry spec.gpu.countPerNode GPUs of spec.gpu.type."""
+
+
 class PoolTooSmall(Finding):
     """maxNodes cannot hold the replicas (or the autoscaler's maximum)."""
 
@@ -251,6 +255,9 @@ class Plan:
     partitions_per_gpu: int
     slots_per_gpu: int
     slots_per_node: int
+    # Serving pods a node holds: a pod per slot while GKE runs that many pods on a node and
+    # its CPU and memory take their requests (else fewer, and a finding says why).
+    pods_per_node: int
     replicas: int
     target_replicas: int  # replicas, or autoscaling.maxReplicas when autoscaling is set
     floor_replicas: int  # what runs whatever the load: replicas, or autoscaling.minReplicas
@@ -299,7 +306,14 @@ class Plan:
     @property
     def slots(self) -> int:
         """Slots on the GPUs the plan provisions (status.capacity.slots)."""
-        return self.nodes_needed * self.slots_per_node
+        return self.nodes_provisioned * self.slots_per_node
+
+    @property
+    def nodes_provisioned(self) -> int:
+        """The nodes the replicas need, within what maxNodes lets the pool grow to."""
+        if self.replicas_at_max_nodes is None or self.max_nodes is None:
+            return self.nodes_needed
+        return min(self.nodes_needed, self.max_nodes)
 
     def to_dict(self) -> dict[str, Any]:
         """The plan in the API's dialect: camelCase keys, as status and the spec spell them."""
@@ -481,10 +495,18 @@ def make_plan(inputs: PlanInputs) -> Plan:
     per_gpu = partitions * clients
     per_node = per_gpu * i.count_per_node
     target = max(i.replicas, i.max_replicas or 0)
+    machine = i.machine_type or gke.machine_type(i.gpu_type, i.count_per_node)
+    # A node holds a pod per slot only while GKE runs that many pods on it and its CPU and
+    # memory take their requests; the findings below say when it does not.
+    pods = min(per_node, _pods_room(i), _requests_room(i, machine, per_node))
 
-    nodes_needed = math.ceil(target / per_node) if per_node else 0
-    gpus_needed = math.ceil(target / per_gpu) if per_gpu else 0
-    at_max = i.max_nodes * per_node if i.max_nodes is not None else None
+    nodes_needed = math.ceil(target / pods) if pods else 0
+    # GPUs that hold a pod: a node's pods fill its GPUs slot by slot, the rest stay idle.
+    gpus_needed = ((target // pods) * math.ceil(pods / per_gpu)
+                   + math.ceil(target % pods / per_gpu)) if pods and per_gpu else 0
+    # An Existing pool's size is its own (or node auto-provisioning's): maxNodes is not read.
+    at_max = (i.max_nodes * pods if i.max_nodes is not None and i.provider != "Existing"
+              else None)
 
     slot_gib = (
         slot_memory_gib(i.gpu_type, i.partition_size, strategy, i.max_shared_clients)
@@ -504,10 +526,18 @@ def make_plan(inputs: PlanInputs) -> Plan:
         findings.append(_footprint_estimated(i, family, footprint))
     if partitions:
         findings += _check_fit(i, footprint, slot_gib, source)
-    if at_max is not None and per_node:
-        findings += _check_pool(i, target, at_max, per_node)
+    if at_max is not None and pods:
+        findings += _check_pool(i, target, at_max, pods)
 
-    machine = i.machine_type or gke.machine_type(i.gpu_type, i.count_per_node)
+    if i.machine_type and (why := gke.machine_mismatch(i.gpu_type, i.count_per_node,
+                                                        i.machine_type)):
+        findings.append(MachineTypeMismatch(
+            f"spec.nodePool.machineType {i.machine_type} cannot carry {i.count_per_node} "
+            f"{i.gpu_type} GPU(s): {why}; drop it (the planner picks "
+            f"{gke.machine_type(i.gpu_type, i.count_per_node) or 'none'}) or change "
+            "spec.gpu.type or spec.gpu.countPerNode",
+            ("spec.nodePool.machineType", "spec.gpu.type", "spec.gpu.countPerNode"),
+        ))
     if machine is None:
         shapes = ", ".join(str(n) for n in sorted(acc.machine_types))
         findings.append(
@@ -522,7 +552,7 @@ def make_plan(inputs: PlanInputs) -> Plan:
         findings += _check_obtainable(machine, i)
     if machine is not None and i.provider != "Existing":
         findings += _check_node_room(i, machine, per_node)
-    findings += _check_pods_per_node(per_node, made=i.provider in POOL_PROVIDERS)
+    findings += _check_pods_per_node(i, per_node)
     findings += _check_flex_start(i, nodes_needed)
     if i.max_replicas is not None and not i.monitored:
         findings.append(AutoscalingUnscraped(
@@ -553,6 +583,7 @@ def make_plan(inputs: PlanInputs) -> Plan:
         partitions_per_gpu=partitions,
         slots_per_gpu=per_gpu,
         slots_per_node=per_node,
+        pods_per_node=pods,
         replicas=i.replicas,
         target_replicas=target,
         floor_replicas=_floor_replicas(i),
@@ -584,8 +615,7 @@ def make_plan(inputs: PlanInputs) -> Plan:
         locations=i.locations,
         # The nodes the pool runs: those the replicas need (an autoscaled service: its
         # floor, minReplicas; at most, cost_at_max_nodes), never fewer than minNodes.
-        cost=nodes_cost(i.gpu_type, i.count_per_node, machine, max(
-            math.ceil(_floor_replicas(i) / per_node) if per_node else 0, i.min_nodes)),
+        cost=nodes_cost(i.gpu_type, i.count_per_node, machine, _floor_nodes(i, pods)),
         cost_at_max_nodes=nodes_cost(i.gpu_type, i.count_per_node, machine, i.max_nodes)
         if i.max_nodes is not None
         else None,
@@ -694,11 +724,15 @@ def _check_obtainable(machine: str, i: PlanInputs) -> list[Finding]:
     if machine in gke.SPOT_OR_FLEX_START_ONLY:
         others = sorted(n for n, m in gke.accelerator(i.gpu_type).machine_types.items()
                         if m not in gke.SPOT_OR_FLEX_START_ONLY)
+        # A machine type the spec names stays whatever countPerNode says: that goes too.
+        count = (f"spec.gpu.countPerNode {' or '.join(map(str, others))}"
+                 + (" (without spec.nodePool.machineType)" if i.machine_type else ""))
         return [MachineNeedsSpot(
             f"Compute Engine creates {machine} only as Spot or Flex-start VMs; set "
             f"spec.nodePool.spot: true or spec.nodePool.flexStart: true, or "
-            f"spec.gpu.countPerNode {' or '.join(map(str, others))} for on-demand nodes",
-            ("spec.nodePool.spot", "spec.nodePool.flexStart", "spec.gpu.countPerNode"),
+            f"{count} for on-demand nodes",
+            ("spec.nodePool.spot", "spec.nodePool.flexStart", "spec.gpu.countPerNode",
+             *(("spec.nodePool.machineType",) if i.machine_type else ())),
         )]
     if machine in gke.RESERVED_ON_DEMAND_ONLY:
         return [MachineNeedsSpot(
@@ -712,13 +746,41 @@ def _check_obtainable(machine: str, i: PlanInputs) -> list[Finding]:
     return []
 
 
-def _check_pods_per_node(per_node: int, made: bool) -> list[Finding]:
-    """Whether a node's worth of pods (one per slot) fits the pods GKE runs on one node:
-    what a pool the operator makes is made for (up to GKE's limit), else GKE's default."""
-    most = gke.MAX_PODS_PER_NODE_LIMIT if made else gke.DEFAULT_MAX_PODS_PER_NODE
-    room = most - gke.SYSTEM_PODS_PER_NODE
+def _floor_nodes(i: PlanInputs, pods: int) -> int:
+    """The nodes that run whatever the load: those the floor of replicas needs at ``pods`` a
+    node, never fewer than minNodes nor more than maxNodes (for a pool the operator sizes)."""
+    nodes = max(math.ceil(_floor_replicas(i) / pods) if pods else 0, i.min_nodes)
+    if i.max_nodes is not None and i.provider != "Existing":
+        nodes = min(nodes, i.max_nodes)
+    return nodes
+
+
+def _pods_room(i: PlanInputs) -> int:
+    """Serving pods GKE runs on a node: what a pool the operator makes is made for (up to
+    GKE's limit), else GKE's default; GKE's own pods taken."""
+    most = (gke.MAX_PODS_PER_NODE_LIMIT if i.provider in POOL_PROVIDERS
+            else gke.DEFAULT_MAX_PODS_PER_NODE)
+    return most - gke.SYSTEM_PODS_PER_NODE
+
+
+def _requests_room(i: PlanInputs, machine: str | None, per_node: int) -> int:
+    """Serving pods whose CPU and memory requests a node of ``machine`` takes (per_node when
+    the spec requests neither, or the machine is not one the table knows)."""
+    room = gke.node_allocatable(machine) if machine else None
+    if room is None or i.provider == "Existing":
+        return per_node
+    fits = [math.floor(allocatable / request) for request, allocatable in
+            ((i.cpu_request, room[0]), (i.memory_request_gib, room[1])) if request]
+    return min([per_node, *fits])
+
+
+def _check_pods_per_node(i: PlanInputs, per_node: int) -> list[Finding]:
+    """Whether a node's worth of pods (one per slot) fits the pods GKE runs on one node."""
+    room = _pods_room(i)
     if per_node <= room:
         return []
+    made = i.provider in POOL_PROVIDERS
+    most = room + gke.SYSTEM_PODS_PER_NODE
     if made:
         limit = (f"a pool runs at most {most} pods on a node (GKE's limit, which the pool is "
                  "made with)")
@@ -831,6 +893,7 @@ def _unplannable(i: PlanInputs, findings: list[Finding]) -> Plan:
         partitions_per_gpu=0,
         slots_per_gpu=0,
         slots_per_node=0,
+        pods_per_node=0,
         replicas=i.replicas,
         target_replicas=max(i.replicas, i.max_replicas or 0),
         floor_replicas=_floor_replicas(i),

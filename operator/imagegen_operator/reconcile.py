@@ -674,7 +674,7 @@ class Reconciler:
             users.append(f"{namespace_of(other)}/{name_of(other)}")
             min_nodes = max(min_nodes, other.spec.node_pool.min_nodes)
             max_nodes = max(max_nodes, other.spec.node_pool.max_nodes)
-        per_node = the_plan.slots_per_node
+        per_node = the_plan.pods_per_node
         needed = math.ceil(replicas / per_node) if per_node else 0
         short = None
         if len(users) > 1 and per_node and floor > max_nodes * per_node:

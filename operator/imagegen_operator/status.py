@@ -337,7 +337,7 @@ def warnings_for(before: dict[str, Any], after: dict[str, Any],
 def capacity(the_plan: Plan) -> dict[str, int]:
     return {
         "slotsPerGpu": the_plan.slots_per_gpu,
-        "gpus": the_plan.nodes_needed * the_plan.count_per_node,
+        "gpus": the_plan.nodes_provisioned * the_plan.count_per_node,
         "slots": the_plan.slots,
     }
 

@@ -523,3 +523,74 @@ def test_flex_start_pools_are_made_by_the_gke_provider(provider, workable) -> No
     if not workable:
         [finding] = [f for f in p.findings if f.reason == "FlexStartNeedsGke"]
         assert finding.fields == ("spec.nodePool.flexStart", "spec.nodePool.provider")
+
+
+@pytest.mark.parametrize(("gpu_type", "count", "machine", "why"), [
+    ("nvidia-l4", 1, "n1-standard-8", "comes only on g2-standard-*"),
+    ("nvidia-tesla-a100", 1, "a2-highgpu-8g", "comes with 8 GPU(s), not 1"),
+    ("nvidia-h200-141gb", 1, "a3-ultragpu-8g", "comes with 8 GPU(s), not 1"),
+    ("nvidia-l4", 1, "g2-standard-24", "comes with 2 GPU(s), not 1"),
+    ("nvidia-tesla-t4", 2, "n1-standard-64", "at most 48 vCPUs"),
+    ("nvidia-h100-80gb", 2, "a3-highgpu-two", "no machine type a3-highgpu-two"),
+])
+def test_a_machine_type_that_cannot_carry_the_gpus_is_refused(gpu_type, count, machine,
+                                                              why) -> None:
+    p = make_plan(inputs(gpu_type, count_per_node=count, machine_type=machine, spot=True))
+    [finding] = [f for f in p.findings if f.reason == "MachineTypeMismatch"]
+    assert finding.blocking and not p.workable
+    assert why in finding.message and machine in finding.message
+    assert finding.fields[0] == "spec.nodePool.machineType"
+
+
+@pytest.mark.parametrize(("gpu_type", "count", "machine"), [
+    ("nvidia-l4", 1, "g2-standard-16"), ("nvidia-h100-80gb", 8, "a3-megagpu-8g"),
+    ("nvidia-tesla-t4", 4, "n1-highmem-96"), ("nvidia-tesla-t4", 1, "n1-standard-4"),
+    ("nvidia-a100-80gb", 2, "a2-ultragpu-2g"),
+])
+def test_a_machine_type_that_carries_the_gpus_is_planned_on(gpu_type, count, machine) -> None:
+    p = make_plan(inputs(gpu_type, count_per_node=count, machine_type=machine, spot=True))
+    assert "MachineTypeMismatch" not in reasons(p) and p.machine_type == machine
+
+
+def test_a_named_spot_only_machine_type_is_named_in_the_advice() -> None:
+    p = make_plan(inputs("nvidia-h100-80gb", machine_type="a3-highgpu-1g"))
+    [finding] = [f for f in p.findings if f.reason == "MachineNeedsSpot"]
+    assert "spec.nodePool.machineType" in finding.fields
+    assert "without spec.nodePool.machineType" in finding.message
+
+
+def test_a_node_holds_no_more_serving_pods_than_gke_runs_on_it() -> None:
+    """8 H100s cut in 1g.10gb slices, 48 clients each: 2688 slots a node, of which a pool
+    made for GKE's 256 pods a node runs 246 (GKE's own take the rest)."""
+    p = make_plan(inputs("nvidia-h100-80gb", count_per_node=8, partition_size="1g.10gb",
+                         sharing_strategy="TimeSharing", max_shared_clients=48,
+                         memory_gib=0.1, replicas=1000, max_nodes=4, spot=True))
+    assert (p.slots_per_node, p.pods_per_node) == (2688, 246)
+    assert p.nodes_needed == 5 and p.replicas_at_max_nodes == 4 * 246
+    [short] = [f for f in p.findings if f.reason == "PoolTooSmall"]
+    assert "holds 984 replica(s)" in short.message
+    assert "TooManyPodsPerNode" in reasons(p)
+    assert p.slots == 4 * 2688  # no more nodes than maxNodes: status.capacity
+    assert p.cost.nodes == 4
+
+
+def test_a_node_holds_no_more_serving_pods_than_its_cpu_takes() -> None:
+    """A g2-standard-8 offers about 7.9 cores: two pods asking 3.5 each, not the four slots."""
+    p = make_plan(inputs("nvidia-l4", sharing_strategy="MPS", max_shared_clients=4,
+                         cpu_request=3.5, replicas=4, max_nodes=4))
+    assert (p.slots_per_node, p.pods_per_node, p.nodes_needed) == (4, 2, 2)
+    assert "RequestsExceedNode" in reasons(p)
+
+
+def test_an_existing_pool_is_not_bounded_by_max_nodes() -> None:
+    """The operator makes no Existing pool: spec.nodePool.maxNodes (4 by default) says
+    nothing of its size, so more replicas than 4 nodes hold is no PoolTooSmall."""
+    p = make_plan(inputs("nvidia-l4", provider="Existing", replicas=6))
+    assert "PoolTooSmall" not in reasons(p) and p.replicas_at_max_nodes is None
+    assert p.nodes_needed == 6 and p.cost.nodes == 6
+
+
+def test_the_cost_counts_no_more_nodes_than_max_nodes() -> None:
+    p = make_plan(inputs("nvidia-l4", replicas=5, max_nodes=2))
+    assert p.cost.nodes == 2 and p.cost == p.cost_at_max_nodes
+    assert p.slots == 2

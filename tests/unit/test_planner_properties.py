@@ -104,10 +104,11 @@ def test_the_pods_select_the_nodes_that_are_rendered(r: api.ImageGenService):
 def test_nodes_needed_is_the_fewest_that_hold_the_replicas(r: api.ImageGenService):
     p = plan(r.spec)
     target = r.spec.replicas
-    assert p.nodes_needed * p.slots_per_node >= target
-    assert (p.nodes_needed - 1) * p.slots_per_node < target or p.nodes_needed == 0
+    assert 0 < p.pods_per_node <= p.slots_per_node or p.slots_per_node == 0
+    assert p.nodes_needed * p.pods_per_node >= target
+    assert (p.nodes_needed - 1) * p.pods_per_node < target or p.nodes_needed == 0
     assert p.gpus_needed * p.slots_per_gpu >= target
-    assert p.replicas_at_max_nodes == r.spec.node_pool.max_nodes * p.slots_per_node
+    assert p.replicas_at_max_nodes == r.spec.node_pool.max_nodes * p.pods_per_node
     too_small = any(isinstance(f, PoolTooSmall) for f in p.findings)
     assert too_small == (target > p.replicas_at_max_nodes)
 
