@@ -353,11 +353,13 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
                 500, f"model failed to load ({type(runtime.error).__name__}; the server's "
                 "log says why)", None, "server_error")
         if runtime.engine is not None and runtime.engine.fault is not None:
-            # A stage thread is gone: nothing accepted would ever be answered. Restart.
+            # A stage thread is gone, or the device: nothing accepted would ever be
+            # answered. Restart.
             dead = [s.name for s in runtime.engine.stages if s.died is not None]
-            return error_response(
-                500, f"the {', '.join(dead)} stage stopped working (the server's log says "
-                "why)", None, "server_error")
+            what = (f"the {', '.join(dead)} stage stopped working" if dead
+                    else "the device failed")
+            return error_response(500, f"{what} (the server's log says why)", None,
+                                  "server_error")
         return {"status": "ok"}
 
     @app.get("/readyz")

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from concurrent.futures import InvalidStateError
 from typing import Any
 
+import torch
+
 from .config import LIMITS, Batching, ServerSettings, StageMode
 from .families import FamilySteps
 from .metrics import ServerMetrics
@@ -224,6 +226,9 @@ class Engine:
         # Every job accepted and not yet let go of; the count and the work in flight are its own.
         self._jobs: set[Job] = set()
         self._closed = False
+        # A CUDA error the device reported (an illegal memory access, a device-side assert):
+        # the context is unusable from then on, so the pod must restart (/healthz fails).
+        self.device_error: BaseException | None = None
         width, height = default_size(steps, settings)
         self._unit = width * height * settings.default_steps
         # Running estimate of the seconds one unit of work takes, for Retry-After.
@@ -324,6 +329,8 @@ class Engine:
         for stage in self.stages:
             if stage.died is not None:
                 return f"the {stage.name} stage stopped working: {stage.died!r}"
+        if self.device_error is not None:
+            return f"the device failed: {self.device_error!r}"
         return None
 
     # --- requests -----------------------------------------------------------------------------
@@ -411,6 +418,9 @@ class Engine:
 
     def _released(self, job: Job, succeeded: bool) -> None:
         now = time.monotonic()
+        if isinstance(job.error, torch.AcceleratorError) and self.device_error is None:
+            log.critical("the device failed; the server must restart: %r", job.error)
+            self.device_error = job.error
         with self._lock:
             if succeeded:
                 # The time since the last answer is this job's share of the device while work

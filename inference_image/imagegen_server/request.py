@@ -116,6 +116,7 @@ class Job:
     # Called once when the engine is done with the job (answered, failed or dropped).
     on_release: Callable[[Job, bool], None] | None = None
     released: bool = False
+    error: BaseException | None = None  # what it failed with
 
     def checkpoint(self) -> Checkpoint:
         """What a stage's step may change, to run the job again from here (``rewind``)."""
@@ -159,6 +160,8 @@ class Job:
             self.future.set_result(images)
 
     def fail(self, error: BaseException) -> None:
+        if not self.released:
+            self.error = error
         self._release(succeeded=False)
         with contextlib.suppress(InvalidStateError):
             self.future.set_exception(error)

@@ -90,8 +90,9 @@ class Stage:
         metrics.batch_size.labels(stage=name)  # present before traffic, as the queue is
 
     def depth(self) -> int:
-        """Jobs waiting in front of this stage (``imagegen_stage_queue_depth``)."""
-        return self.queue.qsize()
+        """Jobs waiting in front of this stage (``imagegen_stage_queue_depth``): queued, or
+        taken in a batch behind a group of another shape."""
+        return self.queue.qsize() + len(self._later)
 
     def take_back(self, job: Job) -> None:
         """A job answered before this stage's thread took it (its caller cancelled or timed
@@ -192,6 +193,11 @@ class Stage:
                     self._holding = [job for later in groups[index:] for job in later]
                     with self._lock:
                         self._later = {job for later in groups[index + 1:] for job in later}
+                    if index == 0:
+                        # Answered while the batch was being collected, when neither the
+                        # queue nor _later held them: take_back found nothing to free then.
+                        for job in [job for job in self._later if job.future.done()]:
+                            self.take_back(job)
                     try:
                         self._process(group)
                     except Exception as exc:  # a fault of this group's, not of the stage

@@ -87,7 +87,10 @@ class StepBatchingStage(Stage):
                 log.exception("%s stage could not read its last timings", self.name)
 
     def _abandoned(self) -> list[Job]:
-        return [*self.running, *self.waiting, *self._in_hand, *super()._abandoned()]
+        jobs = [*self.running, *self.waiting, *self._in_hand, *super()._abandoned()]
+        # Handed over to be failed: none waits here any more (the queue-depth gauge).
+        self.running, self.waiting, self._in_hand = [], deque(), []
+        return jobs
 
     def _fail_all(self, error: BaseException) -> None:
         for job in [*self.running, *self.waiting, *self._in_hand]:

@@ -532,8 +532,34 @@ def test_a_request_answered_while_the_group_ahead_of_it_runs_leaves_at_once(make
             runtime.params("second", seed=2, width=128, height=128), timeout_s=60)
         assert gate.entered.wait(30)
         wait_until(lambda: second in denoise._later)
+        assert denoise.depth() == 1  # it waits in front of the denoiser, if not in its queue
         second.future.cancel()
         assert second.released and runtime.engine.in_flight == 1
+        assert denoise.depth() == 0
+    finally:
+        gate.close()
+    assert len(first.future.result(60)) == 1
+    assert runtime.engine.in_flight == 0
+
+
+def test_a_request_answered_while_its_batch_is_collected_leaves_before_the_group_ahead(
+        make_runtime):
+    # The same, with the caller leaving while the stage still collects the batch (its window
+    # open): neither in the queue nor behind a group yet, it leaves as the groups begin.
+    runtime = make_runtime("sd15", max_batch_size=3, batch_window_ms=1000, warmup=False)
+    denoise = next(s for s in runtime.engine.stages if s.name == "denoise")
+    gate = Gate(runtime)
+    try:
+        first = runtime.engine.submit(runtime.params("first", seed=1), timeout_s=60)
+        second = runtime.engine.submit(
+            runtime.params("second", seed=2, width=128, height=128), timeout_s=60)
+        wait_until(lambda: first.waiting_at is denoise and second.waiting_at is denoise
+                   and denoise.queue.qsize() == 0)
+        assert not gate.entered.is_set() and second not in denoise._later  # collecting
+        second.future.cancel()
+        assert gate.entered.wait(30)  # the first group denoises, held there
+        wait_until(lambda: second.released)
+        assert runtime.engine.in_flight == 1 and denoise.depth() == 0
     finally:
         gate.close()
     assert len(first.future.result(60)) == 1
@@ -666,6 +692,34 @@ class LoopBug(BaseException):
     """What no batch guard catches: a fault of the stage loop itself."""
 
 
+def test_a_step_batching_thread_that_dies_leaves_no_job_counted_as_waiting(make_runtime,
+                                                                             monkeypatch):
+    runtime = make_runtime("sd15", **MODES["Step"], max_batch_size=2, batch_window_ms=1,
+                           warmup=False)
+    denoise = next(s for s in runtime.engine.stages if s.name == "denoise")
+    advance = denoise._advance
+
+    def dies_with_one_waiting(joined):
+        if denoise.waiting:
+            raise LoopBug("a bug in the loop itself")
+        return advance(joined)
+
+    monkeypatch.setattr(denoise, "_advance", dies_with_one_waiting)
+    gate = Gate(runtime)  # the first request denoises while the second, of another size, waits
+    try:
+        first = runtime.engine.submit(runtime.params("first", seed=1), timeout_s=60)
+        assert gate.entered.wait(30)
+        second = runtime.engine.submit(
+            runtime.params("second", seed=2, width=128, height=128), timeout_s=60)
+        wait_until(lambda: denoise.queue.qsize() == 1)
+    finally:
+        gate.close()
+    for job in (first, second):
+        assert "denoise stage stopped working" in str(job.future.exception(30))
+    assert not denoise.alive and runtime.engine.in_flight == 0
+    assert denoise.depth() == 0  # imagegen_stage_queue_depth: nothing waits on a dead stage
+
+
 def test_a_stage_thread_that_dies_answers_its_jobs_and_fails_health(client_for, monkeypatch):
     client = client_for(warmup=False)
     runtime = client.app.state.runtime
@@ -693,6 +747,31 @@ def test_a_stage_thread_that_dies_answers_its_jobs_and_fails_health(client_for, 
     assert "imagegen_ready 0.0" in client.get("/metrics").text  # an alert on it fires too
     late = client.post("/v1/images/generations", json={"prompt": "late"})
     assert late.status_code >= 500 and runtime.engine.in_flight == 0
+
+
+def test_a_device_error_fails_health_so_the_pod_restarts(client_for, monkeypatch):
+    """A CUDA error (an illegal memory access, a device-side assert) leaves the context
+    unusable: every later request would fail while the stages live on, so /healthz fails
+    and the kubelet restarts the pod. Other errors stay the request's own."""
+    client = client_for(warmup=False)
+    runtime = client.app.state.runtime
+    decode = next(stage for stage in runtime.engine.stages if stage.name == "decode")
+    errors = iter([RuntimeError("one request's fault"),
+                   torch.AcceleratorError("CUDA error: an illegal memory access")])
+
+    def fails(jobs):
+        raise next(errors)
+
+    monkeypatch.setattr(decode, "step", fails)
+    ordinary = runtime.engine.submit(runtime.params("ordinary", seed=1), timeout_s=60)
+    assert "one request's fault" in str(ordinary.future.exception(30))
+    assert client.get("/healthz").status_code == 200
+    lost = runtime.engine.submit(runtime.params("lost", seed=2), timeout_s=60)
+    assert isinstance(lost.future.exception(30), torch.AcceleratorError)
+    health = client.get("/healthz")
+    assert health.status_code == 500 and "the device failed" in health.text
+    assert "illegal memory" not in health.text  # the log has it, not an unauthenticated probe
+    assert client.get("/readyz").status_code == 503
 
 
 def test_an_edit_whose_image_cannot_be_encoded_fails_alone(make_runtime, monkeypatch):
