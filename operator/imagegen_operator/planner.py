@@ -865,8 +865,10 @@ def _check_pool(i: PlanInputs, target: int, at_max: int, per_node: int) -> list[
     if stalls:
         wanted = "spec.autoscaling.minReplicas" if i.max_replicas is not None else "spec.replicas"
         count = floor
-    else:
-        wanted, count = "spec.autoscaling.maxReplicas", target
+    else:  # autoscaled: the most it scales to, or a spec.replicas above that for now
+        wanted = ("spec.autoscaling.maxReplicas" if target == i.max_replicas
+                  else "spec.replicas")
+        count = target
     needed = math.ceil(count / per_node)
     return [
         PoolTooSmall(

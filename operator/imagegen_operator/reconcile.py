@@ -25,7 +25,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -115,6 +115,7 @@ class Memo:
     plan: Plan | None = None  # of that generation; None when its spec is invalid
     applied: int | None = None  # generation last applied (apply without reading first)
     cleaned: int | None = None  # generation whose leftover optional children were removed
+    owned: set[str] = field(default_factory=set)  # kinds of children it has applied
 
 
 @dataclass
@@ -134,6 +135,22 @@ def indexed(body: Mapping[str, Any]) -> dict[str, Any]:
         "spec": dict(body.get("spec", {})),
         "status": {"nodePool": dict((body.get("status") or {}).get("nodePool") or {})},
     }
+
+
+class NotOurs(PermanentKubeError):
+    """A child's name is taken by an object no ImageGenService of that name made."""
+
+
+# How a spec lets go of a child whose name another object holds.
+UNCLAIM = {
+    "Deployment": "give the ImageGenService another name",
+    "Service": "give the ImageGenService another name",
+    "PodDisruptionBudget": "give the ImageGenService another name",
+    "NetworkPolicy": "remove spec.server.allowFrom",
+    "HorizontalPodAutoscaler": "remove spec.autoscaling",
+    "ServiceMonitor": "switch spec.monitoring off",
+    "PodMonitor": "switch spec.monitoring off",
+}
 
 
 def _owned_by(obj: dict[str, Any], uid: str | None) -> bool:
@@ -751,11 +768,13 @@ class Reconciler:
                 deployment = live if live and _owned_by(live, resource.metadata.uid) else None
                 continue
             try:
-                if obj["kind"] == "NetworkPolicy":
-                    live = self._own_policy(obj, resource)
-                    current = self.kube.apply(obj, live=live, read_first=False)
+                if blind and obj["kind"] in memo.owned:
+                    # Applied by this process before: ours. A spec change writes anyway.
+                    current = self.kube.apply(obj, read_first=False)
                 else:
-                    current = self.kube.apply(obj, read_first=not blind)
+                    live = self._own_child(obj, resource)
+                    current = self.kube.apply(obj, live=live, read_first=False)
+                memo.owned.add(obj["kind"])
             except MissingKind as exc:
                 if obj["kind"] == "NetworkPolicy":  # a cluster without them: no fence
                     rejected.append(str(exc))
@@ -772,8 +791,8 @@ class Reconciler:
                 unfenced = unfenced or obj["kind"] == "NetworkPolicy"
                 if obj["kind"] in MONITOR_KINDS:
                     outcome.monitoring = [*(outcome.monitoring or []), str(exc)]
-                if obj["kind"] == "Deployment":  # what still runs, for status
-                    current = self.kube.get(obj["apiVersion"], obj["kind"],
+                if obj["kind"] == "Deployment" and not isinstance(exc, NotOurs):
+                    current = self.kube.get(obj["apiVersion"], obj["kind"],  # what still runs
                                             obj["metadata"]["name"], namespace_of(resource))
                 else:
                     continue
@@ -791,21 +810,22 @@ class Reconciler:
             memo.cleaned = generation
         return deployment, rejected, precompile
 
-    def _own_policy(self, policy: dict[str, Any], resource: ImageGenService
-                    ) -> dict[str, Any] | None:
-        """The live NetworkPolicy of that name, None when there is none; refused when no
-        ImageGenService of this name made it (one a person wrote for it, say): it is neither
-        rewritten nor, later, deleted with the service. One of an earlier service of the
-        name, which the garbage collector has yet to remove, is taken over."""
-        meta = policy["metadata"]
-        live = self.kube.get(policy["apiVersion"], policy["kind"], meta["name"],
-                             meta["namespace"])
+    def _own_child(self, obj: dict[str, Any], resource: ImageGenService
+                   ) -> dict[str, Any] | None:
+        """The live child of that kind and name, None when there is none; refused when no
+        ImageGenService of this name made it (another app's Service, a policy a person
+        wrote): it is neither rewritten nor, later, deleted with the service, and a
+        namespace's editors cannot take over through a service's name what they may not
+        edit. One of an earlier service of the name, which the garbage collector has yet
+        to remove, is taken over."""
+        meta = obj["metadata"]
+        live = self.kube.get(obj["apiVersion"], obj["kind"], meta["name"], meta["namespace"])
         if live is not None and not any(
                 ref.get("kind") == KIND and ref.get("name") == name_of(resource)
                 for ref in live["metadata"].get("ownerReferences") or []):
-            raise PermanentKubeError(
-                f"NetworkPolicy {meta['name']}, which no ImageGenService made, is left as it "
-                "is: delete or rename it, or remove spec.server.allowFrom")
+            raise NotOurs(
+                f"{obj['kind']} {meta['name']}, which no ImageGenService made, is left as it "
+                f"is: delete or rename it, or {UNCLAIM[obj['kind']]}")
         return live
 
     def _precompile(self, resource: ImageGenService, job: dict[str, Any] | None,

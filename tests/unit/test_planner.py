@@ -594,3 +594,14 @@ def test_the_cost_counts_no_more_nodes_than_max_nodes() -> None:
     p = make_plan(inputs("nvidia-l4", replicas=5, max_nodes=2))
     assert p.cost.nodes == 2 and p.cost == p.cost_at_max_nodes
     assert p.slots == 2
+
+
+def test_a_pool_too_small_names_the_field_whose_count_it_cannot_hold() -> None:
+    scaled = make_plan(inputs("nvidia-l4", replicas=2, min_replicas=1, max_replicas=4,
+                              max_nodes=2))
+    [short] = [f for f in scaled.findings if f.reason == "PoolTooSmall"]
+    assert "spec.autoscaling.maxReplicas=4" in short.message
+    above = make_plan(inputs("nvidia-l4", replicas=10, min_replicas=1, max_replicas=4,
+                             max_nodes=2))
+    [short] = [f for f in above.findings if f.reason == "PoolTooSmall"]
+    assert "spec.replicas=10" in short.message and "maxReplicas=10" not in short.message

@@ -556,6 +556,32 @@ def test_a_service_whose_network_policy_is_refused_starts_no_pod_unfenced(world)
     assert deployments() == ["fenced"]
 
 
+@pytest.mark.parametrize("kind, api_version, unclaim", [
+    ("Service", "v1", "give the ImageGenService another name"),
+    ("Deployment", "apps/v1", "give the ImageGenService another name"),
+])
+def test_an_object_of_the_name_no_image_gen_service_made_is_left_alone(world, kind, api_version,
+                                                                       unclaim):
+    """Another app's Service (or Deployment) of the service's name is neither rewritten, nor
+    given the service as owner (its delete would take it along), nor read as its own."""
+    theirs = {"apiVersion": api_version, "kind": kind,
+              "metadata": {"name": "frontend", "namespace": "ns", "labels": {"app": "web"}},
+              "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}}
+    world.kube.put(theirs)
+    before = world.kube.get(api_version, kind, "frontend", "ns")
+    world.create("frontend", node_pool={"provider": "Local"})
+    world.reconcile("frontend")
+    ready = world.condition("frontend", "Ready")
+    assert ready["reason"] == "ApplyRejected"
+    assert f"{kind} frontend, which no ImageGenService made" in ready["message"]
+    assert unclaim in ready["message"]
+    assert world.kube.get(api_version, kind, "frontend", "ns") == before
+    world.nodes_ready()
+    world.reconcile("frontend")  # and again, once this process has applied the rest
+    assert world.kube.get(api_version, kind, "frontend", "ns") == before
+    assert world.condition("frontend", "Ready")["reason"] == "ApplyRejected"
+
+
 def test_the_network_policy_of_an_earlier_service_of_the_name_is_taken_over(world):
     """Deleted and made again: until the garbage collector has removed the old service's
     policy, the new one takes it over rather than stall."""
