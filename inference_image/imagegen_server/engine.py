@@ -31,6 +31,18 @@ from .step_batching import StepBatchingStage
 log = logging.getLogger(__name__)
 
 
+def device_usable() -> bool:
+    """Whether the GPU still runs work after a CUDA error: an illegal memory access or a
+    device-side assert leaves the context unusable, every later call failing; a launch
+    refused for its configuration does not."""
+    try:
+        torch.ones(1, device="cuda").add_(1)
+        torch.cuda.synchronize()
+    except Exception:
+        return False
+    return True
+
+
 # The longest Retry-After a 429 names.
 MAX_RETRY_AFTER_S = 60
 
@@ -418,7 +430,8 @@ class Engine:
 
     def _released(self, job: Job, succeeded: bool) -> None:
         now = time.monotonic()
-        if isinstance(job.error, torch.AcceleratorError) and self.device_error is None:
+        if (isinstance(job.error, torch.AcceleratorError) and self.device_error is None
+                and not device_usable()):
             log.critical("the device failed; the server must restart: %r", job.error)
             self.device_error = job.error
         with self._lock:

@@ -193,11 +193,11 @@ class Stage:
                     self._holding = [job for later in groups[index:] for job in later]
                     with self._lock:
                         self._later = {job for later in groups[index + 1:] for job in later}
-                    if index == 0:
                         # Answered while the batch was being collected, when neither the
                         # queue nor _later held them: take_back found nothing to free then.
-                        for job in [job for job in self._later if job.future.done()]:
-                            self.take_back(job)
+                        answered = [job for job in self._later if job.future.done()]
+                    for job in answered if index == 0 else ():
+                        self.take_back(job)
                     try:
                         self._process(group)
                     except Exception as exc:  # a fault of this group's, not of the stage

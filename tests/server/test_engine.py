@@ -21,6 +21,7 @@ from server_testlib import (
     wait_until,
 )
 
+from imagegen_server import engine as engine_module
 from imagegen_server.engine import (
     EngineClosedError,
     InvalidRequest,
@@ -750,21 +751,27 @@ def test_a_stage_thread_that_dies_answers_its_jobs_and_fails_health(client_for, 
 
 
 def test_a_device_error_fails_health_so_the_pod_restarts(client_for, monkeypatch):
-    """A CUDA error (an illegal memory access, a device-side assert) leaves the context
-    unusable: every later request would fail while the stages live on, so /healthz fails
-    and the kubelet restarts the pod. Other errors stay the request's own."""
+    """A CUDA error that leaves the context unusable (an illegal memory access, a
+    device-side assert): every later request would fail while the stages live on, so
+    /healthz fails and the kubelet restarts the pod. Other errors, and CUDA errors after
+    which the device still works, stay the request's own."""
     client = client_for(warmup=False)
     runtime = client.app.state.runtime
     decode = next(stage for stage in runtime.engine.stages if stage.name == "decode")
-    errors = iter([RuntimeError("one request's fault"),
-                   torch.AcceleratorError("CUDA error: an illegal memory access")])
-
     def fails(jobs):
         raise next(errors)
 
     monkeypatch.setattr(decode, "step", fails)
+    usable = [True, False]  # the first CUDA error leaves the device working, the second not
+    monkeypatch.setattr(engine_module, "device_usable", lambda: usable.pop(0))
+    errors = iter([RuntimeError("one request's fault"),
+                   torch.AcceleratorError("CUDA error: invalid configuration argument"),
+                   torch.AcceleratorError("CUDA error: an illegal memory access")])
     ordinary = runtime.engine.submit(runtime.params("ordinary", seed=1), timeout_s=60)
     assert "one request's fault" in str(ordinary.future.exception(30))
+    assert client.get("/healthz").status_code == 200
+    passing = runtime.engine.submit(runtime.params("passing", seed=3), timeout_s=60)
+    assert isinstance(passing.future.exception(30), torch.AcceleratorError)
     assert client.get("/healthz").status_code == 200
     lost = runtime.engine.submit(runtime.params("lost", seed=2), timeout_s=60)
     assert isinstance(lost.future.exception(30), torch.AcceleratorError)
