@@ -483,7 +483,8 @@ class GpuSharing(KubeModel):
 
     strategy: SharingStrategy
     """TimeSharing (GPU time slices, full memory each) or MPS (concurrent kernels, memory
-    split per client)."""
+    split per client; its pods run with hostIPC, so their namespace needs the privileged
+    Pod Security level)."""
     max_shared_clients_per_gpu: int = Field(ge=gke.MIN_SHARED_CLIENTS, le=gke.MAX_SHARED_CLIENTS)
     """Pods sharing each GPU (or each MIG slice): 2..48."""
 
@@ -830,6 +831,18 @@ class TrafficSource(KubeModel):
             "one of the two",
         ),
     )
+
+    def admits_all(self) -> bool:
+        """Whether it lets every pod of the cluster in (every namespace's every pod), or
+        every address."""
+        if self.ip_block is not None:
+            return self.ip_block.cidr in ("0.0.0.0/0", "::/0")
+        return _selects_all(self.namespace_selector) and (
+            self.pod_selector is None or _selects_all(self.pod_selector))
+
+
+def _selects_all(selector: LabelSelector | None) -> bool:
+    return selector is not None and not selector.match_labels and not selector.match_expressions
 
 
 class ServerSpec(KubeModel):

@@ -234,7 +234,7 @@ def plan_table(resource: api.ImageGenService, p: Plan) -> str:
             f"{p.nodepool_name}"
             + (
                 f", maxNodes {p.max_nodes} holds {p.replicas_at_max_nodes} replica(s)"
-                if p.max_nodes is not None
+                if p.replicas_at_max_nodes is not None
                 else ""
             )
             + (", Spot" if p.spot else "")

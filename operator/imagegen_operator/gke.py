@@ -510,11 +510,12 @@ def machine_type(gpu_type: str, gpus_per_node: int) -> str | None:
 # machine types" page: G2 carries L4s (g2-standard-4 to -32: 1, -24: 2, -48: 4, -96: 8),
 # A2 Standard A100 40GB (a2-highgpu-Ng, a2-megagpu-16g), A2 Ultra A100 80GB
 # (a2-ultragpu-Ng), A3 High/Mega/Edge H100 (a3-highgpu-Ng, a3-megagpu-8g, a3-edgegpu-8g)
-# and A3 Ultra H200 (a3-ultragpu-8g). T4s attach to N1 machines: 1, 2 or 4 of them, on at
-# most 48 vCPUs with one or two GPUs and 96 with four.
+# and A3 Ultra H200 (a3-ultragpu-8g). T4s attach to N1 machines, custom ones
+# (custom-CPUS-MEMORY) included: 1, 2 or 4 of them, on at most 48 vCPUs with one or two GPUs
+# and 96 with four. Custom G2 shapes (g2-custom-*) are taken on trust.
 GPU_MACHINE_SERIES = {
-    "nvidia-tesla-t4": ("n1-standard-", "n1-highmem-", "n1-highcpu-"),
-    "nvidia-l4": ("g2-standard-",),
+    "nvidia-tesla-t4": ("n1-standard-", "n1-highmem-", "n1-highcpu-", "n1-custom-", "custom-"),
+    "nvidia-l4": ("g2-standard-", "g2-custom-"),
     "nvidia-tesla-a100": ("a2-highgpu-", "a2-megagpu-"),
     "nvidia-a100-80gb": ("a2-ultragpu-",),
     "nvidia-h100-80gb": ("a3-highgpu-", "a3-megagpu-", "a3-edgegpu-"),
@@ -530,8 +531,12 @@ def machine_mismatch(gpu_type: str, gpus_per_node: int, machine: str) -> str | N
     series = GPU_MACHINE_SERIES[gpu_type]
     if not machine.startswith(series):
         return f"{gpu_type} comes only on {' or '.join(s + '*' for s in series)} machines"
+    if machine.startswith("g2-custom-"):
+        return None
     size = machine.rsplit("-", 1)[-1]
-    if machine.startswith("n1-"):
+    if machine.startswith(("n1-custom-", "custom-")):
+        size = machine.removeprefix("n1-").split("-")[1]  # custom-CPUS-MEMORY
+    if machine.startswith(("n1-", "custom-")):
         most = N1_T4_MAX_VCPUS.get(gpus_per_node)
         if most is None:
             return "an N1 machine takes 1, 2 or 4 T4s"

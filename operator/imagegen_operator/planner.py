@@ -565,9 +565,9 @@ def make_plan(inputs: PlanInputs) -> Plan:
         ))
     if not i.guarded:
         findings.append(ServingUnauthenticated(
-            "spec.server sets neither authSecretRef nor allowFrom: any pod of the cluster "
-            "can call the server; set authSecretRef (a bearer token) or allowFrom "
-            "(a NetworkPolicy)",
+            "spec.server sets no authSecretRef, and no allowFrom or one that admits every "
+            "pod: any pod of the cluster can call the server; set authSecretRef (a bearer "
+            "token) or allowFrom (a NetworkPolicy) for the callers only",
             ("spec.server.authSecretRef", "spec.server.allowFrom"),
             blocking=False,
         ))
@@ -617,7 +617,7 @@ def make_plan(inputs: PlanInputs) -> Plan:
         # floor, minReplicas; at most, cost_at_max_nodes), never fewer than minNodes.
         cost=nodes_cost(i.gpu_type, i.count_per_node, machine, _floor_nodes(i, pods)),
         cost_at_max_nodes=nodes_cost(i.gpu_type, i.count_per_node, machine, i.max_nodes)
-        if i.max_nodes is not None
+        if at_max is not None
         else None,
         findings=tuple(findings),
     )
@@ -789,8 +789,9 @@ def _check_pods_per_node(i: PlanInputs, per_node: int) -> list[Finding]:
                  "maximum")
     return [TooManyPodsPerNode(
         f"a node has {per_node} slot(s), one pod each, but {limit}, about "
-        f"{gke.SYSTEM_PODS_PER_NODE} of them GKE's own: past {room} serving pods a node's "
-        "slots stay empty and the pods past them Pending. Share each GPU among fewer clients "
+        f"{gke.SYSTEM_PODS_PER_NODE} of them GKE's own: a node holds {room} serving pods, "
+        "so the pool needs more nodes and the rest of each node's slots stay empty. Share "
+        "each GPU among fewer clients "
         "(spec.gpu.sharing.maxSharedClientsPerGpu), or fewer GPUs per node "
         "(spec.gpu.countPerNode)",
         ("spec.gpu.sharing.maxSharedClientsPerGpu", "spec.gpu.countPerNode",
@@ -813,14 +814,17 @@ def _check_node_room(i: PlanInputs, machine: str, per_node: int) -> list[Finding
     ]
     if not over:
         return []
+    fits = _requests_room(i, machine, per_node)
+    held = (f"a node holds {fits} serving pod(s), so the pool needs more nodes and its "
+            "other slots stay empty" if fits else "no serving pod fits a node at all")
     return [RequestsExceedNode(
         f"a {machine} node has {per_node} slot(s), one pod each, but {'; '.join(over)} "
-        "(GKE's reservations taken, before the cluster's own pods): the pods past that stay "
-        "Pending. Lower spec.server.resources.requests, or share each GPU among fewer "
-        "clients (spec.gpu.sharing.maxSharedClientsPerGpu)",
+        f"(GKE's reservations taken, before the cluster's own pods): {held}. Lower "
+        "spec.server.resources.requests, or share each GPU among fewer clients "
+        "(spec.gpu.sharing.maxSharedClientsPerGpu)",
         ("spec.server.resources", "spec.gpu.sharing.maxSharedClientsPerGpu",
          "spec.gpu.partitionSize"),
-        blocking=False,
+        blocking=not fits,
     )]
 
 
@@ -872,7 +876,7 @@ def _check_pool(i: PlanInputs, target: int, at_max: int, per_node: int) -> list[
     needed = math.ceil(count / per_node)
     return [
         PoolTooSmall(
-            f"{wanted}={count} needs {needed} node(s) of {per_node} slot(s) but "
+            f"{wanted}={count} needs {needed} node(s) of {per_node} serving pod(s) but "
             f"spec.nodePool.maxNodes={i.max_nodes} holds {at_max} replica(s); raise "
             f"spec.nodePool.maxNodes to {needed} or lower {wanted}",
             (wanted, "spec.nodePool.maxNodes"),
@@ -959,7 +963,8 @@ def inputs_from_spec(spec: ImageGenServiceSpec) -> PlanInputs:
         min_nodes=pool.min_nodes,
         max_nodes=pool.max_nodes,
         monitored=spec.monitoring is not None and spec.monitoring.enabled,
-        guarded=spec.server.auth_secret_ref is not None or bool(spec.server.allow_from),
+        guarded=spec.server.auth_secret_ref is not None or bool(spec.server.allow_from) and not any(
+            source.admits_all() for source in spec.server.allow_from),
         family=spec.model.family,
         dtype=spec.model.dtype,
         memory_gib=spec.model.memory_gib,

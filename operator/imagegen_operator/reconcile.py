@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from fractions import Fraction
 from typing import Any
 
 from imagegen_operator import gke, metrics
@@ -116,6 +117,7 @@ class Memo:
     applied: int | None = None  # generation last applied (apply without reading first)
     cleaned: int | None = None  # generation whose leftover optional children were removed
     owned: set[str] = field(default_factory=set)  # kinds of children it has applied
+    warned: set[tuple[str, str]] = field(default_factory=set)  # plan warnings recorded
 
 
 @dataclass
@@ -316,8 +318,20 @@ class Reconciler:
             )
             if not outcome.ready:
                 outcome.result = "waiting"
-            self._write_status(body, status, outcome, the_plan)
+            self._warn(body, the_plan)
+            self._write_status(body, status, outcome)
         return outcome
+
+    def _warn(self, body: dict[str, Any], the_plan: Plan) -> None:
+        """A Warning Event for each of the plan's warnings (a model that barely fits its
+        slot, a port any pod may call, ...) when it is new: they do not stop the service,
+        so no condition carries them, and ``kubectl describe`` is where a person looks.
+        New to this process: one that started since says them again, once."""
+        memo = self._memo(body["metadata"].get("uid", ""))
+        found = {(f.reason, f"{', '.join(f.fields)}: {f.message}") for f in the_plan.warnings}
+        for reason, message in sorted(found - memo.warned):
+            self.record(body, "Warning", reason, message)
+        memo.warned = found
 
     def finalize(self, body: dict[str, Any]) -> bool:
         """On deletion: release every pool this service used if nobody else uses it.
@@ -683,24 +697,29 @@ class Reconciler:
         too small for what they must run together (None when it is not). Whichever of
         them reconciles, the pool gets one size and one pair of autoscaling bounds."""
         pool = resource.spec.node_pool
-        replicas, min_nodes, max_nodes = 0, pool.min_nodes, pool.max_nodes
+        min_nodes, max_nodes = pool.min_nodes, pool.max_nodes
+        # In nodes, as each service's own pods fill one: their CPU and memory requests,
+        # which the pool's key does not hold, may differ.
+        nodes, floor_nodes = Fraction(0), Fraction(0)
         floor, users = 0, []
         for other, other_plan in self._services_on(key):
-            replicas += other_plan.target_replicas
+            if other_plan.pods_per_node:
+                nodes += Fraction(other_plan.target_replicas, other_plan.pods_per_node)
+                floor_nodes += Fraction(other_plan.floor_replicas, other_plan.pods_per_node)
             floor += other_plan.floor_replicas
             users.append(f"{namespace_of(other)}/{name_of(other)}")
             min_nodes = max(min_nodes, other.spec.node_pool.min_nodes)
             max_nodes = max(max_nodes, other.spec.node_pool.max_nodes)
-        per_node = the_plan.pods_per_node
-        needed = math.ceil(replicas / per_node) if per_node else 0
+        needed, floor_needed = math.ceil(nodes), math.ceil(floor_nodes)
         short = None
-        if len(users) > 1 and per_node and floor > max_nodes * per_node:
+        # An Existing pool's size is its own: no maxNodes of a spec bounds it.
+        if len(users) > 1 and key.provider != "Existing" and floor_needed > max_nodes:
             short = (
                 f"the {len(users)} services on node pool {key.name} "
                 f"({named_for(namespace_of(resource), users)}) "
-                f"must run {floor} replicas together, but its largest spec.nodePool.maxNodes="
-                f"{max_nodes} holds {max_nodes * per_node}; raise spec.nodePool.maxNodes to "
-                f"{math.ceil(floor / per_node)} on any of them, or lower their spec.replicas "
+                f"must run {floor} replicas together, on {floor_needed} nodes, but its largest "
+                f"spec.nodePool.maxNodes is {max_nodes}; raise spec.nodePool.maxNodes to "
+                f"{floor_needed} on any of them, or lower their spec.replicas "
                 "(spec.autoscaling.minReplicas where they autoscale)"
             )
         return max(min_nodes, min(needed, max_nodes)), (min_nodes, max_nodes), short
@@ -1096,10 +1115,9 @@ class Reconciler:
         # What the rest of this reconcile reads is what was written.
         status["nodePool"] = {k: v for k, v in {**recorded, **patch}.items() if v is not None}
 
-    def _write_status(self, body: dict[str, Any], status: dict[str, Any], outcome: Outcome,
-                      the_plan: Plan | None = None) -> None:
-        """Patch status when it changed, and record the Events the change is worth; with
-        the plan of a spec that runs, also its warnings, once a generation."""
+    def _write_status(self, body: dict[str, Any], status: dict[str, Any], outcome: Outcome
+                      ) -> None:
+        """Patch status when it changed, and record the Events the change is worth."""
         previous = body.get("status") or {}
         if st.unchanged(status, previous):
             return
@@ -1108,10 +1126,7 @@ class Reconciler:
         patch = {**{k: None for k in previous}, **status}
         self.kube.patch_status(API_VERSION, KIND, meta["name"], meta.get("namespace"), patch)
         outcome.status_written = True
-        events = st.events_for(previous, status)
-        if the_plan is not None:
-            events += st.warnings_for(previous, status, the_plan)
-        for type_, reason, message in events:
+        for type_, reason, message in st.events_for(previous, status):
             self.record(body, type_, reason, message)
 
 

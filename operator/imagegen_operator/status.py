@@ -323,17 +323,6 @@ def events_for(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str,
     return events
 
 
-def warnings_for(before: dict[str, Any], after: dict[str, Any],
-                 the_plan: Plan) -> list[tuple[str, str, str]]:
-    """A Warning Event for each of the plan's warnings (a model that barely fits its slot,
-    a port anyone may call, ...) once a spec generation: they do not stop the service, so
-    no condition carries them, and ``kubectl describe`` is where a person looks."""
-    if before.get("observedGeneration") == after.get("observedGeneration"):
-        return []
-    return [("Warning", f.reason, f"{', '.join(f.fields)}: {f.message}")
-            for f in the_plan.warnings]
-
-
 def capacity(the_plan: Plan) -> dict[str, int]:
     return {
         "slotsPerGpu": the_plan.slots_per_gpu,

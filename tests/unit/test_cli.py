@@ -357,3 +357,9 @@ def test_a_machine_compute_engine_sells_only_as_spot_has_no_on_demand_price_at_m
     first = out.split("\n\n")[0]  # sdxl-int8: on-demand a3-highgpu-1g, a simulated pool
     assert "machine a3-highgpu-1g" in first
     assert "no on-demand, $2.69 Spot for 1 node(s); at maxNodes no on-demand\n" in first
+
+
+def test_plan_says_nothing_of_max_nodes_for_an_existing_pool() -> None:
+    status, out, _ = run("plan", "-f", str(ROOT / "examples" / "existing-t4.yaml"))
+    assert status == 0 and "node pool    t4-shared" in out
+    assert "maxNodes" not in out and "None" not in out

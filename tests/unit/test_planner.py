@@ -531,6 +531,7 @@ def test_flex_start_pools_are_made_by_the_gke_provider(provider, workable) -> No
     ("nvidia-h200-141gb", 1, "a3-ultragpu-8g", "comes with 8 GPU(s), not 1"),
     ("nvidia-l4", 1, "g2-standard-24", "comes with 2 GPU(s), not 1"),
     ("nvidia-tesla-t4", 2, "n1-standard-64", "at most 48 vCPUs"),
+    ("nvidia-tesla-t4", 1, "custom-64-245760", "at most 48 vCPUs"),
     ("nvidia-h100-80gb", 2, "a3-highgpu-two", "no machine type a3-highgpu-two"),
 ])
 def test_a_machine_type_that_cannot_carry_the_gpus_is_refused(gpu_type, count, machine,
@@ -545,6 +546,7 @@ def test_a_machine_type_that_cannot_carry_the_gpus_is_refused(gpu_type, count, m
 @pytest.mark.parametrize(("gpu_type", "count", "machine"), [
     ("nvidia-l4", 1, "g2-standard-16"), ("nvidia-h100-80gb", 8, "a3-megagpu-8g"),
     ("nvidia-tesla-t4", 4, "n1-highmem-96"), ("nvidia-tesla-t4", 1, "n1-standard-4"),
+    ("nvidia-tesla-t4", 1, "custom-8-30720"), ("nvidia-tesla-t4", 2, "n1-custom-16-61440"),
     ("nvidia-a100-80gb", 2, "a2-ultragpu-2g"),
 ])
 def test_a_machine_type_that_carries_the_gpus_is_planned_on(gpu_type, count, machine) -> None:
@@ -585,9 +587,10 @@ def test_a_node_holds_no_more_serving_pods_than_its_cpu_takes() -> None:
 def test_an_existing_pool_is_not_bounded_by_max_nodes() -> None:
     """The operator makes no Existing pool: spec.nodePool.maxNodes (4 by default) says
     nothing of its size, so more replicas than 4 nodes hold is no PoolTooSmall."""
-    p = make_plan(inputs("nvidia-l4", provider="Existing", replicas=6))
+    p = make_plan(inputs("nvidia-l4", provider="Existing", replicas=6, max_nodes=4))
     assert "PoolTooSmall" not in reasons(p) and p.replicas_at_max_nodes is None
-    assert p.nodes_needed == 6 and p.cost.nodes == 6
+    assert p.nodes_needed == 6 and p.cost.nodes == 6 and p.cost_at_max_nodes is None
+    assert p.slots == 6
 
 
 def test_the_cost_counts_no_more_nodes_than_max_nodes() -> None:
@@ -605,3 +608,11 @@ def test_a_pool_too_small_names_the_field_whose_count_it_cannot_hold() -> None:
                              max_nodes=2))
     [short] = [f for f in above.findings if f.reason == "PoolTooSmall"]
     assert "spec.replicas=10" in short.message and "maxReplicas=10" not in short.message
+
+
+def test_a_pod_no_node_can_take_is_refused() -> None:
+    """A g2-standard-8 offers about 7.9 cores: a pod asking 9 fits none of its nodes."""
+    p = make_plan(inputs("nvidia-l4", cpu_request=9, replicas=2))
+    [finding] = [f for f in p.findings if f.reason == "RequestsExceedNode"]
+    assert finding.blocking and not p.workable
+    assert "no serving pod fits a node" in finding.message

@@ -127,7 +127,7 @@ def unauthenticated(world: World, name: str) -> list[tuple[str, str, str, str]]:
     return [e for e in world.events if e[0] == name and e[2] == UNAUTHENTICATED]
 
 
-def test_a_plan_warning_such_as_an_unguarded_port_is_an_event_once_a_generation(world) -> None:
+def test_a_plan_warning_such_as_an_unguarded_port_is_an_event_when_it_is_new(world) -> None:
     world.create("open", node_pool={"provider": "Local"})
     world.reconcile("open")
     [(_, type_, _, message)] = unauthenticated(world, "open")
@@ -135,19 +135,42 @@ def test_a_plan_warning_such_as_an_unguarded_port_is_an_event_once_a_generation(
     assert "authSecretRef" in message and "allowFrom" in message
     world.nodes_ready()
     world.rolled_out("open")
-    world.reconcile("open")  # status changed, the spec did not: no news
-    assert len(unauthenticated(world, "open")) == 1
-    world.edit("open", replicas=2)
+    world.reconcile("open")  # status changed, the plan did not: no news
+    world.edit("open", replicas=2)  # nor does a new count (the HPA scales through the spec)
     world.reconcile("open")
-    assert len(unauthenticated(world, "open")) == 2
+    assert len(unauthenticated(world, "open")) == 1
 
     world.edit("open", server={"authSecretRef": {"name": "token", "key": "token"}})
     world.reconcile("open")
-    world.create("fenced", node_pool={"provider": "Local"},
-                 server={"allowFrom": [{"namespaceSelector": {"matchLabels": {}}}]})
-    world.reconcile("fenced")
+    world.edit("open", server={})
+    world.reconcile("open")  # unguarded again: news again
     assert len(unauthenticated(world, "open")) == 2
+    world.create("fenced", node_pool={"provider": "Local"},
+                 server={"allowFrom": [{"podSelector": {"matchLabels": {"app": "gw"}}}]})
+    world.reconcile("fenced")
     assert not unauthenticated(world, "fenced")
+
+
+@pytest.mark.parametrize("source", [
+    {"namespaceSelector": {"matchLabels": {}}}, {"ipBlock": {"cidr": "0.0.0.0/0"}},
+    {"namespaceSelector": {"matchLabels": {}}, "podSelector": {"matchLabels": {}}},
+    {"ipBlock": {"cidr": "::/0"}}])
+def test_an_allow_from_that_admits_every_pod_guards_nothing(world, source) -> None:
+    world.create("wide", node_pool={"provider": "Local"}, server={"allowFrom": [source]})
+    world.reconcile("wide")
+    assert unauthenticated(world, "wide")
+
+
+def test_plan_warnings_are_said_once_the_plan_is_made_after_a_refusal(world) -> None:
+    """A service refused before its plan was acted on (no cluster known yet) is told its
+    plan's warnings once the refusal clears, though its generation stayed the same."""
+    world.default_cluster = None
+    world.create("later", gpu=MIG_3G, node_pool={"provider": "GKE", "spot": True})
+    world.reconcile("later")
+    assert world.condition("later", "Ready")["reason"] == "ClusterUnknown"
+    world.default_cluster = CLUSTER_A
+    world.reconcile("later")
+    assert len(unauthenticated(world, "later")) == 1
 
 
 def test_a_local_service_converges_then_a_reconcile_writes_nothing(world) -> None:
@@ -773,6 +796,35 @@ def test_services_that_fit_their_pool_alone_but_not_together_are_told_so(world) 
     world.nodes_ready()
     world.rolled_out("beta")
     assert world.reconcile("beta").ready
+
+
+def test_a_shared_pool_is_sized_for_each_service_s_pods_a_node_whichever_reconciles(world):
+    """Four MPS clients an L4: a service whose pods ask 3.5 CPUs fits two on a g2-standard-8,
+    one asking none four. Four replicas of each: two nodes and one, three in all."""
+    mps4 = {"type": "nvidia-l4", "sharing": {"strategy": "MPS", "maxSharedClientsPerGpu": 4}}
+    pool = {"provider": "Local", "maxNodes": 4}
+    world.create("heavy", gpu=mps4, node_pool=pool, replicas=4,
+                 server={"resources": {"requests": {"cpu": "3500m"}}})
+    world.create("light", gpu=mps4, node_pool=pool, replicas=4)
+
+    def nodes() -> int:
+        return len(world.kube.list("v1", "Node", label_selector=f"{POOL_LABEL}=igs-l4x1-mps4"))
+
+    world.reconcile("heavy")
+    assert nodes() == 3
+    world.reconcile("light")
+    assert nodes() == 3
+
+
+def test_services_on_an_existing_pool_are_not_bounded_by_max_nodes(world) -> None:
+    """The operator makes no Existing pool: maxNodes (4 by default) says nothing of its size."""
+    for name in ("alpha", "beta"):
+        world.create(name, gpu={"type": "nvidia-tesla-t4"},
+                     node_pool={"provider": "Existing", "name": "t4-shared"}, replicas=3)
+    world.reconcile("alpha", "beta")
+    for name in ("alpha", "beta"):
+        assert world.condition(name, "Ready")["reason"] != "PoolTooSmall"
+        assert world.condition(name, "Stalled")["status"] == "False"
 
 
 def test_autoscaling_beyond_the_pool_is_a_warning_not_stalled(world) -> None:

@@ -417,6 +417,25 @@ def test_pdb_lets_one_nodes_worth_of_pods_go_at_a_time(gpu, per_node) -> None:
     assert render_pdb(r, plan(r.spec))["spec"]["maxUnavailable"] == per_node
 
 
+def test_pdb_counts_the_pods_a_node_holds_not_its_slots() -> None:
+    """Pods asking 3.5 CPUs: a g2-standard-8 holds two of its four MPS slots' pods."""
+    r = resource(gpu={"type": "nvidia-l4",
+                      "sharing": {"strategy": "MPS", "maxSharedClientsPerGpu": 4}},
+                 replicas=8, server={"resources": {"requests": {"cpu": "3500m"}}},
+                 nodePool={"provider": "Local"})
+    assert render_pdb(r, plan(r.spec))["spec"]["maxUnavailable"] == 2
+
+
+@pytest.mark.parametrize(("replicas", "rolling"), [
+    (1, {"maxSurge": 1, "maxUnavailable": 0}), (8, {"maxSurge": 1, "maxUnavailable": 1})])
+def test_a_rollout_on_an_existing_pool_also_replaces_one_pod_at_a_time(replicas, rolling):
+    """Its room is not known: a surge pod may find no slot, so one old pod goes as well, and
+    the rollout goes on (one replica keeps serving until its successor is ready)."""
+    r = resource(gpu={"type": "nvidia-tesla-t4"}, replicas=replicas,
+                 nodePool={"provider": "Existing", "name": "t4-shared"})
+    assert deployment(r)["spec"]["strategy"]["rollingUpdate"] == rolling
+
+
 def test_mps_pods_share_the_hosts_dev_shm_with_the_mps_daemon() -> None:
     mps = pod_spec(resource(gpu={"type": "nvidia-l4",
                                  "sharing": {"strategy": "MPS", "maxSharedClientsPerGpu": 4}}))

@@ -463,7 +463,10 @@ def rolling_update(spec: Any, plan: Plan, moving: bool = False,
     services run on a shared pool, fill the pool at its maxNodes, a surge pod would wait
     Pending for a slot that never comes and hold the rollout for ever: replace one pod at a
     time instead. A move to a new pool always surges: the old pods hold no slot of the new
-    pool."""
+    pool. An Existing pool's room is not known: surge, and replace one pod at a time as well,
+    so a pool with no slot left neither holds the rollout nor takes more than one pod away."""
+    if spec.node_pool.provider == "Existing" and spec.replicas > 1 and not moving:
+        return {"maxSurge": 1, "maxUnavailable": 1}
     full = (plan.replicas_at_max_nodes is not None
             and spec.replicas + neighbours >= plan.replicas_at_max_nodes)
     if full and not moving:

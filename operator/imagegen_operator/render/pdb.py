@@ -18,7 +18,7 @@ def render_pdb(resource: ImageGenService, plan: Plan) -> dict[str, Any]:
     # would never be emptied, and would stay billed however idle. But never every replica
     # of a fixed count: two nodes drained at once (a surge upgrade) would take them all.
     # An autoscaled service keeps one node's worth: its count moves under the budget.
-    allowed = max(1, plan.slots_per_node)
+    allowed = max(1, plan.pods_per_node)
     if resource.spec.autoscaling is None:
         allowed = max(1, min(allowed, resource.spec.replicas - 1))
     return {
