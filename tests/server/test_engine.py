@@ -520,44 +520,33 @@ def fails_alone(runtime, monkeypatch, method: str, error: Exception, **params) -
     assert runtime.engine.in_flight == 0
 
 
-def test_a_request_answered_while_the_group_ahead_of_it_runs_leaves_at_once(make_runtime):
+@pytest.mark.parametrize("when", ["behind a group", "collected"])
+def test_a_request_answered_in_a_batch_behind_another_group_leaves_before_it(make_runtime,
+                                                                           when):
     # Request-level batching: two sizes collected in one batch run as two groups, one after
-    # the other. The second's caller leaves while the first denoises: its slot is free now,
-    # not once the first group is done.
-    runtime = make_runtime("sd15", max_batch_size=2, batch_window_ms=300, warmup=False)
+    # the other. The second's caller leaves while the first denoises ("behind a group"), or
+    # while the stage still collects the batch, its window open, when the job is neither in
+    # the queue nor behind a group yet ("collected"): its slot is free before the first
+    # group is done.
+    runtime = make_runtime("sd15", max_batch_size=3,
+                           batch_window_ms=300 if when == "behind a group" else 1000,
+                           warmup=False)
     denoise = next(s for s in runtime.engine.stages if s.name == "denoise")
     gate = Gate(runtime)
     try:
         first = runtime.engine.submit(runtime.params("first", seed=1), timeout_s=60)
         second = runtime.engine.submit(
             runtime.params("second", seed=2, width=128, height=128), timeout_s=60)
-        assert gate.entered.wait(30)
-        wait_until(lambda: second in denoise._later)
-        assert denoise.depth() == 1  # it waits in front of the denoiser, if not in its queue
+        if when == "behind a group":
+            assert gate.entered.wait(30)
+            wait_until(lambda: second in denoise._later)
+            assert denoise.depth() == 1  # it waits in front of the denoiser, if not queued
+        else:
+            wait_until(lambda: first.waiting_at is denoise and second.waiting_at is denoise
+                       and denoise.queue.qsize() == 0)
+            assert not gate.entered.is_set() and second not in denoise._later
         second.future.cancel()
-        assert second.released and runtime.engine.in_flight == 1
-        assert denoise.depth() == 0
-    finally:
-        gate.close()
-    assert len(first.future.result(60)) == 1
-    assert runtime.engine.in_flight == 0
-
-
-def test_a_request_answered_while_its_batch_is_collected_leaves_before_the_group_ahead(
-        make_runtime):
-    # The same, with the caller leaving while the stage still collects the batch (its window
-    # open): neither in the queue nor behind a group yet, it leaves as the groups begin.
-    runtime = make_runtime("sd15", max_batch_size=3, batch_window_ms=1000, warmup=False)
-    denoise = next(s for s in runtime.engine.stages if s.name == "denoise")
-    gate = Gate(runtime)
-    try:
-        first = runtime.engine.submit(runtime.params("first", seed=1), timeout_s=60)
-        second = runtime.engine.submit(
-            runtime.params("second", seed=2, width=128, height=128), timeout_s=60)
-        wait_until(lambda: first.waiting_at is denoise and second.waiting_at is denoise
-                   and denoise.queue.qsize() == 0)
-        assert not gate.entered.is_set() and second not in denoise._later  # collecting
-        second.future.cancel()
+        assert second.released or when == "collected"  # at once, when behind a group
         assert gate.entered.wait(30)  # the first group denoises, held there
         wait_until(lambda: second.released)
         assert runtime.engine.in_flight == 1 and denoise.depth() == 0
