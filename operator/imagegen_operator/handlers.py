@@ -601,9 +601,8 @@ def run(argv: Sequence[str]) -> int:
     register(registry, operator, config)
     if config.metrics_port:
         metrics.serve(config.metrics_port, config.bind_address)
-    if config.sweep_seconds:
-        Sweeper(reconciler, kube, config.sweep_seconds, peering=config.peering,
-                priority=config.priority, namespaces=config.namespaces).start()
+    Sweeper(reconciler, kube, config.sweep_seconds, peering=config.peering,
+            priority=config.priority, namespaces=config.namespaces).start()
     kopf.run(
         registry=registry,
         clusterwide=not config.namespaces,

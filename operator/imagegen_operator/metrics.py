@@ -35,6 +35,12 @@ POOLS_IN_FLIGHT = Gauge(
     "Services whose node pool is being created or changed.",
     registry=REGISTRY,
 )
+LEADING = Gauge(
+    "imagegen_operator_leading",
+    "1 while this operator acts for its peering (kopf's priority rule, or no peering), 0 "
+    "while it stands by: a standby's other gauges are those it last set while it acted.",
+    registry=REGISTRY,
+)
 API_WRITES = Counter(
     "imagegen_operator_api_writes_total",
     "Write calls made to the Kubernetes API.",

@@ -3,7 +3,9 @@
 A service's finalizer is what deletes its pool; one taken off by hand (`kubectl patch` on
 a service stuck in deletion) leaves the pool, GPUs and all, with no service to delete it.
 Every ``every_s`` the operator that acts (the one kopf's peering lets act) looks for
-such pools and deletes those unused long enough (``Reconciler.sweep``).
+such pools and deletes those unused long enough (``Reconciler.sweep``). More often, every
+``lead_check_s``, it says whether it acts (``imagegen_operator_leading``): a standby keeps
+the gauges it last set while it acted, which a dashboard weighs by this one.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import datetime
 import logging
 import os
 import threading
+import time
 from typing import Any
 
+from imagegen_operator import metrics
 from imagegen_operator.kube import Kube, PermanentKubeError, TransientKubeError
 from imagegen_operator.reconcile import Reconciler
 
@@ -21,13 +25,17 @@ log = logging.getLogger(__name__)
 PEERING_API_VERSION = "kopf.dev/v1"
 
 
+LEAD_CHECK_S = 15.0
+
+
 class Sweeper:
     def __init__(self, reconciler: Reconciler, kube: Kube, every_s: float,
                  peering: str | None = None, priority: int = 0,
-                 namespaces: tuple[str, ...] = ()):
+                 namespaces: tuple[str, ...] = (), lead_check_s: float = LEAD_CHECK_S):
         self.reconciler = reconciler
         self.kube = kube
-        self.every_s = every_s
+        self.every_s = every_s  # 0: no sweep, the leadership gauge only
+        self.lead_check_s = lead_check_s
         self.peering = peering
         self.priority = priority
         self.namespaces = namespaces
@@ -42,12 +50,20 @@ class Sweeper:
         self._stop.set()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
-            try:
-                if self.leading():
-                    self.reconciler.sweep(acting=self.leading)
-            except Exception:  # the next sweep tries again; the operator goes on
-                log.exception("the sweep for node pools no service uses failed")
+        tick = min(self.every_s, self.lead_check_s) if self.every_s else self.lead_check_s
+        next_sweep = time.monotonic() + self.every_s
+        while True:
+            leading = self.leading()
+            metrics.LEADING.set(1 if leading else 0)
+            if self.every_s and time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + self.every_s
+                try:
+                    if leading:
+                        self.reconciler.sweep(acting=self.leading)
+                except Exception:  # the next sweep tries again; the operator goes on
+                    log.exception("the sweep for node pools no service uses failed")
+            if self._stop.wait(tick):
+                return
 
     def leading(self) -> bool:
         """Whether this process is the one of its peering that acts, by kopf's rule: no
@@ -60,7 +76,7 @@ class Sweeper:
             else:
                 found = self.kube.list(PEERING_API_VERSION, "ClusterKopfPeering")
         except (PermanentKubeError, TransientKubeError) as exc:
-            log.warning("cannot read peering %s, so no sweep: %s", self.peering, exc)
+            log.warning("cannot read peering %s, so standing by: %s", self.peering, exc)
             return False
         peering = next((p for p in found if p["metadata"]["name"] == self.peering), None)
         now = datetime.datetime.now(datetime.UTC)

@@ -26,6 +26,12 @@ def reconciles(op: OperatorProcess) -> float:
     )
 
 
+def leading(op: OperatorProcess) -> float:
+    [value] = [float(line.rsplit(" ", 1)[1]) for line in op.metrics().splitlines()
+               if line.startswith("imagegen_operator_leading ")]
+    return value
+
+
 def svc(name: str, replicas: int) -> dict:
     return {
         "apiVersion": "imagegen.dev/v1alpha1", "kind": "ImageGenService",
@@ -49,10 +55,10 @@ def test_only_the_leader_reconciles_and_the_other_takes_over(cluster, crd, tmp_p
            "metadata": {"name": PEERING}},
           {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "e2e-peering"}})
     leader = OperatorProcess(cluster, tmp_path / "leader.log",
-                             env={"IMAGEGEN_OPERATOR_PEERING": PEERING,
+                             env={"IMAGEGEN_OPERATOR_PEERING": PEERING, "POD_ID": "leader",
                                   "IMAGEGEN_OPERATOR_PRIORITY": "100"}).start()
     standby = OperatorProcess(cluster, tmp_path / "standby.log",
-                              env={"IMAGEGEN_OPERATOR_PEERING": PEERING,
+                              env={"IMAGEGEN_OPERATOR_PEERING": PEERING, "POD_ID": "standby",
                                    "IMAGEGEN_OPERATOR_PRIORITY": "50"}).start()
     try:
         # Both have announced themselves before any work exists.
@@ -63,6 +69,8 @@ def test_only_the_leader_reconciles_and_the_other_takes_over(cluster, crd, tmp_p
                         "igs/led")
         assert reconciles(leader) > 0
         assert reconciles(standby) == 0, standby.log()
+        eventually(lambda: (leading(leader), leading(standby)) == (1, 0),
+                   what="each says whether it acts")
 
         leader.stop()  # a clean exit withdraws it from the peering object
         apply(cluster, svc("led", 2))
@@ -70,6 +78,7 @@ def test_only_the_leader_reconciles_and_the_other_takes_over(cluster, crd, tmp_p
                             .get("readyReplicas")) == 2,
                    timeout=90, what="the standby reconciled the change")
         assert reconciles(standby) > 0
+        eventually(lambda: leading(standby) == 1, what="the standby says it acts now")
         cluster.kubectl("delete", "igs", "led", "-n", "e2e-peering", "--wait=true",
                         "--timeout=60s")
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import time
 
 from imagegen_operator.sweeper import _alive, leads
 
@@ -33,3 +34,38 @@ def test_a_peer_past_its_lifetime_is_gone() -> None:
     assert _alive(peer(1, seen_s_ago=30), NOW)
     assert not _alive(peer(1, seen_s_ago=61), NOW)
     assert not _alive({"priority": 1}, NOW)
+
+
+def test_the_operator_says_whether_it_acts_and_sweeps_only_then(monkeypatch) -> None:
+    from imagegen_operator import metrics
+    from imagegen_operator.sweeper import Sweeper
+    from support.memory_kube import InMemoryKube
+
+    class Reconciler:
+        sweeps = 0
+
+        def sweep(self, acting) -> None:
+            self.sweeps += 1
+
+    now = datetime.datetime.now(datetime.UTC)
+    kube = InMemoryKube()
+    peering = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
+               "metadata": {"name": "imagegen"},
+               "status": {"a": {"priority": 100, "lifetime": 60, "lastseen": now.isoformat()},
+                          "b": {"priority": 200, "lifetime": 60, "lastseen": now.isoformat()}}}
+    kube.put(peering)
+    monkeypatch.setenv("POD_ID", "a")
+    reconciler = Reconciler()
+    sweeper = Sweeper(reconciler, kube, every_s=0.02, peering="imagegen", priority=100,
+                      lead_check_s=0.01).start()
+    try:
+        time.sleep(0.2)
+        assert metrics.LEADING._value.get() == 0 and reconciler.sweeps == 0  # b acts
+        del peering["status"]["b"]
+        kube.put(peering)
+        deadline = time.monotonic() + 5
+        while reconciler.sweeps == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert metrics.LEADING._value.get() == 1 and reconciler.sweeps > 0
+    finally:
+        sweeper.stop()
