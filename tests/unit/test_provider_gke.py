@@ -395,6 +395,26 @@ def test_pool_found_in_error_after_a_restart_is_held_then_made_again(double, pro
     ensure_until(provider, resource, plan, ready)
 
 
+def test_a_pool_in_error_gone_before_its_delete_is_made_again(double, provider, resource,
+                                                               plan, clock, monkeypatch):
+    # Deleted meanwhile (by a person, say) between the read and the provider's delete.
+    double.seed_pool(pool_name(plan), "ERROR", config=made_by_us(resource, plan),
+                     statusMessage="nodes in us-central1-b could not start")
+    with pytest.raises(ProviderError):
+        provider.ensure(resource, plan, 1)
+    clock.now += 301
+    delete = double._delete_pool
+
+    def gone_first(name):
+        double.pools.pop(name, None)
+        return delete(name)
+
+    monkeypatch.setattr(double, "_delete_pool", gone_first)
+    state = provider.ensure(resource, plan, 1)
+    assert (state.ready, state.reason) == (False, "Recreating")
+    ensure_until(provider, resource, plan, ready)
+
+
 def test_a_pool_in_error_whose_nodes_serve_is_reported_not_deleted(double, resource, plan,
                                                                       clock):
     provider = GkeProvider(double.client(), clock=clock, count_nodes=lambda pool: 2)

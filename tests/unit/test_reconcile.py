@@ -9,12 +9,13 @@ library, against the local test double of GKE's REST API.
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Any
 
 import pytest
 
-from imagegen_operator import api
+from imagegen_operator import api, gke
 from imagegen_operator.kube import PermanentKubeError, TransientKubeError
 from imagegen_operator.planner import plan
 from imagegen_operator.providers import build_providers
@@ -1501,6 +1502,64 @@ def test_a_config_connector_pool_keeps_the_pods_a_node_it_was_made_for(world) ->
     assert condition["reason"] == "PoolConfigMismatch"
     assert "at most 110 pods on a node" in condition["message"]
     assert "spec.nodePool.name" in condition["message"]
+
+
+def test_a_config_connector_pool_keeps_its_machines_and_gpu_settings(world) -> None:
+    """Immutable as well: a derived machine type another release names differently, and the
+    GPUs' driver setting, stay as the pool was made."""
+    world.create("made", gpu={"type": "nvidia-l4"},
+                 node_pool={"provider": "ConfigConnector", "cluster": CLUSTER_A})
+    world.reconcile("made")
+    [made] = config_connector_pools(world).values()
+    node_config = made["spec"]["nodeConfig"]
+    node_config["machineType"] = "g2-standard-4"  # what an earlier release derived
+    node_config["guestAccelerator"][0]["gpuDriverInstallationConfig"] = {
+        "gpuDriverVersion": "DEFAULT"}
+    before = json.loads(json.dumps(made["spec"]))
+    world.reconcile("made")
+    [kept] = config_connector_pools(world).values()
+    assert kept["spec"]["nodeConfig"] == before["nodeConfig"]
+
+
+def test_a_config_connector_pool_whose_update_fails_serves_on(world) -> None:
+    """New bounds refused: Config Connector's Ready turns False, but the pool's nodes serve;
+    its condition says what failed and the service stays Ready."""
+    pool = {"provider": "ConfigConnector", "cluster": CLUSTER_A}
+    world.create("svc", node_pool=pool)
+    world.reconcile("svc")
+    [obj] = config_connector_pools(world).values()
+    obj["status"] = {"conditions": [{"type": "Ready", "status": "True", "reason": "UpToDate"}]}
+    world.kube.put({"apiVersion": "v1", "kind": "Node",
+                    "metadata": {"name": "n1", "labels": {gke.LABEL_NODEPOOL: obj["metadata"][
+                        "name"]}},
+                    "status": {"conditions": [{"type": "Ready", "status": "True"}]}})
+    world.rolled_out("svc")
+    assert world.reconcile("svc").ready
+    obj["status"] = {"conditions": [{"type": "Ready", "status": "False", "reason": "UpdateFailed",
+                                     "message": "Update call failed: the cluster is busy"}]}
+    assert world.reconcile("svc").ready
+    pool_ready = world.condition("svc", "NodePoolReady")
+    assert (pool_ready["status"], pool_ready["reason"]) == ("True", "UpdateFailed")
+    assert "the cluster is busy" in pool_ready["message"]
+
+
+def test_a_service_refused_the_pool_it_names_keeps_it_neither_alive_nor_large(world) -> None:
+    """b names a's pool with other GPUs (PoolConfigMismatch at every ask): it never runs
+    there, so a's delete deletes the pool, and b's replicas never sized it."""
+    world.create("a", gpu={"type": "nvidia-l4"},
+                 node_pool={"provider": "GKE", "name": "p", "minNodes": 1})
+    world.reconcile("a")
+    world.reconcile("a")
+    world.create("b", gpu={"type": "nvidia-l4", "countPerNode": 2}, replicas=8,
+                 node_pool={"provider": "GKE", "name": "p", "maxNodes": 8})
+    world.reconcile("b")
+    assert world.condition("b", "NodePoolReady")["reason"] == "PoolConfigMismatch"
+    assert world.body("b")["status"]["nodePool"]["created"] is False
+    world.reconcile("a")
+    autoscaling = world.double.pools[f"{CLUSTER_A}/nodePools/p"]["autoscaling"]
+    assert autoscaling["totalMaxNodeCount"] == 4  # a's maxNodes, not b's 8
+    delete_until_done(world, "a")
+    assert world.gke_pools() == set()
 
 
 def config_connector_pools(world) -> dict[tuple[str, str], dict]:

@@ -95,6 +95,13 @@ class ConfigConnectorProvider:
                 node_config.pop(field, None)
                 if field in made_with:
                     node_config[field] = made_with[field]
+            # Immutable as well, and found to match what the spec asks for: the machines a
+            # derived type now names (another release's table) and the GPUs' settings
+            # (another release's driver) stay as they were made.
+            if resource.spec.node_pool.machine_type is None and "machineType" in made_with:
+                node_config["machineType"] = made_with["machineType"]
+            if "guestAccelerator" in made_with:
+                node_config["guestAccelerator"] = made_with["guestAccelerator"]
         if live is None:
             self._refuse_a_pool_made_elsewhere(meta["name"])
         with self._lock(desired):
@@ -119,7 +126,11 @@ class ConfigConnectorProvider:
             )
         reason = (ready or {}).get("reason") or "Provisioning"
         message = (ready or {}).get("message") or "waiting for Config Connector"
-        return PoolState(meta["name"], False, ready_nodes, _camel(reason), message)
+        # A pool that was made and has nodes serves on while an update of it fails (new
+        # bounds refused, the cluster busy): what failed is said, the pool is not down.
+        serving = (live is not None and ready_nodes > 0
+                   and not now["metadata"].get("deletionTimestamp"))
+        return PoolState(meta["name"], serving, ready_nodes, _camel(reason), message)
 
     def pools_made(self, cluster: str | None) -> list[MadePool]:
         from imagegen_operator.kube import MissingKind

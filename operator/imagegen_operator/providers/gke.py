@@ -374,7 +374,12 @@ class GkeProvider:
                                              retry_after=self.failed_create_hold))
         if self._clock() < memory.failed_until:
             raise self._still_failed(memory)
-        operation = self._call(name, self.client.delete_node_pool, name=name)
+        try:
+            operation = self._call(name, self.client.delete_node_pool, name=name)
+        except _NotFound:  # gone since it was read: created again at the next ask
+            self._forget(name)
+            return PoolState(short_name, False, 0, "Recreating",
+                             f"{problem}; it is gone, and is created again.")
         memory.operation = _operation_name(name.split("/nodePools/")[0], operation)
         memory.kind, memory.attempts = "delete", 0
         log.info("deleting node pool %s, in ERROR, to create it again (%s)",
