@@ -114,8 +114,8 @@ class ClusterDefault:
             self.pending = self._found is None and starting
             if self._found is not None:
                 return self._found
-            self._next_try = self._clock() + min(
-                RETRY_AFTER_S, FIRST_RETRY_S * 2 ** self._failures)
+            self._next_try = self._clock() + min(  # the exponent capped: no overflow
+                RETRY_AFTER_S, FIRST_RETRY_S * 2 ** min(self._failures, 16))
             self._failures += 1
             return None
 

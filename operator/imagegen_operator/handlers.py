@@ -150,7 +150,8 @@ class Operator:
             self._children[key] = fingerprint
         return True
 
-    def reconcile(self, body: dict[str, Any], trigger: str, fresh: bool = False) -> None:
+    def reconcile(self, body: dict[str, Any], trigger: str, fresh: bool = False,
+                  retry: int = 0) -> None:
         """Reconcile one service; triggers that arrive meanwhile fold into one more run.
 
         A rollout sends a burst of child events; each would otherwise queue a full
@@ -167,7 +168,7 @@ class Operator:
         try:
             while True:
                 try:
-                    self._reconcile_once(service, body, trigger, fresh)
+                    self._reconcile_once(service, body, trigger, fresh, retry)
                 except Exception:
                     with self._guard:
                         retry, service.dirty = service.dirty, False
@@ -191,7 +192,8 @@ class Operator:
                     service.running = service.dirty = False
 
     def _reconcile_once(
-        self, service: _Service, body: dict[str, Any], trigger: str, fresh: bool
+        self, service: _Service, body: dict[str, Any], trigger: str, fresh: bool,
+        retry: int = 0,
     ) -> None:
         started = self._clock()
         with service.lock:
@@ -199,18 +201,28 @@ class Operator:
             try:
                 # The event's copy may predate our own last status write: start
                 # from the live object, or we would write the same status twice.
+                uid = body["metadata"]["uid"]
                 body = body if fresh else self._fresh(body)
-                if body is None:
+                if body is None:  # gone: nothing of it is managed any more
+                    with self._guard:
+                        self._services.pop(uid, None)
+                        self._update_gauges()
                     return
                 outcome = self.reconciler.reconcile(body)
             except TransientKubeError as exc:
                 metrics.ERRORS.labels("transient").inc()
                 metrics.RECONCILES.labels(trigger, "error").inc()
-                raise kopf.TemporaryError(str(exc), delay=5) from exc
+                # Sooner at first, then less often: an API server in trouble is not asked
+                # for every service every 5 s (each retry is also an Event).
+                raise kopf.TemporaryError(str(exc), delay=finalize_delay(retry)) from exc
             except PermanentKubeError as exc:
                 metrics.ERRORS.labels("permanent").inc()
                 metrics.RECONCILES.labels(trigger, "error").inc()
                 raise kopf.PermanentError(str(exc)) from exc
+            except Exception:  # a fault of ours: counted, so that the alert on errors fires
+                metrics.ERRORS.labels("other").inc()
+                metrics.RECONCILES.labels(trigger, "error").inc()
+                raise
             finally:
                 service.started = None
                 metrics.RECONCILE_SECONDS.labels(trigger).observe(self._clock() - started)
@@ -242,12 +254,19 @@ class Operator:
         # A GKE pool takes minutes to go: asked again sooner at first, then every minute,
         # not every 5 s (kopf posts each wait as an Event of its own).
         delay = finalize_delay(retry)
-        with self._service(uid).lock:
+        service = self._service(uid)
+        with service.lock:
+            service.started = self._clock()  # a stuck delete turns /healthz unhealthy too
             try:
                 done = self.reconciler.finalize(body)
             except TransientKubeError as exc:
+                metrics.ERRORS.labels("transient").inc()
                 raise kopf.TemporaryError(str(exc), delay=delay) from exc
+            except Exception:
+                metrics.ERRORS.labels("other").inc()
+                raise
             finally:
+                service.started = None
                 self._count_writes()
         if not done:
             raise kopf.TemporaryError("waiting for the node pool to be deleted", delay=delay)
@@ -256,10 +275,11 @@ class Operator:
             self._update_gauges()
 
     def _count_writes(self) -> None:
-        writes = self.reconciler.kube.writes
-        with self._guard:
-            metrics.API_WRITES.inc(writes - self._writes_reported)
-            self._writes_reported = writes
+        with self._guard:  # read under the guard: a later count reported first is no less
+            writes = self.reconciler.kube.writes
+            if writes > self._writes_reported:
+                metrics.API_WRITES.inc(writes - self._writes_reported)
+                self._writes_reported = writes
 
     def owner_of(self, child: dict[str, Any]) -> dict[str, Any] | None:
         ref = next(
@@ -348,13 +368,15 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, config: Operat
     @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
     @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry)
     @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
-    def on_change(body: kopf.Body, reason: str, services_index: kopf.Index, **_: Any) -> None:
+    def on_change(body: kopf.Body, reason: str, retry: int, services_index: kopf.Index,
+                  **_: Any) -> None:
         operator.use_index(services_index)
         # kopf hands a creation over once its own finalizer patch has come back, and
         # before that nothing of ours touched the object: no need to read it again.
         # (Should kopf give up waiting for that echo, a stale copy costs one status
         # rewrite with new transition times, nothing more.)
-        operator.reconcile(_plain(body), trigger=str(reason), fresh=reason == "create")
+        operator.reconcile(_plain(body), trigger=str(reason), fresh=reason == "create",
+                           retry=retry)
 
     @kopf.timer(
         GROUP,

@@ -53,21 +53,27 @@ class Sweeper:
         tick = min(self.every_s, self.lead_check_s) if self.every_s else self.lead_check_s
         next_sweep = time.monotonic() + self.every_s
         while True:
-            leading = self.leading()
-            metrics.LEADING.set(1 if leading else 0)
-            if self.every_s and time.monotonic() >= next_sweep:
-                next_sweep = time.monotonic() + self.every_s
-                try:
-                    if leading:
+            try:  # nothing may end the thread: the sweep and the gauge would stop with it
+                says = self._peering_says()
+                if says is not None:  # unknown (peering unread): the gauge stays
+                    metrics.LEADING.set(1 if says else 0)
+                if self.every_s and time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + self.every_s
+                    if says:
                         self.reconciler.sweep(acting=self.leading)
-                except Exception:  # the next sweep tries again; the operator goes on
-                    log.exception("the sweep for node pools no service uses failed")
+            except Exception:  # the next round tries again; the operator goes on
+                log.exception("the sweep for node pools no service uses failed")
             if self._stop.wait(tick):
                 return
 
     def leading(self) -> bool:
         """Whether this process is the one of its peering that acts, by kopf's rule: no
-        other live peer of the same or a higher priority. Without peering, always."""
+        other live peer of the same or a higher priority. Without peering, always. Not
+        while its peering cannot be read."""
+        return self._peering_says() is True
+
+    def _peering_says(self) -> bool | None:
+        """``leading``, or None while the peering cannot be read."""
         if not self.peering:
             return True
         try:
@@ -76,8 +82,8 @@ class Sweeper:
             else:
                 found = self.kube.list(PEERING_API_VERSION, "ClusterKopfPeering")
         except (PermanentKubeError, TransientKubeError) as exc:
-            log.warning("cannot read peering %s, so standing by: %s", self.peering, exc)
-            return False
+            log.warning("cannot read peering %s, so no sweep: %s", self.peering, exc)
+            return None
         peering = next((p for p in found if p["metadata"]["name"] == self.peering), None)
         now = datetime.datetime.now(datetime.UTC)
         live = {peer: info for peer, info in ((peering or {}).get("status") or {}).items()

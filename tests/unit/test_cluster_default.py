@@ -105,3 +105,14 @@ def test_a_metadata_server_that_answers_with_errors_leaves_the_cluster_pending()
         metadata.unavailable_for = 0
         clock.now += 5
         assert default() == CLUSTER and not default.pending
+
+
+def test_a_lookup_failing_for_days_keeps_its_pace() -> None:
+    clock = FakeClock(0.0)
+    with not_gke_metadata() as vm:
+        default = ClusterDefault({"GCE_METADATA_HOST": vm.host}, clock=clock,
+                                 sleep=lambda _: None)
+        default._failures = 2000  # days of failed lookups, one each 300 s
+        clock.now = 10**6
+        assert default() is None
+        assert default._next_try == 10**6 + 300

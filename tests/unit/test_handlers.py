@@ -157,3 +157,70 @@ def test_namespaces_are_names_not_patterns() -> None:
     for pattern in ("team-*", "!kube-system"):
         with pytest.raises(SystemExit):
             handlers.parse_args(["--namespace", pattern])
+
+
+def test_writes_counted_by_a_reconcile_that_reports_late_are_not_taken_back() -> None:
+    operator = handlers.Operator(RecordingReconciler())
+    operator.reconciler.kube.writes = 12
+    operator._count_writes()  # a later reconcile reported first
+    operator.reconciler.kube.writes = 10  # what an earlier one read
+    operator._count_writes()  # no negative increment (Prometheus refuses one)
+    assert operator._writes_reported == 12
+
+
+class Gone(LiveObject):
+    def get(self, api_version, kind, name, namespace):
+        return None
+
+
+class Failing(RecordingReconciler):
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    def reconcile(self, body):
+        raise self.error
+
+
+def test_a_service_found_gone_is_no_longer_counted_as_managed() -> None:
+    from imagegen_operator import metrics
+
+    operator = handlers.Operator(RecordingReconciler())
+    operator.reconcile(dict(BODY), trigger="timer")
+    assert metrics.MANAGED._value.get() == 1
+    operator.reconciler.kube = Gone()  # deleted, its finalizer taken off by hand
+    operator.reconcile(dict(BODY), trigger="timer")
+    assert metrics.MANAGED._value.get() == 0 and not operator._services
+
+
+def test_transient_errors_are_retried_less_and_less_often_and_every_error_is_counted() -> None:
+    from imagegen_operator import metrics
+    from imagegen_operator.kube import TransientKubeError
+
+    operator = handlers.Operator(Failing(TransientKubeError("the API server is busy")))
+    delays = []
+    for retry in (0, 3, 20):
+        with pytest.raises(handlers.kopf.TemporaryError) as caught:
+            operator.reconcile(dict(BODY), trigger="update", retry=retry)
+        delays.append(caught.value.delay)
+    assert delays[0] == 5 and delays[0] < delays[1] < delays[2] == 60
+    other = metrics.ERRORS.labels("other")
+    before = other._value.get()
+    operator = handlers.Operator(Failing(ValueError("a bug")))
+    with pytest.raises(ValueError):
+        operator.reconcile(dict(BODY), trigger="update")
+    assert other._value.get() == before + 1
+
+
+def test_a_delete_that_hangs_turns_the_liveness_probe_unhealthy() -> None:
+    clock = [0.0]
+
+    class Hanging(RecordingReconciler):
+        def finalize(self, body):
+            clock[0] += 400  # stuck on a call for minutes
+            assert operator.stuck_for() >= 400
+            return True
+
+    operator = handlers.Operator(Hanging(), clock=lambda: clock[0])
+    operator.finalize(dict(BODY))
+    assert operator.stuck_for() == 0

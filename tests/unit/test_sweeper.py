@@ -69,3 +69,37 @@ def test_the_operator_says_whether_it_acts_and_sweeps_only_then(monkeypatch) -> 
         assert metrics.LEADING._value.get() == 1 and reconciler.sweeps > 0
     finally:
         sweeper.stop()
+
+
+def test_a_fault_of_a_round_does_not_end_the_sweeps(monkeypatch) -> None:
+    from imagegen_operator.sweeper import Sweeper
+
+    class Reconciler:
+        sweeps = 0
+
+        def sweep(self, acting) -> None:
+            self.sweeps += 1
+            if self.sweeps == 1:
+                raise KeyError("nodePools")  # an answer of a shape nobody expected
+
+    class Kube:
+        reads = 0
+
+        def list(self, api_version, kind, namespace=None):
+            self.reads += 1
+            if self.reads == 1:
+                raise KeyError("items")
+            seen = datetime.datetime.now(datetime.UTC).isoformat()
+            return [{"metadata": {"name": "p"},
+                     "status": {"me": {"priority": 0, "lifetime": 60, "lastseen": seen}}}]
+
+    monkeypatch.delenv("POD_ID", raising=False)
+    reconciler = Reconciler()
+    sweeper = Sweeper(reconciler, Kube(), every_s=0.01, peering="p", lead_check_s=0.01).start()
+    try:
+        deadline = time.monotonic() + 5
+        while reconciler.sweeps < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert reconciler.sweeps >= 3 and sweeper._thread.is_alive()
+    finally:
+        sweeper.stop()
