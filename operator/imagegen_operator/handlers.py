@@ -258,7 +258,9 @@ class Operator:
         with service.lock:
             service.started = self._clock()  # a stuck delete turns /healthz unhealthy too
             try:
-                done = self.reconciler.finalize(body)
+                # As a reconcile does: kopf's copy may predate a pool a reconcile that held
+                # the lock just named in status, which the delete must not leave behind.
+                done = self.reconciler.finalize(self._fresh(body) or body)
             except TransientKubeError as exc:
                 metrics.ERRORS.labels("transient").inc()
                 raise kopf.TemporaryError(str(exc), delay=delay) from exc

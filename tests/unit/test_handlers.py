@@ -224,3 +224,22 @@ def test_a_delete_that_hangs_turns_the_liveness_probe_unhealthy() -> None:
     operator = handlers.Operator(Hanging(), clock=lambda: clock[0])
     operator.finalize(dict(BODY))
     assert operator.stuck_for() == 0
+
+
+def test_a_delete_acts_on_the_service_as_it_is_now_not_on_kopfs_copy() -> None:
+    live = {**BODY, "status": {"nodePool": {"name": "named-since"}}}
+    seen = []
+
+    class Live(LiveObject):
+        def get(self, api_version, kind, name, namespace):
+            return live
+
+    class Finalizing(RecordingReconciler):
+        def finalize(self, body):
+            seen.append(body)
+            return True
+
+    reconciler = Finalizing()
+    reconciler.kube = Live()
+    handlers.Operator(reconciler).finalize({**BODY, "status": {}})
+    assert seen == [live]
