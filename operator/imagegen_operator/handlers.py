@@ -171,12 +171,12 @@ class Operator:
                     self._reconcile_once(service, body, trigger, fresh, retry)
                 except Exception:
                     with self._guard:
-                        retry, service.dirty = service.dirty, False
-                    if not retry:
+                        again, service.dirty = service.dirty, False
+                    if not again:
                         raise
                     # A trigger folded into the failed run is not lost with it: once more
                     # (a child event's handler is not retried by kopf).
-                    self._reconcile_once(service, body, "coalesced", False)
+                    self._reconcile_once(service, body, "coalesced", False, retry)
                 fresh = False
                 with self._guard:
                     if not service.dirty:
@@ -264,8 +264,9 @@ class Operator:
             except TransientKubeError as exc:
                 metrics.ERRORS.labels("transient").inc()
                 raise kopf.TemporaryError(str(exc), delay=delay) from exc
-            except Exception:
-                metrics.ERRORS.labels("other").inc()
+            except Exception as exc:  # retried by kopf all the same: the pool must go
+                metrics.ERRORS.labels(
+                    "permanent" if isinstance(exc, PermanentKubeError) else "other").inc()
                 raise
             finally:
                 service.started = None
@@ -389,11 +390,11 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, config: Operat
         registry=registry,
         when=lambda body, **_: not body["metadata"].get("deletionTimestamp"),
     )
-    def on_timer(body: kopf.Body, services_index: kopf.Index, **_: Any) -> None:
+    def on_timer(body: kopf.Body, retry: int, services_index: kopf.Index, **_: Any) -> None:
         operator.use_index(services_index)
         if not operator.due(body["metadata"]["uid"]):
             return  # a provider asked to wait; edits and child events still reconcile
-        operator.reconcile(_plain(body), trigger="timer")
+        operator.reconcile(_plain(body), trigger="timer", retry=retry)
 
     @kopf.timer(
         GROUP,
@@ -405,13 +406,14 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, config: Operat
         registry=registry,
         when=lambda body, **_: waiting_for_pool(body),
     )
-    def on_pool_poll(body: kopf.Body, services_index: kopf.Index, **_: Any) -> None:
+    def on_pool_poll(body: kopf.Body, retry: int, services_index: kopf.Index,
+                     **_: Any) -> None:
         # kopf starts and stops this timer as the status changes, and pauses it with
         # every other handler when a peer takes over.
         operator.use_index(services_index)
         if not operator.due(body["metadata"]["uid"]):
             return
-        operator.reconcile(_plain(body), trigger="pool-poll")
+        operator.reconcile(_plain(body), trigger="pool-poll", retry=retry)
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry)
     def on_delete(body: kopf.Body, retry: int, **_: Any) -> None:

@@ -596,9 +596,7 @@ class Reconciler:
                 k.namesake_of(key) and created is not False for k, created in records.items())
             rides = (key.provider in CLOUD_PROVIDERS and resource is not None
                      and _rides(resource) == key.name)
-            # Refused the pool at every ask (PoolNotOwned, PoolConfigMismatch): never on it.
-            on_it = key in pools and records.get(key) is not False
-            if on_it or has_namesake or rides:
+            if key in pools or has_namesake or rides:
                 users.append(f"{meta.get('namespace')}/{meta['name']}")
         return users
 
@@ -734,8 +732,7 @@ class Reconciler:
             other, other_plan = self._parsed_plan(body)
             if other is None or other_plan is None or not other_plan.workable:
                 continue
-            if (self.pool_key(other, other_plan) == key
-                    and self.created_records(body).get(key) is not False):  # refused it
+            if self.pool_key(other, other_plan) == key:
                 yield other, other_plan
 
     def _neighbour_replicas(self, resource: ImageGenService, the_plan: Plan) -> int:

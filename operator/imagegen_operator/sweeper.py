@@ -36,6 +36,7 @@ class Sweeper:
         self.kube = kube
         self.every_s = every_s  # 0: no sweep, the leadership gauge only
         self.lead_check_s = lead_check_s
+        self._unread = False  # the peering could not be read at the last try
         self.peering = peering
         self.priority = priority
         self.namespaces = namespaces
@@ -82,8 +83,12 @@ class Sweeper:
             else:
                 found = self.kube.list(PEERING_API_VERSION, "ClusterKopfPeering")
         except (PermanentKubeError, TransientKubeError) as exc:
-            log.warning("cannot read peering %s, so no sweep: %s", self.peering, exc)
+            # Said once, not every round, until the peering is read again.
+            (log.debug if self._unread else log.warning)(
+                "cannot read peering %s, so no sweep: %s", self.peering, exc)
+            self._unread = True
             return None
+        self._unread = False
         peering = next((p for p in found if p["metadata"]["name"] == self.peering), None)
         now = datetime.datetime.now(datetime.UTC)
         live = {peer: info for peer, info in ((peering or {}).get("status") or {}).items()

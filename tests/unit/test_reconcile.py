@@ -1543,25 +1543,6 @@ def test_a_config_connector_pool_whose_update_fails_serves_on(world) -> None:
     assert "the cluster is busy" in pool_ready["message"]
 
 
-def test_a_service_refused_the_pool_it_names_keeps_it_neither_alive_nor_large(world) -> None:
-    """b names a's pool with other GPUs (PoolConfigMismatch at every ask): it never runs
-    there, so a's delete deletes the pool, and b's replicas never sized it."""
-    world.create("a", gpu={"type": "nvidia-l4"},
-                 node_pool={"provider": "GKE", "name": "p", "minNodes": 1})
-    world.reconcile("a")
-    world.reconcile("a")
-    world.create("b", gpu={"type": "nvidia-l4", "countPerNode": 2}, replicas=8,
-                 node_pool={"provider": "GKE", "name": "p", "maxNodes": 8})
-    world.reconcile("b")
-    assert world.condition("b", "NodePoolReady")["reason"] == "PoolConfigMismatch"
-    assert world.body("b")["status"]["nodePool"]["created"] is False
-    world.reconcile("a")
-    autoscaling = world.double.pools[f"{CLUSTER_A}/nodePools/p"]["autoscaling"]
-    assert autoscaling["totalMaxNodeCount"] == 4  # a's maxNodes, not b's 8
-    delete_until_done(world, "a")
-    assert world.gke_pools() == set()
-
-
 def config_connector_pools(world) -> dict[tuple[str, str], dict]:
     return {(ns, name): obj for (_, kind, ns, name), obj in world.kube.objects.items()
             if kind == "ContainerNodePool"}

@@ -56,6 +56,7 @@ def test_the_operator_says_whether_it_acts_and_sweeps_only_then(monkeypatch) -> 
     kube.put(peering)
     monkeypatch.setenv("POD_ID", "a")
     reconciler = Reconciler()
+    metrics.LEADING.set(-1)  # not yet said
     sweeper = Sweeper(reconciler, kube, every_s=0.02, peering="imagegen", priority=100,
                       lead_check_s=0.01).start()
     try:
