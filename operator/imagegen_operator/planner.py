@@ -222,7 +222,7 @@ class PlanInputs:
     min_nodes: int = 0  # nodePool.minNodes
     max_nodes: int | None = None  # nodePool.maxNodes
     monitored: bool = True  # monitoring set and enabled (or no autoscaling to feed)
-    guarded: bool = True  # server.authSecretRef or server.allowFrom set
+    guarded: bool = True  # server.authSecretRef, or a server.allowFrom not admitting every pod
     family: str = "Auto"  # model.family
     dtype: str = "bfloat16"  # model.dtype
     memory_gib: float | None = None  # model.memoryGiB
