@@ -195,8 +195,9 @@ class Stage:
                         self._later = {job for later in groups[index + 1:] for job in later}
                         # Answered while the batch was being collected, when neither the
                         # queue nor _later held them: take_back found nothing to free then.
-                        answered = [job for job in self._later if job.future.done()]
-                    for job in answered if index == 0 else ():
+                        answered = ([job for job in self._later if job.future.done()]
+                                    if index == 0 else [])
+                    for job in answered:
                         self.take_back(job)
                     try:
                         self._process(group)

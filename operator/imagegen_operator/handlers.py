@@ -214,7 +214,7 @@ class Operator:
                 metrics.RECONCILES.labels(trigger, "error").inc()
                 # Sooner at first, then less often: an API server in trouble is not asked
                 # for every service every 5 s (each retry is also an Event).
-                raise kopf.TemporaryError(str(exc), delay=finalize_delay(retry)) from exc
+                raise kopf.TemporaryError(str(exc), delay=retry_delay(retry)) from exc
             except PermanentKubeError as exc:
                 metrics.ERRORS.labels("permanent").inc()
                 metrics.RECONCILES.labels(trigger, "error").inc()
@@ -253,7 +253,7 @@ class Operator:
         uid = body["metadata"]["uid"]
         # A GKE pool takes minutes to go: asked again sooner at first, then every minute,
         # not every 5 s (kopf posts each wait as an Event of its own).
-        delay = finalize_delay(retry)
+        delay = retry_delay(retry)
         service = self._service(uid)
         with service.lock:
             service.started = self._clock()  # a stuck delete turns /healthz unhealthy too
@@ -303,8 +303,9 @@ class Operator:
         return owner
 
 
-def finalize_delay(retry: int) -> float:
-    """Seconds before a delete waiting on its node pool is tried again: 5, 7.5, 11... 60."""
+def retry_delay(retry: int) -> float:
+    """Seconds before a handler is tried again (a delete waiting on its node pool, a
+    transient API error): 5, 7.5, 11... 60."""
     return min(5 * 1.5 ** min(retry, 16), 60.0)
 
 

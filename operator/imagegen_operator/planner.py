@@ -498,7 +498,8 @@ def make_plan(inputs: PlanInputs) -> Plan:
     machine = i.machine_type or gke.machine_type(i.gpu_type, i.count_per_node)
     # A node holds a pod per slot only while GKE runs that many pods on it and its CPU and
     # memory take their requests; the findings below say when it does not.
-    pods = min(per_node, _pods_room(i), _requests_room(i, machine, per_node))
+    fits = _requests_room(i, machine, per_node)
+    pods = min(per_node, _pods_room(i), fits)
 
     nodes_needed = math.ceil(target / pods) if pods else 0
     # GPUs that hold a pod: a node's pods fill its GPUs slot by slot, the rest stay idle.
@@ -551,7 +552,7 @@ def make_plan(inputs: PlanInputs) -> Plan:
     if machine is not None and i.provider in CLOUD_PROVIDERS and not (i.spot or i.flex_start):
         findings += _check_obtainable(machine, i)
     if machine is not None and i.provider != "Existing":
-        findings += _check_node_room(i, machine, per_node)
+        findings += _check_node_room(i, machine, per_node, fits)
     findings += _check_pods_per_node(i, per_node)
     findings += _check_flex_start(i, nodes_needed)
     if i.max_replicas is not None and not i.monitored:
@@ -800,8 +801,9 @@ def _check_pods_per_node(i: PlanInputs, per_node: int) -> list[Finding]:
     )]
 
 
-def _check_node_room(i: PlanInputs, machine: str, per_node: int) -> list[Finding]:
-    """Whether a node's worth of pods (one per slot) fits its allocatable CPU and memory."""
+def _check_node_room(i: PlanInputs, machine: str, per_node: int, fits: int) -> list[Finding]:
+    """Whether a node's worth of pods (one per slot) fits its allocatable CPU and memory;
+    ``fits``: the pods it takes (``_requests_room``)."""
     room = gke.node_allocatable(machine)
     if room is None or not per_node:
         return []
@@ -814,7 +816,6 @@ def _check_node_room(i: PlanInputs, machine: str, per_node: int) -> list[Finding
     ]
     if not over:
         return []
-    fits = _requests_room(i, machine, per_node)
     held = (f"a node holds {fits} serving pod(s), so the pool needs more nodes and its "
             "other slots stay empty" if fits else "no serving pod fits a node at all")
     return [RequestsExceedNode(

@@ -85,7 +85,7 @@ def test_a_trigger_right_after_the_last_look_is_run_not_dropped() -> None:
 
 
 def test_a_delete_waiting_on_its_pool_asks_less_and_less_often() -> None:
-    delays = [handlers.finalize_delay(retry) for retry in range(12)]
+    delays = [handlers.retry_delay(retry) for retry in range(12)]
     assert delays[0] == 5 and delays == sorted(delays) and delays[-1] == 60
 
 
