@@ -1,7 +1,7 @@
 """A TEST DOUBLE of the node-pool part of GKE's REST API (container.googleapis.com v1).
 
 This is not GKE and talks to nothing outside the test process: a small
-``http.server`` on 127.0.0.1 that answers the five calls the GKE provider makes,
+``http.server`` on 127.0.0.1 that answers the six calls the GKE provider makes,
 the way the documented v1 REST contract says GKE answers them, so the provider
 can be tested with the real ``google-cloud-container`` client and its REST
 transport (URL building, proto3 JSON, error conversion) instead of mocks.
@@ -13,6 +13,8 @@ The contract it follows (the ``google.api.http`` annotations of
 - ``POST   /v1/{parent=projects/*/locations/*/clusters/*}/nodePools``, body
   ``{"nodePool": NodePool}`` (``body: "*"``, less the fields bound in the path)
   -> ``Operation`` (CREATE_NODE_POOL)
+- ``GET    /v1/{name=projects/*/locations/*/clusters/*}`` -> ``Cluster`` (its name,
+  location, ``locations`` and status only)
 - ``GET    /v1/{name=projects/*/locations/*/clusters/*/nodePools/*}`` -> ``NodePool``
 - ``DELETE /v1/{name=projects/*/locations/*/clusters/*/nodePools/*}`` -> ``Operation``
   (DELETE_NODE_POOL)
@@ -23,7 +25,9 @@ The contract it follows (the ``google.api.http`` annotations of
 
 A pool's ``locations`` (its zones) are the ones asked for, each in the cluster's
 region (else ``400 INVALID_ARGUMENT``); unset, the cluster's: its zone, or for a
-regional cluster three zones of its region (the double's choice: ``-a``, ``-b``, ``-c``).
+regional cluster three zones of its region (the double's choice: ``-a``, ``-b``, ``-c``);
+:meth:`~GkeApiTestDouble.set_cluster_zones` gives a cluster other node locations (a zonal
+cluster with more zones than its own).
 
 Bodies are proto3 JSON (camelCase; int64 as strings). The client asks with
 ``$alt=json;enum-encoding=int``, and then enums are answered as numbers, as
@@ -45,7 +49,8 @@ Knobs for tests: :meth:`GkeApiTestDouble.busy_next`,
 :meth:`~GkeApiTestDouble.quota_error_next`,
 :meth:`~GkeApiTestDouble.error_next_create`,
 :meth:`~GkeApiTestDouble.fail_next_operation`,
-:meth:`~GkeApiTestDouble.seed_pool`; every request is recorded in
+:meth:`~GkeApiTestDouble.seed_pool`,
+:meth:`~GkeApiTestDouble.set_cluster_zones`; every request is recorded in
 :attr:`~GkeApiTestDouble.requests`.
 
 Usage::
@@ -70,6 +75,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 _POOLS = re.compile(r"^/v1/(projects/[^/]+/locations/[^/]+/clusters/[^/]+)/nodePools$")
+_CLUSTER = re.compile(r"^/v1/(projects/[^/]+/locations/([^/]+)/clusters/[^/:]+)$")
 _POOL = re.compile(r"^/v1/(projects/[^/]+/locations/[^/]+/clusters/[^/]+)/nodePools/([^/:]+)$")
 _SET_AUTOSCALING = re.compile(
     r"^/v1/(projects/[^/]+/locations/[^/]+/clusters/[^/]+/nodePools/[^/:]+):setAutoscaling$"
@@ -147,13 +153,20 @@ def _region(location: str) -> str:
         else location
 
 
-def _pool_zones(cluster_location: str, asked: list[str] | None) -> list[str]:
+def _cluster_zones(cluster_location: str) -> list[str]:
+    """A cluster's node locations unless set: its zone, or three of its region."""
+    region = _region(cluster_location)
+    if region != cluster_location:
+        return [cluster_location]
+    return [f"{region}-{letter}" for letter in "abc"]
+
+
+def _pool_zones(cluster_location: str, asked: list[str] | None,
+                cluster_zones: list[str] | None = None) -> list[str]:
     """The zones a new pool gets (see the module docstring)."""
     region = _region(cluster_location)
     if not asked:
-        if region != cluster_location:
-            return [cluster_location]
-        return [f"{region}-{letter}" for letter in "abc"]
+        return list(cluster_zones or _cluster_zones(cluster_location))
     if outside := [zone for zone in asked if _region(zone) != region]:
         raise ApiError("INVALID_ARGUMENT", f"Invalid locations {outside}: the node pool's "
                        f"locations must be zones of region {region}.")
@@ -191,6 +204,8 @@ class GkeApiTestDouble:
         self.requests: list[RecordedRequest] = []
         self.pools: dict[str, dict[str, Any]] = {}  # full name -> NodePool JSON
         self.operations: dict[str, _Operation] = {}  # full name -> operation
+        self.cluster_zones: dict[str, list[str]] = {}  # full name -> node locations
+        self.missing_clusters: set[str] = set()  # full names answered 404
         self._lock = threading.RLock()
         self._ids = itertools.count(1)
         self._busy: list[str] = []  # what the running operation "is currently" doing, per call
@@ -251,6 +266,11 @@ class GkeApiTestDouble:
         return container_v1.ClusterManagerClient(transport=transport)
 
     # --- knobs -------------------------------------------------------------
+
+    def set_cluster_zones(self, cluster: str, zones: list[str]) -> None:
+        """The cluster's node locations, which its pools take unless they ask for others."""
+        with self._lock:
+            self.cluster_zones[cluster] = list(zones)
 
     def busy_next(self, count: int, doing: str = "upgrading cluster") -> None:
         """The next ``count`` mutating calls fail as GKE does while another operation runs."""
@@ -330,6 +350,12 @@ class GkeApiTestDouble:
                 self._tick(name)
             return {"nodePools": [p for n, p in self.pools.items()
                                   if n.startswith(f"{m.group(1)}/nodePools/")]}
+        if method == "GET" and (m := _CLUSTER.match(path)):
+            name, location = m.group(1), m.group(2)
+            if name in self.missing_clusters:
+                raise ApiError("NOT_FOUND", f"Not found: {name}.")
+            return {"name": name.rsplit("/", 1)[1], "location": location, "status": "RUNNING",
+                    "locations": self.cluster_zones.get(name) or _cluster_zones(location)}
         if (m := _POOL.match(path)) and method in ("GET", "DELETE"):
             name = f"{m.group(1)}/nodePools/{m.group(2)}"
             if method == "GET":
@@ -383,6 +409,8 @@ class GkeApiTestDouble:
         return op
 
     def _create_pool(self, parent: str, body: dict[str, Any]) -> dict[str, Any]:
+        if parent in self.missing_clusters:
+            raise ApiError("NOT_FOUND", f"Not found: {parent}.")
         self._check_busy(parent)
         if self._create_errors:
             error = self._create_errors.pop(0)
@@ -404,7 +432,8 @@ class GkeApiTestDouble:
             raise ApiError("INVALID_ARGUMENT", "Max pods per node must be between 8 and 256.")
         location = parent.split("/")[3]
         # As GKE answers: the cluster's default maximum (110 here) where none was asked for.
-        pool = {**pool, "locations": _pool_zones(location, pool.get("locations")),
+        pool = {**pool, "locations": _pool_zones(location, pool.get("locations"),
+                                                 self.cluster_zones.get(parent)),
                 "maxPodsConstraint": {"maxPodsPerNode": str(max_pods)}}
         op = self._new_operation(location, "CREATE_NODE_POOL", name)
         if self._next_failure:

@@ -706,6 +706,41 @@ def test_a_pool_starts_at_its_minimum_in_a_zone_and_empty_in_a_region(location, 
     assert render_config_connector_nodepool(resource, plan)["spec"]["initialNodeCount"] == initial
 
 
+@pytest.mark.parametrize(
+    ("zones", "initial"),
+    [(None, 2), (["us-central1-a"], 2), (["us-central1-a", "us-central1-b"], 0)],
+)
+def test_a_zonal_cluster_with_more_node_locations_starts_its_pools_empty(
+        double, provider, zones, initial):
+    # GKE counts initialNodeCount in each of the cluster's node locations, which a pool
+    # without spec.nodePool.locations takes: 2 would start 4 GPU nodes in 2 zones.
+    zonal = "projects/imagegen-test/locations/us-central1-a/clusters/serving"
+    if zones:
+        double.set_cluster_zones(zonal, zones)
+    resource = service(cluster=zonal, minNodes=2, maxNodes=4)
+    provider.ensure(resource, make_plan(resource.spec), 2, (2, 4))
+    [create] = double.requests_to("POST")
+    # proto3 JSON leaves a 0 out
+    assert int(create.body["nodePool"].get("initialNodeCount", 0)) == initial
+    assert "locations" not in create.body["nodePool"]  # the cluster's, as they change
+    assert len(double.requests_to("GET", "/clusters/serving")) == 1
+
+
+def test_a_regional_cluster_is_not_asked_for_its_zones(double, provider, resource, plan):
+    provider.ensure(resource, plan, 1, (1, 5))
+    assert double.requests_to("GET", "/clusters/serving") == []
+    assert len(double.requests_to("POST")) == 1
+
+
+def test_a_cluster_that_is_gone_is_said_before_any_create(double, provider):
+    resource = service(cluster="projects/imagegen-test/locations/us-central1-a/clusters/gone")
+    double.missing_clusters = {resource.spec.node_pool.cluster}
+    with pytest.raises(ProviderError) as error:
+        provider.ensure(resource, make_plan(resource.spec), 1, (1, 2))
+    assert error.value.reason == "ClusterNotFound"
+    assert double.requests_to("POST") == []
+
+
 def test_running_pool_is_brought_to_new_bounds_while_it_serves(double, provider, resource,
                                                                plan):
     seed_running(double, plan, 0, 2)

@@ -48,6 +48,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from imagegen_operator.api import ImageGenService
+from imagegen_operator.gke import ZONE_RE
 from imagegen_operator.planner import Plan
 from imagegen_operator.providers.base import (
     MadePool,
@@ -274,8 +275,10 @@ class GkeProvider:
         # No create of ours under way (or it succeeded and the pool was deleted since).
         memory.operation = memory.kind = None
 
-        request = create_node_pool_request(render_gke_nodepool(resource, plan, bounds))
         try:
+            zones = plan.locations or self._cluster_zones(name, cluster)
+            request = create_node_pool_request(
+                render_gke_nodepool(resource, plan, bounds, zones))
             operation = self._call(name, self.client.create_node_pool, **request)
         except _AlreadyExists:
             # Another create won the race (another operator replica before the
@@ -296,6 +299,15 @@ class GkeProvider:
             plan.nodepool_name,
             f"GKE is creating node pool {name} (operation {operation.name}).",
         )
+
+    def _cluster_zones(self, name: str, cluster: str) -> list[str]:
+        """The zones a pool without ``spec.nodePool.locations`` takes: the cluster's node
+        locations. A zonal cluster may have zones besides its own, and GKE starts
+        ``initialNodeCount`` nodes in each; a regional one starts its pools empty anyway."""
+        _, location, _ = parse_cluster(cluster)
+        if not ZONE_RE.match(location):
+            return []
+        return list(self._call(name, self.client.get_cluster, name=cluster).locations)
 
     def _observe(
         self, name: str, short_name: str, pool: Any, target_nodes: int, bounds: NodeBounds

@@ -57,7 +57,8 @@ def initial_node_count(cluster: str | None, min_nodes: int,
     """The nodes a new pool starts with. GKE counts ``initialNodeCount`` in each of the
     pool's zones while the autoscaling bounds are totals: in a regional cluster (location
     ``us-central1``, not ``us-central1-a``), or with more than one zone in
-    ``spec.nodePool.locations``, a minimum of 2 would start 2 GPU nodes in every zone.
+    ``spec.nodePool.locations`` (or in a zonal cluster's own node locations, which only the
+    GKE provider can read), a minimum of 2 would start 2 GPU nodes in every zone.
     There the pool starts empty, and the autoscaler adds nodes for the serving pods that
     wait; in one zone it starts at the minimum."""
     if not min_nodes:
@@ -106,8 +107,12 @@ def node_service_account(environ: Mapping[str, str] = os.environ) -> str | None:
 
 
 def render_gke_nodepool(
-    resource: ImageGenService, plan: Plan, bounds: NodeBounds | None = None
+    resource: ImageGenService, plan: Plan, bounds: NodeBounds | None = None,
+    cluster_zones: Sequence[str] = (),
 ) -> dict[str, Any]:
+    """The pool GKE's API is asked for. ``cluster_zones``: the zones of the cluster's own
+    node locations, which a pool without ``spec.nodePool.locations`` takes (a zonal
+    cluster may have more than its zone); they only size ``initialNodeCount``."""
     pool = resource.spec.node_pool
     min_nodes, max_nodes = pool_bounds(resource, bounds)
     accelerator: dict[str, Any] = {
@@ -125,7 +130,8 @@ def render_gke_nodepool(
         }
     body = {
         "name": plan.nodepool_name,
-        "initialNodeCount": initial_node_count(pool.cluster, min_nodes, plan.locations),
+        "initialNodeCount": initial_node_count(pool.cluster, min_nodes,
+                                               plan.locations or cluster_zones),
         "config": {
             "machineType": plan.machine_type,
             "spot": bool(pool.spot),
