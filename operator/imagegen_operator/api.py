@@ -81,6 +81,10 @@ CLUSTER_PATTERN = (
     r"/locations/[a-z0-9-]{1,63}"
     r"/clusters/[a-z]([-a-z0-9]{0,38}[a-z0-9])?$"
 )
+CLUSTER_MESSAGE = (
+    "cluster must be projects/PROJECT/locations/LOCATION/clusters/NAME: a project ID of 6 to "
+    "30 lowercase letters, digits and hyphens, a region or zone, a cluster name of up to 40"
+)
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
 MACHINE_TYPE_PATTERN = r"^[a-z0-9]+(-[a-z0-9]+)*$"
 # metav1.Condition's type: CamelCase, optionally prefixed with a DNS subdomain and '/'.
@@ -294,6 +298,13 @@ class CompileSpec(KubeModel):
             message="precompileJob needs cache: the Job leaves the compiled artifacts on the "
             "cache volume for the replicas to load",
         ),
+        Rule(
+            cel="!has(self.precompileJob) || !self.precompileJob || !has(self.enabled)"
+            " || self.enabled",
+            check=lambda c: not c.precompile_job or c.enabled,
+            field=".precompileJob",
+            message="precompileJob needs enabled: with compile off there is nothing to compile",
+        ),
     )
 
 
@@ -386,6 +397,18 @@ class RequestLimits(KubeModel):
     """Most denoising steps one request may ask for."""
     max_images_per_request: int = limited("max_images_per_request")
     """Largest n of one request."""
+
+    rules = (
+        Rule(
+            cel="!has(self.sizes) || self.sizes.all(s, s.split('x').all(side,"
+            " int(side) % 8 == 0 && int(side) >= 64 && int(side) <= 4096))",
+            check=lambda r: all(int(side) % 8 == 0 and 64 <= int(side) <= 4096
+                                for size in r.sizes or [] for side in size.split("x")),
+            field=".sizes",
+            message="sizes are WIDTHxHEIGHT, each side a multiple of 8 in 64..4096 "
+            "(the latents are an eighth of the image)",
+        ),
+    )
 
 
 class PipelineSpec(KubeModel):
@@ -557,7 +580,8 @@ class NodePoolSpec(KubeModel):
     )
     """Node pool name; by default derived from the GPU configuration, so services with
     identical GPU settings share a pool."""
-    cluster: str | None = Field(default=None, max_length=256, pattern=CLUSTER_PATTERN)
+    # A rule rather than a pattern, as for the model's uri: its message says what is wrong.
+    cluster: str | None = Field(default=None, max_length=256)
     """GKE cluster, projects/P/locations/L/clusters/C, for the GKE and ConfigConnector
     providers; by default the cluster the operator runs in (its gke.cluster chart value,
     or GKE's metadata server). Where the operator knows that cluster, another is refused:
@@ -588,6 +612,13 @@ class NodePoolSpec(KubeModel):
     """Most nodes the pool autoscaler may create."""
 
     rules = (
+        Rule(
+            cel=f"!has(self.cluster) || self.cluster.matches({_cel_string(CLUSTER_PATTERN)})",
+            check=lambda p: p.cluster is None
+            or re.fullmatch(CLUSTER_PATTERN, p.cluster) is not None,
+            field=".cluster",
+            message=CLUSTER_MESSAGE,
+        ),
         Rule(
             # has(): rules also run on partial objects (a default, an old stored object).
             cel="!has(self.minNodes) || !has(self.maxNodes) || self.minNodes <= self.maxNodes",
@@ -681,6 +712,15 @@ class ResourceRequirements(KubeModel):
             check=lambda r: _requests_within_limits(r.requests, r.limits),
             field=".requests",
             message="resources.requests must not exceed resources.limits for the same resource",
+        ),
+        Rule(
+            cel="(!has(self.requests) || !('nvidia.com/gpu' in self.requests))"
+            " && (!has(self.limits) || !('nvidia.com/gpu' in self.limits))",
+            check=lambda r: gke.GPU_RESOURCE not in (r.requests or {})
+            and gke.GPU_RESOURCE not in (r.limits or {}),
+            field=".requests",
+            message="resources must not name nvidia.com/gpu: every serving pod gets one GPU "
+            "(or one shared slot of it), set by the operator from spec.gpu",
         ),
     )
 

@@ -84,6 +84,19 @@ def load_resources(paths: Sequence[str], stdin: TextIO) -> list[api.ImageGenServ
     return resources
 
 
+def file_warnings(resource: api.ImageGenService) -> list[str]:
+    """What only a file can show: the operator sees live objects, whose defaults the API
+    server and the autoscaler have filled in (a live object, one with a uid, is let be)."""
+    if (resource.spec.autoscaling is not None and "replicas" in resource.spec.model_fields_set
+            and not resource.metadata.uid):
+        return [
+            f"warning: {api.KIND} {_qualified(resource)}: ReplicasBesideAutoscaling "
+            "[spec.replicas]: the autoscaler sets spec.replicas, and a GitOps tool that "
+            "applies this file sets it back at every sync; leave spec.replicas out\n"
+        ]
+    return []
+
+
 def dump_stream(objects: Iterable[dict[str, Any]]) -> str:
     """A YAML stream with sorted keys: the same objects always give the same bytes."""
     return "".join(
@@ -157,6 +170,7 @@ def _render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 f"warning: {api.KIND} {_qualified(resource)}: {finding.reason} "
                 f"[{', '.join(finding.fields)}]: {finding.message}\n"
             )
+        err.writelines(file_warnings(resource))
     if refused:
         # Nothing on stdout: a partial stream applied by GitOps would be worse than none.
         for resource, problem in refused:
@@ -293,6 +307,8 @@ def plan_table(resource: api.ImageGenService, p: Plan) -> str:
 def cmd_plan(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     resources = load_resources(args.filename, sys.stdin)
     plans = [(r, plan(r.spec)) for r in resources]
+    for resource in resources:
+        err.writelines(file_warnings(resource))
     if args.output == "json":
         doc = [
             {"name": r.metadata.name, "namespace": r.metadata.namespace or "default",
@@ -347,7 +363,7 @@ def cmd_in_use(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def _cluster(text: str) -> str:
     if not re.fullmatch(api.CLUSTER_PATTERN, text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not projects/P/locations/L/clusters/C")
+        raise argparse.ArgumentTypeError(f"{text!r}: {api.CLUSTER_MESSAGE}")
     return text
 
 

@@ -365,9 +365,12 @@ def test_dockerfile_runs_the_operator():
 
 def test_probes_and_ports_follow_the_values():
     c = container(render("metrics.port=9090", "health.port=9091", "operator.resyncSeconds=12",
-                         "operator.logFormat=json", "operator.bindAddress=::"))
+                         "operator.logFormat=json", "operator.bindAddress=::",
+                         "operator.stuckSeconds=600", "gke.failedCreateHoldSeconds=900"))
     assert c["args"] == ["run", "--resync-seconds=12", "--metrics-port=9090", "--health-port=9091",
-                         "--log-format=json", "--bind-address=::"]
+                         "--log-format=json", "--stuck-seconds=600", "--bind-address=::"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["IMAGEGEN_GKE_FAILED_CREATE_HOLD_S"] == "900"
     image = "registry.example/ml/imagegen-server:1.2"
     assert f"--server-image={image}" in container(render(f"operator.serverImage={image}"))["args"]
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": 9090, "health": 9091}
@@ -578,7 +581,7 @@ NOTES_CASES = [
       "Delete every ImageGenService"],
      ["Annotate it yourself"]),
     # The default install makes no Local nodes: the example it points to must not need them.
-    ([], ["examples/a100-autoscaling.yaml"], ["examples/l4-exclusive.yaml", "WARNING"]),
+    ([], ["examples/h100-mig-1g10gb.yaml"], ["examples/l4-exclusive.yaml", "WARNING"]),
     (["tests.enabled=false"], [], ["helm test"]),
     (["uninstallCheck.enabled=false"], ["Delete every ImageGenService"],
      ["fails, deleting nothing"]),

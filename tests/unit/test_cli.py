@@ -266,6 +266,22 @@ def test_render_warns_on_stderr_and_keeps_stdout_exact(tmp_path: Path) -> None:
     assert out.startswith("---\n") and "warning" not in out
 
 
+@pytest.mark.parametrize("command", ["render", "plan"])
+def test_a_file_that_fixes_the_replicas_of_an_autoscaled_service_is_warned(command) -> None:
+    # The autoscaler writes spec.replicas; Argo CD's selfHeal would write the file's back.
+    gitops = ROOT / "examples" / "gitops" / "services" / "sd15-l4-mps.yaml"
+    text = gitops.read_text()
+    assert "\n  replicas:" not in text  # the example leaves it out
+    cluster = "projects/my-project/locations/us-central1/clusters/serving"
+    args = ["--cluster", cluster] if command == "render" else []
+    assert run(command, "-f", "-", *args, stdin=text)[2] == ""
+    fixed = text.replace("  autoscaling:", "  replicas: 2\n  autoscaling:")
+    status, _, err = run(command, "-f", "-", *args, stdin=fixed)
+    assert status == 0 and "ReplicasBesideAutoscaling [spec.replicas]" in err
+    live = fixed.replace("  name: sd15\n", "  name: sd15\n  uid: 5f0c\n")
+    assert run(command, "-f", "-", *args, stdin=live)[2] == ""  # kubectl get's, filled in
+
+
 def test_render_is_quiet_about_notes() -> None:
     status, _, err = run("render", "-f", str(L4_MPS))  # footprint estimated: a note only
     assert (status, err) == (0, "")
@@ -346,7 +362,8 @@ def test_the_readmes_example_plans_and_renders() -> None:
     assert "error:" not in out and "warning:" not in out
     assert "4 slot(s) per GPU" in out  # what its comments say: four pods on one H100
     assert "no on-demand, $2.69 Spot" in out  # a3-highgpu-1g: Spot or Flex-start only
-    status, out, err = run("render", "-f", "-", stdin=example)
+    cluster = "projects/my-project/locations/us-central1/clusters/serving"
+    status, out, err = run("render", "-f", "-", "--cluster", cluster, stdin=example)
     assert status == 0 and "kind: Deployment" in out, err
 
 

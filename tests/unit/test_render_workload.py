@@ -398,6 +398,18 @@ def test_service_and_endpoint_use_the_server_port() -> None:
     assert endpoint(r) == "http://svc.team-a.svc.cluster.local:9000"
 
 
+@pytest.mark.parametrize(("port", "sysctls"), [
+    (8080, None), (1024, None),
+    (80, [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "80"}]),
+])
+def test_a_port_below_1024_is_opened_to_the_non_root_server(port, sysctls) -> None:
+    # The server runs as uid 10001 with every capability dropped: without the sysctl, a
+    # bind to port 80 fails with EACCES and the pod never turns ready.
+    pod = deployment(resource(server={"port": port}))["spec"]["template"]["spec"]
+    assert pod["securityContext"].get("sysctls") == sysctls
+    assert pod["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
 @pytest.mark.parametrize(("gpu", "per_node"), [
     ({"type": "nvidia-l4"}, 1),
     ({"type": "nvidia-h100-80gb", "partitionSize": "1g.10gb"}, 7),

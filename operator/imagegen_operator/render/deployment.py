@@ -33,6 +33,7 @@ from imagegen_operator.api import POOL_PROVIDERS, ImageGenService
 from imagegen_operator.planner import Plan
 from imagegen_operator.render import server_env as env
 from imagegen_operator.render.common import (
+    DEFAULT_PORT,
     HTTP_PORT_NAME,
     SERVER_CONTAINER,
     common_labels,
@@ -51,6 +52,7 @@ SERVER_IMAGE_ENV = "IMAGEGEN_OPERATOR_SERVER_IMAGE"
 
 # The server image's non-root user (inference_image/Dockerfile; numeric, so runAsNonRoot can verify it).
 RUN_AS_USER = 10001
+PRIVILEGED_PORTS_END = 1024  # Linux's default net.ipv4.ip_unprivileged_port_start
 
 # Startup budget: model download and load, plus compile warm-up when enabled.
 # max-autotune tries kernel variants and can take tens of minutes on a cold
@@ -352,14 +354,21 @@ def container_resources(resource: ImageGenService) -> dict[str, Any]:
     return {"requests": dict(sorted(requests.items())), "limits": dict(sorted(limits.items()))}
 
 
-def pod_security_context() -> dict[str, Any]:
-    return {
+def pod_security_context(port: int = DEFAULT_PORT) -> dict[str, Any]:
+    context: dict[str, Any] = {
         "runAsNonRoot": True,
         "runAsUser": RUN_AS_USER,
         "runAsGroup": RUN_AS_USER,
         "fsGroup": RUN_AS_USER,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
+    if port < PRIVILEGED_PORTS_END:
+        # A non-root server with no capabilities binds a port below 1024 only where the
+        # pod's network namespace says so: a safe sysctl, which every Pod Security level
+        # allows, rather than NET_BIND_SERVICE.
+        context["sysctls"] = [{"name": "net.ipv4.ip_unprivileged_port_start",
+                               "value": str(port)}]
+    return context
 
 
 def container_security_context() -> dict[str, Any]:
@@ -420,7 +429,7 @@ def render_deployment(
                                      spec.node_pool.name is not None),
         "tolerations": tolerations(spec.node_pool.provider, plan),
         "topologySpreadConstraints": topology_spread(resource),
-        "securityContext": pod_security_context(),
+        "securityContext": pod_security_context(server_port(resource)),
         "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,
