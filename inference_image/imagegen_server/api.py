@@ -90,6 +90,9 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
     runtime = runtime or ModelRuntime(settings)
     metrics = runtime.metrics
     token = _read_token(settings)
+    if token is None:
+        log.warning("no auth_token_file or auth_token: every client that reaches port %d "
+                    "may generate", settings.port)
     signer = _read_signer(settings)
 
     @asynccontextmanager
@@ -305,11 +308,17 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         def encode(image) -> str:
             return _png_base64([image], params, marked(), signer)[0]
 
+        def encode_preview(image) -> str:
+            # A rough estimate of the image, not the image: no provenance record and no
+            # C2PA signature (with a timestamp authority, a round trip per preview).
+            return _png_base64([image], params, None, None)[0]
+
         async def events():
             # Closed here, not whenever the collector gets to it: a client that left cancels
             # its job at once (image_events' finally), and frees its slot.
             async with contextlib.aclosing(image_events(
-                    job, previews, params, kind, encode, settings.request_timeout_s)) as stream_:
+                    job, previews, params, kind, encode, settings.request_timeout_s,
+                    encode_preview)) as stream_:
                 async for event in stream_:
                     yield event
                     if event.event == f"{kind}.completed":
@@ -376,8 +385,10 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         body["startup_seconds"] = runtime.startup_seconds
         return body
 
+    # A plain def: FastAPI runs it on its thread pool, so a scrape whose NVML reads hang (a
+    # failing GPU) holds a thread, not the event loop that answers /healthz.
     @app.get("/metrics")
-    async def prometheus_metrics():
+    def prometheus_metrics():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -134,14 +134,14 @@ class ImageRequest(BaseModel):
         if value is None or SIZE.fullmatch(value):
             return value
         raise ValueError(
-            f"size {value!r} is not WIDTHxHEIGHT in pixels, such as '512x512', or 'auto'")
+            f"size {shown(value)} is not WIDTHxHEIGHT in pixels, such as '512x512', or 'auto'")
 
     @field_validator("response_format", check_fields=False)
     @classmethod
     def _inline_only(cls, value: str | None) -> str | None:
         if value not in (None, "b64_json"):
             raise ValueError(
-                f"response_format {value!r} is not supported: this server returns images "
+                f"response_format {shown(str(value))} is not supported: this server returns images "
                 "inline, as 'b64_json', and hosts no URLs"
             )
         return value
@@ -150,7 +150,8 @@ class ImageRequest(BaseModel):
     @classmethod
     def _png_only(cls, value: str | None) -> str | None:
         if value not in (None, "png"):
-            raise ValueError(f"output_format {value!r} is not supported: this server returns PNG")
+            raise ValueError(
+                f"output_format {shown(str(value))} is not supported: this server returns PNG")
         return value
 
     @field_validator("background", check_fields=False)

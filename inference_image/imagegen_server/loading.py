@@ -144,9 +144,38 @@ def import_libraries() -> None:
     import transformers.modeling_utils  # noqa: F401
 
 
+class _PromptTextFilter(logging.Filter):
+    """diffusers logs the cut-off end of a prompt longer than its text encoder takes, at
+    WARNING and through its own stderr handler ("The following part of your input was
+    truncated because CLIP can only handle sequences up to 77 tokens: [...]"). A prompt is
+    the user's, not the log's: the record keeps only that it happened."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if TRUNCATED_PROMPT in str(record.msg):
+            record.msg, record.args = PROMPT_CUT_NOTE, ()
+        return True
+
+
+TRUNCATED_PROMPT = "part of your input was truncated"
+PROMPT_CUT_NOTE = "a prompt was cut to the length its text encoder takes (its text is not logged)"
+
+
+def keep_prompts_out_of_logs() -> None:
+    """Put the filter on the handlers that write diffusers' records: its own (it does not
+    propagate by default) and the root logger's (where it is made to)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.get_logger("diffusers")  # sets up diffusers' handler if not yet
+    for handler in logging.getLogger("diffusers").handlers + logging.getLogger().handlers:
+        if not any(isinstance(f, _PromptTextFilter) for f in handler.filters):
+            handler.addFilter(_PromptTextFilter())
+
+
 def load_model(settings: ServerSettings) -> LoadedModel:
     """Resolve, detect and load the pipeline once, on its device, ready for the stage steps."""
     from diffusers import DiffusionPipeline
+
+    keep_prompts_out_of_logs()
 
     path = resolve_model_uri(settings.model, settings)
     detected = detect_family(path)

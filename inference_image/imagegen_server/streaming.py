@@ -63,13 +63,18 @@ async def image_events(
     kind: str,
     encode: Callable[[object], str],
     timeout_s: float,
+    encode_preview: Callable[[object], str] | None = None,
 ) -> AsyncIterator[ServerSentEvent]:
-    """The events of one streamed request; ``encode`` turns an image into base64 PNG (it runs
-    on a worker thread). Cancelling the iteration (a client that left) cancels the job."""
+    """The events of one streamed request; ``encode`` turns the image into base64 PNG, and
+    ``encode_preview`` a preview (plain: no provenance, no signature; ``encode`` when unset);
+    both run on a worker thread. Cancelling the iteration (a client that left) cancels the
+    job."""
     started = time.monotonic()
+    encode_preview = encode_preview or encode
 
     async def event(name: str, image, **fields) -> ServerSentEvent:
-        b64 = await asyncio.to_thread(encode, image)
+        encoder = encode if name == "completed" else encode_preview
+        b64 = await asyncio.to_thread(encoder, image)
         body = {"type": f"{kind}.{name}", "b64_json": b64, "created_at": int(time.time()),
                 "size": f"{params.width}x{params.height}", "quality": "auto",
                 "background": "opaque", "output_format": "png", **fields}
@@ -111,7 +116,8 @@ async def image_events(
             sent += 1
             if preview is not None:
                 yield await event("partial_image", preview[0], partial_image_index=index)
-        yield await event("completed", images[0], usage=NO_TOKENS)
+        # The seed as a plain answer gives it (not OpenAI's): the image can be made again.
+        yield await event("completed", images[0], usage=NO_TOKENS, seed=params.seed)
     except TimeoutError:
         yield stream_error(JobTimeout("request timed out"))
     except Exception as exc:  # encoding or signing an image: still an answer in OpenAI's shape

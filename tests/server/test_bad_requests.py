@@ -273,6 +273,9 @@ def test_the_openai_client_raises_its_class_for_the_case(client, name):
 def test_a_huge_value_is_not_echoed_back(client):
     for body in ({"prompt": "x", "lora": [{"name": "a" * 3000}]},  # the body's limit is 4096
                  {"prompt": "x", "model": "m" * 3000},
+                 {"prompt": "x", "size": "5" * 3000},
+                 {"prompt": "x", "response_format": "u" * 3000},
+                 {"prompt": "x", "output_format": "j" * 3000},
                  {"prompt": "x", "n" * 3000: 1}):
         response = client.post(GENERATE, json=body, headers=AUTH)
         assert response.status_code == 400 and len(response.content) < 1000, response.text

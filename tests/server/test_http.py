@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -60,6 +61,18 @@ def test_defaults_fill_in_and_seed_is_reported(client_for):
     payload = response.json()
     assert decode_png(payload["data"][0]["b64_json"]).size == (64, 64)  # the model's native size
     assert 0 <= payload["seed"] < 2**63
+
+
+def test_a_long_prompt_leaves_no_text_in_the_log(client_for, capfd, caplog):
+    # CLIP takes 77 tokens; diffusers logs what it cuts off, which is the user's prompt.
+    client = client_for(warmup=False)
+    filler = " ".join(["word"] * 90)
+    body = {"prompt": f"{filler} tailsecret", "negative_prompt": f"{filler} negsecret",
+            "steps": 1}
+    assert client.post(GENERATE, json=body).status_code == 200
+    logged = capfd.readouterr().err + caplog.text
+    assert "secret" not in logged
+    assert "a prompt was cut to the length its text encoder takes" in logged
 
 
 def test_sizes_default_to_at_most_the_models_native_pixels(client_for):
@@ -172,6 +185,36 @@ def test_size_auto_is_the_default_size_and_seeds_fit_a_javascript_number(client_
         image = Image.open(io.BytesIO(base64.b64decode(answer.json()["data"][0]["b64_json"])))
         assert image.size == client.app.state.runtime.default_size
         assert 0 <= answer.json()["seed"] < 2**53
+
+
+def test_a_scrape_held_up_by_its_collectors_leaves_the_probes_answering(make_runtime,
+                                                                      serve_live):
+    # NVML reads on a failing GPU can hang; /healthz must not wait behind them.
+    runtime = make_runtime("sd15", warmup=False)
+    base = serve_live(runtime)
+    held, release, gave_up = threading.Event(), threading.Event(), threading.Event()
+
+    class Stuck:
+        def describe(self):  # else registering it would collect, and wait, already
+            return []
+
+        def collect(self):
+            held.set()
+            if not release.wait(10):
+                gave_up.set()
+            return []
+
+    runtime.metrics.registry.register(Stuck())
+    scrape = threading.Thread(target=httpx.get, args=(base + "/metrics",),
+                              kwargs={"timeout": 30})
+    scrape.start()
+    try:
+        assert held.wait(30)
+        assert httpx.get(base + "/healthz", timeout=30).status_code == 200
+        assert not gave_up.is_set()  # answered while the scrape was still held
+    finally:
+        release.set()
+        scrape.join(30)
 
 
 def test_models_health_and_readiness(client_for):

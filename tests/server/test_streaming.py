@@ -49,6 +49,12 @@ def test_the_openai_client_reads_previews_then_the_image(client):
         assert event.size == "64x64" and event.output_format == "png"
     previews = [png(e.b64_json) for e in events[:2]]
     assert all(p.size == (64, 64) for p in previews)
+    # The seed, as a plain answer gives it; the provenance record is the image's, and a
+    # preview is no image of record (nor signed: a timestamp round trip per preview).
+    assert events[-1].model_extra["seed"] == 9
+    assert "parameters" in Image.open(io.BytesIO(base64.b64decode(events[-1].b64_json))).text
+    for event in events[:2]:
+        assert not Image.open(io.BytesIO(base64.b64decode(event.b64_json))).text
     final = png(events[-1].b64_json)
     # The streamed image is the image the same request makes without streaming.
     params = runtime.params("a lighthouse", seed=9, steps=6)
