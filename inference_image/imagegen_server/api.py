@@ -44,6 +44,7 @@ from .config import SHUTDOWN_FLUSH_S, ServerSettings
 from .engine import (
     EngineClosedError,
     InvalidRequest,
+    Place,
     QueueFullError,
     check_edits_served,
     check_request,
@@ -181,26 +182,30 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         with _as_bad_request():
             check_edits_served(runtime.steps)
         check_limits(params_of(body, parse_size(body.size)))
-        with _refused_for_room():  # before the decode: a full server would refuse it after
-            runtime.engine.check_room()
-        try:
-            image, mask, media_type = await asyncio.to_thread(
-                decode_uploads, files, settings.max_upload_pixels
-            )
-        except UploadError as exc:
-            raise ApiError(400, str(exc), param=exc.field, code="invalid_image") from exc
-        size = parse_size(body.size)
-        if size[0] is None:
-            steps = runtime.steps
-            size = edit_size(image.size, steps.size_multiple, max_pixels(steps, settings),
-                             listed_sizes(steps, settings))
-        strength = body.strength if body.strength is not None else (0.8 if mask is None else 1.0)
-        # The upload as sent only where a signature names it as the parent.
-        upload = files["image"] if signer is not None else None
-        edit = EditInput(image, strength, mask, upload=upload, upload_type=media_type)
-        edit = await asyncio.to_thread(runtime.steps.fitted, edit, *size)
-        params = params_of(body, size, edit)
-        return await answer(request, params, "image_edit", body.stream)
+        # Room is held before the decode: a full server would refuse the edit after it, and a
+        # burst of uploads decodes no more of them than there is room for.
+        with contextlib.ExitStack() as held:
+            with _refused_for_room():
+                place = held.enter_context(runtime.engine.reserve())
+            try:
+                image, mask, media_type = await asyncio.to_thread(
+                    decode_uploads, files, settings.max_upload_pixels
+                )
+            except UploadError as exc:
+                raise ApiError(400, str(exc), param=exc.field, code="invalid_image") from exc
+            size = parse_size(body.size)
+            if size[0] is None:
+                steps = runtime.steps
+                size = edit_size(image.size, steps.size_multiple, max_pixels(steps, settings),
+                                 listed_sizes(steps, settings))
+            strength = body.strength if body.strength is not None else (
+                0.8 if mask is None else 1.0)
+            # The upload as sent only where a signature names it as the parent.
+            upload = files["image"] if signer is not None else None
+            edit = EditInput(image, strength, mask, upload=upload, upload_type=media_type)
+            edit = await asyncio.to_thread(runtime.steps.fitted, edit, *size)
+            params = params_of(body, size, edit)
+            return await answer(request, params, "image_edit", body.stream, place)
 
     def params_of(body: ImageRequest, size: tuple[int | None, int | None],
                   edit: EditInput | None = None) -> GenerationParams:
@@ -220,11 +225,11 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         )
 
     async def answer(request: Request, params: GenerationParams, kind: str,
-                     streamed: bool | None):
+                     streamed: bool | None, place: Place | None = None):
         """A stream of events when the request asked for one, else one JSON answer."""
         if streamed:
-            return stream(request, params, kind)
-        return await serve(request, params)
+            return stream(request, params, kind, place)
+        return await serve(request, params, place)
 
     def check_served(name: str | None) -> None:
         """503 until the model is ready; 404 when ``name`` (a request's ``model``) is another."""
@@ -243,10 +248,10 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         with _as_bad_request():
             check_request(params, runtime.steps, settings)
 
-    def submit(params: GenerationParams, on_preview=None):
+    def submit(params: GenerationParams, on_preview=None, place: Place | None = None):
         """The engine's job for ``params``, or the 400, 429 or 503 that refuses it."""
         with _refused_for_room(), _as_bad_request():
-            return runtime.engine.submit(params, settings.request_timeout_s, on_preview)
+            return runtime.engine.submit(params, settings.request_timeout_s, on_preview, place)
 
     @contextlib.contextmanager
     def _refused_for_room():
@@ -265,10 +270,11 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
                 503, str(exc), kind="server_error", headers={"Retry-After": "5"}
             ) from exc
 
-    async def serve(request: Request, params: GenerationParams) -> dict:
+    async def serve(request: Request, params: GenerationParams,
+                    place: Place | None = None) -> dict:
         """Submit, wait and answer: what generations and edits share once parsed."""
         started = time.monotonic()
-        job = submit(params)
+        job = submit(params, place=place)
         try:
             images = await wait_for_images(job, request, settings.request_timeout_s)
         except ClientGone:
@@ -299,10 +305,11 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         """The model name provenance records, or None when the PNGs carry none."""
         return runtime.model.name if settings.provenance else None
 
-    def stream(request: Request, params: GenerationParams, kind: str) -> EventSourceResponse:
+    def stream(request: Request, params: GenerationParams, kind: str,
+               place: Place | None = None) -> EventSourceResponse:
         """The answer as OpenAI streams images (streaming.py); refusals come first, plain."""
         previews = Previews()
-        job = submit(params, previews.deliver)
+        job = submit(params, previews.deliver, place)
         started = time.monotonic()
 
         def encode(image) -> str:

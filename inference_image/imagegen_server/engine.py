@@ -14,7 +14,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import InvalidStateError
 from typing import Any
 
@@ -51,6 +51,12 @@ class QueueFullError(RuntimeError):
     def __init__(self, retry_after_s: int):
         super().__init__(f"server busy, retry in {retry_after_s}s")
         self.retry_after_s = retry_after_s
+
+
+class Place:
+    """Room held for a request before its job exists (:meth:`Engine.reserve`)."""
+
+    taken = False
 
 
 class EngineClosedError(RuntimeError):
@@ -237,6 +243,7 @@ class Engine:
         self._lock = threading.Condition()
         # Every job accepted and not yet let go of; the count and the work in flight are its own.
         self._jobs: set[Job] = set()
+        self._places = 0  # held by requests with work to do before submit (reserve)
         self._closed = False
         # A CUDA error the device reported (an illegal memory access, a device-side assert):
         # the context is unusable from then on, so the pod must restart (/healthz fails).
@@ -351,11 +358,13 @@ class Engine:
         params: GenerationParams,
         timeout_s: float | None = None,
         on_preview: Callable[[int, list], None] | None = None,
+        place: Place | None = None,
     ) -> Job:
         """Accept a request or refuse it now; the job's future resolves to a list of images.
 
         With ``on_preview``, the request's ``partial_images`` previews are handed to it (from
-        the preview thread) as they are made, each with its index.
+        the preview thread) as they are made, each with its index. ``place``: one ``reserve``
+        held for it, which the job takes over.
         """
         check_request(params, self.steps, self.settings)
         deadline = time.monotonic() + timeout_s if timeout_s else None
@@ -368,6 +377,9 @@ class Engine:
         if on_preview is not None and params.partial_images and self.previewer is not None:
             job.preview = PreviewRequest(on_preview)
         with self._lock:
+            if place is not None and not place.taken:
+                place.taken = True  # the place becomes the job's: not counted twice
+                self._places -= 1
             self._check_room(job.cost)
             self._jobs.add(job)
             self.metrics.in_flight.set(len(self._jobs))
@@ -377,20 +389,32 @@ class Engine:
             lambda _: job.waiting_at is not None and job.waiting_at.take_back(job))
         return job
 
-    def check_room(self) -> None:
-        """Refuse now what ``submit`` would refuse whatever the request: for a caller with
-        work to do first (an upload to decode), which a full server would then refuse anyway.
-        (Its cost is not known yet, an edit's size and share of the steps being the upload's:
-        ``submit`` weighs that.)"""
+    @contextlib.contextmanager
+    def reserve(self) -> Iterator[Place]:
+        """A place for a request with work to do before ``submit`` (an upload to decode):
+        refused now if a full server would refuse any request, and counted against the
+        room while that work runs, so that a burst of uploads decodes no more of them than
+        the server can take. ``submit(..., place=...)`` hands it to the job; left unused, it
+        is given back on leaving. (Its cost is not known yet, an edit's size and share of
+        the steps being the upload's: ``submit`` weighs that.)"""
+        place = Place()
         with self._lock:
             self._check_room(None)
+            self._places += 1
+        try:
+            yield place
+        finally:
+            with self._lock:
+                if not place.taken:
+                    place.taken = True
+                    self._places -= 1
 
     def _check_room(self, cost: float | None) -> None:
         if self._closed:
             raise EngineClosedError("server is shutting down")
         capacity = self.settings.queue_capacity
         busy = bool(self._jobs)
-        if len(self._jobs) >= capacity or (
+        if len(self._jobs) + self._places >= capacity or (
                 cost is not None and busy and self.work_in_flight + cost > capacity):
             raise QueueFullError(self.retry_after_s(1.0 if cost is None else cost))
 

@@ -140,6 +140,46 @@ def test_an_edit_with_room_by_its_own_cost_is_not_refused_before_its_decode(clie
     assert answers["held"].status_code == 200
 
 
+def test_a_burst_of_edits_decodes_no_more_uploads_than_there_is_room_for(client_for,
+                                                                        monkeypatch):
+    from imagegen_server import api
+
+    client = client_for(queue_capacity=2, warmup=False)
+    entered, release, decoded = threading.Semaphore(0), threading.Event(), []
+
+    def held_decode(*args, **kwargs):
+        decoded.append(1)
+        entered.release()
+        release.wait(30)
+        return real_decode(*args, **kwargs)
+
+    real_decode = api.decode_uploads
+    monkeypatch.setattr(api, "decode_uploads", held_decode)
+    source = io.BytesIO()
+    Image.new("RGB", (64, 64), (120, 60, 30)).save(source, format="PNG")
+
+    def post_edit():
+        return client.post("/v1/images/edits", data={"prompt": "edit", "steps": "2"},
+                           files={"image": ("a.png", source.getvalue(), "image/png")})
+
+    answers: list = []
+    first = [threading.Thread(target=lambda: answers.append(post_edit())) for _ in range(2)]
+    for thread in first:
+        thread.start()
+    try:
+        assert entered.acquire(timeout=30) and entered.acquire(timeout=30)
+        late = post_edit()  # both places held by uploads still decoding
+        assert late.status_code == 429 and int(late.headers["Retry-After"]) >= 1, late.text
+        assert len(decoded) == 2  # refused before its upload was decoded
+    finally:
+        release.set()
+        for thread in first:
+            thread.join(60)
+    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+    assert client.app.state.runtime.engine.in_flight == 0
+    assert post_edit().status_code == 200  # the places were handed back
+
+
 def test_bearer_token_guards_the_api_but_not_the_probes(client_for, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text("s3cret\n")
