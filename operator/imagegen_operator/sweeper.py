@@ -47,8 +47,11 @@ class Sweeper:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the thread to end and wait for it (a sweep under way finishes first)."""
         self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         tick = min(self.every_s, self.lead_check_s) if self.every_s else self.lead_check_s

@@ -116,7 +116,7 @@ def test_quota_error_is_a_condition_then_the_pool_is_created_and_deleted(
     # The finalizer held the object until its pool was deleted in GKE.
     assert not [name for name in gke_api.pools if name.endswith("/" + pool)]
     assert [r for r in gke_api.requests_to("DELETE") if r.path.endswith("/" + pool)]
-    time.sleep(0.5)
+    time.sleep(2.5)  # past two resyncs (1 s): a reconcile still under way would have posted
     assert len([r for r in gke_api.requests_to("POST", "/nodePools")
                 if r.body["nodePool"]["name"] == pool]) == QUOTA_ERRORS + 1
 

@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 from PIL import Image
-from server_testlib import count_calls, free_port, mean_abs_diff
+from server_testlib import Gate, count_calls, free_port, mean_abs_diff
 
 from imagegen_server.config import SHUTDOWN_FLUSH_S
 
@@ -96,9 +96,15 @@ def test_a_client_that_goes_away_cancels_its_work(live_server):
     denoiser_calls = count_calls(runtime.steps.pipeline.unet)
     body = {"prompt": "long", "steps": 200, "size": "128x128"}
     headers = {"Authorization": "Bearer client-token"}
-    with pytest.raises(httpx.ReadTimeout):
-        # The client stops waiting (and closes the connection) long before 200 steps are done.
-        httpx.post(base_url + "/v1/images/generations", json=body, headers=headers, timeout=1.0)
+    # The second step waits until the client has gone, however fast this machine denoises.
+    gate = Gate(runtime, at=2)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(base_url + "/v1/images/generations", json=body, headers=headers,
+                       timeout=1.0)
+        assert gate.entered.wait(60)  # on the device when the client left
+    finally:
+        gate.close()
     deadline = time.monotonic() + 60
     while engine.in_flight and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -60,7 +60,10 @@ def test_the_operator_says_whether_it_acts_and_sweeps_only_then(monkeypatch) -> 
     sweeper = Sweeper(reconciler, kube, every_s=0.02, peering="imagegen", priority=100,
                       lead_check_s=0.01).start()
     try:
-        time.sleep(0.2)
+        deadline = time.monotonic() + 5
+        while metrics.LEADING._value.get() == -1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)  # sweeps it would make, had it taken the lead: none
         assert metrics.LEADING._value.get() == 0 and reconciler.sweeps == 0  # b acts
         del peering["status"]["b"]
         kube.put(peering)
