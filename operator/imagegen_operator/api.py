@@ -653,6 +653,15 @@ class NodePoolSpec(KubeModel):
             message="flexStart and spot cannot both be set: a node is a Flex-start VM or a "
                     "Spot VM",
         ),
+        Rule(
+            cel="!has(self.flexStart) || !self.flexStart || !has(self.provider)"
+            " || self.provider in ['GKE', 'Local']",
+            check=lambda p: not p.flex_start or p.provider in ("GKE", "Local"),
+            field=".flexStart",
+            message="flexStart needs provider GKE (or Local, which simulates it): Config "
+            "Connector's ContainerNodePool has no such field, and with Existing the operator "
+            "makes no pool",
+        ),
     )
 
 
@@ -929,6 +938,60 @@ class MonitoringSpec(KubeModel):
     rules = (_label_keys_rule("labels", "labels", "release or example.com/team"),)
 
 
+def _gke_table_rules() -> tuple[Rule, ...]:
+    """What GKE's tables (gke.py) refuse, where the API server can look it up; the planner
+    says the same of an object stored before these rules."""
+    count = "(has(self.gpu.countPerNode) ? self.gpu.countPerNode : 1)"
+    not_cloud = ("(has(self.nodePool) && has(self.nodePool.provider)"
+                 f" && !(self.nodePool.provider in {_cel_list(sorted(CLOUD_PROVIDERS))}))")
+    named_machine = "(has(self.nodePool) && has(self.nodePool.machineType))"
+    shapes = {t: sorted(a.machine_types) for t, a in gke.ACCELERATORS.items()}
+    spot_only = {t: sorted(n for n, m in a.machine_types.items()
+                           if m in gke.SPOT_OR_FLEX_START_ONLY)
+                 for t, a in gke.ACCELERATORS.items()}
+    spot_only = {t: counts for t, counts in spot_only.items() if counts}
+
+    def counted(table: dict[str, list[int]]) -> str:
+        return " || ".join(f"(self.gpu.type == '{t}' && {count} in {counts})"
+                           for t, counts in table.items()) or "false"
+
+    def listed(table: dict[str, list[int]]) -> str:
+        return "; ".join(f"{', '.join(map(str, n))} {t}" for t, n in table.items())
+
+    def cloud_derived(s: ImageGenServiceSpec) -> bool:
+        return s.node_pool.provider in CLOUD_PROVIDERS and s.node_pool.machine_type is None
+
+    return (
+        Rule(
+            cel="!has(self.model.quantization) || self.model.quantization != 'Float8'"
+            f" || self.gpu.type in {_cel_list(gke.fp8_types())}",
+            check=lambda s: s.model.quantization != "Float8" or s.gpu.type in gke.fp8_types(),
+            field=".model.quantization",
+            message="model.quantization Float8 needs FP8 tensor cores, on gpu.type "
+            + " or ".join(gke.fp8_types()) + "; elsewhere use Int8WeightOnly",
+        ),
+        Rule(
+            cel=f"{not_cloud} || {named_machine} || {counted(shapes)}",
+            check=lambda s: not cloud_derived(s) or s.gpu.count_per_node in shapes[s.gpu.type],
+            field=".gpu.countPerNode",
+            message=f"gpu.countPerNode: GKE's machine types carry {listed(shapes)} GPUs "
+            "(or name one in nodePool.machineType)",
+        ),
+        Rule(
+            cel=f"{not_cloud} || {named_machine}"
+            " || (has(self.nodePool) && ((has(self.nodePool.spot) && self.nodePool.spot)"
+            " || (has(self.nodePool.flexStart) && self.nodePool.flexStart)))"
+            f" || !({counted(spot_only)})",
+            check=lambda s: not cloud_derived(s) or s.node_pool.spot or s.node_pool.flex_start
+            or s.gpu.count_per_node not in spot_only.get(s.gpu.type, []),
+            field=".nodePool.spot",
+            message="nodePool.spot or nodePool.flexStart: Compute Engine sells the machine "
+            f"types of {listed(spot_only)} GPUs only as Spot or Flex-start VMs "
+            "(or choose another gpu.countPerNode)",
+        ),
+    )
+
+
 class ImageGenServiceSpec(KubeModel):
     """Desired state of an ImageGenService."""
 
@@ -984,6 +1047,7 @@ class ImageGenServiceSpec(KubeModel):
             message="SD3 and Flux take sizes in multiples of 16 (pipeline.defaults.width, "
             "height and pipeline.limits.sizes)",
         ),
+        *_gke_table_rules(),
     )
 
 

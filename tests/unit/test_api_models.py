@@ -20,7 +20,7 @@ MINIMAL = {
     "metadata": {"name": "sdxl", "namespace": "team-a", "generation": 3},
     "spec": {
         "model": {"uri": "gs://bucket/models/sdxl"},
-        "gpu": {"type": "nvidia-h100-80gb"},
+        "gpu": {"type": "nvidia-l4"},
         "nodePool": {"cluster": "projects/proj-1/locations/us-central1/clusters/c"},
     },
 }
@@ -141,7 +141,9 @@ def test_sharing_summary(gpu, summary):
 def test_mig_size_accepted_exactly_when_the_type_offers_it(gpu_type, size):
     body = {
         **MINIMAL,
-        "spec": {**MINIMAL["spec"], "gpu": {"type": gpu_type, "partitionSize": size}},
+        # Local: which machine carries the GPUs is no question here.
+        "spec": {**MINIMAL["spec"], "gpu": {"type": gpu_type, "partitionSize": size},
+                 "nodePool": {"provider": "Local"}},
     }
     offered = size in gke.mig_sizes(gpu_type)
     if offered:

@@ -231,7 +231,7 @@ def apply_schema_defaults(schema: dict[str, Any], value: Any) -> Any:
 def test_schema_defaults_equal_model_defaults(provider):
     spec = {
         "model": {"uri": "gs://bucket/sdxl"},
-        "gpu": {"type": "nvidia-h100-80gb"},
+        "gpu": {"type": "nvidia-l4"},
         "nodePool": {"provider": provider, "cluster": "projects/proj-1/locations/l/clusters/c"},
         "autoscaling": {"maxReplicas": 3},
         "server": {"authSecretRef": {"name": "s"}},

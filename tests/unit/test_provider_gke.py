@@ -599,7 +599,7 @@ def test_the_spec_s_zones_are_asked_for_and_none_leaves_gke_the_cluster_s(double
     (created,) = double.requests_to("POST", "/nodePools")
     assert created.body["nodePool"]["locations"] == ["us-central1-a", "us-central1-c"]
 
-    anywhere = service(spot=False)  # another pool: no zones asked for
+    anywhere = service(spot=False, flexStart=True)  # another pool: no zones asked for
     ensure_until(provider, anywhere, make_plan(anywhere.spec), ready)
     second = double.requests_to("POST", "/nodePools")[1]
     assert "locations" not in second.body["nodePool"]

@@ -113,10 +113,14 @@ def test_spot_and_flex_start_pods_tolerate_their_nodes_taint_and_no_others() -> 
         spec = pod_spec(resource(nodePool={"provider": "Existing", **node_pool}))
         return [t["key"] for t in spec["tolerations"] if t["key"] != "nvidia.com/gpu"]
 
-    # Pools made by node auto-provisioning may taint their Spot or Flex-start nodes.
+    # Pools made by node auto-provisioning may taint their Spot nodes.
     assert extra({"spot": True}) == ["cloud.google.com/gke-spot"]
-    assert extra({"flexStart": True}) == ["cloud.google.com/gke-flex-start"]
     assert extra({}) == []
+    # Flex-start nodes too: those of a pool the GKE provider makes.
+    spec = pod_spec(resource(nodePool={"provider": "GKE", "flexStart": True, "minNodes": 2,
+                                       "cluster": "projects/proj-1/locations/l/clusters/c"}))
+    assert [t["key"] for t in spec["tolerations"] if t["key"] != "nvidia.com/gpu"] == [
+        "cloud.google.com/gke-flex-start"]
 
 
 def test_user_resources_are_kept_next_to_the_gpu() -> None:
