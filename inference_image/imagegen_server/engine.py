@@ -377,12 +377,14 @@ class Engine:
         if on_preview is not None and params.partial_images and self.previewer is not None:
             job.preview = PreviewRequest(on_preview)
         with self._lock:
-            if place is not None and not place.taken:
-                place.taken = True  # the place becomes the job's: not counted twice
-                self._places -= 1
-            self._check_room(job.cost)
-            self._jobs.add(job)
-            self.metrics.in_flight.set(len(self._jobs))
+            try:
+                if place is not None and not place.taken:
+                    place.taken = True  # the place becomes the job's: not counted twice
+                    self._places -= 1
+                self._check_room(job.cost)
+                self._jobs.add(job)
+            finally:
+                self._count_in_flight()
         self.stages[0].put(job)
         # Answered before a stage took it (its caller left): out of the queue it waits in.
         job.future.add_done_callback(
@@ -401,6 +403,7 @@ class Engine:
         with self._lock:
             self._check_room(None)
             self._places += 1
+            self._count_in_flight()
         try:
             yield place
         finally:
@@ -408,6 +411,12 @@ class Engine:
                 if not place.taken:
                     place.taken = True
                     self._places -= 1
+                    self._count_in_flight()
+
+    def _count_in_flight(self) -> None:
+        """The in-flight gauge, which the autoscaler scales on: jobs, and the requests that
+        hold a place while their uploads decode. Under the lock."""
+        self.metrics.in_flight.set(len(self._jobs) + self._places)
 
     def _check_room(self, cost: float | None) -> None:
         if self._closed:
@@ -475,7 +484,7 @@ class Engine:
                 self._answers += 1
                 self._last_done = now
             self._jobs.discard(job)
-            self.metrics.in_flight.set(len(self._jobs))
+            self._count_in_flight()
             self._lock.notify_all()
 
     def _complete(self, job: Job, images: Any) -> None:

@@ -50,7 +50,8 @@ Knobs for tests: :meth:`GkeApiTestDouble.busy_next`,
 :meth:`~GkeApiTestDouble.error_next_create`,
 :meth:`~GkeApiTestDouble.fail_next_operation`,
 :meth:`~GkeApiTestDouble.seed_pool`,
-:meth:`~GkeApiTestDouble.set_cluster_zones`; every request is recorded in
+:meth:`~GkeApiTestDouble.set_cluster_zones`,
+:meth:`~GkeApiTestDouble.error_next_cluster_get`; every request is recorded in
 :attr:`~GkeApiTestDouble.requests`.
 
 Usage::
@@ -206,6 +207,7 @@ class GkeApiTestDouble:
         self.operations: dict[str, _Operation] = {}  # full name -> operation
         self.cluster_zones: dict[str, list[str]] = {}  # full name -> node locations
         self.missing_clusters: set[str] = set()  # full names answered 404
+        self._cluster_get_errors: list[ApiError] = []
         self._lock = threading.RLock()
         self._ids = itertools.count(1)
         self._busy: list[str] = []  # what the running operation "is currently" doing, per call
@@ -271,6 +273,12 @@ class GkeApiTestDouble:
         """The cluster's node locations, which its pools take unless they ask for others."""
         with self._lock:
             self.cluster_zones[cluster] = list(zones)
+
+    def error_next_cluster_get(self, status: str = "UNAVAILABLE",
+                               message: str = "The service is currently unavailable.") -> None:
+        """The next read of a cluster fails with ``status``."""
+        with self._lock:
+            self._cluster_get_errors.append(ApiError(status, message))
 
     def busy_next(self, count: int, doing: str = "upgrading cluster") -> None:
         """The next ``count`` mutating calls fail as GKE does while another operation runs."""
@@ -354,6 +362,8 @@ class GkeApiTestDouble:
             name, location = m.group(1), m.group(2)
             if name in self.missing_clusters:
                 raise ApiError("NOT_FOUND", f"Not found: {name}.")
+            if self._cluster_get_errors:
+                raise self._cluster_get_errors.pop(0)
             return {"name": name.rsplit("/", 1)[1], "location": location, "status": "RUNNING",
                     "locations": self.cluster_zones.get(name) or _cluster_zones(location)}
         if (m := _POOL.match(path)) and method in ("GET", "DELETE"):

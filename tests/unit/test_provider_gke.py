@@ -714,10 +714,9 @@ def test_a_zonal_cluster_with_more_node_locations_starts_its_pools_empty(
         double, provider, zones, initial):
     # GKE counts initialNodeCount in each of the cluster's node locations, which a pool
     # without spec.nodePool.locations takes: 2 would start 4 GPU nodes in 2 zones.
-    zonal = "projects/imagegen-test/locations/us-central1-a/clusters/serving"
     if zones:
-        double.set_cluster_zones(zonal, zones)
-    resource = service(cluster=zonal, minNodes=2, maxNodes=4)
+        double.set_cluster_zones(ZONAL, zones)
+    resource = service(cluster=ZONAL, minNodes=2, maxNodes=4)
     provider.ensure(resource, make_plan(resource.spec), 2, (2, 4))
     [create] = double.requests_to("POST")
     # proto3 JSON leaves a 0 out
@@ -726,19 +725,39 @@ def test_a_zonal_cluster_with_more_node_locations_starts_its_pools_empty(
     assert len(double.requests_to("GET", "/clusters/serving")) == 1
 
 
-def test_a_regional_cluster_is_not_asked_for_its_zones(double, provider, resource, plan):
-    provider.ensure(resource, plan, 1, (1, 5))
+ZONAL = "projects/imagegen-test/locations/us-central1-a/clusters/serving"
+
+
+@pytest.mark.parametrize(("cluster", "pool", "bounds"), [
+    (CLUSTER, {}, (1, 5)),  # regional: every pool starts empty
+    (ZONAL, {"minNodes": 0}, (0, 4)),  # no minimum: empty anyway
+    (ZONAL, {"flexStart": True, "spot": False, "minNodes": 2}, (2, 4)),  # Flex-start too
+])
+def test_the_cluster_is_not_asked_for_its_zones_where_they_change_nothing(
+        double, provider, cluster, pool, bounds):
+    resource = service(cluster=cluster, **pool)
+    provider.ensure(resource, make_plan(resource.spec), 1, bounds)
     assert double.requests_to("GET", "/clusters/serving") == []
     assert len(double.requests_to("POST")) == 1
 
 
 def test_a_cluster_that_is_gone_is_said_before_any_create(double, provider):
-    resource = service(cluster="projects/imagegen-test/locations/us-central1-a/clusters/gone")
+    resource = service(cluster=ZONAL.replace("serving", "gone"), minNodes=1)
     double.missing_clusters = {resource.spec.node_pool.cluster}
     with pytest.raises(ProviderError) as error:
         provider.ensure(resource, make_plan(resource.spec), 1, (1, 2))
     assert error.value.reason == "ClusterNotFound"
     assert double.requests_to("POST") == []
+
+
+def test_zones_that_cannot_be_read_start_the_pool_empty(double, provider):
+    # Not knowing whether GKE would start the minimum in one zone or in several: none.
+    resource = service(cluster=ZONAL, minNodes=2, maxNodes=4)
+    double.set_cluster_zones(ZONAL, ["us-central1-a"])  # had it answered: one zone
+    double.error_next_cluster_get("UNAVAILABLE")
+    provider.ensure(resource, make_plan(resource.spec), 2, (2, 4))
+    [create] = double.requests_to("POST")
+    assert int(create.body["nodePool"].get("initialNodeCount", 0)) == 0
 
 
 def test_running_pool_is_brought_to_new_bounds_while_it_serves(double, provider, resource,

@@ -402,6 +402,15 @@ def test_service_and_endpoint_use_the_server_port() -> None:
     assert endpoint(r) == "http://svc.team-a.svc.cluster.local:9000"
 
 
+@pytest.mark.parametrize(("replicas", "deployed"), [(None, 2), (1, 2), (3, 3), (0, 0)])
+def test_an_autoscaled_service_starts_at_its_minimum(replicas, deployed) -> None:
+    spec = {"autoscaling": {"minReplicas": 2, "maxReplicas": 6}}
+    if replicas is not None:
+        spec["replicas"] = replicas
+    assert deployment(resource(**spec))["spec"]["replicas"] == deployed
+    assert deployment(resource(replicas=1))["spec"]["replicas"] == 1  # no autoscaler
+
+
 @pytest.mark.parametrize(("port", "sysctls"), [
     (8080, None), (1024, None),
     (80, [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "80"}]),

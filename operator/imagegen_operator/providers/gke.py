@@ -276,9 +276,10 @@ class GkeProvider:
         memory.operation = memory.kind = None
 
         try:
-            zones = plan.locations or self._cluster_zones(name, cluster)
+            spread = not plan.locations and self._spread_over_zones(name, cluster, resource,
+                                                                     bounds)
             request = create_node_pool_request(
-                render_gke_nodepool(resource, plan, bounds, zones))
+                render_gke_nodepool(resource, plan, bounds, start_empty=spread))
             operation = self._call(name, self.client.create_node_pool, **request)
         except _AlreadyExists:
             # Another create won the race (another operator replica before the
@@ -300,14 +301,25 @@ class GkeProvider:
             f"GKE is creating node pool {name} (operation {operation.name}).",
         )
 
-    def _cluster_zones(self, name: str, cluster: str) -> list[str]:
-        """The zones a pool without ``spec.nodePool.locations`` takes: the cluster's node
-        locations. A zonal cluster may have zones besides its own, and GKE starts
-        ``initialNodeCount`` nodes in each; a regional one starts its pools empty anyway."""
+    def _spread_over_zones(self, name: str, cluster: str, resource: ImageGenService,
+                           bounds: NodeBounds) -> bool:
+        """Whether a zonal cluster's node locations, which a pool without
+        ``spec.nodePool.locations`` takes, are more than its zone: GKE starts
+        ``initialNodeCount`` nodes in each. Asked only where the answer counts (a regional
+        cluster, a pool of no minimum and a Flex-start one start empty anyway)."""
         _, location, _ = parse_cluster(cluster)
-        if not ZONE_RE.match(location):
-            return []
-        return list(self._call(name, self.client.get_cluster, name=cluster).locations)
+        if (not ZONE_RE.match(location) or not pool_bounds(resource, bounds)[0]
+                or resource.spec.node_pool.flex_start):
+            return False
+        try:
+            cluster_found = self._call(name, self.client.get_cluster, name=cluster)
+        except ProviderError as exc:
+            # The create says whether the cluster can be reached. Not knowing its zones, the
+            # pool starts empty, and the autoscaler adds the nodes its pods wait for.
+            log.warning("the node locations of cluster %s are unknown (%s): node pool %s "
+                        "starts empty", cluster, exc.message, name)
+            return True
+        return len(cluster_found.locations) > 1
 
     def _observe(
         self, name: str, short_name: str, pool: Any, target_nodes: int, bounds: NodeBounds

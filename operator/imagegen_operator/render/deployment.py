@@ -354,6 +354,16 @@ def container_resources(resource: ImageGenService) -> dict[str, Any]:
     return {"requests": dict(sorted(requests.items())), "limits": dict(sorted(limits.items()))}
 
 
+def serving_replicas(spec: Any) -> int:
+    """``spec.replicas``, raised to the autoscaler's minimum: the HorizontalPodAutoscaler
+    never goes below it, and a service that leaves the count to it (as a GitOps repository
+    should) need not wait for its first sync. 0 stays 0: an HPA leaves a workload scaled
+    to zero alone."""
+    if spec.autoscaling is not None and spec.replicas > 0:
+        return max(spec.replicas, spec.autoscaling.min_replicas)
+    return spec.replicas
+
+
 def pod_security_context(port: int = DEFAULT_PORT) -> dict[str, Any]:
     context: dict[str, Any] = {
         "runAsNonRoot": True,
@@ -454,7 +464,7 @@ def render_deployment(
         "kind": "Deployment",
         "metadata": object_meta(resource),
         "spec": {
-            "replicas": 0 if held else spec.replicas,
+            "replicas": 0 if held else serving_replicas(spec),
             "progressDeadlineSeconds": progress_deadline_s(resource),
             "selector": {"matchLabels": selector_labels(resource)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": rolling_update(spec, plan, moving,

@@ -108,11 +108,11 @@ def node_service_account(environ: Mapping[str, str] = os.environ) -> str | None:
 
 def render_gke_nodepool(
     resource: ImageGenService, plan: Plan, bounds: NodeBounds | None = None,
-    cluster_zones: Sequence[str] = (),
+    start_empty: bool = False,
 ) -> dict[str, Any]:
-    """The pool GKE's API is asked for. ``cluster_zones``: the zones of the cluster's own
-    node locations, which a pool without ``spec.nodePool.locations`` takes (a zonal
-    cluster may have more than its zone); they only size ``initialNodeCount``."""
+    """The pool GKE's API is asked for. ``start_empty``: the pool's zones are more than one
+    although neither the cluster's location nor ``spec.nodePool.locations`` says so (a
+    zonal cluster with other node locations, which only the GKE provider can read)."""
     pool = resource.spec.node_pool
     min_nodes, max_nodes = pool_bounds(resource, bounds)
     accelerator: dict[str, Any] = {
@@ -130,8 +130,8 @@ def render_gke_nodepool(
         }
     body = {
         "name": plan.nodepool_name,
-        "initialNodeCount": initial_node_count(pool.cluster, min_nodes,
-                                               plan.locations or cluster_zones),
+        "initialNodeCount": 0 if start_empty else initial_node_count(
+            pool.cluster, min_nodes, plan.locations),
         "config": {
             "machineType": plan.machine_type,
             "spot": bool(pool.spot),
