@@ -680,6 +680,16 @@ def test_ready_nodes_are_counted_where_the_cluster_can_be_asked(double, resource
     state = provider.ensure(resource, plan, 5, (0, 2))
     assert (state.ready, state.ready_nodes) == (True, 1)  # not the 2 the bounds allow
     assert counted == [plan.nodepool_name]
+    assert state.message.endswith("is running.")
+
+
+def test_a_running_pool_short_of_its_minimum_says_how_many_nodes_it_has(double, resource,
+                                                                        plan):
+    provider = GkeProvider(double.client(), count_nodes=lambda pool: 1)
+    seed_running(double, plan, 3, 4)
+    state = provider.ensure(resource, plan, 3, (3, 4))
+    assert (state.ready, state.ready_nodes, state.reason) == (True, 1, "Ready")
+    assert "with 1 of its minimum 3 node(s) ready" in state.message
 
 
 def test_create_takes_the_bounds_of_every_service_on_the_pool(double, provider, resource, plan):

@@ -369,6 +369,15 @@ class GkeProvider:
                 short_name, True, nodes, "RunningWithError",
                 f"Node pool {name} runs, in part: {_pool_problem(pool)}",
             )
+        if self._count_nodes is not None and nodes < bounds[0]:
+            # RUNNING says nothing of the nodes: after a create, or while GKE cannot get the
+            # GPUs (a stockout), fewer than the minimum are ready, and the pods wait.
+            return PoolState(
+                short_name, True, nodes, "Ready",
+                f"Node pool {name} is running with {nodes} of its minimum {bounds[0]} "
+                "node(s) ready; GKE is adding the rest (where it cannot, the events of the "
+                "serving pods that wait say why).",
+            )
         return PoolState(short_name, True, nodes, "Ready", f"Node pool {name} is running.")
 
     def _replace_broken(
