@@ -119,11 +119,16 @@ def torch_dtype(dtype: DType):
 
 
 def resolve_device(name: str):
+    """The device ``name`` means, with an index for CUDA: each stage thread makes it its
+    current device, and ``torch.cuda.set_device`` takes no index-less one."""
     import torch
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 @dataclass

@@ -97,6 +97,24 @@ def test_bad_model_uris(tmp_path, monkeypatch, uri, message):
         resolve_model_uri(uri, ServerSettings(pvc_root=tmp_path, hf_cache_dir=tmp_path / "hf"))
 
 
+@pytest.mark.parametrize(("name", "current", "want"), [
+    ("auto", 0, "cuda:0"), ("cuda", 1, "cuda:1"), ("cuda:2", 0, "cuda:2"), ("cpu", 0, "cpu"),
+])
+def test_a_cuda_device_is_resolved_with_its_index(monkeypatch, name, current, want):
+    # Each stage thread calls torch.cuda.set_device(device), which refuses an index-less
+    # "cuda" ("Expected a torch.device with a specified index"): no GPU server would start.
+    import torch
+
+    from imagegen_server.loading import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: name != "cpu")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    device = resolve_device(name)
+    assert device == torch.device(want)
+    if device.type == "cuda":
+        assert torch._utils._get_device_index(device) == device.index  # set_device's check
+
+
 @pytest.mark.parametrize(
     ("class_name", "family"),
     [
