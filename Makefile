@@ -74,6 +74,9 @@ lint: setup ## Ruff over the whole repo.
 test: setup tools lint ## The whole suite: lint, unit, server, cluster and image tests.
 	@command -v "$${CXX:-g++}" >/dev/null || command -v c++ >/dev/null || { echo "make test:" \
 		"the compile tests need a C++ compiler (torch.compile on the CPU): install g++" >&2; exit 2; }
+	@$(PY) -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("include"), "Python.h")))' \
+		|| { echo "make test: the compile tests need Python's headers (torch.compile's CPU" \
+		"kernels include Python.h): install python3-dev" >&2; exit 2; }
 	hack/images.sh --optional
 	$(PY) -m pytest
 
