@@ -186,6 +186,10 @@ def main(argv=None) -> dict:
                 if empty:
                     cache_mb[name] = sum(f.stat().st_size for f in cache.rglob("*")
                                          if f.is_file()) / 1e6
+                # Each start as it is measured: a session cut short keeps those it had.
+                common.write_result(partial_name(args), {
+                    "starts": starts, "cache_size_mb": cache_mb, "complete": False},
+                    args.out_dir)
         except (RuntimeError, TimeoutError):
             print(log.read_text(errors="replace")[-4000:])
             raise
@@ -235,12 +239,20 @@ def main(argv=None) -> dict:
             )
         ],
     }
-    name = "cold_start" if args.device == "cpu" else "cold_start_gpu"
-    if args.smoke:
-        name += "_smoke"
-    path = common.write_result(name, result, args.out_dir)
+    path = common.write_result(result_name(args), result, args.out_dir)
+    (args.out_dir or common.RESULTS).joinpath(f"{partial_name(args)}.json").unlink(
+        missing_ok=True)
     print(f"wrote {path}")
     return result
+
+
+def result_name(args) -> str:
+    name = "cold_start" if args.device == "cpu" else "cold_start_gpu"
+    return name + "_smoke" if args.smoke else name
+
+
+def partial_name(args) -> str:
+    return result_name(args) + "_partial"
 
 
 if __name__ == "__main__":

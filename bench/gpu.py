@@ -36,10 +36,13 @@ throughput at concurrency 4.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import statistics
 import time
 import traceback
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import common
@@ -367,7 +370,10 @@ def request(steps, size: int, step_count: int, i: int):
     )  # fmt: skip
 
 
-def measure_model(name: str, device, args, deadline: float) -> dict:
+def measure_model(name: str, device, args, deadline: float, out: dict,
+                  save: Callable[[], None]) -> dict:
+    """Fills ``out`` as it goes, and ``save``s after each part: a run cut short (the
+    session's time, a crash in a later part) keeps what it measured."""
     import torch
 
     from imagegen_server.config import Family
@@ -385,7 +391,7 @@ def measure_model(name: str, device, args, deadline: float) -> dict:
     print(f"{name}: built in {built_s:.1f}s, UNet {params / 1e9:.2f}B parameters", flush=True)
     floor = flop_floor(pipe, name, size, args.steps, device)
     peak, peak_source = peak_tflops(device, args.peak_tflops)
-    out: dict[str, Any] = {
+    out.update({
         "size": size,
         "steps": args.steps,
         "unet_parameters": params,
@@ -393,7 +399,7 @@ def measure_model(name: str, device, args, deadline: float) -> dict:
         "peak_tflops": peak,
         "peak_source": peak_source,
         "variants": {},
-    }
+    })
     steps = attention = settings = None
     first_images: dict[str, Any] = {}
     for variant in args.variants:
@@ -405,6 +411,9 @@ def measure_model(name: str, device, args, deadline: float) -> dict:
             continue
         settings = settings_for(variant, device, args)
         dtype = torch_dtype(settings.dtype)
+        # Each compiled variant from nothing: the graphs of the one before would count
+        # against dynamo's recompile limit, past which it runs eager without a word.
+        torch.compiler.reset()
         pipe.to(dtype=dtype)
         if attention is not None:
             attention.deactivate()
@@ -442,6 +451,7 @@ def measure_model(name: str, device, args, deadline: float) -> dict:
             "share_of_peak": floor["image"] / per_image / (peak * 1e12) if peak else None,
         }
         out["variants"][variant] = row
+        save()
         share = f"{row['share_of_peak']:.1%} of peak" if peak else "peak unknown"
         print(
             f"  {variant:<20} {its or float('nan'):7.2f} it/s  {per_image:7.3f} s/image  "
@@ -449,20 +459,35 @@ def measure_model(name: str, device, args, deadline: float) -> dict:
             flush=True,
         )
     if steps is not None and time.perf_counter() < deadline:
-        out["step_rows"] = step_row_curve(pipe, name, size, device, pipe.unet.dtype,
-                                          args.unet_iterations)
-    out["concurrency"], out["recompiles_after_warmup"] = concurrency_sweep(
-        name, steps, settings, size, args, deadline
-    )
+        with recorded(out, "step_rows"):
+            out["step_rows"] = step_row_curve(pipe, name, size, device, pipe.unet.dtype,
+                                              args.unet_iterations)
+        save()
+    with recorded(out, "concurrency"):
+        out["concurrency"], out["recompiles_after_warmup"] = concurrency_sweep(
+            name, steps, settings, size, args, deadline
+        )
+    save()
     if attention is not None:
         attention.deactivate()
     del pipe, steps
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    out["quantized"] = measure_quantized(name, family, size, device, args, deadline,
-                                         first_images, out["variants"])
+    with recorded(out, "quantized"):
+        out["quantized"] = measure_quantized(name, family, size, device, args, deadline,
+                                             first_images, out["variants"])
     return out
+
+
+@contextlib.contextmanager
+def recorded(out: dict, part: str):
+    """A part that fails is recorded under its name, and the model's other parts stand."""
+    try:
+        yield
+    except Exception as exc:
+        traceback.print_exc()
+        out[part] = {"failed": repr(exc)}
 
 
 def compile_ahead_of_time(steps, settings, dtype) -> None:
@@ -510,6 +535,7 @@ def measure_quantized(
             continue
         settings = settings_for(base, device, args, quantization=quantization)
         dtype = torch_dtype(settings.dtype)
+        torch.compiler.reset()  # a fresh pipeline's graphs, not on top of the last ones
         pipe = build_pipeline(name, device, args.smoke).to(dtype=dtype)
         started = time.perf_counter()
         try:
@@ -523,6 +549,10 @@ def measure_quantized(
             stacked.generate(request(stacked.steps, size, 2, 0))
             first_s = time.perf_counter() - started
             latencies, image = timed_images(stacked, stacked.steps, size, args)
+        except Exception as exc:  # FP8 has never run before this: the other one still counts
+            traceback.print_exc()
+            out[quantization] = {"failed": repr(exc)}
+            continue
         finally:
             stacked.close(timeout=120)
             attention.deactivate()
@@ -664,7 +694,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, seconds")
     parser.add_argument("--smoke-compile", action="store_true", help="compile in --smoke too")
     parser.add_argument(
-        "--models", nargs="+", choices=[*ARCHITECTURES, "flux"], default=["sd15", "sdxl", "flux"],
+        # SDXL first: the bar is its, and a session cut short keeps what ran first.
+        "--models", nargs="+", choices=[*ARCHITECTURES, "flux"], default=["sdxl", "sd15", "flux"],
         help="flux: the cache levers (gpu_caches.py)",
     )
     parser.add_argument(
@@ -690,7 +721,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument(
-        "--budget-s", type=float, default=420.0, help="skip what is left after this long"
+        "--budget-s", type=float, default=360.0, help="skip what is left after this long"
     )
     common.add_output_argument(parser)
     args = parser.parse_args(argv)
@@ -726,17 +757,27 @@ def main(argv=None) -> dict:
         },
         "models": results,
     }
+    name_of_result = "gpu_smoke" if args.smoke else "gpu"
+
+    def save() -> Path:
+        result["wall_s"] = time.perf_counter() - started
+        try:
+            result["bars"] = bars(results, args)
+        except Exception:  # a model half measured: its bars once it is whole
+            traceback.print_exc()
+        return common.write_result(name_of_result, result, args.out_dir)
+
     for name in args.models:
         try:
-            results[name] = (measure_caches(device, args, deadline) if name == "flux"
-                             else measure_model(name, device, args, deadline))
+            if name == "flux":
+                results[name] = measure_caches(device, args, deadline)
+            else:
+                measure_model(name, device, args, deadline, results.setdefault(name, {}), save)
         except Exception as exc:  # one model's failure: the others still run, and it is said
             traceback.print_exc()
-            results[name] = {"failed": repr(exc)}
-        # Written after each model: a session's time running out keeps what was measured.
-        result["wall_s"] = time.perf_counter() - started
-        result["bars"] = bars(results, args)
-        path = common.write_result("gpu_smoke" if args.smoke else "gpu", result, args.out_dir)
+            results[name] = {**results.get(name, {}), "failed": repr(exc)}
+        # Written after each model too: a session's time running out keeps what was measured.
+        path = save()
     print(f"wrote {path} after {result['wall_s']:.0f}s")
     return result
 

@@ -50,7 +50,9 @@ def quantize_denoiser(module: torch.nn.Module, quantization: Quantization,
                 "quantization Float8 needs a GPU with FP8 tensor cores (compute capability "
                 f"8.9 or later: L4, H100, H200); {problem}. Use Int8WeightOnly or None."
             )
-        config = Float8DynamicActivationFloat8WeightConfig()
+        # set_inductor_config off: torchao would otherwise change inductor's settings for
+        # the whole process (coordinate descent tuning: much longer compiles).
+        config = Float8DynamicActivationFloat8WeightConfig(set_inductor_config=False)
     else:
-        config = Int8WeightOnlyConfig()
+        config = Int8WeightOnlyConfig(set_inductor_config=False)
     quantize_(module, config)

@@ -117,7 +117,9 @@ class FluxSteps(FamilySteps):
         # The hooks that follow the schedule read one timestep: under request-level batching
         # (the only batching they take) a batch's rows share it.
         first = jobs[0]
-        with denoiser_cache.context(transformer, first.timesteps[first.step]):
+        # A number, not a device tensor: the cache hooks compare it at every block, and each
+        # comparison with a GPU tensor would wait for the device.
+        with denoiser_cache.context(transformer, float(first.timesteps[first.step])):
             noise_pred = transformer(
                 hidden_states=latents,
                 timestep=timestep / 1000,
