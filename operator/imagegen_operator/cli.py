@@ -39,6 +39,7 @@ from imagegen_operator.render import (
     render_all,
 )
 from imagegen_operator.render.nodepool import NODE_SERVICE_ACCOUNT_ENV, node_service_account
+from imagegen_operator.render.server_env import settings_problem
 
 # The node-pool objects a provider renders (GKE's request, Config Connector's, KWOK's nodes).
 POOL_KINDS = ("NodePool", "ContainerNodePool", "Node")
@@ -159,6 +160,9 @@ def _render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             pool = pool.model_copy(update={"cluster": args.cluster})
             spec = resource.spec.model_copy(update={"node_pool": pool})
             resource = resource.model_copy(update={"spec": spec})
+        if (problem_text := settings_problem(resource)) is not None:
+            err.write(f"error: {api.KIND} {_qualified(resource)}: {problem_text}\n")
+            return EXIT_REFUSED
         try:
             objects += render_all(resource, the_plan, args.server_image)
         except UnworkableSpec as problem:

@@ -53,6 +53,7 @@ from imagegen_operator.render import DEFAULT_SERVER_IMAGE, job_state, render_wor
 from imagegen_operator.render.common import MANAGED_BY, name_of, namespace_of, selector_string
 from imagegen_operator.render.deployment import nodeselector
 from imagegen_operator.render.nodepool import NodeBounds
+from imagegen_operator.render.server_env import settings_problem
 from imagegen_operator.render.service import endpoint
 from imagegen_operator.status import Observation, PoolKey, Precompile
 
@@ -224,6 +225,8 @@ class Reconciler:
             finding = the_plan.blocking[0]
             message = "; ".join(f.message for f in the_plan.blocking)
             return self._not_planned(body, outcome, finding.reason, message, the_plan)
+        if (problem := settings_problem(resource)) is not None:
+            return self._not_planned(body, outcome, "InvalidSpec", problem, the_plan)
         resolved = self._with_cluster(resource)
         if resolved is None:
             return self._not_planned(body, outcome, "ClusterUnknown", HOW_TO_SET, the_plan,

@@ -282,6 +282,17 @@ def test_a_file_that_fixes_the_replicas_of_an_autoscaled_service_is_warned(comma
     assert run(command, "-f", "-", *args, stdin=live)[2] == ""  # kubectl get's, filled in
 
 
+def test_render_refuses_settings_the_server_would_refuse(monkeypatch) -> None:
+    from imagegen_operator.render import server_env
+
+    derived = server_env.settings_values
+    monkeypatch.setattr(server_env, "settings_values",
+                        lambda r: {**derived(r), "allowed_sizes": ["16x16"]})
+    status, out, err = run("render", "-f", str(L4_MPS))
+    assert (status, out) == (1, "")
+    assert "would refuse its settings: allowed_sizes" in err and "Traceback" not in err
+
+
 def test_render_is_quiet_about_notes() -> None:
     status, _, err = run("render", "-f", str(L4_MPS))  # footprint estimated: a note only
     assert (status, err) == (0, "")

@@ -174,6 +174,23 @@ def test_plan_warnings_are_said_once_the_plan_is_made_after_a_refusal(world) -> 
     assert len(unauthenticated(world, "later")) == 1
 
 
+def test_settings_the_server_would_refuse_are_a_condition_not_a_failing_reconcile(
+        world, monkeypatch) -> None:
+    # Were the API's rules ever to let through what the server's settings refuse (a size
+    # off the latent grid, say), the service says so, and nothing is made for it.
+    from imagegen_operator.render import server_env
+
+    derived = server_env.settings_values
+    monkeypatch.setattr(server_env, "settings_values",
+                        lambda r: {**derived(r), "allowed_sizes": ["16x16"]})
+    world.create("sd15", node_pool={"provider": "Local"})
+    world.reconcile("sd15")
+    ready = world.condition("sd15", "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "InvalidSpec")
+    assert "allowed_sizes" in ready["message"] and "16x16" in ready["message"]
+    assert not [key for key in world.kube.objects if key[1] in ("Deployment", "Node")]
+
+
 def test_a_local_service_converges_then_a_reconcile_writes_nothing(world) -> None:
     world.create("alpha", node_pool={"provider": "Local", "maxNodes": 3}, replicas=3)
     outcome = world.reconcile("alpha")

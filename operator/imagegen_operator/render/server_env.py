@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import ValidationError
+
 from imagegen_operator.api import ImageGenService
 from imagegen_operator.render.common import server_port, value
 from imagegen_server.config import ServerSettings
@@ -97,6 +99,18 @@ def settings_values(resource: ImageGenService) -> dict[str, Any]:
     if spec.server.auth_secret_ref is not None:
         values["auth_token_file"] = AUTH_TOKEN_FILE
     return values
+
+
+def settings_problem(resource: ImageGenService) -> str | None:
+    """Why the server would refuse the settings this spec gives it, or None. The API's own
+    rules should have said it first; this keeps a gap between the two a condition on the
+    service instead of a reconcile that fails for ever (and a pod that never loads)."""
+    try:
+        _SpecOnlySettings(**settings_values(resource))
+    except ValidationError as exc:
+        return "the inference server would refuse its settings: " + "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    return None
 
 
 def server_env(resource: ImageGenService) -> list[dict[str, str]]:
