@@ -470,13 +470,15 @@ def measure_model(name: str, device, args, deadline: float, out: dict,
     save()
     if attention is not None:
         attention.deactivate()
-    del pipe, steps
+    # Everything that reaches the pipeline goes (a closed engine still holds it through its
+    # steps): the quantized pipelines are built next, on the same GPU.
+    pipe = steps = stacked = report = None  # noqa: F841
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     with recorded(out, "quantized"):
-        out["quantized"] = measure_quantized(name, family, size, device, args, deadline,
-                                             first_images, out["variants"])
+        measure_quantized(name, family, size, device, args, deadline, first_images,
+                          out["variants"], out.setdefault("quantized", {}), save)
     return out
 
 
@@ -512,11 +514,13 @@ def timed_images(stacked, steps, size: int, args) -> tuple[list[float], Any]:
 
 
 def measure_quantized(
-    name, family, size, device, args, deadline, first_images: dict, variants: dict
+    name, family, size, device, args, deadline, first_images: dict, variants: dict,
+    out: dict, save: Callable[[], None],
 ) -> dict:
     """The fastest variant again, with the denoiser quantized (int8 weight-only, FP8): a
     fresh pipeline each (quantization is in place), seconds per image and the PSNR of the
-    first image against the unquantized one of the same seed."""
+    first image against the unquantized one of the same seed; into ``out``, saved after
+    each."""
     import torch
 
     from imagegen_server.families import steps_for
@@ -525,7 +529,6 @@ def measure_quantized(
     from imagegen_server.quantization import fp8_problem
 
     base = "bf16+flash+compile" if not args.smoke or args.smoke_compile else "bf16+flash"
-    out: dict[str, Any] = {}
     for quantization in args.quantization:
         if quantization == "Float8" and (problem := fp8_problem(device)):
             out[quantization] = {"skipped": f"no FP8 tensor cores: {problem}"}
@@ -544,18 +547,27 @@ def measure_quantized(
             out[quantization] = {"skipped": f"cannot quantize here: {exc!r}"}
             print(f"  {base}+{quantization}: skipped ({exc!r})", flush=True)
             continue
-        stacked = engine("Stacked", steps_for(family, pipe, device), settings)
+        stacked = None
         try:
+            stacked = engine("Stacked", steps_for(family, pipe, device), settings)
             stacked.generate(request(stacked.steps, size, 2, 0))
             first_s = time.perf_counter() - started
             latencies, image = timed_images(stacked, stacked.steps, size, args)
         except Exception as exc:  # FP8 has never run before this: the other one still counts
             traceback.print_exc()
             out[quantization] = {"failed": repr(exc)}
+            save()
             continue
         finally:
-            stacked.close(timeout=120)
+            if stacked is not None:
+                stacked.close(timeout=120)
             attention.deactivate()
+            # The pipeline goes before the next is built (an engine holds it through its
+            # steps).
+            del stacked, pipe
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         per_image = common.percentile(latencies, 50)
         unquantized = variants[base]["seconds_per_image"]
         out[quantization] = {
@@ -568,10 +580,7 @@ def measure_quantized(
         }
         print(f"  {base}+{quantization:<14} {per_image:7.3f} s/image  "
               f"PSNR {out[quantization]['psnr_db']:.1f} dB", flush=True)
-        del pipe, stacked
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        save()
     return out
 
 
@@ -662,7 +671,9 @@ def bars(results: dict, args) -> list[dict]:
         if name == "flux":
             out += gpu_caches.bars(r, note)
             continue
-        by = {(row["mode"], row["concurrency"]): row for row in r.get("concurrency", [])}
+        sweep = r.get("concurrency")
+        rows = sweep if isinstance(sweep, list) else []  # {"failed": ...}: no rows
+        by = {(row["mode"], row["concurrency"]): row for row in rows}
         s, p = by.get(("Stacked", 4), {}), by.get(("Pipelined", 4), {})
         if "throughput_per_s" in s and "throughput_per_s" in p:
             ratio = p["throughput_per_s"] / s["throughput_per_s"]
@@ -680,9 +691,13 @@ def bars(results: dict, args) -> list[dict]:
             out.append(common.bar(f"GPU: {name} graphs compiled after warm-up (Stacked and "
                                   "Pipelined sweep)", "0", str(n),
                                   None if args.smoke else n == 0, note))
-        for quantization, q in r.get("quantized", {}).items():
-            measured = ("skipped: " + q["skipped"]) if "skipped" in q else (
-                f"{q['seconds_per_image']:.3f} s, {q['speedup']:.2f}x, PSNR {q['psnr_db']:.1f} dB")
+        quantized = r.get("quantized", {})
+        for quantization, q in quantized.items() if "failed" not in quantized else ():
+            if "seconds_per_image" in q:
+                measured = (f"{q['seconds_per_image']:.3f} s, {q['speedup']:.2f}x, "
+                            f"PSNR {q['psnr_db']:.1f} dB")
+            else:
+                measured = next(f"{k}: {q[k]}" for k in ("skipped", "failed") if k in q)
             out.append(common.bar(f"GPU: {name} {quantization} denoiser",
                                   "speedup and PSNR against unquantized (no bar)", measured,
                                   None, note))

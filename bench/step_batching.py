@@ -362,12 +362,15 @@ def modelled_runs(args) -> dict:
         profile = flop_profile(name, size)
         gpu_device = roofline(profile, args.mfu, args.steps)
         source = f"roofline, MFU {args.mfu:g}"
-        if args.gpu_json is not None:
+        measured = args.gpu_json and json.loads(args.gpu_json.read_text())["models"].get(
+            name, {}).get("step_rows", {})
+        if measured and "fixed_ms" in measured:
             # The step cost a GPU run measured (bench/gpu.py's step_rows) instead.
-            curve = json.loads(args.gpu_json.read_text())["models"][name]["step_rows"]
-            step = Cost(curve["fixed_ms"] / 1e3, curve["per_row_ms"] / 1e3)
+            step = Cost(measured["fixed_ms"] / 1e3, measured["per_row_ms"] / 1e3)
             gpu_device = Device(gpu_device.encode, step, gpu_device.decode, gpu_device.steps)
             source = f"step cost measured in {args.gpu_json.name}"
+        elif args.gpu_json is not None:  # that part failed or did not run there
+            source += f" ({args.gpu_json.name} has no step cost for {name})"
         device = gpu_device.with_request_alone_ms(args.request_ms)
         full = args.max_batch_size
         step = gpu_device.step

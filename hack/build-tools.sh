@@ -43,7 +43,8 @@ export CGO_ENABLED=0 GOFLAGS=-buildvcs=false GOBIN="$stage"
 # A module may ask for a newer Go than the one installed (promtool's go.mod says 1.26.7):
 # Go then fetches that toolchain through the module proxy, where a packaged Go's default
 # (GOTOOLCHAIN=local) would stop the build after the others' minutes.
-export GOTOOLCHAIN="${GOTOOLCHAIN_FOR_TOOLS:-auto}"
+# A GOTOOLCHAIN the caller set (local, for an offline build) stands.
+export GOTOOLCHAIN="${GOTOOLCHAIN_FOR_TOOLS:-${GOTOOLCHAIN:-auto}}"
 
 log() { echo "[build-tools] $*" >&2; }
 wants() { [[ " ${wanted[*]} " == *" $1 "* ]]; }

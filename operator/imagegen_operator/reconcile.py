@@ -51,7 +51,7 @@ from imagegen_operator.providers.base import (
 )
 from imagegen_operator.render import DEFAULT_SERVER_IMAGE, job_state, render_workload
 from imagegen_operator.render.common import MANAGED_BY, name_of, namespace_of, selector_string
-from imagegen_operator.render.deployment import nodeselector
+from imagegen_operator.render.deployment import nodeselector, serving_replicas
 from imagegen_operator.render.nodepool import NodeBounds
 from imagegen_operator.render.server_env import settings_problem
 from imagegen_operator.render.service import endpoint
@@ -282,7 +282,7 @@ class Reconciler:
             created[target] = True if before else None
         else:
             created[target] = False if named_now else before
-        want = resource.spec.replicas
+        want = serving_replicas(resource.spec)  # what the Deployment is given
         rolled_out = st.rolled_out(deployment, want)
         # The pools left behind go once the pods run on the new one: a Deployment whose
         # change the API server refused still selects the old pool, and runs there. Their
@@ -740,8 +740,9 @@ class Reconciler:
 
     def _neighbour_replicas(self, resource: ImageGenService, the_plan: Plan) -> int:
         """The replicas the other services on this service's pool run (spec.replicas, which
-        their autoscalers write), for whether a rollout may surge into the pool."""
-        return sum(other.spec.replicas
+        their autoscalers write, at least their minimum), for whether a rollout may surge
+        into the pool."""
+        return sum(serving_replicas(other.spec)
                    for other, _ in self._services_on(self.pool_key(resource, the_plan))
                    if other.metadata.uid != resource.metadata.uid)
 

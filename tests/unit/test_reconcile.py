@@ -191,6 +191,19 @@ def test_settings_the_server_would_refuse_are_a_condition_not_a_failing_reconcil
     assert not [key for key in world.kube.objects if key[1] in ("Deployment", "Node")]
 
 
+def test_an_autoscaled_service_left_below_its_minimum_is_ready_at_the_minimum(world) -> None:
+    # spec.replicas left at its default (1), as a GitOps repository leaves it: the Deployment
+    # runs minReplicas, and that is what "rolled out" and Ready wait for.
+    world.create("sd15", node_pool={"provider": "Local"},
+                 autoscaling={"minReplicas": 2, "maxReplicas": 4})
+    world.reconcile("sd15")
+    world.nodes_ready()
+    world.rolled_out("sd15")
+    world.reconcile("sd15")
+    assert world.kube.objects[("apps/v1", "Deployment", "ns", "sd15")]["spec"]["replicas"] == 2
+    assert world.condition("sd15", "Ready")["status"] == "True"
+
+
 def test_a_local_service_converges_then_a_reconcile_writes_nothing(world) -> None:
     world.create("alpha", node_pool={"provider": "Local", "maxNodes": 3}, replicas=3)
     outcome = world.reconcile("alpha")

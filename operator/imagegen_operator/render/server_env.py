@@ -109,7 +109,9 @@ def settings_problem(resource: ImageGenService) -> str | None:
         _SpecOnlySettings(**settings_values(resource))
     except ValidationError as exc:
         return "the inference server would refuse its settings: " + "; ".join(
-            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            ": ".join(filter(None, (".".join(map(str, e["loc"])),
+                                    e["msg"].removeprefix("Value error, "))))
+            for e in exc.errors())
     return None
 
 
