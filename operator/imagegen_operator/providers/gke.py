@@ -276,8 +276,7 @@ class GkeProvider:
         memory.operation = memory.kind = None
 
         try:
-            spread = not plan.locations and self._spread_over_zones(name, cluster, resource,
-                                                                     bounds)
+            spread = self._spread_over_zones(name, cluster, resource, plan, bounds)
             request = create_node_pool_request(
                 render_gke_nodepool(resource, plan, bounds, start_empty=spread))
             operation = self._call(name, self.client.create_node_pool, **request)
@@ -302,13 +301,14 @@ class GkeProvider:
         )
 
     def _spread_over_zones(self, name: str, cluster: str, resource: ImageGenService,
-                           bounds: NodeBounds) -> bool:
+                           plan: Plan, bounds: NodeBounds) -> bool:
         """Whether a zonal cluster's node locations, which a pool without
         ``spec.nodePool.locations`` takes, are more than its zone: GKE starts
-        ``initialNodeCount`` nodes in each. Asked only where the answer counts (a regional
-        cluster, a pool of no minimum and a Flex-start one start empty anyway)."""
+        ``initialNodeCount`` nodes in each. Asked only where the answer counts (zones the
+        spec names are rendered as such; a regional cluster, a pool of no minimum and a
+        Flex-start one start empty anyway)."""
         _, location, _ = parse_cluster(cluster)
-        if (not ZONE_RE.match(location) or not pool_bounds(resource, bounds)[0]
+        if (plan.locations or not ZONE_RE.match(location) or not bounds[0]
                 or resource.spec.node_pool.flex_start):
             return False
         try:
