@@ -35,7 +35,13 @@ from imagegen_operator.kube import (
     TransientKubeError,
 )
 from imagegen_operator.providers import build_providers
-from imagegen_operator.reconcile import FINALIZER, ORPHAN_GRACE_S, Reconciler, indexed
+from imagegen_operator.reconcile import (
+    EVENT_REPEAT_S,
+    FINALIZER,
+    ORPHAN_GRACE_S,
+    Reconciler,
+    indexed,
+)
 from imagegen_operator.render import DEFAULT_SERVER_IMAGE, SERVER_IMAGE_ENV
 from imagegen_operator.render.common import MANAGED_BY
 from imagegen_operator.render.nodepool import node_service_account
@@ -97,6 +103,9 @@ class _Service:
     waiting: bool = False  # for its node pool (the pools-in-flight gauge)
     not_before: float = 0.0  # monotonic: timers wait until then (a provider's backoff)
     started: float | None = None  # monotonic start of the reconcile in progress
+    named: tuple[str, str] | None = None  # namespace and name: its series in the ready gauge
+    # The Events the handlers last gave it: reason -> (message, when).
+    said: dict[str, tuple[str, float]] = field(default_factory=dict)
 
 
 class Operator:
@@ -204,9 +213,7 @@ class Operator:
                 uid = body["metadata"]["uid"]
                 body = body if fresh else self._fresh(body)
                 if body is None:  # gone: nothing of it is managed any more
-                    with self._guard:
-                        self._services.pop(uid, None)
-                        self._update_gauges()
+                    self._forget(uid)
                     return
                 outcome = self.reconciler.reconcile(body)
             except TransientKubeError as exc:
@@ -218,19 +225,43 @@ class Operator:
             except PermanentKubeError as exc:
                 metrics.ERRORS.labels("permanent").inc()
                 metrics.RECONCILES.labels(trigger, "error").inc()
+                self._say(service, body, "Warning", "ReconcileFailed", str(exc))
                 raise kopf.PermanentError(str(exc)) from exc
-            except Exception:  # a fault of ours: counted, so that the alert on errors fires
+            except Exception as exc:  # a fault of ours: counted, so that the alert fires
                 metrics.ERRORS.labels("other").inc()
                 metrics.RECONCILES.labels(trigger, "error").inc()
+                self._say(service, body, "Warning", "ReconcileError", _fault(exc))
                 raise
             finally:
                 service.started = None
                 metrics.RECONCILE_SECONDS.labels(trigger).observe(self._clock() - started)
                 self._count_writes()
         metrics.RECONCILES.labels(trigger, outcome.result).inc()
+        meta = body["metadata"]
         with self._guard:
             service.not_before = started + (outcome.requeue_after or 0.0)
             service.waiting = outcome.pool_on_its_way
+            service.named = (meta.get("namespace") or "", meta["name"])
+            metrics.SERVICE_READY.labels(*service.named).set(1 if outcome.ready else 0)
+            self._update_gauges()
+
+    def _say(self, service: _Service, body: dict[str, Any], type_: str, reason: str,
+             message: str) -> None:
+        """An Event, unless the same one was given in the last half hour: a handler that
+        fails or waits again at each retry says so once (Events live an hour)."""
+        now = self._clock()
+        with self._guard:
+            last = service.said.get(reason)
+            if last is not None and last[0] == message and now < last[1] + EVENT_REPEAT_S:
+                return
+            service.said[reason] = (message, now)
+        self.reconciler.record(body, type_, reason, message)
+
+    def _forget(self, uid: str) -> None:
+        with self._guard:
+            service = self._services.pop(uid, None)
+            if service is not None and service.named is not None:
+                metrics.SERVICE_READY.remove(*service.named)
             self._update_gauges()
 
     def _update_gauges(self) -> None:
@@ -265,17 +296,20 @@ class Operator:
                 metrics.ERRORS.labels("transient").inc()
                 raise kopf.TemporaryError(str(exc), delay=delay) from exc
             except Exception as exc:  # retried by kopf all the same: the pool must go
-                metrics.ERRORS.labels(
-                    "permanent" if isinstance(exc, PermanentKubeError) else "other").inc()
+                permanent = isinstance(exc, PermanentKubeError)
+                metrics.ERRORS.labels("permanent" if permanent else "other").inc()
+                self._say(service, body, "Warning", "DeleteFailed",
+                          str(exc) if permanent else _fault(exc))
                 raise
             finally:
                 service.started = None
                 self._count_writes()
         if not done:
+            self._say(service, body, "Normal", "WaitingForNodePool",
+                      "the service goes once its node pool is deleted (a GKE pool takes "
+                      "minutes)")
             raise kopf.TemporaryError("waiting for the node pool to be deleted", delay=delay)
-        with self._guard:
-            self._services.pop(uid, None)
-            self._update_gauges()
+        self._forget(uid)
 
     def _count_writes(self) -> None:
         with self._guard:  # read under the guard: a later count reported first is no less
@@ -307,6 +341,10 @@ def retry_delay(retry: int) -> float:
     """Seconds before a handler is tried again (a delete waiting on its node pool, a
     transient API error): 5, 7.5, 11... 60."""
     return min(5 * 1.5 ** min(retry, 16), 60.0)
+
+
+def _fault(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc} (the operator's log has the trace); retried"
 
 
 def _record(body: dict[str, Any], type_: str, reason: str, message: str) -> None:

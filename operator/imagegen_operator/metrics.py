@@ -17,7 +17,8 @@ RECONCILE_SECONDS = Histogram(
     "Time one reconcile took.",
     ["trigger"],
     registry=REGISTRY,
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    # Up to minutes: one API call may take 30 s, a reconcile that waits on several longer.
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
 ERRORS = Counter(
     "imagegen_operator_reconcile_errors_total",
@@ -28,6 +29,14 @@ ERRORS = Counter(
 MANAGED = Gauge(
     "imagegen_operator_managed_services",
     "ImageGenServices this operator manages.",
+    registry=REGISTRY,
+)
+SERVICE_READY = Gauge(
+    "imagegen_operator_service_ready",
+    "1 while an ImageGenService's Ready condition is True, else 0. Its labels are not "
+    "`namespace`, which a scrape sets to the operator's own: a service whose pods never run "
+    "(Pending for a GPU, a pool that is refused) exports no series of its own.",
+    ["service_namespace", "service"],
     registry=REGISTRY,
 )
 POOLS_IN_FLIGHT = Gauge(

@@ -77,6 +77,9 @@ FINALIZER = "imagegen.dev/node-pool"
 ORPHAN_GRACE_S = 600.0
 # Services remembered at most; a forgotten one costs a re-plan and one GET per child.
 MEMO_LIMIT = 10_000
+# An Event on what lasts (a pool delete refused for good, a handler failing at each retry)
+# is given again this often while it lasts, not at each retry: Events live an hour.
+EVENT_REPEAT_S = 1800.0
 
 Recorder = Callable[[dict[str, Any], str, str, str], None]  # body, type, reason, message
 
@@ -119,6 +122,8 @@ class Memo:
     cleaned: int | None = None  # generation whose leftover optional children were removed
     owned: set[str] = field(default_factory=set)  # kinds of children it has applied
     warned: set[tuple[str, str]] = field(default_factory=set)  # plan warnings recorded
+    # When each refused pool delete (pool, reason) was last recorded as an Event.
+    undeleted: dict[tuple[str, str], float] = field(default_factory=dict)
 
 
 @dataclass
@@ -342,9 +347,6 @@ class Reconciler:
         Returns True when done (the finalizer may go). Children go with their
         owner through Kubernetes' garbage collector.
         """
-        uid = body["metadata"].get("uid")
-        with self._lock:
-            self._memos.pop(uid, None)
         invalid = False
         try:
             resource = parse(body)
@@ -370,6 +372,9 @@ class Reconciler:
             with self._pool_lock(key):
                 gone = self._release(body, resource, the_plan, key, never_made)
             done = done and gone is not False
+        if done:
+            with self._lock:
+                self._memos.pop(body["metadata"].get("uid"), None)
         return done
 
     def _release(self, body: dict[str, Any], resource: ImageGenService, the_plan: Plan,
@@ -1014,7 +1019,7 @@ class Reconciler:
                          "to delete: %s", key, exc.message)
                 return None
             log.warning("deleting pool %s: %s", key, exc.message)
-            if not exc.transient and body is not None:
+            if not exc.transient and body is not None and self._new_refusal(body, key, exc):
                 self.record(body, "Warning", "NodePoolNotDeleted",
                             f"node pool {key} cannot be deleted ({exc.reason}): "
                             f"{exc.message.rstrip('.')}. The delete waits until the operator "
@@ -1029,6 +1034,17 @@ class Reconciler:
                 self._backoff.pop(key, None)
                 self._last_seen.pop(key, None)
         return gone
+
+    def _new_refusal(self, body: dict[str, Any], key: PoolKey, exc: ProviderError) -> bool:
+        """Whether a refused delete is news: once, and again every half hour while it lasts
+        (Events live an hour), not at every retry (kopf names each Event anew, so the API
+        server never folds them into one)."""
+        memo = self._memo(body["metadata"].get("uid", ""))
+        now, seen = self._clock(), (str(key), exc.reason)
+        if now < memo.undeleted.get(seen, -math.inf) + EVENT_REPEAT_S:
+            return False
+        memo.undeleted[seen] = now
+        return True
 
     def _waiting_on(self, key: PoolKey, deleting: bool = False) -> bool:
         """Whether the pool's provider asked for time before it is asked again (to delete

@@ -29,10 +29,14 @@ class RecordingReconciler:
     def __init__(self) -> None:
         self.runs = 0
         self.kube = LiveObject()
+        self.events: list[tuple[str, str, str]] = []
 
     def reconcile(self, body):
         self.runs += 1
         return Outcome(ready=True)
+
+    def record(self, body, type_, reason, message):
+        self.events.append((type_, reason, message))
 
 
 class HookedLock:
@@ -191,6 +195,34 @@ def test_a_service_found_gone_is_no_longer_counted_as_managed() -> None:
     operator.reconciler.kube = Gone()  # deleted, its finalizer taken off by hand
     operator.reconcile(dict(BODY), trigger="timer")
     assert metrics.MANAGED._value.get() == 0 and not operator._services
+    assert metrics.REGISTRY.get_sample_value(
+        "imagegen_operator_service_ready", {"service_namespace": "ns", "service": "s"}) is None
+
+
+class Waiting(RecordingReconciler):
+    def reconcile(self, body):
+        self.runs += 1
+        return Outcome(ready=self.runs > 1)
+
+    def finalize(self, body):
+        return True
+
+
+def test_each_service_s_ready_condition_is_a_series_of_its_own_until_it_is_deleted() -> None:
+    """Alerts read it: a service whose pods never run exports no series of its own."""
+    from imagegen_operator import metrics
+
+    def ready() -> float | None:
+        return metrics.REGISTRY.get_sample_value(
+            "imagegen_operator_service_ready", {"service_namespace": "ns", "service": "s"})
+
+    operator = handlers.Operator(Waiting())
+    operator.reconcile(dict(BODY), trigger="create")
+    assert ready() == 0
+    operator.reconcile(dict(BODY), trigger="timer")
+    assert ready() == 1
+    operator.finalize(dict(BODY))
+    assert ready() is None and not operator._services
 
 
 def test_transient_errors_are_retried_less_and_less_often_and_every_error_is_counted() -> None:
@@ -204,12 +236,34 @@ def test_transient_errors_are_retried_less_and_less_often_and_every_error_is_cou
             operator.reconcile(dict(BODY), trigger="update", retry=retry)
         delays.append(caught.value.delay)
     assert delays[0] == 5 and delays[0] < delays[1] < delays[2] == 60
+    assert operator.reconciler.events == []  # the API server is in trouble: no Event
     other = metrics.ERRORS.labels("other")
     before = other._value.get()
-    operator = handlers.Operator(Failing(ValueError("a bug")))
+    clock = [0.0]
+    operator = handlers.Operator(Failing(ValueError("a bug")), clock=lambda: clock[0])
+    for _ in range(3):  # an Event of a Kubernetes type, once, not at each retry
+        with pytest.raises(ValueError):
+            operator.reconcile(dict(BODY), trigger="update")
+        clock[0] += 60
+    assert other._value.get() == before + 3
+    [(type_, reason, message)] = operator.reconciler.events
+    assert (type_, reason) == ("Warning", "ReconcileError") and "ValueError: a bug" in message
+    clock[0] += handlers.EVENT_REPEAT_S  # and again while it lasts
     with pytest.raises(ValueError):
         operator.reconcile(dict(BODY), trigger="update")
-    assert other._value.get() == before + 1
+    assert len(operator.reconciler.events) == 2
+
+
+def test_a_delete_that_waits_for_its_pool_says_so_once_in_an_event_of_its_own() -> None:
+    class Slow(RecordingReconciler):
+        def finalize(self, body):
+            return False
+
+    operator = handlers.Operator(Slow())
+    for retry in range(3):
+        with pytest.raises(handlers.kopf.TemporaryError):
+            operator.finalize(dict(BODY), retry)
+    assert [e[:2] for e in operator.reconciler.events] == [("Normal", "WaitingForNodePool")]
 
 
 def test_a_delete_that_hangs_turns_the_liveness_probe_unhealthy() -> None:

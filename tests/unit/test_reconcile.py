@@ -1221,6 +1221,18 @@ def test_a_pool_that_was_made_is_waited_for_when_its_delete_is_refused(world) ->
     assert not world.delete("made")
     assert len(world.double.requests) == asked and (api.API_VERSION, api.KIND) not in listed
     world.kube.list = list_
+    # Asked again and again, it is said once, not at each ask; and again after half an hour.
+    for _ in range(3):
+        world.clock.now += 61
+        assert not world.delete("made")
+    assert len(world.double.requests) > asked
+
+    def said() -> int:
+        return sum(e[2] == "NodePoolNotDeleted" for e in world.events)
+
+    assert said() == 1
+    world.clock.now += 1800
+    assert not world.delete("made") and said() == 2
     world.double.outage(None)
     world.clock.now += 61
     delete_until_done(world, "made")
