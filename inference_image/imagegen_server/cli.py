@@ -167,6 +167,23 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(**given)
 
 
+# Asked every few seconds by the kubelet's probes and Prometheus: about twenty access lines a
+# minute a pod that say nothing, unless the answer is an error.
+QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class QuietProbes(logging.Filter):
+    """Drops uvicorn's access lines of probes and scrapes answered without an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        # uvicorn's access record: (client, method, path with query, HTTP version, status).
+        if not isinstance(args, tuple) or len(args) != 5:
+            return True
+        path, status = str(args[2]).split("?", 1)[0], args[4]
+        return not (path in QUIET_PATHS and isinstance(status, int) and status < 400)
+
+
 def serve(argv: Sequence[str]) -> int:
     settings = settings_from_args(serve_parser().parse_args(argv))
     logging.basicConfig(
@@ -191,6 +208,8 @@ def serve(argv: Sequence[str]) -> int:
         # The drain is over when uvicorn is told to exit: this is only for the last answers.
         timeout_graceful_shutdown=SHUTDOWN_FLUSH_S,
     )
+    # After uvicorn's Config, which sets up its loggers.
+    logging.getLogger("uvicorn.access").addFilter(QuietProbes())
     DrainingServer(config, app.state.runtime, settings.drain_timeout_s).run()
     return 0
 

@@ -108,7 +108,9 @@ class Previewer:
         while (item := self._queue.get()) is not None:
             job, index, latents, rgb, ready = item
             future = job.future
-            if future.cancelled() or (future.done() and future.exception() is not None):
+            # Done first: a future is cancelled from the event loop at any moment, and one
+            # read as not cancelled and then done would raise from exception().
+            if future.done() and (future.cancelled() or future.exception() is not None):
                 # The caller went away, or the job failed (dropped at its deadline, answered
                 # at shutdown): nobody waits for this preview. (A job done with its image
                 # still gets it: its stream sends the previews handed over first.)

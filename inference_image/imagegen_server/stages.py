@@ -163,6 +163,10 @@ class Stage:
 
     def _abandoned(self) -> list[Job]:
         """The jobs this stage holds that no thread will run: in hand, and queued."""
+        with self._lock:
+            # Those behind a group of another shape are in hand too: none waits any more
+            # (the queue-depth gauge).
+            self._later = set()
         jobs = [job for job in self._holding if not job.released]
         while True:
             try:

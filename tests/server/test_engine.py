@@ -710,6 +710,30 @@ def test_a_step_batching_thread_that_dies_leaves_no_job_counted_as_waiting(make_
     assert denoise.depth() == 0  # imagegen_stage_queue_depth: nothing waits on a dead stage
 
 
+def test_a_stage_thread_that_dies_leaves_no_job_of_another_shape_counted_as_waiting(
+        make_runtime, monkeypatch):
+    """Request-level batching: a batch of two sizes runs as two groups, the second waiting
+    behind the first; the thread dies in the first."""
+    runtime = make_runtime("sd15", **MODES["Pipelined"], max_batch_size=2,
+                           batch_window_ms=1000, warmup=False)
+    denoise = next(s for s in runtime.engine.stages if s.name == "denoise")
+    held = []
+
+    def dies_in_the_first_group(group):
+        held.append(len(denoise._later))
+        raise LoopBug("a bug in the loop itself")
+
+    monkeypatch.setattr(denoise, "_process", dies_in_the_first_group)
+    first = runtime.engine.submit(runtime.params("first", seed=1), timeout_s=60)
+    second = runtime.engine.submit(
+        runtime.params("second", seed=2, width=128, height=128), timeout_s=60)
+    for job in (first, second):
+        assert "denoise stage stopped working" in str(job.future.exception(30))
+    assert held == [1]  # the second group waited behind the first
+    assert not denoise.alive and runtime.engine.in_flight == 0
+    assert denoise.depth() == 0  # imagegen_stage_queue_depth: nothing waits on a dead stage
+
+
 def test_a_stage_thread_that_dies_answers_its_jobs_and_fails_health(client_for, monkeypatch):
     client = client_for(warmup=False)
     runtime = client.app.state.runtime

@@ -210,6 +210,12 @@ def test_sigterm_finishes_accepted_requests_then_exits(tiny_models):
         output = log.read_text()
         assert "shutdown: drained" in output
         assert "Traceback" not in output and "ERROR" not in output, output
+        # The access log keeps the requests, and of the probes and scrapes (asked every
+        # few seconds) only those answered with an error.
+        assert '"POST /v1/images/generations HTTP/1.1" 200' in output, output
+        assert '"GET /readyz HTTP/1.1" 503' in output, output
+        assert '"GET /readyz HTTP/1.1" 200' not in output, output
+        assert '"GET /metrics HTTP/1.1" 200' not in output, output
 
 
 @pytest.mark.slow

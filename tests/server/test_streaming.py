@@ -6,10 +6,14 @@ from __future__ import annotations
 import base64
 import io
 import threading
+import time
+from concurrent.futures import Future
+from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
+import torch
 from openai.types import (
     ImageEditCompletedEvent,
     ImageEditPartialImageEvent,
@@ -187,3 +191,35 @@ def test_a_stream_torn_down_before_its_events_began_cancels_its_job():
     with contextlib.suppress(Exception):  # the send's error, as the server would meet it
         asyncio.run(JobStream(job, events())(scope, receive, send))
     assert job.future.cancelled()
+
+
+class CancelledWhileRead(Future):
+    """A future its client cancels just after the preview thread read it as not cancelled."""
+
+    def cancelled(self):
+        was = super().cancelled()
+        self.cancel()
+        return was
+
+
+def test_a_stream_cancelled_as_its_preview_is_taken_stops_no_other_stream():
+    from imagegen_server.previews import SD15_RGB, Previewer, PreviewRequest
+    from imagegen_server.request import Job
+
+    def job(future: Future, seen: list) -> Job:
+        made = Job(params=SimpleNamespace(width=8, height=8), future=future)
+        made.preview = PreviewRequest(lambda index, images: seen.append(index))
+        return made
+
+    previewer, gone, kept = Previewer(), [], []
+    latents = torch.zeros(1, 4, 1, 1)
+    try:
+        previewer.submit(job(CancelledWhileRead(), gone), 0, latents, SD15_RGB)
+        previewer.submit(job(Future(), kept), 0, latents, SD15_RGB)
+        deadline = time.monotonic() + 10
+        while not kept and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert kept == [0], "the preview thread died with the cancelled stream"
+        assert previewer._thread.is_alive()
+    finally:
+        previewer.stop()
