@@ -62,6 +62,10 @@ class MissingKind(PermanentKubeError):
     """The cluster does not serve this kind (a CRD that is not installed)."""
 
 
+class Forbidden(PermanentKubeError):
+    """The operator's account may not do it (RBAC): a 403."""
+
+
 def new_api_client() -> client.ApiClient:
     """In-cluster credentials when running in a pod, else the kubeconfig."""
     configuration = client.Configuration()
@@ -94,7 +98,7 @@ def _error(exc: ApiException, what: str) -> Exception:
     text = f"{what}: {exc.status} {exc.reason}: {_message(exc)}"
     if exc.status in (409, 429) or exc.status >= 500:
         return TransientKubeError(text)
-    return PermanentKubeError(text)
+    return Forbidden(text) if exc.status == 403 else PermanentKubeError(text)
 
 
 def _message(exc: ApiException) -> str:

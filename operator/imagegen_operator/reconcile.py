@@ -75,6 +75,8 @@ FINALIZER = "imagegen.dev/node-pool"
 # How long a pool the operator made must have had no user before the sweep deletes it:
 # longer than any service takes from its create to its status naming the pool.
 ORPHAN_GRACE_S = 600.0
+# What the kubelet marks the API server's copy of a static pod with.
+MIRROR_POD = "kubernetes.io/config.mirror"
 # Services remembered at most; a forgotten one costs a re-plan and one GET per child.
 MEMO_LIMIT = 10_000
 # An Event on what lasts (a pool delete refused for good, a handler failing at each retry)
@@ -390,6 +392,12 @@ class Reconciler:
         if users := self.pool_users(key, exclude_uid=uid):
             log.info("pool %s still used by %s; keeping it", key, ", ".join(users))
             return True
+        if (moved_to is not None and key.provider in CLOUD_PROVIDERS
+                and _rides(resource) == key.name):
+            # Moved to Existing, naming the pool it ran on: the same nodes, now kept by
+            # hand. Its pods run there still; the sweep deletes it once none rides it.
+            log.info("pool %s is the one the service now names as Existing; keeping it", key)
+            return True
         namesake = moved_to is not None and key.namesake_of(moved_to)
         if namesake or self.pool_users(key, exclude_uid=uid, namesakes=True):
             gone = self._delete_pool(resource, the_plan, key, body=body, keep_pool=True)
@@ -471,8 +479,9 @@ class Reconciler:
         return started
 
     def _pods_on(self, key: PoolKey) -> list[str]:
-        """namespace/name of the pods, DaemonSets' aside, that run on the pool's nodes (of
-        the namespaces it serves, for an operator of some)."""
+        """namespace/name of the pods that run on the pool's nodes (of the namespaces it
+        serves, for an operator of some), but for those every node runs: DaemonSets' and
+        static ones (GKE's kube-proxy, where Dataplane V2 is off), which their Node owns."""
         nodes = {n["metadata"]["name"] for n in self.kube.list(
             "v1", "Node", label_selector=f"{gke.LABEL_NODEPOOL}={key.name}")}
         if not nodes:
@@ -481,8 +490,9 @@ class Reconciler:
         return [f"{p['metadata'].get('namespace')}/{p['metadata']['name']}" for p in pods
                 if (p.get("spec") or {}).get("nodeName") in nodes
                 and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
-                and not any(o.get("kind") == "DaemonSet"
-                            for o in p["metadata"].get("ownerReferences") or [])]
+                and not any(o.get("kind") in ("DaemonSet", "Node")
+                            for o in p["metadata"].get("ownerReferences") or [])
+                and MIRROR_POD not in (p["metadata"].get("annotations") or {})]
 
     def _wanted(self) -> set[PoolKey]:
         """Every pool a service that an operator serves runs on, moves to, lets go of or
@@ -1019,11 +1029,15 @@ class Reconciler:
                          "to delete: %s", key, exc.message)
                 return None
             log.warning("deleting pool %s: %s", key, exc.message)
-            if not exc.transient and body is not None and self._new_refusal(body, key, exc):
+            # A refusal, or a delete GKE took and then failed (asked again, but it may fail
+            # for as long): said, where a busy answer is only waited out.
+            said = not exc.transient or exc.reason == "DeleteFailed"
+            if said and body is not None and self._new_refusal(body, key, exc):
+                then = ("It is asked again." if exc.transient
+                        else "The delete waits until the operator may delete it.")
                 self.record(body, "Warning", "NodePoolNotDeleted",
                             f"node pool {key} cannot be deleted ({exc.reason}): "
-                            f"{exc.message.rstrip('.')}. The delete waits until the operator "
-                            "may delete it.")
+                            f"{exc.message.rstrip('.')}. {then}")
             delay = exc.retry_after if exc.retry_after is not None else 60.0
             state = PoolState(key.name, False, 0, exc.reason, exc.message)
             with self._lock:
@@ -1126,7 +1140,12 @@ class Reconciler:
             patch = named
         else:
             releasing = list(recorded.get("releasing") or [])
-            if (moving := recorded.get("movingTo")) and moving.get("name"):
+            listed = {self._recorded_key(body, ref) for ref in releasing}
+            # A pool never asked for, or refused at every ask, cannot exist: nothing to
+            # release. Listed once: edits that go back and forth do not fill the list.
+            if ((moving := recorded.get("movingTo")) and moving.get("name")
+                    and moving.get("created") is not False
+                    and self._recorded_key(body, moving) not in listed):
                 releasing.append(moving)
             patch = {"movingTo": named, "releasing": releasing or None}
         meta = body["metadata"]

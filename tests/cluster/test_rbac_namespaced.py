@@ -22,6 +22,7 @@ pytestmark = pytest.mark.cluster
 
 RELEASE, SYSTEM_NS = "scoped", "imagegen-scoped-system"
 SERVED, OTHER = "scoped-served", "scoped-other"
+DOOMED = "scoped-doomed"  # served too, and deleted whole by a test
 FULLNAME = f"{RELEASE}-imagegen-operator"
 USER = f"system:serviceaccount:{SYSTEM_NS}:{FULLNAME}"
 # A GPU config no other test uses: pools are shared cluster-wide by configuration.
@@ -30,13 +31,13 @@ GPU = {"type": "nvidia-l4", "sharing": {"strategy": "TimeSharing", "maxSharedCli
 
 @pytest.fixture(scope="module")
 def chart_kubeconfig(cluster, crd, tmp_path_factory) -> Path:
-    for ns in (SYSTEM_NS, SERVED, OTHER):
+    for ns in (SYSTEM_NS, SERVED, OTHER, DOOMED):
         apply(cluster, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
     yield install_for_token(cluster, RELEASE, SYSTEM_NS,
                             tmp_path_factory.mktemp("scoped-account") / "kubeconfig",
-                            f"watchNamespaces={{{SERVED}}}")
+                            f"watchNamespaces={{{SERVED},{DOOMED}}}")
     helm(cluster, "uninstall", RELEASE, "--namespace", SYSTEM_NS, "--wait", check=False)
-    for ns in (SERVED, OTHER):
+    for ns in (SERVED, OTHER, DOOMED):
         cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
@@ -46,20 +47,20 @@ def operator(cluster, chart_kubeconfig, tmp_path_factory):
     proc = OperatorProcess(cluster, tmp_path_factory.mktemp("scoped-operator") / "operator.log",
                            kubeconfig=chart_kubeconfig,
                            env={"IMAGEGEN_OPERATOR_PEERING": FULLNAME,
-                                "IMAGEGEN_OPERATOR_NAMESPACES": SERVED}).start()
+                                "IMAGEGEN_OPERATOR_NAMESPACES": f"{SERVED},{DOOMED}"}).start()
     proc.audit_since = since
     yield proc
     proc.stop()
     print(proc.log())
 
 
-def service(name: str, namespace: str) -> dict:
+def service(name: str, namespace: str, gpu: dict = GPU) -> dict:
     return {
         "apiVersion": "imagegen.dev/v1alpha1", "kind": "ImageGenService",
         "metadata": {"name": name, "namespace": namespace},
         "spec": {
             "model": {"uri": "file:///models/tiny-sd15", "family": "SD15", "memoryGiB": 2},
-            "gpu": GPU,
+            "gpu": gpu,
             "nodePool": {"provider": "Local", "maxNodes": 1},
             "replicas": 1,
         },
@@ -100,11 +101,13 @@ def test_it_serves_its_namespace_leaves_the_other_and_is_refused_nothing(cluster
     [
         (("create", "deployments", "-n", SERVED), True),
         (("create", "deployments", "-n", OTHER), False),
-        (("patch", "imagegenservices", "-n", OTHER), False),
+        # Its own resource, followed and patched everywhere: a namespace deleted takes its
+        # Role at once, while its services' finalizers still have pools to delete.
+        (("patch", "imagegenservices", "-n", OTHER), True),
         (("patch", "imagegenservices/status", "-n", OTHER), False),
         (("create", "events", "-n", OTHER), False),
         (("list", "imagegenservices", "--all-namespaces"), True),
-        (("watch", "imagegenservices", "--all-namespaces"), False),
+        (("watch", "imagegenservices", "--all-namespaces"), True),
         (("list", "nodes"), True),
     ],
     ids=["deploy-served", "deploy-other", "patch-igs-other", "status-other", "events-other",
@@ -114,3 +117,18 @@ def test_the_token_writes_only_in_the_namespaces_served(cluster, chart_kubeconfi
                                                         allowed):
     result = as_operator(cluster, chart_kubeconfig, "auth", "can-i", *args)
     assert result.stdout.strip() == ("yes" if allowed else "no"), result.stdout + result.stderr
+
+
+def test_a_served_namespace_deleted_whole_goes_and_takes_its_pool(cluster, operator):
+    """The namespace controller deletes the namespace's Role at once; its service waits on
+    the finalizer that deletes its pool, and the namespace on the service."""
+    apply(cluster, service("doomed", DOOMED, gpu={**GPU, "sharing": {
+        "strategy": "TimeSharing", "maxSharedClientsPerGpu": 6}}))
+    cluster.kubectl("wait", "-n", DOOMED, "--for=condition=Ready", "--timeout=90s",
+                    "igs/doomed", timeout=100)
+    pool = get_json(cluster, "igs", "doomed", "-n", DOOMED)["status"]["nodePool"]["name"]
+    assert get_json(cluster, "nodes", "-l", f"{POOL_LABEL}={pool}")["items"]
+    cluster.kubectl("delete", "namespace", DOOMED, "--wait=true", "--timeout=120s",
+                    timeout=130)
+    eventually(lambda: not get_json(cluster, "nodes", "-l", f"{POOL_LABEL}={pool}")["items"],
+               timeout=30, what="pool deleted")

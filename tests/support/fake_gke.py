@@ -214,6 +214,7 @@ class GkeApiTestDouble:
         self._create_errors: list[ApiError] = []
         self._next_failure: tuple[str, str, str] | None = None
         self._next_update_failure: str | None = None
+        self._next_delete_failure: str | None = None
         self._outage: ApiError | None = None
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -316,6 +317,12 @@ class GkeApiTestDouble:
         its old bounds."""
         with self._lock:
             self._next_update_failure = message
+
+    def fail_next_delete(self, message: str = "Internal error while deleting the node pool."
+                         ) -> None:
+        """The next delete's operation ends DONE with ``error``; the pool stays, RUNNING."""
+        with self._lock:
+            self._next_delete_failure = message
 
     def outage(self, status: str | None = "UNAVAILABLE",
                message: str = "The service is currently unavailable.") -> None:
@@ -469,6 +476,8 @@ class GkeApiTestDouble:
         self._check_busy(name.split("/nodePools/")[0])
         self._check_cluster_free(name.split("/nodePools/")[0], name)
         op = self._new_operation(name.split("/")[3], "DELETE_NODE_POOL", name)
+        if self._next_delete_failure:
+            op.fail, self._next_delete_failure = ("INTERNAL", self._next_delete_failure), None
         self.pools[name]["status"] = "STOPPING"
         return self._operation_json(op)
 
@@ -517,7 +526,11 @@ class GkeApiTestDouble:
             return
         op.status, op.end_time = "DONE", _now()
         if op.operation_type == "DELETE_NODE_POOL":
-            self.pools.pop(target, None)
+            if op.fail:
+                op.error = {"code": RPC_CODES[op.fail[0]], "message": op.fail[1]}
+                self.pools[target]["status"] = "RUNNING"
+            else:
+                self.pools.pop(target, None)
         elif op.operation_type == "UPDATE_CLUSTER":
             if op.fail:
                 op.error = {"code": RPC_CODES[op.fail[0]], "message": op.fail[1]}

@@ -278,8 +278,11 @@ def test_an_operator_of_some_namespaces_writes_only_there(group, resource, verbs
         for rules in roles.values():
             assert allowed(rules, group, resource, verb) == namespaced, f"{verb} {resource}"
         # Cluster-wide: nodes, and reading the services (and Config Connector's pools)
-        # of every namespace; nothing written outside the namespaces served.
-        reads = resource in ("imagegenservices", "containernodepools") and verb == "list"
+        # of every namespace; nothing written outside the namespaces served but the
+        # services themselves (a served namespace deleted loses its Role before they
+        # are finalized).
+        reads = (resource == "imagegenservices" and verb in ("get", "list", "watch", "patch")
+                 or resource == "containernodepools" and verb == "list")
         assert allowed(cluster_wide, group, resource, verb) == (not namespaced or reads), (
             f"{verb} {resource} cluster-wide")
     # kopf follows the namespaces it serves (one made after the operator started, too).

@@ -10,6 +10,7 @@ library, against the local test double of GKE's REST API.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from typing import Any
 
@@ -316,6 +317,26 @@ def test_a_move_to_existing_keeps_the_pool_it_leaves_until_other_nodes_serve(wor
     run_until_ready(world, "mover")
     world.reconcile("mover")
     assert not world.gke_pools()
+
+
+def test_a_move_to_existing_that_names_the_pool_it_ran_on_keeps_it(world) -> None:
+    """The same nodes, kept by hand from now on: deleting the pool would evict every pod."""
+    world.create("keeper", node_pool={"provider": "GKE", "cluster": CLUSTER_A})
+    run_until_ready(world, "keeper")
+    old = world.body("keeper")["status"]["nodePool"]["name"]
+    resource = api.parse(world.body("keeper"))
+    world.kube.put({"apiVersion": "v1", "kind": "Node", "metadata": {
+        "name": f"gke-{old}-0",
+        "labels": {**nodeselector(plan(resource.spec), "GKE"), POOL_LABEL: old}},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}]}})
+    pools = world.gke_pools()
+    world.edit("keeper", nodePool={"provider": "Existing", "name": old})
+    run_until_ready(world, "keeper")
+    for _ in range(3):
+        world.reconcile("keeper")
+    assert world.body("keeper")["status"]["nodePool"]["provider"] == "Existing"
+    assert world.gke_pools() == pools
+    assert not [e for e in world.events if e[2] == "NodePoolRetired"]
 
 
 def test_the_same_config_in_two_clusters_is_two_pools(world) -> None:
@@ -1239,6 +1260,22 @@ def test_a_pool_that_was_made_is_waited_for_when_its_delete_is_refused(world) ->
     assert world.gke_pools() == set()
 
 
+def test_a_delete_gke_takes_and_then_fails_is_said_and_asked_again(world) -> None:
+    world.create("failing", gpu=MIG_3G, node_pool={"provider": "GKE", "spot": True})
+    run_until_ready(world, "failing")
+    [pool] = world.gke_pools()
+    world.double.fail_next_delete("Internal error while deleting the node pool.")
+    for _ in range(4):
+        assert not world.delete("failing")
+    assert world.gke_pools() == {pool}
+    [message] = [e[3] for e in world.events if e[2] == "NodePoolNotDeleted"]
+    assert "DeleteFailed" in message and "Internal error while deleting" in message
+    assert "asked again" in message
+    world.clock.now += 61
+    delete_until_done(world, "failing")
+    assert world.gke_pools() == set()
+
+
 def test_after_an_error_that_passes_created_is_unknown_and_a_delete_waits(world) -> None:
     """A create whose answer was lost may have been taken: only refusals for good from the
     first ask on make a pool `created: false`."""
@@ -1262,6 +1299,32 @@ def test_a_move_away_from_a_pool_that_was_never_made_finishes(world) -> None:
     status = world.body("away")["status"]["nodePool"]
     assert status["provider"] == "Local" and not status.get("movingTo")
     assert not status.get("releasing")
+
+
+def test_edits_while_a_move_is_refused_do_not_fill_the_pools_to_release(world) -> None:
+    """status.nodePool.releasing holds 16 at most (the API server refuses more): a target
+    refused at every ask cannot exist, and one asked for is listed once however often the
+    spec goes back and forth."""
+    world.create("edited", gpu=MIG_3G, node_pool={"provider": "GKE", "spot": True})
+    run_until_ready(world, "edited")
+
+    def edit_to(size: str) -> dict:
+        world.edit("edited", gpu={"type": "nvidia-h100-80gb", "partitionSize": size})
+        world.clock.now += 400
+        world.reconcile("edited")
+        return world.body("edited")["status"]["nodePool"]
+
+    world.double.outage("PERMISSION_DENIED", FORBIDDEN)
+    for size in ["2g.20gb", "1g.20gb"] * 10:
+        recorded = edit_to(size)
+    assert recorded["movingTo"]["name"].endswith("mig1g20gb-spot")
+    assert not recorded.get("releasing")
+    world.double.outage(None)
+    world.double.polls_to_done = 1000  # asked for and on its way: it exists, not ready
+    for size in ["2g.20gb", "1g.20gb"] * 10:
+        recorded = edit_to(size)
+    releasing = [r["name"] for r in recorded.get("releasing") or []]
+    assert sorted(releasing) == ["igs-h100x1-mig2g20gb-spot"]
 
 
 def test_a_pool_in_error_is_not_kept_ready_by_its_last_state(world) -> None:
@@ -1975,6 +2038,29 @@ def test_a_sweep_deletes_nothing_once_another_operator_acts(world) -> None:
     assert not local_pool_nodes(world)
 
 
+def test_a_sweep_refused_config_connector_s_pools_says_so_once(world, caplog) -> None:
+    """The chart grants that provider nothing where it is off, though the cluster may serve
+    the kind: none made by this install, and no warning at every sweep."""
+    from imagegen_operator.kube import Forbidden
+    from imagegen_operator.render.nodepool import CNRM_API_VERSION
+
+    list_ = world.kube.list
+
+    def refused(api_version, kind, *args, **kwargs):
+        if api_version == CNRM_API_VERSION:
+            raise Forbidden("list ContainerNodePool: 403 Forbidden: cannot list")
+        return list_(api_version, kind, *args, **kwargs)
+
+    world.kube.list = refused
+    with caplog.at_level(logging.INFO, logger="imagegen_operator"):
+        left_for_the_sweep(world, "left", node_pool={"provider": "Local", "maxNodes": 1})
+        for _ in range(3):
+            world.reconciler.sweep()
+    said = [r for r in caplog.records if "ContainerNodePool" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.INFO]
+    assert not local_pool_nodes(world)  # the other providers' pools are swept all the same
+
+
 def test_a_gke_pool_a_config_connector_object_stands_for_goes_with_the_object(world) -> None:
     """Deleted through GKE's API under its object, Config Connector would make it again."""
     world.create("cc", node_pool={"provider": "ConfigConnector", "cluster": CLUSTER_A})
@@ -2014,8 +2100,14 @@ def test_a_pool_pods_still_run_on_is_not_swept(world) -> None:
         world.kube.put({"apiVersion": "v1", "kind": "Pod", "metadata": {
             "name": name, "namespace": "ns", "ownerReferences": [{"kind": owner}]},
             "spec": {"nodeName": node}, "status": {"phase": "Running"}})
+    # A static pod (GKE's kube-proxy without Dataplane V2), as the kubelet mirrors it.
+    world.kube.put({"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": f"kube-proxy-{node}", "namespace": "ns",
+        "annotations": {"kubernetes.io/config.mirror": "f00d"},
+        "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": node}]},
+        "spec": {"nodeName": node}, "status": {"phase": "Running"}})
     assert world.reconciler.sweep() == []
     assert local_pool_nodes(world) == [node]
-    world.kube.objects.pop(("v1", "Pod", "ns", "server"))  # a DaemonSet's pod alone
+    world.kube.objects.pop(("v1", "Pod", "ns", "server"))  # every node's pods alone
     assert len(world.reconciler.sweep()) == 1
     assert local_pool_nodes(world) == []

@@ -6,6 +6,7 @@ read its ``Ready`` condition. Nodes are counted by GKE's node-pool label.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,8 @@ MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 # Config Connector deletes the object but keeps the Google Cloud resource.
 ABANDON = ("cnrm.cloud.google.com/deletion-policy", "abandon")
 
+log = logging.getLogger(__name__)
+
 
 class ConfigConnectorProvider:
     name = "ConfigConnector"
@@ -50,6 +53,7 @@ class ConfigConnectorProvider:
         # namespace's object and the apply must not interleave with theirs.
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._guard = threading.Lock()
+        self._said_forbidden = False
 
     def _lock(self, desired: dict[str, Any]) -> threading.Lock:
         key = (desired["spec"]["clusterRef"]["external"], desired["metadata"]["name"])
@@ -133,13 +137,21 @@ class ConfigConnectorProvider:
         return PoolState(meta["name"], serving, ready_nodes, _camel(reason), message)
 
     def pools_made(self, cluster: str | None) -> list[MadePool]:
-        from imagegen_operator.kube import MissingKind
+        from imagegen_operator.kube import Forbidden, MissingKind
 
         try:
             objects = self.kube.list(CNRM_API_VERSION, KIND,
                                      label_selector=f"{MANAGED_BY_LABEL}={MANAGED_BY}")
         except MissingKind:
             return []  # no Config Connector: none made
+        except Forbidden as exc:
+            # The chart grants this provider nothing where it is turned off
+            # (providers.configConnector.enabled), though the cluster serves the kind:
+            # none made by this install. Said once, not at every sweep.
+            if not self._said_forbidden:
+                self._said_forbidden = True
+                log.info("not looking for ContainerNodePools this operator made: %s", exc)
+            return []
         return [MadePool(_cluster(o) or "", o["metadata"]["name"], o["metadata"]["namespace"])
                 for o in objects if _made_by_us(o) and not o["metadata"].get("deletionTimestamp")]
 
