@@ -213,7 +213,7 @@ class Operator:
                 uid = body["metadata"]["uid"]
                 body = body if fresh else self._fresh(body)
                 if body is None:  # gone: nothing of it is managed any more
-                    self._forget(uid)
+                    self.forget(uid)
                     return
                 outcome = self.reconciler.reconcile(body)
             except TransientKubeError as exc:
@@ -257,7 +257,8 @@ class Operator:
             service.said[reason] = (message, now)
         self.reconciler.record(body, type_, reason, message)
 
-    def _forget(self, uid: str) -> None:
+    def forget(self, uid: str) -> None:
+        """The service is gone: none of it is tracked, nor in the gauges."""
         with self._guard:
             service = self._services.pop(uid, None)
             if service is not None and service.named is not None:
@@ -309,7 +310,7 @@ class Operator:
                       "the service goes once its node pool is deleted (a GKE pool takes "
                       "minutes)")
             raise kopf.TemporaryError("waiting for the node pool to be deleted", delay=delay)
-        self._forget(uid)
+        self.forget(uid)
 
     def _count_writes(self) -> None:
         with self._guard:  # read under the guard: a later count reported first is no less
@@ -348,7 +349,14 @@ def _fault(exc: Exception) -> str:
 
 
 def _record(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
-    kopf.event(body, type=type_, reason=reason, message=message)
+    try:
+        kopf.event(body, type=type_, reason=reason, message=message)
+    except LookupError:
+        # A thread of the operator's own (the sweep's), which kopf's poster does not serve:
+        # it finishes the deletes of services whose namespace is going, where no Event could
+        # be made anyway. Logged instead.
+        meta = body["metadata"]
+        log.info("%s/%s: %s: %s", meta.get("namespace"), meta.get("name"), reason, message)
 
 
 def register(registry: kopf.OperatorRegistry, operator: Operator, config: OperatorConfig) -> None:
@@ -667,7 +675,8 @@ def run(argv: Sequence[str]) -> int:
     if config.metrics_port:
         metrics.serve(config.metrics_port, config.bind_address)
     Sweeper(reconciler, kube, config.sweep_seconds, peering=config.peering,
-            priority=config.priority, namespaces=config.namespaces).start()
+            priority=config.priority, namespaces=config.namespaces,
+            finalized=operator.forget).start()
     kopf.run(
         registry=registry,
         clusterwide=not config.namespaces,

@@ -456,6 +456,27 @@ class Kube:
                 raise
         return False
 
+    def remove_finalizer(self, obj: dict[str, Any], finalizer: str) -> None:
+        """Take ``finalizer`` off ``obj`` as read: refused (a 422) if the object's finalizers
+        changed since, so no other's is lost. Nothing to do once it is gone."""
+        meta = obj["metadata"]
+        finalizers = meta.get("finalizers") or []
+        if finalizer not in finalizers:
+            return
+        at = f"/metadata/finalizers/{finalizers.index(finalizer)}"
+        res = self._resource(obj["apiVersion"], obj["kind"])
+        with self._calling(f"remove finalizer {finalizer} of {obj['kind']} {meta['name']}"):
+            try:
+                self.writes += 1
+                res.patch(body=[{"op": "test", "path": at, "value": finalizer},
+                                {"op": "remove", "path": at}],
+                          name=meta["name"], namespace=meta.get("namespace"),
+                          content_type="application/json-patch+json",
+                          _request_timeout=_timeout())
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+
     def patch_status(
         self, api_version: str, kind: str, name: str, namespace: str | None, status: dict[str, Any]
     ) -> None:

@@ -415,6 +415,36 @@ class Reconciler:
                         f"node pool {key} deleted: no service uses it any more")
         return gone
 
+    def finish_deletes_in_ended_namespaces(self) -> list[dict[str, Any]]:
+        """Finalize the services of a served namespace that is being deleted itself, and take
+        their finalizer off; returns those done. Their deletes reach no handler: kopf stops
+        following a namespace once the namespace controller has begun on it, before the
+        services in it are deleted. An operator of every namespace follows them all."""
+        if not self.namespaces:
+            return []
+        ending = [n["metadata"]["name"] for n in self.kube.list("v1", "Namespace")
+                  if n["metadata"]["name"] in self.namespaces
+                  and n["metadata"].get("deletionTimestamp")]
+        done = []
+        for namespace in ending:
+            for body in self.kube.list(API_VERSION, KIND, namespace):
+                meta = body["metadata"]
+                if not (meta.get("deletionTimestamp")
+                        and FINALIZER in (meta.get("finalizers") or ())):
+                    continue
+                try:
+                    if not self.finalize(body):
+                        continue  # its pool is on its way out: the next round looks again
+                    self.kube.remove_finalizer(body, FINALIZER)
+                except (PermanentKubeError, TransientKubeError) as exc:
+                    log.warning("finishing the delete of %s/%s: %s", namespace, meta["name"],
+                                exc)
+                    continue
+                log.info("%s/%s finalized: its namespace is being deleted", namespace,
+                         meta["name"])
+                done.append(body)
+        return done
+
     def sweep(self, acting: Callable[[], bool] = lambda: True) -> list[PoolKey]:
         """Delete the pools the operator made that no service it or another operator serves
         uses under any of the pool's keys (``_unwanted``): what a service leaves when its

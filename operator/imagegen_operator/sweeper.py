@@ -5,7 +5,9 @@ a service stuck in deletion) leaves the pool, GPUs and all, with no service to d
 Every ``every_s`` the operator that acts (the one kopf's peering lets act) looks for
 such pools and deletes those unused long enough (``Reconciler.sweep``). More often, every
 ``lead_check_s``, it says whether it acts (``imagegen_operator_leading``): a standby keeps
-the gauges it last set while it acted, which a dashboard weighs by this one.
+the gauges it last set while it acted, which a dashboard weighs by this one. And then an
+operator of some namespaces finishes the deletes of services in one of them that is being
+deleted, which kopf no longer follows (``Reconciler.finish_deletes_in_ended_namespaces``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from imagegen_operator import metrics
@@ -31,8 +34,10 @@ LEAD_CHECK_S = 15.0
 class Sweeper:
     def __init__(self, reconciler: Reconciler, kube: Kube, every_s: float,
                  peering: str | None = None, priority: int = 0,
-                 namespaces: tuple[str, ...] = (), lead_check_s: float = LEAD_CHECK_S):
+                 namespaces: tuple[str, ...] = (), lead_check_s: float = LEAD_CHECK_S,
+                 finalized: Callable[[str], None] = lambda uid: None):
         self.reconciler = reconciler
+        self.finalized = finalized  # told the uid of each service it finalized
         self.kube = kube
         self.every_s = every_s  # 0: no sweep, the leadership gauge only
         self.lead_check_s = lead_check_s
@@ -57,6 +62,7 @@ class Sweeper:
         tick = min(self.every_s, self.lead_check_s) if self.every_s else self.lead_check_s
         next_sweep = time.monotonic() + self.every_s
         while True:
+            says = None
             try:  # nothing may end the thread: the sweep and the gauge would stop with it
                 says = self._peering_says()
                 if says is not None:  # unknown (peering unread): the gauge stays
@@ -67,6 +73,12 @@ class Sweeper:
                         self.reconciler.sweep(acting=self.leading)
             except Exception:  # the next round tries again; the operator goes on
                 log.exception("the sweep for node pools no service uses failed")
+            if says:
+                try:
+                    for body in self.reconciler.finish_deletes_in_ended_namespaces():
+                        self.finalized(body["metadata"]["uid"])
+                except Exception:
+                    log.exception("finishing the deletes of services in ended namespaces failed")
             if self._stop.wait(tick):
                 return
 

@@ -127,6 +127,19 @@ class InMemoryKube:
         # No finalizers here: deleted at once; True only when it was already gone.
         return gone
 
+    def remove_finalizer(self, obj: dict[str, Any], finalizer: str) -> None:
+        """As the API server does: the object goes once it is being deleted and its last
+        finalizer is off."""
+        self.writes += 1
+        key = self._key(obj)
+        live = self.objects.get(key)
+        if live is None or finalizer not in (live["metadata"].get("finalizers") or []):
+            return
+        live["metadata"]["finalizers"].remove(finalizer)
+        self.log.append(("unfinalize", obj["kind"], obj["metadata"]["name"]))
+        if live["metadata"].get("deletionTimestamp") and not live["metadata"]["finalizers"]:
+            self.objects.pop(key)
+
     def patch_status(self, api_version: str, kind: str, name: str, namespace: str | None,
                      status: dict[str, Any]) -> None:
         self.writes += 1

@@ -297,3 +297,12 @@ def test_a_delete_acts_on_the_service_as_it_is_now_not_on_kopfs_copy() -> None:
     reconciler.kube = Live()
     handlers.Operator(reconciler).finalize({**BODY, "status": {}})
     assert seen == [live]
+
+
+def test_an_event_outside_kopfs_handlers_is_logged(caplog) -> None:
+    """The sweep's thread is the operator's own: kopf's poster does not serve it."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="imagegen_operator"):
+        handlers._record(dict(BODY), "Normal", "NodePoolDeleted", "node pool p deleted")
+    assert "ns/s: NodePoolDeleted: node pool p deleted" in caplog.text

@@ -1932,6 +1932,38 @@ def test_an_operator_of_some_namespaces_keeps_a_pool_only_for_services_served(wo
     assert len(world.gke_pools()) == 1
 
 
+def test_services_of_a_served_namespace_being_deleted_are_finalized_by_the_operator(
+        world) -> None:
+    """kopf stops following a namespace once the namespace controller has begun on it,
+    before the services in it are deleted: their deletes reach no handler."""
+    from imagegen_operator.reconcile import FINALIZER
+
+    world.reconciler.namespaces = ("doomed", "kept")
+    world.create("doomed/a")
+    world.create("kept/b", gpu={"type": "nvidia-tesla-t4"})
+    world.reconcile("doomed/a", "kept/b")
+    [doomed_pool] = [p for p in world.gke_pools() if "t4" not in p]
+    for name in ("doomed/a", "kept/b"):
+        body = world.body(name)
+        body["metadata"].update(finalizers=["other.example/keep", FINALIZER],
+                                deletionTimestamp="2026-12-07T19:17:47Z")
+        world.kube.put(body)
+    for name, ending in (("doomed", True), ("kept", False), ("unserved", True)):
+        world.kube.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {
+            "name": name, **({"deletionTimestamp": "2026-12-07T19:17:37Z"} if ending else {})}})
+    done = []
+    for _ in range(5):  # GKE deletes the pool over a few polls; it is waited for
+        done += world.reconciler.finish_deletes_in_ended_namespaces()
+        world.clock.now += 60
+    assert [b["metadata"]["name"] for b in done] == ["a"]
+    assert doomed_pool not in world.gke_pools() and len(world.gke_pools()) == 1
+    assert world.body("doomed/a")["metadata"]["finalizers"] == ["other.example/keep"]
+    # A namespace that goes on: kopf's handler finalizes its services, not this.
+    assert FINALIZER in world.body("kept/b")["metadata"]["finalizers"]
+    world.reconciler.namespaces = ()  # an operator of every namespace: kopf follows them all
+    assert world.reconciler.finish_deletes_in_ended_namespaces() == []
+
+
 def gone_by_hand(world, name: str) -> None:
     """What `kubectl patch` taking the finalizer off does: the service goes, and no
     finalize ever runs for it."""

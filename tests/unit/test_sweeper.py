@@ -43,9 +43,14 @@ def test_the_operator_says_whether_it_acts_and_sweeps_only_then(monkeypatch) -> 
 
     class Reconciler:
         sweeps = 0
+        ended = [{"metadata": {"uid": "u1"}}]  # a service of a namespace being deleted
 
         def sweep(self, acting) -> None:
             self.sweeps += 1
+
+        def finish_deletes_in_ended_namespaces(self) -> list:
+            done, self.ended = self.ended, []
+            return done
 
     now = datetime.datetime.now(datetime.UTC)
     kube = InMemoryKube()
@@ -57,20 +62,26 @@ def test_the_operator_says_whether_it_acts_and_sweeps_only_then(monkeypatch) -> 
     monkeypatch.setenv("POD_ID", "a")
     reconciler = Reconciler()
     metrics.LEADING.set(-1)  # not yet said
+    finalized = []
     sweeper = Sweeper(reconciler, kube, every_s=0.02, peering="imagegen", priority=100,
-                      lead_check_s=0.01).start()
+                      lead_check_s=0.01, finalized=finalized.append).start()
     try:
         deadline = time.monotonic() + 5
         while metrics.LEADING._value.get() == -1 and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(0.1)  # sweeps it would make, had it taken the lead: none
         assert metrics.LEADING._value.get() == 0 and reconciler.sweeps == 0  # b acts
+        assert finalized == []
         del peering["status"]["b"]
         kube.put(peering)
         deadline = time.monotonic() + 5
         while reconciler.sweeps == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert metrics.LEADING._value.get() == 1 and reconciler.sweeps > 0
+        wait_until = time.monotonic() + 5
+        while not finalized and time.monotonic() < wait_until:
+            time.sleep(0.01)
+        assert finalized == ["u1"]  # its gauges and bookkeeping go with it
     finally:
         sweeper.stop()
 
@@ -85,6 +96,9 @@ def test_a_fault_of_a_round_does_not_end_the_sweeps(monkeypatch) -> None:
             self.sweeps += 1
             if self.sweeps == 1:
                 raise KeyError("nodePools")  # an answer of a shape nobody expected
+
+        def finish_deletes_in_ended_namespaces(self) -> list:
+            raise KeyError("items")  # nor does this stop the sweeps
 
     class Kube:
         reads = 0
