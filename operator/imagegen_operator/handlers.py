@@ -241,8 +241,9 @@ class Operator:
         with self._guard:
             service.not_before = started + (outcome.requeue_after or 0.0)
             service.waiting = outcome.pool_on_its_way
-            service.named = (meta.get("namespace") or "", meta["name"])
-            metrics.SERVICE_READY.labels(*service.named).set(1 if outcome.ready else 0)
+            if self._services.get(meta["uid"]) is service:  # not forgotten meanwhile
+                service.named = (meta.get("namespace") or "", meta["name"])
+                metrics.SERVICE_READY.labels(*service.named).set(1 if outcome.ready else 0)
             self._update_gauges()
 
     def _say(self, service: _Service, body: dict[str, Any], type_: str, reason: str,
@@ -256,6 +257,14 @@ class Operator:
                 return
             service.said[reason] = (message, now)
         self.reconciler.record(body, type_, reason, message)
+
+    def stood_down(self) -> None:
+        """Another operator acts now: the per-service gauges are its to say. They come back
+        with the reconciles of this one should it act again."""
+        with self._guard:
+            metrics.SERVICE_READY.clear()
+            for service in self._services.values():
+                service.named = None
 
     def forget(self, uid: str) -> None:
         """The service is gone: none of it is tracked, nor in the gauges."""
@@ -465,6 +474,12 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, config: Operat
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry)
     def on_delete(body: kopf.Body, retry: int, **_: Any) -> None:
         operator.finalize(_plain(body), retry)
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="gone")
+    def on_gone(type: str | None, body: kopf.Body, **_: Any) -> None:  # noqa: A002
+        # One whose finalizer was taken off by hand goes with no delete handler run.
+        if type == "DELETED":
+            operator.forget(body["metadata"]["uid"])
 
     for child in CHILD_KINDS:
 
@@ -676,7 +691,7 @@ def run(argv: Sequence[str]) -> int:
         metrics.serve(config.metrics_port, config.bind_address)
     Sweeper(reconciler, kube, config.sweep_seconds, peering=config.peering,
             priority=config.priority, namespaces=config.namespaces,
-            finalized=operator.forget).start()
+            finalized=operator.forget, stood_down=operator.stood_down).start()
     kopf.run(
         registry=registry,
         clusterwide=not config.namespaces,

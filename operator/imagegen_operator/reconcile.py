@@ -343,11 +343,13 @@ class Reconciler:
             self.record(body, "Warning", reason, message)
         memo.warned = found
 
-    def finalize(self, body: dict[str, Any]) -> bool:
+    def finalize(self, body: dict[str, Any], namespace_ending: bool = False) -> bool:
         """On deletion: release every pool this service used if nobody else uses it.
 
         Returns True when done (the finalizer may go). Children go with their
-        owner through Kubernetes' garbage collector.
+        owner through Kubernetes' garbage collector. With ``namespace_ending``, a Config
+        Connector object in the service's namespace is left to the namespace controller,
+        which deletes it with the namespace (and Config Connector the pool).
         """
         invalid = False
         try:
@@ -369,6 +371,9 @@ class Reconciler:
         never_made = self.never_made(body)
         done = True
         for key in keys:
+            if (namespace_ending and key.provider == "ConfigConnector"
+                    and key.namespace == body["metadata"].get("namespace")):
+                continue
             # Held from the look at its users to the delete: a service starting on the
             # pool meanwhile asks for it after, not between.
             with self._pool_lock(key):
@@ -415,34 +420,43 @@ class Reconciler:
                         f"node pool {key} deleted: no service uses it any more")
         return gone
 
-    def finish_deletes_in_ended_namespaces(self) -> list[dict[str, Any]]:
-        """Finalize the services of a served namespace that is being deleted itself, and take
-        their finalizer off; returns those done. Their deletes reach no handler: kopf stops
-        following a namespace once the namespace controller has begun on it, before the
-        services in it are deleted. An operator of every namespace follows them all."""
+    def ended_namespaces(self) -> list[str]:
+        """The namespaces served that are being deleted (none for an operator of all)."""
         if not self.namespaces:
             return []
-        ending = [n["metadata"]["name"] for n in self.kube.list("v1", "Namespace")
-                  if n["metadata"]["name"] in self.namespaces
-                  and n["metadata"].get("deletionTimestamp")]
-        done = []
-        for namespace in ending:
-            for body in self.kube.list(API_VERSION, KIND, namespace):
-                meta = body["metadata"]
-                if not (meta.get("deletionTimestamp")
-                        and FINALIZER in (meta.get("finalizers") or ())):
-                    continue
-                try:
-                    if not self.finalize(body):
-                        continue  # its pool is on its way out: the next round looks again
-                    self.kube.remove_finalizer(body, FINALIZER)
-                except (PermanentKubeError, TransientKubeError) as exc:
-                    log.warning("finishing the delete of %s/%s: %s", namespace, meta["name"],
-                                exc)
-                    continue
-                log.info("%s/%s finalized: its namespace is being deleted", namespace,
-                         meta["name"])
-                done.append(body)
+        return [n["metadata"]["name"] for n in self.kube.list("v1", "Namespace")
+                if n["metadata"]["name"] in self.namespaces
+                and n["metadata"].get("deletionTimestamp")]
+
+    def finish_deletes_in_ended_namespaces(self) -> list[dict[str, Any]]:
+        """Finalize the services of a served namespace that is being deleted itself, and take
+        their finalizer off; returns those done. Their deletes may reach no handler: the
+        namespace's Role, which kopf's watch there needs, goes at once, and kopf counts the
+        namespace as deleted from the first status the namespace controller writes. Should
+        kopf's handler finish one first, this finds nothing left to do. An operator of every
+        namespace follows them all."""
+        done: list[dict[str, Any]] = []
+        try:
+            ending = self.ended_namespaces()
+            services = [b for ns in ending for b in self.kube.list(API_VERSION, KIND, ns)]
+        except (PermanentKubeError, TransientKubeError) as exc:
+            log.warning("looking for services of namespaces being deleted: %s", exc)
+            return done
+        for body in services:
+            meta = body["metadata"]
+            namespace = meta.get("namespace")
+            if not (meta.get("deletionTimestamp")
+                    and FINALIZER in (meta.get("finalizers") or ())):
+                continue
+            try:
+                if not self.finalize(body, namespace_ending=True):
+                    continue  # its pool is on its way out: the next round looks again
+                self.kube.remove_finalizer(body, FINALIZER)
+            except (PermanentKubeError, TransientKubeError) as exc:
+                log.warning("finishing the delete of %s/%s: %s", namespace, meta["name"], exc)
+                continue
+            log.info("%s/%s finalized: its namespace is being deleted", namespace, meta["name"])
+            done.append(body)
         return done
 
     def sweep(self, acting: Callable[[], bool] = lambda: True) -> list[PoolKey]:

@@ -7,7 +7,7 @@ such pools and deletes those unused long enough (``Reconciler.sweep``). More oft
 ``lead_check_s``, it says whether it acts (``imagegen_operator_leading``): a standby keeps
 the gauges it last set while it acted, which a dashboard weighs by this one. And then an
 operator of some namespaces finishes the deletes of services in one of them that is being
-deleted, which kopf no longer follows (``Reconciler.finish_deletes_in_ended_namespaces``).
+deleted, which kopf may no longer follow (``Reconciler.finish_deletes_in_ended_namespaces``).
 """
 
 from __future__ import annotations
@@ -35,9 +35,14 @@ class Sweeper:
     def __init__(self, reconciler: Reconciler, kube: Kube, every_s: float,
                  peering: str | None = None, priority: int = 0,
                  namespaces: tuple[str, ...] = (), lead_check_s: float = LEAD_CHECK_S,
-                 finalized: Callable[[str], None] = lambda uid: None):
+                 finalized: Callable[[str], None] = lambda uid: None,
+                 stood_down: Callable[[], None] = lambda: None):
         self.reconciler = reconciler
         self.finalized = finalized  # told the uid of each service it finalized
+        # Told when this process stops acting: its per-service gauges would go stale (a
+        # service deleted meanwhile is never forgotten), and be heard again if it leads.
+        self.stood_down = stood_down
+        self._led = False
         self.kube = kube
         self.every_s = every_s  # 0: no sweep, the leadership gauge only
         self.lead_check_s = lead_check_s
@@ -67,6 +72,9 @@ class Sweeper:
                 says = self._peering_says()
                 if says is not None:  # unknown (peering unread): the gauge stays
                     metrics.LEADING.set(1 if says else 0)
+                    if self._led and not says:
+                        self.stood_down()
+                    self._led = says
                 if self.every_s and time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + self.every_s
                     if says:
@@ -93,8 +101,13 @@ class Sweeper:
         if not self.peering:
             return True
         try:
-            if self.namespaces:  # kopf peers in each namespace served; the first tells
-                found = self.kube.list(PEERING_API_VERSION, "KopfPeering", self.namespaces[0])
+            if self.namespaces:
+                # kopf peers in each namespace served, any one tells; not one being deleted,
+                # whose peering and the right to read it go with it.
+                ending = set(self.reconciler.ended_namespaces())
+                namespace = next((n for n in self.namespaces if n not in ending),
+                                 self.namespaces[0])
+                found = self.kube.list(PEERING_API_VERSION, "KopfPeering", namespace)
             else:
                 found = self.kube.list(PEERING_API_VERSION, "ClusterKopfPeering")
         except (PermanentKubeError, TransientKubeError) as exc:

@@ -120,9 +120,9 @@ def test_the_token_writes_only_in_the_namespaces_served(cluster, chart_kubeconfi
 
 
 def test_a_served_namespace_deleted_whole_goes_and_takes_its_pool(cluster, operator):
-    """The namespace controller deletes the namespace's Role at once, and kopf stops
-    following the namespace; its service waits on the finalizer that deletes its pool, and
-    the namespace on the service."""
+    """The namespace controller deletes the namespace's Role at once, and with it kopf's
+    watch there; its service waits on the finalizer that deletes its pool, and the
+    namespace on the service."""
     apply(cluster, service("doomed", DOOMED, gpu={**GPU, "sharing": {
         "strategy": "TimeSharing", "maxSharedClientsPerGpu": 6}}))
     cluster.kubectl("wait", "-n", DOOMED, "--for=condition=Ready", "--timeout=90s",

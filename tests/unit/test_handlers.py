@@ -306,3 +306,47 @@ def test_an_event_outside_kopfs_handlers_is_logged(caplog) -> None:
     with caplog.at_level(logging.INFO, logger="imagegen_operator"):
         handlers._record(dict(BODY), "Normal", "NodePoolDeleted", "node pool p deleted")
     assert "ns/s: NodePoolDeleted: node pool p deleted" in caplog.text
+
+
+def ready_series() -> float | None:
+    from imagegen_operator import metrics
+
+    return metrics.REGISTRY.get_sample_value(
+        "imagegen_operator_service_ready", {"service_namespace": "ns", "service": "s"})
+
+
+def test_a_service_gone_without_a_delete_handler_leaves_no_series() -> None:
+    """Its finalizer taken off by hand: kopf runs no delete handler, only the event."""
+    operator = handlers.Operator(RecordingReconciler())
+    registry = handlers.kopf.OperatorRegistry()
+    handlers.register(registry, operator, handlers.OperatorConfig())
+    [gone] = [h for h in registry._watching.get_all_handlers() if h.id == "gone"]
+    operator.reconcile(dict(BODY), trigger="create")
+    assert ready_series() == 1
+    gone.fn(type="MODIFIED", body=dict(BODY))
+    assert ready_series() == 1
+    gone.fn(type="DELETED", body=dict(BODY))
+    assert ready_series() is None and not operator._services
+
+
+def test_a_delete_finished_during_a_reconcile_leaves_no_series() -> None:
+    class DeletedMeanwhile(RecordingReconciler):
+        def reconcile(self, body):
+            operator.forget(body["metadata"]["uid"])  # on_delete, done on another thread
+            return Outcome(ready=False)
+
+    operator = handlers.Operator(DeletedMeanwhile())
+    operator.reconcile(dict(BODY), trigger="timer")
+    assert ready_series() is None
+
+
+def test_an_operator_that_stands_down_says_nothing_of_the_services() -> None:
+    """The one acting says them; were a service deleted while this one stood by, its
+    series would stay, and be heard once this one acts again."""
+    operator = handlers.Operator(RecordingReconciler())
+    operator.reconcile(dict(BODY), trigger="timer")
+    operator.stood_down()
+    assert ready_series() is None
+    operator.reconcile(dict(BODY), trigger="timer")  # acting again
+    assert ready_series() == 1
+    operator.forget(BODY["metadata"]["uid"])

@@ -1934,16 +1934,23 @@ def test_an_operator_of_some_namespaces_keeps_a_pool_only_for_services_served(wo
 
 def test_services_of_a_served_namespace_being_deleted_are_finalized_by_the_operator(
         world) -> None:
-    """kopf stops following a namespace once the namespace controller has begun on it,
-    before the services in it are deleted: their deletes reach no handler."""
+    """kopf may stop following a namespace once the namespace controller has begun on it
+    (its Role goes at once), before the services in it are deleted: their deletes may
+    reach no handler."""
     from imagegen_operator.reconcile import FINALIZER
 
     world.reconciler.namespaces = ("doomed", "kept")
     world.create("doomed/a")
     world.create("kept/b", gpu={"type": "nvidia-tesla-t4"})
-    world.reconcile("doomed/a", "kept/b")
+    # Its object goes with the namespace (the namespace controller deletes it, and Config
+    # Connector the pool): not the operator's to delete, which its Role there no longer
+    # lets it.
+    world.create("doomed/c", gpu={"type": "nvidia-l4"},
+                 node_pool={"provider": "ConfigConnector", "cluster": CLUSTER_A})
+    world.reconcile("doomed/a", "kept/b", "doomed/c")
     [doomed_pool] = [p for p in world.gke_pools() if "t4" not in p]
-    for name in ("doomed/a", "kept/b"):
+    [cc_object] = config_connector_pools(world)
+    for name in ("doomed/a", "kept/b", "doomed/c"):
         body = world.body(name)
         body["metadata"].update(finalizers=["other.example/keep", FINALIZER],
                                 deletionTimestamp="2026-12-07T19:17:47Z")
@@ -1955,8 +1962,9 @@ def test_services_of_a_served_namespace_being_deleted_are_finalized_by_the_opera
     for _ in range(5):  # GKE deletes the pool over a few polls; it is waited for
         done += world.reconciler.finish_deletes_in_ended_namespaces()
         world.clock.now += 60
-    assert [b["metadata"]["name"] for b in done] == ["a"]
+    assert sorted(b["metadata"]["name"] for b in done) == ["a", "c"]
     assert doomed_pool not in world.gke_pools() and len(world.gke_pools()) == 1
+    assert list(config_connector_pools(world)) == [cc_object]
     assert world.body("doomed/a")["metadata"]["finalizers"] == ["other.example/keep"]
     # A namespace that goes on: kopf's handler finalizes its services, not this.
     assert FINALIZER in world.body("kept/b")["metadata"]["finalizers"]

@@ -52,6 +52,9 @@ def test_the_operator_says_whether_it_acts_and_sweeps_only_then(monkeypatch) -> 
             done, self.ended = self.ended, []
             return done
 
+        def ended_namespaces(self) -> list:
+            return []
+
     now = datetime.datetime.now(datetime.UTC)
     kube = InMemoryKube()
     peering = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
@@ -62,9 +65,10 @@ def test_the_operator_says_whether_it_acts_and_sweeps_only_then(monkeypatch) -> 
     monkeypatch.setenv("POD_ID", "a")
     reconciler = Reconciler()
     metrics.LEADING.set(-1)  # not yet said
-    finalized = []
+    finalized, stood_down = [], []
     sweeper = Sweeper(reconciler, kube, every_s=0.02, peering="imagegen", priority=100,
-                      lead_check_s=0.01, finalized=finalized.append).start()
+                      lead_check_s=0.01, finalized=finalized.append,
+                      stood_down=lambda: stood_down.append(True)).start()
     try:
         deadline = time.monotonic() + 5
         while metrics.LEADING._value.get() == -1 and time.monotonic() < deadline:
@@ -82,8 +86,36 @@ def test_the_operator_says_whether_it_acts_and_sweeps_only_then(monkeypatch) -> 
         while not finalized and time.monotonic() < wait_until:
             time.sleep(0.01)
         assert finalized == ["u1"]  # its gauges and bookkeeping go with it
+        assert stood_down == []
+        peering["status"]["b"] = {"priority": 200, "lifetime": 60,
+                                  "lastseen": datetime.datetime.now(datetime.UTC).isoformat()}
+        kube.put(peering)  # b is back, and acts: a's per-service gauges are b's to say
+        wait_until = time.monotonic() + 5
+        while not stood_down and time.monotonic() < wait_until:
+            time.sleep(0.01)
+        assert stood_down == [True] and metrics.LEADING._value.get() == 0
     finally:
         sweeper.stop()
+
+
+def test_an_operator_of_some_namespaces_reads_its_peering_where_it_lasts(monkeypatch) -> None:
+    """The first namespace served may be the one being deleted: its peering, and the right
+    to read it, go with it."""
+    from imagegen_operator.sweeper import Sweeper
+    from support.memory_kube import InMemoryKube
+
+    class Reconciler:
+        def ended_namespaces(self) -> list:
+            return ["a"]
+
+    seen = datetime.datetime.now(datetime.UTC).isoformat()
+    kube = InMemoryKube()
+    kube.put({"apiVersion": "kopf.dev/v1", "kind": "KopfPeering",
+              "metadata": {"name": "imagegen", "namespace": "b"},
+              "status": {"me": {"priority": 0, "lifetime": 60, "lastseen": seen}}})
+    monkeypatch.setenv("POD_ID", "me")
+    sweeper = Sweeper(Reconciler(), kube, every_s=0, peering="imagegen", namespaces=("a", "b"))
+    assert sweeper.leading()
 
 
 def test_a_fault_of_a_round_does_not_end_the_sweeps(monkeypatch) -> None:
@@ -99,6 +131,9 @@ def test_a_fault_of_a_round_does_not_end_the_sweeps(monkeypatch) -> None:
 
         def finish_deletes_in_ended_namespaces(self) -> list:
             raise KeyError("items")  # nor does this stop the sweeps
+
+        def ended_namespaces(self) -> list:
+            return []
 
     class Kube:
         reads = 0
