@@ -41,6 +41,12 @@ PRINTER_COLUMNS = [
         "description": "Whether the service answers requests.",
     },
     {
+        "name": "Reason",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="Ready")].reason',
+        "description": "Why it is or is not ready (kubectl describe has the whole message).",
+    },
+    {
         "name": "Accelerator",
         "type": "string",
         "jsonPath": ".spec.gpu.type",

@@ -869,10 +869,12 @@ class Reconciler:
                 continue
             except PermanentKubeError as exc:
                 log.warning("%s: %s", name_of(resource), exc)
-                rejected.append(str(exc))
                 unfenced = unfenced or obj["kind"] == "NetworkPolicy"
                 if obj["kind"] in MONITOR_KINDS:
+                    # Said by Monitored alone: serving does not wait on monitoring.
                     outcome.monitoring = [*(outcome.monitoring or []), str(exc)]
+                    continue
+                rejected.append(str(exc))
                 if obj["kind"] == "Deployment" and not isinstance(exc, NotOurs):
                     current = self.kube.get(obj["apiVersion"], obj["kind"],  # what still runs
                                             obj["metadata"]["name"], namespace_of(resource))

@@ -302,13 +302,14 @@ def test_status_subresource_and_printer_columns(cluster, ns):
     assert table[0].split() == [
         "NAME",
         "READY",
+        "REASON",
         "ACCELERATOR",
         "SHARING",
         "REPLICAS",
         "AVAILABLE",
         "AGE",
     ]
-    assert table[1].split()[:6] == ["columns", "True", "nvidia-l4", "mps:4", "1", "1"]
+    assert table[1].split()[:7] == ["columns", "True", "Serving", "nvidia-l4", "mps:4", "1", "1"]
     # The short name and the category find it too.
     assert "columns" in eventually(cluster, "get", "-n", ns, "imagegen").stdout
     # Status written through the main resource is ignored (status subresource).

@@ -107,7 +107,7 @@ def test_status_and_scale_subresources():
 
 def test_printer_columns_point_at_existing_fields():
     columns = {c["name"]: c for c in version()["additionalPrinterColumns"]}
-    assert {"Ready", "Accelerator", "Sharing", "Replicas", "Age"} <= set(columns)
+    assert {"Ready", "Reason", "Accelerator", "Sharing", "Replicas", "Age"} <= set(columns)
     paths = {p for p, _ in walk(openapi())}
     for column in columns.values():
         json_path = column["jsonPath"]

@@ -574,9 +574,10 @@ def test_a_monitor_the_cluster_cannot_take_is_said_in_status_while_the_service_s
     assert world.condition("watched", "Monitored")["status"] == "True"
     world.kube.refuse("ServiceMonitor", "servicemonitors is forbidden")  # an RBAC gap, say
     world.edit("watched", monitoring={"enabled": True, "interval": "15s"})
-    world.reconcile("watched")
+    assert world.reconcile("watched").ready  # nor on a monitor the API server refuses
     monitored = world.condition("watched", "Monitored")
     assert monitored["status"] == "False" and "forbidden" in monitored["message"]
+    assert world.condition("watched", "Stalled")["status"] == "False"
     world.kube.accept("ServiceMonitor")
     world.edit("watched", monitoring={"enabled": False})
     world.reconcile("watched")
