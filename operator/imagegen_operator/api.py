@@ -505,8 +505,8 @@ class GpuSharing(KubeModel):
     """Time-sharing or NVIDIA MPS on each GPU (or on each MIG slice); both fields are required."""
 
     strategy: SharingStrategy
-    """TimeSharing (GPU time slices, full memory each) or MPS (concurrent kernels, memory
-    split per client; its pods run with hostIPC, so their namespace needs the privileged
+    """TimeSharing (GPU time slices; memory shared, not isolated, so the planner counts a
+    pod 1/N of it) or MPS (concurrent kernels, memory split per client; its pods run with hostIPC, so their namespace needs the privileged
     Pod Security level)."""
     max_shared_clients_per_gpu: int = Field(ge=gke.MIN_SHARED_CLIENTS, le=gke.MAX_SHARED_CLIENTS)
     """Pods sharing each GPU (or each MIG slice): 2..48."""

@@ -146,7 +146,7 @@ def _render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 err.write(
                     f"error: {api.KIND} {_qualified(resource)}: spec.nodePool.cluster is unset "
                     "(the operator would use its own cluster): pass --cluster "
-                    "projects/P/locations/L/clusters/C\n"
+                    "projects/my-project/locations/us-central1/clusters/my-cluster\n"
                 )
                 return EXIT_REFUSED
             if outside := gke.zones_outside(args.cluster, pool.locations or []):
@@ -239,12 +239,8 @@ def plan_table(resource: api.ImageGenService, p: Plan) -> str:
         ),
         (
             "replicas",
-            f"{p.replicas}"
-            + (
-                f" (autoscaling up to {p.target_replicas})"
-                if p.target_replicas != p.replicas
-                else ""
-            )
+            (f"{p.floor_replicas} to {p.target_replicas} (autoscaling)"
+             if resource.spec.autoscaling is not None else f"{p.replicas}")
             + f": {p.gpus_needed} GPU(s) on {p.nodes_needed} node(s)",
         ),
         (
@@ -322,7 +318,9 @@ def cmd_plan(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         out.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     else:
         out.write("\n".join(plan_table(r, p) for r, p in plans))
-    return EXIT_OK
+    # The whole report either way; a spec that cannot run exits as render does, so a CI
+    # step can gate on it.
+    return EXIT_REFUSED if any(p.blocking for _, p in plans) else EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:

@@ -679,8 +679,9 @@ def _footprint_estimated(i: PlanInputs, family: str, footprint: float) -> Findin
     return FootprintEstimated(
         f"model footprint estimated at {footprint:g} GiB for {family}/{i.dtype}"
         f"{'' if i.quantization == 'None' else ' (denoiser ' + i.quantization + ')'}, batch "
-        f"{i.max_batch_size} at {i.width}x{i.height}{assumed}; set spec.model.memoryGiB "
-        f"to plan on a measured figure",
+        f"{i.max_batch_size} at {i.width}x{i.height}{assumed}, one image a request (a request "
+        f"may ask for up to spec.pipeline.limits.maxImagesPerRequest, each a row of its "
+        f"batch); set spec.model.memoryGiB to plan on a measured figure",
         ("spec.model.memoryGiB", "spec.model.family"),
         blocking=False,
     )
@@ -688,9 +689,10 @@ def _footprint_estimated(i: PlanInputs, family: str, footprint: float) -> Findin
 
 def _slot_words(i: PlanInputs, slot_gib: float) -> str:
     where = f"a {i.partition_size} MIG slice" if i.partition_size else f"a {i.gpu_type} GPU"
+    shown = math.floor(slot_gib * 100) / 100  # never shown as much as a need it lacks
     if i.sharing_strategy and i.max_shared_clients:
-        return f"{round(slot_gib, 2):g} GiB ({where} shared by {i.max_shared_clients} clients)"
-    return f"{round(slot_gib, 2):g} GiB ({where})"
+        return f"{shown:g} GiB ({where} shared by {i.max_shared_clients} clients)"
+    return f"{shown:g} GiB ({where})"
 
 
 def _check_flex_start(i: PlanInputs, nodes_needed: int) -> list[Finding]:
@@ -837,11 +839,19 @@ def _check_fit(i: PlanInputs, footprint: float, slot_gib: float, source: str) ->
         "spec.gpu.type",
     )
     if footprint > slot_gib:
+        levers = [f"a larger spec.gpu.{'partitionSize' if i.partition_size else 'type'}"]
+        if i.max_shared_clients:
+            levers.append("fewer spec.gpu.sharing.maxSharedClientsPerGpu")
+        if i.quantization == "None":
+            levers.append("spec.model.quantization Int8WeightOnly (the denoiser in 8 bits)")
+        if source != "spec.model.memoryGiB":
+            levers.append("a smaller spec.pipeline.stages.maxBatchSize or default size")
+        choices = (f"{', '.join(levers[:-1])} or {levers[-1]}" if len(levers) > 1
+                   else levers[0])
         return [
             ModelDoesNotFitSlice(
-                f"the model needs {footprint:g} GiB ({source}) but one slot has "
-                f"{_slot_words(i, slot_gib)}; choose a larger spec.gpu.partitionSize, fewer "
-                f"spec.gpu.sharing.maxSharedClientsPerGpu or a larger spec.gpu.type",
+                f"the model needs {math.ceil(footprint * 100) / 100:g} GiB ({source}) but one "
+                f"slot has {_slot_words(i, slot_gib)}; choose {choices}",
                 fields,
             )
         ]
