@@ -37,8 +37,23 @@ def resolve_model_uri(uri: str, settings: ServerSettings) -> Path:
 
 def resolve_lora_uri(uri: str, settings: ServerSettings) -> Path:
     """A LoRA's URI (the model's schemes) -> a .safetensors file, or a directory holding
-    diffusers' pytorch_lora_weights.safetensors."""
-    path = _local_path(uri, settings)
+    diffusers' pytorch_lora_weights.safetensors. A hub repository holds no pipeline: its
+    safetensors files are fetched, and it must hold that one or a single other."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "hf":
+        path = _download_hf_lora(parsed.netloc + parsed.path, settings)
+        if path.is_dir():
+            found = sorted(path.rglob("*.safetensors"))
+            if len(found) == 1 and not (path / "pytorch_lora_weights.safetensors").is_file():
+                path = found[0]
+            elif len(found) > 1 and not (path / "pytorch_lora_weights.safetensors").is_file():
+                names = ", ".join(str(f.relative_to(path)) for f in found[:5])
+                raise ModelError(
+                    f"{uri!r} holds {len(found)} .safetensors files ({names}) and no "
+                    "pytorch_lora_weights.safetensors: copy the one to serve to a gs:// or "
+                    "pvc:// path and name that")
+    else:
+        path = _local_path(uri, settings)
     if path.is_file() and path.suffix == ".safetensors":
         return path
     if (path / "pytorch_lora_weights.safetensors").is_file():
@@ -47,6 +62,19 @@ def resolve_lora_uri(uri: str, settings: ServerSettings) -> Path:
         f"{uri!r} resolves to {path}: neither a .safetensors file nor a directory holding "
         "pytorch_lora_weights.safetensors"
     )
+
+
+def _download_hf_lora(repo: str, settings: ServerSettings) -> Path:
+    from huggingface_hub import snapshot_download
+
+    repo_id, _, revision = repo.strip("/").partition("@")
+    try:
+        # Its weights only: LoRA repositories often hold sample images, and no model_index.
+        return Path(snapshot_download(repo_id, revision=revision or None,
+                                      cache_dir=settings.hf_cache_dir,
+                                      allow_patterns=["*.safetensors"]))
+    except Exception as exc:  # the hub client raises many kinds; all mean "not available"
+        raise ModelError(f"cannot fetch hf://{repo}: {exc}") from exc
 
 
 def _local_path(uri: str, settings: ServerSettings) -> Path:

@@ -160,3 +160,37 @@ def test_bench_cli_reports_throughput(tiny_models, capsys, mode):
     assert report["stage_mode"] == mode and report["requests"] == 6
     assert report["images_per_s"] > 0
     assert 0 < report["latency_p50_s"] <= report["latency_p95_s"] <= report["wall_s"]
+
+
+def hub_cache(cache: Path, repo: str, files: dict[str, bytes]) -> str:
+    """A repository as the hub client keeps it in its cache: refs/main -> a snapshot."""
+    commit = hashlib.sha1(repo.encode()).hexdigest()
+    base = cache / f"models--{repo.replace('/', '--')}"
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(commit)
+    for name, data in files.items():
+        (base / "snapshots" / commit / name).parent.mkdir(parents=True, exist_ok=True)
+        (base / "snapshots" / commit / name).write_bytes(data)
+    return commit
+
+
+def test_a_lora_from_the_hub_is_its_weights_file(tmp_path, monkeypatch):
+    """A LoRA repository holds no model_index.json: its safetensors are what is fetched."""
+    import huggingface_hub
+
+    from imagegen_server.loading import resolve_lora_uri
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cache = tmp_path / "hf"
+    hub_cache(cache, "org/diffusers-lora", {"pytorch_lora_weights.safetensors": b"w"})
+    hub_cache(cache, "org/one-file", {"ink-style.safetensors": b"w", "sample.png": b"p"})
+    hub_cache(cache, "org/many", {"a.safetensors": b"w", "b.safetensors": b"w"})
+    settings = ServerSettings(hf_cache_dir=cache)
+    found = resolve_lora_uri("hf://org/diffusers-lora", settings)
+    assert (found / "pytorch_lora_weights.safetensors").is_file()
+    assert resolve_lora_uri("hf://org/one-file", settings).name == "ink-style.safetensors"
+    with pytest.raises(ModelError, match="holds 2 .safetensors files"):
+        resolve_lora_uri("hf://org/many", settings)
+    with pytest.raises(ModelError, match="cannot fetch hf://org/absent"):
+        resolve_lora_uri("hf://org/absent", settings)
