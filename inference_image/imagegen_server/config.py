@@ -195,6 +195,11 @@ class ServerSettings(BaseSettings):
         description="Where gs://BUCKET/path is mounted (GCS FUSE CSI driver): GCS_ROOT/BUCKET/path.",
     )
     hf_cache_dir: Path | None = Field(default=None, description="Cache for hf:// downloads.")
+    hf_token_file: Path | None = Field(
+        default=None,
+        description="File holding a Hugging Face access token, for gated hf:// models (read "
+        "at start, never logged).",
+    )
     quantization: Quantization = Field(
         default=Quantization.NONE,
         description="The denoiser's weights: Int8WeightOnly anywhere, Float8 on GPUs with FP8 "

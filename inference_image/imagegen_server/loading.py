@@ -64,14 +64,30 @@ def resolve_lora_uri(uri: str, settings: ServerSettings) -> Path:
     )
 
 
+def hf_token(settings: ServerSettings) -> str | None:
+    """The access token for gated hub repositories, from its file; None without one (the
+    hub client then reads its own environment)."""
+    if settings.hf_token_file is None:
+        return None
+    try:
+        token = settings.hf_token_file.read_text().strip()
+    except OSError as exc:  # the path and the reason, never the content
+        raise ModelError(f"cannot read the hub token {settings.hf_token_file}: "
+                         f"{exc.strerror}") from None
+    if not token:
+        raise ModelError(f"the hub token file {settings.hf_token_file} is empty")
+    return token
+
+
 def _download_hf_lora(repo: str, settings: ServerSettings) -> Path:
     from huggingface_hub import snapshot_download
 
     repo_id, _, revision = repo.strip("/").partition("@")
+    token = hf_token(settings)
     try:
         # Its weights only: LoRA repositories often hold sample images, and no model_index.
         return Path(snapshot_download(repo_id, revision=revision or None,
-                                      cache_dir=settings.hf_cache_dir,
+                                      cache_dir=settings.hf_cache_dir, token=token,
                                       allow_patterns=["*.safetensors"]))
     except Exception as exc:  # the hub client raises many kinds; all mean "not available"
         raise ModelError(f"cannot fetch hf://{repo}: {exc}") from exc
@@ -99,11 +115,12 @@ def _download_hf(repo: str, settings: ServerSettings) -> Path:
     from huggingface_hub import hf_hub_download
 
     repo_id, _, revision = repo.strip("/").partition("@")
+    token = hf_token(settings)
     try:
         # The pipeline's class first: a served one only. diffusers' download would import a
         # community pipeline named there (a list _class_name) to learn its components.
         index = hf_hub_download(repo_id, "model_index.json", revision=revision or None,
-                                cache_dir=settings.hf_cache_dir)
+                                cache_dir=settings.hf_cache_dir, token=token)
     except Exception as exc:  # the hub client raises many kinds; all mean "not available"
         raise ModelError(f"cannot fetch hf://{repo}: {exc}") from exc
     detect_family(Path(index).parent)
@@ -116,6 +133,7 @@ def _download_hf(repo: str, settings: ServerSettings) -> Path:
             revision=revision or None,
             cache_dir=settings.hf_cache_dir,
             use_safetensors=True,
+            token=token,
         )
     except Exception as exc:  # the hub client raises many kinds; all mean "not available"
         raise ModelError(f"cannot fetch hf://{repo}: {exc}") from exc
@@ -240,7 +258,8 @@ def upcasts_vae(family: Family, dtype, vae) -> bool:
 
 
 def _model_name(uri: str, path: Path) -> str:
-    tail = uri.rstrip("/").rsplit("/", 1)[-1].split("@")[0]
+    # The revision first: one may hold slashes itself (hf://org/name@refs/pr/1).
+    tail = uri.split("@", 1)[0].rstrip("/").rsplit("/", 1)[-1]
     return tail or path.name
 
 

@@ -236,9 +236,22 @@ class ModelSource(KubeModel):
     """The denoiser's weights (torchao): Int8WeightOnly on any GPU, Float8 on GPU types with
     FP8 tensor cores (nvidia-l4, nvidia-h100-80gb, nvidia-h200-141gb). Quantized weights take
     half the memory of 16-bit ones, which the planner counts."""
+    token_secret_ref: SecretKeyRef | None = None
+    """Secret holding a Hugging Face access token, for gated hf:// models and adapters
+    (FLUX.1-dev, Stable Diffusion 3.5): mounted as a file the server reads at start (and the
+    precompile Job), never put in the environment or the logs."""
 
     rules = (
         _uri_rule(""),
+        Rule(
+            cel="!has(self.tokenSecretRef) || self.uri.startsWith('hf://')"
+            " || (has(self.loras) && self.loras.exists(l, l.uri.startsWith('hf://')))",
+            check=lambda m: m.token_secret_ref is None or m.uri.startswith("hf://")
+            or any(lora.uri.startswith("hf://") for lora in m.loras or ()),
+            field=".tokenSecretRef",
+            message="tokenSecretRef is read only for hf:// models and adapters: this one "
+            "loads nothing from the hub",
+        ),
         Rule(
             cel="!has(self.quantization) || self.quantization == 'None' || !has(self.loras)"
             " || size(self.loras) == 0",

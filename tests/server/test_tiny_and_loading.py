@@ -194,3 +194,45 @@ def test_a_lora_from_the_hub_is_its_weights_file(tmp_path, monkeypatch):
         resolve_lora_uri("hf://org/many", settings)
     with pytest.raises(ModelError, match="cannot fetch hf://org/absent"):
         resolve_lora_uri("hf://org/absent", settings)
+
+
+def test_a_hub_token_is_read_from_its_file_and_handed_to_the_hub_client(tmp_path, monkeypatch):
+    """Gated repositories (FLUX.1-dev, SD 3.5): the token goes to each hub call; an unreadable
+    or empty file is said by its path, never its content."""
+    import huggingface_hub
+
+    from imagegen_server.loading import resolve_lora_uri
+
+    asked = []
+
+    def refuse(*args, **kwargs):
+        asked.append(kwargs.get("token"))
+        raise OSError("401 Unauthorized")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    token = tmp_path / "token"
+    token.write_text("hf_secret_value\n")
+    settings = ServerSettings(hf_cache_dir=tmp_path / "hf", hf_token_file=token)
+    with pytest.raises(ModelError, match="cannot fetch hf://org/gated"):
+        resolve_model_uri("hf://org/gated", settings)
+    with pytest.raises(ModelError, match="cannot fetch hf://org/gated-lora"):
+        resolve_lora_uri("hf://org/gated-lora", settings)
+    assert asked == ["hf_secret_value", "hf_secret_value"]
+    token.write_text("  \n")
+    with pytest.raises(ModelError, match="is empty"):
+        resolve_model_uri("hf://org/gated", settings)
+    missing = ServerSettings(hf_cache_dir=tmp_path / "hf", hf_token_file=tmp_path / "absent")
+    with pytest.raises(ModelError, match="cannot read the hub token") as caught:
+        resolve_model_uri("hf://org/gated", missing)
+    assert "hf_secret_value" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("uri", "name"), [
+    ("hf://org/flux-dev", "flux-dev"), ("hf://org/flux-dev@v1.0", "flux-dev"),
+    ("hf://org/flux-dev@refs/pr/1", "flux-dev"), ("gs://bucket/models/sdxl/", "sdxl"),
+])
+def test_a_model_is_named_for_its_repository_or_folder_not_its_revision(uri, name):
+    from imagegen_server.loading import _model_name
+
+    assert _model_name(uri, Path("/unused")) == name

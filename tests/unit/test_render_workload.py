@@ -365,6 +365,26 @@ def test_compile_cache_and_auth_token_are_mounted_where_the_settings_point() -> 
     assert env_var_name("auth_token") not in env  # the secret never travels as plain env
 
 
+def test_a_hub_token_is_a_file_the_server_and_its_precompile_job_read() -> None:
+    """Gated hf:// models: the token travels as a mounted file, never as plain env."""
+    r = resource(model={"uri": "hf://stabilityai/stable-diffusion-3.5-medium", "memoryGiB": 4,
+                        "tokenSecretRef": {"name": "hf", "key": "hf_token"}},
+                 pipeline=PRECOMPILE, gpu=H100_MIG_TS2)
+    for spec, env in ((pod_spec(r), env_of(r)),
+                      (precompile_job(r)["spec"]["template"]["spec"], None)):
+        container = spec["containers"][0]
+        env = env or {e["name"]: e.get("value") for e in container["env"]}
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["hf-token"]["secret"] == {
+            "secretName": "hf", "items": [{"key": "hf_token", "path": "token"}],
+            "defaultMode": 0o440}
+        assert mounts["hf-token"]["readOnly"] is True
+        assert env[env_var_name("hf_token_file")] == mounts["hf-token"]["mountPath"] + "/token"
+        assert not [n for n in env if "HF_TOKEN" in n and n != env_var_name("hf_token_file")]
+    assert env_var_name("hf_token_file") not in env_of(resource())
+
+
 # --- the other objects ------------------------------------------------------------------
 
 

@@ -314,6 +314,19 @@ def volumes_and_mounts(
             {"name": "compile-cache", "persistentVolumeClaim": {"claimName": cache.pvc_name}}
         )
         mounts.append({"name": "compile-cache", "mountPath": env.COMPILE_CACHE_DIR})
+    token = spec.model.token_secret_ref
+    if token is not None:  # the precompile Job loads the model too, and keeps it
+        volumes.append(
+            {
+                "name": "hf-token",
+                "secret": {
+                    "secretName": token.name,
+                    "items": [{"key": token.key, "path": "token"}],
+                    "defaultMode": 0o440,
+                },
+            }
+        )
+        mounts.append({"name": "hf-token", "mountPath": env.HF_TOKEN_DIR, "readOnly": True})
     auth = spec.server.auth_secret_ref
     if auth is not None:
         volumes.append(

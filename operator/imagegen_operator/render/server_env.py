@@ -25,6 +25,8 @@ COMPILE_CACHE_DIR = "/var/cache/imagegen/compile"
 AUTH_TOKEN_DIR = "/var/run/secrets/imagegen"
 AUTH_TOKEN_FILE = f"{AUTH_TOKEN_DIR}/token"
 C2PA_DIR = "/var/run/secrets/imagegen-c2pa"
+HF_TOKEN_DIR = "/var/run/secrets/imagegen-hf"
+HF_TOKEN_FILE = f"{HF_TOKEN_DIR}/token"
 
 # Shutdown: the kubelet runs the preStop pause first, so the pod leaves the Service's
 # endpoints before the server hears SIGTERM; the server then drains for DRAIN_TIMEOUT_S (new
@@ -98,6 +100,8 @@ def settings_values(resource: ImageGenService) -> dict[str, Any]:
         values["c2pa_algorithm"] = spec.server.provenance.signing_algorithm.lower()
     if spec.server.auth_secret_ref is not None:
         values["auth_token_file"] = AUTH_TOKEN_FILE
+    if model.token_secret_ref is not None:
+        values["hf_token_file"] = HF_TOKEN_FILE
     return values
 
 
