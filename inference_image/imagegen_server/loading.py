@@ -237,7 +237,7 @@ def load_model(settings: ServerSettings) -> LoadedModel:
     device = resolve_device(settings.device)
     dtype = torch_dtype(settings.dtype)
     log.info("loading %s (%s) as %s on %s", path, detected.value, settings.dtype.value, device)
-    pipeline = DiffusionPipeline.from_pretrained(path, dtype=dtype)
+    pipeline = DiffusionPipeline.from_pretrained(path, dtype=dtype, variant=weights_variant(path))
     pipeline.set_progress_bar_config(disable=True)
     pipeline.to(device)
     vae = getattr(pipeline, "vae", None)
@@ -255,6 +255,19 @@ def upcasts_vae(family: Family, dtype, vae) -> bool:
     only SDXL's read ``force_upcast``."""
     return (vae is not None and family == Family.SDXL and dtype == _fp16()
             and bool(getattr(vae.config, "force_upcast", False)))
+
+
+def weights_variant(model_dir: Path) -> str | None:
+    """``fp16`` where a component holds only fp16-variant weights (a copy made with
+    ``variant="fp16"``, or `hf download --include "*.fp16.*"`: half the bytes of SDXL's),
+    which from_pretrained finds only when told; else None."""
+    for folder in model_dir.iterdir():
+        if not folder.is_dir():
+            continue
+        weights = [f.name for f in folder.iterdir() if f.suffix in (".safetensors", ".bin")]
+        if weights and all(".fp16." in name for name in weights):
+            return "fp16"
+    return None
 
 
 def _model_name(uri: str, path: Path) -> str:

@@ -236,3 +236,14 @@ def test_a_model_is_named_for_its_repository_or_folder_not_its_revision(uri, nam
     from imagegen_server.loading import _model_name
 
     assert _model_name(uri, Path("/unused")) == name
+
+
+def test_a_copy_of_fp16_variant_weights_only_loads(tiny_models, tmp_path):
+    """SDXL's fp16 files are half its bytes: a copy of those alone is a model too."""
+    from imagegen_server.loading import weights_variant
+
+    copy = tmp_path / "sd15-fp16"
+    DiffusionPipeline.from_pretrained(tiny_models["sd15"]).save_pretrained(copy, variant="fp16")
+    assert weights_variant(copy) == "fp16" and weights_variant(tiny_models["sd15"]) is None
+    loaded = load_model(ServerSettings(model=str(copy), dtype="float32", device="cpu"))
+    assert loaded.pipeline.unet is not None

@@ -65,7 +65,7 @@ def test_gke_nodepool_document_is_the_create_request() -> None:
     assert acc.gpu_partition_size == "1g.10gb"
     assert acc.gpu_sharing_config.gpu_sharing_strategy.name == "TIME_SHARING"
     assert acc.gpu_sharing_config.max_shared_clients_per_gpu == 2
-    assert acc.gpu_driver_installation_config.gpu_driver_version.name == "DEFAULT"
+    assert acc.gpu_driver_installation_config.gpu_driver_version.name == "LATEST"
     auto = pool.autoscaling
     assert (auto.enabled, auto.total_min_node_count, auto.total_max_node_count) == (True, 1, 3)
     assert auto.location_policy.name == "ANY"
@@ -157,7 +157,7 @@ def test_config_connector_nodepool() -> None:
         "count": 2,
         "gpuPartitionSize": "1g.10gb",
         "gpuSharingConfig": {"gpuSharingStrategy": "MPS", "maxSharedClientsPerGpu": 3},
-        "gpuDriverInstallationConfig": {"gpuDriverVersion": "DEFAULT"},
+        "gpuDriverInstallationConfig": {"gpuDriverVersion": "LATEST"},
     }
     assert spec["nodeConfig"]["spot"] is True
 

@@ -39,7 +39,10 @@ POOL_LABEL = "imagegen.dev/node-pool"
 # On every simulated (Local) node: only pods of Local services tolerate it, so a
 # service meant for a GKE pool never runs, Available, on a node that is not one.
 SIMULATED_TAINT = {"key": "imagegen.dev/simulated", "value": "true", "effect": "NoSchedule"}
-GPU_DRIVER_VERSION = "DEFAULT"
+# The server image's PyTorch wheels are built with CUDA 13, which needs NVIDIA's R580 driver
+# or newer; the driver GKE installs as DEFAULT is older on many GKE versions. LATEST is the
+# newest COS carries (a pool's image, COS_CONTAINERD by default).
+GPU_DRIVER_VERSION = "LATEST"
 # The Google service account the nodes of the pools the operator makes run as (the chart's
 # gke.nodeServiceAccount). Unset, GKE's default: the project's Compute Engine default service
 # account, which is often an Editor of the whole project. GKE's hardening guide asks for an
