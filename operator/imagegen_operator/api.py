@@ -912,6 +912,9 @@ class ServerSpec(KubeModel):
 
     image: str | None = Field(default=None, max_length=512, pattern=r"^[^\s]+$")
     """Container image; the operator's configured server image when unset."""
+    image_pull_secrets: list[SecretRef] | None = Field(default=None, min_length=1, max_length=8)
+    """Secrets of type kubernetes.io/dockerconfigjson the serving pods (and the precompile
+    Job) pull the image with, from a registry the nodes' own account cannot read."""
     port: int = Field(default=8080, ge=1, le=65535)
     """HTTP port of the server and its Service."""
     auth_secret_ref: SecretKeyRef | None = None

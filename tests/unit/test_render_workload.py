@@ -365,6 +365,15 @@ def test_compile_cache_and_auth_token_are_mounted_where_the_settings_point() -> 
     assert env_var_name("auth_token") not in env  # the secret never travels as plain env
 
 
+def test_image_pull_secrets_reach_the_serving_pods_and_the_precompile_job() -> None:
+    r = resource(pipeline=PRECOMPILE, gpu=H100_MIG_TS2,
+                 server={"image": "registry.example.com/team/imagegen-server:0.1.0",
+                         "imagePullSecrets": [{"name": "registry"}]})
+    for spec in (pod_spec(r), precompile_job(r)["spec"]["template"]["spec"]):
+        assert spec["imagePullSecrets"] == [{"name": "registry"}]
+    assert "imagePullSecrets" not in pod_spec(resource())
+
+
 def test_a_hub_token_is_a_file_the_server_and_its_precompile_job_read() -> None:
     """Gated hf:// models: the token travels as a mounted file, never as plain env."""
     r = resource(model={"uri": "hf://stabilityai/stable-diffusion-3.5-medium", "memoryGiB": 4,

@@ -458,6 +458,8 @@ def render_deployment(
         "automountServiceAccountToken": False,
         **({"serviceAccountName": spec.server.service_account_name}
            if spec.server.service_account_name else {}),
+        **({"imagePullSecrets": [{"name": s.name} for s in spec.server.image_pull_secrets]}
+           if spec.server.image_pull_secrets else {}),
         "containers": [container],
         "volumes": volumes,
     }
