@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -257,22 +258,33 @@ def upcasts_vae(family: Family, dtype, vae) -> bool:
             and bool(getattr(vae.config, "force_upcast", False)))
 
 
+FP16_VARIANT = re.compile(r"\.fp16[.-]")  # name.fp16.safetensors, or a shard: .fp16-00001-of-
+
+
 def weights_variant(model_dir: Path) -> str | None:
-    """``fp16`` where a component holds only fp16-variant weights (a copy made with
-    ``variant="fp16"``, or `hf download --include "*.fp16.*"`: half the bytes of SDXL's),
-    which from_pretrained finds only when told; else None."""
-    for folder in model_dir.iterdir():
-        if not folder.is_dir():
+    """``fp16`` where a component of the pipeline holds only fp16-variant weights (a copy
+    made with ``variant="fp16"``, or `hf download --include "*.fp16.*"`: half the bytes of
+    SDXL's), which from_pretrained finds only when told; else None. Only the components
+    model_index.json names: a volume's root may hold other folders, some unreadable."""
+    try:
+        components = json.loads((model_dir / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for name in components:
+        try:
+            weights = [f.name for f in (model_dir / name).iterdir()
+                       if f.suffix in (".safetensors", ".bin")]
+        except OSError:  # not a folder, or not one this user may read
             continue
-        weights = [f.name for f in folder.iterdir() if f.suffix in (".safetensors", ".bin")]
-        if weights and all(".fp16." in name for name in weights):
+        if weights and all(FP16_VARIANT.search(w) for w in weights):
             return "fp16"
     return None
 
 
 def _model_name(uri: str, path: Path) -> str:
-    # The revision first: one may hold slashes itself (hf://org/name@refs/pr/1).
-    tail = uri.split("@", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    # A hub revision first: one may hold slashes itself (hf://org/name@refs/pr/1).
+    named = uri.split("@", 1)[0] if uri.startswith("hf://") else uri
+    tail = named.rstrip("/").rsplit("/", 1)[-1]
     return tail or path.name
 
 

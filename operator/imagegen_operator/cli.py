@@ -7,7 +7,8 @@
   and diffed).
   Refuses, with exit status 1 and nothing on stdout, when a spec cannot give a
   running Deployment.
-- ``plan -f FILE [-o table|json]``: the capacity math and cost estimate.
+- ``plan -f FILE [-o table|json]``: the capacity math and cost estimate; the whole report,
+  with exit status 1 when a spec cannot run (as ``render`` would refuse it).
 - ``run``: the operator itself (a kopf process), from ``imagegen_operator.handlers``.
 - ``in-use``: the ImageGenServices in the cluster; exit status 1, naming them, while there
   are any. The chart runs it before ``helm uninstall``: an operator removed before its
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import sys
@@ -259,7 +261,8 @@ def plan_table(resource: api.ImageGenService, p: Plan) -> str:
         ),
         (
             "memory",
-            f"model {p.footprint_gib:g} GiB ({p.footprint_source}) vs {round(p.slot_memory_gib, 2):g} GiB "
+            f"model {p.footprint_gib:g} GiB ({p.footprint_source}) vs "
+            f"{math.floor(p.slot_memory_gib * 100) / 100:g} GiB "
             f"per slot (GPU {p.gpu_memory_gib:g} GiB, as CUDA reports it)",
         ),
     ]

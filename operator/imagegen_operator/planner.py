@@ -227,6 +227,9 @@ class PlanInputs:
     dtype: str = "bfloat16"  # model.dtype
     memory_gib: float | None = None  # model.memoryGiB
     quantization: str = "None"  # model.quantization
+    # Whether the API would take a quantization for it: not beside model.loras, nor with
+    # pipeline.compile.aot.
+    quantizable: bool = True
     max_batch_size: int = 1  # pipeline.stages.maxBatchSize
     width: int = 1024  # pipeline.defaults.width
     height: int = 1024  # pipeline.defaults.height
@@ -842,8 +845,10 @@ def _check_fit(i: PlanInputs, footprint: float, slot_gib: float, source: str) ->
         levers = [f"a larger spec.gpu.{'partitionSize' if i.partition_size else 'type'}"]
         if i.max_shared_clients:
             levers.append("fewer spec.gpu.sharing.maxSharedClientsPerGpu")
-        if i.quantization == "None":
-            levers.append("spec.model.quantization Int8WeightOnly (the denoiser in 8 bits)")
+        if i.quantization == "None" and i.quantizable:
+            levers.append("spec.model.quantization Int8WeightOnly (the denoiser in 8 bits"
+                          + (", then measure spec.model.memoryGiB again)"
+                             if source == "spec.model.memoryGiB" else ")"))
         if source != "spec.model.memoryGiB":
             levers.append("a smaller spec.pipeline.stages.maxBatchSize or default size")
         choices = (f"{', '.join(levers[:-1])} or {levers[-1]}" if len(levers) > 1
@@ -980,6 +985,7 @@ def inputs_from_spec(spec: ImageGenServiceSpec) -> PlanInputs:
         dtype=spec.model.dtype,
         memory_gib=spec.model.memory_gib,
         quantization=spec.model.quantization,
+        quantizable=not spec.model.loras and not pipeline.compile.aot,
         max_batch_size=pipeline.stages.max_batch_size,
         width=pipeline.defaults.width,
         height=pipeline.defaults.height,

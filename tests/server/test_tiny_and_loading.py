@@ -231,6 +231,7 @@ def test_a_hub_token_is_read_from_its_file_and_handed_to_the_hub_client(tmp_path
 @pytest.mark.parametrize(("uri", "name"), [
     ("hf://org/flux-dev", "flux-dev"), ("hf://org/flux-dev@v1.0", "flux-dev"),
     ("hf://org/flux-dev@refs/pr/1", "flux-dev"), ("gs://bucket/models/sdxl/", "sdxl"),
+    ("gs://bucket/team@x/sdxl", "sdxl"),
 ])
 def test_a_model_is_named_for_its_repository_or_folder_not_its_revision(uri, name):
     from imagegen_server.loading import _model_name
@@ -247,3 +248,22 @@ def test_a_copy_of_fp16_variant_weights_only_loads(tiny_models, tmp_path):
     assert weights_variant(copy) == "fp16" and weights_variant(tiny_models["sd15"]) is None
     loaded = load_model(ServerSettings(model=str(copy), dtype="float32", device="cpu"))
     assert loaded.pipeline.unet is not None
+
+
+def test_only_the_pipeline_s_components_say_whether_its_weights_are_a_variant(tmp_path):
+    from imagegen_server.loading import weights_variant
+
+    model = tmp_path / "model"
+    for folder, files in {"unet": ["diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+                                   "diffusion_pytorch_model.fp16-00002-of-00002.safetensors"],
+                          "vae": ["diffusion_pytorch_model.safetensors"],
+                          "extras": ["upscaler.fp16.safetensors"]}.items():
+        (model / folder).mkdir(parents=True)
+        for name in files:
+            (model / folder / name).write_bytes(b"")
+    (model / "lost+found").mkdir(mode=0)  # a volume's root: not this user's to read
+    index = {"_class_name": "StableDiffusionPipeline", "unet": [], "vae": []}
+    (model / "model_index.json").write_text(json.dumps(index))
+    assert weights_variant(model) == "fp16"  # sharded fp16 files name no ".fp16."
+    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    assert weights_variant(model) is None  # "extras" is no component of the pipeline

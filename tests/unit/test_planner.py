@@ -151,8 +151,29 @@ def test_model_that_does_not_fit_its_slice_is_a_blocking_finding() -> None:
     assert "spec.model.memoryGiB" in finding.fields
     assert "spec.gpu.partitionSize" in finding.fields
     assert "6 GiB" in finding.message and "4.87 GiB" in finding.message
+    # What would make it fit, of what this spec may still change: a measured figure stays
+    # as it is until measured again.
+    assert "Int8WeightOnly" in finding.message and "measure spec.model.memoryGiB again" in (
+        finding.message)
+    assert "maxBatchSize" not in finding.message
     assert finding.to_dict()["reason"] == "ModelDoesNotFitSlice"
     assert finding.to_dict()["severity"] == "error"
+
+
+def test_a_model_that_does_not_fit_is_offered_only_the_levers_its_spec_may_take() -> None:
+    def advice(**given) -> str:
+        p = make_plan(inputs("nvidia-l4", family="SDXL", memory_gib=None, **given))
+        [finding] = [f for f in p.findings if isinstance(f, ModelDoesNotFitSlice)]
+        return finding.message
+
+    alone = advice(sharing_strategy="TimeSharing", max_shared_clients=4)
+    assert "larger spec.gpu.type" in alone and "maxSharedClientsPerGpu" in alone
+    assert "Int8WeightOnly" in alone and "maxBatchSize" in alone
+    assert "partitionSize" not in alone
+    # Not beside LoRA adapters, nor with an ahead-of-time compiled denoiser: refused there.
+    assert "Int8WeightOnly" not in advice(sharing_strategy="TimeSharing", max_shared_clients=4,
+                                          quantizable=False)
+    assert "maxSharedClientsPerGpu" not in advice(max_batch_size=64)
 
 
 def test_model_fitting_with_little_headroom_is_a_warning() -> None:

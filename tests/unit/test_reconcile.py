@@ -1620,7 +1620,7 @@ def test_a_config_connector_pool_keeps_its_machines_and_gpu_settings(world) -> N
     node_config = made["spec"]["nodeConfig"]
     node_config["machineType"] = "g2-standard-4"  # what an earlier release derived
     node_config["guestAccelerator"][0]["gpuDriverInstallationConfig"] = {
-        "gpuDriverVersion": "LATEST"}
+        "gpuDriverVersion": "DEFAULT"}
     before = json.loads(json.dumps(made["spec"]))
     world.reconcile("made")
     [kept] = config_connector_pools(world).values()

@@ -374,6 +374,21 @@ def test_image_pull_secrets_reach_the_serving_pods_and_the_precompile_job() -> N
     assert "imagePullSecrets" not in pod_spec(resource())
 
 
+def test_a_precompile_job_is_made_anew_when_its_secrets_are_named_or_renamed() -> None:
+    """A Job refused a gated model, or stuck on a misnamed Secret, holds a new service at 0
+    replicas: the spec that fixes it must give a Job of another name."""
+    def job_name(**model_or_server) -> str:
+        model = {"uri": "hf://org/gated", "memoryGiB": 4, **model_or_server.get("model", {})}
+        r = resource(model=model, pipeline=PRECOMPILE, gpu=H100_MIG_TS2,
+                     server=model_or_server.get("server", {}))
+        return precompile_job(r)["metadata"]["name"]
+
+    names = {job_name(), job_name(model={"tokenSecretRef": {"name": "hf"}}),
+             job_name(model={"tokenSecretRef": {"name": "hf2"}}),
+             job_name(server={"imagePullSecrets": [{"name": "registry"}]})}
+    assert len(names) == 4
+
+
 def test_a_hub_token_is_a_file_the_server_and_its_precompile_job_read() -> None:
     """Gated hf:// models: the token travels as a mounted file, never as plain env."""
     r = resource(model={"uri": "hf://stabilityai/stable-diffusion-3.5-medium", "memoryGiB": 4,

@@ -91,6 +91,13 @@ def _compile_key(resource: ImageGenService, pod: dict[str, Any]) -> str:
         # The one a gs:// model's bucket is read as: a Job stuck without it (its pod cannot
         # mount the bucket) is replaced once it is named. Unnamed, the key is as before.
         key.append(account)
+    # So are a hub token (a Job refused a gated model, or stuck on a Secret misnamed) and
+    # the image's pull Secrets. None named, the key is as before.
+    token = next((v["secret"] for v in pod.get("volumes", []) if v["name"] == "hf-token"), None)
+    if token is not None:
+        key.append({"hf-token": token})
+    if pulls := pod.get("imagePullSecrets"):
+        key.append({"imagePullSecrets": pulls})
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:_HASH_CHARS]
 
 
