@@ -314,45 +314,25 @@ def volumes_and_mounts(
             {"name": "compile-cache", "persistentVolumeClaim": {"claimName": cache.pvc_name}}
         )
         mounts.append({"name": "compile-cache", "mountPath": env.COMPILE_CACHE_DIR})
-    token = spec.model.token_secret_ref
-    if token is not None:  # the precompile Job loads the model too, and keeps it
-        volumes.append(
-            {
-                "name": "hf-token",
-                "secret": {
-                    "secretName": token.name,
-                    "items": [{"key": token.key, "path": "token"}],
-                    "defaultMode": 0o440,
-                },
-            }
-        )
-        mounts.append({"name": "hf-token", "mountPath": env.HF_TOKEN_DIR, "readOnly": True})
-    auth = spec.server.auth_secret_ref
-    if auth is not None:
-        volumes.append(
-            {
-                "name": "auth-token",
-                "secret": {
-                    "secretName": auth.name,
-                    "items": [{"key": auth.key, "path": "token"}],
-                    "defaultMode": 0o440,
-                },
-            }
-        )
-        mounts.append({"name": "auth-token", "mountPath": env.AUTH_TOKEN_DIR, "readOnly": True})
     signing = spec.server.provenance.signing_secret_ref
-    if signing is not None:
-        volumes.append(
-            {
-                "name": "c2pa-signing",
-                "secret": {
-                    "secretName": signing.name,
-                    "items": [{"key": k, "path": k} for k in ("tls.crt", "tls.key")],
-                    "defaultMode": 0o440,
-                },
-            }
-        )
-        mounts.append({"name": "c2pa-signing", "mountPath": env.C2PA_DIR, "readOnly": True})
+    secrets = [
+        # The precompile Job loads the model too, and keeps the hub token.
+        ("hf-token", spec.model.token_secret_ref, env.HF_TOKEN_DIR),
+        ("auth-token", spec.server.auth_secret_ref, env.AUTH_TOKEN_DIR),
+        ("c2pa-signing", signing, env.C2PA_DIR),
+    ]
+    for name, ref, path in secrets:
+        if ref is None:
+            continue
+        keys = ([(k, k) for k in ("tls.crt", "tls.key")] if name == "c2pa-signing"
+                else [(ref.key, "token")])
+        # Files the server's user reads (fsGroup), never environment variables.
+        volumes.append({"name": name, "secret": {
+            "secretName": ref.name,
+            "items": [{"key": key, "path": file} for key, file in keys],
+            "defaultMode": 0o440,
+        }})
+        mounts.append({"name": name, "mountPath": path, "readOnly": True})
     return volumes, mounts
 
 
