@@ -35,13 +35,7 @@ from imagegen_operator.kube import (
     TransientKubeError,
 )
 from imagegen_operator.providers import build_providers
-from imagegen_operator.reconcile import (
-    EVENT_REPEAT_S,
-    FINALIZER,
-    ORPHAN_GRACE_S,
-    Reconciler,
-    indexed,
-)
+from imagegen_operator.reconcile import FINALIZER, ORPHAN_GRACE_S, Reconciler, indexed
 from imagegen_operator.render import DEFAULT_SERVER_IMAGE, SERVER_IMAGE_ENV
 from imagegen_operator.render.common import MANAGED_BY
 from imagegen_operator.render.nodepool import node_service_account
@@ -104,8 +98,6 @@ class _Service:
     not_before: float = 0.0  # monotonic: timers wait until then (a provider's backoff)
     started: float | None = None  # monotonic start of the reconcile in progress
     named: tuple[str, str] | None = None  # namespace and name: its series in the ready gauge
-    # The Events the handlers last gave it: reason -> (message, when).
-    said: dict[str, tuple[str, float]] = field(default_factory=dict)
 
 
 class Operator:
@@ -225,12 +217,12 @@ class Operator:
             except PermanentKubeError as exc:
                 metrics.ERRORS.labels("permanent").inc()
                 metrics.RECONCILES.labels(trigger, "error").inc()
-                self._say(service, body, "Warning", "ReconcileFailed", str(exc))
+                self.reconciler.record_once(body, "Warning", "ReconcileFailed", str(exc))
                 raise kopf.PermanentError(str(exc)) from exc
             except Exception as exc:  # a fault of ours: counted, so that the alert fires
                 metrics.ERRORS.labels("other").inc()
                 metrics.RECONCILES.labels(trigger, "error").inc()
-                self._say(service, body, "Warning", "ReconcileError", _fault(exc))
+                self.reconciler.record_once(body, "Warning", "ReconcileError", _fault(exc))
                 raise
             finally:
                 service.started = None
@@ -245,18 +237,6 @@ class Operator:
                 service.named = (meta.get("namespace") or "", meta["name"])
                 metrics.SERVICE_READY.labels(*service.named).set(1 if outcome.ready else 0)
             self._update_gauges()
-
-    def _say(self, service: _Service, body: dict[str, Any], type_: str, reason: str,
-             message: str) -> None:
-        """An Event, unless the same one was given in the last half hour: a handler that
-        fails or waits again at each retry says so once (Events live an hour)."""
-        now = self._clock()
-        with self._guard:
-            last = service.said.get(reason)
-            if last is not None and last[0] == message and now < last[1] + EVENT_REPEAT_S:
-                return
-            service.said[reason] = (message, now)
-        self.reconciler.record(body, type_, reason, message)
 
     def stood_down(self) -> None:
         """Another operator acts now: the per-service gauges are its to say. They come back
@@ -308,14 +288,14 @@ class Operator:
             except Exception as exc:  # retried by kopf all the same: the pool must go
                 permanent = isinstance(exc, PermanentKubeError)
                 metrics.ERRORS.labels("permanent" if permanent else "other").inc()
-                self._say(service, body, "Warning", "DeleteFailed",
+                self.reconciler.record_once(body, "Warning", "DeleteFailed",
                           str(exc) if permanent else _fault(exc))
                 raise
             finally:
                 service.started = None
                 self._count_writes()
         if not done:
-            self._say(service, body, "Normal", "WaitingForNodePool",
+            self.reconciler.record_once(body, "Normal", "WaitingForNodePool",
                       "the service goes once its node pool is deleted (a GKE pool takes "
                       "minutes)")
             raise kopf.TemporaryError("waiting for the node pool to be deleted", delay=delay)

@@ -124,8 +124,8 @@ class Memo:
     cleaned: int | None = None  # generation whose leftover optional children were removed
     owned: set[str] = field(default_factory=set)  # kinds of children it has applied
     warned: set[tuple[str, str]] = field(default_factory=set)  # plan warnings recorded
-    # When each refused pool delete (pool, reason) was last recorded as an Event.
-    undeleted: dict[tuple[str, str], float] = field(default_factory=dict)
+    # When each Event on what lasts was last given (record_once): (reason, subject) -> time.
+    said: dict[tuple[str, str], float] = field(default_factory=dict)
 
 
 @dataclass
@@ -1077,13 +1077,13 @@ class Reconciler:
             log.warning("deleting pool %s: %s", key, exc.message)
             # A refusal, or a delete GKE took and then failed (asked again, but it may fail
             # for as long): said, where a busy answer is only waited out.
-            said = not exc.transient or exc.reason == "DeleteFailed"
-            if said and body is not None and self._new_refusal(body, key, exc):
+            if (not exc.transient or exc.reason == "DeleteFailed") and body is not None:
                 then = ("It is asked again." if exc.transient
                         else "The delete waits until the operator may delete it.")
-                self.record(body, "Warning", "NodePoolNotDeleted",
-                            f"node pool {key} cannot be deleted ({exc.reason}): "
-                            f"{exc.message.rstrip('.')}. {then}")
+                self.record_once(body, "Warning", "NodePoolNotDeleted",
+                                 f"node pool {key} cannot be deleted ({exc.reason}): "
+                                 f"{exc.message.rstrip('.')}. {then}",
+                                 subject=f"{key} {exc.reason}")
             delay = exc.retry_after if exc.retry_after is not None else 60.0
             state = PoolState(key.name, False, 0, exc.reason, exc.message)
             with self._lock:
@@ -1095,16 +1095,19 @@ class Reconciler:
                 self._last_seen.pop(key, None)
         return gone
 
-    def _new_refusal(self, body: dict[str, Any], key: PoolKey, exc: ProviderError) -> bool:
-        """Whether a refused delete is news: once, and again every half hour while it lasts
-        (Events live an hour), not at every retry (kopf names each Event anew, so the API
-        server never folds them into one)."""
+    def record_once(self, body: dict[str, Any], type_: str, reason: str, message: str,
+                    subject: str | None = None) -> None:
+        """An Event on what lasts (a refused delete, a handler failing at each retry): once,
+        and again every half hour while it lasts (Events live an hour), not at each retry:
+        kopf names each Event anew, so the API server never folds them into one. The same
+        ``reason`` and ``subject`` (by default the message) is the same Event."""
         memo = self._memo(body["metadata"].get("uid", ""))
-        now, seen = self._clock(), (str(key), exc.reason)
-        if now < memo.undeleted.get(seen, -math.inf) + EVENT_REPEAT_S:
-            return False
-        memo.undeleted[seen] = now
-        return True
+        now, seen = self._clock(), (reason, message if subject is None else subject)
+        with self._lock:
+            if now < memo.said.get(seen, -math.inf) + EVENT_REPEAT_S:
+                return
+            memo.said[seen] = now
+        self.record(body, type_, reason, message)
 
     def _waiting_on(self, key: PoolKey, deleting: bool = False) -> bool:
         """Whether the pool's provider asked for time before it is asked again (to delete

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 
 import pytest
 
 from imagegen_operator import handlers
-from imagegen_operator.reconcile import Outcome
+from imagegen_operator.reconcile import EVENT_REPEAT_S, Outcome, Reconciler
+from support.memory_kube import InMemoryKube
 
 
 class LiveObject:
@@ -26,10 +28,13 @@ class LiveObject:
 class RecordingReconciler:
     services = None
 
-    def __init__(self) -> None:
+    def __init__(self, clock=time.monotonic) -> None:
         self.runs = 0
         self.kube = LiveObject()
         self.events: list[tuple[str, str, str]] = []
+        # The real Events bookkeeping, which records through this one.
+        self.record_once = Reconciler(InMemoryKube(), {}, recorder=self.record,
+                                      clock=clock).record_once
 
     def reconcile(self, body):
         self.runs += 1
@@ -178,8 +183,8 @@ class Gone(LiveObject):
 
 
 class Failing(RecordingReconciler):
-    def __init__(self, error: Exception) -> None:
-        super().__init__()
+    def __init__(self, error: Exception, clock=time.monotonic) -> None:
+        super().__init__(clock)
         self.error = error
 
     def reconcile(self, body):
@@ -240,7 +245,8 @@ def test_transient_errors_are_retried_less_and_less_often_and_every_error_is_cou
     other = metrics.ERRORS.labels("other")
     before = other._value.get()
     clock = [0.0]
-    operator = handlers.Operator(Failing(ValueError("a bug")), clock=lambda: clock[0])
+    operator = handlers.Operator(Failing(ValueError("a bug"), clock=lambda: clock[0]),
+                                 clock=lambda: clock[0])
     for _ in range(3):  # an Event of a Kubernetes type, once, not at each retry
         with pytest.raises(ValueError):
             operator.reconcile(dict(BODY), trigger="update")
@@ -248,7 +254,7 @@ def test_transient_errors_are_retried_less_and_less_often_and_every_error_is_cou
     assert other._value.get() == before + 3
     [(type_, reason, message)] = operator.reconciler.events
     assert (type_, reason) == ("Warning", "ReconcileError") and "ValueError: a bug" in message
-    clock[0] += handlers.EVENT_REPEAT_S  # and again while it lasts
+    clock[0] += EVENT_REPEAT_S  # and again while it lasts
     with pytest.raises(ValueError):
         operator.reconcile(dict(BODY), trigger="update")
     assert len(operator.reconciler.events) == 2
