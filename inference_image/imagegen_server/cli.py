@@ -12,8 +12,10 @@ Every serve flag has an ``IMAGEGEN_*`` environment variable (see config.py); fla
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 
 from pydantic import ValidationError
@@ -52,6 +54,7 @@ SERVE_FLAGS: dict[str, dict] = {
     "auth_token_file": {},
     "torch_threads": {"type": int},
     "log_level": {},
+    "log_format": {"choices": ["text", "json"]},
 }
 
 
@@ -184,11 +187,61 @@ class QuietProbes(logging.Filter):
         return not (path in QUIET_PATHS and isinstance(status, int) and status < 400)
 
 
-def serve(argv: Sequence[str]) -> int:
-    settings = settings_from_args(serve_parser().parse_args(argv))
+class JsonLines(logging.Formatter):
+    """One JSON object a line, with the fields Cloud Logging reads: ``severity``, ``message``
+    (a traceback within it), ``time``; and the logger's name."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info:
+            message = f"{message}\n{self.formatException(record.exc_info)}"
+        return json.dumps({
+            "severity": record.levelname,
+            "message": message,
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{record.msecs:03.0f}Z",
+            "logger": record.name,
+        })
+
+
+JsonLines.converter = time.gmtime  # the "Z" above
+
+
+def configure_logging(settings: ServerSettings) -> dict | None:
+    """The root logger as the settings ask; returns uvicorn's log_config: its own for text,
+    None for JSON (its loggers then go to the root's handler, in JSON too)."""
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if settings.log_format == "text":
+        import uvicorn.config
+
+        return uvicorn.config.LOGGING_CONFIG
+    _every_handler_in_json()
+    return None  # uvicorn still sets its loggers' levels from log_level
+
+
+def _every_handler_in_json() -> None:
+    """torch, diffusers and transformers write through handlers of their own, set up as they
+    are imported: those too, or their lines would be plain ones among the JSON. Warnings go
+    through logging; progress bars (written straight to the terminal) are off."""
+    import torch  # noqa: F401  (its handlers are made at import)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.get_logger(library.__name__.split(".")[0])  # its handler, made now
+        library.disable_progress_bar()
+    logging.captureWarnings(True)
+    loggers = [logging.getLogger(), *(logger for logger in logging.root.manager.loggerDict.values()
+                                      if isinstance(logger, logging.Logger))]
+    for logger in loggers:
+        for handler in logger.handlers:
+            handler.setFormatter(JsonLines())
+
+
+def serve(argv: Sequence[str]) -> int:
+    settings = settings_from_args(serve_parser().parse_args(argv))
+    log_config = configure_logging(settings)
     import uvicorn
 
     from .api import ConfigError, create_app
@@ -205,6 +258,7 @@ def serve(argv: Sequence[str]) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        log_config=log_config,
         # The drain is over when uvicorn is told to exit: this is only for the last answers.
         timeout_graceful_shutdown=SHUTDOWN_FLUSH_S,
     )

@@ -354,6 +354,9 @@ class ServerSettings(BaseSettings):
     # The levels both Python's logging and uvicorn take (uvicorn's "trace" and logging's
     # "warn" are one side's only), in any case.
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    # One JSON object a line with Cloud Logging's `severity`: GKE's agent takes a plain
+    # line on stderr for an ERROR, whatever its level.
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("log_level", mode="before")
     @classmethod

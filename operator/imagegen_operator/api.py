@@ -932,6 +932,9 @@ class ServerSpec(KubeModel):
     Its token is not mounted: nothing in the pod calls the Kubernetes API."""
     resources: ResourceRequirements | None = None
     """Container resources beyond the GPU."""
+    log_format: Literal["Text", "JSON"] = "Text"
+    """The server's log lines: Text, or JSON (one object a line with the severity Cloud
+    Logging reads; GKE's agent takes a plain line on stderr for an error)."""
     provenance: ProvenanceSpec = defaulted()
     """How generated images are marked as made by a model."""
 

@@ -248,3 +248,25 @@ def test_sigterm_cancels_what_cannot_finish_by_the_drain_deadline(tiny_models):
     assert took < drain_s + SHUTDOWN_FLUSH_S + 15, (took, output)
     assert "drain deadline: cancelled 1 request(s)" in output
     assert "Traceback" not in output, output
+
+
+@pytest.mark.slow
+def test_json_logs_are_one_object_a_line_with_the_severity_cloud_logging_reads(tiny_models):
+    """GKE's agent takes a plain line on stderr for an error, whatever its level."""
+    import json
+
+    with server_process(tiny_models["sd15"], "--log-format", "json") as (base_url, process, log):
+        response = httpx.post(base_url + "/v1/images/generations",
+                              json={"prompt": "a json line", "seed": 1}, timeout=120)
+        assert response.status_code == 200, response.text
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+        lines = [line for line in log.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line, uvicorn's too
+    assert all({"severity", "message", "time", "logger"} <= set(r) for r in records)
+    assert {r["severity"] for r in records} <= {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
+    access = [r["message"] for r in records if r["logger"] == "uvicorn.access"]
+    assert any('"POST /v1/images/generations HTTP/1.1" 200' in m for m in access), access
+    # Probes answered without an error stay out (a 503 while it loads is kept).
+    assert not any('"GET /readyz HTTP/1.1" 200' in m for m in access), access
+    assert any(r["logger"].startswith("imagegen_server") for r in records)

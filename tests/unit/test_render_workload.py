@@ -389,6 +389,11 @@ def test_a_precompile_job_is_made_anew_when_its_secrets_are_named_or_renamed() -
     assert len(names) == 4
 
 
+def test_json_logs_are_a_setting_of_the_server() -> None:
+    assert env_of(resource(server={"logFormat": "JSON"}))[env_var_name("log_format")] == "json"
+    assert env_var_name("log_format") not in env_of(resource())  # the server's own default
+
+
 def test_a_hub_token_is_a_file_the_server_and_its_precompile_job_read() -> None:
     """Gated hf:// models: the token travels as a mounted file, never as plain env."""
     r = resource(model={"uri": "hf://stabilityai/stable-diffusion-3.5-medium", "memoryGiB": 4,

@@ -102,6 +102,8 @@ def settings_values(resource: ImageGenService) -> dict[str, Any]:
         values["auth_token_file"] = AUTH_TOKEN_FILE
     if model.token_secret_ref is not None:
         values["hf_token_file"] = HF_TOKEN_FILE
+    if spec.server.log_format == "JSON":
+        values["log_format"] = "json"
     return values
 
 
