@@ -229,7 +229,8 @@ def test_server_applies_the_documented_defaults(cluster, ns):
                                 "minNodes": 0, "maxNodes": 4}
     assert spec["replicas"] == 1
     assert spec["server"] == {
-        "port": 8080, "provenance": {"metadata": True, "signingAlgorithm": "ES256"}}
+        "port": 8080, "logFormat": "Text",
+        "provenance": {"metadata": True, "signingAlgorithm": "ES256"}}
 
 
 def test_explain_shows_the_descriptions(cluster, ns):
