@@ -341,7 +341,11 @@ class ServerSettings(BaseSettings):
         description="Step: requests join the running denoise batch at the next step instead "
         "of waiting for it to finish (Pipelined stages only).",
     )
-    max_batch_size: int = limited("max_batch_size")
+    max_batch_size: int = limited(
+        "max_batch_size",
+        description="Most images one stage step batches: a request of n images counts n; one "
+        "of more runs alone.",
+    )
     batch_window_ms: float = limited("batch_window_ms")
     queue_capacity: int = limited("queue_capacity")
 

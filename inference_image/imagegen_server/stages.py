@@ -1,8 +1,10 @@
 """Stage threads: each takes batches of jobs from a bounded queue, runs one step, hands on.
 
 A stage batches dynamically: it waits for one job, then keeps collecting for up to
-``batch_window_s`` or until ``max_batch_size`` jobs, splits the batch into groups the step can
-run together (equal ``key``) and runs each group. On a GPU each stage has its own CUDA stream;
+``batch_window_s`` or while the next job's images fit in ``max_batch_size`` (a request of ``n``
+images is ``n`` rows of the step's batch, so the batch's memory is bounded by images, as the
+operator's planner assumes), splits the batch into groups the step can run together (equal
+``key``) and runs each group. On a GPU each stage has its own CUDA stream;
 a job carries an event recorded after its last stage, and the next stage's stream waits on that
 event, so hand-offs never block the host.
 """
@@ -45,6 +47,29 @@ class JobQueue(queue.Queue):
                 return False
             self.not_full.notify()
             return True
+
+    def get_within(self, rows: int, timeout: float) -> Any:
+        """The job at the head if it has at most ``rows`` images (STOP always fits), waiting up
+        to ``timeout`` seconds for one; None when it has more, which leaves it at the head for
+        the next batch. Raises ``queue.Empty`` when nothing came."""
+        with self.not_empty:  # as Queue.get, with a look at the head before taking it
+            deadline = time.monotonic() + timeout
+            while not self._qsize():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise queue.Empty
+                self.not_empty.wait(remaining)
+            head = self.queue[0]
+            if head is not STOP and images_of(head) > rows:
+                return None
+            item = self._get()
+            self.not_full.notify()
+            return item
+
+
+def images_of(job: Job) -> int:
+    """The rows a job adds to a batch, before guidance doubles them: its images."""
+    return job.params.n
 
 
 class Stage:
@@ -226,20 +251,22 @@ class Stage:
         first = self.queue.get()
         if first is STOP:
             return [], True
-        batch = [first]
+        # The first job runs whatever its images: one of more than max_batch_size runs alone.
+        batch, rows = [first], images_of(first)
         deadline = time.monotonic() + self.batch_window_s
-        while len(batch) < self.max_batch_size:
-            remaining = deadline - time.monotonic()
+        while rows < self.max_batch_size:
             try:
-                item = (
-                    self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
-                )
+                item = self.queue.get_within(self.max_batch_size - rows,
+                                             deadline - time.monotonic())
             except queue.Empty:
                 break
+            if item is None:
+                break  # the next job's images would overfill the batch: it starts the next
             if item is STOP:
                 # Run what was collected, then stop.
                 return batch, True
             batch.append(item)
+            rows += images_of(item)
         return batch, False
 
     def _process(self, group: list[Job], retry: bool = True) -> None:

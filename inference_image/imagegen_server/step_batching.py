@@ -30,7 +30,7 @@ import torch
 from .families import FamilySteps
 from .families.base import drop_unwanted
 from .request import Checkpoint, Job, JobTimeout
-from .stages import STOP, OutputFn, Stage
+from .stages import STOP, OutputFn, Stage, images_of
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,8 @@ class StepBatchingStage(Stage):
 
     def _admit(self) -> list[Job]:
         """Waiting jobs that join at this step: from the head of the queue, while they have
-        the running batch's shape (or the head's, when nothing runs), up to max_batch_size."""
+        the running batch's shape (or the head's, when nothing runs), while their images fit in
+        max_batch_size."""
         # Running jobs whose caller left or whose deadline passed go first: their rows are
         # room for the waiting now, not a step later.
         self.running = drop_unwanted(self.running)
@@ -137,11 +138,13 @@ class StepBatchingStage(Stage):
             return self._in_hand
         key = self._key_of(self.running[0] if self.running else waiting[0])
         joined = self._in_hand = []
-        while (
-            waiting
-            and len(self.running) + len(joined) < self.max_batch_size
-            and self._key_of(waiting[0]) == key
+        room = self.max_batch_size - sum(images_of(job) for job in self.running)
+        while waiting and self._key_of(waiting[0]) == key and (
+            images_of(waiting[0]) <= room
+            # One of more images than a batch holds runs, alone, once nothing else does.
+            or not self.running and not joined
         ):
+            room -= images_of(waiting[0])
             joined.append(waiting.popleft())
         return joined
 

@@ -3,8 +3,8 @@
 torch.compile traces the denoiser per input shape, and a request that meets a new shape waits
 for the compiler: tens of seconds on a GPU (diffusers#11360, pytorch#150702). Two things vary
 between denoise batches: the size, which a compiled service bounds to a list (engine.py,
-``admitted_sizes``), and the rows, from one up to ``max_batch_size`` x ``max_images_per_request``
-x 2 (classifier-free guidance doubles them).
+``admitted_sizes``), and the rows, from one up to ``max_batch_size`` images (or one request's
+``max_images_per_request``, when more) x 2 (classifier-free guidance doubles them).
 
 The rows need three batches per size, not one per count. Dynamo compiles the first shape it
 sees as static; when a dimension changes it compiles once more with that dimension symbolic
@@ -52,8 +52,9 @@ class WarmupReport:
 
 
 def most_rows(settings: ServerSettings) -> int:
-    """The most rows one denoise batch can hold."""
-    return settings.max_batch_size * settings.max_images_per_request * 2
+    """The most rows one denoise batch can hold: a batch's images are at most max_batch_size
+    (stages.py), or one request's when it asks for more, doubled by guidance."""
+    return max(settings.max_batch_size, settings.max_images_per_request) * 2
 
 
 def warmup_plan(steps: FamilySteps, settings: ServerSettings) -> list[tuple[int, int, int]]:

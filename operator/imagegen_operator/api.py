@@ -361,7 +361,9 @@ class StagesSpec(KubeModel):
     step with its rows (a large image on a busy GPU), the one joining slows the batch about
     as much as it saves, and Request does as well."""
     max_batch_size: int = limited("max_batch_size")
-    """Most requests batched together in one stage step."""
+    """Most images batched together in one stage step: a request of n images counts n, and
+    one of more than this runs alone. The planner's memory estimate is for this many images
+    (or maxImagesPerRequest, when more) at the largest size a request may ask for."""
     batch_window_ms: int = limited("batch_window_ms")
     """How long a stage waits for more requests to fill a batch, in milliseconds."""
     queue_capacity: int = limited("queue_capacity")

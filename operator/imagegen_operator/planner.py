@@ -14,8 +14,13 @@ Memory footprint estimate (used only when ``model.memoryGiB`` is unset), in GiB:
     footprint = weights[family] * dtype_factor * (1 - denoiser_share[family])
               + weights[family] * denoiser_share[family] * quantized_factor
               + activations_per_megapixel[family] * dtype_factor
-                * maxBatchSize * (width * height / 2**20)
+                * images * (pixels / 2**20)
               + CUDA_CONTEXT_GIB
+
+``images`` is the most one batch holds: ``maxBatchSize`` (the server batches by images), or
+``maxImagesPerRequest`` when larger (such a request runs alone). ``pixels`` are those of the
+largest image a request may ask for: the largest of ``limits.sizes`` and the default size, or
+``limits.maxPixels`` where no list bounds an uncompiled server, else the default size.
 
 ``weights`` are the 16-bit weights of the whole pipeline (text encoders, the
 denoiser and the VAE), rounded up: SD 1.5 about 1.1B parameters, SDXL about
@@ -231,8 +236,12 @@ class PlanInputs:
     # pipeline.compile.aot.
     quantizable: bool = True
     max_batch_size: int = 1  # pipeline.stages.maxBatchSize
+    max_images_per_request: int = 1  # pipeline.limits.maxImagesPerRequest
     width: int = 1024  # pipeline.defaults.width
     height: int = 1024  # pipeline.defaults.height
+    sizes: tuple[str, ...] = ()  # pipeline.limits.sizes
+    max_pixels: int | None = None  # pipeline.limits.maxPixels
+    compiled: bool = False  # pipeline.compile.enabled: no list then admits the default size only
     cpu_request: float | None = None  # server.resources.requests.cpu, in cores
     memory_request_gib: float | None = None  # server.resources.requests.memory
 
@@ -397,8 +406,7 @@ def mps_pinned_memory_mib(slot_gib: float) -> int:
 
 
 def estimate_footprint_gib(
-    family: str, dtype: str, max_batch_size: int, width: int, height: int,
-    quantization: str = "None",
+    family: str, dtype: str, images: int, pixels: int, quantization: str = "None",
 ) -> float:
     if family not in FOOTPRINT_TABLE:
         family = AUTO_FAMILY_ASSUMED
@@ -406,14 +414,35 @@ def estimate_footprint_gib(
     factor = DTYPE_FACTOR.get(dtype, 1)
     share = DENOISER_SHARE[family]
     denoiser_factor = factor if quantization == "None" else QUANTIZED_FACTOR
-    megapixels = width * height / 2**20
+    megapixels = pixels / 2**20
     total = (
         weights * factor * (1 - share)
         + weights * share * denoiser_factor
-        + activations * factor * max_batch_size * megapixels
+        + activations * factor * images * megapixels
         + CUDA_CONTEXT_GIB
     )
     return round(total, 2)
+
+
+def batch_images(i: PlanInputs) -> int:
+    """The most images one batch holds: the server fills a batch up to maxBatchSize images,
+    and runs a request of more alone."""
+    return max(i.max_batch_size, i.max_images_per_request)
+
+
+def largest_request(i: PlanInputs) -> tuple[int, str]:
+    """The pixels of the largest image a request may ask for, and its words for findings."""
+    default = f"{i.width}x{i.height}"
+    if i.sizes:
+        largest = max((default, *i.sizes), key=_pixels)
+        return _pixels(largest), largest
+    if i.max_pixels and not i.compiled and i.max_pixels > _pixels(default):
+        return i.max_pixels, f"{i.max_pixels} pixels (spec.pipeline.limits.maxPixels)"
+    return _pixels(default), default
+
+
+def _pixels(size: str) -> int:
+    return math.prod(int(side) for side in size.split("x"))
 
 
 def default_nodepool_name(
@@ -522,7 +551,7 @@ def make_plan(inputs: PlanInputs) -> Plan:
     else:
         family = i.family if i.family in FOOTPRINT_TABLE else AUTO_FAMILY_ASSUMED
         footprint = estimate_footprint_gib(
-            family, i.dtype, i.max_batch_size, i.width, i.height, i.quantization
+            family, i.dtype, batch_images(i), largest_request(i)[0], i.quantization
         )
         source = f"estimate:{family}/{i.dtype}" + (
             "" if i.quantization == "None" else f"/{i.quantization}"
@@ -681,10 +710,11 @@ def _footprint_estimated(i: PlanInputs, family: str, footprint: float) -> Findin
     assumed = f" (family Auto: assumed {family})" if i.family not in FOOTPRINT_TABLE else ""
     return FootprintEstimated(
         f"model footprint estimated at {footprint:g} GiB for {family}/{i.dtype}"
-        f"{'' if i.quantization == 'None' else ' (denoiser ' + i.quantization + ')'}, batch "
-        f"{i.max_batch_size} at {i.width}x{i.height}{assumed}, one image a request (a request "
-        f"may ask for up to spec.pipeline.limits.maxImagesPerRequest, each a row of its "
-        f"batch); set spec.model.memoryGiB to plan on a measured figure",
+        f"{'' if i.quantization == 'None' else ' (denoiser ' + i.quantization + ')'}, a batch "
+        f"of {batch_images(i)} images at {largest_request(i)[1]}{assumed} (the most a batch "
+        f"holds: spec.pipeline.stages.maxBatchSize images, or one request's "
+        f"spec.pipeline.limits.maxImagesPerRequest, at the largest size a request may ask "
+        f"for); set spec.model.memoryGiB to plan on a measured figure",
         ("spec.model.memoryGiB", "spec.model.family"),
         blocking=False,
     )
@@ -834,6 +864,19 @@ def _check_node_room(i: PlanInputs, machine: str, per_node: int, fits: int) -> l
     )]
 
 
+def _batch_levers(i: PlanInputs) -> str:
+    """What makes the estimate's batch smaller: the field its images come from, and the one
+    its size does."""
+    most = {"spec.pipeline.stages.maxBatchSize": i.max_batch_size,
+            "spec.pipeline.limits.maxImagesPerRequest": i.max_images_per_request}
+    images = " and ".join(f for f, n in most.items() if n == max(most.values()))
+    words = largest_request(i)[1]
+    size = ("spec.pipeline.limits.maxPixels" if words.endswith("maxPixels)")
+            else "spec.pipeline.defaults size" if words == f"{i.width}x{i.height}"
+            else "largest of spec.pipeline.limits.sizes")
+    return f"a smaller {images} or a smaller {size}"
+
+
 def _check_fit(i: PlanInputs, footprint: float, slot_gib: float, source: str) -> list[Finding]:
     fields = (
         "spec.model.memoryGiB" if source == "spec.model.memoryGiB" else "spec.model.family",
@@ -850,7 +893,7 @@ def _check_fit(i: PlanInputs, footprint: float, slot_gib: float, source: str) ->
                           + (", then measure spec.model.memoryGiB again)"
                              if source == "spec.model.memoryGiB" else ")"))
         if source != "spec.model.memoryGiB":
-            levers.append("a smaller spec.pipeline.stages.maxBatchSize or default size")
+            levers.append(_batch_levers(i))
         choices = (f"{', '.join(levers[:-1])} or {levers[-1]}" if len(levers) > 1
                    else levers[0])
         return [
@@ -987,8 +1030,12 @@ def inputs_from_spec(spec: ImageGenServiceSpec) -> PlanInputs:
         quantization=spec.model.quantization,
         quantizable=not spec.model.loras and not pipeline.compile.aot,
         max_batch_size=pipeline.stages.max_batch_size,
+        max_images_per_request=pipeline.limits.max_images_per_request,
         width=pipeline.defaults.width,
         height=pipeline.defaults.height,
+        sizes=tuple(pipeline.limits.sizes or ()),
+        max_pixels=pipeline.limits.max_pixels,
+        compiled=pipeline.compile.enabled,
         **_requests(spec),
     )
 

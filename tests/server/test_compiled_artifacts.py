@@ -32,7 +32,7 @@ def test_a_second_start_loads_the_artifacts_and_draws_the_same(tiny_models, tmp_
     bundle = cache / "artifacts" / f"{cold['key']}.bin"
     assert bundle.stat().st_size > 0
     described = json.loads(bundle.with_suffix(".json").read_text())
-    assert described["sizes"] == ["64x64", "96x64"] and described["most_rows"] == 16
+    assert described["sizes"] == ["64x64", "96x64"] and described["most_rows"] == 8
 
     warm = start(settings, tmp_path / "warm.npy")
     assert warm["key"] == cold["key"]

@@ -97,11 +97,12 @@ def test_different_seeds_give_different_images(make_runtime):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batched_requests_equal_diffusers(make_runtime, reference_pipeline, family, mode):
     # A long window so that everything submitted together lands in one batch (with step-level
-    # batching: the encode stage's batch reaches the denoise stage together).
+    # batching: the encode stage's batch reaches the denoise stage together), and room for all
+    # five images.
     runtime = make_runtime(
         family,
         **MODES[mode],
-        max_batch_size=4,
+        max_batch_size=5,
         batch_window_ms=300,
         default_width=64,
         default_height=64,
@@ -284,6 +285,30 @@ def test_a_job_handed_to_a_stopped_stage_fails_at_once():
         stopped.put(late)
         assert isinstance(late.future.exception(0), ShutdownError) and late.released
         assert stopped.queue.empty()
+
+
+def test_a_stage_batches_up_to_max_batch_size_images_and_runs_a_larger_request_alone():
+    # A request of n images is n rows of the step's batch: the batch's memory is bounded by
+    # images, which is what the operator's planner sizes a slot for.
+    batches: list[list[int]] = []
+
+    def step(jobs):
+        batches.append([job.params.n for job in jobs])
+        return [[] for _ in jobs]
+
+    stage = Stage("denoise", step, lambda job: 0, max_batch_size=4, batch_window_s=0.2,
+                  capacity=8, metrics=ServerMetrics(), device=torch.device("cpu"),
+                  on_output=lambda job, images: job.finish(images))
+    jobs = [Job(GenerationParams("p", 64, 64, 2, 0.0, seed=i, n=n))
+            for i, n in enumerate((1, 2, 2, 6, 1))]
+    for job in jobs:  # all queued before the thread looks: what it collects is decided here
+        stage.put(job)
+    stage.start()
+    for job in jobs:
+        job.future.result(10)
+    stage.stop(timeout=10)
+    # In arrival order: a request whose images do not fit starts the next batch.
+    assert batches == [[1, 2], [2], [6], [1]]
 
 
 @pytest.mark.parametrize(
@@ -596,7 +621,8 @@ def test_a_batch_that_fails_runs_each_request_again_alone(make_runtime, monkeypa
 
     from imagegen_server.request import EditInput
 
-    runtime = make_runtime("sd15", **MODES[mode], max_batch_size=2, batch_window_ms=300,
+    # Room for both requests' four images in one batch.
+    runtime = make_runtime("sd15", **MODES[mode], max_batch_size=4, batch_window_ms=300,
                            warmup=False)
     original = getattr(runtime.steps, where)
 

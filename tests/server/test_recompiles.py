@@ -94,7 +94,7 @@ def test_a_whole_compiled_denoiser_takes_its_largest_batch_without_a_recompile(
     runtime = make_runtime(
         "sd15", compile_enabled=True, compile_mode="default", compile_regional=False,
         compile_cache_dir=os.path.join(compile_cache, "whole-module"), channels_last=False,
-        max_batch_size=4, max_images_per_request=2, batch_window_ms=500)
+        max_batch_size=8, max_images_per_request=2, batch_window_ms=500)
     assert [rows for _, _, rows in runtime.warmup.batches] == [2, 3, 1, 4, 8, 16]
     asked = [runtime.params(f"full {i}", seed=i, n=2, steps=1, guidance_scale=5.0)
              for i in range(4)]
@@ -102,7 +102,7 @@ def test_a_whole_compiled_denoiser_takes_its_largest_batch_without_a_recompile(
     for job in jobs:
         assert len(job.future.result(300)) == 2
     registry = runtime.metrics.registry
-    # One batch of the four requests: 16 rows (2 images, each with its negative), the
+    # One batch of the four requests' 8 images: 16 rows (each with its negative), the
     # largest shape warm-up compiled.
     assert registry.get_sample_value(
         "imagegen_stage_batch_size_count", {"stage": "denoise"}) == 1

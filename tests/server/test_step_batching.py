@@ -144,6 +144,32 @@ def test_a_request_that_times_out_leaves_the_running_batch(make_runtime, referen
     assert joins(runtime) == 1
 
 
+def test_requests_join_while_their_images_fit_and_a_larger_one_runs_alone(make_runtime):
+    runtime = step_runtime(make_runtime, max_batch_size=2, max_images_per_request=3)
+    denoise = runtime.engine.stages[1]
+    rows: list[int] = []
+    runtime.steps.pipeline.unet.register_forward_pre_hook(
+        lambda _, args: rows.append(args[0].shape[0]))
+    params = [runtime.params("one", seed=1, steps=STEPS + 2), runtime.params("two", seed=2, n=2),
+              runtime.params("three", seed=3, n=3)]
+    each = 2 if params[0].guidance_scale > 1 else 1
+    gate = Gate(runtime)
+    try:
+        jobs = [runtime.engine.submit(params[0], timeout_s=60)]
+        assert gate.entered.wait(30)
+        for queued, p in enumerate(params[1:], start=1):
+            jobs.append(runtime.engine.submit(p, timeout_s=60))
+            wait_until(lambda queued=queued: denoise.queue.qsize() == queued)  # in this order
+    finally:
+        gate.close()
+    for p, job in zip(params, jobs, strict=True):
+        assert len(job.future.result(60)) == p.n
+    # Two images do not join a batch of one under way (three are more than it holds); the
+    # three-image request is larger than any batch, and runs alone after the two-image one.
+    assert joins(runtime) == 0
+    assert rows == [each] * (STEPS + 2) + [2 * each] * STEPS + [3 * each] * STEPS, rows
+
+
 def test_a_cancelled_row_is_room_for_a_waiting_request_at_the_next_step(make_runtime):
     runtime = step_runtime(make_runtime, max_batch_size=2)
     denoise = runtime.engine.stages[1]

@@ -202,13 +202,59 @@ def test_estimated_footprint_is_reported_and_follows_the_table() -> None:
 
 
 def test_footprint_estimate_grows_with_dtype_batch_and_pixels() -> None:
-    base = estimate_footprint_gib("SD15", "float16", 1, 512, 512)
-    assert estimate_footprint_gib("SD15", "float32", 1, 512, 512) > base
-    assert estimate_footprint_gib("SD15", "float16", 4, 512, 512) > base
-    assert estimate_footprint_gib("SD15", "float16", 1, 1024, 1024) > base
-    assert estimate_footprint_gib("Flux", "bfloat16", 1, 1024, 1024) > estimate_footprint_gib(
-        "SDXL", "bfloat16", 1, 1024, 1024
+    base = estimate_footprint_gib("SD15", "float16", 1, 512 * 512)
+    assert estimate_footprint_gib("SD15", "float32", 1, 512 * 512) > base
+    assert estimate_footprint_gib("SD15", "float16", 4, 512 * 512) > base
+    assert estimate_footprint_gib("SD15", "float16", 1, 1024 * 1024) > base
+    assert estimate_footprint_gib("Flux", "bfloat16", 1, 1024 * 1024) > estimate_footprint_gib(
+        "SDXL", "bfloat16", 1, 1024 * 1024
     )
+
+
+def _sdxl(**kw) -> PlanInputs:
+    return PlanInputs(gpu_type="nvidia-h100-80gb", family="SDXL", dtype="bfloat16",
+                      width=1024, height=1024, **kw)
+
+
+@pytest.mark.parametrize(("batch", "per_request", "images"), [(4, 1, 4), (2, 8, 8), (8, 8, 8)])
+def test_the_estimate_holds_the_most_images_one_batch_does(batch, per_request, images) -> None:
+    # The server fills a batch up to maxBatchSize images and runs a request of more alone.
+    p = make_plan(_sdxl(max_batch_size=batch, max_images_per_request=per_request))
+    assert p.footprint_gib == estimate_footprint_gib("SDXL", "bfloat16", images, 1024 * 1024)
+    [note] = [f for f in p.findings if isinstance(f, FootprintEstimated)]
+    assert f"a batch of {images} images at 1024x1024" in note.message
+
+
+@pytest.mark.parametrize(("limits", "pixels", "words"), [
+    # The largest listed size, or the default where it is larger.
+    ({"sizes": ("512x512", "1536x1024")}, 1536 * 1024, "1536x1024"),
+    ({"sizes": ("512x512",)}, 1024 * 1024, "1024x1024"),
+    # No list, uncompiled: any size up to maxPixels; compiled: the default size only.
+    ({"max_pixels": 2048 * 2048}, 2048 * 2048, "4194304 pixels"),
+    ({"max_pixels": 2048 * 2048, "compiled": True}, 1024 * 1024, "1024x1024"),
+    ({"max_pixels": 512 * 512}, 1024 * 1024, "1024x1024"),
+])
+def test_the_estimate_is_for_the_largest_size_a_request_may_ask_for(limits, pixels, words):
+    p = make_plan(_sdxl(max_batch_size=2, max_images_per_request=2, **limits))
+    assert p.footprint_gib == estimate_footprint_gib("SDXL", "bfloat16", 2, pixels)
+    [note] = [f for f in p.findings if isinstance(f, FootprintEstimated)]
+    assert f"a batch of 2 images at {words}" in note.message
+
+
+@pytest.mark.parametrize(("limits", "lever"), [
+    ({"max_batch_size": 8, "max_images_per_request": 1},
+     "a smaller spec.pipeline.stages.maxBatchSize or a smaller spec.pipeline.defaults size"),
+    ({"max_batch_size": 1, "max_images_per_request": 8, "sizes": ("1024x1536",)},
+     "a smaller spec.pipeline.limits.maxImagesPerRequest or a smaller largest of "
+     "spec.pipeline.limits.sizes"),
+    ({"max_batch_size": 8, "max_images_per_request": 8, "max_pixels": 2048 * 2048},
+     "a smaller spec.pipeline.stages.maxBatchSize and spec.pipeline.limits.maxImagesPerRequest"
+     " or a smaller spec.pipeline.limits.maxPixels"),
+])
+def test_a_model_that_does_not_fit_names_what_sizes_its_batch(limits, lever) -> None:
+    p = make_plan(replace(_sdxl(**limits), partition_size="1g.10gb", spot=True))
+    [finding] = [f for f in p.findings if f.reason == "ModelDoesNotFitSlice"]
+    assert lever in finding.message
 
 
 def test_a_model_that_fits_a_mig_slice_only_quantized_is_planned_to_fit() -> None:
@@ -460,7 +506,11 @@ kind: ImageGenService
 metadata: {name: sdxl, namespace: team-a}
 spec:
   model: {uri: gs://bucket/models/sdxl, family: SDXL, dtype: float16}
-  pipeline: {stages: {maxBatchSize: 2}, defaults: {width: 768, height: 768}}
+  pipeline:
+    stages: {maxBatchSize: 2}
+    defaults: {width: 768, height: 768}
+    limits: {maxImagesPerRequest: 3, sizes: ["1024x768"], maxPixels: 1048576}
+    compile: {enabled: false}
   gpu:
     type: nvidia-h100-80gb
     countPerNode: 2
@@ -497,8 +547,12 @@ def test_plan_reads_every_field_of_the_api_model() -> None:
         family="SDXL",
         dtype="float16",
         max_batch_size=2,
+        max_images_per_request=3,
         width=768,
         height=768,
+        sizes=("1024x768",),
+        max_pixels=1048576,
+        compiled=False,
     )
     assert plan(resource.spec) == make_plan(expected)
     assert "AutoscalingUnscraped" in reasons(make_plan(expected))
