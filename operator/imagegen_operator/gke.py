@@ -378,6 +378,14 @@ def pods_short(max_pods: int | None, slots: int) -> int | None:
     return wanted if max_pods and max_pods < wanted else None
 
 
+# The local ephemeral storage a node of a pool that names no boot disk (the operator's name
+# none: GKE's default of 100 GB) offers pods, once GKE's reservation and the kubelet's
+# eviction threshold are taken: the node on GKE's "Plan GKE Standard node sizes" page shows
+# 98831908Ki of capacity and 47060071478 bytes allocatable.
+DEFAULT_EPHEMERAL_ALLOCATABLE_BYTES = 47_060_071_478
+DEFAULT_EPHEMERAL_ALLOCATABLE_GIB = DEFAULT_EPHEMERAL_ALLOCATABLE_BYTES / 2**30
+
+
 def node_allocatable(machine_type: str) -> tuple[float, float] | None:
     """(CPU cores, memory GiB) a GKE Standard node of ``machine_type`` offers pods, by GKE's
     documented reservations (plan-node-sizes: CPU 6% of the first core, 1% of the next, 0.5%

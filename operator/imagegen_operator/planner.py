@@ -66,6 +66,12 @@ FOOTPRINT_TABLE: dict[str, tuple[float, float]] = {
 # family -> the denoiser's share of those weights (what model.quantization stores in 8 bits)
 DENOISER_SHARE: dict[str, float] = {"SD15": 0.8, "SDXL": 0.75, "SD3": 0.27, "Flux": 0.7}
 QUANTIZED_FACTOR = 0.5
+# family -> GiB one pod downloads for an hf:// model into its own emptyDir: the safetensors
+# diffusers picks (no fp16 variants), rounded up. SD 1.5 about 5.5 GB (its UNet in 32 bits
+# and the safety checker), SDXL about 13.9 GB (32 bits), SD3 medium about 15.5 GB (T5-XXL
+# included), Flux.1 about 33.7 GB. An hf:// LoRA adapter: up to about 1 GiB.
+DOWNLOAD_GIB: dict[str, int] = {"SD15": 6, "SDXL": 13, "SD3": 15, "Flux": 32}
+LORA_DOWNLOAD_GIB = 1
 AUTO_FAMILY_ASSUMED = "SDXL"
 DTYPE_FACTOR = {"bfloat16": 1, "float16": 1, "float32": 2}
 CUDA_CONTEXT_GIB = 0.75
@@ -244,6 +250,9 @@ class PlanInputs:
     compiled: bool = False  # pipeline.compile.enabled: no list then admits the default size only
     cpu_request: float | None = None  # server.resources.requests.cpu, in cores
     memory_request_gib: float | None = None  # server.resources.requests.memory
+    # server.resources.requests.ephemeral-storage, else what each pod downloads from the hub
+    # (hub_download_gib), which the Deployment requests
+    disk_request_gib: float | None = None
 
 
 @dataclass(frozen=True)
@@ -802,12 +811,23 @@ def _pods_room(i: PlanInputs) -> int:
 def _requests_room(i: PlanInputs, machine: str | None, per_node: int) -> int:
     """Serving pods whose CPU and memory requests a node of ``machine`` takes (per_node when
     the spec requests neither, or the machine is not one the table knows)."""
-    room = gke.node_allocatable(machine) if machine else None
-    if room is None or i.provider == "Existing":
+    if i.provider == "Existing":
         return per_node
-    fits = [math.floor(allocatable / request) for request, allocatable in
-            ((i.cpu_request, room[0]), (i.memory_request_gib, room[1])) if request]
+    fits = [math.floor(allocatable / request) for request, allocatable, _ in
+            _node_resources(i, machine) if request]
     return min([per_node, *fits])
+
+
+def _node_resources(i: PlanInputs, machine: str | None) -> list[tuple[float | None, float, str]]:
+    """(a pod's request, what a node offers, what) for what the table knows of ``machine``:
+    CPU and memory by machine type; local disk on any node of a pool the operator makes,
+    which has GKE's default boot disk."""
+    room = gke.node_allocatable(machine) if machine else None
+    out = [(i.cpu_request, room[0], "CPU"),
+           (i.memory_request_gib, room[1], "memory")] if room else []
+    if i.provider in POOL_PROVIDERS:
+        out.append((i.disk_request_gib, gke.DEFAULT_EPHEMERAL_ALLOCATABLE_GIB, "local disk"))
+    return out
 
 
 def _check_pods_per_node(i: PlanInputs, per_node: int) -> list[Finding]:
@@ -839,27 +859,31 @@ def _check_pods_per_node(i: PlanInputs, per_node: int) -> list[Finding]:
 def _check_node_room(i: PlanInputs, machine: str, per_node: int, fits: int) -> list[Finding]:
     """Whether a node's worth of pods (one per slot) fits its allocatable CPU and memory;
     ``fits``: the pods it takes (``_requests_room``)."""
-    room = gke.node_allocatable(machine)
-    if room is None or not per_node:
+    if not per_node:
         return []
     over = [
-        f"{per_node} x {request:g} {unit} = {per_node * request:g} {unit} of the "
-        f"{allocatable:.2f} {unit} it offers"
-        for request, allocatable, unit in ((i.cpu_request, room[0], "CPU"),
-                                           (i.memory_request_gib, room[1], "GiB"))
+        (f"{per_node} x {request:g} {unit} = {per_node * request:g} {unit} of the "
+         f"{allocatable:.2f} {unit}{'' if what == 'CPU' else ' of ' + what} it offers", what)
+        for request, allocatable, what in _node_resources(i, machine)
         if request and per_node * request > allocatable
+        for unit in ("CPU" if what == "CPU" else "GiB",)
     ]
     if not over:
         return []
     held = (f"a node holds {fits} serving pod(s), so the pool needs more nodes and its "
             "other slots stay empty" if fits else "no serving pod fits a node at all")
+    disk = any(what == "local disk" for _, what in over)
     return [RequestsExceedNode(
-        f"a {machine} node has {per_node} slot(s), one pod each, but {'; '.join(over)} "
-        f"(GKE's reservations taken, before the cluster's own pods): {held}. Lower "
-        "spec.server.resources.requests, or share each GPU among fewer clients "
+        f"a {machine} node has {per_node} slot(s), one pod each, but "
+        f"{'; '.join(words for words, _ in over)} (GKE's reservations taken, before the "
+        f"cluster's own pods; local disk on GKE's default 100 GB boot disk): {held}. "
+        + ("Each pod downloads its hf:// model into its own emptyDir: load it from gs:// "
+           "or pvc:// (spec.model.uri: mounted once, not copied into every pod), "
+           if disk else "")
+        + "Lower spec.server.resources.requests, or share each GPU among fewer clients "
         "(spec.gpu.sharing.maxSharedClientsPerGpu)",
         ("spec.server.resources", "spec.gpu.sharing.maxSharedClientsPerGpu",
-         "spec.gpu.partitionSize"),
+         "spec.gpu.partitionSize", *(("spec.model.uri",) if disk else ())),
         blocking=not fits,
     )]
 
@@ -1048,7 +1072,22 @@ def _requests(spec: ImageGenServiceSpec) -> dict[str, float]:
         out["cpu_request"] = float(quantity_value(requests["cpu"]))
     if "memory" in requests:
         out["memory_request_gib"] = float(quantity_value(requests["memory"])) / 2**30
+    disk = (float(quantity_value(requests["ephemeral-storage"])) / 2**30
+            if "ephemeral-storage" in requests else hub_download_gib(spec.model))
+    if disk:
+        out["disk_request_gib"] = disk
     return out
+
+
+def hub_download_gib(model: Any) -> int:
+    """GiB one serving pod downloads from the Hugging Face hub into its own emptyDir: an
+    hf:// model's files (DOWNLOAD_GIB) and up to 1 GiB an hf:// LoRA adapter; 0 when
+    nothing comes from the hub."""
+    gib = 0
+    if model.uri.startswith("hf://"):
+        gib += DOWNLOAD_GIB.get(model.family, DOWNLOAD_GIB[AUTO_FAMILY_ASSUMED])
+    return gib + LORA_DOWNLOAD_GIB * sum(lora.uri.startswith("hf://")
+                                         for lora in model.loras or [])
 
 
 def plan(spec: ImageGenServiceSpec) -> Plan:

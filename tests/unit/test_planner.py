@@ -28,6 +28,7 @@ from imagegen_operator.planner import (
     UnknownPartitionSize,
     default_nodepool_name,
     estimate_footprint_gib,
+    inputs_from_spec,
     make_plan,
     plan,
 )
@@ -425,6 +426,43 @@ def test_a_nodes_pods_that_ask_for_more_than_it_offers_are_a_warning() -> None:
     existing = make_plan(inputs("nvidia-l4", cpu_request=2, memory_request_gib=8,
                                 **{**mps4, "provider": "Existing"}))
     assert not any(isinstance(f, RequestsExceedNode) for f in existing.findings)
+
+
+def test_hub_downloads_count_against_the_local_disk_of_gke_s_default_boot_disk() -> None:
+    # Seven SDXL pods a node (MIG 1g.10gb), each downloading 13 GiB into its own emptyDir:
+    # 91 GiB, of the 43.83 GiB a node on GKE's default 100 GB boot disk offers pods.
+    spec = dict(partition_size="1g.10gb", spot=True, provider="GKE", replicas=7)
+    p = make_plan(inputs("nvidia-h100-80gb", disk_request_gib=13, **spec))
+    [finding] = [f for f in p.findings if isinstance(f, RequestsExceedNode)]
+    assert "7 x 13 GiB = 91 GiB of the 43.83 GiB of local disk" in finding.message
+    assert "gs://" in finding.message and "spec.model.uri" in finding.fields
+    assert not finding.blocking and p.workable
+    assert (p.slots_per_node, p.nodes_needed) == (7, 3)  # 3 pods a node: 3 nodes for 7
+    assert make_plan(inputs("nvidia-h100-80gb", **spec)).nodes_needed == 1  # nothing downloads
+    # Existing pools have boot disks of their own, which the plan does not know.
+    existing = make_plan(inputs("nvidia-h100-80gb", disk_request_gib=13,
+                                **{**spec, "provider": "Existing"}))
+    assert "RequestsExceedNode" not in reasons(existing)
+
+
+@pytest.mark.parametrize(("model", "resources", "gib"), [
+    ({"uri": "hf://org/sdxl", "family": "SDXL"}, None, 13),
+    ({"uri": "hf://org/flux", "family": "Flux"}, None, 32),
+    ({"uri": "hf://org/any"}, None, 13),  # Auto: planned as SDXL
+    ({"uri": "hf://org/sd15", "family": "SD15",
+      "loras": [{"name": "a", "uri": "hf://org/lora"}, {"name": "b", "uri": "gs://loras/l.safetensors"}]},
+     None, 7),
+    ({"uri": "gs://bucket/sdxl", "family": "SDXL"}, None, None),
+    # The user's own figure wins.
+    ({"uri": "hf://org/sdxl", "family": "SDXL"}, {"requests": {"ephemeral-storage": "20Gi"}}, 20),
+])
+def test_the_disk_a_pod_asks_for_is_its_download_or_the_user_s(model, resources, gib) -> None:
+    server = {"resources": resources} if resources else {}
+    resource = api.parse({"apiVersion": "imagegen.dev/v1alpha1", "kind": "ImageGenService",
+                          "metadata": {"name": "s", "namespace": "n"},
+                          "spec": {"model": model, "gpu": {"type": "nvidia-l4"},
+                                   "server": server}})
+    assert inputs_from_spec(resource.spec).disk_request_gib == gib
 
 
 def test_a_pool_is_made_for_its_pods_per_node_up_to_gkes_limit() -> None:

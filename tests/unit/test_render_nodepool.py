@@ -29,7 +29,7 @@ apiVersion: imagegen.dev/v1alpha1
 kind: ImageGenService
 metadata: {{name: svc, namespace: team-a}}
 spec:
-  model: {{uri: hf://org/model, memoryGiB: 4}}
+  model: {{uri: gs://bucket/model, memoryGiB: 4}}
   gpu:
     type: nvidia-h100-80gb
     countPerNode: 2

@@ -348,6 +348,12 @@ def test_model_volumes_follow_the_uri_scheme() -> None:
 
     hf = pod_spec(resource(model={"uri": "hf://org/name", "memoryGiB": 4}))
     assert not any(v["name"] == "model" for v in hf["volumes"])
+    # Its download takes local disk, which the scheduler counts (no limit: a larger model
+    # than the estimate is not evicted for it); a mounted model takes none.
+    resources = hf["containers"][0]["resources"]
+    assert resources["requests"]["ephemeral-storage"] == "13Gi"
+    assert "ephemeral-storage" not in resources["limits"]
+    assert "ephemeral-storage" not in spec["containers"][0]["resources"]["requests"]
 
 
 def test_compile_cache_and_auth_token_are_mounted_where_the_settings_point() -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 from imagegen_operator import gke
 from imagegen_operator.api import POOL_PROVIDERS, ImageGenService
-from imagegen_operator.planner import Plan
+from imagegen_operator.planner import Plan, hub_download_gib
 from imagegen_operator.render import server_env as env
 from imagegen_operator.render.common import (
     DEFAULT_PORT,
@@ -337,10 +337,17 @@ def volumes_and_mounts(
 
 
 def container_resources(resource: ImageGenService) -> dict[str, Any]:
-    """The user's CPU/memory, plus exactly one GPU (or slice) as request and limit."""
+    """The user's CPU/memory, plus exactly one GPU (or slice) as request and limit, and the
+    local disk an hf:// download takes (unless the user asks for another figure): the
+    scheduler then places no more of them on a node than its disk holds, where they would
+    otherwise fill it and be evicted together. No limit: a larger model than the estimate
+    is not evicted for it."""
     res = resource.spec.server.resources
     requests = dict(res.requests or {}) if res else {}
     limits = dict(res.limits or {}) if res else {}
+    if "ephemeral-storage" not in requests and (
+            download := hub_download_gib(resource.spec.model)):
+        requests["ephemeral-storage"] = f"{download}Gi"
     # A pod on shared GPUs must ask for exactly 1; GKE rejects more for time-sharing and MIG.
     requests[gke.GPU_RESOURCE] = 1
     limits[gke.GPU_RESOURCE] = 1

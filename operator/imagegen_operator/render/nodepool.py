@@ -297,18 +297,22 @@ def kwok_allocatable(plan: Plan) -> dict[str, str]:
     return {
         "cpu": f"{math.floor(cpu * 1000)}m",
         "memory": f"{math.floor(memory * 1024)}Mi",
-        "ephemeral-storage": "500Gi",
+        # GKE's default boot disk, which the operator's pools have: a pod's download counts.
+        "ephemeral-storage": str(gke.DEFAULT_EPHEMERAL_ALLOCATABLE_BYTES),
         "pods": str(plan.max_pods_per_node),
         gke.GPU_RESOURCE: str(slots),
     }
 
 
 def kwok_capacity(plan: Plan, allocatable: dict[str, str]) -> dict[str, str]:
-    """The node's capacity: its machine type's vCPUs and memory, before reservations."""
+    """The node's capacity: its machine type's vCPUs and memory and the 100 GB boot disk,
+    before reservations."""
+    disk = {"ephemeral-storage": "98831908Ki"}  # GKE's documented node (gke.py)
     shape = gke.MACHINE_SHAPES.get(plan.machine_type or "")
     if shape is None:
-        return dict(allocatable)
-    return {**allocatable, "cpu": str(shape[0]), "memory": f"{math.floor(shape[1] * 1024)}Mi"}
+        return {**allocatable, **disk}
+    return {**allocatable, **disk, "cpu": str(shape[0]),
+            "memory": f"{math.floor(shape[1] * 1024)}Mi"}
 
 
 def kwok_node(plan: Plan, node_name: str, spot: bool, zone: str | None = None) -> dict[str, Any]:
