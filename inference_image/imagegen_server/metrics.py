@@ -52,7 +52,8 @@ class ServerMetrics:
         )
         self.batch_size = Histogram(
             "imagegen_stage_batch_size",
-            "Requests per batch a stage ran.",
+            "Requests per batch a stage ran (their images are at most max_batch_size, or "
+            "one request's).",
             ["stage"],
             buckets=_BATCH,
             registry=r,

@@ -718,7 +718,8 @@ class SecretKeyRef(KubeModel):
 
 class ResourceRequirements(KubeModel):
     """CPU, memory and extra resources for the server container (nvidia.com/gpu is set
-    by the operator)."""
+    by the operator, and for an hf:// model an ephemeral-storage request of its estimated
+    download unless one is given here)."""
 
     requests: dict[str, Quantity] | None = Field(default=None, max_length=16)
     """Minimum resources, e.g. cpu: 4, memory: 32Gi."""

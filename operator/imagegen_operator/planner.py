@@ -19,8 +19,9 @@ Memory footprint estimate (used only when ``model.memoryGiB`` is unset), in GiB:
 
 ``images`` is the most one batch holds: ``maxBatchSize`` (the server batches by images), or
 ``maxImagesPerRequest`` when larger (such a request runs alone). ``pixels`` are those of the
-largest image a request may ask for: the largest of ``limits.sizes`` and the default size, or
-``limits.maxPixels`` where no list bounds an uncompiled server, else the default size.
+largest image a request may ask for: the largest of ``limits.sizes`` and the default size;
+without a list, the default size for a compiled server, and for an uncompiled one
+``limits.maxPixels`` or else the family's native size, where larger than the default.
 
 ``weights`` are the 16-bit weights of the whole pipeline (text encoders, the
 denoiser and the VAE), rounded up: SD 1.5 about 1.1B parameters, SDXL about
@@ -73,6 +74,10 @@ QUANTIZED_FACTOR = 0.5
 DOWNLOAD_GIB: dict[str, int] = {"SD15": 6, "SDXL": 13, "SD3": 15, "Flux": 32}
 LORA_DOWNLOAD_GIB = 1
 AUTO_FAMILY_ASSUMED = "SDXL"
+# family -> its native size in pixels, which an uncompiled server admits without a list or
+# maxPixels (engine.py's max_pixels: the native size or the default, the larger)
+NATIVE_PIXELS: dict[str, int] = {"SD15": 512 * 512, "SDXL": 1024 * 1024, "SD3": 1024 * 1024,
+                                 "Flux": 1024 * 1024}
 DTYPE_FACTOR = {"bfloat16": 1, "float16": 1, "float32": 2}
 CUDA_CONTEXT_GIB = 0.75
 # A model using more than this share of its slot leaves little room for
@@ -172,8 +177,8 @@ class FlexStartNeedsGke(Finding):
 
 
 class RequestsExceedNode(Finding):
-    """A node's slots times the pods' CPU or memory requests are more than the node offers:
-    the pods past that stay Pending however many slots are free."""
+    """A node's slots times the pods' CPU, memory or local disk requests are more than the
+    node offers: the pods past that stay Pending however many slots are free."""
 
 
 class TooManyPodsPerNode(Finding):
@@ -445,8 +450,14 @@ def largest_request(i: PlanInputs) -> tuple[int, str]:
     if i.sizes:
         largest = max((default, *i.sizes), key=_pixels)
         return _pixels(largest), largest
-    if i.max_pixels and not i.compiled and i.max_pixels > _pixels(default):
-        return i.max_pixels, f"{i.max_pixels} pixels (spec.pipeline.limits.maxPixels)"
+    if not i.compiled:
+        if i.max_pixels:
+            most, words = i.max_pixels, f"{i.max_pixels} pixels (spec.pipeline.limits.maxPixels)"
+        else:
+            family = i.family if i.family in NATIVE_PIXELS else AUTO_FAMILY_ASSUMED
+            most, words = NATIVE_PIXELS[family], f"the native size of {family}"
+        if most > _pixels(default):
+            return most, words
     return _pixels(default), default
 
 
@@ -592,7 +603,7 @@ def make_plan(inputs: PlanInputs) -> Plan:
         )
     if machine is not None and i.provider in CLOUD_PROVIDERS and not (i.spot or i.flex_start):
         findings += _check_obtainable(machine, i)
-    if machine is not None and i.provider != "Existing":
+    if i.provider != "Existing":
         findings += _check_node_room(i, machine, per_node, fits)
     findings += _check_pods_per_node(i, per_node)
     findings += _check_flex_start(i, nodes_needed)
@@ -809,8 +820,8 @@ def _pods_room(i: PlanInputs) -> int:
 
 
 def _requests_room(i: PlanInputs, machine: str | None, per_node: int) -> int:
-    """Serving pods whose CPU and memory requests a node of ``machine`` takes (per_node when
-    the spec requests neither, or the machine is not one the table knows)."""
+    """Serving pods whose requests a node of ``machine`` takes (``_node_resources``): per_node
+    when the spec requests none of what the table knows of the node, or on an Existing pool."""
     if i.provider == "Existing":
         return per_node
     fits = [math.floor(allocatable / request) for request, allocatable, _ in
@@ -856,9 +867,10 @@ def _check_pods_per_node(i: PlanInputs, per_node: int) -> list[Finding]:
     )]
 
 
-def _check_node_room(i: PlanInputs, machine: str, per_node: int, fits: int) -> list[Finding]:
-    """Whether a node's worth of pods (one per slot) fits its allocatable CPU and memory;
-    ``fits``: the pods it takes (``_requests_room``)."""
+def _check_node_room(i: PlanInputs, machine: str | None, per_node: int,
+                     fits: int) -> list[Finding]:
+    """Whether a node's worth of pods (one per slot) fits its allocatable CPU, memory and
+    local disk; ``fits``: the pods it takes (``_requests_room``)."""
     if not per_node:
         return []
     over = [
@@ -874,11 +886,12 @@ def _check_node_room(i: PlanInputs, machine: str, per_node: int, fits: int) -> l
             "other slots stay empty" if fits else "no serving pod fits a node at all")
     disk = any(what == "local disk" for _, what in over)
     return [RequestsExceedNode(
-        f"a {machine} node has {per_node} slot(s), one pod each, but "
-        f"{'; '.join(words for words, _ in over)} (GKE's reservations taken, before the "
+        f"{f'a {machine} node' if machine else 'a node'} has {per_node} slot(s), one pod "
+        f"each, but {'; '.join(words for words, _ in over)} (GKE's reservations taken, before the "
         f"cluster's own pods; local disk on GKE's default 100 GB boot disk): {held}. "
-        + ("Each pod downloads its hf:// model into its own emptyDir: load it from gs:// "
-           "or pvc:// (spec.model.uri: mounted once, not copied into every pod), "
+        + ("Each pod downloads its hf:// model into its own emptyDir (an estimate "
+           "unless spec.server.resources sets ephemeral-storage): load it from gs:// or "
+           "pvc:// (spec.model.uri: mounted once, not copied into every pod), "
            if disk else "")
         + "Lower spec.server.resources.requests, or share each GPU among fewer clients "
         "(spec.gpu.sharing.maxSharedClientsPerGpu)",
@@ -895,7 +908,9 @@ def _batch_levers(i: PlanInputs) -> str:
             "spec.pipeline.limits.maxImagesPerRequest": i.max_images_per_request}
     images = " and ".join(f for f, n in most.items() if n == max(most.values()))
     words = largest_request(i)[1]
+    # A native size above the default is what an unset maxPixels admits.
     size = ("spec.pipeline.limits.maxPixels" if words.endswith("maxPixels)")
+            or words.startswith("the native size")
             else "spec.pipeline.defaults size" if words == f"{i.width}x{i.height}"
             else "largest of spec.pipeline.limits.sizes")
     return f"a smaller {images} or a smaller {size}"
@@ -1072,8 +1087,11 @@ def _requests(spec: ImageGenServiceSpec) -> dict[str, float]:
         out["cpu_request"] = float(quantity_value(requests["cpu"]))
     if "memory" in requests:
         out["memory_request_gib"] = float(quantity_value(requests["memory"])) / 2**30
-    disk = (float(quantity_value(requests["ephemeral-storage"])) / 2**30
-            if "ephemeral-storage" in requests else hub_download_gib(spec.model))
+    # Kubernetes makes a limit given alone the request too.
+    limits = (spec.server.resources.limits or {}) if spec.server.resources else {}
+    asked = requests.get("ephemeral-storage", limits.get("ephemeral-storage"))
+    disk = (float(quantity_value(asked)) / 2**30 if asked is not None
+            else hub_download_gib(spec.model))
     if disk:
         out["disk_request_gib"] = disk
     return out

@@ -213,8 +213,8 @@ def test_footprint_estimate_grows_with_dtype_batch_and_pixels() -> None:
 
 
 def _sdxl(**kw) -> PlanInputs:
-    return PlanInputs(gpu_type="nvidia-h100-80gb", family="SDXL", dtype="bfloat16",
-                      width=1024, height=1024, **kw)
+    return PlanInputs(**{"gpu_type": "nvidia-h100-80gb", "family": "SDXL", "dtype": "bfloat16",
+                         "width": 1024, "height": 1024, **kw})
 
 
 @pytest.mark.parametrize(("batch", "per_request", "images"), [(4, 1, 4), (2, 8, 8), (8, 8, 8)])
@@ -233,11 +233,18 @@ def test_the_estimate_holds_the_most_images_one_batch_does(batch, per_request, i
     # No list, uncompiled: any size up to maxPixels; compiled: the default size only.
     ({"max_pixels": 2048 * 2048}, 2048 * 2048, "4194304 pixels"),
     ({"max_pixels": 2048 * 2048, "compiled": True}, 1024 * 1024, "1024x1024"),
-    ({"max_pixels": 512 * 512}, 1024 * 1024, "1024x1024"),
+    # Neither, uncompiled: up to the native size, where it is larger than the default.
+    ({"width": 512, "height": 512}, 1024 * 1024, "the native size of SDXL"),
+    ({"width": 512, "height": 512, "compiled": True}, 512 * 512, "512x512"),
+    ({"width": 512, "height": 512, "family": "Auto"}, 1024 * 1024, "the native size of SDXL"),
+    ({"width": 512, "height": 512, "family": "SD15"}, 512 * 512, "512x512"),
 ])
 def test_the_estimate_is_for_the_largest_size_a_request_may_ask_for(limits, pixels, words):
-    p = make_plan(_sdxl(max_batch_size=2, max_images_per_request=2, **limits))
-    assert p.footprint_gib == estimate_footprint_gib("SDXL", "bfloat16", 2, pixels)
+    spec = {"family": "SDXL", "width": 1024, "height": 1024, **limits}
+    p = make_plan(PlanInputs(gpu_type="nvidia-h100-80gb", dtype="bfloat16", max_batch_size=2,
+                             max_images_per_request=2, **spec))
+    family = spec["family"] if spec["family"] != "Auto" else "SDXL"
+    assert p.footprint_gib == estimate_footprint_gib(family, "bfloat16", 2, pixels)
     [note] = [f for f in p.findings if isinstance(f, FootprintEstimated)]
     assert f"a batch of 2 images at {words}" in note.message
 
@@ -251,6 +258,8 @@ def test_the_estimate_is_for_the_largest_size_a_request_may_ask_for(limits, pixe
     ({"max_batch_size": 8, "max_images_per_request": 8, "max_pixels": 2048 * 2048},
      "a smaller spec.pipeline.stages.maxBatchSize and spec.pipeline.limits.maxImagesPerRequest"
      " or a smaller spec.pipeline.limits.maxPixels"),
+    ({"max_batch_size": 8, "max_images_per_request": 1, "width": 512, "height": 512},
+     "a smaller spec.pipeline.stages.maxBatchSize or a smaller spec.pipeline.limits.maxPixels"),
 ])
 def test_a_model_that_does_not_fit_names_what_sizes_its_batch(limits, lever) -> None:
     p = make_plan(replace(_sdxl(**limits), partition_size="1g.10gb", spot=True))
@@ -439,6 +448,11 @@ def test_hub_downloads_count_against_the_local_disk_of_gke_s_default_boot_disk()
     assert not finding.blocking and p.workable
     assert (p.slots_per_node, p.nodes_needed) == (7, 3)  # 3 pods a node: 3 nodes for 7
     assert make_plan(inputs("nvidia-h100-80gb", **spec)).nodes_needed == 1  # nothing downloads
+    # Where the table has no machine for the GPUs (Local pools take any), still said.
+    local = make_plan(inputs("nvidia-tesla-t4", count_per_node=8, provider="Local",
+                             disk_request_gib=13, replicas=8))
+    [finding] = [f for f in local.findings if isinstance(f, RequestsExceedNode)]
+    assert finding.message.startswith("a node has 8 slot(s)")
     # Existing pools have boot disks of their own, which the plan does not know.
     existing = make_plan(inputs("nvidia-h100-80gb", disk_request_gib=13,
                                 **{**spec, "provider": "Existing"}))
@@ -453,8 +467,9 @@ def test_hub_downloads_count_against_the_local_disk_of_gke_s_default_boot_disk()
       "loras": [{"name": "a", "uri": "hf://org/lora"}, {"name": "b", "uri": "gs://loras/l.safetensors"}]},
      None, 7),
     ({"uri": "gs://bucket/sdxl", "family": "SDXL"}, None, None),
-    # The user's own figure wins.
+    # The user's own figure wins; a limit given alone is the request too.
     ({"uri": "hf://org/sdxl", "family": "SDXL"}, {"requests": {"ephemeral-storage": "20Gi"}}, 20),
+    ({"uri": "hf://org/sdxl", "family": "SDXL"}, {"limits": {"ephemeral-storage": "10Gi"}}, 10),
 ])
 def test_the_disk_a_pod_asks_for_is_its_download_or_the_user_s(model, resources, gib) -> None:
     server = {"resources": resources} if resources else {}

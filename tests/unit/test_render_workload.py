@@ -354,6 +354,12 @@ def test_model_volumes_follow_the_uri_scheme() -> None:
     assert resources["requests"]["ephemeral-storage"] == "13Gi"
     assert "ephemeral-storage" not in resources["limits"]
     assert "ephemeral-storage" not in spec["containers"][0]["resources"]["requests"]
+    # A limit of the user's alone: Kubernetes makes it the request, and ours would exceed it.
+    limited = pod_spec(resource(model={"uri": "hf://org/name", "memoryGiB": 4},
+                                server={"resources": {"limits": {"ephemeral-storage": "10Gi"}}}))
+    resources = limited["containers"][0]["resources"]
+    assert "ephemeral-storage" not in resources["requests"]
+    assert resources["limits"]["ephemeral-storage"] == "10Gi"
 
 
 def test_compile_cache_and_auth_token_are_mounted_where_the_settings_point() -> None:

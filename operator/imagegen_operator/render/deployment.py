@@ -338,14 +338,15 @@ def volumes_and_mounts(
 
 def container_resources(resource: ImageGenService) -> dict[str, Any]:
     """The user's CPU/memory, plus exactly one GPU (or slice) as request and limit, and the
-    local disk an hf:// download takes (unless the user asks for another figure): the
+    local disk an hf:// download takes (unless the user gives a figure of their own): the
     scheduler then places no more of them on a node than its disk holds, where they would
     otherwise fill it and be evicted together. No limit: a larger model than the estimate
     is not evicted for it."""
     res = resource.spec.server.resources
     requests = dict(res.requests or {}) if res else {}
     limits = dict(res.limits or {}) if res else {}
-    if "ephemeral-storage" not in requests and (
+    # A limit given alone is the request too (Kubernetes'): one of ours above it is refused.
+    if "ephemeral-storage" not in requests and "ephemeral-storage" not in limits and (
             download := hub_download_gib(resource.spec.model)):
         requests["ephemeral-storage"] = f"{download}Gi"
     # A pod on shared GPUs must ask for exactly 1; GKE rejects more for time-sharing and MIG.
