@@ -565,6 +565,13 @@ def _log_format(text: str) -> str:
     return text
 
 
+def _cloud_logging_severity(record: logging.LogRecord) -> bool:
+    """Give a JSON line Cloud Logging's own severity name (WARNING, not kopf's "warn"), as
+    the inference server's lines have: kopf's formatter keeps a severity the record has."""
+    record.severity = record.levelname
+    return True
+
+
 def parse_args(argv: Sequence[str]) -> OperatorConfig:
     env = os.environ.get
     p = argparse.ArgumentParser(
@@ -630,6 +637,9 @@ def parse_args(argv: Sequence[str]) -> OperatorConfig:
         log_format=kopf.LogFormat.JSON if json_logs else LOG_FORMAT,
         log_prefix=not json_logs,
     )
+    if json_logs:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_cloud_logging_severity)
     return OperatorConfig(
         resync_seconds=args.resync_seconds,
         metrics_port=args.metrics_port,

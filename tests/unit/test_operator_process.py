@@ -43,6 +43,14 @@ def test_json_log_lines_carry_the_object(root_logging) -> None:
     assert record["object"] == {"namespace": "team-a", "name": "sd15"}
 
 
+def test_json_log_lines_carry_cloud_logging_s_severity_names(root_logging) -> None:
+    parse_args(["--log-format", "json"])
+    handler = root_logging.handlers[-1]
+    record = logging.LogRecord("kopf.objects", logging.WARNING, __file__, 1, "slow", None, None)
+    assert handler.filter(record)  # as handle() does before it formats
+    assert json.loads(handler.format(record))["severity"] == "WARNING"
+
+
 def test_the_server_image_of_services_that_name_none_is_configurable(root_logging,
                                                                      monkeypatch) -> None:
     assert parse_args([]).server_image == DEFAULT_SERVER_IMAGE
