@@ -1128,7 +1128,9 @@ class CapacityStatus(StatusModel):
     gpus: int | None = None
     """Physical GPUs in the pool."""
     slots: int | None = None
-    """Pods the pool can host (slotsPerGpu x gpus)."""
+    """GPU slots the pool offers, one pod each (slotsPerGpu x gpus). Fewer pods run on a
+    node whose CPU, memory or local disk cannot take their requests (what plan calls
+    RequestsExceedNode)."""
 
 
 class ImageGenServiceStatus(StatusModel):

@@ -797,13 +797,26 @@ class Reconciler:
             if self.pool_key(other, other_plan) == key:
                 yield other, other_plan
 
-    def _neighbour_replicas(self, resource: ImageGenService, the_plan: Plan) -> int:
-        """The replicas the other services on this service's pool run (spec.replicas, which
-        their autoscalers write, at least their minimum), for whether a rollout may surge
-        into the pool."""
-        return sum(serving_replicas(other.spec)
-                   for other, _ in self._services_on(self.pool_key(resource, the_plan))
-                   if other.metadata.uid != resource.metadata.uid)
+    def _rollout_room(self, resource: ImageGenService, the_plan: Plan) -> tuple[Fraction,
+                                                                                 int | None]:
+        """For whether a rollout may surge into the pool (deployment.rolling_update): the
+        pods the other services on it run (spec.replicas, which their autoscalers write, at
+        least their minimum), in pods of this service, as each fills a node its own way; and
+        the pods of this service the pool holds, at the largest maxNodes of its services (a
+        Local pool: at the nodes it makes). None where that is not known (Existing)."""
+        key = self.pool_key(resource, the_plan)
+        mine = the_plan.pods_per_node
+        neighbours, max_nodes = Fraction(0), resource.spec.node_pool.max_nodes
+        for other, other_plan in self._services_on(key):
+            max_nodes = max(max_nodes, other.spec.node_pool.max_nodes)
+            if other.metadata.uid != resource.metadata.uid and other_plan.pods_per_node:
+                neighbours += Fraction(serving_replicas(other.spec) * mine,
+                                       other_plan.pods_per_node)
+        if key.provider == "Existing":
+            return neighbours, None
+        nodes = (self._pool_size(resource, key, the_plan)[0] if key.provider == "Local"
+                 else max_nodes)
+        return neighbours, nodes * mine
 
     # --- the steps ------------------------------------------------------------
 
@@ -826,15 +839,15 @@ class Reconciler:
         generation = resource.metadata.generation
         blind = spec_changed and memo.applied != generation
         rejected: list[str] = []
-        neighbours = self._neighbour_replicas(resource, the_plan)
+        neighbours, holds = self._rollout_room(resource, the_plan)
         desired = render_workload(resource, the_plan, self.server_image, moving=moving,
-                                  neighbours=neighbours)
+                                  neighbours=neighbours, holds=holds)
         job = next((o for o in desired if o["kind"] == "Job"), None)
         precompile = self._precompile(resource, job, previous, rejected)
         if precompile is not None and precompile.held:
             # Only while a new service's Job runs: the Deployment again, at 0 replicas.
             desired = render_workload(resource, the_plan, self.server_image, held=True,
-                                      moving=moving, neighbours=neighbours)
+                                      moving=moving, neighbours=neighbours, holds=holds)
         wanted = {(o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in desired}
         deployment, unfenced = None, False
         for obj in desired:

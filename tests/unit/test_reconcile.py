@@ -1140,6 +1140,26 @@ def test_services_that_fill_a_shared_pool_roll_out_without_a_surge(world) -> Non
     assert strategy["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
 
 
+def test_a_shared_pool_is_full_by_how_each_service_fills_a_node(world) -> None:
+    """Pods per node differ between a pool's services (their requests; an hf:// model's
+    download against a node's disk): the neighbours count in this service's pods. And the
+    pool's room is at the largest maxNodes of its services."""
+    mig = {"type": "nvidia-h100-80gb", "partitionSize": "1g.10gb"}
+    # 3 downloading SDXL pods fill a node's disk; 7 mounted SD 1.5 pods fill the other node.
+    world.create("hub", gpu=mig, replicas=3, node_pool={"provider": "Local", "maxNodes": 2},
+                 model={"uri": "hf://org/sdxl", "family": "SDXL", "memoryGiB": 4})
+    world.create("mounted", gpu=mig, replicas=7, node_pool={"provider": "Local", "maxNodes": 2})
+    world.reconcile("hub", "mounted")
+    strategy = world.kube.objects[("apps/v1", "Deployment", "ns", "mounted")]["spec"]["strategy"]
+    assert strategy["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    # One service allows 6 nodes: the other's single replica may surge, two nodes being made.
+    world.create("big", replicas=2, node_pool={"provider": "Local", "maxNodes": 6})
+    world.create("small", replicas=1, node_pool={"provider": "Local", "maxNodes": 1})
+    world.reconcile("big", "small", "big", "small")
+    strategy = world.kube.objects[("apps/v1", "Deployment", "ns", "small")]["spec"]["strategy"]
+    assert strategy["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+
+
 def test_a_pool_is_on_its_way_while_made_not_once_ready_nor_when_stuck(world) -> None:
     """What imagegen_operator_nodepool_operations_in_flight counts."""
     world.create("pooled", gpu=MIG_3G, node_pool={"provider": "GKE", "spot": True})

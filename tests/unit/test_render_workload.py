@@ -188,6 +188,28 @@ def test_a_rollout_surges_only_where_the_pool_has_a_slot_for_it(replicas, autosc
     assert rendered["spec"]["strategy"]["rollingUpdate"] == update
 
 
+MPS2_L4 = {"type": "nvidia-l4", "sharing": {"strategy": "MPS", "maxSharedClientsPerGpu": 2}}
+
+
+@pytest.mark.parametrize(("spec", "update"), [
+    # The autoscaler's minimum runs, not spec.replicas below it: 4 fill the pool's 4.
+    ({"replicas": 1, "autoscaling": {"minReplicas": 4, "maxReplicas": 4},
+      "nodePool": {"provider": "GKE", "maxNodes": 2}}, ONE_AT_A_TIME),
+    # 6 on a pool holding 2: 4 Pending, which the controller takes first (no slot freed);
+    # one more than them lets a running pod go for a new one.
+    ({"replicas": 6, "nodePool": {"provider": "GKE", "maxNodes": 1}},
+     {"maxSurge": 0, "maxUnavailable": 5}),
+    # A Local pool adds no node for a Pending pod: it holds the node it made, not maxNodes.
+    ({"replicas": 2, "nodePool": {"provider": "Local", "maxNodes": 4}}, ONE_AT_A_TIME),
+    ({"replicas": 2, "autoscaling": {"minReplicas": 1, "maxReplicas": 4},
+      "nodePool": {"provider": "Local", "maxNodes": 4}}, SURGE),  # nodes for 4 made
+])
+def test_a_rollout_counts_the_pods_that_run_in_the_pool_as_it_is(spec, update) -> None:
+    r = resource(gpu=MPS2_L4, **spec)
+    rendered = render_deployment(r, plan(r.spec))
+    assert rendered["spec"]["strategy"]["rollingUpdate"] == update
+
+
 def test_restricted_security_context() -> None:
     spec = pod_spec(resource())
     pod, container = spec["securityContext"], spec["containers"][0]["securityContext"]

@@ -75,13 +75,15 @@ def render_workload(
     default_image: str = DEFAULT_SERVER_IMAGE,
     held: bool = False,
     moving: bool = False,
-    neighbours: int = 0,
+    neighbours: float = 0,
+    holds: int | None = None,
 ) -> list[dict[str, Any]]:
     """The precompile Job (when asked for), NetworkPolicy (with allowFrom), Deployment,
     Service, PDB, HPA (with autoscaling) and monitors (when requested). ``held``: the
     Deployment at 0 replicas while the Job runs;
     ``moving``: the service is moving to a new node pool (its rollout may always surge);
-    ``neighbours``: the replicas other services run on the same pool."""
+    ``neighbours``, ``holds``: the pods other services run on the same pool, and the pods of
+    this service the pool holds (deployment.rolling_update)."""
     the_plan = the_plan or plan(resource.spec)
     _check(resource, the_plan)
     job = render_precompile_job(resource, the_plan, default_image)
@@ -93,7 +95,7 @@ def render_workload(
         objects.append(policy)
     objects += [
         render_deployment(resource, the_plan, default_image, held=held, moving=moving,
-                          neighbours=neighbours),
+                          neighbours=neighbours, holds=holds),
         render_service(resource),
         render_pdb(resource, the_plan),
     ]

@@ -416,11 +416,13 @@ def render_deployment(
     default_image: str = DEFAULT_SERVER_IMAGE,
     held: bool = False,
     moving: bool = False,
-    neighbours: int = 0,
+    neighbours: float = 0,
+    holds: int | None = None,
 ) -> dict[str, Any]:
     """``default_image`` is used when spec.server.image is unset (the operator's setting);
     ``held``: 0 replicas for now, while the precompile Job runs (precompile.py); ``moving``:
-    the service is moving to a new node pool."""
+    the service is moving to a new node pool; ``neighbours``, ``holds``: see
+    ``rolling_update``."""
     spec = resource.spec
     volumes, mounts = volumes_and_mounts(resource, host_ipc=plan.sharing_strategy == "MPS")
     container: dict[str, Any] = {
@@ -470,27 +472,43 @@ def render_deployment(
             "replicas": 0 if held else serving_replicas(spec),
             "progressDeadlineSeconds": progress_deadline_s(resource),
             "selector": {"matchLabels": selector_labels(resource)},
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": rolling_update(spec, plan, moving,
-                                                                              neighbours)},
+            "strategy": {"type": "RollingUpdate",
+                         "rollingUpdate": rolling_update(spec, plan, moving, neighbours, holds)},
             "template": {"metadata": template_meta, "spec": pod_spec},
         },
     }
 
 
-def rolling_update(spec: Any, plan: Plan, moving: bool = False,
-                   neighbours: int = 0) -> dict[str, int]:
+def rolling_update(spec: Any, plan: Plan, moving: bool = False, neighbours: float = 0,
+                   holds: int | None = None) -> dict[str, int]:
     """Surge one pod where the pool has a slot left for it (the autoscaler adds a node if
-    needed) rather than take serving capacity away during a rollout. Where the replicas
-    (spec.replicas: the autoscaler writes its count there), with the ``neighbours`` other
-    services run on a shared pool, fill the pool at its maxNodes, a surge pod would wait
-    Pending for a slot that never comes and hold the rollout for ever: replace one pod at a
-    time instead. A move to a new pool always surges: the old pods hold no slot of the new
-    pool. An Existing pool's room is not known: surge, and replace one pod at a time as well,
-    so a pool with no slot left neither holds the rollout nor takes more than one pod away."""
-    if spec.node_pool.provider == "Existing" and spec.replicas > 1 and not moving:
+    needed) rather than take serving capacity away during a rollout. ``neighbours``: the
+    pods other services run on a shared pool, counted in pods of this service (theirs may
+    fill a node otherwise); ``holds``: the pods of this service the pool holds at most (at
+    the largest maxNodes of its services; a Local pool, at the nodes it has made), by
+    default this service's own plan. Where the replicas (spec.replicas, which the
+    autoscaler writes, at least its minimum) and the neighbours fill that, a surge pod
+    would wait Pending for a slot that never comes and hold the rollout for ever: replace
+    pods instead, one more at a time than those already Pending (which the controller takes
+    away first, freeing no slot). A move to a new pool always surges: the old pods hold no
+    slot of the new pool. An Existing pool's room is not known: surge, and replace one pod
+    at a time as well, so a pool with no slot left neither holds the rollout nor takes more
+    than one pod away."""
+    replicas = serving_replicas(spec)
+    if spec.node_pool.provider == "Existing" and replicas > 1 and not moving:
         return {"maxSurge": 1, "maxUnavailable": 1}
-    full = (plan.replicas_at_max_nodes is not None
-            and spec.replicas + neighbours >= plan.replicas_at_max_nodes)
-    if full and not moving:
-        return {"maxSurge": 0, "maxUnavailable": 1}
-    return {"maxSurge": 1, "maxUnavailable": 0}
+    if holds is None:
+        holds = _pool_holds(spec, plan)
+    if moving or holds is None or replicas + neighbours < holds:
+        return {"maxSurge": 1, "maxUnavailable": 0}
+    pending = max(0, replicas - max(0, math.floor(holds - neighbours)))
+    return {"maxSurge": 0, "maxUnavailable": max(1, min(replicas, pending + 1))}
+
+
+def _pool_holds(spec: Any, plan: Plan) -> int | None:
+    """The pods of this service its own pool holds at most: at maxNodes, or for a Local pool
+    (which adds no node for a Pending pod) at the nodes it makes."""
+    if spec.node_pool.provider == "Local":
+        pool = spec.node_pool
+        return max(pool.min_nodes, min(plan.nodes_needed, pool.max_nodes)) * plan.pods_per_node
+    return plan.replicas_at_max_nodes
