@@ -929,7 +929,10 @@ class Reconciler:
                     previous: dict[str, Any], rejected: list[str]) -> Precompile | None:
         """The precompile Job (rendered, or None), created when missing and never re-applied
         (a Job's template cannot change; its name stands for it). The Deployment is held only
-        while the Job runs and nothing serves yet."""
+        while the Job runs and it has never been let go: it is not there yet, or still at 0
+        replicas with none ready. Once released (the Job done, failed or suspended) or
+        serving, it is not held again, whatever its ready count (a Spot node taken, a Job
+        admitted by a queue after all, a Job of a new spec)."""
         if job is None:
             return None
         name, ns = job["metadata"]["name"], namespace_of(resource)
@@ -946,8 +949,11 @@ class Reconciler:
         if state != "Running":
             return Precompile(name, state)
         serving = self.kube.get("apps/v1", "Deployment", name_of(resource), ns)
-        ready = ((serving or {}).get("status") or {}).get("readyReplicas") or 0
-        return Precompile(name, state, held=ready == 0)
+        if serving is None:
+            return Precompile(name, state, held=True)
+        replicas = (serving.get("spec") or {}).get("replicas") or 0
+        ready = (serving.get("status") or {}).get("readyReplicas") or 0
+        return Precompile(name, state, held=replicas == 0 and ready == 0)
 
     def _delete_unwanted(self, resource: ImageGenService, wanted: set[tuple[str, str, str]]) -> None:
         selector = f"app.kubernetes.io/instance={name_of(resource)},"

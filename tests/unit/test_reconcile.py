@@ -1464,6 +1464,16 @@ def test_a_precompile_job_holds_the_deployment_at_zero_until_it_succeeds(world) 
     assert replicas_of(world, "alpha") == 2
     assert world.condition("alpha", "Ready")["reason"] != "Precompiling"
     assert world.condition("alpha", "Precompiled")["reason"] == "JobRunning"
+    # Nor when no replica is ready for a while (a Spot node taken): it is not held again.
+    world.kube.objects[("apps/v1", "Deployment", "ns", "alpha")]["status"]["readyReplicas"] = 0
+    world.reconcile("alpha")
+    assert replicas_of(world, "alpha") == 2
+    # The cache volume is part of what a Job is for: another claim holds no artifacts.
+    world.edit("alpha", model={"uri": "gs://models/other", "family": "SD15", "memoryGiB": 4},
+               pipeline={**PRECOMPILE, "compile": {**PRECOMPILE["compile"],
+                                                   "cache": {"pvcName": "other-cache"}}})
+    world.reconcile("alpha")
+    assert again["metadata"]["name"] not in {j["metadata"]["name"] for j in jobs_of(world)}
 
 
 @pytest.mark.parametrize(("how", "reason"), [("Failed", "JobFailed"),
@@ -1482,6 +1492,23 @@ def test_a_failed_or_suspended_precompile_job_lets_the_replicas_compile_for_them
     assert world.reconcile("beta").ready
     precompiled = world.condition("beta", "Precompiled")
     assert precompiled["status"] == "False" and precompiled["reason"] == reason
+
+
+def test_a_suspended_job_admitted_later_does_not_take_the_started_replicas_away(world) -> None:
+    # A queue (Kueue) suspends the Job: the replicas start and compile for themselves; when
+    # it admits the Job after all, they are not scaled back to 0 mid-compile.
+    world.create("delta", node_pool={"provider": "Local", "maxNodes": 2}, replicas=1,
+                 pipeline=PRECOMPILE)
+    world.reconcile("delta")
+    [job] = jobs_of(world)
+    finish(job, "Suspended")
+    world.nodes_ready()
+    world.reconcile("delta")
+    assert replicas_of(world, "delta") == 1
+    job["status"] = {}  # admitted: running again, and no replica ready yet
+    world.reconcile("delta")
+    assert replicas_of(world, "delta") == 1
+    assert world.condition("delta", "Ready")["reason"] != "Precompiling"
 
 
 def test_no_precompile_job_unless_asked_for(world) -> None:

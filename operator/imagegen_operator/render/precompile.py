@@ -98,6 +98,12 @@ def _compile_key(resource: ImageGenService, pod: dict[str, Any]) -> str:
         key.append({"hf-token": token})
     if pulls := pod.get("imagePullSecrets"):
         key.append({"imagePullSecrets": pulls})
+    # The volume the artifacts are left on: another claim is empty (and a Job stuck on a
+    # misnamed one is replaced once the name is fixed).
+    cache = next((v["persistentVolumeClaim"]["claimName"] for v in pod.get("volumes", [])
+                  if v["name"] == "compile-cache"), None)
+    if cache is not None:
+        key.append({"compile-cache": cache})
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:_HASH_CHARS]
 
 
