@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from .compiled_artifacts import artifact_key, key_parts, write_atomically
+from .compiled_artifacts import artifact_key, cpu_features, key_parts, write_atomically
 from .config import ServerSettings
 from .engine import admitted_sizes
 from .families import FamilySteps
@@ -137,6 +137,10 @@ class AotDenoiser:
         parts = {k: v for k, v in key_parts(steps, settings, dtype).items()
                  if k not in ("compile_mode", "regional", "precompile")}
         parts["aot"] = configs
+        if "cpu_capability" not in parts:
+            # On a GPU too, the package's C++ wrapper is built for this host's CPU (inductor's
+            # -march=native): a node of another CPU platform in the pool must not load it.
+            parts["host_cpu"] = cpu_features()
         return cls(module, directory, parts, most_rows(settings), configs)
 
     @property
