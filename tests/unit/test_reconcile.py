@@ -1511,6 +1511,22 @@ def test_a_suspended_job_admitted_later_does_not_take_the_started_replicas_away(
     assert world.condition("delta", "Ready")["reason"] != "Precompiling"
 
 
+def test_a_service_scaled_to_zero_runs_no_precompile_job(world) -> None:
+    world.create("idle", node_pool={"provider": "Local", "maxNodes": 2}, replicas=1,
+                 pipeline=PRECOMPILE)
+    world.reconcile("idle")
+    assert len(jobs_of(world)) == 1
+    world.edit("idle", replicas=0)  # the running Job goes: no GPU spent for nothing
+    world.reconcile("idle")
+    assert jobs_of(world) == [] and replicas_of(world, "idle") == 0
+    world.edit("idle", replicas=1)  # scaled up: the Job runs, and the replica waits for it
+    world.reconcile("idle")
+    world.nodes_ready()
+    world.reconcile("idle")
+    assert len(jobs_of(world)) == 1 and replicas_of(world, "idle") == 0
+    assert world.condition("idle", "Ready")["reason"] == "Precompiling"
+
+
 def test_no_precompile_job_unless_asked_for(world) -> None:
     world.create("gamma", node_pool={"provider": "Local", "maxNodes": 2}, replicas=1,
                  pipeline={"compile": {"enabled": True, "cache": {"pvcName": "compile-cache"}}})
