@@ -948,12 +948,15 @@ class Reconciler:
         state = job_state(live)
         if state != "Running":
             return Precompile(name, state)
+        # Its pod waiting for a place (a claim missing, the pool full) says why: else a held
+        # service would say only "compiling" until the Job's deadline.
+        waiting = self._unschedulable_pod(ns, f"batch.kubernetes.io/job-name={name}") or ""
         serving = self.kube.get("apps/v1", "Deployment", name_of(resource), ns)
         if serving is None:
-            return Precompile(name, state, held=True)
+            return Precompile(name, state, waiting, held=True)
         replicas = (serving.get("spec") or {}).get("replicas") or 0
         ready = (serving.get("status") or {}).get("readyReplicas") or 0
-        return Precompile(name, state, held=replicas == 0 and ready == 0)
+        return Precompile(name, state, waiting, held=replicas == 0 and ready == 0)
 
     def _delete_unwanted(self, resource: ImageGenService, wanted: set[tuple[str, str, str]]) -> None:
         selector = f"app.kubernetes.io/instance={name_of(resource)},"
@@ -1177,7 +1180,11 @@ class Reconciler:
 
     def _unschedulable(self, resource: ImageGenService) -> str | None:
         """The scheduler's own words when a serving pod cannot be placed."""
-        pods = self.kube.list("v1", "Pod", namespace_of(resource), selector_string(resource))
+        return self._unschedulable_pod(namespace_of(resource), selector_string(resource))
+
+    def _unschedulable_pod(self, namespace: str, selector: str) -> str | None:
+        """The scheduler's own words when a pod of ``selector`` cannot be placed."""
+        pods = self.kube.list("v1", "Pod", namespace, selector)
         for pod in pods:
             for c in (pod.get("status") or {}).get("conditions") or []:
                 if c.get("type") == "PodScheduled" and c.get("reason") == "Unschedulable":

@@ -55,7 +55,7 @@ class Precompile:
 
     job: str
     state: str | None  # Running, Suspended, Succeeded or Failed
-    message: str = ""
+    message: str = ""  # why it failed; while it runs, why its pod waits for a place
     held: bool = False  # the Deployment kept at 0 meanwhile: nothing served yet
 
 
@@ -105,7 +105,8 @@ def _precompiled(p: Precompile) -> cond.Observed:
             "for themselves",
         )
     meanwhile = "" if p.held else "; the replicas serving meanwhile compiled for themselves"
-    return cond.Observed(cond.PRECOMPILED, False, "JobRunning", f"Job {p.job} is compiling{meanwhile}")
+    doing = f"is waiting for a place: {p.message}" if p.message else "is compiling"
+    return cond.Observed(cond.PRECOMPILED, False, "JobRunning", f"Job {p.job} {doing}{meanwhile}")
 
 
 def compute_status(o: Observation) -> dict[str, Any]:
@@ -146,7 +147,9 @@ def compute_status(o: Observation) -> dict[str, Any]:
     elif o.precompile is not None and o.precompile.held:
         ready = cond.Observed(
             cond.READY, False, "Precompiling",
-            f"0/{o.want} replicas until Job {o.precompile.job} has compiled the model once",
+            f"0/{o.want} replicas until Job {o.precompile.job} has compiled the model once"
+            + (f"; its pod is waiting for a place: {o.precompile.message}"
+               if o.precompile.message else ""),
         )
     elif o.plan.stalling and not o.rolled_out:
         stalled = True

@@ -1511,6 +1511,26 @@ def test_a_suspended_job_admitted_later_does_not_take_the_started_replicas_away(
     assert world.condition("delta", "Ready")["reason"] != "Precompiling"
 
 
+def test_a_precompile_job_whose_pod_cannot_be_placed_says_why(world) -> None:
+    world.create("eps", node_pool={"provider": "Local", "maxNodes": 2}, replicas=1,
+                 pipeline=PRECOMPILE)
+    world.reconcile("eps")
+    world.nodes_ready()
+    [job] = jobs_of(world)
+    name = job["metadata"]["name"]
+    world.kube.put({"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": f"{name}-x7k2q", "namespace": "ns",
+        "labels": {"batch.kubernetes.io/job-name": name}},
+        "status": {"conditions": [{"type": "PodScheduled", "status": "False",
+                                   "reason": "Unschedulable", "message":
+                                   'persistentvolumeclaim "compile-cache" not found'}]}})
+    world.reconcile("eps")
+    for kind in ("Ready", "Precompiled"):
+        message = world.condition("eps", kind)["message"]
+        assert 'waiting for a place: eps-precompile-' in message, kind
+        assert 'persistentvolumeclaim "compile-cache" not found' in message, kind
+
+
 def test_a_service_scaled_to_zero_runs_no_precompile_job(world) -> None:
     world.create("idle", node_pool={"provider": "Local", "maxNodes": 2}, replicas=1,
                  pipeline=PRECOMPILE)
