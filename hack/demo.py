@@ -217,7 +217,7 @@ def main() -> int:
 
     step("Installing the ImageGenService CRD and starting the operator (Local provider)")
     cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/imagegenservices.imagegen.dev")
+    cluster.wait_established("imagegenservices.imagegen.dev")
     services = [doc for _, doc in local_examples()]
     claims = set().union(*(claims_of(doc) for doc in services))
     cluster.kubectl("apply", "-f", "-",

@@ -226,6 +226,21 @@ class LocalCluster:
             raise KubectlError(result.returncode, result.args, result.stdout, result.stderr)
         return result
 
+    def wait_established(self, crd: str, timeout: float = 60) -> None:
+        """Wait for a CustomResourceDefinition's Established condition. Not `kubectl wait`:
+        it fails at once, instead of waiting, while the new object has no status.conditions
+        yet ("<nil> is of the type <nil>")."""
+        deadline = time.monotonic() + timeout
+        jsonpath = '{.status.conditions[?(@.type=="Established")].status}'
+        while True:
+            got = self.kubectl("get", f"crd/{crd}", "-o", f"jsonpath={jsonpath}", check=False)
+            if got.returncode == 0 and got.stdout.strip() == "True":
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"crd/{crd} not Established after {timeout:g}s: "
+                                   f"{(got.stderr or got.stdout).strip()}")
+            time.sleep(0.2)
+
 
 class KubectlError(subprocess.CalledProcessError):
     """A failed kubectl call that shows what kubectl said."""

@@ -143,6 +143,5 @@ def crd(cluster):
     """The ImageGenService CRD from crds/, installed and established."""
     root = Path(__file__).resolve().parents[2]
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(root / "crds"))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                    "crd/imagegenservices.imagegen.dev")
+    cluster.wait_established("imagegenservices.imagegen.dev")
     return "imagegenservices.imagegen.dev"

@@ -222,7 +222,7 @@ def test_install_creates_every_object(cluster, release):
         assert live["metadata"]["annotations"]["meta.helm.sh/release-name"] == RELEASE
     # Helm's crds/: kopf's peering CRDs, installed before the peering object.
     for name in ("clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev", crd.CRD_NAME):
-        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{name}")
+        cluster.wait_established(name)
 
 
 def test_installed_crd_is_the_generated_one(cluster, release):

@@ -54,7 +54,7 @@ def ns(cluster):
     cluster.kubectl(
         "apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds" / crd.CRD_FILENAME)
     )
-    cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd.CRD_NAME}", "--timeout=60s")
+    cluster.wait_established(crd.CRD_NAME)
     name = f"crd-test-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", name)
     # kubectl caches discovery; the short name resolves once it has seen the new CRD.

@@ -49,7 +49,7 @@ def svc(name: str, replicas: int) -> dict:
 def test_only_the_leader_reconciles_and_the_other_takes_over(cluster, crd, tmp_path):
     cluster.kubectl("apply", "--server-side", "-f",
                     str(ROOT / "charts/imagegen-operator/crds/kopf-peering.yaml"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/clusterkopfpeerings.kopf.dev")
+    cluster.wait_established("clusterkopfpeerings.kopf.dev")
     apply(cluster,
           {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
            "metadata": {"name": PEERING}},
