@@ -660,6 +660,10 @@ def test_the_precompile_job_runs_the_serving_pod_without_serving():
     pod, serving = job["spec"]["template"]["spec"], pod_spec(r)
     [container], [server] = pod["containers"], serving["containers"]
     assert container["args"] == ["precompile"] and pod["restartPolicy"] == "Never"
+    # A Spot VM reclaimed under it is not the model failing: that pod's retry is not spent.
+    [rule] = job["spec"]["podFailurePolicy"]["rules"]
+    assert rule["action"] == "Ignore" and job["spec"]["backoffLimit"] == 1
+    assert rule["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
     # What decides what is compiled, and where it lands, is the serving pod's.
     for key in ("image", "env", "resources", "volumeMounts", "securityContext"):
         assert container[key] == server[key], key

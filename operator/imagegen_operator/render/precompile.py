@@ -156,6 +156,12 @@ def render_precompile_job(
             # One retry for a lost node or a preempted Spot VM; a model that fails to compile
             # fails again, and the replicas then compile for themselves.
             "backoffLimit": 1,
+            # A pod taken by a disruption (a Spot VM reclaimed, a node drained or upgraded,
+            # preempted) did not fail: it is run again without spending that retry.
+            "podFailurePolicy": {"rules": [{
+                "action": "Ignore",
+                "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+            }]},
             # A node (the deadline counts from the Job's start, Pending included), then a
             # model download, a load and every admitted shape compiled.
             "activeDeadlineSeconds": NODE_PROVISIONING_S + startup_budget_s(resource),
