@@ -279,10 +279,7 @@ def run(cluster, args, workdir: Path) -> dict:
     from support.operator_process import OperatorProcess
 
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(common.ROOT / "crds"))
-    cluster.kubectl(
-        "wait", "--for=condition=Established", "--timeout=60s",
-        "crd/imagegenservices.imagegen.dev",
-    )  # fmt: skip
+    cluster.wait_established("imagegenservices.imagegen.dev")
     operator = OperatorProcess(
         cluster, workdir / "operator.log", resync_seconds=args.resync_seconds
     ).start()

@@ -934,7 +934,9 @@ class ServerSpec(KubeModel):
     that no other workload of the namespace gets it; the namespace's default when unset.
     Its token is not mounted: nothing in the pod calls the Kubernetes API."""
     resources: ResourceRequirements | None = None
-    """Container resources beyond the GPU."""
+    """Container resources beyond the GPU. For an hf:// model (or adapter) the operator asks
+    for the local disk its download takes (ephemeral-storage: 6Gi for SD15, 13Gi for SDXL,
+    15Gi for SD3, 32Gi for Flux, 1Gi an adapter) unless a request or limit is given here."""
     log_format: Literal["Text", "JSON"] = "Text"
     """The server's log lines: Text, or JSON (one object a line with the severity Cloud
     Logging reads; GKE's agent takes a plain line on stderr for an error)."""

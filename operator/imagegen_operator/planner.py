@@ -548,8 +548,8 @@ def make_plan(inputs: PlanInputs) -> Plan:
     per_node = per_gpu * i.count_per_node
     target = max(i.replicas, i.max_replicas or 0)
     machine = i.machine_type or gke.machine_type(i.gpu_type, i.count_per_node)
-    # A node holds a pod per slot only while GKE runs that many pods on it and its CPU and
-    # memory take their requests; the findings below say when it does not.
+    # A node holds a pod per slot only while GKE runs that many pods on it and its CPU,
+    # memory and local disk take their requests; the findings below say when it does not.
     fits = _requests_room(i, machine, per_node)
     pods = min(per_node, _pods_room(i), fits)
 
@@ -888,7 +888,8 @@ def _check_node_room(i: PlanInputs, machine: str | None, per_node: int,
     return [RequestsExceedNode(
         f"{f'a {machine} node' if machine else 'a node'} has {per_node} slot(s), one pod "
         f"each, but {'; '.join(words for words, _ in over)} (GKE's reservations taken, before the "
-        f"cluster's own pods; local disk on GKE's default 100 GB boot disk): {held}. "
+        f"cluster's own pods{'; local disk on the default 100 GB boot disk of GKE' if disk else ''}): "
+        f"{held}. "
         + ("Each pod downloads its hf:// model into its own emptyDir (an estimate "
            "unless spec.server.resources sets ephemeral-storage): load it from gs:// or "
            "pvc:// (spec.model.uri: mounted once, not copied into every pod), "
@@ -908,9 +909,10 @@ def _batch_levers(i: PlanInputs) -> str:
             "spec.pipeline.limits.maxImagesPerRequest": i.max_images_per_request}
     images = " and ".join(f for f, n in most.items() if n == max(most.values()))
     words = largest_request(i)[1]
-    # A native size above the default is what an unset maxPixels admits.
     size = ("spec.pipeline.limits.maxPixels" if words.endswith("maxPixels)")
-            or words.startswith("the native size")
+            # A native size above the default is what an unset maxPixels admits.
+            else "spec.pipeline.limits.maxPixels (unset: the native size), or sizes listed"
+            if words.startswith("the native size")
             else "spec.pipeline.defaults size" if words == f"{i.width}x{i.height}"
             else "largest of spec.pipeline.limits.sizes")
     return f"a smaller {images} or a smaller {size}"
@@ -1081,15 +1083,16 @@ def inputs_from_spec(spec: ImageGenServiceSpec) -> PlanInputs:
 
 def _requests(spec: ImageGenServiceSpec) -> dict[str, float]:
     """The server container's CPU (cores) and memory (GiB) requests, where the spec sets them."""
-    requests = (spec.server.resources.requests or {}) if spec.server.resources else {}
+    resources = spec.server.resources
+    # Kubernetes makes a limit given alone the request too.
+    requests = {**((resources.limits or {}) if resources else {}),
+                **((resources.requests or {}) if resources else {})}
     out = {}
     if "cpu" in requests:
         out["cpu_request"] = float(quantity_value(requests["cpu"]))
     if "memory" in requests:
         out["memory_request_gib"] = float(quantity_value(requests["memory"])) / 2**30
-    # Kubernetes makes a limit given alone the request too.
-    limits = (spec.server.resources.limits or {}) if spec.server.resources else {}
-    asked = requests.get("ephemeral-storage", limits.get("ephemeral-storage"))
+    asked = requests.get("ephemeral-storage")
     disk = (float(quantity_value(asked)) / 2**30 if asked is not None
             else hub_download_gib(spec.model))
     if disk:

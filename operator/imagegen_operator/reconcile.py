@@ -760,8 +760,8 @@ class Reconciler:
         them reconciles, the pool gets one size and one pair of autoscaling bounds."""
         pool = resource.spec.node_pool
         min_nodes, max_nodes = pool.min_nodes, pool.max_nodes
-        # In nodes, as each service's own pods fill one: their CPU and memory requests,
-        # which the pool's key does not hold, may differ.
+        # In nodes, as each service's own pods fill one: their CPU, memory and disk
+        # requests, which the pool's key does not hold, may differ.
         nodes, floor_nodes = Fraction(0), Fraction(0)
         floor, users = 0, []
         for other, other_plan in self._services_on(key):
@@ -939,13 +939,28 @@ class Reconciler:
         if previous.get("precompiledJob") == name:
             return Precompile(name, "Succeeded")  # done before, even if the Job is gone
         try:
-            live = (self.kube.get("batch/v1", "Job", name, ns)
-                    or self.kube.apply(job, read_first=False))
+            live = self.kube.get("batch/v1", "Job", name, ns)
+            if serving_replicas(resource.spec) == 0:
+                # Scaled to zero: no GPU spent compiling for nothing (a running Job goes; one
+                # that finished stays, for when the service scales up again). Scaled up, the
+                # Job runs and the replicas, at 0, wait for it as a new service's do.
+                if live is not None and job_state(live) == "Running":
+                    self.kube.delete("batch/v1", "Job", name, ns)
+                    live = None
+                return None if live is None else Precompile(name, job_state(live))
+            live = live or self.kube.apply(job, read_first=False)
         except PermanentKubeError as exc:
             log.warning("%s: %s", name_of(resource), exc)
             rejected.append(str(exc))
             return Precompile(name, "Failed", str(exc))
         state = job_state(live)
+        if state == "Failed":
+            # The Job controller's own words: a pod that never ran has no log to read.
+            failed = next((c for c in (live.get("status") or {}).get("conditions") or []
+                           if c.get("type") == "Failed" and c.get("status") == "True"), {})
+            why = ": ".join(w for w in (failed.get("reason"), failed.get("message")) if w)
+            return Precompile(name, state, f"Job {name} failed ({why}); the replicas compile "
+                              "for themselves" if why else "")
         if state != "Running":
             return Precompile(name, state)
         # Its pod waiting for a place (a claim missing, the pool full) says why: else a held

@@ -459,6 +459,18 @@ def test_hub_downloads_count_against_the_local_disk_of_gke_s_default_boot_disk()
     assert "RequestsExceedNode" not in reasons(existing)
 
 
+def test_a_limit_given_alone_is_planned_as_the_request_kubernetes_makes_of_it() -> None:
+    resource = api.parse({"apiVersion": "imagegen.dev/v1alpha1", "kind": "ImageGenService",
+                          "metadata": {"name": "s", "namespace": "n"},
+                          "spec": {"model": {"uri": "gs://models/sd15"},
+                                   "gpu": {"type": "nvidia-l4"},
+                                   "server": {"resources": {
+                                       "requests": {"cpu": "2"},
+                                       "limits": {"cpu": "4", "memory": "48Gi"}}}}})
+    got = inputs_from_spec(resource.spec)
+    assert (got.cpu_request, got.memory_request_gib) == (2, 48)
+
+
 @pytest.mark.parametrize(("model", "resources", "gib"), [
     ({"uri": "hf://org/sdxl", "family": "SDXL"}, None, 13),
     ({"uri": "hf://org/flux", "family": "Flux"}, None, 32),

@@ -1494,6 +1494,26 @@ def test_a_failed_or_suspended_precompile_job_lets_the_replicas_compile_for_them
     assert precompiled["status"] == "False" and precompiled["reason"] == reason
 
 
+def test_a_failed_precompile_job_says_what_the_job_controller_said(world) -> None:
+    world.create("zeta", node_pool={"provider": "Local", "maxNodes": 2}, replicas=1,
+                 pipeline=PRECOMPILE)
+    world.reconcile("zeta")
+    [job] = jobs_of(world)
+    job["status"] = {"conditions": [{"type": "Failed", "status": "True",
+                                     "reason": "DeadlineExceeded", "message":
+                                     "Job was active longer than specified deadline"}]}
+    world.reconcile("zeta")
+    message = world.condition("zeta", "Precompiled")["message"]
+    assert "(DeadlineExceeded: Job was active longer than specified deadline)" in message
+    # Scaled to zero and up again: a Job that failed stays failed, and holds nothing.
+    world.edit("zeta", replicas=0)
+    world.reconcile("zeta")
+    assert len(jobs_of(world)) == 1
+    world.edit("zeta", replicas=1)
+    world.reconcile("zeta")
+    assert replicas_of(world, "zeta") == 1
+
+
 def test_a_suspended_job_admitted_later_does_not_take_the_started_replicas_away(world) -> None:
     # A queue (Kueue) suspends the Job: the replicas start and compile for themselves; when
     # it admits the Job after all, they are not scaled back to 0 mid-compile.

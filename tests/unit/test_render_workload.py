@@ -210,6 +210,13 @@ def test_a_rollout_counts_the_pods_that_run_in_the_pool_as_it_is(spec, update) -
     assert rendered["spec"]["strategy"]["rollingUpdate"] == update
 
 
+def test_a_rollout_on_a_shared_pool_past_full_takes_one_running_pod_at_a_time() -> None:
+    # Whose pods wait Pending is not known: a neighbour's may take every slot freed.
+    r = resource(gpu=MPS2_L4, replicas=4, nodePool={"provider": "GKE", "maxNodes": 2})
+    rendered = render_deployment(r, plan(r.spec), neighbours=4, holds=4)
+    assert rendered["spec"]["strategy"]["rollingUpdate"] == ONE_AT_A_TIME
+
+
 def test_restricted_security_context() -> None:
     spec = pod_spec(resource())
     pod, container = spec["securityContext"], spec["containers"][0]["securityContext"]

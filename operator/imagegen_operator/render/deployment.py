@@ -489,9 +489,11 @@ def rolling_update(spec: Any, plan: Plan, moving: bool = False, neighbours: floa
     default this service's own plan. Where the replicas (spec.replicas, which the
     autoscaler writes, at least its minimum) and the neighbours fill that, a surge pod
     would wait Pending for a slot that never comes and hold the rollout for ever: replace
-    pods instead, one more at a time than those already Pending (which the controller takes
-    away first, freeing no slot). A move to a new pool always surges: the old pods hold no
-    slot of the new pool. An Existing pool's room is not known: surge, and replace one pod
+    pods instead, one more at a time than this service's own already Pending (which the
+    controller takes away first, freeing no slot). Which pods of a shared pool wait is not
+    known here: there, one at a time, so a rollout never takes more than one running pod
+    away for a neighbour's Pending one to take its slot. A move to a new pool always surges:
+    the old pods hold no slot of the new pool. An Existing pool's room is not known: surge, and replace one pod
     at a time as well, so a pool with no slot left neither holds the rollout nor takes more
     than one pod away."""
     replicas = serving_replicas(spec)
@@ -501,7 +503,7 @@ def rolling_update(spec: Any, plan: Plan, moving: bool = False, neighbours: floa
         holds = _pool_holds(spec, plan)
     if moving or holds is None or replicas + neighbours < holds:
         return {"maxSurge": 1, "maxUnavailable": 0}
-    pending = max(0, replicas - max(0, math.floor(holds - neighbours)))
+    pending = 0 if neighbours else max(0, replicas - holds)
     return {"maxSurge": 0, "maxUnavailable": max(1, min(replicas, pending + 1))}
 
 

@@ -36,7 +36,6 @@ from imagegen_operator.render.deployment import (
     DEFAULT_SERVER_IMAGE,
     NODE_PROVISIONING_S,
     render_deployment,
-    serving_replicas,
     startup_budget_s,
 )
 
@@ -109,12 +108,8 @@ def _compile_key(resource: ImageGenService, pod: dict[str, Any]) -> str:
 
 
 def wants_precompile(resource: ImageGenService) -> bool:
-    """Asked for, and something to serve: a service scaled to zero runs no Job on a GPU for
-    nothing (one running goes); it runs when the service scales up, the replicas waiting
-    for it then as a new service's do."""
     compile_ = resource.spec.pipeline.compile
-    return (compile_.enabled and compile_.precompile_job
-            and serving_replicas(resource.spec) > 0)
+    return compile_.enabled and compile_.precompile_job
 
 
 def render_precompile_job(
