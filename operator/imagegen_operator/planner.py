@@ -885,17 +885,18 @@ def _check_node_room(i: PlanInputs, machine: str | None, per_node: int,
     held = (f"a node holds {fits} serving pod(s), so the pool needs more nodes and its "
             "other slots stay empty" if fits else "no serving pod fits a node at all")
     disk = any(what == "local disk" for _, what in over)
+    where = "a node" if machine is None else f"{'an' if machine[0] in 'aeiou' else 'a'} {machine} node"
+    boot = "; local disk on the default 100 GB boot disk of GKE" if disk else ""
+    levers = ("lower spec.server.resources.requests, or share each GPU among fewer clients "
+              "(spec.gpu.sharing.maxSharedClientsPerGpu)")
+    if disk:
+        levers = ("each pod downloads its hf:// model into its own emptyDir (an estimate unless "
+                  "spec.server.resources sets ephemeral-storage): load it from gs:// or pvc:// "
+                  "(spec.model.uri: mounted once, not copied into every pod), or " + levers)
     return [RequestsExceedNode(
-        f"{f'a {machine} node' if machine else 'a node'} has {per_node} slot(s), one pod "
-        f"each, but {'; '.join(words for words, _ in over)} (GKE's reservations taken, before the "
-        f"cluster's own pods{'; local disk on the default 100 GB boot disk of GKE' if disk else ''}): "
-        f"{held}. "
-        + ("Each pod downloads its hf:// model into its own emptyDir (an estimate "
-           "unless spec.server.resources sets ephemeral-storage): load it from gs:// or "
-           "pvc:// (spec.model.uri: mounted once, not copied into every pod), "
-           if disk else "")
-        + "Lower spec.server.resources.requests, or share each GPU among fewer clients "
-        "(spec.gpu.sharing.maxSharedClientsPerGpu)",
+        f"{where} has {per_node} slot(s), one pod each, but "
+        f"{'; '.join(words for words, _ in over)} (GKE's reservations taken, before the "
+        f"cluster's own pods{boot}): {held}. {levers[0].upper()}{levers[1:]}",
         ("spec.server.resources", "spec.gpu.sharing.maxSharedClientsPerGpu",
          "spec.gpu.partitionSize", *(("spec.model.uri",) if disk else ())),
         blocking=not fits,
