@@ -885,7 +885,8 @@ def _check_node_room(i: PlanInputs, machine: str | None, per_node: int,
     held = (f"a node holds {fits} serving pod(s), so the pool needs more nodes and its "
             "other slots stay empty" if fits else "no serving pod fits a node at all")
     disk = any(what == "local disk" for _, what in over)
-    where = "a node" if machine is None else f"{'an' if machine[0] in 'aeiou' else 'a'} {machine} node"
+    article = "an" if machine and machine[0] in "aeiou" else "a"
+    where = f"{article} {machine} node" if machine else "a node"
     boot = "; local disk on the default 100 GB boot disk of GKE" if disk else ""
     levers = ("lower spec.server.resources.requests, or share each GPU among fewer clients "
               "(spec.gpu.sharing.maxSharedClientsPerGpu)")

@@ -493,9 +493,9 @@ def rolling_update(spec: Any, plan: Plan, moving: bool = False, neighbours: floa
     controller takes away first, freeing no slot). Which pods of a shared pool wait is not
     known here: there, one at a time, so a rollout never takes more than one running pod
     away for a neighbour's Pending one to take its slot. A move to a new pool always surges:
-    the old pods hold no slot of the new pool. An Existing pool's room is not known: surge, and replace one pod
-    at a time as well, so a pool with no slot left neither holds the rollout nor takes more
-    than one pod away."""
+    the old pods hold no slot of the new pool. An Existing pool's room is not known: surge,
+    and replace one pod at a time as well, so a pool with no slot left neither holds the
+    rollout nor takes more than one pod away."""
     replicas = serving_replicas(spec)
     if spec.node_pool.provider == "Existing" and replicas > 1 and not moving:
         return {"maxSurge": 1, "maxUnavailable": 1}
