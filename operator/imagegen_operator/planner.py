@@ -1084,7 +1084,8 @@ def inputs_from_spec(spec: ImageGenServiceSpec) -> PlanInputs:
 
 
 def _requests(spec: ImageGenServiceSpec) -> dict[str, float]:
-    """The server container's CPU (cores) and memory (GiB) requests, where the spec sets them."""
+    """The server container's CPU (cores), memory and local disk (GiB) requests, where the
+    spec sets them (a limit alone is the request), and the disk an hf:// download takes."""
     resources = spec.server.resources
     # Kubernetes makes a limit given alone the request too.
     requests = {**((resources.limits or {}) if resources else {}),
