@@ -41,7 +41,7 @@ from imagegen_operator.render.common import (
     selector_labels,
     server_port,
 )
-from imagegen_operator.render.nodepool import POOL_LABEL, SIMULATED_TAINT
+from imagegen_operator.render.nodepool import POOL_LABEL, SIMULATED_TAINT, kwok_node_count
 from imagegen_server.config import SHUTDOWN_FLUSH_S
 
 # The image used when spec.server.image is unset and the caller names none
@@ -422,7 +422,7 @@ def render_deployment(
     """``default_image`` is used when spec.server.image is unset (the operator's setting);
     ``held``: 0 replicas for now, while the precompile Job runs (precompile.py); ``moving``:
     the service is moving to a new node pool; ``neighbours``, ``holds``: see
-    ``rolling_update``."""
+    ``rolling_update`` (``holds`` None: what this service's own pool holds, by its plan)."""
     spec = resource.spec
     volumes, mounts = volumes_and_mounts(resource, host_ipc=plan.sharing_strategy == "MPS")
     container: dict[str, Any] = {
@@ -473,7 +473,9 @@ def render_deployment(
             "progressDeadlineSeconds": progress_deadline_s(resource),
             "selector": {"matchLabels": selector_labels(resource)},
             "strategy": {"type": "RollingUpdate",
-                         "rollingUpdate": rolling_update(spec, plan, moving, neighbours, holds)},
+                         "rollingUpdate": rolling_update(
+                             spec, plan, moving, neighbours,
+                             holds if holds is not None else _pool_holds(resource, plan))},
             "template": {"metadata": template_meta, "spec": pod_spec},
         },
     }
@@ -485,8 +487,8 @@ def rolling_update(spec: Any, plan: Plan, moving: bool = False, neighbours: floa
     needed) rather than take serving capacity away during a rollout. ``neighbours``: the
     pods other services run on a shared pool, counted in pods of this service (theirs may
     fill a node otherwise); ``holds``: the pods of this service the pool holds at most (at
-    the largest maxNodes of its services; a Local pool, at the nodes it has made), by
-    default this service's own plan. Where the replicas (spec.replicas, which the
+    the largest maxNodes of its services; a Local pool, at the nodes it has made), None
+    where that is not known. Where the replicas (spec.replicas, which the
     autoscaler writes, at least its minimum) and the neighbours fill that, a surge pod
     would wait Pending for a slot that never comes and hold the rollout for ever: replace
     pods instead, one more at a time than this service's own already Pending (which the
@@ -499,18 +501,15 @@ def rolling_update(spec: Any, plan: Plan, moving: bool = False, neighbours: floa
     replicas = serving_replicas(spec)
     if spec.node_pool.provider == "Existing" and replicas > 1 and not moving:
         return {"maxSurge": 1, "maxUnavailable": 1}
-    if holds is None:
-        holds = _pool_holds(spec, plan)
     if moving or holds is None or replicas + neighbours < holds:
         return {"maxSurge": 1, "maxUnavailable": 0}
     pending = 0 if neighbours else max(0, replicas - holds)
     return {"maxSurge": 0, "maxUnavailable": max(1, min(replicas, pending + 1))}
 
 
-def _pool_holds(spec: Any, plan: Plan) -> int | None:
+def _pool_holds(resource: ImageGenService, plan: Plan) -> int | None:
     """The pods of this service its own pool holds at most: at maxNodes, or for a Local pool
     (which adds no node for a Pending pod) at the nodes it makes."""
-    if spec.node_pool.provider == "Local":
-        pool = spec.node_pool
-        return max(pool.min_nodes, min(plan.nodes_needed, pool.max_nodes)) * plan.pods_per_node
+    if resource.spec.node_pool.provider == "Local":
+        return kwok_node_count(resource, plan) * plan.pods_per_node
     return plan.replicas_at_max_nodes
