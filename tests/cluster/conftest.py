@@ -79,7 +79,8 @@ def cluster_state(running) -> str:
         unscheduled = [c.get("message", "") for c in status.get("conditions") or []
                        if c["type"] == "PodScheduled" and c["status"] != "True"]
         lines.append(f"pod {meta['namespace']}/{meta['name']} {status.get('phase')} "
-                     f"node={pod['spec'].get('nodeName')} {' '.join(unscheduled)}")
+                     f"node={pod['spec'].get('nodeName')} "
+                     f"deleting={'deletionTimestamp' in meta} {' '.join(unscheduled)}")
     for node in items("nodes", "-l", POOL_LABEL):
         labels, spec = node["metadata"]["labels"], node.get("spec") or {}
         ready = [c["status"] for c in (node.get("status") or {}).get("conditions") or []

@@ -18,7 +18,7 @@ import yaml
 from unit.test_chart import template_args
 
 from imagegen_operator import api
-from imagegen_operator.render.nodepool import KWOK_ANNOTATION, SIMULATED_TAINT
+from imagegen_operator.render.nodepool import KWOK_ANNOTATION, POOL_LABEL, SIMULATED_TAINT
 from support.fake_gke import GkeApiTestDouble
 from support.gpu_nodes import fake_gpu_node, pool_name
 from support.kube import apply, delete_services, eventually, get_json
@@ -383,16 +383,21 @@ def test_a_key_added_by_hand_to_a_selector_is_removed(cluster, operator):
 
 
 def test_a_local_pool_never_takes_over_a_node_it_did_not_make(cluster, operator):
-    # A real node whose name the Local provider would give its pool's first node.
-    apply(cluster, {"apiVersion": "v1", "kind": "Node",
-                    "metadata": {"name": "worker-0", "labels": {"kubernetes.io/arch": "arm64"}}})
+    # A real node labelled as the pool's (a GKE pool of the same name labels its nodes so).
+    apply(cluster, {"apiVersion": "v1", "kind": "Node", "metadata": {
+        "name": "worker-0", "labels": {"kubernetes.io/arch": "arm64", POOL_LABEL: "worker"}}})
     try:
         apply(cluster, service("hijack", gpu={"type": "nvidia-l4"},
                                nodePool={"provider": "Local", "name": "worker", "maxNodes": 1}))
-        eventually(lambda: condition(cluster, "hijack", "NodePoolReady").get("reason")
-                   == "PoolNotOwned", timeout=60, what="the pool refused")
-        assert "spec.nodePool.name" in condition(cluster, "hijack", "NodePoolReady")["message"]
+        cluster.kubectl("wait", "-n", NS, "--for=condition=Ready", "--timeout=60s",
+                        "igs/hijack")
+        pool = get_json(cluster, "nodes", "-l", f"{POOL_LABEL}=worker")["items"]
+        made = [n["metadata"]["name"] for n in pool if n["metadata"]["name"] != "worker-0"]
+        assert len(made) == 1 and made[0].startswith("worker-"), made
+        assert get_json(cluster, "igs", "hijack", "-n", NS)["status"]["nodePool"][
+            "readyNodes"] == 1  # its own, not the real one
         delete_services(cluster, operator, NS, "hijack")
+        assert cluster.kubectl("get", "node", made[0], check=False).returncode != 0
         node = get_json(cluster, "node", "worker-0")  # still there, as it was
         assert node["metadata"]["labels"]["kubernetes.io/arch"] == "arm64"
         # None of a simulated node's marks (the controllers' own taints and annotations aside).

@@ -268,6 +268,48 @@ def test_a_local_pool_neither_counts_nor_deletes_real_nodes_of_its_name(world) -
     assert [n["metadata"]["name"] for n in world.kube.list("v1", "Node")] == ["gke-a-real-node"]
 
 
+def local_nodes(world: World) -> list[str]:
+    return sorted(n["metadata"]["name"] for n in world.kube.list("v1", "Node"))
+
+
+def test_a_local_pool_made_again_has_nodes_of_new_names(world) -> None:
+    # Pods of the deleted pool's nodes wait for the pod garbage collector: a new node of
+    # an old name would find them counted against its GPUs.
+    world.create("first", node_pool={"provider": "Local", "maxNodes": 3}, replicas=3)
+    world.reconcile("first")
+    first = local_nodes(world)
+    pool = world.body("first")["status"]["nodePool"]["name"]
+    assert len(first) == 2 and all(name.startswith(f"{pool}-") for name in first)
+    world.reconcile("first")  # the same nodes, written once
+    assert local_nodes(world) == first and len(world.kube.writes_of("Node")) == 2
+    while not world.delete("first"):
+        pass
+    world.create("second", node_pool={"provider": "Local", "maxNodes": 3}, replicas=3)
+    world.reconcile("second")
+    second = local_nodes(world)
+    assert len(second) == 2 and not set(second) & set(first)
+    assert world.body("second")["status"]["nodePool"]["name"] == pool
+
+
+def test_a_local_pool_made_before_pool_ids_keeps_its_names(world) -> None:
+    world.create("grown", node_pool={"provider": "Local", "maxNodes": 3}, replicas=1)
+    world.reconcile("grown")
+    (made,) = world.kube.list("v1", "Node")
+    pool = world.body("grown")["status"]["nodePool"]["name"]
+    # As an earlier version named it.
+    del world.kube.objects[("v1", "Node", None, made["metadata"]["name"])]
+    made["metadata"]["name"] = f"{pool}-0"
+    made["metadata"]["annotations"].pop("imagegen.dev/simulated-pool-id")
+    world.kube.put(made)
+    # Its second node follows the old names; a real node of the third's name is refused.
+    world.kube.put({"apiVersion": "v1", "kind": "Node", "metadata": {"name": f"{pool}-2"}})
+    world.edit("grown", replicas=6)
+    world.reconcile("grown")
+    assert local_nodes(world) == [f"{pool}-0", f"{pool}-1", f"{pool}-2"]
+    assert world.condition("grown", "NodePoolReady")["reason"] == "PoolNotOwned"
+    assert "labels" not in world.kube.get("v1", "Node", f"{pool}-2")["metadata"]
+
+
 def test_an_existing_pool_counts_only_the_nodes_its_pods_may_use(world) -> None:
     from imagegen_operator import gke
     from imagegen_operator.render.nodepool import SIMULATED_TAINT

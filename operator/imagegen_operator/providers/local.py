@@ -6,10 +6,15 @@ whose pods it pretends to run. They carry GKE's labels, taint and allocatable
 taint more that only Local services tolerate, so nothing meant for a real pool
 lands on them. The pool grows to what all services sharing it need (a stand-in
 for GKE's cluster autoscaler) and never shrinks while in use.
+
+Each time a pool is made its nodes get names never used before, as GKE's do: the pods
+of a pool just deleted, which only the pod garbage collector removes (no kubelet runs
+them), would otherwise count against the GPUs of a new pool's node of the same name.
 """
 
 from __future__ import annotations
 
+import secrets
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +33,9 @@ from imagegen_operator.render.nodepool import (
 
 if TYPE_CHECKING:  # the Kubernetes client stays out of `render` and `plan`
     from imagegen_operator.kube import Kube
+
+# The part of its nodes' names one making of a pool has to itself.
+POOL_ID_ANNOTATION = "imagegen.dev/simulated-pool-id"
 
 
 def node_ready(node: dict[str, Any]) -> bool:
@@ -77,13 +85,17 @@ class LocalProvider:
             nodes = self._nodes(plan.nodepool_name)
             live = {n["metadata"]["name"]: n for n in nodes}
             spot = bool(resource.spec.node_pool.spot)
+            pool_id = _pool_id(nodes)
             for index in range(target_nodes):
-                name = f"{plan.nodepool_name}-{index}"
+                name = f"{plan.nodepool_name}-{pool_id}-{index}" if pool_id else (
+                    f"{plan.nodepool_name}-{index}")
                 if name not in live:
                     self._refuse_a_node_not_ours(name, plan.nodepool_name)
+                node = local_node(plan, name, spot, node_zone(plan, index))
+                if pool_id:
+                    node["metadata"]["annotations"][POOL_ID_ANNOTATION] = pool_id
                 # Compared with the listed node: written only when missing or changed.
-                self.kube.apply(local_node(plan, name, spot, node_zone(plan, index)),
-                                live=live.get(name), read_first=False)
+                self.kube.apply(node, live=live.get(name), read_first=False)
         # A node made just now is not Ready yet: the list from before counts them all.
         ready = sum(1 for n in nodes if node_ready(n))
         if target_nodes and ready == 0:
@@ -125,3 +137,11 @@ class LocalProvider:
             for node in nodes:
                 self.kube.delete("v1", "Node", node["metadata"]["name"])
         return not nodes
+
+
+def _pool_id(nodes: list[dict[str, Any]]) -> str:
+    """The id the pool's nodes carry; a new one for a pool that has none. Nodes made
+    before pools had ids keep their names (``{pool}-{index}``), and so do their peers."""
+    if not nodes:
+        return secrets.token_hex(3)
+    return (nodes[0]["metadata"].get("annotations") or {}).get(POOL_ID_ANNOTATION, "")
