@@ -22,6 +22,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
+from sse_starlette.sse import SendTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -77,6 +78,10 @@ class JobStream(EventSourceResponse):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            # A client that reads nothing for SEND_TIMEOUT_S is let go of: how a stream ends
+            # for a stalled reader, not a fault of the server's.
+            log.info("stream dropped: its client read nothing for %.0f s", SEND_TIMEOUT_S)
         finally:
             self.job.future.cancel()  # a no-op once answered
 
@@ -161,7 +166,8 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
     )
     async def generate(request: Request):
         raw = await read_json_body(request, settings.max_body_bytes)
-        body = parse(ImageGenerationRequest, raw, strict=True)
+        # In a thread, as the JSON was read: the probes keep their turns on a large body.
+        body = await asyncio.to_thread(parse, ImageGenerationRequest, raw, strict=True)
         check_served(body.model)
         params = params_of(body, parse_size(body.size))
         return await answer(request, params, "image_generation", body.stream)
@@ -171,8 +177,10 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         openapi_extra=request_body("multipart/form-data", ImageEditForm),
     )
     async def edit(request: Request):
-        fields, files = await read_form(request, settings.max_upload_bytes)
-        body = parse(ImageEditForm, fields)
+        # A text field is no larger than a JSON body may be (lora as JSON text is parsed).
+        fields, files = await read_form(request, settings.max_upload_bytes,
+                                        settings.max_body_bytes)
+        body = await asyncio.to_thread(parse, ImageEditForm, fields)
         if "image" not in files:
             raise ApiError(400, "image is required: the picture to edit, as a file",
                            param="image", code="missing_required_parameter")
@@ -187,25 +195,33 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
         with contextlib.ExitStack() as held:
             with _refused_for_room():
                 place = held.enter_context(runtime.engine.reserve())
-            try:
-                image, mask, media_type = await asyncio.to_thread(
-                    decode_uploads, files, settings.max_upload_pixels
-                )
-            except UploadError as exc:
-                raise ApiError(400, str(exc), param=exc.field, code="invalid_image") from exc
-            size = parse_size(body.size)
-            if size[0] is None:
-                steps = runtime.steps
-                size = edit_size(image.size, steps.size_multiple, max_pixels(steps, settings),
-                                 listed_sizes(steps, settings))
-            strength = body.strength if body.strength is not None else (
-                0.8 if mask is None else 1.0)
-            # The upload as sent only where a signature names it as the parent.
-            upload = files["image"] if signer is not None else None
-            edit = EditInput(image, strength, mask, upload=upload, upload_type=media_type)
-            edit = await asyncio.to_thread(runtime.steps.fitted, edit, *size)
+            edit, size = await fitted_edit(body, files)
+            # What waits in the queue is the picture at the size it is edited at; the
+            # upload and its full-size decode go now.
+            del files
             params = params_of(body, size, edit)
             return await answer(request, params, "image_edit", body.stream, place)
+
+    async def fitted_edit(body: ImageEditForm, files: dict[str, bytes],
+                          ) -> tuple[EditInput, tuple[int, int]]:
+        """The edit's picture (and mask) decoded and fitted to the size it is made at."""
+        try:
+            image, mask, media_type = await asyncio.to_thread(
+                decode_uploads, files, settings.max_upload_pixels
+            )
+        except UploadError as exc:
+            raise ApiError(400, str(exc), param=exc.field, code="invalid_image") from exc
+        size = parse_size(body.size)
+        if size[0] is None:
+            steps = runtime.steps
+            size = edit_size(image.size, steps.size_multiple, max_pixels(steps, settings),
+                             listed_sizes(steps, settings))
+        strength = body.strength if body.strength is not None else (
+            0.8 if mask is None else 1.0)
+        # The upload as sent only where a signature names it as the parent.
+        upload = files["image"] if signer is not None else None
+        edit = EditInput(image, strength, mask, upload=upload, upload_type=media_type)
+        return await asyncio.to_thread(runtime.steps.fitted, edit, *size), size
 
     def params_of(body: ImageRequest, size: tuple[int | None, int | None],
                   edit: EditInput | None = None) -> GenerationParams:

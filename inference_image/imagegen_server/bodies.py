@@ -336,28 +336,30 @@ FORM_LISTS = ("lora",)
 
 
 class _FormList:
-    """One list of objects, gathered from its bracketed fields: ``lora[][name]`` in the order
-    they came, or ``lora[0][name]`` by index, counting from 0 (so that an error's ``param``,
-    ``lora.2.name``, names the object the client numbered 2)."""
+    """One list of objects, gathered from its bracketed fields: ``lora[][name]`` appended,
+    or ``lora[0][name]`` by index, counting from 0 (so that an error's ``param``,
+    ``lora.2.name``, names the object the client numbered 2).
+
+    Appended fields pair by count, not by the order they came in: OpenAI's client sends
+    every ``lora[][name]`` first, then every ``lora[][scale]``. The k-th scale is the
+    k-th object's, so a key is given for every object or for none."""
 
     def __init__(self, field: str) -> None:
         self.field = field
-        self.appended: list[dict[str, Any]] = []
+        self.appended: dict[str, list[Any]] = {}
         self.indexed: dict[int, dict[str, Any]] = {}
 
     def add(self, index: str, key: str, value: str) -> None:
-        if index:
-            item = self.indexed.setdefault(int(index), {})
-            if key in item:
-                raise ApiError(400, f"{self.field}[{index}][{key}] is given more than once: "
-                               "send one", param=f"{self.field}.{int(index)}.{key}",
-                               code="invalid_value")
-        elif not self.appended or key in self.appended[-1]:
-            item = {}  # lora[][name] again: the next object begins
-            self.appended.append(item)
-        else:
-            item = self.appended[-1]
-        item[key] = _form_number(value) if key == "scale" else value
+        value = _form_number(value) if key == "scale" else value
+        if not index:
+            self.appended.setdefault(key, []).append(value)
+            return
+        item = self.indexed.setdefault(int(index), {})
+        if key in item:
+            raise ApiError(400, f"{self.field}[{index}][{key}] is given more than once: "
+                           "send one", param=f"{self.field}.{int(index)}.{key}",
+                           code="invalid_value")
+        item[key] = value
 
     def items(self) -> list[dict[str, Any]]:
         if self.appended and self.indexed:
@@ -368,7 +370,18 @@ class _FormList:
         if missing:
             raise ApiError(400, f"{self.field}[{missing[0]}] is missing: numbered objects count "
                            "up from 0", param=f"{self.field}.{missing[0]}", code="invalid_value")
-        return self.appended + [self.indexed[i] for i in sorted(self.indexed)]
+        return self._appended() + [self.indexed[i] for i in sorted(self.indexed)]
+
+    def _appended(self) -> list[dict[str, Any]]:
+        count = max((len(values) for values in self.appended.values()), default=0)
+        for key, values in self.appended.items():
+            if len(values) != count:
+                raise ApiError(
+                    400, f"{self.field}[][{key}] is given {len(values)} times for {count} "
+                    f"objects: appended objects pair by count, so give {key} on every one, "
+                    f"or number them ({self.field}[0][{key}]), or send {self.field} as JSON "
+                    "text", param=f"{self.field}.{len(values)}.{key}", code="invalid_value")
+        return [{key: values[k] for key, values in self.appended.items()} for k in range(count)]
 
 
 def _form_number(value: str) -> Any:
@@ -378,8 +391,10 @@ def _form_number(value: str) -> Any:
         return value  # refused by the model, naming the field
 
 
-async def read_form(request: Request, limit: int) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """A multipart form's text fields and files, within ``limit`` bytes in all: 415, 413, 400.
+async def read_form(request: Request, limit: int,
+                    field_limit: int) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """A multipart form's text fields and files, within ``limit`` bytes in all and
+    ``field_limit`` a text field: 415, 413, 400.
 
     A file field sent twice (OpenAI's client sends a list of images as ``image[]``) is a 400:
     an edit starts from one image. ``lora`` comes as JSON text or as bracketed fields
@@ -394,7 +409,7 @@ async def read_form(request: Request, limit: int) -> tuple[dict[str, Any], dict[
 
     try:
         form = await Request(request.scope, replay).form(
-            max_files=len(FORM_FILES), max_fields=64, max_part_size=limit
+            max_files=len(FORM_FILES), max_fields=64, max_part_size=field_limit
         )
     except (StarletteHTTPException, MultiPartException) as exc:
         detail = getattr(exc, "detail", None) or getattr(exc, "message", str(exc))

@@ -245,6 +245,7 @@ class Engine:
         self._jobs: set[Job] = set()
         self._places = 0  # held by requests with work to do before submit (reserve)
         self._closed = False
+        self._cancelled = False
         # A CUDA error the device reported (an illegal memory access, a device-side assert):
         # the context is unusable from then on, so the pod must restart (/healthz fails).
         self.device_error: BaseException | None = None
@@ -287,9 +288,10 @@ class Engine:
             self._closed = True
 
     def wait_idle(self, timeout: float | None) -> bool:
-        """Wait until nothing accepted is left; returns whether that happened in time."""
+        """Wait until nothing accepted is left, the requests that hold a place included;
+        returns whether that happened in time."""
         with self._lock:
-            return self._lock.wait_for(lambda: not self._jobs, timeout)
+            return self._lock.wait_for(lambda: not self._jobs and not self._places, timeout)
 
     def cancel_all(self, error: BaseException) -> int:
         """Answer every accepted request with ``error`` now; returns how many there were.
@@ -298,6 +300,7 @@ class Engine:
         work stops there.
         """
         with self._lock:
+            self._cancelled = True  # and a request holding a place is refused from now on
             jobs = list(self._jobs)
         for job in jobs:
             with contextlib.suppress(InvalidStateError):
@@ -378,10 +381,14 @@ class Engine:
             job.preview = PreviewRequest(on_preview)
         with self._lock:
             try:
-                if place is not None and not place.taken:
+                placed = place is not None and not place.taken
+                if placed:
                     place.taken = True  # the place becomes the job's: not counted twice
                     self._places -= 1
-                self._check_room(job.cost)
+                # A request holding a place was accepted before a drain began: it goes on,
+                # unless the drain's deadline has passed.
+                self._check_room(job.cost,
+                                 closed=self._closed and (not placed or self._cancelled))
                 self._jobs.add(job)
             finally:
                 self._count_in_flight()
@@ -412,14 +419,15 @@ class Engine:
                     place.taken = True
                     self._places -= 1
                     self._count_in_flight()
+                    self._lock.notify_all()  # a drain may wait on it
 
     def _count_in_flight(self) -> None:
         """The in-flight gauge, which the autoscaler scales on: jobs, and the requests that
         hold a place while their uploads decode. Under the lock."""
         self.metrics.in_flight.set(len(self._jobs) + self._places)
 
-    def _check_room(self, cost: float | None) -> None:
-        if self._closed:
+    def _check_room(self, cost: float | None, closed: bool | None = None) -> None:
+        if self._closed if closed is None else closed:
             raise EngineClosedError("server is shutting down")
         capacity = self.settings.queue_capacity
         busy = bool(self._jobs)

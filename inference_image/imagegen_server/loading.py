@@ -36,6 +36,10 @@ def resolve_model_uri(uri: str, settings: ServerSettings) -> Path:
     return path
 
 
+# The name diffusers' training scripts save a LoRA under (save_lora_weights).
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
 def resolve_lora_uri(uri: str, settings: ServerSettings) -> Path:
     """A LoRA's URI (the model's schemes) -> a .safetensors file, or a directory holding
     diffusers' pytorch_lora_weights.safetensors. A hub repository holds no pipeline: its
@@ -43,16 +47,10 @@ def resolve_lora_uri(uri: str, settings: ServerSettings) -> Path:
     parsed = urlparse(uri)
     if parsed.scheme == "hf":
         path = _download_hf_lora(parsed.netloc + parsed.path, settings)
-        if path.is_dir():
-            found = sorted(path.rglob("*.safetensors"))
-            if len(found) == 1 and not (path / "pytorch_lora_weights.safetensors").is_file():
-                path = found[0]
-            elif len(found) > 1 and not (path / "pytorch_lora_weights.safetensors").is_file():
-                names = ", ".join(str(f.relative_to(path)) for f in found[:5])
-                raise ModelError(
-                    f"{uri!r} holds {len(found)} .safetensors files ({names}) and no "
-                    "pytorch_lora_weights.safetensors: copy the one to serve to a gs:// or "
-                    "pvc:// path and name that")
+        if path.is_dir():  # what the hub's cache holds of it
+            found = sorted(str(f.relative_to(path)) for f in path.rglob("*.safetensors"))
+            if found:
+                path = path / _lora_weights_file(uri, found)
     else:
         path = _local_path(uri, settings)
     if path.is_file() and path.suffix == ".safetensors":
@@ -81,17 +79,47 @@ def hf_token(settings: ServerSettings) -> str | None:
 
 
 def _download_hf_lora(repo: str, settings: ServerSettings) -> Path:
-    from huggingface_hub import snapshot_download
+    """A hub LoRA repository's weights file, fetched alone where the hub lists the
+    repository's files: one holding many adapters, or checkpoints beside its LoRA, is not
+    downloaded whole. Offline, what the hub client's cache holds of it (a directory)."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import OfflineModeIsEnabled
 
     repo_id, _, revision = repo.strip("/").partition("@")
     token = hf_token(settings)
     try:
+        try:
+            listed = HfApi(token=token).list_repo_files(repo_id, revision=revision or None)
+        except OfflineModeIsEnabled:
+            listed = None
+        weights = None if listed is None else _lora_weights_file(f"hf://{repo}", listed)
         # Its weights only: LoRA repositories often hold sample images, and no model_index.
-        return Path(snapshot_download(repo_id, revision=revision or None,
-                                      cache_dir=settings.hf_cache_dir, token=token,
-                                      allow_patterns=["*.safetensors"]))
+        folder = Path(snapshot_download(repo_id, revision=revision or None,
+                                        cache_dir=settings.hf_cache_dir, token=token,
+                                        allow_patterns=[weights or "*.safetensors"]))
+    except ModelError:
+        raise
     except Exception as exc:  # the hub client raises many kinds; all mean "not available"
         raise ModelError(f"cannot fetch hf://{repo}: {exc}") from exc
+    return folder / weights if weights else folder
+
+
+def _lora_weights_file(uri: str, names: list[str]) -> str:
+    """Of a LoRA repository's files, the one to serve: diffusers' own name, or the only
+    .safetensors file there is."""
+    if LORA_WEIGHTS in names:
+        return LORA_WEIGHTS
+    found = sorted(name for name in names if name.endswith(".safetensors"))
+    if len(found) == 1:
+        return found[0]
+    raise ModelError(_lora_files_error(uri, found))
+
+
+def _lora_files_error(uri: str, found: list[str]) -> str:
+    if not found:
+        return f"{uri!r} holds no .safetensors file"
+    return (f"{uri!r} holds {len(found)} .safetensors files ({', '.join(found[:5])}) and no "
+            f"{LORA_WEIGHTS}: copy the one to serve to a gs:// or pvc:// path and name that")
 
 
 def _local_path(uri: str, settings: ServerSettings) -> Path:

@@ -128,6 +128,10 @@ def _read_adapter(pipeline, denoiser, name: str, path: Path) -> dict[str, Factor
                 continue
             if module.use_dora.get(name):
                 raise LoraError(f"LoRA {name!r} is a DoRA adapter, which is not served")
+            if getattr(module, "lora_bias", {}).get(name):
+                # The slot holds A and B; a bias of B's would be left out without a word.
+                raise LoraError(f"LoRA {name!r} has biases on its B factors (peft's "
+                                "lora_bias), which are not served")
             scaling = module.scaling[name]
             factors[module_name] = Factors(
                 module.lora_A[name].weight.detach().clone(),

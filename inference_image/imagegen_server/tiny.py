@@ -342,9 +342,10 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 def make_tiny_lora(
     directory: str | Path, model_dir: str | Path, *, seed: int = 0, rank: int = 4,
-    targets: list[str] | str | None = None,
+    targets: list[str] | str | None = None, bias: bool = False,
 ) -> Path:
-    """Write a random LoRA (peft) for the denoiser of the pipeline at ``model_dir``.
+    """Write a random LoRA (peft) for the denoiser of the pipeline at ``model_dir``; with
+    ``bias``, its B factors have biases too (peft's ``lora_bias``).
 
     Saved the way diffusers' training scripts save one (``save_lora_weights``), so
     ``load_lora_weights`` reads it. A and B are both random (a trained LoRA's B is not zero),
@@ -366,7 +367,7 @@ def make_tiny_lora(
     denoiser = model_class.from_pretrained(model_dir / part)
     _seeded(seed, 100)
     denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
-                                    target_modules=targets or LORA_TARGETS))
+                                    target_modules=targets or LORA_TARGETS, lora_bias=bias))
     with torch.no_grad():
         for name, param in denoiser.named_parameters():
             if "lora_B" in name:

@@ -4,6 +4,7 @@ with a 400 naming its field before any device work."""
 from __future__ import annotations
 
 import base64
+import gc
 import io
 
 import numpy as np
@@ -167,7 +168,9 @@ def test_a_field_name_that_decodes_to_a_lone_surrogate_is_a_400_that_names_it(cl
     ({"lora[0][name]": "ink", "lora[2][name]": "film"}, "lora.1", "lora[1] is missing"),
     ({"lora[][name]": "ink", "lora[0][name]": "film"}, "lora", "not both"),
     ({"lora[1000][name]": "ink"}, "lora[1000][name]", "is not a field of this form"),
-], ids=["repeated", "gap", "mixed", "huge-index"])
+    ({"lora[][name]": ["ink", "film"], "lora[][scale]": "0.5"}, "lora.1.scale",
+     "pair by count"),
+], ids=["repeated", "gap", "mixed", "huge-index", "unpaired"])
 def test_numbered_form_objects_are_refused_where_their_numbers_do_not_add_up(
         client_for, fields, param, words):
     client = client_for()
@@ -221,13 +224,22 @@ def test_a_large_upload_waits_at_the_size_it_edits_at_and_edits_the_same(client_
     client = client_for()
     runtime = client.app.state.runtime
     big, mask = source_image(256), left_half_mask(256)
-    held, submit = [], runtime.engine.submit
-    runtime.engine.submit = lambda params, *args: held.append(params.edit) or submit(params, *args)
+    held, decoded, submit = [], [], runtime.engine.submit
+
+    def queued(params, *args):
+        held.append(params.edit)
+        # Nor does the route keep the full-size pictures it decoded while the edit waits.
+        decoded.extend(obj.size for obj in gc.get_objects() if isinstance(obj, Image.Image)
+                       and obj.size == big.size and obj is not big and obj is not mask)
+        return submit(params, *args)
+
+    runtime.engine.submit = queued
     try:
         (image,) = edit(client, form(image=png(big), mask=png(mask)), size="64x64", steps="2")
     finally:
         runtime.engine.submit = submit
     assert (held[0].image.size, held[0].mask.size, held[0].upload) == ((64, 64), (64, 64), None)
+    assert decoded == []
     whole = runtime.params("a boat", seed=3, steps=2, width=64, height=64,
                            edit=EditInput(big, 1.0, mask))
     (want,) = runtime.engine.generate(whole, timeout_s=120)

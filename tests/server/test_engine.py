@@ -238,6 +238,28 @@ def test_without_max_pixels_a_listed_size_above_the_native_one_is_admitted(make_
     assert info.value.field == "size"
 
 
+def test_a_drain_waits_for_a_request_holding_a_place_and_serves_it(make_runtime):
+    """An edit whose upload is decoding when SIGTERM comes was accepted: the drain waits
+    for it and it is served; past the drain's deadline it is refused as any other."""
+    runtime = make_runtime("sd15", warmup=False)
+    drained = []
+    with runtime.engine.reserve() as place:
+        draining = threading.Thread(target=lambda: drained.append(runtime.engine.drain(60)))
+        draining.start()
+        time.sleep(0.3)
+        assert drained == [] and not runtime.engine.accepting  # closed, and waiting for it
+        job = runtime.engine.submit(runtime.params("decoded", seed=1), place=place)
+    assert len(job.future.result(60)) == 1
+    draining.join(60)
+    assert drained == [True]
+
+    late = make_runtime("sd15", warmup=False)
+    with late.engine.reserve() as place:
+        assert late.engine.drain(0.2) is False  # the place was never handed over
+        with pytest.raises(EngineClosedError):
+            late.engine.submit(late.params("too late", seed=1), place=place)
+
+
 def test_close_after_a_sigterm_drain_keeps_to_what_is_left_of_its_deadline(make_runtime):
     """The pod's grace period holds one drain: the app's close after it does not start a
     second one with the full timeout."""

@@ -138,13 +138,17 @@ def test_a_service_without_adapters_refuses_them(make_runtime):
         runtime.engine.submit(runtime.params("x", lora=[("ink", None)]))
 
 
-def test_adapters_that_cannot_be_served_stop_the_start(make_runtime, tiny_loras, tmp_path):
+def test_adapters_that_cannot_be_served_stop_the_start(make_runtime, tiny_models, tmp_path):
     with pytest.raises(ModelError, match="neither a .safetensors file"):
         make_runtime("sd15", loras=[{"name": "gone", "uri": str(tmp_path)}])
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not safetensors")
     with pytest.raises(LoraError, match="'broken'"):
         make_runtime("sd15", loras=[{"name": "broken", "uri": str(broken)}])
+    # Biases on B would be dropped by the slot, so the image would not be the adapter's.
+    biased = make_tiny_lora(tmp_path / "biased", tiny_models["sd15"], seed=2, bias=True)
+    with pytest.raises(LoraError, match="'biased' has biases"):
+        make_runtime("sd15", loras=[{"name": "biased", "uri": str(biased)}])
 
 
 @pytest.mark.slow
@@ -200,12 +204,17 @@ def test_openai_client_names_adapters_on_generations_and_edits(
     result = client.images.edit(image=("s.png", buffer.getvalue(), "image/png"), prompt="ink",
                                 extra_body={"seed": 4, "lora": '[{"name": "ink"}]'})
     assert len(result.data) == 1
-    # The same list as on generations: the client writes it as lora[][name], lora[][scale].
+    # A list as on generations: the client writes every lora[][name], then every
+    # lora[][scale], so the k-th scale is the k-th adapter's.
     upload = ("s.png", buffer.getvalue(), "image/png")
-    result = client.images.edit(image=upload, prompt="ink", extra_body={"seed": 4, "lora": lora})
+    scaled = [{"name": "ink", "scale": 0.5}, {"name": "film", "scale": -0.5}]
+    result = client.images.edit(image=upload, prompt="ink", extra_body={"seed": 4, "lora": scaled})
     png = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
-    assert json.loads(png.text["parameters"])["lora"] == [{"name": "ink", "scale": 0.8},
-                                                          {"name": "film", "scale": -0.5}]
+    assert json.loads(png.text["parameters"])["lora"] == scaled
+    # A scale for some adapters only cannot be paired: refused, not guessed.
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.edit(image=upload, prompt="x", extra_body={"lora": lora})
+    assert caught.value.body["param"] == "lora.1.scale"
     for extra, param in (({"lora": [{"name": "sketch"}]}, "lora.0.name"),
                          ({"lora": [{"name": "ink", "scale": "much"}]}, "lora.0.scale"),
                          ({"styles": [{"name": "ink"}]}, "styles[][name]")):

@@ -193,6 +193,39 @@ def test_a_stream_torn_down_before_its_events_began_cancels_its_job():
     assert job.future.cancelled()
 
 
+def test_a_stream_whose_client_reads_nothing_ends_quietly_and_cancels_its_job(caplog):
+    """sse-starlette's send timeout is how a stalled reader is let go of: its job is
+    cancelled and the server logs it as that, not as an unhandled error."""
+    import asyncio
+    import logging
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from imagegen_server.api import JobStream
+
+    job = SimpleNamespace(future=Future())
+
+    async def events():
+        yield {"data": "a preview"}
+        await asyncio.sleep(60)
+
+    async def receive():
+        await asyncio.sleep(60)
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.body":
+            await asyncio.sleep(60)  # the client's window is full
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/images/generations",
+             "headers": []}
+    with caplog.at_level(logging.INFO, logger="imagegen_server"):
+        asyncio.run(asyncio.wait_for(
+            JobStream(job, events(), send_timeout=0.2, ping=30)(scope, receive, send), 30))
+    assert job.future.cancelled()
+    assert "stream dropped" in caplog.text and "Traceback" not in caplog.text
+
+
 class CancelledWhileRead(Future):
     """A future its client cancels just after the preview thread read it as not cancelled."""
 

@@ -188,12 +188,48 @@ def test_a_lora_from_the_hub_is_its_weights_file(tmp_path, monkeypatch):
     hub_cache(cache, "org/many", {"a.safetensors": b"w", "b.safetensors": b"w"})
     settings = ServerSettings(hf_cache_dir=cache)
     found = resolve_lora_uri("hf://org/diffusers-lora", settings)
-    assert (found / "pytorch_lora_weights.safetensors").is_file()
+    assert found.name == "pytorch_lora_weights.safetensors" and found.is_file()
     assert resolve_lora_uri("hf://org/one-file", settings).name == "ink-style.safetensors"
     with pytest.raises(ModelError, match="holds 2 .safetensors files"):
         resolve_lora_uri("hf://org/many", settings)
     with pytest.raises(ModelError, match="cannot fetch hf://org/absent"):
         resolve_lora_uri("hf://org/absent", settings)
+
+
+def test_a_lora_from_the_hub_fetches_its_one_weights_file_alone(tmp_path, monkeypatch):
+    """Where the hub lists a repository's files, only the adapter's is downloaded: not the
+    checkpoints beside it, and nothing of a repository of many adapters, which is refused.
+    (The listing is a stand-in for the hub's answer; the download is the hub client's,
+    reading its cache.)"""
+    import huggingface_hub
+
+    from imagegen_server.loading import resolve_lora_uri
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cache = tmp_path / "hf"
+    beside = {"pytorch_lora_weights.safetensors": b"w",
+              "unet/diffusion_pytorch_model.safetensors": b"big"}
+    many = {"a.safetensors": b"w", "b.safetensors": b"w", "README.md": b"r"}
+    hub_cache(cache, "org/beside", beside)
+    hub_cache(cache, "org/many", many)
+    listings = {"org/beside": list(beside), "org/many": list(many)}
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files",
+                        lambda self, repo_id, **_: listings[repo_id])
+    fetched, download = [], huggingface_hub.snapshot_download
+
+    def spy(*args, **kwargs):
+        fetched.append(kwargs["allow_patterns"])
+        return download(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", spy)
+    settings = ServerSettings(hf_cache_dir=cache)
+    found = resolve_lora_uri("hf://org/beside", settings)
+    assert found.name == "pytorch_lora_weights.safetensors" and found.read_bytes() == b"w"
+    assert fetched == [["pytorch_lora_weights.safetensors"]]
+    with pytest.raises(ModelError, match="holds 2 .safetensors files"):
+        resolve_lora_uri("hf://org/many", settings)
+    assert len(fetched) == 1  # refused from the listing, before any download
 
 
 def test_a_hub_token_is_read_from_its_file_and_handed_to_the_hub_client(tmp_path, monkeypatch):
@@ -211,6 +247,8 @@ def test_a_hub_token_is_read_from_its_file_and_handed_to_the_hub_client(tmp_path
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files",
+                        lambda self, *args, **kwargs: refuse(token=self.token))
     token = tmp_path / "token"
     token.write_text("hf_secret_value\n")
     settings = ServerSettings(hf_cache_dir=tmp_path / "hf", hf_token_file=token)
