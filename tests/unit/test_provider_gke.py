@@ -20,6 +20,7 @@ from imagegen_operator.planner import plan as make_plan
 from imagegen_operator.providers.base import PoolNotOwned, PoolState, ProviderError
 from imagegen_operator.providers.gke import ENDPOINT_ENV, GkeProvider, build_client
 from imagegen_operator.render.nodepool import render_gke_nodepool
+from support import fake_gke
 from support.clock import FakeClock
 from support.fake_gke import DEFAULT_QUOTA_MESSAGE, GkeApiTestDouble
 
@@ -426,6 +427,60 @@ def test_a_pool_in_error_whose_nodes_serve_is_reported_not_deleted(double, resou
         assert "an upgrade failed" in state.message
         clock.now += 400
     assert double.requests_to("DELETE") == []
+
+
+def test_a_pool_deleted_while_its_create_starts_is_deleted_once_listed(
+        double, provider, resource, plan, monkeypatch):
+    # GKE may not list a pool for a moment after accepting its create: the delete waits
+    # for it rather than letting the service go with a pool on its way.
+    name = pool_name(plan)
+    unlisted, get = {name}, double._get_pool
+
+    def listed_or_not(pool):
+        if pool in unlisted:
+            raise fake_gke.ApiError("NOT_FOUND", f"Not found: {pool}.")
+        return get(pool)
+
+    monkeypatch.setattr(double, "_get_pool", listed_or_not)
+    assert provider.ensure(resource, plan, 1).reason == "Provisioning"
+    assert provider.delete(resource, plan) is False
+    unlisted.clear()
+    for _ in range(20):
+        if provider.delete(resource, plan):
+            break
+    assert name not in double.pools and len(double.requests_to("DELETE")) == 1
+    # A create that ended, its pool rolled back, leaves nothing to wait for.
+    assert provider.ensure(resource, plan, 1).reason == "Provisioning"
+    unlisted.add(name)
+    op = next(o for o in double.operations.values()
+              if o.operation_type == "CREATE_NODE_POOL" and o.status != "DONE")
+    op.status, op.error = "DONE", {"code": 8, "message": STOCKOUT}
+    assert [provider.delete(resource, plan) for _ in range(2)] == [False, True]
+
+
+def test_a_pool_in_error_that_served_is_held_anew_when_its_nodes_go(double, resource, plan,
+                                                                     clock):
+    # No node at first (held), then a node serves for hours, then it goes (a Spot node
+    # reclaimed): the pool is held a whole hold again before it is deleted.
+    serving = [0]
+    provider = GkeProvider(double.client(), clock=clock, count_nodes=lambda pool: serving[0])
+    double.seed_pool(pool_name(plan), "ERROR", config=made_by_us(resource, plan),
+                     statusMessage="an upgrade failed")
+    with pytest.raises(ProviderError):
+        provider.ensure(resource, plan, 1)
+    serving[0] = 1
+    clock.now += 100
+    assert provider.ensure(resource, plan, 1).reason == "PoolError"
+    clock.now += 10_000
+    assert provider.ensure(resource, plan, 1).reason == "PoolError"
+    serving[0] = 0
+    clock.now += 10
+    with pytest.raises(ProviderError) as held:
+        provider.ensure(resource, plan, 1)
+    assert held.value.reason == "PoolError" and held.value.retry_after == 300
+    assert double.requests_to("DELETE") == []
+    clock.now += 301
+    assert provider.ensure(resource, plan, 1).reason == "Recreating"
 
 
 def test_a_failing_delete_of_a_pool_in_error_is_held_again(double, provider, resource, plan,

@@ -233,6 +233,13 @@ class GkeProvider:
             try:
                 pool = self._call(name, self.client.get_node_pool, name=name)
             except _NotFound:
+                operation = self._poll(name, memory) if memory.kind == "create" else None
+                if operation is not None:
+                    # Our create has begun and the pool is not listed yet: not gone. Looked
+                    # at again, and deleted once it is there (one more look once it ended).
+                    if _status_name(operation.status) == "DONE":
+                        memory.operation = memory.kind = None
+                    return False
                 self._forget(name)
                 return True
             if not _made_by_us(pool):
@@ -386,11 +393,14 @@ class GkeProvider:
         """A pool of ours in ERROR. With nodes that serve, it is reported and left alone: a
         person decides. With none (a create that failed on a stockout or a quota leaves such
         a pool, and GKE does not mend it): report why, hold it as long as a failed create
-        is held, then delete it, and the next call creates it anew."""
+        is held, then delete it, and the next call creates it anew. The hold counts from
+        when the last node stopped serving: one Spot node reclaimed from a pool that served
+        for hours does not take the pool with it at once."""
         problem = f"Node pool {name} is in state ERROR: {_pool_problem(pool)}"
         nodes = self._count_nodes(short_name) if self._count_nodes is not None else 0
         if nodes:
             memory.operation = memory.kind = None
+            memory.failure, memory.failed_until, memory.retry_at = None, 0.0, None
             return PoolState(short_name, True, nodes, "PoolError",
                              f"{problem}; its {nodes} ready node(s) serve meanwhile")
         if memory.kind == "create":
