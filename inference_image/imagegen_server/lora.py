@@ -3,9 +3,10 @@
 Each declared adapter is read with diffusers' own ``load_lora_weights`` (so every format it
 converts, kohya's and others, works), its factors copied out, and the adapter removed again.
 The denoiser then carries one peft adapter of its own, the *slot*, whose rank is the sum of
-all declared ranks. A batch that asks for adapters ``[(a, 0.7), (b, -0.5)]`` gets the slot's
-factors written in place: A is ``[A_a; A_b]`` and B is ``[0.7 s_a B_a, -0.5 s_b B_b]``
-(``s`` each adapter's own alpha/rank), zero beyond, so the slot adds exactly
+all declared ranks; the factors wait in host memory, and a switch copies them in. A batch
+that asks for adapters ``[(a, 0.7), (b, -0.5)]`` gets the slot's factors written in place:
+A is ``[A_a; A_b]`` and B is ``[0.7 s_a B_a, -0.5 s_b B_b]`` (``s`` each adapter's own
+alpha/rank), zero beyond, so the slot adds exactly
 ``0.7 s_a B_a A_a x - 0.5 s_b B_b A_b x``: what diffusers' ``set_adapters`` computes. A
 batch with none gets zeros, which add nothing.
 
@@ -101,8 +102,9 @@ class AdapterSlot:
                 if factors is None:
                     continue
                 rank = factors.a.shape[0]
-                a[offset : offset + rank].copy_(factors.a)
-                b[:, offset : offset + rank].copy_(factors.b * scale)
+                a[offset : offset + rank].copy_(factors.a, non_blocking=True)
+                b[:, offset : offset + rank].copy_(factors.b, non_blocking=True)
+                b[:, offset : offset + rank].mul_(scale)
                 offset += rank
         self.active = adapters
 
@@ -134,11 +136,18 @@ def _read_adapter(pipeline, denoiser, name: str, path: Path) -> dict[str, Factor
                                 "lora_bias), which are not served")
             scaling = module.scaling[name]
             factors[module_name] = Factors(
-                module.lora_A[name].weight.detach().clone(),
-                module.lora_B[name].weight.detach().clone() * scaling,
+                _host_copy(module.lora_A[name].weight),
+                _host_copy(module.lora_B[name].weight * scaling),
             )
         if not factors:
             raise LoraError(f"LoRA {name!r} at {path} has no weights for the denoiser")
         return factors
     finally:
         pipeline.delete_adapters(name)
+
+
+def _host_copy(weight: torch.Tensor) -> torch.Tensor:
+    """A factor kept in host memory: the device holds the slot only, not every declared
+    adapter beside it. Pinned where there is a GPU, so a switch copies it asynchronously."""
+    host = weight.detach().to("cpu", copy=True)
+    return host.pin_memory() if torch.cuda.is_available() else host
