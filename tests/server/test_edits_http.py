@@ -180,6 +180,16 @@ def test_numbered_form_objects_are_refused_where_their_numbers_do_not_add_up(
     assert error["param"] == param and words in error["message"], error
 
 
+def test_a_text_field_larger_than_a_json_body_may_be_is_refused(client_for):
+    """A text field is parsed (lora as JSON text): it is bounded as a JSON body is, not by
+    the upload's far larger limit."""
+    client = client_for(max_body_bytes=4096)
+    response = client.post(EDITS, data={"prompt": "x", "lora": "[" + "[]," * 2000 + "[]]"},
+                           files=form(image=GOOD))
+    assert response.status_code == 400, response.text
+    assert "exceeded maximum size of 4KB" in response.json()["error"]["message"]
+
+
 def test_a_family_without_edits_refuses_them(make_runtime):
     from fastapi.testclient import TestClient
 
