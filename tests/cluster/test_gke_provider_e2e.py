@@ -14,7 +14,7 @@ import pytest
 
 from imagegen_operator.handlers import POOL_POLL_SECONDS
 from support.fake_gke import GkeApiTestDouble
-from support.kube import apply, eventually, get_json
+from support.kube import apply, delete_services, eventually, get_json
 from support.operator_process import OperatorProcess
 
 pytestmark = pytest.mark.cluster
@@ -112,7 +112,7 @@ def test_quota_error_is_a_condition_then_the_pool_is_created_and_deleted(
     deployment = get_json(cluster, "deployment", "on-gke", "-n", ns)
     assert deployment["spec"]["replicas"] == 3
 
-    cluster.kubectl("delete", "igs", "on-gke", "-n", ns, "--wait=true", "--timeout=60s")
+    delete_services(cluster, gke_operator, ns, "on-gke")
     # The finalizer held the object until its pool was deleted in GKE.
     assert not [name for name in gke_api.pools if name.endswith("/" + pool)]
     assert [r for r in gke_api.requests_to("DELETE") if r.path.endswith("/" + pool)]
@@ -159,6 +159,6 @@ def test_a_pool_on_its_way_is_polled_sooner_than_the_resync(cluster, crd, tmp_pa
             time.sleep(2 * POOL_POLL_SECONDS + 1)
             assert len(reads()) == seen, reads()[seen:]
             gke_api.polls_to_done = 1  # a quick deletion: it is not what this test is about
-            cluster.kubectl("delete", "igs", "polled", "-n", ns, "--wait=true", "--timeout=60s")
+            delete_services(cluster, proc, ns, "polled")
         finally:
             proc.stop()

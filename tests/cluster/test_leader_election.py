@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from support.kube import apply, eventually, get_json
+from support.kube import apply, delete_services, eventually, get_json, wait_ready
 from support.operator_process import OperatorProcess
 
 pytestmark = pytest.mark.cluster
@@ -65,8 +65,7 @@ def test_only_the_leader_reconciles_and_the_other_takes_over(cluster, crd, tmp_p
         eventually(lambda: len(get_json(cluster, "clusterkopfpeering", PEERING)
                                 .get("status") or {}) >= 2, what="two peers registered")
         apply(cluster, svc("led", 1))
-        cluster.kubectl("wait", "-n", "e2e-peering", "--for=condition=Ready", "--timeout=60s",
-                        "igs/led")
+        wait_ready(cluster, "e2e-peering", "led")
         assert reconciles(leader) > 0
         assert reconciles(standby) == 0, standby.log()
         eventually(lambda: (leading(leader), leading(standby)) == (1, 0),
@@ -79,8 +78,7 @@ def test_only_the_leader_reconciles_and_the_other_takes_over(cluster, crd, tmp_p
                    timeout=90, what="the standby reconciled the change")
         assert reconciles(standby) > 0
         eventually(lambda: leading(standby) == 1, what="the standby says it acts now")
-        cluster.kubectl("delete", "igs", "led", "-n", "e2e-peering", "--wait=true",
-                        "--timeout=60s")
+        delete_services(cluster, standby, "e2e-peering", "led")
     finally:
         leader.stop()
         standby.stop()

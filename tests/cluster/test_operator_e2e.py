@@ -13,7 +13,7 @@ import pytest
 from imagegen_operator import gke
 from imagegen_operator.render.nodepool import POOL_LABEL
 from support.gpu_nodes import pool_name
-from support.kube import apply, delete_services, eventually, get_json
+from support.kube import apply, delete_services, eventually, get_json, wait_ready
 from support.operator_process import OperatorProcess, audit_writes
 
 pytestmark = pytest.mark.cluster
@@ -72,11 +72,6 @@ def condition(obj: dict, type_: str) -> dict | None:
                  if c["type"] == type_), None)
 
 
-def wait_ready(cluster, ns: str, *names: str, timeout: int = 90) -> None:
-    cluster.kubectl("wait", "-n", ns, "--for=condition=Ready", f"--timeout={timeout}s",
-                    *[f"igs/{n}" for n in names], timeout=timeout + 10)
-
-
 def pool_nodes(cluster, pool: str) -> list[dict]:
     return get_json(cluster, "nodes", "-l", f"{POOL_LABEL}={pool}")["items"]
 
@@ -116,16 +111,21 @@ def test_two_services_share_one_pool_which_goes_with_the_last(cluster, operator)
         assert pod["spec"]["nodeName"] in node_names
         assert pod["spec"]["nodeSelector"][gke.LABEL_MAX_SHARED_CLIENTS] == "2"
 
-    # The transitions are Kubernetes Events on the service (kubectl describe shows them).
-    events = get_json(cluster, "events", "-n", ns,
-                      "--field-selector", "involvedObject.name=alpha")["items"]
-    messages = [e["message"] for e in events if e["involvedObject"]["kind"] == "ImageGenService"]
-    assert any(m.startswith("Ready=True") for m in messages), messages
+    # The transitions are Kubernetes Events on the service (kubectl describe shows them);
+    # kopf posts them a moment after the status they follow.
+    def service_events() -> list[dict]:
+        return [e for e in get_json(cluster, "events", "-n", ns, "--field-selector",
+                                    "involvedObject.name=alpha")["items"]
+                if e["involvedObject"]["kind"] == "ImageGenService"]
+
+    events = eventually(lambda: [e for e in service_events()
+                                 if e["message"].startswith("Ready=True")] and service_events(),
+                        timeout=30, what="the Ready=True event")
+    messages = [e["message"] for e in events]
     assert any(m.startswith("NodePoolReady=True") for m in messages), messages
     # Not ready while it rolled out is what status says; nothing went wrong, so no warning
     # but the one of a spec that serves with neither a token nor a NetworkPolicy.
-    warnings = [e["reason"] for e in events
-                if e["type"] == "Warning" and e["involvedObject"]["kind"] == "ImageGenService"]
+    warnings = [e["reason"] for e in events if e["type"] == "Warning"]
     assert set(warnings) == {"ServingUnauthenticated"}, warnings
 
     delete_services(cluster, operator, ns, "alpha")

@@ -24,7 +24,7 @@ from unit.test_chart import CHART, template_args
 
 from localcluster import free_ports
 from support.containers import built, run_args
-from support.kube import apply, eventually, get_json, http_status
+from support.kube import apply, delete_services, eventually, get_json, http_status, wait_ready
 
 pytestmark = [pytest.mark.cluster, pytest.mark.images]
 
@@ -128,8 +128,7 @@ def test_the_image_runs_the_end_to_end_scenario_as_the_chart_runs_it(cluster, ru
     assert http_status(f"http://127.0.0.1:{metrics}/metrics") == 200
 
     apply_service(cluster, "in-image", replicas=1)
-    cluster.kubectl("wait", "-n", NS, "--for=condition=Ready", "--timeout=90s",
-                    "igs/in-image", timeout=100)
+    wait_ready(cluster, NS, "in-image")
     body = get_json(cluster, "igs", "in-image", "-n", NS)
     pool, uid = body["status"]["nodePool"]["name"], body["metadata"]["uid"]
 
@@ -137,8 +136,7 @@ def test_the_image_runs_the_end_to_end_scenario_as_the_chart_runs_it(cluster, ru
     eventually(lambda: cluster.kubectl("get", "deployment", "in-image", "-n", NS,
                                        check=False).returncode == 0,
                timeout=30, what="the deleted Deployment restored")
-    cluster.kubectl("wait", "-n", NS, "--for=condition=Ready", "--timeout=90s",
-                    "igs/in-image", timeout=100)
+    wait_ready(cluster, NS, "in-image")
 
     # The children go with their owner: Kubernetes' garbage collector deletes them by their
     # controller reference (in a control plane this young it may not have mapped the CRD
@@ -147,7 +145,7 @@ def test_the_image_runs_the_end_to_end_scenario_as_the_chart_runs_it(cluster, ru
     children = json.loads(cluster.kubectl("get", "deployment,service,pdb", "-n", NS, "-o",
                                           "json").stdout)["items"]
     assert {c["kind"] for c in children} == {"Deployment", "Service", "PodDisruptionBudget"}
-    cluster.kubectl("delete", "igs", "in-image", "-n", NS, "--wait=true", "--timeout=60s")
+    delete_services(cluster, None, NS, "in-image")
     eventually(lambda: not get_json(cluster, "nodes", "-l",
                                     f"imagegen.dev/node-pool={pool}")["items"],
                timeout=30, what="no orphaned node")
@@ -162,7 +160,7 @@ def test_the_uninstall_check_refuses_while_a_service_exists(cluster, running_ima
     refused = running_image["uninstall_check"]()
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert f"{NS}/left-behind" in refused.stderr and "kubectl delete igs" in refused.stderr
-    cluster.kubectl("delete", "igs", "left-behind", "-n", NS, "--wait=true", "--timeout=60s")
+    delete_services(cluster, None, NS, "left-behind")
     # Services other tests of this cluster left would still (rightly) refuse it.
     others = get_json(cluster, "igs", "-A")["items"]
     allowed = running_image["uninstall_check"]()

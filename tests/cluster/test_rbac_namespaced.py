@@ -15,7 +15,7 @@ import pytest
 from cluster.test_rbac_operator import as_operator, forbidden_requests, helm, install_for_token
 
 from imagegen_operator.render.nodepool import POOL_LABEL
-from support.kube import apply, eventually, get_json
+from support.kube import apply, delete_services, eventually, get_json, wait_ready
 from support.operator_process import OperatorProcess
 
 pytestmark = pytest.mark.cluster
@@ -70,8 +70,7 @@ def service(name: str, namespace: str, gpu: dict = GPU) -> dict:
 def test_it_serves_its_namespace_leaves_the_other_and_is_refused_nothing(cluster, operator):
     apply(cluster, service("scoped", SERVED))
     apply(cluster, service("unserved", OTHER))
-    cluster.kubectl("wait", "-n", SERVED, "--for=condition=Ready", "--timeout=90s",
-                    "igs/scoped", timeout=100)
+    wait_ready(cluster, SERVED, "scoped")
     pool = get_json(cluster, "igs", "scoped", "-n", SERVED)["status"]["nodePool"]["name"]
     assert get_json(cluster, "nodes", "-l", f"{POOL_LABEL}={pool}")["items"]
     # Peering in the namespace served, as kopf does for an operator of some namespaces.
@@ -86,8 +85,7 @@ def test_it_serves_its_namespace_leaves_the_other_and_is_refused_nothing(cluster
 
     # The pool goes with its last user, the served service's (the other asks for the same
     # configuration, but no operator serves it: a pool is no one's to keep for it).
-    cluster.kubectl("delete", "igs", "scoped", "-n", SERVED, "--wait=true", "--timeout=60s",
-                    timeout=70)
+    delete_services(cluster, operator, SERVED, "scoped")
     eventually(lambda: not get_json(cluster, "nodes", "-l", f"{POOL_LABEL}={pool}")["items"],
                timeout=30, what="pool deleted")
     cluster.kubectl("delete", "igs", "unserved", "-n", OTHER, "--wait=true", "--timeout=30s",
@@ -125,8 +123,7 @@ def test_a_served_namespace_deleted_whole_goes_and_takes_its_pool(cluster, opera
     namespace on the service."""
     apply(cluster, service("doomed", DOOMED, gpu={**GPU, "sharing": {
         "strategy": "TimeSharing", "maxSharedClientsPerGpu": 6}}))
-    cluster.kubectl("wait", "-n", DOOMED, "--for=condition=Ready", "--timeout=90s",
-                    "igs/doomed", timeout=100)
+    wait_ready(cluster, DOOMED, "doomed")
     pool = get_json(cluster, "igs", "doomed", "-n", DOOMED)["status"]["nodePool"]["name"]
     assert get_json(cluster, "nodes", "-l", f"{POOL_LABEL}={pool}")["items"]
     cluster.kubectl("delete", "namespace", DOOMED, "--wait=true", "--timeout=120s",

@@ -24,7 +24,7 @@ from unit.test_gitops import argocd_health
 from imagegen_operator import crd as crd_module
 from imagegen_operator.render.nodepool import POOL_LABEL
 from localcluster import write_kubeconfig
-from support.kube import apply, eventually, get_json
+from support.kube import apply, delete_services, eventually, get_json, wait_ready
 from support.operator_process import OperatorProcess, audit_events
 
 pytestmark = pytest.mark.cluster
@@ -142,7 +142,7 @@ def test_end_to_end_under_the_charts_service_account(cluster, operator):
     # Three fit: Ready, and Healthy for Argo CD.
     cluster.kubectl("patch", "igs", "rbac-t4", "-n", NS, "--type=merge",
                     "-p", '{"spec": {"replicas": 3}}')
-    cluster.kubectl("wait", "-n", NS, "--for=condition=Ready", "--timeout=60s", "igs/rbac-t4")
+    wait_ready(cluster, NS, "rbac-t4")
     healthy = igs(cluster, "rbac-t4")
     assert healthy["metadata"]["generation"] == healthy["status"]["observedGeneration"] == 2
     assert ready(healthy)["observedGeneration"] == 2
@@ -173,8 +173,7 @@ def test_end_to_end_under_the_charts_service_account(cluster, operator):
     assert health["status"] == "Degraded" and "ModelDoesNotFitSlice" in health["message"]
 
     # The pool goes with the last service that uses it (Node delete, under the chart's RBAC).
-    cluster.kubectl("delete", "igs", "rbac-t4", "rbac-too-big", "-n", NS, "--wait=true",
-                    "--timeout=60s")
+    delete_services(cluster, operator, NS, "rbac-t4", "rbac-too-big")
     eventually(lambda: not get_json(cluster, "nodes", "-l", f"{POOL_LABEL}={pool}")["items"],
                timeout=30, what="pool deleted")
 
@@ -186,7 +185,7 @@ def test_end_to_end_under_the_charts_service_account(cluster, operator):
 def test_a_commit_the_operator_has_not_seen_is_progressing(cluster, operator):
     apply(cluster, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
     apply(cluster, service("rbac-gen", GPU, replicas=1))
-    cluster.kubectl("wait", "-n", NS, "--for=condition=Ready", "--timeout=60s", "igs/rbac-gen")
+    wait_ready(cluster, NS, "rbac-gen")
     operator.stop()
     try:
         cluster.kubectl("patch", "igs", "rbac-gen", "-n", NS, "--type=merge",
@@ -197,9 +196,9 @@ def test_a_commit_the_operator_has_not_seen_is_progressing(cluster, operator):
             "status": "Progressing", "message": "Waiting for the operator to observe generation 2"}
     finally:
         operator.start()
-    cluster.kubectl("wait", "-n", NS, "--for=condition=Ready", "--timeout=60s", "igs/rbac-gen")
+    wait_ready(cluster, NS, "rbac-gen")
     assert argocd_health(igs(cluster, "rbac-gen"))["status"] == "Healthy"
-    cluster.kubectl("delete", "igs", "rbac-gen", "-n", NS, "--wait=true", "--timeout=60s")
+    delete_services(cluster, operator, NS, "rbac-gen")
 
 
 def test_peering_keepalives_land_in_the_releases_peering_object(cluster, operator):

@@ -56,7 +56,12 @@ class OperatorProcess:
              f"--metrics-port={self.metrics_port}", f"--health-port={self.health_port}"],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
-        self._wait_healthy()
+        try:
+            self._wait_healthy()
+        except BaseException:
+            # Never left running: it would act on later tests' services beside their own.
+            self.kill()
+            raise
         return self
 
     def _wait_healthy(self, timeout: float = 60) -> None:
