@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import gc
 import io
+import weakref
 
 import numpy as np
 import openai
@@ -13,6 +14,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 from server_testlib import count_calls, left_half_mask, mean_abs_diff, source_image
 
+from imagegen_server import api
 from imagegen_server.request import EditInput
 
 EDITS = "/v1/images/edits"
@@ -227,21 +229,31 @@ def test_a_large_upload_without_a_size_edits_at_the_largest_size_admitted(client
     assert image.size == (144, 104)  # 256x192 scaled to fit 16384 pixels, then to 8s
 
 
-def test_a_large_upload_waits_at_the_size_it_edits_at_and_edits_the_same(client_for):
+def test_a_large_upload_waits_at_the_size_it_edits_at_and_edits_the_same(client_for,
+                                                                         monkeypatch):
     """A queued edit holds its picture and mask at the request's size, not the upload's (16
     megapixels would be 50 MB each), and no copy of the file it came in when nothing signs;
     the pixels are those of the full upload handed to the engine as it is."""
     client = client_for()
     runtime = client.app.state.runtime
     big, mask = source_image(256), left_half_mask(256)
-    held, decoded, submit = [], [], runtime.engine.submit
+    held, decoded, alive, submit = [], [], [], runtime.engine.submit
+
+    decode_uploads = api.decode_uploads
+
+    def decode(*args):
+        pictures = decode_uploads(*args)
+        decoded.extend(weakref.ref(p) for p in pictures[:2] if p is not None)
+        return pictures
 
     def queued(params, *args):
         held.append(params.edit)
         # Nor does the route keep the full-size pictures it decoded while the edit waits.
-        decoded.extend(obj.size for obj in gc.get_objects() if isinstance(obj, Image.Image)
-                       and obj.size == big.size and obj is not big and obj is not mask)
+        gc.collect()
+        alive.extend(ref().size for ref in decoded if ref() is not None)
         return submit(params, *args)
+
+    monkeypatch.setattr(api, "decode_uploads", decode)
 
     runtime.engine.submit = queued
     try:
@@ -249,7 +261,7 @@ def test_a_large_upload_waits_at_the_size_it_edits_at_and_edits_the_same(client_
     finally:
         runtime.engine.submit = submit
     assert (held[0].image.size, held[0].mask.size, held[0].upload) == ((64, 64), (64, 64), None)
-    assert decoded == []
+    assert len(decoded) == 2 and alive == []
     whole = runtime.params("a boat", seed=3, steps=2, width=64, height=64,
                            edit=EditInput(big, 1.0, mask))
     (want,) = runtime.engine.generate(whole, timeout_s=120)
