@@ -81,7 +81,8 @@ class JobStream(EventSourceResponse):
         except SendTimeoutError:
             # A client that reads nothing for SEND_TIMEOUT_S is let go of: how a stream ends
             # for a stalled reader, not a fault of the server's.
-            log.info("stream dropped: its client read nothing for %.0f s", SEND_TIMEOUT_S)
+            # (uvicorn still says the response did not complete: it did not.)
+            log.info("stream dropped: its client read nothing for %g s", self.send_timeout)
         finally:
             self.job.future.cancel()  # a no-op once answered
 

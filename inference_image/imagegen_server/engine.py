@@ -380,8 +380,8 @@ class Engine:
         if on_preview is not None and params.partial_images and self.previewer is not None:
             job.preview = PreviewRequest(on_preview)
         with self._lock:
+            placed = place is not None and not place.taken
             try:
-                placed = place is not None and not place.taken
                 if placed:
                     place.taken = True  # the place becomes the job's: not counted twice
                     self._places -= 1
@@ -392,6 +392,8 @@ class Engine:
                 self._jobs.add(job)
             finally:
                 self._count_in_flight()
+                if placed and job not in self._jobs:
+                    self._lock.notify_all()  # its place is free, and no job holds it: a drain
         self.stages[0].put(job)
         # Answered before a stage took it (its caller left): out of the queue it waits in.
         job.future.add_done_callback(

@@ -42,8 +42,8 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 def resolve_lora_uri(uri: str, settings: ServerSettings) -> Path:
     """A LoRA's URI (the model's schemes) -> a .safetensors file, or a directory holding
-    diffusers' pytorch_lora_weights.safetensors. A hub repository holds no pipeline: its
-    safetensors files are fetched, and it must hold that one or a single other."""
+    diffusers' pytorch_lora_weights.safetensors. A hub repository holds no pipeline: it must
+    hold that one or a single other .safetensors file, which is fetched."""
     parsed = urlparse(uri)
     if parsed.scheme == "hf":
         path = _download_hf_lora(parsed.netloc + parsed.path, settings)
@@ -81,27 +81,32 @@ def hf_token(settings: ServerSettings) -> str | None:
 def _download_hf_lora(repo: str, settings: ServerSettings) -> Path:
     """A hub LoRA repository's weights file, fetched alone where the hub lists the
     repository's files: one holding many adapters, or checkpoints beside its LoRA, is not
-    downloaded whole. Offline, what the hub client's cache holds of it (a directory)."""
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import OfflineModeIsEnabled
+    downloaded whole. Where the hub cannot be asked (offline, an outage, a rate limit),
+    what the hub client's cache holds of it, a directory."""
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     repo_id, _, revision = repo.strip("/").partition("@")
     token = hf_token(settings)
     try:
         try:
             listed = HfApi(token=token).list_repo_files(repo_id, revision=revision or None)
-        except OfflineModeIsEnabled:
+        except (RepositoryNotFoundError, RevisionNotFoundError):
+            raise  # the hub's answer, not its absence (gated access included)
+        except Exception:  # the cache, as a restart during an outage finds it, decides
             listed = None
-        weights = None if listed is None else _lora_weights_file(f"hf://{repo}", listed)
+        if listed is not None:
+            return Path(hf_hub_download(repo_id, _lora_weights_file(f"hf://{repo}", listed),
+                                        revision=revision or None,
+                                        cache_dir=settings.hf_cache_dir, token=token))
         # Its weights only: LoRA repositories often hold sample images, and no model_index.
-        folder = Path(snapshot_download(repo_id, revision=revision or None,
-                                        cache_dir=settings.hf_cache_dir, token=token,
-                                        allow_patterns=[weights or "*.safetensors"]))
+        return Path(snapshot_download(repo_id, revision=revision or None,
+                                      cache_dir=settings.hf_cache_dir, token=token,
+                                      allow_patterns=["*.safetensors"]))
     except ModelError:
         raise
     except Exception as exc:  # the hub client raises many kinds; all mean "not available"
         raise ModelError(f"cannot fetch hf://{repo}: {exc}") from exc
-    return folder / weights if weights else folder
 
 
 def _lora_weights_file(uri: str, names: list[str]) -> str:

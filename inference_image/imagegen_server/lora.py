@@ -148,6 +148,6 @@ def _read_adapter(pipeline, denoiser, name: str, path: Path) -> dict[str, Factor
 
 def _host_copy(weight: torch.Tensor) -> torch.Tensor:
     """A factor kept in host memory: the device holds the slot only, not every declared
-    adapter beside it. Pinned where there is a GPU, so a switch copies it asynchronously."""
+    adapter beside it. Pinned for a GPU's slot, so a switch copies it asynchronously."""
     host = weight.detach().to("cpu", copy=True)
-    return host.pin_memory() if torch.cuda.is_available() else host
+    return host.pin_memory() if weight.device.type == "cuda" else host

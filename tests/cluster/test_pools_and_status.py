@@ -309,8 +309,8 @@ def test_a_failing_gke_api_is_called_less_and_less_by_all_users_of_a_pool(
         calls = [at - first for at in pool_calls() if at <= first + 16]
         print("GKE API calls at (s):", [round(c, 1) for c in calls])
         gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
-        # Without the backoff: 5 services x 16 polls. With it: 1 + 1 + 2 + 4 + 4 + 4 + 4,
-        # each delay between half and all of its step.
+        # Without the backoff: 5 services x 16 polls. With it: delays of 1, 2, 4, 4, 4, ...
+        # s, each between half and all of its step: 6 to 10 calls.
         assert 4 <= len(calls) <= 13, calls
         assert all(g >= 0.45 for g in gaps), gaps
         assert sorted(gaps)[-2:] >= [1.8, 1.8], gaps  # it reached the cap's range

@@ -199,8 +199,8 @@ def test_a_lora_from_the_hub_is_its_weights_file(tmp_path, monkeypatch):
 def test_a_lora_from_the_hub_fetches_its_one_weights_file_alone(tmp_path, monkeypatch):
     """Where the hub lists a repository's files, only the adapter's is downloaded: not the
     checkpoints beside it, and nothing of a repository of many adapters, which is refused.
-    (The listing is a stand-in for the hub's answer; the download is the hub client's,
-    reading its cache.)"""
+    Where the listing fails (an outage), the cache decides. (The listing is a stand-in for
+    the hub's answer; the downloads are the hub client's, reading its cache.)"""
     import huggingface_hub
 
     from imagegen_server.loading import resolve_lora_uri
@@ -213,23 +213,32 @@ def test_a_lora_from_the_hub_fetches_its_one_weights_file_alone(tmp_path, monkey
     many = {"a.safetensors": b"w", "b.safetensors": b"w", "README.md": b"r"}
     hub_cache(cache, "org/beside", beside)
     hub_cache(cache, "org/many", many)
-    listings = {"org/beside": list(beside), "org/many": list(many)}
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files",
-                        lambda self, repo_id, **_: listings[repo_id])
-    fetched, download = [], huggingface_hub.snapshot_download
+    hub_cache(cache, "org/cached", {"ink [v2].safetensors": b"w"})
 
-    def spy(*args, **kwargs):
-        fetched.append(kwargs["allow_patterns"])
-        return download(*args, **kwargs)
+    def listing(self, repo_id, **_):
+        if repo_id == "org/cached":
+            raise OSError("Connection refused")
+        return {"org/beside": list(beside), "org/many": list(many)}[repo_id]
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", spy)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", listing)
+    def spied(download, log):
+        def spy(*args, **kwargs):
+            log.append(args[1] if len(args) > 1 else kwargs.get("allow_patterns"))
+            return download(*args, **kwargs)
+        return spy
+
+    fetched, whole = [], []
+    for name, log in (("hf_hub_download", fetched), ("snapshot_download", whole)):
+        monkeypatch.setattr(huggingface_hub, name, spied(getattr(huggingface_hub, name), log))
     settings = ServerSettings(hf_cache_dir=cache)
     found = resolve_lora_uri("hf://org/beside", settings)
     assert found.name == "pytorch_lora_weights.safetensors" and found.read_bytes() == b"w"
-    assert fetched == [["pytorch_lora_weights.safetensors"]]
+    assert (fetched, whole) == (["pytorch_lora_weights.safetensors"], [])
     with pytest.raises(ModelError, match="holds 2 .safetensors files"):
         resolve_lora_uri("hf://org/many", settings)
     assert len(fetched) == 1  # refused from the listing, before any download
+    assert resolve_lora_uri("hf://org/cached", settings).name == "ink [v2].safetensors"
+    assert whole == [["*.safetensors"]]
 
 
 def test_a_hub_token_is_read_from_its_file_and_handed_to_the_hub_client(tmp_path, monkeypatch):
@@ -256,7 +265,8 @@ def test_a_hub_token_is_read_from_its_file_and_handed_to_the_hub_client(tmp_path
         resolve_model_uri("hf://org/gated", settings)
     with pytest.raises(ModelError, match="cannot fetch hf://org/gated-lora"):
         resolve_lora_uri("hf://org/gated-lora", settings)
-    assert asked == ["hf_secret_value", "hf_secret_value"]
+    # The model's download, then the LoRA's listing and, that refused, its cached copy's.
+    assert asked == ["hf_secret_value"] * 3
     token.write_text("  \n")
     with pytest.raises(ModelError, match="is empty"):
         resolve_model_uri("hf://org/gated", settings)

@@ -21,6 +21,7 @@ from imagegen_operator.kube import PermanentKubeError, TransientKubeError
 from imagegen_operator.planner import plan
 from imagegen_operator.providers import build_providers
 from imagegen_operator.providers.gke import GkeProvider
+from imagegen_operator.providers.local import _pool_id
 from imagegen_operator.reconcile import ORPHAN_GRACE_S, Reconciler, _unwanted, indexed
 from imagegen_operator.render.deployment import nodeselector
 from imagegen_operator.render.nodepool import POOL_LABEL, render_gke_nodepool
@@ -308,6 +309,17 @@ def test_a_local_pool_made_before_pool_ids_keeps_its_names(world) -> None:
     assert local_nodes(world) == [f"{pool}-0", f"{pool}-1", f"{pool}-2"]
     assert world.condition("grown", "NodePoolReady")["reason"] == "PoolNotOwned"
     assert "labels" not in world.kube.get("v1", "Node", f"{pool}-2")["metadata"]
+
+
+def test_a_local_pool_of_mixed_names_keeps_the_old_ones_whatever_their_order() -> None:
+    def node(name: str, pool_id: str | None) -> dict:
+        annotations = {} if pool_id is None else {"imagegen.dev/simulated-pool-id": pool_id}
+        return {"metadata": {"name": name, "annotations": annotations}}
+
+    made = [node("p-0a1b2c-0", "0a1b2c"), node("p-1", None)]
+    assert _pool_id(made) == _pool_id(made[::-1]) == ""
+    assert _pool_id([node("p-0a1b2c-0", "0a1b2c"), node("p-0a1b2c-1", "0a1b2c")]) == "0a1b2c"
+    assert len({_pool_id([]) for _ in range(5)}) == 5  # a new one each time
 
 
 def test_an_existing_pool_counts_only_the_nodes_its_pods_may_use(world) -> None:

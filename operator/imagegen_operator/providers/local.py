@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from imagegen_operator.api import ImageGenService
@@ -141,7 +142,9 @@ class LocalProvider:
 
 def _pool_id(nodes: list[dict[str, Any]]) -> str:
     """The id the pool's nodes carry; a new one for a pool that has none. Nodes made
-    before pools had ids keep their names (``{pool}-{index}``), and so do their peers."""
+    before pools had ids keep their names (``{pool}-{index}``), and so do their peers:
+    where any node has no id, the pool keeps the old names."""
     if not nodes:
         return secrets.token_hex(3)
-    return (nodes[0]["metadata"].get("annotations") or {}).get(POOL_ID_ANNOTATION, "")
+    ids = [(n["metadata"].get("annotations") or {}).get(POOL_ID_ANNOTATION, "") for n in nodes]
+    return "" if "" in ids else Counter(ids).most_common(1)[0][0]
