@@ -55,7 +55,7 @@ def resolve_lora_uri(uri: str, settings: ServerSettings) -> Path:
         path = _local_path(uri, settings)
     if path.is_file() and path.suffix == ".safetensors":
         return path
-    if (path / "pytorch_lora_weights.safetensors").is_file():
+    if (path / LORA_WEIGHTS).is_file():
         return path
     raise ModelError(
         f"{uri!r} resolves to {path}: neither a .safetensors file nor a directory holding "
@@ -117,14 +117,11 @@ def _lora_weights_file(uri: str, names: list[str]) -> str:
     found = sorted(name for name in names if name.endswith(".safetensors"))
     if len(found) == 1:
         return found[0]
-    raise ModelError(_lora_files_error(uri, found))
-
-
-def _lora_files_error(uri: str, found: list[str]) -> str:
     if not found:
-        return f"{uri!r} holds no .safetensors file"
-    return (f"{uri!r} holds {len(found)} .safetensors files ({', '.join(found[:5])}) and no "
-            f"{LORA_WEIGHTS}: copy the one to serve to a gs:// or pvc:// path and name that")
+        raise ModelError(f"{uri!r} holds no .safetensors file")
+    raise ModelError(
+        f"{uri!r} holds {len(found)} .safetensors files ({', '.join(found[:5])}) and no "
+        f"{LORA_WEIGHTS}: copy the one to serve to a gs:// or pvc:// path and name that")
 
 
 def _local_path(uri: str, settings: ServerSettings) -> Path:
