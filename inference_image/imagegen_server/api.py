@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -219,10 +220,13 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
                              listed_sizes(steps, settings))
         strength = body.strength if body.strength is not None else (
             0.8 if mask is None else 1.0)
-        # The upload as sent only where a signature names it as the parent.
-        upload = files["image"] if signer is not None else None
-        edit = EditInput(image, strength, mask, upload=upload, upload_type=media_type)
-        return await asyncio.to_thread(runtime.steps.fitted, edit, *size), size
+        edit = await asyncio.to_thread(
+            runtime.steps.fitted, EditInput(image, strength, mask), *size)
+        if signer is not None:
+            parent = await asyncio.to_thread(
+                provenance.parent_of, files["image"], media_type, edit.image)
+            edit = dataclasses.replace(edit, parent=parent)
+        return edit, size
 
     def params_of(body: ImageRequest, size: tuple[int | None, int | None],
                   edit: EditInput | None = None) -> GenerationParams:
@@ -244,6 +248,10 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
     async def answer(request: Request, params: GenerationParams, kind: str,
                      streamed: bool | None, place: Place | None = None):
         """A stream of events when the request asked for one, else one JSON answer."""
+        if signer is not None and (why := await asyncio.to_thread(signer.check)) is not None:
+            # Refused before the GPU work rather than failed after it.
+            raise ApiError(503, f"the images cannot be signed: {why}", kind="server_error",
+                           headers={"Retry-After": "30"})
         if streamed:
             return stream(request, params, kind, place)
         return await serve(request, params, place)
@@ -318,9 +326,12 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
             "seed": params.seed,
         }
 
-    def marked() -> str | None:
-        """The model name provenance records, or None when the PNGs carry none."""
-        return runtime.model.name if settings.provenance else None
+    def marked() -> dict | None:
+        """What provenance records of the model and the server, or None when the PNGs carry
+        none."""
+        if not settings.provenance:
+            return None
+        return {"model": runtime.model.name, **provenance.levers(settings)}
 
     def stream(request: Request, params: GenerationParams, kind: str,
                place: Place | None = None) -> EventSourceResponse:
@@ -399,6 +410,11 @@ def create_app(settings: ServerSettings, runtime: ModelRuntime | None = None) ->
     async def readyz(request: Request):
         if not runtime.ready:
             return error_response(503, "not ready", None, "server_error")
+        if signer is not None and await asyncio.to_thread(signer.check) is not None:
+            # Out of service rather than failing each request after its GPU work; the API's
+            # own refusal says why, not this open probe.
+            return error_response(503, "the signing certificate cannot sign", None,
+                                  "server_error")
         body = {"status": "ready", "model": runtime.model.name}
         if not authorized(request):
             # Open to the kubelet, like /healthz; the report (local paths, why a lever fell
@@ -496,14 +512,15 @@ def _as_bad_request():
         raise ApiError(400, str(exc), param=exc.field, code="invalid_value") from exc
 
 
-def _png_base64(images, params: GenerationParams, model: str | None,
+def _png_base64(images, params: GenerationParams, made_with: dict | None,
                 signer: provenance.ManifestSigner | None) -> list[str]:
-    """Each image as base64 PNG; with ``model`` set, carrying its provenance chunks; with a
-    ``signer``, its signed C2PA manifest."""
+    """Each image as base64 PNG; with ``made_with`` set (``marked``), carrying its provenance
+    chunks; with a ``signer``, its signed C2PA manifest."""
     out = []
     for index, image in enumerate(images):
-        record = None if model is None else provenance.parameters(params, model, index)
-        png = provenance.encode_png(image, record, signer, params.edit)
+        record = None if made_with is None else provenance.parameters(params, made_with, index)
+        parent = None if params.edit is None else params.edit.parent
+        png = provenance.encode_png(image, record, signer, parent)
         out.append(base64.b64encode(png).decode("ascii"))
     return out
 

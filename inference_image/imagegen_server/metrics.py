@@ -15,7 +15,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 log = logging.getLogger(__name__)
 
 STAGES = ("encode", "denoise", "decode")
-_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# Up to past the longest a request may take (request_timeout_s, 300 s by default), so a p99
+# near the timeout is not capped at the last bucket.
+_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 180, 300,
+            600)
 _BATCH = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
@@ -42,7 +45,8 @@ class ServerMetrics:
         )
         self.stage_seconds = Histogram(
             "imagegen_stage_duration_seconds",
-            "Time one batch spends in a stage (device time when on a GPU).",
+            "Time one batch spends in a stage (device time when on a GPU); under step-level "
+            "batching, the denoise stage's series times each step of its running batch.",
             ["stage"],
             buckets=_SECONDS,
             registry=r,
@@ -53,7 +57,8 @@ class ServerMetrics:
         self.batch_size = Histogram(
             "imagegen_stage_batch_size",
             "Requests per batch a stage ran (their images are at most max_batch_size, or "
-            "one request's).",
+            "one request's); under step-level batching, the denoise stage's series counts "
+            "the requests in each step.",
             ["stage"],
             buckets=_BATCH,
             registry=r,

@@ -24,23 +24,34 @@ number plate inpainted away stays away). An upload that carries a C2PA manifest 
 (a camera's, another generator's) would bring that manifest along, with its thumbnail of
 the picture: there, and for a file c2pa cannot read, the parent is the decoded picture as
 a PNG instead (at the size the edit ran at: a larger upload is resized as the request is
-accepted), and the chain to the upload's own manifest is not kept.
+accepted), and the chain to the upload's own manifest is not kept. So is an upload that
+names its manifest by address: c2pa is told never to fetch one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
 import json
+import logging
 import queue
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from . import __version__
-from .request import EditInput, GenerationParams
+from .config import DenoiserCache, Quantization, ServerSettings
+from .request import GenerationParams
+
+log = logging.getLogger(__name__)
 
 TRAINED_ALGORITHMIC_MEDIA = (
     "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
@@ -69,10 +80,25 @@ _XMP = """<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>
 <?xpacket end="r"?>"""
 
 
-def parameters(params: GenerationParams, model: str, index: int) -> dict:
-    """The record of how image ``index`` of a request was made (no image data)."""
+def levers(settings: ServerSettings) -> dict:
+    """What of the server's settings changes its images beside the request: the denoiser's
+    quantization and its cache, with the knob that cache reads. Empty with neither."""
+    made = {}
+    if settings.quantization != Quantization.NONE:
+        made["quantization"] = settings.quantization.value
+    if settings.cache != DenoiserCache.NONE:
+        knob = ("threshold" if settings.cache in (DenoiserCache.FIRST_BLOCK_CACHE,
+                                                  DenoiserCache.MAG_CACHE) else "interval")
+        made["cache"] = {"method": settings.cache.value,
+                         knob: getattr(settings, f"cache_{knob}")}
+    return made
+
+
+def parameters(params: GenerationParams, made_with: dict, index: int) -> dict:
+    """The record of how image ``index`` of a request was made (no image data);
+    ``made_with``: the model's name (``model``) and the server's ``levers``."""
     record = {
-        "model": model,
+        "model": made_with["model"],
         "prompt": params.prompt,
         "negative_prompt": params.negative_prompt,
         "seed": params.seed,
@@ -85,6 +111,7 @@ def parameters(params: GenerationParams, model: str, index: int) -> dict:
         record["lora"] = [{"name": name, "scale": scale} for name, scale in params.loras]
     if params.edit is not None:
         record["edit"] = {"strength": params.edit.strength, "masked": params.edit.mask is not None}
+    record.update((key, value) for key, value in made_with.items() if key != "model")
     return record
 
 
@@ -105,85 +132,74 @@ def _png(image: Image.Image, info: PngInfo | None = None) -> bytes:
 
 
 def encode_png(image: Image.Image, record: dict | None,
-               signer: ManifestSigner | None = None, parent: EditInput | None = None) -> bytes:
+               signer: ManifestSigner | None = None, parent: Parent | None = None) -> bytes:
     """The PNG, with the provenance chunks of ``record`` (none when it is None), signed with
-    a C2PA manifest when there is a ``signer``; ``parent``: the edit it was made from."""
+    a C2PA manifest when there is a ``signer``; ``parent``: what an edit was made from."""
     png = _png(image, None if record is None else png_info(record))
     return png if signer is None else signer.sign(png, record, parent)
 
 
-def _parent_file(edit: EditInput) -> tuple[bytes, str]:
-    """What an edit names as its parent: the upload as sent when it is a file c2pa reads
-    and carries no manifest; else the decoded picture as a PNG (see the module's note)."""
+# c2pa's settings for every read and signature here:
+# - no remote manifests: an upload's XMP may name its manifest by address
+#   (``dcterms:provenance``), which c2pa's defaults fetch. That would be a request from the
+#   pod to wherever the client points, and a worker thread held until it answers. Such an
+#   upload is named by its decoded picture, as one with a manifest inside is;
+# - no thumbnails: of the result they would only repeat it, and of an edit's upload they
+#   would carry the picture the edit changed.
+C2PA_SETTINGS = {"verify": {"remote_manifest_fetch": False},
+                 "builder": {"thumbnail": {"enabled": False}}}
+
+
+@dataclass(frozen=True, eq=False)
+class Parent:
+    """What a signed edit names as its parent ingredient: a file and its media type."""
+
+    data: bytes
+    media_type: str
+
+
+def parent_of(upload: bytes, media_type: str, image: Image.Image) -> Parent:
+    """The upload as sent when it is a file c2pa reads and carries no manifest; else
+    ``image``, the decoded picture at the size the edit runs at, as a PNG (see the module's
+    note). Worked out once, as the edit is accepted: not once per image it makes."""
     import c2pa
 
-    if edit.upload is not None:
-        media_type = edit.upload_type or "image/png"
+    with c2pa.Context.from_dict(C2PA_SETTINGS) as context:
         try:
-            with c2pa.Reader(media_type, io.BytesIO(edit.upload)):
+            with c2pa.Reader(media_type, io.BytesIO(upload), context=context):
                 pass  # a manifest of its own, thumbnail and all
         except c2pa.C2paError.ManifestNotFound:
-            return edit.upload, media_type
+            return Parent(upload, media_type)
         except c2pa.C2paError:
-            pass  # a file c2pa does not take as an ingredient
-    return _png(edit.image), "image/png"
+            pass  # a manifest elsewhere, or a file c2pa does not take as an ingredient
+    return Parent(_png(image), "image/png")
 
 
 class SigningError(ValueError):
     """The signing certificate or key cannot sign; the message says which file and why."""
 
 
-class ManifestSigner:
-    """Signs PNGs with a C2PA manifest, with the certificate chain (leaf first) and key given.
+class _Signers:
+    """Native signers of one certificate and key. They are not shared between threads:
+    each signature takes an idle one (or makes one), so concurrent responses, each perhaps
+    waiting on the timestamp server's round trip, sign side by side. At most one per
+    encoding thread exists. ``valid``: when the whole chain is valid, from its latest
+    not-before to its earliest not-after."""
 
-    Built once at start, where a certificate that cannot sign stops the server (a signature
-    that silently went missing would be worse than none promised).
-    """
+    def __init__(self, info, valid: tuple[datetime.datetime, datetime.datetime]):
+        self._info, self.valid = info, valid
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()
+        self.made = 0
 
-    def __init__(self, cert_file: Path, key_file: Path, algorithm: str = "es256",
-                 timestamp_url: str | None = None):
+    def _make(self):
         import c2pa
 
-        try:
-            chain, key = cert_file.read_bytes(), key_file.read_bytes()
-        except OSError as exc:
-            raise SigningError(f"cannot read {exc.filename}: {exc.strerror}") from exc
-        alg = getattr(c2pa.C2paSigningAlg, algorithm.upper(), None)
-        if alg is None:
-            raise SigningError(f"c2pa_algorithm {algorithm!r} is not one c2pa signs with")
-        info = c2pa.C2paSignerInfo(alg, chain, key,
-                                   timestamp_url.encode() if timestamp_url else None)
-
-        def signer_and_context():
-            # No thumbnails: of the result they would only repeat it, and of an edit's
-            # upload they would carry the picture the edit changed.
-            made = (c2pa.Signer.from_info(info),
-                    c2pa.Context.from_dict({"builder": {"thumbnail": {"enabled": False}}}))
-            self._made.append(made)
-            return made
-
-        self._make = signer_and_context
-        # Native signers are not shared between threads: each signature takes an idle one
-        # (or makes one), so concurrent responses, each perhaps waiting on the timestamp
-        # server's round trip, sign side by side. At most one per encoding thread exists.
-        self._idle: queue.SimpleQueue = queue.SimpleQueue()
-        self._made: list = []
-        try:
-            self._idle.put(self._make())
-        except c2pa.C2paError as exc:
-            raise SigningError(f"{cert_file} and {key_file} cannot sign: {exc}") from exc
-        try:
-            self.sign(_png(Image.new("RGB", (8, 8))), None)
-        except Exception as exc:
-            raise SigningError(f"{cert_file} and {key_file} cannot sign: {exc}") from exc
-
-    @property
-    def signers_made(self) -> int:
-        """How many native signers exist (at most the number that ever signed at once)."""
-        return len(self._made)
+        made = c2pa.Signer.from_info(self._info), c2pa.Context.from_dict(C2PA_SETTINGS)
+        self.made += 1
+        return made
 
     @contextlib.contextmanager
-    def _borrowed(self):
+    def borrowed(self):
         try:
             signer, context = self._idle.get_nowait()
         except queue.Empty:
@@ -193,9 +209,128 @@ class ManifestSigner:
         finally:
             self._idle.put((signer, context))
 
-    def sign(self, png: bytes, record: dict | None, parent: EditInput | None = None) -> bytes:
-        """``png`` with a signed manifest: created by a model, or opened from ``parent``'s
-        upload (hashed as the parent ingredient, not embedded) and edited by one."""
+
+def _stamp(*paths: Path) -> tuple | None:
+    try:
+        return tuple((s.st_ino, s.st_mtime_ns, s.st_size) for s in map(Path.stat, paths))
+    except OSError:
+        return None
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+class ManifestSigner:
+    """Signs PNGs with a C2PA manifest, with the certificate chain (leaf first) and key given.
+
+    Made at start, where a certificate that cannot sign stops the server (a signature that
+    silently went missing would be worse than none promised). The files are read again when
+    they change (cert-manager renews the Secret, the kubelet swaps the mounted files): a pair
+    that passes a test signature replaces the old one; one that does not (a certificate
+    written before its key, a timestamp server down at that moment) is logged and tried
+    again every ``RETRY_S``, the old pair signing meanwhile. ``check`` says why the pair in
+    use cannot sign now (its chain expired), so the server refuses before the GPU work and
+    ``/readyz`` takes the pod out of service, rather than each request failing after it.
+    """
+
+    RETRY_S = 30.0
+
+    def __init__(self, cert_file: Path, key_file: Path, algorithm: str = "es256",
+                 timestamp_url: str | None = None):
+        import c2pa
+
+        self._files = cert_file, key_file
+        self._alg = getattr(c2pa.C2paSigningAlg, algorithm.upper(), None)
+        if self._alg is None:
+            raise SigningError(f"c2pa_algorithm {algorithm!r} is not one c2pa signs with")
+        self._timestamp_url = timestamp_url.encode() if timestamp_url else None
+        self._lock = threading.Lock()
+        self._stamp = _stamp(*self._files)
+        self._signers = self._load()
+        # The files' last stamp that failed to load, and when it may be tried again.
+        self._tried: tuple | None = None
+        self._retry_at = 0.0
+
+    @property
+    def signers_made(self) -> int:
+        """How many native signers the pair in use has (at most the number that ever signed
+        at once)."""
+        return self._signers.made
+
+    def _load(self) -> _Signers:
+        """The files' pair, once a test signature shows it signs."""
+        import c2pa
+
+        cert_file, key_file = self._files
+        try:
+            chain, key = cert_file.read_bytes(), key_file.read_bytes()
+        except OSError as exc:
+            raise SigningError(f"cannot read {exc.filename}: {exc.strerror}") from exc
+        try:
+            certificates = x509.load_pem_x509_certificates(chain)
+        except ValueError as exc:
+            raise SigningError(f"{cert_file} holds no PEM certificate: {exc}") from exc
+        valid = (max(c.not_valid_before_utc for c in certificates),
+                 min(c.not_valid_after_utc for c in certificates))
+        try:
+            # c2pa takes PKCS#8 keys only; cert-manager writes PKCS#1 (RSA) or SEC1 (EC)
+            # unless told otherwise (privateKey.encoding).
+            key = serialization.load_pem_private_key(key, password=None).private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption())
+        except (ValueError, TypeError) as exc:
+            raise SigningError(f"{key_file} holds no unencrypted PEM private key: {exc}") from exc
+        signers = _Signers(c2pa.C2paSignerInfo(self._alg, chain, key, self._timestamp_url),
+                           valid)
+        try:
+            self._sign_with(signers, _png(Image.new("RGB", (8, 8))), None, None)
+        except Exception as exc:
+            raise SigningError(f"{cert_file} and {key_file} cannot sign: {exc}") from exc
+        return signers
+
+    def _current(self) -> _Signers:
+        """The pair in use, after reading the files again where they changed. One thread
+        reads them; the others sign on with the old pair meanwhile."""
+        stamp = _stamp(*self._files)
+        if stamp == self._stamp or not self._lock.acquire(blocking=False):
+            return self._signers
+        try:
+            if stamp == self._tried and time.monotonic() < self._retry_at:
+                return self._signers
+            self._tried, self._retry_at = stamp, time.monotonic() + self.RETRY_S
+            try:
+                self._signers = self._load()
+            except SigningError as exc:
+                log.error("the signing certificate changed but cannot sign: %s; signing on "
+                          "with the pair read before, and trying again in %.0f s",
+                          exc, self.RETRY_S)
+            else:
+                self._stamp = stamp
+                log.info("signing certificate %s read again", self._files[0])
+            return self._signers
+        finally:
+            self._lock.release()
+
+    def check(self) -> str | None:
+        """Why the pair in use cannot sign now (outside its chain's validity), or None; the
+        files are read again first where they changed. No signature: a stat and a clock."""
+        not_before, not_after = self._current().valid
+        now = _now()
+        if now >= not_after:
+            return f"the signing certificate expired at {not_after.isoformat()}"
+        if now < not_before:
+            return f"the signing certificate is valid from {not_before.isoformat()} only"
+        return None
+
+    def sign(self, png: bytes, record: dict | None, parent: Parent | None = None) -> bytes:
+        """``png`` with a signed manifest: created by a model, or opened from ``parent``
+        (hashed as the parent ingredient, not embedded) and edited by one."""
+        return self._sign_with(self._current(), png, record, parent)
+
+    @staticmethod
+    def _sign_with(signers: _Signers, png: bytes, record: dict | None,
+                   parent: Parent | None) -> bytes:
         import c2pa
 
         made = {"digitalSourceType": source_type(parent is not None),
@@ -212,14 +347,12 @@ class ManifestSigner:
             "format": "image/png",
             "assertions": [{"label": "c2pa.actions", "data": {"actions": actions}}],
         }
-        if parent is not None:
-            upload, media_type = _parent_file(parent)
         out = io.BytesIO()
-        with self._borrowed() as (signer, context), \
+        with signers.borrowed() as (signer, context), \
                 c2pa.Builder(manifest, context=context) as builder:
             if parent is not None:
                 builder.add_ingredient(
                     {"title": "upload", "relationship": "parentOf", "label": "upload"},
-                    media_type, io.BytesIO(upload))
+                    parent.media_type, io.BytesIO(parent.data))
             builder.sign(signer, "image/png", io.BytesIO(png), out)
         return out.getvalue()

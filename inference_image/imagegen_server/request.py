@@ -26,9 +26,8 @@ class EditInput:
     image: Any
     strength: float
     mask: Any = None
-    # The uploaded file as sent, and its media type: a signed edit names it as its parent.
-    upload: bytes | None = None
-    upload_type: str | None = None
+    # What a signed edit names as its parent (provenance.Parent); None when unsigned.
+    parent: Any = None
 
 
 @dataclass(frozen=True)

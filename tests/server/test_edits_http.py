@@ -260,7 +260,7 @@ def test_a_large_upload_waits_at_the_size_it_edits_at_and_edits_the_same(client_
         (image,) = edit(client, form(image=png(big), mask=png(mask)), size="64x64", steps="2")
     finally:
         runtime.engine.submit = submit
-    assert (held[0].image.size, held[0].mask.size, held[0].upload) == ((64, 64), (64, 64), None)
+    assert (held[0].image.size, held[0].mask.size, held[0].parent) == ((64, 64), (64, 64), None)
     assert len(decoded) == 2 and alive == []
     whole = runtime.params("a boat", seed=3, steps=2, width=64, height=64,
                            edit=EditInput(big, 1.0, mask))

@@ -326,6 +326,12 @@ def test_metrics_parse_and_carry_per_stage_series(client_for):
     # Probes not counted.
     assert samples[("imagegen_requests_total", (("route", "generations"), ("status", "200")))] == 1
     assert samples[("imagegen_request_duration_seconds_count", ())] == 1
+    # The buckets reach past the longest a request may take: a p99 near the timeout is
+    # not capped at the last bucket below it.
+    bounds = [float(dict(labels)["le"]) for name, labels in samples
+              if name == "imagegen_request_duration_seconds_bucket"]
+    timeout = ServerSettings.model_fields["request_timeout_s"].default
+    assert max(b for b in bounds if b != float("inf")) >= timeout
     assert samples[("imagegen_ready", ())] == 1
     assert families["imagegen_server_info"].samples[0].labels["family"] == "SD15"
     # Declared even without a GPU, so dashboards need no special case.

@@ -232,7 +232,8 @@ def probes(resource: ImageGenService) -> dict[str, Any]:
             "timeoutSeconds": 5,
             "failureThreshold": 6,
         },
-        # Ready only when the model is loaded and warmed up.
+        # Ready only when the model is loaded and warmed up (and a signing certificate, where
+        # one is set, is within its validity).
         "readinessProbe": {
             "httpGet": get("/readyz"),
             "periodSeconds": 5,
