@@ -9,6 +9,7 @@ kinds the reconciler acts on: :class:`TransientKubeError` (retry later) and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -145,6 +146,25 @@ def is_subset(want: Any, have: Any) -> bool:
     if want is None:
         return True
     return _same_scalar(want, have)
+
+
+# On every object the operator applies: a digest of what it applied. A field the operator
+# stops rendering (a limit taken out of the spec, or left out by a newer release) leaves
+# the live object a superset of the new render, which the comparison alone would take as
+# done: the digest differs, so the apply is written, and server-side apply drops the field.
+APPLIED_DIGEST = "imagegen.dev/applied-digest"
+
+
+def stamped(obj: dict[str, Any]) -> dict[str, Any]:
+    """``obj`` with the digest of itself in APPLIED_DIGEST (``obj`` is left as it is)."""
+    meta = dict(obj["metadata"])
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items()
+                   if k != APPLIED_DIGEST}
+    meta["annotations"] = annotations
+    body = json.dumps({**obj, "metadata": meta}, sort_keys=True, separators=(",", ":"),
+                      default=str)
+    digest = hashlib.sha256(body.encode()).hexdigest()[:20]
+    return {**obj, "metadata": {**meta, "annotations": {**annotations, APPLIED_DIGEST: digest}}}
 
 
 # Where in each kind the operator owns every field, as a path of field-set keys. Server-side
@@ -366,8 +386,11 @@ class Kube:
 
         Returns the object as it now is in the cluster (the live one when nothing
         was written), so callers need not read it again. ``read_first=False``
-        skips the comparison (one GET) where a write is expected anyway.
+        skips the comparison (one GET) where a write is expected anyway. The
+        object goes out ``stamped``: a live object applied from another render
+        is written again, whatever it holds beside.
         """
+        obj = stamped(obj)
         meta = obj["metadata"]
         if live is None and read_first:
             live = self.get(obj["apiVersion"], obj["kind"], meta["name"], meta.get("namespace"))

@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Any
 
-from imagegen_operator.kube import MissingKind, PermanentKubeError, is_subset
+from imagegen_operator.kube import MissingKind, PermanentKubeError, is_subset, stamped
 
 CLUSTER_SCOPED = {"Node", "Namespace"}
 
@@ -91,6 +91,7 @@ class InMemoryKube:
     def apply(self, obj: dict[str, Any], live: dict[str, Any] | None = None,
               read_first: bool = True) -> dict[str, Any]:
         self._check_kind(obj["kind"])
+        obj = stamped(obj)
         meta = obj["metadata"]
         if live is None and read_first:
             live = self.get(obj["apiVersion"], obj["kind"], meta["name"], meta.get("namespace"))

@@ -2309,3 +2309,33 @@ def test_a_pool_pods_still_run_on_is_not_swept(world) -> None:
     world.kube.objects.pop(("v1", "Pod", "ns", "server"))  # every node's pods alone
     assert len(world.reconciler.sweep()) == 1
     assert local_pool_nodes(world) == []
+
+
+def test_a_field_taken_out_of_the_spec_goes_from_the_children_after_a_restart(world) -> None:
+    """An edit that only removes (a service account, a peer of allowFrom) leaves the live
+    children a superset of the new render. An operator that did not apply them itself (it
+    restarted, or a new leader took over) must still write them, and say Ready only then."""
+    team = {"namespaceSelector": {"matchLabels": {"team": "a"}}}
+    peer = {**team, "podSelector": {"matchLabels": {"app": "gateway"}}}
+    world.create("sd15", server={"serviceAccountName": "reader", "allowFrom": [peer]})
+    world.reconcile("sd15")
+    world.nodes_ready()
+    world.rolled_out("sd15")
+    assert world.reconcile("sd15").ready
+    deployment = ("apps/v1", "Deployment", "ns", "sd15")
+    pod = world.kube.objects[deployment]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "reader"
+    world.reconciler = Reconciler(  # a restart: nothing remembered of what was applied
+        world.kube, build_providers(world.kube, gke=lambda: world.gke),
+        recorder=lambda body, *event: None, default_cluster=lambda: world.default_cluster,
+        clock=world.clock)
+    world.edit("sd15", server={"allowFrom": [team]})
+    world.reconcile("sd15")
+    pod = world.kube.objects[deployment]["spec"]["template"]["spec"]
+    assert "serviceAccountName" not in pod
+    (policy,) = [o for (_, kind, _, _), o in world.kube.objects.items()
+                 if kind == "NetworkPolicy"]
+    peers = [p for rule in policy["spec"]["ingress"] for p in rule.get("from", [])]
+    assert team in peers and peer not in peers
+    # The new template is not rolled out yet: not Ready at the new generation.
+    assert world.condition("sd15", "Ready")["status"] != "True"
