@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
@@ -159,6 +160,7 @@ class Job:
             self.future.set_result(images)
 
     def fail(self, error: BaseException) -> None:
+        error = _detached(error)
         if not self.released:
             self.error = error
         self._release(succeeded=False)
@@ -177,3 +179,22 @@ class Job:
         self.ready_event = None
         if self.on_release is not None:
             self.on_release(self, succeeded)
+
+
+def _detached(error: BaseException) -> BaseException:
+    """``error`` with where it was raised kept as text (a note), not as frames. The frames
+    hold the failed step's tensors (after an out of memory, nearly all the device's) and the
+    job, which holds the error: a cycle that only the garbage collector's rare full pass
+    would free. Done once for an error several jobs share."""
+    if error.__traceback__ is None:
+        return error
+    error.add_note("raised at:\n" + "".join(traceback.format_exception(error)).rstrip())
+    link, seen = error, set()
+    while link is not None and id(link) not in seen:  # the chained ones' frames too
+        seen.add(id(link))
+        # Cleared as well as dropped: a log record still holding the traceback (a handler
+        # that keeps records) then keeps no tensors alive either.
+        traceback.clear_frames(link.__traceback__)
+        link.__traceback__ = None
+        link = link.__cause__ or link.__context__
+    return error

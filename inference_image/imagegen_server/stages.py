@@ -16,6 +16,7 @@ import logging
 import queue
 import threading
 import time
+import traceback
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
@@ -286,6 +287,7 @@ class Stage:
         self.metrics.batch_size.labels(stage=self.name).observe(len(live))
         checkpoints = [job.checkpoint() for job in live] if retry and len(live) > 1 else None
         started = time.perf_counter()
+        failed = None
         try:
             outputs = self.step(live) if self.stream is None else self._on_stream(self.step, live)
             if outputs is not None and len(outputs) != len(live):
@@ -298,7 +300,11 @@ class Stage:
                 for job in live:
                     job.fail(exc)
                 return
-            self._batch_to_retry(len(live), exc)
+            failed = self._batch_failed(len(live), exc)
+        if failed is not None:
+            # Out of the except clause: the failed batch's tensors, which its traceback's
+            # frames held, are gone before the smaller runs allocate theirs.
+            self._retry_alone(failed)
             for job, checkpoint in zip(live, checkpoints, strict=True):
                 if not job.released:  # one the step failed alone already stays failed
                     job.rewind(checkpoint)
@@ -317,13 +323,19 @@ class Stage:
             except Exception as exc:
                 job.fail(exc)
 
-    def _batch_to_retry(self, size: int, error: Exception) -> None:
-        """A batch of ``size`` failed and its requests run again alone: say so, count it, and
-        after an out of memory give the cached blocks back before the smaller runs."""
+    def _batch_failed(self, size: int, error: Exception) -> type[Exception]:
+        """A batch of ``size`` failed and its requests run again alone: say so and count it.
+        The error's kind, for ``_retry_alone``; the error itself, with its frames, is let go."""
         log.warning("%s stage failed for a batch of %d (%r): each request again on its own",
                     self.name, size, error, exc_info=True)
         self.metrics.batches_retried.labels(stage=self.name).inc()
-        if self.stream is not None and isinstance(error, torch.cuda.OutOfMemoryError):
+        traceback.clear_frames(error.__traceback__)
+        return type(error)
+
+    def _retry_alone(self, failed: type[Exception]) -> None:
+        """Before the failed batch's requests run alone: after an out of memory, the cached
+        blocks go back to the device."""
+        if self.stream is not None and issubclass(failed, torch.cuda.OutOfMemoryError):
             torch.cuda.empty_cache()
 
     def _on_stream(self, step: StepFn, jobs: list[Job]) -> list[Any] | None:

@@ -175,13 +175,19 @@ class StepBatchingStage(Stage):
         started = time.perf_counter()
         for job in joined:
             self._entered[job] = job.checkpoint()
+        failed, retried = False, None
         try:
             if self.stream is None:
                 self._step(batch, joined)
             else:
                 self._on_stream(lambda jobs: self._step(jobs, joined), batch)
         except Exception as exc:
-            self._step_failed(batch, exc)
+            failed, retried = True, self._step_failed(batch, exc)
+        if failed:
+            if retried is not None:
+                # Out of the except clause: the failed step's tensors, which its traceback's
+                # frames held, are gone before the jobs run alone.
+                self._retry_alone(retried)
             return
         if self.stream is None:
             self.metrics.stage_seconds.labels(stage=self.name).observe(
@@ -210,9 +216,10 @@ class StepBatchingStage(Stage):
         self._entered = {job: c for job, c in self._entered.items() if job in here}
         self._alone &= here
 
-    def _step_failed(self, batch: list[Job], error: Exception) -> None:
+    def _step_failed(self, batch: list[Job], error: Exception) -> type[Exception] | None:
         """A step over several jobs failed: each goes back to the head of the queue, as it
-        entered the stage, to run alone. A job that failed alone fails."""
+        entered the stage, to run alone (the error's kind is returned, for _retry_alone). A
+        job that failed alone fails (None)."""
         self._in_hand, self.running = batch, []
         self._forget_batch()
         live = [job for job in batch if not job.released]
@@ -221,13 +228,14 @@ class StepBatchingStage(Stage):
             for job in batch:
                 job.fail(error)
             self._in_hand = []
-            return
-        self._batch_to_retry(len(batch), error)
+            return None
+        kind = self._batch_failed(len(batch), error)
         for job in reversed(live):
             job.rewind(self._entered[job])
             self._alone.add(job)
         self.waiting.extendleft(reversed(live))
         self._in_hand = []
+        return kind
 
     def _step(self, batch: list[Job], joined: list[Job]) -> None:
         self.family.start_all(joined)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -622,7 +624,7 @@ def test_a_step_boundary_that_fails_while_retrying_answers_every_request(make_ru
     def cannot_retry(*_):
         raise RuntimeError("the device is gone")
 
-    monkeypatch.setattr(denoise, "_batch_to_retry", cannot_retry)
+    monkeypatch.setattr(denoise, "_batch_failed", cannot_retry)
     jobs = [runtime.engine.submit(runtime.params(f"r{i}", seed=i), timeout_s=600)
             for i in range(2)]
     for job in jobs:
@@ -679,6 +681,62 @@ def test_a_batch_that_fails_runs_each_request_again_alone(make_runtime, monkeypa
     if mode == "Step":  # nothing kept of the jobs that have left the stage
         denoise = next(s for s in runtime.engine.stages if s.name == "denoise")
         assert not denoise._entered and not denoise._alone
+
+
+@pytest.mark.parametrize("mode", ["Pipelined", "Step"])
+def test_a_failed_batchs_tensors_are_gone_before_its_requests_run_alone(make_runtime,
+                                                                        monkeypatch, mode):
+    """After a batch runs out of device memory, its requests run alone: with the failed
+    batch's activations still held (by its traceback's frames) they would run out too."""
+    runtime = make_runtime("sd15", **MODES[mode], max_batch_size=2, batch_window_ms=300,
+                           warmup=False)
+    original, scratch, alive_when_alone = runtime.steps.denoise_step, [], []
+
+    def fails_batched(jobs, *args):
+        if len(jobs) > 1:
+            activations = torch.ones(256, 256)  # what the failed step held
+            scratch.append(weakref.ref(activations))
+            raise RuntimeError("out of memory")
+        alive_when_alone.extend(ref() is not None for ref in scratch)
+        return original(jobs, *args)
+
+    monkeypatch.setattr(runtime.steps, "denoise_step", fails_batched)
+    for stage in runtime.engine.stages:
+        if stage.step == original:
+            monkeypatch.setattr(stage, "step", fails_batched)
+    jobs = [runtime.engine.submit(runtime.params(f"r{i}", seed=i, steps=2), timeout_s=600)
+            for i in range(2)]
+    for job in jobs:
+        assert len(job.future.result(60)) == 1
+    assert scratch and alive_when_alone and not any(alive_when_alone)
+
+
+def test_a_failed_requests_error_keeps_where_it_was_raised_but_no_tensors(make_runtime,
+                                                                          monkeypatch):
+    """The error a request fails with is kept (by its job, its future) until the caller lets
+    go; its frames would keep the failed step's tensors and the job, a cycle that only the
+    garbage collector's rare full pass frees. It keeps where it was raised as text."""
+    runtime = make_runtime("sd15", warmup=False)
+    scratch = []
+
+    def fails(jobs, *args):
+        activations = torch.ones(256, 256)
+        scratch.append(weakref.ref(activations))
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(runtime.steps, "decode", fails)
+    for stage in runtime.engine.stages:
+        if stage.name == "decode":
+            monkeypatch.setattr(stage, "step", fails)
+    gc.disable()  # freed by reference counting alone, as the server would need
+    try:
+        job = runtime.engine.submit(runtime.params("x", seed=1, steps=2), timeout_s=60)
+        error = job.future.exception(60)
+        assert isinstance(error, RuntimeError) and error.__traceback__ is None
+        assert "in fails" in "\n".join(error.__notes__)
+        assert scratch and scratch[0]() is None
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("mode", MODES)
