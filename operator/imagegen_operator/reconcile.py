@@ -895,16 +895,18 @@ class Reconciler:
                     continue
             if obj["kind"] == "Deployment":
                 deployment = current
+        # Optional children only go away when the spec changes (its generation):
+        # look for leftovers once per generation, not on every reconcile. Also where a
+        # child was refused: an autoscaler the spec dropped would go on setting replicas,
+        # a superseded Job hold its GPU, until the refusal is fixed.
+        if memo.cleaned != generation:
+            self._delete_unwanted(resource, wanted)
+            memo.cleaned = generation
         if rejected:
             return deployment, rejected, precompile
         # Once per generation: should the status write that records it fail, the
         # next reconcile reads before it writes.
         memo.applied = generation
-        # Optional children only go away when the spec changes (its generation):
-        # look for leftovers once per generation, not on every reconcile.
-        if memo.cleaned != generation:
-            self._delete_unwanted(resource, wanted)
-            memo.cleaned = generation
         return deployment, rejected, precompile
 
     def _own_child(self, obj: dict[str, Any], resource: ImageGenService

@@ -2339,3 +2339,21 @@ def test_a_field_taken_out_of_the_spec_goes_from_the_children_after_a_restart(wo
     assert team in peers and peer not in peers
     # The new template is not rolled out yet: not Ready at the new generation.
     assert world.condition("sd15", "Ready")["status"] != "True"
+
+
+def test_an_autoscaler_the_spec_dropped_goes_while_another_child_is_refused(world) -> None:
+    """Left in place, it would go on setting the service's replicas (its /scale), undoing
+    the edit, until the refusal is fixed."""
+    world.create("sd15", node_pool={"provider": "Local"},
+                 autoscaling={"minReplicas": 1, "maxReplicas": 3})
+    world.reconcile("sd15")
+    hpa = ("autoscaling/v2", "HorizontalPodAutoscaler", "ns", "sd15")
+    assert hpa in world.kube.objects
+    world.kube.refuse("Service", "spec.ports[0].nodePort: Invalid value")
+    body = world.body("sd15")
+    del body["spec"]["autoscaling"]
+    body["metadata"]["generation"] += 1
+    world.kube.put(body)
+    world.reconcile("sd15")
+    assert "Service" in world.condition("sd15", "Ready")["message"]
+    assert hpa not in world.kube.objects
