@@ -114,17 +114,22 @@ class AotDenoiser:
     built: list[str] = field(default_factory=list)
     #: the packages built that the volume holds for the next start
     saved: list[str] = field(default_factory=list)
+    #: the volume is read, never written (compile_cache_read_only)
+    read_only: bool = False
     #: where packages are compiled, and kept until this object goes when the volume is not
     scratch: tempfile.TemporaryDirectory | None = None
 
     @classmethod
     def for_server(
-        cls, steps: FamilySteps, settings: ServerSettings, dtype: torch.dtype
+        cls, steps: FamilySteps, settings: ServerSettings, dtype: torch.dtype,
+        read_from: Path | None = None,
     ) -> AotDenoiser:
+        """The packages of the settings' compile_cache_dir; ``read_from``: of a volume read
+        only, where what is compiled stays in local scratch."""
         module = denoiser(steps.pipeline)
         directory = None
-        if settings.compile_cache_dir is not None:
-            directory = Path(settings.compile_cache_dir) / SUBDIRECTORY
+        if (volume := read_from or settings.compile_cache_dir) is not None:
+            directory = Path(volume) / SUBDIRECTORY
         # Constants folded at load from the weights handed over, not at compile time. Inductor's
         # default mode whatever compile_mode says: with max-autotune, the CPU's GEMM templates
         # leave constants the runtime folding cannot map (PyTorch 2.15: "Not all constant gets
@@ -141,7 +146,8 @@ class AotDenoiser:
             # On a GPU too, the package's C++ wrapper is built for this host's CPU (inductor's
             # -march=native): a node of another CPU platform in the pool must not load it.
             parts["host_cpu"] = cpu_features()
-        return cls(module, directory, parts, most_rows(settings), configs)
+        return cls(module, directory, parts, most_rows(settings), configs,
+                   read_only=read_from is not None)
 
     @property
     def key(self) -> str:
@@ -269,7 +275,7 @@ class AotDenoiser:
         """Copy a package onto the volume, atomically (replicas may start together). A volume
         that refuses it (full, read-only) costs the next start its head start, not this one
         its service: logged, and the package served from local scratch."""
-        if self.directory is None:
+        if self.directory is None or self.read_only:
             return False
         path = self.directory / package.name
         try:

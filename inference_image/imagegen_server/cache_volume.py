@@ -5,7 +5,9 @@ Inductor writes its generated code, the compiled libraries and their caches into
 then fails the compile, and the start with it. The cache only buys the next start its head
 start, so a volume that cannot take a compile costs exactly that: this start compiles in the
 container's own scratch space (``/tmp``, an emptyDir), says why in its log and in /readyz's
-``optimizations.compile_cache_skipped``, and serves.
+``optimizations.compile_cache_skipped``, and serves. It still loads what the volume holds
+(``optimizations.compile_cache_read``), as a start told to leave the volume as it is does
+(``compile_cache_read_only``: serving pods whose precompile Job writes it).
 
 Each start also removes the keyed files (``artifacts/KEY.*``, ``aot/KEY*``) that no server has
 used for ``compile_cache_retention_days``, after marking its own key's as used: an upgrade

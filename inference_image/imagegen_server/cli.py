@@ -138,6 +138,8 @@ def precompile(argv: Sequence[str]) -> int:
         "IMAGEGEN_COMPILE_ENABLED (--compile)": settings.compile_enabled,
         "IMAGEGEN_COMPILE_CACHE_DIR (--compile-cache-dir)": settings.compile_cache_dir is not None,
         "IMAGEGEN_WARMUP (--warmup)": settings.warmup,
+        # What it is for is to write the cache.
+        "IMAGEGEN_COMPILE_CACHE_READ_ONLY off": not settings.compile_cache_read_only,
     }
     missing = [name for name, given in needed.items() if not given]
     if missing:

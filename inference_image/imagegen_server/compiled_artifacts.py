@@ -129,11 +129,14 @@ class CompiledArtifacts:
 
     @classmethod
     def for_server(
-        cls, steps: FamilySteps, settings: ServerSettings, dtype: torch.dtype
+        cls, steps: FamilySteps, settings: ServerSettings, dtype: torch.dtype,
+        directory: Path | None = None,
     ) -> CompiledArtifacts:
-        assert settings.compile_cache_dir is not None
+        """The bundle in ``directory`` (the settings' compile_cache_dir by default)."""
+        directory = directory or settings.compile_cache_dir
+        assert directory is not None
         parts = key_parts(steps, settings, dtype)
-        path = Path(settings.compile_cache_dir) / SUBDIRECTORY / f"{artifact_key(parts)}.bin"
+        path = Path(directory) / SUBDIRECTORY / f"{artifact_key(parts)}.bin"
         return cls(path, parts)
 
     @property

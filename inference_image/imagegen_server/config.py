@@ -287,6 +287,14 @@ class ServerSettings(BaseSettings):
         default=None,
         description="Inductor cache (TORCHINDUCTOR_CACHE_DIR); a volume makes warm starts fast.",
     )
+    compile_cache_read_only: bool = Field(
+        default=False,
+        description="Load what compile_cache_dir holds (the compiled artifacts, AOT packages) "
+        "and write nothing there: inductor compiles in local scratch, nothing is saved, "
+        "marked or pruned. For serving pods of a service whose precompile Job writes the "
+        "cache: a pod that takes uploads from the network cannot plant code there that "
+        "later starts would load.",
+    )
     compile_cache_retention_days: float = Field(
         default=30, ge=0,
         description="Compiled artifacts and AOT packages of other keys (an older torch, other "

@@ -40,8 +40,11 @@ class OptimizationReport:
     #: None: none were saved (no cache dir, no warm-up, or a volume that refused them)
     compile_artifacts: str | None = None
     compile_artifacts_key: str | None = None
-    #: why compile_cache_dir was not used (full or read-only); None when it was, or none is set
+    #: why compile_cache_dir was not written (full or read-only); None when it was, or none is set
     compile_cache_skipped: str | None = None
+    #: the volume read for its artifacts and written nothing (compile_cache_read_only, or
+    #: skipped); None when none was, or it was written too
+    compile_cache_read: str | None = None
     attention_requested: str = Attention.AUTO.value
     attention_active: str = Attention.AUTO.value
     attention_note: str = ""

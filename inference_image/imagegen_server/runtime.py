@@ -11,6 +11,7 @@ import secrets
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import cache_volume
 from .aot_denoiser import AotDenoiser
@@ -87,23 +88,28 @@ class ModelRuntime:
             adapters = {lora.name: resolve_lora_uri(lora.uri, s) for lora in s.loras}
             self.steps.adapters = AdapterSlot(m.pipeline, denoiser(m.pipeline), adapters)
         phase("load")
-        skipped = None
+        skipped, read_from = None, None
         if s.compile_enabled and s.compile_cache_dir is not None:
-            skipped = cache_volume.unusable(s.compile_cache_dir)
-            if skipped is not None:
-                log.warning("compile cache not used, compiling in local scratch; this start "
-                            "saves nothing for the next: %s", skipped)
+            if not s.compile_cache_read_only:
+                skipped = cache_volume.unusable(s.compile_cache_dir)
+                if skipped is not None:
+                    log.warning("compile cache not written, compiling in local scratch; this "
+                                "start loads what it holds and saves nothing: %s", skipped)
+            if s.compile_cache_read_only or skipped is not None:
+                # Read for what it holds; inductor's own caches go to local scratch.
+                read_from = s.compile_cache_dir
                 s = self.settings = s.model_copy(update={"compile_cache_dir": None})
         if s.compile_enabled and s.compile_precompile:
             enable_precompile()
         self.report, self.attention = apply_optimizations(m.pipeline, s, m.device, m.dtype)
         self.report.compile_cache_skipped = skipped
+        self.report.compile_cache_read = None if read_from is None else str(read_from)
         self.engine = build_engine(self.steps, s, self.metrics)
         artifacts = None
         if s.compile_enabled and s.compile_aot:
-            self._compile_ahead_of_time(phase)
-        elif s.compile_enabled and s.compile_cache_dir is not None:
-            artifacts = CompiledArtifacts.for_server(self.steps, s, m.dtype)
+            self._compile_ahead_of_time(phase, read_from)
+        elif s.compile_enabled and (read_from or s.compile_cache_dir) is not None:
+            artifacts = CompiledArtifacts.for_server(self.steps, s, m.dtype, read_from)
             self.report.compile_artifacts = "loaded" if artifacts.load() else None
             self.report.compile_artifacts_key = artifacts.key
         self.report.log()
@@ -113,7 +119,7 @@ class ModelRuntime:
             self.warmup = warm_up(self.steps, s)
             self.warmup_seconds = self.warmup.seconds
             phase("warmup")
-            if artifacts is not None and not artifacts.loaded:
+            if artifacts is not None and not artifacts.loaded and read_from is None:
                 if artifacts.save():  # 0 bytes: a volume that refused them (logged)
                     self.report.compile_artifacts = "saved"
                 phase("save_artifacts")
@@ -141,10 +147,11 @@ class ModelRuntime:
         self.metrics.recompiles.mark_ready()
         self._ready.set()
 
-    def _compile_ahead_of_time(self, phase) -> None:
+    def _compile_ahead_of_time(self, phase, read_from: Path | None = None) -> None:
         """Load the denoiser's AOTInductor packages; compile those the volume lacks from calls
-        recorded in an eager warm-up, then run the denoiser from the packages."""
-        aot = AotDenoiser.for_server(self.steps, self.settings, self.model.dtype)
+        recorded in an eager warm-up, then run the denoiser from the packages. ``read_from``:
+        a volume only read."""
+        aot = AotDenoiser.for_server(self.steps, self.settings, self.model.dtype, read_from)
         aot.load()
         phase("aot_load")
         aot.compile_missing(self.steps, self.settings)

@@ -289,7 +289,9 @@ class CompileSpec(KubeModel):
     """Compile once in a Job before the replicas start: a new service's Deployment stays at
     0 replicas until the Job has left the compiled artifacts on the cache volume, so every
     replica starts warm. A change to what is compiled (model, image, GPU, sizes, batch size)
-    runs a new Job; a service already serving is not held meanwhile. Needs `cache`."""
+    runs a new Job; a service already serving is not held meanwhile. The serving pods then
+    mount `cache` read-only: only the Job writes what later starts load and run. Needs
+    `cache`."""
     aot: bool = False
     """Compile the denoiser ahead of time with AOTInductor instead of torch.compile: one
     package per admitted size, kept on `cache`, which a replica's start loads in about a tenth
@@ -1123,14 +1125,16 @@ class NodePoolStatus(NodePoolRef):
 
 
 class CapacityStatus(StatusModel):
-    """Serving slots the node pool offers."""
+    """Serving slots the node pool is planned to offer at its largest."""
 
     slots_per_gpu: int | None = None
     """Pods per physical GPU (MIG partitions x shared clients)."""
     gpus: int | None = None
-    """Physical GPUs in the pool."""
+    """Physical GPUs in the pool at its planned largest (with autoscaling, at
+    maxReplicas); nodePool.readyNodes says how many nodes it has now."""
     slots: int | None = None
-    """GPU slots the pool offers, one pod each (slotsPerGpu x gpus). Fewer pods run on a
+    """GPU slots the pool offers at its largest, one pod each (slotsPerGpu x gpus). Fewer
+    pods run on a
     node whose CPU, memory or local disk cannot take their requests (what plan calls
     RequestsExceedNode)."""
 

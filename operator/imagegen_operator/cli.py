@@ -32,7 +32,7 @@ from typing import Any, TextIO
 import yaml
 
 from imagegen_operator import api, gke
-from imagegen_operator.cluster_default import CLUSTER_ENV
+from imagegen_operator.cluster_default import CLUSTER_ENV, foreign_cluster
 from imagegen_operator.planner import Plan, plan
 from imagegen_operator.render import (
     DEFAULT_SERVER_IMAGE,
@@ -143,6 +143,12 @@ def _render(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     for resource in load_resources(args.filename, sys.stdin):
         the_plan = plan(resource.spec)
         pool = resource.spec.node_pool
+        if (pool.provider in api.CLOUD_PROVIDERS and pool.cluster and args.cluster
+                and pool.cluster != args.cluster):
+            # As the operator refuses it (ForeignCluster) where it runs in --cluster.
+            err.write(f"error: {api.KIND} {_qualified(resource)}: "
+                      f"{foreign_cluster(pool.cluster, args.cluster)}\n")
+            return EXIT_REFUSED
         if pool.provider in api.CLOUD_PROVIDERS and not pool.cluster:
             if not args.cluster:
                 err.write(

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -153,6 +154,12 @@ print(json.dumps({"artifacts": runtime.report.compile_artifacts,
                   "startup": runtime.startup_seconds}))
 runtime.close(timeout=30)
 """
+
+
+def volume_state(directory) -> dict:
+    """Every file and folder under ``directory``: its modification time and size."""
+    return {str(p.relative_to(directory)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in Path(directory).rglob("*")}
 
 
 def start_process(settings: dict, image_path) -> dict:

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 from pydantic import ValidationError
-from server_testlib import assert_same_arithmetic, tiny_settings
+from server_testlib import assert_same_arithmetic, tiny_settings, volume_state
 from server_testlib import start_process as start
 
 from imagegen_server.config import ServerSettings
@@ -53,6 +53,10 @@ def test_packages_compiled_once_serve_later_starts_and_other_weights(tiny_models
     assert warm["key"] == cold["key"] and warm["artifacts"] == "loaded"
     assert "aot_compile" not in warm["startup"] and "aot_load" in warm["startup"]
     assert warm["traced"] == 0 and warm["recompiles"] == 0
+    before = volume_state(cache)  # a serving pod that only reads the volume: loads, writes none
+    read = start({**settings, "compile_cache_read_only": True}, tmp_path / "read.npy")
+    assert (read["key"], read["artifacts"], read["recompiles"]) == (cold["key"], "loaded", 0)
+    assert volume_state(cache) == before
     cold_image, warm_image = (np.load(tmp_path / f"{n}.npy").astype(int) for n in ("cold", "warm"))
     assert_same_arithmetic(cold_image, warm_image)
     assert_same_arithmetic(warm_image, eager_image(settings))

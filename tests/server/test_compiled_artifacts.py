@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from server_testlib import start_process as start
+from server_testlib import volume_state
 
 from imagegen_server.compiled_artifacts import artifact_key, cpu_features, key_parts
 from imagegen_server.config import ServerSettings
@@ -47,6 +48,15 @@ def test_a_second_start_loads_the_artifacts_and_draws_the_same(tiny_models, tmp_
     cold_image = np.load(tmp_path / "cold.npy").astype(int)
     warm_image = np.load(tmp_path / "warm.npy").astype(int)
     assert np.abs(cold_image - warm_image).max() <= 1
+    if not precompile:
+        # A serving pod whose precompile Job writes the volume: it loads, and writes nothing
+        # there (no inductor cache, no mark of use).
+        before = volume_state(cache)
+        read = start({**settings, "compile_cache_read_only": True}, tmp_path / "read.npy")
+        assert (read["key"], read["artifacts"], read["recompiles"]) == (cold["key"], "loaded", 0)
+        assert volume_state(cache) == before
+        read_image = np.load(tmp_path / "read.npy").astype(int)
+        assert np.abs(read_image - warm_image).max() <= 1
 
 
 def test_the_key_changes_with_what_the_compiled_code_depends_on(make_runtime, tmp_path):
@@ -147,9 +157,11 @@ def test_a_cache_volume_that_cannot_take_a_compile_is_named_and_left_out_of_the_
     report = runtime.report
     assert report.compiled and report.compile_cache_skipped.startswith("cannot write to")
     assert report.compile_artifacts is None and report.compile_cache_dir is None
+    # Read for what it holds (here nothing), written nothing.
+    assert report.compile_cache_read == str(blocked / "cache")
     assert runtime.settings.compile_cache_dir is None
     assert str(blocked) not in os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
-    assert "compile cache not used" in caplog.text
+    assert "compile cache not written" in caplog.text
 
 
 def test_precompile_refuses_a_cache_volume_it_could_not_save_to(tiny_models, tmp_path, capsys):
@@ -161,6 +173,13 @@ def test_precompile_refuses_a_cache_volume_it_could_not_save_to(tiny_models, tmp
              str(blocked / "cache")]
     assert main(["precompile", *flags]) == 1
     assert f"cannot write to {blocked / 'cache'}" in capsys.readouterr().err
+    # Nor one it is told to leave as it is.
+    flags = ["--model", str(tiny_models["sd15"]), "--compile", "--compile-cache-dir",
+             str(tmp_path / "cache")]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("IMAGEGEN_COMPILE_CACHE_READ_ONLY", "true")
+        assert main(["precompile", *flags]) == 2
+    assert "IMAGEGEN_COMPILE_CACHE_READ_ONLY off" in capsys.readouterr().err
 
 
 def test_a_start_removes_other_keys_unused_for_the_retention_and_marks_its_own(

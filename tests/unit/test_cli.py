@@ -347,6 +347,15 @@ def test_render_of_a_minimal_spec_asks_for_the_cluster_the_operator_would_use(
     status, out, _ = run("render", "-f", "-", "--cluster", cluster,
                          stdin=zoned.replace("europe-west4-a", "us-central1-f"))
     assert status == 0 and "- us-central1-f" in out
+    # A spec naming another cluster than --cluster is refused, as the operator running in
+    # that cluster refuses it (ForeignCluster); naming the same one renders.
+    other = "projects/other-project/locations/europe-west4/clusters/d"
+    named = MINIMAL + f"  nodePool: {{cluster: {other}}}\n"
+    status, out, err = run("render", "-f", "-", "--cluster", cluster, stdin=named)
+    assert (status, out) == (1, "")
+    assert f"spec.nodePool.cluster names {other}, but the operator runs in {cluster}" in err
+    status, out, _ = run("render", "-f", "-", "--cluster", other, stdin=named)
+    assert status == 0 and f"container.googleapis.com/parent: {other}" in out
 
 
 def test_render_names_the_nodes_account_the_operator_would_give_its_pools(monkeypatch) -> None:

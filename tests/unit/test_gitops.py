@@ -168,9 +168,10 @@ def test_flux_kustomization_checks_every_service_kind():
 def render_in_new_process(files: list[Path], seed: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONHASHSEED": seed,
            "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT / "inference_image")])}
-    # The GKE examples name no cluster: render takes the operator's, as --cluster.
+    # The GKE examples that name no cluster take the operator's, as --cluster; those that
+    # name one name this one (another would be refused, as the operator refuses it).
     args = [sys.executable, "-m", "imagegen_operator.cli", "render",
-            "--cluster", "projects/imagegen-test/locations/us-central1/clusters/serving"]
+            "--cluster", "projects/imagegen-prod/locations/us-central1/clusters/serving"]
     for f in files:
         args += ["-f", str(f)]
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)

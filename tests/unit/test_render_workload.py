@@ -671,9 +671,15 @@ def test_the_precompile_job_runs_the_serving_pod_without_serving():
     [rule] = job["spec"]["podFailurePolicy"]["rules"]
     assert rule["action"] == "Ignore" and job["spec"]["backoffLimit"] == 1
     assert rule["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
-    # What decides what is compiled, and where it lands, is the serving pod's.
-    for key in ("image", "env", "resources", "volumeMounts", "securityContext"):
+    # What decides what is compiled, and where it lands, is the serving pod's; but the Job
+    # writes the cache the serving pods only read.
+    for key in ("image", "resources", "securityContext"):
         assert container[key] == server[key], key
+    read_only = env_var_name("compile_cache_read_only")
+    assert container["env"] == [e for e in server["env"] if e["name"] != read_only]
+    assert container["volumeMounts"] == [
+        {k: v for k, v in m.items() if k != "readOnly" or m["name"] != "compile-cache"}
+        for m in server["volumeMounts"]]
     for key in ("nodeSelector", "tolerations", "volumes", "securityContext"):
         assert pod[key] == serving[key], key
     assert not {"ports", "readinessProbe", "startupProbe", "livenessProbe"} & set(container)
@@ -681,6 +687,24 @@ def test_the_precompile_job_runs_the_serving_pod_without_serving():
     selector = deployment(r)["spec"]["selector"]["matchLabels"]
     labels = job["spec"]["template"]["metadata"]["labels"]
     assert not selector.items() <= labels.items()
+
+
+def test_with_a_precompile_job_only_the_job_writes_the_compile_cache():
+    """What starts load from the cache runs as code (inductor's pickles, AOT libraries): the
+    serving pods, which take uploads from the network, mount it read-only and are told to
+    write nothing there; without a Job they write it themselves."""
+    def cache_mount(spec: dict) -> dict:
+        [container] = spec["containers"]
+        return next(m for m in container["volumeMounts"] if m["name"] == "compile-cache")
+
+    read_only = env_var_name("compile_cache_read_only")
+    r = resource(pipeline=PRECOMPILE)
+    assert cache_mount(pod_spec(r))["readOnly"] is True and env_of(r)[read_only] == "true"
+    job_pod = precompile_job(r)["spec"]["template"]["spec"]
+    assert "readOnly" not in cache_mount(job_pod)
+    assert read_only not in {e["name"] for e in job_pod["containers"][0]["env"]}
+    alone = resource(pipeline={"compile": {"enabled": True, "cache": {"pvcName": "c"}}})
+    assert "readOnly" not in cache_mount(pod_spec(alone)) and read_only not in env_of(alone)
 
 
 def test_the_precompile_job_gets_none_of_the_serving_secrets():

@@ -314,7 +314,12 @@ def volumes_and_mounts(
         volumes.append(
             {"name": "compile-cache", "persistentVolumeClaim": {"claimName": cache.pvc_name}}
         )
-        mounts.append({"name": "compile-cache", "mountPath": env.COMPILE_CACHE_DIR})
+        mount = {"name": "compile-cache", "mountPath": env.COMPILE_CACHE_DIR}
+        if spec.pipeline.compile.precompile_job:
+            # Loaded code (inductor's pickles, AOT libraries) is only ever written by the
+            # precompile Job: a serving pod cannot plant any for later starts to run.
+            mount["readOnly"] = True
+        mounts.append(mount)
     signing = spec.server.provenance.signing_secret_ref
     secrets = [
         # The precompile Job loads the model too, and keeps the hub token.

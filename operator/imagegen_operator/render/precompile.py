@@ -48,6 +48,7 @@ _SERVING_SECRETS = ("auth-token", "c2pa-signing")
 _SERVING_SECRET_ENV = tuple(f"IMAGEGEN_{name}" for name in (
     "AUTH_TOKEN_FILE", "C2PA_CERT_FILE", "C2PA_KEY_FILE", "C2PA_ALGORITHM",
     "C2PA_TIMESTAMP_URL"))
+_READ_ONLY_ENV = "IMAGEGEN_COMPILE_CACHE_READ_ONLY"
 _HASH_CHARS = 10
 # The server settings compiled code depends on (the server's artifacts key is finer: it also
 # holds the torch version and the GPU model, which the image and the node selector decide).
@@ -127,7 +128,10 @@ def render_precompile_job(
     container["volumeMounts"] = [m for m in container.get("volumeMounts", [])
                                  if m["name"] not in _SERVING_SECRETS]
     container["env"] = [e for e in container.get("env", [])
-                        if e["name"] not in _SERVING_SECRET_ENV]
+                        if e["name"] not in (*_SERVING_SECRET_ENV, _READ_ONLY_ENV)]
+    for mount in container.get("volumeMounts", []):
+        if mount["name"] == "compile-cache":
+            mount.pop("readOnly", None)  # what the Job is for: the serving pods only read it
     for key in ("volumes",):
         if not pod[key]:
             del pod[key]

@@ -85,6 +85,10 @@ def settings_values(resource: ImageGenService) -> dict[str, Any]:
             values["compile_aot"] = True
         if compile_.cache is not None:
             values["compile_cache_dir"] = COMPILE_CACHE_DIR
+            if compile_.precompile_job:
+                # The Job writes the cache (precompile.py); the serving pods, which take
+                # uploads from the network, only load from it.
+                values["compile_cache_read_only"] = True
     if model.quantization != "None":
         values["quantization"] = model.quantization
     if pipeline.cache.method != "None":
