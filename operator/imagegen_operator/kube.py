@@ -148,10 +148,13 @@ def is_subset(want: Any, have: Any) -> bool:
     return _same_scalar(want, have)
 
 
-# On every object the operator applies: a digest of what it applied. A field the operator
-# stops rendering (a limit taken out of the spec, or left out by a newer release) leaves
-# the live object a superset of the new render, which the comparison alone would take as
-# done: the digest differs, so the apply is written, and server-side apply drops the field.
+# On each child of one service (apply's ``digest``): a digest of what was applied. A field
+# the operator stops rendering (a limit taken out of the spec, or left out by a newer
+# release) leaves the live object a superset of the new render, which the comparison alone
+# would take as done: the digest differs, so the apply is written, and server-side apply
+# drops the field. Not on objects services share (a pool, its nodes): each service renders
+# its own view of them, any of which the live object may satisfy, and digests of different
+# views would have them overwrite each other at every resync.
 APPLIED_DIGEST = "imagegen.dev/applied-digest"
 
 
@@ -380,17 +383,19 @@ class Kube:
         return [{"apiVersion": api_version, "kind": kind, **item} for item in out["items"]]
 
     def apply(
-        self, obj: dict[str, Any], live: dict[str, Any] | None = None, read_first: bool = True
+        self, obj: dict[str, Any], live: dict[str, Any] | None = None, read_first: bool = True,
+        digest: bool = False,
     ) -> dict[str, Any]:
         """Server-side apply ``obj`` unless the live object already matches it.
 
         Returns the object as it now is in the cluster (the live one when nothing
         was written), so callers need not read it again. ``read_first=False``
-        skips the comparison (one GET) where a write is expected anyway. The
-        object goes out ``stamped``: a live object applied from another render
-        is written again, whatever it holds beside.
+        skips the comparison (one GET) where a write is expected anyway. With
+        ``digest`` the object goes out ``stamped``: a live object applied from
+        another render is written again, whatever it holds beside.
         """
-        obj = stamped(obj)
+        if digest:
+            obj = stamped(obj)
         meta = obj["metadata"]
         if live is None and read_first:
             live = self.get(obj["apiVersion"], obj["kind"], meta["name"], meta.get("namespace"))

@@ -865,10 +865,10 @@ class Reconciler:
             try:
                 if blind and obj["kind"] in memo.owned:
                     # Applied by this process before: ours. A spec change writes anyway.
-                    current = self.kube.apply(obj, read_first=False)
+                    current = self.kube.apply(obj, read_first=False, digest=True)
                 else:
                     live = self._own_child(obj, resource)
-                    current = self.kube.apply(obj, live=live, read_first=False)
+                    current = self.kube.apply(obj, live=live, read_first=False, digest=True)
                 memo.owned.add(obj["kind"])
             except MissingKind as exc:
                 if obj["kind"] == "NetworkPolicy":  # a cluster without them: no fence

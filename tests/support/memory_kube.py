@@ -89,9 +89,10 @@ class InMemoryKube:
         return out
 
     def apply(self, obj: dict[str, Any], live: dict[str, Any] | None = None,
-              read_first: bool = True) -> dict[str, Any]:
+              read_first: bool = True, digest: bool = False) -> dict[str, Any]:
         self._check_kind(obj["kind"])
-        obj = stamped(obj)
+        if digest:
+            obj = stamped(obj)
         meta = obj["metadata"]
         if live is None and read_first:
             live = self.get(obj["apiVersion"], obj["kind"], meta["name"], meta.get("namespace"))

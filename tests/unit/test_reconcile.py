@@ -2357,3 +2357,18 @@ def test_an_autoscaler_the_spec_dropped_goes_while_another_child_is_refused(worl
     world.reconcile("sd15")
     assert "Service" in world.condition("sd15", "Ready")["message"]
     assert hpa not in world.kube.objects
+
+
+def test_services_sharing_a_pool_one_naming_zones_do_not_overwrite_each_other(world) -> None:
+    """A service that names no zones may share a zoned pool: its view of the pool is a
+    subset of the other's, and neither rewrites the pool at each resync."""
+    pool = {"provider": "ConfigConnector", "cluster": CLUSTER_A, "name": "team-pool"}
+    world.create("zoned", node_pool={**pool, "locations": ["us-central1-a"]})
+    world.create("anywhere", node_pool=pool)
+    world.reconcile("zoned", "anywhere")
+    [obj] = config_connector_pools(world).values()
+    assert obj["spec"]["nodeLocations"] == ["us-central1-a"]
+    writes = len(world.kube.writes_of("ContainerNodePool"))
+    for order in (("zoned", "anywhere"), ("anywhere", "zoned")):
+        world.reconcile(*order)
+    assert len(world.kube.writes_of("ContainerNodePool")) == writes  # no flip-flop
