@@ -1275,5 +1275,10 @@ def _describe(error: Any) -> str:
         else:
             part = _WIRE_NAMES.get(part, part)
             path += f".{part}" if path else part
-    path += (error.get("ctx") or {}).get("field_path", "")
-    return f"{path}: {error['msg'].removeprefix('Value error, ')}"
+    field = (error.get("ctx") or {}).get("field_path", "")
+    message = error["msg"].removeprefix("Value error, ")
+    if field:
+        # A rule's message names its field for the API server's report, which leads with
+        # the object's path only; here the path already says it.
+        message = message.removeprefix(f"{field.removeprefix('.')}: ")
+    return f"{path}{field}: {message}"

@@ -48,11 +48,16 @@ def test_parse_rejects_and_names_the_field(case):
     assert names_field(message, annotations[FIELD]), message
     if TEXT in annotations:
         assert annotations[TEXT] in message
+    # Named once: not as a path and again as the rule's own words.
+    field = annotations[FIELD]
+    assert f"{field}: {field.removeprefix('spec.')}: " not in message, message
 
 
 def test_every_cross_field_rule_has_a_case():
     models = [m for m in vars(api).values() if isinstance(m, type) and issubclass(m, KubeModel)]
-    messages = {r.message for m in models for r in m.rules}
+    # As an error gives them: past the field the path names already.
+    messages = {r.message.removeprefix(f"{r.field.removeprefix('.')}: ")
+                for m in models for r in m.rules}
     hit = set()
     for case in CASES:
         try:
