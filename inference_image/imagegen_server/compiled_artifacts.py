@@ -72,6 +72,11 @@ def key_parts(steps: FamilySteps, settings: ServerSettings, dtype: torch.dtype) 
         "most_rows": most_rows(settings),
         "loras": sorted((lora.name, lora.uri) for lora in settings.loras),
     }
+    if (slot := getattr(steps, "adapters", None)) is not None:
+        # The slot's shape is compiled in: its rank and the modules it sits on come from the
+        # adapters' files, which may change under the same URI (a hub repository's new
+        # revision).
+        parts["lora_slot"] = {"rank": slot.rank, "modules": sorted(slot.layers)}
     if device.type == "cuda":
         parts["gpu"] = torch.cuda.get_device_name(device)
         parts["capability"] = list(torch.cuda.get_device_capability(device))

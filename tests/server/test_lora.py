@@ -245,3 +245,25 @@ def test_a_flux_lora_on_the_final_projection_reaches_nothing_else(make_runtime, 
     adapted = runtime.engine.generate(
         runtime.params("a boat", seed=5, lora=[("final", 1.0)]), timeout_s=60)[0]
     assert mean_abs_diff(adapted, base) > 0
+
+
+def test_the_compile_key_holds_the_slots_shape_not_only_the_adapters_uri(make_runtime,
+                                                                         tiny_models, tmp_path):
+    """The slot's rank and modules are compiled in, and come from the adapters' files, which
+    may change under the same URI (a hub repository's new revision): another key, so the
+    old compiled code is not loaded for it."""
+    import shutil
+
+    from imagegen_server.compiled_artifacts import artifact_key, key_parts
+
+    path = tmp_path / "ink"
+    declared = [{"name": "ink", "uri": str(path)}]
+    keys = []
+    for rank in (4, 2):
+        shutil.rmtree(path, ignore_errors=True)
+        make_tiny_lora(path, tiny_models["sd15"], seed=1, rank=rank)
+        runtime = make_runtime("sd15", warmup=False, loras=declared)
+        parts = key_parts(runtime.steps, runtime.settings, runtime.model.dtype)
+        assert parts["lora_slot"]["rank"] == rank and parts["lora_slot"]["modules"]
+        keys.append(artifact_key(parts))
+    assert keys[0] != keys[1]
