@@ -61,29 +61,38 @@ def mark_used(directory: Path, key: str) -> None:
                 os.utime(path)
 
 
+# A write cut short (its process killed mid-way) leaves its partial file, named so; any
+# write takes far less than this.
+PARTIAL_PREFIX = ".partial-"
+PARTIAL_MAX_AGE_S = 3600
+
+
 def prune(directory: Path, keep: str, days: float) -> list[str]:
-    """Remove the keyed files of other keys than ``keep`` unused for ``days``; their names.
+    """Remove the keyed files of other keys than ``keep`` unused for ``days`` (0: none), and
+    partial files an hour old; their names.
 
     Replicas of other services may share the volume and prune at once: a file another
     start removed first is no error, and a key still in use has been marked by its start.
     """
-    if days <= 0:
-        return []
-    older = time.time() - days * 86400
+    now = time.time()
+    older = now - days * 86400 if days > 0 else None
     removed = []
     for sub in KEYED:
         for path in sorted((directory / sub).glob("*")):
-            if path.name.startswith(keep) or not path.is_file():
+            if not path.is_file():
+                continue
+            partial = path.name.startswith(PARTIAL_PREFIX)
+            if not partial and (older is None or path.name.startswith(keep)):
                 continue
             try:
-                if path.stat().st_mtime < older:
+                if path.stat().st_mtime < (now - PARTIAL_MAX_AGE_S if partial else older):
                     path.unlink()
                     removed.append(f"{sub}/{path.name}")
             except OSError:
                 continue
     if removed:
-        log.info("compile cache: removed %d file(s) unused for %g days: %s", len(removed), days,
-                 ", ".join(removed))
+        log.info("compile cache: removed %d file(s) unused for %g days or left partial: %s",
+                 len(removed), days, ", ".join(removed))
     return removed
 
 

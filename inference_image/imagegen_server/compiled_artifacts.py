@@ -28,6 +28,7 @@ from pathlib import Path
 import diffusers
 import torch
 
+from .cache_volume import PARTIAL_PREFIX
 from .config import ServerSettings
 from .engine import admitted_sizes
 from .families import FamilySteps
@@ -110,7 +111,8 @@ def artifact_key(parts: dict) -> str:
 def write_atomically(path: Path, data: bytes) -> None:
     """Replicas may start together on one volume: a reader sees the old file or the whole
     new one, never half of it."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as out:
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=PARTIAL_PREFIX,
+                                     delete=False) as out:
         try:
             out.write(data)
             out.flush()

@@ -240,3 +240,38 @@ def test_a_serving_key_stays_marked_as_used_however_long_the_server_runs(tmp_pat
         marks.stop()
     assert prune(tmp_path, keep="another", days=30) == []
     assert mine.is_file()
+
+
+def test_a_write_cut_short_leaves_a_partial_file_that_goes_within_the_hour(tmp_path,
+                                                                           monkeypatch):
+    """A start killed mid-write (its startup probe, the OOM killer) leaves the partial
+    bundle: named as such, and removed an hour later whatever the retention, where it
+    would otherwise fill the volume for a month."""
+    import os
+    import time
+
+    from imagegen_server import compiled_artifacts
+    from imagegen_server.cache_volume import PARTIAL_PREFIX, prune
+
+    target = tmp_path / "artifacts" / "k.bin"
+    target.parent.mkdir()
+
+    seen = []
+
+    def killed(fd):
+        seen.extend(p.name for p in target.parent.iterdir())  # as a kill would leave it
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", killed)
+    with pytest.raises(KeyboardInterrupt):
+        compiled_artifacts.write_atomically(target, b"x" * 1000)
+    monkeypatch.undo()
+    assert len(seen) == 1 and seen[0].startswith(PARTIAL_PREFIX) and not target.exists()
+    left = target.parent / seen[0]  # what a real kill leaves behind
+    left.write_bytes(b"x")
+    fresh = target.parent / f"{PARTIAL_PREFIX}def"
+    fresh.write_bytes(b"x")
+    two_hours_ago = time.time() - 7200
+    os.utime(left, (two_hours_ago, two_hours_ago))
+    assert prune(tmp_path, keep="k", days=0) == [f"artifacts/{left.name}"]
+    assert fresh.is_file()
